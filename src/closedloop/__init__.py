@@ -1,0 +1,56 @@
+"""closedloop: closed-loop, self-correcting production runtime for AI agents.
+
+Every agent step runs through propose → validate (re-ask) → gate → act → verify → record.
+The layers live in their own subpackages: :mod:`closedloop.loop` (the loop),
+:mod:`closedloop.validate` (immediate validation), :mod:`closedloop.verify` (outcome
+verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.store` and
+:mod:`closedloop.learn` (the long-term learning signals).
+"""
+
+from closedloop._errors import (
+    Blocked,
+    CheckCrashed,
+    ClosedLoopError,
+    ConfigError,
+    NotExecuted,
+    StepFailed,
+    StoreError,
+    ValidationFailed,
+    VerificationFailed,
+)
+from closedloop._events import ErrorType, Outcome, StepEvent
+from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
+from closedloop._version import __version__
+from closedloop.autonomy import Autonomy
+from closedloop.loop import Attempt, Loop, StepResult, current_attempt
+from closedloop.store import Store, default_store, open_store, reset_default_store
+
+__all__ = [
+    "Attempt",
+    "Autonomy",
+    "Blocked",
+    "CheckCrashed",
+    "ClosedLoopError",
+    "ConfigError",
+    "ErrorType",
+    "Issue",
+    "Loop",
+    "NotExecuted",
+    "Outcome",
+    "Severity",
+    "StepEvent",
+    "StepFailed",
+    "StepResult",
+    "Store",
+    "StoreError",
+    "ValidationFailed",
+    "Verdict",
+    "VerificationFailed",
+    "__version__",
+    "as_verdict",
+    "current_attempt",
+    "default_store",
+    "open_store",
+    "render_feedback",
+    "reset_default_store",
+]

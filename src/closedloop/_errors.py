@@ -1,0 +1,69 @@
+"""closedloop's exceptions, one rooted tree.
+
+::
+
+    ClosedLoopError
+    ├── ConfigError          a user mistake: bad store URL, bad option, async hook in a sync run
+    ├── StoreError           the event store cannot be opened, migrated or read
+    └── StepFailed           raised only by ``StepResult.raise_for_outcome()``
+        ├── ValidationFailed     validation still failed after the last re-ask
+        ├── Blocked              a critical validation issue stopped the step, no re-ask
+        ├── VerificationFailed   the real outcome did not match the intent (or was unknown)
+        ├── NotExecuted          suggest-only, awaiting approval, or rejected by the approver
+        └── CheckCrashed         a validator or verifier itself raised
+
+Exceptions raised by the user's own agent or executor are never wrapped: they propagate
+unchanged, after being recorded, with a note naming the trace id.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from closedloop.loop._result import StepResult
+
+
+class ClosedLoopError(Exception):
+    """Root of every exception closedloop raises itself."""
+
+
+class ConfigError(ClosedLoopError):
+    """A user mistake in configuration or call: the message names the problem and the fix."""
+
+
+class StoreError(ClosedLoopError):
+    """The event store cannot be opened, migrated or read."""
+
+
+class StepFailed(ClosedLoopError):
+    """A step ended without a verified action; carries the step's result."""
+
+    def __init__(self, message: str, result: StepResult[Any, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id of the failed step, to find it in the store."""
+        return self.result.trace_id
+
+
+class ValidationFailed(StepFailed):
+    """Validation still failed after the last allowed attempt."""
+
+
+class Blocked(StepFailed):
+    """A critical issue (for example a destructive change) stopped the step without re-ask."""
+
+
+class VerificationFailed(StepFailed):
+    """The action ran but the resulting state did not match the intent, or could not be read."""
+
+
+class NotExecuted(StepFailed):
+    """The proposal was recorded but not executed (suggest-only, awaiting approval, rejected)."""
+
+
+class CheckCrashed(StepFailed):
+    """A validator or verifier raised instead of returning a verdict."""

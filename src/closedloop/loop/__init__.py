@@ -1,0 +1,7 @@
+"""The closed loop: propose → validate (re-ask) → gate → act → verify → record."""
+
+from closedloop.loop._loop import DEFAULT, Loop
+from closedloop.loop._machine import new_trace_id
+from closedloop.loop._result import Attempt, StepResult, current_attempt
+
+__all__ = ["DEFAULT", "Attempt", "Loop", "StepResult", "current_attempt", "new_trace_id"]

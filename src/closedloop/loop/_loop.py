@@ -1,0 +1,168 @@
+"""The :class:`Loop`: wraps an agent step in validation, gating, action and verification.
+
+Two thin drivers run the one state machine of :mod:`closedloop.loop._machine`: :meth:`Loop.run`
+calls user hooks directly; :meth:`Loop.arun` awaits those that are ``async def``. User hooks
+are normalised here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from closedloop._errors import ConfigError
+from closedloop.autonomy import Approver, Autonomy
+from closedloop.loop._machine import StepGen, StepSpec, new_trace_id, step_machine
+from closedloop.loop._result import Attempt, StepResult
+
+if TYPE_CHECKING:
+    from closedloop.store import Store
+
+InT = TypeVar("InT")
+PropT = TypeVar("PropT")
+ResT = TypeVar("ResT")
+
+Agent = Callable[[InT, Attempt], "PropT | Awaitable[PropT]"]
+Validator = Callable[[PropT], object]
+"""``validator(proposal) -> Verdict | Issue | str | list | bool | None`` (may be async)."""
+Executor = Callable[[PropT], "ResT | Awaitable[ResT]"]
+Verifier = Callable[[InT, ResT], object]
+"""``verifier(intent, result) -> Verdict | ...``: the intent is the task input (may be async)."""
+
+
+class _Default:
+    """Sentinel: "use the process-wide default" where ``None`` means "none at all"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+def _name(obj: object) -> str:
+    name = getattr(obj, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+def _checks(items: Iterable[Callable[..., Any]], what: str) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for item in items:
+        if not callable(item):
+            raise ConfigError(f"{what} {item!r} is not callable")
+        out.append((_name(item), item))
+    return tuple(out)
+
+
+class Loop(Generic[InT, PropT, ResT]):
+    """One task type's feedback loop around an agent.
+
+    ``agent(task_input, attempt)`` proposes; each ``validators`` entry checks the proposal,
+    and blocking issues go back to the agent as ``attempt.feedback`` up to ``max_attempts``
+    times; the ``autonomy`` level gates execution; ``executor(proposal)`` acts; each
+    ``verifiers`` entry compares the real state with the intent, ``verifier(task_input,
+    result)``; and one :class:`~closedloop.StepEvent` is recorded in ``store``. Every hook
+    may be a plain function or ``async def`` (async hooks need :meth:`arun`).
+    """
+
+    def __init__(
+        self,
+        agent: Agent[InT, PropT],
+        *,
+        task_type: str,
+        validators: Iterable[Validator[PropT]] = (),
+        executor: Executor[PropT, ResT] | None = None,
+        verifiers: Iterable[Verifier[InT, ResT]] = (),
+        autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
+        approver: Approver | None = None,
+        max_attempts: int = 3,
+        agent_id: str | None = None,
+        store: Store | None = DEFAULT,
+        clock: Callable[[], float] = time.perf_counter,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        if not callable(agent):
+            raise ConfigError(f"agent {agent!r} is not callable")
+        if not isinstance(task_type, str) or not task_type.strip():
+            raise ConfigError("task_type must be a non-empty string")
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an integer ≥ 1, got {max_attempts!r}")
+        if executor is not None and not callable(executor):
+            raise ConfigError(f"executor {executor!r} is not callable")
+        if approver is not None and not callable(approver):
+            raise ConfigError(f"approver {approver!r} is not callable")
+        if store is DEFAULT:
+            from closedloop.store import default_store
+
+            store = default_store()
+        self.task_type = task_type
+        self.store = store
+        self._spec = StepSpec(
+            agent=agent,
+            agent_id=agent_id or _name(agent),
+            task_type=task_type,
+            validators=_checks(validators, "validator"),
+            executor=executor,
+            verifiers=_checks(verifiers, "verifier"),
+            autonomy=Autonomy.parse(autonomy),
+            approver=approver,
+            max_attempts=max_attempts,
+            record=store.record if store is not None else None,
+            clock=clock,
+            wallclock=wallclock,
+        )
+
+    @property
+    def autonomy(self) -> Autonomy:
+        """The autonomy level this loop gates execution with."""
+        return self._spec.autonomy
+
+    def run(self, task_input: InT) -> StepResult[PropT, ResT]:
+        """Run one step synchronously; every hook must be a plain function."""
+        gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
+        try:
+            fn, args = next(gen)
+            while True:
+                try:
+                    value = fn(*args)
+                except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
+                    fn, args = gen.throw(exc)
+                    continue
+                if inspect.isawaitable(value):
+                    _discard(value)
+                    gen.close()
+                    raise ConfigError(
+                        f"{_name(fn)} is async; call `await loop.arun(...)` instead of loop.run()"
+                    )
+                fn, args = gen.send(value)
+        except StopIteration as stop:
+            result: StepResult[PropT, ResT] = stop.value
+            return result
+
+    async def arun(self, task_input: InT) -> StepResult[PropT, ResT]:
+        """Run one step in asyncio; hooks may be plain functions or ``async def``."""
+        gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
+        try:
+            fn, args = next(gen)
+            while True:
+                try:
+                    value = fn(*args)
+                    if inspect.isawaitable(value):
+                        value = await value
+                except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
+                    fn, args = gen.throw(exc)
+                    continue
+                fn, args = gen.send(value)
+        except StopIteration as stop:
+            result: StepResult[PropT, ResT] = stop.value
+            return result
+
+
+def _discard(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,223 @@
+"""The closed loop's decision logic, written once, with no I/O.
+
+:func:`step_machine` is a generator: it yields ``(callable, args)`` for every call into user
+code (agent, validators, approver, executor, verifiers) and is resumed with the call's
+return value, or has the call's exception thrown into it. The sync and async drivers in
+:mod:`closedloop.loop._loop` only make those calls; every decision — re-ask, gate, verdicts,
+timings, the recorded event — is made here, so both paths behave identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from closedloop._events import ErrorType, Outcome, StepEvent
+from closedloop._verdict import Verdict, as_verdict, render_feedback
+from closedloop.autonomy import Autonomy
+from closedloop.loop._result import Attempt, StepResult, _current_attempt
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+StepGen = Generator[Call, Any, StepResult[Any, Any]]
+
+_MAX_MESSAGE = 2000
+_log = logging.getLogger("closedloop")
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """Everything a step needs, resolved once when the :class:`~closedloop.Loop` is built."""
+
+    agent: Callable[..., Any]
+    agent_id: str
+    task_type: str
+    validators: Sequence[tuple[str, Callable[..., Any]]]
+    executor: Callable[..., Any] | None
+    verifiers: Sequence[tuple[str, Callable[..., Any]]]
+    autonomy: Autonomy
+    approver: Callable[..., Any] | None
+    max_attempts: int
+    record: Callable[[StepEvent], object] | None
+    clock: Callable[[], float]
+    wallclock: Callable[[], float]
+
+
+def new_trace_id() -> str:
+    """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 12] + "…[truncated]"
+
+
+def _verdict_message(verdicts: Sequence[Verdict]) -> str:
+    parts: list[str] = []
+    for v in verdicts:
+        if v.passed:
+            continue
+        if v.unknown is not None:
+            parts.append(f"{v.check}: unknown: {v.unknown}")
+        parts.extend(f"{v.check}: {i.render()}" for i in v.blocking_issues)
+    text = "; ".join(parts)
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 12] + "…[truncated]"
+
+
+def _failed(verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
+    return [v.to_dict() for v in verdicts if not v.passed or v.issues]
+
+
+def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
+    """Run one step: propose → validate (re-ask) → gate → act → verify → record."""
+    clock = spec.clock
+    started = clock()
+    ts = spec.wallclock()
+    attempt = Attempt(number=1, trace_id=trace_id, task_type=spec.task_type)
+    propose_s = validate_s = act_s = verify_s = 0.0
+    history: list[dict[str, Any]] = []
+    proposal: Any = None
+    result: Any = None
+    verdicts: list[Verdict] = []
+    checked: list[Verdict] = []
+    validation_passed: bool | None = None
+    verification_passed: bool | None = None
+
+    def finish(
+        outcome: Outcome,
+        error_type: ErrorType | None = None,
+        error_message: str | None = None,
+        exception: BaseException | None = None,
+    ) -> StepResult[Any, Any]:
+        detail: dict[str, Any] | None = None
+        if history or exception is not None or (checked and not verification_passed):
+            detail = {}
+            if history:
+                detail["attempts"] = history
+            if checked and not verification_passed:
+                detail["verification"] = _failed(checked)
+            if exception is not None:
+                detail["exception"] = {"type": type(exception).__qualname__,
+                                       "module": type(exception).__module__,
+                                       "message": str(exception)[:_MAX_MESSAGE]}
+        event = StepEvent(
+            ts, trace_id, spec.agent_id, spec.task_type, spec.autonomy.value, outcome.value,
+            attempt.number, attempt.input_tokens, attempt.output_tokens,
+            (clock() - started) * 1000.0, validation_passed, verification_passed,
+            error_type.value if error_type is not None else None, error_message,
+            propose_s * 1000.0, validate_s * 1000.0, act_s * 1000.0, verify_s * 1000.0, detail,
+        )
+        if spec.record is not None:
+            try:
+                spec.record(event)
+            except Exception:  # noqa: BLE001 - telemetry must never break the agent's step
+                _log.exception("closedloop: recording step %s failed", trace_id)
+        if exception is not None:
+            exception.add_note(f"closedloop: recorded as step {trace_id} ({spec.task_type})")
+        return StepResult(
+            trace_id=trace_id, outcome=outcome, proposal=proposal, result=result,
+            attempts=attempt.number, validation=tuple(verdicts), verification=tuple(checked),
+            error_type=error_type, error_message=error_message, event=event,
+        )
+
+    # propose → validate, re-asking with feedback up to max_attempts
+    while True:
+        t = clock()
+        token = _current_attempt.set(attempt)
+        try:
+            proposal = yield spec.agent, (task_input, attempt)
+        except Exception as exc:
+            propose_s += clock() - t
+            finish(Outcome.ERROR, ErrorType.AGENT, _describe(exc), exc)
+            raise
+        finally:
+            _current_attempt.reset(token)
+        now = clock()
+        propose_s += now - t
+        verdicts = []
+        for name, check in spec.validators:
+            t = now
+            try:
+                verdict = as_verdict((yield check, (proposal,)), name)
+            except Exception as exc:  # noqa: BLE001 - a crashed validator is its own error type
+                now = clock()
+                validate_s += now - t
+                verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
+                                                    check=name))
+                validation_passed = False
+                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+                return finish(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
+                              f"{name}: {_describe(exc)}")
+            now = clock()
+            validate_s += now - t
+            verdicts.append(verdict)
+        failing = [v for v in verdicts if not v.passed]
+        if not failing:
+            validation_passed = True
+            if any(v.issues for v in verdicts):
+                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+            break
+        validation_passed = False
+        history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+        if any(v.critical for v in failing):
+            return finish(Outcome.BLOCKED, ErrorType.BLOCKED, _verdict_message(failing))
+        if attempt.number >= spec.max_attempts:
+            return finish(Outcome.FAILED, ErrorType.VALIDATION, _verdict_message(failing))
+        attempt.feedback = render_feedback(failing)
+        attempt.issues = tuple(i for v in failing for i in v.blocking_issues)
+        attempt.number += 1
+
+    # gate
+    if spec.executor is None:
+        return finish(Outcome.SUCCEEDED)
+    if spec.autonomy is Autonomy.SUGGEST:
+        return finish(Outcome.SUGGESTED)
+    if spec.autonomy is Autonomy.APPROVE:
+        if spec.approver is None:
+            return finish(Outcome.AWAITING_APPROVAL)
+        try:
+            approved = yield spec.approver, (task_input, proposal)
+        except Exception as exc:
+            finish(Outcome.ERROR, ErrorType.EXECUTOR, f"approver: {_describe(exc)}", exc)
+            raise
+        if not approved:
+            return finish(Outcome.REJECTED)
+
+    # act
+    t = clock()
+    try:
+        result = yield spec.executor, (proposal,)
+    except Exception as exc:
+        act_s += clock() - t
+        finish(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc), exc)
+        raise
+    now = clock()
+    act_s += now - t
+
+    # verify: run every verifier and report every mismatch, not just the first
+    crashed = False
+    for name, check in spec.verifiers:
+        t = now
+        try:
+            verdict = as_verdict((yield check, (task_input, result)), name)
+        except Exception as exc:  # noqa: BLE001 - a crashed verifier is its own error type
+            verdict = Verdict.cannot_tell(f"verifier crashed: {_describe(exc)}", check=name)
+            crashed = True
+        now = clock()
+        verify_s += now - t
+        checked.append(verdict)
+    if not checked:
+        return finish(Outcome.SUCCEEDED)
+    failing = [v for v in checked if not v.passed]
+    if not failing:
+        verification_passed = True
+        return finish(Outcome.SUCCEEDED)
+    verification_passed = False
+    if crashed:
+        return finish(Outcome.ERROR, ErrorType.VERIFIER_ERROR, _verdict_message(failing))
+    kind = (ErrorType.VERIFICATION if any(v.unknown is None for v in failing)
+            else ErrorType.VERIFICATION_UNKNOWN)
+    return finish(Outcome.FAILED, kind, _verdict_message(failing))

@@ -1,0 +1,166 @@
+"""The event store: where every step's event lands, chosen by URL.
+
+``sqlite:///PATH`` (the default; a relative PATH is relative to the working directory,
+``sqlite:////abs/path`` is absolute) or ``memory://``. A plain file path is read as a SQLite
+file. ``CLOSEDLOOP_STORE`` sets the default; without it the default is
+``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from closedloop._errors import ConfigError
+from closedloop._events import StepEvent
+from closedloop.store._base import EventBackend, EventQuery
+from closedloop.store._memory import MemoryBackend
+from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend
+from closedloop.store._writer import BatchWriter, WriterStats
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EventBackend",
+    "EventQuery",
+    "MemoryBackend",
+    "SQLiteBackend",
+    "Store",
+    "WriterStats",
+    "default_store",
+    "default_store_url",
+    "open_store",
+    "reset_default_store",
+]
+
+ENV_VAR = "CLOSEDLOOP_STORE"
+
+
+class Store:
+    """A backend plus the batched writer in front of it; ``record`` never blocks."""
+
+    def __init__(
+        self,
+        backend: EventBackend,
+        *,
+        max_queue: int = 100_000,
+        batch_size: int = 4096,
+        flush_interval: float = 0.25,
+        dead_letter: Path | None = None,
+    ) -> None:
+        self.backend = backend
+        self.url = backend.url
+        self._writer = BatchWriter(backend, max_queue=max_queue, batch_size=batch_size,
+                                   flush_interval=flush_interval, dead_letter=dead_letter)
+        self.record = self._writer.submit
+        """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything recorded so far is written; False on timeout."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = 10.0) -> WriterStats:
+        """Flush and stop writing; returns the final counts."""
+        return self._writer.close(timeout)
+
+    def stats(self) -> WriterStats:
+        """Written, queued, dropped, dead-lettered and lost counts."""
+        return self._writer.stats()
+
+    def events(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StepEvent]:
+        """Read stored events, oldest first (call :meth:`flush` first to see your own)."""
+        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit)
+        return self.backend.iter_events(query)
+
+    def count(self) -> int:
+        """How many events the backend holds (not counting queued ones)."""
+        return self.backend.count()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+
+def _sqlite_path(url: str) -> Path:
+    rest = url[len("sqlite:///"):]
+    if not rest:
+        raise ConfigError(f"store URL {url!r} has no path; use sqlite:///PATH")
+    return Path(rest).expanduser()
+
+
+def open_store(
+    url: str | os.PathLike[str],
+    *,
+    max_queue: int = 100_000,
+    batch_size: int = 4096,
+    flush_interval: float = 0.25,
+) -> Store:
+    """Open (creating and migrating if needed) the store at ``url``.
+
+    A malformed URL is a :class:`~closedloop.ConfigError`; a path that cannot be opened
+    is a :class:`~closedloop.StoreError`, each with a one-line reason.
+    """
+    text = os.fspath(url).strip()
+    if not text:
+        raise ConfigError("store URL is empty; use sqlite:///PATH or memory://")
+    if text == "memory://":
+        return Store(MemoryBackend(), max_queue=max_queue, batch_size=batch_size,
+                     flush_interval=flush_interval)
+    if text.startswith("sqlite:///"):
+        path = _sqlite_path(text)
+    elif "://" in text or text.startswith("sqlite:"):
+        scheme = text.split(":", 1)[0]
+        raise ConfigError(
+            f"unsupported store URL {text!r} (scheme {scheme!r}); "
+            "use sqlite:///PATH or memory://"
+        )
+    else:
+        path = Path(text).expanduser()
+    backend = SQLiteBackend(path)
+    dead_letter = path.with_name(path.name + ".deadletter.jsonl")
+    return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
+                 flush_interval=flush_interval)
+
+
+def default_store_url() -> str:
+    """``$CLOSEDLOOP_STORE``, else the SQLite file in the user's data directory."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
+    return f"sqlite:///{Path(base).expanduser() / 'closedloop' / 'closedloop.db'}"
+
+
+_default: Store | None = None
+_default_lock = threading.Lock()
+
+
+def default_store() -> Store:
+    """The process-wide store loops record into unless given one; opened on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = open_store(default_store_url())
+        return _default
+
+
+def reset_default_store() -> None:
+    """Close the process-wide store; the next :func:`default_store` opens it anew."""
+    global _default
+    with _default_lock:
+        store, _default = _default, None
+    if store is not None:
+        store.close()

@@ -1,0 +1,42 @@
+"""The store's plug point: a backend writes batches of events and reads them back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from closedloop._events import StepEvent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventQuery:
+    """Which events to read: a time range and an optional task type, oldest first."""
+
+    since: float | None = None
+    until: float | None = None
+    task_type: str | None = None
+    limit: int | None = None
+
+
+@runtime_checkable
+class EventBackend(Protocol):
+    """Where events live. ``write_batch`` is only ever called from the store's writer thread.
+
+    ``write_batch`` must be atomic (all or nothing) so that a failed batch can be retried
+    without duplicates. ``open`` is called once in each process before the first write.
+    """
+
+    url: str
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Persist a batch of events, all or nothing."""
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Read events matching ``query``, oldest first."""
+
+    def count(self) -> int:
+        """How many events the backend holds."""
+
+    def close(self) -> None:
+        """Release connections; the backend may be reopened by the next call."""

@@ -1,0 +1,49 @@
+"""An in-memory backend: the test double users need for their own tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from closedloop._events import StepEvent
+from closedloop.store._base import EventQuery
+
+
+class MemoryBackend:
+    """Keeps events in a list; thread-safe; nothing survives the process."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._events: list[StepEvent] = []
+        self._lock = threading.Lock()
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Append the batch."""
+        with self._lock:
+            self._events.extend(events)
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Events matching ``query``, oldest first."""
+        with self._lock:
+            events = sorted(self._events, key=lambda e: e.ts)
+        n = 0
+        for e in events:
+            if query.since is not None and e.ts < query.since:
+                continue
+            if query.until is not None and e.ts >= query.until:
+                continue
+            if query.task_type is not None and e.task_type != query.task_type:
+                continue
+            if query.limit is not None and n >= query.limit:
+                return
+            n += 1
+            yield e
+
+    def count(self) -> int:
+        """How many events are held."""
+        with self._lock:
+            return len(self._events)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,182 @@
+"""The embedded default backend: one SQLite file in WAL mode, schema versioned by migrations.
+
+Several processes may write the same file: each batch is one ``BEGIN IMMEDIATE`` transaction
+and SQLite's busy timeout serialises them. The schema version lives in ``PRAGMA
+user_version``; migrations run in one exclusive transaction, so two processes opening a new
+file at once cannot both apply them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from closedloop._errors import StoreError
+from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop.store._base import EventQuery
+
+# Each entry upgrades the schema from version N to N+1; never edit a released entry.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the step events table
+    """
+    CREATE TABLE events (
+        ts REAL NOT NULL,
+        trace_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        autonomy TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        validation_passed INTEGER,
+        verification_passed INTEGER,
+        error_type TEXT,
+        error_message TEXT,
+        propose_ms REAL NOT NULL,
+        validate_ms REAL NOT NULL,
+        act_ms REAL NOT NULL,
+        verify_ms REAL NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX events_task_ts ON events (task_type, ts);
+    CREATE INDEX events_ts ON events (ts);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT = (
+    f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) "
+    f"VALUES ({', '.join('?' for _ in EVENT_FIELDS)})"
+)
+_SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
+_BUSY_TIMEOUT_S = 30.0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; return the version found before."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema version {found} is newer than this closedloop supports "
+                f"({SCHEMA_VERSION}); upgrade closedloop"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+class SQLiteBackend:
+    """Events in one SQLite file; created (with its folder) and migrated when opened."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        self.url = f"sqlite:///{self.path}"
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
+            try:
+                migrate(conn)
+            finally:
+                conn.close()
+        except OSError as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = _connect(self.path)
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Insert the batch in one transaction."""
+        conn = self._writer_conn()
+        rows = [e if e.detail is None else e.to_row() for e in events]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Events matching ``query``, oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if query.since is not None:
+            where.append("ts >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("ts < ?")
+            params.append(query.until)
+        if query.task_type is not None:
+            where.append("task_type = ?")
+            params.append(query.task_type)
+        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
+        if query.limit is not None:
+            sql += f" LIMIT {int(query.limit)}"
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+        try:
+            for row in conn.execute(sql, params):
+                yield _event(row)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+        finally:
+            conn.close()
+
+    def count(self) -> int:
+        """How many events the file holds."""
+        conn = _connect(self.path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Close this thread's writer connection, if any."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def _event(row: tuple[Any, ...]) -> StepEvent:
+    values = list(row)
+    for i in (10, 11):  # validation_passed, verification_passed
+        if values[i] is not None:
+            values[i] = bool(values[i])
+    if values[18] is not None:
+        values[18] = json.loads(values[18])
+    return StepEvent(*values)
