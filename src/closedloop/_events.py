@@ -29,6 +29,10 @@ class Outcome(StrEnum):
     """A critical validation issue stopped the step without re-ask."""
     ERROR = "error"
     """An exception in the agent, the executor, or a check; see ``error_type``."""
+    PAUSED = "paused"
+    """A guard refused the step for now (for example a validation-failure spike)."""
+    HALTED = "halted"
+    """A guard refused the step until a human lifts the halt."""
 
 
 class ErrorType(StrEnum):
@@ -42,6 +46,8 @@ class ErrorType(StrEnum):
     EXECUTOR = "executor"
     VALIDATOR_ERROR = "validator_error"
     VERIFIER_ERROR = "verifier_error"
+    PAUSED = "paused"
+    HALTED = "halted"
 
 
 class StepEvent(NamedTuple):

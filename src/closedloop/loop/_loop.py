@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from closedloop._errors import ConfigError
 from closedloop.autonomy import Approver, Autonomy
+from closedloop.loop._guard import StepGuard
 from closedloop.loop._machine import StepGen, StepSpec, new_trace_id, step_machine
 from closedloop.loop._result import Attempt, StepResult
 
@@ -65,7 +66,8 @@ class Loop(Generic[InT, PropT, ResT]):
     and blocking issues go back to the agent as ``attempt.feedback`` up to ``max_attempts``
     times; the ``autonomy`` level gates execution; ``executor(proposal)`` acts; each
     ``verifiers`` entry compares the real state with the intent, ``verifier(task_input,
-    result)``; and one :class:`~closedloop.StepEvent` is recorded in ``store``. Every hook
+    result)``; and one :class:`~closedloop.StepEvent` is recorded in ``store``. ``guards``
+    (fault control) may refuse a step before the agent runs and see every event after. Every hook
     may be a plain function or ``async def`` (async hooks need :meth:`arun`).
     """
 
@@ -80,6 +82,7 @@ class Loop(Generic[InT, PropT, ResT]):
         autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
         approver: Approver | None = None,
         max_attempts: int = 3,
+        guards: Iterable[StepGuard] = (),
         agent_id: str | None = None,
         store: Store | None = DEFAULT,
         clock: Callable[[], float] = time.perf_counter,
@@ -112,6 +115,7 @@ class Loop(Generic[InT, PropT, ResT]):
             approver=approver,
             max_attempts=max_attempts,
             record=store.record if store is not None else None,
+            guards=tuple(guards),
             clock=clock,
             wallclock=wallclock,
         )

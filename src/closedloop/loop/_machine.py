@@ -18,6 +18,7 @@ from typing import Any
 from closedloop._events import ErrorType, Outcome, StepEvent
 from closedloop._verdict import Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
+from closedloop.loop._guard import Admission, StepGuard
 from closedloop.loop._result import Attempt, StepResult, _current_attempt
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -41,6 +42,7 @@ class StepSpec:
     approver: Callable[..., Any] | None
     max_attempts: int
     record: Callable[[StepEvent], object] | None
+    guards: Sequence[StepGuard]
     clock: Callable[[], float]
     wallclock: Callable[[], float]
 
@@ -72,7 +74,36 @@ def _failed(verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
 
 
 def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
-    """Run one step: propose → validate (re-ask) → gate → act → verify → record."""
+    """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
+
+    Guards are shown the recorded event afterwards (``observe``), also when the agent or
+    executor raised, so that fault control sees every step.
+    """
+    if not spec.guards:
+        return (yield from _step(spec, task_input, trace_id, None))
+    recorded: list[StepEvent] = []
+    try:
+        result = yield from _step(spec, task_input, trace_id, recorded)
+    except Exception:
+        yield from _observe(spec, recorded)
+        raise
+    yield from _observe(spec, recorded)
+    return result
+
+
+def _observe(spec: StepSpec, recorded: list[StepEvent]) -> Generator[Call, Any, None]:
+    for event in recorded:
+        for guard in spec.guards:
+            try:
+                yield guard.observe, (event,)
+            except Exception:  # noqa: BLE001 - fault-control bookkeeping must not break a step
+                _log.exception("closedloop: guard %r failed to observe step %s", guard,
+                               event.trace_id)
+
+
+def _step(
+    spec: StepSpec, task_input: Any, trace_id: str, recorded: list[StepEvent] | None
+) -> StepGen:
     clock = spec.clock
     started = clock()
     ts = spec.wallclock()
@@ -110,6 +141,8 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
             error_type.value if error_type is not None else None, error_message,
             propose_s * 1000.0, validate_s * 1000.0, act_s * 1000.0, verify_s * 1000.0, detail,
         )
+        if recorded is not None:
+            recorded.append(event)
         if spec.record is not None:
             try:
                 spec.record(event)
@@ -122,6 +155,17 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
             attempts=attempt.number, validation=tuple(verdicts), verification=tuple(checked),
             error_type=error_type, error_message=error_message, event=event,
         )
+
+    # guards (pause / halt / fault control) may refuse the step before the agent runs
+    for guard in spec.guards:
+        try:
+            refusal: Admission | None = yield guard.admit, (spec.task_type,)
+        except Exception:  # noqa: BLE001 - a broken guard must not stop the agent's work
+            _log.exception("closedloop: guard %r failed; admitting step %s", guard, trace_id)
+            continue
+        if refusal is not None:
+            attempt.number = 0
+            return finish(refusal.outcome, refusal.error_type, refusal.reason)
 
     # propose → validate, re-asking with feedback up to max_attempts
     while True:

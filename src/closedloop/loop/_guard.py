@@ -1,0 +1,43 @@
+"""The plug point for fault control: guards admit (or refuse) a step and observe its event.
+
+Backpressure and fault control (pause on validation-failure spikes, a halt only a human
+lifts) are guards. ``admit`` runs before the agent; ``observe`` sees every recorded event.
+Both may be plain or ``async def`` (a Redis-backed guard awaits its server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from closedloop._events import ErrorType, Outcome, StepEvent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admission:
+    """A guard's refusal: the step is recorded with this outcome and reason, nothing runs."""
+
+    outcome: Outcome
+    error_type: ErrorType
+    reason: str
+
+    @classmethod
+    def paused(cls, reason: str) -> Admission:
+        """Refuse for now; the guard will admit again on its own."""
+        return cls(outcome=Outcome.PAUSED, error_type=ErrorType.PAUSED, reason=reason)
+
+    @classmethod
+    def halted(cls, reason: str) -> Admission:
+        """Refuse until a human lifts the halt."""
+        return cls(outcome=Outcome.HALTED, error_type=ErrorType.HALTED, reason=reason)
+
+
+@runtime_checkable
+class StepGuard(Protocol):
+    """Decides whether a task type's step may run, and learns from each step's event."""
+
+    def admit(self, task_type: str) -> object:
+        """Return ``None`` to admit, or an :class:`Admission` to refuse (may be async)."""
+
+    def observe(self, event: StepEvent) -> object:
+        """See one recorded event (may be async); must not raise."""
