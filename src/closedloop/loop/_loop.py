@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 from closedloop.autonomy import Approver, Autonomy
@@ -21,15 +21,15 @@ from closedloop.loop._result import Attempt, StepResult
 if TYPE_CHECKING:
     from closedloop.store import Store
 
-InT = TypeVar("InT")
-PropT = TypeVar("PropT")
-ResT = TypeVar("ResT")
-
-Agent = Callable[[InT, Attempt], "PropT | Awaitable[PropT]"]
-Validator = Callable[[PropT], object]
+# Hook types are deliberately loose (Any in, Any out): a hook may be ``def`` or ``async def``
+# and may be a lambda, which static checkers cannot infer a generic Loop from.
+Agent = Callable[[Any, Attempt], Any]
+"""``agent(task_input, attempt) -> proposal`` (may be async)."""
+Validator = Callable[[Any], Any]
 """``validator(proposal) -> Verdict | Issue | str | list | bool | None`` (may be async)."""
-Executor = Callable[[PropT], "ResT | Awaitable[ResT]"]
-Verifier = Callable[[InT, ResT], object]
+Executor = Callable[[Any], Any]
+"""``executor(proposal) -> result`` (may be async)."""
+Verifier = Callable[[Any, Any], Any]
 """``verifier(intent, result) -> Verdict | ...``: the intent is the task input (may be async)."""
 
 
@@ -59,7 +59,7 @@ def _checks(items: Iterable[Callable[..., Any]], what: str) -> tuple[tuple[str, 
     return tuple(out)
 
 
-class Loop(Generic[InT, PropT, ResT]):
+class Loop:
     """One task type's feedback loop around an agent.
 
     ``agent(task_input, attempt)`` proposes; each ``validators`` entry checks the proposal,
@@ -73,12 +73,12 @@ class Loop(Generic[InT, PropT, ResT]):
 
     def __init__(
         self,
-        agent: Agent[InT, PropT],
+        agent: Agent,
         *,
         task_type: str,
-        validators: Iterable[Validator[PropT]] = (),
-        executor: Executor[PropT, ResT] | None = None,
-        verifiers: Iterable[Verifier[InT, ResT]] = (),
+        validators: Iterable[Validator] = (),
+        executor: Executor | None = None,
+        verifiers: Iterable[Verifier] = (),
         autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
         approver: Approver | None = None,
         max_attempts: int = 3,
@@ -125,7 +125,7 @@ class Loop(Generic[InT, PropT, ResT]):
         """The autonomy level this loop gates execution with."""
         return self._spec.autonomy
 
-    def run(self, task_input: InT) -> StepResult[PropT, ResT]:
+    def run(self, task_input: Any) -> StepResult[Any, Any]:
         """Run one step synchronously; every hook must be a plain function."""
         gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
         try:
@@ -144,10 +144,10 @@ class Loop(Generic[InT, PropT, ResT]):
                     )
                 fn, args = gen.send(value)
         except StopIteration as stop:
-            result: StepResult[PropT, ResT] = stop.value
+            result: StepResult[Any, Any] = stop.value
             return result
 
-    async def arun(self, task_input: InT) -> StepResult[PropT, ResT]:
+    async def arun(self, task_input: Any) -> StepResult[Any, Any]:
         """Run one step in asyncio; hooks may be plain functions or ``async def``."""
         gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
         try:
@@ -162,7 +162,7 @@ class Loop(Generic[InT, PropT, ResT]):
                     continue
                 fn, args = gen.send(value)
         except StopIteration as stop:
-            result: StepResult[PropT, ResT] = stop.value
+            result: StepResult[Any, Any] = stop.value
             return result
 
 

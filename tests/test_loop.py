@@ -1,0 +1,389 @@
+"""The loop's behaviour: re-ask, bounds, gating, verification, exceptions, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import closedloop as cl
+from closedloop.loop import Admission
+
+
+class FixingAgent:
+    """Proposes a bad value until it has been told what was wrong ``fix_after`` times."""
+
+    def __init__(self, fix_after: int) -> None:
+        self.fix_after = fix_after
+        self.seen_feedback: list[str | None] = []
+
+    def __call__(self, task: int, attempt: cl.Attempt) -> int:
+        self.seen_feedback.append(attempt.feedback)
+        attempt.record_usage(input_tokens=100, output_tokens=10)
+        return task if attempt.number > self.fix_after else -task
+
+
+def positive(value: int) -> str | None:
+    return None if value > 0 else f"{value} is not positive"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def __call__(self, proposal: Any) -> str:
+        self.calls.append(proposal)
+        return f"id-{proposal}"
+
+
+def events(store: cl.Store) -> list[cl.StepEvent]:
+    assert store.flush()
+    return list(store.events())
+
+
+def test_reask_sends_feedback_and_converges(memory_store: cl.Store) -> None:
+    agent = FixingAgent(fix_after=2)
+    loop = cl.Loop(agent, task_type="t", validators=[positive], store=memory_store)
+
+    result = loop.run(5)
+
+    assert result.ok and result.proposal == 5 and result.attempts == 3
+    assert agent.seen_feedback[0] is None
+    assert agent.seen_feedback[1] is not None and "-5 is not positive" in agent.seen_feedback[1]
+    (event,) = events(memory_store)
+    assert event.attempts == 3 and event.validation_passed is True
+    assert event.input_tokens == 300 and event.output_tokens == 30
+    assert event.detail is not None and len(event.detail["attempts"]) == 2
+
+
+def test_reask_stops_at_the_bound_with_validation_error(memory_store: cl.Store) -> None:
+    agent = FixingAgent(fix_after=99)
+    executor = Recorder()
+    loop = cl.Loop(agent, task_type="t", validators=[positive], executor=executor,
+                   max_attempts=4, store=memory_store)
+
+    result = loop.run(5)
+
+    assert result.outcome is cl.Outcome.FAILED
+    assert result.error_type is cl.ErrorType.VALIDATION
+    assert len(agent.seen_feedback) == 4 and executor.calls == []
+    (event,) = events(memory_store)
+    assert (event.attempts, event.validation_passed, event.error_type) == (4, False, "validation")
+    assert event.verification_passed is None
+    assert "not positive" in (event.error_message or "")
+    with pytest.raises(cl.ValidationFailed) as info:
+        result.raise_for_outcome()
+    assert info.value.trace_id == result.trace_id
+
+
+def test_critical_issue_blocks_without_reask(memory_store: cl.Store) -> None:
+    agent = FixingAgent(fix_after=99)
+    executor = Recorder()
+
+    def no_delete(value: int) -> cl.Issue:
+        return cl.Issue(message="deletes production", code="destructive",
+                        severity=cl.Severity.CRITICAL)
+
+    loop = cl.Loop(agent, task_type="t", validators=[no_delete], executor=executor,
+                   store=memory_store)
+    result = loop.run(1)
+
+    assert result.outcome is cl.Outcome.BLOCKED and result.error_type is cl.ErrorType.BLOCKED
+    assert len(agent.seen_feedback) == 1 and executor.calls == []
+    with pytest.raises(cl.Blocked):
+        result.raise_for_outcome()
+
+
+def test_warnings_do_not_block(memory_store: cl.Store) -> None:
+    def style(value: int) -> cl.Verdict:
+        return cl.Verdict.ok(cl.Issue(message="odd", severity=cl.Severity.WARNING))
+
+    result = cl.Loop(lambda t, a: t, task_type="t", validators=[style],
+                     store=memory_store).run(3)
+    assert result.ok and result.validation[0].issues[0].message == "odd"
+
+
+def test_suggest_never_executes(memory_store: cl.Store) -> None:
+    executor = Recorder()
+    verifier_calls: list[Any] = []
+    loop = cl.Loop(lambda t, a: t, task_type="t", executor=executor,
+                   verifiers=[lambda i, r: verifier_calls.append(r)],
+                   autonomy="suggest", store=memory_store)
+
+    results = [loop.run(i) for i in range(5)]
+
+    assert executor.calls == [] and verifier_calls == []
+    assert {r.outcome for r in results} == {cl.Outcome.SUGGESTED}
+    assert [r.proposal for r in results] == list(range(5))
+    assert {e.autonomy for e in events(memory_store)} == {"suggest"}
+
+
+def test_approve_without_approver_waits_and_with_approver_decides(
+    memory_store: cl.Store,
+) -> None:
+    executor = Recorder()
+    waiting = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                      store=memory_store).run(1)
+    assert waiting.outcome is cl.Outcome.AWAITING_APPROVAL and executor.calls == []
+
+    approver = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                       approver=lambda task, proposal: proposal % 2 == 0, store=memory_store)
+    assert approver.run(1).outcome is cl.Outcome.REJECTED
+    assert approver.run(2).ok
+    assert executor.calls == [2]
+
+
+def test_verification_mismatch_fails_with_every_difference(memory_store: cl.Store) -> None:
+    def state(intent: int, result: str) -> list[cl.Issue]:
+        return [cl.Issue(message="wrong type", location="instance.type"),
+                cl.Issue(message="missing tag owner", location="instance.tags.owner")]
+
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     verifiers=[state, lambda i, r: True], store=memory_store).run(1)
+
+    assert result.outcome is cl.Outcome.FAILED
+    assert result.error_type is cl.ErrorType.VERIFICATION
+    assert len(result.verification) == 2 and not result.verification[0].passed
+    assert "wrong type" in (result.error_message or "")
+    assert "missing tag owner" in (result.error_message or "")
+    (event,) = events(memory_store)
+    assert event.verification_passed is False and event.validation_passed is True
+    assert event.detail is not None
+    assert len(event.detail["verification"][0]["issues"]) == 2
+
+
+def test_unknown_verification_is_a_failure_of_its_own_type(memory_store: cl.Store) -> None:
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     verifiers=[lambda i, r: cl.Verdict.cannot_tell("endpoint unreachable")],
+                     store=memory_store).run(1)
+    assert result.outcome is cl.Outcome.FAILED
+    assert result.error_type is cl.ErrorType.VERIFICATION_UNKNOWN
+    with pytest.raises(cl.VerificationFailed):
+        result.raise_for_outcome()
+
+
+def test_agent_exception_is_recorded_and_reraised_unchanged(memory_store: cl.Store) -> None:
+    class ModelDown(RuntimeError):
+        pass
+
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        raise ModelDown("provider returned 500")
+
+    loop = cl.Loop(agent, task_type="t", store=memory_store)
+    with pytest.raises(ModelDown) as info:
+        loop.run(1)
+
+    (event,) = events(memory_store)
+    assert event.outcome == "error" and event.error_type == "agent"
+    assert event.error_message == "ModelDown: provider returned 500"
+    assert event.detail is not None and event.detail["exception"]["type"].endswith("ModelDown")
+    assert any(event.trace_id in note for note in info.value.__notes__)
+
+
+def test_executor_exception_is_recorded_and_reraised(memory_store: cl.Store) -> None:
+    def executor(proposal: int) -> None:
+        raise PermissionError("denied")
+
+    with pytest.raises(PermissionError):
+        cl.Loop(lambda t, a: t, task_type="t", executor=executor, store=memory_store).run(1)
+    (event,) = events(memory_store)
+    assert (event.outcome, event.error_type) == ("error", "executor")
+    assert event.validation_passed is True and event.verification_passed is None
+
+
+def test_crashing_validator_is_its_own_error_not_the_agents(memory_store: cl.Store) -> None:
+    def broken(value: int) -> None:
+        raise KeyError("schema")
+
+    executor = Recorder()
+    result = cl.Loop(lambda t, a: t, task_type="t", validators=[broken], executor=executor,
+                     store=memory_store).run(1)
+    assert result.outcome is cl.Outcome.ERROR
+    assert result.error_type is cl.ErrorType.VALIDATOR_ERROR
+    assert result.attempts == 1 and executor.calls == []
+    assert "KeyError" in (result.error_message or "")
+    with pytest.raises(cl.CheckCrashed):
+        result.raise_for_outcome()
+
+
+def test_crashing_verifier_never_passes(memory_store: cl.Store) -> None:
+    def broken(intent: int, result: str) -> None:
+        raise TimeoutError("describe_instances")
+
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     verifiers=[broken, lambda i, r: None], store=memory_store).run(1)
+    assert result.outcome is cl.Outcome.ERROR
+    assert result.error_type is cl.ErrorType.VERIFIER_ERROR
+    assert len(result.verification) == 2  # the other verifier still ran
+
+
+def test_validator_returning_nonsense_is_a_validator_error(memory_store: cl.Store) -> None:
+    result = cl.Loop(lambda t, a: t, task_type="t", validators=[lambda p: 42],
+                     store=memory_store).run(1)
+    assert result.error_type is cl.ErrorType.VALIDATOR_ERROR
+
+
+async def test_async_hooks_run_under_arun(memory_store: cl.Store) -> None:
+    async def agent(task: int, attempt: cl.Attempt) -> int:
+        await asyncio.sleep(0)
+        return task if attempt.is_retry else -task
+
+    async def validator(value: int) -> str | None:
+        await asyncio.sleep(0)
+        return positive(value)
+
+    async def executor(value: int) -> str:
+        return f"id-{value}"
+
+    async def verifier(intent: int, result: str) -> bool:
+        return result == f"id-{intent}"
+
+    loop = cl.Loop(agent, task_type="t", validators=[validator], executor=executor,
+                   verifiers=[verifier], store=memory_store)
+    results = await asyncio.gather(*(loop.arun(i) for i in range(1, 21)))
+
+    assert all(r.ok and r.attempts == 2 for r in results)
+    assert len({r.trace_id for r in results}) == 20
+
+
+async def test_sync_and_async_drivers_record_the_same_event(memory_store: cl.Store) -> None:
+    ticks = iter(range(1000))
+    loop = cl.Loop(FixingAgent(fix_after=1), task_type="t", validators=[positive],
+                   executor=Recorder(), verifiers=[lambda i, r: r == f"id-{i}"],
+                   store=memory_store, clock=lambda: float(next(ticks)), wallclock=lambda: 0.0)
+    sync = loop.run(7)
+    asynchronous = await loop.arun(7)
+    assert sync.event is not None and asynchronous.event is not None
+    assert sync.event._replace(trace_id="") == asynchronous.event._replace(trace_id="")
+
+
+def test_async_hook_in_sync_run_is_a_clear_config_error(memory_store: cl.Store) -> None:
+    async def agent(task: int, attempt: cl.Attempt) -> int:
+        return task
+
+    with pytest.raises(cl.ConfigError, match="arun"):
+        cl.Loop(agent, task_type="t", store=memory_store).run(1)
+
+
+def test_async_agent_exception_is_recorded(memory_store: cl.Store) -> None:
+    async def agent(task: int, attempt: cl.Attempt) -> int:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        asyncio.run(cl.Loop(agent, task_type="t", store=memory_store).arun(1))
+    (event,) = events(memory_store)
+    assert event.error_type == "agent"
+
+
+def test_stage_timings_come_from_the_injected_clock(memory_store: cl.Store) -> None:
+    ticks = iter(range(1000))
+    loop = cl.Loop(lambda t, a: t, task_type="t", validators=[positive], executor=Recorder(),
+                   verifiers=[lambda i, r: True], store=memory_store,
+                   clock=lambda: float(next(ticks)), wallclock=lambda: 1_700_000_000.0)
+    event = loop.run(1).event
+    assert event is not None
+    assert event.ts == 1_700_000_000.0
+    # started=0; propose 1→2; validate 2→3; act 4→5; verify 5→6; end 7
+    assert (event.propose_ms, event.validate_ms, event.act_ms, event.verify_ms) == (
+        1000.0, 1000.0, 1000.0, 1000.0)
+    assert event.latency_ms == 7000.0
+
+
+def test_every_step_gets_a_distinct_otel_shaped_trace_id(memory_store: cl.Store) -> None:
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store)
+    ids = {loop.run(1).trace_id for _ in range(200)}
+    assert len(ids) == 200
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_current_attempt_is_visible_inside_the_agent(memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> bool:
+        return cl.current_attempt() is attempt
+
+    assert cl.Loop(agent, task_type="t", store=memory_store).run(1).proposal is True
+    assert cl.current_attempt() is None
+
+
+def test_guard_refusal_records_and_skips_the_agent(memory_store: cl.Store) -> None:
+    calls: list[int] = []
+
+    class Halt:
+        def __init__(self) -> None:
+            self.observed: list[str] = []
+
+        def admit(self, task_type: str) -> Admission | None:
+            return Admission.halted("verification failed 5 times") if task_type == "x" else None
+
+        def observe(self, event: cl.StepEvent) -> None:
+            self.observed.append(event.outcome)
+
+    guard = Halt()
+
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        calls.append(task)
+        return task
+
+    halted = cl.Loop(agent, task_type="x", guards=[guard], store=memory_store).run(1)
+    ok = cl.Loop(agent, task_type="y", guards=[guard], store=memory_store).run(2)
+
+    assert halted.outcome is cl.Outcome.HALTED and halted.error_type is cl.ErrorType.HALTED
+    assert ok.ok and calls == [2]
+    assert guard.observed == ["halted", "succeeded"]
+
+
+def test_guard_sees_steps_whose_agent_raised(memory_store: cl.Store) -> None:
+    seen: list[str | None] = []
+
+    class Watch:
+        def admit(self, task_type: str) -> None:
+            return None
+
+        def observe(self, event: cl.StepEvent) -> None:
+            seen.append(event.error_type)
+
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        raise RuntimeError("x")
+
+    with pytest.raises(RuntimeError):
+        cl.Loop(agent, task_type="t", guards=[Watch()], store=memory_store).run(1)
+    assert seen == ["agent"]
+
+
+def test_a_store_that_raises_never_breaks_the_step() -> None:
+    class Broken:
+        url = "broken://"
+
+        def record(self, event: cl.StepEvent) -> bool:
+            raise OSError("disk full")
+
+    result = cl.Loop(lambda t, a: t, task_type="t", store=Broken()).run(1)  # type: ignore[arg-type]
+    assert result.ok
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task_type": ""}, "task_type"),
+        ({"task_type": "t", "max_attempts": 0}, "max_attempts"),
+        ({"task_type": "t", "autonomy": "yolo"}, "autonomy"),
+        ({"task_type": "t", "validators": [42]}, "not callable"),
+        ({"task_type": "t", "executor": "run"}, "not callable"),
+    ],
+)
+def test_bad_configuration_is_a_config_error(
+    memory_store: cl.Store, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(cl.ConfigError, match=message):
+        cl.Loop(lambda t, a: t, store=memory_store, **kwargs)
+
+
+def test_loop_without_store_records_nothing() -> None:
+    assert cl.Loop(lambda t, a: t, task_type="t", store=None).run(1).ok
+
+
+def test_default_store_is_used_when_none_given() -> None:
+    cl.Loop(lambda t, a: t, task_type="default").run(1)
+    store = cl.default_store()
+    assert store.flush()
+    assert [e.task_type for e in store.events()] == ["default"]

@@ -1,0 +1,281 @@
+"""The embedded store: batching, flush and close, migrations, overflow, failures, processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import closedloop as cl
+from closedloop.store import SCHEMA_VERSION, EventQuery, MemoryBackend, SQLiteBackend, Store
+
+
+def make_event(i: int, task_type: str = "t", ts: float | None = None) -> cl.StepEvent:
+    return cl.StepEvent(
+        ts=float(i) if ts is None else ts, trace_id=f"{i:032x}", agent_id="a",
+        task_type=task_type, autonomy="autonomous", outcome="succeeded", attempts=1,
+        input_tokens=i, output_tokens=1, latency_ms=1.5, validation_passed=True,
+        verification_passed=None, error_type=None, error_message=None, propose_ms=0.1,
+        validate_ms=0.2, act_ms=0.3, verify_ms=0.4,
+        detail={"attempts": [{"attempt": 1}]} if i % 2 else None,
+    )
+
+
+class CountingBackend(MemoryBackend):
+    """A real in-memory backend that remembers the size of every batch it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
+        self.gate.wait()
+        self.batches.append(len(events))
+        super().write_batch(events)
+
+
+class FailingBackend(MemoryBackend):
+    """Refuses the first ``failures`` writes, like a disk that is full for a moment."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("No space left on device")
+        super().write_batch(events)
+
+
+def test_events_round_trip_through_sqlite(store: Store) -> None:
+    for i in range(10):
+        store.record(make_event(i))
+    assert store.flush()
+    back = list(store.events())
+    assert back == [make_event(i) for i in range(10)]
+
+
+def test_writes_are_batched(tmp_path: Path) -> None:
+    backend = CountingBackend()
+    backend.gate.clear()  # hold the writer so that events pile up into full batches
+    store = Store(backend, batch_size=100, flush_interval=60)
+    for i in range(1000):
+        assert store.record(make_event(i))
+    backend.gate.set()
+    assert store.flush()
+    assert backend.count() == 1000
+    assert max(backend.batches) == 100 and len(backend.batches) <= 11
+    store.close()
+
+
+def test_record_never_waits_for_the_backend() -> None:
+    backend = CountingBackend()
+    backend.gate.clear()  # the backend is stuck: recording must still return at once
+    store = Store(backend, max_queue=50, batch_size=10, flush_interval=0.01)
+    accepted = [store.record(make_event(i)) for i in range(200)]
+    assert accepted.count(False) >= 140  # bounded queue: the rest is refused, not buffered
+    stats = store.stats()
+    assert stats.dropped == accepted.count(False)
+    backend.gate.set()
+    final = store.close()
+    assert final.written + final.dropped == 200
+    assert final.not_written == final.dropped
+
+
+def test_close_flushes_everything_queued(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    store = cl.open_store(url, flush_interval=60)
+    for i in range(5000):
+        store.record(make_event(i))
+    stats = store.close()
+    assert stats.written == 5000 and stats.not_written == 0
+    assert SQLiteBackend(tmp_path / "e.db").count() == 5000
+
+
+def test_record_after_close_is_counted_not_lost_silently(memory_store: Store) -> None:
+    memory_store.close()
+    assert memory_store.record(make_event(1)) is False
+    assert memory_store.stats().dropped == 1
+
+
+def test_events_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
+    db = tmp_path / "exit.db"
+    code = textwrap.dedent(f"""
+        import closedloop as cl
+        store = cl.open_store({str(db)!r}, flush_interval=60)
+        loop = cl.Loop(lambda t, a: t, task_type="exit", store=store)
+        for i in range(300):
+            loop.run(i)
+        # no close(), no flush(): the atexit hook must write them
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert SQLiteBackend(db).count() == 300
+
+
+def test_failed_batches_are_retried(memory_store: Store) -> None:
+    backend = FailingBackend(failures=2)
+    store = Store(backend, flush_interval=0.01)
+    store._writer.retry_delays = (0.0, 0.0, 0.0)
+    for i in range(10):
+        store.record(make_event(i))
+    stats = store.close()
+    assert backend.count() == 10
+    assert stats.written == 10 and stats.write_errors == 2 and stats.not_written == 0
+
+
+def test_unwritable_batches_go_to_the_dead_letter_file(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.jsonl"
+    store = Store(FailingBackend(failures=100), dead_letter=dead, flush_interval=0.01)
+    store._writer.retry_delays = (0.0,)
+    for i in range(7):
+        store.record(make_event(i))
+    stats = store.close()
+    assert stats.dead_lettered == 7 and stats.written == 0 and stats.lost == 0
+    assert len(dead.read_text().splitlines()) == 7
+
+
+def test_migrates_an_empty_file(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    db.touch()  # an existing, empty file is a valid, empty SQLite database
+    SQLiteBackend(db)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
+    assert tuple(columns) == cl.StepEvent._fields
+
+
+def test_reopening_keeps_events_and_does_not_migrate_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    with cl.open_store(url) as first:
+        first.record(make_event(1))
+    with cl.open_store(url) as second:
+        second.record(make_event(2))
+        assert second.flush()
+        assert [e.trace_id for e in second.events()] == [f"{1:032x}", f"{2:032x}"]
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "future.db"
+    sqlite3.connect(db).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(cl.StoreError, match="newer than this closedloop"):
+        SQLiteBackend(db)
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(cl.StoreError, match=r"notes\.db"):
+        cl.open_store(bad)
+
+
+def test_an_unwritable_path_is_a_store_error() -> None:
+    # /proc refuses new files even to root, so this holds wherever the suite runs
+    with pytest.raises(cl.StoreError, match=r"cannot open store sqlite:////proc/self/e\.db"):
+        cl.open_store("/proc/self/e.db")
+
+
+def test_a_path_under_a_file_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cl.StoreError, match="cannot open store"):
+        cl.open_store(f"sqlite:///{tmp_path / 'file' / 'e.db'}")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("", "empty"), ("postgres://localhost/x", "unsupported store URL"),
+     ("sqlite:///", "no path"), ("sqlite://relative.db", "unsupported")],
+)
+def test_bad_store_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(cl.ConfigError, match=message):
+        cl.open_store(url)
+
+
+def test_url_forms_resolve_to_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with cl.open_store("sqlite:///rel.db") as s:
+        assert s.url == "sqlite:///rel.db"
+    with cl.open_store(f"sqlite:///{tmp_path}/abs.db") as s:
+        assert s.url == f"sqlite:///{tmp_path}/abs.db"
+    assert (tmp_path / "rel.db").exists() and (tmp_path / "abs.db").exists()
+
+
+def test_query_filters_by_time_and_task_type(store: Store) -> None:
+    for i in range(10):
+        store.record(make_event(i, task_type="a" if i % 2 else "b", ts=1000.0 + i))
+    assert store.flush()
+    assert [e.ts for e in store.events(since=1005.0)] == [1005.0, 1006.0, 1007.0, 1008.0, 1009.0]
+    assert [e.ts for e in store.events(task_type="a", until=1005.0)] == [1001.0, 1003.0]
+    assert len(list(store.events(limit=3))) == 3
+    memory = MemoryBackend()
+    memory.write_batch([make_event(i, ts=1000.0 + i) for i in range(10)])
+    assert [e.ts for e in memory.iter_events(EventQuery(since=1008.0))] == [1008.0, 1009.0]
+
+
+def _write_from_process(url: str, worker: int, n: int) -> None:
+    store = cl.open_store(url, batch_size=50, flush_interval=0.01)
+    loop = cl.Loop(lambda t, a: t, task_type=f"worker-{worker}", store=store)
+    for i in range(n):
+        loop.run(i)
+    store.close()
+
+
+def test_two_processes_write_the_same_file_without_losing_events(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_write_from_process, args=(url, w, 2000)) for w in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    with cl.open_store(url) as s:
+        per_worker: dict[str, int] = {}
+        for e in s.events():
+            per_worker[e.task_type] = per_worker.get(e.task_type, 0) + 1
+    assert per_worker == {"worker-0": 2000, "worker-1": 2000}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_writes_its_own_events_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    store = cl.open_store(url, flush_interval=60)
+    store.record(make_event(1))  # queued in the parent; the child must not write it again
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_child_records, args=(store,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    store.close()
+    with cl.open_store(url) as s:
+        assert sorted(e.input_tokens for e in s.events()) == [1, 2]
+
+
+def _child_records(store: Store) -> None:
+    store.record(make_event(2))
+    store.close()
+
+
+@pytest.fixture
+def many_events() -> list[cl.StepEvent]:
+    return [make_event(i) for i in range(20_000)]
+
+
+def test_sustained_ingest_keeps_every_event(store: Store, many_events: list[cl.StepEvent]) -> None:
+    for e in many_events:
+        store.record(e)
+    stats = store.close()
+    assert stats.written == len(many_events) and stats.not_written == 0
