@@ -48,6 +48,37 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_task_ts ON events (task_type, ts);
     CREATE INDEX events_ts ON events (ts);
     """,
+    # 2: trace spans and semantic scores (closedloop.telemetry)
+    """
+    CREATE TABLE spans (
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        parent_id TEXT,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        status_message TEXT,
+        attributes TEXT NOT NULL,
+        events TEXT,
+        content TEXT
+    );
+    CREATE INDEX spans_trace ON spans (trace_id);
+    CREATE INDEX spans_start ON spans (start_ns);
+    CREATE TABLE scores (
+        ts REAL NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT,
+        name TEXT NOT NULL,
+        value REAL,
+        label TEXT,
+        comment TEXT,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX scores_trace ON scores (trace_id);
+    CREATE INDEX scores_name_ts ON scores (name, ts);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
