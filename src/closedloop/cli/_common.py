@@ -1,0 +1,129 @@
+"""Helpers the commands share: the ``--store`` option, ``--since`` parsing, opening a store to
+read it, and output for people (rich) and scripts (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console
+
+from closedloop._errors import StoreError
+from closedloop.store import Store, default_store_url, open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[float]  # generic in the stubs of click ≥ 8.2 only
+else:
+    _ParamType = click.ParamType
+
+EXIT_NO_DATA = 1
+"""Exit code when there is nothing to report: no store file, or no event in the window."""
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+
+
+def store_option(f: F) -> F:
+    """``--store URL``: the event store, default ``$CLOSEDLOOP_STORE`` or the user data file."""
+    option = click.option(
+        "--store",
+        "store_url",
+        metavar="URL",
+        default=default_store_url,
+        show_default="$CLOSEDLOOP_STORE, else ~/.local/share/closedloop/closedloop.db",
+        help="Event store: sqlite:///PATH, a file path, or memory://.",
+    )
+    return option(f)
+
+
+class Since(_ParamType):
+    """A point in time, given as an age (``30m``, ``24h``, ``7d``) or a date/ISO datetime.
+
+    Ages count back from now; units are s, m, h, d, w. A date (``2026-11-01``) means its
+    midnight; a datetime without a zone (``2026-11-01T08:30``) is read as UTC. Converts to
+    Unix seconds.
+    """
+
+    name = "since"
+
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        age = _DURATION.fullmatch(text)
+        if age is not None:
+            return self._now() - float(age.group(1)) * _UNITS[age.group(2).lower()]
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(
+                f"{text!r} is neither an age (30m, 24h, 7d) nor a date or ISO datetime "
+                "(2026-11-01, 2026-11-01T08:30:00Z)", param, ctx,
+            )
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+
+
+def describe_since(since: float | None) -> str:
+    """``since 2026-11-01T08:30:00Z`` for a window start, or ``all time``."""
+    if since is None:
+        return "all time"
+    return f"since {iso(since)}"
+
+
+def iso(ts: float) -> str:
+    """Unix seconds as an ISO-8601 UTC time to the second, ``...Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite store URL (or plain path) names; None for any other URL."""
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):]
+        return Path(rest).expanduser() if rest else None
+    if not url or "://" in url or url.startswith("sqlite:"):
+        return None
+    return Path(url).expanduser()
+
+
+def open_store_to_read(url: str) -> Store:
+    """Open an existing store; a SQLite file that does not exist is an error, never created.
+
+    A malformed URL raises :class:`~closedloop.ConfigError` (exit 2); a missing or unreadable
+    file raises :class:`~closedloop.StoreError` (exit 1).
+    """
+    text = url.strip()
+    path = _sqlite_file(text)
+    if path is not None and not path.exists():
+        raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
+    if path is not None and not path.is_file():
+        raise StoreError(f"cannot read store {path}: not a file")
+    return open_store(text)
+
+
+def echo_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout, for scripts."""
+    click.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+def console() -> Console:
+    """A rich console on stdout; 120 columns wide when not a terminal (pipes, files, CI)."""
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(width=120)
+    return out

@@ -1,0 +1,159 @@
+"""``closedloop report``: the learning layer's figures per task type, for people or scripts."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from closedloop.cli import main
+from closedloop.cli._common import (
+    EXIT_NO_DATA,
+    Since,
+    console,
+    describe_since,
+    echo_json,
+    iso,
+    open_store_to_read,
+    store_option,
+)
+from closedloop.learn import DEFAULT_TOP_ERRORS, Rate, Report, TaskStats, report_from_store
+
+_NONE = "—"
+
+
+@main.command()
+@click.option("--since", type=Since(), metavar="WHEN",
+              help="Only events from WHEN on: an age (30m, 24h, 7d) or a date/ISO datetime "
+                   "(2026-11-01, 2026-11-01T08:30:00Z; no zone means UTC).")
+@click.option("--task-type", metavar="T", help="Only events of task type T.")
+@click.option("--top-errors", type=click.IntRange(min=0), default=DEFAULT_TOP_ERRORS,
+              show_default=True, help="How many error types to list per task type.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON for scripts.")
+@store_option
+def report(since: float | None, task_type: str | None, top_errors: int, as_json: bool,
+           store_url: str) -> None:
+    """How each task type's feedback loops are doing: one row per task type, plus overall.
+
+    \b
+    Columns (a rate with nothing to count shows "—"):
+      Runs           steps recorded (every outcome)
+      Validation     validation passed on the last attempt, among steps where
+                     it ran
+      Re-ask         steps that needed more than one attempt, among steps where
+                     validation ran
+      Re-ask ok      re-asked steps whose validation then passed
+      Verification   verifiers all passed, among steps that were verified
+      Outcomes       steps per outcome (outcomes that never occurred are left out)
+      p50 / p95      latency in ms, nearest rank: a latency that actually occurred
+      Mean           mean latency in ms
+      Max            slowest step in ms
+      Tokens in/out  model tokens, totals and per run (all attempts count)
+      Top errors     most frequent error types, count and share of the row's runs
+
+    \b
+    --json prints one object (stable keys, times in Unix seconds, rates and
+    shares as fractions in [0, 1]):
+      {"since", "until", "task_type", "overall": ROW, "task_types": [ROW, ...]}
+      ROW = {"task_type" (null for overall), "runs", "first_ts", "last_ts",
+             "validation", "reask", "reask_success", "verification",
+             "outcomes", "latency", "tokens", "top_errors"}
+      each rate  = {"count", "total", "rate"} (rate null when total is 0)
+      outcomes   = {OUTCOME: count} for every outcome, zeros included
+      latency    = {"p50_ms", "p95_ms", "mean_ms", "max_ms"}
+      tokens     = {"input_total", "output_total", "input_per_run",
+                    "output_per_run"}
+      top_errors = [{"error_type", "count", "share"}, ...]
+
+    \b
+    Exit codes:
+      0  report printed
+      1  nothing to report: no store file, or no event in the window (one line
+         on stderr; with --json the empty report is still printed), or the
+         store cannot be read
+      2  usage error: bad flag value, bad store URL
+    """
+    store = open_store_to_read(store_url)
+    try:
+        result = report_from_store(store, since=since, task_type=task_type,
+                                   top_errors=top_errors)
+    finally:
+        store.close()
+    if as_json:
+        echo_json(result.to_dict())
+    if result.empty:
+        what = f"task type {task_type!r}" if task_type else "any task type"
+        click.echo(f"no events for {what} in {store.url} ({describe_since(since)})", err=True)
+        click.get_current_context().exit(EXIT_NO_DATA)
+    if not as_json:
+        _print(result, store.url)
+
+
+def _pct(rate: Rate) -> str:
+    value = rate.value
+    if value is None:
+        return _NONE
+    return f"{value:.1%} ({rate.count}/{rate.total})"
+
+
+def _ms(value: float | None) -> str:
+    return _NONE if value is None else f"{value:,.1f}"
+
+
+def _per_run(value: float | None) -> str:
+    return _NONE if value is None else f"{value:,.0f}"
+
+
+def _name(row: TaskStats) -> str:
+    return row.task_type if row.task_type is not None else "overall"
+
+
+def _table(title: str, *headers: str) -> Table:
+    """A table with the task type (and error type) left-aligned, figures right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for i, header in enumerate(headers):
+        text = i == 0 or header == "Error type"
+        table.add_column(header, justify="left" if text else "right", no_wrap=True)
+    return table
+
+
+def _print(result: Report, url: str) -> None:
+    out = console()
+    rows = [*result.rows, result.overall]
+    window = describe_since(result.since)
+    first, last = result.overall.first_ts, result.overall.last_ts
+    span = f"{iso(first)} … {iso(last)}" if first is not None and last is not None else ""
+    out.print(f"[bold]closedloop report[/] — {url}, {window}; events {span}")
+
+    loops = _table("Feedback loops", "Task type", "Runs", "Validation", "Re-ask", "Re-ask ok",
+                   "Verification")
+    for row in rows:
+        loops.add_row(_name(row), str(row.runs), _pct(row.validation), _pct(row.reask),
+                      _pct(row.reask_success), _pct(row.verification),
+                      end_section=row is result.rows[-1])
+    out.print(loops)
+
+    cost = _table("Latency (ms) and tokens", "Task type", "p50", "p95", "Mean", "Max",
+                  "Tokens in", "Tokens out", "In/run", "Out/run")
+    for row in rows:
+        lat, tok = row.latency, row.tokens
+        cost.add_row(_name(row), _ms(lat.p50_ms), _ms(lat.p95_ms), _ms(lat.mean_ms),
+                     _ms(lat.max_ms), f"{tok.input_total:,}", f"{tok.output_total:,}",
+                     _per_run(tok.input_per_run), _per_run(tok.output_per_run),
+                     end_section=row is result.rows[-1])
+    out.print(cost)
+
+    seen = [o for o, n in result.overall.outcomes.items() if n]
+    outcomes = _table("Outcomes", "Task type", *(o.replace("_", " ").capitalize() for o in seen))
+    for row in rows:
+        outcomes.add_row(_name(row), *(str(row.outcomes.get(o, 0)) for o in seen),
+                         end_section=row is result.rows[-1])
+    out.print(outcomes)
+
+    if any(row.top_errors for row in rows):
+        errors = _table("Top error types", "Task type", "Error type", "Steps", "Share of runs")
+        for row in rows:
+            for i, err in enumerate(row.top_errors):
+                last_one = i == len(row.top_errors) - 1
+                errors.add_row(_name(row) if i == 0 else "", err.error_type, str(err.count),
+                               f"{err.share:.1%}", end_section=last_one)
+        out.print(errors)

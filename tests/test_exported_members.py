@@ -1,0 +1,27 @@
+"""The top-level package's public surface is curated: ``__all__`` is sorted and complete."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import closedloop as cl
+
+INCLUDED_PRIVATE_MEMBERS = {"__version__"}
+
+
+def test_all_is_sorted() -> None:
+    assert cl.__all__ == sorted(cl.__all__)
+
+
+def test_every_public_name_is_exported() -> None:
+    public = {
+        name
+        for name, value in vars(cl).items()
+        if (not name.startswith("_") or name in INCLUDED_PRIVATE_MEMBERS)
+        and not isinstance(value, ModuleType)  # subpackages are reached by attribute
+    }
+    assert set(cl.__all__) == public
+
+
+def test_every_exported_name_exists() -> None:
+    assert [name for name in cl.__all__ if not hasattr(cl, name)] == []

@@ -1,0 +1,211 @@
+"""The learning layer's report: figures worked out by hand from real loop runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+
+import closedloop as cl
+from _report_scenario import run_scenario
+from closedloop.learn import Rate, Report, build_report, percentile, report_from_store
+
+T0 = 1_700_000_000.0
+EVERY_OUTCOME = [o.value for o in cl.Outcome]
+
+
+def ms(value: float) -> object:
+    """A latency as measured through a float clock: equal up to rounding."""
+    return pytest.approx(value, rel=1e-9, abs=1e-9)
+
+
+@pytest.fixture
+def report(store: cl.Store) -> Report:
+    run_scenario(store, T0)
+    return report_from_store(store)
+
+
+def test_one_row_per_task_type_sorted_by_name(report: Report) -> None:
+    assert [r.task_type for r in report.rows] == ["provision", "review", "summarize"]
+    assert [r.runs for r in report.rows] == [6, 2, 2]
+
+
+def test_validation_pass_rate_counts_the_last_attempt_among_validated_steps(
+    report: Report,
+) -> None:
+    assert report.row("provision").validation == Rate(count=5, total=6)
+    # the paused step never reached validation, the agent crash neither
+    assert report.row("review").validation == Rate(count=1, total=1)
+    assert report.row("summarize").validation == Rate(count=1, total=1)
+
+
+def test_reask_rate_and_reask_success(report: Report) -> None:
+    provision = report.row("provision")
+    assert provision.reask == Rate(count=3, total=6)
+    assert provision.reask_success == Rate(count=2, total=3)
+
+
+def test_a_rate_with_nothing_to_count_is_none_not_zero(report: Report) -> None:
+    summarize = report.row("summarize")
+    assert summarize.reask_success == Rate(count=0, total=0)
+    assert summarize.reask_success.value is None
+    assert summarize.verification.value is None
+    assert summarize.to_dict()["verification"] == {"count": 0, "total": 0, "rate": None}
+
+
+def test_verification_pass_rate_is_among_verified_steps(report: Report) -> None:
+    assert report.row("provision").verification == Rate(count=3, total=5)
+
+
+def test_outcomes_list_every_outcome_including_paused(report: Report) -> None:
+    review = report.row("review")
+    assert list(review.outcomes) == EVERY_OUTCOME
+    assert {k: v for k, v in review.outcomes.items() if v} == {"suggested": 1, "paused": 1}
+    assert {k: v for k, v in report.row("provision").outcomes.items() if v} == {
+        "succeeded": 3, "failed": 3}
+
+
+def test_latency_percentiles_are_nearest_rank(report: Report) -> None:
+    provision = report.row("provision").latency  # 10, 20, 30, 40, 50, 60 ms
+    assert provision.p50_ms == ms(30)
+    assert provision.p95_ms == ms(60)
+    assert provision.mean_ms == ms(35)
+    assert provision.max_ms == ms(60)
+    summarize = report.row("summarize").latency  # 5, 7 ms
+    assert (summarize.p50_ms, summarize.p95_ms, summarize.mean_ms) == (ms(5), ms(7), ms(6))
+
+
+def test_tokens_add_up_every_attempt(report: Report) -> None:
+    provision = report.row("provision").tokens  # 9 attempts of 100 in / 10 out
+    assert (provision.input_total, provision.output_total) == (900, 90)
+    assert (provision.input_per_run, provision.output_per_run) == (150.0, 15.0)
+
+
+def test_top_errors_by_count_with_share_of_runs(report: Report) -> None:
+    assert [(e.error_type, e.count, e.share) for e in report.row("provision").top_errors] == [
+        ("verification", 2, 2 / 6), ("validation", 1, 1 / 6)]
+
+
+def test_overall_row_aggregates_every_task_type(report: Report) -> None:
+    overall = report.overall
+    assert overall.task_type is None
+    assert overall.runs == 10
+    assert overall.validation == Rate(count=7, total=8)
+    assert overall.reask == Rate(count=3, total=8)
+    assert overall.reask_success == Rate(count=2, total=3)
+    assert overall.verification == Rate(count=3, total=5)
+    assert {k: v for k, v in overall.outcomes.items() if v} == {
+        "succeeded": 4, "suggested": 1, "failed": 3, "error": 1, "paused": 1}
+    # latencies 0 3 5 7 10 20 30 40 50 60: rank ceil(5) = 5th, ceil(9.5) = 10th
+    assert (overall.latency.p50_ms, overall.latency.p95_ms) == (ms(10), ms(60))
+    assert overall.latency.mean_ms == ms(22.5)
+    assert (overall.tokens.input_total, overall.tokens.output_per_run) == (1200, 12.0)
+    assert (overall.first_ts, overall.last_ts) == (T0 + 1, T0 + 10)
+
+
+def test_top_errors_break_ties_by_name_and_are_bounded(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    overall = report_from_store(store, top_errors=3).overall
+    # validation (1) ties with agent and paused and is cut by the bound
+    assert [(e.error_type, e.count) for e in overall.top_errors] == [
+        ("verification", 2), ("agent", 1), ("paused", 1)]
+    assert report_from_store(store, top_errors=0).overall.top_errors == ()
+
+
+def test_since_keeps_only_events_at_or_after_it(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    run_scenario(store, T0 + 1000)
+    assert report_from_store(store).overall.runs == 20
+    recent = report_from_store(store, since=T0 + 1001)
+    assert recent.overall.runs == 10
+    assert recent.since == T0 + 1001
+    assert recent.overall.first_ts == T0 + 1001
+
+
+def test_task_type_filter_reports_only_that_task_type(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    only = report_from_store(store, task_type="summarize")
+    assert [r.task_type for r in only.rows] == ["summarize"]
+    assert only.overall.runs == 2
+    assert only.task_type == "summarize"
+
+
+def test_no_events_make_an_empty_report(store: cl.Store) -> None:
+    empty = report_from_store(store)
+    assert empty.empty
+    assert empty.rows == ()
+    assert empty.overall.latency.p50_ms is None
+    assert empty.overall.tokens.input_per_run is None
+    assert empty.overall.outcomes == dict.fromkeys(EVERY_OUTCOME, 0)
+
+
+def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert list(data) == ["since", "until", "task_type", "overall", "task_types"]
+    row_keys = ["task_type", "runs", "first_ts", "last_ts", "validation", "reask",
+                "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors"]
+    assert list(data["overall"]) == row_keys
+    assert all(list(row) == row_keys for row in data["task_types"])
+    provision = data["task_types"][0]
+    assert provision["reask"] == {"count": 3, "total": 6, "rate": 0.5}
+    assert list(provision["latency"]) == ["p50_ms", "p95_ms", "mean_ms", "max_ms"]
+    assert list(provision["tokens"]) == ["input_total", "output_total", "input_per_run",
+                                         "output_per_run"]
+    assert provision["top_errors"][0] == {"error_type": "verification", "count": 2,
+                                          "share": 2 / 6}
+
+
+def test_build_report_reads_its_events_once(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    consumed: list[cl.StepEvent] = []
+
+    def once() -> Iterator[cl.StepEvent]:
+        for event in store.events():
+            consumed.append(event)
+            yield event
+
+    assert build_report(once()).overall.runs == 10
+    assert len(consumed) == 10
+
+
+def test_memory_and_sqlite_stores_give_the_same_report(
+    store: cl.Store, memory_store: cl.Store
+) -> None:
+    run_scenario(store, T0)
+    run_scenario(memory_store, T0)
+    from_sqlite = report_from_store(store).to_dict()
+    from_memory = report_from_store(memory_store).to_dict()
+    assert json.dumps(from_sqlite, sort_keys=True) == json.dumps(from_memory, sort_keys=True)
+
+
+def test_outcomes_unknown_to_this_version_are_still_counted() -> None:
+    newer = cl.StepEvent(T0, "t" * 32, "a", "x", "autonomous", "escalated", 1, 0, 0, 1.0,
+                         True, None, None, None, 0.0, 0.0, 0.0, 0.0, None)
+    outcomes = build_report([newer]).overall.outcomes
+    assert outcomes["escalated"] == 1
+    assert list(outcomes)[: len(EVERY_OUTCOME)] == EVERY_OUTCOME
+
+
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [(50, 3.0), (95, 5.0), (100, 5.0), (20, 1.0), (21, 2.0), (0.001, 1.0)],
+)
+def test_percentile_is_nearest_rank(p: float, expected: float) -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], p) == expected
+
+
+def test_percentile_of_nothing_is_none() -> None:
+    assert percentile([], 50) is None
+
+
+@pytest.mark.parametrize("p", [0, -1, 101, math.nan])
+def test_percentile_outside_0_100_is_a_config_error(p: float) -> None:
+    with pytest.raises(cl.ConfigError, match="percentile"):
+        percentile([1.0], p)
+
+
+def test_negative_top_errors_is_a_config_error() -> None:
+    with pytest.raises(cl.ConfigError, match="top_errors"):
+        build_report([], top_errors=-1)
