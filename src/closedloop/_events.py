@@ -85,9 +85,9 @@ class StepEvent(NamedTuple):
         return out
 
     def to_row(self) -> tuple[Any, ...]:
-        """The row stored in SQL backends: ``detail`` serialised to JSON text."""
+        """The row stored in SQL backends, a plain tuple with ``detail`` as JSON text."""
         if self.detail is None:
-            return self
+            return tuple(self)
         return (*self[:-1], json.dumps(self.detail, default=str, separators=(",", ":")))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from types import GeneratorType
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -136,7 +137,7 @@ class Loop:
                 except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                     fn, args = gen.throw(exc)
                     continue
-                if inspect.isawaitable(value):
+                if _awaitable(value):
                     _discard(value)
                     gen.close()
                     raise ConfigError(
@@ -155,7 +156,7 @@ class Loop:
             while True:
                 try:
                     value = fn(*args)
-                    if inspect.isawaitable(value):
+                    if _awaitable(value):
                         value = await value
                 except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                     fn, args = gen.throw(exc)
@@ -164,6 +165,20 @@ class Loop:
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
+
+
+_AWAITABLE_BY_TYPE: dict[type, bool] = {}
+
+
+def _awaitable(value: object) -> bool:
+    """``inspect.isawaitable`` at a dict lookup's cost: hooks return few distinct types."""
+    cls = type(value)
+    known = _AWAITABLE_BY_TYPE.get(cls)
+    if known is None:
+        if cls is GeneratorType:  # generator-based coroutines depend on the instance's flags
+            return inspect.isawaitable(value)
+        known = _AWAITABLE_BY_TYPE[cls] = hasattr(cls, "__await__")
+    return known
 
 
 def _discard(awaitable: object) -> None:

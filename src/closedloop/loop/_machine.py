@@ -77,10 +77,15 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
 
     Guards are shown the recorded event afterwards (``observe``), also when the agent or
-    executor raised, so that fault control sees every step.
+    executor raised, so that fault control sees every step. Without guards the step's own
+    generator is returned as is (one generator frame less per call into user code).
     """
     if not spec.guards:
-        return (yield from _step(spec, task_input, trace_id, None))
+        return _step(spec, task_input, trace_id, None)
+    return _guarded(spec, task_input, trace_id)
+
+
+def _guarded(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     recorded: list[StepEvent] = []
     try:
         result = yield from _step(spec, task_input, trace_id, recorded)

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,6 @@ MIGRATIONS: tuple[str, ...] = (
         verify_ms REAL NOT NULL,
         detail TEXT
     );
-    CREATE INDEX events_task_ts ON events (task_type, ts);
     CREATE INDEX events_ts ON events (ts);
     """,
     # 2: trace spans and semantic scores (closedloop.telemetry)
@@ -93,7 +93,21 @@ _BUSY_TIMEOUT_S = 30.0
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
                            check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL takes an exclusive lock and, unlike ordinary statements,
+    # can fail with "database is locked" at once (no busy wait) while another process does
+    # the same: retry it for as long as the busy timeout would have waited.
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
@@ -150,7 +164,8 @@ class SQLiteBackend:
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Insert the batch in one transaction."""
         conn = self._writer_conn()
-        rows = [e if e.detail is None else e.to_row() for e in events]
+        # Plain tuples: sqlite3's executemany takes a much slower path for tuple subclasses.
+        rows = [e.to_row() for e in events]
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(_INSERT, rows)

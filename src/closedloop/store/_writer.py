@@ -94,6 +94,7 @@ class BatchWriter:
         self._lost = 0
         self._write_errors = 0
         self._warned_drop = False
+        self._markers = 0
 
     # -- producer side (the agent's thread) ---------------------------------------------
 
@@ -135,6 +136,8 @@ class BatchWriter:
                 return True
             self._start()
         marker = _Marker()
+        with self._lock:
+            self._markers += 1
         self._queue.append(marker)
         self._wake.set()
         return marker.done.wait(timeout)
@@ -186,20 +189,29 @@ class BatchWriter:
 
     def _drain(self) -> None:
         queue = self._queue
-        batch: list[StepEvent] = []
         size = self.batch_size
-        while True:
-            try:
-                item = queue.popleft()
-            except IndexError:
-                break
-            if isinstance(item, _Marker):
+        # Snapshot the length *before* reading the marker count: a flush marker among the
+        # first n items was counted before it was appended, so the count cannot miss it.
+        n = len(queue)
+        with self._lock:
+            markers = self._markers
+        popleft = queue.popleft
+        items = [popleft() for _ in range(n)]  # only this thread pops: n items are there
+        if not markers:
+            for start in range(0, n, size):
+                self._write(items[start:start + size])  # type: ignore[arg-type]
+            return
+        batch: list[StepEvent] = []
+        for item in items:
+            if type(item) is _Marker:
                 if batch:
                     self._write(batch)
                     batch = []
+                with self._lock:
+                    self._markers -= 1
                 item.done.set()
                 continue
-            batch.append(item)
+            batch.append(item)  # type: ignore[arg-type]
             if len(batch) >= size:
                 self._write(batch)
                 batch = []

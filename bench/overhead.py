@@ -1,0 +1,131 @@
+"""The loop's own cost per step, and sustained ingest into the embedded store.
+
+Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``).
+
+1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
+   into a SQLite store (WAL, background writer), against the same four calls made bare. Both
+   are timed in interleaved rounds in the same run; the figure is the median per-step time of
+   the loop minus the median per-step time of the bare calls.
+2. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
+   timed until ``flush()`` returns (every event durable in the file), in events per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import closedloop as cl
+
+
+def agent(task: int, attempt: cl.Attempt) -> int:
+    return task
+
+
+def validator(proposal: int) -> None:
+    return None
+
+
+def executor(proposal: int) -> int:
+    return proposal
+
+
+def verifier(intent: int, result: int) -> bool:
+    return result == intent
+
+
+def bare(task: int) -> int:
+    proposal = agent(task, None)  # type: ignore[arg-type]
+    validator(proposal)
+    result = executor(proposal)
+    verifier(task, result)
+    return result
+
+
+def per_step(fn: object, steps: int) -> float:
+    call = fn  # local for speed
+    start = time.perf_counter()
+    for i in range(steps):
+        call(i)  # type: ignore[operator]
+    return (time.perf_counter() - start) / steps
+
+
+def bench_overhead(steps: int, rounds: int, folder: Path) -> dict[str, float]:
+    store = cl.open_store(folder / "overhead.db")
+    loop = cl.Loop(agent, task_type="bench", validators=[validator], executor=executor,
+                   verifiers=[verifier], store=store)
+    per_step(loop.run, steps)  # warm up
+    per_step(bare, steps)
+    loop_times: list[float] = []
+    bare_times: list[float] = []
+    gc.collect()
+    for _ in range(rounds):
+        loop_times.append(per_step(loop.run, steps))
+        bare_times.append(per_step(bare, steps))
+    stats = store.close()
+    assert stats.not_written == 0, stats
+    loop_med = statistics.median(loop_times) * 1e6
+    bare_med = statistics.median(bare_times) * 1e6
+    return {
+        "loop_step_us_p50": loop_med,
+        "bare_step_us_p50": bare_med,
+        "overhead_us_p50": loop_med - bare_med,
+        "loop_step_us_p90": statistics.quantiles(loop_times, n=10)[-1] * 1e6,
+        "events_written": float(stats.written),
+    }
+
+
+def bench_ingest(events: int, folder: Path) -> dict[str, float]:
+    store = cl.open_store(folder / "ingest.db", max_queue=events + 1)
+    template = cl.StepEvent(
+        ts=time.time(), trace_id="0" * 32, agent_id="bench", task_type="ingest",
+        autonomy="autonomous", outcome="succeeded", attempts=1, input_tokens=812,
+        output_tokens=143, latency_ms=1.25, validation_passed=True, verification_passed=True,
+        error_type=None, error_message=None, propose_ms=0.5, validate_ms=0.25, act_ms=0.25,
+        verify_ms=0.25, detail=None,
+    )
+    batch = [template._replace(trace_id=f"{i:032x}", ts=template.ts + i * 1e-6)
+             for i in range(events)]
+    record = store.record
+    start = time.perf_counter()
+    for e in batch:
+        record(e)
+    produced = time.perf_counter() - start
+    assert store.flush(timeout=600)
+    elapsed = time.perf_counter() - start
+    stats = store.close()
+    assert stats.written == events and stats.not_written == 0, stats
+    return {
+        "events": float(events),
+        "ingest_events_per_s": events / elapsed,
+        "record_call_us": produced / events * 1e6,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
+    parser.add_argument("--events", type=int, default=500_000, help="events for ingest")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        o = bench_overhead(args.steps, args.rounds, folder)
+        print(f"loop step p50   {o['loop_step_us_p50']:8.2f} µs   (p90 {o['loop_step_us_p90']:.2f})")
+        print(f"bare calls p50  {o['bare_step_us_p50']:8.2f} µs")
+        print(f"overhead p50    {o['overhead_us_p50']:8.2f} µs per step  (target ≤ 25 µs)")
+        i = bench_ingest(args.events, folder)
+        print(f"ingest          {i['ingest_events_per_s']:10,.0f} events/s  "
+              f"({int(i['events']):,} events, record() {i['record_call_us']:.2f} µs; "
+              "target ≥ 100,000/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
