@@ -117,7 +117,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         o = bench_overhead(args.steps, args.rounds, folder)
-        print(f"loop step p50   {o['loop_step_us_p50']:8.2f} µs   (p90 {o['loop_step_us_p90']:.2f})")
+        print(f"loop step p50   {o['loop_step_us_p50']:8.2f} µs   "
+              f"(p90 {o['loop_step_us_p90']:.2f})")
         print(f"bare calls p50  {o['bare_step_us_p50']:8.2f} µs")
         print(f"overhead p50    {o['overhead_us_p50']:8.2f} µs per step  (target ≤ 25 µs)")
         i = bench_ingest(args.events, folder)

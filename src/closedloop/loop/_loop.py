@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from types import GeneratorType
 from collections.abc import Callable, Iterable
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
