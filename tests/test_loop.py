@@ -387,3 +387,26 @@ def test_default_store_is_used_when_none_given() -> None:
     store = cl.default_store()
     assert store.flush()
     assert [e.task_type for e in store.events()] == ["default"]
+
+
+def test_one_loop_serves_many_threads(store: cl.Store) -> None:
+    import threading
+
+    loop = cl.Loop(FixingAgent(fix_after=0), task_type="threads", validators=[positive],
+                   executor=Recorder(), verifiers=[lambda i, r: True], store=store)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        mine = [loop.run(i + 1).trace_id for i in range(300)]
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 2400
+    assert store.flush()
+    assert {e.trace_id for e in store.events()} == set(ids)
