@@ -1,0 +1,563 @@
+"""Terraform: HCL parsing with policy rules, plan scanning for destructive changes, and the
+``terraform``/``tofu`` binary's own ``validate``/``plan`` in a fresh directory per run.
+
+Plans come in two formats and both are scanned:
+
+- ``terraform show -json PLANFILE``: one document whose ``resource_changes[].change.actions``
+  say ``["delete"]``, ``["delete", "create"]`` / ``["create", "delete"]`` (replace) or
+  ``["forget"]``, with an ``action_reason``; its ``resource_drift`` is drift, not a change.
+- ``terraform plan -json``: a stream of UI messages, one a line; ``planned_change`` messages
+  carry ``action`` ``delete``/``replace``/``remove``, while ``resource_drift`` messages report
+  changes made outside Terraform and are reported as drift — never mistaken for the plan.
+
+Resource values are never quoted in messages: a plan carries secrets (``before``/``after``
+values, sensitive or not), and messages go to the model and into traces.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from closedloop._errors import ConfigError
+from closedloop._verdict import Issue, Severity, Verdict
+from closedloop.validate._base import as_text, clip, not_text, require
+from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
+from closedloop.validate._structured import MAX_ISSUES
+
+
+class TerraformResource(NamedTuple):
+    """One managed resource as policy rules see it, from HCL or from a plan's planned values.
+
+    ``values`` holds the attributes known before apply; an attribute whose value is only known
+    after apply (or is an HCL expression such as ``var.tags``) is listed in ``unknown`` instead.
+    """
+
+    address: str
+    type: str
+    values: Mapping[str, Any]
+    unknown: frozenset[str] = frozenset()
+
+
+Rule = Callable[[TerraformResource], Iterable[Issue]]
+"""A policy rule: ``rule(resource) -> issues``; plain functions are rules too."""
+
+
+def _matches(resource_type: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(resource_type, p) for p in patterns)
+
+
+class RequiredTags:
+    """Every matching resource carries these tags (and, where given, these values).
+
+    ``tags`` is a list of keys, or a mapping of key → required value (``None``: any value).
+    ``resource_types`` are glob patterns (default every resource: narrow it to taggable types).
+    In plans, ``tags_all`` (tags merged with the provider's ``default_tags``) counts.
+    """
+
+    def __init__(self, tags: Mapping[str, str | None] | Iterable[str], *,
+                 resource_types: Sequence[str] = ("*",),
+                 severity: Severity = Severity.ERROR) -> None:
+        self.tags: dict[str, str | None] = (
+            dict(tags) if isinstance(tags, Mapping) else dict.fromkeys(tags)
+        )
+        if not self.tags:
+            raise ConfigError("RequiredTags needs at least one tag key")
+        self.resource_types = tuple(resource_types)
+        self.severity = severity
+
+    def __call__(self, resource: TerraformResource) -> Iterable[Issue]:
+        if not _matches(resource.type, self.resource_types):
+            return []
+        field = "tags_all" if "tags_all" in resource.values else "tags"
+        if field in resource.unknown:
+            return []
+        tags = resource.values.get(field) or {}
+        if not isinstance(tags, Mapping):
+            return []  # an expression (var.tags): cannot tell before apply
+        issues = []
+        for key, want in self.tags.items():
+            have = tags.get(key)
+            if have is None:
+                issues.append(Issue(code="tf_missing_tag", location=resource.address,
+                                    severity=self.severity,
+                                    message=f"add the required tag {key!r}"
+                                    + (f" = {want!r}" if want is not None else "")))
+            elif want is not None and have != want:
+                issues.append(Issue(code="tf_tag_value", location=resource.address,
+                                    severity=self.severity,
+                                    message=f"tag {key!r} must be {want!r}"))
+        return issues
+
+
+class ForbiddenResourceTypes:
+    """Resource types (glob patterns) the agent may not create or change."""
+
+    def __init__(self, types: Iterable[str], *, reason: str = "",
+                 severity: Severity = Severity.ERROR) -> None:
+        self.types = tuple(types)
+        self.reason = reason
+        self.severity = severity
+
+    def __call__(self, resource: TerraformResource) -> Iterable[Issue]:
+        if not _matches(resource.type, self.types):
+            return []
+        why = f" ({self.reason})" if self.reason else ""
+        return [Issue(code="tf_forbidden_type", location=resource.address,
+                      severity=self.severity,
+                      message=f"resource type {resource.type} is not allowed{why}; remove it")]
+
+
+class AllowedInstanceTypes:
+    """Instance sizes must come from an allow-list (``aws_instance.instance_type`` and kin)."""
+
+    def __init__(self, allowed: Iterable[str], *,
+                 resource_types: Sequence[str] = ("aws_instance", "aws_launch_template",
+                                                  "aws_spot_instance_request"),
+                 attribute: str = "instance_type",
+                 severity: Severity = Severity.ERROR) -> None:
+        self.allowed = frozenset(allowed)
+        if not self.allowed:
+            raise ConfigError("AllowedInstanceTypes needs at least one allowed type")
+        self.resource_types = tuple(resource_types)
+        self.attribute = attribute
+        self.severity = severity
+
+    def __call__(self, resource: TerraformResource) -> Iterable[Issue]:
+        if not _matches(resource.type, self.resource_types) or self.attribute in resource.unknown:
+            return []
+        value = resource.values.get(self.attribute)
+        if value is None or value in self.allowed:
+            return []
+        choices = ", ".join(sorted(self.allowed))
+        return [Issue(code="tf_instance_type", location=resource.address, severity=self.severity,
+                      message=f"{self.attribute} {str(value)[:40]!r} is not allowed; "
+                              f"use one of: {choices}")]
+
+
+def apply_rules(rules: Sequence[Rule], resources: Iterable[TerraformResource]) -> list[Issue]:
+    """Every rule over every resource, in resource order."""
+    return [issue for r in resources for rule in rules for issue in rule(r)]
+
+
+# --- HCL ----------------------------------------------------------------------------------
+
+
+def _hcl_options() -> Any:
+    from hcl2.utils import SerializationOptions
+
+    return SerializationOptions(strip_string_quotes=True, with_comments=False,
+                                explicit_blocks=False)
+
+
+def _is_expression(value: object) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def hcl_resources(config: Mapping[str, Any]) -> list[TerraformResource]:
+    """The managed resources of a parsed HCL configuration (python-hcl2's dict form)."""
+    out = []
+    for block in config.get("resource") or []:
+        if not isinstance(block, Mapping):
+            continue
+        for rtype, named in block.items():
+            if not isinstance(named, Mapping):
+                continue
+            for rname, body in named.items():
+                values = body if isinstance(body, Mapping) else {}
+                unknown = frozenset(k for k, v in values.items() if _is_expression(v))
+                out.append(TerraformResource(f"{rtype}.{rname}", str(rtype), values, unknown))
+    return out
+
+
+def _as_files(proposal: object, filename: str) -> dict[str, str] | None:
+    if isinstance(proposal, Mapping):
+        files = {}
+        for name, text in proposal.items():
+            content = as_text(text)
+            if not isinstance(name, str) or content is None:
+                return None
+            files[name] = content
+        return files
+    text = as_text(proposal)
+    return None if text is None else {filename: text}
+
+
+class HclValidator:
+    """Parses Terraform HCL (python-hcl2): located syntax errors, then the policy ``rules``.
+
+    The proposal is the text of one file, or a mapping of file name → text for a module.
+    """
+
+    def __init__(self, rules: Sequence[Rule] = (), *, filename: str = "main.tf",
+                 name: str = "terraform_hcl") -> None:
+        require("hcl2")
+        self.rules = tuple(rules)
+        self.filename = filename
+        self.name = name
+
+    def parse(self, files: Mapping[str, str]) -> tuple[list[TerraformResource], list[Issue]]:
+        """Parse each file: its resources, and an issue per file that does not parse."""
+        import hcl2
+
+        options = _hcl_options()
+        resources: list[TerraformResource] = []
+        issues: list[Issue] = []
+        for fname, text in files.items():
+            try:
+                config = hcl2.loads(text, serialization_options=options)
+            except Exception as exc:  # noqa: BLE001 - lark raises many types for bad input
+                issues.append(_hcl_issue(fname, exc))
+                continue
+            resources.extend(hcl_resources(config))
+        return resources, issues
+
+    def __call__(self, proposal: object) -> Verdict:
+        files = _as_files(proposal, self.filename)
+        if files is None:
+            return Verdict.fail(not_text(proposal, "Terraform HCL"), check=self.name)
+        resources, issues = self.parse(files)
+        if not issues:
+            issues = apply_rules(self.rules, resources)
+        return Verdict(issues=tuple(issues[:MAX_ISSUES]), check=self.name)
+
+
+def _hcl_issue(filename: str, exc: BaseException) -> Issue:
+    line = getattr(exc, "line", None)
+    column = getattr(exc, "column", None)
+    where = filename + (f":line {line}, column {column}" if isinstance(line, int)
+                        and line > 0 else "")
+    token = getattr(exc, "token", None)
+    if token is not None and str(token):
+        what = f"unexpected {clip(str(token), 40)!r}"
+    elif getattr(exc, "char", None):
+        what = f"unexpected character {exc.char!r}"  # type: ignore[attr-defined]
+    elif isinstance(exc, RecursionError):
+        what = "nested too deeply"
+    else:
+        what = clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
+    return Issue(code="hcl_syntax", location=where, message=f"invalid HCL: {what}")
+
+
+# --- plans --------------------------------------------------------------------------------
+
+
+class PlanFormatError(ValueError):
+    """The input is neither a ``terraform show -json`` plan nor a ``plan -json`` stream."""
+
+
+def load_plan(data: object) -> dict[str, Any] | list[dict[str, Any]]:
+    """Normalise a plan: a show-json document (dict) or a list of streamed UI messages.
+
+    Accepts the parsed forms or their text (``str``/``bytes``); raises :class:`PlanFormatError`
+    naming the first bad line of a stream.
+    """
+    if isinstance(data, Mapping):
+        return dict(data)
+    if isinstance(data, list):
+        if all(isinstance(m, Mapping) for m in data):
+            return [dict(m) for m in data]
+        raise PlanFormatError("a plan stream must be a list of JSON objects")
+    text = as_text(data)
+    if text is None:
+        raise PlanFormatError(f"expected plan JSON, got a {type(data).__name__}")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    except RecursionError as exc:
+        raise PlanFormatError("plan JSON is nested too deeply") from exc
+    if isinstance(doc, dict):
+        return doc
+    messages = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PlanFormatError(f"line {number} is not JSON: neither a `terraform show -json` "
+                                  "plan nor a `terraform plan -json` stream") from exc
+        if not isinstance(message, dict):
+            raise PlanFormatError(f"line {number} is not a JSON object")
+        messages.append(message)
+    if not messages:
+        raise PlanFormatError("the plan is empty")
+    return messages
+
+
+_REPLACE = (["delete", "create"], ["create", "delete"])
+
+
+def _replace_detail(change: Mapping[str, Any], reason: object) -> str:
+    paths = change.get("replace_paths") or []
+    names = []
+    for path in paths[:5] if isinstance(paths, list) else []:
+        if isinstance(path, list) and path:
+            names.append(".".join(str(p) for p in path if isinstance(p, str | int))[:60])
+    parts = []
+    if reason:
+        parts.append(str(reason)[:60])
+    if names:
+        parts.append("forced by " + ", ".join(names))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+class TerraformPlanValidator:
+    """Scans a Terraform plan, in either format, for destructive changes, drift and errors.
+
+    Deletions, replacements and removals from state are ``severity`` (``CRITICAL`` by default:
+    the loop stops without re-ask, since deleting infrastructure needs a human). Addresses
+    matching ``allow_destroy`` glob patterns are reported as warnings instead. Drift is a
+    warning. Policy ``rules`` run over the planned values of created/updated resources
+    (show-json plans only: the stream carries no values).
+    """
+
+    def __init__(self, rules: Sequence[Rule] = (), *, allow_destroy: Sequence[str] = (),
+                 severity: Severity = Severity.CRITICAL, name: str = "terraform_plan") -> None:
+        self.rules = tuple(rules)
+        self.allow_destroy = tuple(allow_destroy)
+        self.severity = severity
+        self.name = name
+
+    def __call__(self, proposal: object) -> Verdict:
+        try:
+            plan = load_plan(proposal)
+        except PlanFormatError as exc:
+            return Verdict.fail(Issue(code="plan_format", message=str(exc)), check=self.name)
+        return self.scan(plan)
+
+    def scan(self, plan: dict[str, Any] | list[dict[str, Any]]) -> Verdict:
+        """Scan an already-loaded plan (see :func:`load_plan`)."""
+        issues = self._stream(plan) if isinstance(plan, list) else self._show(plan)
+        return Verdict(issues=tuple(issues), check=self.name)
+
+    def _destroy(self, address: str, verb: str, detail: str) -> Issue:
+        allowed = any(fnmatch.fnmatchcase(address, p) for p in self.allow_destroy)
+        advice = ("allowed by allow_destroy" if allowed else
+                  "destructive changes need human approval; keep the resource or change it "
+                  "in place")
+        return Issue(code=f"tf_{verb}", location=address,
+                     severity=Severity.WARNING if allowed else self.severity,
+                     message=f"plan will {verb} {address}{detail}: {advice}")
+
+    @staticmethod
+    def _drift(address: str, action: object) -> Issue:
+        return Issue(code="tf_drift", location=address, severity=Severity.WARNING,
+                     message=f"{address} changed outside Terraform (drift: {str(action)[:20]}); "
+                             "the plan reconciles it")
+
+    def _show(self, plan: Mapping[str, Any]) -> list[Issue]:
+        if "resource_changes" not in plan and "format_version" not in plan:
+            return [Issue(code="plan_format",
+                          message="not a `terraform show -json` plan: no resource_changes")]
+        issues: list[Issue] = []
+        if plan.get("errored"):
+            issues.append(Issue(code="tf_plan_errored",
+                                message="terraform reported errors while planning; the plan "
+                                        "is incomplete"))
+        resources: list[TerraformResource] = []
+        for rc in _dicts(plan.get("resource_changes")):
+            address = str(rc.get("address", "?"))
+            change = _mapping(rc.get("change"))
+            actions = change.get("actions")
+            if not isinstance(actions, list):
+                continue
+            reason = rc.get("action_reason")
+            deposed = f" (deposed object {str(rc['deposed'])[:16]})" if rc.get("deposed") else ""
+            if actions in _REPLACE:
+                issues.append(self._destroy(address, "replace", _replace_detail(change, reason)))
+            elif actions == ["delete"]:
+                detail = deposed or (f" ({str(reason)[:60]})" if reason else "")
+                issues.append(self._destroy(address, "delete", detail))
+            elif actions == ["forget"]:
+                issues.append(self._destroy(address, "remove", " from state (forget)"))
+            if self.rules and rc.get("mode", "managed") == "managed" and (
+                    "create" in actions or "update" in actions):
+                after = change.get("after")
+                if isinstance(after, Mapping):
+                    unknown = change.get("after_unknown")
+                    keys = frozenset(k for k, v in unknown.items() if v) if isinstance(
+                        unknown, Mapping) else frozenset()
+                    resources.append(TerraformResource(address, str(rc.get("type", "")),
+                                                       after, keys))
+        for rd in _dicts(plan.get("resource_drift")):
+            actions = _mapping(rd.get("change")).get("actions")
+            issues.append(self._drift(str(rd.get("address", "?")), "+".join(
+                map(str, actions if isinstance(actions, list) else []))))
+        issues.extend(apply_rules(self.rules, resources))
+        return issues
+
+    def _stream(self, messages: Sequence[Mapping[str, Any]]) -> list[Issue]:
+        issues: list[Issue] = []
+        for m in messages:
+            kind = m.get("type")
+            if kind == "diagnostic":
+                issues.extend(diagnostic_issues([m.get("diagnostic")]))
+                continue
+            if kind not in ("planned_change", "resource_drift"):
+                continue
+            change = _mapping(m.get("change"))
+            address = str(_mapping(change.get("resource")).get("addr", "?"))
+            action = change.get("action")
+            if kind == "resource_drift":
+                issues.append(self._drift(address, action))
+                continue
+            reason = change.get("reason")
+            detail = f" ({str(reason)[:60]})" if reason else ""
+            if action == "replace":
+                issues.append(self._destroy(address, "replace", detail))
+            elif action == "delete":
+                issues.append(self._destroy(address, "delete", detail))
+            elif action == "remove":
+                issues.append(self._destroy(address, "remove", " from state (forget)"))
+        return issues
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _dicts(value: object) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def diagnostic_issues(diagnostics: Iterable[object]) -> list[Issue]:
+    """Terraform diagnostics (``validate -json``, ``plan -json``) as issues.
+
+    Only the summary, detail and location are used: ``snippet.values`` can hold variable
+    values, secrets included, and is never quoted.
+    """
+    issues = []
+    for d in diagnostics:
+        if not isinstance(d, Mapping):
+            continue
+        severity = Severity.WARNING if d.get("severity") == "warning" else Severity.ERROR
+        where = None
+        rng = d.get("range")
+        if isinstance(rng, Mapping) and isinstance(rng.get("start"), Mapping):
+            start = rng["start"]
+            where = f"{rng.get('filename', '?')}:line {start.get('line')}, column " \
+                    f"{start.get('column')}"
+        summary = str(d.get("summary") or "terraform error")
+        detail = str(d.get("detail") or "")
+        message = clip(f"{summary}: {detail}" if detail else summary)
+        issues.append(Issue(code="tf_diagnostic", location=where, severity=severity,
+                            message=message))
+    return issues
+
+
+# --- the terraform / tofu binary ----------------------------------------------------------
+
+_ENV = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
+
+
+class TerraformCli:
+    """Runs ``terraform`` (or ``tofu``) on the proposed configuration: ``init``, then
+    ``validate -json``, and with ``plan=True`` also ``plan -json``, scanned for destructive
+    changes by ``plan_validator``.
+
+    Each run gets its own fresh temporary directory, removed afterwards, so concurrent agents
+    never share files. ``state`` (a ``terraform.tfstate`` to plan against) is copied in.
+    ``timeout`` bounds the whole run (the process is killed and
+    :class:`~closedloop.validate.CheckTimeout` raised); ``max_output`` bounds what is read.
+    ``init`` failing (no network for providers, bad credentials) is *unknown*, not the agent's
+    fault; with no binary on ``PATH`` the check is skipped with a recorded warning
+    (``if_missing="unknown"`` makes that block instead).
+    """
+
+    def __init__(
+        self,
+        *,
+        plan: bool = False,
+        plan_validator: TerraformPlanValidator | None = None,
+        state: str | Path | None = None,
+        binary: str | None = None,
+        timeout: float = 300.0,
+        max_output: int = 5_000_000,
+        env: Mapping[str, str] | None = None,
+        if_missing: str = "skip",
+        filename: str = "main.tf",
+        name: str = "terraform",
+    ) -> None:
+        self.plan = plan
+        self.plan_validator = plan_validator or TerraformPlanValidator()
+        self.state = Path(state) if state is not None else None
+        self.binary = binary
+        self.timeout = timeout
+        self.max_output = max_output
+        self.env = {**_ENV, **(env or {})}
+        self.if_missing = check_policy(if_missing)
+        self.filename = filename
+        self.name = name
+
+    def __call__(self, proposal: object) -> Verdict:
+        files = _as_files(proposal, self.filename)
+        if files is None:
+            return Verdict.fail(not_text(proposal, "Terraform configuration"), check=self.name)
+        for fname in files:
+            if Path(fname).name != fname or not fname.endswith((".tf", ".tf.json", ".tfvars")):
+                return Verdict.fail(Issue(code="tf_file_name", location=fname,
+                                          message="file names must be plain *.tf, *.tf.json "
+                                                  "or *.tfvars names"), check=self.name)
+        binary = self.binary or find_binary(["terraform", "tofu"])
+        if binary is None:
+            return missing("terraform (or tofu)", self.if_missing, self.name)
+        deadline = time.monotonic() + self.timeout
+        with tempfile.TemporaryDirectory(prefix="closedloop-tf-") as workdir:
+            for fname, text in files.items():
+                Path(workdir, fname).write_text(text, encoding="utf-8")
+            if self.state is not None:
+                shutil.copyfile(self.state, Path(workdir, "terraform.tfstate"))
+            return self._run(binary, workdir, deadline)
+
+    def _tool(self, binary: str, workdir: str, deadline: float, *args: str) -> Any:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        return run_tool([binary, *args], cwd=workdir, env=self.env, timeout=remaining,
+                        max_output=self.max_output)
+
+    def _run(self, binary: str, workdir: str, deadline: float) -> Verdict:
+        init = ["init", "-input=false", "-no-color"] + ([] if self.plan else ["-backend=false"])
+        out = self._tool(binary, workdir, deadline, *init)
+        if out.returncode != 0:
+            return Verdict.cannot_tell(f"terraform init failed: {_last_error(out.stderr)}",
+                                       check=self.name)
+        out = self._tool(binary, workdir, deadline, "validate", "-json", "-no-color")
+        if out.truncated:
+            return Verdict.cannot_tell("terraform validate output exceeded the limit",
+                                       check=self.name)
+        try:
+            report = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            return Verdict.cannot_tell(f"terraform validate failed: {_last_error(out.stderr)}",
+                                       check=self.name)
+        issues = diagnostic_issues(report.get("diagnostics") or [])
+        if not self.plan or any(i.severity >= Severity.ERROR for i in issues):
+            return Verdict(issues=tuple(issues[:MAX_ISSUES]), check=self.name)
+        out = self._tool(binary, workdir, deadline, "plan", "-json", "-input=false",
+                         "-lock=false", "-no-color")
+        if out.truncated:
+            return Verdict.cannot_tell("terraform plan output exceeded the limit",
+                                       check=self.name)
+        try:
+            plan = load_plan(out.stdout)
+        except PlanFormatError:
+            return Verdict.cannot_tell(f"terraform plan failed: {_last_error(out.stderr)}",
+                                       check=self.name)
+        issues += self.plan_validator.scan(plan).issues
+        if out.returncode != 0 and not any(i.severity >= Severity.ERROR for i in issues):
+            return Verdict.cannot_tell(f"terraform plan failed: {_last_error(out.stderr)}",
+                                       check=self.name)
+        return Verdict(issues=tuple(issues[:MAX_ISSUES]), check=self.name)
+
+
+def _last_error(stderr: str) -> str:
+    lines = [ln.strip(" │╷╵") for ln in stderr.splitlines()]
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    return clip(errors[-1] if errors else (" ".join(ln for ln in lines if ln)[-300:] or "?"))
