@@ -1,2 +1,5 @@
 """Imports every command module so that each registers itself on ``main``."""
-from closedloop.cli import _report  # noqa: F401
+from closedloop.cli import (
+    _demo,  # noqa: F401
+    _report,  # noqa: F401
+)

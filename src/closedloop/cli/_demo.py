@@ -1,0 +1,97 @@
+"""``closedloop demo``: the design's provisioning story on this machine, then a summary."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from closedloop._errors import ConfigError
+from closedloop.cli import main
+from closedloop.cli._common import console, echo_json, store_option
+
+if TYPE_CHECKING:
+    from closedloop.demo import DemoSummary
+
+
+@main.command()
+@click.option("--requests", "count", type=int, default=200, show_default=True, metavar="N",
+              help="How many provisioning requests the agent receives.")
+@click.option("--seed", type=int, default=7, show_default=True,
+              help="Seed of the requests and of the simulated model's mistakes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON for scripts.")
+@store_option
+def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
+    """Run an EC2 provisioning agent through closedloop, locally, with no account.
+
+    A seeded simulated LLM proposes provisioning plans and makes the mistakes of the design:
+    malformed plans (caught by validation and re-asked), well-formed but wrong ones (caught
+    by verifying the launched instances with boto3), and destructive ones (blocked). The
+    plans run against moto's local EC2 API on 127.0.0.1. Every step's event lands in the
+    store; run it again and the events are appended.
+    """
+    if count < 1:
+        raise ConfigError(f"--requests must be at least 1, got {count}")
+    from closedloop.demo import require_demo_extras, run_demo
+
+    require_demo_extras()
+    err = Console(stderr=True)
+    if as_json or not err.is_terminal:
+        summary = run_demo(count, seed, store_url)
+    else:
+        columns = (TextColumn("[bold]provisioning[/]"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("", total=count)
+            tally: dict[str, int] = {}
+
+            def advance(done: int, total: int, outcome: str) -> None:
+                tally[outcome] = tally.get(outcome, 0) + 1
+                text = "  ".join(f"{k} {v}" for k, v in sorted(tally.items()))
+                bar.update(task, completed=done, description=text)
+
+            summary = run_demo(count, seed, store_url, progress=advance)
+    if as_json:
+        echo_json(summary.to_dict())
+    else:
+        _print(summary)
+
+
+def _print(s: DemoSummary) -> None:
+    injected = s.ledger.counts()
+    expected = s.ledger.expected_outcomes(s.max_attempts)
+    table = Table(title=f"closedloop demo: {s.requests} EC2 provisioning requests (seed {s.seed})",
+                  title_justify="left")
+    table.add_column("Step outcome")
+    table.add_column("Steps", justify="right")
+    table.add_column("Ground truth (simulated model)", style="dim")
+    table.add_row("Succeeded, verified", str(s.succeeded),
+                  f"{expected['succeeded']} correct plans")
+    table.add_row("  of which re-asked and fixed", str(s.reasked_fixed),
+                  f"{injected['malformed']} malformed proposals in all")
+    table.add_row(f"Failed validation ({s.max_attempts} attempts)", str(s.failed_validation),
+                  f"{expected['failed_validation']} never well-formed")
+    table.add_row("Blocked (destructive)", str(s.blocked),
+                  f"{injected['destructive']} destructive plans")
+    table.add_row("Caught by verification", str(s.caught_by_verification),
+                  f"{injected['semantic']} semantically wrong plans")
+    if s.unverified:
+        table.add_row("Could not verify", str(s.unverified), "")
+    if s.errors:
+        table.add_row("Errors", str(s.errors), s.first_error or "")
+    table.add_section()
+    table.add_row("Production instances running",
+                  f"{s.production_running}/{s.production_instances}", "")
+    table.add_row("Tokens in / out", f"{s.input_tokens:,} / {s.output_tokens:,}", "")
+    table.add_row("Step latency p50 / p95",
+                  f"{s.latency_p50_ms:.1f} / {s.latency_p95_ms:.1f} ms", "")
+    table.add_row("Events written", str(s.events_written),
+                  f"{s.events_lost} not written" if s.events_lost else "")
+    out = console()
+    out.print(table)
+    out.print(f"Events are in [bold]{s.store_url}[/]. "
+              f"See the learning signals: [bold]closedloop report --store '{s.store_url}'[/]",
+              highlight=False, soft_wrap=True)

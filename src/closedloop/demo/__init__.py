@@ -1,0 +1,82 @@
+"""``closedloop demo``: the design's provisioning story, end to end, on this machine.
+
+An infrastructure agent backed by a seeded simulated LLM (:class:`SimulatedModel`) proposes
+EC2 provisioning plans for seeded requests; a :class:`~closedloop.Loop` validates them
+(:func:`plan_schema`, :func:`no_destructive_actions`), executes them with real boto3 against a
+local EC2 API (moto, :class:`LocalEc2`), and verifies the launched instances against the
+requests (:class:`InstanceMatchesRequest`). The model's :class:`FaultLedger` is the ground
+truth to check the recorded events against. Needs the extra: ``pip install 'closedloop[demo]'``
+(only :func:`run_demo` and the boto3/pydantic parts need it; the model is pure Python).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from closedloop.demo._model import (
+    FaultCategory,
+    FaultKind,
+    FaultLedger,
+    FaultRates,
+    LedgerEntry,
+    ProvisionRequest,
+    SimulatedModel,
+    expected_result,
+    generate_requests,
+)
+from closedloop.demo._run import AGENT_ID, TASK_TYPE, DemoSummary, require_demo_extras, run_demo
+
+if TYPE_CHECKING:
+    from closedloop.demo._ec2 import (
+        Action,
+        DemoEnvironment,
+        Ec2Executor,
+        InstanceMatchesRequest,
+        LocalEc2,
+    )
+    from closedloop.demo._plan import no_destructive_actions, plan_schema
+
+__all__ = [
+    "AGENT_ID",
+    "TASK_TYPE",
+    "Action",
+    "DemoEnvironment",
+    "DemoSummary",
+    "Ec2Executor",
+    "FaultCategory",
+    "FaultKind",
+    "FaultLedger",
+    "FaultRates",
+    "InstanceMatchesRequest",
+    "LedgerEntry",
+    "LocalEc2",
+    "ProvisionRequest",
+    "SimulatedModel",
+    "expected_result",
+    "generate_requests",
+    "no_destructive_actions",
+    "plan_schema",
+    "require_demo_extras",
+    "run_demo",
+]
+
+_LAZY = {
+    "Action": "closedloop.demo._ec2",
+    "DemoEnvironment": "closedloop.demo._ec2",
+    "Ec2Executor": "closedloop.demo._ec2",
+    "InstanceMatchesRequest": "closedloop.demo._ec2",
+    "LocalEc2": "closedloop.demo._ec2",
+    "no_destructive_actions": "closedloop.demo._plan",
+    "plan_schema": "closedloop.demo._plan",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # boto3, moto and pydantic are an optional extra: import their parts only when asked for
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'closedloop.demo' has no attribute {name!r}")
+    require_demo_extras()
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

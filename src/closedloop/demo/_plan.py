@@ -1,0 +1,101 @@
+"""The provisioning plan's schema (pydantic) and the demo's two immediate validators.
+
+:func:`plan_schema` catches malformed proposals: bad JSON, missing or ill-typed fields, each
+reported as an ``ERROR`` issue the model gets back on re-ask. :func:`no_destructive_actions`
+flags a plan that would terminate or delete existing resources as ``CRITICAL``: the loop
+blocks it at once, without asking the model to try again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from closedloop._verdict import Issue, Severity, Verdict
+
+
+class _Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    reason: str | None = None
+
+
+class RunInstances(_Plan):
+    """Launch ``count`` instances of a type, in security groups (by name), with tags."""
+
+    action: Literal["run_instances"]
+    instance_type: Annotated[str, Field(min_length=1)]
+    security_groups: Annotated[list[str], Field(min_length=1)]
+    tags: dict[str, str]
+    count: Annotated[int, Field(ge=1, le=10)] = 1
+
+
+class TerminateInstances(_Plan):
+    """Terminate existing instances (destructive)."""
+
+    action: Literal["terminate_instances"]
+    instance_ids: Annotated[list[str], Field(min_length=1)]
+
+
+class DeleteSecurityGroup(_Plan):
+    """Delete a security group by name (destructive)."""
+
+    action: Literal["delete_security_group"]
+    group: str
+
+
+Plan = Annotated[RunInstances | TerminateInstances | DeleteSecurityGroup,
+                 Field(discriminator="action")]
+PLAN: TypeAdapter[RunInstances | TerminateInstances | DeleteSecurityGroup] = TypeAdapter(Plan)
+DESTRUCTIVE_ACTIONS = frozenset({"terminate_instances", "delete_security_group"})
+PLAN_ACTIONS = frozenset({"run_instances", *DESTRUCTIVE_ACTIONS})
+
+
+def parse_plan(text: str) -> RunInstances | TerminateInstances | DeleteSecurityGroup:
+    """Parse and validate a proposal's JSON text; raises pydantic's ``ValidationError``."""
+    return PLAN.validate_json(text)
+
+
+def plan_schema(proposal: str) -> Verdict:
+    """Immediate validation: the proposal is a JSON plan with every field present and typed.
+
+    Each problem is one issue, located at the plan field (``plan.tags``; ``plan`` for JSON
+    syntax), so the model can fix them all in one re-ask.
+    """
+    try:
+        parse_plan(proposal)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors(include_url=False):
+            loc = [str(p) for p in err["loc"]]
+            if loc and loc[0] in PLAN_ACTIONS:
+                loc = loc[1:]  # drop the discriminator's tag pydantic puts first
+            issues.append(Issue(message=err["msg"], code=err["type"],
+                                location=".".join(["plan", *loc])))
+        return Verdict(issues=tuple(issues))
+    return Verdict()
+
+
+
+def no_destructive_actions(proposal: str) -> Verdict:
+    """Immediate validation: a provisioning agent may create, never terminate or delete.
+
+    Reads the ``action`` even from a plan that fails the schema, so a destructive intent is
+    blocked whatever else is wrong with it.
+    """
+    try:
+        data = json.loads(proposal)
+    except ValueError:
+        return Verdict()  # plan_schema reports the syntax error
+    action = data.get("action") if isinstance(data, dict) else None
+    if action not in DESTRUCTIVE_ACTIONS:
+        return Verdict()
+    if action == "terminate_instances":
+        targets = data.get("instance_ids")
+        what = f"terminate instances {targets}"
+    else:
+        what = f"delete security group {data.get('group')!r}"
+    return Verdict(issues=(Issue(
+        message=f"destructive operation: the plan would {what}; this agent may only launch",
+        code="destructive", location="plan.action", severity=Severity.CRITICAL),))

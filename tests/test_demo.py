@@ -1,0 +1,368 @@
+"""The demo end to end: the recorded events against the simulated model's ground truth.
+
+One 200-request run (real boto3 against moto's local EC2 API, a temporary SQLite store) is
+shared by the module; each test checks one thing a user of the demo relies on. The parts
+(plan validators, executor, verifier) are also checked on their own against moto.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import closedloop as cl
+from closedloop.cli import main
+from closedloop.demo import (
+    DemoSummary,
+    FaultCategory,
+    FaultKind,
+    FaultLedger,
+    FaultRates,
+    LedgerEntry,
+    ProvisionRequest,
+    SimulatedModel,
+    expected_result,
+    generate_requests,
+    run_demo,
+)
+from closedloop.demo._ec2 import (
+    Action,
+    DemoEnvironment,
+    Ec2Executor,
+    InstanceMatchesRequest,
+    LocalEc2,
+    count_running,
+    provision_environment,
+)
+from closedloop.demo._plan import no_destructive_actions, plan_schema
+
+pytestmark = pytest.mark.slow
+
+REQUESTS = 200
+SEED = 7
+MAX_ATTEMPTS = 3
+
+
+class DemoRun:
+    """A finished demo run and the events it stored, by trace id."""
+
+    def __init__(self, summary: DemoSummary, url: str) -> None:
+        self.summary = summary
+        self.url = url
+        with cl.open_store(url) as store:
+            self.events = {e.trace_id: e for e in store.events()}
+
+    @property
+    def ledger(self) -> FaultLedger:
+        return self.summary.ledger
+
+    def traces(self, category: FaultCategory) -> set[str]:
+        return {e.trace_id for e in self.ledger.faults if e.category is category}
+
+    def with_error(self, error_type: cl.ErrorType) -> set[str]:
+        return {t for t, e in self.events.items() if e.error_type == error_type.value}
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('demo') / 'events.db'}"
+
+
+@pytest.fixture(scope="module")
+def run(db: str) -> DemoRun:
+    return DemoRun(run_demo(REQUESTS, SEED, db), db)
+
+
+@pytest.fixture(scope="module")
+def second_run(run: DemoRun, db: str) -> DemoSummary:
+    return run_demo(20, SEED, db)
+
+
+def failed_attempts(event: cl.StepEvent, check: str) -> dict[int, set[str]]:
+    """Attempt number → locations of the issues ``check`` reported on it."""
+    out: dict[int, set[str]] = {}
+    for entry in (event.detail or {}).get("attempts", []):
+        for verdict in entry["verdicts"]:
+            if verdict["check"] == check and not verdict["passed"]:
+                out[entry["attempt"]] = {i["location"] for i in verdict.get("issues", [])}
+    return out
+
+
+# -- end to end: events against the ledger -------------------------------------------------
+
+
+def test_run_records_one_event_per_request(run: DemoRun) -> None:
+    assert len(run.events) == REQUESTS
+    assert run.summary.events_written == REQUESTS and run.summary.events_lost == 0
+    assert {e.task_type for e in run.events.values()} == {"ec2.provision"}
+    assert set(run.events) == {e.trace_id for e in run.ledger.entries}
+
+
+def test_the_model_injects_every_kind_of_fault(run: DemoRun) -> None:
+    counts = run.ledger.counts()
+    assert counts["requests"] == REQUESTS
+    assert counts["malformed"] >= 10 and counts["destructive"] >= 1
+    assert 0.10 <= counts["semantic"] / REQUESTS <= 0.20  # the design's "about 15%"
+    assert run.summary.failed_validation >= 1  # a few exhaust the re-asks
+
+
+def test_every_malformed_proposal_is_caught_by_validation_attempt_by_attempt(
+    run: DemoRun,
+) -> None:
+    caught = 0
+    for trace, entries in run.ledger.by_trace().items():
+        failures = failed_attempts(run.events[trace], "plan_schema")
+        injected = {e.attempt: e for e in entries if e.category is FaultCategory.MALFORMED}
+        assert set(failures) == set(injected), trace
+        for attempt, entry in injected.items():
+            assert set(entry.locations) <= failures[attempt], (trace, entry)
+        caught += len(failures)
+    assert caught == run.ledger.counts()["malformed"]
+
+
+def test_reasked_proposals_that_stay_malformed_fail_with_validation_error(run: DemoRun) -> None:
+    exhausted = {t for t, entries in run.ledger.by_trace().items()
+                 if expected_result(entries, MAX_ATTEMPTS) == "failed_validation"}
+    assert run.with_error(cl.ErrorType.VALIDATION) == exhausted
+    assert all(run.events[t].attempts == MAX_ATTEMPTS for t in exhausted)
+
+
+def test_every_semantic_fault_is_caught_by_verification(run: DemoRun) -> None:
+    semantic = [e for e in run.ledger.faults if e.category is FaultCategory.SEMANTIC]
+    assert run.with_error(cl.ErrorType.VERIFICATION) == {e.trace_id for e in semantic}
+    for entry in semantic:
+        event = run.events[entry.trace_id]
+        assert event.validation_passed is True and event.verification_passed is False
+        assert event.detail is not None
+        locations = {i["location"] for v in event.detail["verification"]
+                     for i in v.get("issues", [])}
+        assert locations == set(entry.locations), entry
+
+
+def test_destructive_plans_are_blocked_and_never_executed(run: DemoRun) -> None:
+    blocked = {t for t, e in run.events.items() if e.outcome == cl.Outcome.BLOCKED}
+    assert blocked == run.traces(FaultCategory.DESTRUCTIVE)
+    assert run.summary.blocked == run.ledger.counts()["destructive"]
+    assert all(run.events[t].attempts == 1 for t in blocked)  # no re-ask
+    assert run.summary.production_running == run.summary.production_instances == 3
+
+
+def test_every_step_ends_as_the_ledger_says(run: DemoRun) -> None:
+    expected_outcome = {"succeeded": "succeeded", "failed_validation": "failed",
+                        "failed_verification": "failed", "blocked": "blocked"}
+    for trace, entries in run.ledger.by_trace().items():
+        result = expected_result(entries, MAX_ATTEMPTS)
+        assert result is not None
+        assert run.events[trace].outcome == expected_outcome[result], trace
+    s, expected = run.summary, run.ledger.expected_outcomes(MAX_ATTEMPTS)
+    assert (s.succeeded, s.failed_validation, s.caught_by_verification, s.blocked) == (
+        expected["succeeded"], expected["failed_validation"],
+        expected["failed_verification"], expected["blocked"])
+    assert s.errors == 0 and s.unverified == 0
+
+
+def test_token_usage_is_recorded_for_every_step(run: DemoRun) -> None:
+    events = run.events.values()
+    assert all(e.input_tokens > 0 and e.output_tokens > 0 for e in events)
+    assert sum(e.input_tokens for e in events) == run.summary.input_tokens
+    reasked = [e for e in events if e.attempts > 1]
+    single = [e for e in events if e.attempts == 1]
+    assert min(e.input_tokens for e in reasked) > min(e.input_tokens for e in single)
+
+
+def test_second_run_appends_to_the_same_store(run: DemoRun, second_run: DemoSummary) -> None:
+    with cl.open_store(run.url) as store:
+        stored = {e.trace_id for e in store.events()}
+    assert len(stored) == REQUESTS + 20
+    assert set(run.events) <= stored
+    assert {e.trace_id for e in second_run.ledger.entries} <= stored
+
+
+def test_same_seed_gives_the_same_ledger(run: DemoRun, second_run: DemoSummary) -> None:
+    first_20 = [e.key() for e in run.ledger.entries if e.request < 20]
+    assert [e.key() for e in second_run.ledger.entries] == first_20
+
+
+# -- the simulated model on its own ----------------------------------------------------------
+
+
+def drive(seed: int, count: int) -> FaultLedger:
+    """The model through a loop with the demo's validators and no executor: no EC2 needed."""
+    model = SimulatedModel(seed, inventory=("i-prod",))
+    loop = cl.Loop(
+        model, task_type="t", validators=[plan_schema, no_destructive_actions],
+        max_attempts=MAX_ATTEMPTS, store=None)
+    for request in generate_requests(count, seed):
+        loop.run(request)
+    return model.ledger
+
+
+def test_the_model_is_deterministic_per_seed() -> None:
+    keys = [e.key() for e in drive(SEED, 100).entries]
+    assert [e.key() for e in drive(SEED, 100).entries] == keys
+    assert [e.key() for e in drive(SEED + 1, 100).entries] != keys
+
+
+def test_the_model_fixes_malformed_proposals_only_when_re_asked() -> None:
+    request = generate_requests(1, 0)[0]
+    rates = FaultRates(malformed=1.0, fix_on_reask=1.0, semantic=0.0, destructive=0.0)
+    model = SimulatedModel(0, rates=rates)
+    first = cl.Attempt(number=1, trace_id="t", task_type="t")
+    assert not plan_schema(model(request, first)).passed
+    assert not plan_schema(model(request, first)).passed  # no feedback: still malformed
+    retry = cl.Attempt(number=2, trace_id="t", task_type="t", feedback="fix the JSON")
+    assert plan_schema(model(request, retry)).passed
+
+
+def test_ledger_counts_list_every_kind_even_when_zero() -> None:
+    ledger = FaultLedger([LedgerEntry(request=0, trace_id="a", attempt=1,
+                                      kind=FaultKind.MISSING_TAG)])
+    counts = ledger.counts()
+    assert counts["semantic"] == 1 and counts["missing_tag"] == 1
+    assert counts["malformed"] == 0 and counts["terminate_production"] == 0
+    assert counts["requests"] == 1
+
+
+# -- the plan validators -----------------------------------------------------------------------
+
+
+def test_plan_schema_reports_every_bad_field_at_its_location() -> None:
+    verdict = plan_schema(json.dumps({"action": "run_instances", "instance_type": 3,
+                                      "tags": ["owner=x"], "count": 1}))
+    assert not verdict.passed and not verdict.critical
+    assert {i.location for i in verdict.issues} == {
+        "plan.instance_type", "plan.tags", "plan.security_groups"}
+
+
+def test_plan_schema_reports_json_syntax_errors() -> None:
+    verdict = plan_schema('{"action": "run_instances",}')
+    assert not verdict.passed
+    assert [i.code for i in verdict.issues] == ["json_invalid"]
+
+
+def test_destructive_actions_are_critical() -> None:
+    verdict = no_destructive_actions(json.dumps(
+        {"action": "terminate_instances", "instance_ids": ["i-1"]}))
+    assert verdict.critical and verdict.issues[0].location == "plan.action"
+    assert no_destructive_actions(json.dumps(generate_requests(1, 0)[0].correct_plan())).passed
+
+
+# -- executor and verifier against the local EC2 API ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ec2() -> Iterator[tuple[Any, DemoEnvironment]]:
+    with LocalEc2() as local:
+        yield local.client, provision_environment(local.client)
+
+
+def request_for(groups: tuple[str, ...] = ("ssh", "web")) -> ProvisionRequest:
+    return ProvisionRequest(index=0, instance_type="t3.small", security_groups=groups,
+                            tags={"Name": "svc", "owner": "payments", "env": "dev"})
+
+
+def test_verifier_passes_an_instance_launched_as_requested(
+    ec2: tuple[Any, DemoEnvironment],
+) -> None:
+    client, env = ec2
+    request = request_for()
+    action = Ec2Executor(client, env)(json.dumps(request.correct_plan()))
+    assert InstanceMatchesRequest(client, env)(request, action).passed
+
+
+def test_verifier_reports_every_mismatch_at_once(ec2: tuple[Any, DemoEnvironment]) -> None:
+    client, env = ec2
+    request = request_for()
+    plan = request.correct_plan() | {"instance_type": "m5.large", "security_groups": ["db"],
+                                     "tags": {"Name": "svc", "owner": "search"}}
+    action = Ec2Executor(client, env)(json.dumps(plan))
+
+    verdict = InstanceMatchesRequest(client, env)(request, action)
+
+    assert not verdict.passed and verdict.unknown is None
+    assert sorted((i.location or "", i.code) for i in verdict.issues) == [
+        ("instance.instance_type", "instance_type"),
+        ("instance.security_groups", "security_group_missing"),
+        ("instance.security_groups", "security_group_missing"),
+        ("instance.security_groups", "security_group_unexpected"),
+        ("instance.tags.env", "tag_missing"),
+        ("instance.tags.owner", "tag_wrong"),
+    ]
+
+
+def test_verifier_cannot_tell_when_the_instance_cannot_be_read(
+    ec2: tuple[Any, DemoEnvironment],
+) -> None:
+    client, env = ec2
+    action = Action(call="run_instances", ids=("i-0123456789abcdef0",))
+    verdict = InstanceMatchesRequest(client, env)(request_for(), action)
+    assert not verdict.passed and verdict.unknown is not None
+
+
+def test_executor_really_terminates_when_a_destructive_plan_gets_through(
+    ec2: tuple[Any, DemoEnvironment],
+) -> None:
+    # what the loop's blocking protects: the executor does what a plan says
+    client, env = ec2
+    victim = env.production_instance_ids[:1]
+    Ec2Executor(client, env)(json.dumps({"action": "terminate_instances",
+                                         "instance_ids": list(victim)}))
+    assert count_running(client, victim) == 0
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_demo_prints_the_summary_as_json(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    result = CliRunner().invoke(main, ["demo", "--requests", "20", "--seed", "3",
+                                       "--store", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["requests"] == 20 and data["seed"] == 3
+    assert data["injected"]["requests"] == 20
+    assert data["blocked"] == data["injected"]["destructive"]
+    assert data["store"]["events_written"] == 20
+    with cl.open_store(db) as store:
+        assert store.count() == 20
+
+
+def test_cli_demo_prints_a_table_and_how_to_see_the_report(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    result = CliRunner().invoke(main, ["demo", "--requests", "5", "--store", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "Caught by verification" in result.stdout
+    assert "closedloop report --store" in result.stdout
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_cli_rejects_a_non_positive_request_count(count: str) -> None:
+    result = CliRunner().invoke(main, ["demo", "--requests", count])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --requests must be at least 1, got {count}"
+
+
+def test_cli_rejects_a_bad_store_url_in_one_line() -> None:
+    result = CliRunner().invoke(main, ["demo", "--requests", "5", "--store", "mysql://x"])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "unsupported store URL" in result.stderr
+
+
+def test_cli_without_moto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "moto.server", None)  # makes `import moto.server` fail
+    result = CliRunner().invoke(main, ["demo", "--requests", "5"])
+    assert result.exit_code == 2
+    assert "pip install 'closedloop[demo]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_demo_rejects_a_non_positive_request_count() -> None:
+    with pytest.raises(cl.ConfigError, match="positive integer"):
+        run_demo(0)
