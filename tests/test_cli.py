@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -213,9 +214,18 @@ def test_help_defines_the_report_columns() -> None:
         assert term in result.stdout
 
 
-def test_since_type_reports_the_accepted_forms() -> None:
-    with pytest.raises(click.BadParameter, match="30m, 24h, 7d"):
-        Since().convert("soon", None, None)
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("soon", "neither an age (30m, 24h, 7d) nor a date"),
+     ("", "neither an age"),
+     ("-5m", "neither an age"),
+     ("2026-02-30", "not a valid date or ISO datetime: day is out of range for month"),
+     ("2026-11-01T25:00", "hour must be in 0..23"),
+     ("99999999999w", "too far back")],
+)
+def test_since_rejects_what_it_cannot_read(text: str, reason: str) -> None:
+    with pytest.raises(click.BadParameter, match=re.escape(reason)):
+        Since().convert(text, None, None)
 
 
 def _closedloop(*args: str, env_store: Path) -> subprocess.CompletedProcess[str]:

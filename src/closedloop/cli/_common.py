@@ -31,6 +31,7 @@ EXIT_NO_DATA = 1
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_DATE_LIKE = re.compile(r"\d{4}-\d")
 
 
 def store_option(f: F) -> F:
@@ -65,18 +66,23 @@ class Since(_ParamType):
             return value
         text = str(value).strip()
         age = _DURATION.fullmatch(text)
-        if age is not None:
-            return self._now() - float(age.group(1)) * _UNITS[age.group(2).lower()]
         try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(
-                f"{text!r} is neither an age (30m, 24h, 7d) nor a date or ISO datetime "
-                "(2026-11-01, 2026-11-01T08:30:00Z)", param, ctx,
-            )
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.timestamp()
+            if age is not None:
+                moment = self._now() - float(age.group(1)) * _UNITS[age.group(2).lower()]
+            else:
+                parsed = datetime.fromisoformat(text)
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=UTC)
+                moment = parsed.timestamp()
+            iso(moment)  # representable as a date, so it can be shown back
+        except (ValueError, OverflowError, OSError) as exc:
+            if age is not None:
+                self.fail(f"{text!r} is too far back", param, ctx)
+            if _DATE_LIKE.match(text):
+                self.fail(f"{text!r} is not a valid date or ISO datetime: {exc}", param, ctx)
+            self.fail(f"{text!r} is neither an age (30m, 24h, 7d) nor a date or ISO datetime "
+                      "(2026-11-01, 2026-11-01T08:30:00Z)", param, ctx)
+        return moment
 
 
 def describe_since(since: float | None) -> str:

@@ -208,7 +208,6 @@ class _Tally:
     verification_passed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    latency_sum: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latencies: array[float] = field(default_factory=lambda: array("d"))
@@ -228,11 +227,27 @@ class _Tally:
             self.verification_passed += e.verification_passed
         self.input_tokens += e.input_tokens
         self.output_tokens += e.output_tokens
-        self.latency_sum += e.latency_ms
         self.latencies.append(e.latency_ms)
         self.outcomes[e.outcome] += 1
         if e.error_type:
             self.errors[e.error_type] += 1
+
+    def merge(self, other: _Tally) -> None:
+        """Fold another row's counters into this one (the overall row is built this way)."""
+        self.runs += other.runs
+        self.first_ts = min(self.first_ts, other.first_ts)
+        self.last_ts = max(self.last_ts, other.last_ts)
+        self.validated += other.validated
+        self.validation_passed += other.validation_passed
+        self.reasked += other.reasked
+        self.reask_passed += other.reask_passed
+        self.verified += other.verified
+        self.verification_passed += other.verification_passed
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.outcomes.update(other.outcomes)
+        self.errors.update(other.errors)
+        self.latencies.extend(other.latencies)
 
     def freeze(self, task_type: str | None, top_errors: int) -> TaskStats:
         runs = self.runs
@@ -254,7 +269,7 @@ class _Tally:
             latency=Latency(
                 p50_ms=percentile(ordered, 50),
                 p95_ms=percentile(ordered, 95),
-                mean_ms=self.latency_sum / runs if runs else None,
+                mean_ms=math.fsum(ordered) / runs if runs else None,
                 max_ms=ordered[-1] if ordered else None,
             ),
             tokens=Tokens(
@@ -284,14 +299,15 @@ def build_report(
     """
     if top_errors < 0:
         raise ConfigError(f"top_errors must be ≥ 0, got {top_errors!r}")
-    overall = _Tally()
     per_task: dict[str, _Tally] = {}
     for event in events:
         tally = per_task.get(event.task_type)
         if tally is None:
             tally = per_task[event.task_type] = _Tally()
         tally.add(event)
-        overall.add(event)
+    overall = _Tally()
+    for tally in per_task.values():
+        overall.merge(tally)
     return Report(
         since=since,
         until=until,
