@@ -229,8 +229,9 @@ def test_since_rejects_what_it_cannot_read(text: str, reason: str) -> None:
 
 
 def _closedloop(*args: str, env_store: Path) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).with_name("closedloop")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "closedloop.cli"]
+    exe = Path(sys.executable).with_name("closedloop")  # the console script pip installed
+    script = "from closedloop.cli import main; main(prog_name='closedloop')"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-c", script]
     env = {**os.environ, "CLOSEDLOOP_STORE": f"sqlite:///{env_store}"}
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env,
                           timeout=60, check=False)

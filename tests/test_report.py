@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import closedloop as cl
 from _report_scenario import run_scenario
@@ -170,6 +173,15 @@ def test_build_report_reads_its_events_once(store: cl.Store) -> None:
     assert len(consumed) == 10
 
 
+def test_report_does_not_depend_on_event_order(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    events = list(store.events())
+    shuffled = events[:]
+    random.Random(7).shuffle(shuffled)
+    assert shuffled != events
+    assert build_report(shuffled) == build_report(events)
+
+
 def test_memory_and_sqlite_stores_give_the_same_report(
     store: cl.Store, memory_store: cl.Store
 ) -> None:
@@ -194,6 +206,20 @@ def test_outcomes_unknown_to_this_version_are_still_counted() -> None:
 )
 def test_percentile_is_nearest_rank(p: float, expected: float) -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], p) == expected
+
+
+@given(values=st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200),
+       p=st.floats(min_value=0.01, max_value=100))
+def test_percentile_is_the_smallest_value_with_p_percent_at_or_below(
+    values: list[float], p: float
+) -> None:
+    ordered = sorted(values)
+    result = percentile(ordered, p)
+    assert result in ordered
+    at_or_below = sum(1 for v in ordered if v <= result)
+    assert at_or_below * 100 >= p * len(ordered) * (1 - 1e-12)
+    below = sum(1 for v in ordered if v < result)
+    assert below * 100 < p * len(ordered)
 
 
 def test_percentile_of_nothing_is_none() -> None:
