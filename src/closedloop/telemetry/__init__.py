@@ -1,0 +1,142 @@
+"""Observability: OpenTelemetry traces, Prometheus metrics and semantic scores.
+
+Spans are recorded on the agent's thread as plain data (:class:`SpanRecord`) and converted and
+exported by a background :class:`Telemetry` pipeline to the embedded store, to any OTLP
+collector (HTTP/protobuf or gRPC, through the official OpenTelemetry exporters) and to
+Prometheus metrics. While a stage runs user code, closedloop's span is the current
+OpenTelemetry span, so a user's own spans nest under it, and a step started inside a user's
+span joins the user's trace. Needs the ``otel`` and ``prometheus`` extras.
+
+Quick start::
+
+    from closedloop import telemetry
+    telemetry.configure(otlp_http="http://localhost:4318/v1/traces", metrics_port=9464)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from closedloop.telemetry._export import (
+    MemoryExporter,
+    OTelExporter,
+    StoreExporter,
+    otlp_grpc,
+    otlp_http,
+)
+from closedloop.telemetry._metrics import (
+    Metrics,
+    StoreTail,
+    metrics_asgi_app,
+    start_metrics_server,
+)
+from closedloop.telemetry._pipeline import (
+    SpanExporter,
+    StepTrace,
+    Telemetry,
+    TelemetryStats,
+    default_telemetry,
+    reset_default_telemetry,
+    set_default_telemetry,
+)
+from closedloop.telemetry._redact import Capture, Redactor
+from closedloop.telemetry._scores import TaskScores, record_score, score_summary
+from closedloop.telemetry._span import LiveSpan, SpanRecord
+from closedloop.telemetry._spanstore import (
+    MemorySpanStore,
+    Score,
+    SpanStore,
+    SQLiteSpanStore,
+    StoredSpan,
+    TraceSummary,
+    span_store_for,
+)
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from closedloop.store import Store
+
+__all__ = [
+    "Capture",
+    "LiveSpan",
+    "MemoryExporter",
+    "MemorySpanStore",
+    "Metrics",
+    "OTelExporter",
+    "Redactor",
+    "SQLiteSpanStore",
+    "Score",
+    "SpanExporter",
+    "SpanRecord",
+    "SpanStore",
+    "StepTrace",
+    "StoreExporter",
+    "StoreTail",
+    "StoredSpan",
+    "TaskScores",
+    "Telemetry",
+    "TelemetryStats",
+    "TraceSummary",
+    "configure",
+    "default_telemetry",
+    "metrics_asgi_app",
+    "otlp_grpc",
+    "otlp_http",
+    "record_score",
+    "reset_default_telemetry",
+    "score_summary",
+    "set_default_telemetry",
+    "span_store_for",
+    "start_metrics_server",
+]
+
+
+def configure(
+    *,
+    store: Store | bool | None = True,
+    otlp_http_endpoint: str | None = None,
+    otlp_grpc_endpoint: str | None = None,
+    otlp_insecure: bool = False,
+    otlp_capture: Capture | None = None,
+    store_capture: Capture | None = None,
+    metrics: bool = True,
+    registry: CollectorRegistry | None = None,
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
+    exporters: tuple[SpanExporter, ...] = (),
+) -> Telemetry:
+    """Build a pipeline, install it as the process default (loops use it) and return it.
+
+    ``store=True`` writes spans to the default store (``False``/``None``: not at all);
+    ``otlp_*_endpoint`` add OTLP destinations; ``metrics`` adds the Prometheus metrics
+    (served on ``metrics_port`` if given). A previous default pipeline is shut down.
+    """
+    chosen: list[SpanExporter] = []
+    event_store: Store | None = None
+    if store is True:
+        from closedloop.store import default_store
+
+        event_store = default_store()
+    elif store is not False and store is not None:
+        event_store = store
+    if event_store is not None:
+        chosen.append(StoreExporter(event_store, capture=store_capture))
+    if otlp_http_endpoint:
+        chosen.append(otlp_http(otlp_http_endpoint, capture=otlp_capture))
+    if otlp_grpc_endpoint:
+        chosen.append(otlp_grpc(otlp_grpc_endpoint, insecure=otlp_insecure,
+                                capture=otlp_capture))
+    chosen.extend(exporters)
+    m = Metrics(registry) if metrics else None
+    if m is not None:
+        chosen.append(m)
+    pipeline = Telemetry(chosen)
+    if m is not None:
+        m.watch(telemetry=pipeline, store=event_store)
+        if metrics_port is not None:
+            start_metrics_server(metrics_port, metrics_addr, m.registry)
+    previous = set_default_telemetry(pipeline)
+    if previous is not None:
+        previous.shutdown()
+    return pipeline

@@ -1,0 +1,269 @@
+"""Prometheus metrics, derived from finished spans on the pipeline's thread.
+
+:class:`Metrics` is a span exporter: the agent's thread only records spans, and the counters
+and histograms are updated from them in the background (or, for ``closedloop serve
+--metrics``, from the spans other processes wrote to the store). Names follow Prometheus
+conventions and, where one exists, the OpenTelemetry GenAI metric translated to Prometheus
+(``gen_ai.client.operation.duration`` → ``gen_ai_client_operation_duration_seconds``).
+Cardinality is bounded: every label takes at most ``max_label_values`` distinct values
+(later ones are reported as ``other``), and no trace id or free text is ever a label.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from closedloop.telemetry._span import STATUS_ERROR, SpanRecord
+
+if TYPE_CHECKING:
+    from closedloop.store import Store
+    from closedloop.telemetry._pipeline import Telemetry
+    from closedloop.telemetry._spanstore import SpanStore, StoredSpan
+
+OTHER = "other"
+_MAX_LABEL_CHARS = 64
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                120.0, 300.0)
+# Bucket boundaries advised by the GenAI semantic conventions.
+GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                           20.48, 40.96, 81.92)
+GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                        16777216, 67108864)
+BREAKER_STATES = ("closed", "open", "half_open", "paused", "halted")
+
+
+class _Bounded:
+    """Keeps a label's distinct values under a cap; values past it become ``other``."""
+
+    __slots__ = ("_lock", "_seen", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: object) -> str:
+        text = str(value)[:_MAX_LABEL_CHARS] if value is not None else ""
+        if text in self._seen:
+            return text
+        with self._lock:
+            if len(self._seen) >= self.limit:
+                return OTHER
+            self._seen.add(text)
+        return text
+
+
+class Metrics:
+    """closedloop's Prometheus metrics, in ``registry`` (the process default unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 max_label_values: int = 100) -> None:
+        self.registry = registry if registry is not None else REGISTRY
+        self._bound: dict[str, _Bounded] = {}
+        self.max_label_values = max_label_values
+        r = self.registry
+        self.task_runs = Counter("closedloop_task_runs", "Loop steps by task type and outcome.",
+                                 ["task_type", "outcome"], registry=r)
+        self.step_duration = Histogram("closedloop_step_duration_seconds",
+                                       "Wall time of a loop step.", ["task_type", "outcome"],
+                                       buckets=STEP_BUCKETS, registry=r)
+        self.reasks = Counter("closedloop_reasks", "Attempts after the first (re-asks).",
+                              ["task_type"], registry=r)
+        self.validation_failures = Counter(
+            "closedloop_validation_failures", "Validator verdicts that did not pass.",
+            ["task_type", "check", "kind"], registry=r)
+        self.verification_failures = Counter(
+            "closedloop_verification_failures", "Verifier verdicts that did not pass.",
+            ["task_type", "check", "kind"], registry=r)
+        self.tokens = Counter("closedloop_tokens", "Model tokens used by loop steps.",
+                              ["task_type", "type"], registry=r)
+        self.model_tokens = Counter(
+            "closedloop_model_tokens", "Tokens by model call, including cache reads.",
+            ["gen_ai_provider_name", "gen_ai_request_model", "type"], registry=r)
+        self.op_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration.",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+             "error_type"], buckets=GEN_AI_DURATION_BUCKETS, registry=r)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens per GenAI operation (input and output).",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+             "gen_ai_token_type"], buckets=GEN_AI_TOKEN_BUCKETS, registry=r)
+        self.rate_limited_total = Counter(
+            "closedloop_rate_limited", "HTTP 429 responses from model providers.",
+            ["key"], registry=r)
+        self.retry_after = Gauge("closedloop_rate_limit_retry_after_seconds",
+                                 "Last Retry-After a provider asked for.", ["key"], registry=r)
+        self.limiter_available = Gauge(
+            "closedloop_rate_limiter_available_ratio",
+            "Share of a rate limiter's capacity available right now.", ["key"], registry=r)
+        self.breaker = Enum("closedloop_breaker_state", "Fault-control state per task type.",
+                            ["task_type"], states=list(BREAKER_STATES), registry=r)
+
+    def _label(self, name: str, value: object) -> str:
+        bound = self._bound.get(name)
+        if bound is None:
+            bound = self._bound.setdefault(name, _Bounded(self.max_label_values))
+        return bound(value)
+
+    # -- the exporter face -------------------------------------------------------------
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Update the metrics from a batch of finished spans."""
+        for s in spans:
+            self.observe(s.name, s.attributes, s.duration_s, s.status == STATUS_ERROR)
+        return True
+
+    def observe_stored(self, spans: Iterable[StoredSpan]) -> None:
+        """Update the metrics from spans read back from a store."""
+        for s in spans:
+            self.observe(s.name, s.attributes, s.duration_ms / 1000.0, s.status == STATUS_ERROR)
+
+    def force_flush(self, timeout: float = 10.0) -> bool:
+        """Metrics are updated synchronously; nothing is buffered."""
+        return True
+
+    def shutdown(self) -> None:
+        """Metrics stay registered; unregister them from the registry to remove them."""
+
+    def observe(self, name: str, attrs: Mapping[str, Any], duration_s: float,
+                error: bool) -> None:
+        """Update the metrics one span implies."""
+        label = self._label
+        if name.startswith("closedloop.step"):
+            task = label("task_type", attrs.get("closedloop.task_type"))
+            outcome = label("outcome", attrs.get("closedloop.outcome"))
+            self.task_runs.labels(task, outcome).inc()
+            self.step_duration.labels(task, outcome).observe(duration_s)
+            for kind in ("input", "output"):
+                n = attrs.get(f"closedloop.usage.{kind}_tokens")
+                if n:
+                    self.tokens.labels(task, kind).inc(n)
+        elif name == "closedloop.attempt":
+            if int(attrs.get("closedloop.attempt", 1)) > 1:
+                self.reasks.labels(label("task_type", attrs.get("closedloop.task_type"))).inc()
+        elif name in ("closedloop.validate", "closedloop.verify"):
+            if attrs.get("closedloop.verdict.passed", True):
+                return
+            if attrs.get("closedloop.verdict.crashed"):
+                kind = "crashed"
+            elif attrs.get("closedloop.verdict.unknown"):
+                kind = "unknown"
+            else:
+                kind = "failed"
+            counter = (self.validation_failures if name == "closedloop.validate"
+                       else self.verification_failures)
+            counter.labels(label("task_type", attrs.get("closedloop.task_type")),
+                           label("check", attrs.get("closedloop.check")), kind).inc()
+        operation = attrs.get("gen_ai.operation.name")
+        if operation is None or operation == "invoke_agent":
+            return
+        op = label("gen_ai_operation_name", operation)
+        provider = label("gen_ai_provider_name", attrs.get("gen_ai.provider.name"))
+        model = label("gen_ai_request_model", attrs.get("gen_ai.request.model"))
+        err = label("error_type", attrs.get("error.type", "_OTHER" if error else ""))
+        self.op_duration.labels(op, provider, model, err).observe(duration_s)
+        for key, kind in (("gen_ai.usage.input_tokens", "input"),
+                          ("gen_ai.usage.output_tokens", "output"),
+                          ("gen_ai.usage.cache_read.input_tokens", "cache_read")):
+            n = attrs.get(key)
+            if n is None:
+                continue
+            if kind != "cache_read":
+                self.token_usage.labels(op, provider, model, kind).observe(n)
+            if n:
+                self.model_tokens.labels(provider, model, kind).inc(n)
+
+    # -- state the control layer reports -----------------------------------------------
+
+    def rate_limited(self, key: str, retry_after_s: float | None) -> None:
+        """Count a 429 for ``key`` (provider or model) and remember its Retry-After."""
+        k = self._label("key", key)
+        self.rate_limited_total.labels(k).inc()
+        if retry_after_s is not None:
+            self.retry_after.labels(k).set(retry_after_s)
+
+    def set_breaker_state(self, task_type: str, state: str) -> None:
+        """Report the fault-control state of a task type (one of :data:`BREAKER_STATES`)."""
+        self.breaker.labels(self._label("task_type", task_type)).state(state)
+
+    def set_limiter_available(self, key: str, ratio: float) -> None:
+        """Report the share (0..1) of a rate limiter's capacity available now."""
+        self.limiter_available.labels(self._label("key", key)).set(ratio)
+
+    def watch(self, *, telemetry: Telemetry | None = None, store: Store | None = None) -> None:
+        """Also export the dropped/failed counters of a telemetry pipeline and an event store."""
+        self.registry.register(_HealthCollector(telemetry, store))
+
+
+class _HealthCollector(Collector):
+    """Dropped-telemetry counters, read from the pipeline and the store at scrape time."""
+
+    def __init__(self, telemetry: Telemetry | None, store: Store | None) -> None:
+        self.telemetry = telemetry
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        if self.telemetry is not None:
+            stats = self.telemetry.stats()
+            dropped = CounterMetricFamily("closedloop_telemetry_spans_dropped",
+                                          "Spans dropped because the queue was full.")
+            dropped.add_metric([], stats.dropped)
+            yield dropped
+            failures = CounterMetricFamily("closedloop_telemetry_export_failures",
+                                           "Span batches an exporter failed to deliver.",
+                                           labels=["exporter"])
+            for exporter, n in sorted(stats.export_failures.items()):
+                failures.add_metric([exporter], n)
+            yield failures
+        if self.store is not None:
+            s = self.store.stats()
+            not_written = CounterMetricFamily("closedloop_store_events_not_written",
+                                              "Step events that did not reach the store.",
+                                              labels=["reason"])
+            for reason, n in (("dropped", s.dropped), ("dead_lettered", s.dead_lettered),
+                              ("lost", s.lost)):
+                not_written.add_metric([reason], n)
+            yield not_written
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class StoreTail:
+    """Feeds :class:`Metrics` from spans other processes write to a store (``serve``)."""
+
+    def __init__(self, spans: SpanStore, metrics: Metrics, *, from_start: bool = False) -> None:
+        self.spans = spans
+        self.metrics = metrics
+        self.cursor = 0
+        if not from_start:
+            _, self.cursor = spans.spans_since(0)
+
+    def poll(self) -> int:
+        """Read spans written since the last poll into the metrics; returns how many."""
+        batch, self.cursor = self.spans.spans_since(self.cursor)
+        self.metrics.observe_stored(batch)
+        return len(batch)
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1",
+                         registry: CollectorRegistry | None = None) -> Any:
+    """Serve ``/metrics`` from a daemon thread in this process; returns the HTTP server."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=addr,
+                                        registry=registry if registry is not None else REGISTRY)
+    return server
+
+
+def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
+    """An ASGI app serving the metrics, to mount in a user's own app (``/metrics``)."""
+    from prometheus_client import make_asgi_app
+
+    return make_asgi_app(registry=registry if registry is not None else REGISTRY)

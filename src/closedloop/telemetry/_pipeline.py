@@ -1,0 +1,380 @@
+"""The telemetry pipeline: spans recorded on the hot path, exported from one background thread.
+
+``Telemetry`` keeps finished :class:`~closedloop.telemetry.SpanRecord` objects in a bounded
+queue (a ``deque`` append, no lock) and a daemon thread hands them in batches to each exporter
+— the embedded store, OTLP over HTTP or gRPC, the Prometheus metrics. Overflow policy: when
+``max_queue`` spans are waiting, new spans are dropped and counted (the agent never waits).
+An exporter that raises or reports failure is logged and counted, never retried into the
+agent's thread. Pending spans are exported on :meth:`Telemetry.flush`, on
+:meth:`Telemetry.shutdown` and at interpreter exit; after ``fork()`` the child starts a fresh
+queue and thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from closedloop.telemetry._span import (
+    KIND_INTERNAL,
+    LiveSpan,
+    SpanRecord,
+    _time_ns,
+    activate,
+    current_parent,
+    deactivate,
+    new_span_id,
+)
+
+log = logging.getLogger("closedloop.telemetry")
+
+
+@runtime_checkable
+class SpanExporter(Protocol):
+    """A destination for finished spans; called only from the pipeline's thread."""
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Deliver a batch; return False (or raise) when it did not arrive."""
+
+    def force_flush(self, timeout: float = 10.0) -> bool:
+        """Push out anything the exporter buffers itself."""
+
+    def shutdown(self) -> None:
+        """Release connections; no export follows."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryStats:
+    """What the pipeline did with the spans it was given."""
+
+    exported: int
+    queued: int
+    dropped: int
+    export_failures: dict[str, int]
+
+
+class _Marker:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_pipelines: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+
+
+class Telemetry:
+    """Records spans cheaply and exports them in the background to ``exporters``."""
+
+    def __init__(
+        self,
+        exporters: Iterable[SpanExporter] = (),
+        *,
+        max_queue: int = 65_536,
+        batch_size: int = 2048,
+        flush_interval: float = 0.5,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        self.exporters: tuple[SpanExporter, ...] = tuple(exporters)
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.shutdown_timeout = shutdown_timeout
+        self._closed = False
+        self._reset()
+        _pipelines.add(self)
+
+    def _reset(self) -> None:
+        self._queue: deque[SpanRecord | _Marker] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._exported = 0
+        self._dropped = 0
+        self._failures: dict[str, int] = {}
+        self._warned_drop = False
+
+    # -- hot path ----------------------------------------------------------------------
+
+    def start_span(
+        self,
+        name: str,
+        attributes: dict[str, Any] | None = None,
+        *,
+        kind: int = KIND_INTERNAL,
+        parent: SpanRecord | None = None,
+    ) -> SpanRecord:
+        """Start a span, child of ``parent`` or else of the current OpenTelemetry span."""
+        if parent is not None:
+            trace_id, parent_id = parent.trace_id, parent.span_id
+        else:
+            trace_id, parent_id, _ = current_parent()
+            if not trace_id:
+                trace_id = new_span_id() << 64 | new_span_id()
+        return SpanRecord(trace_id, new_span_id(), parent_id, name,
+                          attributes if attributes is not None else {}, _time_ns(), kind)
+
+    def end_span(self, span: SpanRecord) -> None:
+        """Stamp the end time and queue the span for export (never blocks)."""
+        span.end_ns = _time_ns()
+        self.submit(span)
+
+    def submit(self, span: SpanRecord) -> bool:
+        """Queue a finished span; False (and counted) when the queue is full or closed."""
+        queue = self._queue
+        if len(queue) >= self.max_queue or self._closed:
+            self._count_drop()
+            return False
+        queue.append(span)
+        if self._thread is None:
+            self._start()
+        elif len(queue) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    @contextmanager
+    def span(self, name: str, **attributes: Any) -> Iterator[LiveSpan]:
+        """A span around a block, current for OpenTelemetry while the block runs.
+
+        An exception marks the span as an error (and propagates).
+        """
+        record = self.start_span(name, attributes)
+        live = LiveSpan(record, self)
+        token = activate(live)
+        try:
+            yield live
+        except BaseException as exc:
+            record.fail(f"{type(exc).__name__}: {exc}"[:500])
+            record.attributes.setdefault("error.type", type(exc).__qualname__)
+            raise
+        finally:
+            deactivate(token)
+            self.end_span(record)
+
+    def step(self, trace_id: str, name: str, attributes: dict[str, Any]) -> StepTrace:
+        """Open the root span of one loop step (child of the caller's current span, if any)."""
+        return StepTrace(self, trace_id, name, attributes)
+
+    # -- control -----------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Export every span finished before this call; False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            if not self._queue:
+                return self._flush_exporters(timeout)
+            self._start()
+        marker = _Marker()
+        self._queue.append(marker)
+        self._wake.set()
+        if not marker.done.wait(timeout):
+            return False
+        return self._flush_exporters(timeout)
+
+    def _flush_exporters(self, timeout: float | None) -> bool:
+        ok = True
+        for exporter in self.exporters:
+            try:
+                ok = bool(exporter.force_flush(timeout if timeout is not None else 30.0)) and ok
+            except Exception:
+                log.exception("closedloop telemetry: %r failed to flush", exporter)
+                ok = False
+        return ok
+
+    def shutdown(self, timeout: float | None = None) -> TelemetryStats:
+        """Export what is queued, stop the thread and shut the exporters down."""
+        if not self._closed:
+            timeout = self.shutdown_timeout if timeout is None else timeout
+            if self._thread is not None and self._thread.is_alive():
+                self.flush(timeout)
+            elif self._queue:
+                self._drain()
+            self._closed = True
+            if self._thread is not None and self._thread.is_alive():
+                self._stopping = True
+                self._wake.set()
+                self._thread.join(timeout)
+            for exporter in self.exporters:
+                try:
+                    exporter.shutdown()
+                except Exception:
+                    log.exception("closedloop telemetry: %r failed to shut down", exporter)
+            stats = self.stats()
+            if stats.dropped or stats.export_failures:
+                log.warning("closedloop telemetry: %d spans dropped, export failures %s",
+                            stats.dropped, stats.export_failures)
+        return self.stats()
+
+    def stats(self) -> TelemetryStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            failures = dict(self._failures)
+        queued = sum(1 for item in list(self._queue) if type(item) is SpanRecord)
+        return TelemetryStats(exported=self._exported, queued=queued, dropped=self._dropped,
+                              export_failures=failures)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _count_drop(self) -> None:
+        with self._lock:
+            self._dropped += 1
+            warn = not self._warned_drop
+            self._warned_drop = True
+        if warn:
+            why = "closed" if self._closed else f"full ({self.max_queue} spans)"
+            log.warning("closedloop telemetry: span queue %s; spans are being dropped and "
+                        "counted", why)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="closedloop-telemetry",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self._drain()
+            if self._stopping and not self._queue:
+                break
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue:
+            batch: list[SpanRecord] = []
+            markers: list[_Marker] = []
+            while queue and len(batch) < self.batch_size:
+                item = queue.popleft()
+                if type(item) is _Marker:
+                    markers.append(item)
+                    break
+                batch.append(item)  # type: ignore[arg-type]
+            if batch:
+                self._export(batch)
+            for marker in markers:
+                marker.done.set()
+
+    def _export(self, batch: Sequence[SpanRecord]) -> None:
+        for exporter in self.exporters:
+            try:
+                ok = exporter.export(batch)
+            except Exception:
+                log.exception("closedloop telemetry: exporter %r failed", exporter)
+                ok = False
+            if not ok:
+                name = type(exporter).__name__
+                with self._lock:
+                    self._failures[name] = self._failures.get(name, 0) + 1
+        self._exported += len(batch)
+
+
+class StepTrace:
+    """The spans of one loop step: a stack of open stages under the step's root span.
+
+    :meth:`open` starts a stage (attempt, gate); :meth:`enter` starts a stage that runs user
+    code and makes it the current OpenTelemetry span until :meth:`close`. :meth:`end` closes
+    whatever is still open (an exception unwound the step) and then the root.
+    """
+
+    __slots__ = ("_stack", "root", "telemetry", "trace_id")
+
+    def __init__(self, telemetry: Telemetry, trace_id: str, name: str,
+                 attributes: dict[str, Any]) -> None:
+        self.telemetry = telemetry
+        parent_trace, parent_id, _ = current_parent()
+        if parent_trace:
+            trace_id = f"{parent_trace:032x}"
+        else:
+            parent_trace = int(trace_id, 16)
+        self.trace_id = trace_id
+        self.root = SpanRecord(parent_trace, new_span_id(), parent_id, name, attributes,
+                               _time_ns())
+        self._stack: list[tuple[SpanRecord, object]] = [(self.root, None)]
+
+    def open(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
+        """Start a stage span, child of the innermost open one."""
+        parent = self._stack[-1][0]
+        rec = SpanRecord(parent.trace_id, new_span_id(), parent.span_id, name, attributes,
+                         _time_ns())
+        self._stack.append((rec, None))
+        return rec
+
+    def enter(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
+        """Start a stage span that runs user code: it is the current OpenTelemetry span."""
+        parent = self._stack[-1][0]
+        rec = SpanRecord(parent.trace_id, new_span_id(), parent.span_id, name, attributes,
+                         _time_ns())
+        self._stack.append((rec, activate(LiveSpan(rec, self.telemetry))))
+        return rec
+
+    def close(self) -> SpanRecord:
+        """End the innermost open stage and return its record."""
+        rec, token = self._stack.pop()
+        if token is not None:
+            deactivate(token)
+        self.telemetry.end_span(rec)
+        return rec
+
+    def end(self, attributes: dict[str, Any], error: str | None = None) -> None:
+        """Close any open stage, then the step's root span with its final attributes."""
+        while len(self._stack) > 1:
+            self.close()
+        root = self.root
+        root.attributes.update(attributes)
+        if error is not None:
+            root.fail(error)
+        self._stack.pop()
+        self.telemetry.end_span(root)
+
+
+def _shutdown_all() -> None:
+    for pipeline in list(_pipelines):
+        try:
+            pipeline.shutdown(pipeline.shutdown_timeout)
+        except Exception:
+            log.exception("closedloop telemetry: shutdown at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    for pipeline in list(_pipelines):
+        pipeline._reset()
+
+
+atexit.register(_shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_default: Telemetry | None = None
+_default_lock = threading.Lock()
+
+
+def default_telemetry() -> Telemetry | None:
+    """The process-wide pipeline loops use unless given one; None until configured."""
+    return _default
+
+
+def set_default_telemetry(telemetry: Telemetry | None) -> Telemetry | None:
+    """Install (or with None remove) the process-wide pipeline; returns the previous one."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, telemetry
+    return previous
+
+
+def reset_default_telemetry() -> None:
+    """Shut down and remove the process-wide pipeline."""
+    previous = set_default_telemetry(None)
+    if previous is not None:
+        previous.shutdown()

@@ -1,0 +1,141 @@
+"""Semantic scores: judgements attached to a trace after the fact, and their summary.
+
+A user's thumbs-down, a reviewer's quality grade, a rule's or a model's evaluation: each is a
+:class:`~closedloop.telemetry.Score` on a trace id (optionally one span), stored next to the
+trace and readable as a ``gen_ai.evaluation.result`` event.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from closedloop._errors import ConfigError
+from closedloop.telemetry._spanstore import Score, span_store_for
+
+if TYPE_CHECKING:
+    from closedloop.store import Store
+
+SOURCES = ("human", "rule", "model")
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def record_score(
+    trace_id: str,
+    name: str,
+    value: float | bool | str | None = None,
+    *,
+    label: str | None = None,
+    span_id: str | None = None,
+    comment: str | None = None,
+    source: str = "human",
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Score:
+    """Attach a score to a trace (or one of its spans) and store it.
+
+    ``value`` may be a number, a bool (stored as 1/0) or a string (stored as the categorical
+    ``label``). A malformed id, an empty name, an unknown source or a non-finite value is a
+    :class:`~closedloop.ConfigError`.
+    """
+    trace_id = trace_id.strip().lower()
+    if not _TRACE_ID.match(trace_id):
+        raise ConfigError(f"trace id {trace_id!r} is not 32 hex digits")
+    if span_id is not None:
+        span_id = span_id.strip().lower()
+        if not _SPAN_ID.match(span_id):
+            raise ConfigError(f"span id {span_id!r} is not 16 hex digits")
+    if not name or not name.strip():
+        raise ConfigError("score name must be a non-empty string")
+    if source not in SOURCES:
+        raise ConfigError(f"score source must be one of {', '.join(SOURCES)}, got {source!r}")
+    number: float | None = None
+    if isinstance(value, str):
+        if label is not None:
+            raise ConfigError("give a categorical score as value or label, not both")
+        label = value
+    elif value is not None:
+        number = float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"score value must be finite, got {value!r}")
+    if number is None and label is None:
+        raise ConfigError(f"score {name!r} needs a value or a label")
+    if store is None:
+        from closedloop.store import default_store
+
+        store = default_store()
+    score = Score(trace_id=trace_id, span_id=span_id, name=name.strip(), value=number,
+                  label=label, comment=comment, source=source, ts=clock())
+    span_store_for(store).add_score(score)
+    return score
+
+
+@dataclass(slots=True, kw_only=True)
+class TaskScores:
+    """One task type's outcomes and scores over a period."""
+
+    task_type: str
+    steps: int = 0
+    succeeded: int = 0
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    daily: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float | None:
+        """Succeeded steps over all steps, or None without steps."""
+        return self.succeeded / self.steps if self.steps else None
+
+    def mean(self, name: str) -> float | None:
+        """The mean of a numeric score, or None when it was never given."""
+        values = self.scores.get(name)
+        return sum(values) / len(values) if values else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: counts, success rate, mean per score, and per-day means."""
+        return {
+            "task_type": self.task_type, "steps": self.steps, "succeeded": self.succeeded,
+            "success_rate": self.success_rate,
+            "scores": {n: {"n": len(v), "mean": self.mean(n)}
+                       for n, v in sorted(self.scores.items())},
+            "labels": {n: dict(sorted(c.items())) for n, c in sorted(self.labels.items())},
+            "daily": {day: {n: sum(v) / len(v) for n, v in sorted(by_name.items())}
+                      for day, by_name in sorted(self.daily.items())},
+        }
+
+
+def score_summary(store: Store, *, since: float | None = None,
+                  until: float | None = None) -> list[TaskScores]:
+    """Per task type: steps, success rate, mean of each score and its daily means.
+
+    Scores join their step through the trace id; a score on a trace with no recorded step in
+    the period is left out. This is the section ``closedloop report`` shows for scores.
+    """
+    by_task: dict[str, TaskScores] = {}
+    trace_task: dict[str, str] = {}
+    for e in store.events(since=since, until=until):
+        ts = by_task.setdefault(e.task_type, TaskScores(task_type=e.task_type))
+        ts.steps += 1
+        ts.succeeded += e.outcome == "succeeded"
+        trace_task[e.trace_id] = e.task_type
+    for score in span_store_for(store).scores(since=since):
+        if until is not None and score.ts >= until:
+            continue
+        task = trace_task.get(score.trace_id)
+        if task is None:
+            continue
+        ts = by_task[task]
+        if score.value is not None:
+            ts.scores.setdefault(score.name, []).append(score.value)
+            day = datetime.fromtimestamp(score.ts, UTC).strftime("%Y-%m-%d")
+            ts.daily.setdefault(day, {}).setdefault(score.name, []).append(score.value)
+        if score.label is not None:
+            counts = ts.labels.setdefault(score.name, {})
+            counts[score.label] = counts.get(score.label, 0) + 1
+    return [by_task[k] for k in sorted(by_task)]
