@@ -26,7 +26,7 @@ import math
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
@@ -80,8 +80,7 @@ class Latency:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"p50_ms", "p95_ms", "mean_ms", "max_ms"}``."""
-        return {"p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "mean_ms": self.mean_ms,
-                "max_ms": self.max_ms}
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,8 +94,7 @@ class Tokens:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"input_total", "output_total", "input_per_run", "output_per_run"}``."""
-        return {"input_total": self.input_total, "output_total": self.output_total,
-                "input_per_run": self.input_per_run, "output_per_run": self.output_per_run}
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,7 +107,7 @@ class ErrorCount:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"error_type", "count", "share"}``."""
-        return {"error_type": self.error_type, "count": self.count, "share": self.share}
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
