@@ -167,6 +167,29 @@ def test_every_step_ends_as_the_ledger_says(run: DemoRun) -> None:
     assert s.errors == 0 and s.unverified == 0
 
 
+def test_ledger_predicts_the_report_figures_of_the_stored_events(run: DemoRun) -> None:
+    events = list(run.events.values())
+
+    def rate(count: int, total: int) -> dict[str, int]:
+        return {"count": count, "total": total}
+
+    validated = [e for e in events if e.validation_passed is not None]
+    reasked = [e for e in validated if e.attempts > 1]
+    verified = [e for e in events if e.verification_passed is not None]
+    observed = {
+        "runs": len(events),
+        "validation": rate(sum(bool(e.validation_passed) for e in validated), len(validated)),
+        "reask": rate(len(reasked), len(validated)),
+        "reask_success": rate(sum(bool(e.validation_passed) for e in reasked), len(reasked)),
+        "verification": rate(sum(bool(e.verification_passed) for e in verified), len(verified)),
+        "outcomes": {o: sum(e.outcome == o for e in events)
+                     for o in ("succeeded", "failed", "blocked")},
+        "error_types": {t: sum(e.error_type == t for e in events)
+                        for t in ("validation", "verification", "blocked")},
+    }
+    assert run.ledger.expected_report(MAX_ATTEMPTS) == observed
+
+
 def test_token_usage_is_recorded_for_every_step(run: DemoRun) -> None:
     events = run.events.values()
     assert all(e.input_tokens > 0 and e.output_tokens > 0 for e in events)

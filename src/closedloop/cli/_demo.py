@@ -45,7 +45,8 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
         columns = (TextColumn("[bold]provisioning[/]"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("", total=count)
+            # moto builds its EC2 backend on the first call: a few seconds before step one
+            task = bar.add_task("starting the local EC2 API (moto)…", total=count)
             tally: dict[str, int] = {}
 
             def advance(done: int, total: int, outcome: str) -> None:
@@ -69,15 +70,15 @@ def _print(s: DemoSummary) -> None:
     table.add_column("Steps", justify="right")
     table.add_column("Ground truth (simulated model)", style="dim")
     table.add_row("Succeeded, verified", str(s.succeeded),
-                  f"{expected['succeeded']} correct plans")
+                  f"correct plans: {expected['succeeded']}")
     table.add_row("  of which re-asked and fixed", str(s.reasked_fixed),
-                  f"{injected['malformed']} malformed proposals in all")
+                  f"malformed proposals in all: {injected['malformed']}")
     table.add_row(f"Failed validation ({s.max_attempts} attempts)", str(s.failed_validation),
-                  f"{expected['failed_validation']} never well-formed")
+                  f"never well-formed: {expected['failed_validation']}")
     table.add_row("Blocked (destructive)", str(s.blocked),
-                  f"{injected['destructive']} destructive plans")
+                  f"destructive plans: {injected['destructive']}")
     table.add_row("Caught by verification", str(s.caught_by_verification),
-                  f"{injected['semantic']} semantically wrong plans")
+                  f"semantically wrong plans: {injected['semantic']}")
     if s.unverified:
         table.add_row("Could not verify", str(s.unverified), "")
     if s.errors:

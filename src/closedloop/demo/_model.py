@@ -194,6 +194,42 @@ class FaultLedger:
                 out[result] += 1
         return out
 
+    def expected_report(self, max_attempts: int) -> dict[str, Any]:
+        """The figures ``closedloop report --json`` must show for these steps, from the ledger.
+
+        Shaped like a report row: ``runs``; ``validation``, ``reask``, ``reask_success``,
+        ``verification`` as ``{"count", "total"}``; ``outcomes`` and ``error_types`` counts.
+        """
+        runs = validated = reasked = reask_ok = verified = verified_ok = 0
+        for entries in self.by_trace().values():
+            result = expected_result(entries, max_attempts)
+            if result is None:
+                continue
+            runs += 1
+            passed = result in ("succeeded", "failed_verification")
+            validated += 1
+            if len(entries) > 1:
+                reasked += 1
+                reask_ok += passed
+            if passed:
+                verified += 1
+                verified_ok += result == "succeeded"
+        outcomes = self.expected_outcomes(max_attempts)
+        return {
+            "runs": runs,
+            "validation": {"count": verified, "total": validated},
+            "reask": {"count": reasked, "total": validated},
+            "reask_success": {"count": reask_ok, "total": reasked},
+            "verification": {"count": verified_ok, "total": verified},
+            "outcomes": {"succeeded": outcomes["succeeded"],
+                         "failed": outcomes["failed_validation"]
+                         + outcomes["failed_verification"],
+                         "blocked": outcomes["blocked"]},
+            "error_types": {"validation": outcomes["failed_validation"],
+                            "verification": outcomes["failed_verification"],
+                            "blocked": outcomes["blocked"]},
+        }
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FaultRates:
