@@ -93,6 +93,9 @@ def _print(s: DemoSummary) -> None:
                   f"{s.events_lost} not written" if s.events_lost else "")
     out = console()
     out.print(table)
+    if s.store_url.startswith("memory://"):
+        out.print("Events were kept in memory only: pass --store sqlite:///PATH to keep them.")
+        return
     out.print(f"Events are in [bold]{s.store_url}[/]. "
               f"See the learning signals: [bold]closedloop report --store '{s.store_url}'[/]",
               highlight=False, soft_wrap=True)
