@@ -148,7 +148,7 @@ def test_verification_mismatch_fails_with_every_difference(memory_store: cl.Stor
     assert "wrong type" in (result.error_message or "")
     assert "missing tag owner" in (result.error_message or "")
     (event,) = events(memory_store)
-    assert event.verification_passed is False and event.validation_passed is True
+    assert event.verification_passed is False and event.validation_passed is None
     assert event.detail is not None
     assert len(event.detail["verification"][0]["issues"]) == 2
 
@@ -189,7 +189,7 @@ def test_executor_exception_is_recorded_and_reraised(memory_store: cl.Store) -> 
         cl.Loop(lambda t, a: t, task_type="t", executor=executor, store=memory_store).run(1)
     (event,) = events(memory_store)
     assert (event.outcome, event.error_type) == ("error", "executor")
-    assert event.validation_passed is True and event.verification_passed is None
+    assert event.validation_passed is None and event.verification_passed is None
 
 
 def test_crashing_validator_is_its_own_error_not_the_agents(memory_store: cl.Store) -> None:

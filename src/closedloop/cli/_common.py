@@ -10,13 +10,11 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 
-from closedloop._errors import StoreError
 from closedloop.store import Store, default_store_url, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -97,29 +95,13 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file a SQLite store URL (or plain path) names; None for any other URL."""
-    if url.startswith("sqlite:///"):
-        rest = url[len("sqlite:///"):]
-        return Path(rest).expanduser() if rest else None
-    if not url or "://" in url or url.startswith("sqlite:"):
-        return None
-    return Path(url).expanduser()
-
-
 def open_store_to_read(url: str) -> Store:
     """Open an existing store; a SQLite file that does not exist is an error, never created.
 
     A malformed URL raises :class:`~closedloop.ConfigError` (exit 2); a missing or unreadable
     file raises :class:`~closedloop.StoreError` (exit 1).
     """
-    text = url.strip()
-    path = _sqlite_file(text)
-    if path is not None and not path.exists():
-        raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
-    if path is not None and not path.is_file():
-        raise StoreError(f"cannot read store {path}: not a file")
-    return open_store(text)
+    return open_store(url, create=False)
 
 
 def echo_json(data: Any) -> None:

@@ -205,7 +205,7 @@ def _step(
             verdicts.append(verdict)
         failing = [v for v in verdicts if not v.passed]
         if not failing:
-            validation_passed = True
+            validation_passed = True if verdicts else None  # None: nothing was validated
             if any(v.issues for v in verdicts):
                 history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
             break

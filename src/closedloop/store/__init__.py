@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from closedloop._errors import ConfigError
+from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
 from closedloop.store._memory import MemoryBackend
@@ -107,11 +107,14 @@ def open_store(
     max_queue: int = 100_000,
     batch_size: int = 4096,
     flush_interval: float = 0.25,
+    create: bool = True,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
-    A malformed URL is a :class:`~closedloop.ConfigError`; a path that cannot be opened
-    is a :class:`~closedloop.StoreError`, each with a one-line reason.
+    With ``create=False`` (readers such as ``closedloop report``) a SQLite file that does not
+    exist is a :class:`~closedloop.StoreError` instead of a new empty store. A malformed URL
+    is a :class:`~closedloop.ConfigError`; a path that cannot be opened is a
+    :class:`~closedloop.StoreError`, each with a one-line reason.
     """
     text = os.fspath(url).strip()
     if not text:
@@ -129,6 +132,10 @@ def open_store(
         )
     else:
         path = Path(text).expanduser()
+    if not create and not path.exists():
+        raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
+    if not create and not path.is_file():
+        raise StoreError(f"cannot read store {path}: not a file")
     backend = SQLiteBackend(path)
     dead_letter = path.with_name(path.name + ".deadletter.jsonl")
     return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
