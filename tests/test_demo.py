@@ -57,6 +57,11 @@ class DemoRun:
         self.url = url
         with cl.open_store(url) as store:
             self.events = {e.trace_id: e for e in store.events()}
+        # What a user sees: `closedloop report --json` over the run's store, taken now,
+        # before any later run appends to it.
+        result = CliRunner().invoke(main, ["report", "--store", url, "--json"])
+        assert result.exit_code == 0, result.output
+        self.report: dict[str, Any] = json.loads(result.output)
 
     @property
     def ledger(self) -> FaultLedger:
@@ -188,6 +193,29 @@ def test_ledger_predicts_the_report_figures_of_the_stored_events(run: DemoRun) -
                         for t in ("validation", "verification", "blocked")},
     }
     assert run.ledger.expected_report(MAX_ATTEMPTS) == observed
+
+
+def test_closedloop_report_shows_the_figures_the_ledger_predicts(run: DemoRun) -> None:
+    (row,) = run.report["task_types"]
+    expected = run.ledger.expected_report(MAX_ATTEMPTS)
+    shown = {
+        "runs": row["runs"],
+        **{k: {"count": row[k]["count"], "total": row[k]["total"]}
+           for k in ("validation", "reask", "reask_success", "verification")},
+        "outcomes": {k: row["outcomes"][k] for k in expected["outcomes"]},
+        "error_types": {k: next((e["count"] for e in row["top_errors"]
+                                 if e["error_type"] == k), 0)
+                        for k in expected["error_types"]},
+    }
+    assert shown == expected
+    assert row["runs"] == REQUESTS
+    # the injected faults themselves: every malformed-to-the-end, semantic and destructive one
+    counts = run.ledger.expected_outcomes(MAX_ATTEMPTS)
+    assert row["outcomes"]["blocked"] == counts["blocked"] > 0
+    assert row["outcomes"]["failed"] == counts["failed_validation"] + counts[
+        "failed_verification"]
+    assert counts["failed_verification"] == len(run.traces(FaultCategory.SEMANTIC)) > 0
+    assert row["tokens"]["input_total"] == run.summary.input_tokens
 
 
 def test_token_usage_is_recorded_for_every_step(run: DemoRun) -> None:
