@@ -204,3 +204,8 @@ def test_destructive_plan_blocks_the_loop_without_reask(memory_store: cl.Store) 
     assert result.outcome is cl.Outcome.BLOCKED
     assert calls == [1]
     assert result.validation[0].check == "terraform_plan"
+
+
+def test_a_one_line_stream_is_read_as_a_stream() -> None:
+    verdict = TerraformPlanValidator()(json.dumps(planned("a.b", "delete")))
+    assert [i.code for i in verdict.issues] == ["tf_delete"]

@@ -1,5 +1,6 @@
 """Imports every command module so that each registers itself on ``main``."""
 from closedloop.cli import (
+    _check,  # noqa: F401
     _demo,  # noqa: F401
     _report,  # noqa: F401
 )

@@ -274,7 +274,8 @@ def load_plan(data: object) -> dict[str, Any] | list[dict[str, Any]]:
     except RecursionError as exc:
         raise PlanFormatError("plan JSON is nested too deeply") from exc
     if isinstance(doc, dict):
-        return doc
+        is_message = "type" in doc and "format_version" not in doc
+        return [doc] if is_message else doc  # a one-line stream is one JSON object too
     messages = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
