@@ -45,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
 def http_receiver() -> Iterator[tuple[str, list[tuple[str, str, Request]]]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.received = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/v1/traces", server.received  # type: ignore[attr-defined]
     server.shutdown()

@@ -1,0 +1,74 @@
+"""Instrumentation for the official ``openai`` and ``anthropic`` Python SDKs.
+
+``instrument_openai(client)`` / ``instrument_anthropic(client)`` wrap the client's
+``chat.completions.create`` / ``messages.create`` (sync or async client, streaming included):
+each call records a GenAI span (``chat <model>``, child of the current span — inside a loop
+step, of the agent's span) with model, finish reasons, token usage and cached tokens, and adds
+the tokens to :func:`closedloop.current_attempt`. Every HTTP 429 the SDK receives (including
+those it retries itself) is reported to ``on_rate_limited(key, retry_after_s)``.
+
+Not yet instrumented: OpenAI's ``responses`` API and embeddings, Anthropic's
+``messages.stream()`` helper, and ``with_raw_response`` calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from closedloop.integrations._anthropic import AnthropicProvider
+from closedloop.integrations._common import (
+    ModelCall,
+    RateLimitHook,
+    install_rate_limit_hook,
+    retry_after_seconds,
+    wrap_create,
+)
+from closedloop.integrations._openai import OpenAIProvider
+from closedloop.telemetry import Telemetry
+
+__all__ = [
+    "AnthropicProvider",
+    "ModelCall",
+    "OpenAIProvider",
+    "RateLimitHook",
+    "instrument_anthropic",
+    "instrument_openai",
+    "retry_after_seconds",
+]
+
+
+def instrument_openai(
+    client: Any,
+    *,
+    telemetry: Telemetry | None = None,
+    on_rate_limited: RateLimitHook | None = None,
+    capture_content: bool = True,
+) -> Any:
+    """Instrument an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client in place; returns it.
+
+    ``telemetry`` is the pipeline spans go to (default: the current step's, else the process
+    default; with none, usage is still added to the current attempt). Captured content is
+    redacted per destination by the pipeline's exporters. Instrumenting twice is harmless.
+    """
+    completions = client.chat.completions
+    completions.create = wrap_create(completions.create, OpenAIProvider(), "chat", telemetry,
+                                     capture_content)
+    if on_rate_limited is not None:
+        install_rate_limit_hook(client, "openai", on_rate_limited)
+    return client
+
+
+def instrument_anthropic(
+    client: Any,
+    *,
+    telemetry: Telemetry | None = None,
+    on_rate_limited: RateLimitHook | None = None,
+    capture_content: bool = True,
+) -> Any:
+    """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place."""
+    messages = client.messages
+    messages.create = wrap_create(messages.create, AnthropicProvider(), "chat", telemetry,
+                                  capture_content)
+    if on_rate_limited is not None:
+        install_rate_limit_hook(client, "anthropic", on_rate_limited)
+    return client

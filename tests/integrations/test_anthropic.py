@@ -1,0 +1,116 @@
+"""The official anthropic SDK, instrumented, talking HTTP to a local server in Anthropic's
+format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+from _wire_server import Reply, WireServer
+
+from closedloop.integrations import instrument_anthropic
+from closedloop.telemetry import MemoryExporter, Telemetry
+
+Spans = tuple[Telemetry, MemoryExporter]
+MESSAGES = [{"role": "user", "content": "hello"}]
+USAGE = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 30,
+         "cache_creation_input_tokens": 2}
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test-1",
+           "content": [{"type": "text", "text": "hi there"}], "stop_reason": "end_turn",
+           "stop_sequence": None, "usage": USAGE}
+
+
+def stream_events() -> list[tuple[str | None, Any]]:
+    start = {**MESSAGE, "content": [], "stop_reason": None,
+             "usage": {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 30}}
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "hi "}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "there"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta",
+                           "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                           "usage": {"output_tokens": 7}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def client(wire: WireServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=wire.url, api_key="test", max_retries=0)
+
+
+def test_a_message_records_usage_including_cache(wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(body=MESSAGE))
+    c = instrument_anthropic(client(wire), telemetry=pipeline)
+    c.messages.create(model="claude-test-1", max_tokens=64, messages=MESSAGES,
+                      system="be brief")
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    a = span.attributes
+    assert (a["gen_ai.provider.name"], a["gen_ai.request.max_tokens"]) == ("anthropic", 64)
+    assert a["gen_ai.usage.input_tokens"] == 42  # 10 fresh + 30 cache reads + 2 cache writes
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 30
+    assert a["gen_ai.usage.output_tokens"] == 5
+    assert a["gen_ai.response.finish_reasons"] == ["end_turn"]
+    assert span.content["gen_ai.system_instructions"] == "be brief"
+
+
+def test_a_stream_records_final_usage_and_stop_reason(wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(events=stream_events()))
+    c = instrument_anthropic(client(wire), telemetry=pipeline)
+    with c.messages.create(model="claude-test-1", max_tokens=64, messages=MESSAGES,
+                           stream=True) as stream:
+        kinds = [event.type for event in stream]
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert span.attributes["gen_ai.usage.output_tokens"] == 7
+    assert span.attributes["gen_ai.usage.input_tokens"] == 40
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["max_tokens"]
+    assert span.content["gen_ai.output.messages"] == "hi there"
+
+
+async def test_an_async_stream_records_usage(wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(events=stream_events()))
+    c = instrument_anthropic(anthropic.AsyncAnthropic(base_url=wire.url, api_key="test",
+                                                      max_retries=0), telemetry=pipeline)
+    stream = await c.messages.create(model="claude-test-1", max_tokens=64,
+                                     messages=MESSAGES, stream=True)
+    async for _ in stream:
+        pass
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    assert span.attributes["gen_ai.usage.output_tokens"] == 7
+
+
+def test_a_429_is_reported_with_its_retry_after(wire: WireServer, spans: Spans) -> None:
+    pipeline, _ = spans
+    seen: list[tuple[str, float | None]] = []
+    wire.script(Reply(status=429, headers={"retry-after": "2"},
+                      body={"type": "error", "error": {"type": "rate_limit_error",
+                                                       "message": "slow"}}))
+    c = instrument_anthropic(client(wire), telemetry=pipeline,
+                             on_rate_limited=lambda key, after: seen.append((key, after)))
+    with pytest.raises(anthropic.RateLimitError):
+        c.messages.create(model="claude-test-1", max_tokens=8, messages=MESSAGES)
+    assert seen == [("anthropic:claude-test-1", 2.0)]
+
+
+async def test_an_async_client_reports_429s(wire: WireServer) -> None:
+    seen: list[tuple[str, float | None]] = []
+    wire.script(Reply(status=429, headers={"retry-after": "1"}, body={"type": "error"}))
+    c = instrument_anthropic(anthropic.AsyncAnthropic(base_url=wire.url, api_key="test",
+                                                      max_retries=0),
+                             on_rate_limited=lambda key, after: seen.append((key, after)))
+    with pytest.raises(anthropic.RateLimitError):
+        await c.messages.create(model="claude-test-2", max_tokens=8, messages=MESSAGES)
+    assert seen == [("anthropic:claude-test-2", 1.0)]
