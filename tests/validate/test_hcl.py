@@ -105,3 +105,9 @@ def test_rule_configuration_mistakes_are_config_errors() -> None:
 
 def test_non_text_proposal_fails() -> None:
     assert [i.code for i in HclValidator()(3).issues] == ["not_text"]
+
+
+def test_an_instance_type_that_is_not_a_string_is_reported() -> None:
+    rule = AllowedInstanceTypes(["t3.micro"])
+    resource = TerraformResource("aws_instance.w", "aws_instance", {"instance_type": ["t3"]})
+    assert [i.code for i in rule(resource)] == ["tf_instance_type"]

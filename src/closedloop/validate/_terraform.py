@@ -17,6 +17,7 @@ values, sensitive or not), and messages go to the model and into traces.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import shutil
 import tempfile
@@ -49,7 +50,9 @@ Rule = Callable[[TerraformResource], Iterable[Issue]]
 """A policy rule: ``rule(resource) -> issues``; plain functions are rules too."""
 
 
-def _matches(resource_type: str, patterns: Sequence[str]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _matches(resource_type: str, patterns: tuple[str, ...]) -> bool:
+    # cached: a plan repeats a handful of types over hundreds of resources
     return any(fnmatch.fnmatchcase(resource_type, p) for p in patterns)
 
 
@@ -133,7 +136,7 @@ class AllowedInstanceTypes:
         if not _matches(resource.type, self.resource_types) or self.attribute in resource.unknown:
             return []
         value = resource.values.get(self.attribute)
-        if value is None or value in self.allowed:
+        if value is None or (isinstance(value, str) and value in self.allowed):
             return []
         choices = ", ".join(sorted(self.allowed))
         return [Issue(code="tf_instance_type", location=resource.address, severity=self.severity,
@@ -382,10 +385,9 @@ class TerraformPlanValidator:
             if self.rules and rc.get("mode", "managed") == "managed" and (
                     "create" in actions or "update" in actions):
                 after = change.get("after")
-                if isinstance(after, Mapping):
-                    unknown = change.get("after_unknown")
-                    keys = frozenset(k for k, v in unknown.items() if v) if isinstance(
-                        unknown, Mapping) else frozenset()
+                if type(after) is dict or isinstance(after, Mapping):
+                    unknown = _mapping(change.get("after_unknown"))
+                    keys = frozenset(k for k, v in unknown.items() if v)
                     resources.append(TerraformResource(address, str(rc.get("type", "")),
                                                        after, keys))
         for rd in _dicts(plan.get("resource_drift")):
@@ -422,11 +424,14 @@ class TerraformPlanValidator:
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    # `type(...) is dict` first: the ABC check is slow, and parsed JSON is always a dict
+    return value if type(value) is dict or isinstance(value, Mapping) else {}
 
 
 def _dicts(value: object) -> list[Mapping[str, Any]]:
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if type(v) is dict or isinstance(v, Mapping)]
 
 
 def diagnostic_issues(diagnostics: Iterable[object]) -> list[Issue]:
