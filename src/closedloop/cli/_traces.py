@@ -1,0 +1,123 @@
+"""``closedloop traces list|show|diff``: read back the spans the telemetry pipeline stored."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+from rich.tree import Tree
+
+from closedloop._errors import ConfigError
+from closedloop.cli import main
+from closedloop.cli._common import EXIT_NO_DATA, Since, console, echo_json, iso, store_option
+from closedloop.cli._common import open_store_to_read as _open
+
+if TYPE_CHECKING:
+    from closedloop.telemetry import SpanStore, StoredSpan
+
+
+def _spans(store_url: str) -> SpanStore:
+    try:
+        from closedloop.telemetry import span_store_for
+    except ImportError as exc:  # the otel/prometheus extras are missing
+        raise ConfigError(f"traces need the otel extra: pip install 'closedloop[otel]' "
+                          f"({exc.name} is missing)") from None
+    return span_store_for(_open(store_url))
+
+
+def _trace(spans: SpanStore, trace_id: str) -> list[StoredSpan]:
+    found = spans.trace(trace_id.strip())
+    if not found:
+        click.echo(f"error: no spans for trace {trace_id}", err=True)
+        sys.exit(EXIT_NO_DATA)
+    return found
+
+
+@main.group()
+def traces() -> None:
+    """Execution traces: list them, show one as a tree, diff two."""
+
+
+@traces.command("list")
+@store_option
+@click.option("--task-type", help="Only traces of this task type.")
+@click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
+                as_json: bool) -> None:
+    """The most recent traces, newest first."""
+    found = _spans(store_url).traces(limit=limit, task_type=task_type,
+                                     since_ns=int(since * 1e9) if since is not None else None)
+    if as_json:
+        echo_json([t.to_dict() for t in found])
+        return
+    if not found:
+        click.echo("no traces", err=True)
+        sys.exit(EXIT_NO_DATA)
+    from rich.table import Table
+
+    table = Table("trace id", "started", "task type", "outcome", "spans", "ms")
+    for t in found:
+        table.add_row(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
+                      str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
+    console().print(table)
+
+
+@traces.command("show")
+@click.argument("trace_id")
+@store_option
+@click.option("--content/--no-content", default=False,
+              help="Also print captured (redacted) content.")
+@click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
+def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> None:
+    """One trace as a tree, with timings and verdicts."""
+    from closedloop.telemetry._spanstore import iter_children
+    from closedloop.telemetry._view import label
+
+    spans = _trace(_spans(store_url), trace_id)
+    if as_json:
+        echo_json([s.to_dict() for s in spans])
+        return
+    root = Tree(f"trace {trace_id}")
+    nodes: list[Tree] = [root]
+    for depth, span in iter_children(spans):
+        del nodes[depth + 1:]
+        style = "red" if span.status == 2 else ""
+        node = nodes[-1].add(f"[{style}]{label(span)}[/]" if style else label(span))
+        if content:
+            for key, text in span.content.items():
+                node.add(f"[dim]{key}: {text}[/]")
+        nodes.append(node)
+    console().print(root, markup=True, highlight=False)
+
+
+@traces.command("diff")
+@click.argument("trace_a")
+@click.argument("trace_b")
+@store_option
+@click.option("--all", "show_all", is_flag=True, help="Show identical stages too.")
+@click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
+def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
+    """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
+    from closedloop.telemetry._view import diff_traces, first_divergence
+
+    spans = _spans(store_url)
+    rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
+    if as_json:
+        echo_json([r.to_dict() for r in rows])
+        return
+    first = first_divergence(rows)
+    if first is None:
+        click.echo("no divergence: every stage decided the same")
+        return
+    click.echo(f"first divergence: {first.path} #{first.occurrence}")
+    for row in rows:
+        if not (row.diverges or show_all):
+            continue
+        a = f"{row.a.duration_ms:.1f} ms" if row.a else "missing"
+        b = f"{row.b.duration_ms:.1f} ms" if row.b else "missing"
+        click.echo(f"{'!' if row.diverges else ' '} {row.path} #{row.occurrence}: A {a} | B {b}")
+        for key, (va, vb) in row.differences.items():
+            click.echo(f"    {key}: A={va!r}  B={vb!r}")

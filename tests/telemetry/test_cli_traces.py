@@ -1,0 +1,95 @@
+"""``closedloop traces`` and ``closedloop scores`` read what the pipeline stored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from closedloop.cli import main
+from closedloop.store import open_store
+from closedloop.telemetry import StoreExporter, Telemetry
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="closedloop")
+
+
+def _record(url: str, *, passed: bool, proposal: str) -> str:
+    store = open_store(url)
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    outcome = "succeeded" if passed else "failed"
+    with pipeline.span("closedloop.step", **{"closedloop.task_type": "deploy",
+                                            "closedloop.outcome": outcome}) as root:
+        with pipeline.span("closedloop.attempt"), pipeline.span("invoke_agent a") as agent:
+            agent.record.content = {"closedloop.proposal": proposal}
+        with pipeline.span("closedloop.validate", **{"closedloop.check": "schema",
+                                                    "closedloop.verdict.passed": passed}):
+            pass
+    pipeline.shutdown()
+    store.close()
+    return root.record.trace_id_hex
+
+
+def test_list_shows_traces_newest_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    old = _record(url, passed=True, proposal="a")
+    new = _record(url, passed=False, proposal="b")
+    result = invoke("traces", "list", "--store", url, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [(r["trace_id"], r["outcome"]) for r in rows] == [(new, "failed"), (old, "succeeded")]
+
+
+def test_show_prints_the_tree_with_verdicts(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=False, proposal="x")
+    result = invoke("traces", "show", trace_id, "--store", url)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("closedloop.step" in line and "outcome=failed" in line for line in lines)
+    validate = next(line for line in lines if "closedloop.validate" in line)
+    assert "verdict.passed=False" in validate
+    assert lines.index(validate) > 1  # nested under the step
+
+
+def test_show_of_an_unknown_trace_is_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    _record(url, passed=True, proposal="x")
+    result = invoke("traces", "show", "f" * 32, "--store", url)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: no spans for trace {'f' * 32}"
+
+
+def test_diff_names_the_first_divergent_stage(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    good = _record(url, passed=True, proposal="region=eu-west-1")
+    bad = _record(url, passed=False, proposal="region=mars-1")
+    result = invoke("traces", "diff", good, bad, "--store", url)
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first == "first divergence: closedloop.step / closedloop.attempt / invoke_agent a #1"
+    assert "closedloop.proposal: A='region=eu-west-1'  B='region=mars-1'" in result.output
+    assert "verdict.passed: A=True  B=False" in result.output
+
+
+def test_scores_add_then_list(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=True, proposal="x")
+    added = invoke("scores", "add", trace_id, "satisfaction", "4", "--comment", "good",
+                   "--store", url)
+    assert added.exit_code == 0, added.output
+    invoke("scores", "add", trace_id, "quality", "wrong_region", "--source", "rule",
+           "--store", url)
+    listed = json.loads(invoke("scores", "list", "--store", url, "--json").output)
+    assert [(s["name"], s["value"], s["label"], s["source"]) for s in listed] == [
+        ("satisfaction", 4.0, None, "human"), ("quality", None, "wrong_region", "rule")]
+
+
+def test_a_malformed_trace_id_is_a_usage_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    _record(url, passed=True, proposal="x")
+    result = invoke("scores", "add", "xyz", "q", "1", "--store", url)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: trace id 'xyz' is not 32 hex digits"
