@@ -26,7 +26,7 @@ def test_a_hung_check_raises_check_timeout() -> None:
     def hangs(proposal: object) -> None:
         release.wait(10)
 
-    with pytest.raises(CheckTimeout, match="did not finish within 0.05 s"):
+    with pytest.raises(CheckTimeout, match=r"did not finish within 0\.05 s"):
         with_timeout(hangs, 0.05)(1)
     release.set()
 
