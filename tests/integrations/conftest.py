@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from _wire_server import WireServer
 
 from closedloop.telemetry import MemoryExporter, Telemetry
+from integrations._wire_server import WireServer
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from typing import Any
 
 import anthropic
 import pytest
-from _wire_server import Reply, WireServer
 
 from closedloop.integrations import instrument_anthropic
 from closedloop.telemetry import MemoryExporter, Telemetry
+from integrations._wire_server import Reply, WireServer
 
 Spans = tuple[Telemetry, MemoryExporter]
 MESSAGES = [{"role": "user", "content": "hello"}]

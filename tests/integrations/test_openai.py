@@ -6,11 +6,11 @@ from typing import Any
 
 import openai
 import pytest
-from _wire_server import Reply, WireServer
 
 import closedloop as cl
 from closedloop.integrations import instrument_openai
 from closedloop.telemetry import MemoryExporter, Telemetry
+from integrations._wire_server import Reply, WireServer
 
 Spans = tuple[Telemetry, MemoryExporter]
 MESSAGES = [{"role": "user", "content": "my key is sk-proj-" + "Q" * 40}]
