@@ -154,3 +154,8 @@ def test_eventually_waits_for_a_pending_instance_to_run(
     verdict = check(None, expectation(instance))
     assert verdict.passed
     assert [i.code for i in verdict.issues] == ["converged"]
+
+
+def test_a_result_that_is_not_an_expectation_is_a_wiring_error(ec2: Any) -> None:
+    with pytest.raises(TypeError, match="must return an InstanceExpectation"):
+        Ec2InstanceVerifier(client=ec2)(None, "i-123")

@@ -64,7 +64,12 @@ class Ec2InstanceVerifier:
 
     def __call__(self, intent: Any, result: Any) -> Verdict:
         wanted = self.expect(intent, result)
-        return self.check([wanted] if isinstance(wanted, InstanceExpectation) else wanted)
+        items = [wanted] if isinstance(wanted, InstanceExpectation) else list(wanted)
+        if not all(isinstance(w, InstanceExpectation) for w in items):
+            # the verifier's own wiring is wrong: raise, so the loop records verifier_error
+            raise TypeError("Ec2InstanceVerifier: expect(intent, result) must return an "
+                            "InstanceExpectation or a list of them")
+        return self.check(items)
 
     def check(self, expectations: Iterable[InstanceExpectation]) -> Verdict:
         """Compare each expectation with the instance's real state."""
