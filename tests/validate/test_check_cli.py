@@ -151,3 +151,17 @@ def test_terraform_validate_from_the_shell(tmp_path: Path) -> None:
     code, out, _ = run("terraform", str(tf))
     assert code == 1
     assert "tf_diagnostic at main.tf:line 2" in out
+
+
+def test_terraform_without_a_binary_skips_unless_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    tf = tmp_path / "main.tf"
+    tf.write_text('resource "terraform_data" "x" {}\n')
+    code, out, _ = run("terraform", str(tf))
+    assert code == 0
+    assert "skipped" in out
+    code, out, _ = run("terraform", str(tf), "--require-binary")
+    assert code == 1
+    assert out.startswith("UNKNOWN terraform")

@@ -75,3 +75,34 @@ def test_a_timed_out_verifier_is_a_verifier_error_in_the_loop(memory_store: cl.S
     result = loop.run("x")
     release.set()
     assert result.error_type is cl.ErrorType.VERIFIER_ERROR
+
+
+async def test_an_async_check_is_awaited_under_the_deadline() -> None:
+    import asyncio
+
+    async def slow(intent: object, result: object) -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    async def fast(intent: object, result: object) -> bool:
+        return True
+
+    assert await with_timeout(fast, 1)(1, 1) is True
+    with pytest.raises(CheckTimeout):
+        await with_timeout(slow, 0.05)(1, 1)
+
+
+async def test_a_timed_out_async_verifier_is_a_verifier_error_in_arun(
+    memory_store: cl.Store,
+) -> None:
+    import asyncio
+
+    async def slow(intent: object, result: object) -> None:
+        await asyncio.sleep(10)
+
+    loop = cl.Loop(lambda t, a: "p", task_type="t", store=memory_store,
+                   executor=lambda p: "done", verifiers=[with_timeout(slow, 0.05)])
+    result = await loop.arun("x")
+    assert result.error_type is cl.ErrorType.VERIFIER_ERROR
+    assert result.error_message is not None
+    assert "CheckTimeout" in result.error_message

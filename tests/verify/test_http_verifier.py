@@ -7,7 +7,7 @@ import socket
 import pytest
 
 import closedloop as cl
-from closedloop.verify import HttpVerifier, parse_path
+from closedloop.verify import AsyncHttpVerifier, HttpVerifier, parse_path
 
 
 def test_matching_response_passes(http_base: str) -> None:
@@ -81,3 +81,12 @@ def test_json_paths_are_parsed_once_and_checked() -> None:
         parse_path("a.b")
     with pytest.raises(cl.ConfigError):
         parse_path("$.a[*]")
+
+
+async def test_async_verifier_runs_in_arun(http_base: str, memory_store: cl.Store) -> None:
+    check = AsyncHttpVerifier(f"{http_base}/degraded", json={"$.status": "ok"})
+    loop = cl.Loop(lambda t, a: "p", task_type="deploy", executor=lambda p: None,
+                   verifiers=[check], store=memory_store)
+    result = await loop.arun("x")
+    assert (result.outcome, result.error_type) == (cl.Outcome.FAILED, cl.ErrorType.VERIFICATION)
+    assert result.verification[0].check == "http"

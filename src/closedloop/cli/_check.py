@@ -194,11 +194,15 @@ def hcl(files: tuple[str, ...], as_json: bool, **policy: Any) -> None:
 @click.option("--state", type=click.Path(exists=True, dir_okay=False),
               help="A terraform.tfstate to plan against.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True)
+@click.option("--require-binary", is_flag=True,
+              help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
 @_json_option
-def terraform(files: tuple[str, ...], with_plan: bool, state: str | None, timeout: float,
-              as_json: bool) -> None:
+def terraform(files: tuple[str, ...], *, with_plan: bool, state: str | None, timeout: float,
+              require_binary: bool, as_json: bool) -> None:
     """Run terraform (or tofu) `validate -json` on the files, in a fresh temporary directory."""
     from closedloop.validate import TerraformCli
 
     texts = {("stdin.tf" if f == "-" else Path(f).name): _read(f) for f in files}
-    _report(TerraformCli(plan=with_plan, state=state, timeout=timeout)(texts), as_json)
+    check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout,
+                          if_missing="unknown" if require_binary else "skip")
+    _report(check_(texts), as_json)

@@ -7,8 +7,10 @@ the loop, so every check is equally usable on its own.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
+import inspect
 import threading
 from collections.abc import Callable
 from types import ModuleType
@@ -56,13 +58,28 @@ def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = No
 ):
     """Run ``check`` under a deadline; past it, raise :class:`CheckTimeout`.
 
-    The check runs in a daemon thread; a Python thread cannot be killed, so a timed-out check
-    is abandoned (it finishes, or not, in the background). Checks that start external
-    programs (terraform, ruff) enforce their own deadline on the process and kill it instead.
+    An ``async def`` check is awaited under :func:`asyncio.wait_for` (and cancelled at the
+    deadline). A plain check runs in a daemon thread; a Python thread cannot be killed, so a
+    timed-out plain check is abandoned (it finishes, or not, in the background). Checks that
+    start external programs (terraform, ruff) enforce their own deadline and kill the process.
     """
     if seconds <= 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {seconds!r}")
     label = name or getattr(check, "name", None) or getattr(check, "__qualname__", "check")
+    message = f"check {label} did not finish within {seconds:g} s"
+    target_fn: Any = getattr(check, "__call__", check)  # noqa: B004 - objects with async __call__
+
+    if inspect.iscoroutinefunction(check) or inspect.iscoroutinefunction(target_fn):
+
+        @functools.wraps(check)
+        async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                return await asyncio.wait_for(check(*args, **kwargs), seconds)  # type: ignore[arg-type]
+            except TimeoutError:
+                raise CheckTimeout(message) from None
+
+        run_async.name = label  # type: ignore[attr-defined]
+        return run_async  # type: ignore[return-value]
 
     @functools.wraps(check)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -78,7 +95,7 @@ def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = No
         thread.start()
         thread.join(seconds)
         if not box:
-            raise CheckTimeout(f"check {label} did not finish within {seconds:g} s")
+            raise CheckTimeout(message)
         ok, value = box[0]
         if ok:
             result: R = value

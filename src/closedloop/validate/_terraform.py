@@ -475,7 +475,8 @@ class TerraformCli:
     :class:`~closedloop.validate.CheckTimeout` raised); ``max_output`` bounds what is read.
     ``init`` failing (no network for providers, bad credentials) is *unknown*, not the agent's
     fault; with no binary on ``PATH`` the check is skipped with a recorded warning
-    (``if_missing="unknown"`` makes that block instead).
+    (``if_missing="unknown"`` makes that block instead). Providers are downloaded by each
+    run's ``init``; set ``TF_PLUGIN_CACHE_DIR`` (in ``env`` or the environment) to share them.
     """
 
     def __init__(

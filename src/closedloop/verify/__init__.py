@@ -7,18 +7,19 @@ verifier that cannot reach or read its target says *unknown*
 (``verification_unknown``), never as success.
 
 - :class:`Ec2InstanceVerifier` (boto3): instance type, security groups, tags, state, subnet/VPC
-- :class:`HttpVerifier` (httpx): status, JSON-path values, latency
+- :class:`HttpVerifier` / :class:`AsyncHttpVerifier` (httpx): status, JSON-path values, latency
 - :class:`SqlVerifier` (any DB-API connection): rows or a per-row predicate
 - :class:`Eventually` / :class:`AsyncEventually`: poll until the state converges or a deadline
 """
 
 from closedloop.verify._ec2 import Ec2InstanceVerifier, InstanceExpectation
-from closedloop.verify._http import HttpVerifier, parse_path
+from closedloop.verify._http import AsyncHttpVerifier, HttpVerifier, parse_path
 from closedloop.verify._poll import AsyncEventually, Eventually
 from closedloop.verify._sql import SqlVerifier
 
 __all__ = [
     "AsyncEventually",
+    "AsyncHttpVerifier",
     "Ec2InstanceVerifier",
     "Eventually",
     "HttpVerifier",

@@ -159,3 +159,11 @@ def _expect(path: str, have: Any, want: Expectation) -> Issue | None:
         return None
     return Issue(code="http_json_value", location=path,
                  message=f"is {clip(repr(have), 80)}, expected {clip(repr(want), 80)}")
+
+
+class AsyncHttpVerifier(HttpVerifier):
+    """:class:`HttpVerifier` for ``Loop.arun``: the request is made with ``httpx.AsyncClient``
+    (pass an ``AsyncClient`` as ``client`` to reuse connections)."""
+
+    async def __call__(self, intent: Any, result: Any) -> Verdict:  # type: ignore[override]
+        return await self.acheck(intent, result)
