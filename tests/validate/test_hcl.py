@@ -111,3 +111,15 @@ def test_an_instance_type_that_is_not_a_string_is_reported() -> None:
     rule = AllowedInstanceTypes(["t3.micro"])
     resource = TerraformResource("aws_instance.w", "aws_instance", {"instance_type": ["t3"]})
     assert [i.code for i in rule(resource)] == ["tf_instance_type"]
+
+
+def test_terraform_json_syntax_files_get_the_same_rules() -> None:
+    config = ('{"resource": {"aws_instance": {"web": {"instance_type": "m5.large",'
+              ' "tags": {"Owner": "x", "Env": "prod"}}}}}')
+    issues = HclValidator(POLICY)({"main.tf.json": config}).issues
+    assert [(i.code, i.location) for i in issues] == [("tf_instance_type", "aws_instance.web")]
+
+
+def test_malformed_terraform_json_is_located() -> None:
+    (issue,) = HclValidator()({"main.tf.json": '{"resource": }'}).issues
+    assert (issue.code, issue.location) == ("hcl_syntax", "main.tf.json:line 1, column 14")

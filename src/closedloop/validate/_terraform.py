@@ -30,7 +30,7 @@ from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.validate._base import as_text, clip, not_text, require
 from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
-from closedloop.validate._structured import MAX_ISSUES
+from closedloop.validate._structured import MAX_ISSUES, parse_json
 
 
 class TerraformResource(NamedTuple):
@@ -164,15 +164,19 @@ def _is_expression(value: object) -> bool:
 
 
 def hcl_resources(config: Mapping[str, Any]) -> list[TerraformResource]:
-    """The managed resources of a parsed HCL configuration (python-hcl2's dict form)."""
+    """The managed resources of a parsed configuration: python-hcl2's dict form (a list of
+    ``resource`` blocks) or Terraform's JSON syntax (``*.tf.json``: one ``resource`` object)."""
     out = []
-    for block in config.get("resource") or []:
+    blocks = config.get("resource") or []
+    for block in [blocks] if isinstance(blocks, Mapping) else blocks:
         if not isinstance(block, Mapping):
             continue
         for rtype, named in block.items():
             if not isinstance(named, Mapping):
                 continue
-            for rname, body in named.items():
+            for rname, raw in named.items():
+                # JSON syntax also allows a one-element list around the body
+                body = raw[0] if isinstance(raw, list) and len(raw) == 1 else raw
                 values = body if isinstance(body, Mapping) else {}
                 unknown = frozenset(k for k, v in values.items() if _is_expression(v))
                 out.append(TerraformResource(f"{rtype}.{rname}", str(rtype), values, unknown))
@@ -213,11 +217,21 @@ class HclValidator:
         resources: list[TerraformResource] = []
         issues: list[Issue] = []
         for fname, text in files.items():
-            try:
-                config = hcl2.loads(text, serialization_options=options)
-            except Exception as exc:  # noqa: BLE001 - lark raises many types for bad input
-                issues.append(_hcl_issue(fname, exc))
-                continue
+            if fname.endswith(".json"):
+                config, problem = parse_json(text)
+                if problem is not None or not isinstance(config, Mapping):
+                    issues.append(Issue(code="hcl_syntax",
+                                        location=f"{fname}:{problem.location}" if problem
+                                        and problem.location else fname,
+                                        message=problem.message if problem else
+                                        "a .tf.json file must hold one JSON object"))
+                    continue
+            else:
+                try:
+                    config = hcl2.loads(text, serialization_options=options)
+                except Exception as exc:  # noqa: BLE001 - lark raises many types for bad input
+                    issues.append(_hcl_issue(fname, exc))
+                    continue
             resources.extend(hcl_resources(config))
         return resources, issues
 
