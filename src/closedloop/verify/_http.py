@@ -96,8 +96,7 @@ class HttpVerifier:
         try:
             response = client.request(self.method, url, headers=self.headers)
         except httpx.TransportError as exc:
-            return Verdict.cannot_tell(f"cannot reach {url}: {type(exc).__name__}: "
-                                       f"{clip(str(exc), 200)}", check=self.name)
+            return self._unreachable(url, exc)
         finally:
             if self.client is None:
                 client.close()
@@ -116,9 +115,12 @@ class HttpVerifier:
                 async with httpx.AsyncClient(timeout=self.timeout) as client:
                     response = await client.request(self.method, url, headers=self.headers)
         except httpx.TransportError as exc:
-            return Verdict.cannot_tell(f"cannot reach {url}: {type(exc).__name__}: "
-                                       f"{clip(str(exc), 200)}", check=self.name)
+            return self._unreachable(url, exc)
         return self.judge(response, self.clock() - started)
+
+    def _unreachable(self, url: str, exc: Exception) -> Verdict:
+        return Verdict.cannot_tell(f"cannot reach {url}: {type(exc).__name__}: "
+                                   f"{clip(str(exc), 200)}", check=self.name)
 
     def judge(self, response: Any, latency: float) -> Verdict:
         """Every mismatch between a response (taking ``latency`` s) and the expectations."""
