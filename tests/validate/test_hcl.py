@@ -123,3 +123,19 @@ def test_terraform_json_syntax_files_get_the_same_rules() -> None:
 def test_malformed_terraform_json_is_located() -> None:
     (issue,) = HclValidator()({"main.tf.json": '{"resource": }'}).issues
     assert (issue.code, issue.location) == ("hcl_syntax", "main.tf.json:line 1, column 14")
+
+
+def test_policy_issues_reach_the_agent_as_reask_feedback(memory_store: cl.Store) -> None:
+    seen: list[str | None] = []
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        seen.append(attempt.feedback)
+        if attempt.feedback and "use one of: t3.micro" in attempt.feedback:
+            return GOOD
+        return GOOD.replace("t3.micro", "m5.24xlarge")
+
+    loop = cl.Loop(agent, task_type="tf", validators=[HclValidator(POLICY)], store=memory_store)
+    result = loop.run("a web server")
+    assert (result.outcome, result.attempts) == (cl.Outcome.SUCCEEDED, 2)
+    assert seen[1] is not None
+    assert "terraform_hcl: [error] tf_instance_type at aws_instance.web" in seen[1]
