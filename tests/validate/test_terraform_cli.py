@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 import closedloop as cl
-from closedloop.validate import CheckTimeout, TerraformCli
+from closedloop.validate import (
+    CheckTimeout,
+    TerraformCli,
+    TerraformPlanValidator,
+    TerraformResource,
+)
 
 BINARY = shutil.which("terraform") or shutil.which("tofu")
 needs_terraform = pytest.mark.skipif(BINARY is None, reason="no terraform or tofu on PATH")
@@ -141,3 +146,16 @@ def test_timeout_in_the_loop_is_a_validator_error(tmp_path: Path,
     assert result.error_type is cl.ErrorType.VALIDATOR_ERROR
     assert result.error_message is not None
     assert "CheckTimeout" in result.error_message
+
+
+@needs_terraform
+def test_policy_rules_see_the_real_planned_values() -> None:
+    def no_v1(resource: TerraformResource) -> list[cl.Issue]:
+        if resource.values.get("input") == "v1":
+            return [cl.Issue(code="no_v1", location=resource.address, message="use v2")]
+        return []
+
+    check = TerraformCli(plan=True, plan_validator=TerraformPlanValidator([no_v1]))
+    assert [(i.code, i.location) for i in check(CONFIG).issues] == [
+        ("no_v1", "terraform_data.app")]
+    assert check(CONFIG.replace("v1", "v2")).passed

@@ -16,6 +16,7 @@ values, sensitive or not), and messages go to the model and into traces.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import json
@@ -547,35 +548,40 @@ class TerraformCli:
         init = ["init", "-input=false", "-no-color"] + ([] if self.plan else ["-backend=false"])
         out = self._tool(binary, workdir, deadline, *init)
         if out.returncode != 0:
-            return Verdict.cannot_tell(f"terraform init failed: {_last_error(out.stderr)}",
-                                       check=self.name)
+            return self._failed(f"terraform init failed: {_last_error(out.stderr)}")
         out = self._tool(binary, workdir, deadline, "validate", "-json", "-no-color")
         if out.truncated:
-            return Verdict.cannot_tell("terraform validate output exceeded the limit",
-                                       check=self.name)
+            return self._failed("terraform validate output exceeded the limit")
         try:
             report = json.loads(out.stdout)
         except json.JSONDecodeError:
-            return Verdict.cannot_tell(f"terraform validate failed: {_last_error(out.stderr)}",
-                                       check=self.name)
+            return self._failed(f"terraform validate failed: {_last_error(out.stderr)}")
         issues = diagnostic_issues(report.get("diagnostics") or [])
         if not self.plan or any(i.severity >= Severity.ERROR for i in issues):
             return Verdict(issues=tuple(issues[:MAX_ISSUES]), check=self.name)
         out = self._tool(binary, workdir, deadline, "plan", "-json", "-input=false",
-                         "-lock=false", "-no-color")
+                         "-lock=false", "-no-color", "-out=closedloop.tfplan")
         if out.truncated:
-            return Verdict.cannot_tell("terraform plan output exceeded the limit",
-                                       check=self.name)
+            return self._failed("terraform plan output exceeded the limit")
         try:
             plan = load_plan(out.stdout)
         except PlanFormatError:
-            return Verdict.cannot_tell(f"terraform plan failed: {_last_error(out.stderr)}",
-                                       check=self.name)
+            return self._failed(f"terraform plan failed: {_last_error(out.stderr)}")
+        if out.returncode == 0:
+            # the saved plan, as `show -json`, also carries the planned values for the rules
+            shown = self._tool(binary, workdir, deadline, "show", "-json", "-no-color",
+                               "closedloop.tfplan")
+            if shown.returncode == 0 and not shown.truncated:
+                # if unreadable, keep the streamed plan: destructive changes are in it too
+                with contextlib.suppress(PlanFormatError):
+                    plan = load_plan(shown.stdout)
         issues += self.plan_validator.scan(plan).issues
         if out.returncode != 0 and not any(i.severity >= Severity.ERROR for i in issues):
-            return Verdict.cannot_tell(f"terraform plan failed: {_last_error(out.stderr)}",
-                                       check=self.name)
+            return self._failed(f"terraform plan failed: {_last_error(out.stderr)}")
         return Verdict(issues=tuple(issues[:MAX_ISSUES]), check=self.name)
+
+    def _failed(self, reason: str) -> Verdict:
+        return Verdict.cannot_tell(reason, check=self.name)
 
 
 def _last_error(stderr: str) -> str:
