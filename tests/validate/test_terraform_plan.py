@@ -209,3 +209,11 @@ def test_destructive_plan_blocks_the_loop_without_reask(memory_store: cl.Store) 
 def test_a_one_line_stream_is_read_as_a_stream() -> None:
     verdict = TerraformPlanValidator()(json.dumps(planned("a.b", "delete")))
     assert [i.code for i in verdict.issues] == ["tf_delete"]
+
+
+def test_recorded_terraform_stream_deletes_and_replaces_are_critical() -> None:
+    verdict = TerraformPlanValidator()(fixture("plan-stream-delete-replace.jsonl"))
+    assert verdict.critical
+    assert [(i.code, i.location) for i in verdict.issues] == [
+        ("tf_delete", "terraform_data.db"), ("tf_replace", "terraform_data.app")]
+    assert "delete_because_no_resource_config" in verdict.issues[0].message

@@ -481,8 +481,10 @@ _ENV = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1"}
 
 class TerraformCli:
     """Runs ``terraform`` (or ``tofu``) on the proposed configuration: ``init``, then
-    ``validate -json``, and with ``plan=True`` also ``plan -json``, scanned for destructive
-    changes by ``plan_validator``.
+    ``validate -json``, and with ``plan=True`` also ``plan -json``, scanned by
+    ``plan_validator`` for destructive changes and policy. The plan is saved and read back with
+    ``show -json`` so that policy rules see the planned values; if that fails, the streamed
+    messages are scanned instead.
 
     Each run gets its own fresh temporary directory, removed afterwards, so concurrent agents
     never share files. ``state`` (a ``terraform.tfstate`` to plan against) is copied in.
