@@ -19,6 +19,8 @@ import pytest
 from closedloop.store import open_store
 from closedloop.telemetry import StoreExporter, Telemetry
 
+from .test_deploy import dashboard_exprs
+
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
@@ -126,6 +128,9 @@ def test_prometheus_scrapes_serve_and_loads_the_rules(
         assert len(groups[0]["rules"]) == 5
         targets = httpx.get(f"{api}/targets", timeout=2.0).json()["data"]["activeTargets"]
         assert targets[0]["health"] == "up"
+        for expr in dashboard_exprs():  # every dashboard panel is valid PromQL for Prometheus
+            answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=2.0).json()
+            assert answer["status"] == "success", (expr, answer)
     finally:
         prom.terminate()
         prom.wait(10)

@@ -141,6 +141,20 @@ class Telemetry:
             self._wake.set()
         return True
 
+    def submit_many(self, spans: list[SpanRecord]) -> bool:
+        """Queue a step's finished spans at once; all dropped (and counted) if they don't fit."""
+        queue = self._queue
+        if len(queue) + len(spans) > self.max_queue or self._closed:
+            for _ in spans:
+                self._count_drop()
+            return False
+        queue.extend(spans)
+        if self._thread is None:
+            self._start()
+        elif len(queue) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+        return True
+
     @contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[LiveSpan]:
         """A span around a block, current for OpenTelemetry while the block runs.
@@ -287,7 +301,7 @@ class StepTrace:
     whatever is still open (an exception unwound the step) and then the root.
     """
 
-    __slots__ = ("_stack", "root", "telemetry", "trace_id")
+    __slots__ = ("_done", "_stack", "root", "telemetry", "trace_id")
 
     def __init__(self, telemetry: Telemetry, trace_id: str, name: str,
                  attributes: dict[str, Any]) -> None:
@@ -301,6 +315,7 @@ class StepTrace:
         self.root = SpanRecord(parent_trace, new_span_id(), parent_id, name, attributes,
                                _time_ns())
         self._stack: list[tuple[SpanRecord, object]] = [(self.root, None)]
+        self._done: list[SpanRecord] = []
 
     def open(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
         """Start a stage span, child of the innermost open one."""
@@ -319,11 +334,12 @@ class StepTrace:
         return rec
 
     def close(self) -> SpanRecord:
-        """End the innermost open stage and return its record."""
+        """End the innermost open stage and return its record (queued when the step ends)."""
         rec, token = self._stack.pop()
         if token is not None:
             deactivate(token)
-        self.telemetry.end_span(rec)
+        rec.end_ns = _time_ns()
+        self._done.append(rec)
         return rec
 
     def end(self, attributes: dict[str, Any], error: str | None = None) -> None:
@@ -335,7 +351,9 @@ class StepTrace:
         if error is not None:
             root.fail(error)
         self._stack.pop()
-        self.telemetry.end_span(root)
+        root.end_ns = _time_ns()
+        self._done.append(root)
+        self.telemetry.submit_many(self._done)
 
 
 def _shutdown_all() -> None:
