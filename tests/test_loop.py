@@ -153,6 +153,22 @@ def test_verification_mismatch_fails_with_every_difference(memory_store: cl.Stor
     assert len(event.detail["verification"][0]["issues"]) == 2
 
 
+def test_verification_warnings_are_recorded_on_success(memory_store: cl.Store) -> None:
+    def converged(intent: int, result: str) -> cl.Verdict:
+        return cl.Verdict.ok(cl.Issue(message="converged after 3 checks over 2.1 s",
+                                      code="converged", severity=cl.Severity.WARNING))
+
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     verifiers=[converged], store=memory_store).run(1)
+    assert result.ok
+    (event,) = events(memory_store)
+    assert event.verification_passed is True
+    assert event.detail is not None
+    (verdict,) = event.detail["verification"]
+    assert verdict["passed"] is True
+    assert verdict["issues"][0]["code"] == "converged"
+
+
 def test_unknown_verification_is_a_failure_of_its_own_type(memory_store: cl.Store) -> None:
     result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
                      verifiers=[lambda i, r: cl.Verdict.cannot_tell("endpoint unreachable")],

@@ -129,12 +129,14 @@ def _step(
         exception: BaseException | None = None,
     ) -> StepResult[Any, Any]:
         detail: dict[str, Any] | None = None
-        if history or exception is not None or (checked and not verification_passed):
+        # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
+        noted = _failed(checked) if checked else None
+        if history or exception is not None or noted:
             detail = {}
             if history:
                 detail["attempts"] = history
-            if checked and not verification_passed:
-                detail["verification"] = _failed(checked)
+            if noted:
+                detail["verification"] = noted
             if exception is not None:
                 detail["exception"] = {"type": type(exception).__qualname__,
                                        "module": type(exception).__module__,
