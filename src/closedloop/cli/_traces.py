@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.tree import Tree
@@ -121,3 +121,57 @@ def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bo
         click.echo(f"{'!' if row.diverges else ' '} {row.path} #{row.occurrence}: A {a} | B {b}")
         for key, (va, vb) in row.differences.items():
             click.echo(f"    {key}: A={va!r}  B={vb!r}")
+
+
+def _import_check(spec: str) -> tuple[str, Any]:
+    """``package.module:name`` → ``(name, callable)``; a class is instantiated without args."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"check {spec!r} must be given as package.module:name")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import check {spec}: {exc}") from None
+    if isinstance(target, type):
+        target = target()
+    if not callable(target):
+        raise ConfigError(f"check {spec} is not callable")
+    return attr, target
+
+
+@main.command()
+@click.option("--task-type", required=True, help="Replay the recorded steps of this task type.")
+@click.option("--validator", "validator_specs", multiple=True, metavar="MODULE:NAME",
+              help="A validator to run on each recorded final proposal (repeatable).")
+@click.option("--verifier", "verifier_specs", multiple=True, metavar="MODULE:NAME",
+              help="A verifier to run on each recorded (input, result) (repeatable).")
+@click.option("--since", type=Since(), help="Only steps since (24h, 7d, a date).")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the replay as JSON.")
+def replay(  # noqa: PLR0917 - click passes every option as an argument
+        task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
+        since: float | None, store_url: str, as_json: bool) -> None:
+    """Re-run today's validators and verifiers on the proposals recorded in traces."""
+    from closedloop.telemetry._replay import replay as run_replay
+
+    if not validator_specs and not verifier_specs:
+        raise ConfigError("give at least one --validator or --verifier to replay")
+    validators = [_import_check(s) for s in validator_specs]
+    verifiers = [_import_check(s) for s in verifier_specs]
+    report = run_replay(_open(store_url), task_type, validators=validators,
+                        verifiers=verifiers, since=since)
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    if not report.steps:
+        click.echo(f"error: no recorded steps of {task_type}", err=True)
+        sys.exit(EXIT_NO_DATA)
+    click.echo(f"{report.steps} steps of {task_type}: {report.verification_failures} "
+               f"verification failures, {report.successes} succeeded, "
+               f"{report.not_replayable} without a recorded proposal")
+    for sentence in report.sentences():
+        click.echo(sentence)

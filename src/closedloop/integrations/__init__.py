@@ -13,18 +13,15 @@ Not yet instrumented: OpenAI's ``responses`` API and embeddings, Anthropic's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from closedloop.integrations import _common
 from closedloop.integrations._anthropic import AnthropicProvider
-from closedloop.integrations._common import (
-    ModelCall,
-    RateLimitHook,
-    install_rate_limit_hook,
-    retry_after_seconds,
-    wrap_create,
-)
+from closedloop.integrations._common import ModelCall, RateLimitHook, retry_after_seconds
 from closedloop.integrations._openai import OpenAIProvider
-from closedloop.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from closedloop.telemetry import Telemetry
 
 __all__ = [
     "AnthropicProvider",
@@ -51,10 +48,10 @@ def instrument_openai(
     redacted per destination by the pipeline's exporters. Instrumenting twice is harmless.
     """
     completions = client.chat.completions
-    completions.create = wrap_create(completions.create, OpenAIProvider(), "chat", telemetry,
-                                     capture_content)
+    completions.create = _common.wrap_create(completions.create, OpenAIProvider(), "chat",
+                                             telemetry, capture_content)
     if on_rate_limited is not None:
-        install_rate_limit_hook(client, "openai", on_rate_limited)
+        _common.install_rate_limit_hook(client, "openai", on_rate_limited)
     return client
 
 
@@ -67,8 +64,8 @@ def instrument_anthropic(
 ) -> Any:
     """Instrument an ``anthropic.Anthropic`` or ``anthropic.AsyncAnthropic`` client in place."""
     messages = client.messages
-    messages.create = wrap_create(messages.create, AnthropicProvider(), "chat", telemetry,
-                                  capture_content)
+    messages.create = _common.wrap_create(messages.create, AnthropicProvider(), "chat",
+                                          telemetry, capture_content)
     if on_rate_limited is not None:
-        install_rate_limit_hook(client, "anthropic", on_rate_limited)
+        _common.install_rate_limit_hook(client, "anthropic", on_rate_limited)
     return client
