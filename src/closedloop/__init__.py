@@ -10,6 +10,7 @@ verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.
 from closedloop._errors import (
     Blocked,
     CheckCrashed,
+    CheckTimeout,
     ClosedLoopError,
     ConfigError,
     NotExecuted,
@@ -30,6 +31,7 @@ __all__ = [
     "Autonomy",
     "Blocked",
     "CheckCrashed",
+    "CheckTimeout",
     "ClosedLoopError",
     "ConfigError",
     "ErrorType",

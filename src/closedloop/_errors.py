@@ -5,6 +5,7 @@
     ClosedLoopError
     ├── ConfigError          a user mistake: bad store URL, bad option, async hook in a sync run
     ├── StoreError           the event store cannot be opened, migrated or read
+    ├── CheckTimeout         a validator or verifier missed its deadline (also a TimeoutError)
     └── StepFailed           raised only by ``StepResult.raise_for_outcome()``
         ├── ValidationFailed     validation still failed after the last re-ask
         ├── Blocked              a critical validation issue stopped the step, no re-ask
@@ -34,6 +35,14 @@ class ConfigError(ClosedLoopError):
 
 class StoreError(ClosedLoopError):
     """The event store cannot be opened, migrated or read."""
+
+
+class CheckTimeout(ClosedLoopError, TimeoutError):
+    """A validator or verifier did not return within its deadline.
+
+    It is raised (never turned into a verdict) so that the loop records the step as
+    ``validator_error``/``verifier_error``: the check failed, not the agent.
+    """
 
 
 class StepFailed(ClosedLoopError):

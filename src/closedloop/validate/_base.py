@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, ParamSpec, TypeVar
 
-from closedloop._errors import ClosedLoopError, ConfigError
+from closedloop._errors import CheckTimeout, ConfigError
 from closedloop._verdict import Issue
 
 P = ParamSpec("P")
@@ -43,14 +43,6 @@ def require(module: str) -> ModuleType:
         raise ConfigError(
             f"{top} is not installed; install it with: pip install 'closedloop[{extra}]'"
         ) from exc
-
-
-class CheckTimeout(ClosedLoopError, TimeoutError):
-    """A validator or verifier did not return within its deadline.
-
-    It is raised (never turned into a verdict) so that the loop records the step as
-    ``validator_error``/``verifier_error``: the check failed, not the agent.
-    """
 
 
 def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = None) -> (
