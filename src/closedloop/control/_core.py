@@ -1,0 +1,329 @@
+"""The per-key flow-control decision logic: adaptive rate, pacing, breaker. No I/O, no clock.
+
+One :class:`KeyState` per key (provider/model/endpoint). Every method takes ``now`` (seconds,
+from an injected clock), so the same logic runs in a unit test, in the virtual-time
+benchmark and behind the sync and async drivers. The Redis backend runs a line-by-line Lua
+port of it (:mod:`closedloop.control._redis`) so that N workers share one state atomically.
+
+**Rate.** Until the first overload the rate grows geometrically (slow start,
+``slow_start`` times per second of busy time). On an overload (429) the *ceiling* becomes the
+rate the downstream actually delivered over the last second (when it is saturated that is
+its real capacity, whatever we were sending) and the rate restarts at ``backoff`` x
+ceiling, then follows a cubic curve (as TCP CUBIC does): a quick concave climb back to the
+ceiling, a plateau just under it, then an accelerating probe above it in case capacity has
+grown. Only calls admitted *after* the last decrease can trigger another one, so the calls
+already in flight when the downstream pushes back do not collapse the rate. 503s and
+timeouts cut the rate to ``outage_backoff`` of what it was without forgetting the ceiling,
+so recovery is fast. Time during which nobody waited for a token is not growth time, so a
+key that is not busy does not "learn" a rate it never tried.
+
+**Pacing.** Each caller takes a numbered ticket; tokens are issued at the current rate
+(up to ``burst`` ahead of demand) and ticket *n* may go once *n + 1* tokens are out. The
+queue is first come first served, which keeps many agents fair, and a rate change applies
+at once to everyone waiting: a waiter sleeps until its estimated turn (never more than
+``max_sleep``) and then confirms. No tokens accrue while the breaker is open or the key
+is paused, so a recovering downstream is not hit by a flood.
+
+**Breaker.** ``failure_threshold`` consecutive unavailable/timeout results open it for
+``open_for`` seconds (at least the downstream's ``Retry-After``); then ``half_open_probes``
+calls probe; a success closes it, a failure reopens it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from closedloop._errors import ConfigError
+from closedloop.control._signals import Signal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """How one key is controlled. The defaults suit LLM providers; none needs the real limit."""
+
+    initial_rate: float = 5.0
+    """Requests per second before anything is learned."""
+    min_rate: float = 0.2
+    max_rate: float = 100_000.0
+    burst: float = 1.0
+    """Calls that may go back to back (token-bucket depth)."""
+    max_in_flight: int = 64
+    """Concurrent calls per process for this key."""
+    slow_start: float = 8.0
+    """Rate growth factor per busy second until the first overload."""
+    backoff: float = 0.9
+    """After an overload the rate restarts at this fraction of the measured ceiling."""
+    outage_backoff: float = 0.5
+    """After a 503/timeout the rate is cut to this fraction (the ceiling is kept)."""
+    cubic: float = 0.1
+    """Cubic growth coefficient (1/s³): with backoff 0.9 the plateau is reached in ~1 s."""
+    window: float = 1.0
+    """Seconds over which the delivered (succeeded) rate is measured."""
+    key_pause_after: float = 2.0
+    """A ``Retry-After`` at least this long pauses the whole key, not just the refused call."""
+    failure_threshold: int = 5
+    open_for: float = 0.25
+    half_open_probes: int = 1
+    max_sleep: float = 0.25
+    """Longest a queued caller sleeps before checking its turn again."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "initial_rate": self.initial_rate > 0, "min_rate": self.min_rate > 0,
+            "max_rate": self.max_rate >= self.min_rate, "burst": self.burst >= 1,
+            "max_in_flight": self.max_in_flight >= 1, "slow_start": self.slow_start >= 1,
+            "backoff": 0 < self.backoff < 1, "outage_backoff": 0 < self.outage_backoff < 1,
+            "cubic": self.cubic > 0, "window": self.window > 0,
+"key_pause_after": self.key_pause_after >= 0,
+            "failure_threshold": self.failure_threshold >= 1, "open_for": self.open_for > 0,
+            "half_open_probes": self.half_open_probes >= 1, "max_sleep": self.max_sleep > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid Limits: {', '.join(bad)} out of range")
+
+
+class BreakerState(StrEnum):
+    """The circuit breaker's state for one key."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The answer to an acquire: go at ``at`` (after waiting ``wait`` seconds).
+
+    ``reserved`` grants hold a ticket in the queue and are confirmed after the wait;
+    unreserved ones mean "nothing for you yet, ask again then" (breaker open, key
+    paused). ``probe`` marks a half-open breaker's probe call.
+    """
+
+    wait: float
+    ticket: int
+    at: float = 0.0
+    """When the call may go, on the backend's clock (handed back with its feedback)."""
+    reserved: bool = True
+    probe: bool = False
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        """True when the call may go now."""
+        return self.wait <= 0 and self.reserved
+
+
+@dataclass(slots=True)
+class KeyState:
+    """The mutable state of one key; all logic, no I/O. ``Limits`` are passed to each call."""
+
+    rate0: float = 0.0
+    """The rate at ``since`` (the start of the current growth curve)."""
+    since: float = 0.0
+    ceiling: float = 0.0
+    """The last measured capacity; 0 while still in slow start."""
+    issued: float = 0.0
+    tickets: int = 0
+    void_below: int = 0
+    """Tickets below this were cancelled by a breaker trip or a pause; they re-queue."""
+    last_fill: float = 0.0
+    busy_since: float = 0.0
+    learned_at: float = 0.0
+    hold_until: float = 0.0
+    win_start: float = 0.0
+    win_cur: float = 0.0
+    win_prev: float = 0.0
+    breaker: BreakerState = BreakerState.CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    open_for: float = 0.0
+    probes: int = 0
+    probe_at: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    # ----- rate -------------------------------------------------------------------------
+    def rate(self, limits: Limits, now: float) -> float:
+        """The current admitted rate (requests per second)."""
+        if self.rate0 <= 0:
+            return limits.initial_rate
+        t = max(0.0, now - self.since)
+        if self.ceiling <= 0:
+            r = self.rate0 * math.pow(limits.slow_start, t)
+        else:
+            frac = min(1.0, self.rate0 / self.ceiling)
+            k = math.cbrt((1.0 - frac) / limits.cubic)
+            r = self.ceiling * (1.0 + limits.cubic * (t - k) ** 3)
+        return min(limits.max_rate, max(limits.min_rate, r))
+
+    def delivered(self, limits: Limits, now: float) -> float:
+        """Successes per second over the last ``window`` (a two-bucket sliding estimate)."""
+        self._roll(limits, now)
+        w = limits.window
+        weight = 1.0 - (now - self.win_start) / w
+        return float((self.win_prev * max(0.0, weight) + self.win_cur) / w)
+
+    def _roll(self, limits: Limits, now: float) -> None:
+        w = limits.window
+        elapsed = now - self.win_start
+        if elapsed < w:
+            return
+        self.win_prev = self.win_cur if elapsed < 2 * w else 0.0
+        self.win_cur = 0.0
+        self.win_start = now - (elapsed % w)
+
+    def _restart(self, limits: Limits, now: float, rate: float) -> None:
+        self._fill(limits, now)
+        self.rate0 = min(limits.max_rate, max(limits.min_rate, rate))
+        self.since = now
+
+    def _fill(self, limits: Limits, now: float) -> None:
+        dt = max(0.0, now - self.last_fill)
+        if self.breaker is BreakerState.CLOSED and self.hold_until <= now:
+            rate = self.rate(limits, now)
+            cap = self.tickets + limits.burst - 1.0
+            if self.issued + rate * dt > cap:
+                # nobody was waiting for part of dt: the rate was not the limit then, so
+                # that time does not count as growth (TCP's congestion-window validation)
+                self.since += dt - max(0.0, cap - self.issued) / rate
+                self.busy_since = now
+                self.issued = cap
+            else:
+                self.issued += rate * dt
+        self.last_fill = now
+
+    def _turn(self, limits: Limits, now: float, ticket: int) -> Grant:
+        self._fill(limits, now)
+        short = ticket + 1.0 - self.issued
+        if short <= 1e-9:
+            return Grant(0.0, ticket, now)
+        wait = min(limits.max_sleep, short / self.rate(limits, now))
+        return Grant(wait, ticket, now + wait)
+
+    # ----- admission --------------------------------------------------------------------
+    def acquire(self, limits: Limits, now: float) -> Grant:
+        """Ask to make one call now: a place in the queue, or a time to ask again."""
+        if self.rate0 <= 0:
+            self.rate0 = limits.initial_rate
+            self.since = self.win_start = self.last_fill = self.busy_since = now
+            self.issued = limits.burst
+        if self.hold_until > now:
+            self._fill(limits, now)
+            return Grant(self.hold_until - now, -1, self.hold_until, reserved=False,
+                         reason="downstream asked to wait (Retry-After)")
+        if self.breaker is BreakerState.OPEN:
+            reopen = self.opened_at + self.open_for
+            if now < reopen:
+                return Grant(reopen - now, -1, reopen, reserved=False, reason="circuit open")
+            self.breaker, self.probes = BreakerState.HALF_OPEN, limits.half_open_probes
+            self.probe_at = now
+        if self.breaker is BreakerState.HALF_OPEN:
+            if self.probes <= 0 and now >= self.probe_at + limits.open_for:
+                self.probes = limits.half_open_probes  # a probe never reported back
+            if self.probes > 0:
+                self.probes -= 1
+                self.probe_at = now
+                self._count("granted")
+                return Grant(0.0, -1, now, probe=True)
+            return Grant(limits.open_for / 4, -1, now + limits.open_for / 4, reserved=False,
+                         reason="circuit half-open, probing")
+        ticket = self.tickets
+        self.tickets += 1
+        self._count("granted")
+        return self._turn(limits, now, ticket)
+
+    def confirm(self, limits: Limits, now: float, ticket: int) -> Grant:
+        """After waiting in the queue: go if the ticket's turn has come, else wait more."""
+        if ticket < self.void_below or self.breaker is not BreakerState.CLOSED or (
+            self.hold_until > now
+        ):
+            self._count("requeued")
+            return self.acquire(limits, now)
+        return self._turn(limits, now, ticket)
+
+    # ----- feedback ---------------------------------------------------------------------
+    def feedback(
+        self,
+        limits: Limits,
+        now: float,
+        signal: Signal,
+        *,
+        admitted_at: float,
+        retry_after: float | None = None,
+    ) -> None:
+        """Learn from one call's outcome; ``admitted_at`` is when its slot was granted."""
+        self._count(signal.value)
+        if signal is Signal.OK or signal is Signal.REJECTED:
+            if signal is Signal.OK:
+                self._roll(limits, now)
+                self.win_cur += 1
+            if self.breaker is not BreakerState.CLOSED:
+                self.breaker, self.failures = BreakerState.CLOSED, 0
+                # the probe got through: resume just under the last known capacity
+                self.since = self.busy_since = self.last_fill = now
+                if self.ceiling > 0:
+                    self.rate0 = max(self.rate0, limits.backoff * self.ceiling)
+                self._count("breaker_closed")
+            self.failures = 0
+            return
+        if signal is Signal.ERROR:
+            return
+        if retry_after is not None and retry_after >= limits.key_pause_after:
+            self.hold_until = max(self.hold_until, now + retry_after)
+            self._void(limits)
+        if signal is Signal.OVERLOADED:
+            if admitted_at < self.since:
+                return  # sent before the last decrease: already accounted for
+            measured = self.delivered(limits, now)
+            if self.ceiling <= 0:
+                # end of slow start: the measurement lags the ramp, but the refused call
+                # went out at a rate just above capacity
+                measured = max(measured, min(self.rate(limits, admitted_at),
+                                             self.rate(limits, now)))
+                self.learned_at = now
+            elif now - max(self.busy_since, self.learned_at) < limits.window:
+                # the window still mixes in the ramp or an idle spell: step down instead
+                measured = max(measured, limits.backoff * self.ceiling)
+            self.ceiling = measured if measured > 0 else self.rate(limits, now)
+            self._restart(limits, now, limits.backoff * self.ceiling)
+            self._count("decreases")
+            return
+        # UNAVAILABLE / TIMEOUT: the breaker counts it; the rate is cut, the ceiling kept
+        if admitted_at >= self.since and self.breaker is BreakerState.CLOSED:
+            self._restart(limits, now, limits.outage_backoff * self.rate(limits, now))
+        if self.breaker is BreakerState.HALF_OPEN:
+            self._trip(limits, now, retry_after)
+            return
+        self.failures += 1
+        if self.breaker is BreakerState.CLOSED and self.failures >= limits.failure_threshold:
+            self._trip(limits, now, retry_after)
+
+    def _trip(self, limits: Limits, now: float, retry_after: float | None) -> None:
+        self.breaker = BreakerState.OPEN
+        self.opened_at = now
+        self.open_for = max(limits.open_for, retry_after or 0.0)
+        self._void(limits)
+        self._count("breaker_opened")
+
+    def _void(self, limits: Limits) -> None:
+        # everyone queued re-queues after the pause/trip, so abandoned places cost nothing
+        self.void_below = self.tickets
+        self.issued = self.tickets + limits.burst - 1.0
+
+    def _count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def snapshot(self, limits: Limits, now: float) -> dict[str, Any]:
+        """A JSON-ready view for ``closedloop status`` and metrics."""
+        return {
+            "rate": round(self.rate(limits, now), 3),
+            "ceiling": round(self.ceiling, 3) if self.ceiling > 0 else None,
+            "delivered": round(self.delivered(limits, now), 3),
+            "breaker": self.breaker.value,
+            "failures": self.failures,
+            "paused_for": round(max(0.0, self.hold_until - now), 3),
+            "counts": dict(self.counts),
+        }

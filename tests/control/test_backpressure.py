@@ -1,0 +1,133 @@
+"""Backpressure around calls: retries, Retry-After, budget, deadline, both drivers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from closedloop.control import (
+    Backpressure,
+    CircuitOpen,
+    Limits,
+    RetryBudget,
+    RetryPolicy,
+)
+
+from ._clock import FakeClock
+
+
+def _error(status: int, retry_after: str | None = None) -> httpx.HTTPStatusError:
+    request = httpx.Request("GET", "http://127.0.0.1/")
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return httpx.HTTPStatusError("x", request=request,
+                                 response=httpx.Response(status, headers=headers,
+                                                         request=request))
+
+
+def _flaky(*failures: BaseException) -> Callable[[], str]:
+    pending = list(failures)
+
+    def call() -> str:
+        if pending:
+            raise pending.pop(0)
+        return "ok"
+    return call
+
+
+def _bp(clock: FakeClock, **kwargs: object) -> Backpressure:
+    return Backpressure(clock=clock, sleep=clock.sleep, asleep=clock.asleep,
+                        rng=random.Random(1), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_429_is_retried_after_its_retry_after() -> None:
+    clock = FakeClock()
+    bp = _bp(clock)
+    assert bp.call("llm", _flaky(_error(429, "1.5"))) == "ok"
+    assert max(clock.slept) >= 1.5
+
+
+def test_a_client_error_is_not_retried() -> None:
+    clock = FakeClock()
+    bp = _bp(clock)
+    calls = []
+
+    def bad() -> str:
+        calls.append(1)
+        raise _error(400)
+    with pytest.raises(httpx.HTTPStatusError):
+        bp.call("llm", bad)
+    assert len(calls) == 1
+
+
+def test_retries_stop_at_max_attempts_with_a_note() -> None:
+    clock = FakeClock()
+    bp = _bp(clock, retry=RetryPolicy(max_attempts=3))
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        bp.call("llm", _flaky(*[_error(503) for _ in range(5)]))
+    assert "3 attempts made" in "".join(info.value.__notes__)
+
+
+def test_a_spent_retry_budget_stops_retries() -> None:
+    clock = FakeClock()
+    bp = _bp(clock, budget_ratio=0.0, budget_min_per_second=0.0)
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        bp.call("llm", _flaky(_error(503)))
+    assert "retry budget" in "".join(info.value.__notes__)
+
+
+def test_the_budget_caps_retries_at_a_fraction_of_calls() -> None:
+    budget = RetryBudget(ratio=0.1, min_per_second=0.0, ttl=10.0)
+    for _ in range(100):
+        budget.record_call(0.0)
+    granted = sum(budget.try_withdraw(1.0) for _ in range(50))
+    assert granted == 10
+
+
+def test_full_jitter_stays_within_the_exponential_bound() -> None:
+    policy = RetryPolicy(base=0.1, cap=2.0)
+    rng = random.Random(3)
+    for retry in range(1, 10):
+        assert 0.0 <= policy.backoff(retry, rng) <= min(2.0, 0.1 * 2 ** (retry - 1))
+
+
+def test_an_open_circuit_fails_fast_when_the_deadline_is_short() -> None:
+    clock = FakeClock()
+    bp = _bp(clock, retry=RetryPolicy(max_attempts=1, deadline=0.1),
+             limits=Limits(failure_threshold=1, open_for=30.0))
+    with pytest.raises(httpx.HTTPStatusError):
+        bp.call("llm", _flaky(_error(503)))
+    with pytest.raises(CircuitOpen):
+        bp.call("llm", lambda: "never")
+
+
+def test_the_status_shows_each_key() -> None:
+    clock = FakeClock()
+    bp = _bp(clock)
+    bp.call("openai/gpt-4o", lambda: "ok")
+    status = bp.status()
+    assert status["openai/gpt-4o"]["breaker"] == "closed"
+    assert status["openai/gpt-4o"]["counts"]["ok"] == 1
+
+
+async def test_the_async_driver_retries_the_same_way() -> None:
+    clock = FakeClock()
+    bp = _bp(clock)
+    failures = [_error(429, "2")]
+
+    async def call() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+    assert await bp.acall("llm", call) == "ok"
+    assert max(clock.slept) >= 2.0
+
+
+def test_the_in_flight_count_returns_to_zero_after_a_failure() -> None:
+    clock = FakeClock()
+    bp = _bp(clock)
+    with pytest.raises(ValueError, match="boom"):
+        bp.call("llm", _flaky(ValueError("boom")))
+    assert bp.status()["llm"]["in_flight"] == 0
