@@ -45,12 +45,15 @@ def stage_map(spec: StepSpec) -> Stages:
 class LoopTracer:
     """One loop's tracing: the pipeline plus the loop's hooks mapped to their stages."""
 
-    __slots__ = ("spec", "stages", "telemetry")
+    __slots__ = ("root", "spec", "stages", "telemetry")
 
     def __init__(self, telemetry: Telemetry, spec: StepSpec) -> None:
         self.telemetry = telemetry
         self.spec = spec
         self.stages = stage_map(spec)
+        self.root = {"closedloop.task_type": spec.task_type,
+                     "closedloop.agent_id": spec.agent_id,
+                     "closedloop.autonomy": spec.autonomy.value}
 
     def step(self, machine: Any, task_input: Any, trace_id: str) -> StepGen:
         """``machine(spec, task_input, trace_id)``, traced."""
@@ -73,9 +76,7 @@ def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
 def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str) -> StepGen:
     """Run ``machine(spec, task_input, trace_id)`` with a span for each stage of the step."""
     spec = tracer.spec
-    tr: StepTrace = tracer.telemetry.step(trace_id, "closedloop.step", {
-        "closedloop.task_type": spec.task_type, "closedloop.agent_id": spec.agent_id,
-        "closedloop.autonomy": spec.autonomy.value})
+    tr: StepTrace = tracer.telemetry.step(trace_id, "closedloop.step", tracer.root.copy())
     stages = tracer.stages
     inner: StepGen = machine(spec, task_input, tr.trace_id)
     in_attempt = False
@@ -136,14 +137,15 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     except StopIteration as stop:
         result = stop.value
         event = result.event
-        attrs: dict[str, Any] = {"closedloop.outcome": result.outcome.value,
+        outcome = result.outcome  # StrEnum values are plain strings for every exporter
+        attrs: dict[str, Any] = {"closedloop.outcome": outcome,
                                  "closedloop.attempts": result.attempts}
         if result.error_type is not None:
-            attrs["closedloop.error_type"] = result.error_type.value
+            attrs["closedloop.error_type"] = result.error_type
         if event is not None:
             attrs["closedloop.usage.input_tokens"] = event.input_tokens
             attrs["closedloop.usage.output_tokens"] = event.output_tokens
-        tr.end(attrs, result.error_message if result.outcome.value == "error" else None)
+        tr.end(attrs, result.error_message if outcome == "error" else None)
         return result  # type: ignore[no-any-return]
     except BaseException as exc:
         tr.end({"closedloop.outcome": "error", "error.type": type(exc).__qualname__},

@@ -66,6 +66,8 @@ class Metrics:
                  max_label_values: int = 100) -> None:
         self.registry = registry if registry is not None else REGISTRY
         self._bound: dict[str, _Bounded] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._batch: dict[tuple[Counter, tuple[str, ...]], float] | None = None
         self.max_label_values = max_label_values
         r = self.registry
         self.task_runs = Counter("closedloop_task_runs", "Loop steps by task type and outcome.",
@@ -105,6 +107,21 @@ class Metrics:
         self.breaker = Enum("closedloop_breaker_state", "Fault-control state per task type.",
                             ["task_type"], states=list(BREAKER_STATES), registry=r)
 
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _inc(self, metric: Counter, labels: tuple[str, ...], n: float = 1.0) -> None:
+        batch = self._batch
+        if batch is None:
+            self._child(metric, labels).inc(n)
+        else:
+            key = (metric, labels)
+            batch[key] = batch.get(key, 0.0) + n
+
     def _label(self, name: str, value: object) -> str:
         bound = self._bound.get(name)
         if bound is None:
@@ -114,9 +131,16 @@ class Metrics:
     # -- the exporter face -------------------------------------------------------------
 
     def export(self, spans: Sequence[SpanRecord]) -> bool:
-        """Update the metrics from a batch of finished spans."""
-        for s in spans:
-            self.observe(s.name, s.attributes, s.duration_s, s.status == STATUS_ERROR)
+        """Update the metrics from a batch of finished spans (counters summed per batch)."""
+        batch: dict[tuple[Counter, tuple[str, ...]], float] = {}
+        self._batch = batch
+        try:
+            for s in spans:
+                self.observe(s.name, s.attributes, s.duration_s, s.status == STATUS_ERROR)
+        finally:
+            self._batch = None
+            for (metric, labels), n in batch.items():
+                self._child(metric, labels).inc(n)
         return True
 
     def observe_stored(self, spans: Iterable[StoredSpan]) -> None:
@@ -138,15 +162,15 @@ class Metrics:
         if name.startswith("closedloop.step"):
             task = label("task_type", attrs.get("closedloop.task_type"))
             outcome = label("outcome", attrs.get("closedloop.outcome"))
-            self.task_runs.labels(task, outcome).inc()
-            self.step_duration.labels(task, outcome).observe(duration_s)
+            self._inc(self.task_runs, (task, outcome))
+            self._child(self.step_duration, (task, outcome)).observe(duration_s)
             for kind in ("input", "output"):
                 n = attrs.get(f"closedloop.usage.{kind}_tokens")
                 if n:
-                    self.tokens.labels(task, kind).inc(n)
+                    self._inc(self.tokens, (task, kind), n)
         elif name == "closedloop.attempt":
             if int(attrs.get("closedloop.attempt", 1)) > 1:
-                self.reasks.labels(label("task_type", attrs.get("closedloop.task_type"))).inc()
+                self._inc(self.reasks, (label("task_type", attrs.get("closedloop.task_type")),))
         elif name in ("closedloop.validate", "closedloop.verify"):
             if attrs.get("closedloop.verdict.passed", True):
                 return
@@ -158,8 +182,8 @@ class Metrics:
                 kind = "failed"
             counter = (self.validation_failures if name == "closedloop.validate"
                        else self.verification_failures)
-            counter.labels(label("task_type", attrs.get("closedloop.task_type")),
-                           label("check", attrs.get("closedloop.check")), kind).inc()
+            self._inc(counter, (label("task_type", attrs.get("closedloop.task_type")),
+                                label("check", attrs.get("closedloop.check")), kind))
         operation = attrs.get("gen_ai.operation.name")
         if operation is None or operation == "invoke_agent":
             return
@@ -167,7 +191,7 @@ class Metrics:
         provider = label("gen_ai_provider_name", attrs.get("gen_ai.provider.name"))
         model = label("gen_ai_request_model", attrs.get("gen_ai.request.model"))
         err = label("error_type", attrs.get("error.type", "_OTHER" if error else ""))
-        self.op_duration.labels(op, provider, model, err).observe(duration_s)
+        self._child(self.op_duration, (op, provider, model, err)).observe(duration_s)
         for key, kind in (("gen_ai.usage.input_tokens", "input"),
                           ("gen_ai.usage.output_tokens", "output"),
                           ("gen_ai.usage.cache_read.input_tokens", "cache_read")):
@@ -175,9 +199,9 @@ class Metrics:
             if n is None:
                 continue
             if kind != "cache_read":
-                self.token_usage.labels(op, provider, model, kind).observe(n)
+                self._child(self.token_usage, (op, provider, model, kind)).observe(n)
             if n:
-                self.model_tokens.labels(provider, model, kind).inc(n)
+                self._inc(self.model_tokens, (provider, model, kind), n)
 
     # -- state the control layer reports -----------------------------------------------
 

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from closedloop.telemetry._span import (
     KIND_INTERNAL,
@@ -33,6 +33,10 @@ from closedloop.telemetry._span import (
     deactivate,
     new_span_id,
 )
+
+if TYPE_CHECKING:
+    from closedloop.loop._machine import StepSpec
+    from closedloop.telemetry._looptrace import LoopTracer
 
 log = logging.getLogger("closedloop.telemetry")
 
@@ -173,6 +177,12 @@ class Telemetry:
         finally:
             deactivate(token)
             self.end_span(record)
+
+    def tracer(self, spec: StepSpec) -> LoopTracer:
+        """The tracer a :class:`~closedloop.Loop` uses for its steps (built once per loop)."""
+        from closedloop.telemetry._looptrace import LoopTracer
+
+        return LoopTracer(self, spec)
 
     def step(self, trace_id: str, name: str, attributes: dict[str, Any]) -> StepTrace:
         """Open the root span of one loop step (child of the caller's current span, if any)."""
