@@ -147,6 +147,10 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
             attrs["closedloop.usage.output_tokens"] = event.output_tokens
         tr.end(attrs, result.error_message if outcome == "error" else None)
         return result  # type: ignore[no-any-return]
+    except GeneratorExit:  # the driver abandoned the step (an async hook under run())
+        tr.end({"closedloop.outcome": "error", "error.type": "abandoned"}, "step abandoned")
+        inner.close()
+        raise
     except BaseException as exc:
         tr.end({"closedloop.outcome": "error", "error.type": type(exc).__qualname__},
                f"{type(exc).__name__}: {exc}"[:500])
