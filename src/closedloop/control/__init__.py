@@ -11,6 +11,14 @@ Two concerns, one place:
   whose outcome verification keeps failing, until a human resumes it.
 """
 
+from closedloop.control._alerts import (
+    Alert,
+    AlertSink,
+    CaptureSink,
+    LogSink,
+    MetricSink,
+    WebhookSink,
+)
 from closedloop.control._backpressure import (
     Backpressure,
     BackpressureError,
@@ -18,6 +26,16 @@ from closedloop.control._backpressure import (
     DeadlineExceeded,
 )
 from closedloop.control._core import BreakerState, Grant, KeyState, Limits
+from closedloop.control._fault import FaultControl, resume
+from closedloop.control._ledger import (
+    ControlLedger,
+    MemoryLedger,
+    SQLiteLedger,
+    Stop,
+    StopKind,
+    ledger_for_store,
+)
+from closedloop.control._redis import RedisLedger, RedisRates
 from closedloop.control._retry import RetryBudget, RetryPolicy
 from closedloop.control._signals import (
     RETRYABLE,
@@ -31,21 +49,37 @@ from closedloop.control._state import LocalRates, RateBackend
 
 __all__ = [
     "RETRYABLE",
+    "Alert",
+    "AlertSink",
     "Backpressure",
     "BackpressureError",
     "BreakerState",
+    "CaptureSink",
     "CircuitOpen",
+    "ControlLedger",
     "DeadlineExceeded",
+    "FaultControl",
     "Feedback",
     "Grant",
     "KeyState",
     "Limits",
     "LocalRates",
+    "LogSink",
+    "MemoryLedger",
+    "MetricSink",
     "RateBackend",
+    "RedisLedger",
+    "RedisRates",
     "RetryBudget",
     "RetryPolicy",
+    "SQLiteLedger",
     "Signal",
+    "Stop",
+    "StopKind",
+    "WebhookSink",
     "classify",
+    "ledger_for_store",
     "parse_retry_after",
+    "resume",
     "retry_after_from_headers",
 ]

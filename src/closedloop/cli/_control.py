@@ -1,0 +1,146 @@
+"""``closedloop status`` and ``closedloop resume``: the control layer's state, and the human lift.
+
+``status`` shows pauses and halts per task type (who, why, when, evidence) and, with
+``--redis``, the shared per-key limits (rate, learned ceiling, breaker, workers). ``resume``
+lifts a halt or pause; it requires a reason, which is logged with who lifted it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import click
+from rich.table import Table
+
+from closedloop._errors import ConfigError
+from closedloop.cli import main
+from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
+from closedloop.control._ledger import ControlLedger, ledger_for_store, who
+
+_REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+
+
+def _redis_option(f: Any) -> Any:
+    return click.option(
+        "--redis", "redis_url", metavar="URL", default=lambda: os.environ.get(_REDIS_ENV),
+        help=f"Shared control state in Redis (default ${_REDIS_ENV}); else the store's file.",
+    )(click.option("--prefix", default="closedloop", show_default=True,
+                   help="Redis key prefix.")(f))
+
+
+def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[ControlLedger, str]:
+    if redis_url:
+        from closedloop.control._redis import RedisLedger
+
+        return RedisLedger(redis_url, prefix=prefix), redis_url
+    store = open_store_to_read(store_url)
+    try:
+        return ledger_for_store(store), store.url
+    finally:
+        store.close()
+
+
+def _ago(ts: float) -> str:
+    seconds = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@main.command()
+@store_option
+@_redis_option
+@click.option("--history", "history_n", type=int, default=5, show_default=True,
+              help="How many recent stop/resume entries to show.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
+           as_json: bool) -> None:
+    """Pauses and halts per task type and (with --redis) shared limits per key.
+
+    \b
+    Exit codes:
+      0  shown (also when nothing is paused or halted)
+      1  the store or Redis cannot be read
+      2  usage error
+    """
+    ledger, where = _ledger(store_url, redis_url, prefix)
+    try:
+        stops = ledger.stops()
+        history = ledger.history(history_n)
+        keys: dict[str, Any] = {}
+        if redis_url:
+            from closedloop.control import Limits
+            from closedloop.control._redis import RedisRates
+
+            rates = RedisRates(redis_url, prefix=prefix)
+            keys = {k: rates.snapshot(k, Limits()) for k in rates.keys()}  # noqa: SIM118 - a method, not a dict
+            rates.close()
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise ConfigError(f"cannot read control state from {where}: {exc}") from None
+        raise
+    if as_json:
+        echo_json({"source": where, "stops": [s.to_dict() for s in stops], "keys": keys,
+                   "history": history})
+        return
+    out = console()
+    if stops:
+        table = Table(title=f"Paused and halted task types ({where})")
+        for col in ("task type", "state", "since", "by", "reason", "until"):
+            table.add_column(col)
+        for s in stops:
+            table.add_row(s.task_type, s.kind.value.upper(), _ago(s.at), s.by, s.reason,
+                          "a human resumes it" if s.until is None else
+                          time.strftime("%H:%M:%SZ", time.gmtime(s.until)))
+        out.print(table)
+    else:
+        out.print(f"No task type is paused or halted ({where}).")
+    if keys:
+        table = Table(title="Shared limits per key (Redis)")
+        for col in ("key", "rate/s", "ceiling/s", "delivered/s", "breaker", "workers",
+                    "429s", "state"):
+            table.add_column(col)
+        for key, snap in keys.items():
+            table.add_row(key, f"{snap['rate']:.2f}",
+                          "learning" if snap["ceiling"] is None else f"{snap['ceiling']:.2f}",
+                          f"{snap['delivered']:.2f}", snap["breaker"], str(snap.get("workers", "")),
+                          str(snap["counts"].get("overloaded", 0)),
+                          snap.get("degraded", "ok"))
+        out.print(table)
+    elif not redis_url:
+        out.print("Per-key limits are in each process (Backpressure.status()); "
+                  f"pass --redis URL (or ${_REDIS_ENV}) to see shared ones.")
+    if history:
+        out.print("Recent:")
+        for h in history:
+            out.print(f"  {h.get('time', '')}  {h['event']:8} {h['task_type']}  by {h['by']}: "
+                      f"{h['reason']}")
+
+
+@main.command()
+@click.argument("task_type")
+@click.option("--reason", required=True, help="Why it is safe to resume (logged).")
+@click.option("--by", "by", default=None, help="Who resumes it (default user@host).")
+@store_option
+@_redis_option
+def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa: PLR0917 - click passes every option
+           redis_url: str | None, prefix: str) -> None:
+    """Lift the halt (or pause) of TASK_TYPE; only this, or the API, lifts a halt.
+
+    \b
+    Exit codes:
+      0  resumed
+      1  TASK_TYPE was neither halted nor paused, or the state cannot be read
+      2  usage error (no --reason, bad store URL)
+    """
+    from closedloop.control._fault import resume as lift
+
+    ledger, where = _ledger(store_url, redis_url, prefix)
+    stop = lift(ledger, task_type, reason=reason, by=by or who())
+    if stop is None:
+        click.echo(f"error: {task_type} is neither halted nor paused in {where}", err=True)
+        raise SystemExit(1)
+    click.echo(f"resumed {task_type} (was {stop.kind.value} by {stop.by}: {stop.reason})")

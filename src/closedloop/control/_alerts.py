@@ -1,0 +1,144 @@
+"""Alerts: what tripped, the evidence, and what to do, sent to pluggable sinks.
+
+A sink is anything with ``send(alert)``. Sinks must not block or break the agent: the
+webhook posts from its own thread through a bounded queue (overflow is dropped and counted),
+and :class:`~closedloop.control.FaultControl` catches and logs any sink's failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+_log = logging.getLogger("closedloop.control")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert:
+    """One alert: ``kind`` (paused, halted, resumed…), the subject, the evidence, the fix."""
+
+    kind: str
+    subject: str
+    summary: str
+    action: str
+    severity: str = "warning"
+    evidence: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body a webhook receives."""
+        out = asdict(self)
+        out["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at))
+        out["source"] = "closedloop"
+        return out
+
+    def render(self) -> str:
+        """One line for a log."""
+        facts = ", ".join(f"{k}={v}" for k, v in self.evidence.items())
+        return f"{self.kind} {self.subject}: {self.summary} [{facts}] — {self.action}"
+
+
+@runtime_checkable
+class AlertSink(Protocol):
+    """Receives alerts; must return quickly."""
+
+    def send(self, alert: Alert) -> None:
+        """Deliver (or queue) one alert."""
+
+
+class LogSink:
+    """Alerts as log records (WARNING, or CRITICAL for a halt) on ``closedloop.control``."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or _log
+
+    def send(self, alert: Alert) -> None:
+        level = logging.CRITICAL if alert.severity == "critical" else logging.WARNING
+        self.logger.log(level, "closedloop alert: %s", alert.render(),
+                        extra={"alert": alert.to_dict()})
+
+
+class CaptureSink:
+    """Keeps alerts in a list: the test double for your own tests."""
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    def send(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+
+
+class MetricSink:
+    """Counts alerts in ``closedloop_alerts_total{kind, subject}`` (prometheus_client)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter
+
+        self.counter = Counter("closedloop_alerts", "Alerts raised by closedloop fault control",
+                               ["kind", "subject"], registry=registry or REGISTRY)
+
+    def send(self, alert: Alert) -> None:
+        self.counter.labels(alert.kind, alert.subject).inc()
+
+
+class WebhookSink:
+    """POSTs each alert as JSON to ``url`` from a background thread (httpx).
+
+    At most ``max_pending`` alerts wait; more are dropped and counted in ``dropped``. A
+    failed POST is logged and counted in ``failed``, never raised.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, max_pending: int = 100,
+                 headers: dict[str, str] | None = None) -> None:
+        import httpx
+
+        self.url = url
+        self.sent = self.failed = self.dropped = 0
+        self._client = httpx.Client(timeout=timeout, headers=headers)
+        self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="closedloop-webhook",
+                                        daemon=True)
+        self._thread.start()
+
+    def send(self, alert: Alert) -> None:
+        try:
+            self._queue.put_nowait(alert)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            alert = self._queue.get()
+            try:
+                if alert is None:
+                    return
+                response = self._client.post(self.url, json=alert.to_dict())
+                response.raise_for_status()
+                self.sent += 1
+            except Exception as exc:  # noqa: BLE001 - an alert sink must never crash anything
+                self.failed += 1
+                _log.warning("closedloop: webhook alert to %s failed: %s", self.url, exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued alert was posted (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued, then stop the thread."""
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        self._client.close()

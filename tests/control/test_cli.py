@@ -1,0 +1,64 @@
+"""``closedloop status`` and ``closedloop resume`` against the store's SQLite file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import closedloop as cl
+from closedloop.cli import main
+from closedloop.control import SQLiteLedger, Stop, StopKind
+
+
+@pytest.fixture
+def halted_store(tmp_path: Path) -> str:
+    db = tmp_path / "events.db"
+    cl.open_store(f"sqlite:///{db}").close()
+    SQLiteLedger(db).put(Stop(task_type="provision", kind=StopKind.HALTED,
+                              reason="5 verifications failed in a row", by="FaultControl",
+                              at=time.time(), evidence={"consecutive_failures": 5}))
+    return f"sqlite:///{db}"
+
+
+def test_status_shows_the_halt_with_who_and_why(halted_store: str) -> None:
+    result = CliRunner().invoke(main, ["status", "--store", halted_store])
+    assert result.exit_code == 0
+    assert "provision" in result.output
+    assert "HALTED" in result.output
+    assert "5 verifications failed in a row" in result.output
+
+
+def test_status_json_lists_the_stops(halted_store: str) -> None:
+    result = CliRunner().invoke(main, ["status", "--store", halted_store, "--json"])
+    data = json.loads(result.output)
+    assert data["stops"][0]["task_type"] == "provision"
+    assert data["stops"][0]["evidence"] == {"consecutive_failures": 5}
+
+
+def test_resume_lifts_the_halt(halted_store: str) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["resume", "provision", "--reason", "AMI fixed",
+                                  "--by", "alice", "--store", halted_store])
+    assert result.exit_code == 0, result.output
+    assert "resumed provision" in result.output
+    status = json.loads(runner.invoke(main, ["status", "--store", halted_store,
+                                             "--json"]).output)
+    assert status["stops"] == []
+    assert status["history"][0]["by"] == "alice"
+
+
+def test_resume_without_a_reason_is_a_usage_error(halted_store: str) -> None:
+    result = CliRunner().invoke(main, ["resume", "provision", "--store", halted_store])
+    assert result.exit_code == 2
+    assert "--reason" in result.output
+
+
+def test_resuming_a_running_task_type_says_so(halted_store: str) -> None:
+    result = CliRunner().invoke(main, ["resume", "deploy", "--reason", "x",
+                                       "--store", halted_store])
+    assert result.exit_code == 1
+    assert "neither halted nor paused" in result.output
