@@ -1,6 +1,7 @@
 """Imports every command module so that each registers itself on ``main``."""
 from closedloop.cli import (
     _check,  # noqa: F401
+    _control,  # noqa: F401
     _demo,  # noqa: F401
     _report,  # noqa: F401
     _scores,  # noqa: F401
