@@ -12,10 +12,12 @@ from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 import pytest
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from closedloop.telemetry import Capture, Telemetry, otlp_grpc, otlp_http
+from closedloop.store import open_store
+from closedloop.telemetry import Capture, Telemetry, otlp_grpc, otlp_http, record_score
 
 Request = trace_service_pb2.ExportTraceServiceRequest
 
@@ -27,10 +29,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
-        request = Request()
+        request: Any = (Request() if self.path == "/v1/traces"
+                        else logs_service_pb2.ExportLogsServiceRequest())
         request.ParseFromString(body)
         self.server.received.append((self.path, self.headers["Content-Type"], request))  # type: ignore[attr-defined]
-        payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        payload = b""  # an empty Export*ServiceResponse
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", str(len(payload)))
@@ -168,3 +171,31 @@ class socket_free_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+def test_scores_reach_a_collector_as_evaluation_events(
+    http_receiver: tuple[str, list[tuple[str, str, Any]]], tmp_path: Any,
+) -> None:
+    from click.testing import CliRunner
+
+    from closedloop.cli import main
+
+    endpoint, received = http_receiver
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    record_score("ab" * 16, "satisfaction", 4, comment="ok", store=store)
+    record_score("ab" * 16, "quality", "wrong_region", span_id="cd" * 8, source="rule",
+                 store=store)
+    store.close()
+    logs_endpoint = endpoint.replace("/v1/traces", "/v1/logs")
+    result = CliRunner().invoke(main, ["scores", "export", "--otlp-http", logs_endpoint,
+                                       "--store", url])
+    assert result.exit_code == 0, result.output
+    ((path, _, request),) = received
+    records = request.resource_logs[0].scope_logs[0].log_records
+    assert path == "/v1/logs"
+    assert [r.event_name for r in records] == ["gen_ai.evaluation.result"] * 2
+    assert records[0].trace_id.hex() == "ab" * 16
+    assert records[1].span_id.hex() == "cd" * 8
+    attrs = {kv.key: kv.value for kv in records[1].attributes}
+    assert attrs["gen_ai.evaluation.score.label"].string_value == "wrong_region"

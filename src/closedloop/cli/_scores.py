@@ -79,3 +79,28 @@ def list_scores(store_url: str, trace_id: str | None, name: str | None, since: f
         shown = s.label if s.value is None else f"{s.value:g}"
         extra = f"  # {s.comment}" if s.comment else ""
         click.echo(f"{iso(s.ts)}  {s.trace_id}  {s.name}={shown}  ({s.source}){extra}")
+
+
+@scores.command("export")
+@store_option
+@click.option("--otlp-http", "endpoint", required=True, metavar="URL",
+              help="OTLP/HTTP logs endpoint, e.g. http://collector:4318/v1/logs.")
+@click.option("--name", help="Only scores with this name.")
+@click.option("--since", type=Since(), help="Only scores given since (24h, 7d, a date).")
+def export(store_url: str, endpoint: str, name: str | None, since: float | None) -> None:
+    """Send scores to a collector as gen_ai.evaluation.result events."""
+    from closedloop.telemetry import otlp_http_scores, span_store_for
+
+    found = span_store_for(_open(store_url)).scores(name=name, since=since)
+    if not found:
+        click.echo("no scores", err=True)
+        sys.exit(EXIT_NO_DATA)
+    exporter = otlp_http_scores(endpoint)
+    try:
+        ok = exporter.export(found)
+    finally:
+        exporter.shutdown()
+    if not ok:
+        click.echo(f"error: the collector at {endpoint} did not accept the scores", err=True)
+        sys.exit(1)
+    click.echo(f"exported {len(found)} scores to {endpoint}")

@@ -40,7 +40,13 @@ from closedloop.telemetry._pipeline import (
     set_default_telemetry,
 )
 from closedloop.telemetry._redact import Capture, Redactor
-from closedloop.telemetry._scores import TaskScores, record_score, score_summary
+from closedloop.telemetry._scores import (
+    OTelScoreExporter,
+    TaskScores,
+    otlp_http_scores,
+    record_score,
+    score_summary,
+)
 from closedloop.telemetry._span import LiveSpan, SpanRecord
 from closedloop.telemetry._spanstore import (
     MemorySpanStore,
@@ -64,6 +70,7 @@ __all__ = [
     "MemorySpanStore",
     "Metrics",
     "OTelExporter",
+    "OTelScoreExporter",
     "Redactor",
     "SQLiteSpanStore",
     "Score",
@@ -83,6 +90,7 @@ __all__ = [
     "metrics_asgi_app",
     "otlp_grpc",
     "otlp_http",
+    "otlp_http_scores",
     "record_score",
     "reset_default_telemetry",
     "score_summary",

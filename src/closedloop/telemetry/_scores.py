@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -139,3 +139,51 @@ def score_summary(store: Store, *, since: float | None = None,
             counts = ts.labels.setdefault(score.name, {})
             counts[score.label] = counts.get(score.label, 0) + 1
     return [by_task[k] for k in sorted(by_task)]
+
+
+class OTelScoreExporter:
+    """Sends scores as ``gen_ai.evaluation.result`` events (OTLP log records with the event
+    name, the trace and span ids, and the score attributes) through an official OpenTelemetry
+    log exporter, so evaluation tools see them next to the traces."""
+
+    def __init__(self, exporter: Any, *, service_name: str = "closedloop") -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from closedloop._version import __version__
+
+        self.exporter = exporter
+        self.resource = Resource.create({"service.name": service_name})
+        self.scope = InstrumentationScope("closedloop", __version__)
+
+    def export(self, scores: Sequence[Score]) -> bool:
+        """Send the scores; True when the exporter reports success."""
+        from opentelemetry._logs import LogRecord
+        from opentelemetry.sdk._logs import ReadableLogRecord
+        from opentelemetry.sdk._logs.export import LogRecordExportResult
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+        from opentelemetry.trace import set_span_in_context as in_context
+
+        records = []
+        for score in scores:
+            event = score.to_event()
+            ts = int(score.ts * 1e9)
+            span = SpanContext(int(score.trace_id, 16),
+                               int(score.span_id, 16) if score.span_id else 0, False,
+                               TraceFlags(TraceFlags.SAMPLED))
+            record = LogRecord(timestamp=ts, observed_timestamp=ts,
+                               context=in_context(NonRecordingSpan(span)),
+                               event_name=event["name"], attributes=event["attributes"])
+            records.append(ReadableLogRecord(record, self.resource, self.scope))
+        return self.exporter.export(records) is LogRecordExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Shut the log exporter down."""
+        self.exporter.shutdown()
+
+
+def otlp_http_scores(endpoint: str, *, timeout: float = 10.0) -> OTelScoreExporter:
+    """Scores over OTLP/HTTP (``endpoint`` like ``http://collector:4318/v1/logs``)."""
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+
+    return OTelScoreExporter(OTLPLogExporter(endpoint=endpoint, timeout=timeout))
