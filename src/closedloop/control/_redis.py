@@ -79,6 +79,11 @@ class RedisRates:
         self._next_try = 0.0
         self._lock = threading.Lock()
 
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable and the local fallback limit is in use."""
+        return self.degraded_since is not None
+
     # ----- the script -----------------------------------------------------------------------
     def _keys(self, key: str) -> list[str]:
         return [f"{self.prefix}:rate:{key}", f"{self.prefix}:workers:{key}"]
@@ -226,6 +231,15 @@ class RedisRates:
     def close(self) -> None:
         """Close the sync connection pool."""
         self._client.close()
+
+    async def aclose(self) -> None:
+        """Close this event loop's async connections (and the sync pool)."""
+        import asyncio
+
+        client = self._aclients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.aclose()
+        self.close()
 
 
 def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict[str, Any]:

@@ -1,0 +1,185 @@
+"""Shared state in Redis: the Lua port behaves like the Python logic, N workers share one limit,
+the halt is seen everywhere, and losing Redis falls back to a local limit and back again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from closedloop.cli import main
+from closedloop.control import (
+    Backpressure,
+    CaptureSink,
+    FaultControl,
+    Grant,
+    Limits,
+    LocalRates,
+    RateBackend,
+    RedisLedger,
+    RedisRates,
+    Signal,
+    Stop,
+    StopKind,
+)
+
+from .conftest import OwnRedis
+
+FIXED = Limits(initial_rate=10.0, slow_start=1.0)
+
+
+def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
+    """A fixed sequence of operations covering pacing, overload, breaker and probes."""
+    out: list[Any] = []
+
+    def at(t: float) -> None:
+        clock[0] = 1000.0 + t
+
+    at(0)
+    grants = [backend.acquire("k", FIXED) for _ in range(4)]
+    out += grants
+    at(0.3)
+    out.append(backend.confirm("k", FIXED, grants[3].ticket))
+    for i in range(20):
+        at(0.4 + i * 0.1)
+        g = backend.acquire("k", FIXED)
+        backend.feedback("k", FIXED, Signal.OK, g.at, None)
+    at(2.5)
+    backend.feedback("k", FIXED, Signal.OVERLOADED, 2.45 + 1000, None)
+    out.append(backend.acquire("k", FIXED))
+    for i in range(5):
+        at(3 + i * 0.01)
+        backend.feedback("k", FIXED, Signal.UNAVAILABLE, 1003.0, None)
+    out.append(backend.acquire("k", FIXED))
+    at(3.5)
+    probe = backend.acquire("k", FIXED)
+    out += [probe, backend.acquire("k", FIXED)]
+    backend.feedback("k", FIXED, Signal.OK, probe.at, None)
+    out.append(backend.acquire("k", FIXED))
+    snap = backend.snapshot("k", FIXED)
+    out.append({k: snap[k] for k in ("rate", "ceiling", "breaker", "failures", "counts")})
+    return out
+
+
+def _rounded(items: list[Any]) -> list[Any]:
+    return [(round(i.wait, 6), i.ticket, round(i.at, 6), i.reserved, i.probe, i.reason)
+            if isinstance(i, Grant) else i for i in items]
+
+
+def test_the_lua_port_decides_exactly_like_the_python_logic(redis_url: str,
+                                                             prefix: str) -> None:
+    clock = [0.0]
+    now: Callable[[], float] = lambda: clock[0]  # noqa: E731
+    local = _rounded(_script(LocalRates(clock=now), clock))
+    shared = _rounded(_script(RedisRates(redis_url, prefix=prefix, clock=now), clock))
+    assert shared == local
+
+
+_WORKER = """
+import json, sys, time
+from closedloop.control import Backpressure, Limits, RedisRates
+url, prefix, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+bp = Backpressure(backend=RedisRates(url, prefix=prefix),
+                  limits=Limits(initial_rate=40.0, slow_start=1.0, burst=1))
+times = []
+end = time.time() + seconds
+while time.time() < end:
+    bp.call("provider", lambda: times.append(time.time()))
+print(json.dumps(times))
+"""
+
+
+def test_two_processes_share_one_limit(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), redis_url, prefix, "1.5"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(outs), "both workers made calls"
+    times = sorted(t for out in outs for t in out)
+    # any one-second window holds at most rate + burst calls in total
+    j = 0
+    worst = 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.0:
+            j += 1
+        worst = max(worst, i - j + 1)
+    assert worst <= 40 + 1
+    assert len(times) >= 40  # and the limit is actually used, by both together
+
+
+def test_losing_redis_falls_back_to_a_local_limit_and_resyncs(
+        own_redis: OwnRedis, caplog: pytest.LogCaptureFixture) -> None:
+    rates = RedisRates(own_redis.url, retry_every=0.05, socket_timeout=0.2)
+    bp = Backpressure(backend=rates, limits=Limits(initial_rate=50.0, slow_start=1.0))
+    bp.call("provider", lambda: None)
+    assert not rates.degraded
+    own_redis.stop()
+    bp.call("provider", lambda: None)  # still works, on the local share
+    assert rates.degraded
+    assert "falling back" in caplog.text
+    assert "degraded" in bp.status()["provider"]
+    assert rates.local_limits("provider", bp.limits).max_rate <= 50.0
+    own_redis.start()
+    time.sleep(0.06)
+    bp.call("provider", lambda: None)
+    assert not rates.degraded
+    assert "is back" in caplog.text
+    assert rates.keys() == ["provider"]
+
+
+def test_a_halt_in_redis_stops_every_worker(redis_url: str, prefix: str) -> None:
+    ledger = RedisLedger(redis_url, prefix=prefix)
+    here = FaultControl(ledger=ledger, sinks=[CaptureSink()], recheck=0.0)
+    elsewhere = FaultControl(ledger=RedisLedger(redis_url, prefix=prefix), sinks=[],
+                             recheck=0.0)
+    ledger.put(Stop(task_type="provision", kind=StopKind.HALTED, reason="bad outcomes",
+                    by="FaultControl", at=time.time()))
+    refusal = elsewhere.admit("provision")
+    assert refusal is not None
+    assert refusal.outcome == "halted"
+    here.resume("provision", reason="fixed", by="bob")
+    assert elsewhere.admit("provision") is None
+    assert ledger.history(1)[0]["by"] == "bob"
+
+
+def test_a_pause_in_redis_never_replaces_a_halt(redis_url: str, prefix: str) -> None:
+    ledger = RedisLedger(redis_url, prefix=prefix)
+    now = time.time()
+    ledger.put(Stop(task_type="t", kind=StopKind.HALTED, reason="h", by="x", at=now))
+    ledger.put(Stop(task_type="t", kind=StopKind.PAUSED, reason="p", by="x", at=now,
+                    until=now + 60))
+    stop = ledger.get("t")
+    assert stop is not None
+    assert stop.kind is StopKind.HALTED
+
+
+def test_status_shows_the_shared_limits(redis_url: str, prefix: str) -> None:
+    bp = Backpressure(backend=RedisRates(redis_url, prefix=prefix))
+    bp.call("openai/gpt-4o", lambda: None)
+    result = CliRunner().invoke(main, ["status", "--store", "memory://", "--redis", redis_url,
+                                       "--prefix", prefix, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["keys"]["openai/gpt-4o"]["breaker"] == "closed"
+    assert data["keys"]["openai/gpt-4o"]["workers"] == 1
+
+
+async def test_the_async_driver_shares_the_limit_too(redis_url: str, prefix: str) -> None:
+    rates = RedisRates(redis_url, prefix=prefix)
+    bp = Backpressure(backend=rates)
+
+    async def call() -> str:
+        return "ok"
+    try:
+        assert await bp.acall("k", call) == "ok"
+        assert bp.status()["k"]["counts"]["ok"] == 1
+    finally:
+        await rates.aclose()
