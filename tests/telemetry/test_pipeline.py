@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from closedloop.telemetry import MemoryExporter, SpanRecord, Telemetry
+import closedloop as cl
+from closedloop.telemetry import (
+    MemoryExporter,
+    SpanRecord,
+    StoreExporter,
+    Telemetry,
+    span_store_for,
+)
 
 
 def test_spans_reach_the_exporter_on_flush(captured: tuple[Telemetry, MemoryExporter]) -> None:
@@ -143,3 +151,23 @@ async def test_concurrent_tasks_keep_their_own_parents(
         assert spans[f"{name}.child"].parent_id == spans[name].span_id
         assert spans[f"{name}.child"].trace_id == spans[name].trace_id
     assert spans["a"].trace_id != spans["b"].trace_id
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_exports_its_own_spans(store: cl.Store) -> None:
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    pipeline.end_span(pipeline.start_span("parent.before"))
+    pipeline.flush(5.0)  # the parent's export thread is running when we fork
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh queue and thread, flushed at exit
+        code = 1
+        try:
+            pipeline.end_span(pipeline.start_span("child"))
+            code = 0 if pipeline.shutdown().exported == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    pipeline.end_span(pipeline.start_span("parent.after"))
+    pipeline.shutdown()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(span_store_for(store).traces(limit=10)) == 3

@@ -7,6 +7,7 @@ file answers "what happened" (events), "why" (spans) and "how good was it" (scor
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import weakref
@@ -161,11 +162,13 @@ class SQLiteSpanStore:
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            # a connection is never shared with a forked child: it opens its own
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             self._local.conn = conn
+            self._local.pid = os.getpid()
         return conn
 
     def write_spans(self, spans: Sequence[StoredSpan]) -> None:
