@@ -92,23 +92,6 @@ def test_user_spans_nest_under_closedloop_spans(
     assert f"{theirs.context.trace_id:032x}" == ours.trace_id
 
 
-def test_closedloop_spans_nest_under_user_spans(
-    captured: tuple[Telemetry, MemoryExporter],
-    user_tracer: tuple[trace.Tracer, InMemorySpanExporter],
-) -> None:
-    pipeline, exporter = captured
-    tracer, user_spans = user_tracer
-    with tracer.start_as_current_span("user.request"):
-        step = pipeline.step("0" * 31 + "1", "closedloop.step", {})
-        step.end({})
-    pipeline.flush(5.0)
-    (ours,) = exporter.finished()
-    (theirs,) = user_spans.get_finished_spans()
-    assert ours.trace_id == f"{theirs.context.trace_id:032x}"
-    assert ours.parent_id == f"{theirs.context.span_id:016x}"
-    assert step.trace_id == ours.trace_id
-
-
 def test_attributes_set_on_the_current_span_land_on_closedloop_span(
     captured: tuple[Telemetry, MemoryExporter],
 ) -> None:

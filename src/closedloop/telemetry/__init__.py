@@ -32,7 +32,6 @@ from closedloop.telemetry._metrics import (
 )
 from closedloop.telemetry._pipeline import (
     SpanExporter,
-    StepTrace,
     Telemetry,
     TelemetryStats,
     default_telemetry,
@@ -77,7 +76,6 @@ __all__ = [
     "SpanExporter",
     "SpanRecord",
     "SpanStore",
-    "StepTrace",
     "StoreExporter",
     "StoreTail",
     "StoredSpan",

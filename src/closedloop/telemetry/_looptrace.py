@@ -13,10 +13,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
+from closedloop.telemetry._span import (
+    LiveSpan,
+    SpanRecord,
+    _time_ns,
+    activate,
+    current_parent,
+    deactivate,
+    new_span_id,
+)
 
 if TYPE_CHECKING:
     from closedloop.loop._machine import StepGen, StepSpec
-    from closedloop.telemetry._pipeline import StepTrace, Telemetry
+    from closedloop.telemetry._pipeline import Telemetry
 
 _AGENT, _VALIDATE, _APPROVE, _ACT, _VERIFY = range(5)
 Stages = dict[int, tuple[int, str, dict[str, Any]]]
@@ -73,85 +82,115 @@ def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
         attrs["closedloop.verdict.issues"] = [i.code for i in verdict.issues]
 
 
+def _end(rec: SpanRecord, done: list[SpanRecord]) -> None:
+    rec.end_ns = _time_ns()
+    done.append(rec)
+
+
 def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str) -> StepGen:
-    """Run ``machine(spec, task_input, trace_id)`` with a span for each stage of the step."""
-    spec = tracer.spec
-    tr: StepTrace = tracer.telemetry.step(trace_id, "closedloop.step", tracer.root.copy())
-    stages = tracer.stages
-    inner: StepGen = machine(spec, task_input, tr.trace_id)
-    in_attempt = False
-    acted = False
+    """Run ``machine(spec, task_input, trace_id)`` with a span for each stage of the step.
+
+    The step's spans are queued together when it ends (one queue operation per step). A step
+    started inside another span (the user's, or a closedloop stage's) is its child and takes
+    its trace id, which the machine then records in the step event.
+    """
+    spec, telemetry, stages = tracer.spec, tracer.telemetry, tracer.stages
+    trace, parent_id, _ = current_parent()
+    if trace:
+        trace_id = f"{trace:032x}"
+    else:
+        trace = int(trace_id, 16)
+    root = SpanRecord(trace, new_span_id(), parent_id, "closedloop.step", tracer.root.copy(),
+                      _time_ns())
+    done: list[SpanRecord] = []
+    attempt_span: SpanRecord | None = None
+    inner: StepGen = machine(spec, task_input, trace_id)
     try:
         call = next(inner)
         while True:
             fn, args = call
             stage = stages.get(id(fn))
-            rec = None
-            kind = -1
-            if stage is not None:
-                kind, name, base = stage
-                if kind == _AGENT and not acted:
-                    if in_attempt:
-                        tr.close()
-                    attempt = args[1]
-                    tr.open("closedloop.attempt", {"closedloop.task_type": spec.task_type,
-                                                   "closedloop.attempt": attempt.number})
-                    in_attempt = True
-                    tokens = (attempt.input_tokens, attempt.output_tokens)
-                    rec = tr.enter(name, base.copy())
-                    rec.content = {"closedloop.input": task_input}
-                    if attempt.feedback is not None:
-                        rec.content["closedloop.feedback"] = attempt.feedback
-                elif kind == _VALIDATE and not acted:
-                    rec = tr.enter(name, base.copy())
-                elif kind in (_APPROVE, _ACT) or (kind == _VERIFY and acted):
-                    if in_attempt:
-                        tr.close()
-                        in_attempt = False
-                    acted = acted or kind == _ACT
-                    rec = tr.enter(name, base.copy())
+            if stage is None:  # a guard: not a stage of its own
+                call = inner.send((yield call))
+                continue
+            kind, name, base = stage
+            if kind == _AGENT:
+                if attempt_span is not None:
+                    _end(attempt_span, done)
+                attempt = args[1]
+                attempt_span = SpanRecord(trace, new_span_id(), root.span_id,
+                                          "closedloop.attempt",
+                                          {"closedloop.task_type": spec.task_type,
+                                           "closedloop.attempt": attempt.number}, _time_ns())
+                parent = attempt_span
+            elif kind == _VALIDATE and attempt_span is not None:
+                parent = attempt_span
+            else:  # gate, action, verification: after the attempts
+                if attempt_span is not None:
+                    _end(attempt_span, done)
+                    attempt_span = None
+                parent = root
+            rec = SpanRecord(trace, new_span_id(), parent.span_id, name, base.copy(),
+                             _time_ns())
+            if kind == _AGENT:
+                tokens = (attempt.input_tokens, attempt.output_tokens)
+                content = rec.content = {"closedloop.input": task_input}
+                if attempt.feedback is not None:
+                    content["closedloop.feedback"] = attempt.feedback
+            token = activate(LiveSpan(rec, telemetry))
             try:
                 value = yield call
             except Exception as exc:  # noqa: BLE001 - recorded, then handed to the machine
-                if rec is not None:
-                    rec.attributes["error.type"] = type(exc).__qualname__
-                    rec.fail(f"{type(exc).__name__}: {exc}"[:500])
-                    tr.close()
+                deactivate(token)
+                rec.attributes["error.type"] = type(exc).__qualname__
+                rec.fail(f"{type(exc).__name__}: {exc}"[:500])
+                _end(rec, done)
                 call = inner.throw(exc)
                 continue
-            if rec is not None:
-                if kind == _AGENT:
-                    attempt = args[1]
-                    rec.attributes["gen_ai.usage.input_tokens"] = attempt.input_tokens - tokens[0]
-                    rec.attributes["gen_ai.usage.output_tokens"] = (attempt.output_tokens
-                                                                    - tokens[1])
-                    rec.content["closedloop.proposal"] = value  # type: ignore[index]
-                elif kind in (_VALIDATE, _VERIFY):
-                    _verdict_attrs(rec.attributes, value, base["closedloop.check"])
-                elif kind == _APPROVE:
-                    rec.attributes["closedloop.gate"] = "approved" if value else "rejected"
-                else:
-                    rec.content = {"closedloop.result": value}
-                tr.close()
+            except BaseException:  # closed or cancelled while the hook ran
+                deactivate(token)
+                _end(rec, done)
+                raise
+            deactivate(token)
+            _end(rec, done)
+            if kind == _AGENT:
+                rec.attributes["gen_ai.usage.input_tokens"] = attempt.input_tokens - tokens[0]
+                rec.attributes["gen_ai.usage.output_tokens"] = attempt.output_tokens - tokens[1]
+                content["closedloop.proposal"] = value
+            elif kind in (_VALIDATE, _VERIFY):
+                _verdict_attrs(rec.attributes, value, base["closedloop.check"])
+            elif kind == _APPROVE:
+                rec.attributes["closedloop.gate"] = "approved" if value else "rejected"
+            else:
+                rec.content = {"closedloop.result": value}
             call = inner.send(value)
     except StopIteration as stop:
         result = stop.value
-        event = result.event
         outcome = result.outcome  # StrEnum values are plain strings for every exporter
-        attrs: dict[str, Any] = {"closedloop.outcome": outcome,
-                                 "closedloop.attempts": result.attempts}
+        attrs = root.attributes
+        attrs["closedloop.outcome"] = outcome
+        attrs["closedloop.attempts"] = result.attempts
         if result.error_type is not None:
             attrs["closedloop.error_type"] = result.error_type
+            if outcome == "error":
+                root.fail(result.error_message)
+        event = result.event
         if event is not None:
             attrs["closedloop.usage.input_tokens"] = event.input_tokens
             attrs["closedloop.usage.output_tokens"] = event.output_tokens
-        tr.end(attrs, result.error_message if outcome == "error" else None)
         return result  # type: ignore[no-any-return]
     except GeneratorExit:  # the driver abandoned the step (an async hook under run())
-        tr.end({"closedloop.outcome": "error", "error.type": "abandoned"}, "step abandoned")
+        root.attributes.update({"closedloop.outcome": "error", "error.type": "abandoned"})
+        root.fail("step abandoned")
         inner.close()
         raise
     except BaseException as exc:
-        tr.end({"closedloop.outcome": "error", "error.type": type(exc).__qualname__},
-               f"{type(exc).__name__}: {exc}"[:500])
+        root.attributes.update({"closedloop.outcome": "error",
+                                "error.type": type(exc).__qualname__})
+        root.fail(f"{type(exc).__name__}: {exc}"[:500])
         raise
+    finally:
+        if attempt_span is not None:
+            _end(attempt_span, done)
+        _end(root, done)
+        telemetry.submit_many(done)

@@ -184,10 +184,6 @@ class Telemetry:
 
         return LoopTracer(self, spec)
 
-    def step(self, trace_id: str, name: str, attributes: dict[str, Any]) -> StepTrace:
-        """Open the root span of one loop step (child of the caller's current span, if any)."""
-        return StepTrace(self, trace_id, name, attributes)
-
     # -- control -----------------------------------------------------------------------
 
     def flush(self, timeout: float | None = 10.0) -> bool:
@@ -301,69 +297,6 @@ class Telemetry:
                 with self._lock:
                     self._failures[name] = self._failures.get(name, 0) + 1
         self._exported += len(batch)
-
-
-class StepTrace:
-    """The spans of one loop step: a stack of open stages under the step's root span.
-
-    :meth:`open` starts a stage (attempt, gate); :meth:`enter` starts a stage that runs user
-    code and makes it the current OpenTelemetry span until :meth:`close`. :meth:`end` closes
-    whatever is still open (an exception unwound the step) and then the root.
-    """
-
-    __slots__ = ("_done", "_stack", "root", "telemetry", "trace_id")
-
-    def __init__(self, telemetry: Telemetry, trace_id: str, name: str,
-                 attributes: dict[str, Any]) -> None:
-        self.telemetry = telemetry
-        parent_trace, parent_id, _ = current_parent()
-        if parent_trace:
-            trace_id = f"{parent_trace:032x}"
-        else:
-            parent_trace = int(trace_id, 16)
-        self.trace_id = trace_id
-        self.root = SpanRecord(parent_trace, new_span_id(), parent_id, name, attributes,
-                               _time_ns())
-        self._stack: list[tuple[SpanRecord, object]] = [(self.root, None)]
-        self._done: list[SpanRecord] = []
-
-    def open(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
-        """Start a stage span, child of the innermost open one."""
-        parent = self._stack[-1][0]
-        rec = SpanRecord(parent.trace_id, new_span_id(), parent.span_id, name, attributes,
-                         _time_ns())
-        self._stack.append((rec, None))
-        return rec
-
-    def enter(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
-        """Start a stage span that runs user code: it is the current OpenTelemetry span."""
-        parent = self._stack[-1][0]
-        rec = SpanRecord(parent.trace_id, new_span_id(), parent.span_id, name, attributes,
-                         _time_ns())
-        self._stack.append((rec, activate(LiveSpan(rec, self.telemetry))))
-        return rec
-
-    def close(self) -> SpanRecord:
-        """End the innermost open stage and return its record (queued when the step ends)."""
-        rec, token = self._stack.pop()
-        if token is not None:
-            deactivate(token)
-        rec.end_ns = _time_ns()
-        self._done.append(rec)
-        return rec
-
-    def end(self, attributes: dict[str, Any], error: str | None = None) -> None:
-        """Close any open stage, then the step's root span with its final attributes."""
-        while len(self._stack) > 1:
-            self.close()
-        root = self.root
-        root.attributes.update(attributes)
-        if error is not None:
-            root.fail(error)
-        self._stack.pop()
-        root.end_ns = _time_ns()
-        self._done.append(root)
-        self.telemetry.submit_many(self._done)
 
 
 def _shutdown_all() -> None:
