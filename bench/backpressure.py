@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import selectors
 import sys
@@ -356,6 +357,137 @@ def print_table(results: list[Result], rate: float) -> None:
               f"{r.calls_per_success_outage:20.2f}")
 
 
+# ----------------------------------------------------------------------------------------
+# scenario 2: 4 worker processes, one Redis-backed limiter, a real loopback provider
+
+
+class LoopbackProvider:
+    """An HTTP server on 127.0.0.1 admitting R requests/s (token bucket, burst 5)."""
+
+    def __init__(self, rate: float, latency: float = 0.05) -> None:
+        self.rate = rate
+        self.latency = latency
+        self.tokens = 5.0
+        self.last = 0.0
+        self.ok: list[float] = []
+        self.throttled = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head:
+                    return
+                now = loop.time()
+                self.tokens = min(5.0, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= 1.0:
+                    self.tokens -= 1.0
+                    status, extra = "200 OK", ""
+                    self.ok.append(now)
+                else:
+                    self.throttled += 1
+                    status, extra = "429 Too Many Requests", "Retry-After: 1\r\n"
+                await asyncio.sleep(self.latency)
+                writer.write(f"HTTP/1.1 {status}\r\n{extra}Content-Length: 2\r\n\r\nok"
+                             .encode())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+_WORKER = """
+import asyncio, sys, time
+import httpx
+from closedloop.control import Backpressure, RedisRates
+url, redis_url, prefix, until = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+async def main():
+    rates = RedisRates(redis_url, prefix=prefix)
+    bp = Backpressure(backend=rates)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+        async def get():
+            r = await client.get(url)
+            r.raise_for_status()
+        async def agent():
+            while time.time() < until:
+                try:
+                    await bp.acall("provider", get)
+                except Exception:
+                    pass
+        await asyncio.gather(*(agent() for _ in range(16)))
+    await rates.aclose()
+asyncio.run(main())
+"""
+
+
+def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str) -> dict[str, Any]:
+    import tempfile
+    import time as wall
+    import uuid
+
+    from closedloop.control import LocalRates, RedisRates
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    provider = LoopbackProvider(rate)
+
+    async def run() -> None:
+        server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        until = wall.time() + seconds
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(_WORKER)
+        procs = [await asyncio.create_subprocess_exec(
+            sys.executable, f.name, f"http://127.0.0.1:{port}/", redis_url, prefix,
+            str(until)) for _ in range(workers)]
+        await asyncio.gather(*(p.wait() for p in procs))
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(run())
+    ok = sorted(provider.ok)
+    start = ok[0]
+    steady = [t for t in ok if t >= start + seconds / 3]  # after learning
+    span = (steady[-1] - steady[0]) if len(steady) > 1 else 1.0
+    aggregate = (len(steady) - 1) / span
+
+    # the cost of one acquire: shared (Redis, one Lua call) and local, same limits
+    limits = Limits(initial_rate=1e6, max_rate=1e6, slow_start=1.0, burst=1e6)
+    costs: dict[str, tuple[float, float]] = {}
+    for name, backend in (("redis", RedisRates(redis_url, prefix=prefix + "-cost")),
+                          ("local", LocalRates())):
+        samples = []
+        for _ in range(3000):
+            t0 = wall.perf_counter()
+            backend.acquire("cost", limits)
+            samples.append(wall.perf_counter() - t0)
+        samples.sort()
+        costs[name] = (_pct(samples, 0.5) * 1e6, _pct(samples, 0.99) * 1e6)
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    return {"rate": rate, "workers": workers, "seconds": seconds,
+            "aggregate": aggregate, "ratio": aggregate / rate,
+            "throttled_per_success": provider.throttled / max(1, len(ok)),
+            "acquire_us": costs}
+
+
+def print_redis(r: dict[str, Any]) -> None:
+    print(f"\nScenario 2 (real time, Redis): R = {r['rate']:g}/s, {r['workers']} worker "
+          f"processes x 16 agents, {r['seconds']:g} s")
+    print(f"aggregate rate over the last two thirds: {r['aggregate']:.1f}/s = "
+          f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f})")
+    (rp50, rp99), (lp50, lp99) = r["acquire_us"]["redis"], r["acquire_us"]["local"]
+    print(f"one acquire: Redis p50 {rp50:.0f} us, p99 {rp99:.0f} us; "
+          f"local p50 {lp50:.1f} us, p99 {lp99:.1f} us; added by Redis p50 "
+          f"{rp50 - lp50:.0f} us, p99 {rp99 - lp99:.0f} us")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--rate", type=float, default=50.0)
@@ -364,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", choices=["sim", "redis"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--redis-rate", type=float, default=100.0)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
+                                                            "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
     if args.only in (None, "sim"):
         results = scenario_sim(args.rate, args.agents, args.duration, args.seed)
@@ -371,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps([r.__dict__ for r in results], indent=2))
         else:
             print_table(results, args.rate)
+    if args.only in (None, "redis"):
+        found = scenario_redis(args.redis_rate, args.workers, args.seconds, args.redis_url)
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print_redis(found)
     return 0
 
 

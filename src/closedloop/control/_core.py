@@ -9,20 +9,23 @@ port of it (:mod:`closedloop.control._redis`) so that N workers share one state 
 ``slow_start`` times per second of busy time). On an overload (429) the *ceiling* becomes the
 rate the downstream actually delivered over the last second (when it is saturated that is
 its real capacity, whatever we were sending) and the rate restarts at ``backoff`` x
-ceiling, then follows a cubic curve (as TCP CUBIC does): a quick concave climb back to the
-ceiling, a plateau just under it, then an accelerating probe above it in case capacity has
-grown. Only calls admitted *after* the last decrease can trigger another one, so the calls
-already in flight when the downstream pushes back do not collapse the rate. 503s and
-timeouts cut the rate to ``outage_backoff`` of what it was without forgetting the ceiling,
-so recovery is fast. Time during which nobody waited for a token is not growth time, so a
-key that is not busy does not "learn" a rate it never tried.
+ceiling, then follows a curve after TCP CUBIC: a quick concave climb back to the ceiling, a
+plateau just under it, then a probe above it, slow at first (``probe`` per second, because
+a provider's burst allowance hides a small overshoot for a while) and accelerating
+(``probe_cubic``) in case capacity has really grown. Only calls admitted *after* the last
+decrease can trigger another one, so the calls already in flight when the downstream pushes
+back do not collapse the rate. 503s and timeouts cut the rate to ``outage_backoff`` of what
+it was without forgetting the ceiling, and a successful probe after an outage resumes at
+``backoff`` x ceiling, so recovery is fast. Time during which nobody waited for a token is
+not growth time, so a key that is not busy does not "learn" a rate it never tried.
 
 **Pacing.** Each caller takes a numbered ticket; tokens are issued at the current rate
 (up to ``burst`` ahead of demand) and ticket *n* may go once *n + 1* tokens are out. The
 queue is first come first served, which keeps many agents fair, and a rate change applies
 at once to everyone waiting: a waiter sleeps until its estimated turn (never more than
 ``max_sleep``) and then confirms. No tokens accrue while the breaker is open or the key
-is paused, so a recovering downstream is not hit by a flood.
+is paused, so a recovering downstream is not hit by a flood, and departures stay at least
+``1/rate`` apart beyond the burst (GCRA), so waiters that wake late do not leave in a clump.
 
 **Breaker.** ``failure_threshold`` consecutive unavailable/timeout results open it for
 ``open_for`` seconds (at least the downstream's ``Retry-After``); then ``half_open_probes``
@@ -59,7 +62,11 @@ class Limits:
     outage_backoff: float = 0.5
     """After a 503/timeout the rate is cut to this fraction (the ceiling is kept)."""
     cubic: float = 0.1
-    """Cubic growth coefficient (1/s³): with backoff 0.9 the plateau is reached in ~1 s."""
+    """Cubic coefficient (1/s³) of the climb back: with backoff 0.9 the ceiling is ~1 s away."""
+    probe: float = 0.04
+    """Above the ceiling the rate grows by this fraction of it per second, plus..."""
+    probe_cubic: float = 0.002
+    """...this cubic term (1/s³), so that a much larger capacity is still found in seconds."""
     window: float = 1.0
     """Seconds over which the delivered (succeeded) rate is measured."""
     key_pause_after: float = 2.0
@@ -76,8 +83,9 @@ class Limits:
             "max_rate": self.max_rate >= self.min_rate, "burst": self.burst >= 1,
             "max_in_flight": self.max_in_flight >= 1, "slow_start": self.slow_start >= 1,
             "backoff": 0 < self.backoff < 1, "outage_backoff": 0 < self.outage_backoff < 1,
-            "cubic": self.cubic > 0, "window": self.window > 0,
-"key_pause_after": self.key_pause_after >= 0,
+            "cubic": self.cubic > 0, "window": self.window > 0, "probe": self.probe >= 0,
+            "probe_cubic": self.probe_cubic >= 0 and self.probe + self.probe_cubic > 0,
+            "key_pause_after": self.key_pause_after >= 0,
             "failure_threshold": self.failure_threshold >= 1, "open_for": self.open_for > 0,
             "half_open_probes": self.half_open_probes >= 1, "max_sleep": self.max_sleep > 0,
         }
@@ -127,6 +135,8 @@ class KeyState:
     ceiling: float = 0.0
     """The last measured capacity; 0 while still in slow start."""
     issued: float = 0.0
+    tat: float = 0.0
+    """Earliest departure time of the next call (GCRA), to space departures."""
     tickets: int = 0
     void_below: int = 0
     """Tickets below this were cancelled by a breaker trip or a pause; they re-queue."""
@@ -155,8 +165,11 @@ class KeyState:
             r = self.rate0 * math.pow(limits.slow_start, t)
         else:
             frac = min(1.0, self.rate0 / self.ceiling)
-            k = math.cbrt((1.0 - frac) / limits.cubic)
-            r = self.ceiling * (1.0 + limits.cubic * (t - k) ** 3)
+            x = t - math.cbrt((1.0 - frac) / limits.cubic)
+            if x <= 0:  # concave: back to the ceiling
+                r = self.ceiling * (1.0 + limits.cubic * x**3)
+            else:  # probe: slowly at first (a provider's burst hides overshoot), then faster
+                r = self.ceiling * (1.0 + limits.probe * x + limits.probe_cubic * x**3)
         return min(limits.max_rate, max(limits.min_rate, r))
 
     def delivered(self, limits: Limits, now: float) -> float:
@@ -183,7 +196,8 @@ class KeyState:
     def _fill(self, limits: Limits, now: float) -> None:
         dt = max(0.0, now - self.last_fill)
         if self.breaker is BreakerState.CLOSED and self.hold_until <= now:
-            rate = self.rate(limits, now)
+            # the mean of the rates at both ends: the rate moves fast in slow start
+            rate = 0.5 * (self.rate(limits, self.last_fill) + self.rate(limits, now))
             cap = self.tickets + limits.burst - 1.0
             if self.issued + rate * dt > cap:
                 # nobody was waiting for part of dt: the rate was not the limit then, so
@@ -197,11 +211,18 @@ class KeyState:
 
     def _turn(self, limits: Limits, now: float, ticket: int) -> Grant:
         self._fill(limits, now)
+        rate = self.rate(limits, now)
         short = ticket + 1.0 - self.issued
-        if short <= 1e-9:
-            return Grant(0.0, ticket, now)
-        wait = min(limits.max_sleep, short / self.rate(limits, now))
-        return Grant(wait, ticket, now + wait)
+        if short > 1e-9:
+            wait = min(limits.max_sleep, short / rate)
+            return Grant(wait, ticket, now + wait)
+        # its turn has come; departures are still spaced 1/rate apart (beyond the burst),
+        # so waiters that wake up late together do not leave in a clump
+        early = self.tat - now - (limits.burst - 1.0) / rate
+        if early > 1e-9:
+            return Grant(early, ticket, now + early)
+        self.tat = max(self.tat, now) + 1.0 / rate
+        return Grant(0.0, ticket, now)
 
     # ----- admission --------------------------------------------------------------------
     def acquire(self, limits: Limits, now: float) -> Grant:

@@ -44,9 +44,12 @@ local function rate_at(t_now)
     r = g('rate0') * math.pow(L.slow_start, t)
   else
     local frac = math.min(1, g('rate0') / g('ceiling'))
-    local k = math.pow((1 - frac) / L.cubic, 1 / 3)
-    local d = t - k
-    r = g('ceiling') * (1 + L.cubic * d * d * d)
+    local x = t - math.pow((1 - frac) / L.cubic, 1 / 3)
+    if x <= 0 then
+      r = g('ceiling') * (1 + L.cubic * x * x * x)
+    else
+      r = g('ceiling') * (1 + L.probe * x + L.probe_cubic * x * x * x)
+    end
   end
   return math.min(L.max_rate, math.max(L.min_rate, r))
 end
@@ -55,7 +58,7 @@ local function fill()
   local dt = now - g('last_fill')
   if dt < 0 then dt = 0 end
   if g('breaker') == CLOSED and g('hold_until') <= now then
-    local r = rate_at(now)
+    local r = 0.5 * (rate_at(g('last_fill')) + rate_at(now))
     local cap = g('tickets') + L.burst - 1
     if g('issued') + r * dt > cap then
       S.since = g('since') + dt - math.max(0, cap - g('issued')) / r
@@ -92,10 +95,16 @@ local result = nil
 
 local function turn(ticket)
   fill()
+  local r = rate_at(now)
   local short = ticket + 1 - g('issued')
-  if short <= 1e-9 then return {0, ticket, now, 1, 0, ''} end
-  local wait = math.min(L.max_sleep, short / rate_at(now))
-  return {wait, ticket, now + wait, 1, 0, ''}
+  if short > 1e-9 then
+    local wait = math.min(L.max_sleep, short / r)
+    return {wait, ticket, now + wait, 1, 0, ''}
+  end
+  local early = g('tat') - now - (L.burst - 1) / r
+  if early > 1e-9 then return {early, ticket, now + early, 1, 0, ''} end
+  S.tat = math.max(g('tat'), now) + 1 / r
+  return {0, ticket, now, 1, 0, ''}
 end
 
 local function acquire()

@@ -247,7 +247,7 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 
     values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
     state = KeyState()
-    for name in ("rate0", "since", "ceiling", "issued", "last_fill", "busy_since",
+    for name in ("rate0", "since", "ceiling", "issued", "tat", "last_fill", "busy_since",
                  "learned_at", "hold_until", "win_start", "win_cur", "win_prev", "opened_at",
                  "open_for", "probe_at"):
         if name in values:
