@@ -12,6 +12,7 @@ them, one with ``time.sleep`` and one with ``asyncio.sleep`` (both injectable).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import random
 import threading
@@ -105,7 +106,8 @@ class Backpressure:
         return budget
 
     # ----- the decision logic, once ------------------------------------------------------
-    def _plan(self, key: str) -> Plan:
+    def _plan(self, key: str, limits: Limits) -> Plan:
+        """Yield ``(op, args)``; the driver runs ``op(*args)`` and sends back the result."""
         policy = self.retry
         start = self._clock()
         deadline = start + policy.deadline if policy.deadline is not None else math.inf
@@ -114,26 +116,32 @@ class Backpressure:
         attempt = 0
         while True:
             attempt += 1
-            yield _ENTER, None
-            grant: Grant = yield _ACQUIRE, None
-            while not grant.ready:
-                now = self._clock()
-                if now + grant.wait > deadline:
-                    cls = CircuitOpen if grant.reason.startswith("circuit") else DeadlineExceeded
-                    raise cls(f"{key}: {grant.reason or 'no slot'} for another "
-                              f"{grant.wait:.2f}s, past the call's deadline",
-                              key=key, wait=grant.wait)
-                yield _SLEEP, grant.wait
-                grant = yield ((_CONFIRM, grant.ticket) if grant.reserved else (_ACQUIRE, None))
-            error: BaseException | None = None
-            value: Any = None
+            yield _ENTER, ()
+            self._inc(key, 1)
             try:
-                value = yield _CALL, None
-            except Exception as exc:  # noqa: BLE001 - classified, then re-raised or retried
-                error = exc
-            feedback = self.classifier(error if error is not None else value)
-            yield _REPORT, (feedback, grant.at)
-            yield _LEAVE, None
+                grant: Grant = yield _ACQUIRE, (key, limits)
+                while not grant.ready:
+                    now = self._clock()
+                    if now + grant.wait > deadline:
+                        cls = (CircuitOpen if grant.reason.startswith("circuit")
+                               else DeadlineExceeded)
+                        raise cls(f"{key}: {grant.reason or 'no slot'} for another "
+                                  f"{grant.wait:.2f}s, past the call's deadline",
+                                  key=key, wait=grant.wait)
+                    yield _SLEEP, (grant.wait,)
+                    grant = yield ((_CONFIRM, (key, limits, grant.ticket)) if grant.reserved
+                                   else (_ACQUIRE, (key, limits)))
+                error: BaseException | None = None
+                value: Any = None
+                try:
+                    value = yield _CALL, ()
+                except Exception as exc:  # noqa: BLE001 - classified, then re-raised or retried
+                    error = exc
+                feedback = self.classifier(error if error is not None else value)
+                yield _REPORT, (key, limits, feedback.signal, grant.at, feedback.retry_after)
+            finally:
+                self._inc(key, -1)
+            yield _LEAVE, ()
             if feedback.signal not in RETRYABLE:
                 if error is not None:
                     raise error
@@ -152,9 +160,9 @@ class Backpressure:
                     error.add_note(f"closedloop: gave up on {key} ({feedback.signal}): {why}")
                     raise error
                 return value
-            yield _SLEEP, delay
+            yield _SLEEP, (delay,)
 
-    # ----- drivers ------------------------------------------------------------------------
+    # ----- drivers: run the plan's operations, nothing else -------------------------------
     def _slot(self, key: str, limits: Limits) -> threading.BoundedSemaphore:
         sem = self._slots.get(key)
         if sem is None:
@@ -176,46 +184,31 @@ class Backpressure:
     def call(self, key: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``fn(*args, **kwargs)`` under the key's backpressure (blocking waits)."""
         limits = self.limits_for(key)
-        backend = self.backend
-        plan = self._plan(key)
         sem = self._slot(key, limits)
+        b = self.backend
+        ops: dict[int, Callable[..., Any]] = {
+            _ACQUIRE: b.acquire, _CONFIRM: b.confirm, _REPORT: b.feedback,
+            _SLEEP: self._sleep, _ENTER: sem.acquire, _LEAVE: sem.release}
+        plan = self._plan(key, limits)
         held = False
-        result: Any = None
         try:
             op, arg = next(plan)
             while True:
                 if op == _CALL:
                     try:
-                        result = fn(*args, **kwargs)
+                        result: Any = fn(*args, **kwargs)
                     except Exception as exc:  # noqa: BLE001 - the plan decides
                         op, arg = plan.throw(exc)
                         continue
-                elif op == _ACQUIRE:
-                    result = backend.acquire(key, limits)
-                elif op == _CONFIRM:
-                    result = backend.confirm(key, limits, arg)
-                elif op == _SLEEP:
-                    self._sleep(arg)
-                    result = None
-                elif op == _REPORT:
-                    backend.feedback(key, limits, arg[0].signal, arg[1], arg[0].retry_after)
-                    result = None
-                elif op == _ENTER:
-                    sem.acquire()
-                    held = True
-                    self._inc(key, 1)
-                else:  # _LEAVE
-                    held = False
-                    self._inc(key, -1)
-                    sem.release()
-                    result = None
+                else:
+                    result = ops[op](*arg)
+                    held = op == _ENTER or (held and op != _LEAVE)
                 op, arg = plan.send(result)
         except StopIteration as stop:
             value: T = stop.value
             return value
         finally:
             if held:
-                self._inc(key, -1)
                 sem.release()
 
     async def acall(
@@ -223,47 +216,33 @@ class Backpressure:
     ) -> T:
         """Await ``fn(*args, **kwargs)`` under the key's backpressure (asyncio sleeps)."""
         limits = self.limits_for(key)
-        backend = self.backend
-        plan = self._plan(key)
         sem = self._aslot(key, limits)
+        b = self.backend
+        ops: dict[int, Callable[..., Any]] = {
+            _ACQUIRE: b.aacquire, _CONFIRM: b.aconfirm, _REPORT: b.afeedback,
+            _SLEEP: self._asleep, _ENTER: sem.acquire, _LEAVE: sem.release}
+        plan = self._plan(key, limits)
         held = False
-        result: Any = None
         try:
             op, arg = next(plan)
             while True:
                 if op == _CALL:
                     try:
-                        result = await fn(*args, **kwargs)
+                        result: Any = await fn(*args, **kwargs)
                     except Exception as exc:  # noqa: BLE001 - the plan decides
                         op, arg = plan.throw(exc)
                         continue
-                elif op == _ACQUIRE:
-                    result = await backend.aacquire(key, limits)
-                elif op == _CONFIRM:
-                    result = await backend.aconfirm(key, limits, arg)
-                elif op == _SLEEP:
-                    await self._asleep(arg)
-                    result = None
-                elif op == _REPORT:
-                    await backend.afeedback(key, limits, arg[0].signal, arg[1],
-                                            arg[0].retry_after)
-                    result = None
-                elif op == _ENTER:
-                    await sem.acquire()
-                    held = True
-                    self._inc(key, 1)
-                else:  # _LEAVE
-                    held = False
-                    self._inc(key, -1)
-                    sem.release()
-                    result = None
+                else:
+                    result = ops[op](*arg)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    held = op == _ENTER or (held and op != _LEAVE)
                 op, arg = plan.send(result)
         except StopIteration as stop:
             value: T = stop.value
             return value
         finally:
             if held:
-                self._inc(key, -1)
                 sem.release()
 
     # ----- introspection ------------------------------------------------------------------
