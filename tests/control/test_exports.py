@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import closedloop.control as control
+from closedloop import control
 
 
 def test_all_is_sorted_and_names_only_real_members() -> None:
