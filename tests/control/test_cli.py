@@ -62,3 +62,17 @@ def test_resuming_a_running_task_type_says_so(halted_store: str) -> None:
                                        "--store", halted_store])
     assert result.exit_code == 1
     assert "neither halted nor paused" in result.output
+
+
+def test_status_shows_limits_published_by_a_process(halted_store: str) -> None:
+    from closedloop.control import Backpressure
+
+    ledger = SQLiteLedger(halted_store[len("sqlite:///"):])
+    bp = Backpressure(publish_to=ledger)
+    bp.call("anthropic/claude", lambda: "ok")
+    result = CliRunner().invoke(main, ["status", "--store", halted_store, "--json"])
+    data = json.loads(result.output)
+    (name, snap), = data["keys"].items()
+    assert name.startswith("anthropic/claude@pid ")
+    assert snap["breaker"] == "closed"
+    assert snap["counts"]["ok"] == 1

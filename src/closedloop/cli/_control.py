@@ -78,6 +78,9 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
             rates = RedisRates(redis_url, prefix=prefix)
             keys = {k: rates.snapshot(k, Limits()) for k in rates.keys()}  # noqa: SIM118 - a method, not a dict
             rates.close()
+        else:
+            published = getattr(ledger, "published", None)
+            keys = published() if published is not None else {}
     except Exception as exc:
         if type(exc).__module__.startswith("redis"):
             raise ConfigError(f"cannot read control state from {where}: {exc}") from None
@@ -99,20 +102,22 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
     else:
         out.print(f"No task type is paused or halted ({where}).")
     if keys:
-        table = Table(title="Shared limits per key (Redis)")
+        title = ("Shared limits per key (Redis)" if redis_url else
+                 "Limits per key, as last published by each process (Backpressure publish_to)")
+        table = Table(title=title)
         for col in ("key", "rate/s", "ceiling/s", "delivered/s", "breaker", "workers",
-                    "429s", "state"):
+                    "429s", "state / published"):
             table.add_column(col)
         for key, snap in keys.items():
             table.add_row(key, f"{snap['rate']:.2f}",
                           "learning" if snap["ceiling"] is None else f"{snap['ceiling']:.2f}",
                           f"{snap['delivered']:.2f}", snap["breaker"], str(snap.get("workers", "")),
                           str(snap["counts"].get("overloaded", 0)),
-                          snap.get("degraded", "ok"))
+                          snap.get("degraded", snap.get("published", "ok")))
         out.print(table)
     elif not redis_url:
-        out.print("Per-key limits are in each process (Backpressure.status()); "
-                  f"pass --redis URL (or ${_REDIS_ENV}) to see shared ones.")
+        out.print("No per-key limits published here; pass --redis URL (or "
+                  f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=.")
     if history:
         out.print("Recent:")
         for h in history:

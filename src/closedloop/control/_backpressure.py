@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -26,6 +29,7 @@ from closedloop.control._retry import RetryBudget, RetryPolicy
 from closedloop.control._signals import RETRYABLE, Feedback, classify
 from closedloop.control._state import LocalRates, RateBackend
 
+_log = logging.getLogger("closedloop.control")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -58,8 +62,10 @@ class Backpressure:
 
     ``limits`` apply to every key unless ``overrides`` has the key. ``backend`` holds the
     per-key state (:class:`LocalRates` by default; :class:`~closedloop.control.RedisRates`
-    to share it across processes). ``clock``/``sleep``/``asleep``/``rng`` are injectable
-    for tests and simulations.
+    to share it across processes). ``publish_to`` (a :class:`~closedloop.control.SQLiteLedger`,
+    for example ``ledger_for_store(default_store())``) receives :meth:`status` at most every
+    ``publish_every`` seconds, so ``closedloop status`` shows in-process limits too.
+    ``clock``/``sleep``/``asleep``/``rng`` are injectable for tests and simulations.
     """
 
     def __init__(
@@ -76,6 +82,8 @@ class Backpressure:
         sleep: Callable[[float], object] = time.sleep,
         asleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
+        publish_to: Any = None,
+        publish_every: float = 5.0,
     ) -> None:
         self.backend: RateBackend = backend if backend is not None else LocalRates(clock=clock)
         self.limits = limits or Limits()
@@ -92,6 +100,10 @@ class Backpressure:
         self._aslots: dict[tuple[int, str], asyncio.Semaphore] = {}
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.publish_to = publish_to
+        self.publish_every = publish_every
+        self._published = -math.inf
+        self.source = f"pid {os.getpid()}@{socket.gethostname()}"
 
     def limits_for(self, key: str) -> Limits:
         """The limits that apply to ``key``."""
@@ -210,6 +222,7 @@ class Backpressure:
         finally:
             if held:
                 sem.release()
+            self._maybe_publish()
 
     async def acall(
         self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
@@ -244,8 +257,21 @@ class Backpressure:
         finally:
             if held:
                 sem.release()
+            self._maybe_publish()
 
     # ----- introspection ------------------------------------------------------------------
+    def _maybe_publish(self) -> None:
+        if self.publish_to is None:
+            return
+        now = time.monotonic()
+        if now - self._published < self.publish_every:
+            return
+        self._published = now
+        try:
+            self.publish_to.publish(self.source, self.status())
+        except Exception:  # noqa: BLE001 - status publishing must never break a call
+            _log.exception("closedloop: publishing flow-control status failed")
+
     def status(self) -> dict[str, dict[str, Any]]:
         """Every known key: limits, current rate, ceiling, breaker, in-flight, retry budget."""
         out: dict[str, dict[str, Any]] = {}

@@ -147,6 +147,13 @@ CREATE TABLE IF NOT EXISTS control_stops (
     until REAL,
     evidence TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS control_keys (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    snapshot TEXT NOT NULL,
+    PRIMARY KEY (source, key)
+);
 CREATE TABLE IF NOT EXISTS control_history (
     at REAL NOT NULL,
     event TEXT NOT NULL,
@@ -232,6 +239,23 @@ class SQLiteLedger:
         return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
                  "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
                 for r in rows]
+
+    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
+        """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
+        now = self.clock()
+        with self._conn() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO control_keys VALUES (?, ?, ?, ?)",
+                [(source, key, now, json.dumps(snap, default=str)) for key, snap in keys.items()])
+
+    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
+        """Recent snapshots by ``key@source`` (older than ``max_age`` seconds are left out)."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT source, key, at, snapshot FROM control_keys "
+                                "WHERE at >= ? ORDER BY key, source",
+                                (self.clock() - max_age,)).fetchall()
+        return {f"{key}@{source}": {**json.loads(snap), "published": _iso(at)}
+                for source, key, at, snap in rows}
 
 
 def _stop(row: tuple[Any, ...]) -> Stop:
