@@ -131,3 +131,17 @@ def test_the_in_flight_count_returns_to_zero_after_a_failure() -> None:
     with pytest.raises(ValueError, match="boom"):
         bp.call("llm", _flaky(ValueError("boom")))
     assert bp.status()["llm"]["in_flight"] == 0
+
+
+def test_the_process_wide_backpressure_is_built_once_and_can_be_reset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from closedloop.control import LocalRates, default_backpressure, reset_default_backpressure
+
+    monkeypatch.delenv("CLOSEDLOOP_REDIS_URL", raising=False)
+    reset_default_backpressure()
+    first = default_backpressure()
+    assert isinstance(first.backend, LocalRates)
+    assert default_backpressure() is first
+    reset_default_backpressure()
+    assert default_backpressure() is not first
+    reset_default_backpressure()

@@ -153,3 +153,13 @@ async def test_the_guard_works_in_the_async_driver() -> None:
     fc = _fc(clock, sink, halt_after=1)
     await _loop(fc, verified=False).arun(1)
     assert (await _loop(fc).arun(1)).outcome is cl.Outcome.HALTED
+
+
+def test_the_process_wide_guard_is_built_once_and_can_be_reset() -> None:
+    from closedloop.control import default_fault_control, reset_default_fault_control
+
+    first = default_fault_control()
+    assert default_fault_control() is first
+    reset_default_fault_control()
+    assert default_fault_control() is not first
+    reset_default_fault_control()

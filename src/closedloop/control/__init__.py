@@ -24,9 +24,16 @@ from closedloop.control._backpressure import (
     BackpressureError,
     CircuitOpen,
     DeadlineExceeded,
+    default_backpressure,
+    reset_default_backpressure,
 )
 from closedloop.control._core import BreakerState, Grant, KeyState, Limits
-from closedloop.control._fault import FaultControl, resume
+from closedloop.control._fault import (
+    FaultControl,
+    default_fault_control,
+    reset_default_fault_control,
+    resume,
+)
 from closedloop.control._ledger import (
     ControlLedger,
     MemoryLedger,
@@ -78,8 +85,12 @@ __all__ = [
     "StopKind",
     "WebhookSink",
     "classify",
+    "default_backpressure",
+    "default_fault_control",
     "ledger_for_store",
     "parse_retry_after",
+    "reset_default_backpressure",
+    "reset_default_fault_control",
     "resume",
     "retry_after_from_headers",
 ]

@@ -289,3 +289,29 @@ class Backpressure:
         return out
 
 
+
+
+_default: Backpressure | None = None
+_default_lock = threading.Lock()
+
+
+def default_backpressure() -> Backpressure:
+    """The process-wide :class:`Backpressure` (local state; ``CLOSEDLOOP_REDIS_URL`` shares it)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            url = os.environ.get("CLOSEDLOOP_REDIS_URL", "").strip()
+            backend: RateBackend | None = None
+            if url:
+                from closedloop.control._redis import RedisRates
+
+                backend = RedisRates(url)
+            _default = Backpressure(backend=backend)
+        return _default
+
+
+def reset_default_backpressure() -> None:
+    """Forget the process-wide :class:`Backpressure` (tests; after changing the env)."""
+    global _default
+    with _default_lock:
+        _default = None

@@ -269,3 +269,23 @@ def resume(ledger: ControlLedger, task_type: str, *, reason: str,
     if not reason or not reason.strip():
         raise ConfigError("a reason is required to resume a task type (--reason TEXT)")
     return ledger.lift(task_type, reason=reason.strip(), by=by or who())
+
+
+_default: FaultControl | None = None
+_default_lock = threading.Lock()
+
+
+def default_fault_control() -> FaultControl:
+    """The process-wide guard (ledger in the default store's file, alerts to the log)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = FaultControl()
+        return _default
+
+
+def reset_default_fault_control() -> None:
+    """Forget the process-wide guard; the next :func:`default_fault_control` builds it anew."""
+    global _default
+    with _default_lock:
+        _default = None
