@@ -8,15 +8,21 @@ from pathlib import Path
 import pytest
 
 import closedloop as cl
+from closedloop.control import reset_default_backpressure, reset_default_fault_control
 from closedloop.store import reset_default_store
 
 
 @pytest.fixture(autouse=True)
 def _isolated_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test gets its own default store file, never the user's."""
+    """Every test gets its own default store file and fault control, never the user's."""
     monkeypatch.setenv("CLOSEDLOOP_STORE", f"sqlite:///{tmp_path / 'default.db'}")
+    monkeypatch.delenv("CLOSEDLOOP_REDIS_URL", raising=False)
     reset_default_store()
+    reset_default_fault_control()
+    reset_default_backpressure()
     yield
+    reset_default_fault_control()
+    reset_default_backpressure()
     reset_default_store()
 
 

@@ -426,3 +426,33 @@ def test_one_loop_serves_many_threads(store: cl.Store) -> None:
     assert len(set(ids)) == 2400
     assert store.flush()
     assert {e.trace_id for e in store.events()} == set(ids)
+
+
+def test_fault_control_is_on_by_default_and_halts_on_repeated_verification_failure(
+    store: cl.Store,
+) -> None:
+    executor = Recorder()
+    loop = cl.Loop(lambda t, a: t, task_type="flaky", executor=executor,
+                   verifiers=[lambda i, r: "instance type differs"], store=store)
+    outcomes = [loop.run(i).outcome for i in range(8)]
+    assert outcomes[:5] == [cl.Outcome.FAILED] * 5
+    assert outcomes[5:] == [cl.Outcome.HALTED] * 3
+    assert len(executor.calls) == 5  # nothing runs once halted
+    # the halt lives with the store: another loop on it is halted too, until resumed
+    again = cl.Loop(lambda t, a: t, task_type="flaky", executor=executor, store=store)
+    assert again.run(1).outcome is cl.Outcome.HALTED
+    assert cl.Loop(lambda t, a: t, task_type="flaky", guards=(), store=store).run(1).ok
+
+
+def test_the_agent_gets_the_loops_backpressure(memory_store: cl.Store) -> None:
+    from closedloop.control import Backpressure
+
+    limiter = Backpressure()
+
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        assert attempt.backpressure is not None
+        result: int = attempt.backpressure.call("provider/model", lambda: task * 2)
+        return result
+
+    loop = cl.Loop(agent, task_type="t", backpressure=limiter, store=memory_store)
+    assert loop.run(21).proposal == 42

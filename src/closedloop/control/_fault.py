@@ -38,17 +38,60 @@ from closedloop.control._ledger import ControlLedger, Stop, StopKind, ledger_for
 from closedloop.loop._guard import Admission
 
 _log = logging.getLogger("closedloop.control")
+_REFUSED = frozenset({StopKind.PAUSED.value, StopKind.HALTED.value})
+
+
+@dataclass(slots=True)
+class _Window:
+    """Steps and failures over a sliding window, in one-second buckets.
+
+    O(1) per step and at most ``window`` buckets of memory whatever the step rate (the loop
+    calls ``observe`` on every step, so a per-step scan of the window would be quadratic).
+    A bucket leaves the window once all of its second is older than the window.
+    """
+
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, steps, failures]
+    steps: int = 0
+    failures: int = 0
+
+    def add(self, now: float, failed: bool) -> None:
+        second = int(now)
+        buckets = self.buckets
+        if buckets and buckets[-1][0] == second:
+            bucket = buckets[-1]
+            bucket[1] += 1
+            bucket[2] += failed
+        else:
+            buckets.append([second, 1, int(failed)])
+        self.steps += 1
+        self.failures += failed
+
+    def expire(self, edge: float) -> list[tuple[int, int]]:
+        """Drop the buckets wholly older than ``edge``; return their (steps, failures)."""
+        gone: list[tuple[int, int]] = []
+        buckets = self.buckets
+        while buckets and buckets[0][0] + 1 <= edge:
+            _, steps, failures = buckets.popleft()
+            self.steps -= steps
+            self.failures -= failures
+            gone.append((steps, failures))
+        return gone
+
+    @property
+    def rate(self) -> float | None:
+        return self.failures / self.steps if self.steps else None
 
 
 @dataclass(slots=True)
 class _Track:
     """One task type's recent steps."""
 
-    validation: deque[tuple[float, bool]] = field(default_factory=deque)
-    verification: deque[tuple[float, bool]] = field(default_factory=deque)
+    validation: _Window = field(default_factory=_Window)
+    verification: _Window = field(default_factory=_Window)
     baseline: float | None = None
     baseline_samples: int = 0
     consecutive_verify_failures: int = 0
+    expired_at: float = float("-inf")
 
 
 class FaultControl:
@@ -123,22 +166,33 @@ class FaultControl:
 
     def observe(self, event: StepEvent) -> None:
         """Learn from one step; pause or halt its task type when a threshold is crossed."""
-        if event.outcome in (StopKind.PAUSED.value, StopKind.HALTED.value):
+        # Runs on the agent's path for every step: the success path is kept to a few
+        # attribute updates. Failure shares only rise on a failure, so thresholds are checked
+        # then, and the window is expired at most once per second.
+        if event.outcome in _REFUSED:
             return
         now = self.clock()
         with self._lock:
-            track = self._tracks.setdefault(event.task_type, _Track())
-            self._expire(track, now)
+            track = self._tracks.get(event.task_type)
+            if track is None:
+                track = self._tracks[event.task_type] = _Track()
+            if now - track.expired_at >= 1.0:
+                track.expired_at = now
+                self._expire(track, now)
             stop: Stop | None = None
             if event.validation_passed is not None:
-                track.validation.append((now, not event.validation_passed))
-                stop = self._check_spike(event.task_type, track, now)
+                failed = not event.validation_passed
+                track.validation.add(now, failed)
+                if failed:
+                    stop = self._check_spike(event.task_type, track, now)
             if event.verification_passed is not None and stop is None:
                 failed = not event.verification_passed
-                track.verification.append((now, failed))
-                track.consecutive_verify_failures = (
-                    track.consecutive_verify_failures + 1 if failed else 0)
-                stop = self._check_halt(event.task_type, track, now, event)
+                track.verification.add(now, failed)
+                if failed:
+                    track.consecutive_verify_failures += 1
+                    stop = self._check_halt(event.task_type, track, now, event)
+                else:
+                    track.consecutive_verify_failures = 0
             if stop is not None:
                 self._tracks[event.task_type] = _Track(baseline=track.baseline,
                                                        baseline_samples=track.baseline_samples)
@@ -148,14 +202,16 @@ class FaultControl:
     # ----- decisions ----------------------------------------------------------------------
     def _expire(self, track: _Track, now: float) -> None:
         edge = now - self.window
-        while track.validation and track.validation[0][0] < edge:
-            _, failed = track.validation.popleft()
-            x = 1.0 if failed else 0.0
-            track.baseline = x if track.baseline is None else (
-                track.baseline + self.alpha * (x - track.baseline))
-            track.baseline_samples += 1
-        while track.verification and track.verification[0][0] < edge:
-            track.verification.popleft()
+        for steps, failures in track.validation.expire(edge):
+            # the exponential average over a bucket's steps, as if fed one step at a time
+            share = failures / steps
+            if track.baseline is None:
+                track.baseline = share
+            else:
+                weight = 1.0 - (1.0 - self.alpha) ** steps
+                track.baseline += weight * (share - track.baseline)
+            track.baseline_samples += steps
+        track.verification.expire(edge)
 
     def baseline_of(self, task_type: str) -> float:
         """The validation-failure share considered normal for ``task_type``."""
@@ -165,10 +221,10 @@ class FaultControl:
         return track.baseline
 
     def _check_spike(self, task_type: str, track: _Track, now: float) -> Stop | None:
-        samples = len(track.validation)
+        samples = track.validation.steps
         if samples < self.min_samples:
             return None
-        failures = sum(1 for _, failed in track.validation if failed)
+        failures = track.validation.failures
         rate = failures / samples
         base = self.baseline_of(task_type)
         threshold = max(self.min_spike_rate, self.spike_factor * base)
@@ -186,8 +242,8 @@ class FaultControl:
 
     def _check_halt(self, task_type: str, track: _Track, now: float,
                     event: StepEvent) -> Stop | None:
-        samples = len(track.verification)
-        failures = sum(1 for _, failed in track.verification if failed)
+        samples = track.verification.steps
+        failures = track.verification.failures
         rate = failures / samples if samples else 0.0
         streak = track.consecutive_verify_failures
         if streak < self.halt_after and (samples < self.min_samples or rate < self.halt_rate):
@@ -249,15 +305,12 @@ class FaultControl:
         with self._lock:
             for name, track in sorted(self._tracks.items()):
                 self._expire(track, now)
-                v = len(track.validation)
-                w = len(track.verification)
                 out["task_types"][name] = {
-                    "validation_failure_rate": (sum(f for _, f in track.validation) / v
-                                                if v else None),
-                    "validation_samples": v, "baseline": self.baseline_of(name),
-                    "verification_failure_rate": (sum(f for _, f in track.verification) / w
-                                                  if w else None),
-                    "verification_samples": w,
+                    "validation_failure_rate": track.validation.rate,
+                    "validation_samples": track.validation.steps,
+                    "baseline": self.baseline_of(name),
+                    "verification_failure_rate": track.verification.rate,
+                    "verification_samples": track.verification.steps,
                     "consecutive_verification_failures": track.consecutive_verify_failures,
                 }
         return out

@@ -1,8 +1,10 @@
 """The plug point for fault control: guards admit (or refuse) a step and observe its event.
 
 Backpressure and fault control (pause on validation-failure spikes, a halt only a human
-lifts) are guards. ``admit`` runs before the agent; ``observe`` sees every recorded event.
-Both may be plain or ``async def`` (a Redis-backed guard awaits its server).
+lifts) are guards. ``admit`` runs before the agent and may be plain or ``async def`` (a
+guard backed by a server may await it). ``observe`` sees every recorded event, on the
+agent's own path: it must be a plain, quick, non-blocking call (in-memory bookkeeping;
+anything slower belongs on a background thread of the guard's own).
 """
 
 from __future__ import annotations
@@ -39,5 +41,5 @@ class StepGuard(Protocol):
     def admit(self, task_type: str) -> object:
         """Return ``None`` to admit, or an :class:`Admission` to refuse (may be async)."""
 
-    def observe(self, event: StepEvent) -> object:
-        """See one recorded event (may be async); must not raise."""
+    def observe(self, event: StepEvent) -> None:
+        """See one recorded event: plain and quick; an exception is logged, never raised."""

@@ -8,7 +8,9 @@ are normalised here and nowhere else.
 from __future__ import annotations
 
 import inspect
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from closedloop.loop._machine import StepGen, StepSpec, new_trace_id, step_machi
 from closedloop.loop._result import Attempt, StepResult
 
 if TYPE_CHECKING:
+    from closedloop.control import Backpressure, FaultControl
     from closedloop.store import Store
 
 # Hook types are deliberately loose (Any in, Any out): a hook may be ``def`` or ``async def``
@@ -68,7 +71,12 @@ class Loop:
     times; the ``autonomy`` level gates execution; ``executor(proposal)`` acts; each
     ``verifiers`` entry compares the real state with the intent, ``verifier(task_input,
     result)``; and one :class:`~closedloop.StepEvent` is recorded in ``store``. ``guards``
-    (fault control) may refuse a step before the agent runs and see every event after. Every hook
+    (fault control) may refuse a step before the agent runs and see every event after; by
+    default a :class:`~closedloop.control.FaultControl` that pauses a task type on a
+    validation-failure spike and halts it when verification keeps failing (``guards=()``
+    turns it off). ``backpressure`` (default: the process-wide
+    :class:`~closedloop.control.Backpressure`) is handed to the agent as
+    ``attempt.backpressure`` for its calls to rate-limited providers. Every hook
     may be a plain function or ``async def`` (async hooks need :meth:`arun`).
     """
 
@@ -83,7 +91,8 @@ class Loop:
         autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
         approver: Approver | None = None,
         max_attempts: int = 3,
-        guards: Iterable[StepGuard] = (),
+        guards: Iterable[StepGuard] | None = DEFAULT,
+        backpressure: Backpressure | None = DEFAULT,
         agent_id: str | None = None,
         store: Store | None = DEFAULT,
         clock: Callable[[], float] = time.perf_counter,
@@ -103,6 +112,12 @@ class Loop:
             from closedloop.store import default_store
 
             store = default_store()
+        if guards is DEFAULT:
+            guards = _default_guards(store)
+        if backpressure is DEFAULT:
+            from closedloop.control import default_backpressure
+
+            backpressure = default_backpressure()
         self.task_type = task_type
         self.store = store
         self._spec = StepSpec(
@@ -116,7 +131,8 @@ class Loop:
             approver=approver,
             max_attempts=max_attempts,
             record=store.record if store is not None else None,
-            guards=tuple(guards),
+            guards=tuple(guards or ()),
+            backpressure=backpressure,
             clock=clock,
             wallclock=wallclock,
         )
@@ -165,6 +181,26 @@ class Loop:
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
+
+
+_fault_controls: weakref.WeakKeyDictionary[Store, FaultControl] = weakref.WeakKeyDictionary()
+_fault_controls_lock = threading.Lock()
+
+
+def _default_guards(store: Store | None) -> tuple[StepGuard, ...]:
+    """Fault control by default: one guard per store, its pauses and halts kept with it."""
+    from closedloop.control import FaultControl, default_fault_control, ledger_for_store
+    from closedloop.store import default_store
+
+    if store is None:
+        return (FaultControl(ledger=ledger_for_store(None)),)
+    if store is default_store():
+        return (default_fault_control(),)
+    with _fault_controls_lock:
+        guard = _fault_controls.get(store)
+        if guard is None:
+            guard = _fault_controls[store] = FaultControl(ledger=ledger_for_store(store))
+    return (guard,)
 
 
 _AWAITABLE_BY_TYPE: dict[type, bool] = {}

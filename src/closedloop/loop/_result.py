@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from closedloop._errors import (
     Blocked,
@@ -17,6 +17,9 @@ from closedloop._errors import (
 from closedloop._events import ErrorType, Outcome, StepEvent
 from closedloop._verdict import Issue, Verdict
 
+if TYPE_CHECKING:
+    from closedloop.control import Backpressure
+
 PropT = TypeVar("PropT")
 ResT = TypeVar("ResT")
 
@@ -27,7 +30,9 @@ class Attempt:
 
     On a retry, ``feedback`` holds the previous attempt's validation errors rendered for the
     model, and ``issues`` the same errors as data. Report model usage with
-    :meth:`record_usage` (integrations do it for you); it adds up over attempts.
+    :meth:`record_usage` (integrations do it for you); it adds up over attempts. Make calls to
+    rate-limited providers through ``backpressure`` (``attempt.backpressure.call(key, fn)``
+    or ``await ...acall(...)``): the loop's adaptive limiter, breaker and retry budget.
     """
 
     number: int
@@ -37,6 +42,7 @@ class Attempt:
     issues: tuple[Issue, ...] = ()
     input_tokens: int = 0
     output_tokens: int = 0
+    backpressure: Backpressure | None = None
 
     @property
     def is_retry(self) -> bool:

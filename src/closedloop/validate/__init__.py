@@ -14,7 +14,8 @@ built, and a missing one is a :class:`~closedloop.ConfigError` naming the extra 
   records as ``validator_error`` (the check failed, not the agent)
 """
 
-from closedloop.validate._base import CheckTimeout, with_timeout
+from closedloop._errors import CheckTimeout
+from closedloop.validate._base import with_timeout
 from closedloop.validate._code import PythonSyntax, RuffLint, SqlSyntax
 from closedloop.validate._structured import (
     JsonSchemaValidator,

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from closedloop._errors import ConfigError
+from closedloop._errors import CheckTimeout, ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
-from closedloop.validate._base import CheckTimeout
 
 IfMissing = Literal["skip", "unknown"]
 
