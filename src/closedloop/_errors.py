@@ -6,6 +6,9 @@
     ├── ConfigError          a user mistake: bad store URL, bad option, async hook in a sync run
     ├── StoreError           the event store cannot be opened, migrated or read
     ├── CheckTimeout         a validator or verifier missed its deadline (also a TimeoutError)
+    ├── BackpressureError    flow control did not make (or retry) a call   [closedloop.control]
+    │   ├── CircuitOpen          the key's breaker is open past the call's deadline
+    │   └── DeadlineExceeded     the next slot or retry comes after the deadline
     └── StepFailed           raised only by ``StepResult.raise_for_outcome()``
         ├── ValidationFailed     validation still failed after the last re-ask
         ├── Blocked              a critical validation issue stopped the step, no re-ask
