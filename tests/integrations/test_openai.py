@@ -164,3 +164,22 @@ def test_instrumenting_twice_records_once(wire: WireServer, spans: Spans) -> Non
     c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     pipeline.flush(5.0)
     assert len(exporter.finished()) == 1
+
+
+def test_inside_a_traced_step_the_model_call_is_a_child_of_the_agent_span(
+    wire: WireServer, spans: Spans,
+) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(body=completion()))
+    c = instrument_openai(client(wire))  # no pipeline given: it follows the running step
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        return task
+
+    cl.Loop(agent, task_type="t", store=None, telemetry=pipeline, agent_id="writer").run("x")
+    pipeline.flush(5.0)
+    by_name = {s.name: s for s in exporter.finished()}
+    assert by_name["chat gpt-4o"].parent_id == by_name["invoke_agent writer"].span_id
+    assert by_name["invoke_agent writer"].attributes["gen_ai.usage.input_tokens"] == 12
+    assert by_name["closedloop.step"].attributes["closedloop.usage.input_tokens"] == 12

@@ -8,12 +8,13 @@ are normalised here and nowhere else.
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import GeneratorType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from closedloop._errors import ConfigError
 from closedloop.autonomy import Approver, Autonomy
@@ -76,7 +77,9 @@ class Loop:
     validation-failure spike and halts it when verification keeps failing (``guards=()``
     turns it off). ``backpressure`` (default: the process-wide
     :class:`~closedloop.control.Backpressure`) is handed to the agent as
-    ``attempt.backpressure`` for its calls to rate-limited providers. Every hook
+    ``attempt.backpressure`` for its calls to rate-limited providers. ``telemetry`` (default:
+    the pipeline installed by :func:`closedloop.telemetry.configure`, if any) traces each step
+    with a span per stage; ``None`` turns tracing off. Every hook
     may be a plain function or ``async def`` (async hooks need :meth:`arun`).
     """
 
@@ -97,6 +100,7 @@ class Loop:
         store: Store | None = DEFAULT,
         clock: Callable[[], float] = time.perf_counter,
         wallclock: Callable[[], float] = time.time,
+        telemetry: StepTracing | None = DEFAULT,
     ) -> None:
         if not callable(agent):
             raise ConfigError(f"agent {agent!r} is not callable")
@@ -136,15 +140,29 @@ class Loop:
             clock=clock,
             wallclock=wallclock,
         )
+        self._telemetry = telemetry
+        self._traced: tuple[StepTracing, StepTracer] | None = None
 
     @property
     def autonomy(self) -> Autonomy:
         """The autonomy level this loop gates execution with."""
         return self._spec.autonomy
 
+    def _step(self, task_input: Any) -> StepGen:
+        """The step's state machine, traced when a telemetry pipeline is in use."""
+        telemetry = self._telemetry
+        if telemetry is DEFAULT:
+            telemetry = _default_telemetry()
+        if telemetry is None:
+            return step_machine(self._spec, task_input, new_trace_id())
+        traced = self._traced
+        if traced is None or traced[0] is not telemetry:
+            traced = self._traced = (telemetry, telemetry.tracer(self._spec))
+        return traced[1].step(step_machine, task_input, new_trace_id())
+
     def run(self, task_input: Any) -> StepResult[Any, Any]:
         """Run one step synchronously; every hook must be a plain function."""
-        gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
+        gen: StepGen = self._step(task_input)
         try:
             fn, args = next(gen)
             while True:
@@ -166,7 +184,7 @@ class Loop:
 
     async def arun(self, task_input: Any) -> StepResult[Any, Any]:
         """Run one step in asyncio; hooks may be plain functions or ``async def``."""
-        gen: StepGen = step_machine(self._spec, task_input, new_trace_id())
+        gen: StepGen = self._step(task_input)
         try:
             fn, args = next(gen)
             while True:
@@ -201,6 +219,29 @@ def _default_guards(store: Store | None) -> tuple[StepGuard, ...]:
         if guard is None:
             guard = _fault_controls[store] = FaultControl(ledger=ledger_for_store(store))
     return (guard,)
+
+
+class StepTracer(Protocol):
+    """Runs one loop's steps traced: wraps the state machine, never changes its decisions."""
+
+    def step(self, machine: Callable[[StepSpec, Any, str], StepGen], task_input: Any,
+             trace_id: str) -> StepGen:
+        """``machine(spec, task_input, trace_id)`` with spans around its stages."""
+        ...
+
+
+class StepTracing(Protocol):
+    """A telemetry pipeline (:class:`closedloop.telemetry.Telemetry`) as the loop sees it."""
+
+    def tracer(self, spec: StepSpec) -> StepTracer:
+        """The tracer for one loop, built once."""
+        ...
+
+
+def _default_telemetry() -> StepTracing | None:
+    """The process-wide pipeline, without importing OpenTelemetry when none was configured."""
+    pipeline = sys.modules.get("closedloop.telemetry._pipeline")
+    return pipeline.default_telemetry() if pipeline is not None else None
 
 
 _AWAITABLE_BY_TYPE: dict[type, bool] = {}

@@ -1,0 +1,69 @@
+"""Replay: today's checks run on the proposals and results recorded by traced steps."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from click.testing import CliRunner
+
+import closedloop as cl
+from closedloop.cli import main
+from closedloop.telemetry import StoreExporter, Telemetry
+from closedloop.telemetry._replay import replay
+
+REGIONS = {1: "eu-west-1", 2: "eu-west-1", 3: "us-east-1", 4: "mars-1", 5: "mars-2"}
+
+
+def propose(task: int, attempt: cl.Attempt) -> dict[str, Any]:
+    return {"id": task, "region": REGIONS[task]}
+
+
+def provision(proposal: dict[str, Any]) -> dict[str, Any]:
+    return {"region": "nowhere" if proposal["region"].startswith("mars") else proposal["region"]}
+
+
+def landed(intent: int, result: dict[str, Any]) -> bool:
+    return bool(result["region"] == REGIONS[intent])
+
+
+def known_region(proposal: dict[str, Any]) -> str | None:
+    """The new validator under test: it knows Mars is not a region, and distrusts us-east-1."""
+    region = proposal["region"]
+    return None if region.startswith("eu-") else f"unknown region {region}"
+
+
+def record(store: cl.Store) -> None:
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    steps = cl.Loop(propose, task_type="provision", executor=provision, verifiers=[landed],
+                    store=store, telemetry=pipeline)
+    for task in REGIONS:
+        steps.run(task)
+    pipeline.shutdown()
+    store.flush()
+
+
+def test_a_new_validator_is_scored_against_recorded_outcomes(store: cl.Store) -> None:
+    record(store)
+    report = replay(store, "provision", validators=[("known_region", known_region)])
+    (check,) = report.checks
+    assert (report.steps, report.verification_failures, report.successes) == (5, 2, 3)
+    assert (check.caught_verification_failures, check.blocked_successes) == (2, 1)
+    assert report.sentences()[0].startswith(
+        "new validator known_region would have caught 2 of the 2 verification failures, "
+        "and blocked 1 proposals that succeeded")
+
+
+def test_verifiers_are_replayed_on_recorded_results(store: cl.Store) -> None:
+    record(store)
+    report = replay(store, "provision", verifiers=[("landed", landed)])
+    assert report.checks[0].flagged == 2
+
+
+def test_the_replay_command_prints_the_summary(store: cl.Store) -> None:
+    record(store)
+    result = CliRunner().invoke(main, [
+        "replay", "--task-type", "provision", "--store", store.url, "--json",
+        "--validator", "telemetry.test_replay:known_region"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["checks"][0]["caught_verification_failures"] == 2
