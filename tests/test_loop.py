@@ -456,3 +456,25 @@ def test_the_agent_gets_the_loops_backpressure(memory_store: cl.Store) -> None:
 
     loop = cl.Loop(agent, task_type="t", backpressure=limiter, store=memory_store)
     assert loop.run(21).proposal == 42
+
+
+async def test_a_cancelled_step_unwinds_cleanly(memory_store: cl.Store) -> None:
+    started = asyncio.Event()
+
+    async def agent(task: int, attempt: cl.Attempt) -> int:
+        started.set()
+        await asyncio.sleep(3600)
+        return task
+
+    loop = cl.Loop(agent, task_type="t", store=memory_store)
+    step = asyncio.create_task(loop.arun(1))
+    await started.wait()
+    step.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await step
+    assert cl.current_attempt() is None
+    # the loop is still usable, and the cancelled step left nothing half-done behind
+    async def quick(task: int, attempt: cl.Attempt) -> int:
+        return task
+
+    assert (await cl.Loop(quick, task_type="t", store=memory_store).arun(2)).ok

@@ -181,6 +181,10 @@ class Loop:
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
+        finally:
+            # A no-op once the machine has finished; after an interrupt it unwinds the machine
+            # here, in this context, rather than later from the garbage collector.
+            gen.close()
 
     async def arun(self, task_input: Any) -> StepResult[Any, Any]:
         """Run one step in asyncio; hooks may be plain functions or ``async def``."""
@@ -199,6 +203,8 @@ class Loop:
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
+        finally:
+            gen.close()  # on cancellation: unwind the machine in this task's context
 
 
 _fault_controls: weakref.WeakKeyDictionary[Store, FaultControl] = weakref.WeakKeyDictionary()
