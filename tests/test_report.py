@@ -6,13 +6,16 @@ import json
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 import closedloop as cl
 from _report_scenario import run_scenario
+from closedloop.cli import main
 from closedloop.learn import Rate, Report, build_report, percentile, report_from_store
 
 T0 = 1_700_000_000.0
@@ -235,3 +238,43 @@ def test_percentile_outside_0_100_is_a_config_error(p: float) -> None:
 def test_negative_top_errors_is_a_config_error() -> None:
     with pytest.raises(cl.ConfigError, match="top_errors"):
         build_report([], top_errors=-1)
+
+
+def test_report_includes_semantic_scores_per_task_type(tmp_path: Path) -> None:
+    from closedloop.telemetry import record_score
+
+    url = f"sqlite:///{tmp_path / 'scored.db'}"
+    day = 1_790_000_000.0
+    with cl.open_store(url) as store:
+        loop = cl.Loop(lambda t, a: t, task_type="answer", validators=[lambda p: p > 0],
+                       store=store, guards=(), wallclock=lambda: day)
+        ok, bad = loop.run(1), loop.run(-1)
+        store.flush()
+        record_score(ok.trace_id, "satisfaction", 5, store=store, clock=lambda: day)
+        record_score(bad.trace_id, "satisfaction", 2, store=store, clock=lambda: day + 86400)
+        record_score(ok.trace_id, "quality", "good", source="model", store=store,
+                     clock=lambda: day)
+
+    result = CliRunner().invoke(main, ["report", "--store", url, "--json"])
+    assert result.exit_code == 0, result.output
+    (scores,) = json.loads(result.output)["scores"]
+    assert scores["task_type"] == "answer"
+    assert scores["success_rate"] == 0.5
+    assert scores["scores"]["satisfaction"] == {"n": 2, "mean": 3.5}
+    assert scores["labels"]["quality"] == {"good": 1}
+    assert list(scores["daily"].values()) == [{"satisfaction": 5.0}, {"satisfaction": 2.0}]
+
+    table = CliRunner().invoke(main, ["report", "--store", url])
+    assert table.exit_code == 0, table.output
+    assert "Semantic scores" in table.output
+    assert "3.5 (2)" in table.output
+    assert "Scores by day" in table.output
+
+
+def test_report_json_has_an_empty_scores_list_without_scores(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    with cl.open_store(url) as store:
+        cl.Loop(lambda t, a: t, task_type="t", store=store).run(1)
+    result = CliRunner().invoke(main, ["report", "--store", url, "--json"])
+    assert json.loads(result.output)["scores"] == []
+    assert "Semantic scores" not in CliRunner().invoke(main, ["report", "--store", url]).output

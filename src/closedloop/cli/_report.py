@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.table import Table
 
@@ -17,6 +19,10 @@ from closedloop.cli._common import (
     store_option,
 )
 from closedloop.learn import DEFAULT_TOP_ERRORS, Rate, Report, TaskStats, report_from_store
+from closedloop.store import Store
+
+if TYPE_CHECKING:
+    from closedloop.telemetry import TaskScores
 
 _NONE = "—"
 
@@ -63,6 +69,18 @@ def report(since: float | None, task_type: str | None, top_errors: int, as_json:
       tokens     = {"input_total", "output_total", "input_per_run",
                     "output_per_run"}
       top_errors = [{"error_type", "count", "share"}, ...]
+      "scores": [{"task_type", "steps", "succeeded", "success_rate",
+                  "scores": {NAME: {"n", "mean"}}, "labels": {NAME: {LABEL: n}},
+                  "daily": {YYYY-MM-DD: {NAME: mean}}}, ...]
+                 semantic scores attached after the fact (`closedloop scores add`),
+                 per task type; [] when there are none
+
+    \b
+    Semantic scores (shown when any were recorded in the window):
+      Success        task success rate (outcome succeeded) of the steps
+      NAME           mean of each numeric score (satisfaction, quality, ...), and n
+      Labels         counts of categorical scores
+      By day         each score's daily mean: quality over time
 
     \b
     Exit codes:
@@ -76,16 +94,54 @@ def report(since: float | None, task_type: str | None, top_errors: int, as_json:
     try:
         result = report_from_store(store, since=since, task_type=task_type,
                                    top_errors=top_errors)
+        scores = _scores(store, since, task_type) if not result.empty else []
     finally:
         store.close()
     if as_json:
-        echo_json(result.to_dict())
+        echo_json({**result.to_dict(), "scores": [s.to_dict() for s in scores]})
     if result.empty:
         what = f"task type {task_type!r}" if task_type else "any task type"
         click.echo(f"no events for {what} in {store.url} ({describe_since(since)})", err=True)
         click.get_current_context().exit(EXIT_NO_DATA)
     if not as_json:
         _print(result, store.url)
+        if scores:
+            _print_scores(scores)
+
+
+def _scores(store: Store, since: float | None, task_type: str | None) -> list[TaskScores]:
+    """Semantic scores per task type, or none when the telemetry extras are not installed."""
+    try:
+        from closedloop.telemetry import score_summary
+    except ImportError:
+        return []
+    found = [s for s in score_summary(store, since=since)
+             if task_type is None or s.task_type == task_type]
+    return [s for s in found if s.scores or s.labels]
+
+
+def _print_scores(scores: list[TaskScores]) -> None:
+    out = console()
+    names = sorted({n for s in scores for n in s.scores})
+    labelled = sorted({n for s in scores for n in s.labels})
+    table = _table("Semantic scores", "Task type", "Success",
+                   *(f"{n} (mean, n)" for n in names), *labelled)
+    for s in scores:
+        rate = s.success_rate
+        table.add_row(
+            s.task_type, _NONE if rate is None else f"{rate:.1%} ({s.succeeded}/{s.steps})",
+            *(_NONE if s.mean(n) is None else f"{s.mean(n):.3g} ({len(s.scores[n])})"
+              for n in names),
+            *(", ".join(f"{k}: {v}" for k, v in sorted(s.labels.get(n, {}).items())) or _NONE
+              for n in labelled))
+    out.print(table)
+    if names:
+        daily = _table("Scores by day", "Day", "Task type", *names)
+        for s in scores:
+            for day, means in sorted(s.to_dict()["daily"].items()):
+                daily.add_row(day, s.task_type,
+                              *(_NONE if n not in means else f"{means[n]:.3g}" for n in names))
+        out.print(daily)
 
 
 def _pct(rate: Rate) -> str:
