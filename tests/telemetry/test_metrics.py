@@ -124,3 +124,29 @@ def test_exposition_names_follow_prometheus_conventions(registry: CollectorRegis
     for name in ("closedloop_task_runs_total", "closedloop_step_duration_seconds",
                  "gen_ai_client_operation_duration_seconds", "gen_ai_client_token_usage"):
         assert f"# TYPE {name.removesuffix('_total')}" in text
+
+
+def test_halts_pauses_and_limiter_state_are_read_at_scrape_time(
+    registry: CollectorRegistry,
+) -> None:
+    from closedloop.control import Backpressure, MemoryLedger, Stop, StopKind
+
+    ledger = MemoryLedger()
+    limiter = Backpressure()
+    m = Metrics(registry)
+    m.watch_control(ledger=ledger, backpressure=limiter)
+    assert value(registry, "closedloop_breaker_state", task_type="deploy",
+                 closedloop_breaker_state="halted") is None
+
+    ledger.put(Stop(task_type="deploy", kind=StopKind.HALTED, at=0.0, until=None,
+                    by="test", reason="verification failed 5 times in a row"))
+    limiter.call("openai/gpt-4o", lambda: "ok")
+    assert value(registry, "closedloop_breaker_state", task_type="deploy",
+                 closedloop_breaker_state="halted") == 1
+    assert value(registry, "closedloop_breaker_state", task_type="deploy",
+                 closedloop_breaker_state="closed") == 0
+    assert value(registry, "closedloop_circuit_breaker_state", key="openai/gpt-4o",
+                 closedloop_circuit_breaker_state="closed") == 1
+    assert value(registry, "closedloop_rate_limiter_available_ratio", key="openai/gpt-4o") == 1.0
+    rate = value(registry, "closedloop_rate_limiter_rate", key="openai/gpt-4o")
+    assert rate is not None and rate > 0

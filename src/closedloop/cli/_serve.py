@@ -40,6 +40,10 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     store = open_store_to_read(store_url)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    from closedloop.control import ledger_for_store
+
+    # pauses and halts live in the store's file, so this process can show them too
+    metrics.watch_control(ledger=ledger_for_store(store))
     tail = StoreTail(span_store_for(store), metrics, from_start=from_start)
     try:
         server = start_metrics_server(port, addr, registry)

@@ -98,6 +98,18 @@ __all__ = [
 ]
 
 
+def _watch_control(metrics: Metrics, event_store: Store | None) -> None:
+    """Expose the process's fault control (pauses, halts) and backpressure in ``metrics``."""
+    from closedloop.control import default_backpressure, default_fault_control, ledger_for_store
+    from closedloop.store import default_store
+
+    if event_store is None or event_store is default_store():
+        ledger = default_fault_control().ledger
+    else:
+        ledger = ledger_for_store(event_store)
+    metrics.watch_control(ledger=ledger, backpressure=default_backpressure())
+
+
 def configure(
     *,
     store: Store | bool | None = True,
@@ -140,6 +152,7 @@ def configure(
     pipeline = Telemetry(chosen)
     if m is not None:
         m.watch(telemetry=pipeline, store=event_store)
+        _watch_control(m, event_store)
         if metrics_port is not None:
             start_metrics_server(metrics_port, metrics_addr, m.registry)
     previous = set_default_telemetry(pipeline)

@@ -11,12 +11,19 @@ Cardinality is bounded: every label takes at most ``max_label_values`` distinct 
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Enum, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from closedloop.telemetry._span import STATUS_ERROR, SpanRecord
@@ -35,6 +42,7 @@ GEN_AI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
                            20.48, 40.96, 81.92)
 GEN_AI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                         16777216, 67108864)
+_log = logging.getLogger("closedloop.telemetry")
 BREAKER_STATES = ("closed", "open", "half_open", "paused", "halted")
 
 
@@ -101,11 +109,12 @@ class Metrics:
             ["key"], registry=r)
         self.retry_after = Gauge("closedloop_rate_limit_retry_after_seconds",
                                  "Last Retry-After a provider asked for.", ["key"], registry=r)
-        self.limiter_available = Gauge(
-            "closedloop_rate_limiter_available_ratio",
-            "Share of a rate limiter's capacity available right now.", ["key"], registry=r)
-        self.breaker = Enum("closedloop_breaker_state", "Fault-control state per task type.",
-                            ["task_type"], states=list(BREAKER_STATES), registry=r)
+        # Fault-control and flow-control state is read from its sources at scrape time
+        # (see watch_control); set_breaker_state/set_limiter_available add explicit values.
+        self._states: dict[str, str] = {}
+        self._available: dict[str, float] = {}
+        self._control: list[tuple[Any, Any]] = []
+        r.register(_ControlCollector(self))
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (id(metric), labels)
@@ -214,15 +223,84 @@ class Metrics:
 
     def set_breaker_state(self, task_type: str, state: str) -> None:
         """Report the fault-control state of a task type (one of :data:`BREAKER_STATES`)."""
-        self.breaker.labels(self._label("task_type", task_type)).state(state)
+        if state not in BREAKER_STATES:
+            raise ValueError(f"unknown state {state!r}; use one of {', '.join(BREAKER_STATES)}")
+        self._states[self._label("task_type", task_type)] = state
 
     def set_limiter_available(self, key: str, ratio: float) -> None:
         """Report the share (0..1) of a rate limiter's capacity available now."""
-        self.limiter_available.labels(self._label("key", key)).set(ratio)
+        self._available[self._label("key", key)] = ratio
+
+    def watch_control(self, *, ledger: Any = None, backpressure: Any = None) -> None:
+        """Expose a control ledger's pauses/halts and a Backpressure's per-key state.
+
+        Read at scrape time: ``ledger.stops()`` gives each task type's paused/halted state;
+        ``backpressure.status()`` gives per key the learned rate, the share of the in-flight
+        cap that is free, and the circuit breaker's state.
+        """
+        self._control.append((ledger, backpressure))
 
     def watch(self, *, telemetry: Telemetry | None = None, store: Store | None = None) -> None:
         """Also export the dropped/failed counters of a telemetry pipeline and an event store."""
         self.registry.register(_HealthCollector(telemetry, store))
+
+
+class _ControlCollector(Collector):
+    """Task-type fault-control state and per-key flow-control state, at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        states = dict(m._states)
+        available = dict(m._available)
+        rates: dict[str, float] = {}
+        circuits: dict[str, str] = {}
+        now = time.time()
+        for ledger, backpressure in list(m._control):
+            try:
+                if ledger is not None:
+                    for stop in ledger.stops():
+                        if stop.active(now):
+                            states[m._label("task_type", stop.task_type)] = str(stop.kind)
+                if backpressure is not None:
+                    for key, st in backpressure.status().items():
+                        k = m._label("key", key)
+                        cap = max(1, int(st.get("max_in_flight") or 1))
+                        available[k] = max(0.0, 1.0 - int(st.get("in_flight") or 0) / cap)
+                        rates[k] = float(st.get("rate") or 0.0)
+                        circuits[k] = str(st.get("breaker") or "closed")
+            except Exception:  # noqa: BLE001 - a scrape must not fail on one unreadable source
+                _log.exception("closedloop: could not read control state for metrics")
+        breaker = StateSetMetricFamily(
+            "closedloop_breaker_state",
+            "Fault-control state per task type (closed: running; paused; halted).",
+            labels=["task_type"])
+        for task_type, state in sorted(states.items()):
+            breaker.add_metric([task_type], {s: s == state for s in BREAKER_STATES})
+        yield breaker
+        free = GaugeMetricFamily("closedloop_rate_limiter_available_ratio",
+                                 "Share of a key's in-flight cap free right now.",
+                                 labels=["key"])
+        for key, ratio in sorted(available.items()):
+            free.add_metric([key], ratio)
+        yield free
+        rate = GaugeMetricFamily("closedloop_rate_limiter_rate",
+                                 "Requests per second a key's adaptive limiter allows now.",
+                                 labels=["key"])
+        for key, value in sorted(rates.items()):
+            rate.add_metric([key], value)
+        yield rate
+        circuit = StateSetMetricFamily("closedloop_circuit_breaker_state",
+                                       "Circuit breaker of each downstream key.",
+                                       labels=["key"])
+        for key, state in sorted(circuits.items()):
+            circuit.add_metric([key], {s: s == state for s in ("closed", "open", "half_open")})
+        yield circuit
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _HealthCollector(Collector):
