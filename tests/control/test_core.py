@@ -57,6 +57,19 @@ def test_overload_sets_the_ceiling_to_the_delivered_rate_and_backs_off() -> None
     assert state.rate(limits, now) == pytest.approx(0.9 * state.ceiling)
 
 
+def test_after_the_first_429_the_ceiling_becomes_what_was_delivered_since() -> None:
+    limits = Limits(initial_rate=100.0, slow_start=1.0)
+    state = KeyState()
+    state.acquire(limits, 0.0)
+    state.feedback(limits, 1.0, Signal.OVERLOADED, admitted_at=0.9)  # burst hid the limit
+    assert state.ceiling == pytest.approx(100.0)  # provisional: the rate that was sent
+    for i in range(10):  # the downstream then delivers 20/s
+        state.feedback(limits, 1.0 + 0.05 * (i + 1), Signal.OK, admitted_at=1.0)
+    state.feedback(limits, 1.5, Signal.OVERLOADED, admitted_at=1.4)
+    assert state.ceiling == pytest.approx(20.0)
+    assert state.rate(limits, 1.5) == pytest.approx(0.9 * 20.0)
+
+
 def test_calls_sent_before_a_decrease_do_not_decrease_the_rate_again() -> None:
     state = KeyState()
     state.acquire(FIXED, 0.0)

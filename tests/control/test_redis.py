@@ -54,6 +54,13 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     at(2.5)
     backend.feedback("k", FIXED, Signal.OVERLOADED, 2.45 + 1000, None)
     out.append(backend.acquire("k", FIXED))
+    for i in range(5):  # the landing: a second 429 measures what was delivered since
+        at(2.55 + i * 0.05)
+        backend.feedback("k", FIXED, Signal.OK, 1002.5, None)
+    at(2.9)
+    backend.feedback("k", FIXED, Signal.OVERLOADED, 1002.85, None)
+    out.append(backend.acquire("k", FIXED))
+    out.append(backend.snapshot("k", FIXED)["ceiling"])
     for i in range(5):
         at(3 + i * 0.01)
         backend.feedback("k", FIXED, Signal.UNAVAILABLE, 1003.0, None)

@@ -9,9 +9,14 @@ port of it (:mod:`closedloop.control._redis`) so that N workers share one state 
 ``slow_start`` times per second of busy time). On an overload (429) the *ceiling* becomes the
 rate the downstream actually delivered over the last second (when it is saturated that is
 its real capacity, whatever we were sending) and the rate restarts at ``backoff`` x
-ceiling, then follows a curve after TCP CUBIC: a quick concave climb back to the ceiling, a
-plateau just under it, then a probe above it, slow at first (``probe`` per second, because
-a provider's burst allowance hides a small overshoot for a while) and accelerating
+ceiling. The first 429 is special: a downstream's burst allowance hides the moment slow
+start crossed its capacity, so the rate then is an overestimate; it is only provisional,
+and a further 429 within ``window`` (from a call sent after the cut) replaces it with what
+the downstream delivered *since the first 429* — its allowance was empty all that time, so
+that count is its rate, burst excluded (the "landing"). After that the rate follows a
+curve after TCP CUBIC: a quick concave climb back to the ceiling, a plateau just under it,
+then a probe above it, slow at first (``probe`` per second, because a provider's burst
+allowance hides a small overshoot for a while) and accelerating
 (``probe_cubic``) in case capacity has really grown. Only calls admitted *after* the last
 decrease can trigger another one, so the calls already in flight when the downstream pushes
 back do not collapse the rate. 503s and timeouts cut the rate to ``outage_backoff`` of what
@@ -55,8 +60,8 @@ class Limits:
     """Calls that may go back to back (token-bucket depth)."""
     max_in_flight: int = 64
     """Concurrent calls per process for this key."""
-    slow_start: float = 8.0
-    """Rate growth factor per busy second until the first overload."""
+    slow_start: float = 64.0
+    """Rate growth factor per busy second until the first overload (x2 every ~170 ms)."""
     backoff: float = 0.9
     """After an overload the rate restarts at this fraction of the measured ceiling."""
     outage_backoff: float = 0.5
@@ -143,6 +148,7 @@ class KeyState:
     last_fill: float = 0.0
     busy_since: float = 0.0
     learned_at: float = 0.0
+    land_ok: int = 0
     hold_until: float = 0.0
     win_start: float = 0.0
     win_cur: float = 0.0
@@ -281,6 +287,7 @@ class KeyState:
             if signal is Signal.OK:
                 self._roll(limits, now)
                 self.win_cur += 1
+                self.land_ok += 1
             if self.breaker is not BreakerState.CLOSED:
                 self.breaker, self.failures = BreakerState.CLOSED, 0
                 # the probe got through: resume just under the last known capacity
@@ -305,6 +312,11 @@ class KeyState:
                 measured = max(measured, min(self.rate(limits, admitted_at),
                                              self.rate(limits, now)))
                 self.learned_at = now
+                self.land_ok = 0
+            elif now - self.learned_at < limits.window and self.land_ok >= 4:
+                # landing: the downstream's allowance has been empty since the first 429,
+                # so what it delivered since then is its rate, burst excluded
+                measured = min(self.ceiling, self.land_ok / (now - self.learned_at))
             elif now - max(self.busy_since, self.learned_at) < limits.window:
                 # the window still mixes in the ramp or an idle spell: step down instead
                 measured = max(measured, limits.backoff * self.ceiling)

@@ -143,7 +143,9 @@ end
 local function feedback(signal, admitted_at, retry_after)
   count(signal)
   if signal == 'ok' or signal == 'rejected' then
-    if signal == 'ok' then roll(); S.win_cur = g('win_cur') + 1 end
+    if signal == 'ok' then
+      roll(); S.win_cur = g('win_cur') + 1; S.land_ok = g('land_ok') + 1
+    end
     if g('breaker') ~= CLOSED then
       S.breaker = CLOSED; S.failures = 0
       count('breaker_closed')
@@ -164,6 +166,9 @@ local function feedback(signal, admitted_at, retry_after)
     if g('ceiling') <= 0 then
       measured = math.max(measured, math.min(rate_at(admitted_at), rate_at(now)))
       S.learned_at = now
+      S.land_ok = 0
+    elseif now - g('learned_at') < L.window and g('land_ok') >= 4 then
+      measured = math.min(g('ceiling'), g('land_ok') / (now - g('learned_at')))
     elseif now - math.max(g('busy_since'), g('learned_at')) < L.window then
       measured = math.max(measured, L.backoff * g('ceiling'))
     end

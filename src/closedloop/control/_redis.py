@@ -252,7 +252,7 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
                  "open_for", "probe_at"):
         if name in values:
             setattr(state, name, values[name])
-    for name in ("tickets", "void_below", "failures", "probes"):
+    for name in ("tickets", "void_below", "failures", "probes", "land_ok"):
         if name in values:
             setattr(state, name, int(values[name]))
     state.breaker = [BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN][
