@@ -402,11 +402,13 @@ class LoopbackProvider:
 _WORKER = """
 import asyncio, sys, time
 import httpx
-from closedloop.control import Backpressure, RedisRates
+from closedloop.control import Backpressure, Limits, RedisRates
 url, redis_url, prefix, until = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+quota = float(sys.argv[5])  # 0: learn the rate; else the provider's known quota, shared
 async def main():
     rates = RedisRates(redis_url, prefix=prefix)
-    bp = Backpressure(backend=rates)
+    limits = Limits(initial_rate=quota, max_rate=quota) if quota else Limits()
+    bp = Backpressure(backend=rates, limits=limits)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
         async def get():
             r = await client.get(url)
@@ -423,7 +425,8 @@ asyncio.run(main())
 """
 
 
-def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str) -> dict[str, Any]:
+def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
+                   quota: float = 0.0) -> dict[str, Any]:
     import tempfile
     import time as wall
     import uuid
@@ -441,7 +444,7 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str) ->
             f.write(_WORKER)
         procs = [await asyncio.create_subprocess_exec(
             sys.executable, f.name, f"http://127.0.0.1:{port}/", redis_url, prefix,
-            str(until)) for _ in range(workers)]
+            str(until), str(quota)) for _ in range(workers)]
         await asyncio.gather(*(p.wait() for p in procs))
         server.close()
         await server.wait_closed()
@@ -471,15 +474,17 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str) ->
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
-    return {"rate": rate, "workers": workers, "seconds": seconds,
+    return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota,
             "aggregate": aggregate, "ratio": aggregate / rate,
             "throttled_per_success": provider.throttled / max(1, len(ok)),
             "acquire_us": costs}
 
 
 def print_redis(r: dict[str, Any]) -> None:
+    told = (f"shared limiter told the quota {r['quota']:g}/s" if r["quota"]
+            else "shared limiter not told R (learns it)")
     print(f"\nScenario 2 (real time, Redis): R = {r['rate']:g}/s, {r['workers']} worker "
-          f"processes x 16 agents, {r['seconds']:g} s")
+          f"processes x 16 agents, {r['seconds']:g} s; {told}")
     print(f"aggregate rate over the last two thirds: {r['aggregate']:.1f}/s = "
           f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f})")
     (rp50, rp99), (lp50, lp99) = r["acquire_us"]["redis"], r["acquire_us"]["local"]
@@ -498,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--redis-rate", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--quota", type=float, default=0.0,
+                        help="scenario 2: tell the shared limiter the provider's quota (0: learn)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
@@ -509,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_table(results, args.rate)
     if args.only in (None, "redis"):
-        found = scenario_redis(args.redis_rate, args.workers, args.seconds, args.redis_url)
+        found = scenario_redis(args.redis_rate, args.workers, args.seconds, args.redis_url,
+                               args.quota)
         if args.json:
             print(json.dumps(found, indent=2))
         else:

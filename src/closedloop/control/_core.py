@@ -47,6 +47,9 @@ from typing import Any
 from closedloop._errors import ConfigError
 from closedloop.control._signals import Signal
 
+WAKE_SLACK = 0.004
+"""Seconds of wake-up lateness a paced caller may have without losing its slot."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
@@ -227,7 +230,12 @@ class KeyState:
         early = self.tat - now - (limits.burst - 1.0) / rate
         if early > 1e-9:
             return Grant(early, ticket, now + early)
-        self.tat = max(self.tat, now) + 1.0 / rate
+        # A caller that wakes a little late (timer slack, a busy event loop: ~1 ms) keeps the
+        # schedule: the next departure catches the lateness up instead of it being lost on
+        # every call (measured in real time: 8% of the rate at 100/s). Later than that, the
+        # key was idle or short of tokens: the schedule restarts now.
+        interval = 1.0 / rate
+        self.tat = (self.tat if now - self.tat < min(interval, WAKE_SLACK) else now) + interval
         return Grant(0.0, ticket, now)
 
     # ----- admission --------------------------------------------------------------------

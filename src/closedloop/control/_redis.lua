@@ -103,7 +103,10 @@ local function turn(ticket)
   end
   local early = g('tat') - now - (L.burst - 1) / r
   if early > 1e-9 then return {early, ticket, now + early, 1, 0, ''} end
-  S.tat = math.max(g('tat'), now) + 1 / r
+  -- a caller late by less than one interval keeps the schedule (see _core.py)
+  -- late by less than min(interval, WAKE_SLACK = 2 ms): keep the schedule (see _core.py)
+  if now - g('tat') < math.min(1 / r, 0.004) then S.tat = g('tat') + 1 / r
+  else S.tat = now + 1 / r end
   return {0, ticket, now, 1, 0, ''}
 end
 

@@ -72,7 +72,7 @@ class RedisRates:
                                             socket_connect_timeout=socket_timeout)
         self._script = self._client.register_script(_SCRIPT)
         self._timeout = socket_timeout
-        self._aclients: dict[int, Any] = {}
+        self._aclients: dict[int, tuple[Any, Any]] = {}
         self._fallback = LocalRates(clock=clock or time.time)
         self._last: dict[str, tuple[float, int]] = {}
         self.degraded_since: float | None = None
@@ -151,9 +151,10 @@ class RedisRates:
     async def _acall(self, op: str, key: str, limits: Limits, *rest: Any) -> Grant | None:
         if self._use_redis():
             try:
-                reply = await self._script(keys=self._keys(key),
-                                           args=self._args(op, limits, *rest),
-                                           client=self._aclient())
+                # the async client's own script object: it reloads the script on NOSCRIPT
+                # (a fresh or restarted Redis), which the sync one cannot do for an awaitable
+                reply = await self._aclient()[1](keys=self._keys(key),
+                                                 args=self._args(op, limits, *rest))
             except redis.RedisError as exc:
                 self._failed(exc)
             else:
@@ -165,12 +166,12 @@ class RedisRates:
         import asyncio
 
         ident = id(asyncio.get_running_loop())
-        client = self._aclients.get(ident)
-        if client is None:
+        found = self._aclients.get(ident)
+        if found is None:
             client = aredis.Redis.from_url(self.url, socket_timeout=self._timeout,
                                            socket_connect_timeout=self._timeout)
-            self._aclients[ident] = client
-        return client
+            found = self._aclients[ident] = (client, client.register_script(_SCRIPT))
+        return found
 
     # ----- RateBackend ----------------------------------------------------------------------
     def acquire(self, key: str, limits: Limits) -> Grant:
@@ -236,9 +237,9 @@ class RedisRates:
         """Close this event loop's async connections (and the sync pool)."""
         import asyncio
 
-        client = self._aclients.pop(id(asyncio.get_running_loop()), None)
-        if client is not None:
-            await client.aclose()
+        found = self._aclients.pop(id(asyncio.get_running_loop()), None)
+        if found is not None:
+            await found[0].aclose()
         self.close()
 
 
