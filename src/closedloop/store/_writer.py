@@ -7,7 +7,8 @@ agent is never blocked). A batch the backend refuses is retried with backoff; if
 fails it goes to a dead-letter JSON-lines file next to the store and is counted, and if even
 that fails it is counted as ``lost`` and logged. Every count is visible in :class:`WriterStats`
 and logged on close. Pending events are flushed on ``close()`` and at interpreter exit; after
-``fork()`` the child starts a fresh queue and thread of its own.
+``fork()`` the child starts a fresh queue and thread of its own. The queue and its thread are
+:class:`closedloop._batching.BatchQueue`, shared with the telemetry pipeline.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import atexit
 import json
 import logging
 import os
-import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from closedloop._batching import BatchQueue
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend
 
@@ -47,15 +47,6 @@ class WriterStats:
         return self.dropped + self.dead_lettered + self.lost
 
 
-class _Marker:
-    """Put in the queue by ``flush``: set once everything before it is written."""
-
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
 _writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
 
 
@@ -73,90 +64,27 @@ class BatchWriter:
         retry_delays: Sequence[float] = (0.05, 0.25, 1.0),
     ) -> None:
         self.backend = backend
-        self.max_queue = max_queue
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
         self.dead_letter = dead_letter
         self.retry_delays = tuple(retry_delays)
-        self._closed = False
-        self._reset()
-        _writers.add(self)
-
-    def _reset(self) -> None:
-        self._queue: deque[StepEvent | _Marker] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._written = 0
-        self._dropped = 0
         self._dead_lettered = 0
         self._lost = 0
         self._write_errors = 0
-        self._warned_drop = False
-        self._markers = 0
-
-    # -- producer side (the agent's thread) ---------------------------------------------
-
-    def submit(self, event: StepEvent) -> bool:
-        """Queue one event without blocking; False if it could not be queued (counted)."""
-        queue = self._queue
-        if len(queue) >= self.max_queue or self._closed:
-            self._count_drop()
-            return False
-        queue.append(event)
-        if self._thread is None:
-            self._start()
-        if len(queue) >= self.batch_size and not self._wake.is_set():
-            self._wake.set()
-        return True
-
-    def _count_drop(self) -> None:
-        with self._lock:
-            self._dropped += 1
-            warn = not self._warned_drop
-            self._warned_drop = True
-        if warn:
-            why = "closed" if self._closed else f"full ({self.max_queue} events)"
-            log.warning("closedloop store %s: writer queue %s; events are being dropped "
-                        "and counted", self.backend.url, why)
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="closedloop-store-writer",
-                                            daemon=True)
-            self._thread.start()
+        self._queue: BatchQueue[StepEvent] = BatchQueue(
+            self._write, name="store-writer", max_queue=max_queue, batch_size=batch_size,
+            flush_interval=flush_interval, on_exit=backend.close)
+        self.submit = self._queue.submit
+        """``submit(event) -> bool``: queue an event without blocking (False: refused)."""
+        _writers.add(self)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every event submitted before this call is written; False on timeout."""
-        if self._thread is None or not self._thread.is_alive():
-            if not self._queue:
-                return True
-            self._start()
-        marker = _Marker()
-        with self._lock:
-            self._markers += 1
-        self._queue.append(marker)
-        self._wake.set()
-        return marker.done.wait(timeout)
+        return self._queue.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> WriterStats:
         """Flush, stop the thread and close the backend; later submits are dropped."""
-        if not self._closed:
-            self._closed = True
-            if self._thread is not None and self._thread.is_alive():
-                self._stopping = True
-                self._wake.set()
-                self._thread.join(timeout)
-                if self._thread.is_alive():
-                    log.error("closedloop store %s: writer did not finish within %ss; %d "
-                              "events still queued", self.backend.url, timeout,
-                              len(self._queue))
-            elif self._queue:
-                self._drain()  # no thread (never started or after fork): write inline
-                self.backend.close()
+        if not self._queue.closed:
+            self._queue.close(timeout)
             stats = self.stats()
             if stats.not_written:
                 log.warning("closedloop store %s: %d events not written (dropped=%d, "
@@ -167,56 +95,9 @@ class BatchWriter:
 
     def stats(self) -> WriterStats:
         """A snapshot of the counters."""
-        return WriterStats(written=self._written, queued=len(self._queue),
-                           dropped=self._dropped, dead_lettered=self._dead_lettered,
+        return WriterStats(written=self._written, queued=self._queue.queued,
+                           dropped=self._queue.dropped, dead_lettered=self._dead_lettered,
                            lost=self._lost, write_errors=self._write_errors)
-
-    # -- consumer side (the writer thread) ----------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while True:
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
-                self._drain()
-                if self._stopping and not self._queue:
-                    break
-        finally:
-            try:
-                self.backend.close()
-            except Exception:  # closing must not raise in a daemon thread
-                log.exception("closedloop store %s: error closing backend", self.backend.url)
-
-    def _drain(self) -> None:
-        queue = self._queue
-        size = self.batch_size
-        # Snapshot the length *before* reading the marker count: a flush marker among the
-        # first n items was counted before it was appended, so the count cannot miss it.
-        n = len(queue)
-        with self._lock:
-            markers = self._markers
-        popleft = queue.popleft
-        items = [popleft() for _ in range(n)]  # only this thread pops: n items are there
-        if not markers:
-            for start in range(0, n, size):
-                self._write(items[start:start + size])  # type: ignore[arg-type]
-            return
-        batch: list[StepEvent] = []
-        for item in items:
-            if type(item) is _Marker:
-                if batch:
-                    self._write(batch)
-                    batch = []
-                with self._lock:
-                    self._markers -= 1
-                item.done.set()
-                continue
-            batch.append(item)  # type: ignore[arg-type]
-            if len(batch) >= size:
-                self._write(batch)
-                batch = []
-        if batch:
-            self._write(batch)
 
     def _write(self, batch: list[StepEvent]) -> None:
         delays = self.retry_delays
@@ -251,9 +132,6 @@ class BatchWriter:
                 return
         self._lost += len(batch)
 
-    def _after_fork_in_child(self) -> None:
-        self._reset()
-
 
 def _close_all_at_exit() -> None:
     for writer in list(_writers):
@@ -264,10 +142,10 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
+    # the queue starts empty in the child (see BatchQueue); so do the child's own counts
     for writer in list(_writers):
-        writer._after_fork_in_child()
+        writer._written = writer._dead_lettered = writer._lost = writer._write_errors = 0
 
 
 atexit.register(_close_all_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)

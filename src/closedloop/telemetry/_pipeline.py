@@ -7,7 +7,8 @@ queue (a ``deque`` append, no lock) and a daemon thread hands them in batches to
 An exporter that raises or reports failure is logged and counted, never retried into the
 agent's thread. Pending spans are exported on :meth:`Telemetry.flush`, on
 :meth:`Telemetry.shutdown` and at interpreter exit; after ``fork()`` the child starts a fresh
-queue and thread.
+queue and thread. The queue and its thread are :class:`closedloop._batching.BatchQueue`,
+shared with the event store's writer.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import logging
 import os
 import threading
 import weakref
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from closedloop._batching import BatchQueue
 from closedloop.telemetry._span import (
     KIND_INTERNAL,
     LiveSpan,
@@ -65,13 +66,6 @@ class TelemetryStats:
     export_failures: dict[str, int]
 
 
-class _Marker:
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
 _pipelines: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 
 
@@ -88,24 +82,21 @@ class Telemetry:
         shutdown_timeout: float = 10.0,
     ) -> None:
         self.exporters: tuple[SpanExporter, ...] = tuple(exporters)
-        self.max_queue = max_queue
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
         self.shutdown_timeout = shutdown_timeout
-        self._closed = False
+        self._lock = threading.Lock()
+        self._queue: BatchQueue[SpanRecord] = BatchQueue(
+            self._export, name="telemetry", max_queue=max_queue, batch_size=batch_size,
+            flush_interval=flush_interval)
+        self.submit = self._queue.submit
+        """``submit(span) -> bool``: queue a finished span (False: dropped and counted)."""
+        self.submit_many = self._queue.submit_many
+        """``submit_many(spans) -> bool``: queue a step's spans at once, or drop them all."""
         self._reset()
         _pipelines.add(self)
 
     def _reset(self) -> None:
-        self._queue: deque[SpanRecord | _Marker] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._exported = 0
-        self._dropped = 0
         self._failures: dict[str, int] = {}
-        self._warned_drop = False
 
     # -- hot path ----------------------------------------------------------------------
 
@@ -131,33 +122,6 @@ class Telemetry:
         """Stamp the end time and queue the span for export (never blocks)."""
         span.end_ns = _time_ns()
         self.submit(span)
-
-    def submit(self, span: SpanRecord) -> bool:
-        """Queue a finished span; False (and counted) when the queue is full or closed."""
-        queue = self._queue
-        if len(queue) >= self.max_queue or self._closed:
-            self._count_drop()
-            return False
-        queue.append(span)
-        if self._thread is None:
-            self._start()
-        elif len(queue) >= self.batch_size and not self._wake.is_set():
-            self._wake.set()
-        return True
-
-    def submit_many(self, spans: list[SpanRecord]) -> bool:
-        """Queue a step's finished spans at once; all dropped (and counted) if they don't fit."""
-        queue = self._queue
-        if len(queue) + len(spans) > self.max_queue or self._closed:
-            for _ in spans:
-                self._count_drop()
-            return False
-        queue.extend(spans)
-        if self._thread is None:
-            self._start()
-        elif len(queue) >= self.batch_size and not self._wake.is_set():
-            self._wake.set()
-        return True
 
     @contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[LiveSpan]:
@@ -188,14 +152,7 @@ class Telemetry:
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Export every span finished before this call; False on timeout."""
-        if self._thread is None or not self._thread.is_alive():
-            if not self._queue:
-                return self._flush_exporters(timeout)
-            self._start()
-        marker = _Marker()
-        self._queue.append(marker)
-        self._wake.set()
-        if not marker.done.wait(timeout):
+        if not self._queue.flush(timeout):
             return False
         return self._flush_exporters(timeout)
 
@@ -211,17 +168,10 @@ class Telemetry:
 
     def shutdown(self, timeout: float | None = None) -> TelemetryStats:
         """Export what is queued, stop the thread and shut the exporters down."""
-        if not self._closed:
+        if not self._queue.closed:
             timeout = self.shutdown_timeout if timeout is None else timeout
-            if self._thread is not None and self._thread.is_alive():
-                self.flush(timeout)
-            elif self._queue:
-                self._drain()
-            self._closed = True
-            if self._thread is not None and self._thread.is_alive():
-                self._stopping = True
-                self._wake.set()
-                self._thread.join(timeout)
+            self._queue.close(timeout)
+            self._flush_exporters(timeout)
             for exporter in self.exporters:
                 try:
                     exporter.shutdown()
@@ -237,53 +187,10 @@ class Telemetry:
         """A snapshot of the counters."""
         with self._lock:
             failures = dict(self._failures)
-        queued = sum(1 for item in list(self._queue) if type(item) is SpanRecord)
-        return TelemetryStats(exported=self._exported, queued=queued, dropped=self._dropped,
-                              export_failures=failures)
+        return TelemetryStats(exported=self._exported, queued=self._queue.queued,
+                              dropped=self._queue.dropped, export_failures=failures)
 
     # -- internals ---------------------------------------------------------------------
-
-    def _count_drop(self) -> None:
-        with self._lock:
-            self._dropped += 1
-            warn = not self._warned_drop
-            self._warned_drop = True
-        if warn:
-            why = "closed" if self._closed else f"full ({self.max_queue} spans)"
-            log.warning("closedloop telemetry: span queue %s; spans are being dropped and "
-                        "counted", why)
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="closedloop-telemetry",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            self._drain()
-            if self._stopping and not self._queue:
-                break
-
-    def _drain(self) -> None:
-        queue = self._queue
-        while queue:
-            batch: list[SpanRecord] = []
-            markers: list[_Marker] = []
-            while queue and len(batch) < self.batch_size:
-                item = queue.popleft()
-                if type(item) is _Marker:
-                    markers.append(item)
-                    break
-                batch.append(item)  # type: ignore[arg-type]
-            if batch:
-                self._export(batch)
-            for marker in markers:
-                marker.done.set()
 
     def _export(self, batch: Sequence[SpanRecord]) -> None:
         for exporter in self.exporters:
