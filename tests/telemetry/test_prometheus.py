@@ -62,7 +62,9 @@ def _wait(what: str, probe: Any, timeout: float = 30.0) -> Any:
     while time.monotonic() < deadline:
         try:
             found = probe()
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):
+            # not listening yet, or still starting: Prometheus answers 503 in plain text
+            # ("Service Unavailable") until its storage is ready
             found = None
         if found:
             return found
