@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -478,3 +479,10 @@ async def test_a_cancelled_step_unwinds_cleanly(memory_store: cl.Store) -> None:
         return task
 
     assert (await cl.Loop(quick, task_type="t", store=memory_store).arun(2)).ok
+
+
+def test_a_loop_with_its_own_store_never_opens_the_default_one(
+    memory_store: cl.Store, tmp_path: Path
+) -> None:
+    cl.Loop(lambda t, a: t, task_type="t", store=memory_store).run(1)
+    assert not (tmp_path / "default.db").exists()  # conftest points the default there

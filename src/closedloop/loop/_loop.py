@@ -214,11 +214,11 @@ _fault_controls_lock = threading.Lock()
 def _default_guards(store: Store | None) -> tuple[StepGuard, ...]:
     """Fault control by default: one guard per store, its pauses and halts kept with it."""
     from closedloop.control import FaultControl, default_fault_control, ledger_for_store
-    from closedloop.store import default_store
+    from closedloop.store import is_default_store
 
     if store is None:
         return (FaultControl(ledger=ledger_for_store(None)),)
-    if store is default_store():
+    if is_default_store(store):
         return (default_fault_control(),)
     with _fault_controls_lock:
         guard = _fault_controls.get(store)

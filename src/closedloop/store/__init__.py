@@ -30,6 +30,7 @@ __all__ = [
     "WriterStats",
     "default_store",
     "default_store_url",
+    "is_default_store",
     "open_store",
     "reset_default_store",
 ]
@@ -162,6 +163,11 @@ def default_store() -> Store:
         if _default is None:
             _default = open_store(default_store_url())
         return _default
+
+
+def is_default_store(store: object) -> bool:
+    """True when ``store`` is the process-wide default store; never opens it to find out."""
+    return store is not None and store is _default
 
 
 def reset_default_store() -> None:

@@ -101,9 +101,9 @@ __all__ = [
 def _watch_control(metrics: Metrics, event_store: Store | None) -> None:
     """Expose the process's fault control (pauses, halts) and backpressure in ``metrics``."""
     from closedloop.control import default_backpressure, default_fault_control, ledger_for_store
-    from closedloop.store import default_store
+    from closedloop.store import is_default_store
 
-    if event_store is None or event_store is default_store():
+    if event_store is None or is_default_store(event_store):
         ledger = default_fault_control().ledger
     else:
         ledger = ledger_for_store(event_store)
