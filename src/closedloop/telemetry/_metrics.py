@@ -273,34 +273,33 @@ class _ControlCollector(Collector):
                         circuits[k] = str(st.get("breaker") or "closed")
             except Exception:  # noqa: BLE001 - a scrape must not fail on one unreadable source
                 _log.exception("closedloop: could not read control state for metrics")
-        breaker = StateSetMetricFamily(
-            "closedloop_breaker_state",
-            "Fault-control state per task type (closed: running; paused; halted).",
-            labels=["task_type"])
-        for task_type, state in sorted(states.items()):
-            breaker.add_metric([task_type], {s: s == state for s in BREAKER_STATES})
-        yield breaker
-        free = GaugeMetricFamily("closedloop_rate_limiter_available_ratio",
-                                 "Share of a key's in-flight cap free right now.",
-                                 labels=["key"])
-        for key, ratio in sorted(available.items()):
-            free.add_metric([key], ratio)
-        yield free
-        rate = GaugeMetricFamily("closedloop_rate_limiter_rate",
-                                 "Requests per second a key's adaptive limiter allows now.",
-                                 labels=["key"])
-        for key, value in sorted(rates.items()):
-            rate.add_metric([key], value)
-        yield rate
-        circuit = StateSetMetricFamily("closedloop_circuit_breaker_state",
-                                       "Circuit breaker of each downstream key.",
-                                       labels=["key"])
-        for key, state in sorted(circuits.items()):
-            circuit.add_metric([key], {s: s == state for s in ("closed", "open", "half_open")})
-        yield circuit
+        yield _states("closedloop_breaker_state",
+                      "Fault-control state per task type (closed: running; paused; halted).",
+                      "task_type", states, BREAKER_STATES)
+        yield _gauge("closedloop_rate_limiter_available_ratio",
+                     "Share of a key's in-flight cap free right now.", available)
+        yield _gauge("closedloop_rate_limiter_rate",
+                     "Requests per second a key's adaptive limiter allows now.", rates)
+        yield _states("closedloop_circuit_breaker_state", "Circuit breaker of each downstream key.",
+                      "key", circuits, ("closed", "open", "half_open"))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def _states(name: str, doc: str, label: str, current: Mapping[str, str],
+            states: Sequence[str]) -> StateSetMetricFamily:
+    family = StateSetMetricFamily(name, doc, labels=[label])
+    for value, state in sorted(current.items()):
+        family.add_metric([value], {s: s == state for s in states})
+    return family
+
+
+def _gauge(name: str, doc: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["key"])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
 
 
 class _HealthCollector(Collector):
