@@ -20,6 +20,12 @@ from closedloop._errors import (
     VerificationFailed,
 )
 from closedloop._events import ErrorType, Outcome, StepEvent
+from closedloop._redact import (
+    Redactor,
+    default_redactor,
+    reset_default_redactor,
+    set_default_redactor,
+)
 from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
 from closedloop._version import __version__
 from closedloop.autonomy import Autonomy
@@ -39,6 +45,7 @@ __all__ = [
     "Loop",
     "NotExecuted",
     "Outcome",
+    "Redactor",
     "Severity",
     "StepEvent",
     "StepFailed",
@@ -51,8 +58,11 @@ __all__ = [
     "__version__",
     "as_verdict",
     "current_attempt",
+    "default_redactor",
     "default_store",
     "open_store",
     "render_feedback",
+    "reset_default_redactor",
     "reset_default_store",
+    "set_default_redactor",
 ]

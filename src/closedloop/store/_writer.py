@@ -25,6 +25,7 @@ from pathlib import Path
 
 from closedloop._batching import BatchQueue
 from closedloop._events import StepEvent
+from closedloop._redact import redact_event
 from closedloop.store._base import EventBackend
 
 log = logging.getLogger("closedloop.store")
@@ -100,6 +101,7 @@ class BatchWriter:
                            lost=self._lost, write_errors=self._write_errors)
 
     def _write(self, batch: list[StepEvent]) -> None:
+        batch = [redact_event(e) for e in batch]  # before any backend or dead-letter file
         delays = self.retry_delays
         for attempt in range(len(delays) + 1):
             try:

@@ -1,0 +1,486 @@
+"""Redaction: secrets and personal data never leave the process.
+
+Every text closedloop stores, exports or logs passes a :class:`Redactor` first: step events
+(``error_message``, ``detail``), spans (status message, attributes, events, captured content),
+scores' comments, control reasons and evidence, alerts, dead-letter files and log lines. A match
+is replaced by ``[REDACTED:<kind>]``; for a credential with context (a URL's password, a
+``password=...`` assignment, an ``Authorization`` header) only the secret part is replaced, so
+the text still says what was there.
+
+Redaction runs on the raw text, before it is serialised (JSON escaping would turn a newline
+before a key into ``\\n`` and hide the key's start) and before it is truncated (a cut through a
+secret leaves a fragment no pattern recognises).
+
+The API other modules use, stable:
+
+- :func:`redact_text` ``(str) -> str`` and :func:`redact_value` ``(obj) -> obj`` (recursive
+  over dicts, lists and tuples; a value under a key named like a secret, such as ``password``
+  or ``api_key``, is replaced whole), both with the process default redactor;
+- :func:`clip` ``(str, max_chars) -> str``: redact, then truncate;
+- :class:`Redactor` (the built-in rules plus the user's own patterns) and
+  :func:`set_default_redactor` / :func:`default_redactor` / :func:`reset_default_redactor`.
+
+The built-in rules are ported from gitleaks' rule set (https://github.com/gitleaks/gitleaks,
+``cmd/generate/config/rules/*.go``, MIT licence, Copyright (c) 2019 Zachary Rice), adapted to
+Python's ``re`` and to redaction rather than scanning (broader where a miss costs more than an
+over-redaction, e.g. OpenAI keys without gitleaks' ``T3BlbkFJ`` marker). Card numbers are
+Luhn-checked and must start with a card network's prefix. Each rule has literal keywords, and a
+rule whose keywords are absent from the text is not run at all: clean text costs a few
+substring searches per rule (figures in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from re import Pattern
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from closedloop._events import StepEvent
+
+REDACTED = "[REDACTED]"
+
+
+
+def _after(prefix: str, charset: str = "A-Za-z0-9_-") -> str:
+    """``prefix`` (a literal), not preceded by a character of ``charset`` unless that is a
+    JSON/repr escape ("\\n", "\\t", "\\r") ending the previous line. The literal comes first
+    so that ``re`` can search for it quickly; the boundary is checked behind it."""
+    n = len(prefix)
+    dots = "." * n
+    return (f"{re.escape(prefix)}(?:(?<![{charset}]{dots})|(?<=\\\\[nrt]{dots}))")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One kind of secret.
+
+    ``pattern`` (Python ``re``) finds it; when the pattern has groups, only the groups that
+    took part in the match are replaced (the context around them stays readable), otherwise
+    the whole match is. ``check`` may reject a match (Luhn for card numbers). The rule is tried
+    only when one of ``keywords`` occurs in the text (``ikeywords``: in the lower-cased text);
+    a rule with neither is always tried. ``trigger`` is an RE2 pattern that matches wherever
+    ``pattern`` could (a superset, without look-arounds): with ``google-re2`` installed, one
+    linear-time scan for all triggers decides whether the rules run at all.
+    """
+
+    kind: str
+    pattern: str
+    trigger: str
+    keywords: tuple[str, ...] = ()
+    ikeywords: tuple[str, ...] = ()
+    check: Callable[[str], bool] | None = None
+
+
+def _luhn_card(text: str) -> bool:
+    """A plausible payment card number: 13-19 digits, a network's prefix, a valid Luhn sum."""
+    digits = [ord(c) - 48 for c in text if "0" <= c <= "9"]
+    n = len(digits)
+    if not 13 <= n <= 19:
+        return False
+    head2 = digits[0] * 10 + digits[1]
+    head4 = head2 * 100 + digits[2] * 10 + digits[3]
+    # Visa 4; Mastercard 51-55, 2221-2720; Amex 34, 37; Diners 30, 36, 38, 39; JCB 35;
+    # Discover/UnionPay 6011, 62, 64, 65; Maestro 50, 56-58, 67
+    if not (digits[0] == 4 or 50 <= head2 <= 58 or 2221 <= head4 <= 2720
+            or head2 in (30, 34, 35, 36, 37, 38, 39, 62, 64, 65, 67) or head4 == 6011):
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        total += (d * 2 - 9 if d > 4 else d * 2) if i % 2 else d
+    return total % 10 == 0
+
+
+# Names whose value is a secret whatever it looks like (in an assignment, or as a dict key).
+_KEY_NAMES = (r"(?:password|passwd|pwd|passphrase|secret|api[_-]?key|apikey|access[_-]?key"
+                r"|private[_-]?key|token|credentials?|signature|sig|cookie)")
+_TOKEN_CHARS = "[A-Za-z0-9_-]"  # noqa: S105 - a character class
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    # gitleaks private-key; a block cut short (no END line) is redacted to its last base64 char
+    Rule("private_key",
+         r"-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+         r"(?:[\s\S]{0,16384}?-----END[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+         r"|[A-Za-z0-9+/=\s\\:,-]*)",
+         r"PRIVATE KEY", keywords=("PRIVATE KEY",)),
+    # RFC 3986 userinfo: scheme://user:password@host keeps scheme, user and host
+    Rule("url_password",
+         r"(?<=[A-Za-z0-9+.-])://[^\s:/?#@\[\]\"'<>]*:([^\s/?#\"'<>]+)@",
+         r"://[^\s/?#@]*:[^\s/?#]*@", keywords=("://",)),
+    Rule("authorization",
+         r"(?i)authorization[\"'\\]*\s*[:=]\s*[\"'\\]*"
+         r"(?:(?:basic|bearer|token|digest|negotiate|apikey)\s+)?([^\s\"'\\,;]{6,})",
+         r"(?i)authorization", ikeywords=("authorization",)),
+    Rule("bearer", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{8,}=*)", r"(?i)bearer",
+         ikeywords=("bearer",)),
+    # gitleaks anthropic-api-key / anthropic-admin-api-key (any length, any version)
+    Rule("anthropic_key", _after("sk-ant-") + r"[A-Za-z0-9_\-]{20,}",
+         r"sk-ant-" + _TOKEN_CHARS + "{20}", keywords=("sk-ant-",)),
+    # gitleaks openai-api-key, broadened: project, service-account, admin and legacy keys
+    Rule("openai_key", _after("sk-") + r"(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",
+         r"sk-" + _TOKEN_CHARS + "{20}", keywords=("sk-",)),
+    # gitleaks gcp-api-key
+    Rule("google_key", r"AIza[0-9A-Za-z_\-]{35}", r"AIza" + _TOKEN_CHARS + "{35}",
+         keywords=("AIza",)),
+    # gitleaks github-pat, -oauth, -app-token, -refresh-token, -fine-grained-pat
+    Rule("github_token", r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+         r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}",
+         keywords=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    # gitleaks gitlab-*: pat, deploy, pipeline trigger, runner, CI build, feature flag, feed,
+    # incoming mail, kubernetes agent, oauth app secret, SCIM, session cookie, runner auth
+    Rule("gitlab_token",
+         r"gl(?:pat|dt|ptt|rt|ft|ffct|imt|agent|oas|soat)-[A-Za-z0-9_.\-]{20,}"
+         r"|glcbt-[0-9a-zA-Z]{1,5}_[A-Za-z0-9_\-]{20,}|GR1348941[A-Za-z0-9_\-]{20,}"
+         r"|_gitlab_session=[0-9a-z]{32}",
+         r"gl(?:pat|dt|ptt|rt|ft|ffct|imt|agent|oas|soat)-[A-Za-z0-9_.\-]{20}"
+         r"|glcbt-[0-9a-zA-Z]{1,5}_[A-Za-z0-9_\-]{20}|GR1348941[A-Za-z0-9_\-]{20}"
+         r"|_gitlab_session=[0-9a-z]{32}",
+         keywords=("glpat-", "gldt-", "glptt-", "glrt-", "glft-", "glffct-", "glimt-",
+                   "glagent-", "gloas-", "glsoat-", "glcbt-", "GR1348941", "_gitlab_session")),
+    # gitleaks slack-bot/-user/-app/-config/-legacy tokens
+    Rule("slack_token",
+         r"xox[abeoprs]-[A-Za-z0-9\-]{10,}|xoxe\.xox[bp]-[0-9]-[A-Za-z0-9]{20,}"
+         r"|(?i:xapp)-[0-9]-[A-Za-z0-9]+-[0-9]+-[A-Za-z0-9]+",
+         r"xox[abeoprs]-[A-Za-z0-9\-]{10}|xoxe\.xox[bp]-|(?i)xapp-[0-9]-",
+         keywords=("xox",), ikeywords=("xapp-",)),
+    # gitleaks slack-webhook-url
+    Rule("slack_webhook",
+         r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{20,}",
+         r"hooks\.slack\.com/", keywords=("hooks.slack.com",)),
+    # gitleaks stripe-access-token, plus webhook signing secrets
+    Rule("stripe_key",
+         r"(?:" + _after("sk", "A-Za-z0-9") + "|" + _after("rk", "A-Za-z0-9")
+         + r")_(?:test|live|prod)_[A-Za-z0-9]{10,99}|whsec_[A-Za-z0-9]{20,}",
+         r"(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]{10}|whsec_[A-Za-z0-9]{20}",
+         keywords=("_test_", "_live_", "_prod_", "whsec_")),
+    # gitleaks huggingface-access-token / huggingface-organization-api-token
+    Rule("huggingface_token", r"(?:hf|api_org)_[A-Za-z0-9]{30,}",
+         r"(?:hf|api_org)_[A-Za-z0-9]{30}", keywords=("hf_", "api_org_")),
+    # gitleaks aws-access-token (key ids of long-term and temporary credentials)
+    Rule("aws_access_key",
+         r"(?<![A-Z0-9])(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])",
+         r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}",
+         keywords=("AKIA", "ASIA", "A3T", "ABIA", "ACCA")),
+    Rule("aws_secret_key",
+         r"(?i)aws_?secret_?(?:access_?)?key[\"'\\]*\s*[:=]\s*[\"'\\]*([A-Za-z0-9/+=]{40})"
+         r"(?![A-Za-z0-9/+=])",
+         r"(?i)aws_?secret_?(?:access_?)?key", ikeywords=("secret",)),
+    # gitleaks jwt, with or without a scheme in front; the signature may be empty (alg none)
+    Rule("jwt", r"ey[A-Za-z0-9_\-]{10,}\.ey[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-+/=]*",
+         r"ey[A-Za-z0-9_\-]{10,}\.ey[A-Za-z0-9_\-]{10}", keywords=(".ey",)),
+    # key = value, key: value, "key": "value", ?key=value for names like a secret's
+    Rule("secret",
+         r"(?i)" + _KEY_NAMES + r"(?![a-z0-9_])[\"'\\]*\s*[:=]\s*"
+         r"(?:\\?\"([^\"\\\n]{1,256})\\?\"|'([^'\n]{1,256})'|([^\s\"'\\,;&<>{}\[\]()]{1,256}))",
+         r"(?i)" + _KEY_NAMES + r"(?:[^a-z0-9_]|$)",
+         ikeywords=("pass", "pwd", "secret", "key", "token", "credential", "sig", "cookie")),
+    Rule("email",
+         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
+         r"[A-Za-z0-9._%+\-]@[A-Za-z0-9.\-]+\.[A-Za-z]{2}", keywords=("@",)),
+    Rule("card_number",
+         r"[0-9](?<![A-Za-z0-9_.,+-].)(?:[ -]?[0-9]){12,18}(?![A-Za-z0-9_-]|[.,][0-9])",
+         r"[0-9](?:[ -]?[0-9]){12}", check=_luhn_card),
+)
+
+_CACHE_MAX_LEN = 256
+_CACHE_SIZE = 4096
+
+try:  # RE2 scans for every rule's trigger at once in linear time; without it, rules run
+    import re2 as _re2  # ... one by one (same results, slower: see BENCHMARKS.md)
+except ImportError:  # pragma: no cover - the test extra installs it
+    _re2 = None
+
+_Compiled = tuple[Callable[..., str], tuple[str, ...], tuple[str, ...], Any]
+
+
+@functools.cache
+def _compile(rules: tuple[Rule, ...]) -> tuple[tuple[_Compiled, ...], Any, Any]:
+    """The rules' Python patterns and replacements, and (with RE2) their gate and set."""
+    compiled = tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, _replacer(r))
+                     for r in rules)
+    if _re2 is None or not rules:
+        return compiled, None, None
+    options = _re2.Options()
+    options.max_mem = 64 << 20
+    gate = _re2.compile("|".join(f"(?:{r.trigger})" for r in rules), options)
+    which = _re2.Set.SearchSet(options)
+    for r in rules:
+        which.Add(r.trigger)
+    which.Compile()
+    return compiled, gate, which
+
+
+class Redactor:
+    """Replaces secrets and personal data in text with ``[REDACTED:<kind>]``.
+
+    ``patterns`` adds the user's own regular expressions (redacted as ``[REDACTED:custom]``)
+    to the built-in rules; ``defaults=False`` keeps only the user's. ``gate=False`` skips the
+    RE2 pre-scan (the same results; for comparing the two). Calling the redactor on a text
+    returns the redacted text; :meth:`value` redacts data recursively. Redaction is
+    idempotent. Short texts (attribute values, task types) are cached, so the strings seen on
+    every step cost a dict lookup. Patterns are compiled on first use.
+    """
+
+    __slots__ = ("_cache", "_compiled", "_custom", "_gate", "defaults", "gate", "patterns")
+
+    def __init__(self, patterns: Iterable[str | Pattern[str]] = (), *, defaults: bool = True,
+                 gate: bool = True) -> None:
+        self.patterns = tuple(patterns)
+        self.defaults = defaults
+        self.gate = gate
+        # compiled now, so that a malformed user pattern fails here and not on first use
+        self._custom = tuple(p.sub if isinstance(p, Pattern) else re.compile(p).sub
+                             for p in self.patterns)
+        self._compiled: tuple[_Compiled, ...] | None = None
+        self._gate: Any = None
+        self._cache: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"Redactor(patterns={self.patterns!r}, defaults={self.defaults})"
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every secret replaced."""
+        short = len(text) <= _CACHE_MAX_LEN
+        if short:
+            hit = self._cache.get(text)
+            if hit is not None:
+                return hit
+        out = self._redact(text)
+        if short:
+            cache = self._cache
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[text] = out
+        return out
+
+    def _redact(self, text: str) -> str:
+        compiled = self._compiled
+        if compiled is None:
+            compiled, gate, which = _compile(DEFAULT_RULES if self.defaults else ())
+            self._gate = (gate, which) if self.gate and gate is not None else None
+            self._compiled = compiled
+        if compiled:
+            if self._gate is None:
+                text = _apply(compiled, text)
+            elif self._gate[0].search(text) is not None:
+                # RE2's search falls back to an NFA when its DFA runs out of memory, so it
+                # never misses; the set (DFA only) may: then every rule runs
+                hits = self._gate[1].Match(text)
+                text = _apply(tuple(compiled[i] for i in sorted(hits)) if hits else compiled,
+                              text)
+        for sub in self._custom:
+            text = sub(_CUSTOM, text)
+        return text
+
+    def value(self, obj: Any) -> Any:
+        """``obj`` with every string in it redacted: dict keys and values, list and tuple
+        items, recursively. A string or number under a key named like a secret (``password``,
+        ``api_key``, ``token``, ``authorization``…) is replaced whole."""
+        if isinstance(obj, str):
+            return self(obj)
+        if isinstance(obj, Mapping):
+            out: dict[Any, Any] = {}
+            for k, v in obj.items():
+                if not isinstance(k, str):
+                    out[k] = self.value(v)
+                elif (v and isinstance(v, str | int | float) and not isinstance(v, bool)
+                        and _is_secret_key(k)):
+                    out[self(k)] = _WHOLE
+                else:
+                    out[self(k)] = self.value(v)
+            return out
+        if isinstance(obj, list):
+            return [self.value(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self.value(v) for v in obj)
+        return obj
+
+    def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """Span or event attributes redacted: the fast path of :meth:`value` for a flat
+        mapping of names (left as they are) to scalars and lists."""
+        out: dict[str, Any] = {}
+        for k, v in attrs.items():
+            if v and _is_secret_key(k) and isinstance(v, str | int | float) \
+                    and not isinstance(v, bool):
+                out[k] = _WHOLE
+            elif type(v) is str:
+                out[k] = self(v)
+            elif isinstance(v, str | list | tuple | Mapping):
+                out[k] = self.value(v)
+            else:
+                out[k] = v
+        return out
+
+
+_CUSTOM = "[REDACTED:custom]"
+_WHOLE = "[REDACTED:secret]"
+
+
+def _apply(compiled: tuple[_Compiled, ...], text: str) -> str:
+    lowered: str | None = None
+    for sub, keywords, ikeywords, replacement in compiled:
+        if keywords or ikeywords:
+            for k in keywords:
+                if k in text:
+                    break
+            else:
+                if not ikeywords:
+                    continue
+                if lowered is None:
+                    lowered = text.lower()
+                for k in ikeywords:
+                    if k in lowered:
+                        break
+                else:
+                    continue
+        redacted = sub(replacement, text)
+        if redacted is not text:
+            text, lowered = redacted, None
+    return text
+
+
+_KEY_NAME_RE = re.compile(r"(?i)(?:" + _KEY_NAMES + r"|authorization)$")
+_secret_keys: dict[str, bool] = {}
+
+
+def _is_secret_key(key: str) -> bool:
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _KEY_NAME_RE.search(key) is not None
+        if len(_secret_keys) < _CACHE_SIZE:
+            _secret_keys[key] = known
+    return known
+
+
+def _replacer(rule: Rule) -> str | Callable[[re.Match[str]], str]:
+    marker = f"[REDACTED:{rule.kind}]"
+    check = rule.check
+    if check is None and re.compile(rule.pattern).groups == 0:
+        return marker
+
+    def replace(m: re.Match[str]) -> str:
+        whole = m.group()
+        if check is not None and not check(whole):
+            return whole
+        if m.lastindex is None:
+            return marker
+        start = m.start()
+        parts: list[str] = []
+        pos = 0
+        for g in range(1, m.re.groups + 1):
+            s, e = m.span(g)
+            if s < 0:
+                continue
+            parts.append(whole[pos:s - start])
+            parts.append(marker)
+            pos = e - start
+        parts.append(whole[pos:])
+        return "".join(parts)
+
+    return replace
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` with the cut marked and the original length stated."""
+    if len(text) <= max_chars:
+        return text
+    marker = f"…[truncated {len(text) - max_chars} of {len(text)} chars]"
+    return text[:max_chars] + marker
+
+
+# -- the process default ------------------------------------------------------------------
+
+_default = Redactor()
+_default_lock = threading.Lock()
+
+
+def default_redactor() -> Redactor:
+    """The redactor closedloop applies to everything it stores, exports and logs."""
+    return _default
+
+
+def set_default_redactor(redactor: Redactor) -> Redactor:
+    """Install ``redactor`` process-wide (e.g. ``Redactor([r"ACCT-\\d{6}"])`` to add your
+    own patterns); returns the previous one."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, redactor
+    return previous
+
+
+def reset_default_redactor() -> None:
+    """Back to the built-in rules only."""
+    set_default_redactor(Redactor())
+
+
+def redact_text(text: str) -> str:
+    """``text`` redacted by the process default redactor."""
+    return _default(text)
+
+
+def redact_value(obj: Any) -> Any:
+    """``obj`` (str, dict, list, tuple, nested) redacted by the process default redactor."""
+    return _default.value(obj)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """``text`` redacted, then truncated to ``max_chars`` (never the other way round)."""
+    return truncate(_default(text), max_chars)
+
+
+def redact_event(event: StepEvent) -> StepEvent:
+    """A step event with its free text (``error_message``, ``detail``) redacted."""
+    message, detail = event.error_message, event.detail
+    if message is None and detail is None:
+        return event
+    return event._replace(
+        error_message=None if message is None else _default(message),
+        detail=None if detail is None else _default.value(detail))
+
+
+# -- log lines ----------------------------------------------------------------------------
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts a record's message (with its arguments), its traceback
+    and its stack; installed on closedloop's own loggers."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = _default
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's business to report
+            return True
+        record.msg = redactor(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redactor(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redactor(record.stack_info)
+        return True
+
+
+LOG_FILTER = RedactingFilter()
+LOGGERS = ("closedloop", "closedloop.control", "closedloop.integrations", "closedloop.store",
+           "closedloop.telemetry")
+"""Every logger closedloop logs on (a test checks the package uses no other)."""
+
+
+def install_log_filter(names: Iterable[str] = LOGGERS) -> None:
+    """Put :data:`LOG_FILTER` on the named loggers (logger filters are not inherited by
+    child loggers, so each one gets it); done once at import."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if LOG_FILTER not in logger.filters:
+            logger.addFilter(LOG_FILTER)
+
+
+install_log_filter()
