@@ -114,7 +114,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
          r"://[^\s/?#@]*:[^\s/?#]*@", keywords=("://",)),
     Rule("authorization",
          r"(?i)authorization[\"'\\]*\s*[:=]\s*[\"'\\]*"
-         r"(?:(?:basic|bearer|token|digest|negotiate|apikey)\s+)?([^\s\"'\\,;]{6,})",
+         r"(?:(?:basic|bearer|token|digest|negotiate|apikey)\s+)?(?!\[REDACTED:)"
+         r"([^\s\"'\\,;]{6,})",
          r"(?i)authorization", ikeywords=("authorization",)),
     Rule("bearer", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{8,}=*)", r"(?i)bearer",
          ikeywords=("bearer",)),
@@ -176,6 +177,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # key = value, key: value, "key": "value", ?key=value for names like a secret's
     Rule("secret",
          r"(?i)" + _KEY_NAMES + r"(?![a-z0-9_])[\"'\\]*\s*[:=]\s*"
+         r"(?!\\?[\"']?\[REDACTED:)"  # already redacted by a more specific rule
          r"(?:\\?\"([^\"\\\n]{1,256})\\?\"|'([^'\n]{1,256})'|([^\s\"'\\,;&<>{}\[\]()]{1,256}))",
          r"(?i)" + _KEY_NAMES + r"(?:[^a-z0-9_]|$)",
          ikeywords=("pass", "pwd", "secret", "key", "token", "credential", "sig", "cookie")),
@@ -183,7 +185,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
          r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
          r"[A-Za-z0-9._%+\-]@[A-Za-z0-9.\-]+\.[A-Za-z]{2}", keywords=("@",)),
     Rule("card_number",
-         r"[0-9](?<![A-Za-z0-9_.,+-].)(?:[ -]?[0-9]){12,18}(?![A-Za-z0-9_-]|[.,][0-9])",
+         r"[0-9](?:(?<![A-Za-z0-9_.].)|(?<=\\[nrt].))(?:[ -]?[0-9]){12,18}"
+         r"(?![A-Za-z0-9_]|\.[0-9])",
          r"[0-9](?:[ -]?[0-9]){12}", check=_luhn_card),
 )
 
