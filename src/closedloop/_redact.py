@@ -63,10 +63,11 @@ class Rule:
     ``pattern`` (Python ``re``) finds it; when the pattern has groups, only the groups that
     took part in the match are replaced (the context around them stays readable), otherwise
     the whole match is. ``check`` may reject a match (Luhn for card numbers). The rule is tried
-    only when one of ``keywords`` occurs in the text (``ikeywords``: in the lower-cased text);
-    a rule with neither is always tried. ``trigger`` is an RE2 pattern that matches wherever
-    ``pattern`` could (a superset, without look-arounds): with ``google-re2`` installed, one
-    linear-time scan for all triggers decides whether the rules run at all.
+    only when one of ``keywords`` occurs in the text (``ikeywords``: in the lower-cased text)
+    and ``worth_trying`` (if given) says yes; a rule without keywords is always tried.
+    ``trigger`` is an RE2 pattern that matches wherever ``pattern`` could (a superset, without
+    look-arounds): with ``google-re2`` installed, one linear-time scan for all triggers
+    decides whether any rule runs, and an RE2 set which ones.
     """
 
     kind: str
@@ -75,6 +76,17 @@ class Rule:
     keywords: tuple[str, ...] = ()
     ikeywords: tuple[str, ...] = ()
     check: Callable[[str], bool] | None = None
+    worth_trying: Callable[[str], bool] | None = None
+
+
+def _enough_digits(text: str) -> bool:
+    """At least 13 digits: the least a card number has (10 C-speed counts, no regex)."""
+    n = 0
+    for d in "0123456789":
+        n += text.count(d)
+        if n >= 13:
+            return True
+    return False
 
 
 def _luhn_card(text: str) -> bool:
@@ -187,26 +199,26 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("card_number",
          r"[0-9](?:(?<![A-Za-z0-9_.].)|(?<=\\[nrt].))(?:[ -]?[0-9]){12,18}"
          r"(?![A-Za-z0-9_]|\.[0-9])",
-         r"[0-9](?:[ -]?[0-9]){12}", check=_luhn_card),
+         r"[0-9](?:[ -]?[0-9]){12}", check=_luhn_card, worth_trying=_enough_digits),
 )
 
 _CACHE_MAX_LEN = 256
 _CACHE_SIZE = 4096
 
-try:  # RE2 scans for every rule's trigger at once in linear time; without it, rules run
-    import re2 as _re2  # ... one by one (same results, slower: see BENCHMARKS.md)
-except ImportError:  # pragma: no cover - the test extra installs it
-    _re2 = None
-
-_Compiled = tuple[Callable[..., str], tuple[str, ...], tuple[str, ...], Any]
+_Compiled = tuple[Callable[..., str], tuple[str, ...], tuple[str, ...],
+                  Callable[[str], bool] | None, Any]
 
 
 @functools.cache
 def _compile(rules: tuple[Rule, ...]) -> tuple[tuple[_Compiled, ...], Any, Any]:
     """The rules' Python patterns and replacements, and (with RE2) their gate and set."""
-    compiled = tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, _replacer(r))
-                     for r in rules)
-    if _re2 is None or not rules:
+    compiled = tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, r.worth_trying,
+                      _replacer(r)) for r in rules)
+    try:  # RE2 scans for every rule's trigger at once, in linear time; without it the rules
+        import re2 as _re2  # run one by one (the same results, slower: see BENCHMARKS.md)
+    except ImportError:  # pragma: no cover - the test extra installs it
+        return compiled, None, None
+    if not rules:
         return compiled, None, None
     options = _re2.Options()
     options.max_mem = 64 << 20
@@ -306,17 +318,22 @@ class Redactor:
     def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """Span or event attributes redacted: the fast path of :meth:`value` for a flat
         mapping of names (left as they are) to scalars and lists."""
+        cache, names = self._cache, _secret_keys
         out: dict[str, Any] = {}
         for k, v in attrs.items():
-            if v and _is_secret_key(k) and isinstance(v, str | int | float) \
-                    and not isinstance(v, bool):
+            secret = names.get(k)
+            if secret is None:
+                secret = _is_secret_key(k)
+            kind = type(v)
+            if secret and v and kind is not bool and isinstance(v, str | int | float):
                 out[k] = _WHOLE
-            elif type(v) is str:
-                out[k] = self(v)
-            elif isinstance(v, str | list | tuple | Mapping):
-                out[k] = self.value(v)
-            else:
+            elif kind is str:
+                hit = cache.get(v)
+                out[k] = hit if hit is not None else self(v)
+            elif kind is int or kind is bool or kind is float or v is None:
                 out[k] = v
+            else:
+                out[k] = self.value(v)
         return out
 
 
@@ -326,7 +343,9 @@ _WHOLE = "[REDACTED:secret]"
 
 def _apply(compiled: tuple[_Compiled, ...], text: str) -> str:
     lowered: str | None = None
-    for sub, keywords, ikeywords, replacement in compiled:
+    for sub, keywords, ikeywords, worth_trying, replacement in compiled:
+        if worth_trying is not None and not worth_trying(text):
+            continue
         if keywords or ikeywords:
             for k in keywords:
                 if k in text:
@@ -347,14 +366,18 @@ def _apply(compiled: tuple[_Compiled, ...], text: str) -> str:
     return text
 
 
-_KEY_NAME_RE = re.compile(r"(?i)(?:" + _KEY_NAMES + r"|authorization)$")
 _secret_keys: dict[str, bool] = {}
+
+
+@functools.cache
+def _key_name_pattern() -> Pattern[str]:
+    return re.compile(r"(?i)(?:" + _KEY_NAMES + r"|authorization)$")
 
 
 def _is_secret_key(key: str) -> bool:
     known = _secret_keys.get(key)
     if known is None:
-        known = _KEY_NAME_RE.search(key) is not None
+        known = _key_name_pattern().search(key) is not None
         if len(_secret_keys) < _CACHE_SIZE:
             _secret_keys[key] = known
     return known
