@@ -247,6 +247,13 @@ def test_a_json_document_of_negatives_survives(gate: bool) -> None:
     assert Redactor(gate=gate)(doc) == doc
 
 
+@pytest.mark.parametrize("gate", [True, False], ids=["re2-gate", "no-gate"])
+def test_text_with_lone_surrogates_is_redacted(gate: bool) -> None:
+    # e.g. a file name decoded with surrogateescape: not valid UTF-8, still redacted
+    key = "sk-proj-" + "a1B2" * 8
+    assert Redactor(gate=gate)(f"\udcff {key}") == "\udcff [REDACTED:openai_key]"
+
+
 def test_user_patterns_add_to_the_built_in_rules() -> None:
     redactor = Redactor([r"ACCT-\d{6}"])
     out = redactor("account ACCT-123456 of bob@example.com")

@@ -257,3 +257,19 @@ def test_every_logger_the_package_uses_has_the_filter() -> None:
     assert used <= set(LOGGERS)
     for name in used:
         assert LOG_FILTER in logging.getLogger(name).filters
+
+
+class BrokenRedactor(cl.Redactor):
+    def __call__(self, text: str) -> str:
+        raise RuntimeError("broken")
+
+
+def test_a_log_line_that_cannot_be_redacted_is_withheld(caplog: pytest.LogCaptureFixture) -> None:
+    previous = cl.set_default_redactor(BrokenRedactor())
+    try:
+        with caplog.at_level(logging.WARNING, logger="closedloop"):
+            logging.getLogger("closedloop").warning("token %s", KEY)  # must not raise
+    finally:
+        cl.set_default_redactor(previous)
+    (record,) = [r for r in caplog.records if r.name == "closedloop"]
+    assert record.getMessage() == "[closedloop: log line withheld, redaction failed]"
