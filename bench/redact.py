@@ -13,6 +13,9 @@ Run: ``python bench/redact.py`` (options: ``--rounds``, ``--number``).
 * per event: what the store writer adds per event (``redact_event``) for a succeeded step
   (no text) and a failed one (a 200-character message and a detail).
 * per log line: the filter on closedloop's loggers, for a record with two arguments.
+* false positives: how many of ``--corpus`` random UUIDs, SHA-256 hashes, trace ids, span
+  ids, base64 payloads and 16-digit numbers that fail the Luhn sum the redactor changes
+  (the expected answer is none).
 
 Figures are medians of ``--rounds`` rounds of ``--number`` calls each.
 """
@@ -161,10 +164,45 @@ def per_log_line(rounds: int, number: int) -> None:
     print(f"  {'two arguments':26s} {median_us(one, number, rounds):8.3f}")
 
 
+def false_positives(n: int) -> None:
+    import hashlib
+    import uuid
+
+    def luhn_ok(digits: str) -> bool:
+        total = sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2)
+                    for i, d in enumerate(int(c) for c in reversed(digits)))
+        return total % 10 == 0
+
+    def failing_luhn() -> str:
+        while True:
+            number = "4" + "".join(rng.choice("0123456789") for _ in range(15))
+            if not luhn_ok(number):
+                return number
+
+    kinds: dict[str, Callable[[], str]] = {
+        "UUIDs": lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "SHA-256 hex": lambda: hashlib.sha256(rng.randbytes(16)).hexdigest(),
+        "trace ids (32 hex)": lambda: f"{rng.getrandbits(128):032x}",
+        "span ids (16 hex)": lambda: f"{rng.getrandbits(64):016x}",
+        "base64 (48 bytes)": lambda: base64.b64encode(rng.randbytes(48)).decode(),
+        "Visa-like, bad Luhn": failing_luhn,
+    }
+    redactor = Redactor()
+    print(f"\nfalse positives among {n:,} random values of each kind:")
+    for name, make in kinds.items():
+        changed = 0
+        for _ in range(n):
+            value = make()
+            if redactor(f"id {value} ok") != f"id {value} ok":
+                changed += 1
+        print(f"  {name:22s} {changed:8d}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--corpus", type=int, default=20_000)
     args = parser.parse_args()
     try:
         import re2  # noqa: F401
@@ -176,6 +214,7 @@ def main() -> int:
     per_step(args.rounds, args.number)
     per_event(args.rounds, args.number * 10)
     per_log_line(args.rounds, args.number * 10)
+    false_positives(args.corpus)
     return 0
 
 
