@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from closedloop._errors import ConfigError, ControlUnavailable
@@ -314,7 +314,11 @@ class FaultControl:
         )
 
     def _trip(self, stop: Stop) -> None:
-        stop = redacted(stop)
+        try:
+            stop = redacted(stop)
+        except Exception as exc:  # noqa: BLE001 - the stop must hold; its text must not leak
+            stop = replace(stop, evidence={}, reason=(
+                f"reason withheld: the redactor could not run ({type(exc).__name__})"))
         with self._lock:
             self._pending[stop.task_type] = stronger(
                 self._pending.get(stop.task_type), stop, stop.at) or stop

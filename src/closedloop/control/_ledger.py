@@ -463,6 +463,14 @@ class CachedLedger:
                     self.durable.lift(task_type, by=str(lifted.get("by", "?")),
                                       reason=f"(via Redis) {lifted.get('reason', '')}")
                     durable = None
+                if shared is not None and stronger(durable, shared, now) is shared:
+                    # raised on another machine: keep a durable copy here too, so that it
+                    # holds in this machine's processes while Redis is down or restarting
+                    try:
+                        self.durable.put(shared)
+                    except ControlUnavailable as exc:
+                        _log.warning("closedloop: could not copy the %s of %s into %r: %s",
+                                     shared.kind.value, task_type, self.durable, exc)
                 return stronger(durable, shared, now)
         return stronger(durable, self._seen.get(task_type), now)
 
