@@ -136,26 +136,26 @@ def test_status_and_resume_see_the_halts_agents_raise(shared: tuple[OwnRedis, st
 
 def test_a_halt_on_one_machine_stops_another_and_a_resume_anywhere_lifts_both(
         own_redis: OwnRedis, tmp_path: Path) -> None:
-    def machine(name: str) -> tuple[CachedLedger, str]:
-        url = f"sqlite:///{tmp_path / name / 'events.db'}"
-        (tmp_path / name).mkdir()
-        cl.open_store(url).close()
-        store = cl.open_store(url)
-        ledger = ledger_for_store(store, redis_url=own_redis.url)
+    def ledger(name: str) -> CachedLedger:
+        store = cl.open_store(tmp_path / name / "events.db")
+        found = ledger_for_store(store, redis_url=own_redis.url)
         store.close()
-        assert isinstance(ledger, CachedLedger)
-        ledger.retry_every = 0.0
-        return ledger, url
+        assert isinstance(found, CachedLedger)
+        found.retry_every = 0.0
+        return found
 
-    (ledger_a, _), (ledger_b, url_b) = machine("a"), machine("b")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cl.open_store(tmp_path / name / "events.db").close()
+    url_b = f"sqlite:///{tmp_path / 'b' / 'events.db'}"
     executor = Executor()
-    fc_a, fc_b = _guard(ledger_a), _guard(ledger_b)
+    fc_a, fc_b = _guard(ledger("a")), _guard(ledger("b"))
     _loop(fc_a, executor, verified=False).run(1)
     assert _loop(fc_b, executor).run(2).outcome is cl.Outcome.HALTED
 
-    own_redis.stop()  # machine b keeps the halt it saw, also after a restart of its agent
+    own_redis.stop()  # machine b keeps the halt it saw, also in an agent started now
     assert _loop(fc_b, executor).run(3).outcome is cl.Outcome.HALTED
-    assert _loop(_guard(ledger_b), executor).run(4).outcome is cl.Outcome.HALTED
+    assert _loop(_guard(ledger("b")), executor).run(4).outcome is cl.Outcome.HALTED
     own_redis.start()
 
     result = CliRunner().invoke(main, ["resume", "provision", "--reason", "fixed on b",
