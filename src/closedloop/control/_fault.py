@@ -111,7 +111,12 @@ class _Track:
 
 
 class FaultControl:
-    """A :class:`~closedloop.loop.StepGuard`: pauses and halts task types, with alerts."""
+    """A :class:`~closedloop.loop.StepGuard`: pauses and halts task types, with alerts.
+
+    ``ledger`` (default: :func:`~closedloop.control.ledger_for_store` of the default store)
+    holds the stops; it is re-read every ``recheck`` seconds per task type. A stop that
+    cannot be stored is retried after ``retry_every`` seconds, doubling up to 30 s.
+    """
 
     def __init__(
         self,
