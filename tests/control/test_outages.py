@@ -132,6 +132,20 @@ def test_status_and_resume_see_the_halts_agents_raise(shared: tuple[OwnRedis, st
     assert resumed.exit_code == 0, resumed.output
     assert _loop(fc, executor).run(3).outcome is cl.Outcome.SUCCEEDED
     assert executor.calls == 2
+    after = json.loads(runner.invoke(main, ["status", "--store", store_url, "--json"]).output)
+    assert after["stops"] == []
+    assert (after["history"][0]["event"], after["history"][0]["by"]) == ("resumed", "alice")
+
+
+def test_status_history_shows_each_stop_and_resume_once(shared: tuple[OwnRedis, str]) -> None:
+    _, store_url = shared
+    _loop(_guard(_ledger(store_url)), Executor(), verified=False).run(1)
+    runner = CliRunner()
+    resumed = runner.invoke(main, ["resume", "provision", "--reason", "fixed", "--by", "bob",
+                                   "--store", store_url])
+    assert resumed.exit_code == 0, resumed.output
+    status = json.loads(runner.invoke(main, ["status", "--store", store_url, "--json"]).output)
+    assert [h["event"] for h in status["history"]] == ["resumed", "halted"]
 
 
 def test_a_halt_on_one_machine_stops_another_and_a_resume_anywhere_lifts_both(

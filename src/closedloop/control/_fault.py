@@ -382,7 +382,7 @@ class FaultControl:
         while True:
             time.sleep(delay)
             if not self._store_pending(log=False):
-                _log.warning("closedloop: stored the stops that could not be stored before")
+                _log.warning("closedloop: the stops that could not be stored are stored now")
                 with self._lock:
                     if not self._pending:
                         self._retrier = None
@@ -407,7 +407,7 @@ class FaultControl:
             self._tracks.pop(task_type, None)
         stop = stop or unsaved
         if stop is not None:
-            self._alert(Alert(kind="resumed", subject=task_type, summary=reason,
+            self._alert(Alert(kind="resumed", subject=task_type, summary=_redact_text(reason),
                               action="none; steps run again", at=self.clock(),
                               evidence={"was": stop.kind.value, "by": by or who()}))
         return stop

@@ -424,7 +424,11 @@ class CachedLedger:
 
     def _fill(self) -> None:
         """Give the cache every durable stop it may have lost (restart, missed writes)."""
-        self.cache.fill(self.durable.stops())
+        try:
+            stops = self.durable.stops()
+        except ControlUnavailable:
+            return  # the durable record is unreadable for now: fill on a later read
+        self.cache.fill(stops)
         self._refill = False
 
     # ----- the ledger -----------------------------------------------------------------------
@@ -502,12 +506,13 @@ class CachedLedger:
             rows += self.cache.history(limit) if self._cache_up() else []
         except ControlUnavailable as exc:
             self._cache_down(exc)
-        seen: set[tuple[Any, ...]] = set()
-        out = []
+        out: list[dict[str, Any]] = []
         for row in sorted(rows, key=lambda r: -float(r.get("at", 0.0))):
-            key = (row.get("event"), row.get("task_type"), round(float(row.get("at", 0.0)), 3))
-            if key not in seen:
-                seen.add(key)
+            # the same stop or resume, written to both (each with its own clock reading)
+            if not any(row.get("event") == o.get("event") and row.get("by") == o.get("by")
+                       and row.get("task_type") == o.get("task_type")
+                       and abs(float(row.get("at", 0.0)) - float(o.get("at", 0.0))) < 2.0
+                       for o in out):
                 out.append(row)
         return out[:limit]
 
