@@ -244,6 +244,26 @@ def test_a_halt_raised_on_a_full_disk_holds_and_is_stored_when_space_returns(
         store.close()
 
 
+def test_a_halt_that_cannot_be_stored_still_reaches_other_machines(
+        small_disk: Path, own_redis: OwnRedis, tmp_path: Path) -> None:
+    full = cl.open_store(small_disk / "events.db")
+    other = cl.open_store(tmp_path / "other.db")
+    try:
+        here = _guard(ledger_for_store(full, redis_url=own_redis.url))
+        here.recheck = 3600.0  # read once before the disk fills, so the failing step runs
+        there = _guard(ledger_for_store(other, redis_url=own_redis.url))
+        executor = Executor()
+        assert _loop(here, executor).run(0).outcome is cl.Outcome.SUCCEEDED
+        _fill(small_disk)
+        _loop(here, executor, verified=False).run(1)
+        assert [s["kind"] for s in here.status()["unsaved"]] == ["halted"]
+        assert _loop(there, executor).run(2).outcome is cl.Outcome.HALTED
+        assert executor.calls == 2
+    finally:
+        full.close()
+        other.close()
+
+
 def test_a_stored_halt_holds_when_the_disk_fills_up(small_disk: Path) -> None:
     store = cl.open_store(small_disk / "events.db")
     try:

@@ -371,9 +371,10 @@ class SharedCache(ControlLedger, Protocol):
 class CachedLedger:
     """The store's ledger as the durable record, with a shared cache in front (Redis).
 
-    Writes go to the durable ledger first (a halt that cannot be stored there raises, and
-    :class:`~closedloop.control.FaultControl` keeps it in force and retries), then to the
-    cache, which carries it to every machine. A read merges both, the stronger stop wins.
+    Writes go to the durable ledger first, then to the cache, which carries them to every
+    machine; a halt that cannot be stored durably still goes to the cache, then raises
+    (:class:`~closedloop.control.FaultControl` keeps it in force and retries). A read
+    merges both, the stronger stop wins.
     A lift recorded in the cache (``closedloop resume`` on another machine) is applied to
     the durable record when it is older than the lift. If the cache loses its content (a
     Redis restart without persistence) it is refilled from the durable record; while it is
@@ -434,7 +435,11 @@ class CachedLedger:
     # ----- the ledger -----------------------------------------------------------------------
     def put(self, stop: Stop) -> None:
         stop = redacted(stop)
-        self.durable.put(stop)
+        unstored: ControlUnavailable | None = None
+        try:
+            self.durable.put(stop)
+        except ControlUnavailable as exc:
+            unstored = exc  # still tell the other machines, then raise: the caller retries
         if self._cache_up():
             try:
                 self.cache.put(stop)
@@ -442,6 +447,8 @@ class CachedLedger:
                 self._cache_down(exc)
             else:
                 self._cache_back()
+        if unstored is not None:
+            raise unstored
 
     def get(self, task_type: str) -> Stop | None:
         durable = self.durable.get(task_type)
