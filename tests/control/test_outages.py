@@ -78,7 +78,7 @@ def _ledger(store_url: str) -> CachedLedger:
 # ----- Redis -----------------------------------------------------------------------------------
 
 def test_a_halt_holds_while_redis_is_down_and_after_it_restarts_empty(
-        shared: tuple[OwnRedis, str]) -> None:
+        shared: tuple[OwnRedis, str], caplog: pytest.LogCaptureFixture) -> None:
     server, store_url = shared
     executor = Executor()
     fc = _guard(_ledger(store_url))
@@ -91,6 +91,9 @@ def test_a_halt_holds_while_redis_is_down_and_after_it_restarts_empty(
 
     server.stop()
     assert _loop(fc, executor).run(2).outcome is cl.Outcome.HALTED
+    # never silent: the warning says where control state went
+    assert f"Redis at {server.url} unreachable" in caplog.text
+    assert "events.db" in caplog.text
     restarted_agent = _guard(_ledger(store_url))
     assert _loop(restarted_agent, executor).run(3).outcome is cl.Outcome.HALTED
 
