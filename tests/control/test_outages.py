@@ -353,3 +353,20 @@ def test_a_halt_holds_when_file_descriptors_run_out(tmp_path: Path) -> None:
     assert stored is not None
     assert stored.kind is StopKind.HALTED
 
+
+
+def test_a_redis_password_is_never_printed(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    store_url = f"sqlite:///{tmp_path / 'events.db'}"
+    cl.open_store(store_url).close()
+    url = "redis://:hunter2@127.0.0.1:1/0"
+    runner = CliRunner()
+    status = runner.invoke(main, ["status", "--store", store_url, "--redis", url, "--json"])
+    resume = runner.invoke(main, ["resume", "provision", "--reason", "x", "--store", store_url,
+                                  "--redis", url])
+    bad = runner.invoke(main, ["status", "--store", store_url, "--redis", "redis://:hunter2@h:x"])
+    assert status.exit_code == 0, status.output
+    assert ":***@127.0.0.1:1/0" in json.loads(status.output)["source"]
+    assert (resume.exit_code, bad.exit_code) == (1, 2)
+    for text in (status.output, resume.output, bad.output, caplog.text, *capfd.readouterr()):
+        assert "hunter2" not in text

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 from rich.table import Table
@@ -22,7 +21,7 @@ from rich.text import Text
 from closedloop.cli import main
 from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
 from closedloop.control._ledger import REDIS_ENV as _REDIS_ENV
-from closedloop.control._ledger import ControlLedger, ledger_for_store, who
+from closedloop.control._ledger import ControlLedger, ledger_for_store, shown_url, who
 
 
 def _redis_option(f: Any) -> Any:
@@ -34,16 +33,6 @@ def _redis_option(f: Any) -> Any:
                    help="Redis key prefix.")(f))
 
 
-def _shown(url: str) -> str:
-    """A URL without its password, for output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[ControlLedger, str]:
     """The ledger agents use for this store (and Redis), and where it is, for people."""
     store = open_store_to_read(store_url)
@@ -53,7 +42,7 @@ def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[Control
     finally:
         store.close()
     if redis_url:
-        where += f", cached in Redis {_shown(redis_url)}"
+        where += f", cached in Redis {shown_url(redis_url)}"
     return ledger, where
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -121,6 +122,14 @@ def stronger(a: Stop | None, b: Stop | None, now: float) -> Stop | None:
     if a.kind is StopKind.HALTED:
         return a if a.at <= b.at else b  # the first halt is the one to investigate
     return a if (a.until or 0.0) >= (b.until or 0.0) else b
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and output (even if malformed)."""
+    return _PASSWORD.sub(r"//\1:***@", url)
+
+
+_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
 
 
 def who() -> str:
@@ -396,7 +405,7 @@ class CachedLedger:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"CachedLedger({self.durable!r}, cache={self.cache.url!r})"
+        return f"CachedLedger({self.durable!r}, cache={shown_url(self.cache.url)!r})"
 
     # ----- the cache's health -------------------------------------------------------------
     def _cache_down(self, exc: Exception) -> None:
@@ -408,7 +417,7 @@ class CachedLedger:
                 _log.warning(
                     "closedloop: Redis at %s unreachable (%s); pauses and halts are read from "
                     "and written to %r only, stops already seen stay in force, and other "
-                    "machines see new ones when Redis answers", self.cache.url, exc,
+                    "machines see new ones when Redis answers", shown_url(self.cache.url), exc,
                     self.durable)
 
     def _cache_up(self) -> bool:
@@ -420,7 +429,7 @@ class CachedLedger:
             with self._lock:
                 if self.degraded_since is not None:
                     _log.warning("closedloop: Redis at %s answers again after %.1fs",
-                                 self.cache.url, time.time() - self.degraded_since)
+                                 shown_url(self.cache.url), time.time() - self.degraded_since)
                     self.degraded_since = None
 
     def _fill(self) -> None:

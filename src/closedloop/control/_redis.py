@@ -29,7 +29,7 @@ from typing import Any
 
 from closedloop._errors import ConfigError, ControlUnavailable
 from closedloop.control._core import Grant, Limits
-from closedloop.control._ledger import Stop, StopKind, _redact_text, redacted
+from closedloop.control._ledger import Stop, StopKind, _redact_text, redacted, shown_url
 from closedloop.control._signals import Signal
 from closedloop.control._state import LocalRates
 
@@ -308,19 +308,20 @@ class RedisLedger:
             self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
                                                 socket_connect_timeout=socket_timeout)
         except ValueError as exc:
-            raise ConfigError(f"malformed Redis URL {url!r}: {exc}; use "
+            raise ConfigError(f"malformed Redis URL {shown_url(url)!r}: {exc}; use "
                               "redis://HOST:PORT/DB") from None
         self._put = self._client.register_script(_PUT)
         self._lift = self._client.register_script(_LIFT)
 
     def __repr__(self) -> str:
-        return f"RedisLedger({self.url!r}, prefix={self.prefix!r})"
+        return f"RedisLedger({shown_url(self.url)!r}, prefix={self.prefix!r})"
 
     def _key(self, task_type: str) -> str:
         return f"{self.prefix}:stop:{task_type}"
 
     def _unavailable(self, exc: Exception) -> ControlUnavailable:
-        return ControlUnavailable(f"cannot reach control state in Redis at {self.url}: {exc}")
+        return ControlUnavailable(
+            f"cannot reach control state in Redis at {shown_url(self.url)}: {exc}")
 
     def put(self, stop: Stop) -> None:
         stop = redacted(stop)
