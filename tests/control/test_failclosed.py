@@ -376,3 +376,10 @@ def test_reset_default_store_gives_default_fault_control_the_new_ledger(
     loop = cl.Loop(lambda t, a: t, task_type="provision", executor=executor)
     assert loop.run(1).outcome is cl.Outcome.HALTED
     assert executor.calls == 0
+
+
+def test_a_malformed_redis_url_stops_loop_construction_with_the_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOSEDLOOP_REDIS_URL", "redis://:x@host:port/0")
+    with pytest.raises(cl.ConfigError, match=r"malformed Redis URL .*redis://HOST:PORT/DB"):
+        cl.Loop(lambda t, a: t, task_type="provision", store=None)

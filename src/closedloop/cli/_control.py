@@ -73,9 +73,10 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
 
     \b
     Exit codes:
-      0  shown (also when nothing is paused or halted)
-      1  the store or Redis cannot be read
-      2  usage error
+      0  shown (also when nothing is paused or halted, and when Redis is
+         unreachable: then a warning says only the store's state is shown)
+      1  the store cannot be read
+      2  usage error (bad store or Redis URL)
     """
     ledger, where = _ledger(store_url, redis_url, prefix)
     stops = ledger.stops()
