@@ -370,3 +370,13 @@ def test_a_redis_password_is_never_printed(tmp_path: Path, capfd: pytest.Capture
     assert (resume.exit_code, bad.exit_code) == (1, 2)
     for text in (status.output, resume.output, bad.output, caplog.text, *capfd.readouterr()):
         assert "hunter2" not in text
+
+
+def test_agents_starting_again_do_not_repeat_a_stop_in_the_shared_history(
+        shared: tuple[OwnRedis, str]) -> None:
+    server, store_url = shared
+    _loop(_guard(_ledger(store_url)), Executor(), verified=False).run(1)
+    for _ in range(3):  # each new agent process puts the store's stops back into Redis
+        assert _loop(_guard(_ledger(store_url)), Executor()).run(2).outcome \
+            is cl.Outcome.HALTED
+    assert [h["event"] for h in RedisLedger(server.url).history()] == ["halted"]

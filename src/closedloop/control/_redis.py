@@ -266,10 +266,11 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 _PUT = """
 local lifted = redis.call('HGET', KEYS[3], 'at')
 if lifted and tonumber(lifted) >= tonumber(ARGV[5]) then return 0 end
-local old = redis.call('HGET', KEYS[1], 'kind')
-if old == 'halted' and ARGV[1] == 'paused' then return 0 end
+local old = redis.call('HMGET', KEYS[1], 'kind', 'at')
+if old[1] == 'halted' and ARGV[1] == 'paused' then return 0 end
+if old[1] == ARGV[1] and old[2] == ARGV[5] then return 0 end  -- the same stop, put again
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'stop', ARGV[2], 'kind', ARGV[1])
+redis.call('HSET', KEYS[1], 'stop', ARGV[2], 'kind', ARGV[1], 'at', ARGV[5])
 if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], 0, 999)
