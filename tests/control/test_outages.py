@@ -91,6 +91,8 @@ def test_a_halt_holds_while_redis_is_down_and_after_it_restarts_empty(
 
     server.stop()
     assert _loop(fc, executor).run(2).outcome is cl.Outcome.HALTED
+    assert "unreachable" in fc.status()["degraded"]
+    assert server.url in fc.status()["ledger"]
     # never silent: the warning says where control state went
     assert f"Redis at {server.url} unreachable" in caplog.text
     assert "events.db" in caplog.text

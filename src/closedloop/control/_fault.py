@@ -415,15 +415,18 @@ class FaultControl:
     def status(self) -> dict[str, Any]:
         """Stops in force, stops not stored yet, and per task type the window's shares.
 
-        ``stops`` is what the ledger holds (``ledger_error`` says why it could not be read);
+        ``ledger`` says where stops live; ``stops`` is what it holds (``ledger_error`` says
+        why it could not be read, ``degraded`` that its Redis cache is unreachable);
         ``unsaved`` the stops in force here that are still being retried; ``refused_unreadable``
         and ``unsaved_attempts`` count admissions refused for an unreadable ledger and
         failed attempts to store a stop.
         """
         now = self.clock()
-        out: dict[str, Any] = {"stops": [], "unsaved": [], "task_types": {},
-                               "refused_unreadable": self.refused_unreadable,
+        out: dict[str, Any] = {"ledger": repr(self.ledger), "stops": [], "unsaved": [],
+                               "task_types": {}, "refused_unreadable": self.refused_unreadable,
                                "unsaved_attempts": self.unsaved}
+        if getattr(self.ledger, "degraded_since", None) is not None:
+            out["degraded"] = "Redis unreachable: the store and stops already seen are in force"
         try:
             out["stops"] = [s.to_dict() for s in self.ledger.stops()]
         except Exception as exc:  # noqa: BLE001 - status must show the failure, not raise it
