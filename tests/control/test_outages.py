@@ -217,10 +217,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(folder: Path) -> Path:
     filler = folder / "filler"
-    with filler.open("wb") as f, pytest.raises(OSError, match="No space left"):  # noqa: PT012 - fill until ENOSPC
+    with filler.open("wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):  # noqa: PT012 - fill until ENOSPC
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     return filler
 
 
