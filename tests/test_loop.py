@@ -135,6 +135,52 @@ def test_approve_without_approver_waits_and_with_approver_decides(
     assert executor.calls == [2]
 
 
+class ApprovalDown(RuntimeError):
+    pass
+
+
+def test_a_raising_approver_never_executes_and_is_recorded_and_reraised(
+    memory_store: cl.Store,
+) -> None:
+    def approver(task: int, proposal: int) -> bool:
+        raise ApprovalDown("ticket system unreachable")
+
+    executor = Recorder()
+    loop = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                   approver=approver, store=memory_store)
+    with pytest.raises(ApprovalDown) as info:
+        loop.run(1)
+    assert executor.calls == []
+    (event,) = events(memory_store)
+    assert (event.outcome, event.error_type) == ("error", "executor")
+    assert event.error_message == "approver: ApprovalDown: ticket system unreachable"
+    assert event.detail is not None and event.detail["exception"]["type"] == "ApprovalDown"
+    assert any(event.trace_id in note for note in info.value.__notes__)
+
+
+async def test_a_raising_async_approver_and_executor_are_recorded_under_arun(
+    memory_store: cl.Store,
+) -> None:
+    async def approver(task: int, proposal: int) -> bool:
+        if task == 1:
+            raise ApprovalDown("ticket system unreachable")
+        return True
+
+    async def executor(proposal: int) -> str:
+        raise PermissionError("denied")
+
+    loop = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                   approver=approver, store=memory_store)
+    with pytest.raises(ApprovalDown):
+        await loop.arun(1)
+    with pytest.raises(PermissionError):
+        await loop.arun(2)
+    assert [(e.outcome, e.error_type, e.error_message) for e in events(memory_store)] == [
+        ("error", "executor", "approver: ApprovalDown: ticket system unreachable"),
+        ("error", "executor", "PermissionError: denied"),
+    ]
+
+
 def test_verification_mismatch_fails_with_every_difference(memory_store: cl.Store) -> None:
     def state(intent: int, result: str) -> list[cl.Issue]:
         return [cl.Issue(message="wrong type", location="instance.type"),
@@ -178,6 +224,42 @@ def test_unknown_verification_is_a_failure_of_its_own_type(memory_store: cl.Stor
     assert result.error_type is cl.ErrorType.VERIFICATION_UNKNOWN
     with pytest.raises(cl.VerificationFailed):
         result.raise_for_outcome()
+
+
+def _mismatch(intent: int, result: str) -> cl.Verdict:
+    return cl.Verdict.fail("instance type is t3.large")
+
+
+def _unreachable(intent: int, result: str) -> cl.Verdict:
+    return cl.Verdict.cannot_tell("endpoint unreachable")
+
+
+@pytest.mark.parametrize("order", ["mismatch first", "unknown first"])
+def test_a_mismatch_beside_an_unknown_check_is_a_verification_failure(
+    memory_store: cl.Store, order: str
+) -> None:
+    verifiers = [_mismatch, _unreachable]
+    if order == "unknown first":
+        verifiers.reverse()
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(), verifiers=verifiers,
+                     store=memory_store).run(1)
+    assert (result.outcome, result.error_type) == (cl.Outcome.FAILED, cl.ErrorType.VERIFICATION)
+    assert "instance type is t3.large" in (result.error_message or "")
+    assert "unknown: endpoint unreachable" in (result.error_message or "")
+    (event,) = events(memory_store)
+    assert event.error_type == "verification"
+
+
+def test_one_verdict_with_a_mismatch_and_an_unknown_part_is_a_verification_failure(
+    memory_store: cl.Store,
+) -> None:
+    def partial(intent: int, result: str) -> cl.Verdict:
+        return cl.Verdict(issues=(cl.Issue(message="tag owner missing"),),
+                          unknown="security groups unreadable")
+
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(), verifiers=[partial],
+                     store=memory_store).run(1)
+    assert result.error_type is cl.ErrorType.VERIFICATION
 
 
 def test_agent_exception_is_recorded_and_reraised_unchanged(memory_store: cl.Store) -> None:
