@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 import closedloop as cl
 from closedloop.telemetry import (
@@ -220,6 +221,59 @@ def test_steps_feed_the_prometheus_metrics() -> None:
         {"task_type": "deploy", "check": "positive", "kind": "failed"}) == 1
     assert registry.get_sample_value("closedloop_tokens_total",
                                      {"task_type": "deploy", "type": "input"}) == 300
+
+
+def _failure_lines(registry: CollectorRegistry) -> list[str]:
+    text = generate_latest(registry).decode()
+    return sorted(line for line in text.splitlines()
+                  if line.startswith("closedloop_") and "failures_total{" in line)
+
+
+def schema(value: int) -> None:
+    raise KeyError("schema")
+
+
+def nonsense(value: int) -> int:
+    return 42
+
+
+def describe(intent: int, result: int) -> None:
+    raise TimeoutError("describe_instances")
+
+
+def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
+    registry = CollectorRegistry()
+    pipeline = Telemetry([Metrics(registry)], flush_interval=60.0)
+    crashed_validator = cl.Loop(agent, task_type="deploy", validators=[schema], store=None,
+                                telemetry=pipeline).run(1)
+    bad_return = cl.Loop(agent, task_type="deploy", validators=[nonsense], store=None,
+                         telemetry=pipeline).run(1)
+    crashed_verifier = loop(pipeline, verifiers=[describe]).run(1)
+    pipeline.shutdown()
+
+    assert crashed_validator.error_type is cl.ErrorType.VALIDATOR_ERROR
+    assert bad_return.error_type is cl.ErrorType.VALIDATOR_ERROR
+    assert crashed_verifier.error_type is cl.ErrorType.VERIFIER_ERROR
+    assert _failure_lines(registry) == [
+        'closedloop_validation_failures_total{check="nonsense",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_validation_failures_total{check="schema",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_verification_failures_total{check="describe",kind="crashed",'
+        'task_type="deploy"} 1.0',
+    ]
+
+
+def test_a_check_returning_an_iterator_of_issues_fails_with_tracing_on() -> None:
+    def issues(value: int) -> Iterator[str]:
+        yield f"{value} is odd"
+
+    pipeline = Telemetry([Metrics(CollectorRegistry())], flush_interval=60.0)
+    result = cl.Loop(agent, task_type="deploy", validators=[issues], store=None,
+                     telemetry=pipeline, max_attempts=1).run(1)
+    pipeline.shutdown()
+    assert result.error_type is cl.ErrorType.VALIDATION
+    assert "1 is odd" in (result.error_message or "")
 
 
 def test_an_async_hook_under_run_closes_the_step_span(
