@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +394,7 @@ def test_every_step_gets_a_distinct_otel_shaped_trace_id(memory_store: cl.Store)
     loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store)
     ids = {loop.run(1).trace_id for _ in range(200)}
     assert len(ids) == 200
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
 
 
 def test_current_attempt_is_visible_inside_the_agent(memory_store: cl.Store) -> None:
