@@ -16,8 +16,11 @@ from closedloop.telemetry import (
     MemoryExporter,
     Metrics,
     StoredSpan,
+    StoreExporter,
+    StoreTail,
     Telemetry,
     set_default_telemetry,
+    span_store_for,
 )
 from closedloop.telemetry._span import current_parent
 
@@ -263,6 +266,18 @@ def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
         'closedloop_verification_failures_total{check="describe",kind="crashed",'
         'task_type="deploy"} 1.0',
     ]
+
+
+def test_a_crashed_check_read_back_from_the_store_is_counted_as_crashed(store: cl.Store) -> None:
+    registry = CollectorRegistry()
+    tail = StoreTail(span_store_for(store), Metrics(registry))  # as `closedloop serve` does
+    writer = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    cl.Loop(agent, task_type="deploy", validators=[schema], store=None, telemetry=writer).run(1)
+    writer.shutdown()
+    tail.poll()
+    assert _failure_lines(registry) == [
+        'closedloop_validation_failures_total{check="schema",kind="crashed",'
+        'task_type="deploy"} 1.0']
 
 
 def test_a_check_returning_an_iterator_of_issues_fails_with_tracing_on() -> None:
