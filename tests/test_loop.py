@@ -19,9 +19,11 @@ class FixingAgent:
     def __init__(self, fix_after: int) -> None:
         self.fix_after = fix_after
         self.seen_feedback: list[str | None] = []
+        self.seen_issues: list[tuple[cl.Issue, ...]] = []
 
     def __call__(self, task: int, attempt: cl.Attempt) -> int:
         self.seen_feedback.append(attempt.feedback)
+        self.seen_issues.append(attempt.issues)
         attempt.record_usage(input_tokens=100, output_tokens=10)
         return task if attempt.number > self.fix_after else -task
 
@@ -53,6 +55,8 @@ def test_reask_sends_feedback_and_converges(memory_store: cl.Store) -> None:
     assert result.ok and result.proposal == 5 and result.attempts == 3
     assert agent.seen_feedback[0] is None
     assert agent.seen_feedback[1] is not None and "-5 is not positive" in agent.seen_feedback[1]
+    assert [[i.message for i in issues] for issues in agent.seen_issues] == [
+        [], ["-5 is not positive"], ["-5 is not positive"]]
     (event,) = events(memory_store)
     assert event.attempts == 3 and event.validation_passed is True
     assert event.input_tokens == 300 and event.output_tokens == 30
@@ -104,6 +108,18 @@ def test_warnings_do_not_block(memory_store: cl.Store) -> None:
     result = cl.Loop(lambda t, a: t, task_type="t", validators=[style],
                      store=memory_store).run(3)
     assert result.ok and result.validation[0].issues[0].message == "odd"
+    (event,) = events(memory_store)
+    assert event.validation_passed is True
+    assert event.detail is not None  # the warning is kept with the step
+    assert event.detail["attempts"][0]["verdicts"][0]["issues"][0]["message"] == "odd"
+
+
+def test_a_step_without_verifiers_is_not_counted_as_verified(memory_store: cl.Store) -> None:
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     store=memory_store).run(1)
+    assert result.ok and result.verification == ()
+    (event,) = events(memory_store)
+    assert event.verification_passed is None  # nothing was verified: neither pass nor fail
 
 
 def test_suggest_never_executes(memory_store: cl.Store) -> None:
@@ -305,6 +321,8 @@ def test_crashing_validator_is_its_own_error_not_the_agents(memory_store: cl.Sto
     assert "KeyError" in (result.error_message or "")
     with pytest.raises(cl.CheckCrashed):
         result.raise_for_outcome()
+    (event,) = events(memory_store)
+    assert event.validation_passed is False  # a crashed check never counts as passed
 
 
 def test_crashing_verifier_never_passes(memory_store: cl.Store) -> None:
@@ -390,6 +408,23 @@ def test_stage_timings_come_from_the_injected_clock(memory_store: cl.Store) -> N
     assert event.latency_ms == 7000.0
 
 
+@pytest.mark.parametrize("stage", ["agent", "executor"])
+def test_a_raising_hook_still_records_the_time_it_took(memory_store: cl.Store, stage: str) -> None:
+    def raising(*args: Any) -> Any:
+        raise RuntimeError(stage)
+
+    ticks = iter(range(1000))
+    hooks: dict[str, Any] = {"agent": lambda t, a: t, "executor": Recorder(), stage: raising}
+    loop = cl.Loop(hooks["agent"], task_type="t", executor=hooks["executor"],
+                   store=memory_store, clock=lambda: float(next(ticks)))
+    with pytest.raises(RuntimeError):
+        loop.run(1)
+    (event,) = events(memory_store)
+    # started=0; propose 1→2; act (if reached) 3→4
+    assert (event.propose_ms, event.act_ms) == (
+        (1000.0, 0.0) if stage == "agent" else (1000.0, 1000.0))
+
+
 def test_every_step_gets_a_distinct_otel_shaped_trace_id(memory_store: cl.Store) -> None:
     loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store)
     ids = {loop.run(1).trace_id for _ in range(200)}
@@ -428,6 +463,7 @@ def test_guard_refusal_records_and_skips_the_agent(memory_store: cl.Store) -> No
     ok = cl.Loop(agent, task_type="y", guards=[guard], store=memory_store).run(2)
 
     assert halted.outcome is cl.Outcome.HALTED and halted.error_type is cl.ErrorType.HALTED
+    assert halted.attempts == 0  # the agent never ran
     assert ok.ok and calls == [2]
     assert guard.observed == ["halted", "succeeded"]
 
