@@ -84,10 +84,15 @@ def test_a_reask_is_a_second_attempt_with_its_feedback(
     assert [a.attributes["closedloop.attempt"] for a in spans["closedloop.attempt"]] == [1, 2]
     first, second = spans["closedloop.validate"]
     assert first.attributes["closedloop.verdict.passed"] is False
+    assert first.attributes["closedloop.verdict.issues"] == ["invalid"]
     assert second.attributes["closedloop.verdict.passed"] is True
     retry = spans["invoke_agent agent"][1]
     assert "-3 is not positive" in retry.content["closedloop.feedback"]
     assert retry.content["closedloop.proposal"] == "3"
+    # each model call span carries its own attempt's tokens; the step carries the total
+    assert [a.attributes["gen_ai.usage.input_tokens"] for a in spans["invoke_agent agent"]] == [
+        100, 100]
+    assert spans["closedloop.step"][0].attributes["closedloop.usage.input_tokens"] == 200
 
 
 def test_user_spans_in_hooks_nest_under_the_stage(
@@ -176,6 +181,24 @@ def test_an_agent_exception_marks_the_spans_and_propagates(
     assert spans["closedloop.step"].attributes["closedloop.outcome"] == "error"
 
 
+def test_a_crashed_check_marks_its_span_and_the_step_as_errors(
+    captured: tuple[Telemetry, MemoryExporter],
+) -> None:
+    pipeline, exporter = captured
+
+    def schema(value: int) -> None:
+        raise KeyError("schema")
+
+    cl.Loop(agent, task_type="t", validators=[schema], store=None, telemetry=pipeline).run(1)
+    pipeline.flush(5.0)
+    spans = {s.name: s for s in exporter.finished()}
+    check, step = spans["closedloop.validate"], spans["closedloop.step"]
+    assert (check.status, check.attributes["error.type"]) == (2, "KeyError")
+    assert step.status == 2  # no exception left the step, yet it ended in error
+    assert step.attributes["closedloop.error_type"] == "validator_error"
+    assert "KeyError" in (step.status_message or "")
+
+
 def test_a_rejection_at_the_gate_is_recorded(captured: tuple[Telemetry, MemoryExporter]) -> None:
     pipeline, exporter = captured
     result = loop(pipeline, autonomy="approve", approver=lambda task, proposal: False).run(1)
@@ -245,6 +268,10 @@ def describe(intent: int, result: int) -> None:
     raise TimeoutError("describe_instances")
 
 
+def unreachable(intent: int, result: int) -> cl.Verdict:
+    return cl.Verdict.cannot_tell("endpoint unreachable")
+
+
 def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
     registry = CollectorRegistry()
     pipeline = Telemetry([Metrics(registry)], flush_interval=60.0)
@@ -253,6 +280,7 @@ def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
     bad_return = cl.Loop(agent, task_type="deploy", validators=[nonsense], store=None,
                          telemetry=pipeline).run(1)
     crashed_verifier = loop(pipeline, verifiers=[describe]).run(1)
+    loop(pipeline, verifiers=[unreachable]).run(1)
     pipeline.shutdown()
 
     assert crashed_validator.error_type is cl.ErrorType.VALIDATOR_ERROR
@@ -264,6 +292,8 @@ def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
         'closedloop_validation_failures_total{check="schema",kind="crashed",'
         'task_type="deploy"} 1.0',
         'closedloop_verification_failures_total{check="describe",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_verification_failures_total{check="unreachable",kind="unknown",'
         'task_type="deploy"} 1.0',
     ]
 
