@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from closedloop._verdict import as_verdict
+from closedloop._verdict import Verdict, as_verdict
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -69,22 +69,17 @@ class LoopTracer:
         return traced_step(self, machine, task_input, trace_id)
 
 
-def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> object:
-    """Note the verdict on its span; return what the machine gets (the normalised verdict).
-
-    Normalised once, here: an iterator of issues can be read only once. A value that is no
-    verdict raises ``TypeError``, as in the machine: the check has crashed.
-    """
-    if value is None or value is True:  # the common pass, read directly
+def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
+    # the common returns are read directly; the machine normalises them itself
+    if value is None or value is True:
         attrs["closedloop.verdict.passed"] = True
-        return value
-    verdict = as_verdict(value, check)
+        return
+    verdict = value if isinstance(value, Verdict) else as_verdict(value, check)
     attrs["closedloop.verdict.passed"] = verdict.passed
     if verdict.unknown is not None:
         attrs["closedloop.verdict.unknown"] = True
     if verdict.issues:
         attrs["closedloop.verdict.issues"] = [i.code for i in verdict.issues]
-    return verdict
 
 
 def _end(rec: SpanRecord, done: list[SpanRecord]) -> None:
@@ -145,14 +140,16 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
             token = activate(LiveSpan(rec, telemetry))
             try:
                 value = yield call
-                if kind in (_VALIDATE, _VERIFY):
-                    value = _verdict_attrs(rec.attributes, value, base["closedloop.check"])
+                if kind in (_VALIDATE, _VERIFY) and value is not None and value is not True:
+                    # normalised once, here: an iterator of issues can be read only once, and
+                    # a value that is no verdict raises TypeError, as in the machine (a crash)
+                    value = as_verdict(value, base["closedloop.check"])
             except Exception as exc:  # noqa: BLE001 - recorded, then handed to the machine
+                if kind in (_VALIDATE, _VERIFY):  # a crashed check never counts as passed
+                    rec.attributes.update({"closedloop.verdict.passed": False,
+                                           "closedloop.verdict.crashed": True})
                 deactivate(token)
                 rec.attributes["error.type"] = type(exc).__qualname__
-                if kind in (_VALIDATE, _VERIFY):  # a crashed check never counts as passed
-                    rec.attributes["closedloop.verdict.passed"] = False
-                    rec.attributes["closedloop.verdict.crashed"] = True
                 rec.fail(f"{type(exc).__name__}: {exc}"[:500])
                 _end(rec, done)
                 call = inner.throw(exc)
@@ -167,6 +164,8 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
                 rec.attributes["gen_ai.usage.input_tokens"] = attempt.input_tokens - tokens[0]
                 rec.attributes["gen_ai.usage.output_tokens"] = attempt.output_tokens - tokens[1]
                 content["closedloop.proposal"] = value
+            elif kind in (_VALIDATE, _VERIFY):
+                _verdict_attrs(rec.attributes, value, base["closedloop.check"])
             elif kind == _APPROVE:
                 rec.attributes["closedloop.gate"] = "approved" if value else "rejected"
             else:
