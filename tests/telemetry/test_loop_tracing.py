@@ -279,8 +279,8 @@ def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
                                 telemetry=pipeline).run(1)
     bad_return = cl.Loop(agent, task_type="deploy", validators=[nonsense], store=None,
                          telemetry=pipeline).run(1)
-    crashed_verifier = loop(pipeline, verifiers=[describe]).run(1)
-    loop(pipeline, verifiers=[unreachable]).run(1)
+    # the verifier after the crashed one still runs, and is counted on its own
+    crashed_verifier = loop(pipeline, verifiers=[describe, unreachable]).run(1)
     pipeline.shutdown()
 
     assert crashed_validator.error_type is cl.ErrorType.VALIDATOR_ERROR
