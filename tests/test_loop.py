@@ -267,16 +267,20 @@ def test_a_mismatch_beside_an_unknown_check_is_a_verification_failure(
     assert event.error_type == "verification"
 
 
-def test_one_verdict_with_a_mismatch_and_an_unknown_part_is_a_verification_failure(
-    memory_store: cl.Store,
+@pytest.mark.parametrize(("severity", "error_type"), [
+    (cl.Severity.ERROR, cl.ErrorType.VERIFICATION),  # a mismatch was found: a failure
+    (cl.Severity.WARNING, cl.ErrorType.VERIFICATION_UNKNOWN),  # only a warning: still unknown
+])
+def test_one_verdict_with_an_issue_and_an_unknown_part_is_classified_by_the_issue(
+    memory_store: cl.Store, severity: cl.Severity, error_type: cl.ErrorType
 ) -> None:
     def partial(intent: int, result: str) -> cl.Verdict:
-        return cl.Verdict(issues=(cl.Issue(message="tag owner missing"),),
+        return cl.Verdict(issues=(cl.Issue(message="tag owner missing", severity=severity),),
                           unknown="security groups unreadable")
 
     result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(), verifiers=[partial],
                      store=memory_store).run(1)
-    assert result.error_type is cl.ErrorType.VERIFICATION
+    assert result.error_type is error_type
 
 
 def test_agent_exception_is_recorded_and_reraised_unchanged(memory_store: cl.Store) -> None:
