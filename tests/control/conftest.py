@@ -20,6 +20,7 @@ import redis
 import _services
 
 REDIS_URL = os.environ.get("CLOSEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_unavailable = _services.unavailable  # skip, or fail under CLOSEDLOOP_REQUIRE_SERVICES=1
 
 
 @pytest.fixture
