@@ -270,6 +270,7 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     verification_passed = False
     if crashed:
         return finish(Outcome.ERROR, ErrorType.VERIFIER_ERROR, _verdict_message(failing))
-    kind = (ErrorType.VERIFICATION if any(v.unknown is None for v in failing)
+    # a mismatch found by any verifier is a failure, even beside checks that could not tell
+    kind = (ErrorType.VERIFICATION if any(v.blocking_issues for v in failing)
             else ErrorType.VERIFICATION_UNKNOWN)
     return finish(Outcome.FAILED, kind, _verdict_message(failing))
