@@ -213,16 +213,25 @@ _Compiled = tuple[Callable[..., str], tuple[str, ...], tuple[str, ...],
 
 
 @functools.cache
-def _compile(rules: tuple[Rule, ...]) -> tuple[tuple[_Compiled, ...], Any, Any]:
-    """The rules' Python patterns and replacements, and (with RE2) their gate and set."""
-    compiled = tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, r.worth_trying,
-                      _replacer(r)) for r in rules)
+def _compile(rules: tuple[Rule, ...]) -> tuple[_Compiled, ...]:
+    """The rules' Python patterns and replacements."""
+    return tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, r.worth_trying,
+                  _replacer(r)) for r in rules)
+
+
+@functools.cache
+def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
+    """The rules' RE2 gate (all triggers in one pattern) and set, or None without RE2.
+
+    Raises OSError (not cached: the next call tries again) when RE2 cannot be loaded right
+    now, e.g. while the process has no file descriptors left.
+    """
     try:  # RE2 scans for every rule's trigger at once, in linear time; without it the rules
         import re2 as _re2  # run one by one (the same results, slower: see BENCHMARKS.md)
     except ImportError:  # pragma: no cover - the test extra installs it
-        return compiled, None, None
+        return None
     if not rules:
-        return compiled, None, None
+        return None
     options = _re2.Options()
     options.max_mem = 64 << 20
     gate = _re2.compile("|".join(f"(?:{r.trigger})" for r in rules), options)
@@ -230,7 +239,10 @@ def _compile(rules: tuple[Rule, ...]) -> tuple[tuple[_Compiled, ...], Any, Any]:
     for r in rules:
         which.Add(r.trigger)
     which.Compile()
-    return compiled, gate, which
+    return gate, which
+
+
+_UNSET: Any = object()
 
 
 class Redactor:
@@ -255,7 +267,7 @@ class Redactor:
         self._custom = tuple(p.sub if isinstance(p, Pattern) else re.compile(p).sub
                              for p in self.patterns)
         self._compiled: tuple[_Compiled, ...] | None = None
-        self._gate: Any = None
+        self._gate: Any = _UNSET if gate else None
         self._cache: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -277,13 +289,17 @@ class Redactor:
         return out
 
     def _redact(self, text: str) -> str:
+        rules = DEFAULT_RULES if self.defaults else ()
         compiled = self._compiled
         if compiled is None:
-            compiled, gate, which = _compile(DEFAULT_RULES if self.defaults else ())
-            self._gate = (gate, which) if self.gate and gate is not None else None
-            self._compiled = compiled
+            compiled = self._compiled = _compile(rules)
+        gate = self._gate
+        if gate is _UNSET:
+            try:
+                gate = self._gate = _gates(rules)
+            except OSError:  # RE2 cannot be loaded now: this call runs without the gate
+                gate = None
         if compiled:
-            gate = self._gate
             if gate is None:
                 text = _apply(compiled, text)
             else:
