@@ -210,7 +210,24 @@ def test_scores_comments_are_redacted(store: Store) -> None:
                             "postgres://app:[REDACTED:url_password]@db.internal:5432/orders")
 
 
-# -- alerts and logs ----------------------------------------------------------------------
+# -- control, alerts and logs -------------------------------------------------------------
+
+def test_stop_reasons_and_evidence_are_redacted_in_the_ledger(tmp_path: Path) -> None:
+    from closedloop.control import SQLiteLedger, Stop, StopKind
+
+    ledger = SQLiteLedger(tmp_path / "events.db")
+    ledger.put(Stop(task_type="deploy", kind=StopKind.HALTED, reason=f"401 with {KEY}",
+                    by="fault-control", at=1.0,
+                    evidence={"last_error": f"cannot reach {DSN}", "api_key": "abc123",
+                              "failures": [f"{KEY} rejected"]}))
+    stop = ledger.get("deploy")
+    assert stop is not None
+    assert stop.reason == "401 with [REDACTED:openai_key]"
+    assert stop.evidence == {
+        "last_error": "cannot reach postgres://app:[REDACTED:url_password]@db.internal:5432/orders",
+        "api_key": "[REDACTED:secret]", "failures": ["[REDACTED:openai_key] rejected"]}
+    assert not leaked(json.dumps(ledger.history(5)))
+
 
 def test_alerts_are_redacted_for_every_sink(caplog: pytest.LogCaptureFixture) -> None:
     alert = Alert(kind="halted", subject="deploy", summary=f"verification failed: {DSN}",

@@ -322,21 +322,32 @@ class Redactor:
         """``obj`` with every string in it redacted: dict keys and values, list and tuple
         items, recursively. A string or number under a key named like a secret (``password``,
         ``api_key``, ``token``, ``authorization``…) is replaced whole."""
-        if isinstance(obj, str):
-            return self(obj)
-        if isinstance(obj, Mapping):
+        kind = type(obj)
+        if kind is str:
+            hit = self._cache.get(obj)
+            return hit if hit is not None else self(obj)
+        if kind is dict or (kind is not list and isinstance(obj, Mapping)):
+            names = _secret_keys
             out: dict[Any, Any] = {}
             for k, v in obj.items():
-                if not isinstance(k, str):
+                if type(k) is not str:
                     out[k] = self.value(v)
-                elif (v and isinstance(v, str | int | float) and not isinstance(v, bool)
-                        and _is_secret_key(k)):
+                    continue
+                secret = names.get(k)
+                if secret is None:
+                    secret = _is_secret_key(k)
+                vkind = type(v)
+                if secret and v and vkind is not bool and isinstance(v, str | int | float):
                     out[self(k)] = _WHOLE
+                elif vkind is int or vkind is float or vkind is bool or v is None:
+                    out[self(k)] = v
                 else:
                     out[self(k)] = self.value(v)
             return out
-        if isinstance(obj, list):
+        if kind is list:
             return [self.value(v) for v in obj]
+        if isinstance(obj, str):  # a str subclass
+            return self(obj)
         if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
             return tuple(self.value(v) for v in obj)
         return obj
@@ -490,9 +501,10 @@ def redact_event(event: StepEvent) -> StepEvent:
     message, detail = event.error_message, event.detail
     if message is None and detail is None:
         return event
-    return event._replace(
-        error_message=None if message is None else _default(message),
-        detail=None if detail is None else _default.value(detail))
+    redactor = _default
+    return tuple.__new__(type(event), (  # _replace, without its per-call overhead
+        *event[:13], None if message is None else redactor(message), *event[14:18],
+        None if detail is None else redactor.value(detail)))
 
 
 # -- log lines ----------------------------------------------------------------------------
