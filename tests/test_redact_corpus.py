@@ -144,6 +144,9 @@ POSITIVES: list[tuple[str, str, str]] = [
     ("card_number", "5105-1051-0510-5100", "dashed {}"),
     ("card_number", "4111111111111111", "csv 12,{},34"),
     ("card_number", "4111111111111111", "json [1,{}]"),
+    ("card_number", luhn_complete("4", 16), "qty 12 {} 3 items"),  # next to other numbers
+    ("card_number", "4111 1111 1111 1111", "{} 2"),
+    ("card_number", luhn_complete("5", 16), "2026-{}"),
 ]
 
 

@@ -40,7 +40,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from re import Pattern
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +58,13 @@ def _after(prefix: str, charset: str = "A-Za-z0-9_-") -> str:
     return (f"{re.escape(prefix)}(?:(?<![{charset}]{dots})|(?<=\\\\[nrt]{dots}))")
 
 
-@dataclass(frozen=True, slots=True)
 class Rule:
     """One kind of secret.
 
     ``pattern`` (Python ``re``) finds it; when the pattern has groups, only the groups that
     took part in the match are replaced (the context around them stays readable), otherwise
-    the whole match is. ``check`` may reject a match (Luhn for card numbers). The rule is tried
+    the whole match is. ``check`` may reject a match; ``replace`` replaces the standard
+    replacement (card numbers: the plausible cards within a run of digit groups). The rule is tried
     only when one of ``keywords`` occurs in the text (``ikeywords``: in the lower-cased text)
     and ``worth_trying`` (if given) says yes; a rule without keywords is always tried.
     ``trigger`` is an RE2 pattern that matches wherever ``pattern`` could (a superset, without
@@ -73,13 +72,21 @@ class Rule:
     decides whether any rule runs, and an RE2 set which ones.
     """
 
-    kind: str
-    pattern: str
-    trigger: str
-    keywords: tuple[str, ...] = ()
-    ikeywords: tuple[str, ...] = ()
-    check: Callable[[str], bool] | None = None
-    worth_trying: Callable[[str], bool] | None = None
+    __slots__ = ("check", "ikeywords", "keywords", "kind", "pattern", "replace", "trigger",
+                 "worth_trying")
+
+    def __init__(self, kind: str, pattern: str, trigger: str, *,
+                 keywords: tuple[str, ...] = (), ikeywords: tuple[str, ...] = (),
+                 check: Callable[[str], bool] | None = None,
+                 worth_trying: Callable[[str], bool] | None = None,
+                 replace: Callable[[re.Match[str]], str] | None = None) -> None:
+        # a plain class, not a dataclass: built at import, where a dataclass costs ~0.5 ms
+        self.kind, self.pattern, self.trigger = kind, pattern, trigger
+        self.keywords, self.ikeywords = keywords, ikeywords
+        self.check, self.worth_trying, self.replace = check, worth_trying, replace
+
+    def __repr__(self) -> str:
+        return f"Rule({self.kind!r})"
 
 
 def _enough_digits(text: str) -> bool:
@@ -109,6 +116,51 @@ def _luhn_card(text: str) -> bool:
     for i, d in enumerate(reversed(digits)):
         total += (d * 2 - 9 if d > 4 else d * 2) if i % 2 else d
     return total % 10 == 0
+
+
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def _redact_cards(m: re.Match[str]) -> str:
+    """The card numbers in a run of digit groups (``4111 1111 1111 1111``, or a card next to
+    other numbers: ``12 4111111111111111 3``): each window of whole groups with 13-19 digits
+    that is a plausible card is redacted, the other groups stay."""
+    text = m.group()
+    groups = [(g.start(), g.end()) for g in _DIGIT_RUN.finditer(text)]
+    # a group glued to a letter, "_" or "." (an identifier, a decimal, a version) is no card's
+    # first or last group; an escape ("\n") before the run is a line break, not glue
+    start, end, string = m.start(), m.end(), m.string
+    before = string[max(0, start - 2):start]
+    prev = before[-1:]
+    escaped = before[:1] == "\\" and prev in ("n", "r", "t")
+    if prev and (prev.isalnum() or prev in ("_", ".")) and not escaped:
+        groups.pop(0)
+    after = string[end:end + 2]
+    if groups and (after[:1].isalnum() or after[:1] == "_"
+                   or (after[:1] == "." and after[1:].isdigit())):
+        groups.pop()
+    out: list[str] = []
+    pos = i = 0
+    while i < len(groups):
+        if text[groups[i][0]] not in "23456":  # no card network's number starts otherwise
+            i += 1
+            continue
+        digits = 0
+        for j in range(i, len(groups)):
+            digits += groups[j][1] - groups[j][0]
+            if digits > 19:
+                break
+            if digits >= 13 and _luhn_card(text[groups[i][0]:groups[j][1]]):
+                out.append(text[pos:groups[i][0]])
+                out.append("[REDACTED:card_number]")
+                pos = groups[j][1]
+                i = j
+                break
+        i += 1
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
 
 
 # Names whose value is a secret whatever it looks like (in an assignment, or as a dict key).
@@ -200,9 +252,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
          r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
          r"[A-Za-z0-9._%+\-]@[A-Za-z0-9.\-]+\.[A-Za-z]{2}", keywords=("@",)),
     Rule("card_number",
-         r"[0-9](?:(?<![A-Za-z0-9_.].)|(?<=\\[nrt].))(?:[ -]?[0-9]){12,18}"
-         r"(?![A-Za-z0-9_]|\.[0-9])",
-         r"[0-9](?:[ -]?[0-9]){12}", check=_luhn_card, worth_trying=_enough_digits),
+         # a whole run of digit groups with 13+ digits, from its first digit, once
+         r"(?<![0-9])(?<![0-9][ -])[0-9](?:[ -]?[0-9]){12,}+",
+         r"[0-9](?:[ -]?[0-9]){12}", replace=_redact_cards, worth_trying=_enough_digits),
 )
 
 _CACHE_MAX_LEN = 256
@@ -421,6 +473,8 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _replacer(rule: Rule) -> str | Callable[[re.Match[str]], str]:
+    if rule.replace is not None:
+        return rule.replace
     marker = f"[REDACTED:{rule.kind}]"
     check = rule.check
     if check is None and re.compile(rule.pattern).groups == 0:
