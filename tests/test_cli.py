@@ -71,6 +71,18 @@ def test_report_prints_each_task_type_and_overall(db: Path) -> None:
     assert "│   20 │" in overall
 
 
+def test_report_shows_why_steps_failed_grouped(db: Path) -> None:
+    result = invoke("report", "--store", str(db))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Failure messages" in out
+    lands = next(line for line in out.splitlines() if "check lands returned False" in line)
+    assert "lands: [error] failed:" in lands  # "[error]" is text, not markup that vanishes
+    assert "│     4 │" in lands  # both windows' two verification failures, one group
+    assert "Failure messages" not in invoke("report", "--store", str(db),
+                                            "--top-messages", "0").stdout
+
+
 def test_report_json_is_the_report_dict_plus_scores(db: Path) -> None:
     result = invoke("report", "--store", str(db), "--json")
     assert result.exit_code == 0, result.output

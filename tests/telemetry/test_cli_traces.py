@@ -93,3 +93,21 @@ def test_a_malformed_trace_id_is_a_usage_error(tmp_path: Path) -> None:
     result = invoke("scores", "add", "xyz", "q", "1", "--store", url)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: trace id 'xyz' is not 32 hex digits"
+
+
+def test_show_prints_why_each_check_failed(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    loop = cl.Loop(lambda task, attempt: task, task_type="deploy", store=store,
+                   telemetry=pipeline, validators=[lambda p: "region mars-1 does not exist"],
+                   max_attempts=1)
+    trace_id = loop.run("mars-1").trace_id
+    pipeline.shutdown()
+    store.close()
+    result = invoke("traces", "show", trace_id, "--store", f"sqlite:///{tmp_path / 's.db'}")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    validate = next(i for i, line in enumerate(lines) if "closedloop.validate" in line)
+    assert "[error] invalid: region mars-1 does not exist" in lines[validate + 1]

@@ -23,9 +23,11 @@ class _UsageLine(click.UsageError):
     """A usage error shown as one line (click's default adds the usage text and a hint)."""
 
     def show(self, file: Any = None) -> None:
+        from closedloop.cli._common import literal
+
         message = self.format_message().rstrip(".")
         hint = f"; see `{self.ctx.command_path} --help`" if self.ctx is not None else ""
-        click.echo(f"error: {message}{hint}", err=True)
+        click.echo(f"error: {literal(message)}{hint}", err=True)
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError:
@@ -54,7 +56,9 @@ class _Group(click.Group):
         except click.UsageError as exc:
             raise _one_line(exc) from None
         except ClosedLoopError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from closedloop.cli._common import literal
+
+            click.echo(f"error: {literal(exc)}", err=True)
             sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
 

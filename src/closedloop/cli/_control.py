@@ -16,7 +16,7 @@ from rich.table import Table
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
+from closedloop.cli._common import console, echo_json, open_store_to_read, say, store_option
 from closedloop.control._ledger import ControlLedger, ledger_for_store, who
 
 _REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
@@ -146,6 +146,6 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
     ledger, where = _ledger(store_url, redis_url, prefix)
     stop = lift(ledger, task_type, reason=reason, by=by or who())
     if stop is None:
-        click.echo(f"error: {task_type} is neither halted nor paused in {where}", err=True)
+        say(f"error: {task_type} is neither halted nor paused in {where}", err=True)
         raise SystemExit(1)
-    click.echo(f"resumed {task_type} (was {stop.kind.value} by {stop.by}: {stop.reason})")
+    say(f"resumed {task_type} (was {stop.kind.value} by {stop.by}: {stop.reason})")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from closedloop.cli import main
-from closedloop.cli._common import EXIT_NO_DATA, Since, echo_json, iso, store_option
+from closedloop.cli._common import EXIT_NO_DATA, Since, echo_json, iso, say, store_option
 from closedloop.cli._common import open_store_to_read as _open
 
 
@@ -54,7 +54,7 @@ def add(  # noqa: PLR0917 - click passes every option as an argument
         echo_json(score.to_dict())
     else:
         shown = score.label if score.value is None else f"{score.value:g}"
-        click.echo(f"scored {score.trace_id} {score.name}={shown} ({score.source})")
+        say(f"scored {score.trace_id} {score.name}={shown} ({score.source})")
 
 
 @scores.command("list")
@@ -78,7 +78,7 @@ def list_scores(store_url: str, trace_id: str | None, name: str | None, since: f
     for s in found:
         shown = s.label if s.value is None else f"{s.value:g}"
         extra = f"  # {s.comment}" if s.comment else ""
-        click.echo(f"{iso(s.ts)}  {s.trace_id}  {s.name}={shown}  ({s.source}){extra}")
+        say(f"{iso(s.ts)}  {s.trace_id}  {s.name}={shown}  ({s.source}){extra}")
 
 
 @scores.command("export")
@@ -101,6 +101,6 @@ def export(store_url: str, endpoint: str, name: str | None, since: float | None)
     finally:
         exporter.shutdown()
     if not ok:
-        click.echo(f"error: the collector at {endpoint} did not accept the scores", err=True)
+        say(f"error: the collector at {endpoint} did not accept the scores", err=True)
         sys.exit(1)
-    click.echo(f"exported {len(found)} scores to {endpoint}")
+    say(f"exported {len(found)} scores to {endpoint}")

@@ -16,7 +16,7 @@ import click
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import open_store_to_read, store_option
+from closedloop.cli._common import open_store_to_read, say, store_option
 
 
 @main.command()
@@ -56,8 +56,8 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    click.echo(f"serving metrics on http://{addr}:{server.server_port}/metrics "
-               f"from {store.url}", err=True)
+    say(f"serving metrics on http://{addr}:{server.server_port}/metrics from {store.url}",
+        err=True)
     while not stop.is_set():
         tail.poll()
         stop.wait(interval)
