@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,6 +190,50 @@ def test_store_file_that_is_not_a_database_exits_1(tmp_path: Path) -> None:
     assert_one_line_error(invoke("report", "--store", str(junk)), 1, "cannot open store")
 
 
+@pytest.mark.parametrize("command", [
+    ("report",), ("traces", "list"), ("traces", "show", "0" * 32), ("scores", "list"),
+    ("status",), ("replay", "--task-type", "t", "--validator", "json:loads")])
+def test_readers_never_turn_another_file_into_a_store(tmp_path: Path,
+                                                      command: tuple[str, ...]) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    before = other.read_bytes()
+    for path in (empty, other):
+        assert_one_line_error(invoke(*command, "--store", str(path)), 1,
+                              f"sqlite:///{path} is not a closedloop store")
+    assert empty.stat().st_size == 0
+    assert other.read_bytes() == before
+
+
+def test_readers_read_a_store_on_a_read_only_mount(db: Path, tmp_path: Path) -> None:
+    data, mount = tmp_path / "data", tmp_path / "ro"
+    data.mkdir()
+    mount.mkdir()
+    shutil.copy(db, data / "events.db")
+    bind = subprocess.run(["mount", "--bind", str(data), str(mount)], capture_output=True,
+                          check=False)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs CAP_SYS_ADMIN): {bind.stderr!r}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        with pytest.raises(OSError, match="Read-only file system"):
+            (mount / "probe").touch()
+        before = sorted(p.name for p in mount.iterdir())
+        # real processes: the test process keeps no file on the mount open
+        report = _closedloop("report", "--json", env_store=mount / "events.db")
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["overall"]["runs"] == 20
+        traces = _closedloop("traces", "list", env_store=mount / "events.db")
+        assert (traces.returncode, traces.stderr) == (1, "no traces\n")
+        assert sorted(p.name for p in mount.iterdir()) == before
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 def test_unreadable_store_file_exits_1(db: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("running as root: file permissions do not stop reading")
@@ -266,3 +312,13 @@ def test_installed_command_reports_and_fails_without_tracebacks(db: Path, tmp_pa
         assert failed.returncode == code, (args, failed.stderr)
         assert "Traceback" not in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+def test_a_store_opened_read_only_refuses_to_write(db: Path) -> None:
+    store = cl.open_store(db, read_only=True)
+    try:
+        with pytest.raises(cl.StoreError, match="opened read-only"):
+            store.backend.write_batch([])
+        assert store.count() == 20
+    finally:
+        store.close()

@@ -105,11 +105,17 @@ def iso(ts: float) -> str:
 
 
 def open_store_to_read(url: str) -> Store:
-    """Open an existing store; a SQLite file that does not exist is an error, never created.
+    """Open an existing store read-only: never created, migrated or written.
 
     A malformed URL raises :class:`~closedloop.ConfigError` (exit 2); a missing or unreadable
-    file raises :class:`~closedloop.StoreError` (exit 1).
+    file, or one that is not a closedloop store, raises :class:`~closedloop.StoreError`
+    (exit 1). A store on a read-only mount can be read.
     """
+    return open_store(url, read_only=True)
+
+
+def open_store_to_write(url: str) -> Store:
+    """Open an existing store to add to it (``scores add``); a missing file is an error."""
     return open_store(url, create=False)
 
 

@@ -7,7 +7,15 @@ import sys
 import click
 
 from closedloop.cli import main
-from closedloop.cli._common import EXIT_NO_DATA, Since, echo_json, iso, say, store_option
+from closedloop.cli._common import (
+    EXIT_NO_DATA,
+    Since,
+    echo_json,
+    iso,
+    open_store_to_write,
+    say,
+    store_option,
+)
 from closedloop.cli._common import open_store_to_read as _open
 
 
@@ -44,7 +52,7 @@ def add(  # noqa: PLR0917 - click passes every option as an argument
     """Attach score NAME=VALUE to TRACE_ID (a number, true/false, or a category)."""
     from closedloop.telemetry import record_score
 
-    store = _open(store_url)
+    store = open_store_to_write(store_url)
     try:
         score = record_score(trace_id, name, _value(value), span_id=span_id, comment=comment,
                              source=source, store=store)

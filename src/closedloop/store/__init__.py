@@ -109,11 +109,15 @@ def open_store(
     batch_size: int = 4096,
     flush_interval: float = 0.25,
     create: bool = True,
+    read_only: bool = False,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
-    With ``create=False`` (readers such as ``closedloop report``) a SQLite file that does not
-    exist is a :class:`~closedloop.StoreError` instead of a new empty store. A malformed URL
+    With ``create=False`` a SQLite file that does not exist is a
+    :class:`~closedloop.StoreError` instead of a new empty store. ``read_only`` (readers such
+    as ``closedloop report``) implies it and also never writes the file: no migration, a file
+    that is not a closedloop store is a :class:`~closedloop.StoreError`, and a store on a
+    read-only mount can be read. A malformed URL
     is a :class:`~closedloop.ConfigError`; a path that cannot be opened is a
     :class:`~closedloop.StoreError`, each with a one-line reason.
     """
@@ -133,11 +137,12 @@ def open_store(
         )
     else:
         path = Path(text).expanduser()
+    create = create and not read_only
     if not create and not path.exists():
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():
         raise StoreError(f"cannot read store {path}: not a file")
-    backend = SQLiteBackend(path)
+    backend = SQLiteBackend(path, read_only=read_only)
     dead_letter = path.with_name(path.name + ".deadletter.jsonl")
     return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
                  flush_interval=flush_interval)
