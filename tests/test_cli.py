@@ -6,10 +6,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -322,3 +325,121 @@ def test_a_store_opened_read_only_refuses_to_write(db: Path) -> None:
         assert store.count() == 20
     finally:
         store.close()
+
+
+def _commands(group: click.Group, path: str = "closedloop") -> Iterator[tuple[str, click.Command]]:
+    for name, command in sorted(group.commands.items()):
+        yield f"{path} {name}", command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{path} {name}")
+
+
+@pytest.mark.parametrize("columns", ["50", "80", "200"])
+@pytest.mark.parametrize("group", [(), ("traces",), ("scores",)])
+def test_help_lists_each_command_with_its_whole_first_sentence(columns: str,
+                                                               group: tuple[str, ...]) -> None:
+    result = CliRunner(env={"COLUMNS": columns}).invoke(main, [*group, "--help"],
+                                                        prog_name="closedloop")
+    assert result.exit_code == 0, result.output
+    listing = " ".join(result.stdout.split("Commands:")[1].split())
+    assert "..." not in listing
+    parent = main if not group else main.commands[group[0]]
+    assert isinstance(parent, click.Group)
+    for name, command in parent.commands.items():
+        summary = " ".join(command.get_short_help_str(limit=1_000).split())
+        assert summary.endswith("."), summary  # a sentence, not a cut-off phrase
+        assert f"{name} {summary}" in listing
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    missing = [f"{path} {param.opts[0]}" for path, command in _commands(main)
+               for param in command.params
+               if isinstance(param, click.Option) and not param.hidden and not param.help]
+    assert missing == []
+
+
+def _start(*args: str, **env: str) -> subprocess.Popen[str]:
+    script = "from closedloop.cli import main; main(prog_name='closedloop')"
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def _stopped(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_serve_needs_no_flag_and_stops_on_ctrl_c_with_130(db: Path, sig: int, code: int) -> None:
+    with _start("serve", "--port", "0", "--store", str(db)) as proc:
+        try:
+            assert proc.stderr is not None
+            first = proc.stderr.readline()  # written once it listens and handles signals
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", first)
+            assert match, first
+            with urllib.request.urlopen(match.group(0), timeout=10) as response:
+                assert b"closedloop" in response.read()
+            returncode, rest = _stopped(proc, sig)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert returncode == code
+    assert "Traceback" not in rest
+    assert rest == ("error: interrupted\n" if sig == signal.SIGINT else "")
+
+
+def _blocked_reading_stdin(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text().endswith("pipe_read")
+    except OSError:
+        return False
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    with _start("check", "json-schema", "--schema", str(schema), "-") as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while not _blocked_reading_stdin(proc.pid):  # waiting for the document on stdin
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            returncode, err = _stopped(proc, signal.SIGINT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert (returncode, err) == (130, "error: interrupted\n")
+
+
+_BLOCK = ("import sys; sys.modules[{module!r}] = None; "
+          "from closedloop.cli import main; main(prog_name='closedloop')")
+
+
+@pytest.mark.parametrize(("module", "extra", "command"), [
+    ("prometheus_client", "prometheus", ("serve", "--port", "0")),
+    ("opentelemetry", "otel", ("traces", "show", "0" * 32)),
+    ("opentelemetry", "otel", ("traces", "list")),
+    ("opentelemetry", "otel", ("scores", "list")),
+    ("opentelemetry", "otel", ("scores", "add", "0" * 32, "q", "1")),
+    ("opentelemetry", "otel", ("replay", "--task-type", "t", "--validator", "json:loads")),
+])
+def test_a_missing_extra_is_one_line_naming_what_to_install(db: Path, module: str, extra: str,
+                                                            command: tuple[str, ...]) -> None:
+    done = subprocess.run([sys.executable, "-c", _BLOCK.format(module=module), *command,
+                           "--store", str(db)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: closedloop {command[0]}")
+    assert f"needs the '{extra}' extra: pip install 'closedloop[{extra}]'" in done.stderr
+
+
+def test_an_import_error_of_closedloop_itself_is_not_blamed_on_an_extra(db: Path) -> None:
+    block = _BLOCK.format(module="closedloop.telemetry._view")
+    done = subprocess.run([sys.executable, "-c", block, "traces", "show", "0" * 32, "--store",
+                           str(db)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "extra" not in done.stderr
+    assert "closedloop.telemetry._view" in done.stderr

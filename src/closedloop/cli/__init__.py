@@ -2,7 +2,9 @@
 
 Each command lives in its own module and registers itself on :data:`main`. A user mistake
 (bad store URL, unreadable file, unknown flag value, empty store) exits non-zero with one
-clear line on stderr, never a traceback.
+clear line on stderr, never a traceback: 2 for a usage error, 1 when the command could not do
+its work (including an optional dependency that is not installed: the line names the extra to
+install), 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -36,12 +38,39 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
     return _UsageLine(exc.format_message(), exc.ctx)
 
 
+# The optional dependencies, by top-level module, and the extra that installs each.
+_EXTRAS = {"opentelemetry": "otel", "prometheus_client": "prometheus", "redis": "redis",
+           "boto3": "aws", "botocore": "aws", "moto": "aws", "jsonschema": "validators",
+           "sqlglot": "validators", "hcl2": "validators", "pydantic": "validators",
+           "httpx": "http", "psycopg": "postgres", "openai": "openai",
+           "anthropic": "anthropic"}
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _missing_extra(exc: ImportError) -> str | None:
+    """The extra that provides the module ``exc`` could not import, if it is one of ours."""
+    return _EXTRAS.get((exc.name or "").partition(".")[0])
+
+
 class _Group(click.Group):
     """Turns closedloop's own errors into one line and exit code 2 (usage) or 1.
 
     Usage errors (unknown option, bad flag value) keep click's exit code 2 but are shown
-    as one line too.
+    as one line too. An optional dependency that is not installed names its extra (exit 1);
+    Ctrl-C prints one line and exits 130. The command list shows each command's whole
+    first sentence, wrapped, never cut.
     """
+
+    group_class = type  # subgroups (traces, scores) behave the same
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=1_000))
+                for name, cmd in ((n, self.get_command(ctx, n)) for n in self.list_commands(ctx))
+                if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: click.Context | None = None, **extra: Any) -> click.Context:
@@ -60,6 +89,17 @@ class _Group(click.Group):
 
             click.echo(f"error: {literal(exc)}", err=True)
             sys.exit(2 if isinstance(exc, ConfigError) else 1)
+        except ImportError as exc:
+            extra = _missing_extra(exc)
+            if extra is None:
+                raise
+            command = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+            click.echo(f"error: {command} needs the '{extra}' extra: pip install "
+                       f"'closedloop[{extra}]' ({exc.name} is not installed)", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

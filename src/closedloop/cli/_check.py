@@ -193,7 +193,8 @@ def hcl(files: tuple[str, ...], as_json: bool, **policy: Any) -> None:
               help="Also run `plan -json` and scan it for destructive changes.")
 @click.option("--state", type=click.Path(exists=True, dir_okay=False),
               help="A terraform.tfstate to plan against.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds the whole terraform run may take before it is stopped.")
 @click.option("--require-binary", is_flag=True,
               help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
 @_json_option

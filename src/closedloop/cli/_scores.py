@@ -44,7 +44,7 @@ def scores() -> None:
 @click.option("--span", "span_id", help="Score one span of the trace instead of all of it.")
 @click.option("--comment", help="Why; kept with the score.")
 @click.option("--source", type=click.Choice(["human", "rule", "model"]), default="human",
-              show_default=True)
+              show_default=True, help="Who judged: a person, a rule or a model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored score as JSON.")
 def add(  # noqa: PLR0917 - click passes every option as an argument
         trace_id: str, name: str, value: str, store_url: str, span_id: str | None,

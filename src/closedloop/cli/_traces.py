@@ -29,11 +29,9 @@ if TYPE_CHECKING:
 
 
 def _spans(store_url: str) -> SpanStore:
-    try:
-        from closedloop.telemetry import span_store_for
-    except ImportError as exc:  # the otel/prometheus extras are missing
-        raise ConfigError(f"traces need the otel extra: pip install 'closedloop[otel]' "
-                          f"({exc.name} is missing)") from None
+    # a missing extra is named by the command group (closedloop.cli._Group)
+    from closedloop.telemetry import span_store_for
+
     return span_store_for(_open(store_url))
 
 
@@ -54,7 +52,8 @@ def traces() -> None:
 @store_option
 @click.option("--task-type", help="Only traces of this task type.")
 @click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="How many traces to list at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
                 as_json: bool) -> None:
