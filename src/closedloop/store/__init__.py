@@ -17,7 +17,7 @@ from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
 from closedloop.store._memory import MemoryBackend
-from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend
+from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
@@ -142,7 +142,7 @@ def open_store(
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():
         raise StoreError(f"cannot read store {path}: not a file")
-    backend = SQLiteBackend(path, read_only=read_only)
+    backend = SQLiteReader(path) if read_only else SQLiteBackend(path)
     dead_letter = path.with_name(path.name + ".deadletter.jsonl")
     return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
                  flush_interval=flush_interval)

@@ -113,39 +113,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def connect_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that can never write ``path``: no migration, no table, no journal change.
-
-    On a read-only mount a WAL file cannot get its shared-memory index, so SQLite refuses
-    ``mode=ro``; the file is then opened ``immutable`` (no locking: nothing can write it
-    there, and changes still in an unmerged ``-wal`` file are not seen).
-    """
-    uri = f"file:{quote(str(path))}"
-    try:
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
-                               isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA user_version").fetchone()  # opening is lazy: read something
-    except sqlite3.OperationalError:
-        if os.access(path.parent, os.W_OK):
-            raise
-        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
-                               check_same_thread=False)
-    return conn
-
-
-def check_schema(conn: sqlite3.Connection, url: str) -> int:
-    """The schema version of a closedloop store; a :class:`StoreError` for any other file."""
-    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if found > SCHEMA_VERSION:
-        raise StoreError(f"store schema version {found} is newer than this closedloop supports "
-                         f"({SCHEMA_VERSION}); upgrade closedloop")
-    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
-                          "AND name = 'events'").fetchone()[0]
-    if found == 0 or not tables:
-        raise StoreError(f"{url} is not a closedloop store (it has no closedloop tables)")
-    return found
-
-
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to :data:`SCHEMA_VERSION`; return the version found before."""
     conn.execute("BEGIN IMMEDIATE")
@@ -169,36 +136,23 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 class SQLiteBackend:
-    """Events in one SQLite file; created (with its folder) and migrated when opened.
+    """Events in one SQLite file; created (with its folder) and migrated when opened."""
 
-    ``read_only`` opens an existing closedloop store for reading only (``closedloop report``,
-    ``traces``, ``status``): nothing is created or migrated, a file without closedloop's
-    tables is a :class:`StoreError`, and a store on a read-only mount can be read.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
-        self.read_only = read_only
         self._local = threading.local()
         try:
-            if not read_only:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect_read_only(self.path) if read_only else _connect(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
             try:
-                if read_only:
-                    check_schema(conn, self.url)
-                else:
-                    migrate(conn)
+                migrate(conn)
             finally:
                 conn.close()
         except OSError as exc:
             raise StoreError(f"cannot open store {self.url}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}") from None
-
-    def _reader(self) -> sqlite3.Connection:
-        return connect_read_only(self.path) if self.read_only else _connect(self.path)
 
     def _writer_conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -210,8 +164,6 @@ class SQLiteBackend:
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Insert the batch in one transaction."""
-        if self.read_only:
-            raise StoreError(f"store {self.url} was opened read-only")
         conn = self._writer_conn()
         # Plain tuples: sqlite3's executemany takes a much slower path for tuple subclasses.
         rows = [e.to_row() for e in events]
@@ -259,12 +211,81 @@ class SQLiteBackend:
         finally:
             conn.close()
 
+    read_only = False
+    """True for a :class:`SQLiteReader`: this backend never writes its file."""
+
+    def _reader(self) -> sqlite3.Connection:
+        return _connect(self.path)
+
     def close(self) -> None:
         """Close this thread's writer connection, if any."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can never write ``path``: no migration, no table, no journal change.
+
+    On a read-only mount a WAL file cannot get its shared-memory index, so SQLite refuses
+    ``mode=ro``; the file is then opened ``immutable`` (no locking: nothing can write it
+    there, and changes still in an unmerged ``-wal`` file are not seen).
+    """
+    uri = f"file:{quote(str(path))}"
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()  # opening is lazy: read something
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    return conn
+
+
+def check_schema(conn: sqlite3.Connection, url: str) -> int:
+    """The schema version of a closedloop store; a :class:`StoreError` for any other file."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"store schema version {found} is newer than this closedloop supports "
+                         f"({SCHEMA_VERSION}); upgrade closedloop")
+    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'events'").fetchone()[0]
+    if found == 0 or not tables:
+        raise StoreError(f"{url} is not a closedloop store (it has no closedloop tables)")
+    return found
+
+
+class SQLiteReader(SQLiteBackend):
+    """An existing closedloop store, opened to read only (``closedloop report``, ``traces``).
+
+    Nothing is created, migrated or written; a file without closedloop's tables is a
+    :class:`StoreError`, and a store on a read-only mount can be read.
+    """
+
+    read_only = True
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:  # no migration: no super()
+        self.path = Path(path).expanduser()
+        self.url = f"sqlite:///{self.path}"
+        self._local = threading.local()
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                check_schema(conn, self.url)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+
+    def _reader(self) -> sqlite3.Connection:
+        return connect_read_only(self.path)
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Always a :class:`StoreError`: this store was opened read-only."""
+        raise StoreError(f"store {self.url} was opened read-only")
 
 
 def _event(row: tuple[Any, ...]) -> StepEvent:

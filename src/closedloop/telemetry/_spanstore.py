@@ -157,12 +157,12 @@ class SQLiteSpanStore:
     """
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
-        from closedloop.store import SQLiteBackend
+        from closedloop.store._sqlite import SQLiteBackend, SQLiteReader
 
         self.path = Path(path)
         self.read_only = read_only
         # creates and migrates the file if needed; read-only, checks it is a closedloop store
-        SQLiteBackend(self.path, read_only=read_only)
+        (SQLiteReader if read_only else SQLiteBackend)(self.path)
         self._local = threading.local()
 
     def _conn(self) -> sqlite3.Connection:
