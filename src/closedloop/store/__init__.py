@@ -76,9 +76,11 @@ class Store:
         until: float | None = None,
         task_type: str | None = None,
         limit: int | None = None,
+        trace_id: str | None = None,
     ) -> Iterator[StepEvent]:
         """Read stored events, oldest first (call :meth:`flush` first to see your own)."""
-        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit)
+        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit,
+                           trace_id=trace_id)
         return self.backend.iter_events(query)
 
     def count(self) -> int:

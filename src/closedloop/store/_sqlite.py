@@ -188,6 +188,9 @@ class SQLiteBackend:
         if query.task_type is not None:
             where.append("task_type = ?")
             params.append(query.task_type)
+        if query.trace_id is not None:
+            where.append("trace_id = ?")
+            params.append(query.trace_id)
         sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
