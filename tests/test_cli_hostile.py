@@ -223,3 +223,20 @@ def test_on_a_terminal_stored_escapes_are_shown_not_executed(hostile: Hostile) -
     for raw in ("\x1b[31mred", "\x1b]0;title", "\x07", "\x00", "\u202e"):
         assert raw not in out
     assert "\\x1b[31mred\\x1b[0m" in out
+
+
+def test_the_console_escapes_controls_in_text_objects_too(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from closedloop.cli._common import console
+
+    table = Table("stored")
+    table.add_row(Text(TEXT, style="bold"))
+    console().print(Text(TEXT), table)
+    out = capsys.readouterr().out
+    assert_literal(out)  # nothing raw reaches the terminal
+    # rich's Text itself drops \r and BEL; what it keeps is shown escaped
+    assert out.count("\\x1b[31mred\\x1b[0m") == 2
+    assert out.count("n\\x00ul") == 2

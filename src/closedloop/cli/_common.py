@@ -16,12 +16,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.segment import Segment
 from rich.text import Text
 
 from closedloop.store import Store, default_store_url, open_store
@@ -166,11 +167,23 @@ class _LiteralConsole(Console):
 
     rich turns every ``str`` it is given (a table cell, a tree label, a title) into text
     through :meth:`render_str`; escaping there covers every printing command, including the
-    ones that build their tables from plain strings.
+    ones that build their tables from plain strings. :meth:`render` escapes whatever is
+    left (a :class:`~rich.text.Text` made from stored text by hand).
     """
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
         return super().render_str(literal(text, newlines=True), **kwargs)
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None
+               ) -> Iterable[Segment]:
+        # A safety net for Text built from stored text by hand: its control characters are
+        # escaped here, after layout (so such a cell may overflow its column, never the
+        # terminal). Escaping is idempotent, and rich's own control segments pass untouched.
+        for segment in super().render(renderable, options):
+            if segment.control or not _CONTROL.search(segment.text):
+                yield segment
+            else:
+                yield Segment(literal(segment.text, newlines=True), segment.style)
 
 
 def console(*, stderr: bool = False) -> Console:
