@@ -240,3 +240,11 @@ def test_the_console_escapes_controls_in_text_objects_too(
     # rich's Text itself drops \r and BEL; what it keeps is shown escaped
     assert out.count("\\x1b[31mred\\x1b[0m") == 2
     assert out.count("n\\x00ul") == 2
+
+
+def test_check_prints_file_names_and_messages_literally(tmp_path: Path) -> None:
+    bad = tmp_path / "x\x1b[31mred.tf"
+    bad.write_text('resource "a" "b" {\n  x = 1 !!!\n}\n')
+    result = invoke("check", "hcl", str(bad))
+    assert result.exit_code == 1, result.output
+    assert_literal(result.stdout, "x\x1b[31mred.tf:line 2")

@@ -19,7 +19,7 @@ import click
 from closedloop._errors import ConfigError
 from closedloop._verdict import Severity, Verdict
 from closedloop.cli import main
-from closedloop.cli._common import echo_json
+from closedloop.cli._common import echo_json, literal
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,9 +48,9 @@ def _report(verdict: Verdict, as_json: bool) -> None:
             head = click.style("FAIL", fg="red", bold=True)
         click.echo(f"{head} {verdict.check}")
         if verdict.unknown is not None:
-            click.echo(f"  could not check: {verdict.unknown}")
+            click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:
-            click.echo("  " + click.style(issue.render(), fg=_STYLE[issue.severity]))
+            click.echo("  " + click.style(literal(issue.render()), fg=_STYLE[issue.severity]))
     sys.exit(0 if verdict.passed else 1)
 
 
