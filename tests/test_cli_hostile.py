@@ -248,3 +248,10 @@ def test_check_prints_file_names_and_messages_literally(tmp_path: Path) -> None:
     result = invoke("check", "hcl", str(bad))
     assert result.exit_code == 1, result.output
     assert_literal(result.stdout, "x\x1b[31mred.tf:line 2")
+
+
+def test_usage_errors_quote_what_was_typed_literally() -> None:
+    result = invoke("\x1b[31m[red]so\ron")
+    assert result.exit_code == 2
+    assert_literal(result.stderr, "No such command '\x1b[31m[red]so\ron'")
+    assert len(result.stderr.splitlines()) == 1
