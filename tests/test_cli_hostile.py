@@ -251,7 +251,7 @@ def test_check_prints_file_names_and_messages_literally(tmp_path: Path) -> None:
 
 
 def test_usage_errors_quote_what_was_typed_literally() -> None:
-    result = invoke("\x1b[31m[red]so\ron")
+    result = invoke("report", "\x1b[31m[red]so\ron")
     assert result.exit_code == 2
-    assert_literal(result.stderr, "No such command '\x1b[31m[red]so\ron'")
+    assert_literal(result.stderr, "unexpected extra argument (\x1b[31m[red]so\ron)")
     assert len(result.stderr.splitlines()) == 1
