@@ -16,7 +16,7 @@ from rich.table import Table
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import console, echo_json, open_store_to_read, say, store_option
+from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
 from closedloop.control._ledger import ControlLedger, ledger_for_store, who
 
 _REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
@@ -141,6 +141,7 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
       1  TASK_TYPE was neither halted nor paused, or the state cannot be read
       2  usage error (no --reason, bad store URL)
     """
+    from closedloop.cli._common import say  # stored text: printed literally
     from closedloop.control._fault import resume as lift
 
     ledger, where = _ledger(store_url, redis_url, prefix)
