@@ -57,20 +57,8 @@ class _Group(click.Group):
     """Turns closedloop's own errors into one line and exit code 2 (usage) or 1.
 
     Usage errors (unknown option, bad flag value) keep click's exit code 2 but are shown
-    as one line too. An optional dependency that is not installed names its extra (exit 1);
-    Ctrl-C prints one line and exits 130. The command list shows each command's whole
-    first sentence, wrapped, never cut.
+    as one line too.
     """
-
-    group_class = type  # subgroups (traces, scores) behave the same
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, cmd.get_short_help_str(limit=1_000))
-                for name, cmd in ((n, self.get_command(ctx, n)) for n in self.list_commands(ctx))
-                if cmd is not None and not cmd.hidden]
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: click.Context | None = None, **extra: Any) -> click.Context:
@@ -100,6 +88,19 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+
+    # An optional dependency that is not installed names its extra (exit 1); Ctrl-C prints one
+    # line and exits 130 (above). Subgroups (traces, scores) are of this class too.
+    group_class = type
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List each command with its whole first sentence, wrapped, never cut."""
+        rows = [(name, cmd.get_short_help_str(limit=1_000))
+                for name, cmd in ((n, self.get_command(ctx, n)) for n in self.list_commands(ctx))
+                if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
