@@ -206,19 +206,19 @@ class SQLiteBackend:
         finally:
             conn.close()
 
-    def count(self) -> int:
-        """How many events the file holds."""
-        conn = self._reader()
-        try:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-        finally:
-            conn.close()
-
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
 
     def _reader(self) -> sqlite3.Connection:
         return _connect(self.path)
+
+    def count(self) -> int:
+        """How many events the file holds."""
+        conn = _connect(self.path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            conn.close()
 
     def close(self) -> None:
         """Close this thread's writer connection, if any."""
@@ -285,6 +285,17 @@ class SQLiteReader(SQLiteBackend):
 
     def _reader(self) -> sqlite3.Connection:
         return connect_read_only(self.path)
+
+    def count(self) -> int:
+        """How many events the file holds."""
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Always a :class:`StoreError`: this store was opened read-only."""
