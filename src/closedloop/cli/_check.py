@@ -19,7 +19,7 @@ import click
 from closedloop._errors import ConfigError
 from closedloop._verdict import Severity, Verdict
 from closedloop.cli import main
-from closedloop.cli._common import echo_json, literal
+from closedloop.cli._common import echo_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +47,8 @@ def _report(verdict: Verdict, as_json: bool) -> None:
         else:
             head = click.style("FAIL", fg="red", bold=True)
         click.echo(f"{head} {verdict.check}")
+        from closedloop.cli._common import literal  # messages quote inputs: printed literally
+
         if verdict.unknown is not None:
             click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:
