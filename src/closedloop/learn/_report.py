@@ -45,8 +45,10 @@ DEFAULT_TOP_MESSAGES = 3
 _MAX_GROUPS = 1000  # distinct message groups kept per row; more are counted as one "other"
 _OTHER = "(other messages)"
 _MAX_GROUP_CHARS = 500
-# a token (between spaces and punctuation) holding a digit: an id, a size, a count, a version
-_VARIABLE = re.compile(r"""[^\s,;:()\[\]{}'"=<>]*\d[^\s,;:()\[\]{}'"=<>]*""")
+# A token (between spaces and punctuation) holding a digit: an id, a size, a count, a version.
+# Matched only from a token's start, possessively, so each token is scanned once.
+_VARIABLE = re.compile(r"""(?<![^\s,;:()\[\]{}'"=<>])[^\s,;:()\[\]{}'"=<>\d]*+\d"""
+                       r"""[^\s,;:()\[\]{}'"=<>]*+""")
 
 
 def message_group(message: str) -> str:
