@@ -106,7 +106,13 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="closedloop")
 def main() -> None:
-    """closedloop: run AI agents as closed-loop, self-correcting production systems."""
+    r"""closedloop: run AI agents as closed-loop, self-correcting production systems.
+
+    Stored text (task types, messages, reasons, captured content) is printed as data: never
+    read as markup, control characters shown escaped (\x1b); --json carries it raw. Exit
+    codes: 0 done; 1 the command could not do its work, or found nothing; 2 usage error;
+    130 interrupted (Ctrl-C). A missing optional dependency names the extra to install.
+    """
 
 
 def _register() -> None:
