@@ -192,3 +192,25 @@ def test_scoring_a_trace_known_only_by_its_step_event_does_not_warn(tmp_path: Pa
     store.close()
     result = invoke("scores", "add", trace_id, "q", "1", "--store", url)
     assert (result.exit_code, result.stderr) == (0, "")
+
+
+def test_show_prints_why_a_check_could_not_tell_and_passing_warnings(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    warned = cl.Issue(message="converged after 3 s", code="slow", severity=cl.Severity.WARNING)
+    loop = cl.Loop(lambda task, attempt: task, task_type="deploy", store=store,
+                   telemetry=pipeline, executor=lambda plan: plan,
+                   validators=[lambda plan: cl.Verdict.ok(warned)],
+                   verifiers=[lambda intent, result: cl.Verdict.cannot_tell("API timed out")])
+    trace_id = loop.run("x").trace_id
+    pipeline.shutdown()
+    store.close()
+    lines = invoke("traces", "show", trace_id, "--store", url).output.splitlines()
+    validate = next(i for i, line in enumerate(lines) if "closedloop.validate" in line)
+    assert "[warning] slow: converged after 3 s" in lines[validate + 1]
+    verify = next(i for i, line in enumerate(lines) if "closedloop.verify" in line)
+    assert "verdict.unknown=True" in lines[verify]
+    assert "unknown: API timed out" in lines[verify + 1]
