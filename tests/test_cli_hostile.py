@@ -38,7 +38,8 @@ def test_literal_escapes_controls_and_keeps_markup() -> None:
                              ":thumbs_up: \\u202eevil")
     assert literal("two\nlines") == "two\\nlines"
     assert literal("two\nlines", newlines=True) == "two\nlines"
-    assert literal("tab\tand ünïcode ✓") == "tab\tand ünïcode ✓"
+    assert literal("tab\tand ünïcode ✓ 中文") == "tab\tand ünïcode ✓ 中文"
+    assert literal("a\u2028b\u2066c\x85d\x7f") == "a\\u2028b\\u2066c\\x85d\\x7f"
 
 
 class Hostile(NamedTuple):

@@ -120,9 +120,11 @@ def open_store_to_write(url: str) -> Store:
     return open_store(url, create=False)
 
 
-# C0 and C1 control characters (tab excepted), DEL, and the invisible bidirectional controls
-# that can make text read differently from what it is ("Trojan Source").
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 control characters (tab excepted), DEL, the Unicode line and paragraph
+# separators, and the invisible bidirectional controls that can make text read differently
+# from what it is ("Trojan Source").
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      "\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r"}
 
 
