@@ -469,3 +469,24 @@ def test_events_can_be_read_by_trace_id(tmp_path: Path, url: str) -> None:
         assert list(store.events(trace_id="f" * 32)) == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("args", [("report",), ("report", "--json")])
+def test_output_that_cannot_be_written_is_one_line(db: Path, args: tuple[str, ...]) -> None:
+    script = "from closedloop.cli import main; main(prog_name='closedloop')"
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        done = subprocess.run([sys.executable, "-c", script, *args, "--store", str(db)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+    assert (done.returncode, done.stderr) == (1, "error: No space left on device\n")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(db: Path) -> None:
+    script = "from closedloop.cli import main; main(prog_name='closedloop')"
+    with subprocess.Popen([sys.executable, "-c", script, "report", "--store", str(db)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # like `closedloop report | head -0`
+        err = proc.stderr.read()
+    assert b"Traceback" not in err
+    assert err == b""

@@ -9,6 +9,7 @@ install), 130 when interrupted (Ctrl-C).
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any
 
@@ -88,6 +89,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except OSError as exc:  # writing the output failed (full disk), or the system refused
+            if exc.errno == errno.EPIPE:  # the reader went away (`| head`): click ends quietly
+                raise
+            from closedloop.cli._common import literal
+
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {literal(exc.strerror or exc)}{literal(where)}", err=True)
+            sys.exit(1)
 
     # An optional dependency that is not installed names its extra (exit 1); Ctrl-C prints one
     # line and exits 130 (above). Subgroups (traces, scores) are of this class too.
