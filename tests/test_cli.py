@@ -482,11 +482,18 @@ def test_output_that_cannot_be_written_is_one_line(db: Path, args: tuple[str, ..
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(db: Path) -> None:
+    from closedloop.telemetry import Score, span_store_for
+
+    with cl.open_store(db) as store:  # more output than a pipe holds: writes must fail
+        spans = span_store_for(store)
+        for i in range(200):
+            spans.add_score(Score(trace_id=f"{i:032x}", name="quality", value=float(i),
+                                  comment="x" * 1000, ts=T0 + i))
     script = "from closedloop.cli import main; main(prog_name='closedloop')"
-    with subprocess.Popen([sys.executable, "-c", script, "report", "--store", str(db)],
+    with subprocess.Popen([sys.executable, "-c", script, "scores", "list", "--store", str(db)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()  # like `closedloop report | head -0`
+        proc.stdout.close()  # like `closedloop scores list | head -0`
         err = proc.stderr.read()
     assert b"Traceback" not in err
     assert err == b""
