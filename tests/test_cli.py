@@ -370,7 +370,10 @@ def test_every_option_of_every_command_has_help_text() -> None:
 
 
 def _start(*args: str, **env: str) -> subprocess.Popen[str]:
-    script = "from closedloop.cli import main; main(prog_name='closedloop')"
+    # Ctrl-C handled as in an interactive shell's child: a test run started in the background
+    # passes SIGINT on ignored, and Python would keep ignoring it
+    script = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from closedloop.cli import main; main(prog_name='closedloop')")
     return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
