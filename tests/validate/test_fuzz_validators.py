@@ -161,7 +161,7 @@ hostile_values = st.one_of(
     st.integers(1, 5000).map(_deep_value),
 )
 
-CHECKS = [
+CHECKS: list[Any] = [
     JsonSchemaValidator({"type": "object", "properties": {"a": {"type": "integer",
                                                                 "multipleOf": 0.5}}}),
     PydanticValidator(dict[str, list[int]]),
