@@ -13,7 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from closedloop.cli import main
-from closedloop.validate._base import MAX_DOCUMENT_BYTES, MAX_SOURCE_BYTES
+from closedloop.validate import (
+    HclValidator,
+    JsonSchemaValidator,
+    PythonSyntax,
+    SqlSyntax,
+    TerraformPlanValidator,
+)
 
 HUGE = "9" * 5000
 PLAN = '{"format_version": "1.2", "planned_values": {}, "resource_changes": []}'
@@ -39,8 +45,10 @@ def commands(schema: str) -> dict[str, list[str]]:
             "terraform-plan": ["terraform-plan"]}
 
 
-CAPS = {"sql": MAX_SOURCE_BYTES, "python": MAX_SOURCE_BYTES, "hcl": MAX_SOURCE_BYTES,
-        "json-schema": MAX_DOCUMENT_BYTES, "terraform-plan": MAX_DOCUMENT_BYTES}
+CAPS = {"sql": SqlSyntax.DEFAULT_MAX_BYTES, "python": PythonSyntax.DEFAULT_MAX_BYTES,
+        "hcl": HclValidator.DEFAULT_MAX_BYTES,
+        "json-schema": JsonSchemaValidator.DEFAULT_MAX_BYTES,
+        "terraform-plan": TerraformPlanValidator.DEFAULT_MAX_BYTES}
 
 
 @pytest.mark.parametrize("command", sorted(CAPS))
@@ -65,7 +73,8 @@ def test_a_file_over_the_cap_names_its_size_and_how_to_raise_the_cap(tmp_path: P
     big.write_text("SELECT 1;\n" * 30_000)
     code, out, _ = run("sql", str(big))
     assert code == 1
-    assert (f"input too large (300000 bytes > {MAX_SOURCE_BYTES}-byte limit); raise the limit "
+    assert (f"input too large (300000 bytes > {SqlSyntax.DEFAULT_MAX_BYTES}-byte limit); "
+            "raise the limit "
             "with --max-bytes") in out
     assert run("sql", str(big), "--max-bytes", "300000")[0] == 0
 

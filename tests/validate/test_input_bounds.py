@@ -24,7 +24,6 @@ from closedloop.validate import (
     load_plan,
     parse_json,
 )
-from closedloop.validate._base import MAX_DOCUMENT_BYTES, MAX_SOURCE_BYTES
 
 HUGE = "9" * 5000  # over Python's 4300-digit conversion limit
 
@@ -87,20 +86,19 @@ def test_the_cap_counts_utf8_bytes_not_characters() -> None:
     assert "(9 bytes > 8-byte limit)" in issue.message
 
 
-@pytest.mark.parametrize(("kind", "cap"), [("python", MAX_SOURCE_BYTES), ("sql", MAX_SOURCE_BYTES),
-                                           ("hcl", MAX_SOURCE_BYTES),
-                                           ("json_schema", MAX_DOCUMENT_BYTES),
-                                           ("terraform_plan", MAX_DOCUMENT_BYTES)])
-def test_every_parser_has_a_cap_by_default(kind: str, cap: int) -> None:
-    default: dict[str, Callable[[object], cl.Verdict]] = {
-        "python": PythonSyntax(), "sql": SqlSyntax(), "hcl": HclValidator(),
-        "json_schema": JsonSchemaValidator({}), "terraform_plan": TerraformPlanValidator()}
-    (issue,) = default[kind](b" " * (cap + 1)).issues
+@pytest.mark.parametrize("check", [PythonSyntax(), SqlSyntax(), HclValidator(),
+                                   JsonSchemaValidator({}), PydanticValidator(int),
+                                   TerraformPlanValidator(), RuffLint()],
+                         ids=lambda c: type(c).__name__)
+def test_every_parser_has_a_cap_by_default(check: Any) -> None:
+    assert check.max_bytes == type(check).DEFAULT_MAX_BYTES <= 8 * 1024 * 1024
+    (issue,) = check(b" " * (check.max_bytes + 1)).issues
     assert issue.code == "too_large"
 
 
 def test_the_cap_can_be_lifted_with_none() -> None:
-    assert JsonSchemaValidator({}, max_bytes=None)(" " * (MAX_DOCUMENT_BYTES + 1) + "1").passed
+    big = " " * (JsonSchemaValidator.DEFAULT_MAX_BYTES + 1) + "1"
+    assert JsonSchemaValidator({}, max_bytes=None)(big).passed
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

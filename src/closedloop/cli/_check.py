@@ -27,8 +27,24 @@ from closedloop._errors import ConfigError
 from closedloop._verdict import Severity, Verdict
 from closedloop.cli import main
 from closedloop.cli._common import echo_json
-from closedloop.validate._base import MAX_DOCUMENT_BYTES, MAX_SOURCE_BYTES, too_large
+from closedloop.validate import (
+    AllowedInstanceTypes,
+    ForbiddenResourceTypes,
+    HclValidator,
+    JsonSchemaValidator,
+    PlanFormatError,
+    PythonSyntax,
+    RequiredTags,
+    RuffLint,
+    SqlSyntax,
+    TerraformCli,
+    TerraformPlanValidator,
+    load_plan,
+    parse_json,
+)
+from closedloop.validate._base import MiB, too_large
 
+_AUX_MAX_BYTES = 8 * MiB  # a schema file
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STYLE = {Severity.WARNING: "yellow", Severity.ERROR: "red", Severity.CRITICAL: "red"}
@@ -76,12 +92,11 @@ def _inputs(paths: tuple[str, ...], limit: int, check_name: str, as_json: bool,
 
 def _aux_json(path: str) -> Any:
     """A JSON file that configures a check (a schema): any problem is a usage error."""
-    from closedloop.validate import parse_json
 
     try:
-        data = _read(path, MAX_DOCUMENT_BYTES)
+        data = _read(path, _AUX_MAX_BYTES)
     except _TooLarge:
-        raise ConfigError(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes") from None
+        raise ConfigError(f"{path}: larger than {_AUX_MAX_BYTES} bytes") from None
     doc, problem = parse_json(data)
     if problem is not None:
         where = f" ({problem.location})" if problem.location else ""
@@ -137,7 +152,6 @@ def _policy_options(f: F) -> F:
 
 def _rules(require_tags: tuple[str, ...], tag_types: tuple[str, ...],
            forbid_types: tuple[str, ...], instance_types: tuple[str, ...]) -> list[Any]:
-    from closedloop.validate import AllowedInstanceTypes, ForbiddenResourceTypes, RequiredTags
 
     rules: list[Any] = []
     if require_tags:
@@ -166,7 +180,7 @@ def check() -> None:
 @click.option("--allow-destroy", multiple=True, metavar="GLOB",
               help="Addresses that may be deleted or replaced (reported as warnings).")
 @_policy_options
-@_max_bytes_option(MAX_DOCUMENT_BYTES)
+@_max_bytes_option(TerraformPlanValidator.DEFAULT_MAX_BYTES)
 @_json_option
 def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as_json: bool,
                    **policy: Any) -> None:
@@ -174,7 +188,6 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 
     JSON that is neither is a usage error (exit 2), never a pass.
     """
-    from closedloop.validate import PlanFormatError, TerraformPlanValidator, load_plan
 
     validator = TerraformPlanValidator(_rules(**policy), allow_destroy=allow_destroy,
                                        max_bytes=max_bytes)
@@ -190,11 +203,10 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 @click.option("--schema", "schema_path", required=True, metavar="SCHEMA.json",
               help="The JSON Schema (draft 2020-12 unless it says otherwise).")
 @click.argument("document", metavar="DOC.json|-")
-@_max_bytes_option(MAX_DOCUMENT_BYTES)
+@_max_bytes_option(JsonSchemaValidator.DEFAULT_MAX_BYTES)
 @_json_option
 def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) -> None:
     """Validate a JSON document against a JSON Schema."""
-    from closedloop.validate import JsonSchemaValidator
 
     schema = _aux_json(schema_path)
     if not isinstance(schema, dict | bool):
@@ -209,12 +221,11 @@ def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) 
 @click.option("--lint/--no-lint", default=False, help="Also lint with ruff.")
 @click.option("--select", multiple=True, metavar="RULE", help="ruff rules to apply.")
 @click.option("--ignore", multiple=True, metavar="RULE", help="ruff rules to skip.")
-@_max_bytes_option(MAX_SOURCE_BYTES)
+@_max_bytes_option(PythonSyntax.DEFAULT_MAX_BYTES)
 @_json_option
 def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str, ...],
            max_bytes: int, as_json: bool) -> None:
     """Check Python syntax (compiled, never run), optionally ruff lint."""
-    from closedloop.validate import PythonSyntax, RuffLint
 
     syntax = PythonSyntax(filename=file, max_bytes=max_bytes)
     source = _inputs((file,), max_bytes, syntax.name, as_json)[file]
@@ -232,12 +243,11 @@ def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str,
               help="SQL dialect: postgres, sqlite, mysql, … (any sqlglot dialect).")
 @click.option("--allow-destructive", is_flag=True,
               help="Do not report DROP, TRUNCATE, or DELETE/UPDATE without WHERE.")
-@_max_bytes_option(MAX_SOURCE_BYTES)
+@_max_bytes_option(SqlSyntax.DEFAULT_MAX_BYTES)
 @_json_option
 def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
         as_json: bool) -> None:
     """Check SQL syntax in a dialect, and flag statements that destroy data."""
-    from closedloop.validate import SqlSyntax
 
     check_ = SqlSyntax(dialect, forbid_destructive=not allow_destructive, max_bytes=max_bytes)
     _report(check_(_inputs((file,), max_bytes, check_.name, as_json)[file]), as_json)
@@ -246,14 +256,13 @@ def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
 @check.command("hcl")
 @click.argument("files", nargs=-1, required=True, metavar="FILE.tf...")
 @_policy_options
-@_max_bytes_option(MAX_SOURCE_BYTES)
+@_max_bytes_option(HclValidator.DEFAULT_MAX_BYTES)
 @_json_option
 def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) -> None:
     """Parse Terraform HCL files (one module) and apply policy rules.
 
     --max-bytes caps the files' total size.
     """
-    from closedloop.validate import HclValidator
 
     check_ = HclValidator(_rules(**policy), max_bytes=max_bytes)
     _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)
@@ -268,12 +277,11 @@ def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) ->
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True)
 @click.option("--require-binary", is_flag=True,
               help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
-@_max_bytes_option(MAX_DOCUMENT_BYTES)
+@_max_bytes_option(TerraformCli.DEFAULT_MAX_BYTES)
 @_json_option
 def terraform(files: tuple[str, ...], *, with_plan: bool, state: str | None, timeout: float,
               require_binary: bool, max_bytes: int, as_json: bool) -> None:
     """Run terraform (or tofu) `validate -json` on the files, in a fresh temporary directory."""
-    from closedloop.validate import TerraformCli
 
     check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout, max_bytes=max_bytes,
                           if_missing="unknown" if require_binary else "skip")

@@ -104,14 +104,8 @@ def clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-MAX_SOURCE_BYTES = 256 * 1024
-"""Default input cap of the checks whose parsers run in Python or cost more than linear time
-(Python source, SQL, HCL): at this size each stays within seconds and ~200 MB, and it is far
-above what a model writes in one answer (see BENCHMARKS.md, "Largest inputs")."""
-
-MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
-"""Default input cap of JSON documents and Terraform plans (parsed by the C JSON parser; even
-the densest JSON grows about 20-fold in memory once parsed, so 8 MiB stays under ~256 MB)."""
+KiB = 1024
+MiB = 1024 * KiB
 
 
 def check_limit(max_bytes: int | None) -> int | None:

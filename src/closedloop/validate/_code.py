@@ -11,8 +11,8 @@ from typing import Any
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.validate._base import (
-    MAX_DOCUMENT_BYTES,
-    MAX_SOURCE_BYTES,
+    KiB,
+    MiB,
     check_limit,
     clip,
     require,
@@ -38,8 +38,12 @@ class PythonSyntax:
     compiler takes superlinear time on some inputs (thousands of identical functions).
     """
 
-    def __init__(self, *, filename: str = "<proposal>", max_bytes: int | None = MAX_SOURCE_BYTES,
-                 name: str = "python_syntax") -> None:
+    DEFAULT_MAX_BYTES = 256 * KiB
+    """Default ``max_bytes``: the worst input known at this size compiles in ~3 s (see
+    BENCHMARKS.md, "Largest inputs"); far above what a model writes in one answer."""
+
+    def __init__(self, *, filename: str = "<proposal>",
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "python_syntax") -> None:
         self.filename = filename
         self.max_bytes = check_limit(max_bytes)
         self.name = name
@@ -92,6 +96,9 @@ class RuffLint:
     rules. Findings are ``severity`` (``ERROR``: the model is asked to fix them).
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes`` (ruff itself is fast; this bounds what is held and piped)."""
+
     def __init__(
         self,
         *,
@@ -100,7 +107,7 @@ class RuffLint:
         config: str | Path | None = None,
         severity: Severity = Severity.ERROR,
         timeout: float = 30.0,
-        max_bytes: int | None = MAX_DOCUMENT_BYTES,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         max_output: int = 1_000_000,
         binary: str | None = None,
         if_missing: str = "skip",
@@ -167,8 +174,12 @@ class SqlSyntax:
     ``max_bytes`` (UTF-8) is an issue before sqlglot, a pure-Python parser, sees it.
     """
 
+    DEFAULT_MAX_BYTES = 128 * KiB
+    """Default ``max_bytes``: sqlglot needs up to ~15 µs and ~800 bytes of memory a byte on the
+    worst inputs known (``1+1+…``, ``a.a.…``; see BENCHMARKS.md, "Largest inputs")."""
+
     def __init__(self, dialect: str = "postgres", *, forbid_destructive: bool = True,
-                 max_bytes: int | None = MAX_SOURCE_BYTES, name: str = "") -> None:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "") -> None:
         sqlglot = require("sqlglot")
         try:
             sqlglot.Dialect.get_or_raise(dialect)

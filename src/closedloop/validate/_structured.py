@@ -10,7 +10,7 @@ from typing import Any
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Verdict
 from closedloop.validate._base import (
-    MAX_DOCUMENT_BYTES,
+    MiB,
     check_limit,
     clip,
     require,
@@ -147,14 +147,20 @@ class JsonSchemaValidator:
     Draft 2020-12 unless the schema names another with ``$schema``. The schema itself is
     checked once, here, so a broken schema is a :class:`~closedloop.ConfigError` at start-up
     rather than a failure on every proposal. Every violation is reported (up to
-    :data:`MAX_ISSUES`), located by JSON path (``$.items[0].name``).
+    :data:`MAX_ISSUES`), located by JSON path (``$.items[0].name``). JSON text over
+    ``max_bytes`` is an issue before it is parsed.
     """
+
+    DEFAULT_MAX_BYTES = 1 * MiB
+    """Default ``max_bytes``: validation walks every value in Python, 5-15 µs each with a
+    simple schema; the densest 1 MiB document (``[[],[],…]``) holds 350,000 of them (see
+    BENCHMARKS.md, "Largest inputs"). Far above what a model writes in one answer."""
 
     def __init__(
         self,
         schema: Mapping[str, Any] | bool,
         *,
-        max_bytes: int | None = MAX_DOCUMENT_BYTES,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         check_formats: bool = True,
         name: str = "json_schema",
     ) -> None:
@@ -197,9 +203,13 @@ class PydanticValidator:
     """Validates a JSON document (text or parsed) against a Pydantic model or type.
 
     ``model`` is a ``BaseModel`` subclass or any type a ``pydantic.TypeAdapter`` accepts.
+    JSON text over ``max_bytes`` is an issue before it is parsed.
     """
 
-    def __init__(self, model: Any, *, max_bytes: int | None = MAX_DOCUMENT_BYTES,
+    DEFAULT_MAX_BYTES = 1 * MiB
+    """Default ``max_bytes``, as for :class:`JsonSchemaValidator`."""
+
+    def __init__(self, model: Any, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
                  name: str = "") -> None:
         pydantic = require("pydantic")
         try:

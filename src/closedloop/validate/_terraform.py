@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.validate._base import (
-    MAX_DOCUMENT_BYTES,
-    MAX_SOURCE_BYTES,
+    KiB,
+    MiB,
     check_limit,
     clip,
     not_text,
@@ -223,11 +223,15 @@ class HclValidator:
 
     The proposal is the text of one file, or a mapping of file name → text for a module.
     A module over ``max_bytes`` (all files, UTF-8) is an issue before python-hcl2, a
-    pure-Python parser that needs about a second and 100 MB per 50 KB, sees it.
+    pure-Python parser (lark), sees it.
     """
 
+    DEFAULT_MAX_BYTES = 128 * KiB
+    """Default ``max_bytes``: python-hcl2 needs ~25 µs and ~1 KB a byte (see BENCHMARKS.md,
+    "Largest inputs"); pass a larger one for larger modules."""
+
     def __init__(self, rules: Sequence[Rule] = (), *, filename: str = "main.tf",
-                 max_bytes: int | None = MAX_SOURCE_BYTES, name: str = "terraform_hcl") -> None:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "terraform_hcl") -> None:
         require("hcl2")
         self.rules = tuple(rules)
         self.filename = filename
@@ -411,9 +415,13 @@ class TerraformPlanValidator:
     issue before it is parsed.
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes``: ~9,000 resource changes; parsed and scanned in ~1 s and under
+    256 MB, even for the densest JSON (see BENCHMARKS.md, "Largest inputs")."""
+
     def __init__(self, rules: Sequence[Rule] = (), *, allow_destroy: Sequence[str] = (),
                  severity: Severity = Severity.CRITICAL,
-                 max_bytes: int | None = MAX_DOCUMENT_BYTES,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES,
                  name: str = "terraform_plan") -> None:
         self.rules = tuple(rules)
         self.allow_destroy = tuple(allow_destroy)
@@ -576,6 +584,9 @@ class TerraformCli:
     run's ``init``; set ``TF_PLUGIN_CACHE_DIR`` (in ``env`` or the environment) to share them.
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes`` of the module's files (terraform itself parses them)."""
+
     def __init__(
         self,
         *,
@@ -584,7 +595,7 @@ class TerraformCli:
         state: str | Path | None = None,
         binary: str | None = None,
         timeout: float = 300.0,
-        max_bytes: int | None = MAX_DOCUMENT_BYTES,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         max_output: int = 5_000_000,
         env: Mapping[str, str] | None = None,
         if_missing: str = "skip",
