@@ -134,6 +134,10 @@ def test_a_nul_character_is_located(kind: str) -> None:
     assert (issue.code, where(issue)) == ("nul_character", "line 2, column 7")
 
 
+def test_python_source_may_start_with_a_utf8_bom_as_files_may() -> None:
+    assert PythonSyntax()(b"\xef\xbb\xbfx = 1\n").passed
+
+
 def test_hcl_names_the_file_that_is_not_utf8() -> None:
     files = {"a.tf": b'locals {\n  a = 1\n}\n', "b.tf": b"\xc3("}
     (issue,) = HclValidator()(files).issues

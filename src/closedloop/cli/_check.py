@@ -45,12 +45,15 @@ from closedloop.validate import (
 from closedloop.validate._base import MiB, too_large
 
 _AUX_MAX_BYTES = 8 * MiB  # a schema file
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STYLE = {Severity.WARNING: "yellow", Severity.ERROR: "red", Severity.CRITICAL: "red"}
 
 
 class _TooLarge(Exception):
+    """An input over its cap (``size``: its exact size, when known without reading it)."""
+
     def __init__(self, path: str, size: int | None, limit: int) -> None:
         super().__init__(path)
         self.path, self.size, self.limit = path, size, limit
@@ -92,7 +95,6 @@ def _inputs(paths: tuple[str, ...], limit: int, check_name: str, as_json: bool,
 
 def _aux_json(path: str) -> Any:
     """A JSON file that configures a check (a schema): any problem is a usage error."""
-
     try:
         data = _read(path, _AUX_MAX_BYTES)
     except _TooLarge:
@@ -152,7 +154,6 @@ def _policy_options(f: F) -> F:
 
 def _rules(require_tags: tuple[str, ...], tag_types: tuple[str, ...],
            forbid_types: tuple[str, ...], instance_types: tuple[str, ...]) -> list[Any]:
-
     rules: list[Any] = []
     if require_tags:
         tags: dict[str, str | None] = {}
@@ -188,7 +189,6 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 
     JSON that is neither is a usage error (exit 2), never a pass.
     """
-
     validator = TerraformPlanValidator(_rules(**policy), allow_destroy=allow_destroy,
                                        max_bytes=max_bytes)
     text = _inputs((plan,), max_bytes, validator.name, as_json)[plan]
@@ -207,7 +207,6 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 @_json_option
 def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) -> None:
     """Validate a JSON document against a JSON Schema."""
-
     schema = _aux_json(schema_path)
     if not isinstance(schema, dict | bool):
         raise ConfigError(f"{schema_path}: a JSON Schema is an object or a boolean")
@@ -226,7 +225,6 @@ def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) 
 def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str, ...],
            max_bytes: int, as_json: bool) -> None:
     """Check Python syntax (compiled, never run), optionally ruff lint."""
-
     syntax = PythonSyntax(filename=file, max_bytes=max_bytes)
     source = _inputs((file,), max_bytes, syntax.name, as_json)[file]
     verdict = syntax(source)
@@ -248,7 +246,6 @@ def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str,
 def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
         as_json: bool) -> None:
     """Check SQL syntax in a dialect, and flag statements that destroy data."""
-
     check_ = SqlSyntax(dialect, forbid_destructive=not allow_destructive, max_bytes=max_bytes)
     _report(check_(_inputs((file,), max_bytes, check_.name, as_json)[file]), as_json)
 
@@ -263,7 +260,6 @@ def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) ->
 
     --max-bytes caps the files' total size.
     """
-
     check_ = HclValidator(_rules(**policy), max_bytes=max_bytes)
     _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)
 
@@ -282,7 +278,6 @@ def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) ->
 def terraform(files: tuple[str, ...], *, with_plan: bool, state: str | None, timeout: float,
               require_binary: bool, max_bytes: int, as_json: bool) -> None:
     """Run terraform (or tofu) `validate -json` on the files, in a fresh temporary directory."""
-
     check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout, max_bytes=max_bytes,
                           if_missing="unknown" if require_binary else "skip")
     _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)

@@ -52,6 +52,7 @@ class PythonSyntax:
         source = text_input(proposal, "Python source", self.max_bytes)
         if isinstance(source, Issue):
             return Verdict.fail(source, check=self.name)
+        source = source.removeprefix("\ufeff")  # a UTF-8 BOM, valid at the start of a file
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

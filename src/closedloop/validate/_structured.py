@@ -38,7 +38,7 @@ MAX_INT_DIGITS = 4300
 """Longest integer a JSON document may hold (Python's own default limit, enforced here
 whatever ``sys.set_int_max_str_digits`` says: converting longer ones costs quadratic time)."""
 
-_LONG_NUMBER = re.compile(rb"-?[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
+_LONG_NUMBER = re.compile(rf"-?[0-9]{{{MAX_INT_DIGITS + 1},}}")
 
 
 class _NumberTooLong(ValueError):
@@ -46,18 +46,19 @@ class _NumberTooLong(ValueError):
 
 
 def _parse_int(digits: str) -> int:
-    if len(digits) > MAX_INT_DIGITS + 1:  # + 1: the sign
+    if len(digits) - digits.startswith("-") > MAX_INT_DIGITS:
         raise _NumberTooLong(digits[:20])
     return int(digits)
 
 
-def _locate(text: str | bytes, pattern: re.Pattern[bytes]) -> str | None:
-    data = text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else text
-    found = pattern.search(data)
+def _locate_long_number(text: str | bytes) -> str | None:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    found = _LONG_NUMBER.search(text)
     if found is None:
         return None
-    line = data.count(b"\n", 0, found.start()) + 1
-    column = found.start() - data.rfind(b"\n", 0, found.start())
+    line = text.count("\n", 0, found.start()) + 1
+    column = found.start() - text.rfind("\n", 0, found.start())
     return f"line {line}, column {column}"
 
 
@@ -86,7 +87,7 @@ def parse_json(text: str | bytes) -> tuple[Any, Issue | None]:
     except RecursionError:
         return None, depth_issue()
     except ValueError:  # an integer over our limit, or under a lower one set in sys
-        return None, number_issue(_locate(text, _LONG_NUMBER))
+        return None, number_issue(_locate_long_number(text))
 
 
 def depth_issue() -> Issue:

@@ -338,6 +338,8 @@ def _document(doc: Mapping[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
 
 
 def _json(text: str, where: str) -> Any:
+    """Parse plan JSON; ``JSONDecodeError`` is left to the caller (a whole document that does
+    not parse may still be a stream), every other failure is a :class:`PlanFormatError`."""
     try:
         return load_json(text)
     except json.JSONDecodeError:
