@@ -240,7 +240,11 @@ def test_a_parsed_plan_with_unprintable_values_is_still_scanned() -> None:
     (SqlSyntax(max_bytes=100), "SELECT " + "1, " * 100 + "1", "SELECT 1"),
     (TerraformPlanValidator(), '{"format_version": "1.2", "n": ' + HUGE + "}",
      '{"format_version": "1.2", "planned_values": {}}'),
-], ids=["huge-int", "deep", "not-utf8", "nul", "too-large", "plan-huge-int"])
+    (JsonSchemaValidator({"properties": {"n": {"multipleOf": 0.5}}}), {"n": 10**5000},
+     {"n": 1}),
+    (JsonSchemaValidator({"items": {"$ref": "#"}}), deep_list(5000), [[]]),
+], ids=["huge-int", "deep", "not-utf8", "nul", "too-large", "plan-huge-int", "parsed-huge-int",
+        "parsed-deep"])
 def test_a_breaking_proposal_is_fed_back_to_the_model(memory_store: cl.Store, validator: Any,
                                                       bad: object, good: object) -> None:
     feedback: list[str | None] = []
