@@ -23,6 +23,7 @@ import closedloop as cl
 from _report_scenario import run_scenario
 from closedloop.cli import main
 from closedloop.cli._common import EXIT_NO_DATA, Since
+from closedloop.control._ledger import SQLiteLedger, Stop, StopKind
 from closedloop.learn import report_from_store
 
 T0 = 1_700_000_000.0
@@ -217,6 +218,8 @@ def test_readers_read_a_store_on_a_read_only_mount(db: Path, tmp_path: Path) -> 
     data.mkdir()
     mount.mkdir()
     shutil.copy(db, data / "events.db")
+    SQLiteLedger(data / "events.db").put(Stop(task_type="provision", kind=StopKind.HALTED,
+                                              reason="disk", by="ops", at=time.time()))
     bind = subprocess.run(["mount", "--bind", str(data), str(mount)], capture_output=True,
                           check=False)
     if bind.returncode != 0:
@@ -232,6 +235,9 @@ def test_readers_read_a_store_on_a_read_only_mount(db: Path, tmp_path: Path) -> 
         assert json.loads(report.stdout)["overall"]["runs"] == 20
         traces = _closedloop("traces", "list", env_store=mount / "events.db")
         assert (traces.returncode, traces.stderr) == (1, "no traces\n")
+        status = _closedloop("status", "--json", env_store=mount / "events.db")
+        assert status.returncode == 0, status.stderr
+        assert [s["task_type"] for s in json.loads(status.stdout)["stops"]] == ["provision"]
         assert sorted(p.name for p in mount.iterdir()) == before
     finally:
         subprocess.run(["umount", str(mount)], check=True)
