@@ -107,19 +107,20 @@ def _sqlite_path(url: str) -> Path:
 def open_store(
     url: str | os.PathLike[str],
     *,
+    read_only: bool = False,
     max_queue: int = 100_000,
     batch_size: int = 4096,
     flush_interval: float = 0.25,
     create: bool = True,
-    read_only: bool = False,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
-    With ``create=False`` a SQLite file that does not exist is a
-    :class:`~closedloop.StoreError` instead of a new empty store. ``read_only`` (readers such
-    as ``closedloop report``) implies it and also never writes the file: no migration, a file
-    that is not a closedloop store is a :class:`~closedloop.StoreError`, and a store on a
-    read-only mount can be read. A malformed URL
+    ``read_only`` (readers such as ``closedloop report``) opens an existing store without
+    ever writing it: no migration, a file that is not a closedloop store is a
+    :class:`~closedloop.StoreError`, and a store on a read-only mount can be read.
+
+    With ``create=False`` (readers such as ``closedloop report``) a SQLite file that does not
+    exist is a :class:`~closedloop.StoreError` instead of a new empty store. A malformed URL
     is a :class:`~closedloop.ConfigError`; a path that cannot be opened is a
     :class:`~closedloop.StoreError`, each with a one-line reason.
     """
@@ -140,11 +141,14 @@ def open_store(
     else:
         path = Path(text).expanduser()
     create = create and not read_only
+    if read_only and path.is_file():
+        return Store(SQLiteReader(path), max_queue=max_queue, batch_size=batch_size,
+                     flush_interval=flush_interval)
     if not create and not path.exists():
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():
         raise StoreError(f"cannot read store {path}: not a file")
-    backend = SQLiteReader(path) if read_only else SQLiteBackend(path)
+    backend = SQLiteBackend(path)
     dead_letter = path.with_name(path.name + ".deadletter.jsonl")
     return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
                  flush_interval=flush_interval)
