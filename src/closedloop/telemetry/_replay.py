@@ -4,6 +4,14 @@
 and blocked 2 proposals that succeeded." The store's spans keep each step's input, final
 proposal and action result as captured content (redacted and capped); a step whose content was
 not captured, was truncated, or does not parse is counted as not replayable, never guessed.
+
+Content is stored as text, so JSON text comes back as data: a check replayed on a step whose
+proposal was a JSON string receives the decoded value (write checks that accept both).
+
+Several steps may share one trace (a user's span around them): each step event is matched
+with its own ``closedloop.step`` span (same task type and agent, the n-th event of the trace
+with the n-th step span, outcome and attempts agreeing), and replayed with that step's own
+proposal and result; an event that cannot be matched that way is not replayable.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from closedloop._verdict import as_verdict
 from closedloop.telemetry._spanstore import StoredSpan, span_store_for
 
 if TYPE_CHECKING:
+    from closedloop._events import StepEvent
     from closedloop.store import Store
 
 _TRUNCATED = "…[truncated "
@@ -102,6 +111,53 @@ def _last(spans: Sequence[StoredSpan], prefix: str) -> StoredSpan | None:
     return max(found, key=lambda s: s.start_ns) if found else None
 
 
+def _same_step(event: StepEvent, span: StoredSpan) -> bool:
+    attrs = span.attributes
+    return (span.name == "closedloop.step"
+            and attrs.get("closedloop.task_type") == event.task_type
+            and attrs.get("closedloop.agent_id") == event.agent_id)
+
+
+def _agrees(event: StepEvent, span: StoredSpan) -> bool:
+    attrs = span.attributes
+    return (attrs.get("closedloop.outcome") == event.outcome
+            and attrs.get("closedloop.attempts", event.attempts) == event.attempts)
+
+
+class _Steps:
+    """Each event's own step span, and the agent and action spans of that step."""
+
+    def __init__(self, events: Sequence[StepEvent], spans_of: Callable[[str], list[StoredSpan]]
+                 ) -> None:
+        self._spans_of = spans_of
+        self._siblings: dict[str, list[StepEvent]] = {}
+        for event in events:  # oldest first: the order the steps started in
+            self._siblings.setdefault(event.trace_id, []).append(event)
+        self._trace: tuple[str, list[StoredSpan]] | None = None
+
+    def _spans(self, trace_id: str) -> list[StoredSpan]:
+        if self._trace is None or self._trace[0] != trace_id:
+            self._trace = (trace_id, self._spans_of(trace_id))
+        return self._trace[1]
+
+    def stages(self, event: StepEvent) -> tuple[StoredSpan | None, StoredSpan | None]:
+        """``(final agent span, action span)`` of ``event``'s step; Nones when unmatched."""
+        spans = self._spans(event.trace_id)
+        roots = sorted((s for s in spans if _same_step(event, s)), key=lambda s: s.start_ns)
+        siblings = [e for e in self._siblings[event.trace_id]
+                    if e.task_type == event.task_type and e.agent_id == event.agent_id]
+        if len(roots) != len(siblings):  # a step's spans were lost, or outside the window
+            return None, None
+        root = roots[next(i for i, e in enumerate(siblings) if e is event)]
+        if not _agrees(event, root):
+            return None, None
+        attempts = {s.span_id for s in spans
+                    if s.parent_id == root.span_id and s.name == "closedloop.attempt"}
+        agent = _last([s for s in spans if s.parent_id in attempts], "invoke_agent")
+        act = _last([s for s in spans if s.parent_id == root.span_id], "closedloop.act")
+        return agent, act
+
+
 def replay(
     store: Store,
     task_type: str,
@@ -118,15 +174,15 @@ def replay(
     report.checks = ([CheckReplay(name=n, kind="validator") for n, _ in validators]
                      + [CheckReplay(name=n, kind="verifier") for n, _ in verifiers])
     checks = list(validators) + list(verifiers)
-    for event in store.events(since=since, until=until, task_type=task_type):
+    events = list(store.events(since=since, until=until, task_type=task_type))
+    steps = _Steps(events, spans_store.trace)
+    for event in events:
         report.steps += 1
         failed_verification = event.verification_passed is False
         succeeded = event.outcome == "succeeded"
         report.verification_failures += failed_verification
         report.successes += succeeded
-        spans = spans_store.trace(event.trace_id)
-        agent = _last(spans, "invoke_agent")
-        act = _last(spans, "closedloop.act")
+        agent, act = steps.stages(event)
         ok_p, proposal = _value(agent.content.get("closedloop.proposal") if agent else None)
         ok_i, intent = _value(agent.content.get("closedloop.input") if agent else None)
         ok_r, result = _value(act.content.get("closedloop.result") if act else None)
