@@ -99,3 +99,6 @@ def _print(s: DemoSummary) -> None:
     out.print(f"Events are in [bold]{s.store_url}[/]. "
               f"See the learning signals: [bold]closedloop report --store '{s.store_url}'[/]",
               highlight=False, soft_wrap=True)
+    # the steps themselves: traces, replay, scores, metrics (plain text: a URL is data)
+    out.print("\n".join(["Next steps:", *(f"  {line}" for line in s.next_steps())]),
+              markup=False, highlight=False, soft_wrap=True)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         InstanceMatchesRequest,
         LocalEc2,
     )
-    from closedloop.demo._plan import no_destructive_actions, plan_schema
+    from closedloop.demo._plan import no_destructive_actions, plan_schema, required_tags
 
 __all__ = [
     "AGENT_ID",
@@ -57,6 +57,7 @@ __all__ = [
     "no_destructive_actions",
     "plan_schema",
     "require_demo_extras",
+    "required_tags",
     "run_demo",
 ]
 
@@ -68,6 +69,7 @@ _LAZY = {
     "LocalEc2": "closedloop.demo._ec2",
     "no_destructive_actions": "closedloop.demo._plan",
     "plan_schema": "closedloop.demo._plan",
+    "required_tags": "closedloop.demo._plan",
 }
 
 
