@@ -557,3 +557,22 @@ def test_required_tags_flags_each_missing_tag_of_a_launch() -> None:
                                                                  "plan.tags.env"]
     assert required_tags('{"action": "delete_security_group", "group": "web"}').passed
     assert required_tags("not json").passed  # plan_schema's to report
+
+
+CORE_ONLY = ("opentelemetry", "prometheus_client", "redis", "boto3", "botocore", "moto",
+             "jsonschema", "sqlglot", "hcl2", "httpx", "psycopg", "openai", "anthropic")
+
+
+@pytest.mark.parametrize("command", [
+    ["report"], ["status"], ["traces", "list"], ["scores", "list"],
+    ["replay", "--task-type", "ec2.provision", "--validator", "closedloop.demo:required_tags"],
+])
+def test_the_commands_readme_lists_as_core_run_without_any_extra(
+        quick: tuple[str, dict[str, Any]], command: list[str]) -> None:
+    url, _ = quick
+    code = (f"import sys\nfor name in {CORE_ONLY!r}:\n    sys.modules[name] = None\n"
+            f"from closedloop.cli import main\nmain({[*command, '--store', url]!r})")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
