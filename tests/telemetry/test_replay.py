@@ -108,3 +108,21 @@ def test_a_step_whose_spans_are_missing_is_not_replayed_with_another_steps(
     report = replay(store, "provision", validators=[("known_region", known_region)])
     # which event is which step cannot be told: neither is replayed, neither is guessed
     assert (report.steps, report.not_replayable, report.checks[0].flagged) == (2, 2, 0)
+
+
+def test_an_event_whose_step_span_disagrees_with_it_is_not_replayed(
+        store: cl.Store, user_tracer: tuple[trace.Tracer, InMemorySpanExporter]) -> None:
+    # a wall clock that runs backwards orders the events against the steps' real order
+    tracer, _ = user_tracer
+    backwards = iter([200.0, 100.0])
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    steps = cl.Loop(propose, task_type="provision", executor=provision, verifiers=[landed],
+                    store=store, telemetry=pipeline, wallclock=lambda: next(backwards))
+    with tracer.start_as_current_span("batch"):
+        steps.run(1)  # succeeds, recorded at t=200
+        steps.run(4)  # fails verification, recorded at t=100: the first event of the trace
+    pipeline.shutdown()
+    store.flush()
+    report = replay(store, "provision", validators=[("known_region", known_region)])
+    # paired by order they would swap proposals; outcomes disagree, so neither is replayed
+    assert (report.steps, report.not_replayable, report.checks[0].flagged) == (2, 2, 0)

@@ -111,11 +111,12 @@ def _last(spans: Sequence[StoredSpan], prefix: str) -> StoredSpan | None:
     return max(found, key=lambda s: s.start_ns) if found else None
 
 
-def _same_step(event: StepEvent, span: StoredSpan) -> bool:
+def _step_key(span: StoredSpan) -> tuple[Any, Any] | None:
+    """``(task type, agent id)`` of a loop step's root span; None for any other span."""
+    if span.name != "closedloop.step":
+        return None
     attrs = span.attributes
-    return (span.name == "closedloop.step"
-            and attrs.get("closedloop.task_type") == event.task_type
-            and attrs.get("closedloop.agent_id") == event.agent_id)
+    return attrs.get("closedloop.task_type"), attrs.get("closedloop.agent_id")
 
 
 def _agrees(event: StepEvent, span: StoredSpan) -> bool:
@@ -124,38 +125,54 @@ def _agrees(event: StepEvent, span: StoredSpan) -> bool:
             and attrs.get("closedloop.attempts", event.attempts) == event.attempts)
 
 
+class _Trace:
+    """One trace's spans, indexed: step roots per (task type, agent), children per parent."""
+
+    def __init__(self, spans: Sequence[StoredSpan]) -> None:
+        self.roots: dict[tuple[Any, Any], list[StoredSpan]] = {}
+        self.children: dict[str | None, list[StoredSpan]] = {}
+        for span in spans:
+            self.children.setdefault(span.parent_id, []).append(span)
+            key = _step_key(span)
+            if key is not None:
+                self.roots.setdefault(key, []).append(span)
+        for roots in self.roots.values():
+            roots.sort(key=lambda s: s.start_ns)
+
+
 class _Steps:
     """Each event's own step span, and the agent and action spans of that step."""
 
     def __init__(self, events: Sequence[StepEvent], spans_of: Callable[[str], list[StoredSpan]]
                  ) -> None:
         self._spans_of = spans_of
-        self._siblings: dict[str, list[StepEvent]] = {}
-        for event in events:  # oldest first: the order the steps started in
-            self._siblings.setdefault(event.trace_id, []).append(event)
-        self._trace: tuple[str, list[StoredSpan]] | None = None
+        # per trace and (task type, agent): the events oldest first, the order steps started in
+        self._rank: dict[int, int] = {}
+        self._count: dict[tuple[str, str, str], int] = {}
+        for event in events:
+            key = (event.trace_id, event.task_type, event.agent_id)
+            self._rank[id(event)] = self._count.get(key, 0)
+            self._count[key] = self._rank[id(event)] + 1
+        self._trace: tuple[str, _Trace] | None = None
 
-    def _spans(self, trace_id: str) -> list[StoredSpan]:
+    def _indexed(self, trace_id: str) -> _Trace:
         if self._trace is None or self._trace[0] != trace_id:
-            self._trace = (trace_id, self._spans_of(trace_id))
+            self._trace = (trace_id, _Trace(self._spans_of(trace_id)))
         return self._trace[1]
 
     def stages(self, event: StepEvent) -> tuple[StoredSpan | None, StoredSpan | None]:
         """``(final agent span, action span)`` of ``event``'s step; Nones when unmatched."""
-        spans = self._spans(event.trace_id)
-        roots = sorted((s for s in spans if _same_step(event, s)), key=lambda s: s.start_ns)
-        siblings = [e for e in self._siblings[event.trace_id]
-                    if e.task_type == event.task_type and e.agent_id == event.agent_id]
-        if len(roots) != len(siblings):  # a step's spans were lost, or outside the window
-            return None, None
-        root = roots[next(i for i, e in enumerate(siblings) if e is event)]
+        trace = self._indexed(event.trace_id)
+        roots = trace.roots.get((event.task_type, event.agent_id), [])
+        if len(roots) != self._count[(event.trace_id, event.task_type, event.agent_id)]:
+            return None, None  # a step's spans were lost, or it is outside the time window
+        root = roots[self._rank[id(event)]]
         if not _agrees(event, root):
             return None, None
-        attempts = {s.span_id for s in spans
-                    if s.parent_id == root.span_id and s.name == "closedloop.attempt"}
-        agent = _last([s for s in spans if s.parent_id in attempts], "invoke_agent")
-        act = _last([s for s in spans if s.parent_id == root.span_id], "closedloop.act")
-        return agent, act
+        below = trace.children.get(root.span_id, [])
+        proposals = [s for attempt in below if attempt.name == "closedloop.attempt"
+                     for s in trace.children.get(attempt.span_id, [])]
+        return _last(proposals, "invoke_agent"), _last(below, "closedloop.act")
 
 
 def replay(
