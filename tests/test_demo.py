@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -462,7 +463,7 @@ def test_the_demo_says_what_to_run_next(quick: tuple[str, dict[str, Any]]) -> No
         "closedloop scores list --name plan_correct",
         "closedloop serve --metrics --from-start",
     ]
-    assert all(line.endswith(f"--store '{url}'") for line in summary["next_steps"])
+    assert all(line.endswith(f"--store {shlex.quote(url)}") for line in summary["next_steps"])
 
 
 def test_traces_list_and_show_the_demo_steps(quick: tuple[str, dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class DemoSummary:
         """The commands that show this run's steps, to paste into a shell (empty in memory)."""
         if self.store_url.startswith("memory://"):
             return []
-        store = f"--store '{self.store_url}'"
+        store = f"--store {shlex.quote(self.store_url)}"
         steps = [f"closedloop report {store}"]
         if self.traced:
             steps += [
