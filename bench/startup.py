@@ -10,8 +10,11 @@ both minus the ``python -c pass`` floor. ``--json`` prints the same for scripts.
 
     python bench/startup.py                # 40 rounds
     python bench/startup.py --rounds 100 --json
+    PYTHONPATH=src python bench/startup.py --baseline-src ../main/src   # before/after
 
 Run it against the tree you want to measure (``PYTHONPATH=src`` for a checkout).
+``--baseline-src DIR`` also runs every closedloop command with ``PYTHONPATH=DIR`` (another
+checkout's ``src``), in the same rounds, so a before/after comparison sees the same load.
 """
 
 from __future__ import annotations
@@ -41,40 +44,51 @@ def _script() -> list[str]:
     return [found]
 
 
-def commands() -> dict[str, list[str]]:
-    """Name → argv of every measured command."""
+Command = tuple[list[str], dict[str, str]]
+
+
+def commands(baseline_src: str | None = None) -> dict[str, Command]:
+    """Name → (argv, environment) of every measured command."""
     py = [sys.executable]
-    return {
-        "python -c pass": [*py, "-c", "pass"],
+    argvs = {
         "import closedloop": [*py, "-c", "import closedloop"],
         "from closedloop import Loop": [*py, "-c", "from closedloop import Loop"],
         "closedloop --version": [*_script(), "--version"],
         "closedloop --help": [*_script(), "--help"],
     }
+    env = os.environ.copy()
+    out: dict[str, Command] = {"python -c pass": ([*py, "-c", "pass"], env)}
+    for name, argv in argvs.items():
+        if baseline_src is not None:
+            out[f"{name} (baseline)"] = (argv, {**env, "PYTHONPATH": baseline_src})
+        out[name] = (argv, env)
+    return out
 
 
-def _run_once(argv: list[str]) -> tuple[float, float]:
-    """(wall ms, CPU ms) of one run of ``argv``; fails loudly if the command fails."""
+def _run_once(command: Command) -> tuple[float, float]:
+    """(wall ms, CPU ms) of one run of ``command``; fails loudly if the command fails."""
+    argv, env = command
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall * 1000, cpu * 1000
 
 
-def measure(rounds: int, warmup: int = 3) -> dict[str, dict[str, float]]:
+def measure(rounds: int, warmup: int = 3, baseline_src: str | None = None
+            ) -> dict[str, dict[str, float]]:
     """Per command: median wall and CPU ms over ``rounds`` interleaved runs, and minus the floor."""
-    cmds = commands()
+    cmds = commands(baseline_src)
     for _ in range(warmup):
-        for argv in cmds.values():
-            _run_once(argv)
+        for command in cmds.values():
+            _run_once(command)
     wall: dict[str, list[float]] = {name: [] for name in cmds}
     cpu: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(rounds):
-        for name, argv in cmds.items():
-            w, c = _run_once(argv)
+        for name, command in cmds.items():
+            w, c = _run_once(command)
             wall[name].append(w)
             cpu[name].append(c)
     floor_wall = statistics.median(wall["python -c pass"])
@@ -93,17 +107,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--baseline-src", metavar="DIR",
+                        help="also run the closedloop commands with PYTHONPATH=DIR")
     args = parser.parse_args()
-    result = measure(args.rounds)
+    load_before = os.getloadavg()[0]
+    result = measure(args.rounds, baseline_src=args.baseline_src)
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     if args.json:
         print(json.dumps({"python": sys.version.split()[0], "rounds": args.rounds,
-                          "targets_ms": TARGETS_MS, "commands": result}, indent=2))
+                          "load_average_1min": load, "targets_ms": TARGETS_MS,
+                          "commands": result}, indent=2))
         return
-    print(f"python {sys.version.split()[0]}, median of {args.rounds} interleaved runs")
-    print(f"{'command':<30} {'wall ms':>8} {'cpu ms':>8} {'wall-floor':>11} {'cpu-floor':>10}"
+    print(f"python {sys.version.split()[0]}, median of {args.rounds} interleaved runs, "
+          f"1-min load average {load[0]} → {load[1]}")
+    print(f"{'command':<40} {'wall ms':>8} {'cpu ms':>8} {'wall-floor':>11} {'cpu-floor':>10}"
           f" {'x floor':>8}")
     for name, r in result.items():
-        print(f"{name:<30} {r['wall_ms']:>8.1f} {r['cpu_ms']:>8.1f} "
+        print(f"{name:<40} {r['wall_ms']:>8.1f} {r['cpu_ms']:>8.1f} "
               f"{r['wall_over_floor_ms']:>11.1f} {r['cpu_over_floor_ms']:>10.1f} "
               f"{r['x_floor']:>8.2f}")
 
