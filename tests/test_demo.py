@@ -565,12 +565,16 @@ CORE_ONLY = ("opentelemetry", "prometheus_client", "redis", "boto3", "botocore",
 
 
 @pytest.mark.parametrize("command", [
-    ["report"], ["status"], ["traces", "list"], ["scores", "list"],
+    ["report"], ["status"], ["traces", "list"], ["traces", "show", "FIRST"],
+    ["traces", "diff", "FIRST", "SECOND"], ["scores", "add", "FIRST", "helpful", "1"],
+    ["scores", "list"],
     ["replay", "--task-type", "ec2.provision", "--validator", "closedloop.demo:required_tags"],
 ])
 def test_the_commands_readme_lists_as_core_run_without_any_extra(
         quick: tuple[str, dict[str, Any]], command: list[str]) -> None:
     url, _ = quick
+    first, second = sorted(demo_traces(url))[:2]
+    command = [{"FIRST": first, "SECOND": second}.get(arg, arg) for arg in command]
     code = (f"import sys\nfor name in {CORE_ONLY!r}:\n    sys.modules[name] = None\n"
             f"from closedloop.cli import main\nmain({[*command, '--store', url]!r})")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,

@@ -91,3 +91,10 @@ def test_a_missing_name_is_an_attribute_error() -> None:
 def test_a_subpackage_is_reached_by_attribute() -> None:
     code = ("import closedloop\nassert closedloop.validate.__name__ == 'closedloop.validate'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reading_traces_back_needs_no_opentelemetry() -> None:
+    from closedloop.telemetry import _span, _view
+
+    assert _view.STATUS_ERROR == _span.STATUS_ERROR
+    assert _imported_after("import closedloop.telemetry._view") == set()
