@@ -581,3 +581,32 @@ def test_the_commands_readme_lists_as_core_run_without_any_extra(
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+class ListBackend:
+    """A user's own event backend: it holds events, and no spans."""
+
+    url = "list://demo"
+
+    def __init__(self) -> None:
+        self.events: list[cl.StepEvent] = []
+
+    def write_batch(self, events: Any) -> None:
+        self.events.extend(events)
+
+    def iter_events(self, query: Any) -> Iterator[cl.StepEvent]:
+        return iter(list(self.events))
+
+    def count(self) -> int:
+        return len(self.events)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_store_that_cannot_hold_spans_gets_the_events_only() -> None:
+    backend = ListBackend()
+    with cl.Store(backend) as store:
+        summary = run_demo(3, SEED, store)
+    assert (summary.traced, summary.scores_written, summary.events_written) == (False, 0, 3)
+    assert len(backend.events) == 3

@@ -228,10 +228,18 @@ def run_demo(
     )
 
 
-def _tracing(store: Store) -> Telemetry:
-    """A pipeline of the demo's own that writes its steps' spans into ``store``."""
-    from closedloop.telemetry import StoreExporter, Telemetry
+def _tracing(store: Store) -> Telemetry | None:
+    """A pipeline of the demo's own that writes its steps' spans into ``store``.
 
+    None for a store that cannot hold spans (a custom backend): the demo then records events
+    only, as it did before it recorded traces.
+    """
+    from closedloop.telemetry import StoreExporter, Telemetry, span_store_for
+
+    try:
+        span_store_for(store)
+    except ConfigError:
+        return None
     return Telemetry([StoreExporter(store)])
 
 
