@@ -18,6 +18,7 @@ if typing.TYPE_CHECKING:
         CheckTimeout,
         ClosedLoopError,
         ConfigError,
+        ControlUnavailable,
         NotExecuted,
         StepFailed,
         StoreError,
@@ -38,6 +39,7 @@ __all__ = [
     "CheckTimeout",
     "ClosedLoopError",
     "ConfigError",
+    "ControlUnavailable",
     "ErrorType",
     "Issue",
     "Loop",
@@ -66,8 +68,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "._errors": ("Blocked", "CheckCrashed", "CheckTimeout", "ClosedLoopError", "ConfigError",
-                     "NotExecuted", "StepFailed", "StoreError", "ValidationFailed",
-                     "VerificationFailed"),
+                     "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
+                     "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),

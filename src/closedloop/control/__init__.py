@@ -38,6 +38,7 @@ if typing.TYPE_CHECKING:
         resume,
     )
     from closedloop.control._ledger import (
+        CachedLedger,
         ControlLedger,
         MemoryLedger,
         SQLiteLedger,
@@ -64,6 +65,7 @@ __all__ = [
     "Backpressure",
     "BackpressureError",
     "BreakerState",
+    "CachedLedger",
     "CaptureSink",
     "CircuitOpen",
     "ControlLedger",
@@ -109,8 +111,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
         "._core": ("BreakerState", "Grant", "KeyState", "Limits"),
         "._fault": ("FaultControl", "default_fault_control", "reset_default_fault_control",
                     "resume"),
-        "._ledger": ("ControlLedger", "MemoryLedger", "SQLiteLedger", "Stop", "StopKind",
-                     "ledger_for_store"),
+        "._ledger": ("CachedLedger", "ControlLedger", "MemoryLedger", "SQLiteLedger", "Stop",
+                     "StopKind", "ledger_for_store"),
         "._redis": ("RedisLedger", "RedisRates"),
         "._retry": ("RetryBudget", "RetryPolicy"),
         "._signals": ("RETRYABLE", "Feedback", "Signal", "classify", "parse_retry_after",
