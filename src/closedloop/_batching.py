@@ -266,6 +266,9 @@ class BatchQueue(Generic[T]):
             for start in range(0, n, size):
                 self._write(items[start:start + size])  # type: ignore[arg-type]
             return
+        popped = sum(1 for item in items if type(item) is _Marker)
+        with self._lock:
+            self._markers -= popped  # out of the queue: ``queued`` counts items only
         batch: list[T] = []
         for item in items:
             if type(item) is _Marker:
@@ -274,8 +277,6 @@ class BatchQueue(Generic[T]):
                     batch = []
                 if self.on_flush is not None:
                     self._call(self.on_flush, item.final)
-                with self._lock:
-                    self._markers -= 1
                 item.done.set()
                 continue
             batch.append(item)  # type: ignore[arg-type]

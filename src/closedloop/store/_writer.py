@@ -28,6 +28,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -72,14 +73,29 @@ class WriterStats:
         return self.dropped + self.dead_lettered + self.lost
 
 
-def fix_hint(error: object, url: str) -> str:
-    """What an operator can do about a store error, in one sentence."""
+def describe(error: object) -> str:
+    """The error's text, with SQLite's extended code name when it has one."""
+    name = getattr(error, "sqlite_errorname", None)
+    return f"{error} ({name})" if name else str(error)
+
+
+def fix_hint(error: object, url: str, path: Path | None = None) -> str:
+    """What an operator can do about a store error, in one sentence.
+
+    The error text alone can mislead (a full disk can surface as "disk I/O error" when
+    SQLite's shared-memory file cannot grow), so the store's folder is looked at too.
+    """
     text = str(error).lower()
+    folder = path.parent if path is not None else None
+    if folder is not None and folder.is_dir():
+        with suppress(OSError):
+            if shutil.disk_usage(folder).free < _LOW_SPACE:
+                text += " disk is full"
     if "full" in text or "no space" in text or "quota" in text:
         return f"free space on the disk that holds {url}, or set CLOSEDLOOP_STORE to a store " \
                "on another disk"
     if "read-only" in text or "readonly" in text or "permission" in text \
-            or "unable to open" in text or "not a directory" in text:
+            or "unable to open" in text or "not a directory" in text or "file exists" in text:
         return f"make {url} and its folder writable by this user, or set CLOSEDLOOP_STORE to " \
                "a writable sqlite:///PATH"
     if "locked" in text or "busy" in text:
@@ -88,6 +104,10 @@ def fix_hint(error: object, url: str) -> str:
     if "newer than" in text:
         return "upgrade closedloop"
     return "fix the cause above, or set CLOSEDLOOP_STORE to a writable sqlite:///PATH"
+
+
+_LOW_SPACE = 1 << 20
+"""Less free space than this in the store's folder counts as a full disk."""
 
 
 _writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
@@ -178,7 +198,7 @@ class BatchWriter:
         self._write_errors += 1
         if isinstance(exc, REFUSED_CONTENT):
             log.error("closedloop store %s: a batch of %d events was refused: %s; it goes to "
-                      "the dead-letter file", self.backend.url, len(batch), exc)
+                      "the dead-letter file", self.backend.url, len(batch), describe(exc))
             self._to_dead_letter(batch)
             return
         self._begin_outage(exc)
@@ -187,14 +207,16 @@ class BatchWriter:
     def _begin_outage(self, exc: object) -> None:
         self._schedule_retry()
         if self._outage:
-            log.debug("closedloop store %s: still cannot write: %s", self.backend.url, exc)
+            log.debug("closedloop store %s: still cannot write: %s", self.backend.url,
+                      describe(exc))
             return
         self._outage = True
+        path = getattr(self.backend, "path", None)
         log.error("closedloop store %s: cannot write events: %s. The agent keeps running; up to "
                   "%d events are held in memory and written when the store accepts them again, "
                   "beyond that they go to a dead-letter file (%s). Fix: %s.", self.backend.url,
-                  exc, self.max_held, self.dead_letter or "none configured",
-                  fix_hint(exc, self.backend.url))
+                  describe(exc), self.max_held, self.dead_letter or "none configured",
+                  fix_hint(exc, self.backend.url, path if isinstance(path, Path) else None))
 
     def _schedule_retry(self) -> None:
         delays = self.retry_delays or (1.0,)
