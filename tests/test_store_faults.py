@@ -61,12 +61,13 @@ class SmallDisk:
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs",
                            str(mount_point)], check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        reason = f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}"
+        if os.environ.get("CLOSEDLOOP_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason} (required: CLOSEDLOOP_REQUIRE_SERVICES=1)")
+        pytest.skip(reason)
     try:
         yield SmallDisk(mount_point)
     finally:
@@ -208,7 +209,9 @@ def test_a_default_store_that_cannot_be_opened_does_not_stop_the_agent(
     assert store.stats().held == 20
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1  # the cause, once, with the fix
-    assert "cannot open store" in errors[0] and "Fix:" in errors[0]
+    assert f"cannot open store sqlite:///{blocker / 'events.db'}: {blocker} is a file, not a " \
+        "folder" in errors[0]
+    assert "Fix: make" in errors[0]
     blocker.unlink()
     blocker.mkdir()  # the operator fixes it: the held events are written
     assert store.flush() is True

@@ -52,7 +52,8 @@ class Store:
 
     ``record`` never raises and, under the default ``overflow="drop"``, never blocks: when
     ``max_queue`` events are waiting, new ones are dropped and counted. ``overflow="block"``
-    waits up to ``block_timeout`` seconds for room instead. Events the backend refuses are
+    waits up to ``block_timeout`` seconds for room instead (in asyncio code that wait stalls
+    the event loop too: prefer a larger ``max_queue`` there). Events the backend refuses are
     held (up to ``max_held``) and written when it accepts them again, else dead-lettered to
     ``dead_letter`` (or a file of that name in the temporary directory, when the store's disk
     is full). See :mod:`closedloop.store._writer`.

@@ -194,6 +194,10 @@ class SQLiteBackend:
 
     def _open(self) -> None:
         try:
+            blocker = next((p for p in self.path.parents if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise StoreError(f"cannot open store {self.url}: {blocker} is a file, not a "
+                                 "folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:

@@ -95,7 +95,7 @@ def fix_hint(error: object, url: str, path: Path | None = None) -> str:
         return f"free space on the disk that holds {url}, or set CLOSEDLOOP_STORE to a store " \
                "on another disk"
     if "read-only" in text or "readonly" in text or "permission" in text \
-            or "unable to open" in text or "not a directory" in text or "file exists" in text:
+            or "unable to open" in text or "not a folder" in text:
         return f"make {url} and its folder writable by this user, or set CLOSEDLOOP_STORE to " \
                "a writable sqlite:///PATH"
     if "locked" in text or "busy" in text:
