@@ -342,3 +342,18 @@ def test_sustained_ingest_keeps_every_event(store: Store, many_events: list[cl.S
         store.record(e)
     stats = store.close()
     assert stats.written == len(many_events) and stats.not_written == 0
+
+
+def test_held_events_are_exposed_as_a_metric() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from closedloop.telemetry import Metrics
+
+    registry = CollectorRegistry()
+    store = Store(FailingBackend(failures=100), flush_interval=60)
+    Metrics(registry).watch(store=store)
+    for i in range(3):
+        store.record(make_event(i))
+    store.flush()
+    assert registry.get_sample_value("closedloop_store_events_held") == 3
+    store.close()
