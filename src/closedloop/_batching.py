@@ -339,15 +339,6 @@ def install_sigterm_flush() -> bool:
     return True
 
 
-def uninstall_sigterm_flush() -> None:
-    """Put back the SIGTERM handler that was there before :func:`install_sigterm_flush`."""
-    global _previous_sigterm
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        previous = _previous_sigterm
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    _previous_sigterm = None
-
-
 def _sigterm_timeout() -> float:
     try:
         return float(os.environ.get("CLOSEDLOOP_SIGTERM_TIMEOUT", SIGTERM_TIMEOUT))

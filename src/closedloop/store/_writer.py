@@ -25,6 +25,7 @@ with the telemetry pipeline.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -276,8 +277,7 @@ class BatchWriter:
     def _dead_letter_paths(self) -> list[Path]:
         if self.dead_letter is None:
             return []
-        fallback = self.fallback_dir or Path(tempfile.gettempdir()) / "closedloop-deadletter"
-        return [self.dead_letter, fallback / self.dead_letter.name]
+        return [self.dead_letter, fallback_dead_letter(self.dead_letter, self.fallback_dir)]
 
     def _to_dead_letter(self, events: list[StepEvent]) -> None:
         text = "".join(json.dumps(e._asdict(), default=str) + "\n" for e in events)
@@ -303,9 +303,22 @@ class BatchWriter:
                   "; ".join(errors) or "none configured")
 
 
+def fallback_dead_letter(dead_letter: Path, folder: Path | None = None) -> Path:
+    """Where ``dead_letter`` goes when it cannot be written (its disk is full or read-only).
+
+    By default a folder of this user's in the temporary directory, usually on another
+    filesystem (often in memory); the name keeps stores with the same file name apart.
+    """
+    if folder is None:
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        folder = Path(tempfile.gettempdir()) / f"closedloop-deadletter-{user}"
+    digest = hashlib.sha256(os.fsencode(dead_letter.absolute())).hexdigest()[:10]
+    return folder / f"{dead_letter.stem}-{digest}{dead_letter.suffix}"
+
+
 def _append(path: Path, text: str) -> None:
     """Append whole lines, or nothing: a failed write is cut back to where it started."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
