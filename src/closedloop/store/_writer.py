@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from closedloop._batching import BatchQueue, Overflow
@@ -236,7 +237,7 @@ class BatchWriter:
         held = self._held
         size = self._queue.batch_size
         while held:
-            batch = [held[i] for i in range(min(size, len(held)))]
+            batch = list(islice(held, size))
             try:
                 self.backend.write_batch(batch)
             except Exception as exc:  # noqa: BLE001 - still failing: retry later
