@@ -139,6 +139,20 @@ def test_the_real_error_is_raised_not_the_failed_rollback(small_disk: SmallDisk)
         backend.write_batch([event] * 200)
 
 
+def test_spans_on_a_full_disk_raise_the_real_error_too(small_disk: SmallDisk) -> None:
+    from closedloop.telemetry import StoredSpan
+    from closedloop.telemetry._spanstore import SQLiteSpanStore
+
+    spans = SQLiteSpanStore(small_disk.path / "events.db")
+    span = StoredSpan(trace_id="0" * 32, span_id="0" * 16, parent_id=None, name="s", kind=0,
+                      start_ns=0, end_ns=1, status=0, status_message=None,
+                      attributes={"x": "y" * 100_000})
+    spans.write_spans([span])  # in use when the disk fills up
+    small_disk.fill()
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        spans.write_spans([span] * 200)
+
+
 def test_beyond_the_bound_events_go_to_a_dead_letter_file_off_the_full_disk_and_import_once(
     small_disk: SmallDisk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

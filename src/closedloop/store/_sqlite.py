@@ -117,7 +117,7 @@ def _params(events: Sequence[StepEvent]) -> list[Any]:
     return flat
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
+def rollback(conn: sqlite3.Connection) -> None:
     """Roll back if a transaction is open, never masking the error that brought us here.
 
     SQLite rolls a transaction back by itself on some errors ("database or disk is full"),
@@ -167,7 +167,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
         conn.execute("COMMIT")
     except BaseException:
-        _rollback(conn)
+        rollback(conn)
         raise
     return found
 
@@ -234,7 +234,7 @@ class SQLiteBackend:
                 conn.execute(_insert(len(events) % _CHUNK), params[full:])
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             self.close()  # the next batch starts on a fresh connection
             raise
 
