@@ -69,6 +69,24 @@ def test_events_round_trip_through_sqlite(store: Store) -> None:
     assert back == [make_event(i) for i in range(10)]
 
 
+def test_every_detail_round_trips_even_an_empty_one(store: Store) -> None:
+    events = [make_event(0)._replace(detail={}), make_event(1)._replace(detail=None),
+              make_event(2)._replace(detail={"issues": [{"code": "x", "path": "a.b"}]})]
+    for e in events:
+        store.record(e)
+        assert store.flush()  # one batch each: a batch whose only detail is empty, too
+    assert list(store.events()) == events
+
+
+def test_a_batch_larger_than_one_insert_statement_is_written_whole(store: Store) -> None:
+    events = [make_event(i) for i in range(2 * 1024 + 3)]  # two full statements and a rest
+    store._writer._queue.batch_size = len(events)
+    for e in events:
+        store.record(e)
+    assert store.flush()
+    assert list(store.events()) == events
+
+
 def test_writes_are_batched(tmp_path: Path) -> None:
     backend = CountingBackend()
     backend.gate.clear()  # hold the writer so that events pile up into full batches

@@ -110,7 +110,7 @@ def _params(events: Sequence[StepEvent]) -> list[Any]:
     """The batch as one flat parameter list, ``detail`` as JSON text (C-speed where it can)."""
     flat: list[Any] = list(chain.from_iterable(events))
     details = flat[_DETAIL::_NFIELDS]
-    if any(details):
+    if details.count(None) != len(details):
         flat[_DETAIL::_NFIELDS] = [
             None if d is None else json.dumps(d, default=str, separators=(",", ":"))
             for d in details]
