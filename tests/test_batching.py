@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -174,3 +175,30 @@ def test_a_process_that_ignores_sigterm_keeps_ignoring_it(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "i.db")], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == "True"
+
+
+def test_sigterm_gives_up_on_a_stuck_writer_after_its_deadline(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import sys, threading, time
+        import closedloop as cl
+        from closedloop.store import MemoryBackend, Store
+
+        class Stuck(MemoryBackend):
+            def write_batch(self, events):
+                threading.Event().wait()  # a backend that never returns
+
+        store = Store(Stuck(), flush_interval=60)
+        store.record(cl.StepEvent(1.0, "0" * 32, "a", "t", "autonomous", "succeeded", 1, 1, 1,
+                                  1.0, True, None, None, None, 0.0, 0.0, 0.0, 0.0, None))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "CLOSEDLOOP_SIGTERM_TIMEOUT": "0.5"})
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)  # a handler without a deadline would hang here
+    assert child.returncode == -signal.SIGTERM
+    assert "not all written within 0.5s" in err
