@@ -255,3 +255,25 @@ def test_import_of_a_missing_file_is_one_line_and_exit_1(tmp_path: Path) -> None
                     f"sqlite:///{tmp_path / 'e.db'}")
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: no dead-letter file at {tmp_path / 'none.jsonl'}"
+
+
+def test_importing_into_a_store_on_a_full_disk_is_one_line_and_can_be_run_again(
+    small_disk: SmallDisk, tmp_path: Path
+) -> None:
+    db = small_disk.path / "events.db"
+    cl.open_store(db).close()
+    dead = tmp_path / "dead.jsonl"
+    event = cl.StepEvent(1000.0, uuid.uuid4().hex, "a", "t", "autonomous", "succeeded", 1, 1, 1,
+                         1.0, True, None, None, None, 0.0, 0.0, 0.0, 0.0, {"x": "y" * 10_000})
+    dead.write_text("".join(json.dumps(event._replace(ts=1000.0 + i, trace_id=uuid.uuid4().hex)
+                                       ._asdict()) + "\n" for i in range(100)))
+    small_disk.fill()
+    full = invoke("store", "import-deadletter", str(dead), "--store", f"sqlite:///{db}")
+    assert full.exit_code == 1
+    [line] = full.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot open store sqlite:///{db}: ")
+    assert line.endswith("(no space left on the disk)")
+    small_disk.free()
+    again = invoke("store", "import-deadletter", str(dead), "--store", f"sqlite:///{db}")
+    assert again.exit_code == 0, again.output
+    assert count(db) == 100

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -117,6 +118,25 @@ def _params(events: Sequence[StepEvent]) -> list[Any]:
     return flat
 
 
+LOW_SPACE = 1 << 20
+"""Less free space than this in the store's folder counts as a full disk."""
+
+
+def disk_full(path: Path) -> bool:
+    """True when the disk that holds ``path`` (or would) has less than :data:`LOW_SPACE` free.
+
+    SQLite does not always say so: a full disk can surface as "disk I/O error" when the
+    shared-memory file of a WAL database cannot grow.
+    """
+    folder = next((p for p in path.parents if p.is_dir()), None)
+    if folder is None:
+        return False
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
 def rollback(conn: sqlite3.Connection) -> None:
     """Roll back if a transaction is open, never masking the error that brought us here.
 
@@ -207,7 +227,8 @@ class SQLiteBackend:
         except OSError as exc:
             raise StoreError(f"cannot open store {self.url}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+            full = " (no space left on the disk)" if disk_full(self.path) else ""
+            raise StoreError(f"cannot open store {self.url}: {exc}{full}") from None
         self.open_error = None
 
     def _writer_conn(self) -> sqlite3.Connection:

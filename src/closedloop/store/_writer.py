@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend
+from closedloop.store._sqlite import disk_full
 
 log = logging.getLogger("closedloop.store")
 
@@ -88,11 +88,8 @@ def fix_hint(error: object, url: str, path: Path | None = None) -> str:
     SQLite's shared-memory file cannot grow), so the store's folder is looked at too.
     """
     text = str(error).lower()
-    folder = path.parent if path is not None else None
-    if folder is not None and folder.is_dir():
-        with suppress(OSError):
-            if shutil.disk_usage(folder).free < _LOW_SPACE:
-                text += " disk is full"
+    if path is not None and disk_full(path):
+        text += " disk is full"
     if "full" in text or "no space" in text or "quota" in text:
         return f"free space on the disk that holds {url}, or set CLOSEDLOOP_STORE to a store " \
                "on another disk"
@@ -106,10 +103,6 @@ def fix_hint(error: object, url: str, path: Path | None = None) -> str:
     if "newer than" in text:
         return "upgrade closedloop"
     return "fix the cause above, or set CLOSEDLOOP_STORE to a writable sqlite:///PATH"
-
-
-_LOW_SPACE = 1 << 20
-"""Less free space than this in the store's folder counts as a full disk."""
 
 
 _writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
