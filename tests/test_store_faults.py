@@ -255,6 +255,7 @@ def test_import_of_a_missing_file_is_one_line_and_exit_1(tmp_path: Path) -> None
                     f"sqlite:///{tmp_path / 'e.db'}")
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: no dead-letter file at {tmp_path / 'none.jsonl'}"
+    assert not (tmp_path / "e.db").exists()  # no store created for nothing
 
 
 def test_importing_into_a_store_on_a_full_disk_is_one_line_and_can_be_run_again(

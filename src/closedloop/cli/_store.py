@@ -27,8 +27,11 @@ def import_deadletter(file: Path, store_url: str, as_json: bool) -> None:
     write cut short by a full disk) are counted as malformed and skipped. Keys of --json:
     read, imported, already_stored, malformed.
     """
+    from closedloop._errors import StoreError
     from closedloop.store import import_dead_letter, open_store
 
+    if not file.is_file():  # before the store is opened (and perhaps created) for nothing
+        raise StoreError(f"no dead-letter file at {file}")
     target = open_store(store_url)
     try:
         result = import_dead_letter(file, target)
