@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh store per test and no process-wide default leaking between tests."""
+"""Shared fixtures: a fresh store per test and no process-wide default leaking between tests;
+the ``requires`` mark (see ``_services.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 import closedloop as cl
 from closedloop.control import reset_default_backpressure, reset_default_fault_control
 from closedloop.store import reset_default_store
+
+# the ``requires`` mark; pytester runs small pytest sessions to test that mark
+pytest_plugins = ("_services", "pytester")
 
 
 @pytest.fixture(autouse=True)

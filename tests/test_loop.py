@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ class FixingAgent:
     def __init__(self, fix_after: int) -> None:
         self.fix_after = fix_after
         self.seen_feedback: list[str | None] = []
+        self.seen_issues: list[tuple[cl.Issue, ...]] = []
 
     def __call__(self, task: int, attempt: cl.Attempt) -> int:
         self.seen_feedback.append(attempt.feedback)
+        self.seen_issues.append(attempt.issues)
         attempt.record_usage(input_tokens=100, output_tokens=10)
         return task if attempt.number > self.fix_after else -task
 
@@ -52,6 +55,8 @@ def test_reask_sends_feedback_and_converges(memory_store: cl.Store) -> None:
     assert result.ok and result.proposal == 5 and result.attempts == 3
     assert agent.seen_feedback[0] is None
     assert agent.seen_feedback[1] is not None and "-5 is not positive" in agent.seen_feedback[1]
+    assert [[i.message for i in issues] for issues in agent.seen_issues] == [
+        [], ["-5 is not positive"], ["-5 is not positive"]]
     (event,) = events(memory_store)
     assert event.attempts == 3 and event.validation_passed is True
     assert event.input_tokens == 300 and event.output_tokens == 30
@@ -103,6 +108,18 @@ def test_warnings_do_not_block(memory_store: cl.Store) -> None:
     result = cl.Loop(lambda t, a: t, task_type="t", validators=[style],
                      store=memory_store).run(3)
     assert result.ok and result.validation[0].issues[0].message == "odd"
+    (event,) = events(memory_store)
+    assert event.validation_passed is True
+    assert event.detail is not None  # the warning is kept with the step
+    assert event.detail["attempts"][0]["verdicts"][0]["issues"][0]["message"] == "odd"
+
+
+def test_a_step_without_verifiers_is_not_counted_as_verified(memory_store: cl.Store) -> None:
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(),
+                     store=memory_store).run(1)
+    assert result.ok and result.verification == ()
+    (event,) = events(memory_store)
+    assert event.verification_passed is None  # nothing was verified: neither pass nor fail
 
 
 def test_suggest_never_executes(memory_store: cl.Store) -> None:
@@ -133,6 +150,52 @@ def test_approve_without_approver_waits_and_with_approver_decides(
     assert approver.run(1).outcome is cl.Outcome.REJECTED
     assert approver.run(2).ok
     assert executor.calls == [2]
+
+
+class ApprovalDown(RuntimeError):
+    pass
+
+
+def test_a_raising_approver_never_executes_and_is_recorded_and_reraised(
+    memory_store: cl.Store,
+) -> None:
+    def approver(task: int, proposal: int) -> bool:
+        raise ApprovalDown("ticket system unreachable")
+
+    executor = Recorder()
+    loop = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                   approver=approver, store=memory_store)
+    with pytest.raises(ApprovalDown) as info:
+        loop.run(1)
+    assert executor.calls == []
+    (event,) = events(memory_store)
+    assert (event.outcome, event.error_type) == ("error", "executor")
+    assert event.error_message == "approver: ApprovalDown: ticket system unreachable"
+    assert event.detail is not None and event.detail["exception"]["type"] == "ApprovalDown"
+    assert any(event.trace_id in note for note in info.value.__notes__)
+
+
+async def test_a_raising_async_approver_and_executor_are_recorded_under_arun(
+    memory_store: cl.Store,
+) -> None:
+    async def approver(task: int, proposal: int) -> bool:
+        if task == 1:
+            raise ApprovalDown("ticket system unreachable")
+        return True
+
+    async def executor(proposal: int) -> str:
+        raise PermissionError("denied")
+
+    loop = cl.Loop(lambda t, a: t, task_type="t", executor=executor, autonomy="approve",
+                   approver=approver, store=memory_store)
+    with pytest.raises(ApprovalDown):
+        await loop.arun(1)
+    with pytest.raises(PermissionError):
+        await loop.arun(2)
+    assert [(e.outcome, e.error_type, e.error_message) for e in events(memory_store)] == [
+        ("error", "executor", "approver: ApprovalDown: ticket system unreachable"),
+        ("error", "executor", "PermissionError: denied"),
+    ]
 
 
 def test_verification_mismatch_fails_with_every_difference(memory_store: cl.Store) -> None:
@@ -180,6 +243,46 @@ def test_unknown_verification_is_a_failure_of_its_own_type(memory_store: cl.Stor
         result.raise_for_outcome()
 
 
+def _mismatch(intent: int, result: str) -> cl.Verdict:
+    return cl.Verdict.fail("instance type is t3.large")
+
+
+def _unreachable(intent: int, result: str) -> cl.Verdict:
+    return cl.Verdict.cannot_tell("endpoint unreachable")
+
+
+@pytest.mark.parametrize("order", ["mismatch first", "unknown first"])
+def test_a_mismatch_beside_an_unknown_check_is_a_verification_failure(
+    memory_store: cl.Store, order: str
+) -> None:
+    verifiers = [_mismatch, _unreachable]
+    if order == "unknown first":
+        verifiers.reverse()
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(), verifiers=verifiers,
+                     store=memory_store).run(1)
+    assert (result.outcome, result.error_type) == (cl.Outcome.FAILED, cl.ErrorType.VERIFICATION)
+    assert "instance type is t3.large" in (result.error_message or "")
+    assert "unknown: endpoint unreachable" in (result.error_message or "")
+    (event,) = events(memory_store)
+    assert event.error_type == "verification"
+
+
+@pytest.mark.parametrize(("severity", "error_type"), [
+    (cl.Severity.ERROR, cl.ErrorType.VERIFICATION),  # a mismatch was found: a failure
+    (cl.Severity.WARNING, cl.ErrorType.VERIFICATION_UNKNOWN),  # only a warning: still unknown
+])
+def test_one_verdict_with_an_issue_and_an_unknown_part_is_classified_by_the_issue(
+    memory_store: cl.Store, severity: cl.Severity, error_type: cl.ErrorType
+) -> None:
+    def partial(intent: int, result: str) -> cl.Verdict:
+        return cl.Verdict(issues=(cl.Issue(message="tag owner missing", severity=severity),),
+                          unknown="security groups unreadable")
+
+    result = cl.Loop(lambda t, a: t, task_type="t", executor=Recorder(), verifiers=[partial],
+                     store=memory_store).run(1)
+    assert result.error_type is error_type
+
+
 def test_agent_exception_is_recorded_and_reraised_unchanged(memory_store: cl.Store) -> None:
     class ModelDown(RuntimeError):
         pass
@@ -222,6 +325,8 @@ def test_crashing_validator_is_its_own_error_not_the_agents(memory_store: cl.Sto
     assert "KeyError" in (result.error_message or "")
     with pytest.raises(cl.CheckCrashed):
         result.raise_for_outcome()
+    (event,) = events(memory_store)
+    assert event.validation_passed is False  # a crashed check never counts as passed
 
 
 def test_crashing_verifier_never_passes(memory_store: cl.Store) -> None:
@@ -307,11 +412,28 @@ def test_stage_timings_come_from_the_injected_clock(memory_store: cl.Store) -> N
     assert event.latency_ms == 7000.0
 
 
+@pytest.mark.parametrize("stage", ["agent", "executor"])
+def test_a_raising_hook_still_records_the_time_it_took(memory_store: cl.Store, stage: str) -> None:
+    def raising(*args: Any) -> Any:
+        raise RuntimeError(stage)
+
+    ticks = iter(range(1000))
+    hooks: dict[str, Any] = {"agent": lambda t, a: t, "executor": Recorder(), stage: raising}
+    loop = cl.Loop(hooks["agent"], task_type="t", executor=hooks["executor"],
+                   store=memory_store, clock=lambda: float(next(ticks)))
+    with pytest.raises(RuntimeError):
+        loop.run(1)
+    (event,) = events(memory_store)
+    # started=0; propose 1→2; act (if reached) 3→4
+    assert (event.propose_ms, event.act_ms) == (
+        (1000.0, 0.0) if stage == "agent" else (1000.0, 1000.0))
+
+
 def test_every_step_gets_a_distinct_otel_shaped_trace_id(memory_store: cl.Store) -> None:
     loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store)
     ids = {loop.run(1).trace_id for _ in range(200)}
     assert len(ids) == 200
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
 
 
 def test_current_attempt_is_visible_inside_the_agent(memory_store: cl.Store) -> None:
@@ -345,6 +467,7 @@ def test_guard_refusal_records_and_skips_the_agent(memory_store: cl.Store) -> No
     ok = cl.Loop(agent, task_type="y", guards=[guard], store=memory_store).run(2)
 
     assert halted.outcome is cl.Outcome.HALTED and halted.error_type is cl.ErrorType.HALTED
+    assert halted.attempts == 0  # the agent never ran
     assert ok.ok and calls == [2]
     assert guard.observed == ["halted", "succeeded"]
 

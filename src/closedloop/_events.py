@@ -33,6 +33,8 @@ class Outcome(StrEnum):
     """A guard refused the step for now (for example a validation-failure spike)."""
     HALTED = "halted"
     """A guard refused the step until a human lifts the halt."""
+    CONTROL_UNAVAILABLE = "control_unavailable"
+    """Admission could not be decided (control state unreadable): refused, fail closed."""
 
 
 class ErrorType(StrEnum):
@@ -48,6 +50,7 @@ class ErrorType(StrEnum):
     VERIFIER_ERROR = "verifier_error"
     PAUSED = "paused"
     HALTED = "halted"
+    CONTROL_UNAVAILABLE = "control_unavailable"
 
 
 class StepEvent(NamedTuple):

@@ -7,7 +7,6 @@ Tests that need Redis skip with the reason when it is unreachable, and fail inst
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,13 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
+import _services
+
 REDIS_URL = os.environ.get("CLOSEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CLOSEDLOOP_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason} (required: CLOSEDLOOP_REQUIRE_SERVICES=1)")
-    pytest.skip(reason)
+_unavailable = _services.unavailable  # skip, or fail under CLOSEDLOOP_REQUIRE_SERVICES=1
 
 
 @pytest.fixture
@@ -33,7 +29,7 @@ def redis_url() -> str:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
     except redis.RedisError as exc:
-        _unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+        _services.unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
     return REDIS_URL
 
 
@@ -58,10 +54,7 @@ class OwnRedis:
     """A redis-server of this test's own, on a free port, that the test may kill and restart."""
 
     def __init__(self, tmp: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            _unavailable("redis-server is not installed")
-        self.binary = str(binary)
+        self.binary = _services.program("redis-server")
         self.port = _free_port()
         self.dir = tmp
         self.url = f"redis://127.0.0.1:{self.port}/0"

@@ -76,3 +76,25 @@ def test_status_shows_limits_published_by_a_process(halted_store: str) -> None:
     assert name.startswith("anthropic/claude@pid ")
     assert snap["breaker"] == "closed"
     assert snap["counts"]["ok"] == 1
+
+
+def test_status_prints_stored_text_literally(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    cl.open_store(f"sqlite:///{db}").close()
+    hostile = "[/bold] [red]boom[error] \x1b[31m"
+    SQLiteLedger(db).put(Stop(task_type="[error]deploy", kind=StopKind.HALTED, reason=hostile,
+                              by="[bold]mallory", at=time.time()))
+    result = CliRunner().invoke(main, ["status", "--store", f"sqlite:///{db}"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "[error]deploy" in result.output
+    assert "[/bold] [red]boom[error]" in result.output
+    assert "[bold]mallory" in result.output
+
+
+def test_status_on_an_unreadable_store_is_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    db.write_bytes(b"this is not a database" * 100)
+    result = CliRunner().invoke(main, ["status", "--store", f"sqlite:///{db}"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 import closedloop as cl
 from closedloop.telemetry import (
     MemoryExporter,
     Metrics,
     StoredSpan,
+    StoreExporter,
+    StoreTail,
     Telemetry,
     set_default_telemetry,
+    span_store_for,
 )
+from closedloop.telemetry._span import current_parent
 
 
 def agent(task: int, attempt: cl.Attempt) -> int:
@@ -79,10 +84,15 @@ def test_a_reask_is_a_second_attempt_with_its_feedback(
     assert [a.attributes["closedloop.attempt"] for a in spans["closedloop.attempt"]] == [1, 2]
     first, second = spans["closedloop.validate"]
     assert first.attributes["closedloop.verdict.passed"] is False
+    assert first.attributes["closedloop.verdict.issues"] == ["invalid"]
     assert second.attributes["closedloop.verdict.passed"] is True
     retry = spans["invoke_agent agent"][1]
     assert "-3 is not positive" in retry.content["closedloop.feedback"]
     assert retry.content["closedloop.proposal"] == "3"
+    # each model call span carries its own attempt's tokens; the step carries the total
+    assert [a.attributes["gen_ai.usage.input_tokens"] for a in spans["invoke_agent agent"]] == [
+        100, 100]
+    assert spans["closedloop.step"][0].attributes["closedloop.usage.input_tokens"] == 200
 
 
 def test_user_spans_in_hooks_nest_under_the_stage(
@@ -171,6 +181,24 @@ def test_an_agent_exception_marks_the_spans_and_propagates(
     assert spans["closedloop.step"].attributes["closedloop.outcome"] == "error"
 
 
+def test_a_crashed_check_marks_its_span_and_the_step_as_errors(
+    captured: tuple[Telemetry, MemoryExporter],
+) -> None:
+    pipeline, exporter = captured
+
+    def schema(value: int) -> None:
+        raise KeyError("schema")
+
+    cl.Loop(agent, task_type="t", validators=[schema], store=None, telemetry=pipeline).run(1)
+    pipeline.flush(5.0)
+    spans = {s.name: s for s in exporter.finished()}
+    check, step = spans["closedloop.validate"], spans["closedloop.step"]
+    assert (check.status, check.attributes["error.type"]) == (2, "KeyError")
+    assert step.status == 2  # no exception left the step, yet it ended in error
+    assert step.attributes["closedloop.error_type"] == "validator_error"
+    assert "KeyError" in (step.status_message or "")
+
+
 def test_a_rejection_at_the_gate_is_recorded(captured: tuple[Telemetry, MemoryExporter]) -> None:
     pipeline, exporter = captured
     result = loop(pipeline, autonomy="approve", approver=lambda task, proposal: False).run(1)
@@ -222,6 +250,78 @@ def test_steps_feed_the_prometheus_metrics() -> None:
                                      {"task_type": "deploy", "type": "input"}) == 300
 
 
+def _failure_lines(registry: CollectorRegistry) -> list[str]:
+    text = generate_latest(registry).decode()
+    return sorted(line for line in text.splitlines()
+                  if line.startswith("closedloop_") and "failures_total{" in line)
+
+
+def schema(value: int) -> None:
+    raise KeyError("schema")
+
+
+def nonsense(value: int) -> int:
+    return 42
+
+
+def describe(intent: int, result: int) -> None:
+    raise TimeoutError("describe_instances")
+
+
+def unreachable(intent: int, result: int) -> cl.Verdict:
+    return cl.Verdict.cannot_tell("endpoint unreachable")
+
+
+def test_crashed_checks_are_counted_as_crashed_in_the_metrics() -> None:
+    registry = CollectorRegistry()
+    pipeline = Telemetry([Metrics(registry)], flush_interval=60.0)
+    crashed_validator = cl.Loop(agent, task_type="deploy", validators=[schema], store=None,
+                                telemetry=pipeline).run(1)
+    bad_return = cl.Loop(agent, task_type="deploy", validators=[nonsense], store=None,
+                         telemetry=pipeline).run(1)
+    # the verifier after the crashed one still runs, and is counted on its own
+    crashed_verifier = loop(pipeline, verifiers=[describe, unreachable]).run(1)
+    pipeline.shutdown()
+
+    assert crashed_validator.error_type is cl.ErrorType.VALIDATOR_ERROR
+    assert bad_return.error_type is cl.ErrorType.VALIDATOR_ERROR
+    assert crashed_verifier.error_type is cl.ErrorType.VERIFIER_ERROR
+    assert _failure_lines(registry) == [
+        'closedloop_validation_failures_total{check="nonsense",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_validation_failures_total{check="schema",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_verification_failures_total{check="describe",kind="crashed",'
+        'task_type="deploy"} 1.0',
+        'closedloop_verification_failures_total{check="unreachable",kind="unknown",'
+        'task_type="deploy"} 1.0',
+    ]
+
+
+def test_a_crashed_check_read_back_from_the_store_is_counted_as_crashed(store: cl.Store) -> None:
+    registry = CollectorRegistry()
+    tail = StoreTail(span_store_for(store), Metrics(registry))  # as `closedloop serve` does
+    writer = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    cl.Loop(agent, task_type="deploy", validators=[schema], store=None, telemetry=writer).run(1)
+    writer.shutdown()
+    tail.poll()
+    assert _failure_lines(registry) == [
+        'closedloop_validation_failures_total{check="schema",kind="crashed",'
+        'task_type="deploy"} 1.0']
+
+
+def test_a_check_returning_an_iterator_of_issues_fails_with_tracing_on() -> None:
+    def issues(value: int) -> Iterator[str]:
+        yield f"{value} is odd"
+
+    pipeline = Telemetry([Metrics(CollectorRegistry())], flush_interval=60.0)
+    result = cl.Loop(agent, task_type="deploy", validators=[issues], store=None,
+                     telemetry=pipeline, max_attempts=1).run(1)
+    pipeline.shutdown()
+    assert result.error_type is cl.ErrorType.VALIDATION
+    assert "1 is odd" in (result.error_message or "")
+
+
 def test_an_async_hook_under_run_closes_the_step_span(
     captured: tuple[Telemetry, MemoryExporter],
 ) -> None:
@@ -235,4 +335,6 @@ def test_an_async_hook_under_run_closes_the_step_span(
     pipeline.flush(5.0)
     spans = {s.name.split(" ")[0]: s for s in exporter.finished()}
     assert spans["closedloop.step"].attributes["error.type"] == "abandoned"
-    assert spans["invoke_agent"].end_ns >= spans["invoke_agent"].start_ns
+    # every span of the step ended and was exported, and none is left as the current span
+    assert set(spans) == {"closedloop.step", "closedloop.attempt", "invoke_agent"}
+    assert current_parent() == (0, 0, None)

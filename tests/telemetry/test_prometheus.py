@@ -3,8 +3,6 @@ scrapes ``closedloop serve --metrics`` on loopback."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+import _services
 from closedloop.store import open_store
 from closedloop.telemetry import StoreExporter, Telemetry
 
@@ -23,15 +22,6 @@ from .test_deploy import dashboard_exprs
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CLOSEDLOOP_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{name} is required (apt-get install prometheus)")
-        pytest.skip(f"{name} not installed (apt-get install prometheus)")
-    return path
 
 
 def _port() -> int:
@@ -42,7 +32,7 @@ def _port() -> int:
 
 
 def test_promtool_accepts_the_alert_rules() -> None:
-    out = subprocess.run([_tool("promtool"), "check", "rules", str(ALERTS)],
+    out = subprocess.run([_services.program("promtool"), "check", "rules", str(ALERTS)],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "5 rules found" in out.stdout
@@ -52,7 +42,7 @@ def test_the_alerts_fire_on_spikes_and_halts_and_stay_quiet_otherwise(tmp_path: 
     spec = (Path(__file__).parent / "alerts_test.yml").read_text()
     test_file = tmp_path / "alerts_test.yml"
     test_file.write_text(spec.replace("ALERTS_FILE", str(ALERTS)))
-    out = subprocess.run([_tool("promtool"), "test", "rules", str(test_file)],
+    out = subprocess.run([_services.program("promtool"), "test", "rules", str(test_file)],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -115,7 +105,7 @@ def test_prometheus_scrapes_serve_and_loads_the_rules(
     pipeline.shutdown()
     store.close()
     prom = subprocess.Popen(
-        [_tool("prometheus"), f"--config.file={config}",
+        [_services.program("prometheus"), f"--config.file={config}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

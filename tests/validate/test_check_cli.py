@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -102,7 +101,7 @@ def test_python_syntax_error_exits_1(tmp_path: Path) -> None:
     assert "python_syntax at line 1" in out
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not on PATH")
+@pytest.mark.requires("ruff")
 def test_python_lint_findings_exit_1(tmp_path: Path) -> None:
     src = tmp_path / "lint.py"
     src.write_text("import os\n")
@@ -143,8 +142,7 @@ def test_hcl_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert "hcl_syntax at net.tf:line" in out
 
 
-@pytest.mark.skipif(shutil.which("terraform") is None and shutil.which("tofu") is None,
-                    reason="no terraform or tofu on PATH")
+@pytest.mark.requires("terraform")
 def test_terraform_validate_from_the_shell(tmp_path: Path) -> None:
     tf = tmp_path / "main.tf"
     tf.write_text('resource "terraform_data" "x" {\n  inputt = 1\n}\n')

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 import closedloop as cl
 from closedloop.validate import PythonSyntax, RuffLint, SqlSyntax
 
-needs_ruff = pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not on PATH")
+needs_ruff = pytest.mark.requires("ruff")
 
 
 def test_valid_python_passes() -> None:

@@ -6,7 +6,6 @@ Only Terraform's builtin ``terraform_data`` resource is used, so ``init`` needs 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import _services
 import closedloop as cl
 from closedloop.validate import (
     CheckTimeout,
@@ -23,8 +23,7 @@ from closedloop.validate import (
     TerraformResource,
 )
 
-BINARY = shutil.which("terraform") or shutil.which("tofu")
-needs_terraform = pytest.mark.skipif(BINARY is None, reason="no terraform or tofu on PATH")
+needs_terraform = pytest.mark.requires("terraform")
 
 CONFIG = 'resource "terraform_data" "app" {\n  input = "v1"\n}\n'
 
@@ -51,12 +50,12 @@ def test_plan_of_new_resources_passes() -> None:
 @pytest.fixture(scope="module")
 def applied_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real state holding terraform_data.app, made with ``terraform apply``."""
-    assert BINARY is not None
+    binary = _services.program("terraform")
     work = tmp_path_factory.mktemp("applied")
     (work / "main.tf").write_text(CONFIG)
     env = {**os.environ, "TF_IN_AUTOMATION": "1", "CHECKPOINT_DISABLE": "1"}
     for args in (["init", "-input=false"], ["apply", "-auto-approve", "-input=false"]):
-        subprocess.run([BINARY, *args], cwd=work, env=env, check=True, capture_output=True)
+        subprocess.run([binary, *args], cwd=work, env=env, check=True, capture_output=True)
     return work / "terraform.tfstate"
 
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
-
-
-def service_unavailable(reason: str) -> None:
-    """Skip with a visible reason, or fail when CI requires the service."""
-    if os.environ.get("CLOSEDLOOP_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"required service unavailable: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
+import _services
 from closedloop.verify import SqlVerifier
-
-from .conftest import service_unavailable
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -30,11 +29,11 @@ def sqlite_db(tmp_path: Path) -> Callable[[], sqlite3.Connection]:
 
 @pytest.fixture
 def pg_db() -> Iterator[Callable[[], Any]]:
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = _services.module("psycopg")
     try:
         admin = psycopg.connect(PG_URL, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as exc:
-        service_unavailable(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
+        _services.unavailable(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
     table = f"users_{uuid.uuid4().hex[:8]}"
     admin.execute(f"CREATE TABLE {table} (id INTEGER, name TEXT, active BOOLEAN)")
     admin.execute(f"INSERT INTO {table} VALUES (1, 'ada', true), (2, 'bob', true), "
@@ -125,7 +124,7 @@ def test_postgres_mismatches_are_reported(pg_db: Any) -> None:
 
 
 def test_postgres_unreachable_is_unknown() -> None:
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = _services.module("psycopg")
 
     def connect() -> Any:
         return psycopg.connect("postgresql://postgres@127.0.0.1:9/test", connect_timeout=1)
@@ -134,6 +133,6 @@ def test_postgres_unreachable_is_unknown() -> None:
 
 
 def test_postgres_query_bug_raises_as_a_verifier_error(pg_db: Any) -> None:
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = _services.module("psycopg")
     with pytest.raises(psycopg.errors.UndefinedTable):
         SqlVerifier(pg_db, "SELECT * FROM no_such_table_xyz")(None, None)

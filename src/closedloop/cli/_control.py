@@ -1,8 +1,11 @@
 """``closedloop status`` and ``closedloop resume``: the control layer's state, and the human lift.
 
-``status`` shows pauses and halts per task type (who, why, when, evidence) and, with
-``--redis``, the shared per-key limits (rate, learned ceiling, breaker, workers). ``resume``
-lifts a halt or pause; it requires a reason, which is logged with who lifted it.
+Both read the one source of pause and halt state agents use
+(:func:`~closedloop.control.ledger_for_store`): the store's ledger, cached in Redis when
+``--redis``/``$CLOSEDLOOP_REDIS_URL`` is set. ``status`` shows pauses and halts per task type
+(who, why, when, evidence) and, with Redis, the shared per-key limits (rate, learned ceiling,
+breaker, workers). ``resume`` lifts a halt or pause; it requires a reason, which is logged
+with who lifted it. Stored text is printed as data, never as markup.
 """
 
 from __future__ import annotations
@@ -13,33 +16,41 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from closedloop._errors import ConfigError
 from closedloop.cli import main
 from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
-from closedloop.control._ledger import ControlLedger, ledger_for_store, who
-
-_REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+from closedloop.control._ledger import REDIS_ENV as _REDIS_ENV
+from closedloop.control._ledger import ControlLedger, ledger_for_store, shown_url, who
 
 
 def _redis_option(f: Any) -> Any:
     return click.option(
         "--redis", "redis_url", metavar="URL", default=lambda: os.environ.get(_REDIS_ENV),
-        help=f"Shared control state in Redis (default ${_REDIS_ENV}); else the store's file.",
+        help=f"Redis caching the store's control state across machines (default "
+             f"${_REDIS_ENV}).",
     )(click.option("--prefix", default="closedloop", show_default=True,
                    help="Redis key prefix.")(f))
 
 
 def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[ControlLedger, str]:
-    if redis_url:
-        from closedloop.control._redis import RedisLedger
-
-        return RedisLedger(redis_url, prefix=prefix), redis_url
+    """The ledger agents use for this store (and Redis), and where it is, for people."""
     store = open_store_to_read(store_url)
     try:
-        return ledger_for_store(store), store.url
+        ledger = ledger_for_store(store, redis_url=redis_url or None, prefix=prefix)
+        where = store.url
     finally:
         store.close()
+    if redis_url:
+        where += f", cached in Redis {shown_url(redis_url)}"
+    return ledger, where
+
+
+def _degraded(ledger: ControlLedger) -> str | None:
+    if getattr(ledger, "degraded_since", None) is None:
+        return None
+    return ("Redis unreachable: showing the store's stops and none raised on other machines "
+            "since Redis went away")
 
 
 def _ago(ts: float) -> str:
@@ -62,45 +73,46 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
 
     \b
     Exit codes:
-      0  shown (also when nothing is paused or halted)
-      1  the store or Redis cannot be read
-      2  usage error
+      0  shown (also when nothing is paused or halted, and when Redis is
+         unreachable: then a warning says only the store's state is shown)
+      1  the store cannot be read
+      2  usage error (bad store or Redis URL)
     """
     ledger, where = _ledger(store_url, redis_url, prefix)
-    try:
-        stops = ledger.stops()
-        history = ledger.history(history_n)
-        keys: dict[str, Any] = {}
-        if redis_url:
-            from closedloop.control import Limits
-            from closedloop.control._redis import RedisRates
+    stops = ledger.stops()
+    history = ledger.history(history_n)
+    degraded = _degraded(ledger)
+    keys: dict[str, Any] = {}
+    if redis_url:
+        from closedloop.control import Limits
+        from closedloop.control._redis import RedisRates
 
-            rates = RedisRates(redis_url, prefix=prefix)
+        rates = RedisRates(redis_url, prefix=prefix)
+        try:
             keys = {k: rates.snapshot(k, Limits()) for k in rates.keys()}  # noqa: SIM118 - a method, not a dict
+        finally:
             rates.close()
-        else:
-            published = getattr(ledger, "published", None)
-            keys = published() if published is not None else {}
-    except Exception as exc:
-        if type(exc).__module__.startswith("redis"):
-            raise ConfigError(f"cannot read control state from {where}: {exc}") from None
-        raise
+    else:
+        published = getattr(ledger, "published", None)
+        keys = published() if published is not None else {}
     if as_json:
-        echo_json({"source": where, "stops": [s.to_dict() for s in stops], "keys": keys,
-                   "history": history})
+        echo_json({"source": where, "degraded": degraded, "stops": [s.to_dict() for s in stops],
+                   "keys": keys, "history": history})
         return
     out = console()
+    if degraded:
+        out.print(Text(f"warning: {degraded}", style="yellow"))
     if stops:
-        table = Table(title=f"Paused and halted task types ({where})")
+        table = Table(title=Text(f"Paused and halted task types ({where})"))
         for col in ("task type", "state", "since", "by", "reason", "until"):
             table.add_column(col)
         for s in stops:
-            table.add_row(s.task_type, s.kind.value.upper(), _ago(s.at), s.by, s.reason,
-                          "a human resumes it" if s.until is None else
+            table.add_row(Text(s.task_type), s.kind.value.upper(), _ago(s.at), Text(s.by),
+                          Text(s.reason), "a human resumes it" if s.until is None else
                           time.strftime("%H:%M:%SZ", time.gmtime(s.until)))
         out.print(table)
     else:
-        out.print(f"No task type is paused or halted ({where}).")
+        out.print(Text(f"No task type is paused or halted ({where})."))
     if keys:
         title = ("Shared limits per key (Redis)" if redis_url else
                  "Limits per key, as last published by each process (Backpressure publish_to)")
@@ -109,20 +121,20 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
                     "429s", "state / published"):
             table.add_column(col)
         for key, snap in keys.items():
-            table.add_row(key, f"{snap['rate']:.2f}",
+            table.add_row(Text(key), f"{snap['rate']:.2f}",
                           "learning" if snap["ceiling"] is None else f"{snap['ceiling']:.2f}",
                           f"{snap['delivered']:.2f}", snap["breaker"], str(snap.get("workers", "")),
                           str(snap["counts"].get("overloaded", 0)),
-                          snap.get("degraded", snap.get("published", "ok")))
+                          Text(str(snap.get("degraded", snap.get("published", "ok")))))
         out.print(table)
     elif not redis_url:
-        out.print("No per-key limits published here; pass --redis URL (or "
-                  f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=.")
+        out.print(Text("No per-key limits published here; pass --redis URL (or "
+                       f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=."))
     if history:
         out.print("Recent:")
         for h in history:
-            out.print(f"  {h.get('time', '')}  {h['event']:8} {h['task_type']}  by {h['by']}: "
-                      f"{h['reason']}")
+            out.print(Text(f"  {h.get('time', '')}  {h['event']:8} {h['task_type']}  by "
+                           f"{h['by']}: {h['reason']}"))
 
 
 @main.command()
@@ -138,8 +150,9 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
     \b
     Exit codes:
       0  resumed
-      1  TASK_TYPE was neither halted nor paused, or the state cannot be read
-      2  usage error (no --reason, bad store URL)
+      1  TASK_TYPE was neither halted nor paused, or the state cannot be read or
+         written (then nothing was lifted)
+      2  usage error (no --reason, bad store or Redis URL)
     """
     from closedloop.control._fault import resume as lift
 

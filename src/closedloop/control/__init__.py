@@ -35,6 +35,7 @@ from closedloop.control._fault import (
     resume,
 )
 from closedloop.control._ledger import (
+    CachedLedger,
     ControlLedger,
     MemoryLedger,
     SQLiteLedger,
@@ -61,6 +62,7 @@ __all__ = [
     "Backpressure",
     "BackpressureError",
     "BreakerState",
+    "CachedLedger",
     "CaptureSink",
     "CircuitOpen",
     "ControlLedger",

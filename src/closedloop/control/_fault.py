@@ -17,6 +17,12 @@
   it survives restarts and is seen by every process sharing the ledger, and it is lifted
   only by :meth:`resume` or ``closedloop resume TASK_TYPE --reason ...``.
 
+It fails closed (docs/control.md): a stop this process raised stays in force here even if
+it cannot be stored, and is retried in the background until it is; a stop once read stays
+in force while the ledger cannot be read; and a task type with no known stop whose state
+cannot be read is refused (``admit`` raises :class:`~closedloop.ControlUnavailable`, the
+loop records ``control_unavailable``), unless its loop opted into ``fail_open``.
+
 A 429 from a provider is not a validation failure and never pauses a task type: that is
 flow control's job (:class:`~closedloop.control.Backpressure`).
 """
@@ -28,17 +34,27 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from closedloop._errors import ConfigError
+from closedloop._errors import ConfigError, ControlUnavailable
 from closedloop._events import StepEvent
 from closedloop.control._alerts import Alert, AlertSink, LogSink
-from closedloop.control._ledger import ControlLedger, Stop, StopKind, ledger_for_store, who
+from closedloop.control._ledger import (
+    ControlLedger,
+    Stop,
+    StopKind,
+    _redact_text,
+    ledger_for_store,
+    redacted,
+    stronger,
+    who,
+)
 from closedloop.loop._guard import Admission
 
 _log = logging.getLogger("closedloop.control")
-_REFUSED = frozenset({StopKind.PAUSED.value, StopKind.HALTED.value})
+_REFUSED = frozenset({StopKind.PAUSED.value, StopKind.HALTED.value, "control_unavailable"})
+_MAX_RETRY_S = 30.0
 
 
 @dataclass(slots=True)
@@ -95,7 +111,12 @@ class _Track:
 
 
 class FaultControl:
-    """A :class:`~closedloop.loop.StepGuard`: pauses and halts task types, with alerts."""
+    """A :class:`~closedloop.loop.StepGuard`: pauses and halts task types, with alerts.
+
+    ``ledger`` (default: :func:`~closedloop.control.ledger_for_store` of the default store)
+    holds the stops; it is re-read every ``recheck`` seconds per task type. A stop that
+    cannot be stored is retried after ``retry_every`` seconds, doubling up to 30 s.
+    """
 
     def __init__(
         self,
@@ -112,6 +133,7 @@ class FaultControl:
         halt_rate: float = 0.5,
         baseline_alpha: float = 0.02,
         recheck: float = 1.0,
+        retry_every: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if window <= 0 or min_samples < 1 or spike_factor <= 1 or pause_for <= 0 or (
@@ -136,14 +158,26 @@ class FaultControl:
         self.halt_rate = halt_rate
         self.alpha = baseline_alpha
         self.recheck = recheck
+        self.retry_every = retry_every
         self.clock = clock
         self._tracks: dict[str, _Track] = {}
-        self._cache: dict[str, tuple[float, Stop | None]] = {}
+        self._cache: dict[str, tuple[float, Stop | ControlUnavailable | None]] = {}
+        self._known: dict[str, Stop] = {}  # the last stop read or raised, per task type
+        self._pending: dict[str, Stop] = {}  # stops raised here and not stored yet
+        self._retrier: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.refused_unreadable = 0
+        """Admissions this guard could not decide (the ledger unreadable, no known stop)."""
+        self.unsaved = 0
+        """Attempts to store a stop that failed (each is retried until stored)."""
 
     # ----- the guard ----------------------------------------------------------------------
     def admit(self, task_type: str) -> Admission | None:
-        """Refuse a paused or halted task type (the ledger is re-read every ``recheck`` s)."""
+        """Refuse a paused or halted task type (the ledger is re-read every ``recheck`` s).
+
+        Raises :class:`~closedloop.ControlUnavailable` when the ledger cannot be read and no
+        stop is known for ``task_type``: the loop then refuses the step (fail closed).
+        """
         stop = self._stop(task_type)
         if stop is None:
             return None
@@ -156,13 +190,37 @@ class FaultControl:
 
     def _stop(self, task_type: str) -> Stop | None:
         now = self.clock()
+        if self._pending:  # raised here, not stored yet: in force whatever the ledger says
+            pending = self._pending.get(task_type)
+            if pending is not None and pending.active(now):
+                return pending
         cached = self._cache.get(task_type)
         if cached is not None and now - cached[0] < self.recheck:
-            stop = cached[1]
+            found = cached[1]
         else:
-            stop = self.ledger.get(task_type)
-            self._cache[task_type] = (now, stop)
-        return stop if stop is not None and stop.active(now) else None
+            found = self._read(task_type, now)
+        if isinstance(found, ControlUnavailable):
+            known = self._known.get(task_type)
+            if known is not None and known.active(now):
+                return known  # a stop once seen stays in force while the ledger is unreadable
+            self.refused_unreadable += 1
+            raise ControlUnavailable(str(found))
+        return found if found is not None and found.active(now) else None
+
+    def _read(self, task_type: str, now: float) -> Stop | ControlUnavailable | None:
+        found: Stop | ControlUnavailable | None
+        try:
+            found = self.ledger.get(task_type)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is "cannot decide"
+            found = exc if isinstance(exc, ControlUnavailable) else ControlUnavailable(
+                f"cannot read the pause/halt state of {task_type}: {type(exc).__name__}: {exc}")
+        else:
+            if found is None:
+                self._known.pop(task_type, None)
+            else:
+                self._known[task_type] = found
+        self._cache[task_type] = (now, found)
+        return found
 
     def observe(self, event: StepEvent) -> None:
         """Learn from one step; pause or halt its task type when a threshold is crossed."""
@@ -262,10 +320,16 @@ class FaultControl:
 
     def _trip(self, stop: Stop) -> None:
         try:
-            self.ledger.put(stop)
-        except Exception:  # noqa: BLE001 - still refuse locally and alert, even if unsaved
-            _log.exception("closedloop: could not persist %s of %s", stop.kind, stop.task_type)
-        self._cache[stop.task_type] = (self.clock(), stop)
+            stop = redacted(stop)
+        except Exception as exc:  # noqa: BLE001 - the stop must hold; its text must not leak
+            stop = replace(stop, evidence={}, reason=(
+                f"reason withheld: the redactor could not run ({type(exc).__name__})"))
+        with self._lock:
+            self._pending[stop.task_type] = stronger(
+                self._pending.get(stop.task_type), stop, stop.at) or stop
+            self._known[stop.task_type] = stop
+            self._cache[stop.task_type] = (self.clock(), stop)
+        self.flush_pending()
         if stop.kind is StopKind.HALTED:
             action = (f"investigate the failing outcomes (closedloop report, trace "
                       f"{stop.evidence.get('last_trace_id')}), then run `closedloop resume "
@@ -276,6 +340,54 @@ class FaultControl:
         self._alert(Alert(kind=stop.kind.value, subject=stop.task_type, summary=stop.reason,
                           action=action, evidence=stop.evidence, at=stop.at,
                           severity="critical" if stop.kind is StopKind.HALTED else "warning"))
+
+    # ----- stops that could not be stored -------------------------------------------------
+    def flush_pending(self) -> bool:
+        """Try to store every stop raised here and not stored yet; True when none is left.
+
+        A stop that still cannot be stored stays in force in this process, and a background
+        thread keeps retrying (every ``retry_every`` s, doubling up to 30 s) until it is.
+        """
+        left = self._store_pending(log=True)
+        with self._lock:
+            if left and (self._retrier is None or not self._retrier.is_alive()):
+                self._retrier = threading.Thread(target=self._retry, daemon=True,
+                                                 name="closedloop-fault-retry")
+                self._retrier.start()
+        return not left
+
+    def _store_pending(self, *, log: bool) -> bool:
+        """One attempt per pending stop (expired pauses are dropped); True if any is left."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for stop in pending:
+            if stop.active(self.clock()):
+                try:
+                    self.ledger.put(stop)
+                except Exception as exc:  # noqa: BLE001 - kept in force here and retried
+                    self.unsaved += 1
+                    if log:
+                        _log.error("closedloop: could not store the %s of %s (%s); it stays "
+                                   "in force in this process and is retried until stored",
+                                   stop.kind.value, stop.task_type, exc)
+                    continue
+            with self._lock:
+                if self._pending.get(stop.task_type) is stop:
+                    del self._pending[stop.task_type]
+        with self._lock:
+            return bool(self._pending)
+
+    def _retry(self) -> None:
+        delay = self.retry_every
+        while True:
+            time.sleep(delay)
+            if not self._store_pending(log=False):
+                _log.warning("closedloop: the stops that could not be stored are stored now")
+                with self._lock:
+                    if not self._pending:
+                        self._retrier = None
+                        return
+            delay = min(_MAX_RETRY_S, delay * 2)
 
     def _alert(self, alert: Alert) -> None:
         for sink in self.sinks:
@@ -288,21 +400,39 @@ class FaultControl:
     def resume(self, task_type: str, *, reason: str, by: str | None = None) -> Stop | None:
         """Lift a halt or pause (the API twin of ``closedloop resume``); returns what it was."""
         stop = resume(self.ledger, task_type, reason=reason, by=by)
-        self._cache.pop(task_type, None)
         with self._lock:
+            unsaved = self._pending.pop(task_type, None)
+            self._known.pop(task_type, None)
+            self._cache.pop(task_type, None)
             self._tracks.pop(task_type, None)
+        stop = stop or unsaved
         if stop is not None:
-            self._alert(Alert(kind="resumed", subject=task_type, summary=reason,
+            self._alert(Alert(kind="resumed", subject=task_type, summary=_redact_text(reason),
                               action="none; steps run again", at=self.clock(),
                               evidence={"was": stop.kind.value, "by": by or who()}))
         return stop
 
     def status(self) -> dict[str, Any]:
-        """Stops in force and, per watched task type, the current window's shares."""
+        """Stops in force, stops not stored yet, and per task type the window's shares.
+
+        ``ledger`` says where stops live; ``stops`` is what it holds (``ledger_error`` says
+        why it could not be read, ``degraded`` that its Redis cache is unreachable);
+        ``unsaved`` the stops in force here that are still being retried; ``refused_unreadable``
+        and ``unsaved_attempts`` count admissions refused for an unreadable ledger and
+        failed attempts to store a stop.
+        """
         now = self.clock()
-        out: dict[str, Any] = {"stops": [s.to_dict() for s in self.ledger.stops()],
-                               "task_types": {}}
+        out: dict[str, Any] = {"ledger": repr(self.ledger), "stops": [], "unsaved": [],
+                               "task_types": {}, "refused_unreadable": self.refused_unreadable,
+                               "unsaved_attempts": self.unsaved}
+        if getattr(self.ledger, "degraded_since", None) is not None:
+            out["degraded"] = "Redis unreachable: the store and stops already seen are in force"
+        try:
+            out["stops"] = [s.to_dict() for s in self.ledger.stops()]
+        except Exception as exc:  # noqa: BLE001 - status must show the failure, not raise it
+            out["ledger_error"] = str(exc)
         with self._lock:
+            out["unsaved"] = [s.to_dict() for s in self._pending.values() if s.active(now)]
             for name, track in sorted(self._tracks.items()):
                 self._expire(track, now)
                 out["task_types"][name] = {
@@ -321,24 +451,40 @@ def resume(ledger: ControlLedger, task_type: str, *, reason: str,
     """Lift ``task_type``'s halt or pause in ``ledger``; a reason is required."""
     if not reason or not reason.strip():
         raise ConfigError("a reason is required to resume a task type (--reason TEXT)")
-    return ledger.lift(task_type, reason=reason.strip(), by=by or who())
+    return ledger.lift(task_type, reason=_redact_text(reason.strip()), by=by or who())
 
 
 _default: FaultControl | None = None
+_default_store: object = None
 _default_lock = threading.Lock()
 
 
 def default_fault_control() -> FaultControl:
-    """The process-wide guard (ledger in the default store's file, alerts to the log)."""
-    global _default
+    """The process-wide guard: its ledger is the current default store's (see
+    :func:`~closedloop.control.ledger_for_store`), alerts go to the log.
+
+    After :func:`~closedloop.reset_default_store` the next call builds a guard on the new
+    store's ledger; stops the old one had not stored yet carry over.
+    """
+    global _default, _default_store
+    from closedloop.store import default_store
+
+    store = default_store()
     with _default_lock:
-        if _default is None:
-            _default = FaultControl()
+        if _default is None or _default_store is not store:
+            old = _default
+            _default = FaultControl(ledger=ledger_for_store(store))
+            _default_store = store
+            if old is not None and old._pending:
+                with old._lock:
+                    _default._pending.update(old._pending)
+                _default.flush_pending()
         return _default
 
 
 def reset_default_fault_control() -> None:
     """Forget the process-wide guard; the next :func:`default_fault_control` builds it anew."""
-    global _default
+    global _default, _default_store
     with _default_lock:
         _default = None
+        _default_store = None

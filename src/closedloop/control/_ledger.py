@@ -1,33 +1,48 @@
 """Persisted pause and halt state per task type, and the history of who stopped and resumed it.
 
 A :class:`ControlLedger` is where :class:`~closedloop.control.FaultControl` writes a halt and
-where ``closedloop resume`` lifts it; it survives restarts. Three implementations:
+where ``closedloop resume`` lifts it; it survives restarts. :func:`ledger_for_store` is the
+one place that picks it, for agents, ``closedloop status``/``resume``, ``serve`` and the API
+alike (docs/control.md states the design):
 
-- :class:`SQLiteLedger`, the default: two small tables in the event store's own SQLite file
-  (``control_stops`` and ``control_history``), created by this module with ``CREATE TABLE IF
-  NOT EXISTS``. They are kept out of the event store's migrations on purpose: control state
-  is not an event, has its own life cycle, and this way works with any store schema version
-  (and the store does not have to know the control layer exists).
+- :class:`SQLiteLedger`, the durable record: small tables in the event store's own SQLite
+  file (``control_stops`` and ``control_history``), created by this module with ``CREATE
+  TABLE IF NOT EXISTS`` on the first write. They are kept out of the event store's
+  migrations on purpose: control state is not an event, has its own life cycle, and this
+  way works with any store schema version.
 - :class:`MemoryLedger` for tests and ``memory://`` stores.
-- :class:`~closedloop.control.RedisLedger` to share the state across machines.
+- :class:`CachedLedger` when Redis is configured (``CLOSEDLOOP_REDIS_URL``): the store's
+  ledger stays the durable record, written first; :class:`~closedloop.control.RedisLedger`
+  caches it and carries stops and lifts to other machines. A Redis restarted empty is
+  refilled from the store; a Redis that is down leaves the store (plus every stop already
+  seen) in force.
+
+Every ledger raises :class:`~closedloop.ControlUnavailable` when its state cannot be read or
+written; the guard then fails closed. Reasons and evidence are redacted before they are
+stored.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from contextlib import closing, suppress
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from closedloop._errors import StoreError
+from closedloop._errors import ControlUnavailable
+
+_log = logging.getLogger("closedloop.control")
 
 
 class StopKind(StrEnum):
@@ -66,6 +81,55 @@ class Stop:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@cache
+def _redactor() -> Callable[[str], str]:
+    from closedloop.telemetry._redact import Redactor
+
+    return Redactor()
+
+
+def _redact_text(text: str) -> str:
+    """The one place control text is redacted before it is stored or alerted."""
+    return _redactor()(text)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def redacted(stop: Stop) -> Stop:
+    """``stop`` with its reason and evidence passed through the redactor."""
+    return replace(stop, reason=_redact_text(stop.reason),
+                   evidence=_redact_value(stop.evidence))
+
+
+def stronger(a: Stop | None, b: Stop | None, now: float) -> Stop | None:
+    """The stop in force of two: a halt beats a pause, a later pause end beats an earlier."""
+    a = a if a is not None and a.active(now) else None
+    b = b if b is not None and b.active(now) else None
+    if a is None or b is None:
+        return a or b
+    if a.kind is not b.kind:
+        return a if a.kind is StopKind.HALTED else b
+    if a.kind is StopKind.HALTED:
+        return a if a.at <= b.at else b  # the first halt is the one to investigate
+    return a if (a.until or 0.0) >= (b.until or 0.0) else b
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and output (even if malformed)."""
+    return _PASSWORD.sub(r"//\1:***@", url)
+
+
+_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
 
 
 def who() -> str:
@@ -110,6 +174,7 @@ class MemoryLedger:
         self._lock = threading.Lock()
 
     def put(self, stop: Stop) -> None:
+        stop = redacted(stop)
         with self._lock:
             if _merge(self._stops.get(stop.task_type), stop, self.clock()):
                 self._stops[stop.task_type] = stop
@@ -124,7 +189,7 @@ class MemoryLedger:
             stop = self._stops.pop(task_type, None)
             if stop is not None:
                 self._history.append({"event": "resumed", "task_type": task_type,
-                                      "reason": reason, "by": by, "at": self.clock(),
+                                      "reason": _redact_text(reason), "by": by, "at": self.clock(),
                                       "time": _iso(self.clock())})
             return stop
 
@@ -166,76 +231,116 @@ CREATE TABLE IF NOT EXISTS control_history (
 
 
 class SQLiteLedger:
-    """Stops in a SQLite file (by default the event store's), shared by local processes."""
+    """Stops in a SQLite file (by default the event store's), shared by local processes.
+
+    Opens a connection per call (control state is read about once a second per task type),
+    so that a store that was unreadable for a while (disk full, no file descriptors) is used
+    again as soon as it can be. Every failure is :class:`~closedloop.ControlUnavailable`.
+    Reads never create the tables (a file that has none has no stops).
+    """
 
     def __init__(self, path: str | os.PathLike[str], *,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path).expanduser()
         self.clock = clock
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._conn() as conn:
-                conn.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open control state in {self.path}: {exc}") from None
+        self._schema = False
 
-    def _conn(self) -> closing[sqlite3.Connection]:
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({str(self.path)!r})"
+
+    def _conn(self, *, write: bool) -> closing[sqlite3.Connection]:
+        if write and not self._schema:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            if write and not self._schema:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                self._schema = True
+        except BaseException:
+            conn.close()
+            raise
         return closing(conn)
 
+    def _fail(self, what: str, exc: BaseException) -> ControlUnavailable:
+        return ControlUnavailable(f"cannot {what} control state in {self.path}: {exc}")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            if not self._schema and not self.path.exists():
+                return []  # no file yet: nothing was ever stopped here
+            with self._conn(write=False) as conn:
+                return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if str(exc).startswith("no such table"):
+                return []
+            raise self._fail("read", exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._fail("read", exc) from exc
+
+    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        try:
+            with self._conn(write=True) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    out = work(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # a failing ROLLBACK (disk full) must not mask the error that caused it
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                return out
+        except (OSError, sqlite3.Error) as exc:
+            raise self._fail("write", exc) from exc
+
     def put(self, stop: Stop) -> None:
-        with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
-                                   (stop.task_type,)).fetchone()
-                if _merge(_stop(row) if row else None, stop, self.clock()):
-                    conn.execute(
-                        "INSERT OR REPLACE INTO control_stops VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (stop.task_type, stop.kind.value, stop.reason, stop.by, stop.at,
-                         stop.until, json.dumps(stop.evidence, default=str)))
-                    conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, ?)",
-                                 (stop.at, stop.kind.value, stop.task_type, stop.reason,
-                                  stop.by, json.dumps(stop.evidence, default=str)))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        stop = redacted(stop)
+
+        def work(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
+                               (stop.task_type,)).fetchone()
+            if _merge(_stop(row) if row else None, stop, self.clock()):
+                conn.execute(
+                    "INSERT OR REPLACE INTO control_stops VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (stop.task_type, stop.kind.value, stop.reason, stop.by, stop.at,
+                     stop.until, json.dumps(stop.evidence, default=str)))
+                conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, ?)",
+                             (stop.at, stop.kind.value, stop.task_type, stop.reason,
+                              stop.by, json.dumps(stop.evidence, default=str)))
+
+        self._write(work)
 
     def get(self, task_type: str) -> Stop | None:
-        with self._conn() as conn:
-            row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
-                               (task_type,)).fetchone()
-        stop = _stop(row) if row else None
+        rows = self._read("SELECT * FROM control_stops WHERE task_type = ?", (task_type,))
+        stop = _stop(rows[0]) if rows else None
         return stop if stop is not None and stop.active(self.clock()) else None
 
     def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
-        with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
-                                   (task_type,)).fetchone()
-                if row:
-                    conn.execute("DELETE FROM control_stops WHERE task_type = ?", (task_type,))
-                    conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, NULL)",
-                                 (self.clock(), "resumed", task_type, reason, by))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return _stop(row) if row else None
+        reason = _redact_text(reason)
+
+        def work(conn: sqlite3.Connection) -> Stop | None:
+            row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
+                               (task_type,)).fetchone()
+            if row:
+                conn.execute("DELETE FROM control_stops WHERE task_type = ?", (task_type,))
+                conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, NULL)",
+                             (self.clock(), "resumed", task_type, reason, by))
+            return _stop(row) if row else None
+
+        if not self._schema and not self.path.exists():
+            return None
+        lifted: Stop | None = self._write(work)
+        return lifted
 
     def stops(self) -> list[Stop]:
-        with self._conn() as conn:
-            rows = conn.execute("SELECT * FROM control_stops ORDER BY task_type").fetchall()
+        rows = self._read("SELECT * FROM control_stops ORDER BY task_type")
         now = self.clock()
         return [s for s in map(_stop, rows) if s.active(now)]
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        with self._conn() as conn:
-            rows = conn.execute("SELECT * FROM control_history ORDER BY at DESC LIMIT ?",
-                                (int(limit),)).fetchall()
+        rows = self._read("SELECT * FROM control_history ORDER BY at DESC LIMIT ?",
+                          (int(limit),))
         return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
                  "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
                 for r in rows]
@@ -243,17 +348,14 @@ class SQLiteLedger:
     def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
         """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
         now = self.clock()
-        with self._conn() as conn:
-            conn.executemany(
-                "INSERT OR REPLACE INTO control_keys VALUES (?, ?, ?, ?)",
-                [(source, key, now, json.dumps(snap, default=str)) for key, snap in keys.items()])
+        self._write(lambda conn: conn.executemany(
+            "INSERT OR REPLACE INTO control_keys VALUES (?, ?, ?, ?)",
+            [(source, key, now, json.dumps(snap, default=str)) for key, snap in keys.items()]))
 
     def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
         """Recent snapshots by ``key@source`` (older than ``max_age`` seconds are left out)."""
-        with self._conn() as conn:
-            rows = conn.execute("SELECT source, key, at, snapshot FROM control_keys "
-                                "WHERE at >= ? ORDER BY key, source",
-                                (self.clock() - max_age,)).fetchall()
+        rows = self._read("SELECT source, key, at, snapshot FROM control_keys "
+                          "WHERE at >= ? ORDER BY key, source", (self.clock() - max_age,))
         return {f"{key}@{source}": {**json.loads(snap), "published": _iso(at)}
                 for source, key, at, snap in rows}
 
@@ -263,9 +365,202 @@ def _stop(row: tuple[Any, ...]) -> Stop:
                 until=row[5], evidence=json.loads(row[6]))
 
 
-def ledger_for_store(store: Any) -> ControlLedger:
-    """The ledger that lives with an event store: its SQLite file, else in memory."""
+class SharedCache(ControlLedger, Protocol):
+    """A ledger that caches the durable one for other machines (:class:`RedisLedger`)."""
+
+    url: str
+
+    def read(self, task_type: str) -> tuple[Stop | None, dict[str, Any] | None, bool]:
+        """The cached stop, the last lift recorded there, and whether the cache is filled."""
+
+    def fill(self, stops: list[Stop]) -> None:
+        """Put the durable stops back (after a restart that lost them) and mark it filled."""
+
+
+class CachedLedger:
+    """The store's ledger as the durable record, with a shared cache in front (Redis).
+
+    Writes go to the durable ledger first, then to the cache, which carries them to every
+    machine; a halt that cannot be stored durably still goes to the cache, then raises
+    (:class:`~closedloop.control.FaultControl` keeps it in force and retries). A read
+    merges both, the stronger stop wins.
+    A lift recorded in the cache (``closedloop resume`` on another machine) is applied to
+    the durable record when it is older than the lift. If the cache loses its content (a
+    Redis restart without persistence) it is refilled from the durable record; while it is
+    unreachable, the durable record and every stop already read from the cache stay in
+    force, and a warning says where control state went. Only when the durable record cannot
+    be read does :meth:`get` raise :class:`~closedloop.ControlUnavailable`.
+    """
+
+    def __init__(self, durable: ControlLedger, cache: SharedCache, *,
+                 clock: Callable[[], float] = time.time, retry_every: float = 1.0) -> None:
+        self.durable = durable
+        self.cache = cache
+        self.clock = clock
+        self.retry_every = retry_every
+        self.degraded_since: float | None = None
+        self._seen: dict[str, Stop] = {}
+        self._refill = True
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CachedLedger({self.durable!r}, cache={shown_url(self.cache.url)!r})"
+
+    # ----- the cache's health -------------------------------------------------------------
+    def _cache_down(self, exc: Exception) -> None:
+        with self._lock:
+            self._next_try = time.monotonic() + self.retry_every
+            self._refill = True
+            if self.degraded_since is None:
+                self.degraded_since = time.time()
+                _log.warning(
+                    "closedloop: Redis at %s unreachable (%s); pauses and halts are read from "
+                    "and written to %r only, stops already seen stay in force, and other "
+                    "machines see new ones when Redis answers", shown_url(self.cache.url), exc,
+                    self.durable)
+
+    def _cache_up(self) -> bool:
+        """Try the cache now? (Not more than every ``retry_every`` s while it is down.)"""
+        return self.degraded_since is None or time.monotonic() >= self._next_try
+
+    def _cache_back(self) -> None:
+        if self.degraded_since is not None:
+            with self._lock:
+                if self.degraded_since is not None:
+                    _log.warning("closedloop: Redis at %s answers again after %.1fs",
+                                 shown_url(self.cache.url), time.time() - self.degraded_since)
+                    self.degraded_since = None
+
+    def _fill(self) -> None:
+        """Give the cache every durable stop it may have lost (restart, missed writes)."""
+        try:
+            stops = self.durable.stops()
+        except ControlUnavailable:
+            return  # the durable record is unreadable for now: fill on a later read
+        self.cache.fill(stops)
+        self._refill = False
+
+    # ----- the ledger -----------------------------------------------------------------------
+    def put(self, stop: Stop) -> None:
+        stop = redacted(stop)
+        unstored: ControlUnavailable | None = None
+        try:
+            self.durable.put(stop)
+        except ControlUnavailable as exc:
+            unstored = exc  # still tell the other machines, then raise: the caller retries
+        if self._cache_up():
+            try:
+                self.cache.put(stop)
+            except ControlUnavailable as exc:
+                self._cache_down(exc)
+            else:
+                self._cache_back()
+        if unstored is not None:
+            raise unstored
+
+    def get(self, task_type: str) -> Stop | None:
+        durable = self.durable.get(task_type)
+        now = self.clock()
+        shared: Stop | None = None
+        if self._cache_up():
+            try:
+                shared, lifted, filled = self.cache.read(task_type)
+                if not filled or self._refill:
+                    self._fill()
+                    shared, lifted, filled = self.cache.read(task_type)
+            except ControlUnavailable as exc:
+                self._cache_down(exc)
+            else:
+                self._cache_back()
+                if shared is None:
+                    self._seen.pop(task_type, None)
+                else:
+                    self._seen[task_type] = shared
+                if (durable is not None and shared is None and lifted is not None
+                        and float(lifted.get("at", 0.0)) >= durable.at):
+                    # resumed on another machine after this stop began: follow it here
+                    self.durable.lift(task_type, by=str(lifted.get("by", "?")),
+                                      reason=f"(via Redis) {lifted.get('reason', '')}")
+                    durable = None
+                if shared is not None and stronger(durable, shared, now) is shared:
+                    # raised on another machine: keep a durable copy here too, so that it
+                    # holds in this machine's processes while Redis is down or restarting
+                    try:
+                        self.durable.put(shared)
+                    except ControlUnavailable as exc:
+                        _log.warning("closedloop: could not copy the %s of %s into %r: %s",
+                                     shared.kind.value, task_type, self.durable, exc)
+                return stronger(durable, shared, now)
+        return stronger(durable, self._seen.get(task_type), now)
+
+    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
+        # the cache first: if it is unreachable nothing is lifted anywhere (the halt stays,
+        # and the command says so); a lift recorded there reaches the durable record of
+        # every machine, this one's included, even if the write below fails
+        shared = self.cache.lift(task_type, reason=reason, by=by)
+        self._cache_back()
+        self._seen.pop(task_type, None)
+        durable = self.durable.lift(task_type, reason=reason, by=by)
+        return durable or shared
+
+    def stops(self) -> list[Stop]:
+        now = self.clock()
+        merged = {s.task_type: s for s in self.durable.stops()}
+        try:
+            shared = self.cache.stops() if self._cache_up() else list(self._seen.values())
+        except ControlUnavailable as exc:
+            self._cache_down(exc)
+            shared = list(self._seen.values())
+        for stop in shared:
+            merged[stop.task_type] = stronger(merged.get(stop.task_type), stop, now) or stop
+        return sorted((s for s in merged.values() if s.active(now)), key=lambda s: s.task_type)
+
+    def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.durable.history(limit)
+        try:
+            rows += self.cache.history(limit) if self._cache_up() else []
+        except ControlUnavailable as exc:
+            self._cache_down(exc)
+        out: list[dict[str, Any]] = []
+        for row in sorted(rows, key=lambda r: -float(r.get("at", 0.0))):
+            # the same stop or resume, written to both (each with its own clock reading)
+            if not any(row.get("event") == o.get("event") and row.get("by") == o.get("by")
+                       and row.get("task_type") == o.get("task_type")
+                       and abs(float(row.get("at", 0.0)) - float(o.get("at", 0.0))) < 2.0
+                       for o in out):
+                out.append(row)
+        return out[:limit]
+
+    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
+        """Per-key snapshots go to the durable ledger (see :meth:`SQLiteLedger.publish`)."""
+        publish = getattr(self.durable, "publish", None)
+        if publish is not None:
+            publish(source, keys)
+
+    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
+        """The durable ledger's published snapshots, if it keeps any."""
+        published = getattr(self.durable, "published", None)
+        return published(max_age) if published is not None else {}
+
+
+REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+_FROM_ENV: Any = object()
+
+
+def ledger_for_store(store: Any, *, redis_url: str | None = _FROM_ENV,
+                     prefix: str = "closedloop") -> ControlLedger:
+    """The one source of pause and halt state for ``store``: agents, CLI and API use this.
+
+    The durable record is the store's (its SQLite file; in memory for ``memory://``). With
+    Redis configured (``redis_url``, by default ``$CLOSEDLOOP_REDIS_URL``) it is wrapped in a
+    :class:`CachedLedger` with a :class:`~closedloop.control.RedisLedger` under ``prefix``.
+    """
     path = getattr(getattr(store, "backend", None), "path", None)
-    if isinstance(path, Path):
-        return SQLiteLedger(path)
-    return MemoryLedger()
+    durable: ControlLedger = SQLiteLedger(path) if isinstance(path, Path) else MemoryLedger()
+    url = os.environ.get(REDIS_ENV, "") if redis_url is _FROM_ENV else (redis_url or "")
+    if not url.strip():
+        return durable
+    from closedloop.control._redis import RedisLedger
+
+    return CachedLedger(durable, RedisLedger(url.strip(), prefix=prefix))

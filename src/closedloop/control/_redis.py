@@ -11,7 +11,8 @@ warning, shows ``degraded`` in its status, retries Redis every ``retry_every`` s
 resumes the shared state when it answers. A restarted, empty Redis is re-learned from slow
 start.
 
-:class:`RedisLedger` keeps pauses and halts in Redis for every process to see.
+:class:`RedisLedger` keeps pauses and halts in Redis for every process to see: the cache in
+front of the store's durable ledger (see :class:`~closedloop.control.CachedLedger`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from dataclasses import asdict, replace
 from importlib import resources
 from typing import Any
 
-from closedloop._errors import ConfigError
+from closedloop._errors import ConfigError, ControlUnavailable
 from closedloop.control._core import Grant, Limits
-from closedloop.control._ledger import Stop, StopKind
+from closedloop.control._ledger import Stop, StopKind, _redact_text, redacted, shown_url
 from closedloop.control._signals import Signal
 from closedloop.control._state import LocalRates
 
@@ -263,10 +264,13 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 
 
 _PUT = """
-local old = redis.call('HGET', KEYS[1], 'kind')
-if old == 'halted' and ARGV[1] == 'paused' then return 0 end
+local lifted = redis.call('HGET', KEYS[3], 'at')
+if lifted and tonumber(lifted) >= tonumber(ARGV[5]) then return 0 end
+local old = redis.call('HMGET', KEYS[1], 'kind', 'at')
+if old[1] == 'halted' and ARGV[1] == 'paused' then return 0 end
+if old[1] == ARGV[1] and old[2] == ARGV[5] then return 0 end  -- the same stop, put again
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'stop', ARGV[2], 'kind', ARGV[1])
+redis.call('HSET', KEYS[1], 'stop', ARGV[2], 'kind', ARGV[1], 'at', ARGV[5])
 if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], 0, 999)
@@ -274,6 +278,8 @@ return 1
 """
 _LIFT = """
 local stop = redis.call('HGET', KEYS[1], 'stop')
+redis.call('HSET', KEYS[3], 'at', ARGV[2], 'by', ARGV[3], 'reason', ARGV[4])
+redis.call('PEXPIRE', KEYS[3], 2592000000)
 if not stop then return false end
 redis.call('DEL', KEYS[1])
 redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -283,7 +289,15 @@ return stop
 
 
 class RedisLedger:
-    """Pauses and halts in Redis, for every worker on every machine (atomic scripts)."""
+    """Pauses and halts in Redis, for every worker on every machine (atomic scripts).
+
+    On its own it is a ledger that forgets everything when Redis restarts without
+    persistence; :func:`~closedloop.control.ledger_for_store` therefore uses it only as the
+    cache of the store's durable ledger (:class:`~closedloop.control.CachedLedger`). A lift
+    leaves a marker (``PREFIX:lifted:TASK``, 30 days) so that no older stop is put back and
+    other machines apply the lift to their own store. Every Redis error is raised as
+    :class:`~closedloop.ControlUnavailable`.
+    """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "closedloop",
                  clock: Callable[[], float] = time.time, socket_timeout: float = 2.0) -> None:
@@ -291,47 +305,97 @@ class RedisLedger:
         self.url = url
         self.prefix = prefix
         self.clock = clock
-        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                            socket_connect_timeout=socket_timeout)
+        try:
+            self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                                socket_connect_timeout=socket_timeout)
+        except ValueError as exc:
+            raise ConfigError(f"malformed Redis URL {shown_url(url)!r}: {exc}; use "
+                              "redis://HOST:PORT/DB") from None
         self._put = self._client.register_script(_PUT)
         self._lift = self._client.register_script(_LIFT)
+
+    def __repr__(self) -> str:
+        return f"RedisLedger({shown_url(self.url)!r}, prefix={self.prefix!r})"
 
     def _key(self, task_type: str) -> str:
         return f"{self.prefix}:stop:{task_type}"
 
+    def _unavailable(self, exc: Exception) -> ControlUnavailable:
+        return ControlUnavailable(
+            f"cannot reach control state in Redis at {shown_url(self.url)}: {exc}")
+
     def put(self, stop: Stop) -> None:
+        stop = redacted(stop)
         body = json.dumps(stop.to_dict(), default=str)
         until = "" if stop.until is None else str(int(stop.until * 1000))
         history = json.dumps({"event": stop.kind.value, **stop.to_dict()}, default=str)
-        self._put(keys=[self._key(stop.task_type), f"{self.prefix}:history"],
-                  args=[stop.kind.value, body, until, history])
+        try:
+            self._put(keys=[self._key(stop.task_type), f"{self.prefix}:history",
+                            f"{self.prefix}:lifted:{stop.task_type}"],
+                      args=[stop.kind.value, body, until, history, repr(stop.at)])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def read(self, task_type: str) -> tuple[Stop | None, dict[str, Any] | None, bool]:
+        """The stop in Redis, the last lift recorded there, and whether Redis was filled."""
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hget(self._key(task_type), "stop")
+            pipe.hgetall(f"{self.prefix}:lifted:{task_type}")
+            pipe.exists(f"{self.prefix}:filled")
+            raw, lifted, filled = pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        stop = _stop_from_json(raw) if raw else None
+        lift = ({k.decode(): v.decode() for k, v in lifted.items()} if lifted else None)
+        return (stop if stop is not None and stop.active(self.clock()) else None, lift,
+                bool(filled))
+
+    def fill(self, stops: list[Stop]) -> None:
+        """Put ``stops`` back (none replaces a halt or a newer lift) and mark Redis filled."""
+        for stop in stops:
+            self.put(stop)
+        try:
+            self._client.set(f"{self.prefix}:filled", repr(self.clock()))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
 
     def get(self, task_type: str) -> Stop | None:
-        raw = self._client.hget(self._key(task_type), "stop")
-        stop = _stop_from_json(raw) if raw else None
-        return stop if stop is not None and stop.active(self.clock()) else None
+        return self.read(task_type)[0]
 
     def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
         now = self.clock()
+        reason = _redact_text(reason)
         entry = json.dumps({"event": "resumed", "task_type": task_type, "reason": reason,
                             "by": by, "at": now,
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))})
-        raw = self._lift(keys=[self._key(task_type), f"{self.prefix}:history"], args=[entry])
+        try:
+            raw = self._lift(keys=[self._key(task_type), f"{self.prefix}:history",
+                                   f"{self.prefix}:lifted:{task_type}"],
+                             args=[entry, repr(now), by, reason])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
         return _stop_from_json(raw) if raw else None
 
     def stops(self) -> list[Stop]:
         now = self.clock()
         out = []
-        for key in self._client.scan_iter(match=f"{self.prefix}:stop:*", count=500):
-            raw = self._client.hget(key, "stop")
-            if raw:
-                stop = _stop_from_json(raw)
-                if stop.active(now):
-                    out.append(stop)
+        try:
+            for key in self._client.scan_iter(match=f"{self.prefix}:stop:*", count=500):
+                raw = self._client.hget(key, "stop")
+                if raw:
+                    stop = _stop_from_json(raw)
+                    if stop.active(now):
+                        out.append(stop)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
         return sorted(out, key=lambda s: s.task_type)
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._client.lrange(f"{self.prefix}:history", 0, max(0, limit - 1))
+        try:
+            rows = self._client.lrange(f"{self.prefix}:history", 0, max(0, limit - 1))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
         return [json.loads(r) for r in rows]
 
 

@@ -75,7 +75,10 @@ class Loop:
     (fault control) may refuse a step before the agent runs and see every event after; by
     default a :class:`~closedloop.control.FaultControl` that pauses a task type on a
     validation-failure spike and halts it when verification keeps failing (``guards=()``
-    turns it off). ``backpressure`` (default: the process-wide
+    turns it off). A guard that cannot decide (control state unreadable) refuses the step
+    with outcome ``control_unavailable``; ``fail_open=True`` admits it instead (recorded in
+    the event's detail) for a task type whose steps are safer run than refused (see
+    docs/control.md). ``backpressure`` (default: the process-wide
     :class:`~closedloop.control.Backpressure`) is handed to the agent as
     ``attempt.backpressure`` for its calls to rate-limited providers. ``telemetry`` (default:
     the pipeline installed by :func:`closedloop.telemetry.configure`, if any) traces each step
@@ -95,6 +98,7 @@ class Loop:
         approver: Approver | None = None,
         max_attempts: int = 3,
         guards: Iterable[StepGuard] | None = DEFAULT,
+        fail_open: bool = False,
         backpressure: Backpressure | None = DEFAULT,
         agent_id: str | None = None,
         store: Store | None = DEFAULT,
@@ -139,6 +143,7 @@ class Loop:
             backpressure=backpressure,
             clock=clock,
             wallclock=wallclock,
+            fail_open=bool(fail_open),
         )
         self._telemetry = telemetry
         self._traced: tuple[StepTracing, StepTracer] | None = None

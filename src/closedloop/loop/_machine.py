@@ -29,6 +29,16 @@ _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
 _log = logging.getLogger("closedloop")
+_warned: dict[tuple[str, bool], float] = {}
+
+
+def _warn_now(task_type: str, fail_open: bool, now: float) -> bool:
+    """At most one admission warning per task type and policy every 10 s (outages are long)."""
+    key = (task_type, fail_open)
+    if now - _warned.get(key, float("-inf")) < 10.0:
+        return False
+    _warned[key] = now
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,8 @@ class StepSpec:
     backpressure: Any
     clock: Callable[[], float]
     wallclock: Callable[[], float]
+    fail_open: bool = False
+    """Admit when a guard cannot decide (raises) instead of refusing: an explicit opt-in."""
 
 
 def new_trace_id() -> str:
@@ -96,6 +108,7 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     checked: list[Verdict] = []
     validation_passed: bool | None = None
     verification_passed: bool | None = None
+    admitted_open: list[str] = []  # guards that could not decide, admitted by fail_open
 
     def finish(
         outcome: Outcome,
@@ -106,8 +119,10 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
         detail: dict[str, Any] | None = None
         # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
         noted = _failed(checked) if checked else None
-        if history or exception is not None or noted:
+        if history or exception is not None or noted or admitted_open:
             detail = {}
+            if admitted_open:
+                detail["fail_open"] = admitted_open
             if history:
                 detail["attempts"] = history
             if noted:
@@ -141,13 +156,21 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
             error_type=error_type, error_message=error_message, event=event,
         )
 
-    # guards (pause / halt / fault control) may refuse the step before the agent runs
+    # guards (pause / halt / fault control) may refuse the step before the agent runs; a
+    # guard that cannot decide refuses it too (fail closed), unless the loop opted out
     for guard in spec.guards:
         try:
             refusal: Admission | None = yield guard.admit, (spec.task_type,)
-        except Exception:  # noqa: BLE001 - a broken guard must not stop the agent's work
-            _log.exception("closedloop: guard %r failed; admitting step %s", guard, trace_id)
-            continue
+        except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
+            why = f"admission could not be decided: {_describe(exc)}"
+            if _warn_now(spec.task_type, spec.fail_open, clock()):
+                _log.warning("closedloop: %s; %s steps of %s (this warning repeats at most "
+                             "every 10 s)", why, "ADMITTING (fail_open=True)" if spec.fail_open
+                             else "refusing (fail closed)", spec.task_type)
+            if spec.fail_open:
+                admitted_open.append(why)
+                continue
+            refusal = Admission.unavailable(why)
         if refusal is not None:
             attempt.number = 0
             return finish(refusal.outcome, refusal.error_type, refusal.reason)
@@ -247,6 +270,7 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     verification_passed = False
     if crashed:
         return finish(Outcome.ERROR, ErrorType.VERIFIER_ERROR, _verdict_message(failing))
-    kind = (ErrorType.VERIFICATION if any(v.unknown is None for v in failing)
+    # a mismatch found by any verifier is a failure, even beside checks that could not tell
+    kind = (ErrorType.VERIFICATION if any(v.blocking_issues for v in failing)
             else ErrorType.VERIFICATION_UNKNOWN)
     return finish(Outcome.FAILED, kind, _verdict_message(failing))

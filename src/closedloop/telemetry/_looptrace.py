@@ -140,7 +140,14 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
             token = activate(LiveSpan(rec, telemetry))
             try:
                 value = yield call
+                if kind in (_VALIDATE, _VERIFY) and value is not None and value is not True:
+                    # normalised once, here: an iterator of issues can be read only once, and
+                    # a value that is no verdict raises TypeError, as in the machine (a crash)
+                    value = as_verdict(value, base["closedloop.check"])
             except Exception as exc:  # noqa: BLE001 - recorded, then handed to the machine
+                if kind in (_VALIDATE, _VERIFY):  # a crashed check never counts as passed
+                    rec.attributes.update({"closedloop.verdict.passed": False,
+                                           "closedloop.verdict.crashed": True})
                 deactivate(token)
                 rec.attributes["error.type"] = type(exc).__qualname__
                 rec.fail(f"{type(exc).__name__}: {exc}"[:500])
