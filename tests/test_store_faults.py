@@ -216,7 +216,7 @@ def test_a_default_store_that_cannot_be_opened_does_not_stop_the_agent(
     blocker.write_text("a file where the store's folder should be")
     monkeypatch.setenv("CLOSEDLOOP_STORE", f"sqlite:///{blocker / 'events.db'}")
     with caplog.at_level(logging.WARNING, logger="closedloop"):
-        loop = cl.Loop(agent, task_type="unopened", guards=())
+        loop = cl.Loop(agent, task_type="unopened")  # default store and fault control
         assert all(loop.run(i).outcome == cl.Outcome.SUCCEEDED for i in range(20))
         store = default_store()
         assert store.flush() is False
