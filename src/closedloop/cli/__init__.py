@@ -58,8 +58,17 @@ class _Group(click.Group):
     """Turns closedloop's own errors into one line and exit code 2 (usage) or 1.
 
     Usage errors (unknown option, bad flag value) keep click's exit code 2 but are shown
-    as one line too.
+    as one line too. The command modules are imported when a command is first looked up,
+    so ``closedloop --version`` imports none of them.
     """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _register()
+        return super().get_command(ctx, cmd_name)
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: click.Context | None = None, **extra: Any) -> click.Context:
@@ -125,8 +134,5 @@ def main() -> None:
 
 
 def _register() -> None:
-    # Each command module adds itself to `main`; imported here so `closedloop --help` lists all.
+    # Each command module adds itself to `main` when imported (once; later calls are no-ops).
     from closedloop.cli import _commands  # noqa: F401
-
-
-_register()

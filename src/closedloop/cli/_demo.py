@@ -31,8 +31,9 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
     A seeded simulated LLM proposes provisioning plans and makes the mistakes of the design:
     malformed plans (caught by validation and re-asked), well-formed but wrong ones (caught
     by verifying the launched instances with boto3), and destructive ones (blocked). The
-    plans run against moto's local EC2 API on 127.0.0.1. Every step's event lands in the
-    store; run it again and the events are appended.
+    plans run against moto's local EC2 API on 127.0.0.1. Every step's event, its trace and
+    a ground-truth score land in the store, for report, traces, replay, scores and serve;
+    run it again and they are appended.
     """
     if count < 1:
         raise ConfigError(f"--requests must be at least 1, got {count}")
@@ -60,6 +61,14 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
         echo_json(summary.to_dict())
     else:
         _print(summary)
+        _print_next_steps(summary)
+
+
+def _print_next_steps(s: DemoSummary) -> None:
+    """The commands that show the run's steps: traces, replay, scores, metrics."""
+    steps = s.next_steps()
+    if steps:  # plain text: a store URL is data, never markup
+        click.echo("\n".join(["Next steps:", *(f"  {line}" for line in steps)]))
 
 
 def _print(s: DemoSummary) -> None:

@@ -190,7 +190,9 @@ class SQLiteSpanStore:
                              [s.to_row() for s in spans])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            from closedloop.store._sqlite import rollback
+
+            rollback(conn)  # never masks the real error ("database or disk is full")
             raise
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
