@@ -8,10 +8,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import console, echo_json, store_option
+from closedloop.cli._common import console, echo_json, literal, store_option
 
 if TYPE_CHECKING:
     from closedloop.demo import DemoSummary
@@ -105,6 +106,6 @@ def _print(s: DemoSummary) -> None:
     if s.store_url.startswith("memory://"):
         out.print("Events were kept in memory only: pass --store sqlite:///PATH to keep them.")
         return
-    out.print(f"Events are in [bold]{s.store_url}[/]. "
-              f"See the learning signals: [bold]closedloop report --store '{s.store_url}'[/]",
-              highlight=False, soft_wrap=True)
+    url = literal(s.store_url)
+    out.print(Text.assemble("Events are in ", (url, "bold"), ". See the learning signals: ",
+                            (f"closedloop report --store '{url}'", "bold")), soft_wrap=True)

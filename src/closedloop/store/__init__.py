@@ -24,7 +24,7 @@ from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
-from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend
+from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
@@ -102,9 +102,11 @@ class Store:
         until: float | None = None,
         task_type: str | None = None,
         limit: int | None = None,
+        trace_id: str | None = None,
     ) -> Iterator[StepEvent]:
         """Read stored events, oldest first (call :meth:`flush` first to see your own)."""
-        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit)
+        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit,
+                           trace_id=trace_id)
         return self.backend.iter_events(query)
 
     def count(self) -> int:
@@ -131,6 +133,7 @@ def _sqlite_path(url: str) -> Path:
 def open_store(
     url: str | os.PathLike[str],
     *,
+    read_only: bool = False,
     max_queue: int = 100_000,
     batch_size: int = 4096,
     flush_interval: float = 0.25,
@@ -141,6 +144,10 @@ def open_store(
     defer: bool = False,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
+
+    ``read_only`` (readers such as ``closedloop report``) opens an existing store without
+    ever writing it: no migration, a file that is not a closedloop store is a
+    :class:`~closedloop.StoreError`, and a store on a read-only mount can be read.
 
     With ``create=False`` (readers such as ``closedloop report``) a SQLite file that does not
     exist is a :class:`~closedloop.StoreError` instead of a new empty store. A malformed URL
@@ -172,6 +179,10 @@ def open_store(
         )
     else:
         path = Path(text).expanduser()
+    create = create and not read_only
+    if read_only and path.is_file():
+        return Store(SQLiteReader(path), max_queue=max_queue, batch_size=batch_size,
+                     flush_interval=flush_interval)
     if not create and not path.exists():
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():

@@ -24,6 +24,7 @@ from contextlib import suppress
 from itertools import chain
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
@@ -272,11 +273,14 @@ class SQLiteBackend:
         if query.task_type is not None:
             where.append("task_type = ?")
             params.append(query.task_type)
+        if query.trace_id is not None:
+            where.append("trace_id = ?")
+            params.append(query.trace_id)
         sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
         try:
-            conn = _connect(self.path)
+            conn = self._reader()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
         try:
@@ -286,6 +290,12 @@ class SQLiteBackend:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
         finally:
             conn.close()
+
+    read_only = False
+    """True for a :class:`SQLiteReader`: this backend never writes its file."""
+
+    def _reader(self) -> sqlite3.Connection:
+        return _connect(self.path)
 
     def count(self) -> int:
         """How many events the file holds."""
@@ -304,6 +314,80 @@ class SQLiteBackend:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can never write ``path``: no migration, no table, no journal change.
+
+    On a read-only mount a WAL file cannot get its shared-memory index, so SQLite refuses
+    ``mode=ro``; the file is then opened ``immutable`` (no locking: nothing can write it
+    there, and changes still in an unmerged ``-wal`` file are not seen).
+    """
+    uri = f"file:{quote(str(path))}"
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()  # opening is lazy: read something
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    return conn
+
+
+def check_schema(conn: sqlite3.Connection, url: str) -> int:
+    """The schema version of a closedloop store; a :class:`StoreError` for any other file."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"store schema version {found} is newer than this closedloop supports "
+                         f"({SCHEMA_VERSION}); upgrade closedloop")
+    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'events'").fetchone()[0]
+    if found == 0 or not tables:
+        raise StoreError(f"{url} is not a closedloop store (it has no closedloop tables)")
+    return found
+
+
+class SQLiteReader(SQLiteBackend):
+    """An existing closedloop store, opened to read only (``closedloop report``, ``traces``).
+
+    Nothing is created, migrated or written; a file without closedloop's tables is a
+    :class:`StoreError`, and a store on a read-only mount can be read.
+    """
+
+    read_only = True
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:  # no migration: no super()
+        self.path = Path(path).expanduser()
+        self.url = f"sqlite:///{self.path}"
+        self._local = threading.local()
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                check_schema(conn, self.url)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+
+    def _reader(self) -> sqlite3.Connection:
+        return connect_read_only(self.path)
+
+    def count(self) -> int:
+        """How many events the file holds."""
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Always a :class:`StoreError`: this store was opened read-only."""
+        raise StoreError(f"store {self.url} was opened read-only")
 
 
 def _event(row: tuple[Any, ...]) -> StepEvent:

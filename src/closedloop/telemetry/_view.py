@@ -38,6 +38,14 @@ def label(span: StoredSpan) -> str:
     return "  ".join(parts)
 
 
+def verdict_messages(span: StoredSpan) -> list[str]:
+    """Why a check decided as it did: its issues' messages (``[severity] code: message``)."""
+    found = span.attributes.get("closedloop.verdict.messages")
+    if isinstance(found, list):
+        return [str(m) for m in found]
+    return [str(found)] if found else []
+
+
 def _keyed(spans: Sequence[StoredSpan]) -> list[tuple[str, int, StoredSpan]]:
     """Spans in tree order, each with its path of names and its occurrence on that path."""
     out: list[tuple[str, int, StoredSpan]] = []
