@@ -1,6 +1,8 @@
-"""The cost of validating a typical proposal: JSON Schema + a 200-resource Terraform plan scan.
+"""The cost of validating a typical proposal: JSON Schema + a 200-resource Terraform plan scan;
+and, with ``--largest``, the time and peak memory of ``closedloop check`` on the largest inputs.
 
-Run: ``python bench/validation.py`` (options: ``--resources``, ``--calls``, ``--rounds``).
+Run: ``python bench/validation.py`` (options: ``--resources``, ``--calls``, ``--rounds``);
+``python bench/validation.py --largest`` (option: ``--mb``, default 50).
 
 A typical Terraform agent's proposal is a small structured answer (checked with a JSON
 Schema) plus the ``terraform show -json`` plan it leads to (scanned for destructive changes
@@ -19,18 +21,30 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from closedloop.validate import (
     AllowedInstanceTypes,
+    HclValidator,
     JsonSchemaValidator,
+    PythonSyntax,
     RequiredTags,
+    SqlSyntax,
     TerraformPlanValidator,
 )
+
+_CAPS = {"sql": SqlSyntax.DEFAULT_MAX_BYTES, "hcl": HclValidator.DEFAULT_MAX_BYTES,
+         "python": PythonSyntax.DEFAULT_MAX_BYTES,
+         "json-schema": JsonSchemaValidator.DEFAULT_MAX_BYTES,
+         "terraform-plan": TerraformPlanValidator.DEFAULT_MAX_BYTES}
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -92,12 +106,145 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+# --- the largest inputs: `closedloop check` as a subprocess, time and peak RSS -------------
+
+LARGEST_TARGET_S = 10.0
+LARGEST_TARGET_MB = 256.0
+
+
+def _repeat(unit: str, size: int) -> str:
+    return unit * (size // len(unit))
+
+
+def _numbered(template: str, size: int) -> str:
+    """Whole copies of ``template``, ``{n}`` filled 0, 1, 2…, up to ``size`` characters."""
+    parts, total, n = [], 0, 0
+    while total + len(part := template.format(n=n)) <= size:
+        parts.append(part)
+        total += len(part)
+        n += 1
+    return "".join(parts)
+
+
+def realistic(kind: str, size: int) -> str:
+    """An input of about ``size`` bytes, shaped like what each check is given in practice."""
+    if kind == "sql":
+        return _numbered("INSERT INTO orders (id, customer, total) VALUES ({n}, 'c{n}', 9.5);\n",
+                         size)
+    if kind == "hcl":
+        return _numbered('resource "aws_instance" "web{n}" {{\n  ami = "ami-0abc"\n'
+                         '  instance_type = "t3.micro"\n  tags = {{ Owner = "platform" }}\n}}\n',
+                         size)
+    if kind == "python":
+        return _numbered("def handler_{n}(event):\n    return {{'id': {n}, 'ok': True}}\n", size)
+    if kind == "json-schema":
+        return "[" + _repeat('{"name": "web", "cpus": 2, "tags": ["a", "b"]}, ', size)[:-2] + "]"
+    resources = max(1, size // 740)
+    while len(text := json.dumps(make_plan(resources))) > size and resources > 1:
+        resources = int(resources * 0.98)
+    return text
+
+
+def worst(kind: str, size: int) -> str:
+    """An input of ``size`` bytes shaped to cost its parser the most we know of."""
+    if kind == "sql":
+        return "SELECT " + _repeat("1+", size - 8) + "1"  # sqlglot: deepest expression tree
+    if kind == "hcl":
+        return "locals {\n  x = [" + _repeat('"abc", ', size - 20) + '"z"]\n}\n'
+    if kind == "python":
+        return _repeat("def f(x):\n    return x + 1\n", size)  # CPython: superlinear
+    if kind == "json-schema":
+        return "[" + _repeat("[],", size - 4) + "[]]"  # ~20x growth once parsed
+    return json.dumps({"format_version": "1.2", "planned_values": {},
+                       "resource_changes": [{}] * ((size - 80) // 4)})
+
+
+def _args(kind: str, path: str, workdir: Path) -> list[str]:
+    if kind == "json-schema":
+        schema = workdir / "schema.json"
+        schema.write_text('{"type": "array", "items": {"type": ["object", "array"]}}')
+        return ["json-schema", "--schema", str(schema), path]
+    return [kind, path]
+
+
+_LAUNCHER = """
+import os, subprocess, sys, threading, time
+stdin_path, argv = sys.argv[1], sys.argv[2:]
+def feed(stream, path):
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(1 << 16):
+                stream.write(chunk)
+        stream.close()
+    except BrokenPipeError:  # the check stopped reading at its cap, as it should
+        pass
+start = time.perf_counter()
+proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_path else None,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+if stdin_path:
+    threading.Thread(target=feed, args=(proc.stdin, stdin_path), daemon=True).start()
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+"""
+
+
+def run_check(args: list[str], stdin: Path | None = None) -> tuple[int, float, float]:
+    """Run ``closedloop check ARGS`` in a fresh process: exit code, seconds, peak RSS in MB.
+
+    A small launcher process starts it: a child forked from this (large) process would report
+    this process's memory as its own peak. ``stdin`` is fed through a real pipe.
+    """
+    argv = [sys.executable, "-c", "from closedloop.cli import main; main()", "check", *args]
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, str(stdin or ""), *argv],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), float(out[1]), int(out[2]) / 1024
+
+
+def largest_cases(mb: int, workdir: Path) -> Iterator[tuple[str, str, list[str], Path | None]]:
+    """(check, case, args, stdin) for every measured case, its input written to ``workdir``."""
+    for kind, cap in _CAPS.items():
+        big = workdir / f"big-{kind}"
+        big.write_text(realistic(kind, mb * 1_000_000))
+        size = f"{big.stat().st_size / 1e6:.0f} MB"
+        yield kind, f"{size} file", _args(kind, str(big), workdir), None
+        yield kind, f"{size} on a pipe", _args(kind, "-", workdir), big
+        for shape, text in (("realistic", realistic(kind, cap)), ("worst", worst(kind, cap))):
+            path = workdir / f"cap-{shape}-{kind}"
+            path.write_text(text[:cap])
+            yield (kind, f"{shape} at the cap ({path.stat().st_size // 1024} KiB)",
+                   _args(kind, str(path), workdir), None)
+
+
+def largest(mb: int) -> None:
+    """Time and peak RSS of each check on an ``mb`` MB input and on the largest it accepts."""
+    print(f"closedloop check: targets <= {LARGEST_TARGET_S:g} s and <= {LARGEST_TARGET_MB:g} MB "
+          "per run (fresh process each; peak RSS from wait4)")
+    print(f"{'check':<15} {'input':<34} {'exit':>4} {'seconds':>8} {'peak MB':>8}  target")
+    worst_s = worst_mb = 0.0
+    with tempfile.TemporaryDirectory(prefix="closedloop-bench-") as tmp:
+        for kind, case, args, stdin in largest_cases(mb, Path(tmp)):
+            code, seconds, peak = run_check(args, stdin)
+            worst_s, worst_mb = max(worst_s, seconds), max(worst_mb, peak)
+            met = seconds <= LARGEST_TARGET_S and peak <= LARGEST_TARGET_MB
+            print(f"{kind:<15} {case:<34} {code:>4} {seconds:8.2f} {peak:8.0f}  "
+                  f"{'met' if met else 'MISSED'}", flush=True)
+    within = worst_s <= LARGEST_TARGET_S and worst_mb <= LARGEST_TARGET_MB
+    print(f"largest: {worst_s:.2f} s, {worst_mb:.0f} MB "
+          f"({'within' if within else 'OVER'} the targets)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resources", type=int, default=200)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--largest", action="store_true",
+                        help="Measure `closedloop check` on the largest inputs instead.")
+    parser.add_argument("--mb", type=int, default=50, help="Size of the large input (--largest).")
     args = parser.parse_args()
+    if args.largest:
+        largest(args.mb)
+        return
 
     plan = make_plan(args.resources)
     plan_text = json.dumps(plan)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 from opentelemetry import trace
 
 import closedloop as cl
-from closedloop._redact import LOG_FILTER, LOGGERS
+from closedloop._redact import LOGGERS
 from closedloop.control import Alert, CaptureSink, LogSink
 from closedloop.store import MemoryBackend, Store, open_store
 from closedloop.telemetry import Capture, MemoryExporter, Telemetry, record_score
@@ -266,14 +269,31 @@ def test_logged_tracebacks_are_redacted(caplog: pytest.LogCaptureFixture) -> Non
     assert not leaked(caplog.text)
 
 
-def test_every_logger_the_package_uses_has_the_filter() -> None:
+_CHECK_FILTER = """
+import importlib, logging, sys
+module = importlib.import_module(sys.argv[1])
+missing = [n for n in sys.argv[2:]
+           if not any(type(f).__name__ == "RedactingFilter" for f in logging.getLogger(n).filters)]
+print(",".join(missing))
+"""
+
+
+def test_every_module_that_logs_puts_the_filter_on_its_logger() -> None:
+    # imported alone, in a fresh process: the filter must not depend on what else was imported
     src = Path(cl.__file__).parent
-    used = {m for path in src.rglob("*.py")
-            for m in re.findall(r"getLogger\(\"(closedloop[\w.]*)\"\)", path.read_text())}
-    assert used
-    assert used <= set(LOGGERS)
-    for name in used:
-        assert LOG_FILTER in logging.getLogger(name).filters
+    uses: dict[str, set[str]] = {}
+    for path in src.rglob("*.py"):
+        names = set(re.findall(r"getLogger\(\"(closedloop[\w.]*)\"\)", path.read_text()))
+        if names:
+            parts = path.relative_to(src.parent).with_suffix("").parts
+            uses[".".join(p for p in parts if p != "__init__")] = names
+    assert len(uses) >= 5
+    assert set().union(*uses.values()) <= set(LOGGERS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for module, names in sorted(uses.items()):
+        done = subprocess.run([sys.executable, "-c", _CHECK_FILTER, module, *sorted(names)],
+                              capture_output=True, text=True, env=env, timeout=60, check=True)
+        assert done.stdout.strip() == "", f"{module} logs on {done.stdout.strip()} unfiltered"
 
 
 class BrokenRedactor(cl.Redactor):

@@ -61,6 +61,23 @@ def test_delete_create_replacement_is_critical_with_its_reason() -> None:
     assert "separator" in issue.message
 
 
+def test_delete_of_a_deposed_object_is_critical_and_named() -> None:
+    # after a failed create_before_destroy, the state holds the current object and a deposed
+    # one; the plan keeps the current object (no-op) and deletes the deposed one
+    plan = json.loads(fixture("delete.json"))
+    (change,) = plan["resource_changes"]
+    current = {**change, "change": {**change["change"], "actions": ["no-op"]}}
+    del current["action_reason"]
+    deposed = {**change, "deposed": "00000001"}
+    del deposed["action_reason"]
+    plan["resource_changes"] = [current, deposed]
+    verdict = TerraformPlanValidator()(plan)
+    (issue,) = verdict.issues
+    assert verdict.critical
+    assert (issue.code, issue.location) == ("tf_delete", "random_pet.example")
+    assert "deposed object 00000001" in issue.message
+
+
 def test_create_before_destroy_replacement_is_detected() -> None:
     plan = json.loads(fixture("delete-create.json"))
     plan["resource_changes"][0]["change"]["actions"] = ["create", "delete"]

@@ -1,18 +1,25 @@
 """``closedloop check …``: every built-in validator as a command, for CI and for people.
 
 Exit codes: 0 when nothing blocks (warnings allowed), 1 when something blocks (including a
-check that could not tell), 2 on a usage error — an unreadable file, a malformed schema or
-plan. A file whose parsing *is* the check (JSON document, Python, SQL, HCL) is not a usage
-error when malformed: its syntax error is the finding, located by line and column.
+check that could not tell), 2 on a usage error — an unreadable file, a malformed schema, JSON
+that is not a Terraform plan. A file whose parsing *is* the check (JSON document, Python, SQL,
+HCL) is not a usage error when malformed: its syntax error is the finding, located by line and
+column, and so is text that is not UTF-8 or holds a NUL character.
+
+Every input is read with a bound: at most ``--max-bytes`` + 1 bytes, whatever it is (a file,
+a pipe, ``/dev/zero``); a larger one fails the check as ``too_large`` without being parsed,
+so a check's time and memory stay bounded (BENCHMARKS.md, "Largest inputs").
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -20,23 +27,93 @@ from closedloop._errors import ConfigError
 from closedloop._verdict import Severity, Verdict
 from closedloop.cli import main
 from closedloop.cli._common import echo_json
+from closedloop.validate import (
+    AllowedInstanceTypes,
+    ForbiddenResourceTypes,
+    HclValidator,
+    JsonSchemaValidator,
+    PlanFormatError,
+    PythonSyntax,
+    RequiredTags,
+    RuffLint,
+    SqlSyntax,
+    TerraformCli,
+    TerraformPlanValidator,
+    load_plan,
+    parse_json,
+)
+from closedloop.validate._base import MiB, too_large
+
+_AUX_MAX_BYTES = 8 * MiB  # a schema file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STYLE = {Severity.WARNING: "yellow", Severity.ERROR: "red", Severity.CRITICAL: "red"}
 
 
-def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
+class _TooLarge(Exception):
+    """An input over its cap (``size``: its exact size, when known without reading it)."""
+
+    def __init__(self, path: str, size: int | None, limit: int) -> None:
+        super().__init__(path)
+        self.path, self.size, self.limit = path, size, limit
+
+
+def _read(path: str, limit: int) -> bytes:
+    """The bytes of ``path`` ("-": stdin), never more than ``limit`` + 1 of them read.
+
+    A regular file's size is known before reading; a device or pipe is read up to the cap.
+    Raises :class:`_TooLarge` past ``limit``, :class:`ConfigError` if unreadable.
+    """
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"cannot read {path}: {reason}") from exc
+        if path == "-":
+            data = click.get_binary_stream("stdin").read(limit + 1)
+        else:
+            with open(path, "rb") as file:
+                info = os.fstat(file.fileno())
+                if stat.S_ISDIR(info.st_mode):
+                    raise IsADirectoryError(21, "Is a directory")
+                if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+                    raise _TooLarge(path, info.st_size, limit)
+                data = file.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise _TooLarge(path, None, limit)
+    return data
 
 
-def _report(verdict: Verdict, as_json: bool) -> None:
+def _inputs(paths: tuple[str, ...], limit: int, check_name: str, as_json: bool,
+            ) -> dict[str, bytes]:
+    """Read the checked files (each capped); an input over the cap fails the check."""
+    try:
+        return {path: _read(path, limit) for path in paths}
+    except _TooLarge as exc:
+        issue = too_large(exc.size, exc.limit, "raise the limit with --max-bytes to check it")
+        _report(Verdict.fail(replace(issue, location=exc.path), check=check_name), as_json)
+
+
+def _aux_json(path: str) -> Any:
+    """A JSON file that configures a check (a schema): any problem is a usage error."""
+    try:
+        data = _read(path, _AUX_MAX_BYTES)
+    except _TooLarge:
+        raise ConfigError(f"{path}: larger than {_AUX_MAX_BYTES} bytes") from None
+    doc, problem = parse_json(data)
+    if problem is not None:
+        where = f" ({problem.location})" if problem.location else ""
+        raise ConfigError(f"{path}: not usable JSON{where}: "
+                          f"{problem.message.removeprefix('invalid JSON: ')}")
+    return doc
+
+
+def _max_bytes_option(default: int) -> Callable[[F], F]:
+    return click.option("--max-bytes", type=click.IntRange(min=1), default=default,
+                        show_default=True, metavar="N",
+                        help="Largest input checked (in bytes); a larger one fails.")
+
+
+def _report(verdict: Verdict, as_json: bool) -> NoReturn:
     if as_json:
         echo_json(verdict.to_dict())
     else:
@@ -47,10 +124,12 @@ def _report(verdict: Verdict, as_json: bool) -> None:
         else:
             head = click.style("FAIL", fg="red", bold=True)
         click.echo(f"{head} {verdict.check}")
+        from closedloop.cli._common import literal  # messages quote inputs: printed literally
+
         if verdict.unknown is not None:
-            click.echo(f"  could not check: {verdict.unknown}")
+            click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:
-            click.echo("  " + click.style(issue.render(), fg=_STYLE[issue.severity]))
+            click.echo("  " + click.style(literal(issue.render()), fg=_STYLE[issue.severity]))
     sys.exit(0 if verdict.passed else 1)
 
 
@@ -77,8 +156,6 @@ def _policy_options(f: F) -> F:
 
 def _rules(require_tags: tuple[str, ...], tag_types: tuple[str, ...],
            forbid_types: tuple[str, ...], instance_types: tuple[str, ...]) -> list[Any]:
-    from closedloop.validate import AllowedInstanceTypes, ForbiddenResourceTypes, RequiredTags
-
     rules: list[Any] = []
     if require_tags:
         tags: dict[str, str | None] = {}
@@ -106,17 +183,21 @@ def check() -> None:
 @click.option("--allow-destroy", multiple=True, metavar="GLOB",
               help="Addresses that may be deleted or replaced (reported as warnings).")
 @_policy_options
+@_max_bytes_option(TerraformPlanValidator.DEFAULT_MAX_BYTES)
 @_json_option
-def terraform_plan(plan: str, allow_destroy: tuple[str, ...], as_json: bool,
+def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as_json: bool,
                    **policy: Any) -> None:
-    """Scan a plan for destructive changes: `terraform show -json` or `plan -json` output."""
-    from closedloop.validate import PlanFormatError, TerraformPlanValidator, load_plan
+    """Scan a plan for destructive changes: `terraform show -json` or `plan -json` output.
 
+    JSON that is neither is a usage error (exit 2), never a pass.
+    """
+    validator = TerraformPlanValidator(_rules(**policy), allow_destroy=allow_destroy,
+                                       max_bytes=max_bytes)
+    text = _inputs((plan,), max_bytes, validator.name, as_json)[plan]
     try:
-        loaded = load_plan(_read(plan))
+        loaded = load_plan(text)
     except PlanFormatError as exc:
         raise ConfigError(f"{plan}: {exc}") from exc
-    validator = TerraformPlanValidator(_rules(**policy), allow_destroy=allow_destroy)
     _report(validator.scan(loaded), as_json)
 
 
@@ -124,20 +205,16 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], as_json: bool,
 @click.option("--schema", "schema_path", required=True, metavar="SCHEMA.json",
               help="The JSON Schema (draft 2020-12 unless it says otherwise).")
 @click.argument("document", metavar="DOC.json|-")
-@click.option("--max-bytes", type=click.IntRange(min=1), help="Fail documents larger than this.")
+@_max_bytes_option(JsonSchemaValidator.DEFAULT_MAX_BYTES)
 @_json_option
-def json_schema(schema_path: str, document: str, max_bytes: int | None, as_json: bool) -> None:
+def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) -> None:
     """Validate a JSON document against a JSON Schema."""
-    from closedloop.validate import JsonSchemaValidator
-
-    try:
-        schema = json.loads(_read(schema_path))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{schema_path}: not JSON (line {exc.lineno}, column {exc.colno}): "
-                          f"{exc.msg}") from exc
+    schema = _aux_json(schema_path)
     if not isinstance(schema, dict | bool):
         raise ConfigError(f"{schema_path}: a JSON Schema is an object or a boolean")
-    _report(JsonSchemaValidator(schema, max_bytes=max_bytes)(_read(document)), as_json)
+    validator = JsonSchemaValidator(schema, max_bytes=max_bytes)
+    _report(validator(_inputs((document,), max_bytes, validator.name, as_json)[document]),
+            as_json)
 
 
 @check.command("python")
@@ -145,16 +222,16 @@ def json_schema(schema_path: str, document: str, max_bytes: int | None, as_json:
 @click.option("--lint/--no-lint", default=False, help="Also lint with ruff.")
 @click.option("--select", multiple=True, metavar="RULE", help="ruff rules to apply.")
 @click.option("--ignore", multiple=True, metavar="RULE", help="ruff rules to skip.")
+@_max_bytes_option(PythonSyntax.DEFAULT_MAX_BYTES)
 @_json_option
-def python(file: str, lint: bool, select: tuple[str, ...], ignore: tuple[str, ...],
-           as_json: bool) -> None:
+def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str, ...],
+           max_bytes: int, as_json: bool) -> None:
     """Check Python syntax (compiled, never run), optionally ruff lint."""
-    from closedloop.validate import PythonSyntax, RuffLint
-
-    source = _read(file)
-    verdict = PythonSyntax(filename=file)(source)
+    syntax = PythonSyntax(filename=file, max_bytes=max_bytes)
+    source = _inputs((file,), max_bytes, syntax.name, as_json)[file]
+    verdict = syntax(source)
     if lint and verdict.passed:
-        linted = RuffLint(select=select or None, ignore=ignore)(source)
+        linted = RuffLint(select=select or None, ignore=ignore, max_bytes=max_bytes)(source)
         verdict = Verdict(issues=verdict.issues + linted.issues, unknown=linted.unknown,
                           check="python_syntax+ruff")
     _report(verdict, as_json)
@@ -166,25 +243,27 @@ def python(file: str, lint: bool, select: tuple[str, ...], ignore: tuple[str, ..
               help="SQL dialect: postgres, sqlite, mysql, … (any sqlglot dialect).")
 @click.option("--allow-destructive", is_flag=True,
               help="Do not report DROP, TRUNCATE, or DELETE/UPDATE without WHERE.")
+@_max_bytes_option(SqlSyntax.DEFAULT_MAX_BYTES)
 @_json_option
-def sql(file: str, dialect: str, allow_destructive: bool, as_json: bool) -> None:
+def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
+        as_json: bool) -> None:
     """Check SQL syntax in a dialect, and flag statements that destroy data."""
-    from closedloop.validate import SqlSyntax
-
-    check_ = SqlSyntax(dialect, forbid_destructive=not allow_destructive)
-    _report(check_(_read(file)), as_json)
+    check_ = SqlSyntax(dialect, forbid_destructive=not allow_destructive, max_bytes=max_bytes)
+    _report(check_(_inputs((file,), max_bytes, check_.name, as_json)[file]), as_json)
 
 
 @check.command("hcl")
 @click.argument("files", nargs=-1, required=True, metavar="FILE.tf...")
 @_policy_options
+@_max_bytes_option(HclValidator.DEFAULT_MAX_BYTES)
 @_json_option
-def hcl(files: tuple[str, ...], as_json: bool, **policy: Any) -> None:
-    """Parse Terraform HCL files (one module) and apply policy rules."""
-    from closedloop.validate import HclValidator
+def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) -> None:
+    """Parse Terraform HCL files (one module) and apply policy rules.
 
-    texts = {("stdin.tf" if f == "-" else Path(f).name): _read(f) for f in files}
-    _report(HclValidator(_rules(**policy))(texts), as_json)
+    --max-bytes caps the files' total size.
+    """
+    check_ = HclValidator(_rules(**policy), max_bytes=max_bytes)
+    _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)
 
 
 @check.command("terraform")
@@ -193,16 +272,21 @@ def hcl(files: tuple[str, ...], as_json: bool, **policy: Any) -> None:
               help="Also run `plan -json` and scan it for destructive changes.")
 @click.option("--state", type=click.Path(exists=True, dir_okay=False),
               help="A terraform.tfstate to plan against.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds the whole terraform run may take before it is stopped.")
 @click.option("--require-binary", is_flag=True,
               help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
+@_max_bytes_option(TerraformCli.DEFAULT_MAX_BYTES)
 @_json_option
 def terraform(files: tuple[str, ...], *, with_plan: bool, state: str | None, timeout: float,
-              require_binary: bool, as_json: bool) -> None:
+              require_binary: bool, max_bytes: int, as_json: bool) -> None:
     """Run terraform (or tofu) `validate -json` on the files, in a fresh temporary directory."""
-    from closedloop.validate import TerraformCli
-
-    texts = {("stdin.tf" if f == "-" else Path(f).name): _read(f) for f in files}
-    check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout,
+    check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout, max_bytes=max_bytes,
                           if_missing="unknown" if require_binary else "skip")
-    _report(check_(texts), as_json)
+    _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)
+
+
+def _named(inputs: dict[str, bytes]) -> dict[str, bytes]:
+    """Module files by their base name, as terraform sees them ("-" is ``stdin.tf``)."""
+    return {("stdin.tf" if path == "-" else Path(path).name): data
+            for path, data in inputs.items()}

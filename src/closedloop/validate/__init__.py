@@ -12,6 +12,11 @@ built, and a missing one is a :class:`~closedloop.ConfigError` naming the extra 
   for destructive changes in either plan format, :class:`TerraformCli` for the binary itself
 - deadlines: :func:`with_timeout` turns a hung check into :class:`CheckTimeout`, which the loop
   records as ``validator_error`` (the check failed, not the agent)
+
+No input breaks a check: every parsing check refuses, as an issue fed back to the model, input
+over its ``max_bytes`` (``DEFAULT_MAX_BYTES`` per class: ``too_large``), bytes that are not
+UTF-8 (``not_utf8``), NUL characters (``nul_character``), JSON integers over 4300 digits
+(``json_number``) and nesting too deep to parse or walk (``json_depth``).
 """
 
 from closedloop._errors import CheckTimeout

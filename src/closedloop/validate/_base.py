@@ -104,13 +104,84 @@ def clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def as_text(proposal: object) -> str | None:
-    """The proposal as text (``str``, or ``bytes`` decoded as UTF-8), or ``None`` if it is not."""
-    if isinstance(proposal, str):
-        return proposal
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def check_limit(max_bytes: int | None) -> int | None:
+    """Validate a ``max_bytes`` option (``None``: no cap)."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ConfigError(f"max_bytes must be an integer >= 1 or None, got {max_bytes!r}")
+    return max_bytes
+
+
+def text_size(text: str) -> int:
+    """The size of ``text`` in UTF-8, without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def too_large(size: int | None, max_bytes: int, advice: str = "make it shorter") -> Issue:
+    """The issue for an input over its cap (``size`` ``None``: unknown, larger than the cap)."""
+    got = f"{size} bytes > {max_bytes}" if size is not None else f"over {max_bytes}"
+    return Issue(code="too_large", message=f"input too large ({got}-byte limit); {advice}")
+
+
+def _where(text: str, index: int) -> str:
+    line = text.count("\n", 0, index) + 1
+    column = index - text.rfind("\n", 0, index)
+    return f"line {line}, column {column}"
+
+
+def text_input(proposal: object, what: str, max_bytes: int | None) -> str | Issue:
+    """The proposal as checkable text, or the issue that stops it before any parser runs.
+
+    Bytes must be UTF-8 and text valid Unicode (no lone surrogates); NUL characters are
+    refused (no source language here takes them, and C-based tools cut the text there);
+    anything larger than ``max_bytes`` in UTF-8 is refused before it is decoded or parsed,
+    so a parser's cost stays bounded whatever the model returns.
+    """
     if isinstance(proposal, bytes | bytearray):
-        return bytes(proposal).decode("utf-8", errors="replace")
-    return None
+        data = bytes(proposal)
+        if max_bytes is not None and len(data) > max_bytes:
+            return too_large(len(data), max_bytes)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Issue(code="not_utf8", location=f"byte {exc.start}",
+                         message=f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                                 f"offset {exc.start}); return UTF-8 text")
+    elif isinstance(proposal, str):
+        text = proposal
+        if max_bytes is not None and len(text) > max_bytes:  # ≥ 1 byte a character
+            return too_large(text_size(text), max_bytes)
+        if not text.isascii():
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                return Issue(code="not_utf8", location=_where(text, exc.start),
+                             message=f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X}"
+                                     "), which is not valid Unicode text; return UTF-8 text")
+            if max_bytes is not None and size > max_bytes:
+                return too_large(size, max_bytes)
+    else:
+        return not_text(proposal, what)
+    nul = text.find("\x00")
+    if nul >= 0:
+        return Issue(code="nul_character", location=_where(text, nul),
+                     message=f"{what} holds a NUL character; remove it")
+    return text
+
+
+def short(value: object, limit: int) -> str:
+    """``str(value)`` cut to ``limit`` characters, for any value: an integer too long to print
+    (Python refuses over 4300 digits) or a value nested too deeply is named, not printed."""
+    if isinstance(value, int) and value.bit_length() > 4096:
+        return f"<{value.bit_length()}-bit integer>"[:limit]
+    try:
+        text = str(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text[:limit]
 
 
 def not_text(proposal: object, what: str) -> Issue:

@@ -10,7 +10,14 @@ from typing import Any
 
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
-from closedloop.validate._base import as_text, clip, not_text, require
+from closedloop.validate._base import (
+    KiB,
+    MiB,
+    check_limit,
+    clip,
+    require,
+    text_input,
+)
 from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
 from closedloop.validate._structured import MAX_ISSUES
 
@@ -27,16 +34,25 @@ class PythonSyntax:
 
     Compiling, not just parsing, also catches what ``ast.parse`` lets through, such as
     ``return`` outside a function. Compiler warnings (invalid escapes…) become warnings.
+    Source over ``max_bytes`` (UTF-8) is an issue before the compiler sees it: CPython's
+    compiler takes superlinear time on some inputs (thousands of identical functions).
     """
 
-    def __init__(self, *, filename: str = "<proposal>", name: str = "python_syntax") -> None:
+    DEFAULT_MAX_BYTES = 256 * KiB
+    """Default ``max_bytes``: the worst input known at this size compiles in ~3 s (see
+    BENCHMARKS.md, "Largest inputs"); far above what a model writes in one answer."""
+
+    def __init__(self, *, filename: str = "<proposal>",
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "python_syntax") -> None:
         self.filename = filename
+        self.max_bytes = check_limit(max_bytes)
         self.name = name
 
     def __call__(self, proposal: object) -> Verdict:
-        source = as_text(proposal)
-        if source is None:
-            return Verdict.fail(not_text(proposal, "Python source"), check=self.name)
+        source = text_input(proposal, "Python source", self.max_bytes)
+        if isinstance(source, Issue):
+            return Verdict.fail(source, check=self.name)
+        source = source.removeprefix("\ufeff")  # a UTF-8 BOM, valid at the start of a file
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -46,7 +62,7 @@ class PythonSyntax:
                 issue = Issue(code="python_syntax", location=_at(exc.lineno, exc.offset),
                               message=f"{kind}: {clip(exc.msg or 'invalid syntax')}")
                 return Verdict.fail(issue, check=self.name)
-            except (ValueError, RecursionError, MemoryError) as exc:
+            except (ValueError, RecursionError, MemoryError) as exc:  # e.g. an over-long int
                 reason = "nested too deeply" if not isinstance(exc, ValueError) else clip(str(exc))
                 return Verdict.fail(Issue(code="python_syntax", message=reason), check=self.name)
         notes = tuple(
@@ -81,6 +97,9 @@ class RuffLint:
     rules. Findings are ``severity`` (``ERROR``: the model is asked to fix them).
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes`` (ruff itself is fast; this bounds what is held and piped)."""
+
     def __init__(
         self,
         *,
@@ -89,6 +108,7 @@ class RuffLint:
         config: str | Path | None = None,
         severity: Severity = Severity.ERROR,
         timeout: float = 30.0,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         max_output: int = 1_000_000,
         binary: str | None = None,
         if_missing: str = "skip",
@@ -99,6 +119,7 @@ class RuffLint:
         self.config = config
         self.severity = severity
         self.timeout = timeout
+        self.max_bytes = check_limit(max_bytes)
         self.max_output = max_output
         self.binary = binary
         self.if_missing = check_policy(if_missing)
@@ -116,9 +137,9 @@ class RuffLint:
         return [*argv, "-"]
 
     def __call__(self, proposal: object) -> Verdict:
-        source = as_text(proposal)
-        if source is None:
-            return Verdict.fail(not_text(proposal, "Python source"), check=self.name)
+        source = text_input(proposal, "Python source", self.max_bytes)
+        if isinstance(source, Issue):
+            return Verdict.fail(source, check=self.name)
         binary = self.binary or _ruff_binary()
         if binary is None:
             return missing("ruff", self.if_missing, self.name)
@@ -150,11 +171,16 @@ class SqlSyntax:
 
     With ``forbid_destructive`` (the default), statements that destroy data — ``DROP``,
     ``TRUNCATE``, and ``DELETE``/``UPDATE`` without a ``WHERE`` — are critical issues: the
-    step stops without re-ask, as for a Terraform plan that deletes resources.
+    step stops without re-ask, as for a Terraform plan that deletes resources. SQL over
+    ``max_bytes`` (UTF-8) is an issue before sqlglot, a pure-Python parser, sees it.
     """
 
+    DEFAULT_MAX_BYTES = 128 * KiB
+    """Default ``max_bytes``: sqlglot needs up to ~15 µs and ~800 bytes of memory a byte on the
+    worst inputs known (``1+1+…``, ``a.a.…``; see BENCHMARKS.md, "Largest inputs")."""
+
     def __init__(self, dialect: str = "postgres", *, forbid_destructive: bool = True,
-                 name: str = "") -> None:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "") -> None:
         sqlglot = require("sqlglot")
         try:
             sqlglot.Dialect.get_or_raise(dialect)
@@ -162,12 +188,13 @@ class SqlSyntax:
             raise ConfigError(f"unknown SQL dialect {dialect!r}: {clip(str(exc))}") from exc
         self.dialect = dialect
         self.forbid_destructive = forbid_destructive
+        self.max_bytes = check_limit(max_bytes)
         self.name = name or f"sql:{dialect}"
 
     def __call__(self, proposal: object) -> Verdict:
-        text = as_text(proposal)
-        if text is None:
-            return Verdict.fail(not_text(proposal, "SQL"), check=self.name)
+        text = text_input(proposal, "SQL", self.max_bytes)
+        if isinstance(text, Issue):
+            return Verdict.fail(text, check=self.name)
         import sqlglot
         from sqlglot.errors import ParseError, SqlglotError
 

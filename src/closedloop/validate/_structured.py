@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Verdict
-from closedloop.validate._base import as_text, clip, require
+from closedloop.validate._base import (
+    MiB,
+    check_limit,
+    clip,
+    require,
+    text_size,
+    too_large,
+)
 
 MAX_ISSUES = 20
 """At most this many issues per verdict: more would drown the model's re-ask feedback."""
@@ -26,34 +34,81 @@ def json_path(parts: Iterable[object]) -> str:
     return out
 
 
+MAX_INT_DIGITS = 4300
+"""Longest integer a JSON document may hold (Python's own default limit, enforced here
+whatever ``sys.set_int_max_str_digits`` says: converting longer ones costs quadratic time)."""
+
+_LONG_NUMBER = re.compile(rf"-?[0-9]{{{MAX_INT_DIGITS + 1},}}")
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) - digits.startswith("-") > MAX_INT_DIGITS:
+        raise _NumberTooLong(digits[:20])
+    return int(digits)
+
+
+def _locate_long_number(text: str | bytes) -> str | None:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    found = _LONG_NUMBER.search(text)
+    if found is None:
+        return None
+    line = text.count("\n", 0, found.start()) + 1
+    column = found.start() - text.rfind("\n", 0, found.start())
+    return f"line {line}, column {column}"
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses integers over :data:`MAX_INT_DIGITS` digits (``ValueError``)
+    whatever the interpreter's limit, so a number cannot cost quadratic time."""
+    return json.loads(text, parse_int=_parse_int)
+
+
 def parse_json(text: str | bytes) -> tuple[Any, Issue | None]:
-    """Parse JSON text; on failure, an issue located by line and column (1-based)."""
+    """Parse JSON text; on failure, an issue located by line and column (1-based).
+
+    Never raises for bad input: malformed JSON, text that is not UTF-8, nesting deeper than the
+    parser's recursion limit and integers over :data:`MAX_INT_DIGITS` digits are issues.
+    """
     try:
-        return json.loads(text), None
+        return load_json(text), None
     except json.JSONDecodeError as exc:
         return None, Issue(
             code="json_syntax",
             location=f"line {exc.lineno}, column {exc.colno}",
             message=f"invalid JSON: {exc.msg}; return one valid JSON document and nothing else",
         )
-    except (UnicodeDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8 text"
-        return None, Issue(code="json_syntax", message=f"invalid JSON: {reason}")
+    except UnicodeDecodeError:
+        return None, Issue(code="json_syntax", message="invalid JSON: not UTF-8 text")
+    except RecursionError:
+        return None, depth_issue()
+    except ValueError:  # an integer over our limit, or under a lower one set in sys
+        return None, number_issue(_locate_long_number(text))
+
+
+def depth_issue() -> Issue:
+    """The issue for a document nested deeper than Python can parse or walk."""
+    return Issue(code="json_depth",
+                 message="JSON nested too deeply; flatten the document")
+
+
+def number_issue(location: str | None = None) -> Issue:
+    """The issue for a number too long to convert or compare."""
+    return Issue(code="json_number", location=location,
+                 message=f"a number longer than {MAX_INT_DIGITS} digits; write such values "
+                         "as strings")
 
 
 def _size(proposal: object) -> int:
     if isinstance(proposal, bytes | bytearray):
         return len(proposal)
     if isinstance(proposal, str):
-        return len(proposal.encode("utf-8", errors="replace"))
+        return text_size(proposal)
     return len(json.dumps(proposal, default=str, separators=(",", ":")).encode())
-
-
-def _size_issue(size: int, max_bytes: int) -> Issue:
-    return Issue(
-        code="too_large",
-        message=f"output is {size} bytes, over the limit of {max_bytes} bytes; make it shorter",
-    )
 
 
 class MaxSize:
@@ -66,19 +121,24 @@ class MaxSize:
         self.name = name
 
     def __call__(self, proposal: object) -> Verdict:
-        size = _size(proposal)
+        try:
+            size = _size(proposal)
+        except RecursionError:
+            return Verdict.fail(depth_issue(), check=self.name)
+        except ValueError:  # an integer too long to print
+            return Verdict.fail(number_issue(), check=self.name)
         if size > self.max_bytes:
-            return Verdict.fail(_size_issue(size, self.max_bytes), check=self.name)
+            return Verdict.fail(too_large(size, self.max_bytes), check=self.name)
         return Verdict.ok(check=self.name)
 
 
 def _load(proposal: object, max_bytes: int | None) -> tuple[Any, Issue | None]:
     """Text is size-checked then parsed; anything else is taken as an already-parsed document."""
-    text = as_text(proposal) if isinstance(proposal, bytes | bytearray) else proposal
-    if not isinstance(text, str):
+    if not isinstance(proposal, str | bytes | bytearray):
         return proposal, None
+    text = bytes(proposal) if isinstance(proposal, bytearray) else proposal
     if max_bytes is not None and (size := _size(text)) > max_bytes:
-        return None, _size_issue(size, max_bytes)
+        return None, too_large(size, max_bytes)
     return parse_json(text)
 
 
@@ -88,14 +148,20 @@ class JsonSchemaValidator:
     Draft 2020-12 unless the schema names another with ``$schema``. The schema itself is
     checked once, here, so a broken schema is a :class:`~closedloop.ConfigError` at start-up
     rather than a failure on every proposal. Every violation is reported (up to
-    :data:`MAX_ISSUES`), located by JSON path (``$.items[0].name``).
+    :data:`MAX_ISSUES`), located by JSON path (``$.items[0].name``). JSON text over
+    ``max_bytes`` is an issue before it is parsed.
     """
+
+    DEFAULT_MAX_BYTES = 1 * MiB
+    """Default ``max_bytes``: validation walks every value in Python, 5-15 µs each with a
+    simple schema; the densest 1 MiB document (``[[],[],…]``) holds 350,000 of them (see
+    BENCHMARKS.md, "Largest inputs"). Far above what a model writes in one answer."""
 
     def __init__(
         self,
         schema: Mapping[str, Any] | bool,
         *,
-        max_bytes: int | None = None,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         check_formats: bool = True,
         name: str = "json_schema",
     ) -> None:
@@ -109,7 +175,7 @@ class JsonSchemaValidator:
         checker = cls.FORMAT_CHECKER if check_formats else None
         self._validator = cls(schema, format_checker=checker)
         self.schema = schema
-        self.max_bytes = max_bytes
+        self.max_bytes = check_limit(max_bytes)
         self.name = name
 
     def __call__(self, proposal: object) -> Verdict:
@@ -117,14 +183,19 @@ class JsonSchemaValidator:
         if problem is not None:
             return Verdict.fail(problem, check=self.name)
         issues: list[Issue] = []
-        for error in self._validator.iter_errors(doc):
-            issues.append(Issue(
-                code=f"schema_{error.validator}",
-                location=error.json_path,
-                message=clip(error.message),
-            ))
-            if len(issues) >= MAX_ISSUES:
-                break
+        try:
+            for error in self._validator.iter_errors(doc):
+                issues.append(Issue(
+                    code=f"schema_{error.validator}",
+                    location=error.json_path,
+                    message=clip(error.message),
+                ))
+                if len(issues) >= MAX_ISSUES:
+                    break
+        except RecursionError:  # a parsed document deeper than the validator can walk
+            return Verdict.fail(depth_issue(), check=self.name)
+        except (OverflowError, ValueError):  # a huge integer against a float bound, say
+            return Verdict.fail(number_issue(), check=self.name)
         issues.sort(key=lambda i: i.location or "")
         return Verdict(issues=tuple(issues), check=self.name)
 
@@ -133,9 +204,14 @@ class PydanticValidator:
     """Validates a JSON document (text or parsed) against a Pydantic model or type.
 
     ``model`` is a ``BaseModel`` subclass or any type a ``pydantic.TypeAdapter`` accepts.
+    JSON text over ``max_bytes`` is an issue before it is parsed.
     """
 
-    def __init__(self, model: Any, *, max_bytes: int | None = None, name: str = "") -> None:
+    DEFAULT_MAX_BYTES = 1 * MiB
+    """Default ``max_bytes``, as for :class:`JsonSchemaValidator`."""
+
+    def __init__(self, model: Any, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                 name: str = "") -> None:
         pydantic = require("pydantic")
         try:
             self._adapter = pydantic.TypeAdapter(model)
@@ -143,7 +219,7 @@ class PydanticValidator:
             raise ConfigError(f"pydantic cannot validate {model!r}: {exc}") from exc
         self._error = pydantic.ValidationError
         self.model = model
-        self.max_bytes = max_bytes
+        self.max_bytes = check_limit(max_bytes)
         self.name = name or f"pydantic:{getattr(model, '__name__', repr(model))}"
 
     def __call__(self, proposal: object) -> Verdict:
@@ -159,4 +235,8 @@ class PydanticValidator:
                 for e in exc.errors(include_url=False, include_input=False)[:MAX_ISSUES]
             )
             return Verdict(issues=issues, check=self.name)
+        except RecursionError:
+            return Verdict.fail(depth_issue(), check=self.name)
+        except (OverflowError, ValueError):
+            return Verdict.fail(number_issue(), check=self.name)
         return Verdict.ok(check=self.name)

@@ -17,6 +17,7 @@ values, sensitive or not), and messages go to the model and into traces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import json
@@ -29,9 +30,20 @@ from typing import Any, NamedTuple
 
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Severity, Verdict
-from closedloop.validate._base import as_text, clip, not_text, require
+from closedloop.validate._base import (
+    KiB,
+    MiB,
+    check_limit,
+    clip,
+    not_text,
+    require,
+    short,
+    text_input,
+    text_size,
+    too_large,
+)
 from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
-from closedloop.validate._structured import MAX_ISSUES, parse_json
+from closedloop.validate._structured import MAX_INT_DIGITS, MAX_ISSUES, load_json, parse_json
 
 
 class TerraformResource(NamedTuple):
@@ -141,7 +153,7 @@ class AllowedInstanceTypes:
             return []
         choices = ", ".join(sorted(self.allowed))
         return [Issue(code="tf_instance_type", location=resource.address, severity=self.severity,
-                      message=f"{self.attribute} {str(value)[:40]!r} is not allowed; "
+                      message=f"{self.attribute} {short(value, 40)!r} is not allowed; "
                               f"use one of: {choices}")]
 
 
@@ -184,30 +196,46 @@ def hcl_resources(config: Mapping[str, Any]) -> list[TerraformResource]:
     return out
 
 
-def _as_files(proposal: object, filename: str) -> dict[str, str] | None:
-    if isinstance(proposal, Mapping):
-        files = {}
-        for name, text in proposal.items():
-            content = as_text(text)
-            if not isinstance(name, str) or content is None:
-                return None
-            files[name] = content
-        return files
-    text = as_text(proposal)
-    return None if text is None else {filename: text}
+def _as_files(proposal: object, filename: str, what: str,
+              max_bytes: int | None) -> dict[str, str] | Issue:
+    """The proposal as file name → text, or the issue that stops it (see ``text_input``);
+    ``max_bytes`` caps the files' total size."""
+    raw = proposal if isinstance(proposal, Mapping) else {filename: proposal}
+    total = 0
+    for name, content in raw.items():
+        if not isinstance(name, str) or not isinstance(content, str | bytes | bytearray):
+            return not_text(proposal, what)
+        total += text_size(content) if isinstance(content, str) else len(content)
+    if max_bytes is not None and total > max_bytes:
+        return too_large(total, max_bytes)
+    files = {}
+    for name, content in raw.items():
+        text = text_input(content, what, None)
+        if isinstance(text, Issue):
+            where = f"{name}:{text.location}" if text.location else name
+            return dataclasses.replace(text, location=where)
+        files[name] = text
+    return files
 
 
 class HclValidator:
     """Parses Terraform HCL (python-hcl2): located syntax errors, then the policy ``rules``.
 
     The proposal is the text of one file, or a mapping of file name → text for a module.
+    A module over ``max_bytes`` (all files, UTF-8) is an issue before python-hcl2, a
+    pure-Python parser (lark), sees it.
     """
 
+    DEFAULT_MAX_BYTES = 128 * KiB
+    """Default ``max_bytes``: python-hcl2 needs ~25 µs and ~1 KB a byte (see BENCHMARKS.md,
+    "Largest inputs"); pass a larger one for larger modules."""
+
     def __init__(self, rules: Sequence[Rule] = (), *, filename: str = "main.tf",
-                 name: str = "terraform_hcl") -> None:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, name: str = "terraform_hcl") -> None:
         require("hcl2")
         self.rules = tuple(rules)
         self.filename = filename
+        self.max_bytes = check_limit(max_bytes)
         self.name = name
 
     def parse(self, files: Mapping[str, str]) -> tuple[list[TerraformResource], list[Issue]]:
@@ -237,9 +265,9 @@ class HclValidator:
         return resources, issues
 
     def __call__(self, proposal: object) -> Verdict:
-        files = _as_files(proposal, self.filename)
-        if files is None:
-            return Verdict.fail(not_text(proposal, "Terraform HCL"), check=self.name)
+        files = _as_files(proposal, self.filename, "Terraform HCL", self.max_bytes)
+        if isinstance(files, Issue):
+            return Verdict.fail(files, check=self.name)
         resources, issues = self.parse(files)
         if not issues:
             issues = apply_rules(self.rules, resources)
@@ -270,45 +298,95 @@ class PlanFormatError(ValueError):
     """The input is neither a ``terraform show -json`` plan nor a ``plan -json`` stream."""
 
 
+_STREAM_TYPES = frozenset({"version", "planned_change", "resource_drift", "change_summary",
+                           "diagnostic", "outputs", "refresh_start", "refresh_complete"})
+"""Message types of a ``terraform plan -json`` stream; a stream must hold at least one."""
+
+
+def _is_show_plan(doc: Mapping[str, Any]) -> bool:
+    # `terraform show -json PLANFILE` always writes format_version and planned_values; a bare
+    # resource_changes list (hand-made or trimmed plans) is accepted too
+    return isinstance(doc.get("resource_changes"), list) or (
+        "format_version" in doc and "planned_values" in doc)
+
+
+_NOT_A_PLAN = ("not a Terraform plan: neither a `terraform show -json` plan (resource_changes, "
+               "planned_values) nor a `terraform plan -json` stream (messages with a type)")
+
+
+def _message(message: object, where: str) -> dict[str, Any]:
+    if not isinstance(message, Mapping):
+        raise PlanFormatError(f"{where} is not a JSON object")
+    if not isinstance(message.get("type"), str):
+        raise PlanFormatError(f"{where} is not a Terraform UI message: it has no \"type\"")
+    return dict(message)
+
+
+def _stream(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not any(m["type"] in _STREAM_TYPES for m in messages):
+        raise PlanFormatError(_NOT_A_PLAN)
+    return messages
+
+
+def _document(doc: Mapping[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    # one JSON object: a show-json plan, or a one-message stream
+    if _is_show_plan(doc):
+        return dict(doc)
+    if not isinstance(doc.get("type"), str):
+        raise PlanFormatError(_NOT_A_PLAN)
+    return _stream([dict(doc)])
+
+
+def _json(text: str, where: str) -> Any:
+    """Parse plan JSON; ``JSONDecodeError`` is left to the caller (a whole document that does
+    not parse may still be a stream), every other failure is a :class:`PlanFormatError`."""
+    try:
+        return load_json(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError as exc:
+        raise PlanFormatError(f"{where} is nested too deeply") from exc
+    except ValueError as exc:  # an integer over MAX_INT_DIGITS
+        raise PlanFormatError(f"{where} holds a number longer than {MAX_INT_DIGITS} "
+                              "digits") from exc
+
+
 def load_plan(data: object) -> dict[str, Any] | list[dict[str, Any]]:
     """Normalise a plan: a show-json document (dict) or a list of streamed UI messages.
 
     Accepts the parsed forms or their text (``str``/``bytes``); raises :class:`PlanFormatError`
-    naming the first bad line of a stream.
+    for anything else — naming the first bad line of a stream — including valid JSON that is
+    not a Terraform plan, text that is not UTF-8, and JSON nested too deeply or holding a
+    number over :data:`~closedloop.validate._structured.MAX_INT_DIGITS` digits.
     """
     if isinstance(data, Mapping):
-        return dict(data)
+        return _document(data)
     if isinstance(data, list):
-        if all(isinstance(m, Mapping) for m in data):
-            return [dict(m) for m in data]
-        raise PlanFormatError("a plan stream must be a list of JSON objects")
-    text = as_text(data)
-    if text is None:
-        raise PlanFormatError(f"expected plan JSON, got a {type(data).__name__}")
+        return _stream([_message(m, f"message {n}") for n, m in enumerate(data, 1)])
+    text = text_input(data, "plan JSON", None)
+    if isinstance(text, Issue):
+        raise PlanFormatError(text.message + (f" ({text.location})" if text.location else ""))
     try:
-        doc = json.loads(text)
+        doc = _json(text, "plan JSON")
     except json.JSONDecodeError:
         doc = None
-    except RecursionError as exc:
-        raise PlanFormatError("plan JSON is nested too deeply") from exc
     if isinstance(doc, dict):
-        is_message = "type" in doc and "format_version" not in doc
-        return [doc] if is_message else doc  # a one-line stream is one JSON object too
+        return _document(doc)
+    if isinstance(doc, list):  # a JSON array of messages, as accepted parsed
+        return load_plan(doc)
     messages = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            message = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            message = _json(line, f"line {number}")
+        except json.JSONDecodeError as exc:
             raise PlanFormatError(f"line {number} is not JSON: neither a `terraform show -json` "
                                   "plan nor a `terraform plan -json` stream") from exc
-        if not isinstance(message, dict):
-            raise PlanFormatError(f"line {number} is not a JSON object")
-        messages.append(message)
+        messages.append(_message(message, f"line {number}"))
     if not messages:
         raise PlanFormatError("the plan is empty")
-    return messages
+    return _stream(messages)
 
 
 _REPLACE = (["delete", "create"], ["create", "delete"])
@@ -319,10 +397,10 @@ def _replace_detail(change: Mapping[str, Any], reason: object) -> str:
     names = []
     for path in paths[:5] if isinstance(paths, list) else []:
         if isinstance(path, list) and path:
-            names.append(".".join(str(p) for p in path if isinstance(p, str | int))[:60])
+            names.append(".".join(short(p, 60) for p in path if isinstance(p, str | int))[:60])
     parts = []
     if reason:
-        parts.append(str(reason)[:60])
+        parts.append(short(reason, 60))
     if names:
         parts.append("forced by " + ", ".join(names))
     return f" ({'; '.join(parts)})" if parts else ""
@@ -335,17 +413,29 @@ class TerraformPlanValidator:
     the loop stops without re-ask, since deleting infrastructure needs a human). Addresses
     matching ``allow_destroy`` glob patterns are reported as warnings instead. Drift is a
     warning. Policy ``rules`` run over the planned values of created/updated resources
-    (show-json plans only: the stream carries no values).
+    (show-json plans only: the stream carries no values). Plan text over ``max_bytes`` is an
+    issue before it is parsed.
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes``: ~9,000 resource changes; parsed and scanned in ~1 s and under
+    256 MB, even for the densest JSON (see BENCHMARKS.md, "Largest inputs")."""
+
     def __init__(self, rules: Sequence[Rule] = (), *, allow_destroy: Sequence[str] = (),
-                 severity: Severity = Severity.CRITICAL, name: str = "terraform_plan") -> None:
+                 severity: Severity = Severity.CRITICAL,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES,
+                 name: str = "terraform_plan") -> None:
         self.rules = tuple(rules)
         self.allow_destroy = tuple(allow_destroy)
         self.severity = severity
+        self.max_bytes = check_limit(max_bytes)
         self.name = name
 
     def __call__(self, proposal: object) -> Verdict:
+        if self.max_bytes is not None and isinstance(proposal, str | bytes | bytearray):
+            size = text_size(proposal) if isinstance(proposal, str) else len(proposal)
+            if size > self.max_bytes:
+                return Verdict.fail(too_large(size, self.max_bytes), check=self.name)
         try:
             plan = load_plan(proposal)
         except PlanFormatError as exc:
@@ -369,7 +459,7 @@ class TerraformPlanValidator:
     @staticmethod
     def _drift(address: str, action: object) -> Issue:
         return Issue(code="tf_drift", location=address, severity=Severity.WARNING,
-                     message=f"{address} changed outside Terraform (drift: {str(action)[:20]}); "
+                     message=f"{address} changed outside Terraform (drift: {short(action, 20)}); "
                              "the plan reconciles it")
 
     def _show(self, plan: Mapping[str, Any]) -> list[Issue]:
@@ -383,17 +473,17 @@ class TerraformPlanValidator:
                                         "is incomplete"))
         resources: list[TerraformResource] = []
         for rc in _dicts(plan.get("resource_changes")):
-            address = str(rc.get("address", "?"))
+            address = short(rc.get("address", "?"), 500)
             change = _mapping(rc.get("change"))
             actions = change.get("actions")
             if not isinstance(actions, list):
                 continue
             reason = rc.get("action_reason")
-            deposed = f" (deposed object {str(rc['deposed'])[:16]})" if rc.get("deposed") else ""
+            deposed = f" (deposed object {short(rc['deposed'], 16)})" if rc.get("deposed") else ""
             if actions in _REPLACE:
                 issues.append(self._destroy(address, "replace", _replace_detail(change, reason)))
             elif actions == ["delete"]:
-                detail = deposed or (f" ({str(reason)[:60]})" if reason else "")
+                detail = deposed or (f" ({short(reason, 60)})" if reason else "")
                 issues.append(self._destroy(address, "delete", detail))
             elif actions == ["forget"]:
                 issues.append(self._destroy(address, "remove", " from state (forget)"))
@@ -403,12 +493,12 @@ class TerraformPlanValidator:
                 if type(after) is dict or isinstance(after, Mapping):
                     unknown = _mapping(change.get("after_unknown"))
                     keys = frozenset(k for k, v in unknown.items() if v)
-                    resources.append(TerraformResource(address, str(rc.get("type", "")),
+                    resources.append(TerraformResource(address, short(rc.get("type", ""), 200),
                                                        after, keys))
         for rd in _dicts(plan.get("resource_drift")):
             actions = _mapping(rd.get("change")).get("actions")
-            issues.append(self._drift(str(rd.get("address", "?")), "+".join(
-                map(str, actions if isinstance(actions, list) else []))))
+            issues.append(self._drift(short(rd.get("address", "?"), 500), "+".join(
+                short(a, 20) for a in (actions if isinstance(actions, list) else []))))
         issues.extend(apply_rules(self.rules, resources))
         return issues
 
@@ -422,13 +512,13 @@ class TerraformPlanValidator:
             if kind not in ("planned_change", "resource_drift"):
                 continue
             change = _mapping(m.get("change"))
-            address = str(_mapping(change.get("resource")).get("addr", "?"))
+            address = short(_mapping(change.get("resource")).get("addr", "?"), 500)
             action = change.get("action")
             if kind == "resource_drift":
                 issues.append(self._drift(address, action))
                 continue
             reason = change.get("reason")
-            detail = f" ({str(reason)[:60]})" if reason else ""
+            detail = f" ({short(reason, 60)})" if reason else ""
             if action == "replace":
                 issues.append(self._destroy(address, "replace", detail))
             elif action == "delete":
@@ -464,10 +554,10 @@ def diagnostic_issues(diagnostics: Iterable[object]) -> list[Issue]:
         rng = d.get("range")
         if isinstance(rng, Mapping) and isinstance(rng.get("start"), Mapping):
             start = rng["start"]
-            where = f"{rng.get('filename', '?')}:line {start.get('line')}, column " \
-                    f"{start.get('column')}"
-        summary = str(d.get("summary") or "terraform error")
-        detail = str(d.get("detail") or "")
+            where = f"{short(rng.get('filename', '?'), 200)}:line " \
+                    f"{short(start.get('line'), 12)}, column {short(start.get('column'), 12)}"
+        summary = short(d.get("summary") or "terraform error", 1000)
+        detail = short(d.get("detail") or "", 1000)
         message = clip(f"{summary}: {detail}" if detail else summary)
         issues.append(Issue(code="tf_diagnostic", location=where, severity=severity,
                             message=message))
@@ -496,6 +586,9 @@ class TerraformCli:
     run's ``init``; set ``TF_PLUGIN_CACHE_DIR`` (in ``env`` or the environment) to share them.
     """
 
+    DEFAULT_MAX_BYTES = 8 * MiB
+    """Default ``max_bytes`` of the module's files (terraform itself parses them)."""
+
     def __init__(
         self,
         *,
@@ -504,6 +597,7 @@ class TerraformCli:
         state: str | Path | None = None,
         binary: str | None = None,
         timeout: float = 300.0,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         max_output: int = 5_000_000,
         env: Mapping[str, str] | None = None,
         if_missing: str = "skip",
@@ -515,6 +609,7 @@ class TerraformCli:
         self.state = Path(state) if state is not None else None
         self.binary = binary
         self.timeout = timeout
+        self.max_bytes = check_limit(max_bytes)
         self.max_output = max_output
         self.env = {**_ENV, **(env or {})}
         self.if_missing = check_policy(if_missing)
@@ -522,9 +617,9 @@ class TerraformCli:
         self.name = name
 
     def __call__(self, proposal: object) -> Verdict:
-        files = _as_files(proposal, self.filename)
-        if files is None:
-            return Verdict.fail(not_text(proposal, "Terraform configuration"), check=self.name)
+        files = _as_files(proposal, self.filename, "Terraform configuration", self.max_bytes)
+        if isinstance(files, Issue):
+            return Verdict.fail(files, check=self.name)
         for fname in files:
             if Path(fname).name != fname or not fname.endswith((".tf", ".tf.json", ".tfvars")):
                 return Verdict.fail(Issue(code="tf_file_name", location=fname,
