@@ -91,6 +91,22 @@ def test_dead_letter_files_hold_redacted_events(tmp_path: Path) -> None:
     assert json.loads(text)["error_message"] == "boom [REDACTED:openai_key]"
 
 
+def test_importing_a_dead_letter_file_redacts_what_it_writes(tmp_path: Path) -> None:
+    from closedloop.store._deadletter import import_dead_letter
+
+    dead = tmp_path / "old.jsonl"  # e.g. written before redaction, or by hand
+    dead.write_text(json.dumps(event(error_message=f"boom {KEY}",
+                                     detail={"dsn": DSN})._asdict()) + "\n")
+    store = open_store(tmp_path / "events.db")
+    try:
+        assert import_dead_letter(dead, store).imported == 1
+        (back,) = list(store.events())
+    finally:
+        store.close()
+    assert back.error_message == "boom [REDACTED:openai_key]"
+    assert not leaked(json.dumps(back.detail))
+
+
 @pytest.mark.parametrize("pad", [1970, 1980])
 def test_a_failing_agents_message_is_redacted_before_it_is_cut(store: Store, pad: int) -> None:
     def agent(task: str, attempt: cl.Attempt) -> str:
