@@ -11,7 +11,9 @@ import pytest
 from closedloop.control import (
     Backpressure,
     CircuitOpen,
+    Grant,
     Limits,
+    LocalRates,
     RetryBudget,
     RetryPolicy,
 )
@@ -145,3 +147,40 @@ def test_the_process_wide_backpressure_is_built_once_and_can_be_reset(
     reset_default_backpressure()
     assert default_backpressure() is not first
     reset_default_backpressure()
+
+
+class _Recording(LocalRates):
+    """The local backend, noting which tickets callers confirm."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.confirmed: list[int] = []
+
+    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
+        self.confirmed.append(ticket)
+        return super().confirm(key, limits, ticket)
+
+
+def test_a_refused_call_retries_from_its_place_in_the_queue() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+    bp = _bp(clock, backend=backend)
+    bp.call("llm", lambda: "ok")  # ticket 0
+    assert bp.call("llm", _flaky(_error(429, "0.5"))) == "ok"
+    assert set(backend.confirmed) == {1}  # the retry went with its first attempt's ticket
+    assert backend.state("llm").tickets == 2  # and did not queue again
+
+
+async def test_the_async_driver_retries_from_its_place_too() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+    bp = _bp(clock, backend=backend)
+    failures = [_error(503)]
+
+    async def call() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+    assert await bp.acall("llm", call) == "ok"
+    assert set(backend.confirmed) == {0}
+    assert backend.state("llm").tickets == 1

@@ -126,12 +126,16 @@ class Backpressure:
         budget = self._budget(key)
         budget.record_call(start)
         attempt = 0
+        ticket = -1
         while True:
             attempt += 1
             yield _ENTER, ()
             self._inc(key, 1)
             try:
-                grant: Grant = yield _ACQUIRE, (key, limits)
+                # a retry keeps the place in the queue its first attempt had (its old ticket
+                # is due): it waited its turn once already, it does not wait it again
+                grant: Grant = yield ((_CONFIRM, (key, limits, ticket)) if ticket >= 0
+                                      else (_ACQUIRE, (key, limits)))
                 while not grant.ready:
                     now = self._clock()
                     if now + grant.wait > deadline:
@@ -143,6 +147,8 @@ class Backpressure:
                     yield _SLEEP, (grant.wait,)
                     grant = yield ((_CONFIRM, (key, limits, grant.ticket)) if grant.reserved
                                    else (_ACQUIRE, (key, limits)))
+                if grant.reserved and grant.ticket >= 0:
+                    ticket = grant.ticket
                 error: BaseException | None = None
                 value: Any = None
                 try:

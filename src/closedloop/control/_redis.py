@@ -248,12 +248,13 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 
     values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
     state = KeyState()
-    for name in ("rate0", "since", "ceiling", "issued", "tat", "last_fill", "busy_since",
-                 "learned_at", "hold_until", "win_start", "win_cur", "win_prev", "opened_at",
-                 "open_for", "probe_at"):
+    for name in ("rate0", "since", "cut_at", "ceiling", "issued", "tat", "last_fill",
+                 "busy_since", "mark_at", "latency", "hold_until", "win_start", "win_cur",
+                 "win_prev", "opened_at", "open_for", "probe_at"):
         if name in values:
             setattr(state, name, values[name])
-    for name in ("tickets", "void_below", "failures", "probes", "land_ok"):
+    for name in ("tickets", "void_below", "last_out", "failures", "probes", "mark_ok",
+                 "measured"):
         if name in values:
             setattr(state, name, int(values[name]))
     state.breaker = [BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN][
