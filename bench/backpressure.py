@@ -472,8 +472,9 @@ asyncio.run(main())
 """
 
 
-def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
-                   quota: float = 0.0) -> dict[str, Any]:
+def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str, *,
+                   quota: float = 0.0, burn: int = 0) -> dict[str, Any]:
+    import subprocess
     import tempfile
     import time as wall
     import uuid
@@ -482,6 +483,8 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     provider = LoopbackProvider(rate)
+    # processes that do nothing but burn a core each, for the whole run (a loaded machine)
+    burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(burn)]
 
     async def run() -> None:
         server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
@@ -496,7 +499,12 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
         server.close()
         await server.wait_closed()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     ok = sorted(provider.ok)
     start = ok[0]
     steady = [t for t in ok if t >= start + seconds / 3]  # after learning
@@ -521,7 +529,7 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
-    return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota,
+    return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota, "burn": burn,
             "aggregate": aggregate, "ratio": aggregate / rate,
             "throttled_per_success": provider.throttled / max(1, len(ok)),
             "acquire_us": costs}
@@ -530,8 +538,9 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
 def print_redis(r: dict[str, Any]) -> None:
     told = (f"shared limiter told the quota {r['quota']:g}/s" if r["quota"]
             else "shared limiter not told R (learns it)")
+    load = f"; {r['burn']} core-burning processes alongside" if r["burn"] else ""
     print(f"\nScenario 2 (real time, Redis): R = {r['rate']:g}/s, {r['workers']} worker "
-          f"processes x 16 agents, {r['seconds']:g} s; {told}")
+          f"processes x 16 agents, {r['seconds']:g} s; {told}{load}")
     print(f"aggregate rate over the last two thirds: {r['aggregate']:.1f}/s = "
           f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f})")
     (rp50, rp99), (lp50, lp99) = r["acquire_us"]["redis"], r["acquire_us"]["local"]
@@ -560,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quota", type=float, default=0.0,
                         help="scenario 2: tell the shared limiter the provider's quota (0: learn)")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--burn", type=int, default=0,
+                        help="scenario 2: start this many core-burning processes alongside")
+    parser.add_argument("--runs", type=int, default=1, help="scenario 2: consecutive runs")
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
@@ -581,12 +593,13 @@ def main(argv: list[str] | None = None) -> int:
             print_check(rows, args.agents, check_duration, args.provider_burst,
                         not args.refuse_late)
     if args.only in (None, "redis"):
-        found = scenario_redis(args.redis_rate, args.workers, args.seconds, args.redis_url,
-                               args.quota)
-        if args.json:
-            print(json.dumps(found, indent=2))
-        else:
-            print_redis(found)
+        for _ in range(args.runs):
+            found = scenario_redis(args.redis_rate, args.workers, args.seconds,
+                                   args.redis_url, quota=args.quota, burn=args.burn)
+            if args.json:
+                print(json.dumps(found, indent=2))
+            else:
+                print_redis(found)
     return 0
 
 

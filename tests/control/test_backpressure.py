@@ -155,10 +155,12 @@ class _Recording(LocalRates):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__(clock=clock)
         self.confirmed: list[int] = []
+        self.lateness: list[float] = []
 
-    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
         self.confirmed.append(ticket)
-        return super().confirm(key, limits, ticket)
+        self.lateness.append(late)
+        return super().confirm(key, limits, ticket, late)
 
 
 def test_a_refused_call_retries_from_its_place_in_the_queue() -> None:
@@ -184,3 +186,16 @@ async def test_the_async_driver_retries_from_its_place_too() -> None:
     assert await bp.acall("llm", call) == "ok"
     assert set(backend.confirmed) == {0}
     assert backend.state("llm").tickets == 1
+
+
+def test_the_driver_tells_the_key_how_late_a_waiter_woke() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+
+    def oversleep(seconds: float) -> None:
+        clock.sleep(seconds + 0.02)  # a loaded machine wakes it 20 ms late
+    bp = Backpressure(clock=clock, sleep=oversleep, backend=backend,
+                      limits=Limits(initial_rate=10.0, slow_start=1.0))
+    bp.call("llm", lambda: "ok")
+    bp.call("llm", lambda: "ok")  # waits for its slot, 100 ms later
+    assert backend.lateness == [pytest.approx(0.02)]

@@ -361,3 +361,24 @@ def test_callers_wait_alike_once_the_rate_is_learned(rate: float, burst: int) ->
     _learn(rate, burst)
     waits.sort()
     assert waits[int(0.99 * len(waits))] <= 1.3 * waits[len(waits) // 2]
+
+
+def test_a_caller_that_overslept_does_not_cost_the_next_its_slot() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]  # slots at 0, 0.1, 0.2
+    assert state.confirm(FIXED, 0.13, grants[1].ticket, late=0.03).ready  # 30 ms late
+    assert state.confirm(FIXED, 0.2, grants[2].ticket).ready  # the schedule was kept
+
+
+def test_lateness_the_caller_does_not_report_is_not_caught_up() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]
+    assert state.confirm(FIXED, 0.13, grants[1].ticket).ready  # late, but says nothing:
+    assert not state.confirm(FIXED, 0.2, grants[2].ticket).ready  # maybe the key was idle
+
+
+def test_lateness_beyond_the_catch_up_window_is_not_caught_up() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]
+    assert state.confirm(FIXED, 0.4, grants[1].ticket, late=0.3).ready
+    assert not state.confirm(FIXED, 0.42, grants[2].ticket).ready

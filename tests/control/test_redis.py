@@ -47,6 +47,10 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     out += grants
     queued = [backend.acquire("k", FIXED) for _ in range(100)]  # callers keep the key busy
     out.append(queued[-1])
+    at(0.13)
+    out.append(backend.confirm("k", FIXED, grants[1].ticket, 0.03))  # overslept by 30 ms
+    at(0.2)
+    out.append(backend.confirm("k", FIXED, grants[2].ticket))  # its slot was kept
     at(0.3)
     out.append(backend.confirm("k", FIXED, grants[3].ticket))
     for i in range(20):

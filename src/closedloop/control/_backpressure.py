@@ -134,7 +134,8 @@ class Backpressure:
             try:
                 # a retry keeps the place in the queue its first attempt had (its old ticket
                 # is due): it waited its turn once already, it does not wait it again
-                grant: Grant = yield ((_CONFIRM, (key, limits, ticket)) if ticket >= 0
+                sent = self._clock()
+                grant: Grant = yield ((_CONFIRM, (key, limits, ticket, 0.0)) if ticket >= 0
                                       else (_ACQUIRE, (key, limits)))
                 while not grant.ready:
                     now = self._clock()
@@ -145,8 +146,13 @@ class Backpressure:
                                   f"{grant.wait:.2f}s, past the call's deadline",
                                   key=key, wait=grant.wait)
                     yield _SLEEP, (grant.wait,)
-                    grant = yield ((_CONFIRM, (key, limits, grant.ticket)) if grant.reserved
-                                   else (_ACQUIRE, (key, limits)))
+                    # how late it comes back: overslept, plus the round trips to the state
+                    # (the last one's again for the next); the key catches that up
+                    again = self._clock()
+                    late = 2.0 * (now - sent) + max(0.0, again - now - grant.wait)
+                    sent = again
+                    grant = yield ((_CONFIRM, (key, limits, grant.ticket, late))
+                                   if grant.reserved else (_ACQUIRE, (key, limits)))
                 if grant.reserved and grant.ticket >= 0:
                     ticket = grant.ticket
                 error: BaseException | None = None

@@ -15,7 +15,7 @@ local S = {}
 for i = 1, #raw, 2 do S[raw[i]] = tonumber(raw[i + 1]) end
 local function g(name) return S[name] or 0 end
 local CLOSED, OPEN, HALF = 0, 1, 2
-local WAKE_SLACK, LANDING_OKS, LANDING_HOLD = 0.004, 8, 1.0
+local WAKE_SLACK, CATCH_UP, LANDING_OKS, LANDING_HOLD = 0.004, 0.05, 8, 1.0
 
 local function count(name) S['c:' .. name] = g('c:' .. name) + 1 end
 
@@ -48,6 +48,8 @@ local function rate_at(t_now)
     local x = t - math.pow((1 - frac) / L.cubic, 1 / 3)
     if x <= 0 then
       r = g('ceiling') * (1 + L.cubic * x * x * x)
+    elseif g('measured') == 0 then
+      r = g('ceiling') * math.pow(L.slow_start, x)
     else
       r = g('ceiling') * (1 + L.probe * x + L.probe_cubic * x * x * x)
     end
@@ -99,7 +101,7 @@ end
 -- result: wait, ticket, at, reserved, probe, reason
 local result = nil
 
-local function turn(ticket)
+local function turn(ticket, late)
   fill()
   local r = rate_at(now)
   local short = ticket + 1 - g('issued')
@@ -109,9 +111,14 @@ local function turn(ticket)
   end
   local early = g('tat') - now - (L.burst - 1) / r
   if early > 1e-9 then return {early, ticket, now + early, 1, 0, ''} end
+  -- a late waker keeps the schedule, as far as it says it overslept (see _core.py)
+  local lag = math.min(late or 0, CATCH_UP, now - g('tat'))
+  if lag > 0 and g('issued') >= head() + L.burst - 1e-9 then
+    S.issued = math.min(g('tickets') + L.burst - 1, g('issued') + lag * r)
+  end
   S.last_out = math.max(g('last_out'), ticket)
-  -- late by less than min(interval, WAKE_SLACK): keep the schedule (see _core.py)
-  if now - g('tat') < math.min(1 / r, WAKE_SLACK) then S.tat = g('tat') + 1 / r
+  local slack = math.max(math.min(1 / r, WAKE_SLACK), lag + 1e-9)
+  if now - g('tat') < slack then S.tat = g('tat') + 1 / r
   else S.tat = now + 1 / r end
   return {0, ticket, now, 1, 0, ''}
 end
@@ -146,7 +153,7 @@ local function acquire()
   local ticket = g('tickets')
   S.tickets = ticket + 1
   count('granted')
-  return turn(ticket)
+  return turn(ticket, 0)
 end
 
 local function feedback(signal, admitted_at, retry_after)
@@ -217,7 +224,7 @@ elseif op == 'confirm' then
     count('requeued')
     result = acquire()
   else
-    result = turn(ticket)
+    result = turn(ticket, tonumber(ARGV[6]))
   end
 elseif op == 'feedback' then
   feedback(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))

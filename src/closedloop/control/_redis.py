@@ -132,7 +132,7 @@ class RedisRates:
         if op == "acquire":
             return self._fallback.acquire(key, local)
         if op == "confirm":
-            return self._fallback.confirm(key, local, rest[0])
+            return self._fallback.confirm(key, local, rest[0], rest[1])
         self._fallback.feedback(key, local, rest[0], rest[1], rest[2])
         return None
 
@@ -179,8 +179,8 @@ class RedisRates:
         assert grant is not None
         return grant
 
-    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        grant = self._call("confirm", key, limits, ticket)
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
+        grant = self._call("confirm", key, limits, ticket, repr(late))
         assert grant is not None
         return grant
 
@@ -193,8 +193,9 @@ class RedisRates:
         assert grant is not None
         return grant
 
-    async def aconfirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        grant = await self._acall("confirm", key, limits, ticket)
+    async def aconfirm(self, key: str, limits: Limits, ticket: int,
+                       late: float = 0.0) -> Grant:
+        grant = await self._acall("confirm", key, limits, ticket, repr(late))
         assert grant is not None
         return grant
 
