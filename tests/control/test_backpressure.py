@@ -199,3 +199,20 @@ def test_the_driver_tells_the_key_how_late_a_waiter_woke() -> None:
     bp.call("llm", lambda: "ok")
     bp.call("llm", lambda: "ok")  # waits for its slot, 100 ms later
     assert backend.lateness == [pytest.approx(0.02)]
+
+
+def test_the_plan_yields_typed_operations_in_order() -> None:
+    from closedloop.control._backpressure import Acquire, Call, Enter, Leave, Report
+
+    clock = FakeClock()
+    bp = _bp(clock)
+    plan = bp._plan("llm", bp.limits)
+    ops = [next(plan)]
+    ops.append(plan.send(None))  # entered
+    ops.append(plan.send(bp.backend.acquire("llm", bp.limits)))
+    ops.append(plan.send("ok"))  # the call's value
+    ops.append(plan.send(None))  # reported
+    assert [type(op) for op in ops] == [Enter, Acquire, Call, Report, Leave]
+    report = ops[3]
+    assert isinstance(report, Report)
+    assert (report.key, report.signal.value) == ("llm", "ok")
