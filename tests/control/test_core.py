@@ -382,3 +382,12 @@ def test_lateness_beyond_the_catch_up_window_is_not_caught_up() -> None:
     grants = [state.acquire(FIXED, 0.0) for _ in range(3)]
     assert state.confirm(FIXED, 0.4, grants[1].ticket, late=0.3).ready
     assert not state.confirm(FIXED, 0.42, grants[2].ticket).ready
+
+
+def test_callers_behind_a_head_that_has_not_woken_up_are_not_held_back() -> None:
+    limits = Limits(initial_rate=100.0, slow_start=1.0)  # a slot every 10 ms
+    state = KeyState()
+    grants = [state.acquire(limits, 0.0) for _ in range(3)]
+    assert grants[0].ready
+    # the head's slot came at 10 ms, but its caller is still asleep at 30 ms
+    assert state.confirm(limits, 0.03, grants[2].ticket).ready

@@ -91,6 +91,11 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     out.append(backend.acquire("k", FIXED))
     snap = backend.snapshot("k", FIXED)
     out.append({k: snap[k] for k in ("rate", "ceiling", "breaker", "failures", "counts")})
+    fast = Limits(initial_rate=100.0, slow_start=1.0)
+    at(10)
+    heads = [backend.acquire("fast", fast) for _ in range(3)]
+    at(10.03)  # the head's caller is still asleep: the one behind it may go
+    out += [*heads, backend.confirm("fast", fast, heads[2].ticket)]
     return out
 
 

@@ -244,8 +244,11 @@ class KeyState:
             # tokens are not issued further than the burst ahead of the queue's head: a
             # backlog of due tickets held back by the spacing would race for each slot in
             # no order (the wait's tail was 2.4x the oracle's at 200/s), and would make a
-            # busy key look idle
-            self.issued = min(self.issued, self._head() + limits.burst)
+            # busy key look idle. Unless the head is late for its slot (its caller has not
+            # woken up yet): then they keep coming for up to CATCH_UP, so that the callers
+            # behind it do not all wait for it
+            late = min(CATCH_UP, max(0.0, now - self.tat))
+            self.issued = min(self.issued, self._head() + limits.burst + late * rate)
         self.last_fill = now
 
     def _head(self) -> int:

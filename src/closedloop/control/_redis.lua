@@ -74,7 +74,8 @@ local function fill()
     else
       S.issued = g('issued') + r * dt
     end
-    S.issued = math.min(g('issued'), head() + L.burst)
+    local late = math.min(CATCH_UP, math.max(0, now - g('tat')))
+    S.issued = math.min(g('issued'), head() + L.burst + late * r)
   end
   S.last_fill = now
 end
