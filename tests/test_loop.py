@@ -687,8 +687,12 @@ def test_an_action_cannot_be_changed_by_an_observer(memory_store: cl.Store) -> N
 
 
 def test_passing_verdicts_name_their_check(memory_store: cl.Store) -> None:
+    def present(intent: int, result: str) -> bool:
+        return True
+
     result = cl.Loop(lambda t, a: t, task_type="t", validators=[positive], executor=Recorder(),
-                     verifiers=[lambda i, r: True], store=memory_store).run(1)
+                     verifiers=[present], store=memory_store).run(1)
     assert [(v.check, v.passed, v.issues) for v in result.validation] == [
         ("positive", True, ())]
-    assert [(v.check, v.passed) for v in result.verification] == [("<lambda>", True)]
+    assert [(v.check, v.passed, v.issues) for v in result.verification] == [
+        (present.__qualname__, True, ())]

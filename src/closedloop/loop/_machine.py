@@ -153,17 +153,21 @@ class StepSpec:
     wallclock: Callable[[], float]
     fail_open: bool = False
     """Admit when a guard cannot decide (raises) instead of refusing: an explicit opt-in."""
+    admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
+    """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
     """Each check's passing verdict, built once: the verdict of a check returning None/True."""
 
     def __post_init__(self) -> None:
+        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards)
         passes = {name: Verdict(check=name) for name, _ in (*self.validators, *self.verifiers)}
+        object.__setattr__(self, "admissions", admissions)
         object.__setattr__(self, "passes", passes)
 
 
 def new_trace_id() -> str:
     """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
-    return f"{random.getrandbits(128):032x}"
+    return "%032x" % random.getrandbits(128)  # noqa: UP031 - faster than an f-string here
 
 
 def _describe(exc: BaseException) -> str:
@@ -204,21 +208,24 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     agent or executor raised, so that fault control sees every step.
     """
     step = _Step(spec, task_input, trace_id)
-    ending = yield from step.admit()
+    ending = (yield from step.admit()) if spec.guards else None
     if ending is None:
-        ending = yield from step.propose()
+        ending = _AGAIN
+        while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
+            yield from step.propose()
+            ending = (yield from step.validate()) if spec.validators else None
     if ending is None:
         ending = yield from step.act()
     if ending is None:
-        ending = yield from step.verify()
+        ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
     return step.finish(ending)
 
 
 class _Step:
     """One step's state, shared by its stages; each stage is a generator of actions."""
 
-    __slots__ = ("act_s", "acted_at", "admitted_open", "attempt", "checked", "clock", "history",
-                 "proposal", "propose_s", "result", "spec", "started", "task_input",
+    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "mark",
+                 "noted", "proposal", "propose_s", "result", "spec", "started", "task_input",
                  "trace_id", "ts", "validate_s", "validation_passed", "verdicts",
                  "verification_passed", "verify_s")
 
@@ -231,12 +238,14 @@ class _Step:
         self.ts = spec.wallclock()
         self.attempt = Attempt(number=1, trace_id=trace_id, task_type=spec.task_type,
                                backpressure=spec.backpressure)
-        self.propose_s = self.validate_s = self.act_s = self.verify_s = self.acted_at = 0.0
+        self.propose_s = self.validate_s = self.act_s = self.verify_s = 0.0
+        self.mark = 0.0  # the clock after the last hook call: the next stage's timer starts there
         self.history: list[dict[str, Any]] = []
         self.proposal: Any = None
         self.result: Any = None
-        self.verdicts: list[Verdict] = []
+        self.verdicts: Sequence[Verdict] = ()
         self.checked: list[Verdict] = []
+        self.noted: list[dict[str, Any]] | None = None  # verifier verdicts worth recording
         self.validation_passed: bool | None = None
         self.verification_passed: bool | None = None
         self.admitted_open: list[str] = []  # guards that could not decide, admitted by fail_open
@@ -249,9 +258,9 @@ class _Step:
         """
         spec = self.spec
         task_type = spec.task_type
-        for guard in spec.guards:
+        for action in spec.admissions:
             try:
-                refusal: Admission | None = yield Admit(guard.admit, (task_type,), guard)
+                refusal: Admission | None = yield action
             except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
                 why = f"admission could not be decided: {_describe(exc)}"
                 if _warn_now(task_type, spec.fail_open, self.clock()):
@@ -267,30 +276,26 @@ class _Step:
                 return _Ending(refusal.outcome, refusal.error_type, refusal.reason)
         return None
 
-    # ----- propose → validate, re-asking with feedback up to max_attempts ---------------------
-    def propose(self) -> Generator[Action, Any, _Ending | None]:
-        """Ask the agent, validate its proposal, and re-ask with the feedback until it passes."""
-        spec, attempt, clock = self.spec, self.attempt, self.clock
-        while True:
-            t = clock()
-            token = _current_attempt.set(attempt)
-            try:
-                self.proposal = yield Propose(spec.agent, (self.task_input, attempt))
-            except Exception as exc:
-                self.propose_s += clock() - t
-                self.finish(_Ending(Outcome.ERROR, ErrorType.AGENT, _describe(exc)), exc)
-                raise
-            finally:
-                _current_attempt.reset(token)
-            now = clock()
-            self.propose_s += now - t
-            ending = yield from self.validate(now)
-            if ending is not _AGAIN:
-                return ending
+    # ----- propose → validate (the re-ask loop is step_machine's) -------------------------------
+    def propose(self) -> Generator[Action, Any, None]:
+        """Ask the agent for a proposal (with the last attempt's feedback, on a re-ask)."""
+        attempt, clock = self.attempt, self.clock
+        t = clock()
+        token = _current_attempt.set(attempt)
+        try:
+            self.proposal = yield Propose(self.spec.agent, (self.task_input, attempt))
+        except Exception as exc:
+            self.propose_s += clock() - t
+            self.finish(_Ending(Outcome.ERROR, ErrorType.AGENT, _describe(exc)), exc)
+            raise
+        finally:
+            _current_attempt.reset(token)
+        self.mark = now = clock()
+        self.propose_s += now - t
 
-    def validate(self, now: float) -> Generator[Action, Any, _Ending | None]:
+    def validate(self) -> Generator[Action, Any, _Ending | None]:
         """Run every validator on the proposal; ``_AGAIN`` asks the agent for another."""
-        clock, proposal, passes = self.clock, self.proposal, self.spec.passes
+        clock, proposal, passes, now = self.clock, self.proposal, self.spec.passes, self.mark
         verdicts: list[Verdict] = []
         self.verdicts = verdicts
         clean = True  # every check returned None/True: nothing to judge
@@ -317,7 +322,7 @@ class _Step:
             self.validate_s += now - t
             verdicts.append(verdict)
         if clean:
-            self.validation_passed = True if verdicts else None  # None: nothing was validated
+            self.validation_passed = True
             return None
         return self._judge(verdicts)
 
@@ -368,7 +373,7 @@ class _Step:
             self.act_s += clock() - t
             self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
             raise
-        self.acted_at = now = clock()
+        self.mark = now = clock()
         self.act_s += now - t
         return None
 
@@ -377,7 +382,7 @@ class _Step:
         """Compare the real state with the intent, with every verifier."""
         clock, passes, intent, result = self.clock, self.spec.passes, self.task_input, self.result
         checked = self.checked
-        now = self.acted_at  # the stage timings chain: no clock reading between stages
+        now = self.mark
         clean, crashed = True, False
         for name, check in self.spec.verifiers:
             t = now
@@ -395,11 +400,11 @@ class _Step:
             now = clock()
             self.verify_s += now - t
             checked.append(verdict)
-        if not checked:
-            return _SUCCEEDED
         if clean:
             self.verification_passed = True
             return _SUCCEEDED
+        # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
+        self.noted = _failed(checked) or None
         failing = [v for v in checked if not v.passed]
         if not failing:
             self.verification_passed = True
@@ -416,11 +421,9 @@ class _Step:
     def finish(self, ending: _Ending,
                exception: BaseException | None = None) -> StepResult[Any, Any]:
         """Record the step's event, show it to the guards, and build the caller's result."""
-        spec, trace_id, checked, history = self.spec, self.trace_id, self.checked, self.history
+        spec, trace_id, history, noted = self.spec, self.trace_id, self.history, self.noted
         outcome, error_type, error_message = ending
         detail: dict[str, Any] | None = None
-        # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
-        noted = _failed(checked) if checked else None
         if history or exception is not None or noted or self.admitted_open:
             detail = {}
             if self.admitted_open:
@@ -469,6 +472,7 @@ class _Step:
             exception.add_note(f"closedloop: recorded as step {trace_id} ({spec.task_type})")
         return StepResult(
             trace_id=trace_id, outcome=outcome, proposal=self.proposal, result=self.result,
-            attempts=attempt.number, validation=tuple(self.verdicts), verification=tuple(checked),
+            attempts=attempt.number, validation=tuple(self.verdicts),
+            verification=tuple(self.checked),
             error_type=error_type, error_message=error_message, event=event,
         )
