@@ -1,6 +1,7 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
-Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``).
+Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
+``--parts``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
    into a SQLite store (WAL, background writer), against the same four calls made bare. Both
@@ -9,7 +10,9 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    of the stepping thread alone (``time.thread_time``) is reported: it leaves out the store's
    writer thread and other processes on a shared machine, so it is the steadier figure to
    compare two versions of the loop with (wall time includes what the writer takes of the GIL).
-2. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
+2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
+   see where the overhead goes.
+3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
    timed until ``flush()`` returns (every event durable in the file), in events per second.
 """
 
@@ -88,6 +91,47 @@ def bench_overhead(steps: int, rounds: int, folder: Path) -> dict[str, float]:
     }
 
 
+def bench_parts(folder: Path) -> list[tuple[str, float]]:
+    """Nanoseconds per call of each piece of the step path, timed alone."""
+    import timeit
+
+    from closedloop.loop._machine import Validate
+    from closedloop.loop._result import StepResult
+
+    store = cl.open_store(folder / "parts.db", max_queue=2_000_000)
+    loop = cl.Loop(agent, task_type="bench", validators=[validator], executor=executor,
+                   verifiers=[verifier], store=store)
+    event = loop.run(1).event
+    assert event is not None
+    guard = loop._spec.guards[0]
+    v = 1
+    fields = cl.StepEvent._fields
+    names = {"StepEvent": cl.StepEvent, "StepResult": StepResult, "Attempt": cl.Attempt,
+             "Validate": Validate, "guard": guard, "event": event, "v": v, "store": store,
+             "loop": loop, "validator": validator}
+    pieces = [
+        ("Loop.run, whole step", "loop.run(1)"),
+        ("StepEvent by keyword (19 fields)",
+         "StepEvent(" + ", ".join(f"{f}=v" for f in fields) + ")"),
+        ("StepEvent positional (19 fields)", "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
+        ("StepResult (frozen dataclass)",
+         "StepResult(trace_id='x', outcome='succeeded', proposal=1, result=1, attempts=1, "
+         "validation=(), verification=(), error_type=None, error_message=None, event=event)"),
+        ("Attempt", "Attempt(number=1, trace_id='x', task_type='t', backpressure=None)"),
+        ("one typed action (Validate)", "Validate(validator, (v,), 'validator')"),
+        ("FaultControl.admit", "guard.admit('bench')"),
+        ("FaultControl.observe", "guard.observe(event)"),
+        ("Store.record", "store.record(event)"),
+    ]
+    out = []
+    for name, stmt in pieces:
+        n = 20_000
+        best = min(timeit.repeat(stmt, globals=names, number=n, repeat=7)) / n
+        out.append((name, best * 1e9))
+    store.close()
+    return out
+
+
 def bench_ingest(events: int, folder: Path) -> dict[str, float]:
     store = cl.open_store(folder / "ingest.db", max_queue=events + 1)
     template = cl.StepEvent(
@@ -120,6 +164,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
     parser.add_argument("--events", type=int, default=500_000, help="events for ingest")
+    parser.add_argument("--parts", action="store_true", help="time the step path's pieces")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +175,9 @@ def main() -> int:
         print(f"bare calls p50  {o['bare_step_us_p50']:8.2f} µs")
         print(f"overhead p50    {o['overhead_us_p50']:8.2f} µs per step  (target ≤ 10 µs)")
         print(f"  thread CPU    {o['overhead_cpu_us_p50']:8.2f} µs per step  (this thread only)")
+        if args.parts:
+            for name, ns in bench_parts(folder):
+                print(f"  {name:34s} {ns:8.0f} ns")
         i = bench_ingest(args.events, folder)
         print(f"ingest          {i['ingest_events_per_s']:10,.0f} events/s  "
               f"({int(i['events']):,} events, record() {i['record_call_us']:.2f} µs; "
