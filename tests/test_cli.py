@@ -158,8 +158,8 @@ def test_missing_store_file_is_an_error_and_is_not_created(tmp_path: Path) -> No
 
 
 def test_unsupported_store_url_exits_2(tmp_path: Path) -> None:
-    assert_one_line_error(invoke("report", "--store", "postgres://x"), 2,
-                          "unsupported store URL 'postgres://x'")
+    assert_one_line_error(invoke("report", "--store", "mysql://x"), 2,
+                          "unsupported store URL 'mysql://x'")
 
 
 def test_store_url_without_a_path_exits_2() -> None:

@@ -1,7 +1,9 @@
 """The event store: where every step's event lands, chosen by URL.
 
 ``sqlite:///PATH`` (the default; a relative PATH is relative to the working directory,
-``sqlite:////abs/path`` is absolute) or ``memory://``. A plain file path is read as a SQLite
+``sqlite:////abs/path`` is absolute), ``memory://``, ``postgresql://USER@HOST/DB?schema=NAME``
+(the ``postgres`` extra) or a plug-in's scheme (:mod:`closedloop.store._registry`). A plain
+file path is read as a SQLite
 file. ``CLOSEDLOOP_STORE`` sets the default; without it the default is
 ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 """
@@ -17,6 +19,7 @@ from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
 from closedloop.store._memory import MemoryBackend
+from closedloop.store._registry import open_backend, register_scheme, sqlite_path
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend
 from closedloop.store._writer import BatchWriter, WriterStats
 
@@ -31,7 +34,9 @@ __all__ = [
     "default_store",
     "default_store_url",
     "is_default_store",
+    "open_backend",
     "open_store",
+    "register_scheme",
     "reset_default_store",
 ]
 
@@ -95,13 +100,6 @@ class Store:
         return f"Store({self.url!r})"
 
 
-def _sqlite_path(url: str) -> Path:
-    rest = url[len("sqlite:///"):]
-    if not rest:
-        raise ConfigError(f"store URL {url!r} has no path; use sqlite:///PATH")
-    return Path(rest).expanduser()
-
-
 def open_store(
     url: str | os.PathLike[str],
     *,
@@ -124,13 +122,11 @@ def open_store(
         return Store(MemoryBackend(), max_queue=max_queue, batch_size=batch_size,
                      flush_interval=flush_interval)
     if text.startswith("sqlite:///"):
-        path = _sqlite_path(text)
+        path = sqlite_path(text)
     elif "://" in text or text.startswith("sqlite:"):
-        scheme = text.split(":", 1)[0]
-        raise ConfigError(
-            f"unsupported store URL {text!r} (scheme {scheme!r}); "
-            "use sqlite:///PATH or memory://"
-        )
+        # every other scheme (PostgreSQL, plug-ins) comes from the registry
+        return Store(open_backend(text, create=create), max_queue=max_queue,
+                     batch_size=batch_size, flush_interval=flush_interval)
     else:
         path = Path(text).expanduser()
     if not create and not path.exists():
