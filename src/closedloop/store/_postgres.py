@@ -221,10 +221,9 @@ class PostgresBackend:
         with self._pool_lock:
             if self._pool is not None and self._pool_pid == pid:
                 return self._pool
-            if self._pool is not None:
-                # inherited through fork: its sockets are the parent's; closing them here
-                # would end the parent's sessions, so the child only forgets them
-                _inherited.append(self._pool)
+            # A pool inherited through fork holds the parent's sockets: closing it would end
+            # the parent's sessions, so the child only forgets it (psycopg never finishes a
+            # connection from another process when it is garbage-collected).
             self._pool = ConnectionPool(
                 self._conninfo, min_size=1, max_size=self._pool_size, open=True,
                 timeout=self._connect_timeout, num_workers=1,
@@ -324,9 +323,6 @@ class PostgresBackend:
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
-
-
-_inherited: list[object] = []  # pools a forked child must never close (see ``pool``)
 
 
 def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
