@@ -225,3 +225,17 @@ def test_processes_creating_one_store_at_once_migrate_it_once(shared_url: str) -
             assert [r[0] for r in rows] == list(range(1, PG_VERSION + 1))
     finally:
         backend.close()
+
+
+def test_detail_values_json_cannot_hold_are_stored_as_text(any_url: str) -> None:
+    import datetime
+
+    odd = event(1)._replace(detail={"when": datetime.date(2026, 12, 1), "n": 1})
+    with cl.open_store(any_url) as store:
+        store.record(odd)
+        assert store.flush()
+        (back,) = store.events()
+    if any_url == "memory://":  # nothing is serialised in memory
+        assert back == odd
+    else:
+        assert back.detail == {"when": "2026-12-01", "n": 1}

@@ -82,6 +82,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# the column types of ``events`` in EVENT_FIELDS order, for binary COPY
+_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
+               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
+               "jsonb")
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INSTALL = "pip install 'closedloop[postgres]'"
@@ -150,12 +154,8 @@ def _has_surrogate(text: str) -> bool:
 
 
 def _clean_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    cleaned = [_clean(v) for v in row]
-    detail = cleaned[-1]
-    if isinstance(detail, str):
-        # JSON text escapes NUL as \\u0000, which jsonb refuses; surrogates as \\udxxx
-        cleaned[-1] = json.dumps(_clean_json(json.loads(detail)), separators=(",", ":"))
-    return tuple(cleaned)
+    """``row`` (an event tuple, ``detail`` a dict) with every text cleaned by :func:`_clean`."""
+    return tuple(_clean_json(v) for v in row)
 
 
 def _clean_json(value: Any) -> Any:
@@ -195,7 +195,7 @@ class PostgresBackend:
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
         s = sql.Identifier(self.schema)
-        self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN").format(
+        self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
             s, sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS))
         self._select = sql.SQL("SELECT {} FROM {}.events").format(
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
@@ -226,6 +226,7 @@ class PostgresBackend:
             # connection from another process when it is garbage-collected).
             self._pool = ConnectionPool(
                 self._conninfo, min_size=1, max_size=self._pool_size, open=True,
+                configure=_configure,
                 timeout=self._connect_timeout, num_workers=1,
                 name=f"closedloop-{self.schema}",
                 kwargs={"connect_timeout": max(1, int(self._connect_timeout))})
@@ -246,15 +247,17 @@ class PostgresBackend:
             if missing:
                 ensure_partitions(conn, self.schema, missing)
                 self._partitions |= missing
-            rows = [e.to_row() for e in events]
             try:
-                self._copy_rows(conn, rows)
+                self._copy_rows(conn, events)
             except (psycopg.DataError, UnicodeEncodeError):
                 # NUL or a lone surrogate somewhere: write the same batch with them replaced
-                self._copy_rows(conn, [_clean_row(r) for r in rows])
+                self._copy_rows(conn, [_clean_row(e) for e in events])
 
-    def _copy_rows(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> None:
+    def _copy_rows(self, conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
+        # binary COPY: no float text to format here or to parse on the server; the event
+        # tuples go as they are (``detail`` dumped as jsonb by psycopg)
         with conn.transaction(), conn.cursor() as cur, cur.copy(self._copy) as copy:
+            copy.set_types(_COPY_TYPES)
             write = copy.write_row
             for row in rows:
                 write(row)
@@ -323,6 +326,17 @@ class PostgresBackend:
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
+
+
+def _dumps(value: Any) -> str:
+    # as StepEvent.to_row (SQLite): anything JSON cannot hold is stored as its str()
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    from psycopg.types.json import set_json_dumps
+
+    set_json_dumps(_dumps, context=conn)
 
 
 def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
