@@ -246,7 +246,7 @@ def test_installed_command_reports_and_fails_without_tracebacks(db: Path, tmp_pa
     assert "overall" in table.stdout
     for args, code in [
         (("report",), 1),  # no store file at the default
-        (("report", "--store", "postgres://x"), 2),
+        (("report", "--store", "mysql://x"), 2),
         (("report", "--since", "yesterday-ish"), 2),
         (("report", "--store", str(tmp_path)), 1),
     ]:
