@@ -8,7 +8,12 @@ shared by the module; each test checks one thing a user of the demo relies on. T
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from closedloop.demo._ec2 import (
     count_running,
     provision_environment,
 )
-from closedloop.demo._plan import no_destructive_actions, plan_schema
+from closedloop.demo._plan import no_destructive_actions, plan_schema, required_tags
 
 pytestmark = pytest.mark.slow
 
@@ -390,6 +395,7 @@ def test_cli_demo_prints_a_table_and_how_to_see_the_report(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "Caught by verification" in result.stdout
     assert "closedloop report --store" in result.stdout
+    assert "closedloop traces list --task-type ec2.provision --store" in result.stdout
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])
@@ -417,3 +423,190 @@ def test_cli_without_moto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch
 def test_run_demo_rejects_a_non_positive_request_count() -> None:
     with pytest.raises(cl.ConfigError, match="positive integer"):
         run_demo(0)
+
+
+# -- the quickstart leads somewhere: every command shows the demo's steps ----------------------
+
+
+QUICK = 30  # seed 7: a few of each outcome, and missing tags among the semantic faults
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """``closedloop demo --json`` into a fresh store, as a new user runs it: (URL, summary)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('quick') / 'events.db'}"
+    result = CliRunner().invoke(main, ["demo", "--requests", str(QUICK), "--store", url,
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    return url, json.loads(result.stdout)
+
+
+def cli_json(*args: str) -> Any:
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def demo_traces(url: str) -> set[str]:
+    with cl.open_store(url) as store:
+        return {e.trace_id for e in store.events()}
+
+
+def test_the_demo_says_what_to_run_next(quick: tuple[str, dict[str, Any]]) -> None:
+    url, summary = quick
+    assert summary["traces"] == {"recorded": True, "scores_written": QUICK}
+    commands = [line.split(" --store ")[0] for line in summary["next_steps"]]
+    assert commands == [
+        "closedloop report",
+        "closedloop traces list --task-type ec2.provision",
+        "closedloop replay --task-type ec2.provision --validator closedloop.demo:required_tags",
+        "closedloop scores list --name plan_correct",
+        "closedloop serve --metrics --from-start",
+    ]
+    assert all(line.endswith(f"--store {shlex.quote(url)}") for line in summary["next_steps"])
+
+
+def test_traces_list_and_show_the_demo_steps(quick: tuple[str, dict[str, Any]]) -> None:
+    url, _ = quick
+    listed = cli_json("traces", "list", "--task-type", "ec2.provision", "--limit", "1000",
+                      "--store", url)
+    assert {t["trace_id"] for t in listed} == demo_traces(url)
+    shown = CliRunner().invoke(main, ["traces", "show", listed[0]["trace_id"], "--store", url])
+    assert shown.exit_code == 0, shown.output
+    for stage in ("closedloop.step", "closedloop.attempt", "invoke_agent provisioning-agent",
+                  "closedloop.validate"):
+        assert stage in shown.stdout, stage
+
+
+def test_replay_replays_every_demo_proposal(quick: tuple[str, dict[str, Any]]) -> None:
+    url, _ = quick
+    truth = drive(SEED, QUICK).by_trace().values()
+    missing_tag = sum(entries[-1].kind is FaultKind.MISSING_TAG for entries in truth)
+    assert missing_tag >= 1
+    report = cli_json("replay", "--task-type", "ec2.provision",
+                      "--validator", "closedloop.demo:required_tags", "--store", url)
+    assert (report["steps"], report["not_replayable"]) == (QUICK, 0)
+    (check,) = report["checks"]
+    assert (check["replayed"], check["crashed"]) == (QUICK, 0)
+    # it catches exactly the verification failures due to a missing tag, and no success
+    assert (check["caught_verification_failures"], check["blocked_successes"]) == (
+        missing_tag, 0)
+
+
+def test_scores_grade_every_demo_step(quick: tuple[str, dict[str, Any]]) -> None:
+    url, summary = quick
+    scores = cli_json("scores", "list", "--name", "plan_correct", "--store", url)
+    assert {s["trace_id"] for s in scores} == demo_traces(url)
+    assert {s["source"] for s in scores} == {"rule"}
+    correct = sum(s["value"] == 1.0 for s in scores)
+    assert correct == summary["expected"]["succeeded"]
+    report = cli_json("report", "--store", url)
+    assert "plan_correct" in json.dumps(report["scores"])
+
+
+def test_serve_exposes_the_demo_steps_as_metrics(quick: tuple[str, dict[str, Any]]) -> None:
+    url, summary = quick
+    with subprocess.Popen(
+            [sys.executable, "-m", "closedloop", "serve", "--metrics", "--from-start",
+             "--port", "0", "--store", url], stderr=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stderr is not None
+            found = re.search(r"127\.0\.0\.1:(\d+)/metrics", server.stderr.readline())
+            assert found is not None
+            runs = scrape_runs(int(found.group(1)), until=QUICK)
+        finally:
+            server.terminate()
+    assert runs.get("succeeded") == summary["succeeded"]
+    assert sum(runs.values()) == QUICK
+
+
+def scrape_runs(port: int, *, until: int) -> dict[str, float]:
+    """``closedloop_task_runs_total`` of the demo's task type by outcome, once ``until`` steps
+    are counted (the server tails the store in the background) or after a minute."""
+    runs: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while sum(runs.values()) < until and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as page:
+            text = page.read().decode()
+        runs = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^closedloop_task_runs_total\{outcome="(\w+)",task_type="ec2.provision"\} (\S+)',
+            text, re.MULTILINE)}
+        time.sleep(0.1)
+    return runs
+
+
+def test_the_plan_validators_judge_replayed_data_as_they_judge_text() -> None:
+    # `closedloop replay` hands recorded JSON back as data: same verdicts either way
+    request = generate_requests(1, SEED)[0]
+    plans: list[dict[str, Any]] = [
+        request.correct_plan(),
+        {**request.correct_plan(), "tags": []},
+        {"action": "run_instances"},
+        {"action": "terminate_instances", "instance_ids": ["i-prod"]},
+    ]
+    for plan in plans:
+        for check in (plan_schema, no_destructive_actions, required_tags):
+            assert check(plan) == check(json.dumps(plan)), (check.__name__, plan)
+    assert not plan_schema(plans[1]).passed and not no_destructive_actions(plans[3]).passed
+
+
+def test_required_tags_flags_each_missing_tag_of_a_launch() -> None:
+    plan = generate_requests(1, SEED)[0].correct_plan()
+    assert required_tags(plan).passed
+    del plan["tags"]["owner"], plan["tags"]["env"]
+    assert [i.location for i in required_tags(plan).issues] == ["plan.tags.owner",
+                                                                 "plan.tags.env"]
+    assert required_tags('{"action": "delete_security_group", "group": "web"}').passed
+    assert required_tags("not json").passed  # plan_schema's to report
+
+
+CORE_ONLY = ("opentelemetry", "prometheus_client", "redis", "boto3", "botocore", "moto",
+             "jsonschema", "sqlglot", "hcl2", "httpx", "psycopg", "openai", "anthropic")
+
+
+@pytest.mark.parametrize("command", [
+    ["report"], ["status"], ["traces", "list"], ["traces", "show", "FIRST"],
+    ["traces", "diff", "FIRST", "SECOND"], ["scores", "add", "FIRST", "helpful", "1"],
+    ["scores", "list"],
+    ["replay", "--task-type", "ec2.provision", "--validator", "closedloop.demo:required_tags"],
+])
+def test_the_commands_readme_lists_as_core_run_without_any_extra(
+        quick: tuple[str, dict[str, Any]], command: list[str]) -> None:
+    url, _ = quick
+    first, second = sorted(demo_traces(url))[:2]
+    command = [{"FIRST": first, "SECOND": second}.get(arg, arg) for arg in command]
+    code = (f"import sys\nfor name in {CORE_ONLY!r}:\n    sys.modules[name] = None\n"
+            f"from closedloop.cli import main\nmain({[*command, '--store', url]!r})")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+class ListBackend:
+    """A user's own event backend: it holds events, and no spans."""
+
+    url = "list://demo"
+
+    def __init__(self) -> None:
+        self.events: list[cl.StepEvent] = []
+
+    def write_batch(self, events: Any) -> None:
+        self.events.extend(events)
+
+    def iter_events(self, query: Any) -> Iterator[cl.StepEvent]:
+        return iter(list(self.events))
+
+    def count(self) -> int:
+        return len(self.events)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_store_that_cannot_hold_spans_gets_the_events_only() -> None:
+    backend = ListBackend()
+    with cl.Store(backend) as store:
+        summary = run_demo(3, SEED, store)
+    assert (summary.traced, summary.scores_written, summary.events_written) == (False, 0, 3)
+    assert len(backend.events) == 3

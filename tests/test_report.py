@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 import closedloop as cl
 from _report_scenario import run_scenario
 from closedloop.cli import main
-from closedloop.learn import Rate, Report, build_report, percentile, report_from_store
+from closedloop.learn import (
+    MessageCount,
+    Rate,
+    Report,
+    build_report,
+    message_group,
+    percentile,
+    report_from_store,
+)
 
 T0 = 1_700_000_000.0
 EVERY_OUTCOME = [o.value for o in cl.Outcome]
@@ -151,7 +159,8 @@ def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert list(data) == ["since", "until", "task_type", "overall", "task_types"]
     row_keys = ["task_type", "runs", "first_ts", "last_ts", "validation", "reask",
-                "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors"]
+                "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors",
+                "top_messages"]
     assert list(data["overall"]) == row_keys
     assert all(list(row) == row_keys for row in data["task_types"])
     provision = data["task_types"][0]
@@ -161,6 +170,9 @@ def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
                                          "output_per_run"]
     assert provision["top_errors"][0] == {"error_type": "verification", "count": 2,
                                           "share": 2 / 6}
+    lands = "lands: [error] failed: check lands returned False"
+    assert provision["top_messages"][0] == {"error_type": "verification", "message": lands,
+                                            "example": lands, "count": 2, "share": 2 / 6}
 
 
 def test_build_report_reads_its_events_once(store: cl.Store) -> None:
@@ -278,3 +290,67 @@ def test_report_json_has_an_empty_scores_list_without_scores(tmp_path: Path) -> 
     result = CliRunner().invoke(main, ["report", "--store", url, "--json"])
     assert json.loads(result.output)["scores"] == []
     assert "Semantic scores" not in CliRunner().invoke(main, ["report", "--store", url]).output
+
+
+def test_top_failure_messages_per_task_type_and_overall(report: Report) -> None:
+    verification = MessageCount(error_type="verification",
+                                message="lands: [error] failed: check lands returned False",
+                                example="lands: [error] failed: check lands returned False",
+                                count=2, share=2 / 6)
+    malformed = "well_formed: [error] invalid: proposal 'bad' is malformed"
+    assert report.row("provision").top_messages == (
+        verification, MessageCount(error_type="validation", message=malformed,
+                                   example=malformed, count=1, share=1 / 6))
+    assert [(m.error_type, m.message, m.count) for m in report.overall.top_messages] == [
+        ("verification", verification.message, 2),
+        ("agent", "RuntimeError: model timed out", 1),
+        ("paused", "validation failure spike", 1)]
+
+
+@pytest.mark.parametrize(("message", "group"), [
+    ("i-0a1b2c is a m5.large, requested c5.xlarge", "<*> is a <*>, requested <*>"),
+    ("has tag cost-center='cc-614-x', wanted 'cc-614'", "has tag cost-center='<*>', wanted '<*>'"),
+    ("Invalid JSON: trailing comma at line 1 column 205",
+     "Invalid JSON: trailing comma at line <*> column <*>"),
+    ("no tag 'env'   (wanted\n'staging')", "no tag 'env' (wanted 'staging')"),
+    ("x" * 600, "x" * 500 + "…"),
+])
+def test_message_group_masks_words_holding_digits(message: str, group: str) -> None:
+    assert message_group(message) == group
+
+
+def _failed(ts: float, message: str, task_type: str = "t") -> cl.StepEvent:
+    return cl.StepEvent(ts, "0" * 32, "a", task_type, "autonomous", "failed", 1, 0, 0, 1.0,
+                        True, False, "verification", message, 0.0, 0.0, 0.0, 0.0, None)
+
+
+def test_messages_differing_only_in_values_are_one_group_with_the_latest_example() -> None:
+    events = [_failed(1.0, "i-01 is a t3.large, wanted t3.micro"),
+              _failed(2.0, "i-02 is a m5.large, wanted c5.xlarge"),
+              _failed(3.0, "i-03 has no tag 'owner'"),
+              _failed(4.0, "i-04 is a t3.nano, wanted t3.small")]
+    rows = build_report(events, top_messages=1).overall.top_messages
+    assert rows == (MessageCount(error_type="verification", message="<*> is a <*>, wanted <*>",
+                                 example="i-04 is a t3.nano, wanted t3.small", count=3,
+                                 share=3 / 4),)
+    assert build_report(events, top_messages=0).overall.top_messages == ()
+
+
+def test_the_overall_row_merges_groups_across_task_types() -> None:
+    events = [_failed(1.0, "disk 1 full", "a"), _failed(2.0, "disk 2 full", "b")]
+    (group,) = build_report(events).overall.top_messages
+    assert (group.message, group.example, group.count) == ("disk <*> full", "disk 2 full", 2)
+
+
+def test_distinct_message_groups_are_bounded() -> None:
+    events = [_failed(float(i), f"unique word {chr(0x4E00 + i)}") for i in range(1500)]
+    overall = build_report(events, top_messages=2000).overall
+    assert len(overall.top_messages) == 1001  # 1000 groups, then one "other" per error type
+    other = overall.top_messages[0]
+    assert (other.message, other.count) == ("(other messages)", 500)
+    assert sum(m.count for m in overall.top_messages) == 1500
+
+
+def test_negative_top_messages_is_a_config_error() -> None:
+    with pytest.raises(cl.ConfigError, match="top_messages"):
+        build_report([], top_messages=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -37,8 +38,10 @@ class CountingBackend(MemoryBackend):
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
 
     def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
+        self.entered.set()
         self.gate.wait()
         self.batches.append(len(events))
         super().write_batch(events)
@@ -66,6 +69,24 @@ def test_events_round_trip_through_sqlite(store: Store) -> None:
     assert back == [make_event(i) for i in range(10)]
 
 
+def test_every_detail_round_trips_even_an_empty_one(store: Store) -> None:
+    events = [make_event(0)._replace(detail={}), make_event(1)._replace(detail=None),
+              make_event(2)._replace(detail={"issues": [{"code": "x", "path": "a.b"}]})]
+    for e in events:
+        store.record(e)
+        assert store.flush()  # one batch each: a batch whose only detail is empty, too
+    assert list(store.events()) == events
+
+
+def test_a_batch_larger_than_one_insert_statement_is_written_whole(store: Store) -> None:
+    events = [make_event(i) for i in range(2 * 1024 + 3)]  # two full statements and a rest
+    store._writer._queue.batch_size = len(events)
+    for e in events:
+        store.record(e)
+    assert store.flush()
+    assert list(store.events()) == events
+
+
 def test_writes_are_batched(tmp_path: Path) -> None:
     backend = CountingBackend()
     backend.gate.clear()  # hold the writer so that events pile up into full batches
@@ -82,15 +103,18 @@ def test_writes_are_batched(tmp_path: Path) -> None:
 def test_record_never_waits_for_the_backend() -> None:
     backend = CountingBackend()
     backend.gate.clear()  # the backend is stuck: recording must still return at once
-    store = Store(backend, max_queue=50, batch_size=10, flush_interval=0.01)
-    accepted = [store.record(make_event(i)) for i in range(200)]
-    assert accepted.count(False) >= 140  # bounded queue: the rest is refused, not buffered
-    stats = store.stats()
-    assert stats.dropped == accepted.count(False)
+    store = Store(backend, max_queue=50, batch_size=10, flush_interval=60)
+    assert store.record(make_event(0))
+    store.flush(0)  # wake the writer now
+    assert backend.entered.wait(10)  # the writer is stuck inside the backend with event 0
+    accepted = [store.record(make_event(i)) for i in range(1, 201)]
+    # bounded queue: exactly 50 wait for the writer, the rest is refused and counted
+    assert accepted == [True] * 50 + [False] * 150
+    assert store.stats().dropped == 150 and store.stats().queued == 50
     backend.gate.set()
     final = store.close()
-    assert final.written + final.dropped == 200
-    assert final.not_written == final.dropped
+    assert final.written == 51 and final.dropped == 150 and final.not_written == 150
+    assert backend.count() == 51
 
 
 def test_close_flushes_everything_queued(tmp_path: Path) -> None:
@@ -123,26 +147,83 @@ def test_events_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
     assert SQLiteBackend(db).count() == 300
 
 
-def test_failed_batches_are_retried(memory_store: Store) -> None:
-    backend = FailingBackend(failures=2)
-    store = Store(backend, flush_interval=0.01)
-    store._writer.retry_delays = (0.0, 0.0, 0.0)
+def test_refused_events_are_held_and_written_when_the_backend_recovers() -> None:
+    backend = FailingBackend(failures=3)
+    store = Store(backend, flush_interval=60)
+    store._writer.retry_delays = (60.0,)  # only flushes retry, so the count is exact
     for i in range(10):
         store.record(make_event(i))
+    assert store.flush() is False  # refused: held in memory, not written, not dropped
+    assert store.stats().held == 10 and store.stats().not_written == 0
+    store.record(make_event(10))
+    assert store.flush() is False  # still refused: the new event joins the held ones
+    assert store.flush() is True  # accepted: everything is written, oldest first
     stats = store.close()
-    assert backend.count() == 10
-    assert stats.written == 10 and stats.write_errors == 2 and stats.not_written == 0
+    assert [e.input_tokens for e in backend.iter_events(EventQuery())] == list(range(11))
+    assert stats.written == 11 and stats.write_errors == 3 and stats.held == 0
+    assert stats.not_written == 0
 
 
-def test_unwritable_batches_go_to_the_dead_letter_file(tmp_path: Path) -> None:
+def test_held_events_go_to_the_dead_letter_file_at_the_end(tmp_path: Path) -> None:
     dead = tmp_path / "dead.jsonl"
-    store = Store(FailingBackend(failures=100), dead_letter=dead, flush_interval=0.01)
-    store._writer.retry_delays = (0.0,)
+    store = Store(FailingBackend(failures=100), dead_letter=dead, flush_interval=60)
     for i in range(7):
         store.record(make_event(i))
     stats = store.close()
     assert stats.dead_lettered == 7 and stats.written == 0 and stats.lost == 0
-    assert len(dead.read_text().splitlines()) == 7
+    assert stats.held == 0
+    lines = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [line["input_tokens"] for line in lines] == list(range(7))
+
+
+def test_held_events_are_bounded_and_the_oldest_are_dead_lettered(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.jsonl"
+    store = Store(FailingBackend(failures=100), dead_letter=dead, flush_interval=60,
+                  max_held=4, batch_size=3)
+    for i in range(10):
+        store.record(make_event(i))
+    store.flush()
+    stats = store.stats()
+    assert stats.held == 4 and stats.dead_lettered == 6 and stats.not_written == 6
+    assert [json.loads(line)["input_tokens"] for line in dead.read_text().splitlines()] == \
+        list(range(6))
+    store.close()
+
+
+def test_without_a_dead_letter_file_what_cannot_be_held_is_counted_lost() -> None:
+    store = Store(FailingBackend(failures=100), flush_interval=60, max_held=2)
+    for i in range(5):
+        store.record(make_event(i))
+    store.flush()
+    assert store.stats().lost == 3
+    assert store.close().lost == 5
+
+
+class RefusingBackend(MemoryBackend):
+    """Refuses any batch holding an event of task type ``bad``, like a constraint would."""
+
+    def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
+        if any(e.task_type == "bad" for e in events):
+            raise sqlite3.IntegrityError("NOT NULL constraint failed: events.agent_id")
+        super().write_batch(events)
+
+
+def test_a_batch_refused_for_its_content_is_dead_lettered_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = tmp_path / "dead.jsonl"
+    backend = RefusingBackend()
+    store = Store(backend, dead_letter=dead, flush_interval=60)
+    store.record(make_event(1, task_type="bad"))
+    store.flush()
+    # not an outage of the store: no holding, no "cannot write" alarm, just this batch
+    assert "was refused: NOT NULL constraint failed" in caplog.text
+    assert "cannot write events" not in caplog.text
+    store.record(make_event(2))
+    assert store.flush()  # no outage: the next batch is written at once
+    stats = store.close()
+    assert stats.dead_lettered == 1 and stats.written == 1 and stats.held == 0
+    assert backend.count() == 1
 
 
 def test_migrates_an_empty_file(tmp_path: Path) -> None:
@@ -280,3 +361,18 @@ def test_sustained_ingest_keeps_every_event(store: Store, many_events: list[cl.S
         store.record(e)
     stats = store.close()
     assert stats.written == len(many_events) and stats.not_written == 0
+
+
+def test_held_events_are_exposed_as_a_metric() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from closedloop.telemetry import Metrics
+
+    registry = CollectorRegistry()
+    store = Store(FailingBackend(failures=100), flush_interval=60)
+    Metrics(registry).watch(store=store)
+    for i in range(3):
+        store.record(make_event(i))
+    store.flush()
+    assert registry.get_sample_value("closedloop_store_events_held") == 3
+    store.close()

@@ -7,25 +7,29 @@ verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.
 :mod:`closedloop.learn` (the long-term learning signals).
 """
 
-from closedloop._errors import (
-    Blocked,
-    CheckCrashed,
-    CheckTimeout,
-    ClosedLoopError,
-    ConfigError,
-    ControlUnavailable,
-    NotExecuted,
-    StepFailed,
-    StoreError,
-    ValidationFailed,
-    VerificationFailed,
-)
-from closedloop._events import ErrorType, Outcome, StepEvent
-from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
+import typing
+
 from closedloop._version import __version__
-from closedloop.autonomy import Autonomy
-from closedloop.loop import Attempt, Loop, StepResult, current_attempt
-from closedloop.store import Store, default_store, open_store, reset_default_store
+
+if typing.TYPE_CHECKING:
+    from closedloop._errors import (
+        Blocked,
+        CheckCrashed,
+        CheckTimeout,
+        ClosedLoopError,
+        ConfigError,
+        ControlUnavailable,
+        NotExecuted,
+        StepFailed,
+        StoreError,
+        ValidationFailed,
+        VerificationFailed,
+    )
+    from closedloop._events import ErrorType, Outcome, StepEvent
+    from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
+    from closedloop.autonomy import Autonomy
+    from closedloop.loop import Attempt, Loop, StepResult, current_attempt
+    from closedloop.store import Store, default_store, open_store, reset_default_store
 
 __all__ = [
     "Attempt",
@@ -58,3 +62,17 @@ __all__ = [
     "render_feedback",
     "reset_default_store",
 ]
+
+if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "._errors": ("Blocked", "CheckCrashed", "CheckTimeout", "ClosedLoopError", "ConfigError",
+                     "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
+                     "ValidationFailed", "VerificationFailed"),
+        "._events": ("ErrorType", "Outcome", "StepEvent"),
+        "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
+        ".autonomy": ("Autonomy",),
+        ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),
+        ".store": ("Store", "default_store", "open_store", "reset_default_store"),
+    })

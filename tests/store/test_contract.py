@@ -100,6 +100,17 @@ def test_queries_filter_by_time_task_type_and_limit(any_url: str) -> None:
         assert ids(since=base + 100) == []
 
 
+def test_queries_filter_by_trace(any_url: str) -> None:
+    with cl.open_store(any_url) as store:
+        for i in range(10):
+            store.record(event(i, trace_id="a" * 32 if i in (2, 5, 7) else None))
+        assert store.flush()
+        assert [e.input_tokens - 100 for e in store.events(trace_id="a" * 32)] == [2, 5, 7]
+        assert [e.input_tokens - 100 for e in store.events(trace_id="a" * 32, limit=2,
+                                                           since=1_790_000_003.0)] == [5, 7]
+        assert list(store.events(trace_id="b" * 32)) == []
+
+
 def test_the_backend_answers_an_event_query_directly(any_url: str) -> None:
     backend = open_backend(any_url)
     try:

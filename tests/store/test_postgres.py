@@ -235,3 +235,44 @@ def test_processes_needing_the_same_new_partitions_at_once_all_write(pg_url: str
         assert backend.count() == 6 * 60
     finally:
         backend.close()
+
+
+def test_events_for_an_unreachable_server_are_dead_lettered_then_imported(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from closedloop.cli import main
+    from closedloop.store import dead_letter_for_url
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    down = "postgresql://postgres:hunter2@127.0.0.1:1/test?schema=x"  # nothing listens on 1
+    store = cl.open_store(down, defer=True, max_held=10)  # an agent starts anyway
+    for i in range(25):
+        store.record(event(i))
+    stats = store.close(timeout=30)
+    assert stats.dead_lettered == 25 and stats.lost == 0
+    dead = dead_letter_for_url(down)
+    assert dead.parent == tmp_path / "data" / "closedloop" / "deadletter"
+    assert "hunter2" not in str(dead) and "hunter2" not in dead.read_text()
+    result = CliRunner().invoke(main, ["store", "import-deadletter", str(dead),
+                                       "--store", pg_url])
+    assert result.exit_code == 0, result.output
+    backend = pg(pg_url)
+    try:
+        assert list(backend.iter_events(EventQuery())) == [event(i) for i in range(25)]
+    finally:
+        backend.close()
+
+
+def test_the_default_store_can_be_postgresql(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOSEDLOOP_STORE", pg_url)
+    cl.reset_default_store()
+    loop = cl.Loop(lambda task, attempt: task, task_type="pg.default")
+    assert loop.run(41).outcome == "succeeded"
+    store = cl.default_store()
+    assert store.flush()
+    (stored,) = store.events()
+    assert stored.task_type == "pg.default" and stored.outcome == "succeeded"

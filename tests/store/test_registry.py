@@ -14,6 +14,7 @@ import pytest
 import closedloop as cl
 from closedloop.store import (
     EventBackend,
+    EventQuery,
     MemoryBackend,
     SQLiteBackend,
     _registry,
@@ -21,7 +22,7 @@ from closedloop.store import (
     register_scheme,
 )
 
-from .test_contract import SRC
+from .test_contract import SRC, event
 
 
 @pytest.fixture
@@ -114,3 +115,29 @@ def test_an_installed_package_adds_a_scheme_through_an_entry_point(tmp_path: Pat
         capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "PluginBackend plug://x True"
+
+
+def test_a_deferred_store_holds_events_until_its_backend_opens(
+    restore_registry: None,
+) -> None:
+    attempts: list[int] = []
+    inner = MemoryBackend()
+
+    def flaky(url: str, *, create: bool) -> EventBackend:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise cl.StoreError("cannot open store flaky://: server starting")
+        return inner
+
+    register_scheme("flaky", flaky)
+    with pytest.raises(cl.StoreError, match="server starting"):
+        cl.open_store("flaky://")  # without defer, opening fails
+    store = cl.open_store("flaky://", defer=True)
+    try:
+        store.record(event(1))
+        store.record(event(2))
+        assert store.flush(timeout=30)
+        assert list(inner.iter_events(EventQuery())) == [event(1), event(2)]
+        assert len(attempts) == 3
+    finally:
+        store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from closedloop.cli import main
@@ -93,3 +94,123 @@ def test_a_malformed_trace_id_is_a_usage_error(tmp_path: Path) -> None:
     result = invoke("scores", "add", "xyz", "q", "1", "--store", url)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: trace id 'xyz' is not 32 hex digits"
+
+
+def test_show_prints_why_each_check_failed(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    loop = cl.Loop(lambda task, attempt: task, task_type="deploy", store=store,
+                   telemetry=pipeline, validators=[lambda p: "region mars-1 does not exist"],
+                   max_attempts=1)
+    trace_id = loop.run("mars-1").trace_id
+    pipeline.shutdown()
+    store.close()
+    result = invoke("traces", "show", trace_id, "--store", f"sqlite:///{tmp_path / 's.db'}")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    validate = next(i for i, line in enumerate(lines) if "closedloop.validate" in line)
+    assert "[error] invalid: region mars-1 does not exist" in lines[validate + 1]
+
+
+def _stored(url: str) -> list[tuple[str, float | None, str | None]]:
+    listed = json.loads(invoke("scores", "list", "--store", url, "--json").output)
+    return [(s["name"], s["value"], s["label"]) for s in listed]
+
+
+@pytest.mark.parametrize(("typed", "value", "label"), [
+    ("-1", -1.0, None), ("-0.5", -0.5, None), ("+2", 2.0, None), ("4", 4.0, None),
+    ("1e3", 1000.0, None), (".5", 0.5, None),
+    ("good", None, "good"), ("true", None, "true"), ("bad", None, "bad"), ("nan", None, "nan"),
+    (" wrong_region ", None, "wrong_region"),
+])
+def test_scores_add_keeps_numbers_as_numbers_and_labels_as_labels(
+        tmp_path: Path, typed: str, value: float | None, label: str | None) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=True, proposal="x")
+    result = invoke("scores", "add", trace_id, "q", typed, "--store", url)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert _stored(url) == [("q", value, label)]
+
+
+def test_scores_add_maps_labels_only_when_asked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=True, proposal="x")
+    for typed in ("good", "meh"):
+        result = invoke("scores", "add", trace_id, "mood", typed, "--map", "good=1",
+                        "--map", "bad=-1", "--store", url)
+        assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("mood=meh (human)")
+    assert _stored(url) == [("mood", 1.0, "good"), ("mood", None, "meh")]
+    bad = invoke("scores", "add", trace_id, "mood", "good", "--map", "good", "--store", url)
+    assert bad.exit_code == 2
+    assert "'good' is not LABEL=NUMBER" in bad.stderr
+
+
+@pytest.mark.parametrize("typed", ["", "   "])
+def test_scores_add_rejects_an_empty_value(tmp_path: Path, typed: str) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=True, proposal="x")
+    result = invoke("scores", "add", trace_id, "q", typed, "--store", url)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "VALUE: is empty: give a number or a label" in result.stderr
+    assert _stored(url) == []
+
+
+@pytest.mark.parametrize(("args", "option"), [(("q", "--bogus"), "--bogus"),
+                                              (("--bogus", "1"), "--bogus"), (("q", "-x"), "-x")])
+def test_scores_add_still_refuses_unknown_options(tmp_path: Path, args: tuple[str, ...],
+                                                  option: str) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trace_id = _record(url, passed=True, proposal="x")
+    result = invoke("scores", "add", trace_id, *args, "--store", url)
+    assert result.exit_code == 2
+    assert f"No such option '{option}'" in result.stderr
+    assert _stored(url) == []
+
+
+def test_scoring_an_unknown_trace_warns_and_stores(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    _record(url, passed=True, proposal="x")
+    result = invoke("scores", "add", "A" * 32, "q", "1", "--store", url)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"warning: {url} has no step or span of trace {'a' * 32}; "
+                             "the score is stored anyway\n")
+    assert _stored(url) == [("q", 1.0, None)]
+
+
+def test_scoring_a_trace_known_only_by_its_step_event_does_not_warn(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    trace_id = cl.Loop(lambda task, attempt: task, task_type="t", store=store,
+                       telemetry=None).run(1).trace_id
+    store.close()
+    result = invoke("scores", "add", trace_id, "q", "1", "--store", url)
+    assert (result.exit_code, result.stderr) == (0, "")
+
+
+def test_show_prints_why_a_check_could_not_tell_and_passing_warnings(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    warned = cl.Issue(message="converged after 3 s", code="slow", severity=cl.Severity.WARNING)
+    loop = cl.Loop(lambda task, attempt: task, task_type="deploy", store=store,
+                   telemetry=pipeline, executor=lambda plan: plan,
+                   validators=[lambda plan: cl.Verdict.ok(warned)],
+                   verifiers=[lambda intent, result: cl.Verdict.cannot_tell("API timed out")])
+    trace_id = loop.run("x").trace_id
+    pipeline.shutdown()
+    store.close()
+    lines = invoke("traces", "show", trace_id, "--store", url).output.splitlines()
+    validate = next(i for i, line in enumerate(lines) if "closedloop.validate" in line)
+    assert "[warning] slow: converged after 3 s" in lines[validate + 1]
+    verify = next(i for i, line in enumerate(lines) if "closedloop.verify" in line)
+    assert "verdict.unknown=True" in lines[verify]
+    assert "unknown: API timed out" in lines[verify + 1]

@@ -124,10 +124,12 @@ def _report(verdict: Verdict, as_json: bool) -> NoReturn:
         else:
             head = click.style("FAIL", fg="red", bold=True)
         click.echo(f"{head} {verdict.check}")
+        from closedloop.cli._common import literal  # messages quote inputs: printed literally
+
         if verdict.unknown is not None:
-            click.echo(f"  could not check: {verdict.unknown}")
+            click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:
-            click.echo("  " + click.style(issue.render(), fg=_STYLE[issue.severity]))
+            click.echo("  " + click.style(literal(issue.render()), fg=_STYLE[issue.severity]))
     sys.exit(0 if verdict.passed else 1)
 
 
@@ -270,7 +272,8 @@ def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) ->
               help="Also run `plan -json` and scan it for destructive changes.")
 @click.option("--state", type=click.Path(exists=True, dir_okay=False),
               help="A terraform.tfstate to plan against.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds the whole terraform run may take before it is stopped.")
 @click.option("--require-binary", is_flag=True,
               help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
 @_max_bytes_option(TerraformCli.DEFAULT_MAX_BYTES)

@@ -6,5 +6,6 @@ from closedloop.cli import (
     _report,  # noqa: F401
     _scores,  # noqa: F401
     _serve,  # noqa: F401
+    _store,  # noqa: F401
     _traces,  # noqa: F401
 )

@@ -1,6 +1,14 @@
-"""Helpers the commands share: the ``--store`` option, ``--since`` parsing, opening a store to
+r"""Helpers the commands share: the ``--store`` option, ``--since`` parsing, opening a store to
 read it, and output for people (rich) and scripts (JSON).
+
+Stored text is data. Task types, verdict messages, reasons and captured content come from
+agents and users, so every command prints them literally: rich markup (``[red]``,
+``[/bold]``) and emoji codes (``:smile:``) are never interpreted, and control characters
+(ANSI escapes, ``\r``, NUL, bidirectional overrides) are shown escaped, Python style
+(``\x1b[31m``, ``\r``, ``\x00``, ``\u202e``), never sent to the terminal. A backslash
+already in the text is printed as it is. ``--json`` outputs carry the raw text.
 """
+
 
 from __future__ import annotations
 
@@ -8,12 +16,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.segment import Segment
+from rich.text import Text
 
 from closedloop.store import Store, default_store_url, open_store
 
@@ -96,12 +106,57 @@ def iso(ts: float) -> str:
 
 
 def open_store_to_read(url: str) -> Store:
-    """Open an existing store; a SQLite file that does not exist is an error, never created.
+    """Open an existing store read-only: never created, migrated or written.
 
     A malformed URL raises :class:`~closedloop.ConfigError` (exit 2); a missing or unreadable
-    file raises :class:`~closedloop.StoreError` (exit 1).
+    file, or one that is not a closedloop store, raises :class:`~closedloop.StoreError`
+    (exit 1). A store on a read-only mount can be read.
     """
+    return open_store(url, read_only=True)
+
+
+def open_store_to_write(url: str) -> Store:
+    """Open an existing store to add to it (``scores add``); a missing file is an error."""
     return open_store(url, create=False)
+
+
+# C0 and C1 control characters (tab excepted), DEL, the Unicode line and paragraph
+# separators, and the invisible bidirectional controls that can make text read differently
+# from what it is ("Trojan Source").
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      "\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def literal(value: object, *, newlines: bool = False) -> str:
+    r"""``value`` as text that is safe to print: control characters shown escaped.
+
+    With ``newlines`` a line break is kept (multi-line content); otherwise it is shown as
+    ``\n`` too, so one stored value never spans, or forges, several output lines.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if newlines:
+        return "\n".join(_CONTROL.sub(_escape, part) for part in text.split("\n"))
+    return _CONTROL.sub(_escape, text)
+
+
+def styled(value: object, style: str = "") -> Text:
+    """Stored text as a rich :class:`~rich.text.Text`: printed literally, in ``style``."""
+    return Text(literal(value), style=style)
+
+
+def say(line: str, *, err: bool = False) -> None:
+    """Echo one line that embeds stored text: control characters escaped, one line."""
+    click.echo(literal(line), err=err)
 
 
 def echo_json(data: Any) -> None:
@@ -109,9 +164,40 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
-def console() -> Console:
-    """A rich console on stdout; 120 columns wide when not a terminal (pipes, files, CI)."""
-    out = Console()
+class _LiteralConsole(Console):
+    """A console that never reads markup or emoji codes and escapes control characters.
+
+    rich turns every ``str`` it is given (a table cell, a tree label, a title) into text
+    through :meth:`render_str`; escaping there covers every printing command, including the
+    ones that build their tables from plain strings. :meth:`render` escapes whatever is
+    left (a :class:`~rich.text.Text` made from stored text by hand).
+    """
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(literal(text, newlines=True), **kwargs)
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None
+               ) -> Iterable[Segment]:
+        # A safety net for Text built from stored text by hand: its control characters are
+        # escaped here, after layout (so such a cell may overflow its column, never the
+        # terminal). Escaping is idempotent, and rich's own control segments pass untouched.
+        for segment in super().render(renderable, options):
+            if segment.control or not _CONTROL.search(segment.text):
+                yield segment
+            else:
+                yield Segment(literal(segment.text, newlines=True), segment.style)
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that prints every string literally.
+
+    Markup, emoji codes and highlighting are off (stored text is data); styles come from
+    :class:`~rich.text.Text` objects (:func:`styled`). 120 columns wide when not a terminal
+    (pipes, files, CI).
+    """
+    options: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False,
+                               "stderr": stderr}
+    out = _LiteralConsole(**options)
     if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = Console(width=120)
+        out = _LiteralConsole(width=120, **options)
     return out

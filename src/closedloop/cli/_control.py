@@ -16,10 +16,16 @@ from typing import Any
 
 import click
 from rich.table import Table
-from rich.text import Text
 
 from closedloop.cli import main
-from closedloop.cli._common import console, echo_json, open_store_to_read, store_option
+from closedloop.cli._common import (
+    console,
+    echo_json,
+    open_store_to_read,
+    say,
+    store_option,
+    styled,
+)
 from closedloop.control._ledger import REDIS_ENV as _REDIS_ENV
 from closedloop.control._ledger import ControlLedger, ledger_for_store, shown_url, who
 
@@ -101,18 +107,18 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
         return
     out = console()
     if degraded:
-        out.print(Text(f"warning: {degraded}", style="yellow"))
+        out.print(styled(f"warning: {degraded}", "yellow"))
     if stops:
-        table = Table(title=Text(f"Paused and halted task types ({where})"))
+        table = Table(title=styled(f"Paused and halted task types ({where})"))
         for col in ("task type", "state", "since", "by", "reason", "until"):
             table.add_column(col)
         for s in stops:
-            table.add_row(Text(s.task_type), s.kind.value.upper(), _ago(s.at), Text(s.by),
-                          Text(s.reason), "a human resumes it" if s.until is None else
+            table.add_row(styled(s.task_type), s.kind.value.upper(), _ago(s.at), styled(s.by),
+                          styled(s.reason), "a human resumes it" if s.until is None else
                           time.strftime("%H:%M:%SZ", time.gmtime(s.until)))
         out.print(table)
     else:
-        out.print(Text(f"No task type is paused or halted ({where})."))
+        out.print(styled(f"No task type is paused or halted ({where})."))
     if keys:
         title = ("Shared limits per key (Redis)" if redis_url else
                  "Limits per key, as last published by each process (Backpressure publish_to)")
@@ -121,20 +127,20 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
                     "429s", "state / published"):
             table.add_column(col)
         for key, snap in keys.items():
-            table.add_row(Text(key), f"{snap['rate']:.2f}",
+            table.add_row(styled(key), f"{snap['rate']:.2f}",
                           "learning" if snap["ceiling"] is None else f"{snap['ceiling']:.2f}",
                           f"{snap['delivered']:.2f}", snap["breaker"], str(snap.get("workers", "")),
                           str(snap["counts"].get("overloaded", 0)),
-                          Text(str(snap.get("degraded", snap.get("published", "ok")))))
+                          styled(str(snap.get("degraded", snap.get("published", "ok")))))
         out.print(table)
     elif not redis_url:
-        out.print(Text("No per-key limits published here; pass --redis URL (or "
-                       f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=."))
+        out.print(styled("No per-key limits published here; pass --redis URL (or "
+                         f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=."))
     if history:
         out.print("Recent:")
         for h in history:
-            out.print(Text(f"  {h.get('time', '')}  {h['event']:8} {h['task_type']}  by "
-                           f"{h['by']}: {h['reason']}"))
+            out.print(styled(f"  {h.get('time', '')}  {h['event']:8} {h['task_type']}  by "
+                             f"{h['by']}: {h['reason']}"))
 
 
 @main.command()
@@ -159,6 +165,6 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
     ledger, where = _ledger(store_url, redis_url, prefix)
     stop = lift(ledger, task_type, reason=reason, by=by or who())
     if stop is None:
-        click.echo(f"error: {task_type} is neither halted nor paused in {where}", err=True)
+        say(f"error: {task_type} is neither halted nor paused in {where}", err=True)
         raise SystemExit(1)
-    click.echo(f"resumed {task_type} (was {stop.kind.value} by {stop.by}: {stop.reason})")
+    say(f"resumed {task_type} (was {stop.kind.value} by {stop.by}: {stop.reason})")

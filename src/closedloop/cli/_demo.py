@@ -8,10 +8,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import console, echo_json, store_option
+from closedloop.cli._common import console, echo_json, literal, store_option
 
 if TYPE_CHECKING:
     from closedloop.demo import DemoSummary
@@ -30,8 +31,9 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
     A seeded simulated LLM proposes provisioning plans and makes the mistakes of the design:
     malformed plans (caught by validation and re-asked), well-formed but wrong ones (caught
     by verifying the launched instances with boto3), and destructive ones (blocked). The
-    plans run against moto's local EC2 API on 127.0.0.1. Every step's event lands in the
-    store; run it again and the events are appended.
+    plans run against moto's local EC2 API on 127.0.0.1. Every step's event, its trace and
+    a ground-truth score land in the store, for report, traces, replay, scores and serve;
+    run it again and they are appended.
     """
     if count < 1:
         raise ConfigError(f"--requests must be at least 1, got {count}")
@@ -59,6 +61,14 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
         echo_json(summary.to_dict())
     else:
         _print(summary)
+        _print_next_steps(summary)
+
+
+def _print_next_steps(s: DemoSummary) -> None:
+    """The commands that show the run's steps: traces, replay, scores, metrics."""
+    steps = s.next_steps()
+    if steps:  # plain text: a store URL is data, never markup
+        click.echo("\n".join(["Next steps:", *(f"  {line}" for line in steps)]))
 
 
 def _print(s: DemoSummary) -> None:
@@ -96,6 +106,6 @@ def _print(s: DemoSummary) -> None:
     if s.store_url.startswith("memory://"):
         out.print("Events were kept in memory only: pass --store sqlite:///PATH to keep them.")
         return
-    out.print(f"Events are in [bold]{s.store_url}[/]. "
-              f"See the learning signals: [bold]closedloop report --store '{s.store_url}'[/]",
-              highlight=False, soft_wrap=True)
+    url = literal(s.store_url)
+    out.print(Text.assemble("Events are in ", (url, "bold"), ". See the learning signals: ",
+                            (f"closedloop report --store '{url}'", "bold")), soft_wrap=True)

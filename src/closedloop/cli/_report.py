@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from closedloop.cli import main
 from closedloop.cli._common import (
@@ -15,10 +16,18 @@ from closedloop.cli._common import (
     describe_since,
     echo_json,
     iso,
+    literal,
     open_store_to_read,
     store_option,
 )
-from closedloop.learn import DEFAULT_TOP_ERRORS, Rate, Report, TaskStats, report_from_store
+from closedloop.learn import (
+    DEFAULT_TOP_ERRORS,
+    DEFAULT_TOP_MESSAGES,
+    Rate,
+    Report,
+    TaskStats,
+    report_from_store,
+)
 from closedloop.store import Store
 
 if TYPE_CHECKING:
@@ -34,10 +43,14 @@ _NONE = "—"
 @click.option("--task-type", metavar="T", help="Only events of task type T.")
 @click.option("--top-errors", type=click.IntRange(min=0), default=DEFAULT_TOP_ERRORS,
               show_default=True, help="How many error types to list per task type.")
+@click.option("--top-messages", type=click.IntRange(min=0), default=DEFAULT_TOP_MESSAGES,
+              show_default=True,
+              help="How many groups of failure messages to show per task type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON for scripts.")
 @store_option
-def report(since: float | None, task_type: str | None, top_errors: int, as_json: bool,
-           store_url: str) -> None:
+def report(  # noqa: PLR0917 - click passes every option as an argument
+        since: float | None, task_type: str | None, top_errors: int, top_messages: int,
+        as_json: bool, store_url: str) -> None:
     """How each task type's feedback loops are doing: one row per task type, plus overall.
 
     \b
@@ -55,6 +68,10 @@ def report(since: float | None, task_type: str | None, top_errors: int, as_json:
       Max            slowest step in ms
       Tokens in/out  model tokens, totals and per run (all attempts count)
       Top errors     most frequent error types, count and share of the row's runs
+      Failure messages
+                     why steps failed: the steps' error messages, grouped by
+                     replacing every word holding a digit (ids, sizes, line
+                     numbers) with <*>; a group of one shows its message
 
     \b
     --json prints one object (stable keys, times in Unix seconds, rates and
@@ -62,13 +79,15 @@ def report(since: float | None, task_type: str | None, top_errors: int, as_json:
       {"since", "until", "task_type", "overall": ROW, "task_types": [ROW, ...]}
       ROW = {"task_type" (null for overall), "runs", "first_ts", "last_ts",
              "validation", "reask", "reask_success", "verification",
-             "outcomes", "latency", "tokens", "top_errors"}
+             "outcomes", "latency", "tokens", "top_errors", "top_messages"}
       each rate  = {"count", "total", "rate"} (rate null when total is 0)
       outcomes   = {OUTCOME: count} for every outcome, zeros included
       latency    = {"p50_ms", "p95_ms", "mean_ms", "max_ms"}
       tokens     = {"input_total", "output_total", "input_per_run",
                     "output_per_run"}
       top_errors = [{"error_type", "count", "share"}, ...]
+      top_messages = [{"error_type", "message" (the group), "example" (its
+                     most recent message), "count", "share"}, ...]
       "scores": [{"task_type", "steps", "succeeded", "success_rate",
                   "scores": {NAME: {"n", "mean"}}, "labels": {NAME: {LABEL: n}},
                   "daily": {YYYY-MM-DD: {NAME: mean}}}, ...]
@@ -93,7 +112,7 @@ def report(since: float | None, task_type: str | None, top_errors: int, as_json:
     store = open_store_to_read(store_url)
     try:
         result = report_from_store(store, since=since, task_type=task_type,
-                                   top_errors=top_errors)
+                                   top_errors=top_errors, top_messages=top_messages)
         scores = _scores(store, since, task_type) if not result.empty else []
     finally:
         store.close()
@@ -169,11 +188,15 @@ def _name(row: TaskStats) -> str:
 
 
 def _table(title: str, *headers: str) -> Table:
-    """A table with the task type (and error type) left-aligned, figures right-aligned."""
+    """A table with the task type (and error type) left-aligned, figures right-aligned.
+
+    A "Message" column is the only one that wraps.
+    """
     table = Table(title=title, title_justify="left")
     for i, header in enumerate(headers):
-        text = i == 0 or header == "Error type"
-        table.add_column(header, justify="left" if text else "right", no_wrap=True)
+        text = i == 0 or header in ("Error type", "Message")
+        table.add_column(header, justify="left" if text else "right",
+                         no_wrap=header != "Message", overflow="fold")
     return table
 
 
@@ -183,7 +206,8 @@ def _print(result: Report, url: str) -> None:
     window = describe_since(result.since)
     first, last = result.overall.first_ts, result.overall.last_ts
     span = f"{iso(first)} … {iso(last)}" if first is not None and last is not None else ""
-    out.print(f"[bold]closedloop report[/] — {url}, {window}; events {span}")
+    out.print(Text.assemble(("closedloop report", "bold"), f" — {literal(url)}, {window}; "
+                            f"events {span}"))
 
     loops = _table("Feedback loops", "Task type", "Runs", "Validation", "Re-ask", "Re-ask ok",
                    "Verification")
@@ -218,3 +242,14 @@ def _print(result: Report, url: str) -> None:
                 errors.add_row(_name(row) if i == 0 else "", err.error_type, str(err.count),
                                f"{err.share:.1%}", end_section=last_one)
         out.print(errors)
+
+    if any(row.top_messages for row in rows):
+        messages = _table("Failure messages (grouped; <*> stands for ids and values)",
+                          "Task type", "Error type", "Steps", "Message")
+        for row in rows:
+            for i, msg in enumerate(row.top_messages):
+                last_one = i == len(row.top_messages) - 1
+                shown = msg.example if msg.count == 1 else msg.message
+                messages.add_row(_name(row) if i == 0 else "", msg.error_type, str(msg.count),
+                                 shown, end_section=last_one)
+        out.print(messages)

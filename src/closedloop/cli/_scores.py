@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from closedloop.cli import main
-from closedloop.cli._common import EXIT_NO_DATA, Since, echo_json, iso, store_option
+from closedloop.cli._common import (
+    EXIT_NO_DATA,
+    Since,
+    echo_json,
+    iso,
+    open_store_to_write,
+    say,
+    store_option,
+)
 from closedloop.cli._common import open_store_to_read as _open
 
+if TYPE_CHECKING:
+    from closedloop.telemetry import Score
 
-def _value(text: str) -> float | bool | str:
-    lowered = text.strip().lower()
-    if lowered in ("true", "yes", "good", "up", "+1"):
-        return True
-    if lowered in ("false", "no", "bad", "down", "-1"):
-        return False
-    try:
-        return float(text)
-    except ValueError:
-        return text
+
+# A number as people type it: -1, +2, 0.5, .5, 1e3 (nan, inf and 1_000 are labels).
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _mapping(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]
+             ) -> dict[str, float]:
+    mapping: dict[str, float] = {}
+    for item in items:
+        label, sep, number = item.partition("=")
+        if not sep or not label.strip() or not _NUMBER.fullmatch(number.strip()):
+            raise click.BadParameter(f"{item!r} is not LABEL=NUMBER (e.g. good=1)", ctx, param)
+        mapping[label.strip()] = float(number)
+    return mapping
+
+
+def _value(text: str, mapping: dict[str, float]) -> tuple[float | None, str | None]:
+    """``(number, label)`` from what the user typed: a number, or a label (maybe mapped)."""
+    typed = text.strip()
+    if not typed:
+        raise click.BadParameter("is empty: give a number or a label", param_hint="VALUE")
+    if _NUMBER.fullmatch(typed):
+        return float(typed), None
+    return mapping.get(typed), typed
+
+
+def _shown(score: Score) -> str:
+    if score.value is None:
+        return str(score.label)
+    return f"{score.value:g}" if score.label is None else f"{score.label} ({score.value:g})"
 
 
 @main.group()
@@ -28,7 +60,8 @@ def scores() -> None:
     """Semantic scores: user satisfaction, outcome quality, any named judgement."""
 
 
-@scores.command("add")
+# ignore_unknown_options: `-1` is a value, not an option; option-like words are refused below
+@scores.command("add", context_settings={"ignore_unknown_options": True})
 @click.argument("trace_id")
 @click.argument("name")
 @click.argument("value")
@@ -36,25 +69,41 @@ def scores() -> None:
 @click.option("--span", "span_id", help="Score one span of the trace instead of all of it.")
 @click.option("--comment", help="Why; kept with the score.")
 @click.option("--source", type=click.Choice(["human", "rule", "model"]), default="human",
-              show_default=True)
+              show_default=True, help="Who judged: a person, a rule or a model.")
+@click.option("--map", "mapping", multiple=True, metavar="LABEL=NUMBER", callback=_mapping,
+              help="Also give a label a numeric value, e.g. --map good=1 --map bad=0 "
+                   "(repeatable); the label is kept too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored score as JSON.")
 def add(  # noqa: PLR0917 - click passes every option as an argument
         trace_id: str, name: str, value: str, store_url: str, span_id: str | None,
-        comment: str | None, source: str, as_json: bool) -> None:
-    """Attach score NAME=VALUE to TRACE_ID (a number, true/false, or a category)."""
-    from closedloop.telemetry import record_score
+        comment: str | None, source: str, mapping: dict[str, float], as_json: bool) -> None:
+    """Attach the score NAME=VALUE to the trace TRACE_ID.
 
-    store = _open(store_url)
+    VALUE is a number (-1, 0.5, 4) or else a label, kept as typed (good, wrong_region);
+    --map turns labels into numbers as well. Scoring a trace the store has no step or span
+    of is allowed (it may be recorded elsewhere) but warned about.
+    """
+    for word in (trace_id, name, value):
+        if word.startswith("-") and not _NUMBER.fullmatch(word):
+            raise click.NoSuchOption(word)
+    from closedloop.telemetry import record_score, span_store_for
+
+    number, label = _value(value, mapping)
+    store = open_store_to_write(store_url)
     try:
-        score = record_score(trace_id, name, _value(value), span_id=span_id, comment=comment,
-                             source=source, store=store)
+        score = record_score(trace_id, name, number, label=label, span_id=span_id,
+                             comment=comment, source=source, store=store)
+        known = (span_store_for(store).trace(score.trace_id)
+                 or next(store.events(trace_id=score.trace_id, limit=1), None) is not None)
     finally:
         store.close()
+    if not known:
+        say(f"warning: {store.url} has no step or span of trace {score.trace_id}; "
+            "the score is stored anyway", err=True)
     if as_json:
         echo_json(score.to_dict())
     else:
-        shown = score.label if score.value is None else f"{score.value:g}"
-        click.echo(f"scored {score.trace_id} {score.name}={shown} ({score.source})")
+        say(f"scored {score.trace_id} {score.name}={_shown(score)} ({score.source})")
 
 
 @scores.command("list")
@@ -76,9 +125,8 @@ def list_scores(store_url: str, trace_id: str | None, name: str | None, since: f
         click.echo("no scores", err=True)
         sys.exit(EXIT_NO_DATA)
     for s in found:
-        shown = s.label if s.value is None else f"{s.value:g}"
         extra = f"  # {s.comment}" if s.comment else ""
-        click.echo(f"{iso(s.ts)}  {s.trace_id}  {s.name}={shown}  ({s.source}){extra}")
+        say(f"{iso(s.ts)}  {s.trace_id}  {s.name}={_shown(s)}  ({s.source}){extra}")
 
 
 @scores.command("export")
@@ -101,6 +149,6 @@ def export(store_url: str, endpoint: str, name: str | None, since: float | None)
     finally:
         exporter.shutdown()
     if not ok:
-        click.echo(f"error: the collector at {endpoint} did not accept the scores", err=True)
+        say(f"error: the collector at {endpoint} did not accept the scores", err=True)
         sys.exit(1)
-    click.echo(f"exported {len(found)} scores to {endpoint}")
+    say(f"exported {len(found)} scores to {endpoint}")

@@ -6,11 +6,22 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.text import Text
 from rich.tree import Tree
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import EXIT_NO_DATA, Since, console, echo_json, iso, store_option
+from closedloop.cli._common import (
+    EXIT_NO_DATA,
+    Since,
+    console,
+    echo_json,
+    iso,
+    literal,
+    say,
+    store_option,
+    styled,
+)
 from closedloop.cli._common import open_store_to_read as _open
 
 if TYPE_CHECKING:
@@ -18,18 +29,16 @@ if TYPE_CHECKING:
 
 
 def _spans(store_url: str) -> SpanStore:
-    try:
-        from closedloop.telemetry import span_store_for
-    except ImportError as exc:  # the otel/prometheus extras are missing
-        raise ConfigError(f"traces need the otel extra: pip install 'closedloop[otel]' "
-                          f"({exc.name} is missing)") from None
+    # a missing extra is named by the command group (closedloop.cli._Group)
+    from closedloop.telemetry import span_store_for
+
     return span_store_for(_open(store_url))
 
 
 def _trace(spans: SpanStore, trace_id: str) -> list[StoredSpan]:
     found = spans.trace(trace_id.strip())
     if not found:
-        click.echo(f"error: no spans for trace {trace_id}", err=True)
+        say(f"error: no spans for trace {trace_id}", err=True)
         sys.exit(EXIT_NO_DATA)
     return found
 
@@ -43,7 +52,8 @@ def traces() -> None:
 @store_option
 @click.option("--task-type", help="Only traces of this task type.")
 @click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="How many traces to list at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
                 as_json: bool) -> None:
@@ -72,9 +82,9 @@ def list_traces(store_url: str, task_type: str | None, since: float | None, limi
               help="Also print captured (redacted) content.")
 @click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
 def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> None:
-    """One trace as a tree, with timings and verdicts."""
+    """One trace as a tree, with timings, verdicts and their messages."""
     from closedloop.telemetry._spanstore import iter_children
-    from closedloop.telemetry._view import label
+    from closedloop.telemetry._view import label, verdict_messages
 
     spans = _trace(_spans(store_url), trace_id)
     if as_json:
@@ -84,13 +94,15 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     nodes: list[Tree] = [root]
     for depth, span in iter_children(spans):
         del nodes[depth + 1:]
-        style = "red" if span.status == 2 else ""
-        node = nodes[-1].add(f"[{style}]{label(span)}[/]" if style else label(span))
+        node = nodes[-1].add(styled(label(span), "red" if span.status == 2 else ""))
+        failed = span.attributes.get("closedloop.verdict.passed") is False
+        for message in verdict_messages(span):
+            node.add(styled(message, "red" if failed else "yellow"))
         if content:
             for key, text in span.content.items():
-                node.add(f"[dim]{key}: {text}[/]")
+                node.add(Text(literal(f"{key}: {text}", newlines=True), style="dim"))
         nodes.append(node)
-    console().print(root, markup=True, highlight=False)
+    console().print(root)
 
 
 @traces.command("diff")
@@ -112,15 +124,15 @@ def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bo
     if first is None:
         click.echo("no divergence: every stage decided the same")
         return
-    click.echo(f"first divergence: {first.path} #{first.occurrence}")
+    say(f"first divergence: {first.path} #{first.occurrence}")
     for row in rows:
         if not (row.diverges or show_all):
             continue
         a = f"{row.a.duration_ms:.1f} ms" if row.a else "missing"
         b = f"{row.b.duration_ms:.1f} ms" if row.b else "missing"
-        click.echo(f"{'!' if row.diverges else ' '} {row.path} #{row.occurrence}: A {a} | B {b}")
+        say(f"{'!' if row.diverges else ' '} {row.path} #{row.occurrence}: A {a} | B {b}")
         for key, (va, vb) in row.differences.items():
-            click.echo(f"    {key}: A={va!r}  B={vb!r}")
+            say(f"    {key}: A={va!r}  B={vb!r}")
 
 
 def _import_check(spec: str) -> tuple[str, Any]:
@@ -168,10 +180,10 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         echo_json(report.to_dict())
         return
     if not report.steps:
-        click.echo(f"error: no recorded steps of {task_type}", err=True)
+        say(f"error: no recorded steps of {task_type}", err=True)
         sys.exit(EXIT_NO_DATA)
-    click.echo(f"{report.steps} steps of {task_type}: {report.verification_failures} "
-               f"verification failures, {report.successes} succeeded, "
-               f"{report.not_replayable} without a recorded proposal")
+    say(f"{report.steps} steps of {task_type}: {report.verification_failures} "
+        f"verification failures, {report.successes} succeeded, "
+        f"{report.not_replayable} without a recorded proposal")
     for sentence in report.sentences():
-        click.echo(sentence)
+        say(sentence)

@@ -11,49 +11,52 @@ Two concerns, one place:
   whose outcome verification keeps failing, until a human resumes it.
 """
 
-from closedloop.control._alerts import (
-    Alert,
-    AlertSink,
-    CaptureSink,
-    LogSink,
-    MetricSink,
-    WebhookSink,
-)
-from closedloop.control._backpressure import (
-    Backpressure,
-    BackpressureError,
-    CircuitOpen,
-    DeadlineExceeded,
-    default_backpressure,
-    reset_default_backpressure,
-)
-from closedloop.control._core import BreakerState, Grant, KeyState, Limits
-from closedloop.control._fault import (
-    FaultControl,
-    default_fault_control,
-    reset_default_fault_control,
-    resume,
-)
-from closedloop.control._ledger import (
-    CachedLedger,
-    ControlLedger,
-    MemoryLedger,
-    SQLiteLedger,
-    Stop,
-    StopKind,
-    ledger_for_store,
-)
-from closedloop.control._redis import RedisLedger, RedisRates
-from closedloop.control._retry import RetryBudget, RetryPolicy
-from closedloop.control._signals import (
-    RETRYABLE,
-    Feedback,
-    Signal,
-    classify,
-    parse_retry_after,
-    retry_after_from_headers,
-)
-from closedloop.control._state import LocalRates, RateBackend
+import typing
+
+if typing.TYPE_CHECKING:
+    from closedloop.control._alerts import (
+        Alert,
+        AlertSink,
+        CaptureSink,
+        LogSink,
+        MetricSink,
+        WebhookSink,
+    )
+    from closedloop.control._backpressure import (
+        Backpressure,
+        BackpressureError,
+        CircuitOpen,
+        DeadlineExceeded,
+        default_backpressure,
+        reset_default_backpressure,
+    )
+    from closedloop.control._core import BreakerState, Grant, KeyState, Limits
+    from closedloop.control._fault import (
+        FaultControl,
+        default_fault_control,
+        reset_default_fault_control,
+        resume,
+    )
+    from closedloop.control._ledger import (
+        CachedLedger,
+        ControlLedger,
+        MemoryLedger,
+        SQLiteLedger,
+        Stop,
+        StopKind,
+        ledger_for_store,
+    )
+    from closedloop.control._redis import RedisLedger, RedisRates
+    from closedloop.control._retry import RetryBudget, RetryPolicy
+    from closedloop.control._signals import (
+        RETRYABLE,
+        Feedback,
+        Signal,
+        classify,
+        parse_retry_after,
+        retry_after_from_headers,
+    )
+    from closedloop.control._state import LocalRates, RateBackend
 
 __all__ = [
     "RETRYABLE",
@@ -96,3 +99,23 @@ __all__ = [
     "resume",
     "retry_after_from_headers",
 ]
+
+
+if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "._alerts": ("Alert", "AlertSink", "CaptureSink", "LogSink", "MetricSink", "WebhookSink"),
+        "._backpressure": ("Backpressure", "BackpressureError", "CircuitOpen", "DeadlineExceeded",
+                           "default_backpressure", "reset_default_backpressure"),
+        "._core": ("BreakerState", "Grant", "KeyState", "Limits"),
+        "._fault": ("FaultControl", "default_fault_control", "reset_default_fault_control",
+                    "resume"),
+        "._ledger": ("CachedLedger", "ControlLedger", "MemoryLedger", "SQLiteLedger", "Stop",
+                     "StopKind", "ledger_for_store"),
+        "._redis": ("RedisLedger", "RedisRates"),
+        "._retry": ("RetryBudget", "RetryPolicy"),
+        "._signals": ("RETRYABLE", "Feedback", "Signal", "classify", "parse_retry_after",
+                      "retry_after_from_headers"),
+        "._state": ("LocalRates", "RateBackend"),
+    })

@@ -251,7 +251,12 @@ class SQLiteLedger:
     def _conn(self, *, write: bool) -> closing[sqlite3.Connection]:
         if write and not self._schema:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        if write:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        else:  # a read never writes the file, so it also works on a read-only mount
+            from closedloop.store._sqlite import connect_read_only
+
+            conn = connect_read_only(self.path)
         try:
             if write and not self._schema:
                 conn.execute("PRAGMA journal_mode=WAL")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from closedloop._errors import ConfigError as _ConfigError
 from closedloop.demo._model import (
     FaultCategory,
     FaultKind,
@@ -24,7 +25,14 @@ from closedloop.demo._model import (
     expected_result,
     generate_requests,
 )
-from closedloop.demo._run import AGENT_ID, TASK_TYPE, DemoSummary, require_demo_extras, run_demo
+from closedloop.demo._run import (
+    AGENT_ID,
+    TASK_TYPE,
+    DemoSummary,
+    require_demo_extras,
+    run_demo,
+)
+from closedloop.demo._run import INSTALL_HINT as _INSTALL_HINT
 
 if TYPE_CHECKING:
     from closedloop.demo._ec2 import (
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
         InstanceMatchesRequest,
         LocalEc2,
     )
-    from closedloop.demo._plan import no_destructive_actions, plan_schema
+    from closedloop.demo._plan import no_destructive_actions, plan_schema, required_tags
 
 __all__ = [
     "AGENT_ID",
@@ -57,6 +65,7 @@ __all__ = [
     "no_destructive_actions",
     "plan_schema",
     "require_demo_extras",
+    "required_tags",
     "run_demo",
 ]
 
@@ -68,15 +77,21 @@ _LAZY = {
     "LocalEc2": "closedloop.demo._ec2",
     "no_destructive_actions": "closedloop.demo._plan",
     "plan_schema": "closedloop.demo._plan",
+    "required_tags": "closedloop.demo._plan",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # boto3, moto and pydantic are an optional extra: import their parts only when asked for
+    # boto3, moto and pydantic are an optional extra: import their parts only when asked for,
+    # and only what that part needs (the plan validators need pydantic, not boto3)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'closedloop.demo' has no attribute {name!r}")
-    require_demo_extras()
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        raise _ConfigError(f"closedloop.demo.{name} needs {exc.name or exc}: {_INSTALL_HINT}"
+                          ) from None
+    return getattr(found, name)

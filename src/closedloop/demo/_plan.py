@@ -9,11 +9,12 @@ blocks it at once, without asking the model to try again.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from closedloop._verdict import Issue, Severity, Verdict
+from closedloop.demo._model import REQUIRED_TAGS
 
 
 class _Plan(BaseModel):
@@ -57,14 +58,30 @@ def parse_plan(text: str) -> RunInstances | TerminateInstances | DeleteSecurityG
     return PLAN.validate_json(text)
 
 
-def plan_schema(proposal: str) -> Verdict:
+def _data(proposal: str | dict[str, Any]) -> Any:
+    """The plan as data, from its JSON text or as given; None when the text is not JSON."""
+    if not isinstance(proposal, str):
+        return proposal
+    try:
+        return json.loads(proposal)
+    except ValueError:
+        return None
+
+
+def plan_schema(proposal: str | dict[str, Any]) -> Verdict:
     """Immediate validation: the proposal is a JSON plan with every field present and typed.
 
     Each problem is one issue, located at the plan field (``plan.tags``; ``plan`` for JSON
-    syntax), so the model can fix them all in one re-ask.
+    syntax), so the model can fix them all in one re-ask. The plan may also be given as data
+    (``closedloop replay`` hands back recorded JSON as data).
     """
+    try:  # data is checked as the JSON it came from, so both give the very same issues
+        text = proposal if isinstance(proposal, str) else json.dumps(proposal)
+    except (TypeError, ValueError) as exc:
+        return Verdict(issues=(Issue(message=f"not a JSON plan: {exc}", code="json_invalid",
+                                     location="plan"),))
     try:
-        parse_plan(proposal)
+        parse_plan(text)
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False):
@@ -77,17 +94,13 @@ def plan_schema(proposal: str) -> Verdict:
     return Verdict()
 
 
-
-def no_destructive_actions(proposal: str) -> Verdict:
+def no_destructive_actions(proposal: str | dict[str, Any]) -> Verdict:
     """Immediate validation: a provisioning agent may create, never terminate or delete.
 
     Reads the ``action`` even from a plan that fails the schema, so a destructive intent is
     blocked whatever else is wrong with it.
     """
-    try:
-        data = json.loads(proposal)
-    except ValueError:
-        return Verdict()  # plan_schema reports the syntax error
+    data = _data(proposal)  # None for a syntax error, which plan_schema reports
     action = data.get("action") if isinstance(data, dict) else None
     if action not in DESTRUCTIVE_ACTIONS:
         return Verdict()
@@ -99,3 +112,21 @@ def no_destructive_actions(proposal: str) -> Verdict:
     return Verdict(issues=(Issue(
         message=f"destructive operation: the plan would {what}; this agent may only launch",
         code="destructive", location="plan.action", severity=Severity.CRITICAL),))
+
+
+def required_tags(proposal: str | dict[str, Any]) -> Verdict:
+    """A validator the demo's loop does not run: every launch carries the required tags.
+
+    It sees only the plan, not the request, so it cannot tell a wrong tag value; it can tell
+    a missing one. Try it on what the demo recorded, before putting it in the loop::
+
+        closedloop replay --task-type ec2.provision --validator closedloop.demo:required_tags
+    """
+    data = _data(proposal)
+    if not isinstance(data, dict) or data.get("action") != "run_instances":
+        return Verdict()  # not a launch: plan_schema and no_destructive_actions judge it
+    tags = data.get("tags")
+    present = tags if isinstance(tags, dict) else {}
+    return Verdict(issues=tuple(
+        Issue(message=f"tag {key!r} is required", code="missing_tag", location=f"plan.tags.{key}")
+        for key in REQUIRED_TAGS if not present.get(key)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,14 @@ from closedloop.store import Store, open_store
 
 if TYPE_CHECKING:
     from closedloop.demo._ec2 import Action
+    from closedloop.demo._model import LedgerEntry
+    from closedloop.telemetry import Telemetry
 
 TASK_TYPE = "ec2.provision"
 AGENT_ID = "provisioning-agent"
 INSTALL_HINT = "pip install 'closedloop[demo]'"
+SCORE_NAME = "plan_correct"
+"""The score the demo gives every step: 1 when the model's final plan was right, else 0."""
 
 Progress = Callable[[int, int, str], object]
 """``progress(done, total, outcome)``: called after every step with its outcome's value."""
@@ -56,7 +61,26 @@ class DemoSummary:
     """Events the store dropped or could not write (dead-lettered ones included)."""
     duration_s: float
     max_attempts: int
+    traced: bool = False
+    """Whether the steps' spans (with their redacted proposals) and scores went to the store."""
+    scores_written: int = 0
     ledger: FaultLedger = field(repr=False)
+
+    def next_steps(self) -> list[str]:
+        """The commands that show this run's steps, to paste into a shell (empty in memory)."""
+        if self.store_url.startswith("memory://"):
+            return []
+        store = f"--store {shlex.quote(self.store_url)}"
+        steps = [f"closedloop report {store}"]
+        if self.traced:
+            steps += [
+                f"closedloop traces list --task-type {TASK_TYPE} {store}",
+                f"closedloop replay --task-type {TASK_TYPE} "
+                f"--validator closedloop.demo:required_tags {store}",
+                f"closedloop scores list --name {SCORE_NAME} {store}",
+                f"closedloop serve --metrics --from-start {store}",
+            ]
+        return steps
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` form: every count, and the ledger's injected faults per kind."""
@@ -80,20 +104,28 @@ class DemoSummary:
             "expected": self.ledger.expected_outcomes(self.max_attempts),
             "store": {"url": self.store_url, "events_written": self.events_written,
                       "events_lost": self.events_lost},
+            "traces": {"recorded": self.traced, "scores_written": self.scores_written},
             "duration_s": round(self.duration_s, 3),
+            "next_steps": self.next_steps(),
         }
 
 
-def require_demo_extras() -> None:
-    """Raise a :class:`ConfigError` naming the install command if boto3/moto are missing."""
+def require_demo_extras(*, traces: bool = False) -> None:
+    """Raise a :class:`ConfigError` naming the install command if an extra is missing.
+
+    boto3, moto and pydantic always; opentelemetry too when the run records ``traces``.
+    """
     try:
         import boto3  # noqa: F401
         import moto.server  # noqa: F401
         import pydantic  # noqa: F401
+
+        if traces:
+            import opentelemetry.trace  # noqa: F401
     except ImportError as exc:
         raise ConfigError(
-            f"the demo needs boto3, moto and pydantic ({exc.name or exc} is missing): "
-            f"{INSTALL_HINT}") from None
+            f"the demo needs boto3, moto, pydantic and opentelemetry "
+            f"({exc.name or exc} is missing): {INSTALL_HINT}") from None
 
 
 def run_demo(
@@ -104,6 +136,7 @@ def run_demo(
     *,
     rates: FaultRates | None = None,
     max_attempts: int = 3,
+    traces: bool = True,
 ) -> DemoSummary:
     """Run the provisioning story: ``requests`` seeded requests through a closed loop.
 
@@ -111,12 +144,18 @@ def run_demo(
     closed at the end); None means the process-wide default store. Starts a local EC2 API
     (moto) on 127.0.0.1 and stops it before returning. Bad arguments and a missing extra
     raise :class:`~closedloop.ConfigError`.
+
+    With ``traces`` (the default) every step is also traced into the same store: its spans,
+    with the request, proposals and result captured redacted, so ``closedloop traces``,
+    ``replay`` and ``serve --metrics`` show the run; and every step gets a ``plan_correct``
+    score from the simulated model's ground truth, for ``closedloop scores`` and ``report``.
+    ``traces=False`` leaves tracing to the process default (``telemetry.configure()``).
     """
     if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
         raise ConfigError(f"the number of requests must be a positive integer, got {requests!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"the seed must be an integer, got {seed!r}")
-    require_demo_extras()
+    require_demo_extras(traces=traces)
     from closedloop.demo._ec2 import (
         Ec2Executor,
         InstanceMatchesRequest,
@@ -137,6 +176,9 @@ def run_demo(
         target = store
     started = time.perf_counter()
     before = target.stats()
+    pipeline = _tracing(target) if traces else None
+    traced: dict[str, Any] = {} if pipeline is None else {"telemetry": pipeline}
+    scores = 0
     try:
         with LocalEc2() as ec2:
             env = provision_environment(ec2.client)
@@ -151,6 +193,7 @@ def run_demo(
                 autonomy="autonomous",
                 max_attempts=max_attempts,
                 store=target,
+                **traced,
             )
             results: list[StepResult[str, Action]] = []
             raised: list[str] = []  # every step that ended in an error, in order
@@ -168,7 +211,11 @@ def run_demo(
                 if progress is not None:
                     progress(done, requests, outcome)
             production_running = count_running(ec2.client, env.production_instance_ids)
+        if pipeline is not None:
+            scores = _score(target, model.ledger)
     finally:
+        if pipeline is not None:
+            pipeline.shutdown()  # writes the last spans before the store is closed
         target.flush()
         final = target.close() if owned else target.stats()
     return _summarise(
@@ -176,8 +223,44 @@ def run_demo(
         ledger=model.ledger, production=(len(env.production_instance_ids), production_running),
         store_url=target.url, events_written=final.written - before.written,
         events_lost=final.not_written - before.not_written,
-        duration_s=time.perf_counter() - started,
+        duration_s=time.perf_counter() - started, traced=pipeline is not None,
+        scores_written=scores,
     )
+
+
+def _tracing(store: Store) -> Telemetry | None:
+    """A pipeline of the demo's own that writes its steps' spans into ``store``.
+
+    None for a store that cannot hold spans (a custom backend): the demo then records events
+    only, as it did before it recorded traces.
+    """
+    from closedloop.telemetry import StoreExporter, Telemetry, span_store_for
+
+    try:
+        span_store_for(store)
+    except ConfigError:
+        return None
+    return Telemetry([StoreExporter(store)])
+
+
+def _verdict_of(entries: list[LedgerEntry]) -> tuple[float, str]:
+    last = entries[-1]
+    if last.kind is None:
+        return 1.0, "the simulated model's final plan was correct"
+    where = ", ".join(last.locations)
+    return 0.0, f"the simulated model injected {last.kind.value} ({where}) in its final plan"
+
+
+def _score(store: Store, ledger: FaultLedger) -> int:
+    """Score every step from the model's ground truth; returns how many scores were stored."""
+    from closedloop.telemetry import record_score
+
+    written = 0
+    for trace_id, entries in ledger.by_trace().items():
+        value, why = _verdict_of(entries)
+        record_score(trace_id, SCORE_NAME, value, comment=why, source="rule", store=store)
+        written += 1
+    return written
 
 
 def _summarise(
@@ -193,6 +276,8 @@ def _summarise(
     events_written: int,
     events_lost: int,
     duration_s: float,
+    traced: bool,
+    scores_written: int,
 ) -> DemoSummary:
     events = [r.event for r in results if r.event is not None]
     latencies = sorted(e.latency_ms for e in events)
@@ -219,6 +304,8 @@ def _summarise(
         events_lost=events_lost,
         duration_s=duration_s,
         max_attempts=max_attempts,
+        traced=traced,
+        scores_written=scores_written,
         ledger=ledger,
     )
 

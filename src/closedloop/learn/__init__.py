@@ -8,26 +8,32 @@ and whether it worked, outcomes, latency percentiles, tokens and the most freque
 
 from closedloop.learn._report import (
     DEFAULT_TOP_ERRORS,
+    DEFAULT_TOP_MESSAGES,
     ErrorCount,
     Latency,
+    MessageCount,
     Rate,
     Report,
     TaskStats,
     Tokens,
     build_report,
+    message_group,
     percentile,
     report_from_store,
 )
 
 __all__ = [
     "DEFAULT_TOP_ERRORS",
+    "DEFAULT_TOP_MESSAGES",
     "ErrorCount",
     "Latency",
+    "MessageCount",
     "Rate",
     "Report",
     "TaskStats",
     "Tokens",
     "build_report",
+    "message_group",
     "percentile",
     "report_from_store",
 ]

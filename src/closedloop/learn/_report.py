@@ -15,7 +15,11 @@ Definitions (the CLI's ``--help`` repeats them):
   (``verification_passed`` is not ``None``);
 - *latency percentiles*: nearest-rank — the p-th percentile is the smallest recorded latency
   with at least p % of the steps at or below it, so it is always a latency that happened;
-- *error share*: steps with that ``error_type`` among all steps of the row.
+- *error share*: steps with that ``error_type`` among all steps of the row;
+- *failure messages*: steps' ``error_message`` grouped by :func:`message_group` — the message
+  with every token that holds a digit (ids, sizes, counts, versions) replaced by ``<*>`` — so
+  "i-0a1b is a t3.large, requested t3.micro" and "i-9f8e is a m5.large, requested c5.xlarge"
+  count as one group; each group keeps its most recent message as an example.
 
 A rate with an empty denominator is ``None`` (shown as "—"), never 0.
 """
@@ -23,6 +27,7 @@ A rate with an empty denominator is ``None`` (shown as "—"), never 0.
 from __future__ import annotations
 
 import math
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +41,24 @@ if TYPE_CHECKING:
     from closedloop.store import Store
 
 DEFAULT_TOP_ERRORS = 3
+DEFAULT_TOP_MESSAGES = 3
+_MAX_GROUPS = 1000  # distinct message groups kept per row; more are counted as one "other"
+_OTHER = "(other messages)"
+_MAX_GROUP_CHARS = 500
+# A token (between spaces and punctuation) holding a digit: an id, a size, a count, a version.
+# Matched only from a token's start, possessively, so each token is scanned once.
+_VARIABLE = re.compile(r"""(?<![^\s,;:()\[\]{}'"=<>])[^\s,;:()\[\]{}'"=<>\d]*+\d"""
+                       r"""[^\s,;:()\[\]{}'"=<>]*+""")
+
+
+def message_group(message: str) -> str:
+    """The group of a failure message: tokens holding a digit become ``<*>``.
+
+    Whitespace is collapsed and the result capped, so messages that differ only in ids,
+    instance types, sizes or line numbers fall in one group.
+    """
+    grouped = " ".join(_VARIABLE.sub("<*>", message).split())
+    return grouped if len(grouped) <= _MAX_GROUP_CHARS else grouped[:_MAX_GROUP_CHARS] + "…"
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -111,6 +134,25 @@ class ErrorCount:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MessageCount:
+    """Steps whose failure message fell in one group (see :func:`message_group`).
+
+    ``message`` is the group, ``example`` the most recent message in it, ``share`` the
+    group's steps among the row's runs.
+    """
+
+    error_type: str
+    message: str
+    example: str
+    count: int
+    share: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"error_type", "message", "example", "count", "share"}``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TaskStats:
     """The figures of one task type, or of every task type together (``task_type`` None)."""
 
@@ -126,6 +168,7 @@ class TaskStats:
     latency: Latency
     tokens: Tokens
     top_errors: tuple[ErrorCount, ...]
+    top_messages: tuple[MessageCount, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form; keys are stable (see :meth:`Report.to_dict`)."""
@@ -142,6 +185,7 @@ class TaskStats:
             "latency": self.latency.to_dict(),
             "tokens": self.tokens.to_dict(),
             "top_errors": [e.to_dict() for e in self.top_errors],
+            "top_messages": [m.to_dict() for m in self.top_messages],
         }
 
 
@@ -179,8 +223,9 @@ class Report:
         each rate is ``{"count", "total", "rate"}`` (``rate`` null when ``total`` is 0),
         ``outcomes`` maps every :class:`~closedloop.Outcome` value to a count, ``latency`` is
         ``{"p50_ms", "p95_ms", "mean_ms", "max_ms"}``, ``tokens`` is ``{"input_total",
-        "output_total", "input_per_run", "output_per_run"}`` and ``top_errors`` a list of
-        ``{"error_type", "count", "share"}``. Times are Unix seconds.
+        "output_total", "input_per_run", "output_per_run"}``, ``top_errors`` a list of
+        ``{"error_type", "count", "share"}`` and ``top_messages`` a list of ``{"error_type",
+        "message", "example", "count", "share"}``. Times are Unix seconds.
         """
         return {
             "since": self.since,
@@ -208,6 +253,8 @@ class _Tally:
     output_tokens: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
+    examples: dict[tuple[str, str], str] = field(default_factory=dict)
     latencies: array[float] = field(default_factory=lambda: array("d"))
 
     def add(self, e: StepEvent) -> None:
@@ -229,6 +276,16 @@ class _Tally:
         self.outcomes[e.outcome] += 1
         if e.error_type:
             self.errors[e.error_type] += 1
+        if e.error_message:
+            self._message(e.error_type or "", e.error_message, 1)
+
+    def _message(self, error_type: str, message: str, count: int,
+                 group: str | None = None) -> None:
+        key = (error_type, message_group(message) if group is None else group)
+        if key not in self.messages and len(self.messages) >= _MAX_GROUPS:
+            key = (error_type, _OTHER)
+        self.messages[key] += count
+        self.examples[key] = message
 
     def merge(self, other: _Tally) -> None:
         """Fold another row's counters into this one (the overall row is built this way)."""
@@ -245,15 +302,19 @@ class _Tally:
         self.output_tokens += other.output_tokens
         self.outcomes.update(other.outcomes)
         self.errors.update(other.errors)
+        for key, count in other.messages.items():
+            self._message(key[0], other.examples[key], count, group=key[1])
         self.latencies.extend(other.latencies)
 
-    def freeze(self, task_type: str | None, top_errors: int) -> TaskStats:
+    def freeze(self, task_type: str | None, top_errors: int,
+               top_messages: int = DEFAULT_TOP_MESSAGES) -> TaskStats:
         runs = self.runs
         ordered = sorted(self.latencies)
         outcomes = {o.value: self.outcomes.get(o.value, 0) for o in Outcome}
         # outcomes written by a newer closedloop still count, after the known ones
         outcomes.update(sorted((k, v) for k, v in self.outcomes.items() if k not in outcomes))
         errors = sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))[:top_errors]
+        messages = sorted(self.messages.items(), key=lambda kv: (-kv[1], kv[0]))[:top_messages]
         return TaskStats(
             task_type=task_type,
             runs=runs,
@@ -278,6 +339,9 @@ class _Tally:
             ),
             top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs)
                              for k, v in errors),
+            top_messages=tuple(MessageCount(error_type=k[0], message=k[1],
+                                            example=self.examples[k], count=v, share=v / runs)
+                               for k, v in messages),
         )
 
 
@@ -285,6 +349,7 @@ def build_report(
     events: Iterable[StepEvent],
     *,
     top_errors: int = DEFAULT_TOP_ERRORS,
+    top_messages: int = DEFAULT_TOP_MESSAGES,
     since: float | None = None,
     until: float | None = None,
     task_type: str | None = None,
@@ -293,10 +358,13 @@ def build_report(
 
     ``since``/``until``/``task_type`` are not applied here (the events are taken as given);
     they are recorded in the report so that it says which window it covers.
-    ``top_errors`` bounds how many error types each row lists (most frequent first).
+    ``top_errors`` and ``top_messages`` bound how many error types and failure-message groups
+    each row lists (most frequent first).
     """
     if top_errors < 0:
         raise ConfigError(f"top_errors must be ≥ 0, got {top_errors!r}")
+    if top_messages < 0:
+        raise ConfigError(f"top_messages must be ≥ 0, got {top_messages!r}")
     per_task: dict[str, _Tally] = {}
     for event in events:
         tally = per_task.get(event.task_type)
@@ -310,8 +378,8 @@ def build_report(
         since=since,
         until=until,
         task_type=task_type,
-        rows=tuple(per_task[t].freeze(t, top_errors) for t in sorted(per_task)),
-        overall=overall.freeze(None, top_errors),
+        rows=tuple(per_task[t].freeze(t, top_errors, top_messages) for t in sorted(per_task)),
+        overall=overall.freeze(None, top_errors, top_messages),
     )
 
 
@@ -322,11 +390,12 @@ def report_from_store(
     until: float | None = None,
     task_type: str | None = None,
     top_errors: int = DEFAULT_TOP_ERRORS,
+    top_messages: int = DEFAULT_TOP_MESSAGES,
 ) -> Report:
     """The report over ``store``'s events with ``since <= ts < until`` (Unix seconds).
 
     Only events already written are seen: call ``store.flush()`` first to include your own.
     """
     events = store.events(since=since, until=until, task_type=task_type)
-    return build_report(events, top_errors=top_errors, since=since, until=until,
-                        task_type=task_type)
+    return build_report(events, top_errors=top_errors, top_messages=top_messages, since=since,
+                        until=until, task_type=task_type)

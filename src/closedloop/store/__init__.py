@@ -3,36 +3,45 @@
 ``sqlite:///PATH`` (the default; a relative PATH is relative to the working directory,
 ``sqlite:////abs/path`` is absolute), ``memory://``, ``postgresql://USER@HOST/DB?schema=NAME``
 (the ``postgres`` extra) or a plug-in's scheme (:mod:`closedloop.store._registry`). A plain
-file path is read as a SQLite
-file. ``CLOSEDLOOP_STORE`` sets the default; without it the default is
-``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
+file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; without it the
+default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
+
+Telemetry that cannot write drops and counts, it never stops the agent: recording never
+raises, a store that refuses writes has its events held, then dead-lettered (see
+:mod:`closedloop.store._writer`), and the default store opens even when its file cannot be
+opened yet (the cause is logged once, with the fix; events are held until it opens).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
+from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
-from closedloop.store._registry import open_backend, register_scheme, sqlite_path
-from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend
+from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
+from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
     "SCHEMA_VERSION",
     "EventBackend",
     "EventQuery",
+    "ImportResult",
     "MemoryBackend",
     "SQLiteBackend",
     "Store",
     "WriterStats",
     "default_store",
     "default_store_url",
+    "import_dead_letter",
     "is_default_store",
     "open_backend",
     "open_store",
@@ -44,7 +53,16 @@ ENV_VAR = "CLOSEDLOOP_STORE"
 
 
 class Store:
-    """A backend plus the batched writer in front of it; ``record`` never blocks."""
+    """A backend plus the batched writer in front of it.
+
+    ``record`` never raises and, under the default ``overflow="drop"``, never blocks: when
+    ``max_queue`` events are waiting, new ones are dropped and counted. ``overflow="block"``
+    waits up to ``block_timeout`` seconds for room instead (in asyncio code that wait stalls
+    the event loop too: prefer a larger ``max_queue`` there). Events the backend refuses are
+    held (up to ``max_held``) and written when it accepts them again, else dead-lettered to
+    ``dead_letter`` (or a file of that name in the temporary directory, when the store's disk
+    is full). See :mod:`closedloop.store._writer`.
+    """
 
     def __init__(
         self,
@@ -53,17 +71,25 @@ class Store:
         max_queue: int = 100_000,
         batch_size: int = 4096,
         flush_interval: float = 0.25,
+        overflow: Overflow = "drop",
+        block_timeout: float = 5.0,
+        max_held: int = 100_000,
         dead_letter: Path | None = None,
     ) -> None:
         self.backend = backend
         self.url = backend.url
         self._writer = BatchWriter(backend, max_queue=max_queue, batch_size=batch_size,
-                                   flush_interval=flush_interval, dead_letter=dead_letter)
+                                   flush_interval=flush_interval, overflow=overflow,
+                                   block_timeout=block_timeout, max_held=max_held,
+                                   dead_letter=dead_letter)
         self.record = self._writer.submit
         """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until everything recorded so far is written; False on timeout."""
+        """Wait until everything recorded so far is written.
+
+        False on timeout, or when events are held because the backend refuses them.
+        """
         return self._writer.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> WriterStats:
@@ -71,7 +97,7 @@ class Store:
         return self._writer.close(timeout)
 
     def stats(self) -> WriterStats:
-        """Written, queued, dropped, dead-lettered and lost counts."""
+        """Written, queued, held, dropped, dead-lettered and lost counts."""
         return self._writer.stats()
 
     def events(
@@ -81,9 +107,11 @@ class Store:
         until: float | None = None,
         task_type: str | None = None,
         limit: int | None = None,
+        trace_id: str | None = None,
     ) -> Iterator[StepEvent]:
         """Read stored events, oldest first (call :meth:`flush` first to see your own)."""
-        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit)
+        query = EventQuery(since=since, until=until, task_type=task_type, limit=limit,
+                           trace_id=trace_id)
         return self.backend.iter_events(query)
 
     def count(self) -> int:
@@ -103,40 +131,81 @@ class Store:
 def open_store(
     url: str | os.PathLike[str],
     *,
+    read_only: bool = False,
     max_queue: int = 100_000,
     batch_size: int = 4096,
     flush_interval: float = 0.25,
+    overflow: Overflow = "drop",
+    block_timeout: float = 5.0,
+    max_held: int = 100_000,
     create: bool = True,
+    defer: bool = False,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
+
+    ``read_only`` (readers such as ``closedloop report``) opens an existing store without
+    ever writing it: no migration, a file that is not a closedloop store is a
+    :class:`~closedloop.StoreError`, and a store on a read-only mount can be read.
 
     With ``create=False`` (readers such as ``closedloop report``) a SQLite file that does not
     exist is a :class:`~closedloop.StoreError` instead of a new empty store. A malformed URL
     is a :class:`~closedloop.ConfigError`; a path that cannot be opened is a
-    :class:`~closedloop.StoreError`, each with a one-line reason.
+    :class:`~closedloop.StoreError`, each with a one-line reason, unless ``defer=True``: then
+    the store is returned anyway, the cause is logged once with the fix, and events are held
+    until the file can be opened (what :func:`default_store` does, so that an agent starts
+    even on a full or read-only disk). ``overflow``, ``block_timeout`` and ``max_held``: see
+    :class:`Store`.
     """
     text = os.fspath(url).strip()
     if not text:
         raise ConfigError("store URL is empty; use sqlite:///PATH or memory://")
+
+    def store(backend: EventBackend, dead_letter: Path | None = None) -> Store:
+        return Store(backend, max_queue=max_queue, batch_size=batch_size,
+                     flush_interval=flush_interval, overflow=overflow,
+                     block_timeout=block_timeout, max_held=max_held, dead_letter=dead_letter)
+
     if text == "memory://":
-        return Store(MemoryBackend(), max_queue=max_queue, batch_size=batch_size,
-                     flush_interval=flush_interval)
+        return store(MemoryBackend())
     if text.startswith("sqlite:///"):
         path = sqlite_path(text)
     elif "://" in text or text.startswith("sqlite:"):
         # every other scheme (PostgreSQL, plug-ins) comes from the registry
-        return Store(open_backend(text, create=create), max_queue=max_queue,
-                     batch_size=batch_size, flush_interval=flush_interval)
+        backend = open_backend(text, create=create and not read_only, defer=defer)
+        return store(backend, dead_letter_for_url(backend.url))
     else:
         path = Path(text).expanduser()
+    create = create and not read_only
+    if read_only and path.is_file():
+        return Store(SQLiteReader(path), max_queue=max_queue, batch_size=batch_size,
+                     flush_interval=flush_interval)
     if not create and not path.exists():
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():
         raise StoreError(f"cannot read store {path}: not a file")
-    backend = SQLiteBackend(path)
-    dead_letter = path.with_name(path.name + ".deadletter.jsonl")
-    return Store(backend, dead_letter=dead_letter, max_queue=max_queue, batch_size=batch_size,
-                 flush_interval=flush_interval)
+    backend = SQLiteBackend(path, defer=defer)
+    return store(backend, dead_letter_path(path))
+
+
+def dead_letter_path(store_path: Path) -> Path:
+    """Where a SQLite store's dead-letter file goes by default: next to it."""
+    return store_path.with_name(store_path.name + ".deadletter.jsonl")
+
+
+def dead_letter_for_url(url: str) -> Path:
+    """Where the dead-letter file of a store that is not a file goes: the user's data folder.
+
+    One file per store (named for the scheme and a digest of the URL without its password).
+    """
+    safe = redact_url(url)
+    digest = hashlib.sha256(safe.encode()).hexdigest()[:10]
+    scheme = safe.split(":", 1)[0] or "store"
+    return _data_dir() / "deadletter" / f"{scheme}-{digest}.jsonl"
+
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
+    return Path(base).expanduser() / "closedloop"
 
 
 def default_store_url() -> str:
@@ -157,7 +226,7 @@ def default_store() -> Store:
     global _default
     with _default_lock:
         if _default is None:
-            _default = open_store(default_store_url())
+            _default = open_store(default_store_url(), defer=True)
         return _default
 
 

@@ -11,12 +11,13 @@ from closedloop._events import StepEvent
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventQuery:
-    """Which events to read: a time range and an optional task type, oldest first."""
+    """Which events to read: a time range, an optional task type or trace, oldest first."""
 
     since: float | None = None
     until: float | None = None
     task_type: str | None = None
     limit: int | None = None
+    trace_id: str | None = None
 
 
 @runtime_checkable

@@ -35,6 +35,8 @@ class MemoryBackend:
                 continue
             if query.task_type is not None and e.task_type != query.task_type:
                 continue
+            if query.trace_id is not None and e.trace_id != query.trace_id:
+                continue
             if query.limit is not None and n >= query.limit:
                 return
             n += 1

@@ -278,10 +278,9 @@ class PostgresBackend:
         if query.task_type is not None:
             where.append(sql.SQL("task_type = %s"))
             params.append(query.task_type)
-        trace_id = getattr(query, "trace_id", None)
-        if trace_id is not None:
+        if query.trace_id is not None:
             where.append(sql.SQL("trace_id = %s"))
-            params.append(trace_id)
+            params.append(query.trace_id)
         stmt: sql.Composable = self._select
         if where:
             stmt = sql.SQL("{} WHERE {}").format(stmt, sql.SQL(" AND ").join(where))

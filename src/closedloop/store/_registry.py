@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from closedloop._errors import ConfigError, StoreError
-from closedloop.store._base import EventBackend
+from closedloop._events import StepEvent
+from closedloop.store._base import EventBackend, EventQuery
 
 ENTRY_POINT_GROUP = "closedloop.stores"
 
@@ -163,7 +165,66 @@ def backend_factory(url: str) -> BackendFactory:
     return _resolve(scheme, factory)
 
 
-def open_backend(url: str, *, create: bool = True) -> EventBackend:
-    """Open the backend serving ``url`` (see the module docstring for the schemes)."""
-    return backend_factory(url)(url, create=create)
+def open_backend(url: str, *, create: bool = True, defer: bool = False) -> EventBackend:
+    """Open the backend serving ``url`` (see the module docstring for the schemes).
+
+    With ``defer=True`` a store that cannot be opened yet (server down, no such database) is
+    not an error: a :class:`DeferredBackend` is returned that opens it on first use.
+    """
+    factory = backend_factory(url)
+    try:
+        return factory(url, create=create)
+    except StoreError as exc:
+        if not defer:
+            raise
+        return DeferredBackend(url, factory, create=create, error=exc)
+
+
+class DeferredBackend:
+    """A backend whose store could not be opened yet; every call tries to open it again.
+
+    While it cannot, ``write_batch`` raises (the store's writer holds the events, then
+    dead-letters them) and :attr:`open_error` says why (the writer logs it once, with the fix).
+    """
+
+    def __init__(self, url: str, factory: BackendFactory, *, create: bool,
+                 error: StoreError) -> None:
+        self.url = redact_url(url)
+        self._url = url
+        self._factory = factory
+        self._create = create
+        self._backend: EventBackend | None = None
+        self._lock = threading.Lock()
+        self.open_error: StoreError | None = error
+
+    def backend(self) -> EventBackend:
+        """The opened backend; raises :class:`~closedloop.StoreError` while it cannot open."""
+        with self._lock:
+            if self._backend is None:
+                try:
+                    self._backend = self._factory(self._url, create=self._create)
+                except StoreError as exc:
+                    self.open_error = exc
+                    raise
+                self.open_error = None
+            return self._backend
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Open the store if needed, then write."""
+        self.backend().write_batch(events)
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Open the store if needed, then read."""
+        return self.backend().iter_events(query)
+
+    def count(self) -> int:
+        """Open the store if needed, then count."""
+        return self.backend().count()
+
+    def close(self) -> None:
+        """Close the backend, if it was opened."""
+        with self._lock:
+            backend = self._backend
+        if backend is not None:
+            backend.close()
 

@@ -4,18 +4,27 @@ Several processes may write the same file: each batch is one ``BEGIN IMMEDIATE``
 and SQLite's busy timeout serialises them. The schema version lives in ``PRAGMA
 user_version``; migrations run in one exclusive transaction, so two processes opening a new
 file at once cannot both apply them.
+
+A batch is inserted with a few multi-row ``INSERT`` statements rather than ``executemany``:
+sqlite3 releases the GIL around every statement step, and an agent busy in Python in the same
+process makes each re-acquisition wait up to the switch interval; one step per thousand rows
+instead of one per row keeps the writer ahead of a busy producer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from itertools import chain
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
@@ -82,12 +91,62 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_INSERT = (
-    f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) "
-    f"VALUES ({', '.join('?' for _ in EVENT_FIELDS)})"
-)
+_NFIELDS = len(EVENT_FIELDS)
+_DETAIL = EVENT_FIELDS.index("detail")
+_ROW = f"({', '.join('?' for _ in EVENT_FIELDS)})"
+_INSERT_HEAD = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES "
+_CHUNK = 1024
+"""Rows per multi-row INSERT (1024 * 19 parameters stays under SQLite's default 32766)."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
+
+
+def _insert(rows: int) -> str:
+    return _INSERT_HEAD + ",".join([_ROW] * rows)
+
+
+_INSERT_CHUNK = _insert(_CHUNK)
+
+
+def _params(events: Sequence[StepEvent]) -> list[Any]:
+    """The batch as one flat parameter list, ``detail`` as JSON text (C-speed where it can)."""
+    flat: list[Any] = list(chain.from_iterable(events))
+    details = flat[_DETAIL::_NFIELDS]
+    if details.count(None) != len(details):
+        flat[_DETAIL::_NFIELDS] = [
+            None if d is None else json.dumps(d, default=str, separators=(",", ":"))
+            for d in details]
+    return flat
+
+
+LOW_SPACE = 1 << 20
+"""Less free space than this in the store's folder counts as a full disk."""
+
+
+def disk_full(path: Path) -> bool:
+    """True when the disk that holds ``path`` (or would) has less than :data:`LOW_SPACE` free.
+
+    SQLite does not always say so: a full disk can surface as "disk I/O error" when the
+    shared-memory file of a WAL database cannot grow.
+    """
+    folder = next((p for p in path.parents if p.is_dir()), None)
+    if folder is None:
+        return False
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is open, never masking the error that brought us here.
+
+    SQLite rolls a transaction back by itself on some errors ("database or disk is full"),
+    and a ROLLBACK after that fails with "no transaction is active", hiding the real cause.
+    """
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -129,19 +188,37 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     return found
 
 
 class SQLiteBackend:
-    """Events in one SQLite file; created (with its folder) and migrated when opened."""
+    """Events in one SQLite file; created (with its folder) and migrated when opened.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With ``defer=True`` a file that cannot be opened yet (full disk, read-only folder) is not
+    an error here: :attr:`open_error` says why, and every ``write_batch`` tries again (and
+    raises while it still fails), so the store's writer holds the events until it opens.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, defer: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self.open_error: StoreError | None = None
         try:
+            self._open()
+        except StoreError as exc:
+            if not defer:
+                raise
+            self.open_error = exc
+
+    def _open(self) -> None:
+        try:
+            blocker = next((p for p in self.path.parents if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise StoreError(f"cannot open store {self.url}: {blocker} is a file, not a "
+                                 "folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:
@@ -151,9 +228,13 @@ class SQLiteBackend:
         except OSError as exc:
             raise StoreError(f"cannot open store {self.url}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+            full = " (no space left on the disk)" if disk_full(self.path) else ""
+            raise StoreError(f"cannot open store {self.url}: {exc}{full}") from None
+        self.open_error = None
 
     def _writer_conn(self) -> sqlite3.Connection:
+        if self.open_error is not None:
+            self._open()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = _connect(self.path)
@@ -162,16 +243,21 @@ class SQLiteBackend:
         return conn
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
-        """Insert the batch in one transaction."""
+        """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
-        # Plain tuples: sqlite3's executemany takes a much slower path for tuple subclasses.
-        rows = [e.to_row() for e in events]
-        conn.execute("BEGIN IMMEDIATE")
+        params = _params(events)
+        width = _CHUNK * _NFIELDS
+        full = len(events) // _CHUNK * width
         try:
-            conn.executemany(_INSERT, rows)
+            conn.execute("BEGIN IMMEDIATE")
+            for start in range(0, full, width):
+                conn.execute(_INSERT_CHUNK, params[start:start + width])
+            if full < len(params):
+                conn.execute(_insert(len(events) % _CHUNK), params[full:])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
+            self.close()  # the next batch starts on a fresh connection
             raise
 
     def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
@@ -187,11 +273,14 @@ class SQLiteBackend:
         if query.task_type is not None:
             where.append("task_type = ?")
             params.append(query.task_type)
+        if query.trace_id is not None:
+            where.append("trace_id = ?")
+            params.append(query.trace_id)
         sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
         try:
-            conn = _connect(self.path)
+            conn = self._reader()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
         try:
@@ -202,13 +291,22 @@ class SQLiteBackend:
         finally:
             conn.close()
 
+    read_only = False
+    """True for a :class:`SQLiteReader`: this backend never writes its file."""
+
+    def _reader(self) -> sqlite3.Connection:
+        return _connect(self.path)
+
     def count(self) -> int:
         """How many events the file holds."""
-        conn = _connect(self.path)
         try:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-        finally:
-            conn.close()
+            conn = _connect(self.path)
+            try:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
 
     def close(self) -> None:
         """Close this thread's writer connection, if any."""
@@ -216,6 +314,80 @@ class SQLiteBackend:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can never write ``path``: no migration, no table, no journal change.
+
+    On a read-only mount a WAL file cannot get its shared-memory index, so SQLite refuses
+    ``mode=ro``; the file is then opened ``immutable`` (no locking: nothing can write it
+    there, and changes still in an unmerged ``-wal`` file are not seen).
+    """
+    uri = f"file:{quote(str(path))}"
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()  # opening is lazy: read something
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    return conn
+
+
+def check_schema(conn: sqlite3.Connection, url: str) -> int:
+    """The schema version of a closedloop store; a :class:`StoreError` for any other file."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"store schema version {found} is newer than this closedloop supports "
+                         f"({SCHEMA_VERSION}); upgrade closedloop")
+    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'events'").fetchone()[0]
+    if found == 0 or not tables:
+        raise StoreError(f"{url} is not a closedloop store (it has no closedloop tables)")
+    return found
+
+
+class SQLiteReader(SQLiteBackend):
+    """An existing closedloop store, opened to read only (``closedloop report``, ``traces``).
+
+    Nothing is created, migrated or written; a file without closedloop's tables is a
+    :class:`StoreError`, and a store on a read-only mount can be read.
+    """
+
+    read_only = True
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:  # no migration: no super()
+        self.path = Path(path).expanduser()
+        self.url = f"sqlite:///{self.path}"
+        self._local = threading.local()
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                check_schema(conn, self.url)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}") from None
+
+    def _reader(self) -> sqlite3.Connection:
+        return connect_read_only(self.path)
+
+    def count(self) -> int:
+        """How many events the file holds."""
+        try:
+            conn = connect_read_only(self.path)
+            try:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Always a :class:`StoreError`: this store was opened read-only."""
+        raise StoreError(f"store {self.url} was opened read-only")
 
 
 def _event(row: tuple[Any, ...]) -> StepEvent:

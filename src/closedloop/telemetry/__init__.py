@@ -17,50 +17,49 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from closedloop.telemetry._export import (
-    MemoryExporter,
-    OTelExporter,
-    StoreExporter,
-    otlp_grpc,
-    otlp_http,
-)
-from closedloop.telemetry._metrics import (
-    Metrics,
-    StoreTail,
-    metrics_asgi_app,
-    start_metrics_server,
-)
-from closedloop.telemetry._pipeline import (
-    SpanExporter,
-    Telemetry,
-    TelemetryStats,
-    default_telemetry,
-    reset_default_telemetry,
-    set_default_telemetry,
-)
-from closedloop.telemetry._redact import Capture, Redactor
-from closedloop.telemetry._scores import (
-    OTelScoreExporter,
-    TaskScores,
-    otlp_http_scores,
-    record_score,
-    score_summary,
-)
-from closedloop.telemetry._span import LiveSpan, SpanRecord
-from closedloop.telemetry._spanstore import (
-    MemorySpanStore,
-    Score,
-    SpanStore,
-    SQLiteSpanStore,
-    StoredSpan,
-    TraceSummary,
-    span_store_for,
-)
-
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from closedloop.store import Store
+    from closedloop.telemetry._export import (
+        MemoryExporter,
+        OTelExporter,
+        StoreExporter,
+        otlp_grpc,
+        otlp_http,
+    )
+    from closedloop.telemetry._metrics import (
+        Metrics,
+        StoreTail,
+        metrics_asgi_app,
+        start_metrics_server,
+    )
+    from closedloop.telemetry._pipeline import (
+        SpanExporter,
+        Telemetry,
+        TelemetryStats,
+        default_telemetry,
+        reset_default_telemetry,
+        set_default_telemetry,
+    )
+    from closedloop.telemetry._redact import Capture, Redactor
+    from closedloop.telemetry._scores import (
+        OTelScoreExporter,
+        TaskScores,
+        otlp_http_scores,
+        record_score,
+        score_summary,
+    )
+    from closedloop.telemetry._span import LiveSpan, SpanRecord
+    from closedloop.telemetry._spanstore import (
+        MemorySpanStore,
+        Score,
+        SpanStore,
+        SQLiteSpanStore,
+        StoredSpan,
+        TraceSummary,
+        span_store_for,
+    )
 
 __all__ = [
     "Capture",
@@ -130,6 +129,10 @@ def configure(
     ``otlp_*_endpoint`` add OTLP destinations; ``metrics`` adds the Prometheus metrics
     (served on ``metrics_port`` if given). A previous default pipeline is shut down.
     """
+    from closedloop.telemetry._export import StoreExporter, otlp_grpc, otlp_http
+    from closedloop.telemetry._metrics import Metrics, start_metrics_server
+    from closedloop.telemetry._pipeline import Telemetry, set_default_telemetry
+
     chosen: list[SpanExporter] = []
     event_store: Store | None = None
     if store is True:
@@ -159,3 +162,20 @@ def configure(
     if previous is not None:
         previous.shutdown()
     return pipeline
+
+
+if not TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "._export": ("MemoryExporter", "OTelExporter", "StoreExporter", "otlp_grpc", "otlp_http"),
+        "._metrics": ("Metrics", "StoreTail", "metrics_asgi_app", "start_metrics_server"),
+        "._pipeline": ("SpanExporter", "Telemetry", "TelemetryStats", "default_telemetry",
+                       "reset_default_telemetry", "set_default_telemetry"),
+        "._redact": ("Capture", "Redactor"),
+        "._scores": ("OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
+                     "score_summary"),
+        "._span": ("LiveSpan", "SpanRecord"),
+        "._spanstore": ("MemorySpanStore", "Score", "SpanStore", "SQLiteSpanStore", "StoredSpan",
+                        "TraceSummary", "span_store_for"),
+    })

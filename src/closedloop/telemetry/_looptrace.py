@@ -69,6 +69,10 @@ class LoopTracer:
         return traced_step(self, machine, task_input, trace_id)
 
 
+_MAX_MESSAGES = 20
+"""At most this many issue messages per verdict span (the issue codes are all kept)."""
+
+
 def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
     # the common returns are read directly; the machine normalises them itself
     if value is None or value is True:
@@ -76,10 +80,14 @@ def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
         return
     verdict = value if isinstance(value, Verdict) else as_verdict(value, check)
     attrs["closedloop.verdict.passed"] = verdict.passed
+    messages = [f"unknown: {verdict.unknown}"] if verdict.unknown is not None else []
     if verdict.unknown is not None:
         attrs["closedloop.verdict.unknown"] = True
     if verdict.issues:
         attrs["closedloop.verdict.issues"] = [i.code for i in verdict.issues]
+        messages.extend(i.render() for i in verdict.issues[:_MAX_MESSAGES])
+    if messages:  # why, not only which code: `closedloop traces show` prints them
+        attrs["closedloop.verdict.messages"] = messages
 
 
 def _end(rec: SpanRecord, done: list[SpanRecord]) -> None:

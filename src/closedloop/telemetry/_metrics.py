@@ -331,6 +331,10 @@ class _HealthCollector(Collector):
                               ("lost", s.lost)):
                 not_written.add_metric([reason], n)
             yield not_written
+            held = GaugeMetricFamily("closedloop_store_events_held",
+                                     "Step events held in memory while the store refuses writes.")
+            held.add_metric([], s.held)
+            yield held
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

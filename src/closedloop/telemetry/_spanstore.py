@@ -151,22 +151,32 @@ class SpanStore(Protocol):
 
 
 class SQLiteSpanStore:
-    """Spans and scores in the store's SQLite file (tables from migration 2)."""
+    """Spans and scores in the store's SQLite file (tables from migration 2).
 
-    def __init__(self, path: str | Path) -> None:
-        from closedloop.store import SQLiteBackend
+    ``read_only`` reads an existing store without ever writing it (the CLI's readers).
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        from closedloop.store._sqlite import SQLiteBackend, SQLiteReader
 
         self.path = Path(path)
-        SQLiteBackend(self.path)  # creates and migrates the file if needed
+        self.read_only = read_only
+        # creates and migrates the file if needed; read-only, checks it is a closedloop store
+        (SQLiteReader if read_only else SQLiteBackend)(self.path)
         self._local = threading.local()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             # a connection is never shared with a forked child: it opens its own
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            if self.read_only:
+                from closedloop.store._sqlite import connect_read_only
+
+                conn = connect_read_only(self.path)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
@@ -180,7 +190,9 @@ class SQLiteSpanStore:
                              [s.to_row() for s in spans])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            from closedloop.store._sqlite import rollback
+
+            rollback(conn)  # never masks the real error ("database or disk is full")
             raise
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -345,7 +357,7 @@ def span_store_for(store: Store) -> SpanStore:
 
     backend = store.backend
     if isinstance(backend, SQLiteBackend):
-        return SQLiteSpanStore(backend.path)
+        return SQLiteSpanStore(backend.path, read_only=backend.read_only)
     if isinstance(backend, MemoryBackend):
         with _memory_lock:
             found = _memory_stores.get(backend)

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from closedloop.telemetry._span import STATUS_ERROR
 from closedloop.telemetry._spanstore import StoredSpan, iter_children
+
+STATUS_ERROR = 2
+"""A failed span's stored status (``_span.STATUS_ERROR``, kept here so that reading traces
+back never imports OpenTelemetry)."""
 
 # The attributes that say what a stage decided; compared by the diff and shown in the tree.
 DECISIVE = ("closedloop.outcome", "closedloop.verdict.passed", "closedloop.verdict.unknown",
@@ -33,6 +36,14 @@ def label(span: StoredSpan) -> str:
     if span.status == STATUS_ERROR and span.status_message:
         parts.append(f"error: {span.status_message}")
     return "  ".join(parts)
+
+
+def verdict_messages(span: StoredSpan) -> list[str]:
+    """Why a check decided as it did: its issues' messages (``[severity] code: message``)."""
+    found = span.attributes.get("closedloop.verdict.messages")
+    if isinstance(found, list):
+        return [str(m) for m in found]
+    return [str(found)] if found else []
 
 
 def _keyed(spans: Sequence[StoredSpan]) -> list[tuple[str, int, StoredSpan]]:
