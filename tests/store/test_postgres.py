@@ -276,3 +276,19 @@ def test_the_default_store_can_be_postgresql(
     assert store.flush()
     (stored,) = store.events()
     assert stored.task_type == "pg.default" and stored.outcome == "succeeded"
+
+
+def test_a_batch_the_server_refuses_leaves_nothing_behind(pg_url: str) -> None:
+    import psycopg
+
+    backend = pg(pg_url)
+    try:
+        backend.write_batch([event(0)])
+        bad = [event(1), event(2), event(3)._replace(trace_id=None), event(4)]  # NOT NULL
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            backend.write_batch(bad)
+        assert list(backend.iter_events(EventQuery())) == [event(0)]
+        backend.write_batch([event(5)])  # the connection is usable again
+        assert backend.count() == 2
+    finally:
+        backend.close()

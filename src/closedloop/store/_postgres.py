@@ -229,7 +229,8 @@ class PostgresBackend:
                 configure=_configure,
                 timeout=self._connect_timeout, num_workers=1,
                 name=f"closedloop-{self.schema}",
-                kwargs={"connect_timeout": max(1, int(self._connect_timeout))})
+                kwargs={"connect_timeout": max(1, int(self._connect_timeout)),
+                        "autocommit": True})
             self._pool_pid = pid
             self._partitions = set()
             return self._pool
@@ -254,9 +255,11 @@ class PostgresBackend:
                 self._copy_rows(conn, [_clean_row(e) for e in events])
 
     def _copy_rows(self, conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
-        # binary COPY: no float text to format here or to parse on the server; the event
-        # tuples go as they are (``detail`` dumped as jsonb by psycopg)
-        with conn.transaction(), conn.cursor() as cur, cur.copy(self._copy) as copy:
+        # One COPY statement on an autocommit connection is one transaction, all or nothing,
+        # without the round trips of BEGIN and COMMIT (each also costs the writer thread a
+        # wait for the GIL while the agent's threads run). Binary: no float text to format
+        # here or to parse on the server; ``detail`` is dumped as jsonb by psycopg.
+        with conn.cursor() as cur, cur.copy(self._copy) as copy:
             copy.set_types(_COPY_TYPES)
             write = copy.write_row
             for row in rows:
