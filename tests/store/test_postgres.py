@@ -284,7 +284,8 @@ def test_a_batch_the_server_refuses_leaves_nothing_behind(pg_url: str) -> None:
     backend = pg(pg_url)
     try:
         backend.write_batch([event(0)])
-        bad = [event(1), event(2), event(3)._replace(trace_id=None), event(4)]  # NOT NULL
+        null_trace = event(3)._replace(trace_id=None)  # type: ignore[arg-type]
+        bad = [event(1), event(2), null_trace, event(4)]  # trace_id is NOT NULL
         with pytest.raises(psycopg.errors.NotNullViolation):
             backend.write_batch(bad)
         assert list(backend.iter_events(EventQuery())) == [event(0)]
