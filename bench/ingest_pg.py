@@ -11,6 +11,9 @@ events, and the producer yields (sleeps 1 ms) whenever more than half of that is
 nothing is dropped and the figure is what the writer sustains. The clock stops when
 ``flush()`` returns (every event committed). Events span several UTC days of timestamps, so
 PostgreSQL creates partitions during the run. Rounds alternate between the backends.
+
+Then, for reference, ``backend.write_batch`` alone (``--direct`` events, pre-built, batches of
+``--batch-size``, no producer thread competing for the GIL).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     deadline = start + seconds
     while time.perf_counter() < deadline:
         for _ in range(1000):
-            # 2.5 s apart in ts: about three UTC days (partitions) per million events
+            # 0.25 s apart in ts: about three UTC days (partitions) per million events
             record(replace(ts=1_790_000_000.0 + n * 0.25, trace_id=f"{n:032x}",
                            detail={"n": n} if n % 10 == 0 else None))
             n += 1
@@ -70,6 +73,30 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
             "rss_before_mb": rss_before / 1024}
 
 
+def direct(url: str, events: int, batch_size: int) -> float:
+    """Events per second through ``write_batch`` alone, pre-built events, no producer."""
+    from closedloop.store import open_backend
+
+    backend = open_backend(url)
+    template = cl.StepEvent(
+        ts=1_790_000_000.0, trace_id="0" * 32, agent_id="bench", task_type="ingest",
+        autonomy="autonomous", outcome="succeeded", attempts=1, input_tokens=812,
+        output_tokens=143, latency_ms=1.25, validation_passed=True, verification_passed=True,
+        error_type=None, error_message=None, propose_ms=0.5, validate_ms=0.25, act_ms=0.25,
+        verify_ms=0.25, detail=None,
+    )
+    batch = [template._replace(ts=1_900_000_000.0 + n * 0.25, trace_id=f"{n:032x}",
+                               detail={"n": n} if n % 10 == 0 else None)
+             for n in range(events)]
+    backend.write_batch(batch[:1])  # the first day's partition exists
+    start = time.perf_counter()
+    for i in range(1, events, batch_size):
+        backend.write_batch(batch[i:i + batch_size])
+    elapsed = time.perf_counter() - start
+    backend.close()
+    return (events - 1) / elapsed
+
+
 def child(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--one", url, "--seconds", str(seconds),
@@ -84,6 +111,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="producing time per run")
     parser.add_argument("--batch-size", type=int, default=4096, help="the writer's batch size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend")
+    parser.add_argument("--direct", type=int, default=400_000,
+                        help="events for the write_batch-alone reference (0: skip)")
     parser.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,6 +139,12 @@ def main() -> int:
                           f"({res['events']:,} events in {res['elapsed_s']:.1f} s, peak RSS "
                           f"{res['peak_rss_mb']:.0f} MB, producer waited {res['producer_waits']}"
                           f" times)")
+            if args.direct:
+                for kind, url in (("postgresql", pg_url),
+                                  ("sqlite", f"sqlite:///{Path(tmp)}/direct.db")):
+                    rate = direct(url, args.direct, args.batch_size)
+                    print(f"  {kind:10} {rate:10,.0f} events/s  write_batch alone "
+                          f"({args.direct:,} pre-built events, no producer)")
     finally:
         with psycopg.connect(args.pg, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
