@@ -38,3 +38,30 @@ def test_demo_records_into_postgresql_and_report_reads_it(pg_url: str) -> None:
     report = CliRunner().invoke(main, ["report", "--store", pg_url, "--json"])
     assert report.exit_code == 0, report.output
     assert json.loads(report.stdout)["overall"]["runs"] == 6
+
+
+def test_report_on_a_schema_without_a_store_is_one_line_and_creates_nothing(
+    pg_url: str, pg_schema: str
+) -> None:
+    result = CliRunner().invoke(main, ["report", "--store", pg_url])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: no closedloop store in schema '{pg_schema}'; run `closedloop demo --store URL` "
+        "or point --store at one")
+    import psycopg
+
+    from .conftest import PG_URL
+
+    with psycopg.connect(PG_URL) as conn:
+        found = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                             (pg_schema,)).fetchone()
+    assert found == (0,)
+
+
+def test_report_on_an_unreachable_server_is_one_line_without_the_password() -> None:
+    url = "postgresql://postgres:hunter2@127.0.0.1:1/test"
+    result = CliRunner().invoke(main, ["report", "--store", url])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot open store ")
+    assert "hunter2" not in result.output and "postgres:***@127.0.0.1:1" in lines[0]

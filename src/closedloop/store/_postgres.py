@@ -11,7 +11,9 @@ query parameter is a libpq one, e.g. ``sslmode``). Every table lives in the sche
 - **Partitions**: ``events`` is range-partitioned by ``ts`` (Unix seconds), one partition per
   UTC day, named ``events_YYYYMMDD``, created on demand before a batch that needs it (under
   the same kind of lock), so retention can drop whole days. Events with a timestamp that is
-  not a finite number land in ``events_default``.
+  not a finite number land in ``events_default``. Each process remembers the partitions it
+  has made: retention (a later step) must only drop days no writer still writes, or their
+  late events would land in ``events_default``.
 - **Ingest**: a batch is one ``COPY`` in one transaction (all or nothing). PostgreSQL text
   cannot hold NUL characters or lone surrogates; a batch refused for that is written again
   with those characters replaced by U+FFFD instead of being refused as a whole.
