@@ -293,3 +293,13 @@ def test_a_batch_the_server_refuses_leaves_nothing_behind(pg_url: str) -> None:
         assert backend.count() == 2
     finally:
         backend.close()
+
+
+def test_other_url_parameters_reach_libpq(pg_url: str) -> None:
+    backend = pg(f"{pg_url}&application_name=closedloop_contract")
+    try:
+        (name,) = sql(backend, "SELECT current_setting('application_name')")[0]
+        assert name == "closedloop_contract"
+        assert "application_name=closedloop_contract" in backend.url
+    finally:
+        backend.close()
