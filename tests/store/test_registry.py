@@ -118,8 +118,9 @@ def test_an_installed_package_adds_a_scheme_through_an_entry_point(tmp_path: Pat
 
 
 def test_a_deferred_store_holds_events_until_its_backend_opens(
-    restore_registry: None,
+    restore_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))  # a dead letter would go there
     attempts: list[int] = []
     inner = MemoryBackend()
 

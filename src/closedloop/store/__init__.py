@@ -155,6 +155,11 @@ def open_store(
     until the file can be opened (what :func:`default_store` does, so that an agent starts
     even on a full or read-only disk). ``overflow``, ``block_timeout`` and ``max_held``: see
     :class:`Store`.
+
+    Schemes other than ``sqlite`` and ``memory`` (``postgresql``, plug-ins) are opened through
+    the scheme registry (:mod:`closedloop.store._registry`), with ``create`` (never with
+    ``read_only``) and ``defer`` as above; their dead-letter file is
+    :func:`dead_letter_for_url`.
     """
     text = os.fspath(url).strip()
     if not text:
@@ -213,8 +218,7 @@ def default_store_url() -> str:
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return env
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
-    return f"sqlite:///{Path(base).expanduser() / 'closedloop' / 'closedloop.db'}"
+    return f"sqlite:///{_data_dir() / 'closedloop.db'}"
 
 
 _default: Store | None = None
