@@ -303,3 +303,34 @@ def test_other_url_parameters_reach_libpq(pg_url: str) -> None:
         assert "application_name=closedloop_contract" in backend.url
     finally:
         backend.close()
+
+
+AGENT = """
+    import sys
+    import closedloop as cl
+    worker, steps = sys.argv[1], int(sys.argv[2])
+    loop = cl.Loop(lambda task, attempt: task * 2, task_type=f"worker-{worker}",
+                   validators=[lambda proposal: None])
+    for i in range(steps):
+        assert loop.run(i).outcome == "succeeded"
+    # no close: the default store is flushed at exit
+"""
+
+
+def test_agents_in_several_processes_share_one_store_each_step_once(pg_url: str) -> None:
+    env = {**_env(), "CLOSEDLOOP_STORE": pg_url}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(AGENT), str(w), "400"],
+                              env=env, stderr=subprocess.PIPE, text=True) for w in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-1500:]
+    backend = pg(pg_url)
+    try:
+        events = list(backend.iter_events(EventQuery()))
+    finally:
+        backend.close()
+    assert len(events) == 3 * 400
+    assert len({e.trace_id for e in events}) == 3 * 400
+    for w in range(3):
+        mine = [e for e in events if e.task_type == f"worker-{w}"]
+        assert len(mine) == 400 and all(e.outcome == "succeeded" for e in mine)
