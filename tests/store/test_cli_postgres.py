@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import closedloop as cl
@@ -58,6 +59,7 @@ def test_report_on_a_schema_without_a_store_is_one_line_and_creates_nothing(
     assert found == (0,)
 
 
+@pytest.mark.requires("psycopg", "psycopg_pool")
 def test_report_on_an_unreachable_server_is_one_line_without_the_password() -> None:
     url = "postgresql://postgres:hunter2@127.0.0.1:1/test"
     result = CliRunner().invoke(main, ["report", "--store", url])

@@ -114,12 +114,14 @@ def test_nul_and_lone_surrogates_are_replaced_not_refused(pg_url: str) -> None:
         backend.close()
 
 
+@pytest.mark.requires("psycopg", "psycopg_pool")
 @pytest.mark.parametrize("schema", ["", "1abc", "a-b", "x" * 64, 'a"; DROP SCHEMA public'])
 def test_a_schema_that_is_not_a_plain_name_is_a_config_error(schema: str) -> None:
     with pytest.raises(cl.ConfigError, match="not a plain SQL name"):
         cl.open_store(f"{PG_URL}?schema={schema}")
 
 
+@pytest.mark.requires("psycopg", "psycopg_pool")
 def test_the_password_never_appears_in_the_url_or_errors() -> None:
     url = "postgresql://postgres:hunter2@127.0.0.1:1/test?schema=x"
     with pytest.raises(cl.StoreError) as caught:
@@ -237,6 +239,7 @@ def test_processes_needing_the_same_new_partitions_at_once_all_write(pg_url: str
         backend.close()
 
 
+@pytest.mark.requires("psycopg", "psycopg_pool")
 def test_events_for_an_unreachable_server_are_dead_lettered_then_imported(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
