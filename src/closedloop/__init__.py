@@ -26,6 +26,12 @@ if typing.TYPE_CHECKING:
         VerificationFailed,
     )
     from closedloop._events import ErrorType, Outcome, StepEvent
+    from closedloop._redact import (
+        Redactor,
+        default_redactor,
+        reset_default_redactor,
+        set_default_redactor,
+    )
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
     from closedloop.loop import Attempt, Loop, StepResult, current_attempt
@@ -45,6 +51,7 @@ __all__ = [
     "Loop",
     "NotExecuted",
     "Outcome",
+    "Redactor",
     "Severity",
     "StepEvent",
     "StepFailed",
@@ -57,10 +64,13 @@ __all__ = [
     "__version__",
     "as_verdict",
     "current_attempt",
+    "default_redactor",
     "default_store",
     "open_store",
     "render_feedback",
+    "reset_default_redactor",
     "reset_default_store",
+    "set_default_redactor",
 ]
 
 if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
@@ -71,6 +81,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
                      "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
                      "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
+        "._redact": ("Redactor", "default_redactor", "reset_default_redactor",
+                     "set_default_redactor"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),
         ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import closedloop._redact  # noqa: F401 - puts the redacting filter on closedloop's loggers
 from closedloop._errors import ClosedLoopError
 from closedloop.control._core import Grant, Limits
 from closedloop.control._retry import RetryBudget, RetryPolicy

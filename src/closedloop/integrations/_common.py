@@ -136,7 +136,7 @@ class ModelCall:
             status = getattr(exc, "status_code", None)
             self.span.attributes["error.type"] = (str(status) if status is not None
                                                   else type(exc).__qualname__)
-            self.span.fail(f"{type(exc).__name__}: {exc}"[:500])
+            self.span.fail(f"{type(exc).__name__}: {exc}")  # redacted, then capped, on export
         self.done()
 
 
