@@ -32,6 +32,7 @@ PROGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
 # importable name -> how to get it
 MODULES: dict[str, str] = {
     "psycopg": "pip install -e '.[test]' (the postgres extra)",
+    "psycopg_pool": "pip install -e '.[test]' (the postgres extra)",
 }
 
 

@@ -176,8 +176,8 @@ def test_missing_store_file_is_an_error_and_is_not_created(tmp_path: Path) -> No
 
 
 def test_unsupported_store_url_exits_2(tmp_path: Path) -> None:
-    assert_one_line_error(invoke("report", "--store", "postgres://x"), 2,
-                          "unsupported store URL 'postgres://x'")
+    assert_one_line_error(invoke("report", "--store", "mysql://x"), 2,
+                          "unsupported store URL 'mysql://x'")
 
 
 def test_store_url_without_a_path_exits_2() -> None:
@@ -313,7 +313,7 @@ def test_installed_command_reports_and_fails_without_tracebacks(db: Path, tmp_pa
     assert "overall" in table.stdout
     for args, code in [
         (("report",), 1),  # no store file at the default
-        (("report", "--store", "postgres://x"), 2),
+        (("report", "--store", "mysql://x"), 2),
         (("report", "--since", "yesterday-ish"), 2),
         (("report", "--store", str(tmp_path)), 1),
     ]:

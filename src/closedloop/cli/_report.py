@@ -130,12 +130,17 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
 
 def _scores(store: Store, since: float | None, task_type: str | None) -> list[TaskScores]:
     """Semantic scores per task type, or none when the telemetry extras are not installed."""
+    from closedloop._errors import ConfigError
+
     try:
         from closedloop.telemetry import score_summary
     except ImportError:
         return []
-    found = [s for s in score_summary(store, since=since)
-             if task_type is None or s.task_type == task_type]
+    try:
+        summary = score_summary(store, since=since)
+    except ConfigError:  # a backend that holds no scores yet (PostgreSQL: issue 10, later)
+        return []
+    found = [s for s in summary if task_type is None or s.task_type == task_type]
     return [s for s in found if s.scores or s.labels]
 
 
