@@ -4,7 +4,8 @@ Every agent step runs through propose → validate (re-ask) → gate → act →
 The layers live in their own subpackages: :mod:`closedloop.loop` (the loop),
 :mod:`closedloop.validate` (immediate validation), :mod:`closedloop.verify` (outcome
 verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.store` and
-:mod:`closedloop.learn` (the long-term learning signals).
+:mod:`closedloop.learn` (the long-term learning signals). :func:`configure` sets the
+process's store, control, backpressure and telemetry at once (:class:`Runtime`).
 """
 
 import typing
@@ -26,6 +27,7 @@ if typing.TYPE_CHECKING:
         VerificationFailed,
     )
     from closedloop._events import ErrorType, Outcome, StepEvent
+    from closedloop._runtime import Runtime, configure, current_runtime, reset
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
     from closedloop.loop import Attempt, Loop, StepResult, current_attempt
@@ -45,6 +47,7 @@ __all__ = [
     "Loop",
     "NotExecuted",
     "Outcome",
+    "Runtime",
     "Severity",
     "StepEvent",
     "StepFailed",
@@ -56,10 +59,13 @@ __all__ = [
     "VerificationFailed",
     "__version__",
     "as_verdict",
+    "configure",
     "current_attempt",
+    "current_runtime",
     "default_store",
     "open_store",
     "render_feedback",
+    "reset",
     "reset_default_store",
 ]
 
@@ -71,6 +77,7 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
                      "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
                      "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
+        "._runtime": ("Runtime", "configure", "current_runtime", "reset"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),
         ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),
