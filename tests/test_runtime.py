@@ -7,6 +7,7 @@ environment, and a loop can be given its own. Everything here runs on real SQLit
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -223,6 +224,15 @@ def test_a_loop_on_a_store_of_its_own_gets_that_stores_fault_control(
     assert not is_default_store(store)
 
 
+def test_loops_on_a_runtimes_store_share_its_fault_control(store: cl.Store) -> None:
+    own = cl.Runtime(store=store)
+    first = _loop(Executor(), store=store, runtime=own)
+    second = _loop(Executor(), runtime=own)
+    assert first._spec.guards == second._spec.guards == (own.fault_control,)
+    cl.configure(store=store)
+    assert is_default_store(store)
+
+
 # ----- the environment, read at first use -------------------------------------------------------
 
 def _python(code: str, **env: str) -> str:
@@ -262,3 +272,15 @@ def test_a_forked_child_records_through_the_process_runtime(tmp_path: Path) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert _count(tmp_path / "default.db") == 2
+
+
+def test_the_readmes_configuration_example_runs(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    monkeypatch.chdir(tmp_path)
+    before = cl.current_runtime()
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "events.db").exists()  # configured, then closed by the reset
+    assert cl.current_runtime() is not before and cl.current_runtime()._store is None
