@@ -19,6 +19,7 @@ import closedloop as cl
 from closedloop.control import (
     Backpressure,
     FaultControl,
+    MemoryLedger,
     SQLiteLedger,
     Stop,
     StopKind,
@@ -141,6 +142,28 @@ def test_an_unsaved_halt_stays_in_force_across_configure(tmp_path: Path) -> None
     assert _loop(executor).run(2).outcome is cl.Outcome.HALTED
     assert executor.calls == 1
     assert [s.kind for s in SQLiteLedger(tmp_path / "new.db").stops()] == [StopKind.HALTED]
+
+
+def test_configure_with_redis_shares_rates_and_caches_control_state_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    redis = pytest.importorskip("redis")
+    from closedloop.control import CachedLedger, RedisRates
+
+    url = os.environ.get("CLOSEDLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    except redis.RedisError as exc:
+        import _services
+
+        _services.unavailable(f"Redis unreachable at {url}: {exc}")
+    rt = cl.configure(store="memory://", redis_url=url)
+    assert isinstance(default_backpressure().backend, RedisRates)
+    assert isinstance(default_fault_control().ledger, CachedLedger)
+    monkeypatch.setenv("CLOSEDLOOP_REDIS_URL", url)
+    cl.configure(store="memory://", redis_url=None)  # None: no Redis, whatever the environment
+    assert not isinstance(default_backpressure().backend, RedisRates)
+    assert isinstance(default_fault_control().ledger, MemoryLedger)
+    assert rt.redis_url == url
 
 
 # ----- reset ----------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class Runtime:
         self._fault_control: FaultControl | None = (
             None if fault_control is UNSET else fault_control)
         self._backpressure: Backpressure | None = None if backpressure is UNSET else backpressure
+        self._owns_rates = False
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
         self._lock = threading.RLock()
@@ -145,6 +146,7 @@ class Runtime:
                         from closedloop.control import RedisRates
 
                         limiter = Backpressure(backend=RedisRates(url))
+                        self._owns_rates = True
                     else:
                         limiter = Backpressure()
                     self._backpressure = limiter
@@ -173,7 +175,8 @@ class Runtime:
         return ok
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Shut the telemetry down, flush the store, and close it if the runtime opened it.
+        """Shut the telemetry down, flush the store, and close it (and the Redis connections
+        of the backpressure) if the runtime opened it.
 
         A store handed in as an object is its owner's to close; it is only flushed.
         """
@@ -183,6 +186,11 @@ class Runtime:
             self._closed = True
             telemetry, self.telemetry = self.telemetry, None
             store = self._store
+            limiter = self._backpressure if self._owns_rates else None
+        if limiter is not None:
+            close = getattr(limiter.backend, "close", None)
+            if callable(close):
+                close()
         if telemetry is not None:
             telemetry.shutdown(timeout)
         if store is not None:
