@@ -222,15 +222,15 @@ def test_a_loop_given_its_own_runtime_leaves_the_process_one_untouched(tmp_path:
     own = cl.Runtime(store=f"sqlite:///{tmp_path / 'own.db'}",
                      backpressure=Backpressure())
     executor = Executor()
-    loop = _loop(executor, runtime=own)
-
-    assert loop.run(1).outcome is cl.Outcome.SUCCEEDED
-    assert loop.store is own.store
-    assert loop._spec.guards == (own.fault_control,)
-    assert loop._spec.backpressure is own.backpressure
-    cl.reset()  # replacing the process runtime does not move the loop
-    assert loop.run(2).ok and loop.store is own.store
-    own.close()
+    with own:
+        loop = _loop(executor, runtime=own)
+        assert loop.run(1).outcome is cl.Outcome.SUCCEEDED
+        assert loop.store is own.store
+        assert loop._spec.guards == (own.fault_control,)
+        assert loop._spec.backpressure is own.backpressure
+        cl.reset()  # replacing the process runtime does not move the loop
+        assert loop.run(2).ok and loop.store is own.store
+    assert own.store.record(next(iter(own.store.events()))) is False  # closed with the block
 
     assert process._store is None  # never opened: its file was only written by the test
     assert _count(tmp_path / "own.db") == 2

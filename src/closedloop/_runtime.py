@@ -199,6 +199,12 @@ class Runtime:
             else:
                 store.flush(timeout)
 
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         store = self._store.url if self._store is not None else (
             "from the environment, not opened" if self._store_arg is UNSET else
