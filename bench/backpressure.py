@@ -92,6 +92,8 @@ class Provider:
     rng: random.Random
     latency: float = 0.1
     jitter: float = 0.03
+    refuse_at_once: bool = False
+    """Admission on arrival: the 429 is answered at once, only admitted calls take latency."""
     tokens: float = 0.0
     last: float = 0.0
     calls: int = 0
@@ -116,7 +118,7 @@ class Provider:
         if self.tokens < 1.0:
             self.throttled += 1
             retry_after = math.ceil((1.0 - self.tokens) / self.rate)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(0.0 if self.refuse_at_once else delay)
             raise ProviderError(429, {"Retry-After": str(retry_after)})
         self.tokens -= 1.0
         await asyncio.sleep(delay)
@@ -244,6 +246,8 @@ def closedloop(_: float, rng: random.Random) -> Strategy:
     return call
 
 
+ORACLE = "aiolimiter, true R (oracle)"
+CLOSEDLOOP = "closedloop (not told R)"
 TRACE: list[Backpressure] = []
 LIMITS = [Limits()]
 
@@ -251,8 +255,8 @@ STRATEGIES: dict[str, Callable[[float, random.Random], Strategy]] = {
     "naive retry": naive,
     "tenacity backoff+jitter": with_tenacity,
     "design controller (2R)": design,
-    "aiolimiter, true R (oracle)": oracle,
-    "closedloop (not told R)": closedloop,
+    ORACLE: oracle,
+    CLOSEDLOOP: closedloop,
 }
 
 
@@ -269,18 +273,23 @@ class Result:
     recovery: float
     jain: float
     calls_per_success_outage: float
+    steady_wait_p99: float
+    """p99 wait of the calls whose successful attempt started in the steady window."""
 
 
 def simulate(name: str, make: Callable[[float, random.Random], Strategy], *, rate: float,
              agents: int, duration: float, outage_at: float, outage_len: float,
-             seed: int) -> Result:
+             seed: int, provider_burst: float = 5.0, refuse_at_once: bool = False,
+             steady: tuple[float, float] = (5.0, 20.0)) -> Result:
     rng = random.Random(seed)
     random.seed(seed)  # tenacity's jitter uses the module-level generator
     outage = (outage_at, outage_at + outage_len)
-    provider = Provider(rate=rate, burst=5.0, outage=outage, rng=rng)
+    provider = Provider(rate=rate, burst=provider_burst, outage=outage, rng=rng,
+                        refuse_at_once=refuse_at_once)
     strategy = make(rate, random.Random(seed + 1))
     per_agent = [0] * agents
     waits: list[float] = []
+    steady_waits: list[float] = []
 
     async def agent(i: int) -> None:
         loop = asyncio.get_running_loop()
@@ -295,6 +304,8 @@ def simulate(name: str, make: Callable[[float, random.Random], Strategy], *, rat
             if end <= duration:
                 per_agent[i] += 1
                 waits.append(end - start - latency)
+                if steady[0] <= end - latency < steady[1]:
+                    steady_waits.append(end - start - latency)
 
     async def main() -> None:
         tasks = [asyncio.create_task(agent(i)) for i in range(agents)]
@@ -315,8 +326,10 @@ def simulate(name: str, make: Callable[[float, random.Random], Strategy], *, rat
     jain = sum(per_agent) ** 2 / (agents * sum(c * c for c in per_agent)) if any(per_agent) else 0
     in_outage = provider.unavailable / max(1.0, rate * outage_len)
     waits.sort()
+    steady_waits.sort()
     return Result(name, goodput, provider.throttled / max(1, len(ok)),
-                  _pct(waits, 0.5), _pct(waits, 0.99), recovery, jain, in_outage)
+                  _pct(waits, 0.5), _pct(waits, 0.99), recovery, jain, in_outage,
+                  _pct(steady_waits, 0.99))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -345,6 +358,40 @@ def scenario_sim(rate: float, agents: int, duration: float, seed: int) -> list[R
         out.append(simulate(name, make, rate=rate, agents=agents, duration=duration,
                             outage_at=duration / 2 - 2.5, outage_len=5.0, seed=seed))
     return out
+
+
+def scenario_check(rates: list[float], seeds: list[int], *, agents: int, duration: float,
+                   provider_burst: float, refuse_at_once: bool) -> list[dict[str, Any]]:
+    """The independent check's setup: no outage; closedloop against the oracle per R and seed."""
+    rows = []
+    for rate in rates:
+        for seed in seeds:
+            found = {name: simulate(name, STRATEGIES[name], rate=rate, agents=agents,
+                                    duration=duration, outage_at=duration, outage_len=0.0,
+                                    seed=seed, provider_burst=provider_burst,
+                                    refuse_at_once=refuse_at_once)
+                     for name in (ORACLE, CLOSEDLOOP)}
+            ours, best = found[CLOSEDLOOP], found[ORACLE]
+            rows.append({"rate": rate, "seed": seed, "goodput": ours.goodput,
+                         "throttled_per_success": ours.throttled_per_success,
+                         "steady_p99": ours.steady_wait_p99,
+                         "oracle_steady_p99": best.steady_wait_p99,
+                         "p99_ratio": ours.steady_wait_p99 / best.steady_wait_p99,
+                         "jain": ours.jain})
+    return rows
+
+
+def print_check(rows: list[dict[str, Any]], agents: int, duration: float,
+                provider_burst: float, refuse_at_once: bool) -> None:
+    refusal = "answered at once" if refuse_at_once else "answered after the latency"
+    print(f"\nIndependent check (virtual time): provider burst {provider_burst:g}, 429 "
+          f"{refusal}, {agents} agents, {duration:g} s, no outage; steady window 5-20 s")
+    print(f"{'R':>5} {'seed':>4} {'goodput/R':>9} {'429/ok':>7} {'p99 wait':>9} "
+          f"{'oracle p99':>10} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['rate']:5g} {r['seed']:4d} {r['goodput']:9.3f} "
+              f"{r['throttled_per_success']:7.3f} {r['steady_p99']:8.3f}s "
+              f"{r['oracle_steady_p99']:9.3f}s {r['p99_ratio']:6.2f}")
 
 
 def print_table(results: list[Result], rate: float) -> None:
@@ -425,8 +472,9 @@ asyncio.run(main())
 """
 
 
-def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
-                   quota: float = 0.0) -> dict[str, Any]:
+def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str, *,
+                   quota: float = 0.0, burn: int = 0) -> dict[str, Any]:
+    import subprocess
     import tempfile
     import time as wall
     import uuid
@@ -435,6 +483,8 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     provider = LoopbackProvider(rate)
+    # processes that do nothing but burn a core each, for the whole run (a loaded machine)
+    burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(burn)]
 
     async def run() -> None:
         server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
@@ -449,7 +499,12 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
         server.close()
         await server.wait_closed()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     ok = sorted(provider.ok)
     start = ok[0]
     steady = [t for t in ok if t >= start + seconds / 3]  # after learning
@@ -474,7 +529,7 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
-    return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota,
+    return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota, "burn": burn,
             "aggregate": aggregate, "ratio": aggregate / rate,
             "throttled_per_success": provider.throttled / max(1, len(ok)),
             "acquire_us": costs}
@@ -483,8 +538,9 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str,
 def print_redis(r: dict[str, Any]) -> None:
     told = (f"shared limiter told the quota {r['quota']:g}/s" if r["quota"]
             else "shared limiter not told R (learns it)")
+    load = f"; {r['burn']} core-burning processes alongside" if r["burn"] else ""
     print(f"\nScenario 2 (real time, Redis): R = {r['rate']:g}/s, {r['workers']} worker "
-          f"processes x 16 agents, {r['seconds']:g} s; {told}")
+          f"processes x 16 agents, {r['seconds']:g} s; {told}{load}")
     print(f"aggregate rate over the last two thirds: {r['aggregate']:.1f}/s = "
           f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f})")
     (rp50, rp99), (lp50, lp99) = r["acquire_us"]["redis"], r["acquire_us"]["local"]
@@ -499,13 +555,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", choices=["sim", "redis"])
+    parser.add_argument("--only", choices=["sim", "check", "redis"])
+    parser.add_argument("--rates", default="20,50,100,200",
+                        help="check: provider rates R to run (comma-separated)")
+    parser.add_argument("--seeds", default="1,2,3", help="check: seeds (comma-separated)")
+    parser.add_argument("--provider-burst", type=float, default=10.0,
+                        help="check: the provider's token-bucket depth")
+    parser.add_argument("--refuse-late", action="store_true",
+                        help="check: answer a 429 after the latency, not at once on arrival")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--redis-rate", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--quota", type=float, default=0.0,
                         help="scenario 2: tell the shared limiter the provider's quota (0: learn)")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--burn", type=int, default=0,
+                        help="scenario 2: start this many core-burning processes alongside")
+    parser.add_argument("--runs", type=int, default=1, help="scenario 2: consecutive runs")
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
@@ -515,13 +581,25 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps([r.__dict__ for r in results], indent=2))
         else:
             print_table(results, args.rate)
-    if args.only in (None, "redis"):
-        found = scenario_redis(args.redis_rate, args.workers, args.seconds, args.redis_url,
-                               args.quota)
+    if args.only in (None, "check"):
+        check_duration = 20.0
+        rows = scenario_check([float(r) for r in args.rates.split(",")],
+                              [int(x) for x in args.seeds.split(",")], agents=args.agents,
+                              duration=check_duration, provider_burst=args.provider_burst,
+                              refuse_at_once=not args.refuse_late)
         if args.json:
-            print(json.dumps(found, indent=2))
+            print(json.dumps(rows, indent=2))
         else:
-            print_redis(found)
+            print_check(rows, args.agents, check_duration, args.provider_burst,
+                        not args.refuse_late)
+    if args.only in (None, "redis"):
+        for _ in range(args.runs):
+            found = scenario_redis(args.redis_rate, args.workers, args.seconds,
+                                   args.redis_url, quota=args.quota, burn=args.burn)
+            if args.json:
+                print(json.dumps(found, indent=2))
+            else:
+                print_redis(found)
     return 0
 
 

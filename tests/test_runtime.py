@@ -166,6 +166,24 @@ def test_configure_with_redis_shares_rates_and_caches_control_state_there(
     assert rt.redis_url == url
 
 
+def test_configure_sets_the_redactor_for_what_is_stored_and_reset_restores_the_builtin(
+        tmp_path: Path) -> None:
+    mine = cl.Redactor([r"ACCT-\d{6}"])
+    cl.configure(store=f"sqlite:///{tmp_path / 'r.db'}", redactor=mine)
+    assert cl.default_redactor() is mine and cl.current_runtime().redactor is mine
+    failing = _loop(Executor(), verifiers=[lambda i, r: "ACCT-123456 off"])
+    assert failing.run(1).outcome is cl.Outcome.FAILED
+    assert default_store().flush()
+    (event,) = default_store().events()
+    assert event.error_message is not None and "ACCT-123456" not in event.error_message
+
+    cl.reset()
+    assert cl.default_redactor() is not mine
+    assert "ACCT-123456" in cl.default_redactor()("ACCT-123456")  # the built-in rules only
+    previous = cl.set_default_redactor(mine)  # the old name sets the runtime's
+    assert cl.current_runtime().redactor is mine and previous is not mine
+
+
 # ----- reset ----------------------------------------------------------------------------------
 
 def test_reset_gives_a_fresh_runtime(tmp_path: Path) -> None:

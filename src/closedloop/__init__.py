@@ -27,6 +27,12 @@ if typing.TYPE_CHECKING:
         VerificationFailed,
     )
     from closedloop._events import ErrorType, Outcome, StepEvent
+    from closedloop._redact import (
+        Redactor,
+        default_redactor,
+        reset_default_redactor,
+        set_default_redactor,
+    )
     from closedloop._runtime import Runtime, configure, current_runtime, reset
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
@@ -47,6 +53,7 @@ __all__ = [
     "Loop",
     "NotExecuted",
     "Outcome",
+    "Redactor",
     "Runtime",
     "Severity",
     "StepEvent",
@@ -62,11 +69,14 @@ __all__ = [
     "configure",
     "current_attempt",
     "current_runtime",
+    "default_redactor",
     "default_store",
     "open_store",
     "render_feedback",
     "reset",
+    "reset_default_redactor",
     "reset_default_store",
+    "set_default_redactor",
 ]
 
 if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
@@ -77,6 +87,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
                      "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
                      "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
+        "._redact": ("Redactor", "default_redactor", "reset_default_redactor",
+                     "set_default_redactor"),
         "._runtime": ("Runtime", "configure", "current_runtime", "reset"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),

@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
+import closedloop._redact  # noqa: F401 - puts the redacting filter on closedloop's loggers
+
 T = TypeVar("T")
 
 Overflow = Literal["drop", "block"]

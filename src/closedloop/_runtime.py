@@ -1,4 +1,5 @@
-"""The process runtime: one object holding the store, fault control, backpressure and telemetry.
+"""The process runtime: one object holding the store, fault control, backpressure, telemetry
+and redactor.
 
 A :class:`Runtime` builds each of its parts on first use, from its arguments or else from the
 environment (``CLOSEDLOOP_STORE``, ``CLOSEDLOOP_REDIS_URL``), so ``import closedloop`` opens
@@ -7,7 +8,8 @@ nothing. The process has one current runtime, which loops use unless given their
 fresh one built from the environment (the one reset tests need). Everything that depends on
 the store, such as the fault control's ledger, is derived from the runtime's own store, so it
 cannot outlive it. ``default_store()``, ``default_fault_control()``,
-``default_backpressure()`` and ``default_telemetry()`` are views of the current runtime.
+``default_backpressure()``, ``default_telemetry()`` and ``default_redactor()`` are views of
+the current runtime.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
+    from closedloop._redact import Redactor
     from closedloop.control import Backpressure, FaultControl
     from closedloop.store import Store
     from closedloop.telemetry import Telemetry
@@ -49,6 +52,8 @@ class Runtime:
     default fault control keeps its pauses and halts in the store's ledger
     (:func:`~closedloop.control.ledger_for_store`). ``telemetry`` is the tracing pipeline
     loops use (``None``: no tracing; :func:`closedloop.telemetry.configure` installs one).
+    ``redactor`` is applied to every text closedloop stores, exports or logs (``None``: the
+    built-in rules); it is the process runtime's that applies, also to loops given their own.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class Runtime:
         fault_control: FaultControl = UNSET,
         backpressure: Backpressure = UNSET,
         telemetry: Telemetry | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
@@ -72,6 +78,7 @@ class Runtime:
         self._owns_rates = False
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
+        self._redactor = redactor
         self._lock = threading.RLock()
         self._closed = False
 
@@ -152,6 +159,21 @@ class Runtime:
                     self._backpressure = limiter
         return limiter
 
+    @property
+    def redactor(self) -> Redactor:
+        """The redactor for what is stored, exported and logged (the built-in rules unless
+        given one)."""
+        from closedloop._redact import BUILTIN
+
+        return self._redactor if self._redactor is not None else BUILTIN
+
+    def set_redactor(self, redactor: Redactor | None) -> Redactor:
+        """Install ``redactor`` (``None``: the built-in rules); returns the previous one."""
+        with self._lock:
+            previous = self.redactor
+            self._redactor = redactor
+        return previous
+
     def set_telemetry(self, telemetry: Telemetry | None) -> Telemetry | None:
         """Install (``None``: remove) the tracing pipeline; returns the previous one."""
         with self._lock:
@@ -228,6 +250,7 @@ def configure(
     fault_control: FaultControl = UNSET,
     backpressure: Backpressure = UNSET,
     telemetry: Telemetry | None = None,
+    redactor: Redactor | None = None,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -239,7 +262,7 @@ def configure(
     store, guards or backpressure follow the new runtime from their next step.
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
-                  backpressure=backpressure, telemetry=telemetry)
+                  backpressure=backpressure, telemetry=telemetry, redactor=redactor)
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)

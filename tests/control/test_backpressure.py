@@ -11,7 +11,9 @@ import pytest
 from closedloop.control import (
     Backpressure,
     CircuitOpen,
+    Grant,
     Limits,
+    LocalRates,
     RetryBudget,
     RetryPolicy,
 )
@@ -145,3 +147,72 @@ def test_the_process_wide_backpressure_is_built_once_and_can_be_reset(
     reset_default_backpressure()
     assert default_backpressure() is not first
     reset_default_backpressure()
+
+
+class _Recording(LocalRates):
+    """The local backend, noting which tickets callers confirm."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.confirmed: list[int] = []
+        self.lateness: list[float] = []
+
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
+        self.confirmed.append(ticket)
+        self.lateness.append(late)
+        return super().confirm(key, limits, ticket, late)
+
+
+def test_a_refused_call_retries_from_its_place_in_the_queue() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+    bp = _bp(clock, backend=backend)
+    bp.call("llm", lambda: "ok")  # ticket 0
+    assert bp.call("llm", _flaky(_error(429, "0.5"))) == "ok"
+    assert set(backend.confirmed) == {1}  # the retry went with its first attempt's ticket
+    assert backend.state("llm").tickets == 2  # and did not queue again
+
+
+async def test_the_async_driver_retries_from_its_place_too() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+    bp = _bp(clock, backend=backend)
+    failures = [_error(503)]
+
+    async def call() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+    assert await bp.acall("llm", call) == "ok"
+    assert set(backend.confirmed) == {0}
+    assert backend.state("llm").tickets == 1
+
+
+def test_the_driver_tells_the_key_how_late_a_waiter_woke() -> None:
+    clock = FakeClock()
+    backend = _Recording(clock)
+
+    def oversleep(seconds: float) -> None:
+        clock.sleep(seconds + 0.02)  # a loaded machine wakes it 20 ms late
+    bp = Backpressure(clock=clock, sleep=oversleep, backend=backend,
+                      limits=Limits(initial_rate=10.0, slow_start=1.0))
+    bp.call("llm", lambda: "ok")
+    bp.call("llm", lambda: "ok")  # waits for its slot, 100 ms later
+    assert backend.lateness == [pytest.approx(0.02)]
+
+
+def test_the_plan_yields_typed_operations_in_order() -> None:
+    from closedloop.control._backpressure import Acquire, Call, Enter, Leave, Report
+
+    clock = FakeClock()
+    bp = _bp(clock)
+    plan = bp._plan("llm", bp.limits)
+    ops = [next(plan)]
+    ops.append(plan.send(None))  # entered
+    ops.append(plan.send(bp.backend.acquire("llm", bp.limits)))
+    ops.append(plan.send("ok"))  # the call's value
+    ops.append(plan.send(None))  # reported
+    assert [type(op) for op in ops] == [Enter, Acquire, Call, Report, Leave]
+    report = ops[3]
+    assert isinstance(report, Report)
+    assert (report.key, report.signal.value) == ("llm", "ok")

@@ -45,29 +45,80 @@ def test_a_waiter_goes_when_its_turn_comes() -> None:
     assert state.confirm(FIXED, 0.1, grant.ticket).ready
 
 
-def test_overload_sets_the_ceiling_to_the_delivered_rate_and_backs_off() -> None:
-    limits = Limits(initial_rate=20.0, slow_start=1.0)
-    state = KeyState()
-    now = 0.0
-    for _ in range(60):  # three seconds at 20/s, all succeeding
-        now = go(state, limits, now)
-        state.feedback(limits, now, Signal.OK, admitted_at=now)
-    state.feedback(limits, now, Signal.OVERLOADED, admitted_at=now)
-    assert state.ceiling == pytest.approx(20.0, rel=0.1)
-    assert state.rate(limits, now) == pytest.approx(0.9 * state.ceiling)
-
-
-def test_after_the_first_429_the_ceiling_becomes_what_was_delivered_since() -> None:
+def test_the_first_429_halves_the_rate_it_was_sent_at_and_holds_it_for_one_latency() -> None:
     limits = Limits(initial_rate=100.0, slow_start=1.0)
     state = KeyState()
     state.acquire(limits, 0.0)
-    state.feedback(limits, 1.0, Signal.OVERLOADED, admitted_at=0.9)  # burst hid the limit
-    assert state.ceiling == pytest.approx(100.0)  # provisional: the rate that was sent
-    for i in range(10):  # the downstream then delivers 20/s
-        state.feedback(limits, 1.0 + 0.05 * (i + 1), Signal.OK, admitted_at=1.0)
-    state.feedback(limits, 1.5, Signal.OVERLOADED, admitted_at=1.4)
-    assert state.ceiling == pytest.approx(20.0)
-    assert state.rate(limits, 1.5) == pytest.approx(0.9 * 20.0)
+    state.feedback(limits, 0.2, Signal.OK, admitted_at=0.0)  # one latency: 0.2 s
+    state.feedback(limits, 1.0, Signal.OVERLOADED, admitted_at=0.8)  # a burst hid the limit
+    assert state.ceiling == pytest.approx(100.0)  # only an upper bound: what was sent
+    assert state.rate(limits, 1.0) == pytest.approx(50.0)
+    assert state.rate(limits, 1.2) == pytest.approx(50.0)  # held while its calls answer
+    assert state.rate(limits, 1.3) > 50.0  # then climbs back towards the bound
+
+
+def _busy() -> tuple[KeyState, Limits]:
+    """A key at 100/s with a long queue of callers (the rate is the limit, not demand)."""
+    limits = Limits(initial_rate=100.0, slow_start=1.0)
+    state = KeyState()
+    for _ in range(500):
+        state.acquire(limits, 0.0)
+    return state, limits
+
+
+def _two_429s(oks: int) -> tuple[KeyState, Limits]:
+    """A 429 at admission 1.0, ``oks`` successes admitted over the next second, a 429 at 2.0."""
+    state, limits = _busy()
+    state.feedback(limits, 1.1, Signal.OVERLOADED, admitted_at=1.0)
+    for i in range(oks):
+        sent = 1.0 + (i + 0.5) / oks
+        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+    state.feedback(limits, 2.1, Signal.OVERLOADED, admitted_at=2.0)
+    return state, limits
+
+
+def test_what_got_through_between_two_429s_is_the_ceiling_whatever_the_burst() -> None:
+    state, limits = _two_429s(23)  # the provider's allowance was empty at both 429s
+    assert state.ceiling == pytest.approx(23.0)
+    assert state.rate(limits, 2.1) == pytest.approx(0.9 * 23.0)
+
+
+def test_calls_still_in_flight_are_not_counted_as_missing() -> None:
+    state, limits = _busy()
+    state.feedback(limits, 1.0, Signal.OVERLOADED, admitted_at=1.0)  # a 429 answered at once
+    for i in range(19):  # 20/s admitted, each answered 0.1 s later
+        sent = 1.0 + i / 20
+        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+    # a 429 at 2.0, answered at once: the calls sent in its last 0.1 s are still out
+    state.feedback(limits, 2.0, Signal.OVERLOADED, admitted_at=2.0)
+    assert state.ceiling == pytest.approx(20.0, rel=0.06)
+
+
+def test_too_few_successes_between_two_429s_measure_nothing() -> None:
+    state, limits = _two_429s(3)
+    assert state.ceiling > 2 * 23.0  # not a measurement: the rate it was sent at, a bound
+    assert state.rate(limits, 2.1) == pytest.approx(0.5 * state.ceiling)  # halved again
+
+
+def test_an_interval_in_which_nobody_queued_measures_nothing() -> None:
+    limits = Limits(initial_rate=100.0, slow_start=1.0)
+    state = KeyState()  # callers come one at a time and go at once: demand was the limit
+    go(state, limits, 0.0)
+    state.feedback(limits, 1.1, Signal.OVERLOADED, admitted_at=1.0)
+    for i in range(23):
+        sent = go(state, limits, 1.0 + (i + 0.5) / 23)
+        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+    state.feedback(limits, 2.1, Signal.OVERLOADED, admitted_at=2.0)
+    assert state.ceiling > 2 * 23.0
+
+
+def test_a_429_soon_after_a_measured_ceiling_steps_down_gently() -> None:
+    state, limits = _two_429s(23)
+    sent = state.rate(limits, 2.2)
+    assert sent < 23.0
+    state.feedback(limits, 2.25, Signal.OVERLOADED, admitted_at=2.2)
+    assert state.ceiling == pytest.approx(sent)  # still too fast: that rate is the bound
+    assert state.rate(limits, 2.25) == pytest.approx(0.9 * sent)  # 0.9x, not halved
 
 
 def test_calls_sent_before_a_decrease_do_not_decrease_the_rate_again() -> None:
@@ -234,3 +285,109 @@ def test_the_bucket_never_grants_more_than_its_rate_plus_burst_over_any_window(
         while times[j] < t - window:
             j += 1
         assert i - j + 1 <= rate * window + burst + 1e-6
+
+
+def test_a_retry_goes_at_the_next_slot_ahead_of_the_queue() -> None:
+    state = KeyState()
+    first = state.acquire(FIXED, 0.0)
+    assert first.ready
+    queued = [state.acquire(FIXED, 0.0) for _ in range(5)]
+    retry = state.confirm(FIXED, 0.1, first.ticket)  # refused; it asks again with its ticket
+    head = state.confirm(FIXED, 0.1, queued[0].ticket)
+    assert retry.ready
+    assert not head.ready
+    assert head.wait == pytest.approx(0.1)
+
+
+waits: list[float] = []
+"""Filled by :func:`_learn`: how long each successful call waited, after the first third."""
+
+
+def _learn(rate: float, burst: int, *, callers: int = 64, latency: float = 0.1,
+           seconds: float = 15.0) -> tuple[KeyState, int, int]:
+    """Callers back to back against a token-bucket downstream that refuses on arrival."""
+    limits = Limits()
+    state = KeyState()
+    tokens, last = float(burst), 0.0
+    ok = refused = 0
+    asked: dict[int, float] = {}
+    done: set[int] = set()
+    waits.clear()
+    queue: list[tuple[float, int, Grant | None]] = [(i * 1e-3, i, None) for i in range(callers)]
+    answers: list[tuple[float, int, float, Grant]] = []
+    while queue and queue[0][0] < seconds:
+        if answers and answers[0][0] <= queue[0][0]:
+            now, i, sent, went = heapq.heappop(answers)
+            good = i in done
+            done.discard(i)
+            state.feedback(limits, now, Signal.OK if good else Signal.OVERLOADED,
+                           admitted_at=sent)
+            # a refused call asks again with its ticket, as Backpressure's retry does
+            heapq.heappush(queue, (now, i, None if good else went))
+            continue
+        now, i, grant = heapq.heappop(queue)
+        asked.setdefault(i, now)
+        grant = (state.confirm(limits, now, grant.ticket) if grant is not None
+                 else state.acquire(limits, now))
+        if not grant.ready:
+            heapq.heappush(queue, (now + grant.wait, i, grant))
+            continue
+        tokens = min(float(burst), tokens + (now - last) * rate)
+        last = now
+        good = tokens >= 1.0
+        tokens -= 1.0 if good else 0.0
+        ok, refused = ok + good, refused + (not good)
+        if good and asked[i] >= seconds / 3:
+            waits.append(now - asked[i])
+        if good:
+            del asked[i]
+        if good:
+            done.add(i)
+        heapq.heappush(answers, (now + latency, i, now, grant))
+    return state, ok, refused
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(20.0, 10), (50.0, 5), (200.0, 5)])
+def test_the_ceiling_learned_is_the_downstreams_rate_whatever_its_burst(
+    rate: float, burst: int
+) -> None:
+    state, ok, refused = _learn(rate, burst)
+    assert state.ceiling == pytest.approx(rate, rel=0.03)
+    assert refused / ok <= 0.05
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(20.0, 10), (200.0, 10)])
+def test_callers_wait_alike_once_the_rate_is_learned(rate: float, burst: int) -> None:
+    _learn(rate, burst)
+    waits.sort()
+    assert waits[int(0.99 * len(waits))] <= 1.3 * waits[len(waits) // 2]
+
+
+def test_a_caller_that_overslept_does_not_cost_the_next_its_slot() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]  # slots at 0, 0.1, 0.2
+    assert state.confirm(FIXED, 0.13, grants[1].ticket, late=0.03).ready  # 30 ms late
+    assert state.confirm(FIXED, 0.2, grants[2].ticket).ready  # the schedule was kept
+
+
+def test_lateness_the_caller_does_not_report_is_not_caught_up() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]
+    assert state.confirm(FIXED, 0.13, grants[1].ticket).ready  # late, but says nothing:
+    assert not state.confirm(FIXED, 0.2, grants[2].ticket).ready  # maybe the key was idle
+
+
+def test_lateness_beyond_the_catch_up_window_is_not_caught_up() -> None:
+    state = KeyState()
+    grants = [state.acquire(FIXED, 0.0) for _ in range(3)]
+    assert state.confirm(FIXED, 0.4, grants[1].ticket, late=0.3).ready
+    assert not state.confirm(FIXED, 0.42, grants[2].ticket).ready
+
+
+def test_callers_behind_a_head_that_has_not_woken_up_are_not_held_back() -> None:
+    limits = Limits(initial_rate=100.0, slow_start=1.0)  # a slot every 10 ms
+    state = KeyState()
+    grants = [state.acquire(limits, 0.0) for _ in range(3)]
+    assert grants[0].ready
+    # the head's slot came at 10 ms, but its caller is still asleep at 30 ms
+    assert state.confirm(limits, 0.03, grants[2].ticket).ready

@@ -45,6 +45,12 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     at(0)
     grants = [backend.acquire("k", FIXED) for _ in range(4)]
     out += grants
+    queued = [backend.acquire("k", FIXED) for _ in range(100)]  # callers keep the key busy
+    out.append(queued[-1])
+    at(0.13)
+    out.append(backend.confirm("k", FIXED, grants[1].ticket, 0.03))  # overslept by 30 ms
+    at(0.2)
+    out.append(backend.confirm("k", FIXED, grants[2].ticket))  # its slot was kept
     at(0.3)
     out.append(backend.confirm("k", FIXED, grants[3].ticket))
     for i in range(20):
@@ -61,17 +67,35 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     backend.feedback("k", FIXED, Signal.OVERLOADED, 1002.85, None)
     out.append(backend.acquire("k", FIXED))
     out.append(backend.snapshot("k", FIXED)["ceiling"])
+    at(2.92)
+    out.append(backend.snapshot("k", FIXED)["rate"])  # held at the halved rate for a latency
+    for i in range(10):  # enough successes since that 429 to measure the ceiling from
+        at(2.95 + i * 0.02)
+        backend.feedback("k", FIXED, Signal.OK, 1002.86 + i * 0.02, None)
+    at(3.2)
+    backend.feedback("k", FIXED, Signal.OVERLOADED, 1003.15, None)
+    out.append(backend.snapshot("k", FIXED)["ceiling"])
+    at(3.25)
+    backend.feedback("k", FIXED, Signal.OVERLOADED, 1003.22, None)  # soon after: a step down
+    out.append(backend.snapshot("k", FIXED)["ceiling"])
+    out.append(backend.confirm("k", FIXED, grants[0].ticket))  # a retry keeps its place
+    out.append(backend.confirm("k", FIXED, queued[0].ticket))
     for i in range(5):
-        at(3 + i * 0.01)
-        backend.feedback("k", FIXED, Signal.UNAVAILABLE, 1003.0, None)
+        at(3.3 + i * 0.01)
+        backend.feedback("k", FIXED, Signal.UNAVAILABLE, 1003.3, None)
     out.append(backend.acquire("k", FIXED))
-    at(3.5)
+    at(3.8)
     probe = backend.acquire("k", FIXED)
     out += [probe, backend.acquire("k", FIXED)]
     backend.feedback("k", FIXED, Signal.OK, probe.at, None)
     out.append(backend.acquire("k", FIXED))
     snap = backend.snapshot("k", FIXED)
     out.append({k: snap[k] for k in ("rate", "ceiling", "breaker", "failures", "counts")})
+    fast = Limits(initial_rate=100.0, slow_start=1.0)
+    at(10)
+    heads = [backend.acquire("fast", fast) for _ in range(3)]
+    at(10.03)  # the head's caller is still asleep: the one behind it may go
+    out += [*heads, backend.confirm("fast", fast, heads[2].ticket)]
     return out
 
 
@@ -84,7 +108,10 @@ def test_the_lua_port_decides_exactly_like_the_python_logic(redis_url: str,
                                                              prefix: str) -> None:
     clock = [0.0]
     now: Callable[[], float] = lambda: clock[0]  # noqa: E731
-    local = _rounded(_script(LocalRates(clock=now), clock))
+    rates = LocalRates(clock=now)
+    local = _rounded(_script(rates, clock))
+    assert rates.state("k").counts["decreases"] == 4
+    assert rates.state("k").measured  # the script covers a measured ceiling too
     shared = _rounded(_script(RedisRates(redis_url, prefix=prefix, clock=now), clock))
     assert shared == local
 

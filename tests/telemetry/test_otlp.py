@@ -138,6 +138,24 @@ def test_otlp_content_opt_in_is_redacted(
     assert sent == "mail me at [REDACTED:email]"
 
 
+def test_otlp_status_attributes_and_events_are_redacted_with_content_off(
+    http_receiver: tuple[str, list[tuple[str, str, Request]]],
+) -> None:
+    endpoint, received = http_receiver
+    pipeline = Telemetry([otlp_http(endpoint)], flush_interval=60.0)
+    dsn = "postgres://app:s3cr3t-pw@db:5432/x"
+    with pipeline.span("closedloop.step") as step:
+        step.set_attribute("db.connection_string", dsn)
+        step.add_event("retry", {"error": "401 for bob@example.com"})
+        step.record.fail(f"cannot connect: {dsn}")
+    pipeline.shutdown()
+    (span,) = _spans(received[0][2])
+    assert span.status.message == "cannot connect: postgres://app:[REDACTED:url_password]@db:5432/x"
+    assert _attrs(span)["db.connection_string"] == (
+        "postgres://app:[REDACTED:url_password]@db:5432/x")
+    assert span.events[0].attributes[0].value.string_value == "401 for [REDACTED:email]"
+
+
 def test_otlp_grpc_delivers_protobuf_spans(grpc_receiver: tuple[str, _Servicer]) -> None:
     endpoint, servicer = grpc_receiver
     pipeline = Telemetry([otlp_grpc(endpoint, insecure=True)], flush_interval=60.0)

@@ -27,9 +27,14 @@ def test_known_secrets_are_redacted_by_kind(kind: str, secret: str) -> None:
 
 
 def test_bearer_tokens_are_redacted() -> None:
-    out = Redactor()("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig")
+    out = Redactor()("sent Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig")
     assert "eyJ" not in out
-    assert "[REDACTED:bearer]" in out
+    assert out == "sent Bearer [REDACTED:bearer]"
+
+
+def test_authorization_headers_keep_their_scheme() -> None:
+    out = Redactor()("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig")
+    assert out == "Authorization: Bearer [REDACTED:authorization]"
 
 
 def test_aws_secret_keys_are_redacted_with_their_assignment() -> None:

@@ -15,12 +15,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from closedloop._redact import redact_text, redact_value
+
 _log = logging.getLogger("closedloop.control")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Alert:
-    """One alert: ``kind`` (paused, halted, resumed…), the subject, the evidence, the fix."""
+    """One alert: ``kind`` (paused, halted, resumed…), the subject, the evidence, the fix.
+
+    Its texts and evidence are redacted when it is made, so no sink sees a secret.
+    """
 
     kind: str
     subject: str
@@ -29,6 +34,11 @@ class Alert:
     severity: str = "warning"
     evidence: dict[str, Any] = field(default_factory=dict)
     at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        for name in ("subject", "summary", "action"):
+            object.__setattr__(self, name, redact_text(getattr(self, name)))
+        object.__setattr__(self, "evidence", redact_value(self.evidence))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body a webhook receives."""

@@ -5,8 +5,9 @@ rate and in-flight cap, call, classify the outcome, teach the key's state, and r
 retryable failures with full-jitter backoff within the deadline and the retry budget.
 
 The decision logic is written once, as the generator :meth:`Backpressure._plan`, which does
-no I/O: it yields operations (acquire a slot, sleep, call, report) and two thin drivers run
-them, one with ``time.sleep`` and one with ``asyncio.sleep`` (both injectable).
+no I/O: it yields small typed records (:class:`Enter`, :class:`Acquire`, :class:`Confirm`,
+:class:`Sleep`, :class:`Call`, :class:`Report`, :class:`Leave`) and two thin drivers carry
+them out, one with ``time.sleep`` and one with ``asyncio.sleep`` (both injectable).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import closedloop._redact  # noqa: F401 - puts the redacting filter on closedloop's loggers
 from closedloop._errors import ClosedLoopError
 from closedloop.control._core import Grant, Limits
 from closedloop.control._retry import RetryBudget, RetryPolicy
-from closedloop.control._signals import RETRYABLE, Feedback, classify
+from closedloop.control._signals import RETRYABLE, Feedback, Signal, classify
 from closedloop.control._state import LocalRates, RateBackend
 
 _log = logging.getLogger("closedloop.control")
@@ -51,9 +54,61 @@ class DeadlineExceeded(BackpressureError):
     """The next slot (or retry) for the key comes after the call's deadline."""
 
 
-# operations the plan yields; the drivers carry them out
-_ENTER, _LEAVE, _ACQUIRE, _CONFIRM, _SLEEP, _CALL, _REPORT = range(7)
-Op = tuple[int, Any]
+# ----- the operations the plan yields; the drivers carry them out ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Enter:
+    """Take one of the key's in-flight places (waits while all are taken)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Give the in-flight place back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """Ask the backend for a place in the key's queue (answer: a :class:`Grant`)."""
+
+    key: str
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Ask whether ``ticket``'s turn has come, ``late`` seconds after it was told to ask."""
+
+    key: str
+    limits: Limits
+    ticket: int
+    late: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds`` (``time.sleep`` or ``asyncio.sleep``)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Make the call (its exception, if any, is thrown into the plan)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Teach the key how the call went."""
+
+    key: str
+    limits: Limits
+    signal: Signal
+    admitted_at: float
+    retry_after: float | None
+
+
+Op = Enter | Leave | Acquire | Confirm | Sleep | Call | Report
 Plan = Generator[Op, Any, Any]
 
 
@@ -119,19 +174,25 @@ class Backpressure:
 
     # ----- the decision logic, once ------------------------------------------------------
     def _plan(self, key: str, limits: Limits) -> Plan:
-        """Yield ``(op, args)``; the driver runs ``op(*args)`` and sends back the result."""
+        """Yield typed operations (:data:`Op`); the driver carries each out and sends back
+        its result."""
         policy = self.retry
         start = self._clock()
         deadline = start + policy.deadline if policy.deadline is not None else math.inf
         budget = self._budget(key)
         budget.record_call(start)
         attempt = 0
+        ticket = -1
         while True:
             attempt += 1
-            yield _ENTER, ()
+            yield Enter()
             self._inc(key, 1)
             try:
-                grant: Grant = yield _ACQUIRE, (key, limits)
+                # a retry keeps the place in the queue its first attempt had (its old ticket
+                # is due): it waited its turn once already, it does not wait it again
+                sent = self._clock()
+                grant: Grant = yield (Confirm(key, limits, ticket) if ticket >= 0
+                                      else Acquire(key, limits))
                 while not grant.ready:
                     now = self._clock()
                     if now + grant.wait > deadline:
@@ -140,20 +201,27 @@ class Backpressure:
                         raise cls(f"{key}: {grant.reason or 'no slot'} for another "
                                   f"{grant.wait:.2f}s, past the call's deadline",
                                   key=key, wait=grant.wait)
-                    yield _SLEEP, (grant.wait,)
-                    grant = yield ((_CONFIRM, (key, limits, grant.ticket)) if grant.reserved
-                                   else (_ACQUIRE, (key, limits)))
+                    yield Sleep(grant.wait)
+                    # how late it comes back: overslept, plus the round trips to the state
+                    # (the last one's again for the next); the key catches that up
+                    again = self._clock()
+                    late = 2.0 * (now - sent) + max(0.0, again - now - grant.wait)
+                    sent = again
+                    grant = yield (Confirm(key, limits, grant.ticket, late) if grant.reserved
+                                   else Acquire(key, limits))
+                if grant.reserved and grant.ticket >= 0:
+                    ticket = grant.ticket
                 error: BaseException | None = None
                 value: Any = None
                 try:
-                    value = yield _CALL, ()
+                    value = yield Call()
                 except Exception as exc:  # noqa: BLE001 - classified, then re-raised or retried
                     error = exc
                 feedback = self.classifier(error if error is not None else value)
-                yield _REPORT, (key, limits, feedback.signal, grant.at, feedback.retry_after)
+                yield Report(key, limits, feedback.signal, grant.at, feedback.retry_after)
             finally:
                 self._inc(key, -1)
-            yield _LEAVE, ()
+            yield Leave()
             if feedback.signal not in RETRYABLE:
                 if error is not None:
                     raise error
@@ -172,7 +240,7 @@ class Backpressure:
                     error.add_note(f"closedloop: gave up on {key} ({feedback.signal}): {why}")
                     raise error
                 return value
-            yield _SLEEP, (delay,)
+            yield Sleep(delay)
 
     # ----- drivers: run the plan's operations, nothing else -------------------------------
     def _slot(self, key: str, limits: Limits) -> threading.BoundedSemaphore:
@@ -193,29 +261,45 @@ class Backpressure:
         with self._lock:
             self._in_flight[key] = self._in_flight.get(key, 0) + by
 
+    def _do(self, op: Op, sem: Any, aio: bool) -> Any:
+        """Carry out one operation other than the call (under asyncio: maybe an awaitable)."""
+        b = self.backend
+        match op:
+            case Enter():
+                return sem.acquire()
+            case Leave():
+                return sem.release()
+            case Sleep(seconds=seconds):
+                return (self._asleep if aio else self._sleep)(seconds)
+            case Acquire(key=key, limits=limits):
+                return (b.aacquire if aio else b.acquire)(key, limits)
+            case Confirm(key=key, limits=limits, ticket=ticket, late=late):
+                return (b.aconfirm if aio else b.confirm)(key, limits, ticket, late)
+            case Report(key=key, limits=limits, signal=signal, admitted_at=at,
+                        retry_after=retry_after):
+                return (b.afeedback if aio else b.feedback)(key, limits, signal, at,
+                                                           retry_after)
+        raise TypeError(f"not an operation the drivers carry out: {op!r}")
+
     def call(self, key: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``fn(*args, **kwargs)`` under the key's backpressure (blocking waits)."""
         limits = self.limits_for(key)
         sem = self._slot(key, limits)
-        b = self.backend
-        ops: dict[int, Callable[..., Any]] = {
-            _ACQUIRE: b.acquire, _CONFIRM: b.confirm, _REPORT: b.feedback,
-            _SLEEP: self._sleep, _ENTER: sem.acquire, _LEAVE: sem.release}
         plan = self._plan(key, limits)
         held = False
         try:
-            op, arg = next(plan)
+            op = next(plan)
             while True:
-                if op == _CALL:
+                if isinstance(op, Call):
                     try:
                         result: Any = fn(*args, **kwargs)
                     except Exception as exc:  # noqa: BLE001 - the plan decides
-                        op, arg = plan.throw(exc)
+                        op = plan.throw(exc)
                         continue
                 else:
-                    result = ops[op](*arg)
-                    held = op == _ENTER or (held and op != _LEAVE)
-                op, arg = plan.send(result)
+                    result = self._do(op, sem, aio=False)
+                    held = isinstance(op, Enter) or (held and not isinstance(op, Leave))
+                op = plan.send(result)
         except StopIteration as stop:
             value: T = stop.value
             return value
@@ -230,27 +314,23 @@ class Backpressure:
         """Await ``fn(*args, **kwargs)`` under the key's backpressure (asyncio sleeps)."""
         limits = self.limits_for(key)
         sem = self._aslot(key, limits)
-        b = self.backend
-        ops: dict[int, Callable[..., Any]] = {
-            _ACQUIRE: b.aacquire, _CONFIRM: b.aconfirm, _REPORT: b.afeedback,
-            _SLEEP: self._asleep, _ENTER: sem.acquire, _LEAVE: sem.release}
         plan = self._plan(key, limits)
         held = False
         try:
-            op, arg = next(plan)
+            op = next(plan)
             while True:
-                if op == _CALL:
+                if isinstance(op, Call):
                     try:
                         result: Any = await fn(*args, **kwargs)
                     except Exception as exc:  # noqa: BLE001 - the plan decides
-                        op, arg = plan.throw(exc)
+                        op = plan.throw(exc)
                         continue
                 else:
-                    result = ops[op](*arg)
+                    result = self._do(op, sem, aio=True)
                     if inspect.isawaitable(result):
                         result = await result
-                    held = op == _ENTER or (held and op != _LEAVE)
-                op, arg = plan.send(result)
+                    held = isinstance(op, Enter) or (held and not isinstance(op, Leave))
+                op = plan.send(result)
         except StopIteration as stop:
             value: T = stop.value
             return value

@@ -6,31 +6,34 @@ benchmark and behind the sync and async drivers. The Redis backend runs a line-b
 port of it (:mod:`closedloop.control._redis`) so that N workers share one state atomically.
 
 **Rate.** Until the first overload the rate grows geometrically (slow start,
-``slow_start`` times per second of busy time). On an overload (429) the *ceiling* becomes the
-rate the downstream actually delivered over the last second (when it is saturated that is
-its real capacity, whatever we were sending) and the rate restarts at ``backoff`` x
-ceiling. The first 429 is special: a downstream's burst allowance hides the moment slow
-start crossed its capacity, so the rate then is an overestimate; it is only provisional,
-and a further 429 within ``window`` (from a call sent after the cut) replaces it with what
-the downstream delivered *since the first 429* — its allowance was empty all that time, so
-that count is its rate, burst excluded (the "landing"). After that the rate follows a
-curve after TCP CUBIC: a quick concave climb back to the ceiling, a plateau just under it,
-then a probe above it, slow at first (``probe`` per second, because a provider's burst
-allowance hides a small overshoot for a while) and accelerating
+``slow_start`` times per second of busy time). A 429 means the downstream's allowance was
+empty when that call arrived; two such moments bracket an interval in which the downstream
+let through exactly its rate times the interval, whatever its burst, so the successes of
+the calls sent in between, divided by the time, *measure* its capacity (the ceiling). The
+first 429 has no predecessor (and a burst allowance hid the moment slow start crossed the
+limit): the rate that call was sent at is only an upper bound, so the rate is halved
+(``first_backoff``) and held for one call latency, and halved again while calls sent at it
+are still refused; the next 429 measures. After each measured 429 the rate restarts at
+``backoff`` x ceiling and follows a curve after TCP CUBIC: a quick concave climb back to
+the ceiling, a plateau just under it, then a probe above it, slow at first (``probe`` per
+second: a burst allowance hides a small overshoot for a while) and accelerating
 (``probe_cubic``) in case capacity has really grown. Only calls admitted *after* the last
-decrease can trigger another one, so the calls already in flight when the downstream pushes
-back do not collapse the rate. 503s and timeouts cut the rate to ``outage_backoff`` of what
-it was without forgetting the ceiling, and a successful probe after an outage resumes at
-``backoff`` x ceiling, so recovery is fast. Time during which nobody waited for a token is
-not growth time, so a key that is not busy does not "learn" a rate it never tried.
+decrease can trigger another one, so the calls already in flight when the downstream
+pushes back do not collapse the rate. 503s and timeouts cut the rate to ``outage_backoff``
+of what it was without forgetting the ceiling, and a successful probe after an outage
+resumes at ``backoff`` x ceiling, so recovery is fast. Time during which nobody waited for
+a token is not growth time, so a key that is not busy does not "learn" a rate it never
+tried, and an interval with an idle spell measures nothing.
 
 **Pacing.** Each caller takes a numbered ticket; tokens are issued at the current rate
-(up to ``burst`` ahead of demand) and ticket *n* may go once *n + 1* tokens are out. The
-queue is first come first served, which keeps many agents fair, and a rate change applies
-at once to everyone waiting: a waiter sleeps until its estimated turn (never more than
-``max_sleep``) and then confirms. No tokens accrue while the breaker is open or the key
-is paused, so a recovering downstream is not hit by a flood, and departures stay at least
-``1/rate`` apart beyond the burst (GCRA), so waiters that wake late do not leave in a clump.
+(up to ``burst`` ahead of the queue's head) and ticket *n* may go once *n + 1* tokens are
+out. The queue is first come first served, which keeps many agents fair, and a rate change
+applies at once to everyone waiting: a waiter sleeps until its estimated turn (never more
+than ``max_sleep``) and then confirms. No tokens accrue while the breaker is open or the
+key is paused, so a recovering downstream is not hit by a flood, and departures stay at
+least ``1/rate`` apart beyond the burst (GCRA), in ticket order, so waiters that wake late
+do not leave in a clump. A retry after a refusal keeps its first attempt's ticket, so it
+goes at the next slot instead of queueing a second time.
 
 **Breaker.** ``failure_threshold`` consecutive unavailable/timeout results open it for
 ``open_for`` seconds (at least the downstream's ``Retry-After``); then ``half_open_probes``
@@ -49,6 +52,12 @@ from closedloop.control._signals import Signal
 
 WAKE_SLACK = 0.004
 """Seconds of wake-up lateness a paced caller may have without losing its slot."""
+CATCH_UP = 0.05
+"""Most wake-up lateness (seconds) a queued caller may report and the key catch up."""
+LANDING_OKS = 8
+"""Successes needed between two 429s to measure the downstream's rate from them."""
+LANDING_HOLD = 1.0
+"""After a cut to an upper bound, the rate is held for this many call latencies."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,15 +72,17 @@ class Limits:
     """Calls that may go back to back (token-bucket depth)."""
     max_in_flight: int = 64
     """Concurrent calls per process for this key."""
-    slow_start: float = 64.0
-    """Rate growth factor per busy second until the first overload (x2 every ~170 ms)."""
+    slow_start: float = 32.0
+    """Rate growth factor per busy second until the first overload (x2 every 200 ms)."""
     backoff: float = 0.9
     """After an overload the rate restarts at this fraction of the measured ceiling."""
+    first_backoff: float = 0.5
+    """...or of the refused rate, when the ceiling cannot be measured yet (first 429)."""
     outage_backoff: float = 0.5
     """After a 503/timeout the rate is cut to this fraction (the ceiling is kept)."""
     cubic: float = 0.1
     """Cubic coefficient (1/s³) of the climb back: with backoff 0.9 the ceiling is ~1 s away."""
-    probe: float = 0.04
+    probe: float = 0.02
     """Above the ceiling the rate grows by this fraction of it per second, plus..."""
     probe_cubic: float = 0.002
     """...this cubic term (1/s³), so that a much larger capacity is still found in seconds."""
@@ -90,7 +101,8 @@ class Limits:
             "initial_rate": self.initial_rate > 0, "min_rate": self.min_rate > 0,
             "max_rate": self.max_rate >= self.min_rate, "burst": self.burst >= 1,
             "max_in_flight": self.max_in_flight >= 1, "slow_start": self.slow_start >= 1,
-            "backoff": 0 < self.backoff < 1, "outage_backoff": 0 < self.outage_backoff < 1,
+            "backoff": 0 < self.backoff < 1, "first_backoff": 0 < self.first_backoff < 1,
+            "outage_backoff": 0 < self.outage_backoff < 1,
             "cubic": self.cubic > 0, "window": self.window > 0, "probe": self.probe >= 0,
             "probe_cubic": self.probe_cubic >= 0 and self.probe + self.probe_cubic > 0,
             "key_pause_after": self.key_pause_after >= 0,
@@ -140,6 +152,8 @@ class KeyState:
     rate0: float = 0.0
     """The rate at ``since`` (the start of the current growth curve)."""
     since: float = 0.0
+    cut_at: float = 0.0
+    """When the rate was last decreased: calls sent before then cannot decrease it again."""
     ceiling: float = 0.0
     """The last measured capacity; 0 while still in slow start."""
     issued: float = 0.0
@@ -148,10 +162,19 @@ class KeyState:
     tickets: int = 0
     void_below: int = 0
     """Tickets below this were cancelled by a breaker trip or a pause; they re-queue."""
+    measured: int = 0
+    """1 once the ceiling was measured between two 429s (before: only an upper bound)."""
+    last_out: int = 0
+    """The highest ticket that has gone (due tickets leave in order behind it)."""
     last_fill: float = 0.0
     busy_since: float = 0.0
-    learned_at: float = 0.0
-    land_ok: int = 0
+    mark_at: float = 0.0
+    """Admission time of the refused call behind the last decrease (the downstream's
+    allowance was empty then); 0 before the first."""
+    mark_ok: int = 0
+    """Successful calls admitted since ``mark_at``."""
+    latency: float = 0.0
+    """Moving average of a successful call's duration (admission to answer)."""
     hold_until: float = 0.0
     win_start: float = 0.0
     win_cur: float = 0.0
@@ -177,6 +200,8 @@ class KeyState:
             x = t - math.cbrt((1.0 - frac) / limits.cubic)
             if x <= 0:  # concave: back to the ceiling
                 r = self.ceiling * (1.0 + limits.cubic * x**3)
+            elif not self.measured:  # above a bound that was only a guess: find it fast
+                r = self.ceiling * math.pow(limits.slow_start, x)
             else:  # probe: slowly at first (a provider's burst hides overshoot), then faster
                 r = self.ceiling * (1.0 + limits.probe * x + limits.probe_cubic * x**3)
         return min(limits.max_rate, max(limits.min_rate, r))
@@ -200,7 +225,7 @@ class KeyState:
     def _restart(self, limits: Limits, now: float, rate: float) -> None:
         self._fill(limits, now)
         self.rate0 = min(limits.max_rate, max(limits.min_rate, rate))
-        self.since = now
+        self.since = self.cut_at = now
 
     def _fill(self, limits: Limits, now: float) -> None:
         dt = max(0.0, now - self.last_fill)
@@ -216,9 +241,21 @@ class KeyState:
                 self.issued = cap
             else:
                 self.issued += rate * dt
+            # tokens are not issued further than the burst ahead of the queue's head: a
+            # backlog of due tickets held back by the spacing would race for each slot in
+            # no order (the wait's tail was 2.4x the oracle's at 200/s), and would make a
+            # busy key look idle. Unless the head is late for its slot (its caller has not
+            # woken up yet): then they keep coming for up to CATCH_UP, so that the callers
+            # behind it do not all wait for it
+            late = min(CATCH_UP, max(0.0, now - self.tat))
+            self.issued = min(self.issued, self._head() + limits.burst + late * rate)
         self.last_fill = now
 
-    def _turn(self, limits: Limits, now: float, ticket: int) -> Grant:
+    def _head(self) -> int:
+        """The ticket at the head of the queue (the first that has not gone)."""
+        return max(self.last_out, self.void_below - 1) + 1
+
+    def _turn(self, limits: Limits, now: float, ticket: int, late: float = 0.0) -> Grant:
         self._fill(limits, now)
         rate = self.rate(limits, now)
         short = ticket + 1.0 - self.issued
@@ -230,12 +267,20 @@ class KeyState:
         early = self.tat - now - (limits.burst - 1.0) / rate
         if early > 1e-9:
             return Grant(early, ticket, now + early)
-        # A caller that wakes a little late (timer slack, a busy event loop: ~1 ms) keeps the
-        # schedule: the next departure catches the lateness up instead of it being lost on
-        # every call (measured in real time: 8% of the rate at 100/s). Later than that, the
-        # key was idle or short of tokens: the schedule restarts now.
+        # A caller that wakes up late (timer slack, a busy event loop: ~1 ms; a loaded
+        # machine: tens of ms) keeps the schedule: the next departures catch the lateness up
+        # instead of it being lost on every call (8% of the rate at 100/s on an idle
+        # machine, half of it with two cores busy). Up to WAKE_SLACK is assumed; more is
+        # caught up only as far as the caller says it overslept (its driver knows), since
+        # otherwise the key was idle or short of tokens and the schedule restarts now.
+        lag = min(late, CATCH_UP, now - self.tat)
+        if lag > 0 and self.issued >= self._head() + limits.burst - 1e-9:
+            # the tokens held back (above) while the head of the queue overslept
+            self.issued = min(self.tickets + limits.burst - 1.0, self.issued + lag * rate)
+        self.last_out = max(self.last_out, ticket)
         interval = 1.0 / rate
-        self.tat = (self.tat if now - self.tat < min(interval, WAKE_SLACK) else now) + interval
+        slack = max(min(interval, WAKE_SLACK), lag + 1e-9)
+        self.tat = (self.tat if now - self.tat < slack else now) + interval
         return Grant(0.0, ticket, now)
 
     # ----- admission --------------------------------------------------------------------
@@ -270,14 +315,17 @@ class KeyState:
         self._count("granted")
         return self._turn(limits, now, ticket)
 
-    def confirm(self, limits: Limits, now: float, ticket: int) -> Grant:
-        """After waiting in the queue: go if the ticket's turn has come, else wait more."""
+    def confirm(self, limits: Limits, now: float, ticket: int, late: float = 0.0) -> Grant:
+        """After waiting in the queue: go if the ticket's turn has come, else wait more.
+
+        ``late``: how much longer than told the caller slept (its lateness is caught up).
+        """
         if ticket < self.void_below or self.breaker is not BreakerState.CLOSED or (
             self.hold_until > now
         ):
             self._count("requeued")
             return self.acquire(limits, now)
-        return self._turn(limits, now, ticket)
+        return self._turn(limits, now, ticket, late)
 
     # ----- feedback ---------------------------------------------------------------------
     def feedback(
@@ -295,11 +343,15 @@ class KeyState:
             if signal is Signal.OK:
                 self._roll(limits, now)
                 self.win_cur += 1
-                self.land_ok += 1
+                if admitted_at >= self.mark_at:
+                    self.mark_ok += 1
+                took = max(0.0, now - admitted_at)
+                self.latency = took if self.latency <= 0 else self.latency + 0.125 * (
+                    took - self.latency)
             if self.breaker is not BreakerState.CLOSED:
                 self.breaker, self.failures = BreakerState.CLOSED, 0
                 # the probe got through: resume just under the last known capacity
-                self.since = self.busy_since = self.last_fill = now
+                self.since = self.cut_at = self.busy_since = self.last_fill = now
                 if self.ceiling > 0:
                     self.rate0 = max(self.rate0, limits.backoff * self.ceiling)
                 self._count("breaker_closed")
@@ -311,29 +363,39 @@ class KeyState:
             self.hold_until = max(self.hold_until, now + retry_after)
             self._void(limits)
         if signal is Signal.OVERLOADED:
-            if admitted_at < self.since:
+            if admitted_at < self.cut_at:
                 return  # sent before the last decrease: already accounted for
-            measured = self.delivered(limits, now)
-            if self.ceiling <= 0:
-                # end of slow start: the measurement lags the ramp, but the refused call
-                # went out at a rate just above capacity
-                measured = max(measured, min(self.rate(limits, admitted_at),
-                                             self.rate(limits, now)))
-                self.learned_at = now
-                self.land_ok = 0
-            elif now - self.learned_at < limits.window and self.land_ok >= 4:
-                # landing: the downstream's allowance has been empty since the first 429,
-                # so what it delivered since then is its rate, burst excluded
-                measured = min(self.ceiling, self.land_ok / (now - self.learned_at))
-            elif now - max(self.busy_since, self.learned_at) < limits.window:
-                # the window still mixes in the ramp or an idle spell: step down instead
-                measured = max(measured, limits.backoff * self.ceiling)
-            self.ceiling = measured if measured > 0 else self.rate(limits, now)
-            self._restart(limits, now, limits.backoff * self.ceiling)
+            # The downstream's allowance was empty when this call arrived, and it was empty
+            # when the call behind the last decrease arrived: what it let through in between
+            # is its rate times the time, whatever its burst (the refill was never capped
+            # while callers queued). Calls whose answer is still due are left out.
+            end = min(admitted_at, now - self.latency)
+            hold = 0.0
+            if (self.mark_at > 0 and self.mark_ok >= LANDING_OKS and end > self.mark_at
+                    and self.busy_since <= self.mark_at):
+                self.ceiling = self.mark_ok / (end - self.mark_at)
+                self.measured = 1
+                rate = limits.backoff * self.ceiling
+            else:
+                # the first 429 (a downstream's burst allowance hid the moment slow start
+                # crossed its rate), or too little seen since the last: the rate this call
+                # was sent at is an upper bound
+                sent = self.rate(limits, admitted_at)
+                self.ceiling = min(self.ceiling, sent) if self.ceiling > 0 else sent
+                rate = limits.backoff * self.ceiling
+                if not self.measured:
+                    # nothing measured yet: halve, and hold that until calls sent at it
+                    # have answered (still too fast?) before climbing back to the bound
+                    rate = limits.first_backoff * self.ceiling
+                    hold = LANDING_HOLD * self.latency
+            self.mark_at = admitted_at
+            self.mark_ok = 0
+            self._restart(limits, now, rate)
+            self.since = now + hold
             self._count("decreases")
             return
         # UNAVAILABLE / TIMEOUT: the breaker counts it; the rate is cut, the ceiling kept
-        if admitted_at >= self.since and self.breaker is BreakerState.CLOSED:
+        if admitted_at >= self.cut_at and self.breaker is BreakerState.CLOSED:
             self._restart(limits, now, limits.outage_backoff * self.rate(limits, now))
         if self.breaker is BreakerState.HALF_OPEN:
             self._trip(limits, now, retry_after)

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from contextlib import closing, suppress
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from closedloop._errors import ControlUnavailable
+from closedloop._redact import redact_text, redact_value
 
 _log = logging.getLogger("closedloop.control")
 
@@ -83,26 +83,13 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-@cache
-def _redactor() -> Callable[[str], str]:
-    from closedloop.telemetry._redact import Redactor
-
-    return Redactor()
-
-
 def _redact_text(text: str) -> str:
     """The one place control text is redacted before it is stored or alerted."""
-    return _redactor()(text)
+    return redact_text(text)
 
 
 def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return _redact_text(value)
-    if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redact_value(v) for v in value]
-    return value
+    return redact_value(value)
 
 
 def redacted(stop: Stop) -> Stop:

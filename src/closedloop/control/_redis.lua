@@ -15,6 +15,7 @@ local S = {}
 for i = 1, #raw, 2 do S[raw[i]] = tonumber(raw[i + 1]) end
 local function g(name) return S[name] or 0 end
 local CLOSED, OPEN, HALF = 0, 1, 2
+local WAKE_SLACK, CATCH_UP, LANDING_OKS, LANDING_HOLD = 0.004, 0.05, 8, 1.0
 
 local function count(name) S['c:' .. name] = g('c:' .. name) + 1 end
 
@@ -47,11 +48,17 @@ local function rate_at(t_now)
     local x = t - math.pow((1 - frac) / L.cubic, 1 / 3)
     if x <= 0 then
       r = g('ceiling') * (1 + L.cubic * x * x * x)
+    elseif g('measured') == 0 then
+      r = g('ceiling') * math.pow(L.slow_start, x)
     else
       r = g('ceiling') * (1 + L.probe * x + L.probe_cubic * x * x * x)
     end
   end
   return math.min(L.max_rate, math.max(L.min_rate, r))
+end
+
+local function head()
+  return math.max(g('last_out'), g('void_below') - 1) + 1
 end
 
 local function fill()
@@ -67,6 +74,8 @@ local function fill()
     else
       S.issued = g('issued') + r * dt
     end
+    local late = math.min(CATCH_UP, math.max(0, now - g('tat')))
+    S.issued = math.min(g('issued'), head() + L.burst + late * r)
   end
   S.last_fill = now
 end
@@ -74,7 +83,7 @@ end
 local function restart(r)
   fill()
   S.rate0 = math.min(L.max_rate, math.max(L.min_rate, r))
-  S.since = now
+  S.since = now; S.cut_at = now
 end
 
 local function void()
@@ -93,7 +102,7 @@ end
 -- result: wait, ticket, at, reserved, probe, reason
 local result = nil
 
-local function turn(ticket)
+local function turn(ticket, late)
   fill()
   local r = rate_at(now)
   local short = ticket + 1 - g('issued')
@@ -103,9 +112,14 @@ local function turn(ticket)
   end
   local early = g('tat') - now - (L.burst - 1) / r
   if early > 1e-9 then return {early, ticket, now + early, 1, 0, ''} end
-  -- a caller late by less than one interval keeps the schedule (see _core.py)
-  -- late by less than min(interval, WAKE_SLACK = 2 ms): keep the schedule (see _core.py)
-  if now - g('tat') < math.min(1 / r, 0.004) then S.tat = g('tat') + 1 / r
+  -- a late waker keeps the schedule, as far as it says it overslept (see _core.py)
+  local lag = math.min(late or 0, CATCH_UP, now - g('tat'))
+  if lag > 0 and g('issued') >= head() + L.burst - 1e-9 then
+    S.issued = math.min(g('tickets') + L.burst - 1, g('issued') + lag * r)
+  end
+  S.last_out = math.max(g('last_out'), ticket)
+  local slack = math.max(math.min(1 / r, WAKE_SLACK), lag + 1e-9)
+  if now - g('tat') < slack then S.tat = g('tat') + 1 / r
   else S.tat = now + 1 / r end
   return {0, ticket, now, 1, 0, ''}
 end
@@ -140,19 +154,23 @@ local function acquire()
   local ticket = g('tickets')
   S.tickets = ticket + 1
   count('granted')
-  return turn(ticket)
+  return turn(ticket, 0)
 end
 
 local function feedback(signal, admitted_at, retry_after)
   count(signal)
   if signal == 'ok' or signal == 'rejected' then
     if signal == 'ok' then
-      roll(); S.win_cur = g('win_cur') + 1; S.land_ok = g('land_ok') + 1
+      roll(); S.win_cur = g('win_cur') + 1
+      if admitted_at >= g('mark_at') then S.mark_ok = g('mark_ok') + 1 end
+      local took = math.max(0, now - admitted_at)
+      if g('latency') <= 0 then S.latency = took
+      else S.latency = g('latency') + 0.125 * (took - g('latency')) end
     end
     if g('breaker') ~= CLOSED then
       S.breaker = CLOSED; S.failures = 0
       count('breaker_closed')
-      S.since = now; S.busy_since = now; S.last_fill = now
+      S.since = now; S.cut_at = now; S.busy_since = now; S.last_fill = now
       if g('ceiling') > 0 then S.rate0 = math.max(g('rate0'), L.backoff * g('ceiling')) end
     end
     S.failures = 0
@@ -164,23 +182,33 @@ local function feedback(signal, admitted_at, retry_after)
     void()
   end
   if signal == 'overloaded' then
-    if admitted_at < g('since') then return end
-    local measured = delivered()
-    if g('ceiling') <= 0 then
-      measured = math.max(measured, math.min(rate_at(admitted_at), rate_at(now)))
-      S.learned_at = now
-      S.land_ok = 0
-    elseif now - g('learned_at') < L.window and g('land_ok') >= 4 then
-      measured = math.min(g('ceiling'), g('land_ok') / (now - g('learned_at')))
-    elseif now - math.max(g('busy_since'), g('learned_at')) < L.window then
-      measured = math.max(measured, L.backoff * g('ceiling'))
+    if admitted_at < g('cut_at') then return end
+    -- measured between two 429s, or an upper bound (see _core.py)
+    local stop = math.min(admitted_at, now - g('latency'))
+    local hold = 0
+    local r
+    if g('mark_at') > 0 and g('mark_ok') >= LANDING_OKS and stop > g('mark_at')
+        and g('busy_since') <= g('mark_at') then
+      S.ceiling = g('mark_ok') / (stop - g('mark_at'))
+      S.measured = 1
+      r = L.backoff * g('ceiling')
+    else
+      local sent = rate_at(admitted_at)
+      if g('ceiling') > 0 then S.ceiling = math.min(g('ceiling'), sent) else S.ceiling = sent end
+      r = L.backoff * g('ceiling')
+      if g('measured') == 0 then
+        r = L.first_backoff * g('ceiling')
+        hold = LANDING_HOLD * g('latency')
+      end
     end
-    if measured > 0 then S.ceiling = measured else S.ceiling = rate_at(now) end
-    restart(L.backoff * g('ceiling'))
+    S.mark_at = admitted_at
+    S.mark_ok = 0
+    restart(r)
+    S.since = now + hold
     count('decreases')
     return
   end
-  if admitted_at >= g('since') and g('breaker') == CLOSED then
+  if admitted_at >= g('cut_at') and g('breaker') == CLOSED then
     restart(L.outage_backoff * rate_at(now))
   end
   if g('breaker') == HALF then trip(retry_after); return end
@@ -197,7 +225,7 @@ elseif op == 'confirm' then
     count('requeued')
     result = acquire()
   else
-    result = turn(ticket)
+    result = turn(ticket, tonumber(ARGV[6]))
   end
 elseif op == 'feedback' then
   feedback(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))

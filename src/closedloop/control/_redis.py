@@ -133,7 +133,7 @@ class RedisRates:
         if op == "acquire":
             return self._fallback.acquire(key, local)
         if op == "confirm":
-            return self._fallback.confirm(key, local, rest[0])
+            return self._fallback.confirm(key, local, rest[0], rest[1])
         self._fallback.feedback(key, local, rest[0], rest[1], rest[2])
         return None
 
@@ -180,8 +180,8 @@ class RedisRates:
         assert grant is not None
         return grant
 
-    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        grant = self._call("confirm", key, limits, ticket)
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
+        grant = self._call("confirm", key, limits, ticket, repr(late))
         assert grant is not None
         return grant
 
@@ -194,8 +194,9 @@ class RedisRates:
         assert grant is not None
         return grant
 
-    async def aconfirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        grant = await self._acall("confirm", key, limits, ticket)
+    async def aconfirm(self, key: str, limits: Limits, ticket: int,
+                       late: float = 0.0) -> Grant:
+        grant = await self._acall("confirm", key, limits, ticket, repr(late))
         assert grant is not None
         return grant
 
@@ -249,12 +250,13 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 
     values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
     state = KeyState()
-    for name in ("rate0", "since", "ceiling", "issued", "tat", "last_fill", "busy_since",
-                 "learned_at", "hold_until", "win_start", "win_cur", "win_prev", "opened_at",
-                 "open_for", "probe_at"):
+    for name in ("rate0", "since", "cut_at", "ceiling", "issued", "tat", "last_fill",
+                 "busy_since", "mark_at", "latency", "hold_until", "win_start", "win_cur",
+                 "win_prev", "opened_at", "open_for", "probe_at"):
         if name in values:
             setattr(state, name, values[name])
-    for name in ("tickets", "void_below", "failures", "probes", "land_ok"):
+    for name in ("tickets", "void_below", "last_out", "failures", "probes", "mark_ok",
+                 "measured"):
         if name in values:
             setattr(state, name, int(values[name]))
     state.breaker = [BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN][

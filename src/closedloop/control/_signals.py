@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,27 +49,27 @@ class Feedback:
     status: int | None = None
 
 
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+"""RFC 9110 delay-seconds (digits), plus the decimal fraction some providers send."""
+
+
 def parse_retry_after(
     value: str | float | int | None, *, now: Callable[[], float] = time.time
 ) -> float | None:
     """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP-date.
 
     Returns ``None`` for a missing or unreadable value (a bad header must never crash the
-    caller); a date in the past gives ``0.0``.
+    caller): anything but plain digits (with an optional decimal fraction) or a dated GMT
+    time, so ``nan``, ``inf``, ``-1`` and ``1e9`` are refused. A date in the past gives ``0.0``.
+    The one parser of the package: :func:`closedloop.integrations.retry_after_seconds` uses it.
     """
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return max(0.0, float(value)) if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) and value >= 0 else None
     text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
+    if _DELAY_SECONDS.fullmatch(text):
+        return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -88,10 +89,8 @@ def retry_after_from_headers(
     if get is None:
         return None
     ms = get("retry-after-ms") or get("Retry-After-Ms")
-    if ms is not None:
-        parsed = parse_retry_after(ms, now=now)
-        if parsed is not None:
-            return parsed / 1000.0
+    if isinstance(ms, str) and _DELAY_SECONDS.fullmatch(ms.strip()):
+        return float(ms) / 1000.0
     return parse_retry_after(get("retry-after") or get("Retry-After"), now=now)
 
 

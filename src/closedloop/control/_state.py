@@ -24,8 +24,11 @@ class RateBackend(Protocol):
     def acquire(self, key: str, limits: Limits) -> Grant:
         """Reserve a slot for one call (or say when to ask again)."""
 
-    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        """After waiting for a reserved slot: go, or re-queue if it was cancelled."""
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
+        """After waiting for a reserved slot: go, or re-queue if it was cancelled.
+
+        ``late``: how much longer than told the caller slept.
+        """
 
     def feedback(self, key: str, limits: Limits, signal: Signal, admitted_at: float,
                  retry_after: float | None) -> None:
@@ -34,7 +37,8 @@ class RateBackend(Protocol):
     async def aacquire(self, key: str, limits: Limits) -> Grant:
         """:meth:`acquire` for asyncio."""
 
-    async def aconfirm(self, key: str, limits: Limits, ticket: int) -> Grant:
+    async def aconfirm(self, key: str, limits: Limits, ticket: int,
+                       late: float = 0.0) -> Grant:
         """:meth:`confirm` for asyncio."""
 
     async def afeedback(self, key: str, limits: Limits, signal: Signal, admitted_at: float,
@@ -67,9 +71,9 @@ class LocalRates:
         with self._lock:
             return self.state(key).acquire(limits, self.clock())
 
-    def confirm(self, key: str, limits: Limits, ticket: int) -> Grant:
+    def confirm(self, key: str, limits: Limits, ticket: int, late: float = 0.0) -> Grant:
         with self._lock:
-            return self.state(key).confirm(limits, self.clock(), ticket)
+            return self.state(key).confirm(limits, self.clock(), ticket, late)
 
     def feedback(self, key: str, limits: Limits, signal: Signal, admitted_at: float,
                  retry_after: float | None) -> None:
@@ -80,8 +84,9 @@ class LocalRates:
     async def aacquire(self, key: str, limits: Limits) -> Grant:
         return self.acquire(key, limits)
 
-    async def aconfirm(self, key: str, limits: Limits, ticket: int) -> Grant:
-        return self.confirm(key, limits, ticket)
+    async def aconfirm(self, key: str, limits: Limits, ticket: int,
+                       late: float = 0.0) -> Grant:
+        return self.confirm(key, limits, ticket, late)
 
     async def afeedback(self, key: str, limits: Limits, signal: Signal, admitted_at: float,
                         retry_after: float | None) -> None:

@@ -8,7 +8,6 @@ errors — is written once here.
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import inspect
 import json
@@ -137,7 +136,7 @@ class ModelCall:
             status = getattr(exc, "status_code", None)
             self.span.attributes["error.type"] = (str(status) if status is not None
                                                   else type(exc).__qualname__)
-            self.span.fail(f"{type(exc).__name__}: {exc}"[:500])
+            self.span.fail(f"{type(exc).__name__}: {exc}")  # redacted, then capped, on export
         self.done()
 
 
@@ -289,25 +288,16 @@ def wrap_create(original: Callable[..., Any], provider: Provider, operation: str
 
 
 def retry_after_seconds(headers: Any, now: Callable[[], float] = time.time) -> float | None:
-    """A response's ``retry-after-ms`` or ``retry-after`` (seconds or HTTP date), in seconds."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - now(), 0.0)
+    """A response's ``retry-after-ms`` or ``retry-after`` (seconds or HTTP date), in seconds.
+
+    The same parser as flow control's (:func:`closedloop.control.retry_after_from_headers`):
+    an unreadable, negative or non-finite value is None.
+    """
+    # imported here: closedloop.control pulls in its backends, which an instrumented SDK
+    # call that never sees a 429 does not need
+    from closedloop.control._signals import retry_after_from_headers
+
+    return retry_after_from_headers(headers, now=now)
 
 
 def _rate_limit_key(provider: str, request: Any) -> str:

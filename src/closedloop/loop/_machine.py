@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from closedloop._events import ErrorType, Outcome, StepEvent
+from closedloop._redact import clip
 from closedloop._verdict import Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
 from closedloop.loop._guard import Admission, StepGuard
@@ -69,8 +70,7 @@ def new_trace_id() -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 12] + "…[truncated]"
+    return clip(f"{type(exc).__name__}: {exc}", _MAX_MESSAGE)  # redacted before the cut
 
 
 def _verdict_message(verdicts: Sequence[Verdict]) -> str:
@@ -81,8 +81,7 @@ def _verdict_message(verdicts: Sequence[Verdict]) -> str:
         if v.unknown is not None:
             parts.append(f"{v.check}: unknown: {v.unknown}")
         parts.extend(f"{v.check}: {i.render()}" for i in v.blocking_issues)
-    text = "; ".join(parts)
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 12] + "…[truncated]"
+    return clip("; ".join(parts), _MAX_MESSAGE)
 
 
 def _failed(verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
@@ -130,7 +129,7 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
             if exception is not None:
                 detail["exception"] = {"type": type(exception).__qualname__,
                                        "module": type(exception).__module__,
-                                       "message": str(exception)[:_MAX_MESSAGE]}
+                                       "message": clip(str(exception), _MAX_MESSAGE)}
         event = StepEvent(
             ts, trace_id, spec.agent_id, spec.task_type, _VALUE[spec.autonomy], _VALUE[outcome],
             attempt.number, attempt.input_tokens, attempt.output_tokens,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._redact import redact_event
 from closedloop.store._base import EventQuery
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def import_dead_letter(path: str | os.PathLike[str], store: Store) -> ImportResu
         hi = math.nextafter(max(ts for ts, _ in events), math.inf)
         stored = {(e.ts, e.trace_id)
                   for e in store.backend.iter_events(EventQuery(since=lo, until=hi))}
-    new = [e for key, e in events.items() if key not in stored]
+    # redacted as the writer would have: the file may predate redaction or be hand-made
+    new = [redact_event(e) for key, e in events.items() if key not in stored]
     for start in range(0, len(new), _CHUNK):
         try:
             store.backend.write_batch(new[start:start + _CHUNK])

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
+from closedloop._redact import redact_event
 from closedloop.store._base import EventBackend
 from closedloop.store._sqlite import disk_full
 
@@ -177,6 +178,7 @@ class BatchWriter:
     # -- the writer thread ----------------------------------------------------------------
 
     def _write(self, batch: list[StepEvent]) -> None:
+        batch = [redact_event(e) for e in batch]  # before the backend, held or dead-lettered
         if self._outage:
             self._hold(batch)
             if time.monotonic() >= self._retry_at:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from closedloop._redact import Redactor, default_redactor, truncate
 from closedloop._version import __version__
 from closedloop.telemetry._redact import Capture
 from closedloop.telemetry._span import STATUS_ERROR, STATUS_OK, SpanRecord, jsonable
@@ -25,15 +26,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("closedloop.telemetry")
 
 
+STATUS_MAX_CHARS = 500
+"""A span's status message is redacted, then capped at this length."""
+
+
+def status_message(span: SpanRecord, redactor: Redactor) -> str | None:
+    """The span's status message, redacted and then capped."""
+    message = span.status_message
+    return None if message is None else truncate(redactor(message), STATUS_MAX_CHARS)
+
+
+def span_events(span: SpanRecord, redactor: Redactor) -> list[tuple[str, int, dict[str, Any]]]:
+    """The span's events with their names and attributes redacted."""
+    if not span.events:
+        return []
+    return [(redactor(n), ts, redactor.attributes(a)) for n, ts, a in span.events]
+
+
 def to_stored(span: SpanRecord, capture: Capture) -> StoredSpan:
-    """A record as a :class:`StoredSpan`, with content captured per ``capture``."""
-    events = ([{"name": n, "ts_ns": ts, "attributes": a} for n, ts, a in span.events]
-              if span.events else [])
+    """A record as a :class:`StoredSpan`: status, attributes and events redacted, content
+    captured per ``capture``."""
+    redactor = default_redactor()
+    events = [{"name": n, "ts_ns": ts, "attributes": a}
+              for n, ts, a in span_events(span, redactor)]
     return StoredSpan(
         trace_id=span.trace_id_hex, span_id=span.span_id_hex, parent_id=span.parent_id_hex,
         name=span.name, kind=span.kind, start_ns=span.start_ns, end_ns=span.end_ns,
-        status=span.status, status_message=span.status_message,
-        attributes={k: jsonable(v) for k, v in span.attributes.items()},
+        status=span.status, status_message=status_message(span, redactor),
+        attributes={k: jsonable(v) for k, v in redactor.attributes(span.attributes).items()},
         events=events, content=capture.apply(span.content),
     )
 
@@ -117,15 +137,17 @@ class OTelExporter:
         context = SpanContext(span.trace_id, span.span_id, False, flags)
         parent = (SpanContext(span.trace_id, span.parent_id, False, flags)
                   if span.parent_id else None)
+        redactor = default_redactor()
         if span.status == STATUS_ERROR:
-            status = Status(StatusCode.ERROR, span.status_message)
+            status = Status(StatusCode.ERROR, status_message(span, redactor))
         elif span.status == STATUS_OK:
             status = Status(StatusCode.OK)
         else:
             status = Status(StatusCode.UNSET)
-        attributes = {k: _otel_value(v) for k, v in span.attributes.items()}
+        attributes = {k: _otel_value(v)
+                      for k, v in redactor.attributes(span.attributes).items()}
         attributes.update(self.capture.apply(span.content))
-        events = [Event(n, a, ts) for n, ts, a in span.events] if span.events else []
+        events = [Event(n, a, ts) for n, ts, a in span_events(span, redactor)]
         return ReadableSpan(
             name=span.name, context=context, parent=parent, resource=self.resource,
             attributes=attributes, events=events, kind=SpanKind(span.kind), status=status,

@@ -158,7 +158,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
                                            "closedloop.verdict.crashed": True})
                 deactivate(token)
                 rec.attributes["error.type"] = type(exc).__qualname__
-                rec.fail(f"{type(exc).__name__}: {exc}"[:500])
+                rec.fail(f"{type(exc).__name__}: {exc}")  # redacted, then capped, on export
                 _end(rec, done)
                 call = inner.throw(exc)
                 continue
@@ -202,7 +202,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     except BaseException as exc:
         root.attributes.update({"closedloop.outcome": "error",
                                 "error.type": type(exc).__qualname__})
-        root.fail(f"{type(exc).__name__}: {exc}"[:500])
+        root.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if attempt_span is not None:

@@ -135,7 +135,7 @@ class Telemetry:
         try:
             yield live
         except BaseException as exc:
-            record.fail(f"{type(exc).__name__}: {exc}"[:500])
+            record.fail(f"{type(exc).__name__}: {exc}")  # redacted, then capped, on export
             record.attributes.setdefault("error.type", type(exc).__qualname__)
             raise
         finally:

@@ -1,72 +1,30 @@
-"""Redaction and size caps for captured prompts, responses and tool arguments.
+"""What each destination receives of captured prompts, responses and tool arguments.
 
 Content is captured per destination: :class:`Capture` says whether a destination receives
-content at all, which :class:`Redactor` scrubs it and how long it may be. The local store
-captures redacted content by default; OTLP destinations receive none unless asked
-(the GenAI conventions make message content opt-in).
+content at all, which redactor scrubs it and how long it may be. The local store captures
+redacted content by default; OTLP destinations receive none unless asked (the GenAI
+conventions make message content opt-in). The redactor itself lives in
+:mod:`closedloop._redact`, shared by everything closedloop stores, exports or logs.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from re import Pattern
 from typing import Any
 
-REDACTED = "[REDACTED]"
-
-# (name, pattern): provider keys and tokens, bearer credentials, AWS keys, e-mail addresses.
-DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("anthropic_key", r"sk-ant-[A-Za-z0-9_\-]{20,}"),
-    ("openai_key", r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"),
-    ("google_key", r"AIza[0-9A-Za-z_\-]{35}"),
-    ("github_token", r"gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"),
-    ("slack_token", r"xox[abprs]-[A-Za-z0-9\-]{10,}"),
-    ("huggingface_token", r"hf_[A-Za-z0-9]{30,}"),
-    ("bearer", r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*"),
-    ("aws_access_key", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b"),
-    ("aws_secret_key",
-     r"(?i:aws_secret_access_key|aws_secret_key|secret_access_key)[\"']?\s*[:=]\s*[\"']?"
-     r"[A-Za-z0-9/+=]{40}"),
-    ("email", r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b"),
+from closedloop._redact import (
+    DEFAULT_RULES,
+    REDACTED,
+    Redactor,
+    default_redactor,
+    redact_text,
+    truncate,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class Redactor:
-    """Replaces secrets and personal data in text with ``[REDACTED:<kind>]``.
-
-    ``patterns`` adds the user's own regular expressions (redacted as ``[REDACTED:custom]``)
-    to the built-in ones; ``defaults=False`` keeps only the user's.
-    """
-
-    patterns: Iterable[str | Pattern[str]] = ()
-    defaults: bool = True
-    _compiled: tuple[tuple[str, Pattern[str]], ...] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        compiled: list[tuple[str, Pattern[str]]] = []
-        if self.defaults:
-            compiled.extend((name, re.compile(p)) for name, p in DEFAULT_PATTERNS)
-        for p in self.patterns:
-            compiled.append(("custom", p if isinstance(p, Pattern) else re.compile(p)))
-        object.__setattr__(self, "_compiled", tuple(compiled))
-
-    def __call__(self, text: str) -> str:
-        """``text`` with every match replaced."""
-        for name, pattern in self._compiled:
-            text = pattern.sub(f"[REDACTED:{name}]", text)
-        return text
-
-
-def truncate(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` with the cut marked and the original length stated."""
-    if len(text) <= max_chars:
-        return text
-    marker = f"…[truncated {len(text) - max_chars} of {len(text)} chars]"
-    return text[:max_chars] + marker
+__all__ = ["DEFAULT_RULES", "REDACTED", "Capture", "Redactor", "redact_text", "to_text",
+           "truncate"]
 
 
 def to_text(value: object) -> str:
@@ -79,12 +37,22 @@ def to_text(value: object) -> str:
         return repr(value)
 
 
+def _process_default(text: str) -> str:
+    return default_redactor()(text)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Capture:
-    """Whether and how one destination receives captured content."""
+    """Whether and how one destination receives captured content.
+
+    ``redactor`` defaults to the process default (:func:`closedloop.set_default_redactor`);
+    ``None`` sends content unredacted, which only makes sense for a destination you trust as
+    much as the process itself. Content is redacted before it is serialised and before it is
+    capped at ``max_chars``.
+    """
 
     content: bool = True
-    redactor: Redactor | None = field(default_factory=Redactor)
+    redactor: Callable[[str], str] | None = field(default=_process_default)
     max_chars: int = 8192
 
     @classmethod
@@ -96,10 +64,19 @@ class Capture:
         """The span's captured content, redacted and capped; empty when capture is off."""
         if not self.content or not content:
             return {}
+        redactor = self.redactor
         out: dict[str, str] = {}
         for key, value in content.items():
-            text = to_text(value)
-            if self.redactor is not None:
-                text = self.redactor(text)
+            if redactor is None:
+                text = to_text(value)
+            elif isinstance(value, str):
+                text = redactor(value)
+            else:
+                # data: its strings are redacted before JSON escapes them, then the text is
+                # redacted again for what only shows in it (reprs of unknown objects)
+                as_data = (redactor.value(value) if isinstance(redactor, Redactor)
+                           else default_redactor().value(value) if redactor is _process_default
+                           else value)
+                text = redactor(to_text(as_data))
             out[key] = truncate(text, self.max_chars)
         return out

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
+from closedloop._redact import default_redactor, redact_text
 from closedloop.telemetry._spanstore import Score, span_store_for
 
 if TYPE_CHECKING:
@@ -70,8 +71,11 @@ def record_score(
         from closedloop.store import default_store
 
         store = default_store()
+    # free text is redacted before it is stored (a comment may quote what went wrong)
     score = Score(trace_id=trace_id, span_id=span_id, name=name.strip(), value=number,
-                  label=label, comment=comment, source=source, ts=clock())
+                  label=None if label is None else redact_text(label),
+                  comment=None if comment is None else redact_text(comment), source=source,
+                  ts=clock())
     span_store_for(store).add_score(score)
     return score
 
@@ -173,7 +177,8 @@ class OTelScoreExporter:
                                TraceFlags(TraceFlags.SAMPLED))
             record = LogRecord(timestamp=ts, observed_timestamp=ts,
                                context=in_context(NonRecordingSpan(span)),
-                               event_name=event["name"], attributes=event["attributes"])
+                               event_name=event["name"],
+                               attributes=default_redactor().attributes(event["attributes"]))
             records.append(ReadableLogRecord(record, self.resource, self.scope))
         return self.exporter.export(records) is LogRecordExportResult.SUCCESS
 

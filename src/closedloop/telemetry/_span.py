@@ -20,6 +20,8 @@ from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY  # the key set_span_in_context uses
 from opentelemetry.util import types
 
+from closedloop._redact import clip
+
 if TYPE_CHECKING:
     from closedloop.telemetry._pipeline import Telemetry
 
@@ -168,7 +170,7 @@ class LiveSpan(trace.Span):
         escaped: bool = False,
     ) -> None:
         attrs: dict[str, Any] = {"exception.type": type(exception).__qualname__,
-                                 "exception.message": str(exception)[:2000]}
+                                 "exception.message": clip(str(exception), 2000)}
         attrs.update(attributes or {})
         self.add_event("exception", attrs, timestamp)
 

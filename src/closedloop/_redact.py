@@ -1,0 +1,613 @@
+"""Redaction: secrets and personal data never leave the process.
+
+Every text closedloop stores, exports or logs passes a :class:`Redactor` first: step events
+(``error_message``, ``detail``), spans (status message, attributes, events, captured content),
+scores' comments, control reasons and evidence, alerts, dead-letter files and log lines. A match
+is replaced by ``[REDACTED:<kind>]``; for a credential with context (a URL's password, a
+``password=...`` assignment, an ``Authorization`` header) only the secret part is replaced, so
+the text still says what was there.
+
+Redaction runs on the raw text, before it is serialised (JSON escaping would turn a newline
+before a key into ``\\n`` and hide the key's start) and before it is truncated (a cut through a
+secret leaves a fragment no pattern recognises).
+
+The API other modules use, stable:
+
+- :func:`redact_text` ``(str) -> str`` and :func:`redact_value` ``(obj) -> obj`` (recursive
+  over dicts, lists and tuples; a value under a key named like a secret, such as ``password``
+  or ``api_key``, is replaced whole), both with the process default redactor;
+- :func:`clip` ``(str, max_chars) -> str``: redact, then truncate;
+- :class:`Redactor` (the built-in rules plus the user's own patterns) and
+  :func:`set_default_redactor` / :func:`default_redactor` / :func:`reset_default_redactor`.
+
+The built-in rules are ported from gitleaks' rule set (https://github.com/gitleaks/gitleaks,
+``cmd/generate/config/rules/*.go``, MIT licence, Copyright (c) 2019 Zachary Rice), adapted to
+Python's ``re`` and to redaction rather than scanning (broader where a miss costs more than an
+over-redaction, e.g. OpenAI keys without gitleaks' ``T3BlbkFJ`` marker). Card numbers are
+Luhn-checked and must start with a card network's prefix.
+
+Speed: with ``google-re2`` installed (the ``re2`` extra), one linear-time RE2 scan over all
+rules' triggers decides whether any rule must run, and an RE2 set which ones; clean text costs
+that scan (~2.5 µs per KiB). Without it, each rule whose literal keywords occur in the text
+runs (the same results, 30-70 µs per KiB). Strings of up to 256 characters (attribute values,
+task types) are cached per redactor. Figures: ``bench/redact.py`` and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from re import Pattern
+from typing import TYPE_CHECKING, Any
+
+from closedloop import _runtime
+
+if TYPE_CHECKING:
+    from closedloop._events import StepEvent
+
+REDACTED = "[REDACTED]"
+
+
+def _after(prefix: str, charset: str = "A-Za-z0-9_-") -> str:
+    """``prefix`` (a literal), not preceded by a character of ``charset`` unless that is a
+    JSON/repr escape ("\\n", "\\t", "\\r") ending the previous line. The literal comes first
+    so that ``re`` can search for it quickly; the boundary is checked behind it."""
+    n = len(prefix)
+    dots = "." * n
+    return (f"{re.escape(prefix)}(?:(?<![{charset}]{dots})|(?<=\\\\[nrt]{dots}))")
+
+
+class Rule:
+    """One kind of secret.
+
+    ``pattern`` (Python ``re``) finds it; when the pattern has groups, only the groups that
+    took part in the match are replaced (the context around them stays readable), otherwise
+    the whole match is. ``check`` may reject a match; ``replace`` replaces the standard
+    replacement (card numbers: the plausible cards within a run of digit groups). The rule is tried
+    only when one of ``keywords`` occurs in the text (``ikeywords``: in the lower-cased text)
+    and ``worth_trying`` (if given) says yes; a rule without keywords is always tried.
+    ``trigger`` is an RE2 pattern that matches wherever ``pattern`` could (a superset, without
+    look-arounds): with ``google-re2`` installed, one linear-time scan for all triggers
+    decides whether any rule runs, and an RE2 set which ones.
+    """
+
+    __slots__ = ("check", "ikeywords", "keywords", "kind", "pattern", "replace", "trigger",
+                 "worth_trying")
+
+    def __init__(self, kind: str, pattern: str, trigger: str, *,
+                 keywords: tuple[str, ...] = (), ikeywords: tuple[str, ...] = (),
+                 check: Callable[[str], bool] | None = None,
+                 worth_trying: Callable[[str], bool] | None = None,
+                 replace: Callable[[re.Match[str]], str] | None = None) -> None:
+        # a plain class, not a dataclass: built at import, where a dataclass costs ~0.5 ms
+        self.kind, self.pattern, self.trigger = kind, pattern, trigger
+        self.keywords, self.ikeywords = keywords, ikeywords
+        self.check, self.worth_trying, self.replace = check, worth_trying, replace
+
+    def __repr__(self) -> str:
+        return f"Rule({self.kind!r})"
+
+
+def _enough_digits(text: str) -> bool:
+    """At least 13 digits: the least a card number has (10 C-speed counts, no regex)."""
+    n = 0
+    for d in "0123456789":
+        n += text.count(d)
+        if n >= 13:
+            return True
+    return False
+
+
+def _luhn_card(text: str) -> bool:
+    """A plausible payment card number: 13-19 digits, a network's prefix, a valid Luhn sum."""
+    digits = [ord(c) - 48 for c in text if "0" <= c <= "9"]
+    n = len(digits)
+    if not 13 <= n <= 19:
+        return False
+    head2 = digits[0] * 10 + digits[1]
+    head4 = head2 * 100 + digits[2] * 10 + digits[3]
+    # Visa 4; Mastercard 51-55, 2221-2720; Amex 34, 37; Diners 30, 36, 38, 39; JCB 35;
+    # Discover/UnionPay 6011, 62, 64, 65; Maestro 50, 56-58, 67
+    if not (digits[0] == 4 or 50 <= head2 <= 58 or 2221 <= head4 <= 2720
+            or head2 in (30, 34, 35, 36, 37, 38, 39, 62, 64, 65, 67) or head4 == 6011):
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        total += (d * 2 - 9 if d > 4 else d * 2) if i % 2 else d
+    return total % 10 == 0
+
+
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def _redact_cards(m: re.Match[str]) -> str:
+    """The card numbers in a run of digit groups (``4111 1111 1111 1111``, or a card next to
+    other numbers: ``12 4111111111111111 3``): each window of whole groups with 13-19 digits
+    that is a plausible card is redacted, the other groups stay."""
+    text = m.group()
+    groups = [(g.start(), g.end()) for g in _DIGIT_RUN.finditer(text)]
+    # a group glued to a letter, "_" or "." (an identifier, a decimal, a version) is no card's
+    # first or last group; an escape ("\n") before the run is a line break, not glue
+    start, end, string = m.start(), m.end(), m.string
+    before = string[max(0, start - 2):start]
+    prev = before[-1:]
+    escaped = before[:1] == "\\" and prev in ("n", "r", "t")
+    if prev and (prev.isalnum() or prev in ("_", ".")) and not escaped:
+        groups.pop(0)
+    after = string[end:end + 2]
+    if groups and (after[:1].isalnum() or after[:1] == "_"
+                   or (after[:1] == "." and after[1:].isdigit())):
+        groups.pop()
+    out: list[str] = []
+    pos = i = 0
+    while i < len(groups):
+        if text[groups[i][0]] not in "23456":  # no card network's number starts otherwise
+            i += 1
+            continue
+        digits = 0
+        for j in range(i, len(groups)):
+            digits += groups[j][1] - groups[j][0]
+            if digits > 19:
+                break
+            if digits >= 13 and _luhn_card(text[groups[i][0]:groups[j][1]]):
+                out.append(text[pos:groups[i][0]])
+                out.append("[REDACTED:card_number]")
+                pos = groups[j][1]
+                i = j
+                break
+        i += 1
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# Names whose value is a secret whatever it looks like (in an assignment, or as a dict key).
+_KEY_NAMES = (r"(?:password|passwd|pwd|passphrase|secret|api[_-]?key|apikey|access[_-]?key"
+                r"|private[_-]?key|token|credentials?|signature|sig|cookie)")
+_TOKEN_CHARS = "[A-Za-z0-9_-]"  # noqa: S105 - a character class
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    # gitleaks private-key; a block cut short (no END line) is redacted to its last base64 char
+    Rule("private_key",
+         r"-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+         r"(?:[\s\S]{0,16384}?-----END[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----"
+         r"|[A-Za-z0-9+/=\s\\:,-]*)",
+         r"PRIVATE KEY", keywords=("PRIVATE KEY",)),
+    # RFC 3986 userinfo: scheme://user:password@host keeps scheme, user and host
+    Rule("url_password",
+         r"(?<=[A-Za-z0-9+.-])://[^\s:/?#@\[\]\"'<>]*:([^\s/?#\"'<>]+)@",
+         r"://[^\s/?#@]*:[^\s/?#]*@", keywords=("://",)),
+    Rule("authorization",
+         r"(?i)authorization[\"'\\]*\s*[:=]\s*[\"'\\]*"
+         r"(?:(?:basic|bearer|token|digest|negotiate|apikey)\s+)?(?!\[REDACTED:)"
+         r"([^\s\"'\\,;]{6,})",
+         r"(?i)authorization", ikeywords=("authorization",)),
+    Rule("bearer", r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{8,}=*)", r"(?i)bearer",
+         ikeywords=("bearer",)),
+    # gitleaks anthropic-api-key / anthropic-admin-api-key (any length, any version)
+    Rule("anthropic_key", _after("sk-ant-") + r"[A-Za-z0-9_\-]{20,}",
+         r"sk-ant-" + _TOKEN_CHARS + "{20}", keywords=("sk-ant-",)),
+    # gitleaks openai-api-key, broadened: project, service-account, admin and legacy keys
+    Rule("openai_key", _after("sk-") + r"(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",
+         r"sk-" + _TOKEN_CHARS + "{20}", keywords=("sk-",)),
+    # gitleaks gcp-api-key
+    Rule("google_key", r"AIza[0-9A-Za-z_\-]{35}", r"AIza" + _TOKEN_CHARS + "{35}",
+         keywords=("AIza",)),
+    # gitleaks github-pat, -oauth, -app-token, -refresh-token, -fine-grained-pat
+    Rule("github_token", r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+         r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}",
+         keywords=("gh", "github_pat_")),
+    # gitleaks gitlab-*: pat, deploy, pipeline trigger, runner, CI build, feature flag, feed,
+    # incoming mail, kubernetes agent, oauth app secret, SCIM, session cookie, runner auth
+    Rule("gitlab_token",
+         r"gl(?:pat|dt|ptt|rt|ft|ffct|imt|agent|oas|soat)-[A-Za-z0-9_.\-]{20,}"
+         r"|glcbt-[0-9a-zA-Z]{1,5}_[A-Za-z0-9_\-]{20,}|GR1348941[A-Za-z0-9_\-]{20,}"
+         r"|_gitlab_session=[0-9a-z]{32}",
+         r"gl(?:pat|dt|ptt|rt|ft|ffct|imt|agent|oas|soat)-[A-Za-z0-9_.\-]{20}"
+         r"|glcbt-[0-9a-zA-Z]{1,5}_[A-Za-z0-9_\-]{20}|GR1348941[A-Za-z0-9_\-]{20}"
+         r"|_gitlab_session=[0-9a-z]{32}",
+         keywords=("gl", "GR1348941", "_gitlab_session")),
+    # gitleaks slack-bot/-user/-app/-config/-legacy tokens
+    Rule("slack_token",
+         r"xox[abeoprs]-[A-Za-z0-9\-]{10,}|xoxe\.xox[bp]-[0-9]-[A-Za-z0-9]{20,}"
+         r"|(?i:xapp)-[0-9]-[A-Za-z0-9]+-[0-9]+-[A-Za-z0-9]+",
+         r"xox[abeoprs]-[A-Za-z0-9\-]{10}|xoxe\.xox[bp]-|(?i)xapp-[0-9]-",
+         keywords=("xox",), ikeywords=("xapp",)),
+    # gitleaks slack-webhook-url
+    Rule("slack_webhook",
+         r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{20,}",
+         r"hooks\.slack\.com/", keywords=("hooks.slack.com",)),
+    # gitleaks stripe-access-token, plus webhook signing secrets
+    Rule("stripe_key",
+         r"(?:" + _after("sk", "A-Za-z0-9") + "|" + _after("rk", "A-Za-z0-9")
+         + r")_(?:test|live|prod)_[A-Za-z0-9]{10,99}|whsec_[A-Za-z0-9]{20,}",
+         r"(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]{10}|whsec_[A-Za-z0-9]{20}",
+         keywords=("k_", "whsec_")),
+    # gitleaks huggingface-access-token / huggingface-organization-api-token
+    Rule("huggingface_token", r"(?:hf|api_org)_[A-Za-z0-9]{30,}",
+         r"(?:hf|api_org)_[A-Za-z0-9]{30}", keywords=("_",)),
+    # gitleaks aws-access-token (key ids of long-term and temporary credentials)
+    Rule("aws_access_key",
+         r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)(?<![A-Z0-9]....)[A-Z0-9]{16}(?![A-Z0-9])",
+         r"(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}", keywords=("A",)),
+    Rule("aws_secret_key",
+         r"(?i)aws_?secret_?(?:access_?)?key[\"'\\]*\s*[:=]\s*[\"'\\]*([A-Za-z0-9/+=]{40})"
+         r"(?![A-Za-z0-9/+=])",
+         r"(?i)aws_?secret_?(?:access_?)?key", ikeywords=("secret",)),
+    # gitleaks jwt, with or without a scheme in front; the signature may be empty (alg none)
+    Rule("jwt", r"ey[A-Za-z0-9_\-]{10,}\.ey[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-+/=]*",
+         r"ey[A-Za-z0-9_\-]{10,}\.ey[A-Za-z0-9_\-]{10}", keywords=(".ey",)),
+    # key = value, key: value, "key": "value", ?key=value for names like a secret's
+    Rule("secret",
+         r"(?i)" + _KEY_NAMES + r"(?![a-z0-9_])[\"'\\]*\s*[:=]\s*"
+         r"(?!\\?[\"']?\[REDACTED:)"  # already redacted by a more specific rule
+         r"(?:\\?\"([^\"\\\n]{1,256})\\?\"|'([^'\n]{1,256})'|([^\s\"'\\,;&<>{}\[\]()]{1,256}))",
+         r"(?i)" + _KEY_NAMES + r"(?:[^a-z0-9_]|$)",
+         ikeywords=("pass", "pwd", "secret", "key", "token", "credential", "sig", "cookie")),
+    Rule("email",
+         r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
+         r"[A-Za-z0-9._%+\-]@[A-Za-z0-9.\-]+\.[A-Za-z]{2}", keywords=("@",)),
+    Rule("card_number",
+         # a whole run of digit groups with 13+ digits, from its first digit, once
+         r"[0-9](?<![0-9].)(?<![0-9][ -].)(?:[ -]?[0-9]){12,}+",  # digit first: fast search
+         r"[0-9](?:[ -]?[0-9]){12}", replace=_redact_cards, worth_trying=_enough_digits),
+)
+
+_CACHE_MAX_LEN = 256
+_CACHE_SIZE = 4096
+
+_Compiled = tuple[Callable[..., str], tuple[str, ...], tuple[str, ...],
+                  Callable[[str], bool] | None, Any]
+
+
+@functools.cache
+def _compile(rules: tuple[Rule, ...]) -> tuple[_Compiled, ...]:
+    """The rules' Python patterns and replacements."""
+    return tuple((re.compile(r.pattern).sub, r.keywords, r.ikeywords, r.worth_trying,
+                  _replacer(r)) for r in rules)
+
+
+@functools.cache
+def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
+    """The rules' RE2 gate (all triggers in one pattern) and set, or None without RE2.
+
+    Raises OSError (not cached: the next call tries again) when RE2 cannot be loaded right
+    now, e.g. while the process has no file descriptors left.
+    """
+    try:  # RE2 scans for every rule's trigger at once, in linear time; without it the rules
+        import re2 as _re2  # run one by one (the same results, slower: see BENCHMARKS.md)
+    except ImportError:  # pragma: no cover - the test extra installs it
+        return None
+    if not rules:
+        return None
+    options = _re2.Options()
+    options.max_mem = 64 << 20
+    gate = _re2.compile("|".join(f"(?:{r.trigger})" for r in rules), options)
+    which = _re2.Set.SearchSet(options)
+    for r in rules:
+        which.Add(r.trigger)
+    which.Compile()
+    return gate, which
+
+
+_UNSET: Any = object()
+
+
+class Redactor:
+    """Replaces secrets and personal data in text with ``[REDACTED:<kind>]``.
+
+    ``patterns`` adds the user's own regular expressions (redacted as ``[REDACTED:custom]``)
+    to the built-in rules; ``defaults=False`` keeps only the user's. ``gate=False`` skips the
+    RE2 pre-scan (the same results; for comparing the two). Calling the redactor on a text
+    returns the redacted text; :meth:`value` redacts data recursively. Redaction is
+    idempotent. Short texts (attribute values, task types) are cached, so the strings seen on
+    every step cost a dict lookup. Patterns are compiled on first use.
+    """
+
+    __slots__ = ("_cache", "_compiled", "_custom", "_gate", "defaults", "gate", "patterns")
+
+    def __init__(self, patterns: Iterable[str | Pattern[str]] = (), *, defaults: bool = True,
+                 gate: bool = True) -> None:
+        self.patterns = tuple(patterns)
+        self.defaults = defaults
+        self.gate = gate
+        # compiled now, so that a malformed user pattern fails here and not on first use
+        self._custom = tuple(p.sub if isinstance(p, Pattern) else re.compile(p).sub
+                             for p in self.patterns)
+        self._compiled: tuple[_Compiled, ...] | None = None
+        self._gate: Any = _UNSET if gate else None
+        self._cache: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"Redactor(patterns={self.patterns!r}, defaults={self.defaults})"
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every secret replaced."""
+        short = len(text) <= _CACHE_MAX_LEN
+        if short:
+            hit = self._cache.get(text)
+            if hit is not None:
+                return hit
+        out = self._redact(text)
+        if short:
+            cache = self._cache
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[text] = out
+        return out
+
+    def _redact(self, text: str) -> str:
+        rules = DEFAULT_RULES if self.defaults else ()
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = _compile(rules)
+        gate = self._gate
+        if gate is _UNSET:
+            try:
+                gate = self._gate = _gates(rules)
+            except OSError:  # RE2 cannot be loaded now: this call runs without the gate
+                gate = None
+        if compiled:
+            if gate is None:
+                text = _apply(compiled, text)
+            else:
+                try:
+                    found = gate[0].search(text) is not None
+                except UnicodeEncodeError:  # lone surrogates: RE2 takes UTF-8 only
+                    text = _apply(compiled, text)
+                else:
+                    if found:
+                        # RE2's search falls back to an NFA when its DFA runs out of memory,
+                        # so it never misses; the set (DFA only) may: then every rule runs
+                        hits = gate[1].Match(text)
+                        text = _apply(tuple(compiled[i] for i in sorted(hits)) if hits
+                                      else compiled, text)
+        for sub in self._custom:
+            text = sub(_CUSTOM, text)
+        return text
+
+    def value(self, obj: Any) -> Any:
+        """``obj`` with every string in it redacted: dict keys and values, list and tuple
+        items, recursively. A string or number under a key named like a secret (``password``,
+        ``api_key``, ``token``, ``authorization``…) is replaced whole."""
+        kind = type(obj)
+        if kind is str:
+            hit = self._cache.get(obj)
+            return hit if hit is not None else self(obj)
+        if kind is dict or (kind is not list and isinstance(obj, Mapping)):
+            names = _secret_keys
+            out: dict[Any, Any] = {}
+            for k, v in obj.items():
+                if type(k) is not str:
+                    out[k] = self.value(v)
+                    continue
+                secret = names.get(k)
+                if secret is None:
+                    secret = _is_secret_key(k)
+                vkind = type(v)
+                if secret and v and vkind is not bool and isinstance(v, str | int | float):
+                    out[self(k)] = _WHOLE
+                elif vkind is int or vkind is float or vkind is bool or v is None:
+                    out[self(k)] = v
+                else:
+                    out[self(k)] = self.value(v)
+            return out
+        if kind is list:
+            return [self.value(v) for v in obj]
+        if isinstance(obj, str):  # a str subclass
+            return self(obj)
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self.value(v) for v in obj)
+        return obj
+
+    def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """Span or event attributes redacted: the fast path of :meth:`value` for a flat
+        mapping of names (left as they are) to scalars and lists."""
+        cache, names = self._cache, _secret_keys
+        out: dict[str, Any] = {}
+        for k, v in attrs.items():
+            secret = names.get(k)
+            if secret is None:
+                secret = _is_secret_key(k)
+            kind = type(v)
+            if secret and v and kind is not bool and isinstance(v, str | int | float):
+                out[k] = _WHOLE
+            elif kind is str:
+                hit = cache.get(v)
+                out[k] = hit if hit is not None else self(v)
+            elif kind is int or kind is bool or kind is float or v is None:
+                out[k] = v
+            else:
+                out[k] = self.value(v)
+        return out
+
+
+_CUSTOM = "[REDACTED:custom]"
+_WHOLE = "[REDACTED:secret]"
+
+
+def _apply(compiled: tuple[_Compiled, ...], text: str) -> str:
+    lowered: str | None = None
+    for sub, keywords, ikeywords, worth_trying, replacement in compiled:
+        if worth_trying is not None and not worth_trying(text):
+            continue
+        if keywords or ikeywords:
+            for k in keywords:
+                if k in text:
+                    break
+            else:
+                if not ikeywords:
+                    continue
+                if lowered is None:
+                    lowered = text.lower()
+                for k in ikeywords:
+                    if k in lowered:
+                        break
+                else:
+                    continue
+        redacted = sub(replacement, text)
+        if redacted is not text:
+            text, lowered = redacted, None
+    return text
+
+
+_secret_keys: dict[str, bool] = {}
+
+
+@functools.cache
+def _key_name_pattern() -> Pattern[str]:
+    return re.compile(r"(?i)(?:" + _KEY_NAMES + r"|authorization)$")
+
+
+def _is_secret_key(key: str) -> bool:
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _key_name_pattern().search(key) is not None
+        if len(_secret_keys) < _CACHE_SIZE:
+            _secret_keys[key] = known
+    return known
+
+
+def _replacer(rule: Rule) -> str | Callable[[re.Match[str]], str]:
+    if rule.replace is not None:
+        return rule.replace
+    marker = f"[REDACTED:{rule.kind}]"
+    check = rule.check
+    if check is None and re.compile(rule.pattern).groups == 0:
+        return marker
+
+    def replace(m: re.Match[str]) -> str:
+        whole = m.group()
+        if check is not None and not check(whole):
+            return whole
+        if m.lastindex is None:
+            return marker
+        start = m.start()
+        parts: list[str] = []
+        pos = 0
+        for g in range(1, m.re.groups + 1):
+            s, e = m.span(g)
+            if s < 0:
+                continue
+            parts.append(whole[pos:s - start])
+            parts.append(marker)
+            pos = e - start
+        parts.append(whole[pos:])
+        return "".join(parts)
+
+    return replace
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` with the cut marked and the original length stated."""
+    if len(text) <= max_chars:
+        return text
+    marker = f"…[truncated {len(text) - max_chars} of {len(text)} chars]"
+    return text[:max_chars] + marker
+
+
+# -- the process default ------------------------------------------------------------------
+# The process's redactor is the current runtime's (closedloop._runtime): configure() and
+# reset() set it with the rest. A runtime without one of its own uses the built-in rules.
+
+BUILTIN = Redactor()
+"""The built-in rules only: the redactor of a runtime not given one."""
+
+
+def default_redactor() -> Redactor:
+    """The redactor closedloop applies to everything it stores, exports and logs: the
+    current runtime's (:func:`closedloop.configure`), else :data:`BUILTIN`."""
+    redactor = _runtime._current._redactor
+    return redactor if redactor is not None else BUILTIN
+
+
+def set_default_redactor(redactor: Redactor) -> Redactor:
+    """Install ``redactor`` in the current runtime (e.g. ``Redactor([r"ACCT-\\d{6}"])`` to
+    add your own patterns); returns the previous one."""
+    return _runtime._current.set_redactor(redactor)
+
+
+def reset_default_redactor() -> None:
+    """Back to the built-in rules only."""
+    _runtime._current.set_redactor(None)
+
+
+def redact_text(text: str) -> str:
+    """``text`` redacted by the process default redactor."""
+    redactor = _runtime._current._redactor
+    return (redactor if redactor is not None else BUILTIN)(text)
+
+
+def redact_value(obj: Any) -> Any:
+    """``obj`` (str, dict, list, tuple, nested) redacted by the process default redactor."""
+    redactor = _runtime._current._redactor
+    return (redactor if redactor is not None else BUILTIN).value(obj)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """``text`` redacted, then truncated to ``max_chars`` (never the other way round)."""
+    redactor = _runtime._current._redactor
+    return truncate((redactor if redactor is not None else BUILTIN)(text), max_chars)
+
+
+def redact_event(event: StepEvent) -> StepEvent:
+    """A step event with its free text (``error_message``, ``detail``) redacted."""
+    message, detail = event.error_message, event.detail
+    if message is None and detail is None:
+        return event
+    redactor = _runtime._current._redactor
+    if redactor is None:
+        redactor = BUILTIN
+    return tuple.__new__(type(event), (  # _replace, without its per-call overhead
+        *event[:13], None if message is None else redactor(message), *event[14:18],
+        None if detail is None else redactor.value(detail)))
+
+
+# -- log lines ----------------------------------------------------------------------------
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts a record's message (with its arguments), its traceback
+    and its stack; installed on closedloop's own loggers."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = default_redactor()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's business to report
+            return True
+        try:
+            record.msg = redactor(message)
+            record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = self._formatter.formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redactor(record.exc_text)
+            if record.stack_info:
+                record.stack_info = redactor(record.stack_info)
+        except Exception:  # noqa: BLE001 - fail closed: say so rather than log unredacted text
+            record.msg, record.args = "[closedloop: log line withheld, redaction failed]", None
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+LOG_FILTER = RedactingFilter()
+LOGGERS = ("closedloop", "closedloop.control", "closedloop.integrations", "closedloop.store",
+           "closedloop.telemetry")
+"""Every logger closedloop logs on (a test checks the package uses no other)."""
+
+
+def install_log_filter(names: Iterable[str] = LOGGERS) -> None:
+    """Put :data:`LOG_FILTER` on the named loggers (logger filters are not inherited by
+    child loggers, so each one gets it); done once at import."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if LOG_FILTER not in logger.filters:
+            logger.addFilter(LOG_FILTER)
+
+
+install_log_filter()
