@@ -93,6 +93,16 @@ def test_configure_flushes_and_closes_the_store_it_replaces(tmp_path: Path) -> N
     assert old.record(event) is False  # closed: it takes nothing more
 
 
+def test_configure_may_keep_the_store_in_use(tmp_path: Path) -> None:
+    kept = default_store()
+    cl.configure(store=kept, telemetry=Telemetry([MemoryExporter()]))
+    assert _loop(Executor()).run(1).ok and default_store() is kept
+    cl.reset()  # now the runtime that opened it is closed: the store with it
+    assert _count(tmp_path / "default.db") == 1
+    with cl.open_store(f"sqlite:///{tmp_path / 'default.db'}", read_only=True) as reader:
+        assert kept.record(next(iter(reader.events()))) is False
+
+
 def test_a_loop_built_before_configure_follows_it_from_its_next_step(tmp_path: Path) -> None:
     executor = Executor()
     loop = _loop(executor)

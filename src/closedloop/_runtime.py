@@ -42,7 +42,7 @@ UNSET: Any = _Unset()
 
 
 class Runtime:
-    """A store, the fault control on its ledger, backpressure and telemetry, built on first use.
+    """A store, the fault control on its ledger, backpressure, telemetry and a redactor.
 
     ``store`` is a :class:`~closedloop.Store` or a store URL (default: ``$CLOSEDLOOP_STORE``,
     else the SQLite file in the user's data directory); a URL is opened by the runtime, which
@@ -266,6 +266,8 @@ def configure(
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)
+    if old._store is not None and new.has_store(old._store):  # kept: the new runtime owns it
+        new._owns_store, old._owns_store = old._owns_store, False
     pending = old._fault_control._pending if old._fault_control is not None else {}
     if pending and fault_control is UNSET:  # fail closed: an unsaved stop stays in force
         guard = new.fault_control
