@@ -7,7 +7,6 @@ the loop, so every check is equally usable on its own.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib
 import inspect
@@ -65,6 +64,8 @@ def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = No
 
         @functools.wraps(check)
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            import asyncio  # already loaded when awaited; not at import (CLI start-up)
+
             try:
                 return await asyncio.wait_for(check(*args, **kwargs), seconds)  # type: ignore[arg-type]
             except TimeoutError:
