@@ -275,7 +275,8 @@ def test_a_path_under_a_file_is_a_store_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("url", "message"),
-    [("", "empty"), ("postgres://localhost/x", "unsupported store URL"),
+    [("", "empty"),
+     ("mysql://localhost/x", "unsupported .* schemes: memory, postgres, postgresql, sqlite"),
      ("sqlite:///", "no path"), ("sqlite://relative.db", "unsupported")],
 )
 def test_bad_store_urls_are_config_errors(url: str, message: str) -> None:

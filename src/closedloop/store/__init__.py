@@ -1,9 +1,10 @@
 """The event store: where every step's event lands, chosen by URL.
 
 ``sqlite:///PATH`` (the default; a relative PATH is relative to the working directory,
-``sqlite:////abs/path`` is absolute) or ``memory://``. A plain file path is read as a SQLite
-file. ``CLOSEDLOOP_STORE`` sets the default; without it the default is
-``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
+``sqlite:////abs/path`` is absolute), ``memory://``, ``postgresql://USER@HOST/DB?schema=NAME``
+(the ``postgres`` extra) or a plug-in's scheme (:mod:`closedloop.store._registry`). A plain
+file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; without it the
+default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
@@ -13,6 +14,7 @@ opened yet (the cause is logged once, with the fix; events are held until it ope
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from closedloop._events import StepEvent
 from closedloop.store._base import EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
+from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._writer import BatchWriter, WriterStats
 
@@ -39,7 +42,9 @@ __all__ = [
     "default_store_url",
     "import_dead_letter",
     "is_default_store",
+    "open_backend",
     "open_store",
+    "register_scheme",
     "reset_default_store",
 ]
 
@@ -122,13 +127,6 @@ class Store:
         return f"Store({self.url!r})"
 
 
-def _sqlite_path(url: str) -> Path:
-    rest = url[len("sqlite:///"):]
-    if not rest:
-        raise ConfigError(f"store URL {url!r} has no path; use sqlite:///PATH")
-    return Path(rest).expanduser()
-
-
 def open_store(
     url: str | os.PathLike[str],
     *,
@@ -156,6 +154,11 @@ def open_store(
     until the file can be opened (what :func:`default_store` does, so that an agent starts
     even on a full or read-only disk). ``overflow``, ``block_timeout`` and ``max_held``: see
     :class:`Store`.
+
+    Schemes other than ``sqlite`` and ``memory`` (``postgresql``, plug-ins) are opened through
+    the scheme registry (:mod:`closedloop.store._registry`), with ``create`` (never with
+    ``read_only``) and ``defer`` as above; their dead-letter file is
+    :func:`dead_letter_for_url`.
     """
     text = os.fspath(url).strip()
     if not text:
@@ -169,13 +172,11 @@ def open_store(
     if text == "memory://":
         return store(MemoryBackend())
     if text.startswith("sqlite:///"):
-        path = _sqlite_path(text)
+        path = sqlite_path(text)
     elif "://" in text or text.startswith("sqlite:"):
-        scheme = text.split(":", 1)[0]
-        raise ConfigError(
-            f"unsupported store URL {text!r} (scheme {scheme!r}); "
-            "use sqlite:///PATH or memory://"
-        )
+        # every other scheme (PostgreSQL, plug-ins) comes from the registry
+        backend = open_backend(text, create=create and not read_only, defer=defer)
+        return store(backend, dead_letter_for_url(backend.url))
     else:
         path = Path(text).expanduser()
     create = create and not read_only
@@ -195,13 +196,28 @@ def dead_letter_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.name + ".deadletter.jsonl")
 
 
+def dead_letter_for_url(url: str) -> Path:
+    """Where the dead-letter file of a store that is not a file goes: the user's data folder.
+
+    One file per store (named for the scheme and a digest of the URL without its password).
+    """
+    safe = redact_url(url)
+    digest = hashlib.sha256(safe.encode()).hexdigest()[:10]
+    scheme = safe.split(":", 1)[0] or "store"
+    return _data_dir() / "deadletter" / f"{scheme}-{digest}.jsonl"
+
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
+    return Path(base).expanduser() / "closedloop"
+
+
 def default_store_url() -> str:
     """``$CLOSEDLOOP_STORE``, else the SQLite file in the user's data directory."""
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return env
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
-    return f"sqlite:///{Path(base).expanduser() / 'closedloop' / 'closedloop.db'}"
+    return f"sqlite:///{_data_dir() / 'closedloop.db'}"
 
 
 def default_store() -> Store:

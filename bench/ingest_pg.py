@@ -1,0 +1,160 @@
+"""Sustained ingest from one process through the store's writer: PostgreSQL and SQLite.
+
+Run: ``python bench/ingest_pg.py`` (options: ``--seconds``, ``--batch-size``, ``--pg``,
+``--rounds``). Needs PostgreSQL (default ``postgresql://postgres@127.0.0.1:5432/test``); the
+run uses a schema of its own, ``closedloop_bench_<hex>``, dropped at the end.
+
+Each backend runs in a fresh child process (so that its peak RSS is its own): one producer
+thread records distinct events through ``Store.record`` for ``--seconds``, as fast as the
+writer takes them. Memory stays bounded: the queue holds at most ``max_queue`` (100,000)
+events, and the producer yields (sleeps 1 ms) whenever more than half of that is waiting, so
+nothing is dropped and the figure is what the writer sustains. The clock stops when
+``flush()`` returns (every event committed). Events span several UTC days of timestamps, so
+PostgreSQL creates partitions during the run. Rounds alternate between the backends.
+
+Then, for reference, ``backend.write_batch`` alone (``--direct`` events, pre-built, batches of
+``--batch-size``, no producer thread competing for the GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import closedloop as cl
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
+    """Ingest into ``url`` for ``seconds``; the figures as a dict."""
+    max_queue = 100_000
+    store = cl.open_store(url, batch_size=batch_size, max_queue=max_queue)
+    template = cl.StepEvent(
+        ts=1_790_000_000.0, trace_id="0" * 32, agent_id="bench", task_type="ingest",
+        autonomy="autonomous", outcome="succeeded", attempts=1, input_tokens=812,
+        output_tokens=143, latency_ms=1.25, validation_passed=True, verification_passed=True,
+        error_type=None, error_message=None, propose_ms=0.5, validate_ms=0.25, act_ms=0.25,
+        verify_ms=0.25, detail=None,
+    )
+    replace, record, stats = template._replace, store.record, store.stats
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n = waits = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            # 0.25 s apart in ts: about three UTC days (partitions) per million events
+            record(replace(ts=1_790_000_000.0 + n * 0.25, trace_id=f"{n:032x}",
+                           detail={"n": n} if n % 10 == 0 else None))
+            n += 1
+        while stats().queued > max_queue // 2:
+            waits += 1
+            time.sleep(0.001)
+    produced = time.perf_counter() - start
+    assert store.flush(timeout=600)
+    elapsed = time.perf_counter() - start
+    final = store.close()
+    assert final.written == n and final.not_written == 0, final
+    return {"url": url.split("?", maxsplit=1)[0].split(":", maxsplit=1)[0], "events": n,
+            "events_per_s": n / elapsed, "produce_s": produced, "elapsed_s": elapsed,
+            "producer_waits": waits,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": rss_before / 1024}
+
+
+def direct(url: str, events: int, batch_size: int) -> float:
+    """Events per second through ``write_batch`` alone, pre-built events, no producer."""
+    from closedloop.store import open_backend
+
+    backend = open_backend(url)
+    template = cl.StepEvent(
+        ts=1_790_000_000.0, trace_id="0" * 32, agent_id="bench", task_type="ingest",
+        autonomy="autonomous", outcome="succeeded", attempts=1, input_tokens=812,
+        output_tokens=143, latency_ms=1.25, validation_passed=True, verification_passed=True,
+        error_type=None, error_message=None, propose_ms=0.5, validate_ms=0.25, act_ms=0.25,
+        verify_ms=0.25, detail=None,
+    )
+    batch = [template._replace(ts=1_900_000_000.0 + n * 0.25, trace_id=f"{n:032x}",
+                               detail={"n": n} if n % 10 == 0 else None)
+             for n in range(events)]
+    backend.write_batch(batch[:1])  # the first day's partition exists
+    start = time.perf_counter()
+    for i in range(1, events, batch_size):
+        backend.write_batch(batch[i:i + batch_size])
+    elapsed = time.perf_counter() - start
+    backend.close()
+    return (events - 1) / elapsed
+
+
+def child(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", url, "--seconds", str(seconds),
+         "--batch-size", str(batch_size)],
+        capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="producing time per run")
+    parser.add_argument("--batch-size", type=int, default=4096, help="the writer's batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend")
+    parser.add_argument("--direct", type=int, default=400_000,
+                        help="events for the write_batch-alone reference (0: skip)")
+    parser.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.seconds, args.batch_size)))
+        return 0
+    import psycopg
+
+    schema = f"closedloop_bench_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in args.pg else "?"
+    pg_url = f"{args.pg}{sep}schema={schema}"
+    print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, psycopg "
+          f"{psycopg.__version__}, load {os.getloadavg()[0]:.1f}, batch {args.batch_size}, "
+          f"{args.seconds:g} s per run")
+    results: dict[str, list[dict[str, Any]]] = {"postgresql": [], "sqlite": []}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.rounds):
+                for kind in ("postgresql", "sqlite"):
+                    url = pg_url if kind == "postgresql" else f"sqlite:///{Path(tmp)}/r{r}.db"
+                    res = child(url, args.seconds, args.batch_size)
+                    results[kind].append(res)
+                    print(f"  {kind:10} {res['events_per_s']:10,.0f} events/s  "
+                          f"({res['events']:,} events in {res['elapsed_s']:.1f} s, peak RSS "
+                          f"{res['peak_rss_mb']:.0f} MB, producer waited {res['producer_waits']}"
+                          f" times)")
+            if args.direct:
+                for kind, url in (("postgresql", pg_url),
+                                  ("sqlite", f"sqlite:///{Path(tmp)}/direct.db")):
+                    rate = direct(url, args.direct, args.batch_size)
+                    print(f"  {kind:10} {rate:10,.0f} events/s  write_batch alone "
+                          f"({args.direct:,} pre-built events, no producer)")
+    finally:
+        with psycopg.connect(args.pg, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    for kind, runs in results.items():
+        rates = [r["events_per_s"] for r in runs]
+        print(f"{kind:10} median {statistics.median(rates):10,.0f} events/s  "
+              f"(min {min(rates):,.0f}, max {max(rates):,.0f}; peak RSS "
+              f"{max(r['peak_rss_mb'] for r in runs):.0f} MB; target PostgreSQL ≥ 100,000/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

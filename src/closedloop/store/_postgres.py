@@ -1,0 +1,425 @@
+"""The PostgreSQL backend: events in a server shared by many processes and machines.
+
+``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB?schema=NAME`` (``postgres://`` too; any other
+query parameter is a libpq one, e.g. ``sslmode``). Every table lives in the schema ``NAME``
+(default ``closedloop``), so several stores can share one database.
+
+- **Migrations**: :data:`MIGRATIONS` is one ordered list; opening a store applies the missing
+  ones in a single transaction holding a transaction-level advisory lock keyed on the schema,
+  so processes that start together wait for one another instead of racing. The version is a
+  row per applied migration in ``NAME.schema_version``.
+- **Partitions**: ``events`` is range-partitioned by ``ts`` (Unix seconds), one partition per
+  UTC day, named ``events_YYYYMMDD``, created on demand before a batch that needs it (under
+  the same kind of lock), so retention can drop whole days. Events with a timestamp that is
+  not a finite number land in ``events_default``. Each process remembers the partitions it
+  has made: retention (a later step) must only drop days no writer still writes, or their
+  late events would land in ``events_default``.
+- **Ingest**: a batch is one ``COPY`` in one transaction (all or nothing). PostgreSQL text
+  cannot hold NUL characters or lone surrogates; a batch refused for that is written again
+  with those characters replaced by U+FFFD instead of being refused as a whole.
+- **Connections**: a :class:`psycopg_pool.ConnectionPool` per process (a forked child opens
+  its own and never touches the parent's connections).
+
+psycopg is imported only when a ``postgresql://`` URL is opened; without the ``postgres``
+extra that is one :class:`~closedloop.ConfigError` line. Passwords never appear in ``url``,
+errors or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from closedloop._errors import ConfigError, StoreError
+from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop.store._base import EventQuery
+from closedloop.store._registry import redact_url
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+    from psycopg_pool import ConnectionPool
+
+DEFAULT_SCHEMA = "closedloop"
+DAY_S = 86_400
+
+# Each entry upgrades the schema from version N to N+1; never edit a released entry.
+# ``{schema}`` is replaced by the quoted schema name.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the step events table (same columns as SQLite's), partitioned by day on ts
+    """
+    CREATE TABLE {schema}.events (
+        ts DOUBLE PRECISION NOT NULL,
+        trace_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        autonomy TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        validation_passed BOOLEAN,
+        verification_passed BOOLEAN,
+        error_type TEXT,
+        error_message TEXT,
+        propose_ms DOUBLE PRECISION NOT NULL,
+        validate_ms DOUBLE PRECISION NOT NULL,
+        act_ms DOUBLE PRECISION NOT NULL,
+        verify_ms DOUBLE PRECISION NOT NULL,
+        detail JSONB
+    ) PARTITION BY RANGE (ts);
+    CREATE TABLE {schema}.events_default PARTITION OF {schema}.events DEFAULT;
+    CREATE INDEX events_ts ON {schema}.events (ts);
+    CREATE INDEX events_task_type_ts ON {schema}.events (task_type, ts);
+    CREATE INDEX events_trace_id ON {schema}.events (trace_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+# the column types of ``events`` in EVENT_FIELDS order, for binary COPY
+_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
+               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
+               "jsonb")
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_INSTALL = "pip install 'closedloop[postgres]'"
+
+
+def _import_psycopg() -> None:
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"a postgresql:// store needs psycopg 3 and psycopg_pool ({exc.name} is missing): "
+            f"{_INSTALL}"
+        ) from None
+
+
+def parse_url(url: str) -> tuple[str, str, str]:
+    """``(conninfo for libpq, schema name, url without password)`` of a store URL."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"not a PostgreSQL store URL: {redact_url(url)!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    schema = schemas[-1] if schemas else DEFAULT_SCHEMA
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigError(
+            f"store URL {redact_url(url)!r}: schema {schema!r} is not a plain SQL name "
+            "(letters, digits, underscore; at most 63)"
+        )
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, rest, ""))
+    return conninfo, schema, redact_url(url)
+
+
+def _lock_key(purpose: str, schema: str) -> int:
+    """A signed 64-bit advisory lock key for ``purpose`` on ``schema``."""
+    digest = hashlib.blake2b(f"closedloop:{purpose}:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _partition_day(ts: float) -> int | None:
+    """The UTC day number (days since 1970-01-01) holding ``ts``; None if not finite."""
+    if not math.isfinite(ts):
+        return None
+    return int(ts // DAY_S)
+
+
+def _clean(value: Any) -> Any:
+    """A value PostgreSQL text accepts: NUL and lone surrogates replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _surrogates_replaced(value.replace("\x00", "\ufffd"))
+    return value
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _clean_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` (an event tuple, ``detail`` a dict) with every text cleaned by :func:`_clean`."""
+    return tuple(_clean_json(v) for v in row)
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, dict):
+        return {_clean_json(k): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    return value
+
+
+def _surrogates_replaced(text: str) -> str:
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text) \
+        if _has_surrogate(text) else text
+
+
+class PostgresBackend:
+    """Events in a PostgreSQL schema; created (``create=True``) and migrated when opened.
+
+    Telemetry side of the store: a batch the server refuses raises, and the store's writer
+    retries, holds and dead-letters it (see :mod:`closedloop.store._writer`); reading errors
+    are one-line :class:`~closedloop.StoreError`.
+    """
+
+    def __init__(self, url: str, *, create: bool = True, pool_size: int = 4,
+                 connect_timeout: float = 10.0) -> None:
+        _import_psycopg()
+        import psycopg
+        from psycopg import sql
+
+        self._conninfo, self.schema, self.url = parse_url(url)
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+        self._partitions: set[int] = set()
+        s = sql.Identifier(self.schema)
+        self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
+            s, sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS))
+        self._select = sql.SQL("SELECT {} FROM {}.events").format(
+            sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
+        try:
+            with self._connect() as conn:
+                self.found_version = migrate(conn, self.schema, create=create)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open store {self.url}: {_one_line(exc)}") from None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+
+        return psycopg.connect(self._conninfo, connect_timeout=max(1, int(self._connect_timeout)))
+
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        """This process's connection pool, opened on first use (again in a forked child)."""
+        pid = os.getpid()
+        pool = self._pool
+        if pool is not None and self._pool_pid == pid:
+            return pool
+        from psycopg_pool import ConnectionPool
+
+        with self._pool_lock:
+            if self._pool is not None and self._pool_pid == pid:
+                return self._pool
+            # A pool inherited through fork holds the parent's sockets: closing it would end
+            # the parent's sessions, so the child only forgets it (psycopg never finishes a
+            # connection from another process when it is garbage-collected).
+            self._pool = ConnectionPool(
+                self._conninfo, min_size=1, max_size=self._pool_size, open=True,
+                configure=_configure,
+                timeout=self._connect_timeout, num_workers=1,
+                name=f"closedloop-{self.schema}",
+                kwargs={"connect_timeout": max(1, int(self._connect_timeout)),
+                        "autocommit": True})
+            self._pool_pid = pid
+            self._partitions = set()
+            return self._pool
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """COPY the batch in one transaction, creating the day partitions it needs first."""
+        import psycopg
+
+        if not events:
+            return
+        days = {_partition_day(e.ts) for e in events}
+        days.discard(None)
+        missing = {d for d in days if d is not None} - self._partitions
+        with self.pool().connection() as conn:
+            if missing:
+                ensure_partitions(conn, self.schema, missing)
+                self._partitions |= missing
+            try:
+                self._copy_rows(conn, events)
+            except (psycopg.DataError, UnicodeEncodeError):
+                # NUL or a lone surrogate somewhere: write the same batch with them replaced
+                self._copy_rows(conn, [_clean_row(e) for e in events])
+
+    def _copy_rows(self, conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
+        # One COPY statement on an autocommit connection is one transaction, all or nothing,
+        # without the round trips of BEGIN and COMMIT (each also costs the writer thread a
+        # wait for the GIL while the agent's threads run). Binary: no float text to format
+        # here or to parse on the server; ``detail`` is dumped as jsonb by psycopg.
+        with conn.cursor() as cur, cur.copy(self._copy) as copy:
+            copy.set_types(_COPY_TYPES)
+            write = copy.write_row
+            for row in rows:
+                write(row)
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Events matching ``query``, oldest first, streamed from a server-side cursor."""
+        import psycopg
+        from psycopg import sql
+
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        if query.since is not None:
+            where.append(sql.SQL("ts >= %s"))
+            params.append(query.since)
+        if query.until is not None:
+            where.append(sql.SQL("ts < %s"))
+            params.append(query.until)
+        if query.task_type is not None:
+            where.append(sql.SQL("task_type = %s"))
+            params.append(query.task_type)
+        if query.trace_id is not None:
+            where.append(sql.SQL("trace_id = %s"))
+            params.append(query.trace_id)
+        stmt: sql.Composable = self._select
+        if where:
+            stmt = sql.SQL("{} WHERE {}").format(stmt, sql.SQL(" AND ").join(where))
+        stmt = sql.SQL("{} ORDER BY ts").format(stmt)
+        if query.limit is not None:
+            stmt = sql.SQL("{} LIMIT {}").format(stmt, sql.Literal(max(0, int(query.limit))))
+        try:
+            with (self.pool().connection() as conn, conn.transaction(),
+                  conn.cursor(name="closedloop_events") as cur):
+                cur.itersize = 2000
+                cur.execute(stmt, params)
+                for row in cur:
+                    yield StepEvent(*row)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
+
+    def count(self) -> int:
+        """How many events the schema holds."""
+        import psycopg
+        from psycopg import sql
+
+        try:
+            with self.pool().connection() as conn:
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}.events").format(
+                    sql.Identifier(self.schema))).fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
+        assert row is not None
+        return int(row[0])
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self.pool().connection() as conn:
+            return _recorded_version(conn, self.schema)
+
+    def close(self) -> None:
+        """Close this process's pool; the next call opens a new one."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({self.url!r})"
+
+
+def _dumps(value: Any) -> str:
+    # as StepEvent.to_row (SQLite): anything JSON cannot hold is stored as its str()
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    from psycopg.types.json import set_json_dumps
+
+    set_json_dumps(_dumps, context=conn)
+
+
+def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
+    from psycopg import sql
+
+    for statement in migration.split(";"):
+        if statement.strip():
+            yield sql.SQL(statement).format(schema=sql.Identifier(schema))
+
+
+def _recorded_version(conn: psycopg.Connection[Any], schema: str) -> int:
+    from psycopg import sql
+
+    exists = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".schema_version',)).fetchone()
+    if exists is None or exists[0] is None:
+        return 0
+    row = conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_version")
+                       .format(sql.Identifier(schema))).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str, *, create: bool = True) -> int:
+    """Bring ``schema`` up to :data:`SCHEMA_VERSION`; return the version found before.
+
+    Runs in one transaction under an advisory lock on the schema, so concurrent openers
+    serialise and the second finds the work done. With ``create=False`` a schema without a
+    closedloop store is a :class:`~closedloop.StoreError` and nothing is created.
+    """
+    from psycopg import sql
+
+    s = sql.Identifier(schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("migrate", schema),))
+        found = _recorded_version(conn, schema)
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema {schema!r} is at version {found}, newer than this closedloop "
+                f"supports ({SCHEMA_VERSION}); upgrade closedloop"
+            )
+        if found == SCHEMA_VERSION:
+            return found
+        if found == 0 and not create:
+            raise StoreError(f"no closedloop store in schema {schema!r}; run `closedloop "
+                             "demo --store URL` or point --store at one")
+        if found == 0:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+            conn.execute(sql.SQL(
+                "CREATE TABLE {}.schema_version (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())").format(s))
+        for version in range(found, SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[version], schema):
+                conn.execute(statement)
+            conn.execute(sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)")
+                         .format(s), (version + 1,))
+    return found
+
+
+def partition_name(day: int) -> str:
+    """``events_YYYYMMDD`` for a day number (days since 1970-01-01, UTC)."""
+    return "events_" + time.strftime("%Y%m%d", time.gmtime(day * DAY_S))
+
+
+def ensure_partitions(conn: psycopg.Connection[Any], schema: str, days: set[int]) -> None:
+    """Create the day partitions of ``events`` that do not exist yet, in one transaction."""
+    from psycopg import sql
+
+    s = sql.Identifier(schema)
+    with conn.transaction():
+        # concurrent CREATE TABLE IF NOT EXISTS of one name can still collide: serialise
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("partition", schema),))
+        for day in sorted(days):
+            conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.{} PARTITION OF {}.events "
+                "FOR VALUES FROM ({}) TO ({})").format(
+                    s, sql.Identifier(partition_name(day)), s,
+                    sql.Literal(float(day * DAY_S)), sql.Literal(float((day + 1) * DAY_S))))
+
+
+def open_backend(url: str, *, create: bool = True) -> PostgresBackend:
+    """The scheme registry's factory for ``postgresql://`` and ``postgres://``."""
+    return PostgresBackend(url, create=create)

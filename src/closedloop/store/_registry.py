@@ -1,0 +1,230 @@
+"""Which backend serves a store URL: a registry from URL scheme to backend factory.
+
+Built in: ``sqlite`` (``sqlite:///PATH``), ``memory`` (``memory://``) and ``postgresql`` /
+``postgres`` (``postgresql://USER@HOST/DB?schema=NAME``, the ``postgres`` extra). A third
+party adds a scheme with :func:`register_scheme`, or without any import through an entry
+point in the ``closedloop.stores`` group, named for the scheme and pointing at a factory::
+
+    [project.entry-points."closedloop.stores"]
+    clickhouse = "closedloop_clickhouse:open_backend"
+
+A factory is called as ``factory(url, create=...)`` and returns an
+:class:`~closedloop.store.EventBackend`. Built-in factories are named by import path, so a
+backend's driver (psycopg) is imported only when its URL is opened; entry points are read
+only when a URL's scheme is not known yet, so start-up never scans installed packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Iterator, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from closedloop._errors import ConfigError, StoreError
+from closedloop._events import StepEvent
+from closedloop.store._base import EventBackend, EventQuery
+
+ENTRY_POINT_GROUP = "closedloop.stores"
+
+
+class BackendFactory(Protocol):
+    """Opens the backend for ``url``; ``create=False`` must not create a store that is absent."""
+
+    def __call__(self, url: str, *, create: bool) -> EventBackend: ...
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///PATH`` URL (``sqlite:////abs`` is absolute)."""
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"unsupported store URL {url!r}; use sqlite:///PATH "
+                          "(sqlite:////PATH for an absolute path)")
+    rest = url[len("sqlite:///"):]
+    if not rest:
+        raise ConfigError(f"store URL {url!r} has no path; use sqlite:///PATH")
+    return Path(rest).expanduser()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for messages and logs."""
+    try:
+        parts = urlsplit(url.strip())
+        password = parts.password
+    except ValueError:
+        return url.strip()
+    if password is None:
+        return url.strip()
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{name}:***@{host}", parts.path, parts.query,
+                       parts.fragment))
+
+
+def _open_sqlite(url: str, *, create: bool) -> EventBackend:
+    from closedloop.store._sqlite import SQLiteBackend
+
+    path = sqlite_path(url)
+    if not create and not path.is_file():
+        raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
+    return SQLiteBackend(path)
+
+
+def _open_memory(url: str, *, create: bool) -> EventBackend:
+    from closedloop.store._memory import MemoryBackend
+
+    if url.strip() != "memory://":
+        raise ConfigError(f"store URL {url!r}: a memory store takes no path; use memory://")
+    return MemoryBackend()
+
+
+# scheme -> a factory, or "module:attribute" naming one (imported on first use)
+_factories: dict[str, BackendFactory | str] = {
+    "sqlite": _open_sqlite,
+    "memory": _open_memory,
+    "postgresql": "closedloop.store._postgres:open_backend",
+    "postgres": "closedloop.store._postgres:open_backend",
+}
+_lock = threading.Lock()
+_entry_points_loaded = False
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a store URL, lower-case (``postgresql`` for ``postgresql://...``)."""
+    return url.split(":", 1)[0].strip().lower() if ":" in url else ""
+
+
+def register_scheme(scheme: str, factory: BackendFactory | str) -> None:
+    """Serve URLs of ``scheme`` with ``factory`` (or ``"module:attribute"`` naming one).
+
+    Registering a scheme again replaces its factory.
+    """
+    scheme = scheme.strip().lower()
+    if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(f"invalid store URL scheme {scheme!r}")
+    with _lock:
+        _factories[scheme] = factory
+
+
+def known_schemes() -> list[str]:
+    """Schemes served so far, sorted (entry points count once they have been read)."""
+    with _lock:
+        return sorted(_factories)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    with _lock:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            _factories.setdefault(ep.name.strip().lower(), ep.value)
+
+
+def _resolve(scheme: str, factory: BackendFactory | str) -> BackendFactory:
+    if not isinstance(factory, str):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    try:
+        target: object = importlib.import_module(module_name.strip())
+        for part in attr.strip().split(".") if attr.strip() else []:
+            target = getattr(target, part)
+    except ImportError as exc:
+        raise ConfigError(
+            f"store scheme {scheme!r}: cannot import its backend {factory!r} ({exc})"
+        ) from None
+    except AttributeError:
+        raise ConfigError(f"store scheme {scheme!r}: no backend factory {factory!r}") from None
+    if not callable(target):
+        raise ConfigError(f"store scheme {scheme!r}: {factory!r} is not callable")
+    resolved: BackendFactory = target
+    with _lock:
+        _factories[scheme] = resolved
+    return resolved
+
+
+def backend_factory(url: str) -> BackendFactory:
+    """The factory serving ``url``; an unknown scheme is a :class:`~closedloop.ConfigError`."""
+    scheme = url_scheme(url)
+    with _lock:
+        factory = _factories.get(scheme)
+    if factory is None:
+        _load_entry_points()
+        with _lock:
+            factory = _factories.get(scheme)
+    if factory is None:
+        raise ConfigError(
+            f"unsupported store URL {redact_url(url)!r} (scheme {scheme!r}); known schemes: "
+            f"{', '.join(known_schemes())} (postgresql needs pip install "
+            f"'closedloop[postgres]'; a package adds a scheme through the "
+            f"{ENTRY_POINT_GROUP!r} entry point group)"
+        )
+    return _resolve(scheme, factory)
+
+
+def open_backend(url: str, *, create: bool = True, defer: bool = False) -> EventBackend:
+    """Open the backend serving ``url`` (see the module docstring for the schemes).
+
+    With ``defer=True`` a store that cannot be opened yet (server down, no such database) is
+    not an error: a :class:`DeferredBackend` is returned that opens it on first use.
+    """
+    factory = backend_factory(url)
+    try:
+        return factory(url, create=create)
+    except StoreError as exc:
+        if not defer:
+            raise
+        return DeferredBackend(url, factory, create=create, error=exc)
+
+
+class DeferredBackend:
+    """A backend whose store could not be opened yet; every call tries to open it again.
+
+    While it cannot, ``write_batch`` raises (the store's writer holds the events, then
+    dead-letters them) and :attr:`open_error` says why (the writer logs it once, with the fix).
+    """
+
+    def __init__(self, url: str, factory: BackendFactory, *, create: bool,
+                 error: StoreError) -> None:
+        self.url = redact_url(url)
+        self._url = url
+        self._factory = factory
+        self._create = create
+        self._backend: EventBackend | None = None
+        self._lock = threading.Lock()
+        self.open_error: StoreError | None = error
+
+    def backend(self) -> EventBackend:
+        """The opened backend; raises :class:`~closedloop.StoreError` while it cannot open."""
+        with self._lock:
+            if self._backend is None:
+                try:
+                    self._backend = self._factory(self._url, create=self._create)
+                except StoreError as exc:
+                    self.open_error = exc
+                    raise
+                self.open_error = None
+            return self._backend
+
+    def write_batch(self, events: Sequence[StepEvent]) -> None:
+        """Open the store if needed, then write."""
+        self.backend().write_batch(events)
+
+    def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
+        """Open the store if needed, then read."""
+        return self.backend().iter_events(query)
+
+    def count(self) -> int:
+        """Open the store if needed, then count."""
+        return self.backend().count()
+
+    def close(self) -> None:
+        """Close the backend, if it was opened."""
+        with self._lock:
+            backend = self._backend
+        if backend is not None:
+            backend.close()
+
