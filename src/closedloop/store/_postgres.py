@@ -429,16 +429,19 @@ class PostgresLedger:
                 if create and not self._migrated:
                     migrate(conn, self.schema, create=True)
                     self._migrated = True
-                if not write:
-                    return work(conn)
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                                 (_lock_key("control", self.schema),))
-                    return work(conn)
-        except (errors.UndefinedTable, errors.InvalidSchemaName) as exc:
-            if absent is not None:
-                return absent()  # no closedloop tables here: nothing was ever stopped
-            raise self._fail(what, exc) from None
+                try:
+                    if not write:
+                        return work(conn)
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                     (_lock_key("control", self.schema),))
+                        return work(conn)
+                except (errors.UndefinedTable, errors.InvalidSchemaName):
+                    # no tables: nothing was ever stopped here, unless the store's schema
+                    # says they should exist (then control state is broken: fail closed)
+                    if absent is None or _recorded_version(conn, self.schema) >= _CONTROL_V:
+                        raise
+                    return absent()
         except (psycopg.Error, StoreError, OSError) as exc:
             raise self._fail(what, exc) from None
 
@@ -520,6 +523,7 @@ class PostgresLedger:
 
 
 _T = TypeVar("_T")
+_CONTROL_V = 2  # the migration that creates the control tables
 _STOP_COLUMNS = "task_type, kind, reason, by, at, until, evidence"
 _LEDGER_SQL = {
     "get": f"SELECT {_STOP_COLUMNS} FROM {{s}}.control_stops WHERE task_type = %s",
