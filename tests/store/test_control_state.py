@@ -170,3 +170,40 @@ def test_pauses_and_a_halt_written_together_leave_the_halt(pg_url: str) -> None:
         list(pool.map(lambda write: write[0].put(write[1]), writes))
     assert [(s.task_type, s.kind) for s in ledgers[0].stops()] == [
         (name, StopKind.HALTED) for name in names]
+
+
+def test_a_store_made_before_control_state_gains_its_tables_when_opened(
+    pg_url: str, pg_schema: str
+) -> None:
+    with cl.open_store(pg_url):
+        pass
+    with psycopg.connect(PG_URL, autocommit=True) as conn:  # back to schema version 1
+        for table in ("control_stops", "control_history", "control_keys"):
+            conn.execute(f'DROP TABLE "{pg_schema}".{table}')
+        conn.execute(f'DELETE FROM "{pg_schema}".schema_version WHERE version > 1')
+    ledger = PostgresLedger.from_url(pg_url)
+    assert ledger.stops() == []  # version 1: no tables is no stops, and nothing is made
+    assert "control_stops" not in _tables(pg_schema)
+    with cl.open_store(pg_url) as store:
+        ledger_for_store(store, redis_url=None).put(_halt())
+    assert "control_stops" in _tables(pg_schema)
+    assert [s.task_type for s in ledger.stops()] == ["provision"]
+
+
+def test_a_store_unreachable_at_start_up_serves_its_control_state_once_it_answers(
+    pg_url: str,
+) -> None:
+    from closedloop.store._postgres import open_backend
+    from closedloop.store._registry import DeferredBackend
+
+    # what default_store() holds when PostgreSQL was down as the agent started
+    deferred = DeferredBackend(pg_url, open_backend, create=True,
+                               error=cl.StoreError("connection refused"))
+    ledger = deferred.control_ledger()
+    ledger.put(_halt())
+    ledger.publish("worker-1", {"tenant-a": {"limit": 4.0}})  # type: ignore[attr-defined]
+    deferred.close()
+    stop = PostgresLedger.from_url(pg_url).get("provision")
+    assert stop is not None
+    assert stop.kind is StopKind.HALTED
+    assert ledger.published()["tenant-a@worker-1"]["limit"] == 4.0  # type: ignore[attr-defined]

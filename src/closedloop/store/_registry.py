@@ -278,3 +278,14 @@ class _DeferredLedger:
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._target().history(limit)
 
+    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
+        """Per-key snapshots go to the opened backend's ledger, if it keeps any."""
+        publish = getattr(self._target(), "publish", None)
+        if publish is not None:
+            publish(source, keys)
+
+    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
+        """The opened backend's published snapshots, if it keeps any."""
+        published = getattr(self._target(), "published", None)
+        return published(max_age) if published is not None else {}
+
