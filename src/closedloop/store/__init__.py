@@ -22,7 +22,7 @@ from pathlib import Path
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import EventBackend, EventQuery
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
@@ -31,6 +31,7 @@ from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ControlStateBackend",
     "EventBackend",
     "EventQuery",
     "ImportResult",
