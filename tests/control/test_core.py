@@ -393,34 +393,6 @@ def test_callers_behind_a_head_that_has_not_woken_up_are_not_held_back() -> None
     assert state.confirm(limits, 0.03, grants[2].ticket).ready
 
 
-def _after_callers_who_wake_up(late: float) -> tuple[KeyState, Limits]:
-    """20 queued callers, each coming back ``late`` after its slot and saying so."""
-    limits = Limits(initial_rate=100.0, slow_start=1.0)  # a slot every 10 ms
-    state = KeyState()
-    grants = [state.acquire(limits, 0.0) for _ in range(40)]
-    for g in grants[1:21]:
-        assert state.confirm(limits, g.ticket * 0.01 + late, g.ticket, late=late).ready
-    return state, limits
-
-
-def test_a_slot_left_unused_by_a_late_caller_is_used_by_whoever_is_awake() -> None:
-    state, limits = _after_callers_who_wake_up(0.02)  # a loaded machine: 20 ms late
-    # the caller whose slot is at 0.21 s is still asleep; the next two come on time
-    assert state.confirm(limits, 0.22, 22).ready
-    assert state.confirm(limits, 0.23, 23).ready
-    # the schedule did not drift by the unused slot: the late caller goes when it wakes
-    assert state.confirm(limits, 0.231, 21, late=0.021).ready
-
-
-def test_callers_that_wake_up_on_time_do_not_stretch_the_schedule() -> None:
-    state, limits = _after_callers_who_wake_up(0.0)  # as in virtual time
-    assert state.confirm(limits, 0.22, 22).ready
-    assert state.confirm(limits, 0.23, 23).ready
-    late = state.confirm(limits, 0.231, 21, late=0.021)
-    assert not late.ready  # the slot it missed was not kept: it waits for the next one
-    assert late.wait == pytest.approx(0.009)
-
-
 def test_callers_that_left_their_rate_unused_do_not_lower_a_measured_ceiling() -> None:
     state, limits = _two_429s(23)  # measured: 23/s; the rate restarts just under it
     for i in range(10):  # callers that wake up late make 10 calls in the next 1.2 s

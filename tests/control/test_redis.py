@@ -96,14 +96,6 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     heads = [backend.acquire("fast", fast) for _ in range(3)]
     at(10.03)  # the head's caller is still asleep: the one behind it may go
     out += [*heads, backend.confirm("fast", fast, heads[2].ticket)]
-    at(20)
-    late = [backend.acquire("late", fast) for _ in range(40)]
-    for g in late[1:21]:  # callers that wake up 20 ms late, and say so
-        at(20 + g.ticket * 0.01 + 0.02)
-        out.append(backend.confirm("late", fast, g.ticket, 0.02))
-    for t, ticket, said in ((20.22, 22, 0.0), (20.23, 23, 0.0), (20.231, 21, 0.021)):
-        at(t)  # the first one's slot went unused: the others use it
-        out.append(backend.confirm("late", fast, ticket, said))
     at(30)
     for _ in range(500):  # a busy key: a 429, 23 successes in a second, a 429 (measured)...
         backend.acquire("under", fast)

@@ -58,12 +58,6 @@ LANDING_OKS = 8
 """Successes needed between two 429s to measure the downstream's rate from them."""
 LANDING_HOLD = 1.0
 """After a cut to an upper bound, the rate is held for this many call latencies."""
-ON_TIME = 0.001
-"""Callers whose usual wake-up lateness is below this (seconds) are on time."""
-WAKE_KEEP = 2.0
-WAKE_WEIGHT = 0.05
-"""Unused slot time caught up while callers queue: up to ``WAKE_KEEP`` times their usual
-lateness (a moving average, each report weighing ``WAKE_WEIGHT``)."""
 UNDER_USED = 0.9
 """Between two 429s the callers must have used this much of the rate they were given for
 the successes in between to measure the downstream (else they only bound it from below)."""
@@ -190,8 +184,6 @@ class KeyState:
     """``allowed`` and the time when the last decrease was made."""
     latency: float = 0.0
     """Moving average of a successful call's duration (admission to answer)."""
-    wake_late: float = 0.0
-    """Moving average of how late queued callers say they woke up (0 in virtual time)."""
     hold_until: float = 0.0
     win_start: float = 0.0
     win_cur: float = 0.0
@@ -292,12 +284,6 @@ class KeyState:
         # caught up only as far as the caller says it overslept (its driver knows), since
         # otherwise the key was idle or short of tokens and the schedule restarts now.
         lag = min(late, CATCH_UP, now - self.tat)
-        if self.tickets > ticket + 1 and self.wake_late > ON_TIME:
-            # others are queued, so the slots since ``tat`` went unused because the callers
-            # whose turn it was woke up late too: whoever is awake uses them, as far as the
-            # callers' usual lateness goes (on a loaded machine: tens of ms; nothing in
-            # virtual time), so that the schedule does not drift with every late wake-up
-            lag = max(lag, min(CATCH_UP, WAKE_KEEP * self.wake_late, now - self.tat))
         if lag > 0 and self.issued >= self._head() + limits.burst - 1e-9:
             # the tokens held back (above) while the head of the queue overslept
             self.issued = min(self.tickets + limits.burst - 1.0, self.issued + lag * rate)
@@ -344,7 +330,6 @@ class KeyState:
 
         ``late``: how much longer than told the caller slept (its lateness is caught up).
         """
-        self.wake_late += WAKE_WEIGHT * (max(0.0, late) - self.wake_late)
         if ticket < self.void_below or self.breaker is not BreakerState.CLOSED or (
             self.hold_until > now
         ):

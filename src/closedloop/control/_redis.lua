@@ -16,7 +16,7 @@ for i = 1, #raw, 2 do S[raw[i]] = tonumber(raw[i + 1]) end
 local function g(name) return S[name] or 0 end
 local CLOSED, OPEN, HALF = 0, 1, 2
 local WAKE_SLACK, CATCH_UP, LANDING_OKS, LANDING_HOLD = 0.004, 0.05, 8, 1.0
-local UNDER_USED, WAKE_KEEP, WAKE_WEIGHT, ON_TIME = 0.9, 2.0, 0.05, 0.001
+local UNDER_USED = 0.9
 
 local function count(name) S['c:' .. name] = g('c:' .. name) + 1 end
 
@@ -116,10 +116,6 @@ local function turn(ticket, late)
   if early > 1e-9 then return {early, ticket, now + early, 1, 0, ''} end
   -- a late waker keeps the schedule, as far as it says it overslept (see _core.py)
   local lag = math.min(late or 0, CATCH_UP, now - g('tat'))
-  if g('tickets') > ticket + 1 and g('wake_late') > ON_TIME then
-    -- others queue: unused slot time is caught up as far as the usual lateness goes
-    lag = math.max(lag, math.min(CATCH_UP, WAKE_KEEP * g('wake_late'), now - g('tat')))
-  end
   if lag > 0 and g('issued') >= head() + L.burst - 1e-9 then
     S.issued = math.min(g('tickets') + L.burst - 1, g('issued') + lag * r)
   end
@@ -234,7 +230,6 @@ if op == 'acquire' then
   result = acquire()
 elseif op == 'confirm' then
   local ticket = tonumber(ARGV[5])
-  S.wake_late = g('wake_late') + WAKE_WEIGHT * (math.max(0, tonumber(ARGV[6])) - g('wake_late'))
   if ticket < g('void_below') or g('breaker') ~= CLOSED or g('hold_until') > now then
     count('requeued')
     result = acquire()
