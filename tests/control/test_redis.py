@@ -96,6 +96,24 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     heads = [backend.acquire("fast", fast) for _ in range(3)]
     at(10.03)  # the head's caller is still asleep: the one behind it may go
     out += [*heads, backend.confirm("fast", fast, heads[2].ticket)]
+    at(30)
+    for _ in range(500):  # a busy key: a 429, 23 successes in a second, a 429 (measured)...
+        backend.acquire("under", fast)
+    backend.feedback("under", fast, Signal.OK, 1029.9, None)
+    at(31.1)
+    backend.feedback("under", fast, Signal.OVERLOADED, 1031.0, None)
+    for i in range(23):
+        at(31.1 + (i + 0.5) / 23)
+        backend.feedback("under", fast, Signal.OK, 1031.0 + (i + 0.5) / 23, None)
+    at(32.1)
+    backend.feedback("under", fast, Signal.OVERLOADED, 1032.0, None)
+    out.append(backend.snapshot("under", fast)["ceiling"])
+    for i in range(10):  # ...then callers that wake up late leave most of the rate unused
+        at(32.2 + (i + 0.5) * 0.12)
+        backend.feedback("under", fast, Signal.OK, 1032.1 + (i + 0.5) * 0.12, None)
+    at(33.4)
+    backend.feedback("under", fast, Signal.OVERLOADED, 1033.3, None)
+    out += [backend.snapshot("under", fast)[k] for k in ("ceiling", "rate")]
     return out
 
 
