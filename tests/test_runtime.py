@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import closedloop as cl
+from _doubles import Executor
 from closedloop.control import (
     Backpressure,
     FaultControl,
@@ -28,17 +29,6 @@ from closedloop.control import (
 )
 from closedloop.store import default_store, is_default_store
 from closedloop.telemetry import MemoryExporter, Telemetry, default_telemetry
-
-
-class Executor:
-    """The action under guard; counts how often it ran."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, proposal: object) -> object:
-        self.calls += 1
-        return proposal
 
 
 def _loop(executor: Executor, **kwargs: object) -> cl.Loop:

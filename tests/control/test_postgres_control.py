@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import closedloop as cl
+from _doubles import Executor
 from closedloop.cli import main
 from closedloop.control import FaultControl, Stop, StopKind, ledger_for_store
 from closedloop.store._postgres import PostgresLedger
@@ -39,17 +40,6 @@ AGENT = textwrap.dedent("""
     print(loop.run(1).outcome.value, os.getpid())
     store.close()
 """)
-
-
-class Executor:
-    """The action under guard; counts how often it ran."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, proposal: object) -> object:
-        self.calls += 1
-        return proposal
 
 
 def _loop(guard: FaultControl, executor: Executor, *, fail_open: bool = False) -> cl.Loop:
