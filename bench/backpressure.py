@@ -526,13 +526,16 @@ def scenario_redis(rate: float, workers: int, seconds: float, redis_url: str, *,
     import redis
 
     client = redis.Redis.from_url(redis_url)
+    state = {k.decode(): v.decode() for k, v in
+             client.hgetall(f"{prefix}:rate:provider").items()}  # type: ignore[union-attr]
+    counts = {k[2:]: int(float(v)) for k, v in state.items() if k.startswith("c:")}
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
     return {"rate": rate, "workers": workers, "seconds": seconds, "quota": quota, "burn": burn,
             "aggregate": aggregate, "ratio": aggregate / rate,
             "throttled_per_success": provider.throttled / max(1, len(ok)),
-            "acquire_us": costs}
+            "decreases": counts.get("decreases", 0), "acquire_us": costs}
 
 
 def print_redis(r: dict[str, Any]) -> None:
@@ -542,7 +545,8 @@ def print_redis(r: dict[str, Any]) -> None:
     print(f"\nScenario 2 (real time, Redis): R = {r['rate']:g}/s, {r['workers']} worker "
           f"processes x 16 agents, {r['seconds']:g} s; {told}{load}")
     print(f"aggregate rate over the last two thirds: {r['aggregate']:.1f}/s = "
-          f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f})")
+          f"{r['ratio']:.3f} R  (429s per success {r['throttled_per_success']:.3f}, "
+          f"{r['decreases']} rate cuts)")
     (rp50, rp99), (lp50, lp99) = r["acquire_us"]["redis"], r["acquire_us"]["local"]
     print(f"one acquire: Redis p50 {rp50:.0f} us, p99 {rp99:.0f} us; "
           f"local p50 {lp50:.1f} us, p99 {lp99:.1f} us; added by Redis p50 "

@@ -28,6 +28,7 @@ PROGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "promtool": (("promtool",), "apt-get install prometheus"),
     "prometheus": (("prometheus",), "apt-get install prometheus"),
     "redis-server": (("redis-server",), "apt-get install redis-server"),
+    "setpriv": (("setpriv",), "apt-get install util-linux"),
 }
 # importable name -> how to get it
 MODULES: dict[str, str] = {

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 import closedloop as cl
-from closedloop.control import reset_default_backpressure, reset_default_fault_control
-from closedloop.store import reset_default_store
 
 # the ``requires`` mark; pytester runs small pytest sessions to test that mark
 pytest_plugins = ("_services", "pytester")
@@ -18,16 +16,13 @@ pytest_plugins = ("_services", "pytester")
 
 @pytest.fixture(autouse=True)
 def _isolated_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test gets its own default store file and fault control, never the user's."""
+    """Every test gets a fresh process runtime (store file, fault control, backpressure, no
+    telemetry), never the user's."""
     monkeypatch.setenv("CLOSEDLOOP_STORE", f"sqlite:///{tmp_path / 'default.db'}")
     monkeypatch.delenv("CLOSEDLOOP_REDIS_URL", raising=False)
-    reset_default_store()
-    reset_default_fault_control()
-    reset_default_backpressure()
+    cl.reset()
     yield
-    reset_default_fault_control()
-    reset_default_backpressure()
-    reset_default_store()
+    cl.reset()
 
 
 @pytest.fixture

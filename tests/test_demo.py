@@ -7,6 +7,7 @@ shared by the module; each test checks one thing a user of the demo relies on. T
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -37,6 +38,9 @@ from closedloop.demo import (
     run_demo,
 )
 from closedloop.demo._ec2 import (
+    MAX_LAUNCHES,
+    PRODUCTION_INSTANCES,
+    VPC_CIDR,
     Action,
     DemoEnvironment,
     Ec2Executor,
@@ -44,6 +48,7 @@ from closedloop.demo._ec2 import (
     LocalEc2,
     count_running,
     provision_environment,
+    subnet_for,
 )
 from closedloop.demo._plan import no_destructive_actions, plan_schema, required_tags
 
@@ -315,7 +320,7 @@ def test_destructive_actions_are_critical() -> None:
 @pytest.fixture(scope="module")
 def ec2() -> Iterator[tuple[Any, DemoEnvironment]]:
     with LocalEc2() as local:
-        yield local.client, provision_environment(local.client)
+        yield local.client, provision_environment(local.client, launches=20)
 
 
 def request_for(groups: tuple[str, ...] = ("ssh", "web")) -> ProvisionRequest:
@@ -423,6 +428,56 @@ def test_cli_without_moto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch
 def test_run_demo_rejects_a_non_positive_request_count() -> None:
     with pytest.raises(cl.ConfigError, match="positive integer"):
         run_demo(0)
+
+
+@pytest.mark.parametrize("requests", [1, 9, 200, 249, 5000, MAX_LAUNCHES])
+def test_the_subnet_has_an_address_for_every_instance_of_the_run(requests: int) -> None:
+    subnet = ipaddress.IPv4Network(subnet_for(PRODUCTION_INSTANCES + requests))
+    assert subnet.subnet_of(ipaddress.IPv4Network(VPC_CIDR))
+    assert subnet.num_addresses - 5 >= PRODUCTION_INSTANCES + requests  # EC2 keeps 5
+
+
+def test_the_local_ec2_api_gives_the_subnet_the_addresses_asked_for(
+    ec2: tuple[Any, DemoEnvironment],
+) -> None:
+    client, _ = ec2
+    # 249 more than the production instances: one more than a /24 has addresses for
+    env = provision_environment(client, launches=249)
+    (subnet,) = client.describe_subnets(SubnetIds=[env.subnet_id])["Subnets"]
+    assert subnet["AvailableIpAddressCount"] >= 249
+
+
+def test_run_demo_refuses_more_requests_than_its_subnet_holds() -> None:
+    with pytest.raises(cl.ConfigError, match=f"at most {MAX_LAUNCHES} requests"):
+        run_demo(MAX_LAUNCHES + 1)
+
+
+_EXHAUST = """
+import json
+from closedloop.demo._ec2 import Ec2Executor, LocalEc2, provision_environment
+plan = json.dumps({"action": "run_instances", "instance_type": "t3.micro",
+                   "security_groups": ["web"], "tags": {"env": "dev"}, "count": 1})
+outcomes = []
+with LocalEc2() as ec2:
+    execute = Ec2Executor(ec2.client, provision_environment(ec2.client, launches=8))
+    for _ in range(12):
+        try:
+            outcomes.append(execute(plan).call)
+        except Exception as exc:  # what the loop records as the step's executor error
+            outcomes.append(type(exc).__name__)
+print(json.dumps(outcomes))
+"""
+
+
+def test_launches_past_a_full_subnet_fail_without_flooding_stderr() -> None:
+    # moto fails a launch that finds no address with a traceback, which werkzeug logged to
+    # stderr (~70 lines a request, 300,000 lines in a 5000-request demo)
+    out = subprocess.run([sys.executable, "-c", _EXHAUST], capture_output=True, text=True,
+                         timeout=120, check=True)
+    outcomes = json.loads(out.stdout)
+    assert outcomes[:8] == ["run_instances"] * 8
+    assert "run_instances" not in outcomes[8:]  # the subnet was full: no launch after it
+    assert out.stderr == ""
 
 
 # -- the quickstart leads somewhere: every command shows the demo's steps ----------------------

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,35 @@ def test_reading_traces_back_needs_no_opentelemetry() -> None:
 
     assert _view.STATUS_ERROR == _span.STATUS_ERROR
     assert _imported_after("import closedloop.telemetry._view") == set()
+
+
+def test_the_help_loads_no_printing_library_and_no_loop_layer() -> None:
+    # --help imports every command module for its summary line; rich, the validators, the
+    # learning layer, the store and the control ledger load only when a command runs
+    code = ("import sys\nfrom closedloop.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('rich', 'asyncio') or "
+            "m in ('closedloop.validate', 'closedloop.learn', 'closedloop.store', "
+            "'closedloop.control._ledger', 'closedloop.telemetry')])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    assert json.loads(out.stdout.splitlines()[-1].replace("'", '"')) == []
+
+
+def test_the_defaults_the_commands_spell_out_are_their_layers_own() -> None:
+    # the CLI repeats a few constants so that --help need not import their modules
+    from closedloop import learn, validate
+    from closedloop.cli import _check, _control, _report
+    from closedloop.control import _ledger
+
+    validators: dict[str, Any] = {"terraform-plan": validate.TerraformPlanValidator,
+                  "json-schema": validate.JsonSchemaValidator, "python": validate.PythonSyntax,
+                  "sql": validate.SqlSyntax, "hcl": validate.HclValidator,
+                  "terraform": validate.TerraformCli}
+    assert set(validators) == set(_check.check.commands)
+    for name, validator in validators.items():
+        [max_bytes] = [p for p in _check.check.commands[name].params if p.name == "max_bytes"]
+        assert max_bytes.default == validator.DEFAULT_MAX_BYTES, name
+    assert _report.DEFAULT_TOP_ERRORS == learn.DEFAULT_TOP_ERRORS
+    assert _report.DEFAULT_TOP_MESSAGES == learn.DEFAULT_TOP_MESSAGES
+    assert _control._REDIS_ENV == _ledger.REDIS_ENV

@@ -4,7 +4,8 @@ Every agent step runs through propose → validate (re-ask) → gate → act →
 The layers live in their own subpackages: :mod:`closedloop.loop` (the loop),
 :mod:`closedloop.validate` (immediate validation), :mod:`closedloop.verify` (outcome
 verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.store` and
-:mod:`closedloop.learn` (the long-term learning signals).
+:mod:`closedloop.learn` (the long-term learning signals). :func:`configure` sets the
+process's store, control, backpressure and telemetry at once (:class:`Runtime`).
 """
 
 import typing
@@ -32,6 +33,7 @@ if typing.TYPE_CHECKING:
         reset_default_redactor,
         set_default_redactor,
     )
+    from closedloop._runtime import Runtime, configure, current_runtime, reset
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
     from closedloop.loop import Attempt, Loop, StepResult, current_attempt
@@ -52,6 +54,7 @@ __all__ = [
     "NotExecuted",
     "Outcome",
     "Redactor",
+    "Runtime",
     "Severity",
     "StepEvent",
     "StepFailed",
@@ -63,11 +66,14 @@ __all__ = [
     "VerificationFailed",
     "__version__",
     "as_verdict",
+    "configure",
     "current_attempt",
+    "current_runtime",
     "default_redactor",
     "default_store",
     "open_store",
     "render_feedback",
+    "reset",
     "reset_default_redactor",
     "reset_default_store",
     "set_default_redactor",
@@ -83,6 +89,7 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
         "._events": ("ErrorType", "Outcome", "StepEvent"),
         "._redact": ("Redactor", "default_redactor", "reset_default_redactor",
                      "set_default_redactor"),
+        "._runtime": ("Runtime", "configure", "current_runtime", "reset"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),
         ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),

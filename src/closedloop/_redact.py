@@ -38,10 +38,11 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from re import Pattern
 from typing import TYPE_CHECKING, Any
+
+from closedloop import _runtime
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -509,43 +510,47 @@ def truncate(text: str, max_chars: int) -> str:
 
 
 # -- the process default ------------------------------------------------------------------
+# The process's redactor is the current runtime's (closedloop._runtime): configure() and
+# reset() set it with the rest. A runtime without one of its own uses the built-in rules.
 
-_default = Redactor()
-_default_lock = threading.Lock()
+BUILTIN = Redactor()
+"""The built-in rules only: the redactor of a runtime not given one."""
 
 
 def default_redactor() -> Redactor:
-    """The redactor closedloop applies to everything it stores, exports and logs."""
-    return _default
+    """The redactor closedloop applies to everything it stores, exports and logs: the
+    current runtime's (:func:`closedloop.configure`), else :data:`BUILTIN`."""
+    redactor = _runtime._current._redactor
+    return redactor if redactor is not None else BUILTIN
 
 
 def set_default_redactor(redactor: Redactor) -> Redactor:
-    """Install ``redactor`` process-wide (e.g. ``Redactor([r"ACCT-\\d{6}"])`` to add your
-    own patterns); returns the previous one."""
-    global _default
-    with _default_lock:
-        previous, _default = _default, redactor
-    return previous
+    """Install ``redactor`` in the current runtime (e.g. ``Redactor([r"ACCT-\\d{6}"])`` to
+    add your own patterns); returns the previous one."""
+    return _runtime._current.set_redactor(redactor)
 
 
 def reset_default_redactor() -> None:
     """Back to the built-in rules only."""
-    set_default_redactor(Redactor())
+    _runtime._current.set_redactor(None)
 
 
 def redact_text(text: str) -> str:
     """``text`` redacted by the process default redactor."""
-    return _default(text)
+    redactor = _runtime._current._redactor
+    return (redactor if redactor is not None else BUILTIN)(text)
 
 
 def redact_value(obj: Any) -> Any:
     """``obj`` (str, dict, list, tuple, nested) redacted by the process default redactor."""
-    return _default.value(obj)
+    redactor = _runtime._current._redactor
+    return (redactor if redactor is not None else BUILTIN).value(obj)
 
 
 def clip(text: str, max_chars: int) -> str:
     """``text`` redacted, then truncated to ``max_chars`` (never the other way round)."""
-    return truncate(_default(text), max_chars)
+    redactor = _runtime._current._redactor
+    return truncate((redactor if redactor is not None else BUILTIN)(text), max_chars)
 
 
 def redact_event(event: StepEvent) -> StepEvent:
@@ -553,7 +558,9 @@ def redact_event(event: StepEvent) -> StepEvent:
     message, detail = event.error_message, event.detail
     if message is None and detail is None:
         return event
-    redactor = _default
+    redactor = _runtime._current._redactor
+    if redactor is None:
+        redactor = BUILTIN
     return tuple.__new__(type(event), (  # _replace, without its per-call overhead
         *event[:13], None if message is None else redactor(message), *event[14:18],
         None if detail is None else redactor.value(detail)))
@@ -568,7 +575,7 @@ class RedactingFilter(logging.Filter):
     _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        redactor = _default
+        redactor = default_redactor()
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is logging's business to report

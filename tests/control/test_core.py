@@ -391,3 +391,14 @@ def test_callers_behind_a_head_that_has_not_woken_up_are_not_held_back() -> None
     assert grants[0].ready
     # the head's slot came at 10 ms, but its caller is still asleep at 30 ms
     assert state.confirm(limits, 0.03, grants[2].ticket).ready
+
+
+def test_callers_that_left_their_rate_unused_do_not_lower_a_measured_ceiling() -> None:
+    state, limits = _two_429s(23)  # measured: 23/s; the rate restarts just under it
+    for i in range(10):  # callers that wake up late make 10 calls in the next 1.2 s
+        sent = 2.1 + (i + 0.5) * 0.12
+        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+    # a clump of them is refused: 8/s got through in between, a lower bound only
+    state.feedback(limits, 3.4, Signal.OVERLOADED, admitted_at=3.3)
+    assert state.ceiling == pytest.approx(23.0)  # kept
+    assert state.rate(limits, 3.4) == pytest.approx(0.9 * 23.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import closedloop as cl
+from _doubles import Executor
 from closedloop.control import (
     CaptureSink,
     FaultControl,
@@ -21,17 +22,6 @@ from closedloop.control import (
 from closedloop.loop import Admission
 
 from ._clock import FakeClock
-
-
-class Executor:
-    """The action under guard; counts how often it ran."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, proposal: object) -> object:
-        self.calls += 1
-        return proposal
 
 
 def _loop(guard: object, executor: Executor, *, verified: object = True,

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import closedloop as cl
+from _doubles import Executor
 from closedloop.cli import main
 from closedloop.control import (
     CachedLedger,
@@ -30,17 +31,6 @@ from closedloop.control import (
 )
 
 from .conftest import OwnRedis, _unavailable
-
-
-class Executor:
-    """The action under guard; counts how often it ran."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, proposal: object) -> object:
-        self.calls += 1
-        return proposal
 
 
 def _loop(fc: FaultControl, executor: Executor, *, verified: object = True) -> cl.Loop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import openai
@@ -50,7 +51,17 @@ def test_a_provider_that_keeps_refusing_is_given_up_on_within_the_deadline(
 ) -> None:
     wire.script(*[Reply(status=503, body={"error": {"message": "down"}}) for _ in range(50)])
     sdk = instrument_openai(client(wire))
-    limiter = Backpressure(retry=RetryPolicy(deadline=0.5))
+    # a virtual clock that only the limiter's own waits move: what it spends is exact
+    clock = [0.0]
+
+    def wait(seconds: float) -> None:
+        clock[0] += seconds
+
+    # a retry budget that never binds, and seeded jitter: the deadline is what stops it
+    deadline = 0.5
+    policy = RetryPolicy(deadline=deadline)
+    limiter = Backpressure(retry=policy, budget_min_per_second=1000.0, clock=lambda: clock[0],
+                           sleep=wait, rng=random.Random(3))
 
     def agent(task: str, attempt: cl.Attempt) -> str:
         assert attempt.backpressure is not None
@@ -59,12 +70,12 @@ def test_a_provider_that_keeps_refusing_is_given_up_on_within_the_deadline(
         return "unreachable"
 
     loop = cl.Loop(agent, task_type="chat", backpressure=limiter, store=memory_store)
-    started = time.monotonic()
     # the provider's 503, or flow control's own "no slot before the deadline"
     with pytest.raises((openai.InternalServerError, BackpressureError)):
         loop.run("hello")
-    assert time.monotonic() - started < 2.0
-    assert 1 < len(wire.requests) < 10  # a few retries within the deadline, not a storm
+    assert 0 < clock[0] <= deadline  # it backed off, and never waited past the deadline
+    # a few retries, bounded by the policy: not a storm
+    assert 1 < len(wire.requests) <= policy.max_attempts
     assert memory_store.flush()
     (event,) = memory_store.events()
     assert (event.outcome, event.error_type) == ("error", "agent")

@@ -17,38 +17,29 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from closedloop._errors import ConfigError
-from closedloop._verdict import Severity, Verdict
 from closedloop.cli import main
 from closedloop.cli._common import echo_json
-from closedloop.validate import (
-    AllowedInstanceTypes,
-    ForbiddenResourceTypes,
-    HclValidator,
-    JsonSchemaValidator,
-    PlanFormatError,
-    PythonSyntax,
-    RequiredTags,
-    RuffLint,
-    SqlSyntax,
-    TerraformCli,
-    TerraformPlanValidator,
-    load_plan,
-    parse_json,
-)
-from closedloop.validate._base import MiB, too_large
 
-_AUX_MAX_BYTES = 8 * MiB  # a schema file
+if TYPE_CHECKING:
+    from closedloop._verdict import Verdict
+
+# The validators are imported by the command that runs one, so that `closedloop --help` does
+# not load them. Their DEFAULT_MAX_BYTES, spelled out for the same reason (a test checks that
+# each command's default is its validator's):
+_KiB, _MiB = 1024, 1024 * 1024
+_MAX_BYTES = {"terraform-plan": 8 * _MiB, "json-schema": 1 * _MiB, "python": 256 * _KiB,
+              "sql": 128 * _KiB, "hcl": 128 * _KiB, "terraform": 8 * _MiB}
+_AUX_MAX_BYTES = 8 * _MiB  # a schema file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_STYLE = {Severity.WARNING: "yellow", Severity.ERROR: "red", Severity.CRITICAL: "red"}
+_STYLE = {"WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}  # by Severity name
 
 
 class _TooLarge(Exception):
@@ -89,12 +80,19 @@ def _inputs(paths: tuple[str, ...], limit: int, check_name: str, as_json: bool,
     try:
         return {path: _read(path, limit) for path in paths}
     except _TooLarge as exc:
+        from dataclasses import replace
+
+        from closedloop._verdict import Verdict
+        from closedloop.validate._base import too_large
+
         issue = too_large(exc.size, exc.limit, "raise the limit with --max-bytes to check it")
         _report(Verdict.fail(replace(issue, location=exc.path), check=check_name), as_json)
 
 
 def _aux_json(path: str) -> Any:
     """A JSON file that configures a check (a schema): any problem is a usage error."""
+    from closedloop.validate import parse_json
+
     try:
         data = _read(path, _AUX_MAX_BYTES)
     except _TooLarge:
@@ -107,8 +105,8 @@ def _aux_json(path: str) -> Any:
     return doc
 
 
-def _max_bytes_option(default: int) -> Callable[[F], F]:
-    return click.option("--max-bytes", type=click.IntRange(min=1), default=default,
+def _max_bytes_option(command: str) -> Callable[[F], F]:
+    return click.option("--max-bytes", type=click.IntRange(min=1), default=_MAX_BYTES[command],
                         show_default=True, metavar="N",
                         help="Largest input checked (in bytes); a larger one fails.")
 
@@ -129,7 +127,7 @@ def _report(verdict: Verdict, as_json: bool) -> NoReturn:
         if verdict.unknown is not None:
             click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:
-            click.echo("  " + click.style(literal(issue.render()), fg=_STYLE[issue.severity]))
+            click.echo("  " + click.style(literal(issue.render()), fg=_STYLE[issue.severity.name]))
     sys.exit(0 if verdict.passed else 1)
 
 
@@ -156,6 +154,8 @@ def _policy_options(f: F) -> F:
 
 def _rules(require_tags: tuple[str, ...], tag_types: tuple[str, ...],
            forbid_types: tuple[str, ...], instance_types: tuple[str, ...]) -> list[Any]:
+    from closedloop.validate import AllowedInstanceTypes, ForbiddenResourceTypes, RequiredTags
+
     rules: list[Any] = []
     if require_tags:
         tags: dict[str, str | None] = {}
@@ -183,7 +183,7 @@ def check() -> None:
 @click.option("--allow-destroy", multiple=True, metavar="GLOB",
               help="Addresses that may be deleted or replaced (reported as warnings).")
 @_policy_options
-@_max_bytes_option(TerraformPlanValidator.DEFAULT_MAX_BYTES)
+@_max_bytes_option("terraform-plan")
 @_json_option
 def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as_json: bool,
                    **policy: Any) -> None:
@@ -191,6 +191,8 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 
     JSON that is neither is a usage error (exit 2), never a pass.
     """
+    from closedloop.validate import PlanFormatError, TerraformPlanValidator, load_plan
+
     validator = TerraformPlanValidator(_rules(**policy), allow_destroy=allow_destroy,
                                        max_bytes=max_bytes)
     text = _inputs((plan,), max_bytes, validator.name, as_json)[plan]
@@ -205,10 +207,12 @@ def terraform_plan(plan: str, allow_destroy: tuple[str, ...], max_bytes: int, as
 @click.option("--schema", "schema_path", required=True, metavar="SCHEMA.json",
               help="The JSON Schema (draft 2020-12 unless it says otherwise).")
 @click.argument("document", metavar="DOC.json|-")
-@_max_bytes_option(JsonSchemaValidator.DEFAULT_MAX_BYTES)
+@_max_bytes_option("json-schema")
 @_json_option
 def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) -> None:
     """Validate a JSON document against a JSON Schema."""
+    from closedloop.validate import JsonSchemaValidator
+
     schema = _aux_json(schema_path)
     if not isinstance(schema, dict | bool):
         raise ConfigError(f"{schema_path}: a JSON Schema is an object or a boolean")
@@ -222,11 +226,14 @@ def json_schema(schema_path: str, document: str, max_bytes: int, as_json: bool) 
 @click.option("--lint/--no-lint", default=False, help="Also lint with ruff.")
 @click.option("--select", multiple=True, metavar="RULE", help="ruff rules to apply.")
 @click.option("--ignore", multiple=True, metavar="RULE", help="ruff rules to skip.")
-@_max_bytes_option(PythonSyntax.DEFAULT_MAX_BYTES)
+@_max_bytes_option("python")
 @_json_option
 def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str, ...],
            max_bytes: int, as_json: bool) -> None:
     """Check Python syntax (compiled, never run), optionally ruff lint."""
+    from closedloop._verdict import Verdict
+    from closedloop.validate import PythonSyntax, RuffLint
+
     syntax = PythonSyntax(filename=file, max_bytes=max_bytes)
     source = _inputs((file,), max_bytes, syntax.name, as_json)[file]
     verdict = syntax(source)
@@ -243,11 +250,13 @@ def python(file: str, *, lint: bool, select: tuple[str, ...], ignore: tuple[str,
               help="SQL dialect: postgres, sqlite, mysql, … (any sqlglot dialect).")
 @click.option("--allow-destructive", is_flag=True,
               help="Do not report DROP, TRUNCATE, or DELETE/UPDATE without WHERE.")
-@_max_bytes_option(SqlSyntax.DEFAULT_MAX_BYTES)
+@_max_bytes_option("sql")
 @_json_option
 def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
         as_json: bool) -> None:
     """Check SQL syntax in a dialect, and flag statements that destroy data."""
+    from closedloop.validate import SqlSyntax
+
     check_ = SqlSyntax(dialect, forbid_destructive=not allow_destructive, max_bytes=max_bytes)
     _report(check_(_inputs((file,), max_bytes, check_.name, as_json)[file]), as_json)
 
@@ -255,13 +264,15 @@ def sql(file: str, dialect: str, allow_destructive: bool, max_bytes: int,
 @check.command("hcl")
 @click.argument("files", nargs=-1, required=True, metavar="FILE.tf...")
 @_policy_options
-@_max_bytes_option(HclValidator.DEFAULT_MAX_BYTES)
+@_max_bytes_option("hcl")
 @_json_option
 def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) -> None:
     """Parse Terraform HCL files (one module) and apply policy rules.
 
     --max-bytes caps the files' total size.
     """
+    from closedloop.validate import HclValidator
+
     check_ = HclValidator(_rules(**policy), max_bytes=max_bytes)
     _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)
 
@@ -276,11 +287,13 @@ def hcl(files: tuple[str, ...], max_bytes: int, as_json: bool, **policy: Any) ->
               help="Seconds the whole terraform run may take before it is stopped.")
 @click.option("--require-binary", is_flag=True,
               help="Fail (exit 1) when no terraform/tofu is on PATH, instead of skipping.")
-@_max_bytes_option(TerraformCli.DEFAULT_MAX_BYTES)
+@_max_bytes_option("terraform")
 @_json_option
 def terraform(files: tuple[str, ...], *, with_plan: bool, state: str | None, timeout: float,
               require_binary: bool, max_bytes: int, as_json: bool) -> None:
     """Run terraform (or tofu) `validate -json` on the files, in a fresh temporary directory."""
+    from closedloop.validate import TerraformCli
+
     check_ = TerraformCli(plan=with_plan, state=state, timeout=timeout, max_bytes=max_bytes,
                           if_missing="unknown" if require_binary else "skip")
     _report(check_(_named(_inputs(files, max_bytes, check_.name, as_json))), as_json)

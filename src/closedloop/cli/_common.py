@@ -1,6 +1,10 @@
 r"""Helpers the commands share: the ``--store`` option, ``--since`` parsing, opening a store to
 read it, and output for people (rich) and scripts (JSON).
 
+Nothing here imports rich or the store at import time: ``closedloop --help`` imports every
+command module for its summary line, and only a command that prints a table or opens a
+store pays for them (BENCHMARKS.md, "Start-up").
+
 Stored text is data. Task types, verdict messages, reasons and captured content come from
 agents and users, so every command prints them literally: rich markup (``[red]``,
 ``[/bold]``) and emoji codes (``:smile:``) are never interpreted, and control characters
@@ -12,24 +16,25 @@ already in the text is printed as it is. ``--json`` outputs carry the raw text.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console, ConsoleOptions, RenderableType
-from rich.segment import Segment
-from rich.text import Text
-
-from closedloop.store import Store, default_store_url, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+    from closedloop.store import Store
+
     _ParamType = click.ParamType[float]  # generic in the stubs of click ≥ 8.2 only
 else:
     _ParamType = click.ParamType
@@ -42,13 +47,19 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _DATE_LIKE = re.compile(r"\d{4}-\d")
 
 
+def _default_store_url() -> str:
+    from closedloop.store import default_store_url
+
+    return default_store_url()
+
+
 def store_option(f: F) -> F:
     """``--store URL``: the event store, default ``$CLOSEDLOOP_STORE`` or the user data file."""
     option = click.option(
         "--store",
         "store_url",
         metavar="URL",
-        default=default_store_url,
+        default=_default_store_url,
         show_default="$CLOSEDLOOP_STORE, else ~/.local/share/closedloop/closedloop.db",
         help="Event store: sqlite:///PATH, a file path, or memory://.",
     )
@@ -112,11 +123,15 @@ def open_store_to_read(url: str) -> Store:
     file, or one that is not a closedloop store, raises :class:`~closedloop.StoreError`
     (exit 1). A store on a read-only mount can be read.
     """
+    from closedloop.store import open_store
+
     return open_store(url, read_only=True)
 
 
 def open_store_to_write(url: str) -> Store:
     """Open an existing store to add to it (``scores add``); a missing file is an error."""
+    from closedloop.store import open_store
+
     return open_store(url, create=False)
 
 
@@ -151,6 +166,8 @@ def literal(value: object, *, newlines: bool = False) -> str:
 
 def styled(value: object, style: str = "") -> Text:
     """Stored text as a rich :class:`~rich.text.Text`: printed literally, in ``style``."""
+    from rich.text import Text
+
     return Text(literal(value), style=style)
 
 
@@ -164,30 +181,6 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
-class _LiteralConsole(Console):
-    """A console that never reads markup or emoji codes and escapes control characters.
-
-    rich turns every ``str`` it is given (a table cell, a tree label, a title) into text
-    through :meth:`render_str`; escaping there covers every printing command, including the
-    ones that build their tables from plain strings. :meth:`render` escapes whatever is
-    left (a :class:`~rich.text.Text` made from stored text by hand).
-    """
-
-    def render_str(self, text: str, **kwargs: Any) -> Text:
-        return super().render_str(literal(text, newlines=True), **kwargs)
-
-    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None
-               ) -> Iterable[Segment]:
-        # A safety net for Text built from stored text by hand: its control characters are
-        # escaped here, after layout (so such a cell may overflow its column, never the
-        # terminal). Escaping is idempotent, and rich's own control segments pass untouched.
-        for segment in super().render(renderable, options):
-            if segment.control or not _CONTROL.search(segment.text):
-                yield segment
-            else:
-                yield Segment(literal(segment.text, newlines=True), segment.style)
-
-
 def console(*, stderr: bool = False) -> Console:
     """A rich console on stdout (or stderr) that prints every string literally.
 
@@ -197,7 +190,42 @@ def console(*, stderr: bool = False) -> Console:
     """
     options: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False,
                                "stderr": stderr}
-    out = _LiteralConsole(**options)
+    literal_console = _literal_console_class()
+    out = literal_console(**options)
     if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = _LiteralConsole(width=120, **options)
+        out = literal_console(width=120, **options)
     return out
+
+
+@functools.cache
+def _literal_console_class() -> type[Console]:
+    # Defined on first use, so that importing this module does not import rich.
+    from collections.abc import Iterable
+
+    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.segment import Segment
+
+    class _LiteralConsole(Console):
+        """A console that never reads markup or emoji codes and escapes control characters.
+
+        rich turns every ``str`` it is given (a table cell, a tree label, a title) into text
+        through :meth:`render_str`; escaping there covers every printing command, including the
+        ones that build their tables from plain strings. :meth:`render` escapes whatever is
+        left (a :class:`~rich.text.Text` made from stored text by hand).
+        """
+
+        def render_str(self, text: str, **kwargs: Any) -> Text:
+            return super().render_str(literal(text, newlines=True), **kwargs)
+
+        def render(self, renderable: RenderableType, options: ConsoleOptions | None = None
+                   ) -> Iterable[Segment]:
+            # A safety net for Text built from stored text by hand: its control characters are
+            # escaped here, after layout (so such a cell may overflow its column, never the
+            # terminal). Escaping is idempotent, and rich's own control segments pass untouched.
+            for segment in super().render(renderable, options):
+                if segment.control or not _CONTROL.search(segment.text):
+                    yield segment
+                else:
+                    yield Segment(literal(segment.text, newlines=True), segment.style)
+
+    return _LiteralConsole

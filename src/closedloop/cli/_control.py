@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
 from closedloop.cli import main
 from closedloop.cli._common import (
@@ -26,8 +25,13 @@ from closedloop.cli._common import (
     store_option,
     styled,
 )
-from closedloop.control._ledger import REDIS_ENV as _REDIS_ENV
-from closedloop.control._ledger import ControlLedger, ledger_for_store, shown_url, who
+
+if TYPE_CHECKING:
+    from closedloop.control._ledger import ControlLedger
+
+# closedloop.control._ledger.REDIS_ENV, spelled out so that `closedloop --help` need not import
+# the ledger (a test checks the two agree).
+_REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
 
 
 def _redis_option(f: Any) -> Any:
@@ -41,6 +45,8 @@ def _redis_option(f: Any) -> Any:
 
 def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[ControlLedger, str]:
     """The ledger agents use for this store (and Redis), and where it is, for people."""
+    from closedloop.control._ledger import ledger_for_store, shown_url
+
     store = open_store_to_read(store_url)
     try:
         ledger = ledger_for_store(store, redis_url=redis_url or None, prefix=prefix)
@@ -105,6 +111,8 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
         echo_json({"source": where, "degraded": degraded, "stops": [s.to_dict() for s in stops],
                    "keys": keys, "history": history})
         return
+    from rich.table import Table
+
     out = console()
     if degraded:
         out.print(styled(f"warning: {degraded}", "yellow"))
@@ -161,6 +169,7 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
       2  usage error (no --reason, bad store or Redis URL)
     """
     from closedloop.control._fault import resume as lift
+    from closedloop.control._ledger import who
 
     ledger, where = _ledger(store_url, redis_url, prefix)
     stop = lift(ledger, task_type, reason=reason, by=by or who())

@@ -5,10 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
@@ -40,6 +36,15 @@ def demo(count: int, seed: int, as_json: bool, store_url: str) -> None:
     from closedloop.demo import require_demo_extras, run_demo
 
     require_demo_extras()
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     err = Console(stderr=True)
     if as_json or not err.is_terminal:
         summary = run_demo(count, seed, store_url)
@@ -72,6 +77,9 @@ def _print_next_steps(s: DemoSummary) -> None:
 
 
 def _print(s: DemoSummary) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     injected = s.ledger.counts()
     expected = s.ledger.expected_outcomes(s.max_attempts)
     table = Table(title=f"closedloop demo: {s.requests} EC2 provisioning requests (seed {s.seed})",

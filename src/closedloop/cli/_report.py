@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
-from rich.text import Text
 
 from closedloop.cli import main
 from closedloop.cli._common import (
@@ -20,20 +18,18 @@ from closedloop.cli._common import (
     open_store_to_read,
     store_option,
 )
-from closedloop.learn import (
-    DEFAULT_TOP_ERRORS,
-    DEFAULT_TOP_MESSAGES,
-    Rate,
-    Report,
-    TaskStats,
-    report_from_store,
-)
-from closedloop.store import Store
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
+    from closedloop.learn import Rate, Report, TaskStats
+    from closedloop.store import Store
     from closedloop.telemetry import TaskScores
 
 _NONE = "—"
+# closedloop.learn's DEFAULT_TOP_ERRORS and DEFAULT_TOP_MESSAGES, spelled out so that
+# `closedloop --help` need not import the learning layer (a test checks they agree).
+DEFAULT_TOP_ERRORS = DEFAULT_TOP_MESSAGES = 3
 
 
 @main.command()
@@ -109,6 +105,8 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
          store cannot be read
       2  usage error: bad flag value, bad store URL
     """
+    from closedloop.learn import report_from_store
+
     store = open_store_to_read(store_url)
     try:
         result = report_from_store(store, since=since, task_type=task_type,
@@ -192,6 +190,8 @@ def _table(title: str, *headers: str) -> Table:
 
     A "Message" column is the only one that wraps.
     """
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for i, header in enumerate(headers):
         text = i == 0 or header in ("Error type", "Message")
@@ -201,6 +201,8 @@ def _table(title: str, *headers: str) -> Table:
 
 
 def _print(result: Report, url: str) -> None:
+    from rich.text import Text
+
     out = console()
     rows = [*result.rows, result.overall]
     window = describe_since(result.since)

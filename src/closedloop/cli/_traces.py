@@ -6,8 +6,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.text import Text
-from rich.tree import Tree
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
@@ -83,6 +81,9 @@ def list_traces(store_url: str, task_type: str | None, since: float | None, limi
 @click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
 def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> None:
     """One trace as a tree, with timings, verdicts and their messages."""
+    from rich.text import Text
+    from rich.tree import Tree
+
     from closedloop.telemetry._spanstore import iter_children
     from closedloop.telemetry._view import label, verdict_messages
 

@@ -371,27 +371,16 @@ class Backpressure:
 
 
 
-_default: Backpressure | None = None
-_default_lock = threading.Lock()
-
-
 def default_backpressure() -> Backpressure:
-    """The process-wide :class:`Backpressure` (local state; ``CLOSEDLOOP_REDIS_URL`` shares it)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            url = os.environ.get("CLOSEDLOOP_REDIS_URL", "").strip()
-            backend: RateBackend | None = None
-            if url:
-                from closedloop.control._redis import RedisRates
+    """The current runtime's :class:`Backpressure` (local state; ``CLOSEDLOOP_REDIS_URL``
+    shares it; see :mod:`closedloop._runtime`)."""
+    from closedloop._runtime import current_runtime
 
-                backend = RedisRates(url)
-            _default = Backpressure(backend=backend)
-        return _default
+    return current_runtime().backpressure
 
 
 def reset_default_backpressure() -> None:
-    """Forget the process-wide :class:`Backpressure` (tests; after changing the env)."""
-    global _default
-    with _default_lock:
-        _default = None
+    """Close the process runtime and start afresh: the same as :func:`closedloop.reset`."""
+    from closedloop._runtime import reset
+
+    reset()

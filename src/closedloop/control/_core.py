@@ -58,6 +58,9 @@ LANDING_OKS = 8
 """Successes needed between two 429s to measure the downstream's rate from them."""
 LANDING_HOLD = 1.0
 """After a cut to an upper bound, the rate is held for this many call latencies."""
+UNDER_USED = 0.9
+"""Between two 429s the callers must have used this much of the rate they were given for
+the successes in between to measure the downstream (else they only bound it from below)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +176,12 @@ class KeyState:
     allowance was empty then); 0 before the first."""
     mark_ok: int = 0
     """Successful calls admitted since ``mark_at``."""
+    allowed: float = 0.0
+    """Calls the rate has allowed so far (cumulative), to compare with what the callers made
+    of it."""
+    mark_allowed: float = 0.0
+    mark_fill: float = 0.0
+    """``allowed`` and the time when the last decrease was made."""
     latency: float = 0.0
     """Moving average of a successful call's duration (admission to answer)."""
     hold_until: float = 0.0
@@ -241,6 +250,7 @@ class KeyState:
                 self.issued = cap
             else:
                 self.issued += rate * dt
+            self.allowed += rate * dt
             # tokens are not issued further than the burst ahead of the queue's head: a
             # backlog of due tickets held back by the spacing would race for each slot in
             # no order (the wait's tail was 2.4x the oracle's at 200/s), and would make a
@@ -373,8 +383,17 @@ class KeyState:
             hold = 0.0
             if (self.mark_at > 0 and self.mark_ok >= LANDING_OKS and end > self.mark_at
                     and self.busy_since <= self.mark_at):
-                self.ceiling = self.mark_ok / (end - self.mark_at)
-                self.measured = 1
+                count = self.mark_ok / (end - self.mark_at)
+                allowed = self.allowed + self.rate(limits, now) * max(0.0, now - self.last_fill)
+                given = (allowed - self.mark_allowed) / max(1e-9, now - self.mark_fill)
+                if count >= UNDER_USED * given or not self.measured:
+                    self.ceiling = count
+                    self.measured = 1
+                # else the callers did not use the rate they were given (on a loaded machine
+                # they wake up late), so the downstream's allowance filled up and spilled in
+                # between: the count only bounds its rate from below, and this 429 says more
+                # about a clump of late callers than about the rate; the ceiling is kept
+                # (the first measurement is always taken: the bound before it was a guess)
                 rate = limits.backoff * self.ceiling
             else:
                 # the first 429 (a downstream's burst allowance hid the moment slow start
@@ -391,6 +410,7 @@ class KeyState:
             self.mark_at = admitted_at
             self.mark_ok = 0
             self._restart(limits, now, rate)
+            self.mark_allowed, self.mark_fill = self.allowed, now
             self.since = now + hold
             self._count("decreases")
             return

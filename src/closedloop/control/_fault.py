@@ -113,7 +113,7 @@ class _Track:
 class FaultControl:
     """A :class:`~closedloop.loop.StepGuard`: pauses and halts task types, with alerts.
 
-    ``ledger`` (default: :func:`~closedloop.control.ledger_for_store` of the default store)
+    ``ledger`` (default: :func:`~closedloop.control.ledger_for_store` of the runtime's store)
     holds the stops; it is re-read every ``recheck`` seconds per task type. A stop that
     cannot be stored is retried after ``retry_every`` seconds, doubling up to 30 s.
     """
@@ -143,9 +143,10 @@ class FaultControl:
                               "spike_factor > 1, pause_for > 0, halt_after ≥ 1, "
                               "0 < halt_rate ≤ 1, 0 ≤ baseline < 1")
         if ledger is None:
-            from closedloop.store import default_store
+            from closedloop._runtime import current_runtime
 
-            ledger = ledger_for_store(default_store())
+            rt = current_runtime()
+            ledger = ledger_for_store(rt.store, redis_url=rt.redis_url)
         self.ledger = ledger
         self.sinks = list(sinks) if sinks is not None else [LogSink()]
         self.window = window
@@ -454,37 +455,16 @@ def resume(ledger: ControlLedger, task_type: str, *, reason: str,
     return ledger.lift(task_type, reason=_redact_text(reason.strip()), by=by or who())
 
 
-_default: FaultControl | None = None
-_default_store: object = None
-_default_lock = threading.Lock()
-
-
 def default_fault_control() -> FaultControl:
-    """The process-wide guard: its ledger is the current default store's (see
-    :func:`~closedloop.control.ledger_for_store`), alerts go to the log.
+    """The current runtime's guard (see :mod:`closedloop._runtime`): its ledger is the
+    runtime's store's (:func:`~closedloop.control.ledger_for_store`), alerts go to the log."""
+    from closedloop._runtime import current_runtime
 
-    After :func:`~closedloop.reset_default_store` the next call builds a guard on the new
-    store's ledger; stops the old one had not stored yet carry over.
-    """
-    global _default, _default_store
-    from closedloop.store import default_store
-
-    store = default_store()
-    with _default_lock:
-        if _default is None or _default_store is not store:
-            old = _default
-            _default = FaultControl(ledger=ledger_for_store(store))
-            _default_store = store
-            if old is not None and old._pending:
-                with old._lock:
-                    _default._pending.update(old._pending)
-                _default.flush_pending()
-        return _default
+    return current_runtime().fault_control
 
 
 def reset_default_fault_control() -> None:
-    """Forget the process-wide guard; the next :func:`default_fault_control` builds it anew."""
-    global _default, _default_store
-    with _default_lock:
-        _default = None
-        _default_store = None
+    """Close the process runtime and start afresh: the same as :func:`closedloop.reset`."""
+    from closedloop._runtime import reset
+
+    reset()

@@ -10,6 +10,10 @@ alike (docs/control.md states the design):
   TABLE IF NOT EXISTS`` on the first write. They are kept out of the event store's
   migrations on purpose: control state is not an event, has its own life cycle, and this
   way works with any store schema version.
+- :class:`~closedloop.store._postgres.PostgresLedger` for a PostgreSQL store: the same
+  tables in the store's schema (created by its migrations), shared by every machine. A
+  backend offers its ledger through the control-state port
+  (:class:`~closedloop.store.ControlStateBackend`).
 - :class:`MemoryLedger` for tests and ``memory://`` stores.
 - :class:`CachedLedger` when Redis is configured (``CLOSEDLOOP_REDIS_URL``): the store's
   ledger stays the durable record, written first; :class:`~closedloop.control.RedisLedger`
@@ -34,81 +38,42 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import closing, suppress
-from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
+from closedloop._control_state import (
+    ControlLedger,
+    MemoryLedger,
+    Stop,
+    StopKind,
+    _iso,
+    _merge,
+    _redact_text,
+    redacted,
+    stronger,
+)
 from closedloop._errors import ControlUnavailable
-from closedloop._redact import redact_text, redact_value
+
+# Stop, StopKind, ControlLedger and MemoryLedger live in closedloop._control_state (the store
+# backends implement the port too); they are re-exported from here as before.
+__all__ = [
+    "REDIS_ENV",
+    "CachedLedger",
+    "ControlLedger",
+    "MemoryLedger",
+    "SQLiteLedger",
+    "SharedCache",
+    "Stop",
+    "StopKind",
+    "_redact_text",
+    "ledger_for_store",
+    "redacted",
+    "shown_url",
+    "stronger",
+    "who",
+]
 
 _log = logging.getLogger("closedloop.control")
-
-
-class StopKind(StrEnum):
-    """A pause lifts itself when it expires; a halt only when a human resumes it."""
-
-    PAUSED = "paused"
-    HALTED = "halted"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Stop:
-    """A task type refused: what, why, the evidence, who/what decided and when."""
-
-    task_type: str
-    kind: StopKind
-    reason: str
-    by: str
-    at: float
-    until: float | None = None
-    """Wall-clock time a pause ends; ``None`` for a halt."""
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def active(self, now: float) -> bool:
-        """Still in force at ``now``."""
-        return self.until is None or now < self.until
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with ISO times for people."""
-        out = asdict(self)
-        out["kind"] = self.kind.value
-        out["time"] = _iso(self.at)
-        if self.until is not None:
-            out["until_time"] = _iso(self.until)
-        return out
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _redact_text(text: str) -> str:
-    """The one place control text is redacted before it is stored or alerted."""
-    return redact_text(text)
-
-
-def _redact_value(value: Any) -> Any:
-    return redact_value(value)
-
-
-def redacted(stop: Stop) -> Stop:
-    """``stop`` with its reason and evidence passed through the redactor."""
-    return replace(stop, reason=_redact_text(stop.reason),
-                   evidence=_redact_value(stop.evidence))
-
-
-def stronger(a: Stop | None, b: Stop | None, now: float) -> Stop | None:
-    """The stop in force of two: a halt beats a pause, a later pause end beats an earlier."""
-    a = a if a is not None and a.active(now) else None
-    b = b if b is not None and b.active(now) else None
-    if a is None or b is None:
-        return a or b
-    if a.kind is not b.kind:
-        return a if a.kind is StopKind.HALTED else b
-    if a.kind is StopKind.HALTED:
-        return a if a.at <= b.at else b  # the first halt is the one to investigate
-    return a if (a.until or 0.0) >= (b.until or 0.0) else b
 
 
 def shown_url(url: str) -> str:
@@ -123,70 +88,6 @@ def who() -> str:
     """The default "by": user@host (pid)."""
     user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
     return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
-
-
-@runtime_checkable
-class ControlLedger(Protocol):
-    """Where stops live. ``put`` never replaces a halt with a pause."""
-
-    def put(self, stop: Stop) -> None:
-        """Record a pause or halt (a halt is never downgraded to a pause)."""
-
-    def get(self, task_type: str) -> Stop | None:
-        """The stop in force for ``task_type``, if any (expired pauses are none)."""
-
-    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
-        """Remove the stop and log who lifted it and why; returns what was lifted."""
-
-    def stops(self) -> list[Stop]:
-        """Every stop in force."""
-
-    def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Recent stops and resumes, newest first."""
-
-
-def _merge(old: Stop | None, new: Stop, now: float) -> bool:
-    """True if ``new`` should replace ``old``."""
-    return not (old is not None and old.active(now) and old.kind is StopKind.HALTED
-                and new.kind is StopKind.PAUSED)
-
-
-class MemoryLedger:
-    """Stops in this process only (tests, ``memory://`` stores)."""
-
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._stops: dict[str, Stop] = {}
-        self._history: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def put(self, stop: Stop) -> None:
-        stop = redacted(stop)
-        with self._lock:
-            if _merge(self._stops.get(stop.task_type), stop, self.clock()):
-                self._stops[stop.task_type] = stop
-                self._history.append({"event": stop.kind.value, **stop.to_dict()})
-
-    def get(self, task_type: str) -> Stop | None:
-        stop = self._stops.get(task_type)
-        return stop if stop is not None and stop.active(self.clock()) else None
-
-    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
-        with self._lock:
-            stop = self._stops.pop(task_type, None)
-            if stop is not None:
-                self._history.append({"event": "resumed", "task_type": task_type,
-                                      "reason": _redact_text(reason), "by": by, "at": self.clock(),
-                                      "time": _iso(self.clock())})
-            return stop
-
-    def stops(self) -> list[Stop]:
-        now = self.clock()
-        return sorted((s for s in self._stops.values() if s.active(now)),
-                      key=lambda s: s.task_type)
-
-    def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(reversed(self._history[-limit:]))
 
 
 _SCHEMA = """
@@ -544,15 +445,26 @@ def ledger_for_store(store: Any, *, redis_url: str | None = _FROM_ENV,
                      prefix: str = "closedloop") -> ControlLedger:
     """The one source of pause and halt state for ``store``: agents, CLI and API use this.
 
-    The durable record is the store's (its SQLite file; in memory for ``memory://``). With
+    The durable record is the store's: its SQLite file, its PostgreSQL schema, whatever a
+    backend implementing :class:`~closedloop.store.ControlStateBackend` keeps; in memory for
+    ``memory://`` and for backends that keep none. With
     Redis configured (``redis_url``, by default ``$CLOSEDLOOP_REDIS_URL``) it is wrapped in a
     :class:`CachedLedger` with a :class:`~closedloop.control.RedisLedger` under ``prefix``.
     """
-    path = getattr(getattr(store, "backend", None), "path", None)
-    durable: ControlLedger = SQLiteLedger(path) if isinstance(path, Path) else MemoryLedger()
+    durable = _durable(getattr(store, "backend", None))
     url = os.environ.get(REDIS_ENV, "") if redis_url is _FROM_ENV else (redis_url or "")
     if not url.strip():
         return durable
     from closedloop.control._redis import RedisLedger
 
     return CachedLedger(durable, RedisLedger(url.strip(), prefix=prefix))
+
+
+def _durable(backend: Any) -> ControlLedger:
+    """The backend's own durable ledger (the control-state port), else SQLite's, else memory."""
+    from closedloop.store._base import ControlStateBackend
+
+    if isinstance(backend, ControlStateBackend):
+        return backend.control_ledger()
+    path = getattr(backend, "path", None)  # SQLite backends and readers: the store's file
+    return SQLiteLedger(path) if isinstance(path, Path) else MemoryLedger()

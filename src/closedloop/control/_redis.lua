@@ -16,6 +16,7 @@ for i = 1, #raw, 2 do S[raw[i]] = tonumber(raw[i + 1]) end
 local function g(name) return S[name] or 0 end
 local CLOSED, OPEN, HALF = 0, 1, 2
 local WAKE_SLACK, CATCH_UP, LANDING_OKS, LANDING_HOLD = 0.004, 0.05, 8, 1.0
+local UNDER_USED = 0.9
 
 local function count(name) S['c:' .. name] = g('c:' .. name) + 1 end
 
@@ -74,6 +75,7 @@ local function fill()
     else
       S.issued = g('issued') + r * dt
     end
+    S.allowed = g('allowed') + r * dt
     local late = math.min(CATCH_UP, math.max(0, now - g('tat')))
     S.issued = math.min(g('issued'), head() + L.burst + late * r)
   end
@@ -189,8 +191,14 @@ local function feedback(signal, admitted_at, retry_after)
     local r
     if g('mark_at') > 0 and g('mark_ok') >= LANDING_OKS and stop > g('mark_at')
         and g('busy_since') <= g('mark_at') then
-      S.ceiling = g('mark_ok') / (stop - g('mark_at'))
-      S.measured = 1
+      local seen = g('mark_ok') / (stop - g('mark_at'))
+      local allowed = g('allowed') + rate_at(now) * math.max(0, now - g('last_fill'))
+      local given = (allowed - g('mark_allowed')) / math.max(1e-9, now - g('mark_fill'))
+      if seen >= UNDER_USED * given or g('measured') == 0 then
+        S.ceiling = seen
+        S.measured = 1
+      end
+      -- else the callers did not use the rate they were given: a lower bound (see _core.py)
       r = L.backoff * g('ceiling')
     else
       local sent = rate_at(admitted_at)
@@ -204,6 +212,7 @@ local function feedback(signal, admitted_at, retry_after)
     S.mark_at = admitted_at
     S.mark_ok = 0
     restart(r)
+    S.mark_allowed = g('allowed'); S.mark_fill = now
     S.since = now + hold
     count('decreases')
     return

@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from moto.server import ThreadedMotoServer
 
+from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Verdict
 from closedloop.demo._model import SECURITY_GROUPS, ProvisionRequest
 from closedloop.demo._plan import DeleteSecurityGroup, RunInstances, parse_plan
@@ -29,13 +30,32 @@ IMAGE_ID = "ami-03cf127a"
 """An Amazon Linux image moto ships with; moto does not check it, real EC2 would."""
 PRODUCTION_INSTANCES = 3
 _LIVE_STATES = frozenset({"pending", "running"})
+VPC_CIDR = "10.42.0.0/16"
+"""The demo's VPC: a /16, the largest block EC2 allows; its subnet is sized to the run."""
+_RESERVED_PER_SUBNET = 5  # EC2 (and moto) keep a subnet's first four addresses and its last
+MAX_LAUNCHES = 2 ** 16 - _RESERVED_PER_SUBNET - PRODUCTION_INSTANCES
+"""Most instances a run may launch: a subnet as large as the VPC, less the production ones."""
+
+
+def subnet_for(instances: int) -> str:
+    """The smallest subnet of the VPC (a /28 at least) with an address for ``instances``.
+
+    Raises :class:`~closedloop.ConfigError` past what the whole VPC holds.
+    """
+    for prefix in range(28, 15, -1):
+        if 2 ** (32 - prefix) - _RESERVED_PER_SUBNET >= instances:
+            return f"10.42.0.0/{prefix}"
+    raise ConfigError(f"{instances} instances do not fit in the demo's VPC ({VPC_CIDR}: at most "
+                      f"{2 ** 16 - _RESERVED_PER_SUBNET})")
 
 
 class _QuietRequests(logging.Filter):
-    """Drops werkzeug's one-line-per-request access log while the local server runs."""
+    """Drops werkzeug's log while the local server runs: one line per request, and the
+    traceback of every request moto fails on (its client gets the error, and the loop
+    records it as the step's error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO
+        return False
 
 
 class LocalEc2:
@@ -116,10 +136,15 @@ class DemoEnvironment:
     production_instance_ids: tuple[str, ...]
 
 
-def provision_environment(client: Any) -> DemoEnvironment:
-    """Create the VPC, subnet, security groups and the running "production" instances."""
-    vpc_id = client.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
-    subnet_id = client.create_subnet(VpcId=vpc_id, CidrBlock="10.42.1.0/24")["Subnet"]["SubnetId"]
+def provision_environment(client: Any, *, launches: int) -> DemoEnvironment:
+    """Create the VPC, subnet, security groups and the running "production" instances.
+
+    The subnet has an address for the production instances and ``launches`` more (at most
+    :data:`MAX_LAUNCHES`): an instance that finds no address fails to launch.
+    """
+    cidr = subnet_for(PRODUCTION_INSTANCES + launches)
+    vpc_id = client.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]["VpcId"]
+    subnet_id = client.create_subnet(VpcId=vpc_id, CidrBlock=cidr)["Subnet"]["SubnetId"]
     groups = {
         name: client.create_security_group(
             GroupName=name, Description=f"closedloop demo: {name}", VpcId=vpc_id)["GroupId"]

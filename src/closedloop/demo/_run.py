@@ -157,12 +157,19 @@ def run_demo(
         raise ConfigError(f"the seed must be an integer, got {seed!r}")
     require_demo_extras(traces=traces)
     from closedloop.demo._ec2 import (
+        MAX_LAUNCHES,
         Ec2Executor,
         InstanceMatchesRequest,
         LocalEc2,
         count_running,
         provision_environment,
     )
+
+    # The simulated model's plans launch one instance, and a step acts once: a request
+    # launches at most one instance, and the subnet has an address for each.
+    if requests > MAX_LAUNCHES:
+        raise ConfigError(f"the demo runs at most {MAX_LAUNCHES} requests (one instance each "
+                          f"in one subnet), got {requests}")
     from closedloop.demo._plan import no_destructive_actions, plan_schema
 
     owned = isinstance(store, str)
@@ -181,7 +188,7 @@ def run_demo(
     scores = 0
     try:
         with LocalEc2() as ec2:
-            env = provision_environment(ec2.client)
+            env = provision_environment(ec2.client, launches=requests)
             model = SimulatedModel(seed, inventory=env.production_instance_ids, rates=rates)
             loop = Loop(
                 model,

@@ -8,15 +8,15 @@ are normalised here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from closedloop import _runtime
 from closedloop._errors import ConfigError
 from closedloop.autonomy import Approver, Autonomy
 from closedloop.loop._guard import StepGuard
@@ -24,7 +24,8 @@ from closedloop.loop._machine import StepGen, StepSpec, new_trace_id, step_machi
 from closedloop.loop._result import Attempt, StepResult
 
 if TYPE_CHECKING:
-    from closedloop.control import Backpressure, FaultControl
+    from closedloop._runtime import Runtime
+    from closedloop.control import Backpressure
     from closedloop.store import Store
 
 # Hook types are deliberately loose (Any in, Any out): a hook may be ``def`` or ``async def``
@@ -40,7 +41,7 @@ Verifier = Callable[[Any, Any], Any]
 
 
 class _Default:
-    """Sentinel: "use the process-wide default" where ``None`` means "none at all"."""
+    """Sentinel: "use the runtime's" where ``None`` means "none at all"."""
 
     def __repr__(self) -> str:
         return "DEFAULT"
@@ -85,6 +86,11 @@ class Loop:
     the pipeline installed by :func:`closedloop.telemetry.configure`, if any) traces each step
     with a span per stage; ``None`` turns tracing off. Every hook
     may be a plain function or ``async def`` (async hooks need :meth:`arun`).
+
+    ``store``, the default guards, ``backpressure`` and ``telemetry`` come from ``runtime``
+    (a :class:`~closedloop.Runtime`), by default the process's: a loop follows
+    :func:`closedloop.configure` and :func:`closedloop.reset` from its next step, while a
+    loop given its own runtime keeps it.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Loop:
         clock: Callable[[], float] = time.perf_counter,
         wallclock: Callable[[], float] = time.time,
         telemetry: StepTracing | None = DEFAULT,
+        runtime: Runtime | None = None,
     ) -> None:
         if not callable(agent):
             raise ConfigError(f"agent {agent!r} is not callable")
@@ -117,18 +124,15 @@ class Loop:
             raise ConfigError(f"executor {executor!r} is not callable")
         if approver is not None and not callable(approver):
             raise ConfigError(f"approver {approver!r} is not callable")
-        if store is DEFAULT:
-            from closedloop.store import default_store
-
-            store = default_store()
-        if guards is DEFAULT:
-            guards = _default_guards(store)
-        if backpressure is DEFAULT:
-            from closedloop.control import default_backpressure
-
-            backpressure = default_backpressure()
         self.task_type = task_type
-        self.store = store
+        self._runtime = runtime
+        self._given = (store, guards, backpressure)
+        self._bind_lock = threading.Lock()
+        rt = runtime if runtime is not None else _runtime._current
+        store, record, guards, backpressure = self._collaborators(rt)
+        self.store: Store | None = store
+        """The store this loop records into (None: it records nothing)."""
+        self._bound = rt
         self._spec = StepSpec(
             agent=agent,
             agent_id=agent_id or _name(agent),
@@ -139,8 +143,8 @@ class Loop:
             autonomy=Autonomy.parse(autonomy),
             approver=approver,
             max_attempts=max_attempts,
-            record=store.record if store is not None else None,
-            guards=tuple(guards or ()),
+            record=record,
+            guards=guards,
             backpressure=backpressure,
             clock=clock,
             wallclock=wallclock,
@@ -154,11 +158,39 @@ class Loop:
         """The autonomy level this loop gates execution with."""
         return self._spec.autonomy
 
+    def _collaborators(self, rt: Runtime) -> tuple[
+            Store | None, Callable[..., object] | None, tuple[StepGuard, ...], Any]:
+        """The store, its ``record``, the guards and the backpressure, from ``rt`` where this
+        loop was not given its own."""
+        store, guards, backpressure = self._given
+        if store is DEFAULT:
+            store = rt.store
+        if guards is DEFAULT:
+            # fault control by default, its pauses and halts kept with the store
+            guards = (rt.fault_control_for(store),)
+        if backpressure is DEFAULT:
+            backpressure = rt.backpressure
+        record = store.record if store is not None else None
+        return store, record, tuple(guards or ()), backpressure
+
+    def _rebind(self, rt: Runtime) -> None:
+        """Follow a process runtime that :func:`closedloop.configure` or ``reset`` replaced."""
+        with self._bind_lock:
+            if self._bound is rt:
+                return
+            store, record, guards, backpressure = self._collaborators(rt)
+            self._spec = dataclasses.replace(self._spec, record=record, guards=guards,
+                                             backpressure=backpressure)
+            self.store = store
+            self._bound = rt
+
     def _step(self, task_input: Any) -> StepGen:
         """The step's state machine, traced when a telemetry pipeline is in use."""
+        if self._runtime is None and _runtime._current is not self._bound:
+            self._rebind(_runtime._current)
         telemetry = self._telemetry
         if telemetry is DEFAULT:
-            telemetry = _default_telemetry()
+            telemetry = self._bound.telemetry
         if telemetry is None:
             return step_machine(self._spec, task_input, new_trace_id())
         traced = self._traced
@@ -212,26 +244,6 @@ class Loop:
             gen.close()  # on cancellation: unwind the machine in this task's context
 
 
-_fault_controls: weakref.WeakKeyDictionary[Store, FaultControl] = weakref.WeakKeyDictionary()
-_fault_controls_lock = threading.Lock()
-
-
-def _default_guards(store: Store | None) -> tuple[StepGuard, ...]:
-    """Fault control by default: one guard per store, its pauses and halts kept with it."""
-    from closedloop.control import FaultControl, default_fault_control, ledger_for_store
-    from closedloop.store import is_default_store
-
-    if store is None:
-        return (FaultControl(ledger=ledger_for_store(None)),)
-    if is_default_store(store):
-        return (default_fault_control(),)
-    with _fault_controls_lock:
-        guard = _fault_controls.get(store)
-        if guard is None:
-            guard = _fault_controls[store] = FaultControl(ledger=ledger_for_store(store))
-    return (guard,)
-
-
 class StepTracer(Protocol):
     """Runs one loop's steps traced: wraps the state machine, never changes its decisions."""
 
@@ -247,12 +259,6 @@ class StepTracing(Protocol):
     def tracer(self, spec: StepSpec) -> StepTracer:
         """The tracer for one loop, built once."""
         ...
-
-
-def _default_telemetry() -> StepTracing | None:
-    """The process-wide pipeline, without importing OpenTelemetry when none was configured."""
-    pipeline = sys.modules.get("closedloop.telemetry._pipeline")
-    return pipeline.default_telemetry() if pipeline is not None else None
 
 
 _AWAITABLE_BY_TYPE: dict[type, bool] = {}

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import EventBackend, EventQuery
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
@@ -32,6 +31,7 @@ from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ControlStateBackend",
     "EventBackend",
     "EventQuery",
     "ImportResult",
@@ -221,28 +221,24 @@ def default_store_url() -> str:
     return f"sqlite:///{_data_dir() / 'closedloop.db'}"
 
 
-_default: Store | None = None
-_default_lock = threading.Lock()
-
-
 def default_store() -> Store:
-    """The process-wide store loops record into unless given one; opened on first use."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = open_store(default_store_url(), defer=True)
-        return _default
+    """The current runtime's store, which loops record into unless given one; opened on first
+    use (see :mod:`closedloop._runtime`)."""
+    from closedloop._runtime import current_runtime
+
+    return current_runtime().store
 
 
 def is_default_store(store: object) -> bool:
-    """True when ``store`` is the process-wide default store; never opens it to find out."""
-    return store is not None and store is _default
+    """True when ``store`` is the current runtime's store; never opens it to find out."""
+    from closedloop._runtime import current_runtime
+
+    return current_runtime().has_store(store)
 
 
 def reset_default_store() -> None:
-    """Close the process-wide store; the next :func:`default_store` opens it anew."""
-    global _default
-    with _default_lock:
-        store, _default = _default, None
-    if store is not None:
-        store.close()
+    """Close the process runtime (its store among the rest) and start afresh from the
+    environment: the same as :func:`closedloop.reset`."""
+    from closedloop._runtime import reset
+
+    reset()

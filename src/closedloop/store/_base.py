@@ -1,4 +1,5 @@
-"""The store's plug point: a backend writes batches of events and reads them back."""
+"""The store's plug points: a backend writes batches of events and reads them back, and may
+keep the durable record of pauses and halts (:class:`ControlStateBackend`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from closedloop._control_state import ControlLedger
 from closedloop._events import StepEvent
 
 
@@ -41,3 +43,17 @@ class EventBackend(Protocol):
 
     def close(self) -> None:
         """Release connections; the backend may be reopened by the next call."""
+
+
+@runtime_checkable
+class ControlStateBackend(Protocol):
+    """A backend that keeps control state (pauses, halts, their history) next to its events.
+
+    :func:`~closedloop.control.ledger_for_store` asks the store's backend for its ledger, so
+    that agents, ``closedloop status``/``resume`` and the API share one durable record. The
+    ledger raises :class:`~closedloop.ControlUnavailable` whenever it cannot read or write,
+    and its reads never create anything.
+    """
+
+    def control_ledger(self) -> ControlLedger:
+        """The durable ledger of this backend's store."""

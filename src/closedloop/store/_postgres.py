@@ -19,6 +19,10 @@ query parameter is a libpq one, e.g. ``sslmode``). Every table lives in the sche
   with those characters replaced by U+FFFD instead of being refused as a whole.
 - **Connections**: a :class:`psycopg_pool.ConnectionPool` per process (a forked child opens
   its own and never touches the parent's connections).
+- **Control state**: pauses and halts live in ``control_stops`` / ``control_history`` of the
+  same schema (migration 2), read and written by :class:`PostgresLedger`, the backend's
+  :meth:`~PostgresBackend.control_ledger` (the control-state port of
+  :class:`~closedloop.store.ControlStateBackend`); it fails closed.
 
 psycopg is imported only when a ``postgresql://`` URL is opened; without the ``postgres``
 extra that is one :class:`~closedloop.ConfigError` line. Passwords never appear in ``url``,
@@ -34,11 +38,12 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from closedloop._errors import ConfigError, StoreError
+from closedloop._control_state import Stop, StopKind, _iso, _merge, _redact_text, redacted
+from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
 from closedloop.store._base import EventQuery
 from closedloop.store._registry import redact_url
@@ -81,6 +86,36 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_ts ON {schema}.events (ts);
     CREATE INDEX events_task_type_ts ON {schema}.events (task_type, ts);
     CREATE INDEX events_trace_id ON {schema}.events (trace_id);
+    """,
+    # 2: control state (pauses, halts, their history, published per-key limits), the same
+    # tables as the SQLite store's (closedloop.control.SQLiteLedger); evidence is JSON text
+    """
+    CREATE TABLE {schema}.control_stops (
+        task_type TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        by TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        until DOUBLE PRECISION,
+        evidence TEXT NOT NULL
+    );
+    CREATE TABLE {schema}.control_history (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        event TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        by TEXT NOT NULL,
+        evidence TEXT
+    );
+    CREATE INDEX control_history_at ON {schema}.control_history (at);
+    CREATE TABLE {schema}.control_keys (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        snapshot TEXT NOT NULL,
+        PRIMARY KEY (source, key)
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -328,8 +363,191 @@ class PostgresBackend:
         if pool is not None and self._pool_pid == os.getpid():
             pool.close()
 
+    def control_ledger(self) -> PostgresLedger:
+        """Pauses and halts in this store's schema (the control-state port)."""
+        return PostgresLedger(self._conninfo, self.schema, self.url,
+                              connect_timeout=self._connect_timeout)
+
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
+
+
+class PostgresLedger:
+    """Pauses and halts in the store's schema: ``control_stops`` and ``control_history``.
+
+    The same record and rules as :class:`~closedloop.control.SQLiteLedger`, shared by every
+    process and machine using the store: a pause never replaces a halt in force, a lift
+    records who and why, reasons and evidence are redacted before they are stored. Writes
+    are serialised by an advisory lock on the schema. Like the SQLite ledger it connects per
+    call (control state is read about once a second per task type), apart from the event
+    pool so that telemetry never delays a control decision and a server that was away is
+    used again at once; any failure raises :class:`~closedloop.ControlUnavailable` (the
+    guard fails closed). Reads never create anything: a schema without
+    the tables has no stops; the first write migrates it (as opening a store does).
+    """
+
+    def __init__(self, conninfo: str, schema: str, url: str, *,
+                 connect_timeout: float = 10.0, statement_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        from psycopg import sql
+
+        self._conninfo = conninfo
+        self.schema = schema
+        self.url = url
+        self.clock = clock
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        self._migrated = False
+        s = sql.Identifier(schema)
+        self._q = {name: sql.SQL(text).format(s=s) for name, text in _LEDGER_SQL.items()}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> PostgresLedger:
+        """The ledger of the store at ``url`` (nothing is opened until the first call)."""
+        _import_psycopg()
+        conninfo, schema, shown = parse_url(url)
+        return cls(conninfo, schema, shown, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"PostgresLedger({self.url!r})"
+
+    # ----- a connection per call ------------------------------------------------------------
+    def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
+             absent: Callable[[], _T] | None = None, write: bool = False,
+             create: bool = False) -> _T:
+        """``work`` on a connection of its own (``write``: in one transaction under the
+        schema's control lock; ``create``: migrating the schema first, once), or ``absent()``
+        if the tables do not exist."""
+        import psycopg
+        from psycopg import errors
+
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True,
+                                 connect_timeout=max(1, int(self._connect_timeout))) as conn:
+                conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                             (f"{int(self._statement_timeout * 1000)}ms",))
+                if create and not self._migrated:
+                    migrate(conn, self.schema, create=True)
+                    self._migrated = True
+                try:
+                    if not write:
+                        return work(conn)
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                     (_lock_key("control", self.schema),))
+                        return work(conn)
+                except (errors.UndefinedTable, errors.InvalidSchemaName):
+                    # no tables: nothing was ever stopped here, unless the store's schema
+                    # says they should exist (then control state is broken: fail closed)
+                    if absent is None or _recorded_version(conn, self.schema) >= _CONTROL_V:
+                        raise
+                    return absent()
+        except (psycopg.Error, StoreError, OSError) as exc:
+            raise self._fail(what, exc) from None
+
+    def _fail(self, what: str, exc: BaseException) -> ControlUnavailable:
+        return ControlUnavailable(f"cannot {what} control state in {self.url}: "
+                                  f"{_one_line(exc)}")
+
+    # ----- the ledger ----------------------------------------------------------------------
+    def put(self, stop: Stop) -> None:
+        """Record a pause or halt; a pause never replaces a halt in force."""
+        stop = redacted(stop)
+        row = (_clean(stop.task_type), stop.kind.value, _clean(stop.reason), _clean(stop.by),
+               stop.at, stop.until, json.dumps(stop.evidence, default=str))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            old = conn.execute(self._q["get"], (row[0],)).fetchone()
+            if _merge(_ledger_stop(old) if old else None, stop, self.clock()):
+                conn.execute(self._q["upsert"], row)
+                conn.execute(self._q["log"], (stop.at, stop.kind.value, row[0], row[2], row[3],
+                                              row[6]))
+
+        self._run("write", work, write=True, create=True)
+
+    def get(self, task_type: str) -> Stop | None:
+        """The stop in force for ``task_type`` (an expired pause is none)."""
+        row = self._run("read", lambda conn: conn.execute(
+            self._q["get"], (_clean(task_type),)).fetchone(), absent=lambda: None)
+        stop = _ledger_stop(row) if row else None
+        return stop if stop is not None and stop.active(self.clock()) else None
+
+    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
+        """Remove the stop and record who lifted it and why; returns what was lifted."""
+        reason = _clean(_redact_text(reason))
+
+        def work(conn: psycopg.Connection[Any]) -> Stop | None:
+            row = conn.execute(self._q["delete"], (_clean(task_type),)).fetchone()
+            if row is None:
+                return None
+            conn.execute(self._q["log"], (self.clock(), "resumed", _clean(task_type), reason,
+                                          _clean(by), None))
+            return _ledger_stop(row)
+
+        # a lift never creates the tables: where there are none, nothing is stopped
+        return self._run("write", work, write=True, absent=lambda: None)
+
+    def stops(self) -> list[Stop]:
+        """Every stop in force, by task type."""
+        rows = self._run("read", lambda conn: conn.execute(self._q["stops"]).fetchall(),
+                         absent=list)
+        now = self.clock()
+        return [s for s in map(_ledger_stop, rows) if s.active(now)]
+
+    def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent stops and resumes, newest first."""
+        rows = self._run("read", lambda conn: conn.execute(
+            self._q["history"], (max(0, int(limit)),)).fetchall(), absent=list)
+        return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
+                 "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
+                for r in rows]
+
+    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
+        """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
+        now = self.clock()
+        rows = [(_clean(source), _clean(key), now, json.dumps(snap, default=str))
+                for key, snap in keys.items()]
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(self._q["publish"], rows)
+
+        self._run("write", work, write=True, create=True)
+
+    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
+        """Recent snapshots by ``key@source`` (older than ``max_age`` seconds are left out)."""
+        rows = self._run("read", lambda conn: conn.execute(
+            self._q["published"], (self.clock() - max_age,)).fetchall(), absent=list)
+        return {f"{key}@{source}": {**json.loads(snap), "published": _iso(at)}
+                for source, key, at, snap in rows}
+
+
+_T = TypeVar("_T")
+_CONTROL_V = 2  # the migration that creates the control tables
+_STOP_COLUMNS = "task_type, kind, reason, by, at, until, evidence"
+_LEDGER_SQL = {
+    "get": f"SELECT {_STOP_COLUMNS} FROM {{s}}.control_stops WHERE task_type = %s",
+    "stops": f"SELECT {_STOP_COLUMNS} FROM {{s}}.control_stops ORDER BY task_type",
+    "upsert": f"INSERT INTO {{s}}.control_stops ({_STOP_COLUMNS}) "
+              "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_type) DO UPDATE SET "
+              "kind = EXCLUDED.kind, reason = EXCLUDED.reason, by = EXCLUDED.by, "
+              "at = EXCLUDED.at, until = EXCLUDED.until, evidence = EXCLUDED.evidence",
+    "delete": f"DELETE FROM {{s}}.control_stops WHERE task_type = %s RETURNING {_STOP_COLUMNS}",
+    "log": "INSERT INTO {s}.control_history (at, event, task_type, reason, by, evidence) "
+           "VALUES (%s, %s, %s, %s, %s, %s)",
+    "history": "SELECT at, event, task_type, reason, by, evidence FROM {s}.control_history "
+               "ORDER BY at DESC, id DESC LIMIT %s",
+    "publish": "INSERT INTO {s}.control_keys (source, key, at, snapshot) "
+               "VALUES (%s, %s, %s, %s) ON CONFLICT (source, key) DO UPDATE SET "
+               "at = EXCLUDED.at, snapshot = EXCLUDED.snapshot",
+    "published": "SELECT source, key, at, snapshot FROM {s}.control_keys WHERE at >= %s "
+                 "ORDER BY key, source",
+}
+
+
+def _ledger_stop(row: tuple[Any, ...]) -> Stop:
+    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
+                until=row[5], evidence=json.loads(row[6]))
 
 
 def _dumps(value: Any) -> str:

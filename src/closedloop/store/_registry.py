@@ -21,12 +21,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from closedloop._errors import ConfigError, StoreError
+from closedloop._control_state import ControlLedger, MemoryLedger, Stop
+from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import EventBackend, EventQuery
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 
 ENTRY_POINT_GROUP = "closedloop.stores"
 
@@ -227,4 +228,64 @@ class DeferredBackend:
             backend = self._backend
         if backend is not None:
             backend.close()
+
+    def control_ledger(self) -> ControlLedger:
+        """The opened backend's ledger; until the store opens, every call fails closed."""
+        return _DeferredLedger(self)
+
+
+class _DeferredLedger:
+    """The control ledger of a store that may not be open yet.
+
+    Each call opens the store if needed and asks its backend; while the store cannot be
+    opened the call raises :class:`~closedloop.ControlUnavailable` (the guard refuses). A
+    backend that keeps no control state gets an in-process ledger, as an open one would.
+    """
+
+    def __init__(self, deferred: DeferredBackend) -> None:
+        self._deferred = deferred
+        self._ledger: ControlLedger | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ledger of {self._deferred.url}"
+
+    def _target(self) -> ControlLedger:
+        with self._lock:
+            if self._ledger is None:
+                try:
+                    backend = self._deferred.backend()
+                except StoreError as exc:
+                    raise ControlUnavailable(f"control state unavailable: {exc}") from None
+                if isinstance(backend, ControlStateBackend):
+                    self._ledger = backend.control_ledger()
+                else:
+                    self._ledger = MemoryLedger()
+            return self._ledger
+
+    def put(self, stop: Stop) -> None:
+        self._target().put(stop)
+
+    def get(self, task_type: str) -> Stop | None:
+        return self._target().get(task_type)
+
+    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
+        return self._target().lift(task_type, reason=reason, by=by)
+
+    def stops(self) -> list[Stop]:
+        return self._target().stops()
+
+    def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._target().history(limit)
+
+    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
+        """Per-key snapshots go to the opened backend's ledger, if it keeps any."""
+        publish = getattr(self._target(), "publish", None)
+        if publish is not None:
+            publish(source, keys)
+
+    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
+        """The opened backend's published snapshots, if it keeps any."""
+        published = getattr(self._target(), "published", None)
+        return published(max_age) if published is not None else {}
 

@@ -300,7 +300,7 @@ class SQLiteBackend:
     def count(self) -> int:
         """How many events the file holds."""
         try:
-            conn = _connect(self.path)
+            conn = self._reader()
             try:
                 return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
             finally:
@@ -373,17 +373,6 @@ class SQLiteReader(SQLiteBackend):
 
     def _reader(self) -> sqlite3.Connection:
         return connect_read_only(self.path)
-
-    def count(self) -> int:
-        """How many events the file holds."""
-        try:
-            conn = connect_read_only(self.path)
-            try:
-                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read store {self.url}: {exc}") from None
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Always a :class:`StoreError`: this store was opened read-only."""

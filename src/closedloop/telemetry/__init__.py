@@ -99,14 +99,15 @@ __all__ = [
 
 def _watch_control(metrics: Metrics, event_store: Store | None) -> None:
     """Expose the process's fault control (pauses, halts) and backpressure in ``metrics``."""
-    from closedloop.control import default_backpressure, default_fault_control, ledger_for_store
-    from closedloop.store import is_default_store
+    from closedloop._runtime import current_runtime
+    from closedloop.control import ledger_for_store
 
-    if event_store is None or is_default_store(event_store):
-        ledger = default_fault_control().ledger
+    rt = current_runtime()
+    if event_store is None or rt.has_store(event_store):
+        ledger = rt.fault_control.ledger
     else:
-        ledger = ledger_for_store(event_store)
-    metrics.watch_control(ledger=ledger, backpressure=default_backpressure())
+        ledger = ledger_for_store(event_store, redis_url=rt.redis_url)
+    metrics.watch_control(ledger=ledger, backpressure=rt.backpressure)
 
 
 def configure(
@@ -123,22 +124,23 @@ def configure(
     metrics_addr: str = "127.0.0.1",
     exporters: tuple[SpanExporter, ...] = (),
 ) -> Telemetry:
-    """Build a pipeline, install it as the process default (loops use it) and return it.
+    """Build a pipeline, install it in the process runtime (loops use it) and return it.
 
-    ``store=True`` writes spans to the default store (``False``/``None``: not at all);
+    ``store=True`` writes spans to the runtime's store (``False``/``None``: not at all);
     ``otlp_*_endpoint`` add OTLP destinations; ``metrics`` adds the Prometheus metrics
-    (served on ``metrics_port`` if given). A previous default pipeline is shut down.
+    (served on ``metrics_port`` if given). The runtime's previous pipeline is shut down; its
+    store, fault control and backpressure stay (:func:`closedloop.configure` replaces all).
     """
+    from closedloop._runtime import current_runtime
     from closedloop.telemetry._export import StoreExporter, otlp_grpc, otlp_http
     from closedloop.telemetry._metrics import Metrics, start_metrics_server
-    from closedloop.telemetry._pipeline import Telemetry, set_default_telemetry
+    from closedloop.telemetry._pipeline import Telemetry
 
     chosen: list[SpanExporter] = []
     event_store: Store | None = None
+    rt = current_runtime()
     if store is True:
-        from closedloop.store import default_store
-
-        event_store = default_store()
+        event_store = rt.store
     elif store is not False and store is not None:
         event_store = store
     if event_store is not None:
@@ -158,7 +160,7 @@ def configure(
         _watch_control(m, event_store)
         if metrics_port is not None:
             start_metrics_server(metrics_port, metrics_addr, m.registry)
-    previous = set_default_telemetry(pipeline)
+    previous = rt.set_telemetry(pipeline)
     if previous is not None:
         previous.shutdown()
     return pipeline

@@ -224,25 +224,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_default: Telemetry | None = None
-_default_lock = threading.Lock()
-
-
 def default_telemetry() -> Telemetry | None:
-    """The process-wide pipeline loops use unless given one; None until configured."""
-    return _default
+    """The current runtime's pipeline, which loops use unless given one; None until
+    configured (see :mod:`closedloop._runtime`)."""
+    from closedloop._runtime import current_runtime
+
+    telemetry: Telemetry | None = current_runtime().telemetry
+    return telemetry
 
 
 def set_default_telemetry(telemetry: Telemetry | None) -> Telemetry | None:
-    """Install (or with None remove) the process-wide pipeline; returns the previous one."""
-    global _default
-    with _default_lock:
-        previous, _default = _default, telemetry
-    return previous
+    """Install (or with None remove) the current runtime's pipeline; returns the previous
+    one, which is left running (the caller's to shut down)."""
+    from closedloop._runtime import current_runtime
+
+    return current_runtime().set_telemetry(telemetry)
 
 
 def reset_default_telemetry() -> None:
-    """Shut down and remove the process-wide pipeline."""
+    """Shut down and remove the current runtime's pipeline (its store and the rest stay)."""
     previous = set_default_telemetry(None)
     if previous is not None:
         previous.shutdown()

@@ -7,7 +7,6 @@ the loop, so every check is equally usable on its own.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib
 import inspect
@@ -65,6 +64,8 @@ def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = No
 
         @functools.wraps(check)
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            import asyncio  # already loaded when awaited; not at import (CLI start-up)
+
             try:
                 return await asyncio.wait_for(check(*args, **kwargs), seconds)  # type: ignore[arg-type]
             except TimeoutError:
@@ -99,8 +100,14 @@ def with_timeout(check: Callable[P, R], seconds: float, *, name: str | None = No
 
 
 def clip(text: str, limit: int = 300) -> str:
-    """Shorten text quoted back into a message, so feedback stays small."""
-    text = text.strip()
+    """Shorten text quoted back into a message, so feedback stays small.
+
+    The text is redacted first: a secret cut short may no longer match a redaction rule,
+    so cutting first could leave part of it in the message for good.
+    """
+    from closedloop._redact import redact_text  # only when quoting a value
+
+    text = redact_text(text).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -174,14 +181,23 @@ def text_input(proposal: object, what: str, max_bytes: int | None) -> str | Issu
 
 def short(value: object, limit: int) -> str:
     """``str(value)`` cut to ``limit`` characters, for any value: an integer too long to print
-    (Python refuses over 4300 digits) or a value nested too deeply is named, not printed."""
+    (Python refuses over 4300 digits) or a value nested too deeply is named, not printed.
+
+    Text that must be cut is redacted first (a secret cut short may no longer match a
+    redaction rule); text that fits is returned whole, for the redaction of whatever
+    stores or exports it, so the scan of a plan pays nothing for its many short values.
+    """
     if isinstance(value, int) and value.bit_length() > 4096:
         return f"<{value.bit_length()}-bit integer>"[:limit]
     try:
         text = str(value)
     except (ValueError, RecursionError):
         text = f"<{type(value).__name__}>"
-    return text[:limit]
+    if len(text) <= limit:
+        return text
+    from closedloop._redact import redact_text  # only when quoting a value
+
+    return redact_text(text)[:limit]
 
 
 def not_text(proposal: object, what: str) -> Issue:

@@ -397,7 +397,8 @@ def _replace_detail(change: Mapping[str, Any], reason: object) -> str:
     names = []
     for path in paths[:5] if isinstance(paths, list) else []:
         if isinstance(path, list) and path:
-            names.append(".".join(short(p, 60) for p in path if isinstance(p, str | int))[:60])
+            names.append(short(".".join(short(p, 60) for p in path
+                                        if isinstance(p, str | int)), 60))
     parts = []
     if reason:
         parts.append(short(reason, 60))
@@ -684,4 +685,9 @@ class TerraformCli:
 def _last_error(stderr: str) -> str:
     lines = [ln.strip(" │╷╵") for ln in stderr.splitlines()]
     errors = [ln for ln in lines if ln.startswith("Error")]
-    return clip(errors[-1] if errors else (" ".join(ln for ln in lines if ln)[-300:] or "?"))
+    if errors:
+        return clip(errors[-1])
+    from closedloop._redact import redact_text  # only on this failure path
+
+    # the tail of the output, redacted before it is cut (a secret cut short may not match)
+    return clip(redact_text(" ".join(ln for ln in lines if ln))[-300:] or "?")

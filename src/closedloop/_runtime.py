@@ -1,0 +1,303 @@
+"""The process runtime: one object holding the store, fault control, backpressure, telemetry
+and redactor.
+
+A :class:`Runtime` builds each of its parts on first use, from its arguments or else from the
+environment (``CLOSEDLOOP_STORE``, ``CLOSEDLOOP_REDIS_URL``), so ``import closedloop`` opens
+nothing. The process has one current runtime, which loops use unless given their own:
+:func:`configure` replaces it whole (closing the one it replaces), :func:`reset` goes back to a
+fresh one built from the environment (the one reset tests need). Everything that depends on
+the store, such as the fault control's ledger, is derived from the runtime's own store, so it
+cannot outlive it. ``default_store()``, ``default_fault_control()``,
+``default_backpressure()``, ``default_telemetry()`` and ``default_redactor()`` are views of
+the current runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from closedloop._errors import ConfigError
+
+if TYPE_CHECKING:
+    from closedloop._redact import Redactor
+    from closedloop.control import Backpressure, FaultControl
+    from closedloop.store import Store
+    from closedloop.telemetry import Telemetry
+
+__all__ = ["Runtime", "configure", "current_runtime", "reset"]
+
+REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+
+
+class _Unset:
+    """Sentinel: "not given; from the environment" where ``None`` means "none"."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+class Runtime:
+    """A store, the fault control on its ledger, backpressure, telemetry and a redactor.
+
+    ``store`` is a :class:`~closedloop.Store` or a store URL (default: ``$CLOSEDLOOP_STORE``,
+    else the SQLite file in the user's data directory); a URL is opened by the runtime, which
+    then closes it in :meth:`close`. ``redis_url`` (default: ``$CLOSEDLOOP_REDIS_URL``;
+    ``None``: no Redis) shares pause and halt state and backpressure rates across processes.
+    ``fault_control`` and ``backpressure`` replace the ones the runtime would build; the
+    default fault control keeps its pauses and halts in the store's ledger
+    (:func:`~closedloop.control.ledger_for_store`). ``telemetry`` is the tracing pipeline
+    loops use (``None``: no tracing; :func:`closedloop.telemetry.configure` installs one).
+    ``redactor`` is applied to every text closedloop stores, exports or logs (``None``: the
+    built-in rules); it is the process runtime's that applies, also to loops given their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store | str | os.PathLike[str] = UNSET,
+        redis_url: str | None = UNSET,
+        fault_control: FaultControl = UNSET,
+        backpressure: Backpressure = UNSET,
+        telemetry: Telemetry | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
+            raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
+        self._store_arg = store
+        self._store: Store | None = None
+        self._owns_store = False
+        self._redis_url = redis_url
+        self._fault_control: FaultControl | None = (
+            None if fault_control is UNSET else fault_control)
+        self._backpressure: Backpressure | None = None if backpressure is UNSET else backpressure
+        self._owns_rates = False
+        self.telemetry = telemetry
+        """The tracing pipeline loops use unless given one; None: steps are not traced."""
+        self._redactor = redactor
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # ----- the parts, each built on first use -------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The store loops record into unless given one; opened on first use."""
+        store = self._store
+        if store is None:
+            with self._lock:
+                store = self._store
+                if store is None:
+                    store = self._store = self._open_store()
+        return store
+
+    def _open_store(self) -> Store:
+        from closedloop.store import Store, default_store_url, open_store
+
+        arg = self._store_arg
+        if isinstance(arg, Store):
+            return arg
+        url = default_store_url() if arg is UNSET else arg
+        self._owns_store = True
+        # defer: an agent starts even when the file cannot be opened yet (events are held)
+        return open_store(url, defer=True)
+
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis that shares control state and rates, or None; read from the environment
+        on first use unless given."""
+        if self._redis_url is UNSET:
+            self._redis_url = os.environ.get(REDIS_ENV, "").strip() or None
+        url: str | None = self._redis_url
+        return url
+
+    @property
+    def fault_control(self) -> FaultControl:
+        """The guard loops on this runtime's store use: its ledger is the store's."""
+        guard = self._fault_control
+        if guard is None:
+            with self._lock:
+                guard = self._fault_control
+                if guard is None:
+                    guard = self._fault_control = self._new_fault_control(self.store)
+        return guard
+
+    def fault_control_for(self, store: Store | None) -> FaultControl:
+        """The guard for steps recorded into ``store``: the runtime's own for its own store,
+        else a new one keeping its pauses and halts in ``store``'s ledger."""
+        if self.has_store(store):
+            return self.fault_control
+        return self._new_fault_control(store)
+
+    def _new_fault_control(self, store: Store | None) -> FaultControl:
+        from closedloop.control import FaultControl, ledger_for_store
+
+        return FaultControl(ledger=ledger_for_store(store, redis_url=self.redis_url))
+
+    @property
+    def backpressure(self) -> Backpressure:
+        """The flow control handed to agents as ``attempt.backpressure``; rates are local, or
+        shared through Redis when the runtime has a ``redis_url``."""
+        limiter = self._backpressure
+        if limiter is None:
+            with self._lock:
+                limiter = self._backpressure
+                if limiter is None:
+                    from closedloop.control import Backpressure
+
+                    url = self.redis_url
+                    if url:
+                        from closedloop.control import RedisRates
+
+                        limiter = Backpressure(backend=RedisRates(url))
+                        self._owns_rates = True
+                    else:
+                        limiter = Backpressure()
+                    self._backpressure = limiter
+        return limiter
+
+    @property
+    def redactor(self) -> Redactor:
+        """The redactor for what is stored, exported and logged (the built-in rules unless
+        given one)."""
+        from closedloop._redact import BUILTIN
+
+        return self._redactor if self._redactor is not None else BUILTIN
+
+    def set_redactor(self, redactor: Redactor | None) -> Redactor:
+        """Install ``redactor`` (``None``: the built-in rules); returns the previous one."""
+        with self._lock:
+            previous = self.redactor
+            self._redactor = redactor
+        return previous
+
+    def set_telemetry(self, telemetry: Telemetry | None) -> Telemetry | None:
+        """Install (``None``: remove) the tracing pipeline; returns the previous one."""
+        with self._lock:
+            previous, self.telemetry = self.telemetry, telemetry
+        return previous
+
+    def has_store(self, store: object) -> bool:
+        """True when ``store`` is this runtime's store; never opens it to find out."""
+        return store is not None and (store is self._store or store is self._store_arg)
+
+    # ----- life cycle ---------------------------------------------------------------------
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Write what was recorded and export what was traced so far; False on timeout.
+
+        Never opens a store that was not used."""
+        ok = True
+        if self._store is not None:
+            ok = self._store.flush(timeout) and ok
+        if self.telemetry is not None:
+            ok = self.telemetry.flush(timeout) and ok
+        return ok
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Shut the telemetry down, flush the store, and close it (and the Redis connections
+        of the backpressure) if the runtime opened it.
+
+        A store handed in as an object is its owner's to close; it is only flushed.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            telemetry, self.telemetry = self.telemetry, None
+            store = self._store
+            limiter = self._backpressure if self._owns_rates else None
+        if limiter is not None:
+            close = getattr(limiter.backend, "close", None)
+            if callable(close):
+                close()
+        if telemetry is not None:
+            telemetry.shutdown(timeout)
+        if store is not None:
+            if self._owns_store:
+                store.close(timeout)
+            else:
+                store.flush(timeout)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        store = self._store.url if self._store is not None else (
+            "from the environment, not opened" if self._store_arg is UNSET else
+            "not opened")
+        return f"Runtime(store={store!r})"
+
+
+_current = Runtime()
+_swap_lock = threading.Lock()
+
+
+def current_runtime() -> Runtime:
+    """The process's current runtime (loops use it unless given their own)."""
+    return _current
+
+
+def configure(
+    *,
+    store: Store | str | os.PathLike[str] = UNSET,
+    redis_url: str | None = UNSET,
+    fault_control: FaultControl = UNSET,
+    backpressure: Backpressure = UNSET,
+    telemetry: Telemetry | None = None,
+    redactor: Redactor | None = None,
+) -> Runtime:
+    """Replace the process runtime with one built from these arguments; returns it.
+
+    Arguments left out come from the environment, as at start-up (see :class:`Runtime`). A
+    store URL is opened here, so a malformed one is a :class:`~closedloop.ConfigError` now.
+    The runtime replaced is closed (its store flushed, and closed if it opened it; its
+    telemetry shut down). Pauses and halts its fault control raised but could not store yet
+    stay in force: the new fault control takes them over. Loops built without their own
+    store, guards or backpressure follow the new runtime from their next step.
+    """
+    new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
+                  backpressure=backpressure, telemetry=telemetry, redactor=redactor)
+    if store is not UNSET:
+        _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
+    old = _install(new)
+    if old._store is not None and new.has_store(old._store):  # kept: the new runtime owns it
+        new._owns_store, old._owns_store = old._owns_store, False
+    pending = old._fault_control._pending if old._fault_control is not None else {}
+    if pending and fault_control is UNSET:  # fail closed: an unsaved stop stays in force
+        guard = new.fault_control
+        with guard._lock:
+            for name, stop in pending.items():
+                guard._pending.setdefault(name, stop)
+        guard.flush_pending()
+    old.close()
+    return new
+
+
+def reset() -> Runtime:
+    """Close the process runtime and start afresh from the environment (for tests)."""
+    old = _install(Runtime())
+    old.close()
+    return _current
+
+
+def _install(new: Runtime) -> Runtime:
+    global _current
+    with _swap_lock:
+        old, _current = _current, new
+    return old
+
+
+def _after_fork_in_child() -> None:
+    # The child gets fresh workers from the batch queues themselves (closedloop._batching);
+    # the runtime's lock may have been held by another thread at fork time.
+    _current._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
