@@ -11,6 +11,16 @@ import pytest
 
 import closedloop as cl
 from closedloop.loop import Admission
+from closedloop.loop._machine import (
+    Act,
+    Action,
+    Admit,
+    Approve,
+    Propose,
+    Validate,
+    Verify,
+    step_machine,
+)
 
 
 class FixingAgent:
@@ -609,3 +619,80 @@ def test_a_loop_with_its_own_store_never_opens_the_default_one(
 ) -> None:
     cl.Loop(lambda t, a: t, task_type="t", store=memory_store).run(1)
     assert not (tmp_path / "default.db").exists()  # conftest points the default there
+
+
+def drive(loop: cl.Loop, task_input: Any) -> tuple[list[Action], cl.StepResult[Any, Any]]:
+    """Run a loop's state machine by hand, as a driver does, keeping every action it yields."""
+    seen: list[Action] = []
+    machine = step_machine(loop._spec, task_input, "0" * 32)
+    try:
+        action = next(machine)
+        while True:
+            seen.append(action)
+            action = machine.send(action.fn(*action.args))
+    except StopIteration as stop:
+        return seen, stop.value
+
+
+class Admitting:
+    def admit(self, task_type: str) -> None:
+        return None
+
+    def observe(self, event: cl.StepEvent) -> None:
+        return None
+
+
+def test_the_machine_names_the_stage_and_check_of_every_call(memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        return task
+
+    def matches(intent: int, result: str) -> bool:
+        return result == f"id-{intent}"
+
+    guard, executor = Admitting(), Recorder()
+    loop = cl.Loop(agent, task_type="t", validators=[positive], executor=executor,
+                   verifiers=[matches], guards=[guard], store=memory_store)
+    actions, result = drive(loop, 4)
+    assert result.ok
+    assert [type(a) for a in actions] == [Admit, Propose, Validate, Act, Verify]
+    assert [a.stage for a in actions] == ["admit", "propose", "validate", "act", "verify"]
+    admit, propose, validate, act, verify = actions
+    assert isinstance(admit, Admit) and admit.guard is guard and admit.args == ("t",)
+    assert isinstance(propose, Propose) and propose.fn is agent
+    assert propose.args[0] == 4 and propose.attempt.task_type == "t"
+    assert isinstance(validate, Validate)
+    assert (validate.check, validate.fn, validate.args) == ("positive", positive, (4,))
+    assert isinstance(act, Act) and (act.fn, act.args) == (executor, (4,))
+    assert isinstance(verify, Verify)
+    assert (verify.check, verify.fn, verify.args) == (matches.__qualname__, matches, (4, "id-4"))
+
+
+def test_the_approvers_call_is_a_gate_action(memory_store: cl.Store) -> None:
+    def approver(task: int, proposal: int) -> bool:
+        return True
+
+    loop = cl.Loop(lambda t, a: t + 1, task_type="t", executor=Recorder(), guards=(),
+                   autonomy="approve", approver=approver, store=memory_store)
+    actions, result = drive(loop, 1)
+    assert result.outcome is cl.Outcome.SUCCEEDED
+    gate = actions[1]
+    assert isinstance(gate, Approve) and gate.stage == "gate"
+    assert (gate.fn, gate.args) == (approver, (1, 2))
+
+
+def test_an_action_cannot_be_changed_by_an_observer(memory_store: cl.Store) -> None:
+    actions, _ = drive(cl.Loop(lambda t, a: t, task_type="t", guards=(), store=memory_store), 1)
+    with pytest.raises(AttributeError):
+        actions[0].fn = print  # type: ignore[misc]
+
+
+def test_passing_verdicts_name_their_check(memory_store: cl.Store) -> None:
+    def present(intent: int, result: str) -> bool:
+        return True
+
+    result = cl.Loop(lambda t, a: t, task_type="t", validators=[positive], executor=Recorder(),
+                     verifiers=[present], store=memory_store).run(1)
+    assert [(v.check, v.passed, v.issues) for v in result.validation] == [
+        ("positive", True, ())]
+    assert [(v.check, v.passed, v.issues) for v in result.verification] == [
+        (present.__qualname__, True, ())]

@@ -199,6 +199,42 @@ def test_a_crashed_check_marks_its_span_and_the_step_as_errors(
     assert "KeyError" in (step.status_message or "")
 
 
+def test_one_function_as_validator_and_verifier_gets_each_stages_span(
+    captured: tuple[Telemetry, MemoryExporter],
+) -> None:
+    pipeline, exporter = captured
+
+    def nonzero(*values: int) -> bool:
+        return all(values)
+
+    cl.Loop(agent, task_type="t", validators=[nonzero], executor=double, verifiers=[nonzero],
+            store=None, telemetry=pipeline).run(3)
+    pipeline.flush(5.0)
+    spans = tree(exporter)
+    (attempt,), (root,) = spans["closedloop.attempt"], spans["closedloop.step"]
+    (validate,), (verify,) = spans["closedloop.validate"], spans["closedloop.verify"]
+    assert validate.parent_id == attempt.span_id
+    assert verify.parent_id == root.span_id
+    assert validate.attributes["closedloop.check"] == verify.attributes["closedloop.check"]
+
+
+def test_one_function_as_agent_and_executor_is_traced_as_both(
+    captured: tuple[Telemetry, MemoryExporter],
+) -> None:
+    pipeline, exporter = captured
+
+    def echo(value: int, attempt: cl.Attempt | None = None) -> int:
+        return value
+
+    result = cl.Loop(echo, task_type="t", executor=echo, store=None, telemetry=pipeline).run(5)
+    pipeline.flush(5.0)
+    spans = tree(exporter)
+    assert result.ok and result.result == 5
+    assert len(spans[f"invoke_agent {echo.__qualname__}"]) == 1
+    (act,) = spans["closedloop.act"]
+    assert act.content["closedloop.result"] == "5"
+
+
 def test_a_rejection_at_the_gate_is_recorded(captured: tuple[Telemetry, MemoryExporter]) -> None:
     pipeline, exporter = captured
     result = loop(pipeline, autonomy="approve", approver=lambda task, proposal: False).run(1)

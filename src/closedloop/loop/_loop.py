@@ -1,7 +1,8 @@
 """The :class:`Loop`: wraps an agent step in validation, gating, action and verification.
 
-Two thin drivers run the one state machine of :mod:`closedloop.loop._machine`: :meth:`Loop.run`
-calls user hooks directly; :meth:`Loop.arun` awaits those that are ``async def``. User hooks
+Two thin drivers run the one state machine of :mod:`closedloop.loop._machine`: each action it
+yields is a call, ``action.fn(*action.args)``; :meth:`Loop.run` makes it directly,
+:meth:`Loop.arun` awaits it when the hook is ``async def``. User hooks
 are normalised here and nowhere else.
 """
 
@@ -201,20 +202,19 @@ class Loop:
         """Run one step synchronously; every hook must be a plain function."""
         gen: StepGen = self._step(task_input)
         try:
-            fn, args = next(gen)
+            action = next(gen)
             while True:
                 try:
-                    value = fn(*args)
+                    value = action.fn(*action.args)
                 except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
-                    fn, args = gen.throw(exc)
+                    action = gen.throw(exc)
                     continue
-                if _awaitable(value):
+                if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
                     _discard(value)
                     gen.close()
-                    raise ConfigError(
-                        f"{_name(fn)} is async; call `await loop.arun(...)` instead of loop.run()"
-                    )
-                fn, args = gen.send(value)
+                    raise ConfigError(f"{_name(action.fn)} is async; call "
+                                      "`await loop.arun(...)` instead of loop.run()")
+                action = gen.send(value)
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
@@ -227,16 +227,16 @@ class Loop:
         """Run one step in asyncio; hooks may be plain functions or ``async def``."""
         gen: StepGen = self._step(task_input)
         try:
-            fn, args = next(gen)
+            action = next(gen)
             while True:
                 try:
-                    value = fn(*args)
-                    if _awaitable(value):
+                    value = action.fn(*action.args)
+                    if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
                         value = await value
                 except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
-                    fn, args = gen.throw(exc)
+                    action = gen.throw(exc)
                     continue
-                fn, args = gen.send(value)
+                action = gen.send(value)
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result
@@ -262,6 +262,7 @@ class StepTracing(Protocol):
 
 
 _AWAITABLE_BY_TYPE: dict[type, bool] = {}
+"""Whether values of a type are awaitable; the drivers read it inline (no call when known)."""
 
 
 def _awaitable(value: object) -> bool:

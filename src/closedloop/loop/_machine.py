@@ -1,10 +1,15 @@
 """The closed loop's decision logic, written once, with no I/O.
 
-:func:`step_machine` is a generator: it yields ``(callable, args)`` for every call into user
-code (agent, validators, approver, executor, verifiers) and is resumed with the call's
-return value, or has the call's exception thrown into it. The sync and async drivers in
-:mod:`closedloop.loop._loop` only make those calls; every decision — re-ask, gate, verdicts,
-timings, the recorded event — is made here, so both paths behave identically.
+:func:`step_machine` is a generator that yields one typed *action* for every call into user
+code — :class:`Admit` (a guard), :class:`Propose` (the agent), :class:`Validate`,
+:class:`Approve` (the gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
+with the call's return value, or has the call's exception thrown into it. An action is a
+small immutable record naming its stage (its type), the check where there is one, the
+callable and its arguments: the drivers in :mod:`closedloop.loop._loop` only call
+``action.fn(*action.args)``, and observers (tracing, metrics, the approval gate to come)
+switch on the action's type instead of guessing the stage from the callable. Every decision —
+re-ask, gate, verdicts, timings, the recorded event — is made here, so both drivers behave
+identically.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 from closedloop._events import ErrorType, Outcome, StepEvent
 from closedloop._redact import clip
@@ -23,8 +28,94 @@ from closedloop.autonomy import Autonomy
 from closedloop.loop._guard import Admission, StepGuard
 from closedloop.loop._result import Attempt, StepResult, _current_attempt
 
-Call = tuple[Callable[..., Any], tuple[Any, ...]]
-StepGen = Generator[Call, Any, StepResult[Any, Any]]
+# Actions are NamedTuples: immutable, typed, and built on the agent's hot path several times
+# per step, where a frozen dataclass would cost twice as much. ``fn`` and ``args`` come first
+# in every one of them, so a driver calls any action the same way.
+
+
+class Admit(NamedTuple):
+    """Ask one guard whether the step may run: ``guard.admit(task_type)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    guard: StepGuard
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``admit``."""
+        return "admit"
+
+
+class Propose(NamedTuple):
+    """Ask the agent for a proposal: ``agent(task_input, attempt)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, Attempt]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``propose``."""
+        return "propose"
+
+    @property
+    def attempt(self) -> Attempt:
+        """The attempt the agent is asked to make."""
+        return self.args[1]
+
+
+class Validate(NamedTuple):
+    """Check the proposal with one validator: ``validator(proposal)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any]
+    check: str
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``validate``."""
+        return "validate"
+
+
+class Approve(NamedTuple):
+    """Ask the approver at the gate: ``approver(task_input, proposal)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, Any]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``gate``."""
+        return "gate"
+
+
+class Act(NamedTuple):
+    """Execute the validated proposal: ``executor(proposal)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``act``."""
+        return "act"
+
+
+class Verify(NamedTuple):
+    """Compare the real state with the intent: ``verifier(task_input, result)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, Any]
+    check: str
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``verify``."""
+        return "verify"
+
+
+Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify
+"""Every action the machine yields; observers switch on its type."""
+StepGen: TypeAlias = Generator[Action, Any, StepResult[Any, Any]]
 
 _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
@@ -62,11 +153,21 @@ class StepSpec:
     wallclock: Callable[[], float]
     fail_open: bool = False
     """Admit when a guard cannot decide (raises) instead of refusing: an explicit opt-in."""
+    admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
+    """One :class:`Admit` action per guard, built once (its arguments never change)."""
+    passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
+    """Each check's passing verdict, built once: the verdict of a check returning None/True."""
+
+    def __post_init__(self) -> None:
+        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards)
+        passes = {name: Verdict(check=name) for name, _ in (*self.validators, *self.verifiers)}
+        object.__setattr__(self, "admissions", admissions)
+        object.__setattr__(self, "passes", passes)
 
 
 def new_trace_id() -> str:
     """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
-    return f"{random.getrandbits(128):032x}"
+    return "%032x" % random.getrandbits(128)  # noqa: UP031 - faster than an f-string here
 
 
 def _describe(exc: BaseException) -> str:
@@ -88,40 +189,245 @@ def _failed(verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
     return [v.to_dict() for v in verdicts if not v.passed or v.issues]
 
 
+class _Ending(NamedTuple):
+    """How a stage ended the step (a stage returns ``None`` to go on to the next one)."""
+
+    outcome: Outcome
+    error_type: ErrorType | None = None
+    error_message: str | None = None
+
+
+_SUCCEEDED = _Ending(Outcome.SUCCEEDED)
+_AGAIN = _Ending(Outcome.FAILED)  # validation failed, re-ask (never recorded: identity-tested)
+
+
 def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
     """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
 
     Guards see the recorded event (``observe``) right after it is recorded, also when the
     agent or executor raised, so that fault control sees every step.
     """
-    clock = spec.clock
-    started = clock()
-    ts = spec.wallclock()
-    attempt = Attempt(number=1, trace_id=trace_id, task_type=spec.task_type,
-                      backpressure=spec.backpressure)
-    propose_s = validate_s = act_s = verify_s = 0.0
-    history: list[dict[str, Any]] = []
-    proposal: Any = None
-    result: Any = None
-    verdicts: list[Verdict] = []
-    checked: list[Verdict] = []
-    validation_passed: bool | None = None
-    verification_passed: bool | None = None
-    admitted_open: list[str] = []  # guards that could not decide, admitted by fail_open
+    step = _Step(spec, task_input, trace_id)
+    ending = (yield from step.admit()) if spec.guards else None
+    if ending is None:
+        ending = _AGAIN
+        while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
+            yield from step.propose()
+            ending = (yield from step.validate()) if spec.validators else None
+    if ending is None:
+        ending = yield from step.act()
+    if ending is None:
+        ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+    return step.finish(ending)
 
-    def finish(
-        outcome: Outcome,
-        error_type: ErrorType | None = None,
-        error_message: str | None = None,
-        exception: BaseException | None = None,
-    ) -> StepResult[Any, Any]:
-        detail: dict[str, Any] | None = None
+
+class _Step:
+    """One step's state, shared by its stages; each stage is a generator of actions."""
+
+    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "mark",
+                 "noted", "proposal", "propose_s", "result", "spec", "started", "task_input",
+                 "trace_id", "ts", "validate_s", "validation_passed", "verdicts",
+                 "verification_passed", "verify_s")
+
+    def __init__(self, spec: StepSpec, task_input: Any, trace_id: str) -> None:
+        self.spec = spec
+        self.task_input = task_input
+        self.trace_id = trace_id
+        self.clock = spec.clock
+        self.started = self.clock()
+        self.ts = spec.wallclock()
+        self.attempt = Attempt(number=1, trace_id=trace_id, task_type=spec.task_type,
+                               backpressure=spec.backpressure)
+        self.propose_s = self.validate_s = self.act_s = self.verify_s = 0.0
+        self.mark = 0.0  # the clock after the last hook call: the next stage's timer starts there
+        self.history: list[dict[str, Any]] = []
+        self.proposal: Any = None
+        self.result: Any = None
+        self.verdicts: Sequence[Verdict] = ()
+        self.checked: list[Verdict] = []
+        self.noted: list[dict[str, Any]] | None = None  # verifier verdicts worth recording
+        self.validation_passed: bool | None = None
+        self.verification_passed: bool | None = None
+        self.admitted_open: list[str] = []  # guards that could not decide, admitted by fail_open
+
+    # ----- admit ----------------------------------------------------------------------------
+    def admit(self) -> Generator[Action, Any, _Ending | None]:
+        """Guards (pause / halt / fault control) may refuse the step before the agent runs.
+
+        A guard that cannot decide refuses it too (fail closed), unless the loop opted out.
+        """
+        spec = self.spec
+        task_type = spec.task_type
+        for action in spec.admissions:
+            try:
+                refusal: Admission | None = yield action
+            except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
+                why = f"admission could not be decided: {_describe(exc)}"
+                if _warn_now(task_type, spec.fail_open, self.clock()):
+                    _log.warning("closedloop: %s; %s steps of %s (this warning repeats at most "
+                                 "every 10 s)", why, "ADMITTING (fail_open=True)"
+                                 if spec.fail_open else "refusing (fail closed)", task_type)
+                if spec.fail_open:
+                    self.admitted_open.append(why)
+                    continue
+                refusal = Admission.unavailable(why)
+            if refusal is not None:
+                self.attempt.number = 0
+                return _Ending(refusal.outcome, refusal.error_type, refusal.reason)
+        return None
+
+    # ----- propose → validate (the re-ask loop is step_machine's) -------------------------------
+    def propose(self) -> Generator[Action, Any, None]:
+        """Ask the agent for a proposal (with the last attempt's feedback, on a re-ask)."""
+        attempt, clock = self.attempt, self.clock
+        t = clock()
+        token = _current_attempt.set(attempt)
+        try:
+            self.proposal = yield Propose(self.spec.agent, (self.task_input, attempt))
+        except Exception as exc:
+            self.propose_s += clock() - t
+            self.finish(_Ending(Outcome.ERROR, ErrorType.AGENT, _describe(exc)), exc)
+            raise
+        finally:
+            _current_attempt.reset(token)
+        self.mark = now = clock()
+        self.propose_s += now - t
+
+    def validate(self) -> Generator[Action, Any, _Ending | None]:
+        """Run every validator on the proposal; ``_AGAIN`` asks the agent for another."""
+        clock, proposal, passes, now = self.clock, self.proposal, self.spec.passes, self.mark
+        verdicts: list[Verdict] = []
+        self.verdicts = verdicts
+        clean = True  # every check returned None/True: nothing to judge
+        for name, check in self.spec.validators:
+            t = now
+            try:
+                value = yield Validate(check, (proposal,), name)
+                if value is None or value is True:
+                    verdict = passes[name]
+                else:
+                    verdict = as_verdict(value, name)
+                    clean = False
+            except Exception as exc:  # noqa: BLE001 - a crashed validator is its own error type
+                now = clock()
+                self.validate_s += now - t
+                verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
+                                                    check=name))
+                self.validation_passed = False
+                self.history.append({"attempt": self.attempt.number,
+                                     "verdicts": _failed(verdicts)})
+                return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
+                               f"{name}: {_describe(exc)}")
+            now = clock()
+            self.validate_s += now - t
+            verdicts.append(verdict)
+        if clean:
+            self.validation_passed = True
+            return None
+        return self._judge(verdicts)
+
+    def _judge(self, verdicts: list[Verdict]) -> _Ending | None:
+        """Pass, stop (critical issue, last attempt) or prepare the re-ask (``_AGAIN``)."""
+        attempt, history = self.attempt, self.history
+        failing = [v for v in verdicts if not v.passed]
+        if not failing:
+            self.validation_passed = True
+            if any(v.issues for v in verdicts):
+                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+            return None
+        self.validation_passed = False
+        history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+        if any(v.critical for v in failing):
+            return _Ending(Outcome.BLOCKED, ErrorType.BLOCKED, _verdict_message(failing))
+        if attempt.number >= self.spec.max_attempts:
+            return _Ending(Outcome.FAILED, ErrorType.VALIDATION, _verdict_message(failing))
+        attempt.feedback = render_feedback(failing)
+        attempt.issues = tuple(i for v in failing for i in v.blocking_issues)
+        attempt.number += 1
+        return _AGAIN
+
+    # ----- gate → act -------------------------------------------------------------------------
+    def act(self) -> Generator[Action, Any, _Ending | None]:
+        """The autonomy level (and the approver) decide whether the executor runs; it runs."""
+        spec = self.spec
+        if spec.executor is None:
+            return _SUCCEEDED
+        if spec.autonomy is Autonomy.SUGGEST:
+            return _Ending(Outcome.SUGGESTED)
+        if spec.autonomy is Autonomy.APPROVE:
+            if spec.approver is None:
+                return _Ending(Outcome.AWAITING_APPROVAL)
+            try:
+                approved = yield Approve(spec.approver, (self.task_input, self.proposal))
+            except Exception as exc:
+                self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR,
+                                    f"approver: {_describe(exc)}"), exc)
+                raise
+            if not approved:
+                return _Ending(Outcome.REJECTED)
+        clock = self.clock
+        t = clock()
+        try:
+            self.result = yield Act(spec.executor, (self.proposal,))
+        except Exception as exc:
+            self.act_s += clock() - t
+            self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
+            raise
+        self.mark = now = clock()
+        self.act_s += now - t
+        return None
+
+    # ----- verify: run every verifier and report every mismatch, not just the first ----------
+    def verify(self) -> Generator[Action, Any, _Ending]:
+        """Compare the real state with the intent, with every verifier."""
+        clock, passes, intent, result = self.clock, self.spec.passes, self.task_input, self.result
+        checked = self.checked
+        now = self.mark
+        clean, crashed = True, False
+        for name, check in self.spec.verifiers:
+            t = now
+            try:
+                value = yield Verify(check, (intent, result), name)
+                if value is None or value is True:
+                    verdict = passes[name]
+                else:
+                    verdict = as_verdict(value, name)
+                    clean = False
+            except Exception as exc:  # noqa: BLE001 - a crashed verifier is its own error type
+                verdict = Verdict.cannot_tell(f"verifier crashed: {_describe(exc)}", check=name)
+                crashed = True
+                clean = False
+            now = clock()
+            self.verify_s += now - t
+            checked.append(verdict)
+        if clean:
+            self.verification_passed = True
+            return _SUCCEEDED
         # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
-        noted = _failed(checked) if checked else None
-        if history or exception is not None or noted or admitted_open:
+        self.noted = _failed(checked) or None
+        failing = [v for v in checked if not v.passed]
+        if not failing:
+            self.verification_passed = True
+            return _SUCCEEDED
+        self.verification_passed = False
+        if crashed:
+            return _Ending(Outcome.ERROR, ErrorType.VERIFIER_ERROR, _verdict_message(failing))
+        # a mismatch found by any verifier is a failure, even beside checks that could not tell
+        kind = (ErrorType.VERIFICATION if any(v.blocking_issues for v in failing)
+                else ErrorType.VERIFICATION_UNKNOWN)
+        return _Ending(Outcome.FAILED, kind, _verdict_message(failing))
+
+    # ----- record ----------------------------------------------------------------------------
+    def finish(self, ending: _Ending,
+               exception: BaseException | None = None) -> StepResult[Any, Any]:
+        """Record the step's event, show it to the guards, and build the caller's result."""
+        spec, trace_id, history, noted = self.spec, self.trace_id, self.history, self.noted
+        outcome, error_type, error_message = ending
+        detail: dict[str, Any] | None = None
+        if history or exception is not None or noted or self.admitted_open:
             detail = {}
-            if admitted_open:
-                detail["fail_open"] = admitted_open
+            if self.admitted_open:
+                detail["fail_open"] = self.admitted_open
             if history:
                 detail["attempts"] = history
             if noted:
@@ -130,12 +436,27 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
                 detail["exception"] = {"type": type(exception).__qualname__,
                                        "module": type(exception).__module__,
                                        "message": clip(str(exception), _MAX_MESSAGE)}
+        attempt, clock = self.attempt, self.clock
         event = StepEvent(
-            ts, trace_id, spec.agent_id, spec.task_type, _VALUE[spec.autonomy], _VALUE[outcome],
-            attempt.number, attempt.input_tokens, attempt.output_tokens,
-            (clock() - started) * 1000.0, validation_passed, verification_passed,
-            _VALUE[error_type] if error_type is not None else None, error_message,
-            propose_s * 1000.0, validate_s * 1000.0, act_s * 1000.0, verify_s * 1000.0, detail,
+            ts=self.ts,
+            trace_id=trace_id,
+            agent_id=spec.agent_id,
+            task_type=spec.task_type,
+            autonomy=_VALUE[spec.autonomy],
+            outcome=_VALUE[outcome],
+            attempts=attempt.number,
+            input_tokens=attempt.input_tokens,
+            output_tokens=attempt.output_tokens,
+            latency_ms=(clock() - self.started) * 1000.0,
+            validation_passed=self.validation_passed,
+            verification_passed=self.verification_passed,
+            error_type=_VALUE[error_type] if error_type is not None else None,
+            error_message=error_message,
+            propose_ms=self.propose_s * 1000.0,
+            validate_ms=self.validate_s * 1000.0,
+            act_ms=self.act_s * 1000.0,
+            verify_ms=self.verify_s * 1000.0,
+            detail=detail,
         )
         if spec.record is not None:
             try:
@@ -150,126 +471,8 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
         if exception is not None:
             exception.add_note(f"closedloop: recorded as step {trace_id} ({spec.task_type})")
         return StepResult(
-            trace_id=trace_id, outcome=outcome, proposal=proposal, result=result,
-            attempts=attempt.number, validation=tuple(verdicts), verification=tuple(checked),
+            trace_id=trace_id, outcome=outcome, proposal=self.proposal, result=self.result,
+            attempts=attempt.number, validation=tuple(self.verdicts),
+            verification=tuple(self.checked),
             error_type=error_type, error_message=error_message, event=event,
         )
-
-    # guards (pause / halt / fault control) may refuse the step before the agent runs; a
-    # guard that cannot decide refuses it too (fail closed), unless the loop opted out
-    for guard in spec.guards:
-        try:
-            refusal: Admission | None = yield guard.admit, (spec.task_type,)
-        except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
-            why = f"admission could not be decided: {_describe(exc)}"
-            if _warn_now(spec.task_type, spec.fail_open, clock()):
-                _log.warning("closedloop: %s; %s steps of %s (this warning repeats at most "
-                             "every 10 s)", why, "ADMITTING (fail_open=True)" if spec.fail_open
-                             else "refusing (fail closed)", spec.task_type)
-            if spec.fail_open:
-                admitted_open.append(why)
-                continue
-            refusal = Admission.unavailable(why)
-        if refusal is not None:
-            attempt.number = 0
-            return finish(refusal.outcome, refusal.error_type, refusal.reason)
-
-    # propose → validate, re-asking with feedback up to max_attempts
-    while True:
-        t = clock()
-        token = _current_attempt.set(attempt)
-        try:
-            proposal = yield spec.agent, (task_input, attempt)
-        except Exception as exc:
-            propose_s += clock() - t
-            finish(Outcome.ERROR, ErrorType.AGENT, _describe(exc), exc)
-            raise
-        finally:
-            _current_attempt.reset(token)
-        now = clock()
-        propose_s += now - t
-        verdicts = []
-        for name, check in spec.validators:
-            t = now
-            try:
-                verdict = as_verdict((yield check, (proposal,)), name)
-            except Exception as exc:  # noqa: BLE001 - a crashed validator is its own error type
-                now = clock()
-                validate_s += now - t
-                verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
-                                                    check=name))
-                validation_passed = False
-                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
-                return finish(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
-                              f"{name}: {_describe(exc)}")
-            now = clock()
-            validate_s += now - t
-            verdicts.append(verdict)
-        failing = [v for v in verdicts if not v.passed]
-        if not failing:
-            validation_passed = True if verdicts else None  # None: nothing was validated
-            if any(v.issues for v in verdicts):
-                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
-            break
-        validation_passed = False
-        history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
-        if any(v.critical for v in failing):
-            return finish(Outcome.BLOCKED, ErrorType.BLOCKED, _verdict_message(failing))
-        if attempt.number >= spec.max_attempts:
-            return finish(Outcome.FAILED, ErrorType.VALIDATION, _verdict_message(failing))
-        attempt.feedback = render_feedback(failing)
-        attempt.issues = tuple(i for v in failing for i in v.blocking_issues)
-        attempt.number += 1
-
-    # gate
-    if spec.executor is None:
-        return finish(Outcome.SUCCEEDED)
-    if spec.autonomy is Autonomy.SUGGEST:
-        return finish(Outcome.SUGGESTED)
-    if spec.autonomy is Autonomy.APPROVE:
-        if spec.approver is None:
-            return finish(Outcome.AWAITING_APPROVAL)
-        try:
-            approved = yield spec.approver, (task_input, proposal)
-        except Exception as exc:
-            finish(Outcome.ERROR, ErrorType.EXECUTOR, f"approver: {_describe(exc)}", exc)
-            raise
-        if not approved:
-            return finish(Outcome.REJECTED)
-
-    # act
-    t = clock()
-    try:
-        result = yield spec.executor, (proposal,)
-    except Exception as exc:
-        act_s += clock() - t
-        finish(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc), exc)
-        raise
-    now = clock()
-    act_s += now - t
-
-    # verify: run every verifier and report every mismatch, not just the first
-    crashed = False
-    for name, check in spec.verifiers:
-        t = now
-        try:
-            verdict = as_verdict((yield check, (task_input, result)), name)
-        except Exception as exc:  # noqa: BLE001 - a crashed verifier is its own error type
-            verdict = Verdict.cannot_tell(f"verifier crashed: {_describe(exc)}", check=name)
-            crashed = True
-        now = clock()
-        verify_s += now - t
-        checked.append(verdict)
-    if not checked:
-        return finish(Outcome.SUCCEEDED)
-    failing = [v for v in checked if not v.passed]
-    if not failing:
-        verification_passed = True
-        return finish(Outcome.SUCCEEDED)
-    verification_passed = False
-    if crashed:
-        return finish(Outcome.ERROR, ErrorType.VERIFIER_ERROR, _verdict_message(failing))
-    # a mismatch found by any verifier is a failure, even beside checks that could not tell
-    kind = (ErrorType.VERIFICATION if any(v.blocking_issues for v in failing)
-            else ErrorType.VERIFICATION_UNKNOWN)
-    return finish(Outcome.FAILED, kind, _verdict_message(failing))

@@ -1,11 +1,12 @@
 """Tracing a loop step by observing its state machine, without touching its decisions.
 
-:func:`traced_step` wraps :func:`closedloop.loop._machine.step_machine`: every ``(callable,
-args)`` the machine yields passes through, and the callable tells which stage runs — the agent
-(inside its attempt), a validator, the approver (the gate), the executor (the action) or a
-verifier. Around each user-hook call the stage's span is the current OpenTelemetry span, so
-the user's own spans nest under it; the step's root span carries the outcome, attempts and
-token totals. Both drivers (sync and async) run the wrapped generator unchanged.
+:func:`traced_step` wraps :func:`closedloop.loop._machine.step_machine`: every action the
+machine yields passes through, and its type tells which stage runs — :class:`Propose` (the
+agent, inside its attempt), :class:`Validate`, :class:`Approve` (the gate), :class:`Act` or
+:class:`Verify`; :class:`Admit` (a guard) is no stage of its own. Around each user-hook call
+the stage's span is the current OpenTelemetry span, so the user's own spans nest under it;
+the step's root span carries the outcome, attempts and token totals. Both drivers (sync and
+async) run the wrapped generator unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
+from closedloop.loop._machine import Admit, Approve, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -24,45 +26,25 @@ from closedloop.telemetry._span import (
 )
 
 if TYPE_CHECKING:
-    from closedloop.loop._machine import StepGen, StepSpec
+    from closedloop.loop._machine import Action, StepGen, StepSpec
     from closedloop.telemetry._pipeline import Telemetry
-
-_AGENT, _VALIDATE, _APPROVE, _ACT, _VERIFY = range(5)
-Stages = dict[int, tuple[int, str, dict[str, Any]]]
-
-
-def stage_map(spec: StepSpec) -> Stages:
-    """``id(hook) -> (stage, span name, base attributes)``, built once per loop."""
-    task = {"closedloop.task_type": spec.task_type}
-    stages: Stages = {}
-    for name, check in spec.verifiers:
-        stages[id(check)] = (_VERIFY, "closedloop.verify", {**task, "closedloop.check": name})
-    for name, check in spec.validators:
-        stages[id(check)] = (_VALIDATE, "closedloop.validate",
-                             {**task, "closedloop.check": name})
-    if spec.approver is not None:
-        stages[id(spec.approver)] = (_APPROVE, "closedloop.gate",
-                                     {**task, "closedloop.autonomy": spec.autonomy.value})
-    if spec.executor is not None:
-        stages[id(spec.executor)] = (_ACT, "closedloop.act", dict(task))
-    stages[id(spec.agent)] = (_AGENT, f"invoke_agent {spec.agent_id}",
-                              {"gen_ai.operation.name": "invoke_agent",
-                               "gen_ai.agent.name": spec.agent_id})
-    return stages
 
 
 class LoopTracer:
-    """One loop's tracing: the pipeline plus the loop's hooks mapped to their stages."""
+    """One loop's tracing: the pipeline plus the span names and attributes built once."""
 
-    __slots__ = ("root", "spec", "stages", "telemetry")
+    __slots__ = ("act", "agent", "agent_span", "gate", "root", "spec", "telemetry")
 
     def __init__(self, telemetry: Telemetry, spec: StepSpec) -> None:
         self.telemetry = telemetry
         self.spec = spec
-        self.stages = stage_map(spec)
-        self.root = {"closedloop.task_type": spec.task_type,
-                     "closedloop.agent_id": spec.agent_id,
+        task = {"closedloop.task_type": spec.task_type}
+        self.root = {**task, "closedloop.agent_id": spec.agent_id,
                      "closedloop.autonomy": spec.autonomy.value}
+        self.agent_span = f"invoke_agent {spec.agent_id}"
+        self.agent = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": spec.agent_id}
+        self.gate = {**task, "closedloop.autonomy": spec.autonomy.value}
+        self.act = task
 
     def step(self, machine: Any, task_input: Any, trace_id: str) -> StepGen:
         """``machine(spec, task_input, trace_id)``, traced."""
@@ -95,6 +77,24 @@ def _end(rec: SpanRecord, done: list[SpanRecord]) -> None:
     done.append(rec)
 
 
+def _span(tracer: LoopTracer, action: Action) -> tuple[str, dict[str, Any]]:
+    """The span name and attributes of one stage's action."""
+    task_type = tracer.spec.task_type
+    match action:
+        case Propose():
+            return tracer.agent_span, dict(tracer.agent)
+        case Validate(check=check):
+            return "closedloop.validate", {"closedloop.task_type": task_type,
+                                           "closedloop.check": check}
+        case Verify(check=check):
+            return "closedloop.verify", {"closedloop.task_type": task_type,
+                                         "closedloop.check": check}
+        case Approve():
+            return "closedloop.gate", dict(tracer.gate)
+        case _:
+            return "closedloop.act", dict(tracer.act)
+
+
 def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str) -> StepGen:
     """Run ``machine(spec, task_input, trace_id)`` with a span for each stage of the step.
 
@@ -102,7 +102,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     started inside another span (the user's, or a closedloop stage's) is its child and takes
     its trace id, which the machine then records in the step event.
     """
-    spec, telemetry, stages = tracer.spec, tracer.telemetry, tracer.stages
+    spec, telemetry = tracer.spec, tracer.telemetry
     trace, parent_id, _ = current_parent()
     if trace:
         trace_id = f"{trace:032x}"
@@ -114,53 +114,51 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     attempt_span: SpanRecord | None = None
     inner: StepGen = machine(spec, task_input, trace_id)
     try:
-        call = next(inner)
+        action = next(inner)
         while True:
-            fn, args = call
-            stage = stages.get(id(fn))
-            if stage is None:  # a guard: not a stage of its own
-                call = inner.send((yield call))
+            if type(action) is Admit:  # a guard: not a stage of its own
+                action = inner.send((yield action))
                 continue
-            kind, name, base = stage
-            if kind == _AGENT:
+            is_check = type(action) is Validate or type(action) is Verify
+            if type(action) is Propose:
                 if attempt_span is not None:
                     _end(attempt_span, done)
-                attempt = args[1]
+                attempt = action.attempt
                 attempt_span = SpanRecord(trace, new_span_id(), root.span_id,
                                           "closedloop.attempt",
                                           {"closedloop.task_type": spec.task_type,
                                            "closedloop.attempt": attempt.number}, _time_ns())
                 parent = attempt_span
-            elif kind == _VALIDATE and attempt_span is not None:
+            elif type(action) is Validate and attempt_span is not None:
                 parent = attempt_span
             else:  # gate, action, verification: after the attempts
                 if attempt_span is not None:
                     _end(attempt_span, done)
                     attempt_span = None
                 parent = root
-            rec = SpanRecord(trace, new_span_id(), parent.span_id, name, base.copy(),
-                             _time_ns())
-            if kind == _AGENT:
+            name, attributes = _span(tracer, action)
+            rec = SpanRecord(trace, new_span_id(), parent.span_id, name, attributes, _time_ns())
+            if type(action) is Propose:
                 tokens = (attempt.input_tokens, attempt.output_tokens)
                 content = rec.content = {"closedloop.input": task_input}
                 if attempt.feedback is not None:
                     content["closedloop.feedback"] = attempt.feedback
             token = activate(LiveSpan(rec, telemetry))
             try:
-                value = yield call
-                if kind in (_VALIDATE, _VERIFY) and value is not None and value is not True:
+                value = yield action
+                if is_check and value is not None and value is not True:
                     # normalised once, here: an iterator of issues can be read only once, and
                     # a value that is no verdict raises TypeError, as in the machine (a crash)
-                    value = as_verdict(value, base["closedloop.check"])
+                    value = as_verdict(value, action.check)  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - recorded, then handed to the machine
-                if kind in (_VALIDATE, _VERIFY):  # a crashed check never counts as passed
+                if is_check:  # a crashed check never counts as passed
                     rec.attributes.update({"closedloop.verdict.passed": False,
                                            "closedloop.verdict.crashed": True})
                 deactivate(token)
                 rec.attributes["error.type"] = type(exc).__qualname__
                 rec.fail(f"{type(exc).__name__}: {exc}")  # redacted, then capped, on export
                 _end(rec, done)
-                call = inner.throw(exc)
+                action = inner.throw(exc)
                 continue
             except BaseException:  # closed or cancelled while the hook ran
                 deactivate(token)
@@ -168,17 +166,20 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
                 raise
             deactivate(token)
             _end(rec, done)
-            if kind == _AGENT:
-                rec.attributes["gen_ai.usage.input_tokens"] = attempt.input_tokens - tokens[0]
-                rec.attributes["gen_ai.usage.output_tokens"] = attempt.output_tokens - tokens[1]
-                content["closedloop.proposal"] = value
-            elif kind in (_VALIDATE, _VERIFY):
-                _verdict_attrs(rec.attributes, value, base["closedloop.check"])
-            elif kind == _APPROVE:
-                rec.attributes["closedloop.gate"] = "approved" if value else "rejected"
-            else:
-                rec.content = {"closedloop.result": value}
-            call = inner.send(value)
+            match action:
+                case Propose():
+                    rec.attributes["gen_ai.usage.input_tokens"] = (attempt.input_tokens
+                                                                   - tokens[0])
+                    rec.attributes["gen_ai.usage.output_tokens"] = (attempt.output_tokens
+                                                                    - tokens[1])
+                    content["closedloop.proposal"] = value
+                case Validate(check=check) | Verify(check=check):
+                    _verdict_attrs(rec.attributes, value, check)
+                case Approve():
+                    rec.attributes["closedloop.gate"] = "approved" if value else "rejected"
+                case _:
+                    rec.content = {"closedloop.result": value}
+            action = inner.send(value)
     except StopIteration as stop:
         result = stop.value
         outcome = result.outcome  # StrEnum values are plain strings for every exporter
