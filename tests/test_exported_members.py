@@ -26,3 +26,12 @@ def test_every_public_name_is_exported() -> None:
 
 def test_every_exported_name_exists() -> None:
     assert [name for name in cl.__all__ if not hasattr(cl, name)] == []
+
+
+def test_the_loop_exports_its_stage_actions_for_observers() -> None:
+    # third-party tracers and gates switch on these types; they must not need a private import
+    from closedloop import loop
+
+    assert {"Act", "Action", "Admit", "Approve", "Propose", "Validate", "Verify"} <= set(
+        loop.__all__)
+    assert all(hasattr(loop, name) for name in loop.__all__)
