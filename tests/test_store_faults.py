@@ -278,3 +278,22 @@ def test_importing_into_a_store_on_a_full_disk_is_one_line_and_can_be_run_again(
     again = invoke("store", "import-deadletter", str(dead), "--store", f"sqlite:///{db}")
     assert again.exit_code == 0, again.output
     assert count(db) == 100
+
+
+def test_telemetry_on_a_default_store_that_cannot_be_opened_does_not_stop_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the store's folder should be")
+    monkeypatch.setenv("CLOSEDLOOP_STORE", f"sqlite:///{blocker / 'events.db'}")
+    telemetry = cl.telemetry.configure(store=True, metrics=False)  # spans into that store
+    loop = cl.Loop(agent, task_type="unopened")
+    assert loop.run(0).outcome == cl.Outcome.SUCCEEDED
+    telemetry.flush()
+    assert telemetry.stats().export_failures == {"StoreExporter": 1}  # counted, not raised
+    blocker.unlink()
+    blocker.mkdir()  # the operator fixes it: the store opens, spans land again
+    assert default_store().flush() is True
+    result = loop.run(1)
+    telemetry.flush()
+    assert cl.telemetry.span_store_for(default_store()).trace(result.trace_id)

@@ -537,20 +537,17 @@ def reset_default_redactor() -> None:
 
 def redact_text(text: str) -> str:
     """``text`` redacted by the process default redactor."""
-    redactor = _runtime._current._redactor
-    return (redactor if redactor is not None else BUILTIN)(text)
+    return default_redactor()(text)
 
 
 def redact_value(obj: Any) -> Any:
     """``obj`` (str, dict, list, tuple, nested) redacted by the process default redactor."""
-    redactor = _runtime._current._redactor
-    return (redactor if redactor is not None else BUILTIN).value(obj)
+    return default_redactor().value(obj)
 
 
 def clip(text: str, max_chars: int) -> str:
     """``text`` redacted, then truncated to ``max_chars`` (never the other way round)."""
-    redactor = _runtime._current._redactor
-    return truncate((redactor if redactor is not None else BUILTIN)(text), max_chars)
+    return truncate(default_redactor()(text), max_chars)
 
 
 def redact_event(event: StepEvent) -> StepEvent:
@@ -558,9 +555,7 @@ def redact_event(event: StepEvent) -> StepEvent:
     message, detail = event.error_message, event.detail
     if message is None and detail is None:
         return event
-    redactor = _runtime._current._redactor
-    if redactor is None:
-        redactor = BUILTIN
+    redactor = default_redactor()
     return tuple.__new__(type(event), (  # _replace, without its per-call overhead
         *event[:13], None if message is None else redactor(message), *event[14:18],
         None if detail is None else redactor.value(detail)))

@@ -164,6 +164,7 @@ def open_store(
     text = os.fspath(url).strip()
     if not text:
         raise ConfigError("store URL is empty; use sqlite:///PATH or memory://")
+    create = create and not read_only
 
     def store(backend: EventBackend, dead_letter: Path | None = None) -> Store:
         return Store(backend, max_queue=max_queue, batch_size=batch_size,
@@ -176,14 +177,12 @@ def open_store(
         path = sqlite_path(text)
     elif "://" in text or text.startswith("sqlite:"):
         # every other scheme (PostgreSQL, plug-ins) comes from the registry
-        backend = open_backend(text, create=create and not read_only, defer=defer)
+        backend = open_backend(text, create=create, defer=defer)
         return store(backend, dead_letter_for_url(backend.url))
     else:
         path = Path(text).expanduser()
-    create = create and not read_only
     if read_only and path.is_file():
-        return Store(SQLiteReader(path), max_queue=max_queue, batch_size=batch_size,
-                     flush_interval=flush_interval)
+        return store(SQLiteReader(path))
     if not create and not path.exists():
         raise StoreError(f"no store at {path}; run `closedloop demo` or point --store at one")
     if not create and not path.is_file():

@@ -278,9 +278,8 @@ class PostgresBackend:
 
         if not events:
             return
-        days = {_partition_day(e.ts) for e in events}
-        days.discard(None)
-        missing = {d for d in days if d is not None} - self._partitions
+        days = {d for e in events if (d := _partition_day(e.ts)) is not None}
+        missing = days - self._partitions
         with self.pool().connection() as conn:
             if missing:
                 ensure_partitions(conn, self.schema, missing)

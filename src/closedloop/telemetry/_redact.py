@@ -37,10 +37,6 @@ def to_text(value: object) -> str:
         return repr(value)
 
 
-def _process_default(text: str) -> str:
-    return default_redactor()(text)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Capture:
     """Whether and how one destination receives captured content.
@@ -52,7 +48,7 @@ class Capture:
     """
 
     content: bool = True
-    redactor: Callable[[str], str] | None = field(default=_process_default)
+    redactor: Callable[[str], str] | None = field(default=redact_text)
     max_chars: int = 8192
 
     @classmethod
@@ -65,6 +61,8 @@ class Capture:
         if not self.content or not content:
             return {}
         redactor = self.redactor
+        if redactor is redact_text:  # the process default: looked up once per span
+            redactor = default_redactor()
         out: dict[str, str] = {}
         for key, value in content.items():
             if redactor is None:
@@ -74,9 +72,7 @@ class Capture:
             else:
                 # data: its strings are redacted before JSON escapes them, then the text is
                 # redacted again for what only shows in it (reprs of unknown objects)
-                as_data = (redactor.value(value) if isinstance(redactor, Redactor)
-                           else default_redactor().value(value) if redactor is _process_default
-                           else value)
+                as_data = redactor.value(value) if isinstance(redactor, Redactor) else value
                 text = redactor(to_text(as_data))
             out[key] = truncate(text, self.max_chars)
         return out

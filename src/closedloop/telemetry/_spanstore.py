@@ -154,15 +154,22 @@ class SQLiteSpanStore:
     """Spans and scores in the store's SQLite file (tables from migration 2).
 
     ``read_only`` reads an existing store without ever writing it (the CLI's readers).
+    ``defer`` (the span store of a store that could not be opened yet): a file that cannot be
+    opened now is not an error here; writes fail (counted by the pipeline) until the store's
+    own writer has opened and migrated it.
     """
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False,
+                 defer: bool = False) -> None:
         from closedloop.store._sqlite import SQLiteBackend, SQLiteReader
 
         self.path = Path(path)
         self.read_only = read_only
         # creates and migrates the file if needed; read-only, checks it is a closedloop store
-        (SQLiteReader if read_only else SQLiteBackend)(self.path)
+        if read_only:
+            SQLiteReader(self.path)
+        else:
+            SQLiteBackend(self.path, defer=defer)
         self._local = threading.local()
 
     def _conn(self) -> sqlite3.Connection:
@@ -357,7 +364,8 @@ def span_store_for(store: Store) -> SpanStore:
 
     backend = store.backend
     if isinstance(backend, SQLiteBackend):
-        return SQLiteSpanStore(backend.path, read_only=backend.read_only)
+        return SQLiteSpanStore(backend.path, read_only=backend.read_only,
+                               defer=getattr(backend, "open_error", None) is not None)
     if isinstance(backend, MemoryBackend):
         with _memory_lock:
             found = _memory_stores.get(backend)
