@@ -122,8 +122,10 @@ def check_limit(max_bytes: int | None) -> int | None:
     return max_bytes
 
 
-def text_size(text: str) -> int:
-    """The size of ``text`` in UTF-8, without encoding it when it is ASCII."""
+def text_size(text: str | bytes | bytearray) -> int:
+    """The size of ``text`` in UTF-8 (bytes: their number), without encoding ASCII text."""
+    if not isinstance(text, str):
+        return len(text)
     return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
 
 

@@ -101,9 +101,7 @@ def number_issue(location: str | None = None) -> Issue:
 
 
 def _size(proposal: object) -> int:
-    if isinstance(proposal, bytes | bytearray):
-        return len(proposal)
-    if isinstance(proposal, str):
+    if isinstance(proposal, str | bytes | bytearray):
         return text_size(proposal)
     return len(json.dumps(proposal, default=str, separators=(",", ":")).encode())
 
