@@ -403,6 +403,14 @@ def test_cli_demo_prints_a_table_and_how_to_see_the_report(tmp_path: Path) -> No
     assert "closedloop traces list --task-type ec2.provision --store" in result.stdout
 
 
+def test_cli_demo_prints_a_store_path_as_data(tmp_path: Path) -> None:
+    db = tmp_path / "ev\x1b]0;t\x07.db"
+    result = CliRunner().invoke(main, ["demo", "--requests", "1", "--store", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout, result.stdout
+    assert "closedloop traces list --task-type ec2.provision --store" in result.stdout
+
+
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_cli_rejects_a_non_positive_request_count(count: str) -> None:
     result = CliRunner().invoke(main, ["demo", "--requests", count])
