@@ -673,3 +673,15 @@ def test_a_store_that_cannot_hold_spans_gets_the_events_only() -> None:
         summary = run_demo(3, SEED, store)
     assert (summary.traced, summary.scores_written, summary.events_written) == (False, 0, 3)
     assert len(backend.events) == 3
+
+
+def test_a_demo_part_whose_extra_is_missing_names_the_install_command() -> None:
+    code = ("import sys\nsys.modules['boto3'] = None\nimport closedloop.demo as d\n"
+            "assert d.plan_schema.__name__ == 'plan_schema'  # needs pydantic only\n"
+            "assert 'LocalEc2' in dir(d)\n"
+            "from closedloop import ConfigError\n"
+            "try:\n    d.LocalEc2\nexcept ConfigError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True)
+    assert done.stdout == ("closedloop.demo.LocalEc2 needs boto3: "
+                           "pip install 'closedloop[demo]'\n")
