@@ -256,3 +256,13 @@ def test_usage_errors_quote_what_was_typed_literally() -> None:
     assert result.exit_code == 2
     assert_literal(result.stderr, "unexpected extra argument (\x1b[31m[red]so\ron)")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_import_deadletter_prints_the_file_and_store_literally(tmp_path: Path) -> None:
+    dead = tmp_path / "dead\x1b[31m\r.jsonl"
+    dead.write_text("")
+    db = tmp_path / "ev\x1b]0;t\x07.db"
+    cl.open_store(db).close()
+    result = invoke("store", "import-deadletter", str(dead), "--store", f"sqlite:///{db}")
+    assert result.exit_code == 0, result.output
+    assert_literal(result.stdout, f"from {dead} into sqlite:///{db} (0 already stored")

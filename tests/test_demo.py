@@ -403,6 +403,14 @@ def test_cli_demo_prints_a_table_and_how_to_see_the_report(tmp_path: Path) -> No
     assert "closedloop traces list --task-type ec2.provision --store" in result.stdout
 
 
+def test_cli_demo_prints_a_store_path_as_data(tmp_path: Path) -> None:
+    db = tmp_path / "ev\x1b]0;t\x07.db"
+    result = CliRunner().invoke(main, ["demo", "--requests", "1", "--store", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout, result.stdout
+    assert "closedloop traces list --task-type ec2.provision --store" in result.stdout
+
+
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_cli_rejects_a_non_positive_request_count(count: str) -> None:
     result = CliRunner().invoke(main, ["demo", "--requests", count])
@@ -665,3 +673,15 @@ def test_a_store_that_cannot_hold_spans_gets_the_events_only() -> None:
         summary = run_demo(3, SEED, store)
     assert (summary.traced, summary.scores_written, summary.events_written) == (False, 0, 3)
     assert len(backend.events) == 3
+
+
+def test_a_demo_part_whose_extra_is_missing_names_the_install_command() -> None:
+    code = ("import sys\nsys.modules['boto3'] = None\nimport closedloop.demo as d\n"
+            "assert d.plan_schema.__name__ == 'plan_schema'  # needs pydantic only\n"
+            "assert 'LocalEc2' in dir(d)\n"
+            "from closedloop import ConfigError\n"
+            "try:\n    d.LocalEc2\nexcept ConfigError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True)
+    assert done.stdout == ("closedloop.demo.LocalEc2 needs boto3: "
+                           "pip install 'closedloop[demo]'\n")

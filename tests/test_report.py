@@ -342,6 +342,13 @@ def test_the_overall_row_merges_groups_across_task_types() -> None:
     assert (group.message, group.example, group.count) == ("disk <*> full", "disk 2 full", 2)
 
 
+def test_the_overall_rows_example_is_the_latest_message_of_any_task_type() -> None:
+    events = [_failed(1.0, "disk 1 full", "a"), _failed(2.0, "disk 2 full", "b"),
+              _failed(3.0, "disk 3 full", "a")]
+    (group,) = build_report(events).overall.top_messages
+    assert (group.example, group.count) == ("disk 3 full", 3)
+
+
 def test_distinct_message_groups_are_bounded() -> None:
     events = [_failed(float(i), f"unique word {chr(0x4E00 + i)}") for i in range(1500)]
     overall = build_report(events, top_messages=2000).overall

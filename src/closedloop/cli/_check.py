@@ -24,7 +24,7 @@ import click
 
 from closedloop._errors import ConfigError
 from closedloop.cli import main
-from closedloop.cli._common import echo_json
+from closedloop.cli._common import echo_json, literal
 
 if TYPE_CHECKING:
     from closedloop._verdict import Verdict
@@ -122,8 +122,7 @@ def _report(verdict: Verdict, as_json: bool) -> NoReturn:
         else:
             head = click.style("FAIL", fg="red", bold=True)
         click.echo(f"{head} {verdict.check}")
-        from closedloop.cli._common import literal  # messages quote inputs: printed literally
-
+        # messages quote the inputs: printed literally
         if verdict.unknown is not None:
             click.echo(f"  could not check: {literal(verdict.unknown)}")
         for issue in verdict.issues:

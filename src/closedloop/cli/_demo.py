@@ -73,7 +73,7 @@ def _print_next_steps(s: DemoSummary) -> None:
     """The commands that show the run's steps: traces, replay, scores, metrics."""
     steps = s.next_steps()
     if steps:  # plain text: a store URL is data, never markup
-        click.echo("\n".join(["Next steps:", *(f"  {line}" for line in steps)]))
+        click.echo("\n".join(["Next steps:", *(f"  {literal(line)}" for line in steps)]))
 
 
 def _print(s: DemoSummary) -> None:

@@ -15,7 +15,7 @@ from types import FrameType
 import click
 
 from closedloop._errors import ConfigError
-from closedloop.cli import EXIT_INTERRUPTED, main
+from closedloop.cli import main
 from closedloop.cli._common import open_store_to_read, say, store_option
 
 
@@ -65,6 +65,5 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         tail.poll()
         stop.wait(interval)
     server.shutdown()
-    if signal.SIGINT in received:
-        say("error: interrupted", err=True)
-        raise SystemExit(EXIT_INTERRUPTED)
+    if signal.SIGINT in received:  # ends as Ctrl-C ends any command (closedloop.cli._Group)
+        raise KeyboardInterrupt

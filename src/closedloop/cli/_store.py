@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from closedloop.cli import main
-from closedloop.cli._common import echo_json, store_option
+from closedloop.cli._common import echo_json, say, store_option
 
 
 @main.group()
@@ -40,6 +40,6 @@ def import_deadletter(file: Path, store_url: str, as_json: bool) -> None:
     if as_json:
         echo_json(result.to_dict())
         return
-    click.echo(f"imported {result.imported} events from {click.format_filename(file)} into "
-               f"{target.url} ({result.already_stored} already stored, {result.malformed} "
-               "malformed lines skipped)")
+    say(f"imported {result.imported} events from {click.format_filename(file)} into "
+        f"{target.url} ({result.already_stored} already stored, {result.malformed} "
+        "malformed lines skipped)")

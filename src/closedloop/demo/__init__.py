@@ -69,29 +69,20 @@ __all__ = [
     "run_demo",
 ]
 
-_LAZY = {
-    "Action": "closedloop.demo._ec2",
-    "DemoEnvironment": "closedloop.demo._ec2",
-    "Ec2Executor": "closedloop.demo._ec2",
-    "InstanceMatchesRequest": "closedloop.demo._ec2",
-    "LocalEc2": "closedloop.demo._ec2",
-    "no_destructive_actions": "closedloop.demo._plan",
-    "plan_schema": "closedloop.demo._plan",
-    "required_tags": "closedloop.demo._plan",
-}
+if not TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
 
+    _import_on_use, __dir__ = _lazy_exports(__name__, {
+        "._ec2": ("Action", "DemoEnvironment", "Ec2Executor", "InstanceMatchesRequest",
+                  "LocalEc2"),
+        "._plan": ("no_destructive_actions", "plan_schema", "required_tags"),
+    })
 
-def __getattr__(name: str) -> Any:
-    # boto3, moto and pydantic are an optional extra: import their parts only when asked for,
-    # and only what that part needs (the plan validators need pydantic, not boto3)
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'closedloop.demo' has no attribute {name!r}")
-    import importlib
-
-    try:
-        found = importlib.import_module(module)
-    except ImportError as exc:
-        raise _ConfigError(f"closedloop.demo.{name} needs {exc.name or exc}: {_INSTALL_HINT}"
-                          ) from None
-    return getattr(found, name)
+    def __getattr__(name: str) -> Any:
+        # boto3, moto and pydantic are an optional extra: import their parts only when asked
+        # for, and only what that part needs (the plan validators need pydantic, not boto3)
+        try:
+            return _import_on_use(name)
+        except ImportError as exc:
+            raise _ConfigError(f"closedloop.demo.{name} needs {exc.name or exc}: "
+                               f"{_INSTALL_HINT}") from None

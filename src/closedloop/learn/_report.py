@@ -254,7 +254,8 @@ class _Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     messages: Counter[tuple[str, str]] = field(default_factory=Counter)
-    examples: dict[tuple[str, str], str] = field(default_factory=dict)
+    examples: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
+    """Per message group, its most recent message and when it was recorded."""
     latencies: array[float] = field(default_factory=lambda: array("d"))
 
     def add(self, e: StepEvent) -> None:
@@ -277,15 +278,16 @@ class _Tally:
         if e.error_type:
             self.errors[e.error_type] += 1
         if e.error_message:
-            self._message(e.error_type or "", e.error_message, 1)
+            self._message(e.error_type or "", e.error_message, 1, e.ts)
 
-    def _message(self, error_type: str, message: str, count: int,
+    def _message(self, error_type: str, message: str, count: int, ts: float,
                  group: str | None = None) -> None:
         key = (error_type, message_group(message) if group is None else group)
         if key not in self.messages and len(self.messages) >= _MAX_GROUPS:
             key = (error_type, _OTHER)
         self.messages[key] += count
-        self.examples[key] = message
+        if key not in self.examples or ts >= self.examples[key][0]:
+            self.examples[key] = (ts, message)
 
     def merge(self, other: _Tally) -> None:
         """Fold another row's counters into this one (the overall row is built this way)."""
@@ -303,7 +305,8 @@ class _Tally:
         self.outcomes.update(other.outcomes)
         self.errors.update(other.errors)
         for key, count in other.messages.items():
-            self._message(key[0], other.examples[key], count, group=key[1])
+            ts, message = other.examples[key]
+            self._message(key[0], message, count, ts, group=key[1])
         self.latencies.extend(other.latencies)
 
     def freeze(self, task_type: str | None, top_errors: int,
@@ -340,7 +343,7 @@ class _Tally:
             top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs)
                              for k, v in errors),
             top_messages=tuple(MessageCount(error_type=k[0], message=k[1],
-                                            example=self.examples[k], count=v, share=v / runs)
+                                            example=self.examples[k][1], count=v, share=v / runs)
                                for k, v in messages),
         )
 

@@ -122,8 +122,10 @@ def check_limit(max_bytes: int | None) -> int | None:
     return max_bytes
 
 
-def text_size(text: str) -> int:
-    """The size of ``text`` in UTF-8, without encoding it when it is ASCII."""
+def text_size(text: str | bytes | bytearray) -> int:
+    """The size of ``text`` in UTF-8 (bytes: their number), without encoding ASCII text."""
+    if not isinstance(text, str):
+        return len(text)
     return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
 
 
@@ -133,7 +135,8 @@ def too_large(size: int | None, max_bytes: int, advice: str = "make it shorter")
     return Issue(code="too_large", message=f"input too large ({got}-byte limit); {advice}")
 
 
-def _where(text: str, index: int) -> str:
+def where(text: str, index: int) -> str:
+    """``"line L, column C"`` (1-based) of ``text[index]``, as issues locate it."""
     line = text.count("\n", 0, index) + 1
     column = index - text.rfind("\n", 0, index)
     return f"line {line}, column {column}"
@@ -165,7 +168,7 @@ def text_input(proposal: object, what: str, max_bytes: int | None) -> str | Issu
             try:
                 size = len(text.encode("utf-8"))
             except UnicodeEncodeError as exc:
-                return Issue(code="not_utf8", location=_where(text, exc.start),
+                return Issue(code="not_utf8", location=where(text, exc.start),
                              message=f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X}"
                                      "), which is not valid Unicode text; return UTF-8 text")
             if max_bytes is not None and size > max_bytes:
@@ -174,7 +177,7 @@ def text_input(proposal: object, what: str, max_bytes: int | None) -> str | Issu
         return not_text(proposal, what)
     nul = text.find("\x00")
     if nul >= 0:
-        return Issue(code="nul_character", location=_where(text, nul),
+        return Issue(code="nul_character", location=where(text, nul),
                      message=f"{what} holds a NUL character; remove it")
     return text
 

@@ -16,6 +16,7 @@ from closedloop.validate._base import (
     require,
     text_size,
     too_large,
+    where,
 )
 
 MAX_ISSUES = 20
@@ -55,11 +56,7 @@ def _locate_long_number(text: str | bytes) -> str | None:
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     found = _LONG_NUMBER.search(text)
-    if found is None:
-        return None
-    line = text.count("\n", 0, found.start()) + 1
-    column = found.start() - text.rfind("\n", 0, found.start())
-    return f"line {line}, column {column}"
+    return None if found is None else where(text, found.start())
 
 
 def load_json(text: str | bytes) -> Any:
@@ -104,9 +101,7 @@ def number_issue(location: str | None = None) -> Issue:
 
 
 def _size(proposal: object) -> int:
-    if isinstance(proposal, bytes | bytearray):
-        return len(proposal)
-    if isinstance(proposal, str):
+    if isinstance(proposal, str | bytes | bytearray):
         return text_size(proposal)
     return len(json.dumps(proposal, default=str, separators=(",", ":")).encode())
 

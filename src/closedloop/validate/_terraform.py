@@ -205,7 +205,7 @@ def _as_files(proposal: object, filename: str, what: str,
     for name, content in raw.items():
         if not isinstance(name, str) or not isinstance(content, str | bytes | bytearray):
             return not_text(proposal, what)
-        total += text_size(content) if isinstance(content, str) else len(content)
+        total += text_size(content)
     if max_bytes is not None and total > max_bytes:
         return too_large(total, max_bytes)
     files = {}
@@ -434,7 +434,7 @@ class TerraformPlanValidator:
 
     def __call__(self, proposal: object) -> Verdict:
         if self.max_bytes is not None and isinstance(proposal, str | bytes | bytearray):
-            size = text_size(proposal) if isinstance(proposal, str) else len(proposal)
+            size = text_size(proposal)
             if size > self.max_bytes:
                 return Verdict.fail(too_large(size, self.max_bytes), check=self.name)
         try:
