@@ -265,6 +265,15 @@ def test_a_loop_on_a_store_of_its_own_gets_that_stores_fault_control(
     assert not is_default_store(store)
 
 
+def test_loops_built_per_step_on_one_store_share_its_fault_control(store: cl.Store) -> None:
+    executor = Executor()
+    outcomes = [cl.Loop(lambda t, a: t, task_type="flaky", executor=executor,
+                        verifiers=[lambda i, r: "instance type differs"],
+                        store=store).run(i).outcome for i in range(6)]
+    assert outcomes == [cl.Outcome.FAILED] * 5 + [cl.Outcome.HALTED]
+    assert executor.calls == 5
+
+
 def test_loops_on_a_runtimes_store_share_its_fault_control(store: cl.Store) -> None:
     own = cl.Runtime(store=store)
     first = _loop(Executor(), store=store, runtime=own)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
@@ -76,6 +77,8 @@ class Runtime:
             None if fault_control is UNSET else fault_control)
         self._backpressure: Backpressure | None = None if backpressure is UNSET else backpressure
         self._owns_rates = False
+        self._guards: weakref.WeakKeyDictionary[Store, FaultControl] = (
+            weakref.WeakKeyDictionary())
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
         self._redactor = redactor
@@ -127,10 +130,17 @@ class Runtime:
 
     def fault_control_for(self, store: Store | None) -> FaultControl:
         """The guard for steps recorded into ``store``: the runtime's own for its own store,
-        else a new one keeping its pauses and halts in ``store``'s ledger."""
+        else one per store (shared by every loop on it, so that its window sees all their
+        steps), keeping its pauses and halts in ``store``'s ledger."""
         if self.has_store(store):
             return self.fault_control
-        return self._new_fault_control(store)
+        if store is None:
+            return self._new_fault_control(None)
+        with self._lock:
+            guard = self._guards.get(store)
+            if guard is None:
+                guard = self._guards[store] = self._new_fault_control(store)
+        return guard
 
     def _new_fault_control(self, store: Store | None) -> FaultControl:
         from closedloop.control import FaultControl, ledger_for_store
