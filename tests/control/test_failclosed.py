@@ -212,6 +212,8 @@ def test_stop_reasons_are_redacted_before_they_are_stored(tmp_path: Path) -> Non
     assert secret not in sink.alerts[0].summary
     fc.resume("provision", reason=f"rotated {secret}", by="alice")
     assert secret not in ledger.history(1)[0]["reason"]
+    assert sink.alerts[-1].kind == "resumed"
+    assert secret not in sink.alerts[-1].summary
 
 
 # ----- the SQLite ledger ---------------------------------------------------------------------
