@@ -14,6 +14,7 @@ the current runtime.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from closedloop._redact import Redactor
     from closedloop.control import Backpressure, FaultControl
     from closedloop.store import Store
@@ -267,8 +270,8 @@ def configure(
     Arguments left out come from the environment, as at start-up (see :class:`Runtime`). A
     store URL is opened here, so a malformed one is a :class:`~closedloop.ConfigError` now.
     The runtime replaced is closed (its store flushed, and closed if it opened it; its
-    telemetry shut down). Pauses and halts its fault control raised but could not store yet
-    stay in force: the new fault control takes them over. Loops built without their own
+    telemetry shut down). Pauses and halts its fault controls raised but could not store yet
+    stay in force: the new runtime's take them over. Loops built without their own
     store, guards or backpressure follow the new runtime from their next step.
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
@@ -278,15 +281,24 @@ def configure(
     old = _install(new)
     if old._store is not None and new.has_store(old._store):  # kept: the new runtime owns it
         new._owns_store, old._owns_store = old._owns_store, False
-    pending = old._fault_control._pending if old._fault_control is not None else {}
-    if pending and fault_control is UNSET:  # fail closed: an unsaved stop stays in force
-        guard = new.fault_control
+    if old._fault_control is not None and fault_control is UNSET:
+        _carry_unsaved(old._fault_control, lambda: new.fault_control)
+    for guarded, guard in list(old._guards.items()):  # the guards of loops on other stores
+        _carry_unsaved(guard, functools.partial(new.fault_control_for, guarded))
+    old.close()
+    return new
+
+
+def _carry_unsaved(old: FaultControl, successor: Callable[[], FaultControl]) -> None:
+    """Fail closed: the stops ``old`` raised but could not store yet stay in force in its
+    successor (built only if there are any), which keeps trying to store them."""
+    pending = old._pending
+    if pending:
+        guard = successor()
         with guard._lock:
             for name, stop in pending.items():
                 guard._pending.setdefault(name, stop)
         guard.flush_pending()
-    old.close()
-    return new
 
 
 def reset() -> Runtime:
