@@ -144,6 +144,27 @@ def test_an_unsaved_halt_stays_in_force_across_configure(tmp_path: Path) -> None
     assert [s.kind for s in SQLiteLedger(tmp_path / "new.db").stops()] == [StopKind.HALTED]
 
 
+def test_an_unsaved_halt_of_a_loop_on_its_own_store_stays_in_force_across_configure(
+        store: cl.Store, tmp_path: Path) -> None:
+    class Refuses(SQLiteLedger):
+        def put(self, stop: Stop) -> None:
+            raise OSError("disk full")
+
+    executor = Executor()
+    loop = _loop(executor, store=store, verifiers=[lambda i, r: "wrong"])
+    (guard,) = loop._spec.guards
+    assert isinstance(guard, FaultControl)
+    guard.ledger, guard.halt_after, guard.retry_every = Refuses(tmp_path / "x.db"), 1, 3600
+    assert loop.run(1).outcome is cl.Outcome.FAILED
+    assert guard.status()["unsaved"]  # halted here, not stored
+
+    cl.configure(store="memory://")
+
+    assert loop.run(2).outcome is cl.Outcome.HALTED
+    assert executor.calls == 1
+    assert [s.kind for s in SQLiteLedger(tmp_path / "events.db").stops()] == [StopKind.HALTED]
+
+
 def test_configure_with_redis_shares_rates_and_caches_control_state_there(
         monkeypatch: pytest.MonkeyPatch) -> None:
     redis = pytest.importorskip("redis")
@@ -263,6 +284,15 @@ def test_a_loop_on_a_store_of_its_own_gets_that_stores_fault_control(
     assert isinstance(guard.ledger, SQLiteLedger)
     assert guard.ledger.path == tmp_path / "events.db"
     assert not is_default_store(store)
+
+
+def test_loops_built_per_step_on_one_store_share_its_fault_control(store: cl.Store) -> None:
+    executor = Executor()
+    outcomes = [cl.Loop(lambda t, a: t, task_type="flaky", executor=executor,
+                        verifiers=[lambda i, r: "instance type differs"],
+                        store=store).run(i).outcome for i in range(6)]
+    assert outcomes == [cl.Outcome.FAILED] * 5 + [cl.Outcome.HALTED]
+    assert executor.calls == 5
 
 
 def test_loops_on_a_runtimes_store_share_its_fault_control(store: cl.Store) -> None:

@@ -14,13 +14,17 @@ the current runtime.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from closedloop._redact import Redactor
     from closedloop.control import Backpressure, FaultControl
     from closedloop.store import Store
@@ -76,6 +80,8 @@ class Runtime:
             None if fault_control is UNSET else fault_control)
         self._backpressure: Backpressure | None = None if backpressure is UNSET else backpressure
         self._owns_rates = False
+        self._guards: weakref.WeakKeyDictionary[Store, FaultControl] = (
+            weakref.WeakKeyDictionary())
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
         self._redactor = redactor
@@ -127,10 +133,17 @@ class Runtime:
 
     def fault_control_for(self, store: Store | None) -> FaultControl:
         """The guard for steps recorded into ``store``: the runtime's own for its own store,
-        else a new one keeping its pauses and halts in ``store``'s ledger."""
+        else one per store (shared by every loop on it, so that its window sees all their
+        steps), keeping its pauses and halts in ``store``'s ledger."""
         if self.has_store(store):
             return self.fault_control
-        return self._new_fault_control(store)
+        if store is None:
+            return self._new_fault_control(None)
+        with self._lock:
+            guard = self._guards.get(store)
+            if guard is None:
+                guard = self._guards[store] = self._new_fault_control(store)
+        return guard
 
     def _new_fault_control(self, store: Store | None) -> FaultControl:
         from closedloop.control import FaultControl, ledger_for_store
@@ -257,8 +270,8 @@ def configure(
     Arguments left out come from the environment, as at start-up (see :class:`Runtime`). A
     store URL is opened here, so a malformed one is a :class:`~closedloop.ConfigError` now.
     The runtime replaced is closed (its store flushed, and closed if it opened it; its
-    telemetry shut down). Pauses and halts its fault control raised but could not store yet
-    stay in force: the new fault control takes them over. Loops built without their own
+    telemetry shut down). Pauses and halts its fault controls raised but could not store yet
+    stay in force: the new runtime's take them over. Loops built without their own
     store, guards or backpressure follow the new runtime from their next step.
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
@@ -268,15 +281,24 @@ def configure(
     old = _install(new)
     if old._store is not None and new.has_store(old._store):  # kept: the new runtime owns it
         new._owns_store, old._owns_store = old._owns_store, False
-    pending = old._fault_control._pending if old._fault_control is not None else {}
-    if pending and fault_control is UNSET:  # fail closed: an unsaved stop stays in force
-        guard = new.fault_control
+    if old._fault_control is not None and fault_control is UNSET:
+        _carry_unsaved(old._fault_control, lambda: new.fault_control)
+    for guarded, guard in list(old._guards.items()):  # the guards of loops on other stores
+        _carry_unsaved(guard, functools.partial(new.fault_control_for, guarded))
+    old.close()
+    return new
+
+
+def _carry_unsaved(old: FaultControl, successor: Callable[[], FaultControl]) -> None:
+    """Fail closed: the stops ``old`` raised but could not store yet stay in force in its
+    successor (built only if there are any), which keeps trying to store them."""
+    pending = old._pending
+    if pending:
+        guard = successor()
         with guard._lock:
             for name, stop in pending.items():
                 guard._pending.setdefault(name, stop)
         guard.flush_pending()
-    old.close()
-    return new
 
 
 def reset() -> Runtime:

@@ -77,6 +77,20 @@ def test_fail_open_admits_and_records_why(memory_store: cl.Store) -> None:
     assert "unreachable" in result.event.detail["fail_open"][0]
 
 
+def test_the_cannot_decide_warning_is_throttled_whatever_the_loops_clocks(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def loop(clock: object) -> cl.Loop:
+        return cl.Loop(lambda task, attempt: task, task_type="throttled-warning",
+                       executor=Executor(), guards=[CannotDecide()], store=None,
+                       clock=clock)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="closedloop"):
+        loop(time.perf_counter).run(1)
+        loop(lambda: 1e12).run(1)  # a loop on a virtual clock far ahead: still the same 10 s
+    warnings = [r for r in caplog.records if "throttled-warning" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 def test_a_refused_step_is_not_raised_as_success() -> None:
     result = _loop(CannotDecide(), Executor()).run(1)
     with pytest.raises(cl.NotExecuted, match="control_unavailable"):
@@ -212,6 +226,8 @@ def test_stop_reasons_are_redacted_before_they_are_stored(tmp_path: Path) -> Non
     assert secret not in sink.alerts[0].summary
     fc.resume("provision", reason=f"rotated {secret}", by="alice")
     assert secret not in ledger.history(1)[0]["reason"]
+    assert sink.alerts[-1].kind == "resumed"
+    assert secret not in sink.alerts[-1].summary
 
 
 # ----- the SQLite ledger ---------------------------------------------------------------------

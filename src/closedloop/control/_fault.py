@@ -408,7 +408,7 @@ class FaultControl:
             self._tracks.pop(task_type, None)
         stop = stop or unsaved
         if stop is not None:
-            self._alert(Alert(kind="resumed", subject=task_type, summary=_redact_text(reason),
+            self._alert(Alert(kind="resumed", subject=task_type, summary=reason,
                               action="none; steps run again", at=self.clock(),
                               evidence={"was": stop.kind.value, "by": by or who()}))
         return stop

@@ -53,6 +53,7 @@ from closedloop._control_state import (
     stronger,
 )
 from closedloop._errors import ControlUnavailable
+from closedloop._runtime import REDIS_ENV
 
 # Stop, StopKind, ControlLedger and MemoryLedger live in closedloop._control_state (the store
 # backends implement the port too); they are re-exported from here as before.
@@ -437,7 +438,6 @@ class CachedLedger:
         return published(max_age) if published is not None else {}
 
 
-REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
 _FROM_ENV: Any = object()
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from importlib import resources
 from typing import Any
 
@@ -250,15 +250,9 @@ def _snapshot_from_hash(raw: dict[Any, Any], limits: Limits, now: float) -> dict
 
     values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
     state = KeyState()
-    for name in ("rate0", "since", "cut_at", "ceiling", "issued", "tat", "last_fill",
-                 "busy_since", "mark_at", "latency", "hold_until", "win_start", "win_cur",
-                 "win_prev", "opened_at", "open_for", "probe_at"):
-        if name in values:
-            setattr(state, name, values[name])
-    for name in ("tickets", "void_below", "last_out", "failures", "probes", "mark_ok",
-                 "measured"):
-        if name in values:
-            setattr(state, name, int(values[name]))
+    for f in fields(KeyState):  # the script keeps each number under its field's name
+        if f.name in values and f.type in ("float", "int"):
+            setattr(state, f.name, int(values[f.name]) if f.type == "int" else values[f.name])
     state.breaker = [BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN][
         int(values.get("breaker", 0))]
     state.counts = {k[2:]: int(v) for k, v in values.items() if k.startswith("c:")}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -124,9 +125,12 @@ _log = logging.getLogger("closedloop")
 _warned: dict[tuple[str, bool], float] = {}
 
 
-def _warn_now(task_type: str, fail_open: bool, now: float) -> bool:
-    """At most one admission warning per task type and policy every 10 s (outages are long)."""
-    key = (task_type, fail_open)
+def _warn_now(task_type: str, fail_open: bool) -> bool:
+    """At most one admission warning per task type and policy every 10 s (outages are long).
+
+    Shared by every loop of the process, so timed by the process's monotonic clock, not by a
+    loop's own (injectable) one."""
+    key, now = (task_type, fail_open), time.monotonic()
     if now - _warned.get(key, float("-inf")) < 10.0:
         return False
     _warned[key] = now
@@ -263,7 +267,7 @@ class _Step:
                 refusal: Admission | None = yield action
             except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
                 why = f"admission could not be decided: {_describe(exc)}"
-                if _warn_now(task_type, spec.fail_open, self.clock()):
+                if _warn_now(task_type, spec.fail_open):
                     _log.warning("closedloop: %s; %s steps of %s (this warning repeats at most "
                                  "every 10 s)", why, "ADMITTING (fail_open=True)"
                                  if spec.fail_open else "refusing (fail closed)", task_type)
