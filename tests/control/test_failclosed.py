@@ -78,7 +78,10 @@ def test_fail_open_admits_and_records_why(memory_store: cl.Store) -> None:
 
 
 def test_the_cannot_decide_warning_is_throttled_whatever_the_loops_clocks(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from closedloop.loop import _machine
+
+    monkeypatch.setattr(_machine, "_monotonic", lambda: 5_000.0)  # the process clock stands still
     def loop(clock: object) -> cl.Loop:
         return cl.Loop(lambda task, attempt: task, task_type="throttled-warning",
                        executor=Executor(), guards=[CannotDecide()], store=None,

@@ -123,6 +123,7 @@ _MAX_MESSAGE = 2000
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
 _log = logging.getLogger("closedloop")
 _warned: dict[tuple[str, bool], float] = {}
+_monotonic = time.monotonic  # the process clock the warning throttle reads
 
 
 def _warn_now(task_type: str, fail_open: bool) -> bool:
@@ -130,7 +131,7 @@ def _warn_now(task_type: str, fail_open: bool) -> bool:
 
     Shared by every loop of the process, so timed by the process's monotonic clock, not by a
     loop's own (injectable) one."""
-    key, now = (task_type, fail_open), time.monotonic()
+    key, now = (task_type, fail_open), _monotonic()
     if now - _warned.get(key, float("-inf")) < 10.0:
         return False
     _warned[key] = now
