@@ -392,3 +392,18 @@ def test_a_malformed_redis_url_stops_loop_construction_with_the_fix(
     monkeypatch.setenv("CLOSEDLOOP_REDIS_URL", "redis://:x@host:port/0")
     with pytest.raises(cl.ConfigError, match=r"malformed Redis URL .*redis://HOST:PORT/DB"):
         cl.Loop(lambda t, a: t, task_type="provision", store=None)
+
+
+def test_a_memory_store_keeps_one_ledger_for_every_guard_on_it() -> None:
+    # a halt put through one guard's ledger must stop a loop built later on the same store
+    from closedloop.control import ledger_for_store
+
+    store = cl.open_store("memory://")
+    ledger_for_store(store, redis_url=None).put(
+        Stop(task_type="provision", kind=StopKind.HALTED, reason="bad AMI", by="test",
+             at=time.time()))
+    executor = Executor()
+    guard = FaultControl(ledger=ledger_for_store(store, redis_url=None))
+    result = cl.Loop(lambda task, attempt: task, task_type="provision", executor=executor,
+                     guards=[guard], store=store).run(1)
+    assert (result.outcome, executor.calls) == ("halted", 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
+from closedloop._control_state import MemoryLedger
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
 
@@ -17,6 +18,12 @@ class MemoryBackend:
     def __init__(self) -> None:
         self._events: list[StepEvent] = []
         self._lock = threading.Lock()
+        self._ledger = MemoryLedger()
+
+    def control_ledger(self) -> MemoryLedger:
+        """This store's pauses and halts: one in-process ledger for the backend's whole life,
+        so every loop, guard and runtime on the store sees the same stops."""
+        return self._ledger
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Append the batch."""
