@@ -56,19 +56,10 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _redact_text(text: str) -> str:
-    """The one place control text is redacted before it is stored or alerted."""
-    return redact_text(text)
-
-
-def _redact_value(value: Any) -> Any:
-    return redact_value(value)
-
-
 def redacted(stop: Stop) -> Stop:
     """``stop`` with its reason and evidence passed through the redactor."""
-    return replace(stop, reason=_redact_text(stop.reason),
-                   evidence=_redact_value(stop.evidence))
+    return replace(stop, reason=redact_text(stop.reason),
+                   evidence=redact_value(stop.evidence))
 
 
 def stronger(a: Stop | None, b: Stop | None, now: float) -> Stop | None:
@@ -135,7 +126,7 @@ class MemoryLedger:
             stop = self._stops.pop(task_type, None)
             if stop is not None:
                 self._history.append({"event": "resumed", "task_type": task_type,
-                                      "reason": _redact_text(reason), "by": by, "at": self.clock(),
+                                      "reason": redact_text(reason), "by": by, "at": self.clock(),
                                       "time": _iso(self.clock())})
             return stop
 

@@ -39,12 +39,12 @@ from typing import Any
 
 from closedloop._errors import ConfigError, ControlUnavailable
 from closedloop._events import StepEvent
+from closedloop._redact import redact_text
 from closedloop.control._alerts import Alert, AlertSink, LogSink
 from closedloop.control._ledger import (
     ControlLedger,
     Stop,
     StopKind,
-    _redact_text,
     ledger_for_store,
     redacted,
     stronger,
@@ -452,7 +452,7 @@ def resume(ledger: ControlLedger, task_type: str, *, reason: str,
     """Lift ``task_type``'s halt or pause in ``ledger``; a reason is required."""
     if not reason or not reason.strip():
         raise ConfigError("a reason is required to resume a task type (--reason TEXT)")
-    return ledger.lift(task_type, reason=_redact_text(reason.strip()), by=by or who())
+    return ledger.lift(task_type, reason=redact_text(reason.strip()), by=by or who())
 
 
 def default_fault_control() -> FaultControl:

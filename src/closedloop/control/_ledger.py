@@ -48,11 +48,11 @@ from closedloop._control_state import (
     StopKind,
     _iso,
     _merge,
-    _redact_text,
     redacted,
     stronger,
 )
 from closedloop._errors import ControlUnavailable
+from closedloop._redact import redact_text
 from closedloop._runtime import REDIS_ENV
 
 # Stop, StopKind, ControlLedger and MemoryLedger live in closedloop._control_state (the store
@@ -66,7 +66,6 @@ __all__ = [
     "SharedCache",
     "Stop",
     "StopKind",
-    "_redact_text",
     "ledger_for_store",
     "redacted",
     "shown_url",
@@ -211,7 +210,7 @@ class SQLiteLedger:
         return stop if stop is not None and stop.active(self.clock()) else None
 
     def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
-        reason = _redact_text(reason)
+        reason = redact_text(reason)
 
         def work(conn: sqlite3.Connection) -> Stop | None:
             row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",

@@ -28,8 +28,9 @@ from importlib import resources
 from typing import Any
 
 from closedloop._errors import ConfigError, ControlUnavailable
+from closedloop._redact import redact_text
 from closedloop.control._core import Grant, Limits
-from closedloop.control._ledger import Stop, StopKind, _redact_text, redacted, shown_url
+from closedloop.control._ledger import Stop, StopKind, redacted, shown_url
 from closedloop.control._signals import Signal
 from closedloop.control._state import LocalRates
 
@@ -361,7 +362,7 @@ class RedisLedger:
 
     def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
         now = self.clock()
-        reason = _redact_text(reason)
+        reason = redact_text(reason)
         entry = json.dumps({"event": "resumed", "task_type": task_type, "reason": reason,
                             "by": by, "at": now,
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))})

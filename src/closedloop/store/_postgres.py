@@ -42,9 +42,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from closedloop._control_state import Stop, StopKind, _iso, _merge, _redact_text, redacted
+from closedloop._control_state import Stop, StopKind, _iso, _merge, redacted
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
 from closedloop.store._registry import redact_url
 
@@ -473,7 +474,7 @@ class PostgresLedger:
 
     def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
         """Remove the stop and record who lifted it and why; returns what was lifted."""
-        reason = _clean(_redact_text(reason))
+        reason = _clean(redact_text(reason))
 
         def work(conn: psycopg.Connection[Any]) -> Stop | None:
             row = conn.execute(self._q["delete"], (_clean(task_type),)).fetchone()
