@@ -10,17 +10,8 @@ from typing import Any
 import pytest
 
 import closedloop as cl
-from closedloop.loop import Admission
-from closedloop.loop._machine import (
-    Act,
-    Action,
-    Admit,
-    Approve,
-    Propose,
-    Validate,
-    Verify,
-    step_machine,
-)
+from closedloop.loop import Act, Action, Admission, Admit, Approve, Propose, Validate, Verify
+from closedloop.loop._machine import step_machine
 
 
 class FixingAgent:
