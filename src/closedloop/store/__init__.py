@@ -22,11 +22,15 @@ from pathlib import Path
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
+from closedloop._spans import Pruned, SpanStore
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery, SpanBackend
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
+from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
+from closedloop.store._sqlite_ledger import SQLiteLedger
+from closedloop.store._sqlite_spans import SQLiteSpanStore
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
@@ -36,7 +40,13 @@ __all__ = [
     "EventQuery",
     "ImportResult",
     "MemoryBackend",
+    "MemorySpanStore",
+    "Pruned",
     "SQLiteBackend",
+    "SQLiteLedger",
+    "SQLiteSpanStore",
+    "SpanBackend",
+    "SpanStore",
     "Store",
     "WriterStats",
     "default_store",
