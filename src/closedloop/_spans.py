@@ -139,6 +139,25 @@ def _text(value: Any) -> str | None:
     return None if value is None else value if isinstance(value, str) else str(value)
 
 
+def relabels(label_ns: int | None, outcome: str | None, new_ns: int | None,
+             new_outcome: str | None) -> bool:
+    """Whether a labelled span starting at ``new_ns`` labels a trace instead of the one
+    starting at ``label_ns``: it started first, or at the same time and has an outcome where
+    the other has none. The backends' upserts apply the same rule in SQL."""
+    if new_ns is None:
+        return False
+    if label_ns is None or new_ns < label_ns:
+        return True
+    return new_ns == label_ns and outcome is None and new_outcome is not None
+
+
+RELABEL = ("({new}.label_ns < coalesce({old}.label_ns, {new}.label_ns + 1) OR "
+           "({new}.label_ns = {old}.label_ns AND {old}.outcome IS NULL "
+           "AND {new}.outcome IS NOT NULL))")
+""":func:`relabels` in SQL, for an upsert: ``{new}`` names the incoming row (``excluded``),
+``{old}`` the stored one."""
+
+
 def rollup(spans: Iterable[StoredSpan]) -> list[Rollup]:
     """One summary per trace of ``spans``, by trace id: first start, last end, span count and
     the labels of the earliest span that has a task type.
@@ -156,8 +175,10 @@ def rollup(spans: Iterable[StoredSpan]) -> list[Rollup]:
             entry[1] = max(entry[1], s.end_ns)
         entry[2] += 1
         task_type = s.attributes.get(TASK_TYPE)
-        if task_type is not None and (entry[3] is None or s.start_ns < entry[3]):
-            entry[3:] = [s.start_ns, _text(task_type), _text(s.attributes.get(OUTCOME))]
+        if task_type is not None:
+            outcome = _text(s.attributes.get(OUTCOME))
+            if relabels(entry[3], entry[5], s.start_ns, outcome):
+                entry[3:] = [s.start_ns, _text(task_type), outcome]
     return [Rollup(trace_id=t, start_ns=e[0], end_ns=e[1], spans=e[2], label_ns=e[3],
                    task_type=e[4], outcome=e[5]) for t, e in sorted(found.items())]
 

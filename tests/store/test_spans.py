@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,19 @@ def test_a_trace_written_in_several_batches_is_summarised_whole(spans: SpanStore
     assert summary == _summary(7, T0 + 100, T0 + 5010, 6, task_type="outer")
     assert spans.traces(task_type="outer").traces == [summary]
     assert spans.traces(task_type="inner").traces == []
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_of_labelled_spans_starting_together_the_one_with_an_outcome_labels_the_trace(
+        spans: SpanStore, together: bool) -> None:
+    # the loop labels every span of a step with its task type, only the step span with its
+    # outcome; the children are exported first
+    root, child = step(4, spans=2)
+    child = replace(child, start_ns=root.start_ns, attributes={"closedloop.task_type": "deploy"})
+    for batch in ([[child, root]] if together else [[child], [root]]):
+        spans.write_spans(batch)
+    (summary,) = spans.traces().traces
+    assert (summary.task_type, summary.outcome, summary.spans) == ("deploy", "succeeded", 2)
 
 
 def test_a_trace_listing_filters_by_task_type_and_start(spans: SpanStore) -> None:

@@ -22,6 +22,7 @@ from closedloop._spans import (
     decode_cursor,
     fold_scores,
     page_of,
+    relabels,
     rollup,
 )
 
@@ -146,8 +147,7 @@ class MemorySpanStore:
 
 def _merge(old: Rollup, new: Rollup) -> Rollup:
     """``old`` with ``new`` added: as the database backends' upsert does."""
-    relabel = new.label_ns is not None and (old.label_ns is None or new.label_ns < old.label_ns)
-    labels = new if relabel else old
+    labels = new if relabels(old.label_ns, old.outcome, new.label_ns, new.outcome) else old
     return Rollup(trace_id=old.trace_id, start_ns=min(old.start_ns, new.start_ns),
                   end_ns=max(old.end_ns, new.end_ns), spans=old.spans + new.spans,
                   label_ns=labels.label_ns, task_type=labels.task_type, outcome=labels.outcome)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
 from closedloop._spans import (
+    RELABEL,
     SCORE_COLUMNS,
     SPAN_COLUMNS,
     SPANS_PAGE,
@@ -69,13 +70,10 @@ _SQL = {
             start_ns = LEAST(t.start_ns, EXCLUDED.start_ns),
             end_ns = GREATEST(t.end_ns, EXCLUDED.end_ns),
             spans = t.spans + EXCLUDED.spans,
-            task_type = CASE WHEN EXCLUDED.label_ns < coalesce(t.label_ns, EXCLUDED.label_ns + 1)
-                             THEN EXCLUDED.task_type ELSE t.task_type END,
-            outcome = CASE WHEN EXCLUDED.label_ns < coalesce(t.label_ns, EXCLUDED.label_ns + 1)
-                           THEN EXCLUDED.outcome ELSE t.outcome END,
-            label_ns = CASE WHEN EXCLUDED.label_ns < coalesce(t.label_ns, EXCLUDED.label_ns + 1)
-                            THEN EXCLUDED.label_ns ELSE t.label_ns END
-        """,
+            task_type = CASE WHEN {relabel} THEN EXCLUDED.task_type ELSE t.task_type END,
+            outcome = CASE WHEN {relabel} THEN EXCLUDED.outcome ELSE t.outcome END,
+            label_ns = CASE WHEN {relabel} THEN EXCLUDED.label_ns ELSE t.label_ns END
+        """.replace("{relabel}", RELABEL.format(new="EXCLUDED", old="t")),
     "trace": f"SELECT {', '.join(SPAN_COLUMNS)} FROM {{s}}.spans WHERE trace_id = %s "
              "ORDER BY start_ns, seq",
     "since": f"SELECT seq, {', '.join(SPAN_COLUMNS)} FROM {{s}}.spans WHERE seq > %s "

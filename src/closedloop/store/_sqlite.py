@@ -112,7 +112,8 @@ MIGRATIONS: tuple[str, ...] = (
                json_extract(s.attributes, '$."closedloop.outcome"')
         FROM spans s WHERE s.trace_id = traces.trace_id
         AND json_extract(s.attributes, '$."closedloop.task_type"') IS NOT NULL
-        ORDER BY s.start_ns LIMIT 1);
+        ORDER BY s.start_ns,
+                 json_extract(s.attributes, '$."closedloop.outcome"') IS NULL LIMIT 1);
     CREATE INDEX traces_start ON traces (start_ns, trace_id);
     CREATE INDEX traces_task_start ON traces (task_type, start_ns, trace_id);
     CREATE INDEX scores_ts ON scores (ts);

@@ -21,6 +21,7 @@ from typing import Any
 
 from closedloop._errors import StoreError
 from closedloop._spans import (
+    RELABEL,
     SCORE_COLUMNS,
     SPAN_COLUMNS,
     SPANS_PAGE,
@@ -46,13 +47,10 @@ ON CONFLICT (trace_id) DO UPDATE SET
     start_ns = min(start_ns, excluded.start_ns),
     end_ns = max(end_ns, excluded.end_ns),
     spans = spans + excluded.spans,
-    task_type = CASE WHEN excluded.label_ns < coalesce(label_ns, excluded.label_ns + 1)
-                     THEN excluded.task_type ELSE task_type END,
-    outcome = CASE WHEN excluded.label_ns < coalesce(label_ns, excluded.label_ns + 1)
-                   THEN excluded.outcome ELSE outcome END,
-    label_ns = CASE WHEN excluded.label_ns < coalesce(label_ns, excluded.label_ns + 1)
-                    THEN excluded.label_ns ELSE label_ns END
-"""
+    task_type = CASE WHEN {relabel} THEN excluded.task_type ELSE task_type END,
+    outcome = CASE WHEN {relabel} THEN excluded.outcome ELSE outcome END,
+    label_ns = CASE WHEN {relabel} THEN excluded.label_ns ELSE label_ns END
+""".format(relabel=RELABEL.format(new="excluded", old="traces"))
 _SCORES = ", ".join(SCORE_COLUMNS)
 _PRUNE_CHUNK = 50_000
 """Rows deleted per transaction by :meth:`SQLiteSpanStore.prune`, so writers wait little."""
