@@ -31,6 +31,9 @@ SPANS_PAGE = 10_000
 """Spans read at most by one :meth:`SpanStore.spans_since` call, by default."""
 
 
+_dumps = json.JSONEncoder(default=repr).encode  # json.dumps(v, default=repr), made once
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoredSpan:
     """A span as read back from the store (ids as hex, times in ns since the epoch)."""
@@ -54,12 +57,12 @@ class StoredSpan:
         return (self.end_ns - self.start_ns) / 1e6
 
     def to_row(self) -> tuple[Any, ...]:
-        """The span as a row of the ``spans`` table (JSON columns as text)."""
+        """The span as a row of the ``spans`` table (JSON columns as text; a value JSON cannot
+        hold is stored as its ``repr``)."""
         return (self.trace_id, self.span_id, self.parent_id, self.name, self.kind,
                 self.start_ns, self.end_ns, self.status, self.status_message,
-                json.dumps(self.attributes, default=repr),
-                json.dumps(self.events, default=repr) if self.events else None,
-                json.dumps(self.content) if self.content else None)
+                _dumps(self.attributes), _dumps(self.events) if self.events else None,
+                _dumps(self.content) if self.content else None)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> StoredSpan:
@@ -169,11 +172,11 @@ def rollup(spans: Iterable[StoredSpan]) -> list[Rollup]:
     for s in spans:
         entry = found.get(s.trace_id)
         if entry is None:
-            entry = found[s.trace_id] = [s.start_ns, s.end_ns, 0, None, None, None]
+            entry = found[s.trace_id] = [s.start_ns, s.end_ns, 1, None, None, None]
         else:
             entry[0] = min(entry[0], s.start_ns)
             entry[1] = max(entry[1], s.end_ns)
-        entry[2] += 1
+            entry[2] += 1
         task_type = s.attributes.get(TASK_TYPE)
         if task_type is not None:
             outcome = _text(s.attributes.get(OUTCOME))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Iterator, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -126,6 +125,8 @@ def known_schemes() -> list[str]:
 
 def _load_entry_points() -> None:
     global _entry_points_loaded
+    from importlib.metadata import entry_points  # only when a scheme is not known yet
+
     with _lock:
         if _entry_points_loaded:
             return
