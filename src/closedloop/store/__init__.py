@@ -6,6 +6,11 @@
 file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; without it the
 default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
+Each backend also keeps, next to its events, the spans and scores of its traces (the
+:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
+No module outside this package opens a database.
+
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
 :mod:`closedloop.store._writer`), and the default store opens even when its file cannot be
