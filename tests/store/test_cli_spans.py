@@ -231,3 +231,15 @@ def test_spans_of_a_postgresql_store_unreachable_at_start_up_are_written_once_it
     spans.write_spans(step(1))  # the server answers now: the store opens on first use
     assert [t.trace_id for t in spans.traces().traces] == [f"{1:032x}"]
     deferred.close()
+
+
+def test_the_demo_on_postgresql_records_traces_and_scores_that_report_shows(pg_url: str) -> None:
+    demo = invoke("demo", "--requests", "4", "--seed", "3", "--json", "--store", pg_url)
+    assert demo.exit_code == 0, demo.output
+    listed = json.loads(invoke("traces", "list", "--store", pg_url, "--json").stdout)
+    assert len(listed["traces"]) == 4
+    assert {t["task_type"] for t in listed["traces"]} == {"ec2.provision"}
+    scored = json.loads(invoke("scores", "list", "--store", pg_url, "--json").stdout)
+    assert {s["trace_id"] for s in scored} == {t["trace_id"] for t in listed["traces"]}
+    report = json.loads(invoke("report", "--store", pg_url, "--json").stdout)
+    assert report["scores"][0]["task_type"] == "ec2.provision"
