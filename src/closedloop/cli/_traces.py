@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -23,14 +25,21 @@ from closedloop.cli._common import (
 from closedloop.cli._common import open_store_to_read as _open
 
 if TYPE_CHECKING:
+    from closedloop.store import Store
     from closedloop.telemetry import SpanStore, StoredSpan
 
 
-def _spans(store_url: str) -> SpanStore:
+@contextmanager
+def reading(store_url: str) -> Iterator[tuple[Store, SpanStore]]:
+    """The store at ``store_url`` opened read-only, and its spans and scores; closed after."""
     # a missing extra is named by the command group (closedloop.cli._Group)
     from closedloop.telemetry import span_store_for
 
-    return span_store_for(_open(store_url))
+    store = _open(store_url)
+    try:
+        yield store, span_store_for(store)
+    finally:
+        store.close()
 
 
 def _trace(spans: SpanStore, trace_id: str) -> list[StoredSpan]:
@@ -52,25 +61,31 @@ def traces() -> None:
 @click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="How many traces to list at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
-                as_json: bool) -> None:
-    """The most recent traces, newest first."""
-    found = _spans(store_url).traces(limit=limit, task_type=task_type,
-                                     since_ns=int(since * 1e9) if since is not None else None)
+@click.option("--cursor", help="Continue a listing: the next_cursor a previous page gave.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON for scripts: the traces and the next page's cursor.")
+def list_traces(  # noqa: PLR0917 - click passes every option as an argument
+        store_url: str, task_type: str | None, since: float | None, limit: int,
+        cursor: str | None, as_json: bool) -> None:
+    """The most recent traces, newest first, a page at a time."""
+    with reading(store_url) as (_, spans):
+        page = spans.traces(limit=limit, task_type=task_type, cursor=cursor,
+                            since_ns=int(since * 1e9) if since is not None else None)
     if as_json:
-        echo_json([t.to_dict() for t in found])
+        echo_json(page.to_dict())
         return
-    if not found:
+    if not page.traces:
         click.echo("no traces", err=True)
         sys.exit(EXIT_NO_DATA)
     from rich.table import Table
 
     table = Table("trace id", "started", "task type", "outcome", "spans", "ms")
-    for t in found:
+    for t in page.traces:
         table.add_row(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
                       str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
     console().print(table)
+    if page.next_cursor is not None:
+        say(f"more: --cursor {page.next_cursor}", err=True)
 
 
 @traces.command("show")
@@ -87,7 +102,8 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     from closedloop.telemetry._spanstore import iter_children
     from closedloop.telemetry._view import label, verdict_messages
 
-    spans = _trace(_spans(store_url), trace_id)
+    with reading(store_url) as (_, store_spans):
+        spans = _trace(store_spans, trace_id)
     if as_json:
         echo_json([s.to_dict() for s in spans])
         return
@@ -116,8 +132,8 @@ def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bo
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
     from closedloop.telemetry._view import diff_traces, first_divergence
 
-    spans = _spans(store_url)
-    rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
+    with reading(store_url) as (_, spans):
+        rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return
@@ -175,8 +191,9 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         raise ConfigError("give at least one --validator or --verifier to replay")
     validators = [_import_check(s) for s in validator_specs]
     verifiers = [_import_check(s) for s in verifier_specs]
-    report = run_replay(_open(store_url), task_type, validators=validators,
-                        verifiers=verifiers, since=since)
+    with reading(store_url) as (store, _):
+        report = run_replay(store, task_type, validators=validators, verifiers=verifiers,
+                            since=since)
     if as_json:
         echo_json(report.to_dict())
         return

@@ -42,7 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from closedloop._control_state import Stop, StopKind, _iso, _merge, redacted
+from closedloop._control_state import Stop, _iso, _merge, history_entry, redacted
+from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
 from closedloop._redact import redact_text
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg import sql
     from psycopg_pool import ConnectionPool
+
+    from closedloop.store._postgres_spans import PostgresSpanStore
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
@@ -117,6 +120,53 @@ MIGRATIONS: tuple[str, ...] = (
         snapshot TEXT NOT NULL,
         PRIMARY KEY (source, key)
     );
+    """,
+    # 3: spans and scores (closedloop.store._postgres_spans): spans range-partitioned by day on
+    # start_ns (ns since the epoch), ``seq`` numbering them in commit order (writers take an
+    # advisory lock) for readers that tail them; one summary row per trace for listings
+    """
+    CREATE TABLE {schema}.spans (
+        seq BIGSERIAL NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        parent_id TEXT,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        status INTEGER NOT NULL,
+        status_message TEXT,
+        attributes TEXT NOT NULL,
+        events TEXT,
+        content TEXT
+    ) PARTITION BY RANGE (start_ns);
+    CREATE INDEX spans_trace ON {schema}.spans (trace_id, start_ns);
+    CREATE INDEX spans_seq ON {schema}.spans (seq);
+    CREATE TABLE {schema}.traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        spans BIGINT NOT NULL,
+        label_ns BIGINT,
+        task_type TEXT,
+        outcome TEXT
+    );
+    CREATE INDEX traces_start ON {schema}.traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON {schema}.traces (task_type, start_ns, trace_id);
+    CREATE TABLE {schema}.scores (
+        id BIGSERIAL PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT,
+        name TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        label TEXT,
+        comment TEXT,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX scores_trace ON {schema}.scores (trace_id);
+    CREATE INDEX scores_name_ts ON {schema}.scores (name, ts);
+    CREATE INDEX scores_ts ON {schema}.scores (ts);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -232,6 +282,7 @@ class PostgresBackend:
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
+        self._spans: PostgresSpanStore | None = None
         s = sql.Identifier(self.schema)
         self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
             s, sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS))
@@ -368,6 +419,16 @@ class PostgresBackend:
         return PostgresLedger(self._conninfo, self.schema, self.url,
                               connect_timeout=self._connect_timeout)
 
+    def span_store(self) -> PostgresSpanStore:
+        """Spans and scores in this store's schema (the span/score port); one for the
+        backend's life, on its connection pool."""
+        from closedloop.store._postgres_spans import PostgresSpanStore
+
+        with self._pool_lock:
+            if self._spans is None:
+                self._spans = PostgresSpanStore(self)
+            return self._spans
+
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
 
@@ -498,9 +559,7 @@ class PostgresLedger:
         """Recent stops and resumes, newest first."""
         rows = self._run("read", lambda conn: conn.execute(
             self._q["history"], (max(0, int(limit)),)).fetchall(), absent=list)
-        return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
-                 "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
-                for r in rows]
+        return [history_entry(r) for r in rows]
 
     def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
         """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
@@ -543,11 +602,6 @@ _LEDGER_SQL = {
     "published": "SELECT source, key, at, snapshot FROM {s}.control_keys WHERE at >= %s "
                  "ORDER BY key, source",
 }
-
-
-def _ledger_stop(row: tuple[Any, ...]) -> Stop:
-    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
-                until=row[5], evidence=json.loads(row[6]))
 
 
 def _dumps(value: Any) -> str:

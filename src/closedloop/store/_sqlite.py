@@ -23,12 +23,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
 from closedloop.store._base import EventQuery
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite_ledger import SQLiteLedger
+    from closedloop.store._sqlite_spans import SQLiteSpanStore
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -87,6 +91,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
+    """,
+    # 3: one summary row per trace, kept up to date by every span batch, so that a trace
+    # listing reads a page of an index instead of grouping every span (closedloop.store.
+    # _sqlite_spans); filled here from the spans already stored
+    """
+    CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        spans INTEGER NOT NULL,
+        label_ns INTEGER,
+        task_type TEXT,
+        outcome TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO traces (trace_id, start_ns, end_ns, spans)
+        SELECT trace_id, min(start_ns), max(end_ns), count(*) FROM spans GROUP BY trace_id;
+    UPDATE traces SET (label_ns, task_type, outcome) = (
+        SELECT s.start_ns, json_extract(s.attributes, '$."closedloop.task_type"'),
+               json_extract(s.attributes, '$."closedloop.outcome"')
+        FROM spans s WHERE s.trace_id = traces.trace_id
+        AND json_extract(s.attributes, '$."closedloop.task_type"') IS NOT NULL
+        ORDER BY s.start_ns,
+                 json_extract(s.attributes, '$."closedloop.outcome"') IS NULL LIMIT 1);
+    CREATE INDEX traces_start ON traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON traces (task_type, start_ns, trace_id);
+    CREATE INDEX scores_ts ON scores (ts);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -199,12 +229,17 @@ class SQLiteBackend:
     With ``defer=True`` a file that cannot be opened yet (full disk, read-only folder) is not
     an error here: :attr:`open_error` says why, and every ``write_batch`` tries again (and
     raises while it still fails), so the store's writer holds the events until it opens.
+
+    The same file keeps the store's spans and scores (:meth:`span_store`) and its pauses and
+    halts (:meth:`control_ledger`).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, defer: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans: SQLiteSpanStore | None = None
+        self._spans_lock = threading.Lock()
         self.open_error: StoreError | None = None
         try:
             self._open()
@@ -315,6 +350,22 @@ class SQLiteBackend:
             conn.close()
             self._local.conn = None
 
+    def span_store(self) -> SQLiteSpanStore:
+        """The spans and scores in this file (the span/score port); one for the backend's
+        life, read-only when the backend is."""
+        from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+        with self._spans_lock:
+            if self._spans is None:
+                self._spans = SQLiteSpanStore(self)
+            return self._spans
+
+    def control_ledger(self) -> SQLiteLedger:
+        """The pauses and halts in this file (the control-state port); fails closed."""
+        from closedloop.store._sqlite_ledger import SQLiteLedger
+
+        return SQLiteLedger(self.path)
+
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that can never write ``path``: no migration, no table, no journal change.
@@ -362,6 +413,8 @@ class SQLiteReader(SQLiteBackend):
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans = None
+        self._spans_lock = threading.Lock()
         try:
             conn = connect_read_only(self.path)
             try:

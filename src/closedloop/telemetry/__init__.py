@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from closedloop.store import Store
+    from closedloop.store import MemorySpanStore, SQLiteSpanStore, Store
     from closedloop.telemetry._export import (
         MemoryExporter,
         OTelExporter,
@@ -52,11 +52,11 @@ if TYPE_CHECKING:
     )
     from closedloop.telemetry._span import LiveSpan, SpanRecord
     from closedloop.telemetry._spanstore import (
-        MemorySpanStore,
         Score,
+        ScoreStat,
         SpanStore,
-        SQLiteSpanStore,
         StoredSpan,
+        TracePage,
         TraceSummary,
         span_store_for,
     )
@@ -72,6 +72,7 @@ __all__ = [
     "Redactor",
     "SQLiteSpanStore",
     "Score",
+    "ScoreStat",
     "SpanExporter",
     "SpanRecord",
     "SpanStore",
@@ -81,6 +82,7 @@ __all__ = [
     "TaskScores",
     "Telemetry",
     "TelemetryStats",
+    "TracePage",
     "TraceSummary",
     "configure",
     "default_telemetry",
@@ -178,6 +180,7 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
         "._scores": ("OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
                      "score_summary"),
         "._span": ("LiveSpan", "SpanRecord"),
-        "._spanstore": ("MemorySpanStore", "Score", "SpanStore", "SQLiteSpanStore", "StoredSpan",
+        "._spanstore": ("Score", "ScoreStat", "SpanStore", "StoredSpan", "TracePage",
                         "TraceSummary", "span_store_for"),
+        "closedloop.store": ("MemorySpanStore", "SQLiteSpanStore"),
     })
