@@ -378,7 +378,8 @@ async def test_sync_and_async_drivers_record_the_same_event(memory_store: cl.Sto
     sync = loop.run(7)
     asynchronous = await loop.arun(7)
     assert sync.event is not None and asynchronous.event is not None
-    assert sync.event._replace(trace_id="") == asynchronous.event._replace(trace_id="")
+    assert sync.event._replace(trace_id="", step_id="") == asynchronous.event._replace(
+        trace_id="", step_id="")
 
 
 def test_async_hook_in_sync_run_is_a_clear_config_error(memory_store: cl.Store) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, V2_FIELDS, StepEvent
 from closedloop._redact import redact_event
 from closedloop.store._base import EventQuery
 
@@ -46,9 +46,9 @@ class ImportResult:
 def _event(line: str) -> StepEvent | None:
     try:
         data: Any = json.loads(line)
-        if not isinstance(data, dict) or set(EVENT_FIELDS) - data.keys():
-            return None
-        event = StepEvent(**{f: data[f] for f in EVENT_FIELDS})
+        if not isinstance(data, dict) or set(V2_FIELDS) - data.keys():
+            return None  # a file written before schema v3 lacks the later fields: None
+        event = StepEvent(**{f: data[f] for f in EVENT_FIELDS if f in data})
     except (ValueError, TypeError):
         return None
     if not isinstance(event.ts, (int, float)) or isinstance(event.ts, bool) \

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop.store._base import EventQuery
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
@@ -88,15 +88,32 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
     """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default: SQLite adds them without rewriting a row, and
+    # the rows of older versions read as None
+    """
+    ALTER TABLE events ADD COLUMN step_id TEXT;
+    ALTER TABLE events ADD COLUMN parent_step_id TEXT;
+    ALTER TABLE events ADD COLUMN run_id TEXT;
+    ALTER TABLE events ADD COLUMN model TEXT;
+    ALTER TABLE events ADD COLUMN provider TEXT;
+    ALTER TABLE events ADD COLUMN agent_version TEXT;
+    ALTER TABLE events ADD COLUMN prompt_version TEXT;
+    ALTER TABLE events ADD COLUMN labels TEXT;
+    ALTER TABLE events ADD COLUMN cached_input_tokens INTEGER;
+    ALTER TABLE events ADD COLUMN cost_usd REAL;
+    ALTER TABLE events ADD COLUMN proposal TEXT;
+    ALTER TABLE events ADD COLUMN proposal_digest TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NFIELDS = len(EVENT_FIELDS)
-_DETAIL = EVENT_FIELDS.index("detail")
+_BOOLS = tuple(EVENT_FIELDS.index(f) for f in ("validation_passed", "verification_passed"))
 _ROW = f"({', '.join('?' for _ in EVENT_FIELDS)})"
 _INSERT_HEAD = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES "
-_CHUNK = 1024
-"""Rows per multi-row INSERT (1024 * 19 parameters stays under SQLite's default 32766)."""
+_CHUNK = 32766 // _NFIELDS
+"""Rows per multi-row INSERT: as many as SQLite's default limit of 32766 parameters allows."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
@@ -109,13 +126,13 @@ _INSERT_CHUNK = _insert(_CHUNK)
 
 
 def _params(events: Sequence[StepEvent]) -> list[Any]:
-    """The batch as one flat parameter list, ``detail`` as JSON text (C-speed where it can)."""
+    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text (C-speed
+    where it can)."""
     flat: list[Any] = list(chain.from_iterable(events))
-    details = flat[_DETAIL::_NFIELDS]
-    if details.count(None) != len(details):
-        flat[_DETAIL::_NFIELDS] = [
-            None if d is None else json.dumps(d, default=str, separators=(",", ":"))
-            for d in details]
+    for column in JSON_COLUMNS:
+        values = flat[column::_NFIELDS]
+        if values.count(None) != len(values):
+            flat[column::_NFIELDS] = [None if v is None else dumps(v) for v in values]
     return flat
 
 
@@ -276,7 +293,7 @@ class SQLiteBackend:
         if query.trace_id is not None:
             where.append("trace_id = ?")
             params.append(query.trace_id)
-        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
+        sql = self._select + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
         try:
@@ -293,6 +310,7 @@ class SQLiteBackend:
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
+    _select = _SELECT
 
     def _reader(self) -> sqlite3.Connection:
         return _connect(self.path)
@@ -365,7 +383,8 @@ class SQLiteReader(SQLiteBackend):
         try:
             conn = connect_read_only(self.path)
             try:
-                check_schema(conn, self.url)
+                if check_schema(conn, self.url) < SCHEMA_VERSION:
+                    self._select = _select_from(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -379,11 +398,20 @@ class SQLiteReader(SQLiteBackend):
         raise StoreError(f"store {self.url} was opened read-only")
 
 
+def _select_from(conn: sqlite3.Connection) -> str:
+    """The events query of a store of an older schema, read as it is (a reader migrates
+    nothing): the columns it does not have yet read as NULL."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    return f"SELECT {', '.join(f if f in have else f'NULL AS {f}' for f in EVENT_FIELDS)} " \
+           "FROM events"
+
+
 def _event(row: tuple[Any, ...]) -> StepEvent:
     values = list(row)
-    for i in (10, 11):  # validation_passed, verification_passed
+    for i in _BOOLS:
         if values[i] is not None:
             values[i] = bool(values[i])
-    if values[18] is not None:
-        values[18] = json.loads(values[18])
+    for i in JSON_COLUMNS:
+        if values[i] is not None:
+            values[i] = json.loads(values[i])
     return StepEvent(*values)
