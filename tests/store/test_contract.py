@@ -479,20 +479,21 @@ def test_a_store_newer_than_this_closedloop_is_refused_in_one_line(shared_url: s
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def v2_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store of schema version 2 of each shared kind: the SQLite fixture file, a schema
-    made by the v2 migrations."""
+def v2_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, list[cl.StepEvent]]:
+    """A store of schema version 2 of each shared kind (the SQLite fixture file, a schema made
+    by the v2 migrations), not opened by this version yet, and the events it holds."""
     if request.param == "sqlite":
-        return f"sqlite:///{_v2_copy(tmp_path)}"
-    _make_v2_pg(request.getfixturevalue("pg_schema"))
-    return str(request.getfixturevalue("pg_url"))
+        path = _v2_copy(tmp_path)
+        return f"sqlite:///{path}", [_as_v2_event(r) for r in _rows(path)["events"]]
+    events = _make_v2_pg(request.getfixturevalue("pg_schema"))
+    return str(request.getfixturevalue("pg_url")), events
 
 
-def test_processes_opening_a_v2_store_at_once_migrate_it_once(v2_url: str) -> None:
+def test_processes_opening_a_v2_store_at_once_migrate_it_once(
+        v2_store: tuple[str, list[cl.StepEvent]]) -> None:
     # a migration applied twice fails ("duplicate column"), and PostgreSQL's version table
     # refuses a version recorded twice: every process must find the work done or do it alone
-    with cl.open_store(v2_url, read_only=True) as store:
-        before = list(store.events())
+    v2_url, before = v2_store
     start = time.time() + 1.0
     _run_processes(MIGRATOR, [[v2_url, str(start)] for _ in range(5)])
     backend = open_backend(v2_url)
