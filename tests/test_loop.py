@@ -913,3 +913,14 @@ def test_step_ids_of_a_forked_child_are_its_own() -> None:
     os.waitpid(pid, 0)
     assert HEX32.fullmatch(child)
     assert child[:20] != parent[:20]  # another process prefix, not the parent's counter
+
+
+def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        raise RuntimeError("down")
+
+    with pytest.raises(RuntimeError) as caught:
+        cl.Loop(agent, task_type="t", store=memory_store, guards=()).run(1)
+    (event,) = events(memory_store)
+    assert caught.value.__notes__ == [
+        f"closedloop: recorded as step {event.step_id} of trace {event.trace_id} (t)"]

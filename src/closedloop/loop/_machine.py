@@ -545,7 +545,8 @@ class _Step:
             except Exception:  # noqa: BLE001 - fault-control bookkeeping must not break a step
                 _log.exception("closedloop: guard %r failed to observe step %s", guard, trace_id)
         if exception is not None:
-            exception.add_note(f"closedloop: recorded as step {trace_id} ({spec.task_type})")
+            exception.add_note(f"closedloop: recorded as step {self.step_id} of trace "
+                               f"{trace_id} ({spec.task_type})")
         return StepResult(
             trace_id=trace_id, outcome=outcome, proposal=self.proposal, result=self.result,
             attempts=attempt.number, validation=tuple(self.verdicts),
