@@ -528,3 +528,17 @@ def test_a_dead_letter_file_from_before_v3_imports_with_the_new_fields_empty(
         result = import_dead_letter(path, store)
         assert (result.imported, result.malformed) == (2, 0)
         assert list(store.events()) == [event(1), V3[0]]
+
+
+@pytest.mark.parametrize("shape", ["v3 fields set", "v3 fields empty", "mixed"])
+def test_a_batch_of_several_insert_statements_is_written_whole(any_url: str, shape: str) -> None:
+    # SQLite leaves the columns that are empty in the whole batch out of its INSERT, and fits
+    # as many rows in a statement as the parameter limit allows: whatever the batch's shape
+    events = [(V3[0] if shape == "v3 fields set" or (shape == "mixed" and i % 3 == 0)
+               else event(0))._replace(ts=1_790_000_000.0 + i, trace_id=f"{i:032x}")
+              for i in range(5000)]
+    with cl.open_store(any_url, batch_size=len(events)) as store:
+        for e in events:
+            store.record(e)
+        assert store.flush()
+        assert list(store.events()) == events

@@ -8,7 +8,9 @@ file at once cannot both apply them.
 A batch is inserted with a few multi-row ``INSERT`` statements rather than ``executemany``:
 sqlite3 releases the GIL around every statement step, and an agent busy in Python in the same
 process makes each re-acquisition wait up to the switch interval; one step per thousand rows
-instead of one per row keeps the writer ahead of a busy producer.
+instead of one per row keeps the writer ahead of a busy producer. Columns that are NULL in
+the whole batch are left out of the statement: sqlite3 binds ``None`` slowly, and most events
+leave most optional fields empty.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
@@ -110,30 +113,69 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _NFIELDS = len(EVENT_FIELDS)
 _BOOLS = tuple(EVENT_FIELDS.index(f) for f in ("validation_passed", "verification_passed"))
-_ROW = f"({', '.join('?' for _ in EVENT_FIELDS)})"
-_INSERT_HEAD = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES "
-_CHUNK = 32766 // _NFIELDS
-"""Rows per multi-row INSERT: as many as SQLite's default limit of 32766 parameters allows."""
+_NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
+    "validation_passed", "verification_passed", "error_type", "error_message", "detail",
+    *EVENT_FIELDS[EVENT_FIELDS.index("detail") + 1:]))
+"""Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
+_MAX_PARAMS = 32766
+"""SQLite's default limit of parameters per statement."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
 
-def _insert(rows: int) -> str:
-    return _INSERT_HEAD + ",".join([_ROW] * rows)
+class _Insert(NamedTuple):
+    """The multi-row INSERT of one set of columns: as many rows per statement as the
+    parameter limit allows."""
+
+    width: int
+    rows: int
+    chunk: str
+    head: str
+    row: str
+
+    @classmethod
+    def of(cls, columns: Sequence[int]) -> _Insert:
+        width = len(columns)
+        head = f"INSERT INTO events ({', '.join(EVENT_FIELDS[i] for i in columns)}) VALUES "
+        row = f"({', '.join('?' * width)})"
+        rows = _MAX_PARAMS // width
+        return cls(width, rows, head + ",".join([row] * rows), head, row)
+
+    def statement(self, rows: int) -> str:
+        return self.chunk if rows == self.rows else self.head + ",".join([self.row] * rows)
 
 
-_INSERT_CHUNK = _insert(_CHUNK)
+_INSERTS: dict[tuple[int, ...], _Insert] = {}
+"""The INSERT of each set of columns seen (a handful: which optional fields are in use)."""
 
 
-def _params(events: Sequence[StepEvent]) -> list[Any]:
-    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text (C-speed
-    where it can)."""
+def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
+    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text, and the
+    INSERT it goes with (C-speed where it can).
+
+    A column that is NULL in every event of the batch is left out of the statement (it is
+    NULL by default): sqlite3 binds a ``None`` through its adapter lookup, and binding the
+    unused optional columns of schema v3 would cost more than inserting the rest of the row.
+    """
+    n = len(events)
     flat: list[Any] = list(chain.from_iterable(events))
+    absent = [i for i in _NULLABLE if flat[i::_NFIELDS].count(None) == n]
+    columns = tuple(i for i in range(_NFIELDS) if i not in absent) if absent \
+        else _ALL_COLUMNS
+    insert = _INSERTS.get(columns)
+    if insert is None:
+        insert = _INSERTS[columns] = _Insert.of(columns)
+    if absent:
+        flat = list(chain.from_iterable(map(itemgetter(*columns), events)))
+    width = insert.width
     for column in JSON_COLUMNS:
-        values = flat[column::_NFIELDS]
-        if values.count(None) != len(values):
-            flat[column::_NFIELDS] = [None if v is None else dumps(v) for v in values]
-    return flat
+        if column in columns:
+            at = columns.index(column)
+            flat[at::width] = [None if v is None else dumps(v) for v in flat[at::width]]
+    return insert, flat
+
+
+_ALL_COLUMNS = tuple(range(_NFIELDS))
 
 
 LOW_SPACE = 1 << 20
@@ -262,15 +304,15 @@ class SQLiteBackend:
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
-        params = _params(events)
-        width = _CHUNK * _NFIELDS
-        full = len(events) // _CHUNK * width
+        insert, params = _params(events)
+        width = insert.rows * insert.width
+        full = len(events) // insert.rows * width
         try:
             conn.execute("BEGIN IMMEDIATE")
             for start in range(0, full, width):
-                conn.execute(_INSERT_CHUNK, params[start:start + width])
+                conn.execute(insert.chunk, params[start:start + width])
             if full < len(params):
-                conn.execute(_insert(len(events) % _CHUNK), params[full:])
+                conn.execute(insert.statement(len(events) % insert.rows), params[full:])
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
