@@ -569,18 +569,30 @@ def redact_event(event: StepEvent) -> StepEvent:
             and event[_V3_FIRST:_V3_END].count(None) == _V3_END - _V3_FIRST:
         return event  # nothing to redact
     redactor = default_redactor()
-    values: list[Any] = list(event)
+    values: list[Any] | None = None  # copied on the first change: most texts have nothing
     for i in _EVENT_TEXTS:
-        text = values[i]
+        text = event[i]
         if text is not None:
-            values[i] = redactor(text)
+            clean = redactor(text)
+            if clean is not text:
+                if values is None:
+                    values = list(event)
+                values[i] = clean
     for i in _EVENT_DATA:
-        data = values[i]
+        data = event[i]
         if data is not None:
+            if values is None:
+                values = list(event)
             values[i] = redactor.value(data)
-    proposal = values[_PROPOSAL]
+    proposal = event[_PROPOSAL]
     if proposal is not None:
-        values[_PROPOSAL] = clip_proposal(redactor(proposal))
+        clean = clip_proposal(redactor(proposal))
+        if clean is not proposal:
+            if values is None:
+                values = list(event)
+            values[_PROPOSAL] = clean
+    if values is None:
+        return event
     return tuple.__new__(type(event), values)  # _replace, without its per-call overhead
 
 
