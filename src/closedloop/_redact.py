@@ -43,6 +43,7 @@ from re import Pattern
 from typing import TYPE_CHECKING, Any
 
 from closedloop import _runtime
+from closedloop._events import EVENT_FIELDS, clip_proposal
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -550,15 +551,49 @@ def clip(text: str, max_chars: int) -> str:
     return truncate(default_redactor()(text), max_chars)
 
 
+_EVENT_TEXTS = tuple(EVENT_FIELDS.index(f) for f in (
+    "error_message", "run_id", "model", "provider", "agent_version", "prompt_version"))
+_EVENT_DATA = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
+_PROPOSAL = EVENT_FIELDS.index("proposal")
+_MESSAGE, _DETAIL = _EVENT_TEXTS[0], _EVENT_DATA[0]
+# run_id, model, provider, agent_version, prompt_version, labels are neighbours in the
+# event: one slice tells whether any of them is set
+_V3_FIRST, _V3_END = EVENT_FIELDS.index("run_id"), EVENT_FIELDS.index("labels") + 1
+
+
 def redact_event(event: StepEvent) -> StepEvent:
-    """A step event with its free text (``error_message``, ``detail``) redacted."""
-    message, detail = event.error_message, event.detail
-    if message is None and detail is None:
-        return event
+    """A step event with its free text redacted: ``error_message``, ``detail``, the run id,
+    model, provider and versions, the labels, and the proposal (then cut to its cap,
+    :func:`closedloop._events.clip_proposal`). Ids, digests and numbers are left alone."""
+    if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
+            and event[_V3_FIRST:_V3_END].count(None) == _V3_END - _V3_FIRST:
+        return event  # nothing to redact
     redactor = default_redactor()
-    return tuple.__new__(type(event), (  # _replace, without its per-call overhead
-        *event[:13], None if message is None else redactor(message), *event[14:18],
-        None if detail is None else redactor.value(detail)))
+    values: list[Any] | None = None  # copied on the first change: most texts have nothing
+    for i in _EVENT_TEXTS:
+        text = event[i]
+        if isinstance(text, str):
+            clean = redactor(text)
+            if clean is not text:
+                if values is None:
+                    values = list(event)
+                values[i] = clean
+    for i in _EVENT_DATA:
+        data = event[i]
+        if data is not None:
+            if values is None:
+                values = list(event)
+            values[i] = redactor.value(data)
+    proposal = event[_PROPOSAL]
+    if isinstance(proposal, str):
+        clean = clip_proposal(redactor(proposal))
+        if clean is not proposal:
+            if values is None:
+                values = list(event)
+            values[_PROPOSAL] = clean
+    if values is None:
+        return event
+    return tuple.__new__(type(event), values)  # _replace, without its per-call overhead
 
 
 # -- log lines ----------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class ModelCall:
         "output_parts",
         "output_tokens",
         "provider",
+        "request_model",
         "response_id",
         "response_model",
         "span",
@@ -78,13 +79,14 @@ class ModelCall:
         self.finish_reasons: list[str] = []
         self.response_model: str | None = None
         self.response_id: str | None = None
+        model = kwargs.get("model")
+        self.request_model = str(model) if model is not None else None
         self.output_parts: list[str] | None = [] if capture_content else None
         self._done = False
         _, _, active = current_parent()
         self.telemetry = telemetry or active or default_telemetry()
         self.span: SpanRecord | None = None
         if self.telemetry is not None:
-            model = kwargs.get("model")
             attrs: dict[str, Any] = {"gen_ai.operation.name": operation,
                                      "gen_ai.provider.name": provider.name}
             if model is not None:
@@ -105,13 +107,18 @@ class ModelCall:
         self.cache_read_tokens += cache_read_tokens or 0
 
     def done(self) -> None:
-        """Finish: usage to the current attempt, attributes and end time to the span."""
+        """Finish: usage, model and provider to the current attempt (the step's event),
+        attributes and end time to the span."""
         if self._done:
             return
         self._done = True
         attempt = current_attempt()
-        if attempt is not None and (self.input_tokens or self.output_tokens):
-            attempt.record_usage(self.input_tokens, self.output_tokens)
+        if attempt is not None:
+            # the model that answered (a dated snapshot) rather than the alias asked for
+            attempt.record_usage(self.input_tokens, self.output_tokens,
+                                 cached_input_tokens=self.cache_read_tokens,
+                                 model=self.response_model or self.request_model,
+                                 provider=self.provider.name)
         span = self.span
         if span is None or self.telemetry is None:
             return

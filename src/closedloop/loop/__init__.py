@@ -10,9 +10,10 @@ from closedloop.loop._machine import (
     Propose,
     Validate,
     Verify,
+    new_step_id,
     new_trace_id,
 )
-from closedloop.loop._result import Attempt, StepResult, current_attempt
+from closedloop.loop._result import Attempt, StepResult, current_attempt, current_step_id
 
 __all__ = [
     "DEFAULT",
@@ -29,5 +30,7 @@ __all__ = [
     "Validate",
     "Verify",
     "current_attempt",
+    "current_step_id",
+    "new_step_id",
     "new_trace_id",
 ]

@@ -45,7 +45,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from closedloop._control_state import Stop, _iso, _merge, history_entry, redacted
 from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, StepEvent, dumps
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
 from closedloop.store._registry import redact_url
@@ -168,12 +168,34 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX scores_name_ts ON {schema}.scores (name, ts);
     CREATE INDEX scores_ts ON {schema}.scores (ts);
     """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default change only the catalog (the partitions follow, no
+    # row is rewritten), and the rows of older versions read as NULL; IF NOT EXISTS: a schema
+    # put back to an older version by hand keeps the columns, and migrates again
+    """
+    ALTER TABLE {schema}.events
+        ADD COLUMN IF NOT EXISTS step_id TEXT,
+        ADD COLUMN IF NOT EXISTS parent_step_id TEXT,
+        ADD COLUMN IF NOT EXISTS run_id TEXT,
+        ADD COLUMN IF NOT EXISTS model TEXT,
+        ADD COLUMN IF NOT EXISTS provider TEXT,
+        ADD COLUMN IF NOT EXISTS agent_version TEXT,
+        ADD COLUMN IF NOT EXISTS prompt_version TEXT,
+        ADD COLUMN IF NOT EXISTS labels JSONB,
+        ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT,
+        ADD COLUMN IF NOT EXISTS cost_usd DOUBLE PRECISION,
+        ADD COLUMN IF NOT EXISTS proposal TEXT,
+        ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events`` in EVENT_FIELDS order, for binary COPY
 _COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
                "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
-               "jsonb")
+               "jsonb",
+               # v3
+               "text", "text", "text", "text", "text", "text", "text", "jsonb", "int8",
+               "float8", "text", "text")
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INSTALL = "pip install 'closedloop[postgres]'"
@@ -604,15 +626,10 @@ _LEDGER_SQL = {
 }
 
 
-def _dumps(value: Any) -> str:
-    # as StepEvent.to_row (SQLite): anything JSON cannot hold is stored as its str()
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
 def _configure(conn: psycopg.Connection[Any]) -> None:
     from psycopg.types.json import set_json_dumps
 
-    set_json_dumps(_dumps, context=conn)
+    set_json_dumps(dumps, context=conn)  # as SQLite's: what JSON cannot hold, as str()
 
 
 def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
