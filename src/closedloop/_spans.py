@@ -387,8 +387,9 @@ class SpanStore(Protocol):
 
     def score_summary(self, *, since: float | None = None,
                       until: float | None = None) -> list[TaskScores]:
-        """Per task type with steps in the period: steps, successes, and the scores (given in
-        the period) of traces whose latest step in the period is of that task type."""
+        """Per task type that has scores: the scores given in the period to traces whose
+        latest step in the period is of that task type, and its steps and successes in the
+        period. A score on a trace without a step in the period counts nowhere."""
 
     def spans_since(self, cursor: int, *, limit: int = SPANS_PAGE
                     ) -> tuple[list[StoredSpan], int]:

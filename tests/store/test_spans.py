@@ -210,7 +210,8 @@ def test_score_summaries_join_scores_to_their_traces_latest_step(store: cl.Store
     a, b, c, gone = "a" * 32, "b" * 32, "c" * 32, "d" * 32
     _events(store, [(day * 3, a, "plan", "succeeded"), (day * 3 + 5, a, "apply", "failed"),
                     (day * 3 + 1, b, "plan", "failed"), (day * 4, c, "plan", "succeeded"),
-                    (day * 1, gone, "plan", "succeeded")])
+                    (day * 1, gone, "plan", "succeeded"),
+                    (day * 3, "f" * 32, "unscored", "succeeded")])
     spans = span_store_for(store)
     for s in [Score(trace_id=a, name="q", value=1.0, ts=day * 3 + 10),
               Score(trace_id=a, name="q", value=0.0, label="bad", ts=day * 4 + 10),
@@ -230,6 +231,7 @@ def test_score_summaries_join_scores_to_their_traces_latest_step(store: cl.Store
                  "scores": {"q": {"n": 1, "mean": 4.0}},
                  "labels": {"mood": {"good": 2, "meh": 1}},
                  "daily": {"1970-01-04": {"q": 4.0}}}}
+    assert spans.score_summary(since=day * 5) == []  # no score since: no task type
     until = {t.task_type: t for t in spans.score_summary(since=day * 2, until=day * 4)}
     assert until["plan"].steps == 2 and until["plan"].labels == {"mood": {"good": 1}}
     assert until["apply"].mean("q") == 1.0 and len(until["apply"].scores["q"]) == 1

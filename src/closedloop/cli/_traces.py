@@ -86,7 +86,7 @@ def list_traces(  # noqa: PLR0917 - click passes every option as an argument
                       str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
     console().print(table)
     if page.next_cursor is not None:
-        say(f"more: --cursor {page.next_cursor}", err=True)
+        say(f"more: --cursor {page.next_cursor}")
 
 
 @traces.command("show")

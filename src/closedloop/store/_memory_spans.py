@@ -95,7 +95,7 @@ class MemorySpanStore:
 
     def score_summary(self, *, since: float | None = None,
                       until: float | None = None) -> list[TaskScores]:
-        """Per task type: the same aggregates the database backends compute in SQL."""
+        """Per task type with scores: what the database backends compute in SQL."""
         steps: dict[str, list[int]] = {}
         latest: dict[str, tuple[float, str]] = {}  # trace -> (ts, task type) of its last step
         for e in self._events() if self._events is not None else ():
@@ -117,7 +117,8 @@ class MemorySpanStore:
                 group[1] += s.value
             group[2] += 1
         rows: list[ScoreRow] = [(*k, int(g[0]), g[1], int(g[2])) for k, g in groups.items()]
-        return fold_scores(((t, n, ok) for t, (n, ok) in steps.items()), rows)
+        tasks = {row[0] for row in rows}
+        return fold_scores(((t, n, ok) for t, (n, ok) in steps.items() if t in tasks), rows)
 
     def spans_since(self, cursor: int, *, limit: int = SPANS_PAGE
                     ) -> tuple[list[StoredSpan], int]:

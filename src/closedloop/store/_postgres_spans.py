@@ -251,8 +251,9 @@ class PostgresSpanStore:
 
     def score_summary(self, *, since: float | None = None,
                       until: float | None = None) -> list[TaskScores]:
-        """Per task type, aggregated on the server: steps from ``events``, scores joined to
-        the task type of their trace's latest step in the period."""
+        """Per task type with scores, aggregated on the server: the scores joined to the task
+        type of their trace's latest step in the period (through the events' trace index),
+        then those task types' steps."""
         from psycopg import sql
 
         period: list[sql.Composable] = []
@@ -266,8 +267,6 @@ class PostgresSpanStore:
         s = sql.Identifier(self.schema)
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(period) if period else sql.SQL("")
         traced = sql.SQL(" AND ").join([*period, sql.SQL("trace_id IN (SELECT trace_id FROM s)")])
-        steps = sql.SQL("SELECT task_type, count(*), count(*) FILTER (WHERE outcome = "
-                        "'succeeded') FROM {}.events{} GROUP BY task_type").format(s, where)
         groups = sql.SQL(
             "WITH s AS (SELECT trace_id, name, value, label, ts FROM {s}.scores{where}), "
             "t AS (SELECT DISTINCT ON (trace_id) trace_id, task_type FROM {s}.events "
@@ -276,9 +275,14 @@ class PostgresSpanStore:
             "'YYYY-MM-DD'), s.label, count(s.value), sum(s.value), count(*) "
             "FROM s JOIN t USING (trace_id) GROUP BY 1, 2, 3, 4").format(
                 s=s, where=where, traced=traced)
+        steps = sql.SQL(
+            "SELECT task_type, count(*), count(*) FILTER (WHERE outcome = 'succeeded') "
+            "FROM {}.events WHERE {} GROUP BY task_type").format(
+                s, sql.SQL(" AND ").join([*period, sql.SQL("task_type = ANY(%s)")]))
         with self._reading() as conn:
-            step_rows = conn.execute(steps, params).fetchall()
             group_rows = conn.execute(groups, [*params, *params]).fetchall()
+            tasks = sorted({g[0] for g in group_rows})
+            step_rows = conn.execute(steps, [*params, tasks]).fetchall() if tasks else []
         return fold_scores(step_rows, group_rows)
 
     def spans_since(self, cursor: int, *, limit: int = SPANS_PAGE

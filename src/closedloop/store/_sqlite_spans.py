@@ -171,11 +171,12 @@ class SQLiteSpanStore:
 
     def score_summary(self, *, since: float | None = None,
                       until: float | None = None) -> list[TaskScores]:
-        """Per task type, aggregated in SQL: steps from ``events``, scores joined to the task
-        type of their trace's latest step in the period."""
+        """Per task type with scores, aggregated in SQL: the scores joined to the task type of
+        their trace's latest step in the period (one pass over the period's events, as they
+        have no index by trace), then those task types' steps."""
         period, params = _period(since, until)
-        steps = self._query("SELECT task_type, count(*), sum(outcome = 'succeeded') "
-                            f"FROM events{_where(period)} GROUP BY task_type", params)
+        if not self._query(f"SELECT 1 FROM scores{_where(period)} LIMIT 1", params):
+            return []  # no score in the period: no pass over the events
         # SQLite: a bare column next to max() comes from the row holding the maximum
         groups = self._query(
             f"WITH s AS (SELECT trace_id, name, value, label, ts FROM scores{_where(period)}), "
@@ -185,6 +186,13 @@ class SQLiteSpanStore:
             "SELECT t.task_type, s.name, strftime('%Y-%m-%d', s.ts, 'unixepoch'), s.label, "
             "count(s.value), sum(s.value), count(*) FROM s JOIN t ON t.trace_id = s.trace_id "
             "GROUP BY 1, 2, 3, 4", [*params, *params])
+        tasks = sorted({g[0] for g in groups})
+        if not tasks:
+            return []
+        steps = self._query(
+            "SELECT task_type, count(*), sum(outcome = 'succeeded') FROM events WHERE "
+            + " AND ".join([*period, f"task_type IN ({', '.join('?' * len(tasks))})"])
+            + " GROUP BY task_type", [*params, *tasks])
         return fold_scores(steps, groups)
 
     def spans_since(self, cursor: int, *, limit: int = SPANS_PAGE

@@ -84,7 +84,7 @@ def record_score(
 
 def score_summary(store: Store, *, since: float | None = None,
                   until: float | None = None) -> list[TaskScores]:
-    """Per task type: steps, success rate, mean of each score and its daily means.
+    """Per task type with scores: steps, success rate, mean of each score and its daily means.
 
     Scores join their step through the trace id (the task type of the trace's latest step in
     the period); a score on a trace with no recorded step in the period is left out. The
