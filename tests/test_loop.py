@@ -957,19 +957,18 @@ def test_every_event_field_holds_its_own_value(memory_store: cl.Store) -> None:
                     verifiers=[verifier], store=memory_store, guards=(), clock=clock,
                     wallclock=lambda: 1_700_000_000.5, agent_id="agent-x",
                     agent_version="a-1", prompt_version="pv-1", labels={"tier": "gold"})
-    seen: dict[str, cl.StepResult[Any, Any]] = {}
+    results: list[cl.StepResult[Any, Any]] = []
+    parents: list[cl.Attempt] = []
 
     def outer_agent(task: str, attempt: cl.Attempt) -> str:
-        seen["inner"] = inner.run(task, run_id="run-1")
-        seen["parent"] = attempt  # type: ignore[assignment]
+        results.append(inner.run(task, run_id="run-1"))
+        parents.append(attempt)
         return task
 
     cl.Loop(outer_agent, task_type="outer", store=None, guards=()).run("task")
-    result = seen["inner"]
+    (result,), (parent,) = results, parents
     event = result.event
     assert event is not None
-    parent = seen["parent"]
-    assert isinstance(parent, cl.Attempt)
     proposal = '{"n":2}'
     detail = event.detail
     assert detail is not None and set(detail) == {"attempts", "verification"}
