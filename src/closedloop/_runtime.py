@@ -15,6 +15,7 @@ the current runtime.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "configure", "current_runtime", "reset"]
 
 REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+_log = logging.getLogger("closedloop")
 
 
 class _Unset:
@@ -58,6 +60,9 @@ class Runtime:
     loops use (``None``: no tracing; :func:`closedloop.telemetry.configure` installs one).
     ``redactor`` is applied to every text closedloop stores, exports or logs (``None``: the
     built-in rules); it is the process runtime's that applies, also to loops given their own.
+    ``retention`` (``"30d"``, seconds, ``None``/``"off"``: keep everything; default
+    ``$CLOSEDLOOP_RETENTION``, else 90 days) is how long the store it opens from a URL keeps
+    events, control history, spans and scores; given with a store object, it is set on it.
     """
 
     def __init__(
@@ -69,9 +74,15 @@ class Runtime:
         backpressure: Backpressure = UNSET,
         telemetry: Telemetry | None = None,
         redactor: Redactor | None = None,
+        retention: str | float | None = UNSET,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
+        if retention is not UNSET:
+            from closedloop.store import parse_retention
+
+            retention = parse_retention(retention)  # a bad value fails here, in configure()
+        self._retention: float | None = retention
         self._store_arg = store
         self._store: Store | None = None
         self._owns_store = False
@@ -105,11 +116,30 @@ class Runtime:
 
         arg = self._store_arg
         if isinstance(arg, Store):
+            if self._retention is not UNSET:  # given with the store: the caller's wish
+                arg.set_retention(self._retention)
             return arg
         url = default_store_url() if arg is UNSET else arg
         self._owns_store = True
         # defer: an agent starts even when the file cannot be opened yet (events are held)
-        return open_store(url, defer=True)
+        return open_store(url, defer=True, retention=self.retention)
+
+    @property
+    def retention(self) -> float | None:
+        """Seconds of events (and control history, spans, scores) the store this runtime
+        opens keeps; ``None``: everything. Given, else ``$CLOSEDLOOP_RETENTION``, else 90
+        days (``off`` keeps everything); pruned by the store's writer thread."""
+        if self._retention is UNSET:
+            from closedloop.store import DEFAULT_RETENTION, RETENTION_ENV, parse_retention
+
+            text = os.environ.get(RETENTION_ENV, "").strip() or DEFAULT_RETENTION
+            try:
+                self._retention = parse_retention(text)
+            except ConfigError as exc:  # never delete on a misread setting: keep everything
+                _log.error("closedloop: %s=%r ignored, nothing is pruned: %s", RETENTION_ENV,
+                           text, exc)
+                self._retention = None
+        return self._retention
 
     @property
     def redis_url(self) -> str | None:
@@ -264,6 +294,7 @@ def configure(
     backpressure: Backpressure = UNSET,
     telemetry: Telemetry | None = None,
     redactor: Redactor | None = None,
+    retention: str | float | None = UNSET,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -275,7 +306,8 @@ def configure(
     store, guards or backpressure follow the new runtime from their next step.
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
-                  backpressure=backpressure, telemetry=telemetry, redactor=redactor)
+                  backpressure=backpressure, telemetry=telemetry, redactor=redactor,
+                  retention=retention)
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)
