@@ -150,8 +150,8 @@ def test_reading_commands_never_migrate_an_older_schema(v1_url: str) -> None:
     result = cli("store", "info", "--store", v1_url, "--json")
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
-    assert (found["schema_version"], found["pending_migrations"]) == (1, found["latest_version"] - 1)
-    assert found["pending_migrations"] >= 1
+    assert found["schema_version"] == 1
+    assert found["pending_migrations"] == found["latest_version"] - 1 >= 1
     assert "run `closedloop store migrate`" in cli("store", "info", "--store", v1_url).stdout
     assert cli("status", "--store", v1_url).exit_code == 0
     assert cli("store", "prune", "--older-than", "30d", "--store", v1_url).exit_code == 0
