@@ -2,7 +2,7 @@
 several writer processes on one PostgreSQL server.
 
 Run: ``python bench/storage.py`` (options: ``--events``, ``--days``, ``--failed``,
-``--writers``, ``--seconds``, ``--pg``, ``--only sizes|writers``). Needs PostgreSQL (default
+``--writers``, ``--seconds``, ``--pg``, ``--only sizes|loop|writers``). Needs PostgreSQL (default
 ``postgresql://postgres@127.0.0.1:5432/test``); every run uses schemas of its own,
 ``closedloop_bench_<hex>``, dropped at the end.
 
@@ -14,7 +14,10 @@ Run: ``python bench/storage.py`` (options: ``--events``, ``--days``, ``--failed`
    relation of the schema, heap, TOAST and indexes, after ``VACUUM ANALYZE``), then the time
    of ``store info`` and of pruning the oldest half of the days (SQLite: batched deletes;
    PostgreSQL: partition drops), and how the SQLite file's free pages are reused.
-2. **Writers** (``--only writers``): ``--writers`` processes, each recording distinct events
+2. **Loop** (``--only loop``): one process runs a trivial loop (one validator, an executor,
+   one verifier, default fault control on the store's ledger) for ``--seconds``, recording
+   into PostgreSQL, then into SQLite: steps (events) per second until every event is written.
+3. **Writers** (``--only writers``): ``--writers`` processes, each recording distinct events
    through ``Store.record`` for ``--seconds`` as fast as its writer takes them (the producer
    waits whenever half the queue is full, so nothing is dropped), into one PostgreSQL schema
    at once, then the same into one SQLite file; the figure is all events over the time until
@@ -96,9 +99,21 @@ def server_cpu() -> float:
     return total
 
 
-def fill(url: str, events: int, days: int, failed: float) -> tuple[float, float]:
+def wal_position(backend: Any) -> int:
+    """The server's write-ahead log position in bytes (0 for SQLite): the WAL written
+    between two readings, by every session of the server."""
+    pool = getattr(backend, "pool", None)
+    if pool is None:
+        return 0
+    with pool().connection() as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    return int(row[0])
+
+
+def fill(url: str, events: int, days: int, failed: float) -> tuple[float, float, float]:
     """Write the events into ``url``; returns events per second (building them included)
-    and the CPU microseconds per event of the PostgreSQL backend process that took them."""
+    and the CPU microseconds and write-ahead log bytes per event of the PostgreSQL backend
+    process that took them."""
     rng = random.Random(7)
     backend = open_backend(url)
     step = days * DAY / events
@@ -107,7 +122,7 @@ def fill(url: str, events: int, days: int, failed: float) -> tuple[float, float]
         backend.write_batch([mix(0, START, rng, failed)])
         with backend.pool().connection() as conn:  # type: ignore[attr-defined]
             pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-    cpu = process_cpu(pid)
+    cpu, wal = process_cpu(pid), wal_position(backend)
     start = time.perf_counter()
     batch: list[cl.StepEvent] = []
     for n in range(events):
@@ -119,14 +134,15 @@ def fill(url: str, events: int, days: int, failed: float) -> tuple[float, float]
         backend.write_batch(batch)
     elapsed = time.perf_counter() - start
     used = process_cpu(pid) - cpu
+    wal_bytes = wal_position(backend) - wal
     backend.close()
-    return events / elapsed, used / events * 1e6
+    return events / elapsed, used / events * 1e6, wal_bytes / events
 
 
 def sizes(args: argparse.Namespace, pg_url: str, tmp: Path) -> None:
     sqlite_url = f"sqlite:///{tmp / 'sizes.db'}"
     for kind, url in (("sqlite", sqlite_url), ("postgresql", pg_url)):
-        rate, server_us = fill(url, args.events, args.days, args.failed)
+        rate, server_us, wal = fill(url, args.events, args.days, args.failed)
         if kind == "postgresql":
             import psycopg
 
@@ -137,8 +153,8 @@ def sizes(args: argparse.Namespace, pg_url: str, tmp: Path) -> None:
             found = store_info(store)
             info_s = time.perf_counter() - clock
             assert found.size_bytes is not None
-            cpu = f"; its server process used {server_us:.1f} µs CPU per event" \
-                if kind == "postgresql" else ""
+            cpu = (f"; its server process used {server_us:.1f} µs CPU and {wal:,.0f} bytes of "
+                   "WAL per event") if kind == "postgresql" else ""
             print(f"{kind:10} {found.events:,} events over {args.days} days built and written "
                   f"at {rate:,.0f} events/s (write_batch): {found.size_bytes / 1e6:,.1f} MB, "
                   f"{found.size_bytes / found.events:,.0f} bytes per event; store info "
@@ -158,12 +174,36 @@ def sizes(args: argparse.Namespace, pg_url: str, tmp: Path) -> None:
             print(f"{kind:10} after: {after.events:,} events, {after.size_bytes / 1e6:,.1f} MB"
                   f"{free}")
         if kind == "sqlite":  # the freed pages take the next days' events
-            refill, _ = fill(url, args.events // 2, args.days // 2, args.failed)
+            refill, _, _ = fill(url, args.events // 2, args.days // 2, args.failed)
             with cl.open_store(url, read_only=True) as store:
                 again = store_info(store)
             print(f"{kind:10} {args.events // 2:,} events more (at {refill:,.0f}/s): "
                   f"{again.size_bytes / 1e6:,.1f} MB, "
                   f"{(again.free_bytes or 0) / 1e6:,.1f} MB free pages left")
+
+
+def loop(args: argparse.Namespace, pg_url: str, tmp: Path) -> None:
+    """Steps per second of one process running a trivial loop (one validator, an executor,
+    one verifier, default fault control) that records into each store."""
+    for kind, url in (("postgresql", pg_url), ("sqlite", f"sqlite:///{tmp / 'loop.db'}")):
+        store = cl.open_store(url)
+        step = cl.Loop(lambda task, attempt: task, task_type="bench", validators=[lambda p: None],
+                       executor=lambda p: p, verifiers=[lambda task, result: None], store=store,
+                       backpressure=None)
+        run = step.run
+        n = 0
+        start = time.perf_counter()
+        deadline = start + args.seconds
+        while time.perf_counter() < deadline:
+            for _ in range(500):
+                run(n)
+                n += 1
+        assert store.flush(timeout=600)
+        elapsed = time.perf_counter() - start
+        final = store.close()
+        assert final.written == n and final.not_written == 0, final
+        print(f"{kind:10} one process, one loop: {n / elapsed:,.0f} steps (events) per second, "
+              f"every event written ({n:,} in {elapsed:.1f} s)")
 
 
 def one_writer(url: str, seconds: float, worker: int) -> dict[str, Any]:
@@ -219,7 +259,7 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--pg", default=PG, help="PostgreSQL URL (schemas of its own are used)")
-    parser.add_argument("--only", choices=("sizes", "writers"))
+    parser.add_argument("--only", choices=("sizes", "loop", "writers"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,7 +273,7 @@ def main() -> int:
     schemas = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for part, run in (("sizes", sizes), ("writers", writers)):
+            for part, run in (("sizes", sizes), ("loop", loop), ("writers", writers)):
                 if args.only in (None, part):
                     schema = f"closedloop_bench_{uuid.uuid4().hex[:10]}"
                     schemas.append(schema)

@@ -62,7 +62,7 @@ class Runtime:
     built-in rules); it is the process runtime's that applies, also to loops given their own.
     ``retention`` (``"30d"``, seconds, ``None``/``"off"``: keep everything; default
     ``$CLOSEDLOOP_RETENTION``, else 90 days) is how long the store it opens from a URL keeps
-    events, control history, spans and scores; given with a store object, it is set on it.
+    events and control history; given with a store object, it is set on it.
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class Runtime:
 
     @property
     def retention(self) -> float | None:
-        """Seconds of events (and control history, spans, scores) the store this runtime
+        """Seconds of events (and control history) the store this runtime
         opens keeps; ``None``: everything. Given, else ``$CLOSEDLOOP_RETENTION``, else 90
         days (``off`` keeps everything); pruned by the store's writer thread."""
         if self._retention is UNSET:

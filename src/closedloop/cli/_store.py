@@ -144,9 +144,10 @@ def migrate(store_url: str, as_json: bool) -> None:
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> None:
-    """Remove events, control history, spans and scores older than --older-than.
+    """Remove events and control history older than --older-than.
 
-    Never an active pause or halt. SQLite deletes in short transactions (agents keep
+    Spans and scores too where the store prunes them through its span port. Never an
+    active pause or halt. SQLite deletes in short transactions (agents keep
     writing) and reuses the space freed; PostgreSQL drops whole day partitions, so it
     keeps every event of the cutoff's UTC day. The store's schema is used as it is, never
     migrated. Keys of --json: url, before (Unix seconds) and before_time, dry_run, events,

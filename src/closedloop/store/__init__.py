@@ -113,8 +113,9 @@ class Store:
                                    block_timeout=block_timeout, max_held=max_held,
                                    dead_letter=dead_letter)
         self.retention: Retention | None = None
-        """Automatic retention: events (and control records, spans, scores) older than its
-        ``keep`` are removed by the writer thread; ``None``: everything is kept."""
+        """Automatic retention: events and control records (spans and scores through a span
+        port) older than its ``keep`` are removed by the writer thread; ``None``: everything
+        is kept."""
         self.set_retention(retention)
         self.record = self._writer.submit
         """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
