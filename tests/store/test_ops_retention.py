@@ -7,7 +7,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pytest
 
@@ -15,9 +17,11 @@ import closedloop as cl
 from closedloop.store import (
     DEFAULT_RETENTION,
     EventQuery,
+    MemoryBackend,
     Retention,
     open_backend,
     parse_duration,
+    prune,
 )
 
 from .test_contract import event
@@ -199,3 +203,54 @@ def test_events_recorded_while_retention_runs_are_all_kept(shared_url: str) -> N
         assert policy.removed == old
         kept = [e.input_tokens - 100 for e in store.events()]
     assert sorted(kept) == list(range(old, old + new))
+
+
+@dataclass(frozen=True)
+class _SpanCounts:
+    spans: int
+    traces: int
+    scores: int
+
+
+class _Spans:
+    """A span store that can prune: records the cutoffs it was given."""
+
+    def __init__(self) -> None:
+        self.cutoffs: list[float] = []
+
+    def prune(self, before: float) -> _SpanCounts:
+        self.cutoffs.append(before)
+        return _SpanCounts(spans=3, traces=1, scores=2)
+
+
+class _WithSpans(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans = _Spans()
+
+    def span_store(self) -> _Spans:
+        return self.spans
+
+
+@runtime_checkable
+class _SpanPort(Protocol):
+    def span_store(self) -> object: ...
+
+
+def test_spans_and_scores_are_pruned_through_the_backends_span_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from closedloop.store import _base
+
+    monkeypatch.setattr(_base, "SpanBackend", _SpanPort, raising=False)  # the port's name
+    backend = _WithSpans()
+    with cl.Store(backend) as store:
+        assert prune(store, NOW - DAY, dry_run=True).spans is None
+        assert backend.spans.cutoffs == []  # a dry run prunes nothing
+        report = prune(store, NOW - DAY)
+        assert report.spans == {"spans": 3, "traces": 1, "scores": 2}
+        assert backend.spans.cutoffs == [NOW - DAY]
+        Retention(30 * DAY, clock=lambda: NOW)(backend)
+        assert backend.spans.cutoffs == [NOW - DAY, NOW - 30 * DAY]
+    with cl.Store(MemoryBackend()) as plain:
+        assert prune(plain, NOW).spans is None  # no span port: nothing to say about spans

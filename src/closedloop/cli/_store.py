@@ -151,7 +151,8 @@ def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> No
     writing) and reuses the space freed; PostgreSQL drops whole day partitions, so it
     keeps every event of the cutoff's UTC day. The store's schema is used as it is, never
     migrated. Keys of --json: url, before (Unix seconds) and before_time, dry_run, events,
-    partitions, kept_from, more, control_records, spans (null: not pruned by this store).
+    partitions, kept_from, more, control_records, spans (spans, traces and scores removed;
+    null: this store has no span port, or a dry run).
     """
     import time
 
@@ -179,9 +180,9 @@ def _prune_line(report: PruneReport) -> str:
         first, last = pruned.partitions[0], pruned.partitions[-1]
         line += (f" ({len(pruned.partitions)} day partition(s): "
                  f"{first}{f' … {last}' if last != first else ''})")
+    if report.spans:
+        line += "".join(f", {n:,} {kind}" for kind, n in report.spans.items())
     line += f", and {report.control:,} control record(s)"
-    if report.spans is not None:
-        line += f", {report.spans:,} span(s) and score(s)"
     if pruned.kept_from is not None and pruned.kept_from < report.before:
         line += (f"; events from {iso(pruned.kept_from)} on are kept (whole days are "
                  "dropped)")

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
-from closedloop.store._retention import Pruned, StoreInfo
+from closedloop.store._retention import EventsPruned, StoreInfo
 
 
 class MemoryBackend:
@@ -72,7 +72,7 @@ class MemoryBackend:
             control_history=len(self._ledger.history(limit=1 << 62)), size_bytes=None)
 
     def prune_events(self, before: float, *, limit: int | None = None,
-                     dry_run: bool = False) -> Pruned:
+                     dry_run: bool = False) -> EventsPruned:
         """Forget events older than ``before`` (at most ``limit``, oldest first)."""
         with self._lock:
             old = sorted((e.ts, i) for i, e in enumerate(self._events) if e.ts < before)
@@ -80,7 +80,7 @@ class MemoryBackend:
             if not dry_run:
                 drop = {i for _, i in gone}
                 self._events = [e for i, e in enumerate(self._events) if i not in drop]
-        return Pruned(events=len(gone), more=len(gone) < len(old))
+        return EventsPruned(events=len(gone), more=len(gone) < len(old))
 
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """The in-process ledger keeps its history for the process's life: nothing to do."""

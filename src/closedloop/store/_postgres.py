@@ -49,7 +49,7 @@ from closedloop._events import EVENT_FIELDS, StepEvent
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
 from closedloop.store._registry import redact_url
-from closedloop.store._retention import CONTROL_PRUNE, Pruned, StoreInfo
+from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     import psycopg
@@ -384,7 +384,7 @@ class PostgresBackend:
             raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
 
     def prune_events(self, before: float, *, limit: int | None = None,
-                     dry_run: bool = False) -> Pruned:
+                     dry_run: bool = False) -> EventsPruned:
         """Drop the day partitions that end before ``before``, oldest first, stopping once
         ``limit`` events have gone (a whole partition at least); then delete the late events
         of those days that landed in ``events_default``. No row of a kept day is touched."""
@@ -401,7 +401,7 @@ class PostgresBackend:
                        if _partition_start(name) + DAY_S <= keep_from]
                 for name in old:
                     if limit is not None and done >= limit and dropped:
-                        return Pruned(events=done, partitions=tuple(dropped),
+                        return EventsPruned(events=done, partitions=tuple(dropped),
                                       kept_from=keep_from, more=True)
                     table = sql.SQL("{}.{}").format(s, sql.Identifier(name))
                     row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)
@@ -427,7 +427,7 @@ class PostgresBackend:
                                          (keep_from,)).rowcount
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
-        return Pruned(events=done, partitions=tuple(dropped), kept_from=keep_from)
+        return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from)
 
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """Delete control history, snapshots and expired pauses older than ``before``; never a

@@ -37,7 +37,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from closedloop._errors import ConfigError, StoreError
@@ -145,7 +145,7 @@ class StoreInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pruned:
+class EventsPruned:
     """Events removed (or, in a dry run, that would be) by one ``prune_events`` call."""
 
     events: int
@@ -164,10 +164,11 @@ class PruneReport:
     url: str
     before: float
     dry_run: bool
-    events: Pruned
+    events: EventsPruned
     control: int
-    spans: int | None = None
-    """Spans and scores removed; ``None`` when the backend keeps none behind a span port."""
+    spans: dict[str, int] | None = None
+    """Spans, traces and scores removed, by kind; ``None`` when the backend has no span port
+    (or in a dry run: the span port only prunes)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -186,7 +187,7 @@ class MaintainedBackend(Protocol):
         """Counts, size, schema version, oldest and newest event; never writes."""
 
     def prune_events(self, before: float, *, limit: int | None = None,
-                     dry_run: bool = False) -> Pruned:
+                     dry_run: bool = False) -> EventsPruned:
         """Remove events older than ``before`` (Unix seconds), at most about ``limit``."""
 
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
@@ -198,21 +199,28 @@ class MaintainedBackend(Protocol):
 class Prunable(Protocol):
     """A port that removes its records older than a cutoff (the span store's)."""
 
-    def prune(self, before: float) -> int:
-        """Remove records older than ``before`` (Unix seconds); returns how many."""
+    def prune(self, before: float) -> object:
+        """Remove records older than ``before`` (Unix seconds); returns what went."""
 
 
 def span_port(backend: object) -> Prunable | None:
     """The backend's span and score store, when it offers one that can prune."""
     from closedloop.store import _base
 
-    # The span/score port (closedloop.store._base.SpanStateBackend, with ``span_store()``)
-    # is being added alongside this module; until a backend offers it there is none.
-    port_type: Any = getattr(_base, "SpanStateBackend", None)
+    # The span/score port (closedloop.store._base.SpanBackend: ``span_store()``) lands
+    # alongside this module; a backend without it keeps no spans to prune.
+    port_type: Any = getattr(_base, "SpanBackend", None)
     if port_type is None or not isinstance(backend, port_type):
         return None
     spans = backend.span_store()
     return spans if isinstance(spans, Prunable) else None
+
+
+def _counts(result: object) -> dict[str, int]:
+    """What a span store's ``prune`` returned (a dataclass of counts, or one count), by kind."""
+    if is_dataclass(result) and not isinstance(result, type):
+        return {name: int(value) for name, value in asdict(result).items()}
+    return {"spans": int(result)} if isinstance(result, int) else {}
 
 
 CONTROL_PRUNE: tuple[tuple[str, str], ...] = (
@@ -253,17 +261,17 @@ def prune(store: Store, before: float, *, dry_run: bool = False, limit: int | No
           now: float | None = None) -> PruneReport:
     """Remove from ``store`` events, control records, spans and scores older than ``before``.
 
-    ``limit`` bounds the events removed by this call (``Pruned.more`` says if some remain);
+    ``limit`` bounds the events removed by this call (``EventsPruned.more`` says if some remain);
     ``dry_run`` counts what would go and removes nothing.
     """
     backend = maintained(store.backend)
     now = time.time() if now is None else now
     events = backend.prune_events(before, limit=limit, dry_run=dry_run)
     control = backend.prune_control(before, now=now, dry_run=dry_run)
-    spans: int | None = None
+    spans: dict[str, int] | None = None
     port = span_port(backend)
     if port is not None and not dry_run:
-        spans = port.prune(before)
+        spans = _counts(port.prune(before))
     return PruneReport(url=store.url, before=before, dry_run=dry_run, events=events,
                        control=control, spans=spans)
 

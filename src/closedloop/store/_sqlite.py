@@ -29,7 +29,7 @@ from urllib.parse import quote
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
 from closedloop.store._base import EventQuery
-from closedloop.store._retention import BATCH, CONTROL_PRUNE, Pruned, StoreInfo
+from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -329,13 +329,13 @@ class SQLiteBackend:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
 
     def prune_events(self, before: float, *, limit: int | None = None,
-                     dry_run: bool = False) -> Pruned:
+                     dry_run: bool = False) -> EventsPruned:
         """Delete events older than ``before`` in transactions of :data:`BATCH` rows (writers
         of other processes get the lock between them); at most about ``limit`` rows."""
         older = "SELECT rowid FROM events WHERE ts < ?"
         with self._maintenance("prune") as conn:
             if dry_run:
-                return Pruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
+                return EventsPruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
                                                   (before,)).fetchone()[0])
             done = 0
             while limit is None or done < limit:
@@ -346,9 +346,9 @@ class SQLiteBackend:
                 conn.execute("COMMIT")
                 done += n
                 if n < size:
-                    return Pruned(events=done)
+                    return EventsPruned(events=done)
             more = conn.execute(f"{older} LIMIT 1", (before,)).fetchone() is not None
-            return Pruned(events=done, more=more)
+            return EventsPruned(events=done, more=more)
 
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """Delete control history, snapshots and expired pauses older than ``before``; never a
