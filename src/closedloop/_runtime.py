@@ -15,7 +15,6 @@ the current runtime.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import weakref
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "configure", "current_runtime", "reset"]
 
 REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
-_log = logging.getLogger("closedloop")
 
 
 class _Unset:
@@ -130,15 +128,9 @@ class Runtime:
         opens keeps; ``None``: everything. Given, else ``$CLOSEDLOOP_RETENTION``, else 90
         days (``off`` keeps everything); pruned by the store's writer thread."""
         if self._retention is UNSET:
-            from closedloop.store import DEFAULT_RETENTION, RETENTION_ENV, parse_retention
+            from closedloop.store import retention_from_env
 
-            text = os.environ.get(RETENTION_ENV, "").strip() or DEFAULT_RETENTION
-            try:
-                self._retention = parse_retention(text)
-            except ConfigError as exc:  # never delete on a misread setting: keep everything
-                _log.error("closedloop: %s=%r ignored, nothing is pruned: %s", RETENTION_ENV,
-                           text, exc)
-                self._retention = None
+            self._retention = retention_from_env()
         return self._retention
 
     @property

@@ -40,6 +40,7 @@ from closedloop.store._retention import (
     parse_duration,
     parse_retention,
     prune,
+    retention_from_env,
     store_info,
 )
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
@@ -75,6 +76,7 @@ __all__ = [
     "prune",
     "register_scheme",
     "reset_default_store",
+    "retention_from_env",
     "store_info",
 ]
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -93,6 +94,18 @@ def parse_retention(value: str | float | None) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"retention must be more than 0 seconds; got {value!r}")
     return float(value)
+
+
+def retention_from_env() -> float | None:
+    """``$CLOSEDLOOP_RETENTION`` (else :data:`DEFAULT_RETENTION`) in seconds; ``None``: keep
+    everything. A value that cannot be read keeps everything too (never delete on a misread
+    setting), and the error is logged."""
+    text = os.environ.get(RETENTION_ENV, "").strip() or DEFAULT_RETENTION
+    try:
+        return parse_retention(text)
+    except ConfigError as exc:
+        log.error("closedloop: %s=%r ignored, nothing is pruned: %s", RETENTION_ENV, text, exc)
+        return None
 
 
 def describe_duration(seconds: float) -> str:
