@@ -356,3 +356,24 @@ def test_a_store_without_control_tables_prunes_its_events(tmp_path: Path) -> Non
         report = prune(store, NOW - DAY)
     assert (report.events.events, report.control) == (1, 0)
 
+
+
+
+def test_postgresql_reports_a_large_partition_by_its_statistics_instead_of_counting(
+    pg_store: cl.Store, pg_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from closedloop.store import _postgres
+
+    for i in range(5):
+        pg_store.record(event(i, ts=MIDNIGHT - DAY + i))
+    pg_store.record(event(9, ts=MIDNIGHT - 2 * DAY))
+    assert pg_store.flush()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:  # statistics: 5 rows
+        conn.execute(f'ANALYZE "{schema_of(pg_url)}".events_20260921')
+    monkeypatch.setattr(_postgres, "COUNT_UP_TO", 2)  # "large" is more than 2 rows here
+    dry = prune(pg_store, MIDNIGHT, dry_run=True)
+    assert (dry.events.events, dry.events.approximate) == (6, True)
+    result = cli("store", "prune", "--older-than", "1h", "--store", pg_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("removed about 6 events older than ")
+    assert list(pg_store.events()) == []

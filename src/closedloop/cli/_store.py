@@ -151,7 +151,8 @@ def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> No
     writing) and reuses the space freed; PostgreSQL drops whole day partitions, so it
     keeps every event of the cutoff's UTC day. The store's schema is used as it is, never
     migrated. Keys of --json: url, before (Unix seconds) and before_time, dry_run, events,
-    partitions, kept_from, more, control_records, spans (spans, traces and scores removed;
+    partitions, kept_from, more, approximate (events of large PostgreSQL partitions counted
+    by the planner's statistics), control_records, spans (spans, traces and scores removed;
     null: this store has no span port, or a dry run).
     """
     import time
@@ -175,7 +176,9 @@ def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> No
 def _prune_line(report: PruneReport) -> str:
     pruned = report.events
     verb = "would remove" if report.dry_run else "removed"
-    line = f"{verb} {pruned.events:,} events older than {iso(report.before)} from {report.url}"
+    about = "about " if pruned.approximate else ""
+    line = (f"{verb} {about}{pruned.events:,} events older than {iso(report.before)} from "
+            f"{report.url}")
     if pruned.partitions:
         first, last = pruned.partitions[0], pruned.partitions[-1]
         line += (f" ({len(pruned.partitions)} day partition(s): "

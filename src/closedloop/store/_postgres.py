@@ -395,6 +395,7 @@ class PostgresBackend:
         s = sql.Identifier(self.schema)
         dropped: list[str] = []
         done = 0
+        approximate = False
         try:
             with self.pool().connection() as conn:
                 old = [name for name in _partition_names(conn, self.schema)
@@ -402,10 +403,11 @@ class PostgresBackend:
                 for name in old:
                     if limit is not None and done >= limit and dropped:
                         return EventsPruned(events=done, partitions=tuple(dropped),
-                                      kept_from=keep_from, more=True)
+                                            kept_from=keep_from, more=True,
+                                            approximate=approximate)
                     table = sql.SQL("{}.{}").format(s, sql.Identifier(name))
-                    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)
-                                       ).fetchone()
+                    rows, estimated = _partition_rows(conn, self.schema, name)
+                    approximate = approximate or estimated
                     if not dry_run:
                         with conn.transaction():
                             # as partitions are created: one at a time per schema; a busy
@@ -415,7 +417,7 @@ class PostgresBackend:
                                          (_lock_key("partition", self.schema),))
                             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
                         self._partitions.discard(int(_partition_start(name) // DAY_S))
-                    done += int(row[0]) if row else 0
+                    done += rows
                     dropped.append(name)
                 late = sql.SQL("FROM {}.events_default WHERE ts < %s").format(s)
                 if dry_run:
@@ -427,7 +429,8 @@ class PostgresBackend:
                                          (keep_from,)).rowcount
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
-        return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from)
+        return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,
+                            approximate=approximate)
 
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """Delete control history, snapshots and expired pauses older than ``before``; never a
@@ -733,6 +736,28 @@ def _partition_names(conn: psycopg.Connection[Any], schema: str) -> list[str]:
         "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
         "WHERE n.nspname = %s AND p.relname = 'events'", (schema,)).fetchall()
     return sorted(r[0] for r in rows if _DAY_PARTITION.fullmatch(r[0]))
+
+
+COUNT_UP_TO = 1_000_000
+"""Partitions the planner's statistics put above this many rows are not counted before they
+are dropped (counting tens of millions of rows would hold up the writer for seconds): the
+statistics' figure is reported instead, marked approximate."""
+
+
+def _partition_rows(conn: psycopg.Connection[Any], schema: str, name: str) -> tuple[int, bool]:
+    """The rows of day partition ``name``, and whether that is an estimate."""
+    from psycopg import sql
+
+    row = conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON "
+                       "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                       (schema, name)).fetchone()
+    if row is None:  # dropped meanwhile (another process pruning)
+        return 0, False
+    if row[0] > COUNT_UP_TO:  # -1 until the table is first analyzed
+        return int(row[0]), True
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(name))).fetchone()
+    return (int(counted[0]) if counted else 0), False
 
 
 def _partition_start(name: str) -> float:

@@ -168,6 +168,8 @@ class EventsPruned:
     """PostgreSQL: events from here (the cutoff's UTC day) up to the cutoff are kept."""
     more: bool = False
     """The call stopped at its ``limit``: older events remain."""
+    approximate: bool = False
+    """PostgreSQL: ``events`` counts some large partitions by the planner's statistics."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +191,7 @@ class PruneReport:
                 "dry_run": self.dry_run, "events": self.events.events,
                 "partitions": list(self.events.partitions),
                 "kept_from": self.events.kept_from, "more": self.events.more,
+                "approximate": self.events.approximate,
                 "control_records": self.control, "spans": self.spans}
 
 
