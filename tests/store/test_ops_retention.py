@@ -254,3 +254,21 @@ def test_spans_and_scores_are_pruned_through_the_backends_span_port(
         assert backend.spans.cutoffs == [NOW - DAY, NOW - 30 * DAY]
     with cl.Store(MemoryBackend()) as plain:
         assert prune(plain, NOW).spans is None  # no span port: nothing to say about spans
+
+
+def test_a_store_opened_late_is_pruned_once_it_opens(tmp_path: Path) -> None:
+    from closedloop.store._registry import DeferredBackend, backend_factory
+
+    url = f"sqlite:///{tmp_path / 'late' / 'e.db'}"
+    (tmp_path / "late").write_text("a file where the folder should be")
+    deferred = open_backend(url, defer=True)
+    assert isinstance(deferred, DeferredBackend)
+    now = [0.0]
+    policy = Retention(30 * DAY, retry=300.0, monotonic=lambda: now[0])
+    policy(deferred)  # cannot open yet: logged, tried again later
+    assert policy.runs == 0
+    (tmp_path / "late").unlink()
+    backend_factory(url)(url, create=True).write_batch([event(0, ts=NOW - 40 * DAY)])
+    now[0] += 300.0
+    policy(deferred)
+    assert (policy.runs, policy.removed, deferred.count()) == (1, 1, 0)

@@ -258,9 +258,10 @@ halt) or later than now; its history record (same task type and time) is kept wi
 def maintained(backend: object) -> MaintainedBackend:
     """``backend`` (opened, if it was deferred) as the maintenance port, or a
     :class:`~closedloop.StoreError` saying its backend has none."""
-    opened = getattr(backend, "backend", None)  # a DeferredBackend: the real one, or raises
-    if callable(opened):
-        backend = opened()
+    from closedloop.store._registry import DeferredBackend
+
+    if isinstance(backend, DeferredBackend):
+        backend = backend.backend()  # the store it could not open at first, or StoreError
     if not isinstance(backend, MaintainedBackend):
         url = getattr(backend, "url", type(backend).__name__)
         raise StoreError(f"store {url} does not support maintenance (info, prune): its "
