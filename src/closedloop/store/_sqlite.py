@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -32,6 +32,7 @@ from urllib.parse import quote
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop.store._base import EventQuery
+from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     from closedloop.store._sqlite_ledger import SQLiteLedger
@@ -316,7 +317,7 @@ class SQLiteBackend:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:
-                migrate(conn)
+                self.found_version = migrate(conn)
             finally:
                 conn.close()
         except OSError as exc:
@@ -426,6 +427,74 @@ class SQLiteBackend:
 
         return SQLiteLedger(self.path)
 
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size on disk, schema version, oldest and newest event; never writes."""
+        try:
+            conn = self._reader()
+            try:
+                return _info(conn, self.url, self.path)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Delete events older than ``before`` in transactions of :data:`BATCH` rows (writers
+        of other processes get the lock between them); at most about ``limit`` rows."""
+        older = "SELECT rowid FROM events WHERE ts < ?"
+        with self._maintenance("prune") as conn:
+            if dry_run:
+                return EventsPruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
+                                                  (before,)).fetchone()[0])
+            done = 0
+            while limit is None or done < limit:
+                size = BATCH if limit is None else min(BATCH, limit - done)
+                conn.execute("BEGIN IMMEDIATE")
+                n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
+                                 (before, size)).rowcount
+                conn.execute("COMMIT")
+                done += n
+                if n < size:
+                    return EventsPruned(events=done)
+            more = conn.execute(f"{older} LIMIT 1", (before,)).fetchone() is not None
+            return EventsPruned(events=done, more=more)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        args = {"before": before, "now": now}
+        with self._maintenance("prune") as conn:
+            if "control_stops" not in _tables(conn):  # the ledger has never written here
+                return 0
+            clauses = [(table, where.replace("%(before)s", ":before")
+                        .replace("%(now)s", ":now").format(s=""))
+                       for table, where in CONTROL_PRUNE]
+            if dry_run:
+                return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}",
+                                        args).fetchone()[0] for table, where in clauses)
+            conn.execute("BEGIN IMMEDIATE")
+            removed = sum(conn.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+                          for table, where in clauses)
+            conn.execute("COMMIT")
+            return removed
+
+    @contextmanager
+    def _maintenance(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a maintenance task, errors as one-line StoreErrors."""
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        finally:
+            conn.close()
+
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that can never write ``path``: no migration, no table, no journal change.
@@ -510,3 +579,37 @@ def _event(row: tuple[Any, ...]) -> StepEvent:
         if values[i] is not None:
             values[i] = json.loads(values[i])
     return StepEvent(*values)
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _info(conn: sqlite3.Connection, url: str, path: Path) -> StoreInfo:
+    """What the file holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    tables = _tables(conn)
+
+    def one(sql: str, *args: Any) -> Any:
+        return conn.execute(sql, args).fetchone()[0]
+
+    def count(table: str) -> int | None:
+        return int(one(f"SELECT count(*) FROM {table}")) if table in tables else None
+
+    stops = halts = history = 0
+    if "control_stops" in tables:  # created by the control ledger on its first write
+        stops, halts = conn.execute(
+            "SELECT count(*), coalesce(sum(kind = 'halted'), 0) FROM control_stops "
+            "WHERE until IS NULL OR until > ?", (time.time(),)).fetchone()
+        history = count("control_history") or 0
+    events = "events" in tables
+    # one aggregate per query: SQLite answers a lone min() or max() from the ts index
+    oldest = one("SELECT min(ts) FROM events") if events else None
+    newest = one("SELECT max(ts) FROM events") if events else None
+    files = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return StoreInfo(
+        backend="sqlite", url=url, schema_version=int(one("PRAGMA user_version")),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0, oldest_event=oldest,
+        newest_event=newest, spans=count("spans"), scores=count("scores"),
+        control_stops=int(stops), control_halts=int(halts), control_history=int(history),
+        size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        free_bytes=int(one("PRAGMA freelist_count")) * int(one("PRAGMA page_size")))
