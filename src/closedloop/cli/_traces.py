@@ -104,8 +104,7 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     from rich.text import Text
     from rich.tree import Tree
 
-    from closedloop.telemetry._spanstore import iter_children
-    from closedloop.telemetry._view import label, verdict_messages
+    from closedloop.telemetry import iter_children, span_label, verdict_messages
 
     trace_id = trace_id.strip()
     with reading(store_url) as (store, store_spans):
@@ -128,7 +127,7 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     nodes: list[Tree] = [root]
     for depth, span in iter_children(spans):
         del nodes[depth + 1:]
-        node = nodes[-1].add(styled(label(span), "red" if span.status == 2 else ""))
+        node = nodes[-1].add(styled(span_label(span), "red" if span.status == 2 else ""))
         failed = span.attributes.get("closedloop.verdict.passed") is False
         for message in verdict_messages(span):
             node.add(styled(message, "red" if failed else "yellow"))
@@ -171,7 +170,7 @@ def step_line(event: StepEvent) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
 def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
-    from closedloop.telemetry._view import diff_traces, first_divergence
+    from closedloop.telemetry import diff_traces, first_divergence
 
     with reading(store_url) as (_, spans):
         rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
@@ -226,7 +225,7 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
         since: float | None, store_url: str, as_json: bool) -> None:
     """Re-run today's validators and verifiers on the proposals recorded in traces."""
-    from closedloop.telemetry._replay import replay as run_replay
+    from closedloop.telemetry import replay as run_replay
 
     if not validator_specs and not verifier_specs:
         raise ConfigError("give at least one --validator or --verifier to replay")
