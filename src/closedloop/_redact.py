@@ -571,7 +571,7 @@ def redact_event(event: StepEvent) -> StepEvent:
     redactor = default_redactor()
     values: list[Any] | None = None  # copied on the first change: most texts have nothing
     for i in _EVENT_TEXTS:
-        text = event[i]
+        text: Any = event[i]
         if text is not None:
             clean = redactor(text)
             if clean is not text:
@@ -584,7 +584,7 @@ def redact_event(event: StepEvent) -> StepEvent:
             if values is None:
                 values = list(event)
             values[i] = redactor.value(data)
-    proposal = event[_PROPOSAL]
+    proposal = event.proposal
     if proposal is not None:
         clean = clip_proposal(redactor(proposal))
         if clean is not proposal:
