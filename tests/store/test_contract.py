@@ -18,8 +18,6 @@ import pytest
 import closedloop as cl
 from closedloop.store import EventQuery, open_backend
 
-from .conftest import PG_URL
-
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
@@ -411,6 +409,8 @@ def _make_v2_pg(schema: str) -> list[cl.StepEvent]:
         _statements,
         ensure_partitions,
     )
+
+    from .conftest import PG_URL  # here: other tests import this module from a subprocess
 
     v2 = [event(i)._replace(detail={"i": i} if i % 2 else None) for i in range(3)]
     with psycopg.connect(PG_URL, autocommit=True) as conn, conn.transaction():
