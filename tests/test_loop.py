@@ -924,3 +924,19 @@ def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.
     (event,) = events(memory_store)
     assert caught.value.__notes__ == [
         f"closedloop: recorded as step {event.step_id} of trace {event.trace_id} (t)"]
+
+
+def test_a_results_and_an_events_json_carry_the_step(memory_store: cl.Store) -> None:
+    import json
+
+    loop = cl.Loop(lambda t, a: {"n": t}, task_type="t", store=memory_store, guards=(),
+                   labels={"tier": "gold"}, agent_version="v1")
+    result = loop.run(1, run_id="r")
+    assert result.to_dict()["step_id"] == result.step_id
+    assert result.event is not None
+    shown = json.loads(json.dumps(result.event.to_dict()))
+    assert {k: shown[k] for k in ("step_id", "run_id", "labels", "agent_version", "proposal",
+                                  "proposal_digest")} == {
+        "step_id": result.step_id, "run_id": "r", "labels": {"tier": "gold"},
+        "agent_version": "v1", "proposal": '{"n":1}',
+        "proposal_digest": result.event.proposal_digest}

@@ -40,6 +40,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from re import Pattern
 from typing import TYPE_CHECKING, Any
 
@@ -569,9 +570,8 @@ _EVENT_TEXTS = tuple(EVENT_FIELDS.index(f) for f in (
 _EVENT_DATA = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
 _PROPOSAL = EVENT_FIELDS.index("proposal")
 _MESSAGE, _DETAIL = _EVENT_TEXTS[0], _EVENT_DATA[0]
-# run_id, model, provider, agent_version, prompt_version, labels are neighbours in the
-# event: one slice tells whether any of them is set
-_V3_FIRST, _V3_END = EVENT_FIELDS.index("run_id"), EVENT_FIELDS.index("labels") + 1
+_V3_REDACTED = (*_EVENT_TEXTS[1:], _EVENT_DATA[1])
+_v3_redacted = itemgetter(*_V3_REDACTED)  # one C call tells whether any of them is set
 
 
 def redact_event(event: StepEvent) -> StepEvent:
@@ -579,13 +579,13 @@ def redact_event(event: StepEvent) -> StepEvent:
     model, provider and versions, the labels, and the proposal (then cut to its cap,
     :func:`closedloop._events.clip_proposal`). Ids, digests and numbers are left alone."""
     if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
-            and event[_V3_FIRST:_V3_END].count(None) == _V3_END - _V3_FIRST:
+            and _v3_redacted(event).count(None) == len(_V3_REDACTED):
         return event  # nothing to redact
     redactor = default_redactor()
     values: list[Any] | None = None  # copied on the first change: most texts have nothing
     for i in _EVENT_TEXTS:
-        text = event[i]
-        if isinstance(text, str):
+        text: Any = event[i]
+        if text is not None:
             clean = redactor(text)
             if clean is not text:
                 if values is None:
@@ -597,8 +597,8 @@ def redact_event(event: StepEvent) -> StepEvent:
             if values is None:
                 values = list(event)
             values[i] = redactor.value(data)
-    proposal = event[_PROPOSAL]
-    if isinstance(proposal, str):
+    proposal = event.proposal
+    if proposal is not None:
         clean = clip_proposal(redactor(proposal))
         if clean is not proposal:
             if values is None:

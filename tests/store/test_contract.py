@@ -410,7 +410,7 @@ def _make_v2_pg(schema: str) -> list[cl.StepEvent]:
         ensure_partitions,
     )
 
-    from .conftest import PG_URL  # here: the fork tests import this module on its own
+    from .conftest import PG_URL  # here: other tests import this module from a subprocess
 
     v2 = [event(i)._replace(detail={"i": i} if i % 2 else None) for i in range(3)]
     with psycopg.connect(PG_URL, autocommit=True) as conn, conn.transaction():

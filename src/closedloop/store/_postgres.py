@@ -191,13 +191,21 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-# the column types of ``events`` in EVENT_FIELDS order, for binary COPY
-_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
-               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
-               "jsonb",
-               # v3
-               "text", "text", "text", "text", "text", "text", "text", "jsonb", "int8",
-               "float8", "text", "text")
+# the column types of ``events``, for binary COPY (in EVENT_FIELDS order)
+_COLUMN_TYPES = {
+    "ts": "float8", "trace_id": "text", "agent_id": "text", "task_type": "text",
+    "autonomy": "text", "outcome": "text", "attempts": "int4", "input_tokens": "int8",
+    "output_tokens": "int8", "latency_ms": "float8", "validation_passed": "bool",
+    "verification_passed": "bool", "error_type": "text", "error_message": "text",
+    "propose_ms": "float8", "validate_ms": "float8", "act_ms": "float8", "verify_ms": "float8",
+    "detail": "jsonb",
+    # v3
+    "step_id": "text", "parent_step_id": "text", "run_id": "text", "model": "text",
+    "provider": "text", "agent_version": "text", "prompt_version": "text", "labels": "jsonb",
+    "cached_input_tokens": "int8", "cost_usd": "float8", "proposal": "text",
+    "proposal_digest": "text",
+}
+_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in EVENT_FIELDS)
 
 _DAY_PARTITION = re.compile(r"events_\d{8}")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
