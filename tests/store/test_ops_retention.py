@@ -8,9 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import pytest
 
@@ -207,55 +205,28 @@ def test_events_recorded_while_retention_runs_are_all_kept(shared_url: str) -> N
     assert sorted(kept) == list(range(old, old + new))
 
 
-@dataclass(frozen=True)
-class _SpanCounts:
-    spans: int
-    traces: int
-    scores: int
+def test_spans_and_scores_are_pruned_through_the_backends_span_port(any_url: str) -> None:
+    from closedloop.telemetry import Score, StoredSpan, span_store_for
 
+    def span(trace: int, start_s: float) -> StoredSpan:
+        ns = int(start_s * 1e9)
+        return StoredSpan(trace_id=f"{trace:032x}", span_id=f"{trace:016x}", parent_id=None,
+                          name="step", kind=0, start_ns=ns, end_ns=ns + 1000, status=0,
+                          status_message=None, attributes={"closedloop.task_type": "deploy"})
 
-class _Spans:
-    """A span store that can prune: records the cutoffs it was given."""
-
-    def __init__(self) -> None:
-        self.cutoffs: list[float] = []
-
-    def prune(self, before: float) -> _SpanCounts:
-        self.cutoffs.append(before)
-        return _SpanCounts(spans=3, traces=1, scores=2)
-
-
-class _WithSpans(MemoryBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spans = _Spans()
-
-    def span_store(self) -> _Spans:
-        return self.spans
-
-
-@runtime_checkable
-class _SpanPort(Protocol):
-    def span_store(self) -> object: ...
-
-
-def test_spans_and_scores_are_pruned_through_the_backends_span_port(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from closedloop.store import _base
-
-    monkeypatch.setattr(_base, "SpanBackend", _SpanPort, raising=False)  # the port's name
-    backend = _WithSpans()
-    with cl.Store(backend) as store:
-        assert prune(store, NOW - DAY, dry_run=True).spans is None
-        assert backend.spans.cutoffs == []  # a dry run prunes nothing
+    with cl.open_store(any_url) as store:
+        spans = span_store_for(store)
+        spans.write_spans([span(1, NOW - 3 * DAY), span(2, NOW - 2 * DAY), span(3, NOW)])
+        for trace, ts in ((1, NOW - 3 * DAY), (3, NOW)):
+            spans.add_score(Score(trace_id=f"{trace:032x}", name="q", value=1.0, ts=ts))
+        assert prune(store, NOW - DAY, dry_run=True).spans is None  # a dry run prunes nothing
+        assert len(spans.traces(limit=10).traces) == 3
         report = prune(store, NOW - DAY)
-        assert report.spans == {"spans": 3, "traces": 1, "scores": 2}
-        assert backend.spans.cutoffs == [NOW - DAY]
-        Retention(30 * DAY, clock=lambda: NOW)(backend)
-        assert backend.spans.cutoffs == [NOW - DAY, NOW - 30 * DAY]
-    with cl.Store(MemoryBackend()) as plain:
-        assert prune(plain, NOW).spans is None  # no span port: nothing to say about spans
+        assert report.spans == {"spans": 2, "traces": 2, "scores": 1}
+        assert [t.trace_id for t in spans.traces(limit=10).traces] == [f"{3:032x}"]
+        assert [s.trace_id for s in spans.scores()] == [f"{3:032x}"]
+        Retention(30 * DAY, clock=lambda: NOW + 40 * DAY)(store.backend)
+        assert spans.traces(limit=10).traces == []
 
 
 def test_a_store_opened_late_is_pruned_once_it_opens(tmp_path: Path) -> None:

@@ -6,6 +6,11 @@
 file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; without it the
 default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
+Each backend also keeps, next to its events, the spans and scores of its traces (the
+:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
+No module outside this package opens a database.
+
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
 :mod:`closedloop.store._writer`), and the default store opens even when its file cannot be
@@ -23,9 +28,11 @@ from pathlib import Path
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
+from closedloop._spans import Pruned, SpanStore
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery, SpanBackend
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
+from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
 from closedloop.store._retention import (
     DEFAULT_RETENTION,
@@ -44,6 +51,8 @@ from closedloop.store._retention import (
     store_info,
 )
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
+from closedloop.store._sqlite_ledger import SQLiteLedger
+from closedloop.store._sqlite_spans import SQLiteSpanStore
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
@@ -57,9 +66,15 @@ __all__ = [
     "ImportResult",
     "MaintainedBackend",
     "MemoryBackend",
+    "MemorySpanStore",
     "PruneReport",
+    "Pruned",
     "Retention",
     "SQLiteBackend",
+    "SQLiteLedger",
+    "SQLiteSpanStore",
+    "SpanBackend",
+    "SpanStore",
     "Store",
     "StoreInfo",
     "WriterStats",

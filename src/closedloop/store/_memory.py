@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
+from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._retention import EventsPruned, StoreInfo
 
 
@@ -20,11 +21,16 @@ class MemoryBackend:
         self._events: list[StepEvent] = []
         self._lock = threading.Lock()
         self._ledger = MemoryLedger()
+        self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,
         so every loop, guard and runtime on the store sees the same stops."""
         return self._ledger
+
+    def span_store(self) -> MemorySpanStore:
+        """This store's spans and scores: held by the backend for its whole life."""
+        return self._spans
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Append the batch."""

@@ -43,9 +43,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from closedloop._control_state import Stop, StopKind, _iso, _merge, redacted
+from closedloop._control_state import Stop, _iso, _merge, history_entry, redacted
+from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, StepEvent, dumps
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
 from closedloop.store._registry import redact_url
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg import sql
     from psycopg_pool import ConnectionPool
+
+    from closedloop.store._postgres_spans import PostgresSpanStore
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
@@ -120,12 +123,89 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (source, key)
     );
     """,
+    # 3: spans and scores (closedloop.store._postgres_spans): spans range-partitioned by day on
+    # start_ns (ns since the epoch), ``seq`` numbering them in commit order (writers take an
+    # advisory lock) for readers that tail them; one summary row per trace for listings
+    """
+    CREATE TABLE {schema}.spans (
+        seq BIGSERIAL NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        parent_id TEXT,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        status INTEGER NOT NULL,
+        status_message TEXT,
+        attributes TEXT NOT NULL,
+        events TEXT,
+        content TEXT
+    ) PARTITION BY RANGE (start_ns);
+    CREATE INDEX spans_trace ON {schema}.spans (trace_id, start_ns);
+    CREATE INDEX spans_seq ON {schema}.spans (seq);
+    CREATE TABLE {schema}.traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        spans BIGINT NOT NULL,
+        label_ns BIGINT,
+        task_type TEXT,
+        outcome TEXT
+    );
+    CREATE INDEX traces_start ON {schema}.traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON {schema}.traces (task_type, start_ns, trace_id);
+    CREATE TABLE {schema}.scores (
+        id BIGSERIAL PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT,
+        name TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        label TEXT,
+        comment TEXT,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX scores_trace ON {schema}.scores (trace_id);
+    CREATE INDEX scores_name_ts ON {schema}.scores (name, ts);
+    CREATE INDEX scores_ts ON {schema}.scores (ts);
+    """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default change only the catalog (the partitions follow, no
+    # row is rewritten), and the rows of older versions read as NULL; IF NOT EXISTS: a schema
+    # put back to an older version by hand keeps the columns, and migrates again
+    """
+    ALTER TABLE {schema}.events
+        ADD COLUMN IF NOT EXISTS step_id TEXT,
+        ADD COLUMN IF NOT EXISTS parent_step_id TEXT,
+        ADD COLUMN IF NOT EXISTS run_id TEXT,
+        ADD COLUMN IF NOT EXISTS model TEXT,
+        ADD COLUMN IF NOT EXISTS provider TEXT,
+        ADD COLUMN IF NOT EXISTS agent_version TEXT,
+        ADD COLUMN IF NOT EXISTS prompt_version TEXT,
+        ADD COLUMN IF NOT EXISTS labels JSONB,
+        ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT,
+        ADD COLUMN IF NOT EXISTS cost_usd DOUBLE PRECISION,
+        ADD COLUMN IF NOT EXISTS proposal TEXT,
+        ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-# the column types of ``events`` in EVENT_FIELDS order, for binary COPY
-_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
-               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
-               "jsonb")
+# the column types of ``events``, for binary COPY (in EVENT_FIELDS order)
+_COLUMN_TYPES = {
+    "ts": "float8", "trace_id": "text", "agent_id": "text", "task_type": "text",
+    "autonomy": "text", "outcome": "text", "attempts": "int4", "input_tokens": "int8",
+    "output_tokens": "int8", "latency_ms": "float8", "validation_passed": "bool",
+    "verification_passed": "bool", "error_type": "text", "error_message": "text",
+    "propose_ms": "float8", "validate_ms": "float8", "act_ms": "float8", "verify_ms": "float8",
+    "detail": "jsonb",
+    # v3
+    "step_id": "text", "parent_step_id": "text", "run_id": "text", "model": "text",
+    "provider": "text", "agent_version": "text", "prompt_version": "text", "labels": "jsonb",
+    "cached_input_tokens": "int8", "cost_usd": "float8", "proposal": "text",
+    "proposal_digest": "text",
+}
+_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in EVENT_FIELDS)
 
 _DAY_PARTITION = re.compile(r"events_\d{8}")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -235,6 +315,7 @@ class PostgresBackend:
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
+        self._spans: PostgresSpanStore | None = None
         self.read_only = read_only
         """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
@@ -467,6 +548,16 @@ class PostgresBackend:
         return PostgresLedger(self._conninfo, self.schema, self.url,
                               connect_timeout=self._connect_timeout)
 
+    def span_store(self) -> PostgresSpanStore:
+        """Spans and scores in this store's schema (the span/score port); one for the
+        backend's life, on its connection pool."""
+        from closedloop.store._postgres_spans import PostgresSpanStore
+
+        with self._pool_lock:
+            if self._spans is None:
+                self._spans = PostgresSpanStore(self)
+            return self._spans
+
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
 
@@ -597,9 +688,7 @@ class PostgresLedger:
         """Recent stops and resumes, newest first."""
         rows = self._run("read", lambda conn: conn.execute(
             self._q["history"], (max(0, int(limit)),)).fetchall(), absent=list)
-        return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
-                 "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
-                for r in rows]
+        return [history_entry(r) for r in rows]
 
     def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
         """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
@@ -644,20 +733,10 @@ _LEDGER_SQL = {
 }
 
 
-def _ledger_stop(row: tuple[Any, ...]) -> Stop:
-    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
-                until=row[5], evidence=json.loads(row[6]))
-
-
-def _dumps(value: Any) -> str:
-    # as StepEvent.to_row (SQLite): anything JSON cannot hold is stored as its str()
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
 def _configure(conn: psycopg.Connection[Any]) -> None:
     from psycopg.types.json import set_json_dumps
 
-    set_json_dumps(_dumps, context=conn)
+    set_json_dumps(dumps, context=conn)  # as SQLite's: what JSON cannot hold, as str()
 
 
 def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:

@@ -222,12 +222,9 @@ class Prunable(Protocol):
 
 def span_port(backend: object) -> Prunable | None:
     """The backend's span and score store, when it offers one that can prune."""
-    from closedloop.store import _base
+    from closedloop.store._base import SpanBackend
 
-    # The span/score port (closedloop.store._base.SpanBackend: ``span_store()``) lands
-    # alongside this module; a backend without it keeps no spans to prune.
-    port_type: Any = getattr(_base, "SpanBackend", None)
-    if port_type is None or not isinstance(backend, port_type):
+    if not isinstance(backend, SpanBackend):
         return None
     spans = backend.span_store()
     return spans if isinstance(spans, Prunable) else None

@@ -8,7 +8,9 @@ file at once cannot both apply them.
 A batch is inserted with a few multi-row ``INSERT`` statements rather than ``executemany``:
 sqlite3 releases the GIL around every statement step, and an agent busy in Python in the same
 process makes each re-acquisition wait up to the switch interval; one step per thousand rows
-instead of one per row keeps the writer ahead of a busy producer.
+instead of one per row keeps the writer ahead of a busy producer. Columns that are NULL in
+the whole batch are left out of the statement: sqlite3 binds ``None`` slowly, and most events
+leave most optional fields empty.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop.store._base import EventQuery
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite_ledger import SQLiteLedger
+    from closedloop.store._sqlite_spans import SQLiteSpanStore
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -89,35 +96,117 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
     """,
+    # 3: one summary row per trace, kept up to date by every span batch, so that a trace
+    # listing reads a page of an index instead of grouping every span (closedloop.store.
+    # _sqlite_spans); filled here from the spans already stored
+    """
+    CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        spans INTEGER NOT NULL,
+        label_ns INTEGER,
+        task_type TEXT,
+        outcome TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO traces (trace_id, start_ns, end_ns, spans)
+        SELECT trace_id, min(start_ns), max(end_ns), count(*) FROM spans GROUP BY trace_id;
+    UPDATE traces SET (label_ns, task_type, outcome) = (
+        SELECT s.start_ns, json_extract(s.attributes, '$."closedloop.task_type"'),
+               json_extract(s.attributes, '$."closedloop.outcome"')
+        FROM spans s WHERE s.trace_id = traces.trace_id
+        AND json_extract(s.attributes, '$."closedloop.task_type"') IS NOT NULL
+        ORDER BY s.start_ns,
+                 json_extract(s.attributes, '$."closedloop.outcome"') IS NULL LIMIT 1);
+    CREATE INDEX traces_start ON traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON traces (task_type, start_ns, trace_id);
+    CREATE INDEX scores_ts ON scores (ts);
+    """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default: SQLite adds them without rewriting a row, and
+    # the rows of older versions read as None
+    """
+    ALTER TABLE events ADD COLUMN step_id TEXT;
+    ALTER TABLE events ADD COLUMN parent_step_id TEXT;
+    ALTER TABLE events ADD COLUMN run_id TEXT;
+    ALTER TABLE events ADD COLUMN model TEXT;
+    ALTER TABLE events ADD COLUMN provider TEXT;
+    ALTER TABLE events ADD COLUMN agent_version TEXT;
+    ALTER TABLE events ADD COLUMN prompt_version TEXT;
+    ALTER TABLE events ADD COLUMN labels TEXT;
+    ALTER TABLE events ADD COLUMN cached_input_tokens INTEGER;
+    ALTER TABLE events ADD COLUMN cost_usd REAL;
+    ALTER TABLE events ADD COLUMN proposal TEXT;
+    ALTER TABLE events ADD COLUMN proposal_digest TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NFIELDS = len(EVENT_FIELDS)
-_DETAIL = EVENT_FIELDS.index("detail")
-_ROW = f"({', '.join('?' for _ in EVENT_FIELDS)})"
-_INSERT_HEAD = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES "
-_CHUNK = 1024
-"""Rows per multi-row INSERT (1024 * 19 parameters stays under SQLite's default 32766)."""
+_BOOLS = tuple(EVENT_FIELDS.index(f) for f in ("validation_passed", "verification_passed"))
+_NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
+    "validation_passed", "verification_passed", "error_type", "error_message", "detail",
+    *EVENT_FIELDS[EVENT_FIELDS.index("detail") + 1:]))
+"""Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
+_MAX_PARAMS = 32766
+"""SQLite's default limit of parameters per statement."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
 
-def _insert(rows: int) -> str:
-    return _INSERT_HEAD + ",".join([_ROW] * rows)
+class _Insert(NamedTuple):
+    """The multi-row INSERT of one set of columns: as many rows per statement as the
+    parameter limit allows."""
+
+    width: int
+    rows: int
+    chunk: str
+    head: str
+    row: str
+
+    @classmethod
+    def of(cls, columns: Sequence[int]) -> _Insert:
+        width = len(columns)
+        head = f"INSERT INTO events ({', '.join(EVENT_FIELDS[i] for i in columns)}) VALUES "
+        row = f"({', '.join('?' * width)})"
+        rows = _MAX_PARAMS // width
+        return cls(width, rows, head + ",".join([row] * rows), head, row)
+
+    def statement(self, rows: int) -> str:
+        return self.chunk if rows == self.rows else self.head + ",".join([self.row] * rows)
 
 
-_INSERT_CHUNK = _insert(_CHUNK)
+_INSERTS: dict[tuple[int, ...], _Insert] = {}
+"""The INSERT of each set of columns seen (a handful: which optional fields are in use)."""
 
 
-def _params(events: Sequence[StepEvent]) -> list[Any]:
-    """The batch as one flat parameter list, ``detail`` as JSON text (C-speed where it can)."""
+def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
+    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text, and the
+    INSERT it goes with (C-speed where it can).
+
+    A column that is NULL in every event of the batch is left out of the statement (it is
+    NULL by default): sqlite3 binds a ``None`` through its adapter lookup, and binding the
+    unused optional columns of schema v3 would cost more than inserting the rest of the row.
+    """
+    n = len(events)
     flat: list[Any] = list(chain.from_iterable(events))
-    details = flat[_DETAIL::_NFIELDS]
-    if details.count(None) != len(details):
-        flat[_DETAIL::_NFIELDS] = [
-            None if d is None else json.dumps(d, default=str, separators=(",", ":"))
-            for d in details]
-    return flat
+    absent = [i for i in _NULLABLE if flat[i::_NFIELDS].count(None) == n]
+    columns = tuple(i for i in range(_NFIELDS) if i not in absent) if absent \
+        else _ALL_COLUMNS
+    insert = _INSERTS.get(columns)
+    if insert is None:
+        insert = _INSERTS[columns] = _Insert.of(columns)
+    if absent:
+        flat = list(chain.from_iterable(map(itemgetter(*columns), events)))
+    width = insert.width
+    for column in JSON_COLUMNS:
+        if column in columns:
+            at = columns.index(column)
+            flat[at::width] = [None if v is None else dumps(v) for v in flat[at::width]]
+    return insert, flat
+
+
+_ALL_COLUMNS = tuple(range(_NFIELDS))
 
 
 LOW_SPACE = 1 << 20
@@ -200,12 +289,17 @@ class SQLiteBackend:
     With ``defer=True`` a file that cannot be opened yet (full disk, read-only folder) is not
     an error here: :attr:`open_error` says why, and every ``write_batch`` tries again (and
     raises while it still fails), so the store's writer holds the events until it opens.
+
+    The same file keeps the store's spans and scores (:meth:`span_store`) and its pauses and
+    halts (:meth:`control_ledger`).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, defer: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans: SQLiteSpanStore | None = None
+        self._spans_lock = threading.Lock()
         self.open_error: StoreError | None = None
         try:
             self._open()
@@ -246,15 +340,15 @@ class SQLiteBackend:
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
-        params = _params(events)
-        width = _CHUNK * _NFIELDS
-        full = len(events) // _CHUNK * width
+        insert, params = _params(events)
+        width = insert.rows * insert.width
+        full = len(events) // insert.rows * width
         try:
             conn.execute("BEGIN IMMEDIATE")
             for start in range(0, full, width):
-                conn.execute(_INSERT_CHUNK, params[start:start + width])
+                conn.execute(insert.chunk, params[start:start + width])
             if full < len(params):
-                conn.execute(_insert(len(events) % _CHUNK), params[full:])
+                conn.execute(insert.statement(len(events) % insert.rows), params[full:])
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
@@ -277,7 +371,7 @@ class SQLiteBackend:
         if query.trace_id is not None:
             where.append("trace_id = ?")
             params.append(query.trace_id)
-        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
+        sql = self._select + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
         try:
@@ -294,6 +388,7 @@ class SQLiteBackend:
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
+    _select = _SELECT
 
     def _reader(self) -> sqlite3.Connection:
         return _connect(self.path)
@@ -315,6 +410,22 @@ class SQLiteBackend:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def span_store(self) -> SQLiteSpanStore:
+        """The spans and scores in this file (the span/score port); one for the backend's
+        life, read-only when the backend is."""
+        from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+        with self._spans_lock:
+            if self._spans is None:
+                self._spans = SQLiteSpanStore(self)
+            return self._spans
+
+    def control_ledger(self) -> SQLiteLedger:
+        """The pauses and halts in this file (the control-state port); fails closed."""
+        from closedloop.store._sqlite_ledger import SQLiteLedger
+
+        return SQLiteLedger(self.path)
 
     # ----- maintenance: the port of closedloop.store._retention ----------------------------
     def info(self) -> StoreInfo:
@@ -431,10 +542,13 @@ class SQLiteReader(SQLiteBackend):
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans = None
+        self._spans_lock = threading.Lock()
         try:
             conn = connect_read_only(self.path)
             try:
-                check_schema(conn, self.url)
+                if check_schema(conn, self.url) < SCHEMA_VERSION:
+                    self._select = _select_from(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -448,13 +562,22 @@ class SQLiteReader(SQLiteBackend):
         raise StoreError(f"store {self.url} was opened read-only")
 
 
+def _select_from(conn: sqlite3.Connection) -> str:
+    """The events query of a store of an older schema, read as it is (a reader migrates
+    nothing): the columns it does not have yet read as NULL."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    return f"SELECT {', '.join(f if f in have else f'NULL AS {f}' for f in EVENT_FIELDS)} " \
+           "FROM events"
+
+
 def _event(row: tuple[Any, ...]) -> StepEvent:
     values = list(row)
-    for i in (10, 11):  # validation_passed, verification_passed
+    for i in _BOOLS:
         if values[i] is not None:
             values[i] = bool(values[i])
-    if values[18] is not None:
-        values[18] = json.loads(values[18])
+    for i in JSON_COLUMNS:
+        if values[i] is not None:
+            values[i] = json.loads(values[i])
     return StepEvent(*values)
 
 
