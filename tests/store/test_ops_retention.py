@@ -4,6 +4,7 @@ in bounded steps, and never an event newer than the cutoff."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,8 @@ import closedloop as cl
 from closedloop.store import (
     DEFAULT_RETENTION,
     EventQuery,
+    EventsPruned,
+    MemoryBackend,
     Retention,
     open_backend,
     parse_duration,
@@ -242,3 +245,46 @@ def test_a_store_opened_late_is_pruned_once_it_opens(tmp_path: Path) -> None:
     now[0] += 300.0
     policy(deferred)
     assert (policy.runs, policy.removed, deferred.count()) == (1, 1, 0)
+
+
+class _SlowPrune(MemoryBackend):
+    """Its prune waits until told to finish, and says when it did."""
+
+    def __init__(self, order: list[str]) -> None:
+        super().__init__()
+        self.order = order
+        self.inside = threading.Event()
+        self.finish = threading.Event()
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        self.inside.set()
+        assert self.finish.wait(60)
+        self.order.append("step ended")
+        return EventsPruned(events=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_waits_for_a_retention_step_to_end() -> None:
+    # a child forked while the writer thread is inside SQLite or psycopg could hang on
+    # their locks; the step holds a lock that os.fork() takes first
+    order: list[str] = []
+    backend = _SlowPrune(order)
+    step = threading.Thread(target=Retention(30 * DAY), args=(backend,))
+    step.start()
+    assert backend.inside.wait(60)
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        order.append("forked")
+        os.waitpid(pid, 0)
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    forker.join(0.5)  # time enough to fork, were it not held back
+    backend.finish.set()
+    step.join(60)
+    forker.join(60)
+    assert order == ["step ended", "forked"]

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -337,12 +338,13 @@ class Retention:
             return
         before = self.clock() - self.keep
         try:
-            port = maintained(backend)
-            events = port.prune_events(before, limit=self.limit)
-            control = port.prune_control(before, now=self.clock())
-            spans = span_port(port)
-            if spans is not None and not events.more:
-                spans.prune(before)
+            with _STEP:  # a fork waits for the step to end (see _STEP)
+                port = maintained(backend)
+                events = port.prune_events(before, limit=self.limit)
+                control = port.prune_control(before, now=self.clock())
+                spans = span_port(port)
+                if spans is not None and not events.more:
+                    spans.prune(before)
         except Exception as exc:  # noqa: BLE001 - retention must never stop the writer
             self._next = start + self.retry
             level = logging.DEBUG if self._failing else logging.WARNING
@@ -360,6 +362,16 @@ class Retention:
                      describe_duration(self.keep), events.events,
                      f" ({len(events.partitions)} day partitions)" if events.partitions
                      else "", control, _iso(before))
+
+
+_STEP = threading.Lock()
+"""Held while a retention step runs, and by ``os.fork()`` around the fork: a child forked
+while the writer thread was inside SQLite or psycopg could inherit their locks held and
+hang; with this, a fork waits for the (bounded) step instead."""
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_STEP.acquire, after_in_parent=_STEP.release,
+                        after_in_child=_STEP.release)
 
 
 def _iso(ts: float | None) -> str | None:
