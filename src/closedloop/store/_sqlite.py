@@ -28,7 +28,18 @@ from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._figures import message_group
 from closedloop.store._base import EventQuery
+from closedloop.store._query import EventSummary, StepFilter, StepPage
+
+LATENCY_BUCKET = (
+    "(CASE WHEN latency_ms >= 0.001 THEN"
+    " length(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT)) * 10"
+    " + CAST(substr(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT), 1, 1) AS INTEGER)"
+    " ELSE 0 END)")
+"""A latency's bucket, non-decreasing in the latency and computed by SQLite alone (no math
+functions, which not every build has): its whole microseconds' digit count and leading digit,
+nine buckets per decade (0 below 1 µs). Indexed by ``events_latency``; never change it."""
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -88,15 +99,35 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
     """,
+    # 3: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
+    # each failure message's group, filled by the writer (rows stored before stay NULL and
+    # are grouped when read, through events_ungrouped, which new rows never enter), and the
+    # indexes of the summary and the listing. Every index grows at a few places per batch
+    # (its key ends in ts), never at random places, so ingest stays cheap.
+    f"""
+    ALTER TABLE events ADD COLUMN error_group TEXT;
+    CREATE INDEX events_task_ts ON events (task_type, ts);
+    CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
+        verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms);
+    CREATE INDEX events_latency ON events (task_type, {LATENCY_BUCKET}, ts, latency_ms);
+    CREATE INDEX events_groups ON events (task_type, error_type, error_group, ts)
+        WHERE error_group IS NOT NULL;
+    CREATE INDEX events_ungrouped ON events (ts)
+        WHERE error_group IS NULL AND error_message <> '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NFIELDS = len(EVENT_FIELDS)
 _DETAIL = EVENT_FIELDS.index("detail")
-_ROW = f"({', '.join('?' for _ in EVENT_FIELDS)})"
-_INSERT_HEAD = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES "
+_MESSAGE = EVENT_FIELDS.index("error_message")
+_COLUMNS = (*EVENT_FIELDS, "error_group")
+"""The stored columns: the event's, then what the writer derives from it."""
+_WIDTH = len(_COLUMNS)
+_ROW = f"({', '.join('?' for _ in _COLUMNS)})"
+_INSERT_HEAD = f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES "
 _CHUNK = 1024
-"""Rows per multi-row INSERT (1024 * 19 parameters stays under SQLite's default 32766)."""
+"""Rows per multi-row INSERT (1024 * 20 parameters stays under SQLite's default 32766)."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
@@ -109,14 +140,21 @@ _INSERT_CHUNK = _insert(_CHUNK)
 
 
 def _params(events: Sequence[StepEvent]) -> list[Any]:
-    """The batch as one flat parameter list, ``detail`` as JSON text (C-speed where it can)."""
+    """The batch as one flat parameter list of :data:`_COLUMNS`, ``detail`` as JSON text,
+    ``error_group`` from the message (C-speed where it can)."""
     flat: list[Any] = list(chain.from_iterable(events))
     details = flat[_DETAIL::_NFIELDS]
     if details.count(None) != len(details):
         flat[_DETAIL::_NFIELDS] = [
             None if d is None else json.dumps(d, default=str, separators=(",", ":"))
             for d in details]
-    return flat
+    params: list[Any] = [None] * (len(events) * _WIDTH)
+    for i in range(_NFIELDS):
+        params[i::_WIDTH] = flat[i::_NFIELDS]
+    messages = flat[_MESSAGE::_NFIELDS]
+    if messages.count(None) != len(messages):
+        params[_NFIELDS::_WIDTH] = [message_group(m) if m else None for m in messages]
+    return params
 
 
 LOW_SPACE = 1 << 20
@@ -246,7 +284,7 @@ class SQLiteBackend:
         """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
         params = _params(events)
-        width = _CHUNK * _NFIELDS
+        width = _CHUNK * _WIDTH
         full = len(events) // _CHUNK * width
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -290,6 +328,19 @@ class SQLiteBackend:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
         finally:
             conn.close()
+
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
+        """The figures of the steps matching ``where``, in SQL (the query port)."""
+        from closedloop.store._sqlite_query import summarize
+
+        return summarize(self, where, top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (the query port)."""
+        from closedloop.store._sqlite_query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor)
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""

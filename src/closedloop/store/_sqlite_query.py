@@ -1,0 +1,199 @@
+"""The query port (:class:`~closedloop.store.EventQueries`) of the SQLite backend.
+
+SQLite groups only rows that arrive in order (it has no hash aggregation): every grouped query
+reads an index whose leading columns are its GROUP BY, so no row is sorted. Which index a
+query reads is named (``INDEXED BY``), chosen by the window's size: a window holding at least
+a quarter of the rows is read through the summary indexes of migration 3 (one pass over each,
+whatever the window: ``events_report`` for counts and sums, ``events_latency`` for the latency
+histogram, ``events_groups`` for failure-message groups); a smaller one through the time index
+(``events_task_ts`` for one task type, else ``events_ts``), sorting only its rows. All queries
+of one summary run in one read transaction (one snapshot). A store whose schema predates
+migration 3 (opened read-only, so not migrated) has no summary here: the caller makes the
+Python pass.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from closedloop._errors import StoreError
+from closedloop._events import EVENT_FIELDS
+from closedloop.store._query import (
+    EventSummary,
+    StepFilter,
+    StepPage,
+    check_limit,
+    decode_cursor,
+    page,
+)
+from closedloop.store._sqlite import LATENCY_BUCKET, _event
+from closedloop.store._sqlsummary import summarize as assemble
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite import SQLiteBackend
+
+SUMMARY_INDEXES = frozenset({"events_task_ts", "events_report", "events_latency",
+                             "events_groups", "events_ungrouped"})
+_MMAP_BYTES = 256 << 20
+_CACHE_KIB = 64 << 10
+_NARROW = 4
+"""A window with fewer than 1/_NARROW of the rows is read through the time index."""
+_GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verification_passed, "
+                  "attempts")
+_FIELDS = ", ".join(EVENT_FIELDS)
+
+
+def _where(where: StepFilter, *extra: str) -> tuple[str, list[Any]]:
+    terms = [*extra, *(f"{column} {op} ?" for column, op, _ in where.columns())]
+    return (" WHERE " + " AND ".join(terms) if terms else ""), [v for *_, v in where.columns()]
+
+
+def _and(where: StepFilter) -> tuple[str, list[Any]]:
+    """The filter's terms to append to a WHERE clause."""
+    terms = [f" AND {column} {op} ?" for column, op, _ in where.columns()]
+    return "".join(terms), [v for *_, v in where.columns()]
+
+
+class _Source:
+    """One summary's queries, on one connection inside one read transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, where: StepFilter) -> None:
+        self.conn = conn
+        self.where = where
+        self.time_index = "events_task_ts" if where.task_type is not None else "events_ts"
+        self.narrow = self._narrow()
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def _narrow(self) -> bool:
+        """True when the time window holds less than 1/_NARROW of the (task type's) rows."""
+        w = self.where
+        if w.since is None and w.until is None:
+            return False
+        scope = StepFilter(task_type=w.task_type)
+        sql, params = _where(scope)
+        total = self._rows(f"SELECT count(*) FROM events INDEXED BY {self.time_index}{sql}",
+                           params)[0][0]
+        window = StepFilter(since=w.since, until=w.until, task_type=w.task_type)
+        sql, params = _where(window)
+        inside = self._rows(f"SELECT count(*) FROM events INDEXED BY {self.time_index}{sql}",
+                            params)[0][0]
+        return bool(inside * _NARROW < total)
+
+    def _index(self, summary_index: str) -> str:
+        return f"INDEXED BY {self.time_index if self.narrow else summary_index}"
+
+    def groups(self) -> Iterable[Sequence[Any]]:
+        sql, params = _where(self.where)
+        return self._rows(
+            f"SELECT {_GROUP_COLUMNS}, count(*), sum(input_tokens), sum(output_tokens), "
+            f"sum(latency_ms) FROM events {self._index('events_report')}{sql} "
+            f"GROUP BY {_GROUP_COLUMNS}", params)
+
+    def time_spans(self, tasks: Sequence[str]) -> dict[str, tuple[float, float]]:
+        sql, params = _and(self.where)
+        out = {}
+        for task in tasks:
+            ends = [self._rows(f"SELECT ts FROM events INDEXED BY events_task_ts WHERE "
+                               f"task_type = ?{sql} ORDER BY ts {order} LIMIT 1",
+                               [task, *params])[0][0] for order in ("ASC", "DESC")]
+            out[task] = (ends[0], ends[1])
+        return out
+
+    def histogram(self) -> Iterable[Sequence[Any]]:
+        sql, params = _where(self.where)
+        return self._rows(
+            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms) "
+            f"FROM events {self._index('events_latency')}{sql} GROUP BY 1, 2", params)
+
+    def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
+        sql, params = _and(self.where)
+        index = self.time_index if self.narrow else "events_latency"
+        return [r[0] for r in self._rows(
+            f"SELECT latency_ms FROM events INDEXED BY {index} WHERE task_type = ? "
+            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])]
+
+    def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
+        sql, params = _where(self.where, "error_group IS NOT NULL")
+        # grouped in index order first, then NULL and "" error types merged (one key, "")
+        grouped = (
+            f"WITH g AS (SELECT task_type, coalesce(error_type, '') AS et, error_group AS eg, "
+            f"count(*) AS n, max(ts) AS last FROM events {self._index('events_groups')}{sql} "
+            "GROUP BY task_type, error_type, error_group), "
+            "k AS (SELECT task_type, et, eg, sum(n) AS n, max(last) AS last FROM g "
+            "GROUP BY task_type, et, eg) ")
+        if top is None:
+            return self._rows(grouped + "SELECT task_type, et, eg, n, last FROM k", params)
+        return self._rows(
+            grouped + "SELECT task_type, et, eg, n, last FROM (SELECT *, row_number() OVER "
+            "(PARTITION BY task_type ORDER BY n DESC, et, eg) AS r FROM k) WHERE r <= ? "
+            "UNION ALL SELECT NULL, et, eg, n, last FROM (SELECT et, eg, sum(n) AS n, "
+            "max(last) AS last, row_number() OVER (ORDER BY sum(n) DESC, et, eg) AS r "
+            "FROM k GROUP BY et, eg) WHERE r <= ?", [*params, top, top])
+
+    def ungrouped_messages(self) -> Iterable[Sequence[Any]]:
+        sql, params = _and(self.where)
+        return self._rows(
+            "SELECT task_type, error_type, error_message, ts FROM events INDEXED BY "
+            "events_ungrouped WHERE error_group IS NULL AND error_message <> ''" + sql, params)
+
+    def example(self, task_type: str, error_type: str, group: str) -> tuple[float, str] | None:
+        sql, params = _and(self.where)
+        kind = "error_type = ?" if error_type else "(error_type IS NULL OR error_type = ?)"
+        rows = self._rows(
+            f"SELECT ts, error_message FROM events INDEXED BY events_groups WHERE "
+            f"task_type = ? AND {kind} AND error_group = ?{sql} "
+            "ORDER BY ts DESC, rowid DESC LIMIT 1", [task_type, error_type, group, *params])
+        return (rows[0][0], rows[0][1]) if rows else None
+
+
+def _read(backend: SQLiteBackend) -> sqlite3.Connection:
+    conn = backend._reader()
+    # a summary reads whole indexes: map the file rather than copy each page through read()
+    conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
+    conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+    return conn
+
+
+def summarize(backend: SQLiteBackend, where: StepFilter, *,
+              top_messages: int) -> EventSummary | None:
+    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3."""
+    try:
+        conn = _read(backend)
+        try:
+            conn.execute("BEGIN")
+            indexes = {r[1] for r in conn.execute("PRAGMA index_list(events)")}
+            if not SUMMARY_INDEXES.issubset(indexes):
+                return None
+            return assemble(_Source(conn, where), top_messages=top_messages)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
+
+
+def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
+               cursor: str | None) -> StepPage:
+    """Up to ``limit`` steps newest first (ties by rowid), after ``cursor`` (``[ts, rowid]``)."""
+    check_limit(limit)
+    extra = []
+    params: list[Any] = []
+    if cursor is not None:
+        ts, rowid = decode_cursor(cursor, int, backend.url)
+        extra.append("(ts, rowid) < (?, ?)")
+        params = [ts, rowid]
+    sql, more = _where(where, *extra)
+    try:
+        conn = backend._reader()
+        try:
+            rows = conn.execute(f"SELECT ts, rowid, {_FIELDS} FROM events{sql} "
+                                "ORDER BY ts DESC, rowid DESC LIMIT ?",
+                                [*params, *more, limit + 1]).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
+    return page([(r[0], r[1], _event(r[2:])) for r in rows], limit)
