@@ -27,6 +27,7 @@ from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
 from closedloop.store._query import (
+    MAX_PAGE,
     EventQueries,
     EventSummary,
     MessageGroup,
@@ -43,6 +44,7 @@ from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
+    "MAX_PAGE",
     "SCHEMA_VERSION",
     "ControlStateBackend",
     "EventBackend",

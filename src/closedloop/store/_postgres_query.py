@@ -53,41 +53,21 @@ class _Source:
         self.conn = conn
         self.table = table
         self.filter, self.params = _and(where)
-        self._main: list[Any] | None = None
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return self.conn.execute(sql, params).fetchall()
 
-    def _aggregate(self) -> list[Any]:
-        if self._main is None:
-            self._main = self._rows(
-                f"SELECT {_GROUP_COLUMNS}, {LATENCY_BUCKET}, count(*), sum(input_tokens), "
-                "sum(output_tokens), sum(latency_ms), min(latency_ms), max(latency_ms), "
-                f"min(ts), max(ts) FROM {self.table} WHERE TRUE{self.filter} "
-                "GROUP BY 1, 2, 3, 4, 5, 6, 7", self.params)
-        return self._main
-
     def groups(self) -> Iterable[Sequence[Any]]:
-        return [(*r[:6], *r[7:11]) for r in self._aggregate()]
-
-    def time_spans(self, tasks: Sequence[str]) -> dict[str, tuple[float, float]]:
-        out: dict[str, tuple[float, float]] = {}
-        for r in self._aggregate():
-            first, last = out.get(r[0], (r[13], r[14]))
-            out[r[0]] = (min(first, r[13]), max(last, r[14]))
-        return out
+        return self._rows(
+            f"SELECT {_GROUP_COLUMNS}, count(*), sum(input_tokens), sum(output_tokens), "
+            f"sum(latency_ms) FROM {self.table} WHERE TRUE{self.filter} "
+            f"GROUP BY {_GROUP_COLUMNS}", self.params)
 
     def histogram(self) -> Iterable[Sequence[Any]]:
-        buckets: dict[tuple[str, int], list[Any]] = {}
-        for r in self._aggregate():
-            found = buckets.get((r[0], r[6]))
-            if found is None:
-                buckets[r[0], r[6]] = [r[0], r[6], r[7], r[11], r[12]]
-            else:
-                found[2] += r[7]
-                found[3] = min(found[3], r[11])
-                found[4] = max(found[4], r[12])
-        return list(buckets.values())
+        return self._rows(
+            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms), "
+            f"min(ts), max(ts) FROM {self.table} WHERE TRUE{self.filter} GROUP BY 1, 2",
+            self.params)
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
         return [r[0] for r in self._rows(
@@ -162,7 +142,7 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
     try:
         with backend.pool().connection() as conn:
             rows = conn.execute(
-                f"SELECT ts, ctid::text, {_FIELDS} FROM {_table(backend)} WHERE TRUE{terms} "
+                f"SELECT ts, ctid::text AS k, {_FIELDS} FROM {_table(backend)} WHERE TRUE{terms} "
                 "ORDER BY ts DESC, ctid DESC LIMIT %s",
                 [*params, limit + 1]).fetchall()
     except psycopg.Error as exc:

@@ -102,11 +102,11 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), and the
-    # indexes of the summary and the listing. Every index grows at a few places per batch
-    # (its key ends in ts), never at random places, so ingest stays cheap.
+    # summary's indexes, each read in its order so that SQLite never sorts: counts and sums,
+    # the latency histogram, message groups. Each grows at a few places per batch (its key
+    # ends in ts), never at random places (see BENCHMARKS.md for what they cost ingest).
     f"""
     ALTER TABLE events ADD COLUMN error_group TEXT;
-    CREATE INDEX events_task_ts ON events (task_type, ts);
     CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
         verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms);
     CREATE INDEX events_latency ON events (task_type, {LATENCY_BUCKET}, ts, latency_ms);

@@ -1,15 +1,18 @@
 """The query port (:class:`~closedloop.store.EventQueries`) of the SQLite backend.
 
-SQLite groups only rows that arrive in order (it has no hash aggregation): every grouped query
-reads an index whose leading columns are its GROUP BY, so no row is sorted. Which index a
-query reads is named (``INDEXED BY``), chosen by the window's size: a window holding at least
-a quarter of the rows is read through the summary indexes of migration 3 (one pass over each,
-whatever the window: ``events_report`` for counts and sums, ``events_latency`` for the latency
-histogram, ``events_groups`` for failure-message groups); a smaller one through the time index
-(``events_task_ts`` for one task type, else ``events_ts``), sorting only its rows. All queries
-of one summary run in one read transaction (one snapshot). A store whose schema predates
-migration 3 (opened read-only, so not migrated) has no summary here: the caller makes the
-Python pass.
+SQLite groups rows by sorting them unless they arrive in order (it has no hash aggregation;
+sorting a million rows costs seconds): every grouped query of a summary reads an index of
+migration 3 whose leading columns are its GROUP BY, and that holds every column it needs —
+``events_report`` for counts and sums, ``events_latency`` for the latency histogram and each
+task type's first and last step, ``events_groups`` for failure-message groups. Those scans
+read the whole index whatever the time window; a window holding less than 1/8 of the rows
+(the time index counts them) is read through ``events_ts`` instead, sorting only its rows.
+All queries of one summary run in one read transaction (one snapshot). A store whose schema
+predates migration 3 (opened read-only, so not migrated) has no summary here: the caller
+makes the Python pass.
+
+A step listing walks ``events_ts`` backwards (ties by rowid), filtering as it goes: a page
+of a rare task type or outcome reads back until it has its steps (a time window bounds that).
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from closedloop.store._sqlsummary import summarize as assemble
 if TYPE_CHECKING:
     from closedloop.store._sqlite import SQLiteBackend
 
-SUMMARY_INDEXES = frozenset({"events_task_ts", "events_report", "events_latency",
-                             "events_groups", "events_ungrouped"})
+SUMMARY_INDEXES = frozenset({"events_report", "events_latency", "events_groups",
+                             "events_ungrouped"})
 _MMAP_BYTES = 256 << 20
 _CACHE_KIB = 64 << 10
-_NARROW = 4
+_NARROW = 8
 """A window with fewer than 1/_NARROW of the rows is read through the time index."""
 _GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verification_passed, "
                   "attempts")
@@ -62,29 +65,24 @@ class _Source:
     def __init__(self, conn: sqlite3.Connection, where: StepFilter) -> None:
         self.conn = conn
         self.where = where
-        self.time_index = "events_task_ts" if where.task_type is not None else "events_ts"
         self.narrow = self._narrow()
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return self.conn.execute(sql, params).fetchall()
 
     def _narrow(self) -> bool:
-        """True when the time window holds less than 1/_NARROW of the (task type's) rows."""
+        """True when the time window holds less than 1/_NARROW of the rows."""
         w = self.where
         if w.since is None and w.until is None:
             return False
-        scope = StepFilter(task_type=w.task_type)
-        sql, params = _where(scope)
-        total = self._rows(f"SELECT count(*) FROM events INDEXED BY {self.time_index}{sql}",
-                           params)[0][0]
-        window = StepFilter(since=w.since, until=w.until, task_type=w.task_type)
-        sql, params = _where(window)
-        inside = self._rows(f"SELECT count(*) FROM events INDEXED BY {self.time_index}{sql}",
+        total = self._rows("SELECT count(*) FROM events INDEXED BY events_ts", ())[0][0]
+        sql, params = _where(StepFilter(since=w.since, until=w.until))
+        inside = self._rows(f"SELECT count(*) FROM events INDEXED BY events_ts{sql}",
                             params)[0][0]
         return bool(inside * _NARROW < total)
 
     def _index(self, summary_index: str) -> str:
-        return f"INDEXED BY {self.time_index if self.narrow else summary_index}"
+        return f"INDEXED BY {'events_ts' if self.narrow else summary_index}"
 
     def groups(self) -> Iterable[Sequence[Any]]:
         sql, params = _where(self.where)
@@ -93,27 +91,18 @@ class _Source:
             f"sum(latency_ms) FROM events {self._index('events_report')}{sql} "
             f"GROUP BY {_GROUP_COLUMNS}", params)
 
-    def time_spans(self, tasks: Sequence[str]) -> dict[str, tuple[float, float]]:
-        sql, params = _and(self.where)
-        out = {}
-        for task in tasks:
-            ends = [self._rows(f"SELECT ts FROM events INDEXED BY events_task_ts WHERE "
-                               f"task_type = ?{sql} ORDER BY ts {order} LIMIT 1",
-                               [task, *params])[0][0] for order in ("ASC", "DESC")]
-            out[task] = (ends[0], ends[1])
-        return out
-
     def histogram(self) -> Iterable[Sequence[Any]]:
         sql, params = _where(self.where)
         return self._rows(
-            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms) "
-            f"FROM events {self._index('events_latency')}{sql} GROUP BY 1, 2", params)
+            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms), "
+            f"min(ts), max(ts) FROM events {self._index('events_latency')}{sql} "
+            "GROUP BY 1, 2", params)
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
+        # the bucket's rows of every time, filtered by the window: no table row is read
         sql, params = _and(self.where)
-        index = self.time_index if self.narrow else "events_latency"
         return [r[0] for r in self._rows(
-            f"SELECT latency_ms FROM events INDEXED BY {index} WHERE task_type = ? "
+            "SELECT latency_ms FROM events INDEXED BY events_latency WHERE task_type = ? "
             f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])]
 
     def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
@@ -189,9 +178,9 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
     try:
         conn = backend._reader()
         try:
-            rows = conn.execute(f"SELECT ts, rowid, {_FIELDS} FROM events{sql} "
-                                "ORDER BY ts DESC, rowid DESC LIMIT ?",
-                                [*params, *more, limit + 1]).fetchall()
+            rows = conn.execute(
+                f"SELECT ts, rowid, {_FIELDS} FROM events INDEXED BY events_ts{sql} "
+                "ORDER BY ts DESC, rowid DESC LIMIT ?", [*params, *more, limit + 1]).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:

@@ -44,11 +44,9 @@ class SummarySource(Protocol):
         """``(task_type, outcome, error_type, validation_passed, verification_passed,
         attempts, steps, input_tokens, output_tokens, latency_sum)`` per combination."""
 
-    def time_spans(self, tasks: Sequence[str]) -> dict[str, tuple[float, float]]:
-        """``{task_type: (first ts, last ts)}``."""
-
     def histogram(self) -> Iterable[Sequence[Any]]:
-        """``(task_type, bucket, steps, min latency, max latency)`` per latency bucket."""
+        """``(task_type, bucket, steps, min latency, max latency, first ts, last ts)`` per
+        latency bucket."""
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
         """Every latency of one task type's bucket."""
@@ -116,13 +114,18 @@ Bucket = tuple[Any, int, float, float]
 
 
 class _Latencies:
-    """Exact percentiles from the histograms, reading a bucket's latencies only when needed."""
+    """Exact percentiles from the histograms, reading a bucket's latencies only when needed;
+    and each task type's first and last step."""
 
     def __init__(self, source: SummarySource) -> None:
         self.source = source
         self.per_task: dict[str, list[Bucket]] = defaultdict(list)
-        for task, bucket, n, low, high in source.histogram():
+        self.spans: dict[str, tuple[float, float]] = {}
+        for task, bucket, n, low, high, first, last in source.histogram():
             self.per_task[task].append((bucket, int(n), float(low), float(high)))
+            known = self.spans.get(task)
+            self.spans[task] = ((first, last) if known is None
+                                else (min(known[0], first), max(known[1], last)))
         for buckets in self.per_task.values():
             buckets.sort(key=lambda b: b[0])
         self._read: dict[tuple[str, Any], list[float]] = {}
@@ -176,8 +179,8 @@ def summarize(source: SummarySource, *, top_messages: int) -> EventSummary:
     overall = _Row()
     for task in tasks:
         overall.merge(rows[task])
-    spans = source.time_spans(tasks) if tasks else {}
     latencies = _Latencies(source) if tasks else None
+    spans = latencies.spans if latencies else {}
     messages = _messages(source, tasks, top_messages) if tasks and top_messages else {}
 
     def figures(task: str | None, row: _Row, members: Sequence[str]) -> TaskFigures:
