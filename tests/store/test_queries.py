@@ -337,6 +337,7 @@ def all_pages(store: Store, limit: int, **where: Any) -> list[cl.StepEvent]:
         page = store.steps(limit=limit, cursor=cursor, **where)
         assert len(page.steps) <= limit
         out.extend(page.steps)
+        assert len(out) <= 1000, "the cursor does not move on"
         if page.next_cursor is None:
             return out
         assert len(page.steps) == limit
