@@ -130,14 +130,15 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), the
-    # latency histogram's index and the message groups' index
+    # latency histogram's index and the message groups' index (each statement a no-op where
+    # it was applied before, as in a schema whose version was set back by hand)
     f"""
-    ALTER TABLE {{schema}}.events ADD COLUMN error_group TEXT;
-    CREATE INDEX events_latency ON {{schema}}.events (task_type, {LATENCY_BUCKET})
-        INCLUDE (ts, latency_ms);
-    CREATE INDEX events_groups ON {{schema}}.events (task_type, error_type, error_group, ts)
-        WHERE error_group IS NOT NULL;
-    CREATE INDEX events_ungrouped ON {{schema}}.events (ts)
+    ALTER TABLE {{schema}}.events ADD COLUMN IF NOT EXISTS error_group TEXT;
+    CREATE INDEX IF NOT EXISTS events_latency ON {{schema}}.events (task_type,
+        {LATENCY_BUCKET}) INCLUDE (ts, latency_ms);
+    CREATE INDEX IF NOT EXISTS events_groups ON {{schema}}.events (task_type, error_type,
+        error_group, ts) WHERE error_group IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS events_ungrouped ON {{schema}}.events (ts)
         WHERE error_group IS NULL AND error_message <> '';
     """,
 )

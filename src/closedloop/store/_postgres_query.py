@@ -1,11 +1,11 @@
 """The query port (:class:`~closedloop.store.EventQueries`) of the PostgreSQL backend.
 
-A summary is one REPEATABLE READ, READ ONLY transaction (one snapshot): one hash aggregation
-over the window (the time filter prunes day partitions) gives the counts and sums per
-combination and latency bucket, from which the per-task figures and the latency histogram
-are folded; a second groups the failure messages (``events_groups``); then only the latencies
-of a percentile's bucket are read (``events_latency``) and the most recent message of each
-listed group. A step listing walks ``events_ts`` (or ``events_task_type_ts``) backwards, ties
+A summary is one REPEATABLE READ, READ ONLY transaction (one snapshot) over the window (the
+time filter prunes day partitions): a hash aggregation gives the counts and sums per
+combination, a second the latency histogram (each day through its ``events_latency``, then
+added up), a third the failure-message groups (``events_groups``); then only the latencies of
+a percentile's bucket are read (``events_latency``) and the most recent message of each listed
+group. A step listing walks ``events_ts`` (or ``events_task_type_ts``) backwards, ties
 broken by the row's physical address (``ctid``: events are never updated, so it is stable for
 as long as a reader pages; partitions keep equal timestamps together).
 """
@@ -64,10 +64,17 @@ class _Source:
             f"GROUP BY {_GROUP_COLUMNS}", self.params)
 
     def histogram(self) -> Iterable[Sequence[Any]]:
-        return self._rows(
-            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms), "
-            f"min(ts), max(ts) FROM {self.table} WHERE TRUE{self.filter} GROUP BY 1, 2",
-            self.params)
+        # Each day's partition is grouped through its own events_latency, in the index's
+        # order, then the days are added up: merging the partitions' indexes into one order
+        # first costs twice as much.
+        self.conn.execute("SET LOCAL enable_partitionwise_aggregate = on")
+        try:
+            return self._rows(
+                f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), "
+                f"max(latency_ms), min(ts), max(ts) FROM {self.table} WHERE TRUE{self.filter} "
+                "GROUP BY 1, 2", self.params)
+        finally:
+            self.conn.execute("SET LOCAL enable_partitionwise_aggregate = off")
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
         return [r[0] for r in self._rows(
