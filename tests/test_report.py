@@ -6,8 +6,8 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner

@@ -479,3 +479,25 @@ def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> N
     backend.list_steps(StepFilter(task_type="plan"), limit=5, cursor=None)
     (listing,) = listed
     assert "SCAN events USING INDEX events_ts" in listing and "TEMP B-TREE" not in listing
+
+
+def test_latency_figures_read_alongside_count_the_same_steps_as_the_rest(
+        tmp_path: Path) -> None:
+    from closedloop.store import _sqlite_query as q
+    from closedloop.store._sqlsummary import summarize
+
+    rng = random.Random(17)
+    path = tmp_path / "events.db"
+    with record(f"sqlite:///{path}", [step(i, rng) for i in range(200)]) as store:
+        early = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        early.execute("BEGIN")
+        early.execute("SELECT count(*) FROM events").fetchone()  # its snapshot: 200 steps
+        for i in range(200, 260):
+            store.record(step(i, rng))
+        assert store.flush()
+        late = sqlite3.connect(path, isolation_level=None)
+        late.execute("BEGIN")
+        got = summarize(q._Source(late, StepFilter()), top_messages=3,
+                        alongside=q._Source(early, StepFilter()))
+        same(got, python_pass(store, StepFilter()))
+        assert got.overall.runs == 260

@@ -1,7 +1,8 @@
 """The query port (:class:`~closedloop.store.EventQueries`) of the PostgreSQL backend.
 
-A summary is one REPEATABLE READ, READ ONLY transaction (one snapshot) over the window (the
-time filter prunes day partitions): a hash aggregation gives the counts and sums per
+A summary reads one snapshot, on two connections at once (the second imports the first's
+exported snapshot and computes the latency figures) over the window (the time filter prunes
+day partitions): a hash aggregation gives the counts and sums per
 combination, a second the latency histogram (each day through its ``events_latency``, then
 added up), a third the failure-message groups (``events_groups``); then only the latencies of
 a percentile's bucket are read (``events_latency``) and the most recent message of each listed
@@ -120,9 +121,11 @@ def summarize(backend: PostgresBackend, where: StepFilter, *,
               top_messages: int) -> EventSummary | None:
     """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3."""
     import psycopg
+    from psycopg import sql
 
     try:
-        with backend.pool().connection() as conn, conn.transaction():
+        pool = backend.pool()
+        with pool.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             ready = conn.execute(
                 "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
@@ -130,7 +133,16 @@ def summarize(backend: PostgresBackend, where: StepFilter, *,
                 (_table(backend),)).fetchone()
             if ready is None:
                 return None
-            return assemble(_Source(conn, _table(backend), where), top_messages=top_messages)
+            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()
+            assert snapshot is not None
+            # the latency figures on a second connection, in the very same snapshot
+            with pool.connection() as other, other.transaction():
+                other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(snapshot[0])))
+                return assemble(_Source(conn, _table(backend), where),
+                                top_messages=top_messages,
+                                alongside=_Source(other, _table(backend), where))
     except psycopg.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
 

@@ -62,10 +62,11 @@ def _and(where: StepFilter) -> tuple[str, list[Any]]:
 class _Source:
     """One summary's queries, on one connection inside one read transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, where: StepFilter) -> None:
+    def __init__(self, conn: sqlite3.Connection, where: StepFilter,
+                 narrow: bool | None = None) -> None:
         self.conn = conn
         self.where = where
-        self.narrow = self._narrow()
+        self.narrow = self._narrow() if narrow is None else narrow
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return self.conn.execute(sql, params).fetchall()
@@ -149,17 +150,28 @@ def _read(backend: SQLiteBackend) -> sqlite3.Connection:
 
 def summarize(backend: SQLiteBackend, where: StepFilter, *,
               top_messages: int) -> EventSummary | None:
-    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3."""
+    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3.
+
+    Two connections read at once (SQLite runs each query without holding the GIL): the
+    latency figures on the second (see :func:`closedloop.store._sqlsummary.summarize`).
+    """
     try:
         conn = _read(backend)
+        other = None
         try:
             conn.execute("BEGIN")
             indexes = {r[1] for r in conn.execute("PRAGMA index_list(events)")}
             if not SUMMARY_INDEXES.issubset(indexes):
                 return None
-            return assemble(_Source(conn, where), top_messages=top_messages)
+            source = _Source(conn, where)  # its first read fixes its snapshot
+            other = _read(backend)
+            other.execute("BEGIN")
+            return assemble(source, top_messages=top_messages,
+                            alongside=_Source(other, where, source.narrow))
         finally:
             conn.close()
+            if other is not None:
+                other.close()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {exc}") from None
 
