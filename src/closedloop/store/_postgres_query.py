@@ -77,6 +77,12 @@ class _Source:
         finally:
             self.conn.execute("SET LOCAL enable_partitionwise_aggregate = off")
 
+    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
+        raise AssertionError("the histogram gives every bucket's bounds")
+
+    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
+        raise AssertionError("the histogram gives every task type's first and last step")
+
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
         return [r[0] for r in self._rows(
             f"SELECT latency_ms FROM {self.table} WHERE task_type = %s "

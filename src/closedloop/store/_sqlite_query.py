@@ -93,18 +93,37 @@ class _Source:
             f"GROUP BY {_GROUP_COLUMNS}", params)
 
     def histogram(self) -> Iterable[Sequence[Any]]:
+        # counts only: each min() or max() would cost a third of the scan again, where the
+        # few bounds and times needed are a seek or a bucket's scan each (below)
         sql, params = _where(self.where)
-        return self._rows(
-            f"SELECT task_type, {LATENCY_BUCKET}, count(*), min(latency_ms), max(latency_ms), "
-            f"min(ts), max(ts) FROM events {self._index('events_latency')}{sql} "
-            "GROUP BY 1, 2", params)
+        return [(*r, None, None, None, None) for r in self._rows(
+            f"SELECT task_type, {LATENCY_BUCKET}, count(*) "
+            f"FROM events {self._index('events_latency')}{sql} GROUP BY 1, 2", params)]
+
+    # the bucket's rows of every time, filtered by the window: no table row is read
+    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
+        sql, params = _and(self.where)
+        low, high = self._rows(
+            "SELECT min(latency_ms), max(latency_ms) FROM events INDEXED BY events_latency "
+            f"WHERE task_type = ? AND {LATENCY_BUCKET} = ?{sql}",
+            [task_type, bucket, *params])[0]
+        return low, high
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
-        # the bucket's rows of every time, filtered by the window: no table row is read
         sql, params = _and(self.where)
         return [r[0] for r in self._rows(
             "SELECT latency_ms FROM events INDEXED BY events_latency WHERE task_type = ? "
             f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])]
+
+    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
+        # within a bucket the index is in ts order: a first or last ts is one seek
+        sql, params = _and(self.where)
+        ends = [self._rows(
+            f"SELECT {end}(ts) FROM events INDEXED BY events_latency WHERE task_type = ? "
+            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])[0][0]
+            for end in ("min", "max") for bucket in buckets]
+        found = [t for t in ends if t is not None]
+        return min(found), max(found)
 
     def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
         sql, params = _where(self.where, "error_group IS NOT NULL")

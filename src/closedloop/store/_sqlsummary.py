@@ -48,10 +48,16 @@ class SummarySource(Protocol):
 
     def histogram(self) -> Iterable[Sequence[Any]]:
         """``(task_type, bucket, steps, min latency, max latency, first ts, last ts)`` per
-        latency bucket."""
+        latency bucket; the last four may be None, then they are asked for when needed."""
+
+    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
+        """The smallest and largest latency of one task type's bucket."""
 
     def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
         """Every latency of one task type's bucket."""
+
+    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
+        """The first and last ts of a task type's steps (which fall in ``buckets``)."""
 
     def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
         """``(task_type, error_type or "", error_group, steps, last ts)``: with ``top``, the
@@ -111,29 +117,40 @@ class _Row:
                 mine[k] = mine.get(k, 0) + v
 
 
-Bucket = tuple[Any, int, float, float]
-"""``(bucket, steps, min, max)``."""
-
-
 class _Latencies:
-    """Exact percentiles from the histograms, reading a bucket's latencies only when needed;
-    and each task type's first and last step."""
+    """Exact percentiles from the histograms, reading a bucket's bounds and latencies only
+    when needed; and each task type's first and last step."""
 
     def __init__(self, source: SummarySource) -> None:
         self.source = source
-        self.per_task: dict[str, list[Bucket]] = defaultdict(list)
+        self.per_task: dict[str, dict[Any, int]] = defaultdict(dict)
+        self.bounds: dict[tuple[str, Any], tuple[float, float]] = {}
         self.spans: dict[str, tuple[float, float]] = {}
         for task, bucket, n, low, high, first, last in source.histogram():
-            self.per_task[task].append((bucket, int(n), float(low), float(high)))
-            known = self.spans.get(task)
-            self.spans[task] = ((first, last) if known is None
-                                else (min(known[0], first), max(known[1], last)))
-        for buckets in self.per_task.values():
-            buckets.sort(key=lambda b: b[0])
+            self.per_task[task][bucket] = int(n)
+            if low is not None:
+                self.bounds[task, bucket] = (float(low), float(high))
+            if first is not None:
+                known = self.spans.get(task)
+                self.spans[task] = ((first, last) if known is None
+                                    else (min(known[0], first), max(known[1], last)))
         self._read: dict[tuple[str, Any], list[float]] = {}
 
-    def values(self, tasks: Sequence[str], bucket: Any) -> list[float]:
-        """The sorted latencies of ``bucket`` over ``tasks``."""
+    def span(self, task: str) -> tuple[float, float]:
+        """The task type's first and last ts."""
+        if task not in self.spans:
+            self.spans[task] = self.source.time_span(task, sorted(self.per_task[task]))
+        return self.spans[task]
+
+    def _bounds(self, tasks: Sequence[str], bucket: Any) -> tuple[float, float]:
+        found = []
+        for task in tasks:
+            if (task, bucket) not in self.bounds:
+                self.bounds[task, bucket] = self.source.bucket_bounds(task, bucket)
+            found.append(self.bounds[task, bucket])
+        return min(b[0] for b in found), max(b[1] for b in found)
+
+    def _values(self, tasks: Sequence[str], bucket: Any) -> list[float]:
         out: list[float] = []
         for task in tasks:
             if (task, bucket) not in self._read:
@@ -143,33 +160,32 @@ class _Latencies:
 
     def figures(self, tasks: Sequence[str]) -> tuple[float | None, float | None, float | None]:
         """``(p50, p95, max)`` over ``tasks``."""
-        merged: dict[Any, list[Any]] = {}
+        counts: dict[Any, int] = {}
         for task in tasks:
-            for bucket, n, low, high in self.per_task.get(task, ()):
-                if bucket in merged:
-                    m = merged[bucket]
-                    m[1] += n
-                    m[2] = min(m[2], low)
-                    m[3] = max(m[3], high)
-                else:
-                    merged[bucket] = [bucket, n, low, high]
-        buckets = [merged[b] for b in sorted(merged)]
-        total = sum(b[1] for b in buckets)
+            for bucket, n in self.per_task.get(task, {}).items():
+                counts[bucket] = counts.get(bucket, 0) + n
+        order = sorted(counts)
+        total = sum(counts.values())
         if not total:
             return None, None, None
-        return (self._pick(tasks, buckets, nearest_rank(50, total)),
-                self._pick(tasks, buckets, nearest_rank(95, total)), buckets[-1][3])
+        top = order[-1]
+        return (self._pick(tasks, order, counts, nearest_rank(50, total)),
+                self._pick(tasks, order, counts, nearest_rank(95, total)),
+                self._bounds([t for t in tasks if top in self.per_task[t]], top)[1])
 
-    def _pick(self, tasks: Sequence[str], buckets: list[list[Any]], rank: int) -> float:
+    def _pick(self, tasks: Sequence[str], order: list[Any], counts: dict[Any, int],
+              rank: int) -> float:
         seen = 0
-        for bucket, n, low, high in buckets:
-            if seen + n >= rank:
+        for bucket in order:
+            if seen + counts[bucket] >= rank:
+                members = [t for t in tasks if bucket in self.per_task[t]]
+                low, high = self._bounds(members, bucket)
                 if low == high:
-                    return float(low)
-                values = self.values(tasks, bucket)
+                    return low
+                values = self._values(members, bucket)
                 return values[min(rank - seen, len(values)) - 1]
-            seen += n
-        return float(buckets[-1][3])
+            seen += counts[bucket]
+        raise AssertionError("a rank beyond the histogram's count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +203,8 @@ def _latency_figures(source: SummarySource) -> _LatencyFigures:
     tasks = sorted(latencies.per_task)
     return _LatencyFigures(
         per_task={t: latencies.figures((t,)) for t in tasks},
-        overall=latencies.figures(tasks), spans=latencies.spans,
-        counts={t: sum(b[1] for b in latencies.per_task[t]) for t in tasks})
+        overall=latencies.figures(tasks), spans={t: latencies.span(t) for t in tasks},
+        counts={t: sum(latencies.per_task[t].values()) for t in tasks})
 
 
 def summarize(source: SummarySource, *, top_messages: int,
