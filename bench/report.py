@@ -13,6 +13,11 @@ did before it was computed in the database). The events: five task types over 30
 every 2.6 s), 70 % succeeded, 15 % failed verification, 10 % failed validation, 5 % agent
 errors, each failure with a demo-shaped message, log-normal latencies (median 20 ms).
 
+``python bench/report.py ingest`` (options: ``--events``, ``--rounds``, ``--pg``): times the
+backends' ``write_batch`` alone over 300,000 of the same events (batches of 4096, fresh
+stores), events per second and the CPU time of this process per event; run it with
+``PYTHONPATH`` pointing at the code before and after a change to see what indexes cost.
+
 ``python bench/report.py`` (or ``grouping``; options: ``--events``, ``--failed``,
 ``--rounds``): ``build_report`` is one pass over the events; grouping failure messages (every
 word holding a digit replaced by ``<*>``) adds a regular expression per failed step. This times
@@ -29,6 +34,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,6 +204,32 @@ def time_cli(url: str) -> float:
     return time.perf_counter() - start
 
 
+def ingest(args: argparse.Namespace) -> None:
+    """``write_batch`` alone over the stores' events (batches of 4096), per backend: what the
+    summary's indexes cost the writer. Run it with the code before and after (PYTHONPATH)."""
+    from closedloop.store import open_backend
+
+    batch = list(store_events(args.events))
+    sep = "&" if "?" in args.pg else "?"
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = {"sqlite": f"sqlite:///{tmp}/ingest.db",
+                "postgresql": f"{args.pg}{sep}schema=closedloop_bench_ingest"}
+        for _ in range(args.rounds):
+            for kind, url in urls.items():
+                reset(url)
+                backend = open_backend(url)
+                backend.write_batch(batch[:1])  # the first day's partition exists
+                start, cpu = time.perf_counter(), time.process_time()
+                for i in range(1, len(batch), 4096):
+                    backend.write_batch(batch[i:i + 4096])
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+                backend.close()
+                print(f"{kind:10} {(len(batch) - 1) / elapsed:9,.0f} events/s, "
+                      f"{cpu * 1e6 / (len(batch) - 1):5.1f} µs CPU/event in this process "
+                      f"(load {os.getloadavg()[0]:.2f})")
+        reset(urls["postgresql"])
+
+
 def stores(args: argparse.Namespace) -> None:
     cache = Path(args.cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -238,9 +270,15 @@ def main() -> None:
     scale.add_argument("--rebuild", action="store_true", help="build the stores afresh")
     scale.add_argument("--drop", action="store_true", help="drop the PostgreSQL schema after")
     scale.add_argument("--baseline", action="store_true", help="also time the Python pass")
+    writes = modes.add_parser("ingest", help="what the summary's indexes cost the writer")
+    writes.add_argument("--events", type=int, default=300_000)
+    writes.add_argument("--rounds", type=int, default=3)
+    writes.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
     args = parser.parse_args()
     if args.mode == "stores":
         stores(args)
+    elif args.mode == "ingest":
+        ingest(args)
     else:
         grouping(args)
 

@@ -6,6 +6,11 @@
 file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; without it the
 default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
+Questions about the events are answered where they are (the query port,
+:mod:`closedloop.store._query`): :meth:`Store.summary` gives the per-task-type figures of
+``closedloop report`` (SQL on SQLite and PostgreSQL, through migration 3's indexes) and
+:meth:`Store.steps` pages through steps newest first with an opaque cursor.
+
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
 :mod:`closedloop.store._writer`), and the default store opens even when its file cannot be

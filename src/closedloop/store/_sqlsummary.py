@@ -7,11 +7,11 @@ figures the Python pass gives:
 - counts and sums per ``(task_type, outcome, error_type, validation_passed,
   verification_passed, attempts)``, folded into the per-task rates, outcomes and errors;
 - **exact nearest-rank percentiles without sorting every latency**: a histogram of latencies
-  per task type over a monotonic bucket of the latency (the backend's ``latency_bucket``
-  expression, indexed), with each bucket's count, minimum and maximum. The rank's bucket is
-  found from the counts; when its minimum equals its maximum that is the value, otherwise only
-  that bucket's latencies are read and sorted. A narrow distribution whose rank falls in a
-  crowded bucket reads more, but the figure stays exact;
+  per task type over a non-decreasing bucket of the latency (the backend's
+  ``LATENCY_BUCKET`` expression, indexed by ``events_latency``). The rank's bucket is found
+  from the counts; when its smallest latency equals its largest that is the value, otherwise
+  only that bucket's latencies are read and sorted. A distribution so narrow that the rank's
+  bucket holds most steps reads most latencies (slower, still exact);
 - failure-message groups counted per ``(task_type, error_type, error_group)``, the column the
   writer fills with :func:`~closedloop._figures.message_group`; rows stored before that column
   existed (``error_group`` NULL, a message present) are grouped here, in Python.
