@@ -11,6 +11,11 @@ Each backend also keeps, next to its events, the spans and scores of its traces 
 record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
 No module outside this package opens a database.
 
+Questions about the events are answered where they are (the query port,
+:mod:`closedloop.store._query`): :meth:`Store.summary` gives the per-task-type figures of
+``closedloop report`` (SQL on SQLite and PostgreSQL, through migration 5's indexes) and
+:meth:`Store.steps` pages through steps newest first with an opaque cursor.
+
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
 :mod:`closedloop.store._writer`), and the default store opens even when its file cannot be
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +39,19 @@ from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
 from closedloop.store._memory_spans import MemorySpanStore
+from closedloop.store._query import (
+    MAX_PAGE,
+    EventQueries,
+    EventSummary,
+    MessageGroup,
+    StepFilter,
+    StepPage,
+    TaskFigures,
+    check_limit,
+    decode_cursor,
+    page,
+    summarize_events,
+)
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
 from closedloop.store._retention import (
     DEFAULT_RETENTION,
@@ -57,16 +76,20 @@ from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
     "DEFAULT_RETENTION",
+    "MAX_PAGE",
     "RETENTION_ENV",
     "SCHEMA_VERSION",
     "ControlStateBackend",
     "EventBackend",
+    "EventQueries",
     "EventQuery",
+    "EventSummary",
     "EventsPruned",
     "ImportResult",
     "MaintainedBackend",
     "MemoryBackend",
     "MemorySpanStore",
+    "MessageGroup",
     "PruneReport",
     "Pruned",
     "Retention",
@@ -75,8 +98,11 @@ __all__ = [
     "SQLiteSpanStore",
     "SpanBackend",
     "SpanStore",
+    "StepFilter",
+    "StepPage",
     "Store",
     "StoreInfo",
+    "TaskFigures",
     "WriterStats",
     "default_store",
     "default_store_url",
@@ -93,6 +119,7 @@ __all__ = [
     "reset_default_store",
     "retention_from_env",
     "store_info",
+    "summarize_events",
 ]
 
 ENV_VAR = "CLOSEDLOOP_STORE"
@@ -175,6 +202,56 @@ class Store:
         query = EventQuery(since=since, until=until, task_type=task_type, limit=limit,
                            trace_id=trace_id)
         return self.backend.iter_events(query)
+
+    def summary(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        outcome: str | None = None,
+        error_type: str | None = None,
+        top_messages: int = 3,
+    ) -> EventSummary:
+        """The figures of the stored steps with ``since <= ts < until`` (and the other
+        filters), per task type and overall: in the database when the backend answers
+        :class:`EventQueries`, else in one pass over :meth:`events`."""
+        where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
+                           error_type=error_type)
+        backend = self.backend
+        if isinstance(backend, EventQueries):
+            found = backend.summarize(where, top_messages=top_messages)
+            if found is not None:
+                return found
+        events = self.events(since=since, until=until, task_type=task_type)
+        return summarize_events((e for e in events if where.matches(e)),
+                                top_messages=top_messages)
+
+    def steps(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        outcome: str | None = None,
+        error_type: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> StepPage:
+        """One page of stored steps, newest first: pass the page's ``next_cursor`` back (with
+        the same filters) for the next one. A backend without :class:`EventQueries` is read
+        whole for each page, keeping only the page in memory."""
+        where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
+                           error_type=error_type)
+        backend = self.backend
+        if isinstance(backend, EventQueries):
+            return backend.list_steps(where, limit=limit, cursor=cursor)
+        check_limit(limit)
+        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
+        rows = ((e.ts, i, e) for i, e in enumerate(self.events(since=since, until=until,
+                                                               task_type=task_type))
+                if where.matches(e) and (after is None or (e.ts, i) < after))
+        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
 
     def count(self) -> int:
         """How many events the backend holds (not counting queued ones)."""

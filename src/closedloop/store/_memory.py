@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -9,6 +10,15 @@ from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
 from closedloop.store._memory_spans import MemorySpanStore
+from closedloop.store._query import (
+    EventSummary,
+    StepFilter,
+    StepPage,
+    check_limit,
+    decode_cursor,
+    page,
+    summarize_events,
+)
 from closedloop.store._retention import EventsPruned, StoreInfo
 
 
@@ -55,6 +65,24 @@ class MemoryBackend:
                 return
             n += 1
             yield e
+
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary:
+        """The figures of the steps matching ``where`` (the query port, in Python)."""
+        with self._lock:
+            events = list(self._events)
+        return summarize_events((e for e in events if where.matches(e)),
+                                top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (ties: latest recorded first)."""
+        check_limit(limit)
+        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
+        with self._lock:
+            events = list(self._events)
+        rows = [(e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
+                and (after is None or (e.ts, i) < after)]
+        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
 
     def count(self) -> int:
         """How many events are held."""

@@ -47,8 +47,10 @@ from closedloop._control_state import Stop, _iso, _merge, history_entry, redacte
 from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent, dumps
+from closedloop._figures import message_group
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
+from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
 from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
 
@@ -61,6 +63,13 @@ if TYPE_CHECKING:
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
+
+LATENCY_BUCKET = (
+    "(CASE WHEN latency_ms > 0 AND latency_ms < 1e300 THEN floor(ln(latency_ms) * 8)::int"
+    " + 10000 WHEN latency_ms > 0 THEN 20000 ELSE 0 END)")
+"""A latency's bucket, non-decreasing in the latency (PostgreSQL orders NaN above every
+number): eight per factor e (0 for zero and below). Indexed by ``events_latency``; never
+change it."""
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 # ``{schema}`` is replaced by the quoted schema name.
@@ -189,9 +198,23 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN IF NOT EXISTS proposal TEXT,
         ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
     """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
+    # each failure message's group, filled by the writer (rows stored before stay NULL and
+    # are grouped when read, through events_ungrouped, which new rows never enter), the
+    # latency histogram's index and the message groups' index (each statement a no-op where
+    # it was applied before, as in a schema whose version was set back by hand)
+    f"""
+    ALTER TABLE {{schema}}.events ADD COLUMN IF NOT EXISTS error_group TEXT;
+    CREATE INDEX IF NOT EXISTS events_latency ON {{schema}}.events (task_type,
+        {LATENCY_BUCKET}) INCLUDE (ts, latency_ms);
+    CREATE INDEX IF NOT EXISTS events_groups ON {{schema}}.events (task_type, error_type,
+        error_group, ts) WHERE error_group IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS events_ungrouped ON {{schema}}.events (ts)
+        WHERE error_group IS NULL AND error_message <> '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-# the column types of ``events``, for binary COPY (in EVENT_FIELDS order)
+# the column types of ``events``, for binary COPY
 _COLUMN_TYPES = {
     "ts": "float8", "trace_id": "text", "agent_id": "text", "task_type": "text",
     "autonomy": "text", "outcome": "text", "attempts": "int4", "input_tokens": "int8",
@@ -204,8 +227,12 @@ _COLUMN_TYPES = {
     "provider": "text", "agent_version": "text", "prompt_version": "text", "labels": "jsonb",
     "cached_input_tokens": "int8", "cost_usd": "float8", "proposal": "text",
     "proposal_digest": "text",
+    # derived by the writer (migration 5)
+    "error_group": "text",
 }
-_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in EVENT_FIELDS)
+_COLUMNS = (*EVENT_FIELDS, "error_group")
+"""The stored columns: the event's, then what the writer derives from it."""
+_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in _COLUMNS)
 
 _DAY_PARTITION = re.compile(r"events_\d{8}")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -320,7 +347,7 @@ class PostgresBackend:
         """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
         self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
-            s, sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS))
+            s, sql.SQL(", ").join(sql.Identifier(f) for f in _COLUMNS))
         self._select = sql.SQL("SELECT {} FROM {}.events").format(
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
         try:
@@ -370,15 +397,17 @@ class PostgresBackend:
             raise StoreError(f"store {self.url} was opened read-only")
         days = {d for e in events if (d := _partition_day(e.ts)) is not None}
         missing = days - self._partitions
+        rows = [(*e, message_group(e.error_message) if e.error_message else None)
+                for e in events]
         with self.pool().connection() as conn:
             if missing:
                 ensure_partitions(conn, self.schema, missing)
                 self._partitions |= missing
             try:
-                self._copy_rows(conn, events)
+                self._copy_rows(conn, rows)
             except (psycopg.DataError, UnicodeEncodeError):
                 # NUL or a lone surrogate somewhere: write the same batch with them replaced
-                self._copy_rows(conn, [_clean_row(e) for e in events])
+                self._copy_rows(conn, [_clean_row(r) for r in rows])
 
     def _copy_rows(self, conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
         # One COPY statement on an autocommit connection is one transaction, all or nothing,
@@ -425,6 +454,19 @@ class PostgresBackend:
                     yield StepEvent(*row)
         except psycopg.Error as exc:
             raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
+
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
+        """The figures of the steps matching ``where``, in SQL (the query port)."""
+        from closedloop.store._postgres_query import summarize
+
+        return summarize(self, where, top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (the query port)."""
+        from closedloop.store._postgres_query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor)
 
     def count(self) -> int:
         """How many events the schema holds."""

@@ -31,12 +31,23 @@ from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
+from closedloop._figures import message_group
 from closedloop.store._base import EventQuery
+from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     from closedloop.store._sqlite_ledger import SQLiteLedger
     from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+LATENCY_BUCKET = (
+    "(CASE WHEN latency_ms >= 0.001 THEN"
+    " length(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT)) * 10"
+    " + CAST(substr(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT), 1, 1) AS INTEGER)"
+    " ELSE 0 END)")
+"""A latency's bucket, non-decreasing in the latency and computed by SQLite alone (no math
+functions, which not every build has): its whole microseconds' digit count and leading digit,
+nine buckets per decade (0 below 1 µs). Indexed by ``events_latency``; never change it."""
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -139,6 +150,22 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN proposal TEXT;
     ALTER TABLE events ADD COLUMN proposal_digest TEXT;
     """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
+    # each failure message's group, filled by the writer (rows stored before stay NULL and
+    # are grouped when read, through events_ungrouped, which new rows never enter), and the
+    # summary's indexes, each read in its order so that SQLite never sorts: counts and sums,
+    # the latency histogram, message groups. Each grows at a few places per batch (its key
+    # ends in ts), never at random places (see BENCHMARKS.md for what they cost ingest).
+    f"""
+    ALTER TABLE events ADD COLUMN error_group TEXT;
+    CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
+        verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms);
+    CREATE INDEX events_latency ON events (task_type, {LATENCY_BUCKET}, ts, latency_ms);
+    CREATE INDEX events_groups ON events (task_type, error_type, error_group, ts)
+        WHERE error_group IS NOT NULL;
+    CREATE INDEX events_ungrouped ON events (ts)
+        WHERE error_group IS NULL AND error_message <> '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,6 +177,11 @@ _NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
 """Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
 _MAX_PARAMS = 32766
 """SQLite's default limit of parameters per statement."""
+_MESSAGE = EVENT_FIELDS.index("error_message")
+_COLUMNS = (*EVENT_FIELDS, "error_group")
+"""The stored columns: the event's, then what the writer derives from it (migration 5)."""
+_GROUP = _NFIELDS
+"""``error_group``'s index in :data:`_COLUMNS`."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
@@ -167,7 +199,7 @@ class _Insert(NamedTuple):
     @classmethod
     def of(cls, columns: Sequence[int]) -> _Insert:
         width = len(columns)
-        head = f"INSERT INTO events ({', '.join(EVENT_FIELDS[i] for i in columns)}) VALUES "
+        head = f"INSERT INTO events ({', '.join(_COLUMNS[i] for i in columns)}) VALUES "
         row = f"({', '.join('?' * width)})"
         rows = _MAX_PARAMS // width
         return cls(width, rows, head + ",".join([row] * rows), head, row)
@@ -181,8 +213,8 @@ _INSERTS: dict[tuple[int, ...], _Insert] = {}
 
 
 def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
-    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text, and the
-    INSERT it goes with (C-speed where it can).
+    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text, each
+    failure message's ``error_group``, and the INSERT it goes with (C-speed where it can).
 
     A column that is NULL in every event of the batch is left out of the statement (it is
     NULL by default): sqlite3 binds a ``None`` through its adapter lookup, and binding the
@@ -193,16 +225,23 @@ def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
     absent = [i for i in _NULLABLE if flat[i::_NFIELDS].count(None) == n]
     columns = tuple(i for i in range(_NFIELDS) if i not in absent) if absent \
         else _ALL_COLUMNS
-    insert = _INSERTS.get(columns)
-    if insert is None:
-        insert = _INSERTS[columns] = _Insert.of(columns)
     if absent:
         flat = list(chain.from_iterable(map(itemgetter(*columns), events)))
-    width = insert.width
+    width = len(columns)
     for column in JSON_COLUMNS:
         if column in columns:
             at = columns.index(column)
             flat[at::width] = [None if v is None else dumps(v) for v in flat[at::width]]
+    if _MESSAGE in columns:  # some step of the batch failed with a message: group it
+        messages = flat[columns.index(_MESSAGE)::width]
+        wide: list[Any] = [None] * (n * (width + 1))
+        for i in range(width):
+            wide[i::width + 1] = flat[i::width]
+        wide[width::width + 1] = [message_group(m) if m else None for m in messages]
+        flat, columns = wide, (*columns, _GROUP)
+    insert = _INSERTS.get(columns)
+    if insert is None:
+        insert = _INSERTS[columns] = _Insert.of(columns)
     return insert, flat
 
 
@@ -385,6 +424,19 @@ class SQLiteBackend:
             raise StoreError(f"cannot read store {self.url}: {exc}") from None
         finally:
             conn.close()
+
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
+        """The figures of the steps matching ``where``, in SQL (the query port)."""
+        from closedloop.store._sqlite_query import summarize
+
+        return summarize(self, where, top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (the query port)."""
+        from closedloop.store._sqlite_query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor)
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
