@@ -17,6 +17,7 @@ The API other modules use, stable:
   over dicts, lists and tuples; a value under a key named like a secret, such as ``password``
   or ``api_key``, is replaced whole), both with the process default redactor;
 - :func:`clip` ``(str, max_chars) -> str``: redact, then truncate;
+- :func:`shown_url` ``(url) -> str``: the URL with its password masked, for output and logs;
 - :class:`Redactor` (the built-in rules plus the user's own patterns) and
   :func:`set_default_redactor` / :func:`default_redactor` / :func:`reset_default_redactor`.
 
@@ -509,6 +510,18 @@ def truncate(text: str, max_chars: int) -> str:
         return text
     marker = f"…[truncated {len(text) - max_chars} of {len(text)} chars]"
     return text[:max_chars] + marker
+
+
+_URL_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and output (even if malformed).
+
+    Control (Redis URLs) and the command line both show URLs, so it lives here, with the
+    rest of what keeps secrets out of output.
+    """
+    return _URL_PASSWORD.sub(r"//\1:***@", url)
 
 
 # -- the process default ------------------------------------------------------------------

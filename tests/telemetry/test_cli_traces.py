@@ -39,8 +39,10 @@ def test_list_shows_traces_newest_first(tmp_path: Path) -> None:
     new = _record(url, passed=False, proposal="b")
     result = invoke("traces", "list", "--store", url, "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert [(r["trace_id"], r["outcome"]) for r in rows] == [(new, "failed"), (old, "succeeded")]
+    listed = json.loads(result.output)
+    assert [(r["trace_id"], r["outcome"]) for r in listed["traces"]] == [
+        (new, "failed"), (old, "succeeded")]
+    assert listed["next_cursor"] is None
 
 
 def test_show_prints_the_tree_with_verdicts(tmp_path: Path) -> None:

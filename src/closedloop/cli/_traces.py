@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -24,14 +26,21 @@ from closedloop.cli._common import open_store_to_read as _open
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
+    from closedloop.store import Store
     from closedloop.telemetry import SpanStore, StoredSpan
 
 
-def _spans(store_url: str) -> SpanStore:
+@contextmanager
+def reading(store_url: str) -> Iterator[tuple[Store, SpanStore]]:
+    """The store at ``store_url`` opened read-only, and its spans and scores; closed after."""
     # a missing extra is named by the command group (closedloop.cli._Group)
     from closedloop.telemetry import span_store_for
 
-    return span_store_for(_open(store_url))
+    store = _open(store_url)
+    try:
+        yield store, span_store_for(store)
+    finally:
+        store.close()
 
 
 def _trace(spans: SpanStore, trace_id: str) -> list[StoredSpan]:
@@ -53,25 +62,31 @@ def traces() -> None:
 @click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="How many traces to list at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
-                as_json: bool) -> None:
-    """The most recent traces, newest first."""
-    found = _spans(store_url).traces(limit=limit, task_type=task_type,
-                                     since_ns=int(since * 1e9) if since is not None else None)
+@click.option("--cursor", help="Continue a listing: the next_cursor a previous page gave.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON for scripts: the traces and the next page's cursor.")
+def list_traces(  # noqa: PLR0917 - click passes every option as an argument
+        store_url: str, task_type: str | None, since: float | None, limit: int,
+        cursor: str | None, as_json: bool) -> None:
+    """The most recent traces, newest first, a page at a time."""
+    with reading(store_url) as (_, spans):
+        page = spans.traces(limit=limit, task_type=task_type, cursor=cursor,
+                            since_ns=int(since * 1e9) if since is not None else None)
     if as_json:
-        echo_json([t.to_dict() for t in found])
+        echo_json(page.to_dict())
         return
-    if not found:
+    if not page.traces:
         click.echo("no traces", err=True)
         sys.exit(EXIT_NO_DATA)
     from rich.table import Table
 
     table = Table("trace id", "started", "task type", "outcome", "spans", "ms")
-    for t in found:
+    for t in page.traces:
         table.add_row(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
                       str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
     console().print(table)
+    if page.next_cursor is not None:
+        say(f"more: --cursor {page.next_cursor}")
 
 
 @traces.command("show")
@@ -89,23 +104,18 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     from rich.text import Text
     from rich.tree import Tree
 
-    from closedloop.telemetry import span_store_for
-    from closedloop.telemetry._spanstore import iter_children
-    from closedloop.telemetry._view import label, verdict_messages
+    from closedloop.telemetry import iter_children, span_label, verdict_messages
 
     trace_id = trace_id.strip()
-    store = _open(store_url)
-    try:
-        spans = span_store_for(store).trace(trace_id)
-        if as_json:
-            if not spans:
-                say(f"error: no spans for trace {trace_id}", err=True)
-                sys.exit(EXIT_NO_DATA)
-            echo_json([s.to_dict() for s in spans])
-            return
-        steps = list(store.events(trace_id=trace_id))
-    finally:
-        store.close()
+    with reading(store_url) as (store, store_spans):
+        spans = store_spans.trace(trace_id)
+        steps = [] if as_json else list(store.events(trace_id=trace_id))
+    if as_json:
+        if not spans:
+            say(f"error: no spans for trace {trace_id}", err=True)
+            sys.exit(EXIT_NO_DATA)
+        echo_json([s.to_dict() for s in spans])
+        return
     if not spans and not steps:
         say(f"error: no spans for trace {trace_id}", err=True)
         sys.exit(EXIT_NO_DATA)
@@ -117,7 +127,7 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     nodes: list[Tree] = [root]
     for depth, span in iter_children(spans):
         del nodes[depth + 1:]
-        node = nodes[-1].add(styled(label(span), "red" if span.status == 2 else ""))
+        node = nodes[-1].add(styled(span_label(span), "red" if span.status == 2 else ""))
         failed = span.attributes.get("closedloop.verdict.passed") is False
         for message in verdict_messages(span):
             node.add(styled(message, "red" if failed else "yellow"))
@@ -160,10 +170,10 @@ def step_line(event: StepEvent) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
 def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
-    from closedloop.telemetry._view import diff_traces, first_divergence
+    from closedloop.telemetry import diff_traces, first_divergence
 
-    spans = _spans(store_url)
-    rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
+    with reading(store_url) as (_, spans):
+        rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return
@@ -215,14 +225,15 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
         since: float | None, store_url: str, as_json: bool) -> None:
     """Re-run today's validators and verifiers on the proposals recorded in traces."""
-    from closedloop.telemetry._replay import replay as run_replay
+    from closedloop.telemetry import replay as run_replay
 
     if not validator_specs and not verifier_specs:
         raise ConfigError("give at least one --validator or --verifier to replay")
     validators = [_import_check(s) for s in validator_specs]
     verifiers = [_import_check(s) for s in verifier_specs]
-    report = run_replay(_open(store_url), task_type, validators=validators,
-                        verifiers=verifiers, since=since)
+    with reading(store_url) as (store, _):
+        report = run_replay(store, task_type, validators=validators, verifiers=verifiers,
+                            since=since)
     if as_json:
         echo_json(report.to_dict())
         return

@@ -22,16 +22,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop.store._base import EventQuery
+from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite_ledger import SQLiteLedger
+    from closedloop.store._sqlite_spans import SQLiteSpanStore
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -90,6 +95,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
+    """,
+    # 3: one summary row per trace, kept up to date by every span batch, so that a trace
+    # listing reads a page of an index instead of grouping every span (closedloop.store.
+    # _sqlite_spans); filled here from the spans already stored
+    """
+    CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        spans INTEGER NOT NULL,
+        label_ns INTEGER,
+        task_type TEXT,
+        outcome TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO traces (trace_id, start_ns, end_ns, spans)
+        SELECT trace_id, min(start_ns), max(end_ns), count(*) FROM spans GROUP BY trace_id;
+    UPDATE traces SET (label_ns, task_type, outcome) = (
+        SELECT s.start_ns, json_extract(s.attributes, '$."closedloop.task_type"'),
+               json_extract(s.attributes, '$."closedloop.outcome"')
+        FROM spans s WHERE s.trace_id = traces.trace_id
+        AND json_extract(s.attributes, '$."closedloop.task_type"') IS NOT NULL
+        ORDER BY s.start_ns,
+                 json_extract(s.attributes, '$."closedloop.outcome"') IS NULL LIMIT 1);
+    CREATE INDEX traces_start ON traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON traces (task_type, start_ns, trace_id);
+    CREATE INDEX scores_ts ON scores (ts);
     """,
     # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
     # nullable columns without a default: SQLite adds them without rewriting a row, and
@@ -258,12 +289,17 @@ class SQLiteBackend:
     With ``defer=True`` a file that cannot be opened yet (full disk, read-only folder) is not
     an error here: :attr:`open_error` says why, and every ``write_batch`` tries again (and
     raises while it still fails), so the store's writer holds the events until it opens.
+
+    The same file keeps the store's spans and scores (:meth:`span_store`) and its pauses and
+    halts (:meth:`control_ledger`).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, defer: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans: SQLiteSpanStore | None = None
+        self._spans_lock = threading.Lock()
         self.open_error: StoreError | None = None
         try:
             self._open()
@@ -281,7 +317,7 @@ class SQLiteBackend:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:
-                migrate(conn)
+                self.found_version = migrate(conn)
             finally:
                 conn.close()
         except OSError as exc:
@@ -375,6 +411,90 @@ class SQLiteBackend:
             conn.close()
             self._local.conn = None
 
+    def span_store(self) -> SQLiteSpanStore:
+        """The spans and scores in this file (the span/score port); one for the backend's
+        life, read-only when the backend is."""
+        from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+        with self._spans_lock:
+            if self._spans is None:
+                self._spans = SQLiteSpanStore(self)
+            return self._spans
+
+    def control_ledger(self) -> SQLiteLedger:
+        """The pauses and halts in this file (the control-state port); fails closed."""
+        from closedloop.store._sqlite_ledger import SQLiteLedger
+
+        return SQLiteLedger(self.path)
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size on disk, schema version, oldest and newest event; never writes."""
+        try:
+            conn = self._reader()
+            try:
+                return _info(conn, self.url, self.path)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Delete events older than ``before`` in transactions of :data:`BATCH` rows (writers
+        of other processes get the lock between them); at most about ``limit`` rows."""
+        older = "SELECT rowid FROM events WHERE ts < ?"
+        with self._maintenance("prune") as conn:
+            if dry_run:
+                return EventsPruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
+                                                  (before,)).fetchone()[0])
+            done = 0
+            while limit is None or done < limit:
+                size = BATCH if limit is None else min(BATCH, limit - done)
+                conn.execute("BEGIN IMMEDIATE")
+                n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
+                                 (before, size)).rowcount
+                conn.execute("COMMIT")
+                done += n
+                if n < size:
+                    return EventsPruned(events=done)
+            more = conn.execute(f"{older} LIMIT 1", (before,)).fetchone() is not None
+            return EventsPruned(events=done, more=more)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        args = {"before": before, "now": now}
+        with self._maintenance("prune") as conn:
+            if "control_stops" not in _tables(conn):  # the ledger has never written here
+                return 0
+            clauses = [(table, where.replace("%(before)s", ":before")
+                        .replace("%(now)s", ":now").format(s=""))
+                       for table, where in CONTROL_PRUNE]
+            if dry_run:
+                return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}",
+                                        args).fetchone()[0] for table, where in clauses)
+            conn.execute("BEGIN IMMEDIATE")
+            removed = sum(conn.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+                          for table, where in clauses)
+            conn.execute("COMMIT")
+            return removed
+
+    @contextmanager
+    def _maintenance(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a maintenance task, errors as one-line StoreErrors."""
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        finally:
+            conn.close()
+
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that can never write ``path``: no migration, no table, no journal change.
@@ -422,6 +542,8 @@ class SQLiteReader(SQLiteBackend):
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans = None
+        self._spans_lock = threading.Lock()
         try:
             conn = connect_read_only(self.path)
             try:
@@ -457,3 +579,37 @@ def _event(row: tuple[Any, ...]) -> StepEvent:
         if values[i] is not None:
             values[i] = json.loads(values[i])
     return StepEvent(*values)
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _info(conn: sqlite3.Connection, url: str, path: Path) -> StoreInfo:
+    """What the file holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    tables = _tables(conn)
+
+    def one(sql: str, *args: Any) -> Any:
+        return conn.execute(sql, args).fetchone()[0]
+
+    def count(table: str) -> int | None:
+        return int(one(f"SELECT count(*) FROM {table}")) if table in tables else None
+
+    stops = halts = history = 0
+    if "control_stops" in tables:  # created by the control ledger on its first write
+        stops, halts = conn.execute(
+            "SELECT count(*), coalesce(sum(kind = 'halted'), 0) FROM control_stops "
+            "WHERE until IS NULL OR until > ?", (time.time(),)).fetchone()
+        history = count("control_history") or 0
+    events = "events" in tables
+    # one aggregate per query: SQLite answers a lone min() or max() from the ts index
+    oldest = one("SELECT min(ts) FROM events") if events else None
+    newest = one("SELECT max(ts) FROM events") if events else None
+    files = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return StoreInfo(
+        backend="sqlite", url=url, schema_version=int(one("PRAGMA user_version")),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0, oldest_event=oldest,
+        newest_event=newest, spans=count("spans"), scores=count("scores"),
+        control_stops=int(stops), control_halts=int(halts), control_history=int(history),
+        size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        free_bytes=int(one("PRAGMA freelist_count")) * int(one("PRAGMA page_size")))
