@@ -25,6 +25,7 @@ from closedloop.cli._common import (
 from closedloop.cli._common import open_store_to_read as _open
 
 if TYPE_CHECKING:
+    from closedloop._events import StepEvent
     from closedloop.store import Store
     from closedloop.telemetry import SpanStore, StoredSpan
 
@@ -104,26 +105,41 @@ def columns(header: Sequence[str], rows: Sequence[Sequence[str]], *,
 @click.argument("trace_id")
 @store_option
 @click.option("--content/--no-content", default=False,
-              help="Also print captured (redacted) content.")
+              help="Also print captured (redacted) content and each step's proposal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
 def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> None:
-    """One trace as a tree, with timings, verdicts and their messages."""
+    """One trace as a tree, with timings, verdicts and their messages, and its steps.
+
+    Each step recorded under the trace is listed first: its step id, parent step and run,
+    model, versions, labels, cost and proposal digest (with --content, the proposal).
+    """
     from rich.text import Text
     from rich.tree import Tree
 
-    from closedloop.telemetry._spanstore import iter_children
-    from closedloop.telemetry._view import label, verdict_messages
+    from closedloop.telemetry import iter_children, span_label, verdict_messages
 
-    with reading(store_url) as (_, store_spans):
-        spans = _trace(store_spans, trace_id)
+    trace_id = trace_id.strip()
+    with reading(store_url) as (store, store_spans):
+        spans = store_spans.trace(trace_id)
+        steps = [] if as_json else list(store.events(trace_id=trace_id))
     if as_json:
+        if not spans:
+            say(f"error: no spans for trace {trace_id}", err=True)
+            sys.exit(EXIT_NO_DATA)
         echo_json([s.to_dict() for s in spans])
         return
+    if not spans and not steps:
+        say(f"error: no spans for trace {trace_id}", err=True)
+        sys.exit(EXIT_NO_DATA)
     root = Tree(f"trace {trace_id}")
+    for event in steps:
+        node = root.add(styled(step_line(event), "red" if event.error_type else ""))
+        if content and event.proposal is not None:
+            node.add(Text(literal(f"proposal: {event.proposal}", newlines=True), style="dim"))
     nodes: list[Tree] = [root]
     for depth, span in iter_children(spans):
         del nodes[depth + 1:]
-        node = nodes[-1].add(styled(label(span), "red" if span.status == 2 else ""))
+        node = nodes[-1].add(styled(span_label(span), "red" if span.status == 2 else ""))
         failed = span.attributes.get("closedloop.verdict.passed") is False
         for message in verdict_messages(span):
             node.add(styled(message, "red" if failed else "yellow"))
@@ -134,6 +150,30 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     console().print(root)
 
 
+def step_line(event: StepEvent) -> str:
+    """One line for a recorded step: what it was, who ran it, with what (stored text as is:
+    the caller prints it as data)."""
+    parts = [f"step {event.step_id or '(no step id: recorded before schema v3)'}",
+             f"{event.task_type} {event.outcome}", f"{event.latency_ms:.1f} ms"]
+    for name in ("parent_step_id", "run_id", "agent_version", "prompt_version"):
+        value = getattr(event, name)
+        if value is not None:
+            parts.append(f"{name.removesuffix('_id')}={value}")
+    if event.model is not None or event.provider is not None:
+        parts.append(f"model={event.model or '?'} ({event.provider or '?'})")
+    tokens = f"tokens={event.input_tokens}/{event.output_tokens}"
+    if event.cached_input_tokens:
+        tokens += f" ({event.cached_input_tokens} cached)"
+    parts.append(tokens)
+    if event.cost_usd is not None:
+        parts.append(f"cost=${event.cost_usd:.6f}")
+    if event.labels:
+        parts.append("labels=" + ",".join(f"{k}={v}" for k, v in sorted(event.labels.items())))
+    if event.proposal_digest is not None:
+        parts.append(f"proposal=sha256:{event.proposal_digest}")
+    return "  ".join(parts)
+
+
 @traces.command("diff")
 @click.argument("trace_a")
 @click.argument("trace_b")
@@ -142,7 +182,7 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
 def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
-    from closedloop.telemetry._view import diff_traces, first_divergence
+    from closedloop.telemetry import diff_traces, first_divergence
 
     with reading(store_url) as (_, spans):
         rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
@@ -197,7 +237,7 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
         since: float | None, store_url: str, as_json: bool) -> None:
     """Re-run today's validators and verifiers on the proposals recorded in traces."""
-    from closedloop.telemetry._replay import replay as run_replay
+    from closedloop.telemetry import replay as run_replay
 
     if not validator_specs and not verifier_specs:
         raise ConfigError("give at least one --validator or --verifier to replay")
