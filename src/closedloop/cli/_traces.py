@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -78,15 +78,27 @@ def list_traces(  # noqa: PLR0917 - click passes every option as an argument
     if not page.traces:
         click.echo("no traces", err=True)
         sys.exit(EXIT_NO_DATA)
-    from rich.table import Table
-
-    table = Table("trace id", "started", "task type", "outcome", "spans", "ms")
-    for t in page.traces:
-        table.add_row(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
-                      str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
-    console().print(table)
+    rows = [(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
+             str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}") for t in page.traces]
+    for line in columns(("trace id", "started", "task type", "outcome", "spans", "ms"), rows,
+                        right=(4, 5)):
+        click.echo(line)
     if page.next_cursor is not None:
         say(f"more: --cursor {page.next_cursor}")
+
+
+def columns(header: Sequence[str], rows: Sequence[Sequence[str]], *,
+            right: tuple[int, ...] = ()) -> list[str]:
+    """``header`` and ``rows`` as lines of aligned columns, every cell printed literally.
+
+    Plain text rather than a rich table: a listing prints without loading rich (a third of
+    the command's time).
+    """
+    cells = [[literal(c) for c in row] for row in (header, *rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in cells]
 
 
 @traces.command("show")
