@@ -14,6 +14,9 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
    timed until ``flush()`` returns (every event durable in the file), in events per second.
+   The events leave the optional fields of schema v3 empty, as before; with
+   ``--loop-events`` they are shaped as a loop records them (a step id, a proposal of ~40
+   characters and its digest, each proposal distinct: the writer redacts every one).
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     """Nanoseconds per call of each piece of the step path, timed alone."""
     import timeit
 
+    from closedloop._events import proposal_fields
+    from closedloop.loop import new_step_id
     from closedloop.loop._machine import Validate
     from closedloop.loop._result import StepResult
 
@@ -108,12 +113,16 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     fields = cl.StepEvent._fields
     names = {"StepEvent": cl.StepEvent, "StepResult": StepResult, "Attempt": cl.Attempt,
              "Validate": Validate, "guard": guard, "event": event, "v": v, "store": store,
-             "loop": loop, "validator": validator}
+             "loop": loop, "validator": validator, "new_step_id": new_step_id,
+             "proposal_fields": proposal_fields}
     pieces = [
         ("Loop.run, whole step", "loop.run(1)"),
-        ("StepEvent by keyword (19 fields)",
+        (f"StepEvent by keyword ({len(fields)} fields)",
          "StepEvent(" + ", ".join(f"{f}=v" for f in fields) + ")"),
-        ("StepEvent positional (19 fields)", "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
+        (f"StepEvent positional ({len(fields)} fields)",
+         "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
+        ("new_step_id", "new_step_id()"),
+        ("proposal text + sha256 (an int)", "proposal_fields(v)"),
         ("StepResult (frozen dataclass)",
          "StepResult(trace_id='x', outcome='succeeded', proposal=1, result=1, attempts=1, "
          "validation=(), verification=(), error_type=None, error_message=None, event=event)"),
@@ -132,7 +141,9 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     return out
 
 
-def bench_ingest(events: int, folder: Path) -> dict[str, float]:
+def bench_ingest(events: int, folder: Path, loop_events: bool = False) -> dict[str, float]:
+    from closedloop._events import proposal_fields
+
     store = cl.open_store(folder / "ingest.db", max_queue=events + 1)
     template = cl.StepEvent(
         ts=time.time(), trace_id="0" * 32, agent_id="bench", task_type="ingest",
@@ -143,6 +154,11 @@ def bench_ingest(events: int, folder: Path) -> dict[str, float]:
     )
     batch = [template._replace(trace_id=f"{i:032x}", ts=template.ts + i * 1e-6)
              for i in range(events)]
+    if loop_events:
+        batch = [e._replace(step_id=f"{i:032x}", cached_input_tokens=0,
+                            **dict(zip(("proposal", "proposal_digest"), proposal_fields(
+                                {"name": f"web-{i}", "size": "small"}), strict=True)))
+                 for i, e in enumerate(batch)]
     record = store.record
     start = time.perf_counter()
     for e in batch:
@@ -165,6 +181,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
     parser.add_argument("--events", type=int, default=500_000, help="events for ingest")
     parser.add_argument("--parts", action="store_true", help="time the step path's pieces")
+    parser.add_argument("--loop-events", action="store_true",
+                        help="ingest events shaped as a loop records them (schema v3)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +196,7 @@ def main() -> int:
         if args.parts:
             for name, ns in bench_parts(folder):
                 print(f"  {name:34s} {ns:8.0f} ns")
-        i = bench_ingest(args.events, folder)
+        i = bench_ingest(args.events, folder, args.loop_events)
         print(f"ingest          {i['ingest_events_per_s']:10,.0f} events/s  "
               f"({int(i['events']):,} events, record() {i['record_call_us']:.2f} µs; "
               "target ≥ 100,000/s)")

@@ -24,7 +24,7 @@ import closedloop as cl
 from _report_scenario import run_scenario
 from closedloop.cli import main
 from closedloop.cli._common import EXIT_NO_DATA, Since
-from closedloop.control._ledger import SQLiteLedger, Stop, StopKind
+from closedloop.control import SQLiteLedger, Stop, StopKind
 from closedloop.learn import report_from_store
 
 T0 = 1_700_000_000.0

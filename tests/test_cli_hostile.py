@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 import closedloop as cl
 from closedloop.cli import main
 from closedloop.cli._common import literal
-from closedloop.control._ledger import SQLiteLedger, Stop, StopKind
+from closedloop.control import SQLiteLedger, Stop, StopKind
 from closedloop.telemetry import StoreExporter, Telemetry, record_score
 
 HOSTILE = ("[/bold]", "[red]x[/red]", "[error]", "\x1b[31mred\x1b[0m", "\x1b]0;title\x07",

@@ -532,7 +532,7 @@ def test_the_demo_says_what_to_run_next(quick: tuple[str, dict[str, Any]]) -> No
 def test_traces_list_and_show_the_demo_steps(quick: tuple[str, dict[str, Any]]) -> None:
     url, _ = quick
     listed = cli_json("traces", "list", "--task-type", "ec2.provision", "--limit", "1000",
-                      "--store", url)
+                      "--store", url)["traces"]
     assert {t["trace_id"] for t in listed} == demo_traces(url)
     shown = CliRunner().invoke(main, ["traces", "show", listed[0]["trace_id"], "--store", url])
     assert shown.exit_code == 0, shown.output

@@ -378,7 +378,8 @@ async def test_sync_and_async_drivers_record_the_same_event(memory_store: cl.Sto
     sync = loop.run(7)
     asynchronous = await loop.arun(7)
     assert sync.event is not None and asynchronous.event is not None
-    assert sync.event._replace(trace_id="") == asynchronous.event._replace(trace_id="")
+    assert sync.event._replace(trace_id="", step_id="") == asynchronous.event._replace(
+        trace_id="", step_id="")
 
 
 def test_async_hook_in_sync_run_is_a_clear_config_error(memory_store: cl.Store) -> None:
@@ -687,3 +688,255 @@ def test_passing_verdicts_name_their_check(memory_store: cl.Store) -> None:
         ("positive", True, ())]
     assert [(v.check, v.passed, v.issues) for v in result.verification] == [
         (present.__qualname__, True, ())]
+
+
+# ---- a step is data: ids, parent and run, versions, labels, model, cost, the proposal ----------
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def test_every_step_has_its_own_step_id_also_within_one_trace(memory_store: cl.Store) -> None:
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store, guards=())
+    results = [loop.run(i) for i in range(50)]
+    ids = [r.step_id for r in results]
+    assert all(i is not None and HEX32.fullmatch(i) for i in ids)
+    assert len(set(ids)) == 50
+    assert [e.step_id for e in events(memory_store)] == ids
+
+
+def test_a_step_run_by_another_steps_hook_is_its_child_and_joins_its_run(
+        memory_store: cl.Store) -> None:
+    inner = cl.Loop(lambda t, a: t, task_type="inner", store=memory_store, guards=())
+    seen: dict[str, Any] = {}
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        seen["agent"] = inner.run(task)
+        seen["current"] = cl.loop.current_step_id()
+        return task
+
+    def executor(proposal: str) -> str:
+        seen["executor"] = inner.run(proposal)
+        return proposal
+
+    outer = cl.Loop(agent, task_type="outer", executor=executor, store=memory_store, guards=())
+    result = outer.run("x", run_id="run-1")
+    assert seen["current"] == result.step_id
+    assert seen["agent"].event.parent_step_id == result.step_id
+    assert seen["executor"].event.parent_step_id == result.step_id
+    assert seen["agent"].event.run_id == seen["executor"].event.run_id == "run-1"
+    assert result.event is not None and result.event.parent_step_id is None
+    assert cl.loop.current_step_id() is None  # the step is over
+    # a step started after it (not inside it) has no parent
+    assert inner.run("y").event.parent_step_id is None  # type: ignore[union-attr]
+
+
+async def test_async_nested_steps_find_their_parent_and_concurrent_steps_do_not_mix(
+        memory_store: cl.Store) -> None:
+    inner = cl.Loop(lambda t, a: t, task_type="inner", store=memory_store, guards=())
+
+    async def agent(task: int, attempt: cl.Attempt) -> int:
+        await asyncio.sleep(0)
+        nested = await inner.arun(task)
+        await asyncio.sleep(0)
+        assert nested.event is not None
+        return task if nested.event.parent_step_id == attempt.step_id else -1
+
+    outer = cl.Loop(agent, task_type="outer", validators=[positive], store=memory_store,
+                    guards=())
+    results = await asyncio.gather(*(outer.arun(i, run_id=f"r{i}") for i in range(1, 21)))
+    assert all(r.ok for r in results)
+    by_parent = {e.parent_step_id: e for e in events(memory_store) if e.task_type == "inner"}
+    for i, r in enumerate(results, start=1):
+        assert by_parent[r.step_id].run_id == f"r{i}"
+
+
+def test_a_nested_step_can_name_its_own_run(memory_store: cl.Store) -> None:
+    inner = cl.Loop(lambda t, a: t, task_type="inner", store=memory_store, guards=())
+    outer = cl.Loop(lambda t, a: inner.run(t, run_id="own").event, task_type="outer",
+                    store=memory_store, guards=())
+    child = outer.run("x", run_id="parent").proposal
+    assert isinstance(child, cl.StepEvent)
+    assert child.run_id == "own" and child.parent_step_id is not None
+
+
+def test_versions_and_labels_are_recorded_and_call_labels_add_to_the_loops(
+        memory_store: cl.Store) -> None:
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store, guards=(),
+                   agent_version="agent-2.1", prompt_version="p7",
+                   labels={"tier": "gold", "region": "eu"})
+    first = loop.run(1)
+    second = loop.run(2, labels={"region": "us", "experiment": "b"})
+    assert first.event is not None and second.event is not None
+    assert (first.event.agent_version, first.event.prompt_version) == ("agent-2.1", "p7")
+    assert first.event.labels == {"tier": "gold", "region": "eu"}
+    assert second.event.labels == {"tier": "gold", "region": "us", "experiment": "b"}
+    assert loop.run(3).event.labels == {"tier": "gold", "region": "eu"}  # type: ignore[union-attr]
+    assert first.event.labels is not second.event.labels
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ({f"k{i}": "v" for i in range(17)}, "at most 16 labels per step, got 17"),
+    ({"bad key": "v"}, "label name 'bad key' must be a name"),
+    ({"k" * 65: "v"}, "at most 64 characters"),
+    ({"tier": 3}, "label 'tier' must be a string, got int"),
+    ({"tier": "x" * 129}, "label 'tier' is 129 characters long, at most 128"),
+    (["tier"], "labels must be a mapping"),
+])
+def test_bad_labels_are_one_line_config_errors_before_anything_runs(
+        labels: Any, message: str) -> None:
+    ran: list[int] = []
+    with pytest.raises(cl.ConfigError, match=re.escape(message)):
+        cl.Loop(lambda t, a: ran.append(t), task_type="t", store=None, labels=labels)
+    loop = cl.Loop(lambda t, a: ran.append(t), task_type="t", store=None, guards=())
+    with pytest.raises(cl.ConfigError, match=re.escape(message)) as caught:
+        loop.run(1, labels=labels)
+    assert "\n" not in str(caught.value) and ran == []
+
+
+def test_labels_of_loop_and_call_together_are_bounded() -> None:
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=None, guards=(),
+                   labels={f"a{i}": "v" for i in range(10)})
+    with pytest.raises(cl.ConfigError, match="at most 16 labels per step, got 17"):
+        loop.run(1, labels={f"b{i}": "v" for i in range(7)})
+
+
+@pytest.mark.parametrize("kwargs", [{"agent_version": ""}, {"prompt_version": "x" * 201},
+                                    {"agent_version": "a\nb"}, {"prompt_version": 7}])
+def test_bad_versions_are_config_errors(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(cl.ConfigError, match="must be a non-empty printable string"):
+        cl.Loop(lambda t, a: t, task_type="t", store=None, **kwargs)
+
+
+def test_a_bad_run_id_is_a_config_error() -> None:
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=None, guards=())
+    with pytest.raises(cl.ConfigError, match="run_id must be a non-empty printable string"):
+        loop.run(1, run_id="")
+
+
+def test_model_provider_cached_tokens_and_cost_reported_by_the_agent_are_recorded(
+        memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        attempt.record_usage(100, 10, cached_input_tokens=60, cost_usd=0.25, model="small",
+                             provider="acme")
+        attempt.record_usage(50, 5, cached_input_tokens=20, cost_usd=0.5, model="big")
+        return task
+
+    event = cl.Loop(agent, task_type="t", store=memory_store, guards=()).run(1).event
+    assert event is not None
+    assert (event.input_tokens, event.output_tokens, event.cached_input_tokens) == (150, 15, 80)
+    assert (event.model, event.provider, event.cost_usd) == ("big", "acme", 0.75)
+    plain = cl.Loop(lambda t, a: t, task_type="t", store=None, guards=()).run(1).event
+    assert plain is not None
+    assert (plain.model, plain.provider, plain.cost_usd, plain.cached_input_tokens) == (
+        None, None, None, 0)
+
+
+def test_the_proposal_is_recorded_as_canonical_json_with_its_digest(
+        memory_store: cl.Store) -> None:
+    import hashlib
+    import json
+
+    proposals = iter([{"b": [1, 2], "a": "ü"}, {"a": "ü", "b": [1, 2]}, {"a": "ü", "b": [2, 1]}])
+    loop = cl.Loop(lambda t, a: next(proposals), task_type="t", store=memory_store, guards=())
+    first, same, other = (loop.run(i).event for i in range(3))
+    assert first is not None and same is not None and other is not None
+    assert first.proposal == '{"a":"ü","b":[1,2]}'
+    assert json.loads(first.proposal) == {"a": "ü", "b": [1, 2]}
+    assert first.proposal_digest == hashlib.sha256(first.proposal.encode()).hexdigest()
+    assert same.proposal_digest == first.proposal_digest  # dict order does not matter
+    assert other.proposal_digest != first.proposal_digest
+
+
+def test_the_digest_is_over_the_unredacted_proposal_the_stored_text_is_redacted(
+        memory_store: cl.Store) -> None:
+    passwords = iter(["hunter2", "hunter3"])
+    loop = cl.Loop(lambda t, a: {"db": {"password": next(passwords)}}, task_type="t",
+                   store=memory_store, guards=())
+    one, two = loop.run(1).event, loop.run(2).event
+    assert one is not None and two is not None
+    assert one.proposal_digest != two.proposal_digest  # an approval of one is not of the other
+    stored = events(memory_store)
+    assert [e.proposal for e in stored] == ['{"db":{"password":"[REDACTED:secret]"}}'] * 2
+    assert [e.proposal_digest for e in stored] == [one.proposal_digest, two.proposal_digest]
+
+
+def test_proposals_json_cannot_hold_are_recorded_all_the_same() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Plan:
+        name: str
+        tags: frozenset[str]
+
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    texts = iter([Plan("web", frozenset({"b", "a"})), {1: "int key", "a": "str key"}, cyclic,
+                   "plain text", 42])
+    loop = cl.Loop(lambda t, a: next(texts), task_type="t", store=None, guards=())
+    got = [loop.run(i).event.proposal for i in range(5)]  # type: ignore[union-attr]
+    assert got == ['{"name":"web","tags":["a","b"]}',
+                   json_string(repr({1: "int key", "a": "str key"})),
+                   json_string("{'self': {...}}"), '"plain text"', "42"]
+
+
+def json_string(text: str) -> str:
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def test_no_proposal_no_digest(memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        raise RuntimeError("down")
+
+    with pytest.raises(RuntimeError):
+        cl.Loop(agent, task_type="t", store=memory_store, guards=()).run(1)
+    (event,) = events(memory_store)
+    assert (event.proposal, event.proposal_digest) == (None, None)
+    assert event.step_id is not None
+
+
+def test_step_ids_of_a_forked_child_are_its_own() -> None:
+    import os
+
+    from closedloop.loop import new_step_id
+
+    parent = new_step_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, new_step_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert HEX32.fullmatch(child)
+    assert child[:20] != parent[:20]  # another process prefix, not the parent's counter
+
+
+def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.Store) -> None:
+    def agent(task: int, attempt: cl.Attempt) -> int:
+        raise RuntimeError("down")
+
+    with pytest.raises(RuntimeError) as caught:
+        cl.Loop(agent, task_type="t", store=memory_store, guards=()).run(1)
+    (event,) = events(memory_store)
+    assert caught.value.__notes__ == [
+        f"closedloop: recorded as step {event.step_id} of trace {event.trace_id} (t)"]
+
+
+def test_a_results_and_an_events_json_carry_the_step(memory_store: cl.Store) -> None:
+    import json
+
+    loop = cl.Loop(lambda t, a: {"n": t}, task_type="t", store=memory_store, guards=(),
+                   labels={"tier": "gold"}, agent_version="v1")
+    result = loop.run(1, run_id="r")
+    assert result.to_dict()["step_id"] == result.step_id
+    assert result.event is not None
+    shown = json.loads(json.dumps(result.event.to_dict()))
+    assert {k: shown[k] for k in ("step_id", "run_id", "labels", "agent_version", "proposal",
+                                  "proposal_digest")} == {
+        "step_id": result.step_id, "run_id": "r", "labels": {"tier": "gold"},
+        "agent_version": "v1", "proposal": '{"n":1}',
+        "proposal_digest": result.event.proposal_digest}

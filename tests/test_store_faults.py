@@ -140,8 +140,7 @@ def test_the_real_error_is_raised_not_the_failed_rollback(small_disk: SmallDisk)
 
 
 def test_spans_on_a_full_disk_raise_the_real_error_too(small_disk: SmallDisk) -> None:
-    from closedloop.telemetry import StoredSpan
-    from closedloop.telemetry._spanstore import SQLiteSpanStore
+    from closedloop.telemetry import SQLiteSpanStore, StoredSpan
 
     spans = SQLiteSpanStore(small_disk.path / "events.db")
     span = StoredSpan(trace_id="0" * 32, span_id="0" * 16, parent_id=None, name="s", kind=0,

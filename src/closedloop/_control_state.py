@@ -8,9 +8,10 @@ can implement the port (its durable record of stops) without importing the contr
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -54,6 +55,20 @@ class Stop:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def stop_from_row(row: Sequence[Any]) -> Stop:
+    """A stop from a ``control_stops`` row (task_type, kind, reason, by, at, until, evidence
+    as JSON text), as the store backends keep it."""
+    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
+                until=row[5], evidence=json.loads(row[6]))
+
+
+def history_entry(row: Sequence[Any]) -> dict[str, Any]:
+    """A history entry from a ``control_history`` row (at, event, task_type, reason, by,
+    evidence as JSON text or NULL)."""
+    return {"event": row[1], "task_type": row[2], "reason": row[3], "by": row[4], "at": row[0],
+            "time": _iso(row[0]), "evidence": json.loads(row[5]) if row[5] else None}
 
 
 def redacted(stop: Stop) -> Stop:

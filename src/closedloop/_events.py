@@ -6,10 +6,17 @@ to the store as-is, so it must be cheap to create and already shaped like a tabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
+from collections.abc import Mapping
 from enum import StrEnum
+from hashlib import sha256
+from json.encoder import encode_basestring as encode_string
 from typing import Any, NamedTuple
+
+from closedloop._errors import ConfigError
 
 
 class Outcome(StrEnum):
@@ -56,9 +63,27 @@ class ErrorType(StrEnum):
 class StepEvent(NamedTuple):
     """One step of one agent, as recorded in the store (one row).
 
-    The first ten fields after the timestamp are the design's event; the rest are
-    closedloop's: the trace id, attempts, autonomy, outcome, per-stage timings, and a JSON
-    ``detail`` with the issues and exception of a step that did not succeed.
+    The first ten fields after the timestamp are the design's event; then closedloop's: the
+    trace id, attempts, autonomy, outcome, per-stage timings, and a JSON ``detail`` with the
+    issues and exception of a step that did not succeed. Schema v3 appends, each with a
+    default (``None``: events of older stores, and events built without it):
+
+    - ``step_id``: unique per step across processes and machines (:func:`new_step_id`);
+      ``parent_step_id``: the step whose agent, executor or check ran this one (nested
+      :meth:`~closedloop.Loop.run`); ``run_id``: the run (a multi-step agent's task) the step
+      belongs to, given per call or inherited from the parent step.
+    - ``model``, ``provider``: of the step's last model call (the SDK integrations report
+      them, :meth:`~closedloop.Attempt.record_usage` too); ``agent_version``,
+      ``prompt_version``: the loop's; ``labels``: a few low-cardinality dimensions
+      (:func:`check_labels`).
+    - ``cached_input_tokens`` (part of ``input_tokens`` served from a prompt cache) and
+      ``cost_usd`` (None until priced).
+    - ``proposal``: the last proposal as canonical JSON text (:func:`proposal_text`),
+      redacted and cut to :data:`PROPOSAL_MAX_CHARS` when stored; ``proposal_digest``: the
+      SHA-256 of the whole proposal, unredacted (:func:`proposal_text` says why).
+
+    Every text is redacted before it is stored (the store's writer does it, off the agent's
+    path), so the event a step returns may hold text its stored copy shows redacted.
     """
 
     ts: float
@@ -80,6 +105,19 @@ class StepEvent(NamedTuple):
     act_ms: float
     verify_ms: float
     detail: dict[str, Any] | None
+    # ---- schema v3 ----
+    step_id: str | None = None
+    parent_step_id: str | None = None
+    run_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    agent_version: str | None = None
+    prompt_version: str | None = None
+    labels: dict[str, str] | None = None
+    cached_input_tokens: int | None = None
+    cost_usd: float | None = None
+    proposal: str | None = None
+    proposal_digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, with an ISO-8601 timestamp added for people."""
@@ -88,10 +126,137 @@ class StepEvent(NamedTuple):
         return out
 
     def to_row(self) -> tuple[Any, ...]:
-        """The row stored in SQL backends, a plain tuple with ``detail`` as JSON text."""
-        if self.detail is None:
-            return tuple(self)
-        return (*self[:-1], json.dumps(self.detail, default=str, separators=(",", ":")))
+        """The row stored in SQL backends, a plain tuple with ``detail`` and ``labels`` as
+        JSON text."""
+        row = list(self)
+        for i in JSON_COLUMNS:
+            if row[i] is not None:
+                row[i] = dumps(row[i])
+        return tuple(row)
 
 
 EVENT_FIELDS: tuple[str, ...] = StepEvent._fields
+V2_FIELDS: tuple[str, ...] = EVENT_FIELDS[:EVENT_FIELDS.index("detail") + 1]
+"""The fields of schema v2, every one required; the rest have defaults."""
+JSON_COLUMNS: tuple[int, ...] = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
+"""Positions of the fields stored as JSON (text in SQLite, jsonb in PostgreSQL)."""
+
+
+def dumps(value: Any) -> str:
+    """JSON text as the stores keep it: compact, anything JSON cannot hold as its ``str()``."""
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+# ---- the proposal: canonical text and digest ------------------------------------------------
+
+PROPOSAL_MAX_CHARS = 16_384
+"""A stored proposal's text is cut to this many characters (after redaction), with
+:data:`PROPOSAL_CUT` appended: a cut proposal is no longer valid JSON, its
+``proposal_digest`` still covers the whole of it. 16 KiB keeps a plan-sized proposal whole
+while bounding the row (a million events with capped proposals: at most ~16 GB)."""
+PROPOSAL_CUT = f"…[truncated at {PROPOSAL_MAX_CHARS} chars]"
+_HELD_CHARS = PROPOSAL_MAX_CHARS + 16_384
+"""How much of the text an event holds until the store's writer redacts it: more than is
+stored, so that a secret cut here lies past the stored cut (the cap bounds memory held by
+queued events)."""
+
+
+def _jsonable(value: Any) -> Any:
+    """What the canonical JSON writes for a value JSON has no type for."""
+    dump = getattr(value, "model_dump", None)  # a pydantic model
+    if callable(dump):
+        return dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    return str(value)
+
+
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           default=_jsonable).encode
+
+
+def proposal_text(proposal: Any) -> str:
+    """The canonical JSON text of a proposal, the form it is stored and digested in.
+
+    Canonical: ``json.dumps(proposal, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)``, with pydantic models as their ``model_dump(mode="json")``,
+    dataclasses as ``asdict``, sets as lists sorted by ``repr`` and any other object as its
+    ``str()``; a value that still cannot be written (a dict with keys of mixed types, a
+    cycle) is written as the JSON string of its ``repr()``. Equal data gives equal text
+    whichever order its dicts were built in.
+
+    ``proposal_digest`` is the SHA-256 of this text's UTF-8 bytes, unredacted and uncut: an
+    approval bound to a digest then authorises exactly the proposal the executor receives.
+    Over the redacted text, two proposals differing only in a secret (another password,
+    another account number) would share a digest, and the digest would change whenever the
+    redaction rules do. The price: someone who can read the store and guess a short secret
+    can check the guess against the digest; keep such secrets out of proposals.
+    """
+    kind = type(proposal)
+    if kind is int:
+        return str(proposal)
+    if kind is str:
+        return encode_string(proposal)
+    try:
+        return _encode(proposal)
+    except (TypeError, ValueError, RecursionError):
+        return encode_string(repr(proposal))
+
+
+def proposal_fields(proposal: Any) -> tuple[str | None, str | None]:
+    """``(proposal, proposal_digest)`` of a step event: the canonical text (held up to a
+    bound, cut and redacted when stored) and its SHA-256 in hex. ``(None, None)`` for none."""
+    if proposal is None:
+        return None, None
+    text = proposal_text(proposal)
+    digest = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return (text if len(text) <= _HELD_CHARS else text[:_HELD_CHARS]), digest
+
+
+def clip_proposal(text: str) -> str:
+    """A redacted proposal text cut to :data:`PROPOSAL_MAX_CHARS`, marked when cut."""
+    if len(text) <= PROPOSAL_MAX_CHARS:
+        return text
+    return text[:PROPOSAL_MAX_CHARS] + PROPOSAL_CUT
+
+
+# ---- labels --------------------------------------------------------------------------------
+
+MAX_LABELS = 16
+"""At most this many labels per step (the loop's and the call's together)."""
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 128
+_LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+def check_labels(labels: Mapping[str, str] | None, base: Mapping[str, str] | None = None,
+                 ) -> dict[str, str] | None:
+    """``base`` updated with ``labels``, checked: a :class:`~closedloop.ConfigError` (one
+    line) for more than :data:`MAX_LABELS` keys, a key that is not a name (letters, digits,
+    ``_ . -``, at most :data:`MAX_LABEL_KEY`) or a value that is not a string of at most
+    :data:`MAX_LABEL_VALUE` characters. None when there are none.
+
+    Labels are dimensions to group steps by (``customer_tier``, ``region``, ``experiment``):
+    keep their values few. They are redacted when stored, like every text.
+    """
+    if labels is None:
+        return dict(base) if base else None
+    if not isinstance(labels, Mapping):
+        raise ConfigError(f"labels must be a mapping of names to strings, got "
+                          f"{type(labels).__name__}")
+    merged = {**base, **labels} if base else dict(labels)
+    if len(merged) > MAX_LABELS:
+        raise ConfigError(f"at most {MAX_LABELS} labels per step, got {len(merged)}")
+    for key, value in merged.items():
+        if not isinstance(key, str) or len(key) > MAX_LABEL_KEY \
+                or not _LABEL_KEY.fullmatch(key):
+            raise ConfigError(f"label name {str(key)[:80]!r} must be a name of letters, digits, "
+                              f"'_', '.', '-' (at most {MAX_LABEL_KEY} characters)")
+        if not isinstance(value, str):
+            raise ConfigError(f"label {key!r} must be a string, got {type(value).__name__}")
+        if len(value) > MAX_LABEL_VALUE:
+            raise ConfigError(f"label {key!r} is {len(value)} characters long, at most "
+                              f"{MAX_LABEL_VALUE}")
+    return merged or None

@@ -17,6 +17,7 @@ The API other modules use, stable:
   over dicts, lists and tuples; a value under a key named like a secret, such as ``password``
   or ``api_key``, is replaced whole), both with the process default redactor;
 - :func:`clip` ``(str, max_chars) -> str``: redact, then truncate;
+- :func:`shown_url` ``(url) -> str``: the URL with its password masked, for output and logs;
 - :class:`Redactor` (the built-in rules plus the user's own patterns) and
   :func:`set_default_redactor` / :func:`default_redactor` / :func:`reset_default_redactor`.
 
@@ -39,10 +40,12 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from re import Pattern
 from typing import TYPE_CHECKING, Any
 
 from closedloop import _runtime
+from closedloop._events import EVENT_FIELDS, clip_proposal
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -509,6 +512,18 @@ def truncate(text: str, max_chars: int) -> str:
     return text[:max_chars] + marker
 
 
+_URL_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and output (even if malformed).
+
+    Control (Redis URLs) and the command line both show URLs, so it lives here, with the
+    rest of what keeps secrets out of output.
+    """
+    return _URL_PASSWORD.sub(r"//\1:***@", url)
+
+
 # -- the process default ------------------------------------------------------------------
 # The process's redactor is the current runtime's (closedloop._runtime): configure() and
 # reset() set it with the rest. A runtime without one of its own uses the built-in rules.
@@ -550,15 +565,48 @@ def clip(text: str, max_chars: int) -> str:
     return truncate(default_redactor()(text), max_chars)
 
 
+_EVENT_TEXTS = tuple(EVENT_FIELDS.index(f) for f in (
+    "error_message", "run_id", "model", "provider", "agent_version", "prompt_version"))
+_EVENT_DATA = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
+_PROPOSAL = EVENT_FIELDS.index("proposal")
+_MESSAGE, _DETAIL = _EVENT_TEXTS[0], _EVENT_DATA[0]
+_V3_REDACTED = (*_EVENT_TEXTS[1:], _EVENT_DATA[1])
+_v3_redacted = itemgetter(*_V3_REDACTED)  # one C call tells whether any of them is set
+
+
 def redact_event(event: StepEvent) -> StepEvent:
-    """A step event with its free text (``error_message``, ``detail``) redacted."""
-    message, detail = event.error_message, event.detail
-    if message is None and detail is None:
-        return event
+    """A step event with its free text redacted: ``error_message``, ``detail``, the run id,
+    model, provider and versions, the labels, and the proposal (then cut to its cap,
+    :func:`closedloop._events.clip_proposal`). Ids, digests and numbers are left alone."""
+    if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
+            and _v3_redacted(event).count(None) == len(_V3_REDACTED):
+        return event  # nothing to redact
     redactor = default_redactor()
-    return tuple.__new__(type(event), (  # _replace, without its per-call overhead
-        *event[:13], None if message is None else redactor(message), *event[14:18],
-        None if detail is None else redactor.value(detail)))
+    values: list[Any] | None = None  # copied on the first change: most texts have nothing
+    for i in _EVENT_TEXTS:
+        text: Any = event[i]
+        if text is not None:
+            clean = redactor(text)
+            if clean is not text:
+                if values is None:
+                    values = list(event)
+                values[i] = clean
+    for i in _EVENT_DATA:
+        data = event[i]
+        if data is not None:
+            if values is None:
+                values = list(event)
+            values[i] = redactor.value(data)
+    proposal = event.proposal
+    if proposal is not None:
+        clean = clip_proposal(redactor(proposal))
+        if clean is not proposal:
+            if values is None:
+                values = list(event)
+            values[_PROPOSAL] = clean
+    if values is None:
+        return event
+    return tuple.__new__(type(event), values)  # _replace, without its per-call overhead
 
 
 # -- log lines ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 import anthropic
 import pytest
 
+import closedloop as cl
 from closedloop.integrations import instrument_anthropic
 from closedloop.telemetry import MemoryExporter, Telemetry
 from integrations._wire_server import Reply, WireServer
@@ -59,6 +60,26 @@ def test_a_message_records_usage_including_cache(wire: WireServer, spans: Spans)
     assert a["gen_ai.usage.output_tokens"] == 5
     assert a["gen_ai.response.finish_reasons"] == ["end_turn"]
     assert span.content["gen_ai.system_instructions"] == "be brief"
+
+
+def test_usage_model_and_cache_reads_are_added_to_the_running_step(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    wire.script(Reply(body=MESSAGE), Reply(events=stream_events()))
+    c = instrument_anthropic(client(wire))
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        c.messages.create(model="claude-test", max_tokens=64, messages=MESSAGES)
+        with c.messages.create(model="claude-test", max_tokens=64, messages=MESSAGES,
+                               stream=True) as stream:
+            for _ in stream:
+                pass
+        return task
+
+    event = cl.Loop(agent, task_type="t", store=memory_store).run("x").event
+    assert event is not None
+    assert (event.model, event.provider) == ("claude-test-1", "anthropic")
+    assert event.input_tokens == 42 + 40 and event.cached_input_tokens == 30 + 30
+    assert event.output_tokens == 5 + 7
 
 
 def test_a_stream_records_final_usage_and_stop_reason(wire: WireServer, spans: Spans) -> None:

@@ -84,6 +84,24 @@ def test_usage_is_added_to_the_running_step(wire: WireServer, memory_store: cl.S
     result = cl.Loop(agent, task_type="t", store=memory_store).run("x")
     assert result.event is not None
     assert (result.event.input_tokens, result.event.output_tokens) == (24, 10)
+    # the model that answered, not the alias asked for; cache reads of both calls
+    assert (result.event.model, result.event.provider) == ("gpt-4o-2024-08-06", "openai")
+    assert result.event.cached_input_tokens == 16
+
+
+def test_a_call_that_failed_still_names_the_model_asked_for(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    wire.script(Reply(status=500, body={"error": {"message": "down"}}))
+    c = instrument_openai(client(wire))
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        return task
+
+    result = cl.Loop(agent, task_type="t", store=memory_store).run("x")
+    assert result.event is not None
+    assert (result.event.model, result.event.provider) == ("gpt-4o", "openai")
 
 
 def test_a_stream_passes_chunks_through_and_records_usage(wire: WireServer, spans: Spans) -> None:

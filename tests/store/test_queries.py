@@ -220,11 +220,11 @@ PRAGMA user_version = 2;
 
 
 def v2_file(path: Path, events: Sequence[cl.StepEvent]) -> str:
-    """A SQLite store as closedloop wrote it before migration 3, holding ``events``."""
+    """A SQLite store as closedloop wrote it before migrations 3-5, holding ``events``."""
     conn = sqlite3.connect(path)
     conn.executescript(V2_SQLITE)
     conn.executemany(f"INSERT INTO events VALUES ({', '.join('?' * 19)})",
-                     [e.to_row() for e in events])
+                     [e.to_row()[:19] for e in events])  # the v2 columns
     conn.commit()
     conn.close()
     return f"sqlite:///{path}"

@@ -39,8 +39,10 @@ def test_list_shows_traces_newest_first(tmp_path: Path) -> None:
     new = _record(url, passed=False, proposal="b")
     result = invoke("traces", "list", "--store", url, "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert [(r["trace_id"], r["outcome"]) for r in rows] == [(new, "failed"), (old, "succeeded")]
+    listed = json.loads(result.output)
+    assert [(r["trace_id"], r["outcome"]) for r in listed["traces"]] == [
+        (new, "failed"), (old, "succeeded")]
+    assert listed["next_cursor"] is None
 
 
 def test_show_prints_the_tree_with_verdicts(tmp_path: Path) -> None:
@@ -214,3 +216,69 @@ def test_show_prints_why_a_check_could_not_tell_and_passing_warnings(tmp_path: P
     verify = next(i for i, line in enumerate(lines) if "closedloop.verify" in line)
     assert "verdict.unknown=True" in lines[verify]
     assert "unknown: API timed out" in lines[verify + 1]
+
+
+def test_show_lists_the_traces_steps_with_their_v3_fields_printed_as_data(
+        tmp_path: Path) -> None:
+    import closedloop as cl
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    inner = cl.Loop(lambda t, a: {"token": "hunter2"}, task_type="inner", store=store,
+                    guards=(), telemetry=pipeline, agent_version="[red]v2[/red]")
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        attempt.record_usage(10, 2, cached_input_tokens=4, model="m-1", provider="acme")
+        inner.run(task)
+        return task
+
+    outer = cl.Loop(agent, task_type="outer", store=store, guards=(), telemetry=pipeline,
+                    labels={"tier": "gold\n[bold]x"})
+    result = outer.run("x", run_id="run-7")
+    pipeline.shutdown()
+    store.close()
+    shown = invoke("traces", "show", result.trace_id, "--store", url, "--content")
+    assert shown.exit_code == 0, shown.output
+    out = shown.output
+    assert f"step {result.step_id}" in out and f"parent_step={result.step_id}" in out
+    assert "run=run-7" in out and "model=m-1 (acme)" in out and "(4 cached)" in out
+    assert "labels=tier=gold\\n[bold]x" in out  # one line, markup printed as text
+    assert "agent_version=[red]v2[/red]" in out
+    assert f"proposal=sha256:{result.event.proposal_digest}" in out  # type: ignore[union-attr]
+    assert 'proposal: {"token":"[REDACTED:secret]"}' in out and "hunter2" not in out
+    spans = json.loads(invoke("traces", "show", result.trace_id, "--store", url,
+                              "--json").output)
+    root = next(s for s in spans if s["name"] == "closedloop.step" and s["parent_id"] is None)
+    assert root["attributes"]["closedloop.step_id"] == result.step_id
+    assert root["attributes"]["closedloop.label.tier"] == "gold\n[bold]x"
+
+
+def test_show_of_a_step_recorded_without_tracing_lists_the_step(tmp_path: Path) -> None:
+    import closedloop as cl
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with open_store(url) as store:
+        result = cl.Loop(lambda t, a: t, task_type="t", store=store, guards=(),
+                         telemetry=None).run(1)
+    shown = invoke("traces", "show", result.trace_id, "--store", url)
+    assert shown.exit_code == 0, shown.output
+    assert f"step {result.step_id}  t succeeded" in shown.output
+
+
+def test_show_of_a_store_made_before_schema_v3_reads_it_as_it_is(tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    path = tmp_path / "v2.db"
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "data" / "store_v2.db", path)
+    with closing(sqlite3.connect(path)) as db:
+        (trace_id,) = db.execute("SELECT trace_id FROM events WHERE outcome = 'failed'"
+                                 ).fetchone()
+    shown = invoke("traces", "show", trace_id, "--store", f"sqlite:///{path}")
+    assert shown.exit_code == 0, shown.output
+    assert "step (no step id: recorded before schema v3)  ec2.provision failed" in shown.output
+    assert "closedloop.validate" in shown.output
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)  # read, not migrated

@@ -153,4 +153,4 @@ def test_a_forked_child_exports_its_own_spans(store: cl.Store) -> None:
     pipeline.end_span(pipeline.start_span("parent.after"))
     pipeline.shutdown()
     assert os.waitstatus_to_exitcode(status) == 0
-    assert len(span_store_for(store).traces(limit=10)) == 3
+    assert len(span_store_for(store).traces(limit=10).traces) == 3

@@ -44,8 +44,8 @@ def test_traces_list_newest_first_and_filter_by_task_type(store: cl.Store) -> No
     second = _trace(pipeline, "b")
     pipeline.shutdown()
     spans = span_store_for(store)
-    assert [t.trace_id for t in spans.traces()] == [second, first]
-    (only,) = spans.traces(task_type="a")
+    assert [t.trace_id for t in spans.traces().traces] == [second, first]
+    (only,) = spans.traces(task_type="a").traces
     assert (only.trace_id, only.spans, only.outcome) == (first, 2, "succeeded")
 
 

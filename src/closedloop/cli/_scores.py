@@ -18,7 +18,7 @@ from closedloop.cli._common import (
     say,
     store_option,
 )
-from closedloop.cli._common import open_store_to_read as _open
+from closedloop.cli._traces import reading
 
 if TYPE_CHECKING:
     from closedloop.telemetry import Score
@@ -115,9 +115,8 @@ def add(  # noqa: PLR0917 - click passes every option as an argument
 def list_scores(store_url: str, trace_id: str | None, name: str | None, since: float | None,
                 as_json: bool) -> None:
     """Scores, oldest first."""
-    from closedloop.telemetry import span_store_for
-
-    found = span_store_for(_open(store_url)).scores(trace_id=trace_id, name=name, since=since)
+    with reading(store_url) as (_, spans):
+        found = spans.scores(trace_id=trace_id, name=name, since=since)
     if as_json:
         echo_json([s.to_dict() for s in found])
         return
@@ -137,9 +136,10 @@ def list_scores(store_url: str, trace_id: str | None, name: str | None, since: f
 @click.option("--since", type=Since(), help="Only scores given since (24h, 7d, a date).")
 def export(store_url: str, endpoint: str, name: str | None, since: float | None) -> None:
     """Send scores to a collector as gen_ai.evaluation.result events."""
-    from closedloop.telemetry import otlp_http_scores, span_store_for
+    from closedloop.telemetry import otlp_http_scores
 
-    found = span_store_for(_open(store_url)).scores(name=name, since=since)
+    with reading(store_url) as (_, spans):
+        found = spans.scores(name=name, since=since)
     if not found:
         click.echo("no scores", err=True)
         sys.exit(EXIT_NO_DATA)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -23,14 +25,22 @@ from closedloop.cli._common import (
 from closedloop.cli._common import open_store_to_read as _open
 
 if TYPE_CHECKING:
+    from closedloop._events import StepEvent
+    from closedloop.store import Store
     from closedloop.telemetry import SpanStore, StoredSpan
 
 
-def _spans(store_url: str) -> SpanStore:
+@contextmanager
+def reading(store_url: str) -> Iterator[tuple[Store, SpanStore]]:
+    """The store at ``store_url`` opened read-only, and its spans and scores; closed after."""
     # a missing extra is named by the command group (closedloop.cli._Group)
     from closedloop.telemetry import span_store_for
 
-    return span_store_for(_open(store_url))
+    store = _open(store_url)
+    try:
+        yield store, span_store_for(store)
+    finally:
+        store.close()
 
 
 def _trace(spans: SpanStore, trace_id: str) -> list[StoredSpan]:
@@ -52,50 +62,72 @@ def traces() -> None:
 @click.option("--since", type=Since(), help="Only traces started since (24h, 7d, a date).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="How many traces to list at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def list_traces(store_url: str, task_type: str | None, since: float | None, limit: int,
-                as_json: bool) -> None:
-    """The most recent traces, newest first."""
-    found = _spans(store_url).traces(limit=limit, task_type=task_type,
-                                     since_ns=int(since * 1e9) if since is not None else None)
+@click.option("--cursor", help="Continue a listing: the next_cursor a previous page gave.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON for scripts: the traces and the next page's cursor.")
+def list_traces(  # noqa: PLR0917 - click passes every option as an argument
+        store_url: str, task_type: str | None, since: float | None, limit: int,
+        cursor: str | None, as_json: bool) -> None:
+    """The most recent traces, newest first, a page at a time."""
+    with reading(store_url) as (_, spans):
+        page = spans.traces(limit=limit, task_type=task_type, cursor=cursor,
+                            since_ns=int(since * 1e9) if since is not None else None)
     if as_json:
-        echo_json([t.to_dict() for t in found])
+        echo_json(page.to_dict())
         return
-    if not found:
+    if not page.traces:
         click.echo("no traces", err=True)
         sys.exit(EXIT_NO_DATA)
     from rich.table import Table
 
     table = Table("trace id", "started", "task type", "outcome", "spans", "ms")
-    for t in found:
+    for t in page.traces:
         table.add_row(t.trace_id, iso(t.start_ns / 1e9), t.task_type or "-", t.outcome or "-",
                       str(t.spans), f"{(t.end_ns - t.start_ns) / 1e6:.1f}")
     console().print(table)
+    if page.next_cursor is not None:
+        say(f"more: --cursor {page.next_cursor}")
 
 
 @traces.command("show")
 @click.argument("trace_id")
 @store_option
 @click.option("--content/--no-content", default=False,
-              help="Also print captured (redacted) content.")
+              help="Also print captured (redacted) content and each step's proposal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the spans as JSON.")
 def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> None:
-    """One trace as a tree, with timings, verdicts and their messages."""
+    """One trace as a tree, with timings, verdicts and their messages, and its steps.
+
+    Each step recorded under the trace is listed first: its step id, parent step and run,
+    model, versions, labels, cost and proposal digest (with --content, the proposal).
+    """
     from rich.text import Text
     from rich.tree import Tree
 
-    from closedloop.telemetry._spanstore import iter_children
-    from closedloop.telemetry._view import label, verdict_messages
+    from closedloop.telemetry import iter_children, span_label, verdict_messages
 
-    spans = _trace(_spans(store_url), trace_id)
+    trace_id = trace_id.strip()
+    with reading(store_url) as (store, store_spans):
+        spans = store_spans.trace(trace_id)
+        steps = [] if as_json else list(store.events(trace_id=trace_id))
     if as_json:
+        if not spans:
+            say(f"error: no spans for trace {trace_id}", err=True)
+            sys.exit(EXIT_NO_DATA)
         echo_json([s.to_dict() for s in spans])
         return
+    if not spans and not steps:
+        say(f"error: no spans for trace {trace_id}", err=True)
+        sys.exit(EXIT_NO_DATA)
     root = Tree(f"trace {trace_id}")
+    for event in steps:
+        node = root.add(styled(step_line(event), "red" if event.error_type else ""))
+        if content and event.proposal is not None:
+            node.add(Text(literal(f"proposal: {event.proposal}", newlines=True), style="dim"))
     nodes: list[Tree] = [root]
     for depth, span in iter_children(spans):
         del nodes[depth + 1:]
-        node = nodes[-1].add(styled(label(span), "red" if span.status == 2 else ""))
+        node = nodes[-1].add(styled(span_label(span), "red" if span.status == 2 else ""))
         failed = span.attributes.get("closedloop.verdict.passed") is False
         for message in verdict_messages(span):
             node.add(styled(message, "red" if failed else "yellow"))
@@ -106,6 +138,30 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     console().print(root)
 
 
+def step_line(event: StepEvent) -> str:
+    """One line for a recorded step: what it was, who ran it, with what (stored text as is:
+    the caller prints it as data)."""
+    parts = [f"step {event.step_id or '(no step id: recorded before schema v3)'}",
+             f"{event.task_type} {event.outcome}", f"{event.latency_ms:.1f} ms"]
+    for name in ("parent_step_id", "run_id", "agent_version", "prompt_version"):
+        value = getattr(event, name)
+        if value is not None:
+            parts.append(f"{name.removesuffix('_id')}={value}")
+    if event.model is not None or event.provider is not None:
+        parts.append(f"model={event.model or '?'} ({event.provider or '?'})")
+    tokens = f"tokens={event.input_tokens}/{event.output_tokens}"
+    if event.cached_input_tokens:
+        tokens += f" ({event.cached_input_tokens} cached)"
+    parts.append(tokens)
+    if event.cost_usd is not None:
+        parts.append(f"cost=${event.cost_usd:.6f}")
+    if event.labels:
+        parts.append("labels=" + ",".join(f"{k}={v}" for k, v in sorted(event.labels.items())))
+    if event.proposal_digest is not None:
+        parts.append(f"proposal=sha256:{event.proposal_digest}")
+    return "  ".join(parts)
+
+
 @traces.command("diff")
 @click.argument("trace_a")
 @click.argument("trace_b")
@@ -114,10 +170,10 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
 def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
-    from closedloop.telemetry._view import diff_traces, first_divergence
+    from closedloop.telemetry import diff_traces, first_divergence
 
-    spans = _spans(store_url)
-    rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
+    with reading(store_url) as (_, spans):
+        rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return
@@ -169,14 +225,15 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
         since: float | None, store_url: str, as_json: bool) -> None:
     """Re-run today's validators and verifiers on the proposals recorded in traces."""
-    from closedloop.telemetry._replay import replay as run_replay
+    from closedloop.telemetry import replay as run_replay
 
     if not validator_specs and not verifier_specs:
         raise ConfigError("give at least one --validator or --verifier to replay")
     validators = [_import_check(s) for s in validator_specs]
     verifiers = [_import_check(s) for s in verifier_specs]
-    report = run_replay(_open(store_url), task_type, validators=validators,
-                        verifiers=verifiers, since=since)
+    with reading(store_url) as (store, _):
+        report = run_replay(store, task_type, validators=validators, verifiers=verifiers,
+                            since=since)
     if as_json:
         echo_json(report.to_dict())
         return

@@ -41,7 +41,6 @@ if typing.TYPE_CHECKING:
         CachedLedger,
         ControlLedger,
         MemoryLedger,
-        SQLiteLedger,
         Stop,
         StopKind,
         ledger_for_store,
@@ -57,6 +56,7 @@ if typing.TYPE_CHECKING:
         retry_after_from_headers,
     )
     from closedloop.control._state import LocalRates, RateBackend
+    from closedloop.store import SQLiteLedger
 
 __all__ = [
     "RETRYABLE",
@@ -111,11 +111,12 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
         "._core": ("BreakerState", "Grant", "KeyState", "Limits"),
         "._fault": ("FaultControl", "default_fault_control", "reset_default_fault_control",
                     "resume"),
-        "._ledger": ("CachedLedger", "ControlLedger", "MemoryLedger", "SQLiteLedger", "Stop",
-                     "StopKind", "ledger_for_store"),
+        "._ledger": ("CachedLedger", "ControlLedger", "MemoryLedger", "Stop", "StopKind",
+                     "ledger_for_store"),
         "._redis": ("RedisLedger", "RedisRates"),
         "._retry": ("RetryBudget", "RetryPolicy"),
         "._signals": ("RETRYABLE", "Feedback", "Signal", "classify", "parse_retry_after",
                       "retry_after_from_headers"),
         "._state": ("LocalRates", "RateBackend"),
+        "closedloop.store": ("SQLiteLedger",),  # the store keeps it; re-exported as before
     })

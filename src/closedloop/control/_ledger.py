@@ -5,16 +5,12 @@ where ``closedloop resume`` lifts it; it survives restarts. :func:`ledger_for_st
 one place that picks it, for agents, ``closedloop status``/``resume``, ``serve`` and the API
 alike (docs/control.md states the design):
 
-- :class:`SQLiteLedger`, the durable record: small tables in the event store's own SQLite
-  file (``control_stops`` and ``control_history``), created by this module with ``CREATE
-  TABLE IF NOT EXISTS`` on the first write. They are kept out of the event store's
-  migrations on purpose: control state is not an event, has its own life cycle, and this
-  way works with any store schema version.
-- :class:`~closedloop.store._postgres.PostgresLedger` for a PostgreSQL store: the same
-  tables in the store's schema (created by its migrations), shared by every machine. A
-  backend offers its ledger through the control-state port
-  (:class:`~closedloop.store.ControlStateBackend`).
-- :class:`MemoryLedger` for tests and ``memory://`` stores.
+- The store's own durable record, which its backend offers through the control-state port
+  (:class:`~closedloop.store.ControlStateBackend`): :class:`~closedloop.store.SQLiteLedger`
+  (tables in the SQLite store's file), ``PostgresLedger`` (the same tables in a PostgreSQL
+  store's schema, shared by every machine), the backend's own :class:`MemoryLedger` for
+  ``memory://``. This module never opens a database itself.
+- :class:`MemoryLedger` for tests and for backends that keep no control state.
 - :class:`CachedLedger` when Redis is configured (``CLOSEDLOOP_REDIS_URL``): the store's
   ledger stays the durable record, written first; :class:`~closedloop.control.RedisLedger`
   caches it and carries stops and lifts to other machines. A Redis restarted empty is
@@ -28,17 +24,12 @@ stored.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing, suppress
-from pathlib import Path
 from typing import Any, Protocol
 
 from closedloop._control_state import (
@@ -46,13 +37,11 @@ from closedloop._control_state import (
     MemoryLedger,
     Stop,
     StopKind,
-    _iso,
-    _merge,
     redacted,
     stronger,
 )
 from closedloop._errors import ControlUnavailable
-from closedloop._redact import redact_text
+from closedloop._redact import shown_url
 from closedloop._runtime import REDIS_ENV
 
 # Stop, StopKind, ControlLedger and MemoryLedger live in closedloop._control_state (the store
@@ -62,7 +51,6 @@ __all__ = [
     "CachedLedger",
     "ControlLedger",
     "MemoryLedger",
-    "SQLiteLedger",
     "SharedCache",
     "Stop",
     "StopKind",
@@ -76,186 +64,10 @@ __all__ = [
 _log = logging.getLogger("closedloop.control")
 
 
-def shown_url(url: str) -> str:
-    """``url`` without its password, for messages, logs and output (even if malformed)."""
-    return _PASSWORD.sub(r"//\1:***@", url)
-
-
-_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
-
-
 def who() -> str:
     """The default "by": user@host (pid)."""
     user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
     return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS control_stops (
-    task_type TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    by TEXT NOT NULL,
-    at REAL NOT NULL,
-    until REAL,
-    evidence TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS control_keys (
-    source TEXT NOT NULL,
-    key TEXT NOT NULL,
-    at REAL NOT NULL,
-    snapshot TEXT NOT NULL,
-    PRIMARY KEY (source, key)
-);
-CREATE TABLE IF NOT EXISTS control_history (
-    at REAL NOT NULL,
-    event TEXT NOT NULL,
-    task_type TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    by TEXT NOT NULL,
-    evidence TEXT
-);
-"""
-
-
-class SQLiteLedger:
-    """Stops in a SQLite file (by default the event store's), shared by local processes.
-
-    Opens a connection per call (control state is read about once a second per task type),
-    so that a store that was unreadable for a while (disk full, no file descriptors) is used
-    again as soon as it can be. Every failure is :class:`~closedloop.ControlUnavailable`.
-    Reads never create the tables (a file that has none has no stops).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path).expanduser()
-        self.clock = clock
-        self._schema = False
-
-    def __repr__(self) -> str:
-        return f"SQLiteLedger({str(self.path)!r})"
-
-    def _conn(self, *, write: bool) -> closing[sqlite3.Connection]:
-        if write and not self._schema:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        if write:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        else:  # a read never writes the file, so it also works on a read-only mount
-            from closedloop.store._sqlite import connect_read_only
-
-            conn = connect_read_only(self.path)
-        try:
-            if write and not self._schema:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-                self._schema = True
-        except BaseException:
-            conn.close()
-            raise
-        return closing(conn)
-
-    def _fail(self, what: str, exc: BaseException) -> ControlUnavailable:
-        return ControlUnavailable(f"cannot {what} control state in {self.path}: {exc}")
-
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            if not self._schema and not self.path.exists():
-                return []  # no file yet: nothing was ever stopped here
-            with self._conn(write=False) as conn:
-                return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError as exc:
-            if str(exc).startswith("no such table"):
-                return []
-            raise self._fail("read", exc) from exc
-        except (OSError, sqlite3.Error) as exc:
-            raise self._fail("read", exc) from exc
-
-    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        try:
-            with self._conn(write=True) as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    out = work(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # a failing ROLLBACK (disk full) must not mask the error that caused it
-                    with suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
-                return out
-        except (OSError, sqlite3.Error) as exc:
-            raise self._fail("write", exc) from exc
-
-    def put(self, stop: Stop) -> None:
-        stop = redacted(stop)
-
-        def work(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
-                               (stop.task_type,)).fetchone()
-            if _merge(_stop(row) if row else None, stop, self.clock()):
-                conn.execute(
-                    "INSERT OR REPLACE INTO control_stops VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (stop.task_type, stop.kind.value, stop.reason, stop.by, stop.at,
-                     stop.until, json.dumps(stop.evidence, default=str)))
-                conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, ?)",
-                             (stop.at, stop.kind.value, stop.task_type, stop.reason,
-                              stop.by, json.dumps(stop.evidence, default=str)))
-
-        self._write(work)
-
-    def get(self, task_type: str) -> Stop | None:
-        rows = self._read("SELECT * FROM control_stops WHERE task_type = ?", (task_type,))
-        stop = _stop(rows[0]) if rows else None
-        return stop if stop is not None and stop.active(self.clock()) else None
-
-    def lift(self, task_type: str, *, reason: str, by: str) -> Stop | None:
-        reason = redact_text(reason)
-
-        def work(conn: sqlite3.Connection) -> Stop | None:
-            row = conn.execute("SELECT * FROM control_stops WHERE task_type = ?",
-                               (task_type,)).fetchone()
-            if row:
-                conn.execute("DELETE FROM control_stops WHERE task_type = ?", (task_type,))
-                conn.execute("INSERT INTO control_history VALUES (?, ?, ?, ?, ?, NULL)",
-                             (self.clock(), "resumed", task_type, reason, by))
-            return _stop(row) if row else None
-
-        if not self._schema and not self.path.exists():
-            return None
-        lifted: Stop | None = self._write(work)
-        return lifted
-
-    def stops(self) -> list[Stop]:
-        rows = self._read("SELECT * FROM control_stops ORDER BY task_type")
-        now = self.clock()
-        return [s for s in map(_stop, rows) if s.active(now)]
-
-    def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._read("SELECT * FROM control_history ORDER BY at DESC LIMIT ?",
-                          (int(limit),))
-        return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
-                 "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
-                for r in rows]
-
-    def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
-        """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
-        now = self.clock()
-        self._write(lambda conn: conn.executemany(
-            "INSERT OR REPLACE INTO control_keys VALUES (?, ?, ?, ?)",
-            [(source, key, now, json.dumps(snap, default=str)) for key, snap in keys.items()]))
-
-    def published(self, max_age: float = 300.0) -> dict[str, dict[str, Any]]:
-        """Recent snapshots by ``key@source`` (older than ``max_age`` seconds are left out)."""
-        rows = self._read("SELECT source, key, at, snapshot FROM control_keys "
-                          "WHERE at >= ? ORDER BY key, source", (self.clock() - max_age,))
-        return {f"{key}@{source}": {**json.loads(snap), "published": _iso(at)}
-                for source, key, at, snap in rows}
-
-
-def _stop(row: tuple[Any, ...]) -> Stop:
-    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
-                until=row[5], evidence=json.loads(row[6]))
 
 
 class SharedCache(ControlLedger, Protocol):
@@ -426,7 +238,8 @@ class CachedLedger:
         return out[:limit]
 
     def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
-        """Per-key snapshots go to the durable ledger (see :meth:`SQLiteLedger.publish`)."""
+        """Per-key snapshots go to the durable ledger (see
+        :meth:`~closedloop.store.SQLiteLedger.publish`)."""
         publish = getattr(self.durable, "publish", None)
         if publish is not None:
             publish(source, keys)
@@ -460,10 +273,9 @@ def ledger_for_store(store: Any, *, redis_url: str | None = _FROM_ENV,
 
 
 def _durable(backend: Any) -> ControlLedger:
-    """The backend's own durable ledger (the control-state port), else SQLite's, else memory."""
-    from closedloop.store._base import ControlStateBackend
+    """The backend's own durable ledger (the control-state port), else one in memory."""
+    from closedloop.store import ControlStateBackend
 
     if isinstance(backend, ControlStateBackend):
         return backend.control_ledger()
-    path = getattr(backend, "path", None)  # SQLite backends and readers: the store's file
-    return SQLiteLedger(path) if isinstance(path, Path) else MemoryLedger()
+    return MemoryLedger()

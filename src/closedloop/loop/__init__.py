@@ -8,11 +8,14 @@ from closedloop.loop._machine import (
     Admit,
     Approve,
     Propose,
+    StepGen,
+    StepSpec,
     Validate,
     Verify,
+    new_step_id,
     new_trace_id,
 )
-from closedloop.loop._result import Attempt, StepResult, current_attempt
+from closedloop.loop._result import Attempt, StepResult, current_attempt, current_step_id
 
 __all__ = [
     "DEFAULT",
@@ -24,10 +27,14 @@ __all__ = [
     "Attempt",
     "Loop",
     "Propose",
+    "StepGen",
     "StepGuard",
     "StepResult",
+    "StepSpec",
     "Validate",
     "Verify",
     "current_attempt",
+    "current_step_id",
+    "new_step_id",
     "new_trace_id",
 ]

@@ -9,18 +9,20 @@ are normalised here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from closedloop import _runtime
 from closedloop._errors import ConfigError
+from closedloop._events import check_labels
 from closedloop.autonomy import Approver, Autonomy
 from closedloop.loop._guard import StepGuard
-from closedloop.loop._machine import StepGen, StepSpec, new_trace_id, step_machine
+from closedloop.loop._machine import StepCall, StepGen, StepSpec, new_trace_id, step_machine
 from closedloop.loop._result import Attempt, StepResult
 
 if TYPE_CHECKING:
@@ -57,6 +59,20 @@ def _name(obj: object) -> str:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
+_MAX_NAME = 200
+
+
+def _version(value: object, what: str) -> str | None:
+    """A version or run id: None, or a non-empty one-line string of at most 200 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > _MAX_NAME \
+            or not value.isprintable():
+        raise ConfigError(f"{what} must be a non-empty printable string of at most "
+                          f"{_MAX_NAME} characters, got {str(value)[:80]!r}")
+    return value
+
+
 def _checks(items: Iterable[Callable[..., Any]], what: str) -> tuple[tuple[str, Any], ...]:
     out = []
     for item in items:
@@ -87,6 +103,14 @@ class Loop:
     with a span per stage; ``None`` turns tracing off. Every hook
     may be a plain function or ``async def`` (async hooks need :meth:`arun`).
 
+    Each step's event carries the loop's ``agent_version`` and ``prompt_version`` (say which
+    agent and prompt made it, to compare versions) and ``labels``, a few low-cardinality
+    dimensions to group steps by (``{"tier": "gold"}``; at most 16, names of at most 64 and
+    values of at most 128 characters, a :class:`~closedloop.ConfigError` otherwise). Per
+    call, ``run(task, run_id=..., labels=...)`` names the run the step belongs to and adds
+    or overrides labels; a step run by another step's hook records that step as its parent
+    and, unless given its own, its run id.
+
     ``store``, the default guards, ``backpressure`` and ``telemetry`` come from ``runtime``
     (a :class:`~closedloop.Runtime`), by default the process's: a loop follows
     :func:`closedloop.configure` and :func:`closedloop.reset` from its next step, while a
@@ -113,6 +137,9 @@ class Loop:
         wallclock: Callable[[], float] = time.time,
         telemetry: StepTracing | None = DEFAULT,
         runtime: Runtime | None = None,
+        agent_version: str | None = None,
+        prompt_version: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         if not callable(agent):
             raise ConfigError(f"agent {agent!r} is not callable")
@@ -149,6 +176,9 @@ class Loop:
             clock=clock,
             wallclock=wallclock,
             fail_open=bool(fail_open),
+            agent_version=_version(agent_version, "agent_version"),
+            prompt_version=_version(prompt_version, "prompt_version"),
+            labels=check_labels(labels),
         )
         self._telemetry = telemetry
         self._traced: tuple[StepTracing, StepTracer] | None = None
@@ -184,23 +214,34 @@ class Loop:
             self.store = store
             self._bound = rt
 
-    def _step(self, task_input: Any) -> StepGen:
+    def _step(self, task_input: Any, run_id: str | None,
+              labels: Mapping[str, str] | None) -> StepGen:
         """The step's state machine, traced when a telemetry pipeline is in use."""
         if self._runtime is None and _runtime._current is not self._bound:
             self._rebind(_runtime._current)
+        machine: Callable[[StepSpec, Any, str], StepGen] = step_machine
+        if run_id is not None or labels is not None:
+            machine = functools.partial(step_machine, call=StepCall(
+                _version(run_id, "run_id"), check_labels(labels, self._spec.labels)))
         telemetry = self._telemetry
         if telemetry is DEFAULT:
             telemetry = self._bound.telemetry
         if telemetry is None:
-            return step_machine(self._spec, task_input, new_trace_id())
+            return machine(self._spec, task_input, new_trace_id())
         traced = self._traced
         if traced is None or traced[0] is not telemetry:
             traced = self._traced = (telemetry, telemetry.tracer(self._spec))
-        return traced[1].step(step_machine, task_input, new_trace_id())
+        return traced[1].step(machine, task_input, new_trace_id())
 
-    def run(self, task_input: Any) -> StepResult[Any, Any]:
-        """Run one step synchronously; every hook must be a plain function."""
-        gen: StepGen = self._step(task_input)
+    def run(self, task_input: Any, *, run_id: str | None = None,
+            labels: Mapping[str, str] | None = None) -> StepResult[Any, Any]:
+        """Run one step synchronously; every hook must be a plain function.
+
+        ``run_id`` names the run (a multi-step agent's task) the step belongs to (default:
+        the enclosing step's, if any); ``labels`` add to, or override, the loop's labels for
+        this step. A bad one is a :class:`~closedloop.ConfigError` before anything runs.
+        """
+        gen: StepGen = self._step(task_input, run_id, labels)
         try:
             action = next(gen)
             while True:
@@ -223,9 +264,12 @@ class Loop:
             # here, in this context, rather than later from the garbage collector.
             gen.close()
 
-    async def arun(self, task_input: Any) -> StepResult[Any, Any]:
-        """Run one step in asyncio; hooks may be plain functions or ``async def``."""
-        gen: StepGen = self._step(task_input)
+    async def arun(self, task_input: Any, *, run_id: str | None = None,
+                   labels: Mapping[str, str] | None = None) -> StepResult[Any, Any]:
+        """Run one step in asyncio; hooks may be plain functions or ``async def``.
+
+        ``run_id`` and ``labels`` as for :meth:`run`."""
+        gen: StepGen = self._step(task_input, run_id, labels)
         try:
             action = next(gen)
             while True:

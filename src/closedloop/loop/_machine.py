@@ -14,7 +14,9 @@ identically.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -22,12 +24,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple, TypeAlias
 
-from closedloop._events import ErrorType, Outcome, StepEvent
+from closedloop._events import ErrorType, Outcome, StepEvent, proposal_fields
 from closedloop._redact import clip
 from closedloop._verdict import Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
 from closedloop.loop._guard import Admission, StepGuard
-from closedloop.loop._result import Attempt, StepResult, _current_attempt
+from closedloop.loop._result import Attempt, StepResult, _current_attempt, _current_step
 
 # Actions are NamedTuples: immutable, typed, and built on the agent's hot path several times
 # per step, where a frozen dataclass would cost twice as much. ``fn`` and ``args`` come first
@@ -158,6 +160,10 @@ class StepSpec:
     wallclock: Callable[[], float]
     fail_open: bool = False
     """Admit when a guard cannot decide (raises) instead of refusing: an explicit opt-in."""
+    agent_version: str | None = None
+    prompt_version: str | None = None
+    labels: dict[str, str] | None = None
+    """The loop's labels, checked (:func:`closedloop._events.check_labels`); never mutated."""
     admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
     """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
@@ -173,6 +179,38 @@ class StepSpec:
 def new_trace_id() -> str:
     """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
     return "%032x" % random.getrandbits(128)  # noqa: UP031 - faster than an f-string here
+
+
+_step_prefix = ""
+_step_counter = itertools.count()
+
+
+def _new_step_prefix() -> None:
+    """80 random bits for this process's step ids (again in a forked child)."""
+    global _step_prefix, _step_counter
+    _step_prefix = os.urandom(10).hex()
+    _step_counter = itertools.count()
+
+
+_new_step_prefix()
+os.register_at_fork(after_in_child=_new_step_prefix)
+
+
+def new_step_id() -> str:
+    """A step id: 32 lowercase hex digits, unique across processes and machines.
+
+    20 digits are random per process (80 bits, drawn again after ``fork``), 12 count the
+    process's steps: a third of what a random 128-bit id costs, unique as long as no two
+    of a million processes draw the same 80 bits (odds ~1e-12), and ordered within a
+    process."""
+    return "%s%012x" % (_step_prefix, next(_step_counter))  # noqa: UP031 - fastest form
+
+
+class StepCall(NamedTuple):
+    """What one call of :meth:`~closedloop.Loop.run` adds to the loop's spec."""
+
+    run_id: str | None
+    labels: dict[str, str] | None
 
 
 def _describe(exc: BaseException) -> str:
@@ -206,43 +244,63 @@ _SUCCEEDED = _Ending(Outcome.SUCCEEDED)
 _AGAIN = _Ending(Outcome.FAILED)  # validation failed, re-ask (never recorded: identity-tested)
 
 
-def step_machine(spec: StepSpec, task_input: Any, trace_id: str) -> StepGen:
+def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
+                 call: StepCall | None = None) -> StepGen:
     """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
 
     Guards see the recorded event (``observe``) right after it is recorded, also when the
-    agent or executor raised, so that fault control sees every step.
+    agent or executor raised, so that fault control sees every step. While the step runs,
+    it is the context's current step: a step started by one of its hooks is its child.
     """
-    step = _Step(spec, task_input, trace_id)
-    ending = (yield from step.admit()) if spec.guards else None
-    if ending is None:
-        ending = _AGAIN
-        while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
-            yield from step.propose()
-            ending = (yield from step.validate()) if spec.validators else None
-    if ending is None:
-        ending = yield from step.act()
-    if ending is None:
-        ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
-    return step.finish(ending)
+    step = _Step(spec, task_input, trace_id, call)
+    token = _current_step.set((step.step_id, step.run_id))
+    try:
+        ending = (yield from step.admit()) if spec.guards else None
+        if ending is None:
+            ending = _AGAIN
+            while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
+                yield from step.propose()
+                ending = (yield from step.validate()) if spec.validators else None
+        if ending is None:
+            ending = yield from step.act()
+        if ending is None:
+            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+        return step.finish(ending)
+    finally:
+        _current_step.reset(token)
 
 
 class _Step:
     """One step's state, shared by its stages; each stage is a generator of actions."""
 
-    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "mark",
-                 "noted", "proposal", "propose_s", "result", "spec", "started", "task_input",
-                 "trace_id", "ts", "validate_s", "validation_passed", "verdicts",
-                 "verification_passed", "verify_s")
+    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "labels",
+                 "mark", "noted", "parent_step_id", "proposal", "propose_s", "result",
+                 "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
+                 "validate_s", "validation_passed", "verdicts", "verification_passed",
+                 "verify_s")
 
-    def __init__(self, spec: StepSpec, task_input: Any, trace_id: str) -> None:
+    def __init__(self, spec: StepSpec, task_input: Any, trace_id: str,
+                 call: StepCall | None) -> None:
         self.spec = spec
         self.task_input = task_input
         self.trace_id = trace_id
         self.clock = spec.clock
         self.started = self.clock()
         self.ts = spec.wallclock()
+        self.step_id = step_id = new_step_id()
+        parent = _current_step.get()
+        if parent is None:
+            self.parent_step_id = self.run_id = None
+        else:
+            self.parent_step_id, self.run_id = parent
+        if call is None:
+            self.labels = spec.labels
+        else:
+            self.labels = call.labels
+            if call.run_id is not None:
+                self.run_id = call.run_id
         self.attempt = Attempt(number=1, trace_id=trace_id, task_type=spec.task_type,
-                               backpressure=spec.backpressure)
+                               backpressure=spec.backpressure, step_id=step_id)
         self.propose_s = self.validate_s = self.act_s = self.verify_s = 0.0
         self.mark = 0.0  # the clock after the last hook call: the next stage's timer starts there
         self.history: list[dict[str, Any]] = []
@@ -441,7 +499,8 @@ class _Step:
                 detail["exception"] = {"type": type(exception).__qualname__,
                                        "module": type(exception).__module__,
                                        "message": clip(str(exception), _MAX_MESSAGE)}
-        attempt, clock = self.attempt, self.clock
+        attempt, clock, labels = self.attempt, self.clock, self.labels
+        proposal, digest = proposal_fields(self.proposal)
         event = StepEvent(
             ts=self.ts,
             trace_id=trace_id,
@@ -462,6 +521,18 @@ class _Step:
             act_ms=self.act_s * 1000.0,
             verify_ms=self.verify_s * 1000.0,
             detail=detail,
+            step_id=self.step_id,
+            parent_step_id=self.parent_step_id,
+            run_id=self.run_id,
+            model=attempt.model,
+            provider=attempt.provider,
+            agent_version=spec.agent_version,
+            prompt_version=spec.prompt_version,
+            labels=labels.copy() if labels is not None else None,
+            cached_input_tokens=attempt.cached_input_tokens,
+            cost_usd=attempt.cost_usd,
+            proposal=proposal,
+            proposal_digest=digest,
         )
         if spec.record is not None:
             try:
@@ -474,7 +545,8 @@ class _Step:
             except Exception:  # noqa: BLE001 - fault-control bookkeeping must not break a step
                 _log.exception("closedloop: guard %r failed to observe step %s", guard, trace_id)
         if exception is not None:
-            exception.add_note(f"closedloop: recorded as step {trace_id} ({spec.task_type})")
+            exception.add_note(f"closedloop: recorded as step {self.step_id} of trace "
+                               f"{trace_id} ({spec.task_type})")
         return StepResult(
             trace_id=trace_id, outcome=outcome, proposal=self.proposal, result=self.result,
             attempts=attempt.number, validation=tuple(self.verdicts),

@@ -33,6 +33,7 @@ class Attempt:
     :meth:`record_usage` (integrations do it for you); it adds up over attempts. Make calls to
     rate-limited providers through ``backpressure`` (``attempt.backpressure.call(key, fn)``
     or ``await ...acall(...)``): the loop's adaptive limiter, breaker and retry budget.
+    ``step_id`` is the step's id, the one its event is recorded under.
     """
 
     number: int
@@ -43,24 +44,63 @@ class Attempt:
     input_tokens: int = 0
     output_tokens: int = 0
     backpressure: Backpressure | None = None
+    step_id: str | None = None
+    cached_input_tokens: int = 0
+    """Of ``input_tokens``, those read from the provider's prompt cache."""
+    cost_usd: float | None = None
+    """What the step's model calls cost, when someone priced them (None: not priced)."""
+    model: str | None = None
+    """The model of the step's last model call (the event's ``model``)."""
+    provider: str | None = None
+    """Who served it: ``openai``, ``anthropic``… (the event's ``provider``)."""
 
     @property
     def is_retry(self) -> bool:
         """True from the second attempt on."""
         return self.number > 1
 
-    def record_usage(self, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        """Add the tokens one model call used to this step's totals."""
+    def record_usage(self, input_tokens: int = 0, output_tokens: int = 0, *,
+                     cached_input_tokens: int = 0, cost_usd: float | None = None,
+                     model: str | None = None, provider: str | None = None) -> None:
+        """Add what one model call used to this step's totals.
+
+        ``input_tokens`` counts every input token, cached ones too; ``cached_input_tokens``
+        says how many of them came from the prompt cache. ``cost_usd`` adds to the step's
+        cost; ``model`` and ``provider``, when given, become the step's (the last call's win).
+        """
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        if cached_input_tokens:
+            self.cached_input_tokens += cached_input_tokens
+        if cost_usd is not None:
+            self.cost_usd = cost_usd if self.cost_usd is None else self.cost_usd + cost_usd
+        if model is not None:
+            self.model = model
+        if provider is not None:
+            self.provider = provider
 
 
 _current_attempt: ContextVar[Attempt | None] = ContextVar("closedloop_attempt", default=None)
+_current_step: ContextVar[tuple[str, str | None] | None] = ContextVar("closedloop_step",
+                                                                      default=None)
+"""``(step_id, run_id)`` of the step whose hooks run in this context: a step started there
+is its child (``parent_step_id``) and, unless given its own, joins its run."""
 
 
 def current_attempt() -> Attempt | None:
     """The attempt running in this context, for integrations that record model usage."""
     return _current_attempt.get()
+
+
+def current_step_id() -> str | None:
+    """The id of the step whose agent, check, approver or executor runs in this context.
+
+    A :class:`~closedloop.Loop` step started there records it as its ``parent_step_id``.
+    Context follows asyncio tasks; a thread you start yourself needs the context copied
+    (``contextvars.copy_context().run``) to carry it, as with OpenTelemetry.
+    """
+    step = _current_step.get()
+    return step[0] if step is not None else None
 
 
 _FAILURES: dict[str, type[StepFailed]] = {
@@ -94,6 +134,11 @@ class StepResult(Generic[PropT, ResT]):
     event: StepEvent | None = field(default=None, repr=False)
 
     @property
+    def step_id(self) -> str | None:
+        """The step's id (its event's ``step_id``)."""
+        return self.event.step_id if self.event is not None else None
+
+    @property
     def ok(self) -> bool:
         """True when the proposal was executed and verified (or needed no executor)."""
         return self.outcome is Outcome.SUCCEEDED
@@ -112,6 +157,7 @@ class StepResult(Generic[PropT, ResT]):
         """A JSON-ready summary (the proposal and result are left out: they are the user's)."""
         return {
             "trace_id": self.trace_id,
+            "step_id": self.step_id,
             "outcome": self.outcome.value,
             "attempts": self.attempts,
             "error_type": self.error_type.value if self.error_type else None,

@@ -1,5 +1,6 @@
 """The store's plug points: a backend writes batches of events and reads them back, and may
-keep the durable record of pauses and halts (:class:`ControlStateBackend`)."""
+keep the durable record of pauses and halts (:class:`ControlStateBackend`) and the spans and
+scores of its traces (:class:`SpanBackend`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from closedloop._control_state import ControlLedger
 from closedloop._events import StepEvent
+from closedloop._spans import SpanStore
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,3 +59,16 @@ class ControlStateBackend(Protocol):
 
     def control_ledger(self) -> ControlLedger:
         """The durable ledger of this backend's store."""
+
+
+@runtime_checkable
+class SpanBackend(Protocol):
+    """A backend that keeps spans and scores next to its events (the span/score port).
+
+    :func:`~closedloop.telemetry.span_store_for` asks the store's backend for it, so that
+    the span pipeline, ``closedloop traces``/``scores``/``replay`` and ``serve`` read and
+    write one record. One span store for the backend's whole life.
+    """
+
+    def span_store(self) -> SpanStore:
+        """The spans and scores of this backend's store."""

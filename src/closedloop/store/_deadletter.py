@@ -1,9 +1,10 @@
 """Writing a dead-letter file back into a store, idempotently.
 
 A dead-letter file holds one event per line, as JSON (what the writer could not store). An
-event's identity is its ``(ts, trace_id)``: every step has its own random 128-bit trace id
-and its own timestamp, so importing the same file twice, or a file whose events partly
-reached the store already, writes each event once. A line that is not a whole event (a write
+event's identity is its ``(ts, trace_id, step_id)``: every step has its own step id (steps
+nested in one trace share the trace id), and before schema v3 its own random 128-bit trace
+id, so importing the same file twice, or a file whose events partly reached the store
+already, writes each event once. A line that is not a whole event (a write
 cut short by the full disk) is counted as malformed and skipped.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, V2_FIELDS, StepEvent
 from closedloop._redact import redact_event
 from closedloop.store._base import EventQuery
 
@@ -46,9 +47,9 @@ class ImportResult:
 def _event(line: str) -> StepEvent | None:
     try:
         data: Any = json.loads(line)
-        if not isinstance(data, dict) or set(EVENT_FIELDS) - data.keys():
-            return None
-        event = StepEvent(**{f: data[f] for f in EVENT_FIELDS})
+        if not isinstance(data, dict) or set(V2_FIELDS) - data.keys():
+            return None  # a file written before schema v3 lacks the later fields: None
+        event = StepEvent(**{f: data[f] for f in EVENT_FIELDS if f in data})
     except (ValueError, TypeError):
         return None
     if not isinstance(event.ts, (int, float)) or isinstance(event.ts, bool) \
@@ -72,19 +73,19 @@ def import_dead_letter(path: str | os.PathLike[str], store: Store) -> ImportResu
     source = Path(path)
     if not source.is_file():
         raise StoreError(f"no dead-letter file at {source}")
-    events: dict[tuple[float, str], StepEvent] = {}
+    events: dict[tuple[float, str, str | None], StepEvent] = {}
     read = malformed = 0
     for event in _read(source):
         read += 1
         if event is None:
             malformed += 1
         else:
-            events.setdefault((event.ts, event.trace_id), event)
-    stored: set[tuple[float, str]] = set()
+            events.setdefault((event.ts, event.trace_id, event.step_id), event)
+    stored: set[tuple[float, str, str | None]] = set()
     if events:
-        lo = min(ts for ts, _ in events)
-        hi = math.nextafter(max(ts for ts, _ in events), math.inf)
-        stored = {(e.ts, e.trace_id)
+        lo = min(key[0] for key in events)
+        hi = math.nextafter(max(key[0] for key in events), math.inf)
+        stored = {(e.ts, e.trace_id, e.step_id)
                   for e in store.backend.iter_events(EventQuery(since=lo, until=hi))}
     # redacted as the writer would have: the file may predate redaction or be hand-made
     new = [redact_event(e) for key, e in events.items() if key not in stored]

@@ -6,9 +6,10 @@ import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
-from closedloop._control_state import MemoryLedger
+from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
+from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._query import (
     EventSummary,
     StepFilter,
@@ -18,6 +19,7 @@ from closedloop.store._query import (
     page,
     summarize_events,
 )
+from closedloop.store._retention import EventsPruned, StoreInfo
 
 
 class MemoryBackend:
@@ -29,11 +31,16 @@ class MemoryBackend:
         self._events: list[StepEvent] = []
         self._lock = threading.Lock()
         self._ledger = MemoryLedger()
+        self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,
         so every loop, guard and runtime on the store sees the same stops."""
         return self._ledger
+
+    def span_store(self) -> MemorySpanStore:
+        """This store's spans and scores: held by the backend for its whole life."""
+        return self._spans
 
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Append the batch."""
@@ -84,3 +91,31 @@ class MemoryBackend:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """How many events are held, oldest and newest; the ledger's stops and history."""
+        with self._lock:
+            stamps = [e.ts for e in self._events]
+        stops = self._ledger.stops()
+        return StoreInfo(
+            backend="memory", url=self.url, schema_version=0, latest_version=0,
+            events=len(stamps), oldest_event=min(stamps, default=None),
+            newest_event=max(stamps, default=None), spans=None, scores=None,
+            control_stops=len(stops), control_halts=sum(s.kind is StopKind.HALTED for s in stops),
+            control_history=len(self._ledger.history(limit=1 << 62)), size_bytes=None)
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Forget events older than ``before`` (at most ``limit``, oldest first)."""
+        with self._lock:
+            old = sorted((e.ts, i) for i, e in enumerate(self._events) if e.ts < before)
+            gone = old if limit is None else old[:limit]
+            if not dry_run:
+                drop = {i for _, i in gone}
+                self._events = [e for i, e in enumerate(self._events) if i not in drop]
+        return EventsPruned(events=len(gone), more=len(gone) < len(old))
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """The in-process ledger keeps its history for the process's life: nothing to do."""
+        return 0

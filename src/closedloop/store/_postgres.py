@@ -31,6 +31,7 @@ errors or logs.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import math
@@ -42,19 +43,23 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from closedloop._control_state import Stop, StopKind, _iso, _merge, redacted
+from closedloop._control_state import Stop, _iso, _merge, history_entry, redacted
+from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, StepEvent, dumps
 from closedloop._figures import message_group
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
+from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg import sql
     from psycopg_pool import ConnectionPool
+
+    from closedloop.store._postgres_spans import PostgresSpanStore
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
@@ -127,7 +132,73 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (source, key)
     );
     """,
-    # 3: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
+    # 3: spans and scores (closedloop.store._postgres_spans): spans range-partitioned by day on
+    # start_ns (ns since the epoch), ``seq`` numbering them in commit order (writers take an
+    # advisory lock) for readers that tail them; one summary row per trace for listings
+    """
+    CREATE TABLE {schema}.spans (
+        seq BIGSERIAL NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        parent_id TEXT,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        status INTEGER NOT NULL,
+        status_message TEXT,
+        attributes TEXT NOT NULL,
+        events TEXT,
+        content TEXT
+    ) PARTITION BY RANGE (start_ns);
+    CREATE INDEX spans_trace ON {schema}.spans (trace_id, start_ns);
+    CREATE INDEX spans_seq ON {schema}.spans (seq);
+    CREATE TABLE {schema}.traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns BIGINT NOT NULL,
+        end_ns BIGINT NOT NULL,
+        spans BIGINT NOT NULL,
+        label_ns BIGINT,
+        task_type TEXT,
+        outcome TEXT
+    );
+    CREATE INDEX traces_start ON {schema}.traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON {schema}.traces (task_type, start_ns, trace_id);
+    CREATE TABLE {schema}.scores (
+        id BIGSERIAL PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        trace_id TEXT NOT NULL,
+        span_id TEXT,
+        name TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        label TEXT,
+        comment TEXT,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX scores_trace ON {schema}.scores (trace_id);
+    CREATE INDEX scores_name_ts ON {schema}.scores (name, ts);
+    CREATE INDEX scores_ts ON {schema}.scores (ts);
+    """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default change only the catalog (the partitions follow, no
+    # row is rewritten), and the rows of older versions read as NULL; IF NOT EXISTS: a schema
+    # put back to an older version by hand keeps the columns, and migrates again
+    """
+    ALTER TABLE {schema}.events
+        ADD COLUMN IF NOT EXISTS step_id TEXT,
+        ADD COLUMN IF NOT EXISTS parent_step_id TEXT,
+        ADD COLUMN IF NOT EXISTS run_id TEXT,
+        ADD COLUMN IF NOT EXISTS model TEXT,
+        ADD COLUMN IF NOT EXISTS provider TEXT,
+        ADD COLUMN IF NOT EXISTS agent_version TEXT,
+        ADD COLUMN IF NOT EXISTS prompt_version TEXT,
+        ADD COLUMN IF NOT EXISTS labels JSONB,
+        ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT,
+        ADD COLUMN IF NOT EXISTS cost_usd DOUBLE PRECISION,
+        ADD COLUMN IF NOT EXISTS proposal TEXT,
+        ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
+    """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), the
     # latency histogram's index and the message groups' index (each statement a no-op where
@@ -143,13 +214,27 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# the column types of ``events``, for binary COPY
+_COLUMN_TYPES = {
+    "ts": "float8", "trace_id": "text", "agent_id": "text", "task_type": "text",
+    "autonomy": "text", "outcome": "text", "attempts": "int4", "input_tokens": "int8",
+    "output_tokens": "int8", "latency_ms": "float8", "validation_passed": "bool",
+    "verification_passed": "bool", "error_type": "text", "error_message": "text",
+    "propose_ms": "float8", "validate_ms": "float8", "act_ms": "float8", "verify_ms": "float8",
+    "detail": "jsonb",
+    # v3
+    "step_id": "text", "parent_step_id": "text", "run_id": "text", "model": "text",
+    "provider": "text", "agent_version": "text", "prompt_version": "text", "labels": "jsonb",
+    "cached_input_tokens": "int8", "cost_usd": "float8", "proposal": "text",
+    "proposal_digest": "text",
+    # derived by the writer (migration 5)
+    "error_group": "text",
+}
 _COLUMNS = (*EVENT_FIELDS, "error_group")
 """The stored columns: the event's, then what the writer derives from it."""
-# the column types of ``events`` in _COLUMNS order, for binary COPY
-_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
-               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
-               "jsonb", "text")
+_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in _COLUMNS)
 
+_DAY_PARTITION = re.compile(r"events_\d{8}")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INSTALL = "pip install 'closedloop[postgres]'"
 
@@ -245,7 +330,7 @@ class PostgresBackend:
     """
 
     def __init__(self, url: str, *, create: bool = True, pool_size: int = 4,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, read_only: bool = False) -> None:
         _import_psycopg()
         import psycopg
         from psycopg import sql
@@ -257,6 +342,9 @@ class PostgresBackend:
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
+        self._spans: PostgresSpanStore | None = None
+        self.read_only = read_only
+        """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
         self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
             s, sql.SQL(", ").join(sql.Identifier(f) for f in _COLUMNS))
@@ -264,7 +352,8 @@ class PostgresBackend:
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
         try:
             with self._connect() as conn:
-                self.found_version = migrate(conn, self.schema, create=create)
+                self.found_version = (existing_version(conn, self.schema) if read_only
+                                      else migrate(conn, self.schema, create=create))
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {_one_line(exc)}") from None
 
@@ -304,6 +393,8 @@ class PostgresBackend:
 
         if not events:
             return
+        if self.read_only:
+            raise StoreError(f"store {self.url} was opened read-only")
         days = {d for e in events if (d := _partition_day(e.ts)) is not None}
         missing = days - self._partitions
         rows = [(*e, message_group(e.error_message) if e.error_message else None)
@@ -403,10 +494,111 @@ class PostgresBackend:
         if pool is not None and self._pool_pid == os.getpid():
             pool.close()
 
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size in the database, schema version, partitions, oldest and newest
+        event; never writes."""
+        import psycopg
+
+        try:
+            with self.pool().connection() as conn:
+                return _info(conn, self.schema, self.url)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Drop the day partitions that end before ``before``, oldest first, stopping once
+        ``limit`` events have gone (a whole partition at least); then delete the late events
+        of those days that landed in ``events_default``. No row of a kept day is touched."""
+        import psycopg
+        from psycopg import sql
+
+        keep_from = math.floor(before / DAY_S) * DAY_S if math.isfinite(before) else before
+        s = sql.Identifier(self.schema)
+        dropped: list[str] = []
+        done = 0
+        approximate = False
+        try:
+            with self.pool().connection() as conn:
+                old = [name for name in _partition_names(conn, self.schema)
+                       if _partition_start(name) + DAY_S <= keep_from]
+                for name in old:
+                    if limit is not None and done >= limit and dropped:
+                        return EventsPruned(events=done, partitions=tuple(dropped),
+                                            kept_from=keep_from, more=True,
+                                            approximate=approximate)
+                    table = sql.SQL("{}.{}").format(s, sql.Identifier(name))
+                    rows, estimated = _partition_rows(conn, self.schema, name)
+                    approximate = approximate or estimated
+                    if not dry_run:
+                        with conn.transaction():
+                            # as partitions are created: one at a time per schema; a busy
+                            # table (a long read) is tried again on the next run
+                            conn.execute("SET LOCAL lock_timeout = '5s'")
+                            conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                         (_lock_key("partition", self.schema),))
+                            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+                        self._partitions.discard(int(_partition_start(name) // DAY_S))
+                    done += rows
+                    dropped.append(name)
+                late = sql.SQL("FROM {}.events_default WHERE ts < %s").format(s)
+                if dry_run:
+                    row = conn.execute(sql.SQL("SELECT count(*) {}").format(late),
+                                       (keep_from,)).fetchone()
+                    done += int(row[0]) if row else 0
+                else:
+                    done += conn.execute(sql.SQL("DELETE {}").format(late),
+                                         (keep_from,)).rowcount
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+        return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,
+                            approximate=approximate)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        import psycopg
+        from psycopg import sql
+
+        args = {"before": before, "now": now}
+        prefix = f'"{self.schema}".'  # a plain SQL name (parse_url checks it)
+        try:
+            with self.pool().connection() as conn, conn.transaction():
+                if _recorded_version(conn, self.schema) < _CONTROL_V:
+                    return 0
+                conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                             (_lock_key("control", self.schema),))
+                removed = 0
+                for table, where in CONTROL_PRUNE:
+                    clause = sql.SQL(where.format(s=prefix))
+                    target = sql.SQL("{}.{}").format(sql.Identifier(self.schema),
+                                                     sql.Identifier(table))
+                    if dry_run:
+                        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                            target, clause), args).fetchone()
+                        removed += int(row[0]) if row else 0
+                    else:
+                        removed += conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
+                            target, clause), args).rowcount
+                return removed
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+
     def control_ledger(self) -> PostgresLedger:
         """Pauses and halts in this store's schema (the control-state port)."""
         return PostgresLedger(self._conninfo, self.schema, self.url,
                               connect_timeout=self._connect_timeout)
+
+    def span_store(self) -> PostgresSpanStore:
+        """Spans and scores in this store's schema (the span/score port); one for the
+        backend's life, on its connection pool."""
+        from closedloop.store._postgres_spans import PostgresSpanStore
+
+        with self._pool_lock:
+            if self._spans is None:
+                self._spans = PostgresSpanStore(self)
+            return self._spans
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self.url!r})"
@@ -538,9 +730,7 @@ class PostgresLedger:
         """Recent stops and resumes, newest first."""
         rows = self._run("read", lambda conn: conn.execute(
             self._q["history"], (max(0, int(limit)),)).fetchall(), absent=list)
-        return [{"event": r[1], "task_type": r[2], "reason": r[3], "by": r[4], "at": r[0],
-                 "time": _iso(r[0]), "evidence": json.loads(r[5]) if r[5] else None}
-                for r in rows]
+        return [history_entry(r) for r in rows]
 
     def publish(self, source: str, keys: dict[str, dict[str, Any]]) -> None:
         """Store one process's per-key flow-control snapshot, for ``closedloop status``."""
@@ -585,20 +775,10 @@ _LEDGER_SQL = {
 }
 
 
-def _ledger_stop(row: tuple[Any, ...]) -> Stop:
-    return Stop(task_type=row[0], kind=StopKind(row[1]), reason=row[2], by=row[3], at=row[4],
-                until=row[5], evidence=json.loads(row[6]))
-
-
-def _dumps(value: Any) -> str:
-    # as StepEvent.to_row (SQLite): anything JSON cannot hold is stored as its str()
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
 def _configure(conn: psycopg.Connection[Any]) -> None:
     from psycopg.types.json import set_json_dumps
 
-    set_json_dumps(_dumps, context=conn)
+    set_json_dumps(dumps, context=conn)  # as SQLite's: what JSON cannot hold, as str()
 
 
 def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
@@ -657,6 +837,92 @@ def migrate(conn: psycopg.Connection[Any], schema: str, *, create: bool = True) 
     return found
 
 
+def existing_version(conn: psycopg.Connection[Any], schema: str) -> int:
+    """The schema version of the store in ``schema``, which must exist and not be newer than
+    this closedloop; nothing is created or migrated (readers)."""
+    found = _recorded_version(conn, schema)
+    if found == 0:
+        raise StoreError(f"no closedloop store in schema {schema!r}; run `closedloop demo "
+                         "--store URL` or point --store at one")
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"store schema {schema!r} is at version {found}, newer than this "
+                         f"closedloop supports ({SCHEMA_VERSION}); upgrade closedloop")
+    return found
+
+
+def _partition_names(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The day partitions of ``schema.events`` (``events_YYYYMMDD``), oldest first."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE n.nspname = %s AND p.relname = 'events'", (schema,)).fetchall()
+    return sorted(r[0] for r in rows if _DAY_PARTITION.fullmatch(r[0]))
+
+
+COUNT_UP_TO = 1_000_000
+"""Partitions the planner's statistics put above this many rows are not counted before they
+are dropped (counting tens of millions of rows would hold up the writer for seconds): the
+statistics' figure is reported instead, marked approximate."""
+
+
+def _partition_rows(conn: psycopg.Connection[Any], schema: str, name: str) -> tuple[int, bool]:
+    """The rows of day partition ``name``, and whether that is an estimate."""
+    from psycopg import sql
+
+    row = conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON "
+                       "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                       (schema, name)).fetchone()
+    if row is None:  # dropped meanwhile (another process pruning)
+        return 0, False
+    if row[0] > COUNT_UP_TO:  # -1 until the table is first analyzed
+        return int(row[0]), True
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(name))).fetchone()
+    return (int(counted[0]) if counted else 0), False
+
+
+def _partition_start(name: str) -> float:
+    """Unix seconds at the start of day partition ``events_YYYYMMDD`` (UTC)."""
+    return float(calendar.timegm(time.strptime(name[len("events_"):], "%Y%m%d")))
+
+
+def _info(conn: psycopg.Connection[Any], schema: str, url: str) -> StoreInfo:
+    """What ``schema`` holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    from psycopg import sql
+
+    def one(query: sql.Composed | str, *args: Any) -> Any:
+        row = conn.execute(query, args).fetchone()
+        return row[0] if row else None
+
+    def table(name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+    def count(name: str) -> int | None:
+        if one("SELECT to_regclass(%s)", f'"{schema}"."{name}"') is None:
+            return None
+        return int(one(sql.SQL("SELECT count(*) FROM {}").format(table(name))))
+
+    finite = "WHERE ts > '-Infinity'::float8 AND ts < 'Infinity'::float8"  # NaN sorts last
+    stops = halts = 0
+    if count("control_stops") is not None:
+        row = conn.execute(sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE kind = 'halted') FROM {} "
+            "WHERE until IS NULL OR until > %s").format(table("control_stops")),
+            (time.time(),)).fetchone()
+        stops, halts = (int(row[0]), int(row[1])) if row else (0, 0)
+    size = one("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN "
+               "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND "
+               "c.relkind IN ('r', 'm')", schema)
+    return StoreInfo(
+        backend="postgresql", url=url, schema_version=_recorded_version(conn, schema),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0,
+        oldest_event=one(sql.SQL("SELECT min(ts) FROM {} " + finite).format(table("events"))),
+        newest_event=one(sql.SQL("SELECT max(ts) FROM {} " + finite).format(table("events"))),
+        spans=count("spans"), scores=count("scores"), control_stops=stops,
+        control_halts=halts, control_history=count("control_history") or 0,
+        size_bytes=int(size), partitions=tuple(_partition_names(conn, schema)))
+
+
 def partition_name(day: int) -> str:
     """``events_YYYYMMDD`` for a day number (days since 1970-01-01, UTC)."""
     return "events_" + time.strftime("%Y%m%d", time.gmtime(day * DAY_S))
@@ -678,6 +944,6 @@ def ensure_partitions(conn: psycopg.Connection[Any], schema: str, days: set[int]
                     sql.Literal(float(day * DAY_S)), sql.Literal(float((day + 1) * DAY_S))))
 
 
-def open_backend(url: str, *, create: bool = True) -> PostgresBackend:
+def open_backend(url: str, *, create: bool = True, read_only: bool = False) -> PostgresBackend:
     """The scheme registry's factory for ``postgresql://`` and ``postgres://``."""
-    return PostgresBackend(url, create=create)
+    return PostgresBackend(url, create=create, read_only=read_only)

@@ -125,7 +125,7 @@ def _table(backend: PostgresBackend) -> str:
 
 def summarize(backend: PostgresBackend, where: StepFilter, *,
               top_messages: int) -> EventSummary | None:
-    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3."""
+    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 5."""
     import psycopg
     from psycopg import sql
 

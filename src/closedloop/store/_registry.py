@@ -16,18 +16,28 @@ only when a URL's scheme is not known yet, so start-up never scans installed pac
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from closedloop._control_state import ControlLedger, MemoryLedger, Stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import StepEvent
-from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
+from closedloop._spans import (
+    SPANS_PAGE,
+    Pruned,
+    Score,
+    SpanStore,
+    StoredSpan,
+    TaskScores,
+    TracePage,
+)
+from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery, SpanBackend
 
 ENTRY_POINT_GROUP = "closedloop.stores"
 
@@ -117,6 +127,8 @@ def known_schemes() -> list[str]:
 
 def _load_entry_points() -> None:
     global _entry_points_loaded
+    from importlib.metadata import entry_points  # only when a scheme is not known yet
+
     with _lock:
         if _entry_points_loaded:
             return
@@ -166,19 +178,35 @@ def backend_factory(url: str) -> BackendFactory:
     return _resolve(scheme, factory)
 
 
-def open_backend(url: str, *, create: bool = True, defer: bool = False) -> EventBackend:
+def open_backend(url: str, *, create: bool = True, defer: bool = False,
+                 read_only: bool = False) -> EventBackend:
     """Open the backend serving ``url`` (see the module docstring for the schemes).
 
     With ``defer=True`` a store that cannot be opened yet (server down, no such database) is
-    not an error: a :class:`DeferredBackend` is returned that opens it on first use.
+    not an error: a :class:`DeferredBackend` is returned that opens it on first use. With
+    ``read_only=True`` nothing is created or migrated: the factory is called with
+    ``read_only=True`` when it takes that keyword (the built-in ones do), else with
+    ``create=False``.
     """
     factory = backend_factory(url)
+    if read_only:
+        create = False
+        if _takes_read_only(factory):
+            factory = functools.partial(cast(Any, factory), read_only=True)
     try:
         return factory(url, create=create)
     except StoreError as exc:
         if not defer:
             raise
         return DeferredBackend(url, factory, create=create, error=exc)
+
+
+def _takes_read_only(factory: BackendFactory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "read_only" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class DeferredBackend:
@@ -232,6 +260,11 @@ class DeferredBackend:
     def control_ledger(self) -> ControlLedger:
         """The opened backend's ledger; until the store opens, every call fails closed."""
         return _DeferredLedger(self)
+
+    def span_store(self) -> SpanStore:
+        """The opened backend's spans and scores; until the store opens, every call raises
+        :class:`~closedloop.StoreError` (the span pipeline drops and counts the batch)."""
+        return _DeferredSpans(self)
 
 
 class _DeferredLedger:
@@ -289,3 +322,53 @@ class _DeferredLedger:
         published = getattr(self._target(), "published", None)
         return published(max_age) if published is not None else {}
 
+
+
+class _DeferredSpans:
+    """The span store of a store that may not be open yet: each call opens the store if
+    needed and asks its backend; a backend that keeps no spans is a
+    :class:`~closedloop.ConfigError`."""
+
+    def __init__(self, deferred: DeferredBackend) -> None:
+        self._deferred = deferred
+
+    def __repr__(self) -> str:
+        return f"spans of {self._deferred.url}"
+
+    def _target(self) -> SpanStore:
+        backend = self._deferred.backend()
+        if not isinstance(backend, SpanBackend):
+            raise ConfigError(f"store {self._deferred.url} cannot hold spans")
+        return backend.span_store()
+
+    def write_spans(self, spans: Sequence[StoredSpan]) -> None:
+        self._target().write_spans(spans)
+
+    def trace(self, trace_id: str) -> list[StoredSpan]:
+        return self._target().trace(trace_id)
+
+    def traces(self, *, limit: int = 20, task_type: str | None = None,
+               since_ns: int | None = None, cursor: str | None = None) -> TracePage:
+        return self._target().traces(limit=limit, task_type=task_type, since_ns=since_ns,
+                                     cursor=cursor)
+
+    def add_score(self, score: Score) -> None:
+        self._target().add_score(score)
+
+    def scores(self, *, trace_id: str | None = None, name: str | None = None,
+               since: float | None = None) -> list[Score]:
+        return self._target().scores(trace_id=trace_id, name=name, since=since)
+
+    def score_summary(self, *, since: float | None = None,
+                      until: float | None = None) -> list[TaskScores]:
+        return self._target().score_summary(since=since, until=until)
+
+    def spans_since(self, cursor: int, *, limit: int = SPANS_PAGE
+                    ) -> tuple[list[StoredSpan], int]:
+        return self._target().spans_since(cursor, limit=limit)
+
+    def span_cursor(self) -> int:
+        return self._target().span_cursor()
+
+    def prune(self, before: float) -> Pruned:
+        return self._target().prune(before)

@@ -8,7 +8,9 @@ file at once cannot both apply them.
 A batch is inserted with a few multi-row ``INSERT`` statements rather than ``executemany``:
 sqlite3 releases the GIL around every statement step, and an agent busy in Python in the same
 process makes each re-acquisition wait up to the switch interval; one step per thousand rows
-instead of one per row keeps the writer ahead of a busy producer.
+instead of one per row keeps the writer ahead of a busy producer. Columns that are NULL in
+the whole batch are left out of the statement: sqlite3 binds ``None`` slowly, and most events
+leave most optional fields empty.
 """
 
 from __future__ import annotations
@@ -20,17 +22,23 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS, StepEvent
+from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop._figures import message_group
 from closedloop.store._base import EventQuery
 from closedloop.store._query import EventSummary, StepFilter, StepPage
+from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite_ledger import SQLiteLedger
+    from closedloop.store._sqlite_spans import SQLiteSpanStore
 
 LATENCY_BUCKET = (
     "(CASE WHEN latency_ms >= 0.001 THEN"
@@ -99,7 +107,50 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX scores_trace ON scores (trace_id);
     CREATE INDEX scores_name_ts ON scores (name, ts);
     """,
-    # 3: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
+    # 3: one summary row per trace, kept up to date by every span batch, so that a trace
+    # listing reads a page of an index instead of grouping every span (closedloop.store.
+    # _sqlite_spans); filled here from the spans already stored
+    """
+    CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        spans INTEGER NOT NULL,
+        label_ns INTEGER,
+        task_type TEXT,
+        outcome TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO traces (trace_id, start_ns, end_ns, spans)
+        SELECT trace_id, min(start_ns), max(end_ns), count(*) FROM spans GROUP BY trace_id;
+    UPDATE traces SET (label_ns, task_type, outcome) = (
+        SELECT s.start_ns, json_extract(s.attributes, '$."closedloop.task_type"'),
+               json_extract(s.attributes, '$."closedloop.outcome"')
+        FROM spans s WHERE s.trace_id = traces.trace_id
+        AND json_extract(s.attributes, '$."closedloop.task_type"') IS NOT NULL
+        ORDER BY s.start_ns,
+                 json_extract(s.attributes, '$."closedloop.outcome"') IS NULL LIMIT 1);
+    CREATE INDEX traces_start ON traces (start_ns, trace_id);
+    CREATE INDEX traces_task_start ON traces (task_type, start_ns, trace_id);
+    CREATE INDEX scores_ts ON scores (ts);
+    """,
+    # event schema v3: a step is data (ids, model, versions, labels, cost, the proposal);
+    # nullable columns without a default: SQLite adds them without rewriting a row, and
+    # the rows of older versions read as None
+    """
+    ALTER TABLE events ADD COLUMN step_id TEXT;
+    ALTER TABLE events ADD COLUMN parent_step_id TEXT;
+    ALTER TABLE events ADD COLUMN run_id TEXT;
+    ALTER TABLE events ADD COLUMN model TEXT;
+    ALTER TABLE events ADD COLUMN provider TEXT;
+    ALTER TABLE events ADD COLUMN agent_version TEXT;
+    ALTER TABLE events ADD COLUMN prompt_version TEXT;
+    ALTER TABLE events ADD COLUMN labels TEXT;
+    ALTER TABLE events ADD COLUMN cached_input_tokens INTEGER;
+    ALTER TABLE events ADD COLUMN cost_usd REAL;
+    ALTER TABLE events ADD COLUMN proposal TEXT;
+    ALTER TABLE events ADD COLUMN proposal_digest TEXT;
+    """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), and the
     # summary's indexes, each read in its order so that SQLite never sorts: counts and sums,
@@ -119,42 +170,82 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _NFIELDS = len(EVENT_FIELDS)
-_DETAIL = EVENT_FIELDS.index("detail")
+_BOOLS = tuple(EVENT_FIELDS.index(f) for f in ("validation_passed", "verification_passed"))
+_NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
+    "validation_passed", "verification_passed", "error_type", "error_message", "detail",
+    *EVENT_FIELDS[EVENT_FIELDS.index("detail") + 1:]))
+"""Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
+_MAX_PARAMS = 32766
+"""SQLite's default limit of parameters per statement."""
 _MESSAGE = EVENT_FIELDS.index("error_message")
 _COLUMNS = (*EVENT_FIELDS, "error_group")
-"""The stored columns: the event's, then what the writer derives from it."""
-_WIDTH = len(_COLUMNS)
-_ROW = f"({', '.join('?' for _ in _COLUMNS)})"
-_INSERT_HEAD = f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES "
-_CHUNK = 1024
-"""Rows per multi-row INSERT (1024 * 20 parameters stays under SQLite's default 32766)."""
+"""The stored columns: the event's, then what the writer derives from it (migration 5)."""
+_GROUP = _NFIELDS
+"""``error_group``'s index in :data:`_COLUMNS`."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
 
-def _insert(rows: int) -> str:
-    return _INSERT_HEAD + ",".join([_ROW] * rows)
+class _Insert(NamedTuple):
+    """The multi-row INSERT of one set of columns: as many rows per statement as the
+    parameter limit allows."""
+
+    width: int
+    rows: int
+    chunk: str
+    head: str
+    row: str
+
+    @classmethod
+    def of(cls, columns: Sequence[int]) -> _Insert:
+        width = len(columns)
+        head = f"INSERT INTO events ({', '.join(_COLUMNS[i] for i in columns)}) VALUES "
+        row = f"({', '.join('?' * width)})"
+        rows = _MAX_PARAMS // width
+        return cls(width, rows, head + ",".join([row] * rows), head, row)
+
+    def statement(self, rows: int) -> str:
+        return self.chunk if rows == self.rows else self.head + ",".join([self.row] * rows)
 
 
-_INSERT_CHUNK = _insert(_CHUNK)
+_INSERTS: dict[tuple[int, ...], _Insert] = {}
+"""The INSERT of each set of columns seen (a handful: which optional fields are in use)."""
 
 
-def _params(events: Sequence[StepEvent]) -> list[Any]:
-    """The batch as one flat parameter list of :data:`_COLUMNS`, ``detail`` as JSON text,
-    ``error_group`` from the message (C-speed where it can)."""
+def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
+    """The batch as one flat parameter list, ``detail`` and ``labels`` as JSON text, each
+    failure message's ``error_group``, and the INSERT it goes with (C-speed where it can).
+
+    A column that is NULL in every event of the batch is left out of the statement (it is
+    NULL by default): sqlite3 binds a ``None`` through its adapter lookup, and binding the
+    unused optional columns of schema v3 would cost more than inserting the rest of the row.
+    """
+    n = len(events)
     flat: list[Any] = list(chain.from_iterable(events))
-    details = flat[_DETAIL::_NFIELDS]
-    if details.count(None) != len(details):
-        flat[_DETAIL::_NFIELDS] = [
-            None if d is None else json.dumps(d, default=str, separators=(",", ":"))
-            for d in details]
-    params: list[Any] = [None] * (len(events) * _WIDTH)
-    for i in range(_NFIELDS):
-        params[i::_WIDTH] = flat[i::_NFIELDS]
-    messages = flat[_MESSAGE::_NFIELDS]
-    if messages.count(None) != len(messages):
-        params[_NFIELDS::_WIDTH] = [message_group(m) if m else None for m in messages]
-    return params
+    absent = [i for i in _NULLABLE if flat[i::_NFIELDS].count(None) == n]
+    columns = tuple(i for i in range(_NFIELDS) if i not in absent) if absent \
+        else _ALL_COLUMNS
+    if absent:
+        flat = list(chain.from_iterable(map(itemgetter(*columns), events)))
+    width = len(columns)
+    for column in JSON_COLUMNS:
+        if column in columns:
+            at = columns.index(column)
+            flat[at::width] = [None if v is None else dumps(v) for v in flat[at::width]]
+    if _MESSAGE in columns:  # some step of the batch failed with a message: group it
+        messages = flat[columns.index(_MESSAGE)::width]
+        wide: list[Any] = [None] * (n * (width + 1))
+        for i in range(width):
+            wide[i::width + 1] = flat[i::width]
+        wide[width::width + 1] = [message_group(m) if m else None for m in messages]
+        flat, columns = wide, (*columns, _GROUP)
+    insert = _INSERTS.get(columns)
+    if insert is None:
+        insert = _INSERTS[columns] = _Insert.of(columns)
+    return insert, flat
+
+
+_ALL_COLUMNS = tuple(range(_NFIELDS))
 
 
 LOW_SPACE = 1 << 20
@@ -237,12 +328,17 @@ class SQLiteBackend:
     With ``defer=True`` a file that cannot be opened yet (full disk, read-only folder) is not
     an error here: :attr:`open_error` says why, and every ``write_batch`` tries again (and
     raises while it still fails), so the store's writer holds the events until it opens.
+
+    The same file keeps the store's spans and scores (:meth:`span_store`) and its pauses and
+    halts (:meth:`control_ledger`).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, defer: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans: SQLiteSpanStore | None = None
+        self._spans_lock = threading.Lock()
         self.open_error: StoreError | None = None
         try:
             self._open()
@@ -260,7 +356,7 @@ class SQLiteBackend:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:
-                migrate(conn)
+                self.found_version = migrate(conn)
             finally:
                 conn.close()
         except OSError as exc:
@@ -283,15 +379,15 @@ class SQLiteBackend:
     def write_batch(self, events: Sequence[StepEvent]) -> None:
         """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
-        params = _params(events)
-        width = _CHUNK * _WIDTH
-        full = len(events) // _CHUNK * width
+        insert, params = _params(events)
+        width = insert.rows * insert.width
+        full = len(events) // insert.rows * width
         try:
             conn.execute("BEGIN IMMEDIATE")
             for start in range(0, full, width):
-                conn.execute(_INSERT_CHUNK, params[start:start + width])
+                conn.execute(insert.chunk, params[start:start + width])
             if full < len(params):
-                conn.execute(_insert(len(events) % _CHUNK), params[full:])
+                conn.execute(insert.statement(len(events) % insert.rows), params[full:])
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
@@ -314,7 +410,7 @@ class SQLiteBackend:
         if query.trace_id is not None:
             where.append("trace_id = ?")
             params.append(query.trace_id)
-        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
+        sql = self._select + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
         try:
@@ -344,6 +440,7 @@ class SQLiteBackend:
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
+    _select = _SELECT
 
     def _reader(self) -> sqlite3.Connection:
         return _connect(self.path)
@@ -365,6 +462,90 @@ class SQLiteBackend:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def span_store(self) -> SQLiteSpanStore:
+        """The spans and scores in this file (the span/score port); one for the backend's
+        life, read-only when the backend is."""
+        from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+        with self._spans_lock:
+            if self._spans is None:
+                self._spans = SQLiteSpanStore(self)
+            return self._spans
+
+    def control_ledger(self) -> SQLiteLedger:
+        """The pauses and halts in this file (the control-state port); fails closed."""
+        from closedloop.store._sqlite_ledger import SQLiteLedger
+
+        return SQLiteLedger(self.path)
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size on disk, schema version, oldest and newest event; never writes."""
+        try:
+            conn = self._reader()
+            try:
+                return _info(conn, self.url, self.path)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Delete events older than ``before`` in transactions of :data:`BATCH` rows (writers
+        of other processes get the lock between them); at most about ``limit`` rows."""
+        older = "SELECT rowid FROM events WHERE ts < ?"
+        with self._maintenance("prune") as conn:
+            if dry_run:
+                return EventsPruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
+                                                  (before,)).fetchone()[0])
+            done = 0
+            while limit is None or done < limit:
+                size = BATCH if limit is None else min(BATCH, limit - done)
+                conn.execute("BEGIN IMMEDIATE")
+                n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
+                                 (before, size)).rowcount
+                conn.execute("COMMIT")
+                done += n
+                if n < size:
+                    return EventsPruned(events=done)
+            more = conn.execute(f"{older} LIMIT 1", (before,)).fetchone() is not None
+            return EventsPruned(events=done, more=more)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        args = {"before": before, "now": now}
+        with self._maintenance("prune") as conn:
+            if "control_stops" not in _tables(conn):  # the ledger has never written here
+                return 0
+            clauses = [(table, where.replace("%(before)s", ":before")
+                        .replace("%(now)s", ":now").format(s=""))
+                       for table, where in CONTROL_PRUNE]
+            if dry_run:
+                return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}",
+                                        args).fetchone()[0] for table, where in clauses)
+            conn.execute("BEGIN IMMEDIATE")
+            removed = sum(conn.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+                          for table, where in clauses)
+            conn.execute("COMMIT")
+            return removed
+
+    @contextmanager
+    def _maintenance(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a maintenance task, errors as one-line StoreErrors."""
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        finally:
+            conn.close()
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -413,10 +594,13 @@ class SQLiteReader(SQLiteBackend):
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
         self._local = threading.local()
+        self._spans = None
+        self._spans_lock = threading.Lock()
         try:
             conn = connect_read_only(self.path)
             try:
-                check_schema(conn, self.url)
+                if check_schema(conn, self.url) < SCHEMA_VERSION:
+                    self._select = _select_from(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -430,11 +614,54 @@ class SQLiteReader(SQLiteBackend):
         raise StoreError(f"store {self.url} was opened read-only")
 
 
+def _select_from(conn: sqlite3.Connection) -> str:
+    """The events query of a store of an older schema, read as it is (a reader migrates
+    nothing): the columns it does not have yet read as NULL."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    return f"SELECT {', '.join(f if f in have else f'NULL AS {f}' for f in EVENT_FIELDS)} " \
+           "FROM events"
+
+
 def _event(row: tuple[Any, ...]) -> StepEvent:
     values = list(row)
-    for i in (10, 11):  # validation_passed, verification_passed
+    for i in _BOOLS:
         if values[i] is not None:
             values[i] = bool(values[i])
-    if values[18] is not None:
-        values[18] = json.loads(values[18])
+    for i in JSON_COLUMNS:
+        if values[i] is not None:
+            values[i] = json.loads(values[i])
     return StepEvent(*values)
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _info(conn: sqlite3.Connection, url: str, path: Path) -> StoreInfo:
+    """What the file holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    tables = _tables(conn)
+
+    def one(sql: str, *args: Any) -> Any:
+        return conn.execute(sql, args).fetchone()[0]
+
+    def count(table: str) -> int | None:
+        return int(one(f"SELECT count(*) FROM {table}")) if table in tables else None
+
+    stops = halts = history = 0
+    if "control_stops" in tables:  # created by the control ledger on its first write
+        stops, halts = conn.execute(
+            "SELECT count(*), coalesce(sum(kind = 'halted'), 0) FROM control_stops "
+            "WHERE until IS NULL OR until > ?", (time.time(),)).fetchone()
+        history = count("control_history") or 0
+    events = "events" in tables
+    # one aggregate per query: SQLite answers a lone min() or max() from the ts index
+    oldest = one("SELECT min(ts) FROM events") if events else None
+    newest = one("SELECT max(ts) FROM events") if events else None
+    files = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return StoreInfo(
+        backend="sqlite", url=url, schema_version=int(one("PRAGMA user_version")),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0, oldest_event=oldest,
+        newest_event=newest, spans=count("spans"), scores=count("scores"),
+        control_stops=int(stops), control_halts=int(halts), control_history=int(history),
+        size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        free_bytes=int(one("PRAGMA freelist_count")) * int(one("PRAGMA page_size")))

@@ -2,13 +2,13 @@
 
 SQLite groups rows by sorting them unless they arrive in order (it has no hash aggregation;
 sorting a million rows costs seconds): every grouped query of a summary reads an index of
-migration 3 whose leading columns are its GROUP BY, and that holds every column it needs —
+migration 5 whose leading columns are its GROUP BY, and that holds every column it needs —
 ``events_report`` for counts and sums, ``events_latency`` for the latency histogram and each
 task type's first and last step, ``events_groups`` for failure-message groups. Those scans
 read the whole index whatever the time window; a window holding less than 1/8 of the rows
 (the time index counts them) is read through ``events_ts`` instead, sorting only its rows.
 All queries of one summary run in one read transaction (one snapshot). A store whose schema
-predates migration 3 (opened read-only, so not migrated) has no summary here: the caller
+predates migration 5 (opened read-only, so not migrated) has no summary here: the caller
 makes the Python pass.
 
 A step listing walks ``events_ts`` backwards (ties by rowid), filtering as it goes: a page
@@ -169,7 +169,7 @@ def _read(backend: SQLiteBackend) -> sqlite3.Connection:
 
 def summarize(backend: SQLiteBackend, where: StepFilter, *,
               top_messages: int) -> EventSummary | None:
-    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 3.
+    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 5.
 
     Two connections read at once (SQLite runs each query without holding the GIL): the
     latency figures on the second (see :func:`closedloop.store._sqlsummary.summarize`).

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop._redact import Redactor, default_redactor, truncate
 from closedloop._version import __version__
+from closedloop.store import MemorySpanStore
 from closedloop.telemetry._redact import Capture
 from closedloop.telemetry._span import STATUS_ERROR, STATUS_OK, SpanRecord, jsonable
-from closedloop.telemetry._spanstore import MemorySpanStore, SpanStore, StoredSpan, span_store_for
+from closedloop.telemetry._spanstore import SpanStore, StoredSpan, span_store_for
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -59,7 +60,8 @@ def to_stored(span: SpanRecord, capture: Capture) -> StoredSpan:
 
 
 class StoreExporter:
-    """Writes spans into the embedded store (the store's SQLite file, or memory).
+    """Writes spans into the store (its span/score port: the SQLite file, the PostgreSQL
+    schema, or memory).
 
     Content (prompts, proposals, responses) is captured redacted and capped by default.
     """

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop._machine import Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -26,7 +26,8 @@ from closedloop.telemetry._span import (
 )
 
 if TYPE_CHECKING:
-    from closedloop.loop._machine import Action, StepGen, StepSpec
+    from closedloop._events import StepEvent
+    from closedloop.loop import Action, StepGen, StepSpec
     from closedloop.telemetry._pipeline import Telemetry
 
 
@@ -70,6 +71,27 @@ def _verdict_attrs(attrs: dict[str, Any], value: object, check: str) -> None:
         messages.extend(i.render() for i in verdict.issues[:_MAX_MESSAGES])
     if messages:  # why, not only which code: `closedloop traces show` prints them
         attrs["closedloop.verdict.messages"] = messages
+
+
+_STEP_FIELDS = (("step_id", "closedloop.step_id"), ("parent_step_id", "closedloop.parent_step_id"),
+                ("run_id", "closedloop.run_id"), ("model", "closedloop.model"),
+                ("provider", "closedloop.provider"), ("agent_version", "closedloop.agent_version"),
+                ("prompt_version", "closedloop.prompt_version"),
+                ("cached_input_tokens", "closedloop.usage.cached_input_tokens"),
+                ("cost_usd", "closedloop.cost_usd"),
+                ("proposal_digest", "closedloop.proposal_digest"))
+
+
+def step_attributes(attrs: dict[str, Any], event: StepEvent) -> None:
+    """The step event's ids, model, versions, labels (``closedloop.label.<name>``), cost and
+    proposal digest, as attributes of its root span (those that are set)."""
+    for field, key in _STEP_FIELDS:
+        value = getattr(event, field)
+        if value is not None:
+            attrs[key] = value
+    if event.labels:
+        for name, value in event.labels.items():
+            attrs[f"closedloop.label.{name}"] = value
 
 
 def _end(rec: SpanRecord, done: list[SpanRecord]) -> None:
@@ -194,6 +216,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
         if event is not None:
             attrs["closedloop.usage.input_tokens"] = event.input_tokens
             attrs["closedloop.usage.output_tokens"] = event.output_tokens
+            step_attributes(attrs, event)
         return result  # type: ignore[no-any-return]
     except GeneratorExit:  # the driver abandoned the step (an async hook under run())
         root.attributes.update({"closedloop.outcome": "error", "error.type": "abandoned"})

@@ -346,12 +346,11 @@ class StoreTail:
     def __init__(self, spans: SpanStore, metrics: Metrics, *, from_start: bool = False) -> None:
         self.spans = spans
         self.metrics = metrics
-        self.cursor = 0
-        if not from_start:
-            _, self.cursor = spans.spans_since(0)
+        self.cursor = 0 if from_start else spans.span_cursor()
 
     def poll(self) -> int:
-        """Read spans written since the last poll into the metrics; returns how many."""
+        """Read spans written since the last poll into the metrics (a page at most: a large
+        backlog is caught up over several polls); returns how many."""
         batch, self.cursor = self.spans.spans_since(self.cursor)
         self.metrics.observe_stored(batch)
         return len(batch)

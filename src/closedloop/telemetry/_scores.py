@@ -11,16 +11,18 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 from closedloop._redact import default_redactor, redact_text
+from closedloop._spans import TaskScores
 from closedloop.telemetry._spanstore import Score, span_store_for
 
 if TYPE_CHECKING:
     from closedloop.store import Store
+
+__all__ = ["SOURCES", "OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
+           "score_summary"]
 
 SOURCES = ("human", "rule", "model")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -80,69 +82,16 @@ def record_score(
     return score
 
 
-@dataclass(slots=True, kw_only=True)
-class TaskScores:
-    """One task type's outcomes and scores over a period."""
-
-    task_type: str
-    steps: int = 0
-    succeeded: int = 0
-    scores: dict[str, list[float]] = field(default_factory=dict)
-    labels: dict[str, dict[str, int]] = field(default_factory=dict)
-    daily: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-
-    @property
-    def success_rate(self) -> float | None:
-        """Succeeded steps over all steps, or None without steps."""
-        return self.succeeded / self.steps if self.steps else None
-
-    def mean(self, name: str) -> float | None:
-        """The mean of a numeric score, or None when it was never given."""
-        values = self.scores.get(name)
-        return sum(values) / len(values) if values else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: counts, success rate, mean per score, and per-day means."""
-        return {
-            "task_type": self.task_type, "steps": self.steps, "succeeded": self.succeeded,
-            "success_rate": self.success_rate,
-            "scores": {n: {"n": len(v), "mean": self.mean(n)}
-                       for n, v in sorted(self.scores.items())},
-            "labels": {n: dict(sorted(c.items())) for n, c in sorted(self.labels.items())},
-            "daily": {day: {n: sum(v) / len(v) for n, v in sorted(by_name.items())}
-                      for day, by_name in sorted(self.daily.items())},
-        }
-
-
 def score_summary(store: Store, *, since: float | None = None,
                   until: float | None = None) -> list[TaskScores]:
-    """Per task type: steps, success rate, mean of each score and its daily means.
+    """Per task type with scores: steps, success rate, mean of each score and its daily means.
 
-    Scores join their step through the trace id; a score on a trace with no recorded step in
-    the period is left out. This is the section ``closedloop report`` shows for scores.
+    Scores join their step through the trace id (the task type of the trace's latest step in
+    the period); a score on a trace with no recorded step in the period is left out. The
+    store aggregates (in SQL on SQLite and PostgreSQL). This is the section ``closedloop
+    report`` shows for scores.
     """
-    by_task: dict[str, TaskScores] = {}
-    trace_task: dict[str, str] = {}
-    for e in store.events(since=since, until=until):
-        ts = by_task.setdefault(e.task_type, TaskScores(task_type=e.task_type))
-        ts.steps += 1
-        ts.succeeded += e.outcome == "succeeded"
-        trace_task[e.trace_id] = e.task_type
-    for score in span_store_for(store).scores(since=since):
-        if until is not None and score.ts >= until:
-            continue
-        task = trace_task.get(score.trace_id)
-        if task is None:
-            continue
-        ts = by_task[task]
-        if score.value is not None:
-            ts.scores.setdefault(score.name, []).append(score.value)
-            day = datetime.fromtimestamp(score.ts, UTC).strftime("%Y-%m-%d")
-            ts.daily.setdefault(day, {}).setdefault(score.name, []).append(score.value)
-        if score.label is not None:
-            counts = ts.labels.setdefault(score.name, {})
-            counts[score.label] = counts.get(score.label, 0) + 1
-    return [by_task[k] for k in sorted(by_task)]
+    return span_store_for(store).score_summary(since=since, until=until)
 
 
 class OTelScoreExporter:
