@@ -501,3 +501,14 @@ def test_latency_figures_read_alongside_count_the_same_steps_as_the_rest(
                         alongside=q._Source(early, StepFilter()))
         same(got, python_pass(store, StepFilter()))
         assert got.overall.runs == 260
+
+
+def test_an_older_store_opened_read_only_lists_its_steps(tmp_path: Path) -> None:
+    rng = random.Random(18)
+    events = [step(i, rng) for i in range(30)]
+    url = v2_file(tmp_path / "v2.db", events)
+    with cl.open_store(url, read_only=True) as store:
+        listed = all_pages(store, 7, outcome="failed")
+    failed = [e for e in events if e.outcome == "failed"]
+    assert [e.trace_id for e in listed] == [e.trace_id for e in
+                                           sorted(failed, key=lambda e: -e.ts)]

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
-from closedloop._events import EVENT_FIELDS
 from closedloop.store._query import (
     EventSummary,
     StepFilter,
@@ -45,7 +44,6 @@ _NARROW = 8
 """A window with fewer than 1/_NARROW of the rows is read through the time index."""
 _GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verification_passed, "
                   "attempts")
-_FIELDS = ", ".join(EVENT_FIELDS)
 
 
 def _where(where: StepFilter, *extra: str) -> tuple[str, list[Any]]:
@@ -209,9 +207,12 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
     try:
         conn = backend._reader()
         try:
+            # the backend's own column list: a store of an older schema, read as it is, has
+            # fewer columns (the others read as NULL)
+            select = backend._select.replace("SELECT ", "SELECT ts, rowid, ", 1)
             rows = conn.execute(
-                f"SELECT ts, rowid, {_FIELDS} FROM events INDEXED BY events_ts{sql} "
-                "ORDER BY ts DESC, rowid DESC LIMIT ?", [*params, *more, limit + 1]).fetchall()
+                f"{select} INDEXED BY events_ts{sql} ORDER BY ts DESC, rowid DESC LIMIT ?",
+                [*params, *more, limit + 1]).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
