@@ -1,29 +1,42 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
 Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
-``--parts``).
+``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
-   into a SQLite store (WAL, background writer), against the same four calls made bare. Both
-   are timed in interleaved rounds in the same run; the figure is the median per-step time of
-   the loop minus the median per-step time of the bare calls. Beside wall time, the CPU time
-   of the stepping thread alone (``time.thread_time``) is reported: it leaves out the store's
-   writer thread and other processes on a shared machine, so it is the steadier figure to
-   compare two versions of the loop with (wall time includes what the writer takes of the GIL).
+   into a SQLite store (WAL, background writer), default fault control on, against the same
+   four calls made bare (the baseline, timed in the same run). Both are timed in interleaved
+   rounds; the figure is the median per-step time of the loop minus the median per-step time
+   of the bare calls. Beside wall time, the CPU time of the stepping thread alone
+   (``time.thread_time``) is reported: it leaves out the store's writer thread and other
+   processes on a shared machine, so it is the steadier figure to compare two versions of
+   the loop with (wall time includes what the writer takes of the GIL).
+   With ``--baseline-src DIR`` (another checkout's ``src``, e.g. main's) the overhead is
+   measured in child processes alternating between that tree and this one, ``--runs`` of
+   each, so that a before/after comparison sees the same load; the 1-minute load average is
+   printed with every run.
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
-   timed until ``flush()`` returns (every event durable in the file), in events per second.
-   The events leave the optional fields of schema v3 empty, as before; with
-   ``--loop-events`` they are shaped as a loop records them (a step id, a proposal of ~40
-   characters and its digest, each proposal distinct: the writer redacts every one).
+   timed until ``flush()`` returns (every event committed in the file), in events per
+   second; against the baseline of the same rows (plain tuples, no redaction) inserted by
+   ``executemany`` in transactions of the writer's batch size on a connection with the
+   store's PRAGMAs, into a fresh store file (same table and index). Two kinds of event:
+   ``v2`` (the schema-v2 fields only, as before schema v3) and ``loop`` (what a step of
+   the loop records: a step id, a ~60-character JSON proposal and its digest). Rounds
+   interleave the four measures; medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
+import os
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,8 +111,6 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     """Nanoseconds per call of each piece of the step path, timed alone."""
     import timeit
 
-    from closedloop._events import proposal_fields
-    from closedloop.loop import new_step_id
     from closedloop.loop._machine import Validate
     from closedloop.loop._result import StepResult
 
@@ -113,16 +124,12 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     fields = cl.StepEvent._fields
     names = {"StepEvent": cl.StepEvent, "StepResult": StepResult, "Attempt": cl.Attempt,
              "Validate": Validate, "guard": guard, "event": event, "v": v, "store": store,
-             "loop": loop, "validator": validator, "new_step_id": new_step_id,
-             "proposal_fields": proposal_fields}
+             "loop": loop, "validator": validator}
     pieces = [
         ("Loop.run, whole step", "loop.run(1)"),
-        (f"StepEvent by keyword ({len(fields)} fields)",
+        ("StepEvent by keyword (19 fields)",
          "StepEvent(" + ", ".join(f"{f}=v" for f in fields) + ")"),
-        (f"StepEvent positional ({len(fields)} fields)",
-         "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
-        ("new_step_id", "new_step_id()"),
-        ("proposal text + sha256 (an int)", "proposal_fields(v)"),
+        ("StepEvent positional (19 fields)", "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
         ("StepResult (frozen dataclass)",
          "StepResult(trace_id='x', outcome='succeeded', proposal=1, result=1, attempts=1, "
          "validation=(), verification=(), error_type=None, error_message=None, event=event)"),
@@ -141,10 +148,9 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     return out
 
 
-def bench_ingest(events: int, folder: Path, loop_events: bool = False) -> dict[str, float]:
-    from closedloop._events import proposal_fields
-
-    store = cl.open_store(folder / "ingest.db", max_queue=events + 1)
+def ingest_events(events: int, kind: str) -> list[cl.StepEvent]:
+    """``events`` distinct events: ``v2`` (schema-v2 fields only) or ``loop`` (as a loop step
+    records them: step id, proposal and its digest)."""
     template = cl.StepEvent(
         ts=time.time(), trace_id="0" * 32, agent_id="bench", task_type="ingest",
         autonomy="autonomous", outcome="succeeded", attempts=1, input_tokens=812,
@@ -152,27 +158,105 @@ def bench_ingest(events: int, folder: Path, loop_events: bool = False) -> dict[s
         error_type=None, error_message=None, propose_ms=0.5, validate_ms=0.25, act_ms=0.25,
         verify_ms=0.25, detail=None,
     )
-    batch = [template._replace(trace_id=f"{i:032x}", ts=template.ts + i * 1e-6)
-             for i in range(events)]
-    if loop_events:
-        batch = [e._replace(step_id=f"{i:032x}", cached_input_tokens=0,
-                            **dict(zip(("proposal", "proposal_digest"), proposal_fields(
-                                {"name": f"web-{i}", "size": "small"}), strict=True)))
-                 for i, e in enumerate(batch)]
+    if kind == "v2":
+        return [template._replace(trace_id=f"{i:032x}", ts=template.ts + i * 1e-6)
+                for i in range(events)]
+    out = []
+    for i in range(events):
+        proposal = f'{{"action":"scale","replicas":{i % 7 + 1},"service":"web-{i}"}}'
+        out.append(template._replace(
+            trace_id=f"{i:032x}", ts=template.ts + i * 1e-6, step_id=f"{i + 1 << 40:032x}",
+            cached_input_tokens=0, proposal=proposal,
+            proposal_digest=hashlib.sha256(proposal.encode()).hexdigest()))
+    return out
+
+
+def bench_ingest(batch: list[cl.StepEvent], path: Path) -> float:
+    """Events per second through ``Store.record`` until ``flush()`` returns."""
+    store = cl.open_store(path, max_queue=len(batch) + 1)
     record = store.record
     start = time.perf_counter()
     for e in batch:
         record(e)
-    produced = time.perf_counter() - start
     assert store.flush(timeout=600)
     elapsed = time.perf_counter() - start
     stats = store.close()
-    assert stats.written == events and stats.not_written == 0, stats
-    return {
-        "events": float(events),
-        "ingest_events_per_s": events / elapsed,
-        "record_call_us": produced / events * 1e6,
-    }
+    assert stats.written == len(batch) and stats.not_written == 0, stats
+    return len(batch) / elapsed
+
+
+def bench_raw(batch: list[cl.StepEvent], path: Path, batch_size: int = 4096) -> float:
+    """The baseline: the same rows inserted by ``executemany``, events per second."""
+    cl.open_store(path).close()  # the store's schema (table, index)
+    columns = [i for i, name in enumerate(cl.StepEvent._fields)
+               if any(e[i] is not None for e in batch)]  # what the writer's INSERT names
+    names = ", ".join(cl.StepEvent._fields[i] for i in columns)
+    sql = f"INSERT INTO events ({names}) VALUES ({', '.join('?' * len(columns))})"
+    rows = [tuple(e[i] for i in columns) for e in batch]  # plain tuples, nothing to convert
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    start = time.perf_counter()
+    for at in range(0, len(rows), batch_size):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, rows[at:at + batch_size])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return len(rows) / elapsed
+
+
+def run_ingest(events: int, rounds: int, folder: Path) -> dict[str, list[float]]:
+    """Interleaved rounds of the writer and the raw baseline, for both kinds of event."""
+    batches = {kind: ingest_events(events, kind) for kind in ("v2", "loop")}
+    out: dict[str, list[float]] = {}
+    n = 0
+    for _ in range(rounds):
+        for kind, batch in batches.items():
+            for name, fn in (("writer", bench_ingest), ("raw", bench_raw)):
+                n += 1
+                path = folder / f"ingest-{n}.db"
+                gc.collect()
+                out.setdefault(f"{name} {kind}", []).append(fn(batch, path))
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return out
+
+
+def load() -> str:
+    """The 1-minute load average, for the record."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def print_overhead(o: dict[str, float]) -> None:
+    print(f"loop step p50   {o['loop_step_us_p50']:8.2f} µs   (p90 {o['loop_step_us_p90']:.2f})")
+    print(f"bare calls p50  {o['bare_step_us_p50']:8.2f} µs   (the baseline)")
+    print(f"overhead p50    {o['overhead_us_p50']:8.2f} µs per step  (target ≤ 10 µs)")
+    print(f"  thread CPU    {o['overhead_cpu_us_p50']:8.2f} µs per step  (this thread only)")
+
+
+def compare(baseline_src: str, runs: int, steps: int, rounds: int) -> None:
+    """The overhead of ``baseline_src`` and of this tree, in alternating child processes."""
+    this_src = os.environ.get("PYTHONPATH", "")
+    results: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
+    for run in range(runs):
+        for name, src in (("baseline", baseline_src), ("this", this_src)):
+            before = load()
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", "--steps", str(steps),
+                 "--rounds", str(rounds)], check=True, capture_output=True, text=True,
+                env={**os.environ, "PYTHONPATH": src})
+            o = json.loads(out.stdout)
+            results[name].append(o)
+            print(f"run {run + 1} {name:8s}  overhead {o['overhead_us_p50']:6.2f} µs  "
+                  f"thread CPU {o['overhead_cpu_us_p50']:6.2f} µs  bare "
+                  f"{o['bare_step_us_p50']:5.2f} µs  (load {before} → {load()})", flush=True)
+    for key, label in (("overhead_us_p50", "overhead, wall"),
+                       ("overhead_cpu_us_p50", "overhead, thread CPU")):
+        base = statistics.median(r[key] for r in results["baseline"])
+        this = statistics.median(r[key] for r in results["this"])
+        print(f"median {label:22s} baseline {base:6.2f} µs   this {this:6.2f} µs   "
+              f"this/baseline {this / base:5.2f}")
 
 
 def main() -> int:
@@ -180,26 +264,42 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
     parser.add_argument("--events", type=int, default=500_000, help="events for ingest")
+    parser.add_argument("--ingest-rounds", type=int, default=3, help="rounds of ingest")
     parser.add_argument("--parts", action="store_true", help="time the step path's pieces")
-    parser.add_argument("--loop-events", action="store_true",
-                        help="ingest events shaped as a loop records them (schema v3)")
+    parser.add_argument("--only", choices=("overhead", "ingest"), help="run one part")
+    parser.add_argument("--baseline-src", help="another tree's src to compare the overhead of")
+    parser.add_argument("--runs", type=int, default=5, help="alternations with --baseline-src")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}")
+    if args.child:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(bench_overhead(args.steps, args.rounds, Path(tmp))))
+        return 0
+    print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, sqlite "
+          f"{sqlite3.sqlite_version}, load {load()}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        o = bench_overhead(args.steps, args.rounds, folder)
-        print(f"loop step p50   {o['loop_step_us_p50']:8.2f} µs   "
-              f"(p90 {o['loop_step_us_p90']:.2f})")
-        print(f"bare calls p50  {o['bare_step_us_p50']:8.2f} µs")
-        print(f"overhead p50    {o['overhead_us_p50']:8.2f} µs per step  (target ≤ 10 µs)")
-        print(f"  thread CPU    {o['overhead_cpu_us_p50']:8.2f} µs per step  (this thread only)")
-        if args.parts:
-            for name, ns in bench_parts(folder):
-                print(f"  {name:34s} {ns:8.0f} ns")
-        i = bench_ingest(args.events, folder, args.loop_events)
-        print(f"ingest          {i['ingest_events_per_s']:10,.0f} events/s  "
-              f"({int(i['events']):,} events, record() {i['record_call_us']:.2f} µs; "
-              "target ≥ 100,000/s)")
+        if args.only != "ingest":
+            if args.baseline_src:
+                compare(args.baseline_src, args.runs, args.steps, args.rounds)
+            else:
+                print_overhead(bench_overhead(args.steps, args.rounds, folder))
+            if args.parts:
+                for name, ns in bench_parts(folder):
+                    print(f"  {name:34s} {ns:8.0f} ns")
+        if args.only != "overhead":
+            rates = run_ingest(args.events, args.ingest_rounds, folder)
+            print(f"ingest, {args.events:,} events, {args.ingest_rounds} rounds "
+                  f"(load {load()}):")
+            for kind in ("v2", "loop"):
+                writer = statistics.median(rates[f"writer {kind}"])
+                raw = statistics.median(rates[f"raw {kind}"])
+                print(f"  {kind:4s} events: writer {writer:9,.0f}/s  raw executemany "
+                      f"{raw:9,.0f}/s (the baseline)  writer/raw {writer / raw:4.2f}  "
+                      f"(target ≥ 200,000/s)")
+                for name in ("writer", "raw"):
+                    print(f"    {name:6s} rounds: " + ", ".join(
+                        f"{r:,.0f}" for r in rates[f"{name} {kind}"]))
     return 0
 
 

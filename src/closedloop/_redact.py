@@ -577,30 +577,36 @@ _v3_redacted = itemgetter(*_V3_REDACTED)  # one C call tells whether any of them
 def redact_event(event: StepEvent) -> StepEvent:
     """A step event with its free text redacted: ``error_message``, ``detail``, the run id,
     model, provider and versions, the labels, and the proposal (then cut to its cap,
-    :func:`closedloop._events.clip_proposal`). Ids, digests and numbers are left alone."""
-    if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
-            and _v3_redacted(event).count(None) == len(_V3_REDACTED):
+    :func:`closedloop._events.clip_proposal`). Ids, digests and numbers are left alone.
+
+    The event itself when nothing changes (most events: a clean proposal and no other text);
+    else a copy."""
+    message, detail, proposal = event[_MESSAGE], event[_DETAIL], event[_PROPOSAL]
+    v3 = _v3_redacted(event).count(None) != len(_V3_REDACTED)  # any of them set
+    if message is None and detail is None and proposal is None and not v3:
         return event  # nothing to redact
     redactor = default_redactor()
     values: list[Any] | None = None  # copied on the first change: most texts have nothing
-    for i in _EVENT_TEXTS:
-        text: Any = event[i]
-        if text is not None:
-            clean = redactor(text)
-            if clean is not text:
+    if message is not None or v3:
+        for i in _EVENT_TEXTS:
+            text = event[i]
+            if isinstance(text, str):
+                clean = redactor(text)
+                if clean is not text and clean != text:
+                    if values is None:
+                        values = list(event)
+                    values[i] = clean
+    if detail is not None or v3:
+        for i in _EVENT_DATA:
+            data = event[i]
+            if data is not None:
                 if values is None:
                     values = list(event)
-                values[i] = clean
-    for i in _EVENT_DATA:
-        data = event[i]
-        if data is not None:
-            if values is None:
-                values = list(event)
-            values[i] = redactor.value(data)
-    proposal = event.proposal
-    if proposal is not None:
+                values[i] = redactor.value(data)
+    if isinstance(proposal, str):
         clean = clip_proposal(redactor(proposal))
-        if clean is not proposal:
+        # the redactor's cache may hand back an equal text that is another object
+        if clean is not proposal and clean != proposal:
             if values is None:
                 values = list(event)
             values[_PROPOSAL] = clean

@@ -63,24 +63,33 @@ class _Window:
 
     O(1) per step and at most ``window`` buckets of memory whatever the step rate (the loop
     calls ``observe`` on every step, so a per-step scan of the window would be quadratic).
-    A bucket leaves the window once all of its second is older than the window.
+    The current second's counts are two integers (``open_steps``, ``open_failures``): a step
+    adds to them, and its track closes them into a bucket when a new second starts. A bucket
+    leaves the window once all of its second is older than the window.
     """
 
-    buckets: deque[list[int]] = field(default_factory=deque)  # [second, steps, failures]
-    steps: int = 0
-    failures: int = 0
+    buckets: deque[tuple[int, int, int]] = field(default_factory=deque)
+    """Closed seconds, oldest first: (second, steps, failures)."""
+    closed_steps: int = 0
+    closed_failures: int = 0
+    open_steps: int = 0
+    open_failures: int = 0
 
-    def add(self, now: float, failed: bool) -> None:
-        second = int(now)
-        buckets = self.buckets
-        if buckets and buckets[-1][0] == second:
-            bucket = buckets[-1]
-            bucket[1] += 1
-            bucket[2] += failed
-        else:
-            buckets.append([second, 1, int(failed)])
-        self.steps += 1
-        self.failures += failed
+    @property
+    def steps(self) -> int:
+        return self.closed_steps + self.open_steps
+
+    @property
+    def failures(self) -> int:
+        return self.closed_failures + self.open_failures
+
+    def close(self, second: int) -> None:
+        """The open counts, of ``second``, become a bucket."""
+        if self.open_steps:
+            self.buckets.append((second, self.open_steps, self.open_failures))
+            self.closed_steps += self.open_steps
+            self.closed_failures += self.open_failures
+            self.open_steps = self.open_failures = 0
 
     def expire(self, edge: float) -> list[tuple[int, int]]:
         """Drop the buckets wholly older than ``edge``; return their (steps, failures)."""
@@ -88,14 +97,15 @@ class _Window:
         buckets = self.buckets
         while buckets and buckets[0][0] + 1 <= edge:
             _, steps, failures = buckets.popleft()
-            self.steps -= steps
-            self.failures -= failures
+            self.closed_steps -= steps
+            self.closed_failures -= failures
             gone.append((steps, failures))
         return gone
 
     @property
     def rate(self) -> float | None:
-        return self.failures / self.steps if self.steps else None
+        steps = self.steps
+        return self.failures / steps if steps else None
 
 
 @dataclass(slots=True)
@@ -107,7 +117,8 @@ class _Track:
     baseline: float | None = None
     baseline_samples: int = 0
     consecutive_verify_failures: int = 0
-    expired_at: float = float("-inf")
+    second: int | None = None
+    """The second the windows' open counts are of (None: no step yet)."""
 
 
 class FaultControl:
@@ -225,41 +236,53 @@ class FaultControl:
 
     def observe(self, event: StepEvent) -> None:
         """Learn from one step; pause or halt its task type when a threshold is crossed."""
-        # Runs on the agent's path for every step: the success path is kept to a few
-        # attribute updates. Failure shares only rise on a failure, so thresholds are checked
-        # then, and the window is expired at most once per second.
+        # Runs on the agent's path for every step: a success adds one to a count or two.
+        # Failure shares only rise on a failure, so thresholds are checked then, and the
+        # windows move on (and expire) once per second.
         if event.outcome in _REFUSED:
             return
         now = self.clock()
+        task_type = event.task_type
         with self._lock:
-            track = self._tracks.get(event.task_type)
+            track = self._tracks.get(task_type)
             if track is None:
-                track = self._tracks[event.task_type] = _Track()
-            if now - track.expired_at >= 1.0:
-                track.expired_at = now
-                self._expire(track, now)
+                track = self._tracks[task_type] = _Track()
+            if int(now) != track.second:
+                self._roll(track, now)
             stop: Stop | None = None
-            if event.validation_passed is not None:
-                failed = not event.validation_passed
-                track.validation.add(now, failed)
-                if failed:
-                    stop = self._check_spike(event.task_type, track, now)
-            if event.verification_passed is not None and stop is None:
-                failed = not event.verification_passed
-                track.verification.add(now, failed)
-                if failed:
-                    track.consecutive_verify_failures += 1
-                    stop = self._check_halt(event.task_type, track, now, event)
-                else:
+            passed = event.validation_passed
+            if passed is not None:
+                window = track.validation
+                window.open_steps += 1
+                if not passed:
+                    window.open_failures += 1
+                    stop = self._check_spike(task_type, track, now)
+            passed = event.verification_passed
+            if passed is not None and stop is None:
+                window = track.verification
+                window.open_steps += 1
+                if passed:
                     track.consecutive_verify_failures = 0
+                else:
+                    window.open_failures += 1
+                    track.consecutive_verify_failures += 1
+                    stop = self._check_halt(task_type, track, now, event)
             if stop is not None:
-                self._tracks[event.task_type] = _Track(baseline=track.baseline,
-                                                       baseline_samples=track.baseline_samples)
+                self._tracks[task_type] = _Track(baseline=track.baseline,
+                                                 baseline_samples=track.baseline_samples)
         if stop is not None:
             self._trip(stop)
 
     # ----- decisions ----------------------------------------------------------------------
-    def _expire(self, track: _Track, now: float) -> None:
+    def _roll(self, track: _Track, now: float) -> None:
+        """Close the windows' counts of a second that is over, and expire what has left the
+        window, learning the baseline from the validation buckets that leave it."""
+        second = int(now)
+        if second != track.second:
+            if track.second is not None:
+                track.validation.close(track.second)
+                track.verification.close(track.second)
+            track.second = second
         edge = now - self.window
         for steps, failures in track.validation.expire(edge):
             # the exponential average over a bucket's steps, as if fed one step at a time
@@ -435,7 +458,7 @@ class FaultControl:
         with self._lock:
             out["unsaved"] = [s.to_dict() for s in self._pending.values() if s.active(now)]
             for name, track in sorted(self._tracks.items()):
-                self._expire(track, now)
+                self._roll(track, now)
                 out["task_types"][name] = {
                     "validation_failure_rate": track.validation.rate,
                     "validation_samples": track.validation.steps,
