@@ -1008,3 +1008,19 @@ def test_the_hot_path_builders_equal_the_dataclass_constructors() -> None:
                           step_id="step")
     assert [getattr(attempt, f.name) for f in dataclasses.fields(cl.Attempt)] == [
         getattr(expected, f.name) for f in dataclasses.fields(cl.Attempt)]
+
+
+def test_a_results_and_an_events_json_carry_the_step(memory_store: cl.Store) -> None:
+    import json
+
+    loop = cl.Loop(lambda t, a: {"n": t}, task_type="t", store=memory_store, guards=(),
+                   labels={"tier": "gold"}, agent_version="v1")
+    result = loop.run(1, run_id="r")
+    assert result.to_dict()["step_id"] == result.step_id
+    assert result.event is not None
+    shown = json.loads(json.dumps(result.event.to_dict()))
+    assert {k: shown[k] for k in ("step_id", "run_id", "labels", "agent_version", "proposal",
+                                  "proposal_digest")} == {
+        "step_id": result.step_id, "run_id": "r", "labels": {"tier": "gold"},
+        "agent_version": "v1", "proposal": '{"n":1}',
+        "proposal_digest": result.event.proposal_digest}

@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -361,3 +362,90 @@ def test_distinct_message_groups_are_bounded() -> None:
 def test_negative_top_messages_is_a_config_error() -> None:
     with pytest.raises(cl.ConfigError, match="top_messages"):
         build_report([], top_messages=-1)
+
+
+# ----- closedloop steps ---------------------------------------------------------------------
+
+def _steps(url: str, *args: str) -> Any:
+    result = CliRunner().invoke(main, ["steps", "--store", url, "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_steps_pages_through_every_step_newest_first(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    listed: list[dict[str, Any]] = []
+    cursor: list[str] = []
+    while True:
+        page = _steps(store.url, "--limit", "3", *cursor)
+        listed.extend(page["steps"])
+        assert len(listed) <= 10, "the cursor does not move on"
+        if page["next_cursor"] is None:
+            break
+        cursor = ["--cursor", page["next_cursor"]]
+    assert [s["ts"] for s in listed] == [T0 + i for i in range(10, 0, -1)]
+    assert {s["trace_id"] for s in listed} == {e.trace_id for e in store.events()}
+    assert listed[0]["time"].endswith("Z")
+
+
+def test_steps_filters_by_task_type_outcome_error_type_and_time(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    failed = _steps(store.url, "--task-type", "provision", "--outcome", "failed")["steps"]
+    assert [s["error_type"] for s in failed] == ["verification", "verification",
+                                                "validation"]
+    agent = _steps(store.url, "--error-type", "agent")["steps"]
+    assert [s["task_type"] for s in agent] == ["summarize"]
+    window = _steps(store.url, "--since", "2023-11-14T22:13:23Z",
+                    "--until", "2023-11-14T22:13:26Z")["steps"]
+    assert [s["ts"] for s in window] == [T0 + 5, T0 + 4, T0 + 3]
+
+
+def test_steps_prints_stored_text_literally(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'odd.db'}"
+    with cl.open_store(url) as s:
+        s.record(_failed(T0, "[bold red]boom[/] :smile: \x1b[31m"))
+    result = CliRunner().invoke(main, ["steps", "--store", url])
+    assert result.exit_code == 0, result.output
+    text = "".join(result.output.split())
+    assert "[boldred]boom[/]:smile:\\x1b[31m" in text
+
+
+def test_steps_says_when_nothing_matches(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    result = CliRunner().invoke(main, ["steps", "--store", store.url, "--task-type", "none"])
+    assert result.exit_code == 1
+    assert "no steps match" in result.output
+    as_json = CliRunner().invoke(main, ["steps", "--store", store.url, "--task-type", "none",
+                                        "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {"steps": [], "next_cursor": None}
+
+
+def test_steps_with_a_cursor_of_no_page_is_a_usage_error(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    result = CliRunner().invoke(main, ["steps", "--store", store.url, "--cursor", "nope"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "not a page cursor" in result.output
+
+
+def test_the_steps_page_limit_is_the_stores_own() -> None:
+    from closedloop.cli import _report
+    from closedloop.store import MAX_PAGE
+
+    assert _report.MAX_PAGE == MAX_PAGE
+
+
+def test_report_reads_no_event_when_the_store_answers_in_sql(store: cl.Store) -> None:
+    run_scenario(store, T0)
+    reads: list[object] = []
+    backend = store.backend
+    original = backend.iter_events
+
+    def counted(query: Any) -> Any:
+        reads.append(query)
+        return original(query)
+
+    backend.iter_events = counted  # type: ignore[method-assign]
+    assert report_from_store(store).overall.runs == 10
+    assert reads == []

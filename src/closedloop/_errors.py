@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from closedloop.loop._result import StepResult
+    from closedloop.loop import StepResult
 
 
 class ClosedLoopError(Exception):

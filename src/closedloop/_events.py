@@ -155,10 +155,12 @@ PROPOSAL_MAX_CHARS = 16_384
 ``proposal_digest`` still covers the whole of it. 16 KiB keeps a plan-sized proposal whole
 while bounding the row (a million events with capped proposals: at most ~16 GB)."""
 PROPOSAL_CUT = f"…[truncated at {PROPOSAL_MAX_CHARS} chars]"
-_HELD_CHARS = PROPOSAL_MAX_CHARS + 16_384
+_HELD_CHARS = PROPOSAL_MAX_CHARS + 4_096
 """How much of the text an event holds until the store's writer redacts it: more than is
-stored, so that a secret cut here lies past the stored cut (the cap bounds memory held by
-queued events)."""
+stored, so that a secret (a token, a JWT; a private key block cut short is redacted whole)
+cut here lies past the stored cut. It bounds what a queued event holds: a store's queue of
+``max_queue`` events (100,000 by default) holds at most ~2 GB of proposal text, if every
+step proposed more than 20 KiB while the writer could not keep up."""
 
 
 def _jsonable(value: Any) -> Any:

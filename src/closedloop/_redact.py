@@ -17,6 +17,7 @@ The API other modules use, stable:
   over dicts, lists and tuples; a value under a key named like a secret, such as ``password``
   or ``api_key``, is replaced whole), both with the process default redactor;
 - :func:`clip` ``(str, max_chars) -> str``: redact, then truncate;
+- :func:`shown_url` ``(url) -> str``: the URL with its password masked, for output and logs;
 - :class:`Redactor` (the built-in rules plus the user's own patterns) and
   :func:`set_default_redactor` / :func:`default_redactor` / :func:`reset_default_redactor`.
 
@@ -39,6 +40,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from re import Pattern
 from typing import TYPE_CHECKING, Any
 
@@ -510,6 +512,18 @@ def truncate(text: str, max_chars: int) -> str:
     return text[:max_chars] + marker
 
 
+_URL_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and output (even if malformed).
+
+    Control (Redis URLs) and the command line both show URLs, so it lives here, with the
+    rest of what keeps secrets out of output.
+    """
+    return _URL_PASSWORD.sub(r"//\1:***@", url)
+
+
 # -- the process default ------------------------------------------------------------------
 # The process's redactor is the current runtime's (closedloop._runtime): configure() and
 # reset() set it with the rest. A runtime without one of its own uses the built-in rules.
@@ -556,9 +570,8 @@ _EVENT_TEXTS = tuple(EVENT_FIELDS.index(f) for f in (
 _EVENT_DATA = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
 _PROPOSAL = EVENT_FIELDS.index("proposal")
 _MESSAGE, _DETAIL = _EVENT_TEXTS[0], _EVENT_DATA[0]
-# run_id, model, provider, agent_version, prompt_version, labels are neighbours in the
-# event: one slice tells whether any of them is set
-_V3_FIRST, _V3_END = EVENT_FIELDS.index("run_id"), EVENT_FIELDS.index("labels") + 1
+_V3_REDACTED = (*_EVENT_TEXTS[1:], _EVENT_DATA[1])
+_v3_redacted = itemgetter(*_V3_REDACTED)  # one C call tells whether any of them is set
 
 
 def redact_event(event: StepEvent) -> StepEvent:
@@ -569,7 +582,7 @@ def redact_event(event: StepEvent) -> StepEvent:
     The event itself when nothing changes (most events: a clean proposal and no other text);
     else a copy."""
     message, detail, proposal = event[_MESSAGE], event[_DETAIL], event[_PROPOSAL]
-    v3 = event[_V3_FIRST:_V3_END].count(None) != _V3_END - _V3_FIRST  # any of them set
+    v3 = _v3_redacted(event).count(None) != len(_V3_REDACTED)  # any of them set
     if message is None and detail is None and proposal is None and not v3:
         return event  # nothing to redact
     redactor = default_redactor()

@@ -58,6 +58,9 @@ class Runtime:
     loops use (``None``: no tracing; :func:`closedloop.telemetry.configure` installs one).
     ``redactor`` is applied to every text closedloop stores, exports or logs (``None``: the
     built-in rules); it is the process runtime's that applies, also to loops given their own.
+    ``retention`` (``"30d"``, seconds, ``None``/``"off"``: keep everything; default
+    ``$CLOSEDLOOP_RETENTION``, else 90 days) is how long the store it opens from a URL keeps
+    events and control history; given with a store object, it is set on it.
     """
 
     def __init__(
@@ -69,9 +72,15 @@ class Runtime:
         backpressure: Backpressure = UNSET,
         telemetry: Telemetry | None = None,
         redactor: Redactor | None = None,
+        retention: str | float | None = UNSET,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
+        if retention is not UNSET:
+            from closedloop.store import parse_retention
+
+            retention = parse_retention(retention)  # a bad value fails here, in configure()
+        self._retention: float | None = retention
         self._store_arg = store
         self._store: Store | None = None
         self._owns_store = False
@@ -105,11 +114,24 @@ class Runtime:
 
         arg = self._store_arg
         if isinstance(arg, Store):
+            if self._retention is not UNSET:  # given with the store: the caller's wish
+                arg.set_retention(self._retention)
             return arg
         url = default_store_url() if arg is UNSET else arg
         self._owns_store = True
         # defer: an agent starts even when the file cannot be opened yet (events are held)
-        return open_store(url, defer=True)
+        return open_store(url, defer=True, retention=self.retention)
+
+    @property
+    def retention(self) -> float | None:
+        """Seconds of events (and control history) the store this runtime
+        opens keeps; ``None``: everything. Given, else ``$CLOSEDLOOP_RETENTION``, else 90
+        days (``off`` keeps everything); pruned by the store's writer thread."""
+        if self._retention is UNSET:
+            from closedloop.store import retention_from_env
+
+            self._retention = retention_from_env()
+        return self._retention
 
     @property
     def redis_url(self) -> str | None:
@@ -264,6 +286,7 @@ def configure(
     backpressure: Backpressure = UNSET,
     telemetry: Telemetry | None = None,
     redactor: Redactor | None = None,
+    retention: str | float | None = UNSET,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -275,7 +298,8 @@ def configure(
     store, guards or backpressure follow the new runtime from their next step.
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
-                  backpressure=backpressure, telemetry=telemetry, redactor=redactor)
+                  backpressure=backpressure, telemetry=telemetry, redactor=redactor,
+                  retention=retention)
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)

@@ -97,6 +97,19 @@ def test_traces_list_ends_a_page_with_the_next_pages_cursor(tmp_path: Path) -> N
     assert ids[0] in rest.stdout and "more:" not in rest.stdout
 
 
+def test_traces_list_prints_aligned_columns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    with cl.open_store(url) as store:
+        span_store_for(store).write_spans(step(1, task_type="a") + step(2, spans=12,
+                                                                       task_type="longer.type"))
+    lines = invoke("traces", "list", "--store", url).stdout.splitlines()
+    assert lines[0].split() == ["trace", "id", "started", "task", "type", "outcome", "spans", "ms"]
+    assert len({line.index(" 20") for line in lines[1:]}) == 1  # the start times line up
+    assert {line.index("  succeeded") for line in lines[1:]} == {lines[0].index("  outcome")}
+    assert [line[lines[0].index("spans"):lines[0].index("spans") + 5] for line in lines[1:]] == [
+        "   12", "    3"]  # counts right-aligned under their header
+
+
 def test_a_cursor_no_listing_gave_is_a_usage_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'events.db'}"
     _record(url)

@@ -302,10 +302,15 @@ def test_v3_texts_are_redacted_when_stored_ids_and_digests_are_not(any_url: str)
 
 
 def test_a_long_proposal_is_stored_cut_at_its_cap_and_marked(any_url: str) -> None:
-    from closedloop._events import PROPOSAL_CUT, PROPOSAL_MAX_CHARS, proposal_fields
+    import hashlib
 
+    from closedloop._events import PROPOSAL_CUT, PROPOSAL_MAX_CHARS, proposal_fields, proposal_text
+
+    whole = proposal_text({"plan": "x" * (3 * PROPOSAL_MAX_CHARS)})
     text, digest = proposal_fields({"plan": "x" * (3 * PROPOSAL_MAX_CHARS)})
     assert text is not None
+    assert len(text) < 2 * PROPOSAL_MAX_CHARS < len(whole)  # what a queued event holds: bounded
+    assert digest == hashlib.sha256(whole.encode()).hexdigest()
     with cl.open_store(any_url) as store:
         store.record(event(1)._replace(proposal=text, proposal_digest=digest))
         assert store.flush()
@@ -410,7 +415,7 @@ def _make_v2_pg(schema: str) -> list[cl.StepEvent]:
         ensure_partitions,
     )
 
-    from .conftest import PG_URL  # here: the fork tests import this module on its own
+    from .conftest import PG_URL  # here: other tests import this module from a subprocess
 
     v2 = [event(i)._replace(detail={"i": i} if i % 2 else None) for i in range(3)]
     with psycopg.connect(PG_URL, autocommit=True) as conn, conn.transaction():

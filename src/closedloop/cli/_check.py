@@ -82,8 +82,8 @@ def _inputs(paths: tuple[str, ...], limit: int, check_name: str, as_json: bool,
     except _TooLarge as exc:
         from dataclasses import replace
 
+        from closedloop._checks import too_large
         from closedloop._verdict import Verdict
-        from closedloop.validate._base import too_large
 
         issue = too_large(exc.size, exc.limit, "raise the limit with --max-bytes to check it")
         _report(Verdict.fail(replace(issue, location=exc.path), check=check_name), as_json)

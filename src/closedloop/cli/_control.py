@@ -27,7 +27,7 @@ from closedloop.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from closedloop.control._ledger import ControlLedger
+    from closedloop.control import ControlLedger
 
 # closedloop.control._ledger.REDIS_ENV, spelled out so that `closedloop --help` need not import
 # the ledger (a test checks the two agree).
@@ -45,7 +45,8 @@ def _redis_option(f: Any) -> Any:
 
 def _ledger(store_url: str, redis_url: str | None, prefix: str) -> tuple[ControlLedger, str]:
     """The ledger agents use for this store (and Redis), and where it is, for people."""
-    from closedloop.control._ledger import ledger_for_store, shown_url
+    from closedloop._redact import shown_url
+    from closedloop.control import ledger_for_store
 
     store = open_store_to_read(store_url)
     try:
@@ -96,8 +97,7 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
     degraded = _degraded(ledger)
     keys: dict[str, Any] = {}
     if redis_url:
-        from closedloop.control import Limits
-        from closedloop.control._redis import RedisRates
+        from closedloop.control import Limits, RedisRates
 
         rates = RedisRates(redis_url, prefix=prefix)
         try:
@@ -168,11 +168,10 @@ def resume(task_type: str, reason: str, by: str | None, store_url: str,  # noqa:
          written (then nothing was lifted)
       2  usage error (no --reason, bad store or Redis URL)
     """
-    from closedloop.control._fault import resume as lift
-    from closedloop.control._ledger import who
+    from closedloop.control import resume as lift
 
     ledger, where = _ledger(store_url, redis_url, prefix)
-    stop = lift(ledger, task_type, reason=reason, by=by or who())
+    stop = lift(ledger, task_type, reason=reason, by=by)  # by default: user@host (pid)
     if stop is None:
         say(f"error: {task_type} is neither halted nor paused in {where}", err=True)
         raise SystemExit(1)

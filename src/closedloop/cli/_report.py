@@ -1,4 +1,5 @@
-"""``closedloop report``: the learning layer's figures per task type, for people or scripts."""
+"""``closedloop report`` (the learning layer's figures per task type) and ``closedloop steps``
+(the recorded steps, newest first, a page at a time), for people or scripts."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ _NONE = "—"
 # closedloop.learn's DEFAULT_TOP_ERRORS and DEFAULT_TOP_MESSAGES, spelled out so that
 # `closedloop --help` need not import the learning layer (a test checks they agree).
 DEFAULT_TOP_ERRORS = DEFAULT_TOP_MESSAGES = 3
+MAX_PAGE = 1000  # closedloop.store's largest page, spelled out for the same reason
 
 
 @main.command()
@@ -131,10 +133,13 @@ def _scores(store: Store, since: float | None, task_type: str | None) -> list[Ta
     from closedloop._errors import ConfigError
 
     try:
-        from closedloop.telemetry import score_summary
+        from closedloop.telemetry import score_summary, span_store_for
     except ImportError:
         return []
     try:
+        # the summary reads every event of the window again: only when there are scores
+        if not span_store_for(store).scores(since=since):
+            return []
         summary = score_summary(store, since=since)
     except ConfigError:  # a backend that holds no scores yet (PostgreSQL: issue 10, later)
         return []
@@ -255,3 +260,77 @@ def _print(result: Report, url: str) -> None:
                 messages.add_row(_name(row) if i == 0 else "", msg.error_type, str(msg.count),
                                  shown, end_section=last_one)
         out.print(messages)
+
+
+@main.command()
+@click.option("--since", type=Since(), metavar="WHEN",
+              help="Only steps from WHEN on: an age (30m, 24h, 7d) or a date/ISO datetime.")
+@click.option("--until", type=Since(), metavar="WHEN",
+              help="Only steps before WHEN (same forms as --since).")
+@click.option("--task-type", metavar="T", help="Only steps of task type T.")
+@click.option("--outcome", metavar="O",
+              help="Only steps with outcome O (succeeded, failed, error, blocked, …).")
+@click.option("--error-type", metavar="E",
+              help="Only steps with error type E (validation, verification, agent, …).")
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=20, show_default=True,
+              help="Steps per page.")
+@click.option("--cursor", metavar="C",
+              help="Print the page after the one that ended with C (same filters).")
+@click.option("--json", "as_json", is_flag=True, help="Print the page as JSON for scripts.")
+@store_option
+def steps(  # noqa: PLR0917 - click passes every option as an argument
+        since: float | None, until: float | None, task_type: str | None, outcome: str | None,
+        error_type: str | None, limit: int, cursor: str | None, as_json: bool,
+        store_url: str) -> None:
+    """The recorded steps, newest first, one page at a time.
+
+    \b
+    Each page ends with a cursor: run the same command with --cursor C for the
+    next page (pages stay exact while new steps arrive: they come before the
+    first page, never into a later one).
+
+    \b
+    --json prints one object:
+      {"steps": [STEP, ...], "next_cursor": C (null on the last page)}
+      STEP = every field of the step's event (ts in Unix seconds, "time" as
+             ISO-8601 UTC, "detail" with the issues and exception)
+
+    \b
+    Exit codes:
+      0  page printed
+      1  no step matches (one line on stderr; with --json the empty page is
+         still printed), or the store cannot be read
+      2  usage error: bad flag value, bad store URL, a cursor of another store
+    """
+    store = open_store_to_read(store_url)
+    try:
+        found = store.steps(since=since, until=until, task_type=task_type, outcome=outcome,
+                            error_type=error_type, limit=limit, cursor=cursor)
+    finally:
+        store.close()
+    if as_json:
+        echo_json({"steps": [s.to_dict() for s in found.steps],
+                   "next_cursor": found.next_cursor})
+    if not found.steps:
+        click.echo(f"no steps match in {store.url}", err=True)
+        click.get_current_context().exit(EXIT_NO_DATA)
+    if as_json:
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"Steps, newest first — {literal(store.url)}", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for header in ("Time", "Trace id"):
+        table.add_column(header, no_wrap=True)
+    for header in ("Task type", "Outcome", "Error type"):
+        table.add_column(header, overflow="fold")
+    table.add_column("ms", justify="right", no_wrap=True)
+    table.add_column("Message", ratio=1, overflow="fold")
+    for s in found.steps:
+        table.add_row(iso(s.ts), s.trace_id, s.task_type, s.outcome, s.error_type or _NONE,
+                      _ms(s.latency_ms), s.error_message or _NONE)
+    out = console()
+    out.print(table)
+    if found.next_cursor is not None:
+        out.print(f"next page: --cursor {found.next_cursor}")

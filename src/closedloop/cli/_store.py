@@ -1,18 +1,195 @@
-"""``closedloop store import-deadletter``: write events the store once refused back into it."""
+"""``closedloop store``: what a store holds, its migrations, retention, dead letters."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from closedloop.cli import main
-from closedloop.cli._common import echo_json, say, store_option
+from closedloop.cli._common import _ParamType, echo_json, iso, say, store_option
+
+if TYPE_CHECKING:
+    from closedloop.store import PruneReport, StoreInfo
 
 
 @main.group()
 def store() -> None:
-    """The event store: maintenance commands."""
+    """The event store: what it holds, migrations, retention, dead letters."""
+
+
+class Duration(_ParamType):
+    """An age such as ``12h``, ``30d`` or ``2w``, in seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> float:
+        if isinstance(value, float):
+            return value
+        from closedloop._errors import ConfigError
+        from closedloop.store import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@store.command("info")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def info(store_url: str, as_json: bool) -> None:
+    """Show the store's backend, schema version, counts, size and oldest and newest event.
+
+    Read only: nothing is created, migrated or written. Keys of --json: backend, url,
+    schema_version, latest_version, pending_migrations, events, oldest_event,
+    newest_event (Unix seconds, and *_time in ISO), spans, scores (null where the store
+    keeps none), control_stops, control_halts, control_history, size_bytes, free_bytes,
+    partitions (PostgreSQL day partitions), retention_s (this environment's automatic
+    retention, null: none).
+    """
+    from closedloop._runtime import current_runtime
+    from closedloop.cli._common import open_store_to_read
+    from closedloop.store import store_info
+
+    target = open_store_to_read(store_url)
+    try:
+        found = store_info(target)
+    finally:
+        target.close()
+    retention = current_runtime().retention
+    if as_json:
+        echo_json({**found.to_dict(), "retention_s": retention})
+        return
+    for label, value in _info_lines(found, retention):
+        say(f"{label:<11}{value}")
+
+
+def _info_lines(found: StoreInfo, retention: float | None) -> list[tuple[str, str]]:
+    from closedloop.store import RETENTION_ENV, describe_duration
+
+    if found.backend == "memory":
+        schema = "none (in this process only)"
+    elif found.pending_migrations:
+        schema = (f"version {found.schema_version} of {found.latest_version}: "
+                  f"{found.pending_migrations} migration(s) pending; run `closedloop store "
+                  "migrate`")
+    else:
+        schema = f"version {found.schema_version} (current; no migration pending)"
+    events = f"{found.events:,}"
+    if found.oldest_event is not None and found.newest_event is not None:
+        events += f", oldest {iso(found.oldest_event)}, newest {iso(found.newest_event)}"
+    halts = f" ({found.control_halts} halted)" if found.control_halts else ""
+    lines = [("store", found.url), ("backend", found.backend), ("schema", schema),
+             ("events", events),
+             ("spans", "-" if found.spans is None else f"{found.spans:,}"),
+             ("scores", "-" if found.scores is None else f"{found.scores:,}"),
+             ("control", f"{found.control_stops} stop(s) in force{halts}, "
+                         f"{found.control_history:,} history record(s)")]
+    if found.size_bytes is not None:
+        size = _size(found.size_bytes) + (" on disk" if found.backend == "sqlite" else
+                                          " in the database")
+        if found.free_bytes:
+            size += f" ({_size(found.free_bytes)} freed by deletes, reused by new writes)"
+        lines.append(("size", size))
+    if found.backend == "postgresql":
+        days = found.partitions
+        span = f": {days[0]} … {days[-1]}" if len(days) > 1 else f": {days[0]}" if days else ""
+        lines.append(("partitions", f"{len(days)} day(s){span}"))
+    keep = "none (keeps everything)" if retention is None else describe_duration(retention)
+    lines.append(("retention", f"{keep}, for agents with this environment "
+                               f"(${RETENTION_ENV})"))
+    return lines
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1000
+    raise AssertionError  # pragma: no cover - the loop always returns
+
+
+@store.command("migrate")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+def migrate(store_url: str, as_json: bool) -> None:
+    """Apply the store's pending schema migrations (creating the store if there is none).
+
+    Other commands that only read (report, traces, status, store info) never migrate;
+    agents migrate the store they open. Run this before upgrading agents, with a role that
+    may change the schema. Safe while agents run and when several processes migrate at
+    once. Keys of --json: url, from_version, to_version.
+    """
+    from closedloop.store import migrate_store
+
+    url, found, now = migrate_store(store_url)
+    if as_json:
+        echo_json({"url": url, "from_version": found, "to_version": now})
+    elif found == now:
+        say(f"{url} is at schema version {now}: no migration pending")
+    elif found == 0:
+        say(f"created {url} at schema version {now}")
+    else:
+        say(f"migrated {url} from schema version {found} to {now}")
+
+
+@store.command("prune")
+@click.option("--older-than", "older_than", type=Duration(), required=True, metavar="AGE",
+              help="Remove what is older than AGE: 12h, 30d, 2w (hours, days, weeks).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> None:
+    """Remove events and control history older than --older-than.
+
+    Spans and scores too where the store prunes them through its span port. Never an
+    active pause or halt. SQLite deletes in short transactions (agents keep
+    writing) and reuses the space freed; PostgreSQL drops whole day partitions, so it
+    keeps every event of the cutoff's UTC day. The store's schema is used as it is, never
+    migrated. Keys of --json: url, before (Unix seconds) and before_time, dry_run, events,
+    partitions, kept_from, more, approximate (events of large PostgreSQL partitions counted
+    by the planner's statistics), control_records, spans (spans, traces and scores removed;
+    null: this store has no span port, or a dry run).
+    """
+    import time
+
+    from closedloop.cli._common import open_store_to_read
+    from closedloop.store import prune as prune_store
+
+    before = time.time() - older_than
+    # opened as it is (no migration); the maintenance port writes through its own connection
+    target = open_store_to_read(store_url)
+    try:
+        report = prune_store(target, before, dry_run=dry_run)
+    finally:
+        target.close()
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    say(_prune_line(report))
+
+
+def _prune_line(report: PruneReport) -> str:
+    pruned = report.events
+    verb = "would remove" if report.dry_run else "removed"
+    about = "about " if pruned.approximate else ""
+    line = (f"{verb} {about}{pruned.events:,} events older than {iso(report.before)} from "
+            f"{report.url}")
+    if pruned.partitions:
+        first, last = pruned.partitions[0], pruned.partitions[-1]
+        line += (f" ({len(pruned.partitions)} day partition(s): "
+                 f"{first}{f' … {last}' if last != first else ''})")
+    if report.spans:
+        line += "".join(f", {n:,} {kind}" for kind, n in report.spans.items())
+    line += f", and {report.control:,} control record(s)"
+    if pruned.kept_from is not None and pruned.kept_from < report.before:
+        line += (f"; events from {iso(pruned.kept_from)} on are kept (whole days are "
+                 "dropped)")
+    return line
 
 
 @store.command("import-deadletter")

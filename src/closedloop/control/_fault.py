@@ -50,7 +50,7 @@ from closedloop.control._ledger import (
     stronger,
     who,
 )
-from closedloop.loop._guard import Admission
+from closedloop.loop import Admission
 
 _log = logging.getLogger("closedloop.control")
 _REFUSED = frozenset({StopKind.PAUSED.value, StopKind.HALTED.value, "control_unavailable"})

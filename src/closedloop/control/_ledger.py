@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -42,6 +41,7 @@ from closedloop._control_state import (
     stronger,
 )
 from closedloop._errors import ControlUnavailable
+from closedloop._redact import shown_url
 from closedloop._runtime import REDIS_ENV
 
 # Stop, StopKind, ControlLedger and MemoryLedger live in closedloop._control_state (the store
@@ -62,14 +62,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("closedloop.control")
-
-
-def shown_url(url: str) -> str:
-    """``url`` without its password, for messages, logs and output (even if malformed)."""
-    return _PASSWORD.sub(r"//\1:***@", url)
-
-
-_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
 
 
 def who() -> str:

@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
+from opentelemetry.trace import SpanKind
+
 from closedloop.loop import current_attempt
-from closedloop.telemetry._pipeline import Telemetry, default_telemetry
-from closedloop.telemetry._span import KIND_CLIENT, SpanRecord, current_parent
+from closedloop.telemetry import SpanRecord, Telemetry, active_telemetry
 
 log = logging.getLogger("closedloop.integrations")
 
@@ -83,8 +84,7 @@ class ModelCall:
         self.request_model = str(model) if model is not None else None
         self.output_parts: list[str] | None = [] if capture_content else None
         self._done = False
-        _, _, active = current_parent()
-        self.telemetry = telemetry or active or default_telemetry()
+        self.telemetry = telemetry or active_telemetry()
         self.span: SpanRecord | None = None
         if self.telemetry is not None:
             attrs: dict[str, Any] = {"gen_ai.operation.name": operation,
@@ -95,7 +95,7 @@ class ModelCall:
                 if kwargs.get(param) is not None:
                     attrs[key] = kwargs[param]
             self.span = self.telemetry.start_span(
-                f"{operation} {model}" if model else operation, attrs, kind=KIND_CLIENT)
+                f"{operation} {model}" if model else operation, attrs, kind=SpanKind.CLIENT.value)
             if capture_content:
                 self.span.content = provider.request_content(kwargs)
 
@@ -300,9 +300,8 @@ def retry_after_seconds(headers: Any, now: Callable[[], float] = time.time) -> f
     The same parser as flow control's (:func:`closedloop.control.retry_after_from_headers`):
     an unreadable, negative or non-finite value is None.
     """
-    # imported here: closedloop.control pulls in its backends, which an instrumented SDK
-    # call that never sees a 429 does not need
-    from closedloop.control._signals import retry_after_from_headers
+    # imported on use: an instrumented SDK call that never sees a 429 needs no flow control
+    from closedloop.control import retry_after_from_headers
 
     return retry_after_from_headers(headers, now=now)
 

@@ -6,6 +6,7 @@ and whether it worked, outcomes, latency percentiles, tokens and the most freque
 :func:`build_report` is its first query (``closedloop report`` prints it).
 """
 
+from closedloop._figures import message_group, percentile
 from closedloop.learn._report import (
     DEFAULT_TOP_ERRORS,
     DEFAULT_TOP_MESSAGES,
@@ -17,8 +18,6 @@ from closedloop.learn._report import (
     TaskStats,
     Tokens,
     build_report,
-    message_group,
-    percentile,
     report_from_store,
 )
 

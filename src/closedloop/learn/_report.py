@@ -1,9 +1,14 @@
 """The report: per task type, how the feedback loops are doing over a window of stored events.
 
-:func:`build_report` makes one pass over any iterable of :class:`~closedloop.StepEvent`, so it
-reads straight from a store cursor; per task type it keeps counters and the list of latencies
-(the only thing a percentile cannot do without). :func:`report_from_store` is the same over a
-:class:`~closedloop.Store` with a time window and a task-type filter.
+:func:`report_from_store` asks the store for the figures of a time window (and task type):
+SQLite and PostgreSQL compute them in SQL, through their indexes, and hand over a few rows
+(:meth:`~closedloop.store.Store.summary`). :func:`build_report` computes the same figures in
+one pass over any iterable of :class:`~closedloop.StepEvent`; per task type it keeps counters
+and the list of latencies (the only thing a percentile cannot do without). Both give equal
+reports for equal events, with two documented differences in degree
+(:mod:`closedloop.store._query`): a mean latency computed in SQL may differ in its last
+digits, and past 1000 distinct failure-message groups in a row :func:`build_report` counts the
+rest as one "(other messages)" group where SQL keeps counting each.
 
 Definitions (the CLI's ``--help`` repeats them):
 
@@ -26,53 +31,19 @@ A rate with an empty denominator is ``None`` (shown as "—"), never 0.
 
 from __future__ import annotations
 
-import math
-import re
-from array import array
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 from closedloop._events import Outcome, StepEvent
+from closedloop.store import EventSummary, TaskFigures, summarize_events
 
 if TYPE_CHECKING:
     from closedloop.store import Store
 
 DEFAULT_TOP_ERRORS = 3
 DEFAULT_TOP_MESSAGES = 3
-_MAX_GROUPS = 1000  # distinct message groups kept per row; more are counted as one "other"
-_OTHER = "(other messages)"
-_MAX_GROUP_CHARS = 500
-# A token (between spaces and punctuation) holding a digit: an id, a size, a count, a version.
-# Matched only from a token's start, possessively, so each token is scanned once.
-_VARIABLE = re.compile(r"""(?<![^\s,;:()\[\]{}'"=<>])[^\s,;:()\[\]{}'"=<>\d]*+\d"""
-                       r"""[^\s,;:()\[\]{}'"=<>]*+""")
-
-
-def message_group(message: str) -> str:
-    """The group of a failure message: tokens holding a digit become ``<*>``.
-
-    Whitespace is collapsed and the result capped, so messages that differ only in ids,
-    instance types, sizes or line numbers fall in one group.
-    """
-    grouped = " ".join(_VARIABLE.sub("<*>", message).split())
-    return grouped if len(grouped) <= _MAX_GROUP_CHARS else grouped[:_MAX_GROUP_CHARS] + "…"
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    """The nearest-rank ``p``-th percentile (0 < p ≤ 100) of already sorted values.
-
-    The smallest value with at least ``p`` % of the values at or below it: the value at
-    1-based rank ``ceil(p / 100 * n)``. ``None`` for no values.
-    """
-    if not 0 < p <= 100:
-        raise ConfigError(f"percentile must be in (0, 100], got {p!r}")
-    if not sorted_values:
-        return None
-    rank = math.ceil(p / 100.0 * len(sorted_values))
-    return float(sorted_values[max(rank, 1) - 1])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,116 +207,50 @@ class Report:
         }
 
 
-@dataclass(slots=True)
-class _Tally:
-    """Running counters of one row; ``add`` is O(1) apart from keeping the latency."""
+def _stats(f: TaskFigures, top_errors: int) -> TaskStats:
+    """A row of the report from the store's figures."""
+    runs = f.runs
+    outcomes = {o.value: f.outcomes.get(o.value, 0) for o in Outcome}
+    # outcomes written by a newer closedloop still count, after the known ones
+    outcomes.update(sorted((k, v) for k, v in f.outcomes.items() if k not in outcomes))
+    errors = sorted(f.errors.items(), key=lambda kv: (-kv[1], kv[0]))[:top_errors]
+    return TaskStats(
+        task_type=f.task_type,
+        runs=runs,
+        first_ts=f.first_ts,
+        last_ts=f.last_ts,
+        validation=Rate(count=f.validation_passed, total=f.validated),
+        reask=Rate(count=f.reasked, total=f.validated),
+        reask_success=Rate(count=f.reask_passed, total=f.reasked),
+        verification=Rate(count=f.verification_passed, total=f.verified),
+        outcomes=outcomes,
+        latency=Latency(p50_ms=f.latency_p50_ms, p95_ms=f.latency_p95_ms,
+                        mean_ms=f.latency_mean_ms, max_ms=f.latency_max_ms),
+        tokens=Tokens(
+            input_total=f.input_tokens,
+            output_total=f.output_tokens,
+            input_per_run=f.input_tokens / runs if runs else None,
+            output_per_run=f.output_tokens / runs if runs else None,
+        ),
+        top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs) for k, v in errors),
+        top_messages=tuple(MessageCount(error_type=m.error_type, message=m.group,
+                                        example=m.example, count=m.count, share=m.count / runs)
+                           for m in f.messages),
+    )
 
-    runs: int = 0
-    first_ts: float = math.inf
-    last_ts: float = -math.inf
-    validated: int = 0
-    validation_passed: int = 0
-    reasked: int = 0
-    reask_passed: int = 0
-    verified: int = 0
-    verification_passed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
-    examples: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
-    """Per message group, its most recent message and when it was recorded."""
-    latencies: array[float] = field(default_factory=lambda: array("d"))
 
-    def add(self, e: StepEvent) -> None:
-        self.runs += 1
-        self.first_ts = min(self.first_ts, e.ts)
-        self.last_ts = max(self.last_ts, e.ts)
-        if e.validation_passed is not None:
-            self.validated += 1
-            self.validation_passed += e.validation_passed
-            if e.attempts > 1:
-                self.reasked += 1
-                self.reask_passed += e.validation_passed
-        if e.verification_passed is not None:
-            self.verified += 1
-            self.verification_passed += e.verification_passed
-        self.input_tokens += e.input_tokens
-        self.output_tokens += e.output_tokens
-        self.latencies.append(e.latency_ms)
-        self.outcomes[e.outcome] += 1
-        if e.error_type:
-            self.errors[e.error_type] += 1
-        if e.error_message:
-            self._message(e.error_type or "", e.error_message, 1, e.ts)
+def _check(top_errors: int, top_messages: int) -> None:
+    if top_errors < 0:
+        raise ConfigError(f"top_errors must be ≥ 0, got {top_errors!r}")
+    if top_messages < 0:
+        raise ConfigError(f"top_messages must be ≥ 0, got {top_messages!r}")
 
-    def _message(self, error_type: str, message: str, count: int, ts: float,
-                 group: str | None = None) -> None:
-        key = (error_type, message_group(message) if group is None else group)
-        if key not in self.messages and len(self.messages) >= _MAX_GROUPS:
-            key = (error_type, _OTHER)
-        self.messages[key] += count
-        if key not in self.examples or ts >= self.examples[key][0]:
-            self.examples[key] = (ts, message)
 
-    def merge(self, other: _Tally) -> None:
-        """Fold another row's counters into this one (the overall row is built this way)."""
-        self.runs += other.runs
-        self.first_ts = min(self.first_ts, other.first_ts)
-        self.last_ts = max(self.last_ts, other.last_ts)
-        self.validated += other.validated
-        self.validation_passed += other.validation_passed
-        self.reasked += other.reasked
-        self.reask_passed += other.reask_passed
-        self.verified += other.verified
-        self.verification_passed += other.verification_passed
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.outcomes.update(other.outcomes)
-        self.errors.update(other.errors)
-        for key, count in other.messages.items():
-            ts, message = other.examples[key]
-            self._message(key[0], message, count, ts, group=key[1])
-        self.latencies.extend(other.latencies)
-
-    def freeze(self, task_type: str | None, top_errors: int,
-               top_messages: int = DEFAULT_TOP_MESSAGES) -> TaskStats:
-        runs = self.runs
-        ordered = sorted(self.latencies)
-        outcomes = {o.value: self.outcomes.get(o.value, 0) for o in Outcome}
-        # outcomes written by a newer closedloop still count, after the known ones
-        outcomes.update(sorted((k, v) for k, v in self.outcomes.items() if k not in outcomes))
-        errors = sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))[:top_errors]
-        messages = sorted(self.messages.items(), key=lambda kv: (-kv[1], kv[0]))[:top_messages]
-        return TaskStats(
-            task_type=task_type,
-            runs=runs,
-            first_ts=self.first_ts if runs else None,
-            last_ts=self.last_ts if runs else None,
-            validation=Rate(count=self.validation_passed, total=self.validated),
-            reask=Rate(count=self.reasked, total=self.validated),
-            reask_success=Rate(count=self.reask_passed, total=self.reasked),
-            verification=Rate(count=self.verification_passed, total=self.verified),
-            outcomes=outcomes,
-            latency=Latency(
-                p50_ms=percentile(ordered, 50),
-                p95_ms=percentile(ordered, 95),
-                mean_ms=math.fsum(ordered) / runs if runs else None,
-                max_ms=ordered[-1] if ordered else None,
-            ),
-            tokens=Tokens(
-                input_total=self.input_tokens,
-                output_total=self.output_tokens,
-                input_per_run=self.input_tokens / runs if runs else None,
-                output_per_run=self.output_tokens / runs if runs else None,
-            ),
-            top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs)
-                             for k, v in errors),
-            top_messages=tuple(MessageCount(error_type=k[0], message=k[1],
-                                            example=self.examples[k][1], count=v, share=v / runs)
-                               for k, v in messages),
-        )
+def _report(summary: EventSummary, top_errors: int, since: float | None, until: float | None,
+            task_type: str | None) -> Report:
+    return Report(since=since, until=until, task_type=task_type,
+                  rows=tuple(_stats(r, top_errors) for r in summary.rows),
+                  overall=_stats(summary.overall, top_errors))
 
 
 def build_report(
@@ -364,26 +269,9 @@ def build_report(
     ``top_errors`` and ``top_messages`` bound how many error types and failure-message groups
     each row lists (most frequent first).
     """
-    if top_errors < 0:
-        raise ConfigError(f"top_errors must be ≥ 0, got {top_errors!r}")
-    if top_messages < 0:
-        raise ConfigError(f"top_messages must be ≥ 0, got {top_messages!r}")
-    per_task: dict[str, _Tally] = {}
-    for event in events:
-        tally = per_task.get(event.task_type)
-        if tally is None:
-            tally = per_task[event.task_type] = _Tally()
-        tally.add(event)
-    overall = _Tally()
-    for tally in per_task.values():
-        overall.merge(tally)
-    return Report(
-        since=since,
-        until=until,
-        task_type=task_type,
-        rows=tuple(per_task[t].freeze(t, top_errors, top_messages) for t in sorted(per_task)),
-        overall=overall.freeze(None, top_errors, top_messages),
-    )
+    _check(top_errors, top_messages)
+    return _report(summarize_events(events, top_messages=top_messages), top_errors, since,
+                   until, task_type)
 
 
 def report_from_store(
@@ -397,8 +285,12 @@ def report_from_store(
 ) -> Report:
     """The report over ``store``'s events with ``since <= ts < until`` (Unix seconds).
 
-    Only events already written are seen: call ``store.flush()`` first to include your own.
+    The figures are computed where the events are: in SQL on SQLite and PostgreSQL (see
+    :meth:`~closedloop.store.Store.summary`), equal to :func:`build_report` over the same
+    events. Only events already written are seen: call ``store.flush()`` first to include
+    your own.
     """
-    events = store.events(since=since, until=until, task_type=task_type)
-    return build_report(events, top_errors=top_errors, top_messages=top_messages, since=since,
-                        until=until, task_type=task_type)
+    _check(top_errors, top_messages)
+    summary = store.summary(since=since, until=until, task_type=task_type,
+                            top_messages=top_messages)
+    return _report(summary, top_errors, since, until, task_type)

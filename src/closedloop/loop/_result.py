@@ -183,6 +183,7 @@ class StepResult(Generic[PropT, ResT]):
         """A JSON-ready summary (the proposal and result are left out: they are the user's)."""
         return {
             "trace_id": self.trace_id,
+            "step_id": self.step_id,
             "outcome": self.outcome.value,
             "attempts": self.attempts,
             "error_type": self.error_type.value if self.error_type else None,

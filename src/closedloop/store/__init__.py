@@ -11,6 +11,11 @@ Each backend also keeps, next to its events, the spans and scores of its traces 
 record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
 No module outside this package opens a database.
 
+Questions about the events are answered where they are (the query port,
+:mod:`closedloop.store._query`): :meth:`Store.summary` gives the per-task-type figures of
+``closedloop report`` (SQL on SQLite and PostgreSQL, through migration 5's indexes) and
+:meth:`Store.steps` pages through steps newest first with an opaque cursor.
+
 Telemetry that cannot write drops and counts, it never stops the agent: recording never
 raises, a store that refuses writes has its events held, then dead-lettered (see
 :mod:`closedloop.store._writer`), and the default store opens even when its file cannot be
@@ -19,7 +24,9 @@ opened yet (the cause is logged once, with the fix; events are held until it ope
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,36 +39,87 @@ from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery
 from closedloop.store._deadletter import ImportResult, import_dead_letter
 from closedloop.store._memory import MemoryBackend
 from closedloop.store._memory_spans import MemorySpanStore
+from closedloop.store._query import (
+    MAX_PAGE,
+    EventQueries,
+    EventSummary,
+    MessageGroup,
+    StepFilter,
+    StepPage,
+    TaskFigures,
+    check_limit,
+    decode_cursor,
+    page,
+    summarize_events,
+)
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
+from closedloop.store._retention import (
+    DEFAULT_RETENTION,
+    RETENTION_ENV,
+    EventsPruned,
+    MaintainedBackend,
+    PruneReport,
+    Retention,
+    StoreInfo,
+    describe_duration,
+    migrate_store,
+    parse_duration,
+    parse_retention,
+    prune,
+    retention_from_env,
+    store_info,
+)
 from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
 from closedloop.store._sqlite_ledger import SQLiteLedger
 from closedloop.store._sqlite_spans import SQLiteSpanStore
 from closedloop.store._writer import BatchWriter, WriterStats
 
 __all__ = [
+    "DEFAULT_RETENTION",
+    "MAX_PAGE",
+    "RETENTION_ENV",
     "SCHEMA_VERSION",
     "ControlStateBackend",
     "EventBackend",
+    "EventQueries",
     "EventQuery",
+    "EventSummary",
+    "EventsPruned",
     "ImportResult",
+    "MaintainedBackend",
     "MemoryBackend",
     "MemorySpanStore",
+    "MessageGroup",
+    "PruneReport",
     "Pruned",
+    "Retention",
     "SQLiteBackend",
     "SQLiteLedger",
     "SQLiteSpanStore",
     "SpanBackend",
     "SpanStore",
+    "StepFilter",
+    "StepPage",
     "Store",
+    "StoreInfo",
+    "TaskFigures",
     "WriterStats",
     "default_store",
     "default_store_url",
+    "describe_duration",
     "import_dead_letter",
     "is_default_store",
+    "migrate_store",
     "open_backend",
     "open_store",
+    "parse_duration",
+    "parse_retention",
+    "prune",
     "register_scheme",
     "reset_default_store",
+    "retention_from_env",
+    "store_info",
+    "summarize_events",
 ]
 
 ENV_VAR = "CLOSEDLOOP_STORE"
@@ -90,6 +148,7 @@ class Store:
         block_timeout: float = 5.0,
         max_held: int = 100_000,
         dead_letter: Path | None = None,
+        retention: Retention | str | float | None = None,
     ) -> None:
         self.backend = backend
         self.url = backend.url
@@ -97,8 +156,23 @@ class Store:
                                    flush_interval=flush_interval, overflow=overflow,
                                    block_timeout=block_timeout, max_held=max_held,
                                    dead_letter=dead_letter)
+        self.retention: Retention | None = None
+        """Automatic retention: events and control records (spans and scores through a span
+        port) older than its ``keep`` are removed by the writer thread; ``None``: everything
+        is kept."""
+        self.set_retention(retention)
         self.record = self._writer.submit
         """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
+
+    def set_retention(self, retention: Retention | str | float | None) -> None:
+        """Keep ``retention`` (``"30d"``, seconds, a :class:`Retention`; ``None`` or ``"off"``:
+        everything) from now on. A run starts with the writer's next wake-up."""
+        if not isinstance(retention, Retention):
+            keep = parse_retention(retention)
+            retention = None if keep is None else Retention(keep)
+        self.retention = retention
+        self._writer.maintenance = (None if retention is None
+                                    else functools.partial(retention, self.backend))
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until everything recorded so far is written.
@@ -129,6 +203,56 @@ class Store:
                            trace_id=trace_id)
         return self.backend.iter_events(query)
 
+    def summary(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        outcome: str | None = None,
+        error_type: str | None = None,
+        top_messages: int = 3,
+    ) -> EventSummary:
+        """The figures of the stored steps with ``since <= ts < until`` (and the other
+        filters), per task type and overall: in the database when the backend answers
+        :class:`EventQueries`, else in one pass over :meth:`events`."""
+        where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
+                           error_type=error_type)
+        backend = self.backend
+        if isinstance(backend, EventQueries):
+            found = backend.summarize(where, top_messages=top_messages)
+            if found is not None:
+                return found
+        events = self.events(since=since, until=until, task_type=task_type)
+        return summarize_events((e for e in events if where.matches(e)),
+                                top_messages=top_messages)
+
+    def steps(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        outcome: str | None = None,
+        error_type: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> StepPage:
+        """One page of stored steps, newest first: pass the page's ``next_cursor`` back (with
+        the same filters) for the next one. A backend without :class:`EventQueries` is read
+        whole for each page, keeping only the page in memory."""
+        where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
+                           error_type=error_type)
+        backend = self.backend
+        if isinstance(backend, EventQueries):
+            return backend.list_steps(where, limit=limit, cursor=cursor)
+        check_limit(limit)
+        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
+        rows = ((e.ts, i, e) for i, e in enumerate(self.events(since=since, until=until,
+                                                               task_type=task_type))
+                if where.matches(e) and (after is None or (e.ts, i) < after))
+        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+
     def count(self) -> int:
         """How many events the backend holds (not counting queued ones)."""
         return self.backend.count()
@@ -155,6 +279,7 @@ def open_store(
     max_held: int = 100_000,
     create: bool = True,
     defer: bool = False,
+    retention: Retention | str | float | None = None,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
@@ -169,7 +294,8 @@ def open_store(
     the store is returned anyway, the cause is logged once with the fix, and events are held
     until the file can be opened (what :func:`default_store` does, so that an agent starts
     even on a full or read-only disk). ``overflow``, ``block_timeout`` and ``max_held``: see
-    :class:`Store`.
+    :class:`Store`. ``retention`` (``"30d"``; default ``None``, keep everything): see
+    :class:`Store` and :mod:`closedloop.store._retention`.
 
     Schemes other than ``sqlite`` and ``memory`` (``postgresql``, plug-ins) are opened through
     the scheme registry (:mod:`closedloop.store._registry`), with ``create`` (never with
@@ -184,7 +310,8 @@ def open_store(
     def store(backend: EventBackend, dead_letter: Path | None = None) -> Store:
         return Store(backend, max_queue=max_queue, batch_size=batch_size,
                      flush_interval=flush_interval, overflow=overflow,
-                     block_timeout=block_timeout, max_held=max_held, dead_letter=dead_letter)
+                     block_timeout=block_timeout, max_held=max_held, dead_letter=dead_letter,
+                     retention=retention)
 
     if text == "memory://":
         return store(MemoryBackend())
@@ -192,7 +319,7 @@ def open_store(
         path = sqlite_path(text)
     elif "://" in text or text.startswith("sqlite:"):
         # every other scheme (PostgreSQL, plug-ins) comes from the registry
-        backend = open_backend(text, create=create, defer=defer)
+        backend = open_backend(text, create=create, defer=defer, read_only=read_only)
         return store(backend, dead_letter_for_url(backend.url))
     else:
         path = Path(text).expanduser()

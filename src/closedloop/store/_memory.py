@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
-from closedloop._control_state import MemoryLedger
+from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
 from closedloop.store._memory_spans import MemorySpanStore
+from closedloop.store._query import (
+    EventSummary,
+    StepFilter,
+    StepPage,
+    check_limit,
+    decode_cursor,
+    page,
+    summarize_events,
+)
+from closedloop.store._retention import EventsPruned, StoreInfo
 
 
 class MemoryBackend:
@@ -55,6 +66,24 @@ class MemoryBackend:
             n += 1
             yield e
 
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary:
+        """The figures of the steps matching ``where`` (the query port, in Python)."""
+        with self._lock:
+            events = list(self._events)
+        return summarize_events((e for e in events if where.matches(e)),
+                                top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (ties: latest recorded first)."""
+        check_limit(limit)
+        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
+        with self._lock:
+            events = list(self._events)
+        rows = [(e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
+                and (after is None or (e.ts, i) < after)]
+        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+
     def count(self) -> int:
         """How many events are held."""
         with self._lock:
@@ -62,3 +91,31 @@ class MemoryBackend:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """How many events are held, oldest and newest; the ledger's stops and history."""
+        with self._lock:
+            stamps = [e.ts for e in self._events]
+        stops = self._ledger.stops()
+        return StoreInfo(
+            backend="memory", url=self.url, schema_version=0, latest_version=0,
+            events=len(stamps), oldest_event=min(stamps, default=None),
+            newest_event=max(stamps, default=None), spans=None, scores=None,
+            control_stops=len(stops), control_halts=sum(s.kind is StopKind.HALTED for s in stops),
+            control_history=len(self._ledger.history(limit=1 << 62)), size_bytes=None)
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Forget events older than ``before`` (at most ``limit``, oldest first)."""
+        with self._lock:
+            old = sorted((e.ts, i) for i, e in enumerate(self._events) if e.ts < before)
+            gone = old if limit is None else old[:limit]
+            if not dry_run:
+                drop = {i for _, i in gone}
+                self._events = [e for i, e in enumerate(self._events) if i not in drop]
+        return EventsPruned(events=len(gone), more=len(gone) < len(old))
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """The in-process ledger keeps its history for the process's life: nothing to do."""
+        return 0

@@ -31,6 +31,7 @@ errors or logs.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import math
@@ -46,9 +47,12 @@ from closedloop._control_state import Stop, _iso, _merge, history_entry, redacte
 from closedloop._control_state import stop_from_row as _ledger_stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent, dumps
+from closedloop._figures import message_group
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
+from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
+from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     import psycopg
@@ -59,6 +63,13 @@ if TYPE_CHECKING:
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
+
+LATENCY_BUCKET = (
+    "(CASE WHEN latency_ms > 0 AND latency_ms < 1e300 THEN floor(ln(latency_ms) * 8)::int"
+    " + 10000 WHEN latency_ms > 0 THEN 20000 ELSE 0 END)")
+"""A latency's bucket, non-decreasing in the latency (PostgreSQL orders NaN above every
+number): eight per factor e (0 for zero and below). Indexed by ``events_latency``; never
+change it."""
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 # ``{schema}`` is replaced by the quoted schema name.
@@ -187,16 +198,43 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN IF NOT EXISTS proposal TEXT,
         ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
     """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
+    # each failure message's group, filled by the writer (rows stored before stay NULL and
+    # are grouped when read, through events_ungrouped, which new rows never enter), the
+    # latency histogram's index and the message groups' index (each statement a no-op where
+    # it was applied before, as in a schema whose version was set back by hand)
+    f"""
+    ALTER TABLE {{schema}}.events ADD COLUMN IF NOT EXISTS error_group TEXT;
+    CREATE INDEX IF NOT EXISTS events_latency ON {{schema}}.events (task_type,
+        {LATENCY_BUCKET}) INCLUDE (ts, latency_ms);
+    CREATE INDEX IF NOT EXISTS events_groups ON {{schema}}.events (task_type, error_type,
+        error_group, ts) WHERE error_group IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS events_ungrouped ON {{schema}}.events (ts)
+        WHERE error_group IS NULL AND error_message <> '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-# the column types of ``events`` in EVENT_FIELDS order, for binary COPY
-_COPY_TYPES = ("float8", "text", "text", "text", "text", "text", "int4", "int8", "int8",
-               "float8", "bool", "bool", "text", "text", "float8", "float8", "float8", "float8",
-               "jsonb",
-               # v3
-               "text", "text", "text", "text", "text", "text", "text", "jsonb", "int8",
-               "float8", "text", "text")
+# the column types of ``events``, for binary COPY
+_COLUMN_TYPES = {
+    "ts": "float8", "trace_id": "text", "agent_id": "text", "task_type": "text",
+    "autonomy": "text", "outcome": "text", "attempts": "int4", "input_tokens": "int8",
+    "output_tokens": "int8", "latency_ms": "float8", "validation_passed": "bool",
+    "verification_passed": "bool", "error_type": "text", "error_message": "text",
+    "propose_ms": "float8", "validate_ms": "float8", "act_ms": "float8", "verify_ms": "float8",
+    "detail": "jsonb",
+    # v3
+    "step_id": "text", "parent_step_id": "text", "run_id": "text", "model": "text",
+    "provider": "text", "agent_version": "text", "prompt_version": "text", "labels": "jsonb",
+    "cached_input_tokens": "int8", "cost_usd": "float8", "proposal": "text",
+    "proposal_digest": "text",
+    # derived by the writer (migration 5)
+    "error_group": "text",
+}
+_COLUMNS = (*EVENT_FIELDS, "error_group")
+"""The stored columns: the event's, then what the writer derives from it."""
+_COPY_TYPES = tuple(_COLUMN_TYPES[f] for f in _COLUMNS)
 
+_DAY_PARTITION = re.compile(r"events_\d{8}")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INSTALL = "pip install 'closedloop[postgres]'"
 
@@ -292,7 +330,7 @@ class PostgresBackend:
     """
 
     def __init__(self, url: str, *, create: bool = True, pool_size: int = 4,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, read_only: bool = False) -> None:
         _import_psycopg()
         import psycopg
         from psycopg import sql
@@ -305,14 +343,17 @@ class PostgresBackend:
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
         self._spans: PostgresSpanStore | None = None
+        self.read_only = read_only
+        """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
         self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
-            s, sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS))
+            s, sql.SQL(", ").join(sql.Identifier(f) for f in _COLUMNS))
         self._select = sql.SQL("SELECT {} FROM {}.events").format(
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
         try:
             with self._connect() as conn:
-                self.found_version = migrate(conn, self.schema, create=create)
+                self.found_version = (existing_version(conn, self.schema) if read_only
+                                      else migrate(conn, self.schema, create=create))
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {_one_line(exc)}") from None
 
@@ -352,17 +393,21 @@ class PostgresBackend:
 
         if not events:
             return
+        if self.read_only:
+            raise StoreError(f"store {self.url} was opened read-only")
         days = {d for e in events if (d := _partition_day(e.ts)) is not None}
         missing = days - self._partitions
+        rows = [(*e, message_group(e.error_message) if e.error_message else None)
+                for e in events]
         with self.pool().connection() as conn:
             if missing:
                 ensure_partitions(conn, self.schema, missing)
                 self._partitions |= missing
             try:
-                self._copy_rows(conn, events)
+                self._copy_rows(conn, rows)
             except (psycopg.DataError, UnicodeEncodeError):
                 # NUL or a lone surrogate somewhere: write the same batch with them replaced
-                self._copy_rows(conn, [_clean_row(e) for e in events])
+                self._copy_rows(conn, [_clean_row(r) for r in rows])
 
     def _copy_rows(self, conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
         # One COPY statement on an autocommit connection is one transaction, all or nothing,
@@ -410,6 +455,19 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
 
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
+        """The figures of the steps matching ``where``, in SQL (the query port)."""
+        from closedloop.store._postgres_query import summarize
+
+        return summarize(self, where, top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (the query port)."""
+        from closedloop.store._postgres_query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor)
+
     def count(self) -> int:
         """How many events the schema holds."""
         import psycopg
@@ -435,6 +493,97 @@ class PostgresBackend:
             pool, self._pool = self._pool, None
         if pool is not None and self._pool_pid == os.getpid():
             pool.close()
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size in the database, schema version, partitions, oldest and newest
+        event; never writes."""
+        import psycopg
+
+        try:
+            with self.pool().connection() as conn:
+                return _info(conn, self.schema, self.url)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {_one_line(exc)}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Drop the day partitions that end before ``before``, oldest first, stopping once
+        ``limit`` events have gone (a whole partition at least); then delete the late events
+        of those days that landed in ``events_default``. No row of a kept day is touched."""
+        import psycopg
+        from psycopg import sql
+
+        keep_from = math.floor(before / DAY_S) * DAY_S if math.isfinite(before) else before
+        s = sql.Identifier(self.schema)
+        dropped: list[str] = []
+        done = 0
+        approximate = False
+        try:
+            with self.pool().connection() as conn:
+                old = [name for name in _partition_names(conn, self.schema)
+                       if _partition_start(name) + DAY_S <= keep_from]
+                for name in old:
+                    if limit is not None and done >= limit and dropped:
+                        return EventsPruned(events=done, partitions=tuple(dropped),
+                                            kept_from=keep_from, more=True,
+                                            approximate=approximate)
+                    table = sql.SQL("{}.{}").format(s, sql.Identifier(name))
+                    rows, estimated = _partition_rows(conn, self.schema, name)
+                    approximate = approximate or estimated
+                    if not dry_run:
+                        with conn.transaction():
+                            # as partitions are created: one at a time per schema; a busy
+                            # table (a long read) is tried again on the next run
+                            conn.execute("SET LOCAL lock_timeout = '5s'")
+                            conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                         (_lock_key("partition", self.schema),))
+                            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+                        self._partitions.discard(int(_partition_start(name) // DAY_S))
+                    done += rows
+                    dropped.append(name)
+                late = sql.SQL("FROM {}.events_default WHERE ts < %s").format(s)
+                if dry_run:
+                    row = conn.execute(sql.SQL("SELECT count(*) {}").format(late),
+                                       (keep_from,)).fetchone()
+                    done += int(row[0]) if row else 0
+                else:
+                    done += conn.execute(sql.SQL("DELETE {}").format(late),
+                                         (keep_from,)).rowcount
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+        return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,
+                            approximate=approximate)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        import psycopg
+        from psycopg import sql
+
+        args = {"before": before, "now": now}
+        prefix = f'"{self.schema}".'  # a plain SQL name (parse_url checks it)
+        try:
+            with self.pool().connection() as conn, conn.transaction():
+                if _recorded_version(conn, self.schema) < _CONTROL_V:
+                    return 0
+                conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                             (_lock_key("control", self.schema),))
+                removed = 0
+                for table, where in CONTROL_PRUNE:
+                    clause = sql.SQL(where.format(s=prefix))
+                    target = sql.SQL("{}.{}").format(sql.Identifier(self.schema),
+                                                     sql.Identifier(table))
+                    if dry_run:
+                        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                            target, clause), args).fetchone()
+                        removed += int(row[0]) if row else 0
+                    else:
+                        removed += conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
+                            target, clause), args).rowcount
+                return removed
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
 
     def control_ledger(self) -> PostgresLedger:
         """Pauses and halts in this store's schema (the control-state port)."""
@@ -688,6 +837,92 @@ def migrate(conn: psycopg.Connection[Any], schema: str, *, create: bool = True) 
     return found
 
 
+def existing_version(conn: psycopg.Connection[Any], schema: str) -> int:
+    """The schema version of the store in ``schema``, which must exist and not be newer than
+    this closedloop; nothing is created or migrated (readers)."""
+    found = _recorded_version(conn, schema)
+    if found == 0:
+        raise StoreError(f"no closedloop store in schema {schema!r}; run `closedloop demo "
+                         "--store URL` or point --store at one")
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"store schema {schema!r} is at version {found}, newer than this "
+                         f"closedloop supports ({SCHEMA_VERSION}); upgrade closedloop")
+    return found
+
+
+def _partition_names(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The day partitions of ``schema.events`` (``events_YYYYMMDD``), oldest first."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE n.nspname = %s AND p.relname = 'events'", (schema,)).fetchall()
+    return sorted(r[0] for r in rows if _DAY_PARTITION.fullmatch(r[0]))
+
+
+COUNT_UP_TO = 1_000_000
+"""Partitions the planner's statistics put above this many rows are not counted before they
+are dropped (counting tens of millions of rows would hold up the writer for seconds): the
+statistics' figure is reported instead, marked approximate."""
+
+
+def _partition_rows(conn: psycopg.Connection[Any], schema: str, name: str) -> tuple[int, bool]:
+    """The rows of day partition ``name``, and whether that is an estimate."""
+    from psycopg import sql
+
+    row = conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON "
+                       "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                       (schema, name)).fetchone()
+    if row is None:  # dropped meanwhile (another process pruning)
+        return 0, False
+    if row[0] > COUNT_UP_TO:  # -1 until the table is first analyzed
+        return int(row[0]), True
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(name))).fetchone()
+    return (int(counted[0]) if counted else 0), False
+
+
+def _partition_start(name: str) -> float:
+    """Unix seconds at the start of day partition ``events_YYYYMMDD`` (UTC)."""
+    return float(calendar.timegm(time.strptime(name[len("events_"):], "%Y%m%d")))
+
+
+def _info(conn: psycopg.Connection[Any], schema: str, url: str) -> StoreInfo:
+    """What ``schema`` holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    from psycopg import sql
+
+    def one(query: sql.Composed | str, *args: Any) -> Any:
+        row = conn.execute(query, args).fetchone()
+        return row[0] if row else None
+
+    def table(name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+    def count(name: str) -> int | None:
+        if one("SELECT to_regclass(%s)", f'"{schema}"."{name}"') is None:
+            return None
+        return int(one(sql.SQL("SELECT count(*) FROM {}").format(table(name))))
+
+    finite = "WHERE ts > '-Infinity'::float8 AND ts < 'Infinity'::float8"  # NaN sorts last
+    stops = halts = 0
+    if count("control_stops") is not None:
+        row = conn.execute(sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE kind = 'halted') FROM {} "
+            "WHERE until IS NULL OR until > %s").format(table("control_stops")),
+            (time.time(),)).fetchone()
+        stops, halts = (int(row[0]), int(row[1])) if row else (0, 0)
+    size = one("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN "
+               "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND "
+               "c.relkind IN ('r', 'm')", schema)
+    return StoreInfo(
+        backend="postgresql", url=url, schema_version=_recorded_version(conn, schema),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0,
+        oldest_event=one(sql.SQL("SELECT min(ts) FROM {} " + finite).format(table("events"))),
+        newest_event=one(sql.SQL("SELECT max(ts) FROM {} " + finite).format(table("events"))),
+        spans=count("spans"), scores=count("scores"), control_stops=stops,
+        control_halts=halts, control_history=count("control_history") or 0,
+        size_bytes=int(size), partitions=tuple(_partition_names(conn, schema)))
+
+
 def partition_name(day: int) -> str:
     """``events_YYYYMMDD`` for a day number (days since 1970-01-01, UTC)."""
     return "events_" + time.strftime("%Y%m%d", time.gmtime(day * DAY_S))
@@ -709,6 +944,6 @@ def ensure_partitions(conn: psycopg.Connection[Any], schema: str, days: set[int]
                     sql.Literal(float(day * DAY_S)), sql.Literal(float((day + 1) * DAY_S))))
 
 
-def open_backend(url: str, *, create: bool = True) -> PostgresBackend:
+def open_backend(url: str, *, create: bool = True, read_only: bool = False) -> PostgresBackend:
     """The scheme registry's factory for ``postgresql://`` and ``postgres://``."""
-    return PostgresBackend(url, create=create)
+    return PostgresBackend(url, create=create, read_only=read_only)

@@ -306,10 +306,19 @@ class PostgresSpanStore:
         cut_ns = int(before * 1e9)
         try:
             with self._backend.pool().connection() as conn:
-                spans = self._drop_days(conn, cut_ns)
-                spans += self._chunks(conn, "prune_spans", (cut_ns, cut_ns))
-                traces = self._chunks(conn, "prune_traces", (cut_ns,))
-                scores = self._chunks(conn, "prune_scores", (before,))
+                # a schema of an older version that nothing migrated (``store prune`` never
+                # migrates) may lack these tables: there is nothing of theirs to prune
+                have = {row[0] for row in conn.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                    (self.schema,)).fetchall()}
+                spans = traces = scores = 0
+                if "spans" in have:
+                    spans = self._drop_days(conn, cut_ns)
+                    spans += self._chunks(conn, "prune_spans", (cut_ns, cut_ns))
+                if "traces" in have:
+                    traces = self._chunks(conn, "prune_traces", (cut_ns,))
+                if "scores" in have:
+                    scores = self._chunks(conn, "prune_scores", (before,))
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune spans in {self.url}: {_one_line(exc)}") from None
         return Pruned(spans=spans, traces=traces, scores=scores)

@@ -16,11 +16,13 @@ only when a URL's scheme is not known yet, so start-up never scans installed pac
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from closedloop._control_state import ControlLedger, MemoryLedger, Stop
@@ -176,19 +178,35 @@ def backend_factory(url: str) -> BackendFactory:
     return _resolve(scheme, factory)
 
 
-def open_backend(url: str, *, create: bool = True, defer: bool = False) -> EventBackend:
+def open_backend(url: str, *, create: bool = True, defer: bool = False,
+                 read_only: bool = False) -> EventBackend:
     """Open the backend serving ``url`` (see the module docstring for the schemes).
 
     With ``defer=True`` a store that cannot be opened yet (server down, no such database) is
-    not an error: a :class:`DeferredBackend` is returned that opens it on first use.
+    not an error: a :class:`DeferredBackend` is returned that opens it on first use. With
+    ``read_only=True`` nothing is created or migrated: the factory is called with
+    ``read_only=True`` when it takes that keyword (the built-in ones do), else with
+    ``create=False``.
     """
     factory = backend_factory(url)
+    if read_only:
+        create = False
+        if _takes_read_only(factory):
+            factory = functools.partial(cast(Any, factory), read_only=True)
     try:
         return factory(url, create=create)
     except StoreError as exc:
         if not defer:
             raise
         return DeferredBackend(url, factory, create=create, error=exc)
+
+
+def _takes_read_only(factory: BackendFactory) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "read_only" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class DeferredBackend:

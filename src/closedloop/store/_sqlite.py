@@ -22,18 +22,30 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
+from closedloop._figures import message_group
 from closedloop.store._base import EventQuery
+from closedloop.store._query import EventSummary, StepFilter, StepPage
+from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
     from closedloop.store._sqlite_ledger import SQLiteLedger
     from closedloop.store._sqlite_spans import SQLiteSpanStore
+
+LATENCY_BUCKET = (
+    "(CASE WHEN latency_ms >= 0.001 THEN"
+    " length(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT)) * 10"
+    " + CAST(substr(CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT), 1, 1) AS INTEGER)"
+    " ELSE 0 END)")
+"""A latency's bucket, non-decreasing in the latency and computed by SQLite alone (no math
+functions, which not every build has): its whole microseconds' digit count and leading digit,
+nine buckets per decade (0 below 1 µs). Indexed by ``events_latency``; never change it."""
 
 # Each entry upgrades the schema from version N to N+1; never edit a released entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -136,6 +148,22 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN proposal TEXT;
     ALTER TABLE events ADD COLUMN proposal_digest TEXT;
     """,
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
+    # each failure message's group, filled by the writer (rows stored before stay NULL and
+    # are grouped when read, through events_ungrouped, which new rows never enter), and the
+    # summary's indexes, each read in its order so that SQLite never sorts: counts and sums,
+    # the latency histogram, message groups. Each grows at a few places per batch (its key
+    # ends in ts), never at random places (see BENCHMARKS.md for what they cost ingest).
+    f"""
+    ALTER TABLE events ADD COLUMN error_group TEXT;
+    CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
+        verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms);
+    CREATE INDEX events_latency ON events (task_type, {LATENCY_BUCKET}, ts, latency_ms);
+    CREATE INDEX events_groups ON events (task_type, error_type, error_group, ts)
+        WHERE error_group IS NOT NULL;
+    CREATE INDEX events_ungrouped ON events (ts)
+        WHERE error_group IS NULL AND error_message <> '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -147,6 +175,11 @@ _NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
 """Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
 _MAX_PARAMS = 32766
 """SQLite's default limit of parameters per statement."""
+_MESSAGE = EVENT_FIELDS.index("error_message")
+_COLUMNS = (*EVENT_FIELDS, "error_group")
+"""The stored columns: the event's, then what the writer derives from it (migration 5)."""
+_GROUP = _NFIELDS
+"""``error_group``'s index in :data:`_COLUMNS`."""
 _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
@@ -164,7 +197,7 @@ class _Insert(NamedTuple):
     @classmethod
     def of(cls, columns: Sequence[int]) -> _Insert:
         width = len(columns)
-        head = f"INSERT INTO events ({', '.join(EVENT_FIELDS[i] for i in columns)}) VALUES "
+        head = f"INSERT INTO events ({', '.join(_COLUMNS[i] for i in columns)}) VALUES "
         row = f"({', '.join('?' * width)})"
         rows = _MAX_PARAMS // width
         return cls(width, rows, head + ",".join([row] * rows), head, row)
@@ -179,7 +212,8 @@ _INSERTS: dict[tuple[int, ...], _Insert] = {}
 
 def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
     """The batch as one flat parameter list (row after row), ``detail`` and ``labels`` as
-    JSON text and the two booleans as 0/1, and the INSERT it goes with.
+    JSON text and the two booleans as 0/1, each failure message's ``error_group``, and the
+    INSERT it goes with.
 
     Built column by column at C speed: the batch is transposed once (``zip``), a column that
     is NULL in every event is left out of the statement (it is NULL by default), and each
@@ -192,9 +226,11 @@ def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
     columns = list(zip(*events, strict=True))
     kept = tuple(i for i in range(_NFIELDS)
                  if i not in _NULLABLE or columns[i].count(None) != n)
-    insert = _INSERTS.get(kept)
+    grouped = _MESSAGE in kept  # some step of the batch failed with a message: group it
+    key = (*kept, _GROUP) if grouped else kept
+    insert = _INSERTS.get(key)
     if insert is None:
-        insert = _INSERTS[kept] = _Insert.of(kept)
+        insert = _INSERTS[key] = _Insert.of(key)
     width = insert.width
     flat: list[Any] = [None] * (n * width)
     for at, i in enumerate(kept):
@@ -204,6 +240,8 @@ def _params(events: Sequence[StepEvent]) -> tuple[_Insert, list[Any]]:
         elif i in JSON_COLUMNS:
             values = [None if v is None else dumps(v) for v in values]
         flat[at::width] = values
+    if grouped:
+        flat[len(kept)::width] = [message_group(m) if m else None for m in columns[_MESSAGE]]
     return insert, flat
 
 
@@ -320,7 +358,7 @@ class SQLiteBackend:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)
             try:
-                migrate(conn)
+                self.found_version = migrate(conn)
             finally:
                 conn.close()
         except OSError as exc:
@@ -389,6 +427,19 @@ class SQLiteBackend:
         finally:
             conn.close()
 
+    def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
+        """The figures of the steps matching ``where``, in SQL (the query port)."""
+        from closedloop.store._sqlite_query import summarize
+
+        return summarize(self, where, top_messages=top_messages)
+
+    def list_steps(self, where: StepFilter, *, limit: int,
+                   cursor: str | None = None) -> StepPage:
+        """A page of steps matching ``where``, newest first (the query port)."""
+        from closedloop.store._sqlite_query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor)
+
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""
     _select = _SELECT
@@ -429,6 +480,74 @@ class SQLiteBackend:
         from closedloop.store._sqlite_ledger import SQLiteLedger
 
         return SQLiteLedger(self.path)
+
+    # ----- maintenance: the port of closedloop.store._retention ----------------------------
+    def info(self) -> StoreInfo:
+        """Counts, size on disk, schema version, oldest and newest event; never writes."""
+        try:
+            conn = self._reader()
+            try:
+                return _info(conn, self.url, self.path)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.url}: {exc}") from None
+
+    def prune_events(self, before: float, *, limit: int | None = None,
+                     dry_run: bool = False) -> EventsPruned:
+        """Delete events older than ``before`` in transactions of :data:`BATCH` rows (writers
+        of other processes get the lock between them); at most about ``limit`` rows."""
+        older = "SELECT rowid FROM events WHERE ts < ?"
+        with self._maintenance("prune") as conn:
+            if dry_run:
+                return EventsPruned(events=conn.execute(f"SELECT count(*) FROM ({older})",
+                                                  (before,)).fetchone()[0])
+            done = 0
+            while limit is None or done < limit:
+                size = BATCH if limit is None else min(BATCH, limit - done)
+                conn.execute("BEGIN IMMEDIATE")
+                n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
+                                 (before, size)).rowcount
+                conn.execute("COMMIT")
+                done += n
+                if n < size:
+                    return EventsPruned(events=done)
+            more = conn.execute(f"{older} LIMIT 1", (before,)).fetchone() is not None
+            return EventsPruned(events=done, more=more)
+
+    def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
+        """Delete control history, snapshots and expired pauses older than ``before``; never a
+        stop active at ``now`` or the history record of its start."""
+        args = {"before": before, "now": now}
+        with self._maintenance("prune") as conn:
+            if "control_stops" not in _tables(conn):  # the ledger has never written here
+                return 0
+            clauses = [(table, where.replace("%(before)s", ":before")
+                        .replace("%(now)s", ":now").format(s=""))
+                       for table, where in CONTROL_PRUNE]
+            if dry_run:
+                return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}",
+                                        args).fetchone()[0] for table, where in clauses)
+            conn.execute("BEGIN IMMEDIATE")
+            removed = sum(conn.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+                          for table, where in clauses)
+            conn.execute("COMMIT")
+            return removed
+
+    @contextmanager
+    def _maintenance(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a maintenance task, errors as one-line StoreErrors."""
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise StoreError(f"cannot {what} store {self.url}: {exc}") from None
+        finally:
+            conn.close()
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -514,3 +633,37 @@ def _event(row: tuple[Any, ...]) -> StepEvent:
         if values[i] is not None:
             values[i] = json.loads(values[i])
     return StepEvent(*values)
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _info(conn: sqlite3.Connection, url: str, path: Path) -> StoreInfo:
+    """What the file holds (see :class:`~closedloop.store._retention.StoreInfo`)."""
+    tables = _tables(conn)
+
+    def one(sql: str, *args: Any) -> Any:
+        return conn.execute(sql, args).fetchone()[0]
+
+    def count(table: str) -> int | None:
+        return int(one(f"SELECT count(*) FROM {table}")) if table in tables else None
+
+    stops = halts = history = 0
+    if "control_stops" in tables:  # created by the control ledger on its first write
+        stops, halts = conn.execute(
+            "SELECT count(*), coalesce(sum(kind = 'halted'), 0) FROM control_stops "
+            "WHERE until IS NULL OR until > ?", (time.time(),)).fetchone()
+        history = count("control_history") or 0
+    events = "events" in tables
+    # one aggregate per query: SQLite answers a lone min() or max() from the ts index
+    oldest = one("SELECT min(ts) FROM events") if events else None
+    newest = one("SELECT max(ts) FROM events") if events else None
+    files = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return StoreInfo(
+        backend="sqlite", url=url, schema_version=int(one("PRAGMA user_version")),
+        latest_version=SCHEMA_VERSION, events=count("events") or 0, oldest_event=oldest,
+        newest_event=newest, spans=count("spans"), scores=count("scores"),
+        control_stops=int(stops), control_halts=int(halts), control_history=int(history),
+        size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        free_bytes=int(one("PRAGMA freelist_count")) * int(one("PRAGMA page_size")))

@@ -36,7 +36,13 @@ from closedloop._spans import (
     page_of,
     rollup,
 )
-from closedloop.store._sqlite import SQLiteBackend, SQLiteReader, connect_read_only, rollback
+from closedloop.store._sqlite import (
+    SQLiteBackend,
+    SQLiteReader,
+    _connect,
+    connect_read_only,
+    rollback,
+)
 
 _SPANS = ", ".join(SPAN_COLUMNS)
 _INSERT_SPANS = f"INSERT INTO spans ({_SPANS}) VALUES ({', '.join('?' * len(SPAN_COLUMNS))})"
@@ -210,13 +216,33 @@ class SQLiteSpanStore:
 
     def prune(self, before: float) -> Pruned:
         """Delete spans, traces and scores older than ``before``, a chunk per transaction."""
+        # maintenance, like the events' prune: a connection of its own, which writes even when
+        # the store was opened to read (``closedloop store prune`` never migrates it), and a
+        # store of an older schema may lack some of the tables: nothing of theirs to prune
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prune store {self._backend.url}: {exc}") from None
+        try:
+            return self._prune(conn, before)
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise StoreError(f"cannot prune store {self._backend.url}: {exc}") from None
+        finally:
+            conn.close()
+
+    def _prune(self, conn: sqlite3.Connection, before: float) -> Pruned:
         cut_ns = int(before * 1e9)
-        conn = self._writable()
+        have = {row[0] for row in
+                conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         counts = []
         for table, column, cut in (("spans", "start_ns", cut_ns), ("traces", "start_ns", cut_ns),
                                    ("scores", "ts", before)):
             key = "trace_id" if table == "traces" else "rowid"
             removed = 0
+            if table not in have:
+                counts.append(removed)
+                continue
             while True:
                 conn.execute("BEGIN IMMEDIATE")
                 try:

@@ -34,7 +34,7 @@ import tempfile
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from itertools import islice
@@ -140,6 +140,9 @@ class BatchWriter:
         self._failures = 0
         self._retry_at = 0.0
         self._dead_letter_used: Path | None = None
+        self.maintenance: Callable[[], object] | None = None
+        """Run by the writer thread after each wake-up while the store accepts writes
+        (automatic retention, :class:`~closedloop.store._retention.Retention`)."""
         self._queue: BatchQueue[StepEvent] = BatchQueue(
             self._write, name="store-writer", max_queue=max_queue, batch_size=batch_size,
             flush_interval=flush_interval, overflow=overflow, block_timeout=block_timeout,
@@ -257,6 +260,8 @@ class BatchWriter:
     def _tick(self) -> None:
         if self._outage and time.monotonic() >= self._retry_at:
             self._retry()
+        if self.maintenance is not None and not self._outage:
+            self.maintenance()
 
     def _settle(self, final: bool) -> None:
         """At a flush: try the held events now; at the end, dead-letter what is still held."""

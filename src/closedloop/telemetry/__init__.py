@@ -7,6 +7,10 @@ Prometheus metrics. While a stage runs user code, closedloop's span is the curre
 OpenTelemetry span, so a user's own spans nest under it, and a step started inside a user's
 span joins the user's trace. Needs the ``otel`` and ``prometheus`` extras.
 
+Reading traces back needs neither: :func:`iter_children`, :func:`span_label` and
+:func:`verdict_messages` (``closedloop traces show``), :func:`diff_traces` (``traces diff``)
+and :func:`replay` (today's checks on recorded proposals, ``closedloop replay``).
+
 Quick start::
 
     from closedloop import telemetry
@@ -38,11 +42,13 @@ if TYPE_CHECKING:
         SpanExporter,
         Telemetry,
         TelemetryStats,
+        active_telemetry,
         default_telemetry,
         reset_default_telemetry,
         set_default_telemetry,
     )
     from closedloop.telemetry._redact import Capture, Redactor
+    from closedloop.telemetry._replay import CheckReplay, ReplayReport, replay
     from closedloop.telemetry._scores import (
         OTelScoreExporter,
         TaskScores,
@@ -58,11 +64,21 @@ if TYPE_CHECKING:
         StoredSpan,
         TracePage,
         TraceSummary,
+        iter_children,
         span_store_for,
+    )
+    from closedloop.telemetry._view import (
+        DiffRow,
+        diff_traces,
+        first_divergence,
+        span_label,
+        verdict_messages,
     )
 
 __all__ = [
     "Capture",
+    "CheckReplay",
+    "DiffRow",
     "LiveSpan",
     "MemoryExporter",
     "MemorySpanStore",
@@ -70,6 +86,7 @@ __all__ = [
     "OTelExporter",
     "OTelScoreExporter",
     "Redactor",
+    "ReplayReport",
     "SQLiteSpanStore",
     "Score",
     "ScoreStat",
@@ -84,18 +101,25 @@ __all__ = [
     "TelemetryStats",
     "TracePage",
     "TraceSummary",
+    "active_telemetry",
     "configure",
     "default_telemetry",
+    "diff_traces",
+    "first_divergence",
+    "iter_children",
     "metrics_asgi_app",
     "otlp_grpc",
     "otlp_http",
     "otlp_http_scores",
     "record_score",
+    "replay",
     "reset_default_telemetry",
     "score_summary",
     "set_default_telemetry",
+    "span_label",
     "span_store_for",
     "start_metrics_server",
+    "verdict_messages",
 ]
 
 
@@ -174,13 +198,16 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "._export": ("MemoryExporter", "OTelExporter", "StoreExporter", "otlp_grpc", "otlp_http"),
         "._metrics": ("Metrics", "StoreTail", "metrics_asgi_app", "start_metrics_server"),
-        "._pipeline": ("SpanExporter", "Telemetry", "TelemetryStats", "default_telemetry",
-                       "reset_default_telemetry", "set_default_telemetry"),
+        "._pipeline": ("SpanExporter", "Telemetry", "TelemetryStats", "active_telemetry",
+                       "default_telemetry", "reset_default_telemetry", "set_default_telemetry"),
         "._redact": ("Capture", "Redactor"),
+        "._replay": ("CheckReplay", "ReplayReport", "replay"),
         "._scores": ("OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
                      "score_summary"),
         "._span": ("LiveSpan", "SpanRecord"),
         "._spanstore": ("Score", "ScoreStat", "SpanStore", "StoredSpan", "TracePage",
-                        "TraceSummary", "span_store_for"),
+                        "TraceSummary", "iter_children", "span_store_for"),
+        "._view": ("DiffRow", "diff_traces", "first_divergence", "span_label",
+                   "verdict_messages"),
         "closedloop.store": ("MemorySpanStore", "SQLiteSpanStore"),
     })

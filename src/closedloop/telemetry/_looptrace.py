@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop._machine import Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -27,7 +27,7 @@ from closedloop.telemetry._span import (
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
-    from closedloop.loop._machine import Action, StepGen, StepSpec
+    from closedloop.loop import Action, StepGen, StepSpec
     from closedloop.telemetry._pipeline import Telemetry
 
 

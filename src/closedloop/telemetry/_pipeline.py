@@ -36,7 +36,7 @@ from closedloop.telemetry._span import (
 )
 
 if TYPE_CHECKING:
-    from closedloop.loop._machine import StepSpec
+    from closedloop.loop import StepSpec
     from closedloop.telemetry._looptrace import LoopTracer
 
 log = logging.getLogger("closedloop.telemetry")
@@ -108,7 +108,11 @@ class Telemetry:
         kind: int = KIND_INTERNAL,
         parent: SpanRecord | None = None,
     ) -> SpanRecord:
-        """Start a span, child of ``parent`` or else of the current OpenTelemetry span."""
+        """Start a span, child of ``parent`` or else of the current OpenTelemetry span.
+
+        ``kind`` is an OpenTelemetry ``SpanKind``'s value (``SpanKind.CLIENT.value`` for a
+        call out of the process); internal by default.
+        """
         if parent is not None:
             trace_id, parent_id = parent.trace_id, parent.span_id
         else:
@@ -231,6 +235,13 @@ def default_telemetry() -> Telemetry | None:
 
     telemetry: Telemetry | None = current_runtime().telemetry
     return telemetry
+
+
+def active_telemetry() -> Telemetry | None:
+    """The pipeline of the current closedloop span (inside a loop step: its loop's), else
+    :func:`default_telemetry`; what instrumentation records a span to when given none."""
+    _, _, telemetry = current_parent()
+    return telemetry if telemetry is not None else default_telemetry()
 
 
 def set_default_telemetry(telemetry: Telemetry | None) -> Telemetry | None:

@@ -23,7 +23,7 @@ DECISIVE = ("closedloop.outcome", "closedloop.verdict.passed", "closedloop.verdi
             "closedloop.error_type", "gen_ai.response.finish_reasons", "error.type")
 
 
-def label(span: StoredSpan) -> str:
+def span_label(span: StoredSpan) -> str:
     """One line for a span: name, duration, and the decisive attributes it carries."""
     parts = [span.name, f"{span.duration_ms:.1f} ms"]
     for key in DECISIVE:

@@ -19,8 +19,8 @@ UTF-8 (``not_utf8``), NUL characters (``nul_character``), JSON integers over 430
 (``json_number``) and nesting too deep to parse or walk (``json_depth``).
 """
 
+from closedloop._checks import with_timeout
 from closedloop._errors import CheckTimeout
-from closedloop.validate._base import with_timeout
 from closedloop.validate._code import PythonSyntax, RuffLint, SqlSyntax
 from closedloop.validate._structured import (
     JsonSchemaValidator,

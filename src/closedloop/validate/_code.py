@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from closedloop._errors import ConfigError
-from closedloop._verdict import Issue, Severity, Verdict
-from closedloop.validate._base import (
+from closedloop._checks import (
     KiB,
     MiB,
     check_limit,
@@ -18,6 +16,8 @@ from closedloop.validate._base import (
     require,
     text_input,
 )
+from closedloop._errors import ConfigError
+from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
 from closedloop.validate._structured import MAX_ISSUES
 

@@ -7,9 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from closedloop._errors import ConfigError
-from closedloop._verdict import Issue, Verdict
-from closedloop.validate._base import (
+from closedloop._checks import (
     MiB,
     check_limit,
     clip,
@@ -18,6 +16,8 @@ from closedloop.validate._base import (
     too_large,
     where,
 )
+from closedloop._errors import ConfigError
+from closedloop._verdict import Issue, Verdict
 
 MAX_ISSUES = 20
 """At most this many issues per verdict: more would drown the model's re-ask feedback."""

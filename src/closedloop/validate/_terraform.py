@@ -28,9 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from closedloop._errors import ConfigError
-from closedloop._verdict import Issue, Severity, Verdict
-from closedloop.validate._base import (
+from closedloop._checks import (
     KiB,
     MiB,
     check_limit,
@@ -42,6 +40,8 @@ from closedloop.validate._base import (
     text_size,
     too_large,
 )
+from closedloop._errors import ConfigError
+from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.validate._proc import check_policy, find_binary, missing, run_tool
 from closedloop.validate._structured import MAX_INT_DIGITS, MAX_ISSUES, load_json, parse_json
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from closedloop._checks import clip, require
 from closedloop._verdict import Issue, Verdict
-from closedloop.validate._base import clip, require
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

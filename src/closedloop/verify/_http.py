@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from closedloop._checks import clip, require
 from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Verdict
-from closedloop.validate._base import clip, require
 
 _STEP = re.compile(r"""\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\["((?:[^"\\]|\\.)*)"\]""")
 _MISSING = object()

@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from closedloop._checks import clip
 from closedloop._verdict import Issue, Verdict
-from closedloop.validate._base import clip
 
 MAX_ROW_ISSUES = 20
 

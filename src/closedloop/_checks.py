@@ -2,7 +2,9 @@
 
 A check is any callable returning a :class:`~closedloop.Verdict` with a ``name`` attribute; the
 loop calls ``validator(proposal)`` and ``verifier(intent, result)``. Nothing here knows about
-the loop, so every check is equally usable on its own.
+the loop, so every check is equally usable on its own. The validators
+(:mod:`closedloop.validate`), the verifiers (:mod:`closedloop.verify`) and ``closedloop check``
+share it, so it sits at the top of the package rather than inside one of them.
 """
 
 from __future__ import annotations

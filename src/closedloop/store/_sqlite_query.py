@@ -1,0 +1,220 @@
+"""The query port (:class:`~closedloop.store.EventQueries`) of the SQLite backend.
+
+SQLite groups rows by sorting them unless they arrive in order (it has no hash aggregation;
+sorting a million rows costs seconds): every grouped query of a summary reads an index of
+migration 5 whose leading columns are its GROUP BY, and that holds every column it needs —
+``events_report`` for counts and sums, ``events_latency`` for the latency histogram and each
+task type's first and last step, ``events_groups`` for failure-message groups. Those scans
+read the whole index whatever the time window; a window holding less than 1/8 of the rows
+(the time index counts them) is read through ``events_ts`` instead, sorting only its rows.
+All queries of one summary run in one read transaction (one snapshot). A store whose schema
+predates migration 5 (opened read-only, so not migrated) has no summary here: the caller
+makes the Python pass.
+
+A step listing walks ``events_ts`` backwards (ties by rowid), filtering as it goes: a page
+of a rare task type or outcome reads back until it has its steps (a time window bounds that).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from closedloop._errors import StoreError
+from closedloop.store._query import (
+    EventSummary,
+    StepFilter,
+    StepPage,
+    check_limit,
+    decode_cursor,
+    page,
+)
+from closedloop.store._sqlite import LATENCY_BUCKET, _event
+from closedloop.store._sqlsummary import summarize as assemble
+
+if TYPE_CHECKING:
+    from closedloop.store._sqlite import SQLiteBackend
+
+SUMMARY_INDEXES = frozenset({"events_report", "events_latency", "events_groups",
+                             "events_ungrouped"})
+_MMAP_BYTES = 256 << 20
+_CACHE_KIB = 64 << 10
+_NARROW = 8
+"""A window with fewer than 1/_NARROW of the rows is read through the time index."""
+_GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verification_passed, "
+                  "attempts")
+
+
+def _where(where: StepFilter, *extra: str) -> tuple[str, list[Any]]:
+    terms = [*extra, *(f"{column} {op} ?" for column, op, _ in where.columns())]
+    return (" WHERE " + " AND ".join(terms) if terms else ""), [v for *_, v in where.columns()]
+
+
+def _and(where: StepFilter) -> tuple[str, list[Any]]:
+    """The filter's terms to append to a WHERE clause."""
+    terms = [f" AND {column} {op} ?" for column, op, _ in where.columns()]
+    return "".join(terms), [v for *_, v in where.columns()]
+
+
+class _Source:
+    """One summary's queries, on one connection inside one read transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, where: StepFilter,
+                 narrow: bool | None = None) -> None:
+        self.conn = conn
+        self.where = where
+        self.narrow = self._narrow() if narrow is None else narrow
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def _narrow(self) -> bool:
+        """True when the time window holds less than 1/_NARROW of the rows."""
+        w = self.where
+        if w.since is None and w.until is None:
+            return False
+        total = self._rows("SELECT count(*) FROM events INDEXED BY events_ts", ())[0][0]
+        sql, params = _where(StepFilter(since=w.since, until=w.until))
+        inside = self._rows(f"SELECT count(*) FROM events INDEXED BY events_ts{sql}",
+                            params)[0][0]
+        return bool(inside * _NARROW < total)
+
+    def _index(self, summary_index: str) -> str:
+        return f"INDEXED BY {'events_ts' if self.narrow else summary_index}"
+
+    def groups(self) -> Iterable[Sequence[Any]]:
+        sql, params = _where(self.where)
+        return self._rows(
+            f"SELECT {_GROUP_COLUMNS}, count(*), sum(input_tokens), sum(output_tokens), "
+            f"sum(latency_ms) FROM events {self._index('events_report')}{sql} "
+            f"GROUP BY {_GROUP_COLUMNS}", params)
+
+    def histogram(self) -> Iterable[Sequence[Any]]:
+        # counts only: each min() or max() would cost a third of the scan again, where the
+        # few bounds and times needed are a seek or a bucket's scan each (below)
+        sql, params = _where(self.where)
+        return [(*r, None, None, None, None) for r in self._rows(
+            f"SELECT task_type, {LATENCY_BUCKET}, count(*) "
+            f"FROM events {self._index('events_latency')}{sql} GROUP BY 1, 2", params)]
+
+    # the bucket's rows of every time, filtered by the window: no table row is read
+    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
+        sql, params = _and(self.where)
+        low, high = self._rows(
+            "SELECT min(latency_ms), max(latency_ms) FROM events INDEXED BY events_latency "
+            f"WHERE task_type = ? AND {LATENCY_BUCKET} = ?{sql}",
+            [task_type, bucket, *params])[0]
+        return low, high
+
+    def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
+        sql, params = _and(self.where)
+        return [r[0] for r in self._rows(
+            "SELECT latency_ms FROM events INDEXED BY events_latency WHERE task_type = ? "
+            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])]
+
+    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
+        # within a bucket the index is in ts order: a first or last ts is one seek
+        sql, params = _and(self.where)
+        ends = [self._rows(
+            f"SELECT {end}(ts) FROM events INDEXED BY events_latency WHERE task_type = ? "
+            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])[0][0]
+            for end in ("min", "max") for bucket in buckets]
+        found = [t for t in ends if t is not None]
+        return min(found), max(found)
+
+    def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
+        sql, params = _where(self.where, "error_group IS NOT NULL")
+        # grouped in index order first, then NULL and "" error types merged (one key, "")
+        grouped = (
+            f"WITH g AS (SELECT task_type, coalesce(error_type, '') AS et, error_group AS eg, "
+            f"count(*) AS n, max(ts) AS last FROM events {self._index('events_groups')}{sql} "
+            "GROUP BY task_type, error_type, error_group), "
+            "k AS (SELECT task_type, et, eg, sum(n) AS n, max(last) AS last FROM g "
+            "GROUP BY task_type, et, eg) ")
+        if top is None:
+            return self._rows(grouped + "SELECT task_type, et, eg, n, last FROM k", params)
+        return self._rows(
+            grouped + "SELECT task_type, et, eg, n, last FROM (SELECT *, row_number() OVER "
+            "(PARTITION BY task_type ORDER BY n DESC, et, eg) AS r FROM k) WHERE r <= ? "
+            "UNION ALL SELECT NULL, et, eg, n, last FROM (SELECT et, eg, sum(n) AS n, "
+            "max(last) AS last, row_number() OVER (ORDER BY sum(n) DESC, et, eg) AS r "
+            "FROM k GROUP BY et, eg) WHERE r <= ?", [*params, top, top])
+
+    def ungrouped_messages(self) -> Iterable[Sequence[Any]]:
+        sql, params = _and(self.where)
+        return self._rows(
+            "SELECT task_type, error_type, error_message, ts FROM events INDEXED BY "
+            "events_ungrouped WHERE error_group IS NULL AND error_message <> ''" + sql, params)
+
+    def example(self, task_type: str, error_type: str, group: str) -> tuple[float, str] | None:
+        sql, params = _and(self.where)
+        kind = "error_type = ?" if error_type else "(error_type IS NULL OR error_type = ?)"
+        rows = self._rows(
+            f"SELECT ts, error_message FROM events INDEXED BY events_groups WHERE "
+            f"task_type = ? AND {kind} AND error_group = ?{sql} "
+            "ORDER BY ts DESC, rowid DESC LIMIT 1", [task_type, error_type, group, *params])
+        return (rows[0][0], rows[0][1]) if rows else None
+
+
+def _read(backend: SQLiteBackend) -> sqlite3.Connection:
+    conn = backend._reader()
+    # a summary reads whole indexes: map the file rather than copy each page through read()
+    conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
+    conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+    return conn
+
+
+def summarize(backend: SQLiteBackend, where: StepFilter, *,
+              top_messages: int) -> EventSummary | None:
+    """The summary of ``where`` in SQL; ``None`` when the schema predates migration 5.
+
+    Two connections read at once (SQLite runs each query without holding the GIL): the
+    latency figures on the second (see :func:`closedloop.store._sqlsummary.summarize`).
+    """
+    try:
+        conn = _read(backend)
+        other = None
+        try:
+            conn.execute("BEGIN")
+            indexes = {r[1] for r in conn.execute("PRAGMA index_list(events)")}
+            if not SUMMARY_INDEXES.issubset(indexes):
+                return None
+            source = _Source(conn, where)  # its first read fixes its snapshot
+            other = _read(backend)
+            other.execute("BEGIN")
+            return assemble(source, top_messages=top_messages,
+                            alongside=_Source(other, where, source.narrow))
+        finally:
+            conn.close()
+            if other is not None:
+                other.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
+
+
+def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
+               cursor: str | None) -> StepPage:
+    """Up to ``limit`` steps newest first (ties by rowid), after ``cursor`` (``[ts, rowid]``)."""
+    check_limit(limit)
+    extra = []
+    params: list[Any] = []
+    if cursor is not None:
+        ts, rowid = decode_cursor(cursor, int, backend.url)
+        extra.append("(ts, rowid) < (?, ?)")
+        params = [ts, rowid]
+    sql, more = _where(where, *extra)
+    try:
+        conn = backend._reader()
+        try:
+            # the backend's own column list: a store of an older schema, read as it is, has
+            # fewer columns (the others read as NULL)
+            select = backend._select.replace("SELECT ", "SELECT ts, rowid, ", 1)
+            rows = conn.execute(
+                f"{select} INDEXED BY events_ts{sql} ORDER BY ts DESC, rowid DESC LIMIT ?",
+                [*params, *more, limit + 1]).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
+    return page([(r[0], r[1], _event(r[2:])) for r in rows], limit)
