@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -924,6 +925,89 @@ def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.
     (event,) = events(memory_store)
     assert caught.value.__notes__ == [
         f"closedloop: recorded as step {event.step_id} of trace {event.trace_id} (t)"]
+
+
+def test_every_event_field_holds_its_own_value(memory_store: cl.Store) -> None:
+    # The machine builds the event by position: each field gets a value no other field
+    # has, so that two values swapped (or shifted) fail here.
+    now = [100.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def agent(task: str, attempt: cl.Attempt) -> dict[str, int]:
+        now[0] += 1.0
+        attempt.record_usage(7, 3, cached_input_tokens=2, cost_usd=0.5, model="m-1",
+                             provider="p-1")
+        return {"n": 1 if attempt.number == 1 else 2}
+
+    def validator(proposal: dict[str, int]) -> str | None:
+        now[0] += 3.0
+        return "odd" if proposal["n"] == 1 else None
+
+    def executor(proposal: dict[str, int]) -> str:
+        now[0] += 5.0
+        return "done"
+
+    def verifier(task: str, result: str) -> str:
+        now[0] += 7.0
+        return "drifted"
+
+    inner = cl.Loop(agent, task_type="inner-type", validators=[validator], executor=executor,
+                    verifiers=[verifier], store=memory_store, guards=(), clock=clock,
+                    wallclock=lambda: 1_700_000_000.5, agent_id="agent-x",
+                    agent_version="a-1", prompt_version="pv-1", labels={"tier": "gold"})
+    results: list[cl.StepResult[Any, Any]] = []
+    parents: list[cl.Attempt] = []
+
+    def outer_agent(task: str, attempt: cl.Attempt) -> str:
+        results.append(inner.run(task, run_id="run-1"))
+        parents.append(attempt)
+        return task
+
+    cl.Loop(outer_agent, task_type="outer", store=None, guards=()).run("task")
+    (result,), (parent,) = results, parents
+    event = result.event
+    assert event is not None
+    proposal = '{"n":2}'
+    detail = event.detail
+    assert detail is not None and set(detail) == {"attempts", "verification"}
+    assert event._asdict() == {
+        "ts": 1_700_000_000.5, "trace_id": result.trace_id, "agent_id": "agent-x",
+        "task_type": "inner-type", "autonomy": "autonomous", "outcome": "failed",
+        "attempts": 2, "input_tokens": 14, "output_tokens": 6, "latency_ms": 20_000.0,
+        "validation_passed": True, "verification_passed": False,
+        "error_type": "verification", "error_message": result.error_message,
+        "propose_ms": 2_000.0, "validate_ms": 6_000.0, "act_ms": 5_000.0,
+        "verify_ms": 7_000.0, "detail": detail, "step_id": result.step_id,
+        "parent_step_id": parent.step_id, "run_id": "run-1", "model": "m-1",
+        "provider": "p-1", "agent_version": "a-1", "prompt_version": "pv-1",
+        "labels": {"tier": "gold"}, "cached_input_tokens": 4, "cost_usd": 1.0,
+        "proposal": proposal, "proposal_digest": hashlib.sha256(proposal.encode()).hexdigest(),
+    }
+    assert result.error_message is not None and result.error_message.endswith("drifted")
+    assert len(set(map(str, event))) == len(event)  # every value differs from the others
+    assert result.step_id is not None and result.step_id != parent.step_id
+
+
+def test_the_hot_path_builders_equal_the_dataclass_constructors() -> None:
+    # new_result and new_attempt set the slots themselves: a field added to StepResult or
+    # Attempt must be set there too, with the same value the constructor gives it.
+    import dataclasses
+
+    from closedloop.loop._result import new_attempt, new_result
+
+    values: dict[str, Any] = {f.name: f"value of {f.name}" for f in
+                              dataclasses.fields(cl.StepResult)}
+    built = new_result(**values)
+    assert built == cl.StepResult(**values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.outcome = cl.Outcome.FAILED  # type: ignore[misc]
+    attempt = new_attempt("trace", "task", None, "step")
+    expected = cl.Attempt(number=1, trace_id="trace", task_type="task", backpressure=None,
+                          step_id="step")
+    assert [getattr(attempt, f.name) for f in dataclasses.fields(cl.Attempt)] == [
+        getattr(expected, f.name) for f in dataclasses.fields(cl.Attempt)]
 
 
 def test_a_results_and_an_events_json_carry_the_step(memory_store: cl.Store) -> None:

@@ -242,6 +242,7 @@ class Loop:
         this step. A bad one is a :class:`~closedloop.ConfigError` before anything runs.
         """
         gen: StepGen = self._step(task_input, run_id, labels)
+        send, known = gen.send, _AWAITABLE_BY_TYPE.get  # looked up once per step
         try:
             action = next(gen)
             while True:
@@ -250,12 +251,12 @@ class Loop:
                 except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                     action = gen.throw(exc)
                     continue
-                if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
+                if known(type(value)) is not False and _awaitable(value):
                     _discard(value)
                     gen.close()
                     raise ConfigError(f"{_name(action.fn)} is async; call "
                                       "`await loop.arun(...)` instead of loop.run()")
-                action = gen.send(value)
+                action = send(value)
         except StopIteration as stop:
             result: StepResult[Any, Any] = stop.value
             return result

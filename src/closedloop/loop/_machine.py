@@ -310,7 +310,7 @@ class _Step:
         self.attempt = new_attempt(trace_id, spec.task_type, spec.backpressure, step_id)
         self.propose_s = self.validate_s = self.act_s = self.verify_s = 0.0
         self.mark = 0.0  # the clock after the last hook call: the next stage's timer starts there
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] | None = None  # attempts worth recording
         self.proposal: Any = None
         self.result: Any = None
         self.verdicts: Sequence[Verdict] = ()
@@ -318,7 +318,7 @@ class _Step:
         self.noted: list[dict[str, Any]] | None = None  # verifier verdicts worth recording
         self.validation_passed: bool | None = None
         self.verification_passed: bool | None = None
-        self.admitted_open: list[str] = []  # guards that could not decide, admitted by fail_open
+        self.admitted_open: list[str] | None = None  # guards that could not decide, admitted
 
     # ----- admit ----------------------------------------------------------------------------
     def admit(self) -> Generator[Action, Any, _Ending | None]:
@@ -338,6 +338,8 @@ class _Step:
                                  "every 10 s)", why, "ADMITTING (fail_open=True)"
                                  if spec.fail_open else "refusing (fail closed)", task_type)
                 if spec.fail_open:
+                    if self.admitted_open is None:
+                        self.admitted_open = []
                     self.admitted_open.append(why)
                     continue
                 refusal = Admission.unavailable(why)
@@ -384,8 +386,7 @@ class _Step:
                 verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
                                                     check=name))
                 self.validation_passed = False
-                self.history.append({"attempt": self.attempt.number,
-                                     "verdicts": _failed(verdicts)})
+                self._note(verdicts)
                 return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
                                f"{name}: {_describe(exc)}")
             now = clock()
@@ -398,15 +399,15 @@ class _Step:
 
     def _judge(self, verdicts: list[Verdict]) -> _Ending | None:
         """Pass, stop (critical issue, last attempt) or prepare the re-ask (``_AGAIN``)."""
-        attempt, history = self.attempt, self.history
+        attempt = self.attempt
         failing = [v for v in verdicts if not v.passed]
         if not failing:
             self.validation_passed = True
             if any(v.issues for v in verdicts):
-                history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+                self._note(verdicts)
             return None
         self.validation_passed = False
-        history.append({"attempt": attempt.number, "verdicts": _failed(verdicts)})
+        self._note(verdicts)
         if any(v.critical for v in failing):
             return _Ending(Outcome.BLOCKED, ErrorType.BLOCKED, _verdict_message(failing))
         if attempt.number >= self.spec.max_attempts:
@@ -415,6 +416,14 @@ class _Step:
         attempt.issues = tuple(i for v in failing for i in v.blocking_issues)
         attempt.number += 1
         return _AGAIN
+
+    def _note(self, verdicts: Sequence[Verdict]) -> None:
+        """Keep this attempt's failing verdicts (and warnings) for the event's detail."""
+        entry = {"attempt": self.attempt.number, "verdicts": _failed(verdicts)}
+        if self.history is None:
+            self.history = [entry]
+        else:
+            self.history.append(entry)
 
     # ----- gate → act -------------------------------------------------------------------------
     def act(self) -> Generator[Action, Any, _Ending | None]:
