@@ -452,8 +452,8 @@ def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> N
         plans.clear()
         source.groups()
         source.histogram()
-        source.bucket_latencies("plan", 42)
-        source.example("plan", "agent", "x")
+        source.bucket_latencies([("plan", 42)])
+        source.examples([("plan", "agent", "x")])
         source.message_counts(3)
         groups, histogram, bucket, example, messages = plans
         # no row is sorted to be grouped: the index's order is the GROUP BY's

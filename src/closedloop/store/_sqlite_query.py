@@ -98,30 +98,33 @@ class _Source:
             f"SELECT task_type, {LATENCY_BUCKET}, count(*) "
             f"FROM events {self._index('events_latency')}{sql} GROUP BY 1, 2", params)]
 
-    # the bucket's rows of every time, filtered by the window: no table row is read
-    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
+    # a bucket's rows of every time, filtered by the window: no table row is read
+    def bucket_bounds(self, pairs: Sequence[tuple[str, Any]]
+                      ) -> dict[tuple[str, Any], tuple[float, float]]:
         sql, params = _and(self.where)
-        low, high = self._rows(
-            "SELECT min(latency_ms), max(latency_ms) FROM events INDEXED BY events_latency "
-            f"WHERE task_type = ? AND {LATENCY_BUCKET} = ?{sql}",
-            [task_type, bucket, *params])[0]
-        return low, high
+        query = ("SELECT min(latency_ms), max(latency_ms) FROM events INDEXED BY "
+                 f"events_latency WHERE task_type = ? AND {LATENCY_BUCKET} = ?{sql}")
+        return {(t, b): tuple(self._rows(query, [t, b, *params])[0]) for t, b in pairs}
 
-    def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
+    def bucket_latencies(self, pairs: Sequence[tuple[str, Any]]
+                         ) -> dict[tuple[str, Any], list[float]]:
         sql, params = _and(self.where)
-        return [r[0] for r in self._rows(
-            "SELECT latency_ms FROM events INDEXED BY events_latency WHERE task_type = ? "
-            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])]
+        query = ("SELECT latency_ms FROM events INDEXED BY events_latency WHERE task_type = ? "
+                 f"AND {LATENCY_BUCKET} = ?{sql}")
+        return {(t, b): [r[0] for r in self._rows(query, [t, b, *params])] for t, b in pairs}
 
-    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
+    def time_spans(self, buckets: dict[str, list[Any]]) -> dict[str, tuple[float, float]]:
         # within a bucket the index is in ts order: a first or last ts is one seek
         sql, params = _and(self.where)
-        ends = [self._rows(
-            f"SELECT {end}(ts) FROM events INDEXED BY events_latency WHERE task_type = ? "
-            f"AND {LATENCY_BUCKET} = ?{sql}", [task_type, bucket, *params])[0][0]
-            for end in ("min", "max") for bucket in buckets]
-        found = [t for t in ends if t is not None]
-        return min(found), max(found)
+        out = {}
+        for task, found in buckets.items():
+            ends = [self._rows(
+                f"SELECT {end}(ts) FROM events INDEXED BY events_latency WHERE task_type = ? "
+                f"AND {LATENCY_BUCKET} = ?{sql}", [task, bucket, *params])[0][0]
+                for end in ("min", "max") for bucket in found]
+            times = [t for t in ends if t is not None]
+            out[task] = (min(times), max(times))
+        return out
 
     def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
         sql, params = _where(self.where, "error_group IS NOT NULL")
@@ -147,14 +150,19 @@ class _Source:
             "SELECT task_type, error_type, error_message, ts FROM events INDEXED BY "
             "events_ungrouped WHERE error_group IS NULL AND error_message <> ''" + sql, params)
 
-    def example(self, task_type: str, error_type: str, group: str) -> tuple[float, str] | None:
+    def examples(self, keys: Sequence[tuple[str, str, str]]
+                 ) -> dict[tuple[str, str, str], tuple[float, str]]:
         sql, params = _and(self.where)
-        kind = "error_type = ?" if error_type else "(error_type IS NULL OR error_type = ?)"
-        rows = self._rows(
-            f"SELECT ts, error_message FROM events INDEXED BY events_groups WHERE "
-            f"task_type = ? AND {kind} AND error_group = ?{sql} "
-            "ORDER BY ts DESC, rowid DESC LIMIT 1", [task_type, error_type, group, *params])
-        return (rows[0][0], rows[0][1]) if rows else None
+        out = {}
+        for task, error_type, group in keys:
+            kind = "error_type = ?" if error_type else "(error_type IS NULL OR error_type = ?)"
+            rows = self._rows(
+                f"SELECT ts, error_message FROM events INDEXED BY events_groups WHERE "
+                f"task_type = ? AND {kind} AND error_group = ?{sql} "
+                "ORDER BY ts DESC, rowid DESC LIMIT 1", [task, error_type, group, *params])
+            if rows:
+                out[task, error_type, group] = (rows[0][0], rows[0][1])
+        return out
 
 
 def _read(backend: SQLiteBackend) -> sqlite3.Connection:

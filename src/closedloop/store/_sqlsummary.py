@@ -50,14 +50,16 @@ class SummarySource(Protocol):
         """``(task_type, bucket, steps, min latency, max latency, first ts, last ts)`` per
         latency bucket; the last four may be None, then they are asked for when needed."""
 
-    def bucket_bounds(self, task_type: str, bucket: Any) -> tuple[float, float]:
-        """The smallest and largest latency of one task type's bucket."""
+    def bucket_bounds(self, pairs: Sequence[tuple[str, Any]]
+                      ) -> dict[tuple[str, Any], tuple[float, float]]:
+        """The smallest and largest latency of each ``(task_type, bucket)``."""
 
-    def bucket_latencies(self, task_type: str, bucket: Any) -> list[float]:
-        """Every latency of one task type's bucket."""
+    def bucket_latencies(self, pairs: Sequence[tuple[str, Any]]
+                         ) -> dict[tuple[str, Any], list[float]]:
+        """Every latency of each ``(task_type, bucket)``."""
 
-    def time_span(self, task_type: str, buckets: Sequence[Any]) -> tuple[float, float]:
-        """The first and last ts of a task type's steps (which fall in ``buckets``)."""
+    def time_spans(self, buckets: dict[str, list[Any]]) -> dict[str, tuple[float, float]]:
+        """The first and last ts of each task type's steps (which fall in its buckets)."""
 
     def message_counts(self, top: int | None) -> Iterable[Sequence[Any]]:
         """``(task_type, error_type or "", error_group, steps, last ts)``: with ``top``, the
@@ -68,8 +70,10 @@ class SummarySource(Protocol):
         """``(task_type, error_type, error_message, ts)`` of steps with a message but no
         ``error_group`` (stored before the column existed)."""
 
-    def example(self, task_type: str, error_type: str, group: str) -> tuple[float, str] | None:
-        """``(ts, error_message)`` of the most recent step of a task type in a group."""
+    def examples(self, keys: Sequence[tuple[str, str, str]]
+                 ) -> dict[tuple[str, str, str], tuple[float, str]]:
+        """``(ts, error_message)`` of the most recent step of each ``(task_type, error_type
+        or "", group)`` that has one."""
 
 
 @dataclass(slots=True)
@@ -117,9 +121,14 @@ class _Row:
                 mine[k] = mine.get(k, 0) + v
 
 
+Figures = tuple[float | None, float | None, float | None]
+"""``(p50, p95, max)``."""
+
+
 class _Latencies:
-    """Exact percentiles from the histograms, reading a bucket's bounds and latencies only
-    when needed; and each task type's first and last step."""
+    """Exact percentiles from the histograms, reading the bounds and latencies of the few
+    buckets that hold a percentile (all of them in one request); each task type's first and
+    last step."""
 
     def __init__(self, source: SummarySource) -> None:
         self.source = source
@@ -134,66 +143,69 @@ class _Latencies:
                 known = self.spans.get(task)
                 self.spans[task] = ((first, last) if known is None
                                     else (min(known[0], first), max(known[1], last)))
-        self._read: dict[tuple[str, Any], list[float]] = {}
+        missing = {t: sorted(b) for t, b in self.per_task.items() if t not in self.spans}
+        if missing:
+            self.spans.update(source.time_spans(missing))
 
-    def span(self, task: str) -> tuple[float, float]:
-        """The task type's first and last ts."""
-        if task not in self.spans:
-            self.spans[task] = self.source.time_span(task, sorted(self.per_task[task]))
-        return self.spans[task]
+    def figures(self, rows: dict[str | None, Sequence[str]]) -> dict[str | None, Figures]:
+        """``(p50, p95, max)`` of each row (a key and the task types it covers)."""
+        # which bucket holds each percentile, and its rank there
+        plans: dict[str | None, tuple[list[tuple[Any, int]], Any]] = {}
+        for key, tasks in rows.items():
+            counts: dict[Any, int] = {}
+            for task in tasks:
+                for bucket, n in self.per_task.get(task, {}).items():
+                    counts[bucket] = counts.get(bucket, 0) + n
+            if not counts:
+                continue
+            order = sorted(counts)
+            total = sum(counts.values())
+            picks = []
+            for p in (50, 95):
+                rank, seen = nearest_rank(p, total), 0
+                for bucket in order:
+                    if seen + counts[bucket] >= rank:
+                        picks.append((bucket, rank - seen))
+                        break
+                    seen += counts[bucket]
+            plans[key] = (picks, order[-1])
 
-    def _bounds(self, tasks: Sequence[str], bucket: Any) -> tuple[float, float]:
-        found = []
-        for task in tasks:
-            if (task, bucket) not in self.bounds:
-                self.bounds[task, bucket] = self.source.bucket_bounds(task, bucket)
-            found.append(self.bounds[task, bucket])
-        return min(b[0] for b in found), max(b[1] for b in found)
+        def members(key: str | None, bucket: Any) -> list[str]:
+            return [t for t in rows[key] if bucket in self.per_task[t]]
 
-    def _values(self, tasks: Sequence[str], bucket: Any) -> list[float]:
-        out: list[float] = []
-        for task in tasks:
-            if (task, bucket) not in self._read:
-                self._read[task, bucket] = self.source.bucket_latencies(task, bucket)
-            out.extend(self._read[task, bucket])
-        return sorted(out)
+        wanted = {(t, b) for key, (picks, top) in plans.items()
+                  for b in (*(b for b, _ in picks), top) for t in members(key, b)}
+        unknown = sorted(wanted - self.bounds.keys())
+        if unknown:
+            self.bounds.update(self.source.bucket_bounds(unknown))
 
-    def figures(self, tasks: Sequence[str]) -> tuple[float | None, float | None, float | None]:
-        """``(p50, p95, max)`` over ``tasks``."""
-        counts: dict[Any, int] = {}
-        for task in tasks:
-            for bucket, n in self.per_task.get(task, {}).items():
-                counts[bucket] = counts.get(bucket, 0) + n
-        order = sorted(counts)
-        total = sum(counts.values())
-        if not total:
-            return None, None, None
-        top = order[-1]
-        return (self._pick(tasks, order, counts, nearest_rank(50, total)),
-                self._pick(tasks, order, counts, nearest_rank(95, total)),
-                self._bounds([t for t in tasks if top in self.per_task[t]], top)[1])
+        def merged(key: str | None, bucket: Any) -> tuple[float, float]:
+            found = [self.bounds[t, bucket] for t in members(key, bucket)]
+            return min(b[0] for b in found), max(b[1] for b in found)
 
-    def _pick(self, tasks: Sequence[str], order: list[Any], counts: dict[Any, int],
-              rank: int) -> float:
-        seen = 0
-        for bucket in order:
-            if seen + counts[bucket] >= rank:
-                members = [t for t in tasks if bucket in self.per_task[t]]
-                low, high = self._bounds(members, bucket)
+        spread = {(t, b) for key, (picks, _) in plans.items() for b, _ in picks
+                  if merged(key, b)[0] != merged(key, b)[1] for t in members(key, b)}
+        read = self.source.bucket_latencies(sorted(spread)) if spread else {}
+        out: dict[str | None, Figures] = dict.fromkeys(rows, (None, None, None))
+        for key, (picks, top) in plans.items():
+            values: list[float | None] = []
+            for bucket, rank in picks:
+                low, high = merged(key, bucket)
                 if low == high:
-                    return low
-                values = self._values(members, bucket)
-                return values[min(rank - seen, len(values)) - 1]
-            seen += counts[bucket]
-        raise AssertionError("a rank beyond the histogram's count")
+                    values.append(low)
+                    continue
+                ordered = sorted(v for t in members(key, bucket) for v in read[t, bucket])
+                values.append(ordered[min(rank, len(ordered)) - 1])
+            out[key] = (values[0], values[1], merged(key, top)[1])
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class _LatencyFigures:
-    """Per task type ``(p50, p95, max)``, the same over all, first/last step, steps counted."""
+    """``(p50, p95, max)`` per task type and overall (key None), first/last step per task
+    type, steps counted per task type."""
 
-    per_task: dict[str, tuple[float | None, float | None, float | None]]
-    overall: tuple[float | None, float | None, float | None]
+    figures: dict[str | None, Figures]
     spans: dict[str, tuple[float, float]]
     counts: dict[str, int]
 
@@ -201,10 +213,10 @@ class _LatencyFigures:
 def _latency_figures(source: SummarySource) -> _LatencyFigures:
     latencies = _Latencies(source)
     tasks = sorted(latencies.per_task)
-    return _LatencyFigures(
-        per_task={t: latencies.figures((t,)) for t in tasks},
-        overall=latencies.figures(tasks), spans={t: latencies.span(t) for t in tasks},
-        counts={t: sum(latencies.per_task[t].values()) for t in tasks})
+    rows: dict[str | None, Sequence[str]] = {t: (t,) for t in tasks}
+    rows[None] = tasks
+    return _LatencyFigures(figures=latencies.figures(rows), spans=latencies.spans,
+                           counts={t: sum(latencies.per_task[t].values()) for t in tasks})
 
 
 def summarize(source: SummarySource, *, top_messages: int,
@@ -235,8 +247,7 @@ def summarize(source: SummarySource, *, top_messages: int,
     def figures(task: str | None, row: _Row, members: Sequence[str]) -> TaskFigures:
         assert latency is not None
         times = [latency.spans[t] for t in members if t in latency.spans]
-        p50, p95, high = (latency.per_task.get(task, (None, None, None)) if task is not None
-                          else latency.overall)
+        p50, p95, high = latency.figures.get(task, (None, None, None))
         return TaskFigures(
             task_type=task, runs=row.runs,
             first_ts=min(t[0] for t in times) if times else None,
@@ -276,26 +287,26 @@ def _messages(source: SummarySource, tasks: Sequence[str],
             for key, n in counts[task].items():
                 counts[None][key] = counts[None].get(key, 0) + n
 
-    found: dict[tuple[str, Key], tuple[float, str] | None] = {}
+    chosen = {task: top_counts(counts.get(task, {}), top) for task in (*tasks, None)}
+    # the examples: the most recent message of each listed group, of each task type in it
+    wanted = {(t, *key) for task, groups in chosen.items() for key, _ in groups
+              for t in ((task,) if task is not None else tasks)
+              if in_sql is None or (t, key) in in_sql}
+    found = source.examples(sorted(wanted)) if wanted else {}
 
     def example(task: str, key: Key) -> tuple[float, str] | None:
-        if (task, key) not in found:
-            new = (source.example(task, *key) if in_sql is None or (task, key) in in_sql
-                   else None)
-            old = old_examples.get((task, key))
-            found[task, key] = old if old is not None and (new is None or old[0] > new[0]) \
-                else new
-        return found[task, key]
+        new, old = found.get((task, *key)), old_examples.get((task, key))
+        return old if old is not None and (new is None or old[0] > new[0]) else new
 
     out: dict[str | None, tuple[MessageGroup, ...]] = {}
-    for task in (*tasks, None):
-        groups = []
-        for key, n in top_counts(counts.get(task, {}), top):
+    for task, groups in chosen.items():
+        listed = []
+        for key, n in groups:
             members = (task,) if task is not None else tasks
             # the most recent of the task types' examples (the last task type on a tie)
             seen = [e for t in members if (e := example(t, key)) is not None]
             ts, message = max(reversed(seen), key=lambda e: e[0]) if seen else (math.nan, "")
-            groups.append(MessageGroup(error_type=key[0], group=key[1], count=n,
+            listed.append(MessageGroup(error_type=key[0], group=key[1], count=n,
                                        example=message, example_ts=ts))
-        out[task] = tuple(groups)
+        out[task] = tuple(listed)
     return out
