@@ -21,7 +21,7 @@ from pathlib import Path
 
 import closedloop as cl
 from closedloop.control import ControlLedger, Stop, StopKind, ledger_for_store
-from closedloop.store._postgres import PostgresLedger
+from closedloop.store.postgres import PostgresLedger
 
 
 def per_call(fn: Callable[[], object], number: int, repeat: int) -> float:

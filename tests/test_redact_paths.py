@@ -23,9 +23,8 @@ from opentelemetry import trace
 import closedloop as cl
 from closedloop._redact import LOGGERS
 from closedloop.control import Alert, CaptureSink, LogSink
-from closedloop.store import MemoryBackend, Store, open_store
+from closedloop.store import MemoryBackend, Store, open_store, span_store_for
 from closedloop.telemetry import Capture, MemoryExporter, Telemetry, record_score
-from closedloop.telemetry._spanstore import span_store_for
 
 KEY = "sk-proj-" + "Zx9Qw3Er5Ty7Ui1Op2As4Df6Gh8Jk0Lz" * 2
 PIECE = KEY[:8]  # what a cut through the key would leave behind

@@ -95,10 +95,11 @@ def test_a_subpackage_is_reached_by_attribute() -> None:
 
 
 def test_reading_traces_back_needs_no_opentelemetry() -> None:
-    from closedloop.telemetry import _span, _view
+    from closedloop.learn import _diff
+    from closedloop.telemetry import _span
 
-    assert _view.STATUS_ERROR == _span.STATUS_ERROR
-    assert _imported_after("import closedloop.telemetry._view") == set()
+    assert _diff.STATUS_ERROR == _span.STATUS_ERROR
+    assert _imported_after("import closedloop.learn._diff") == set()
 
 
 def test_the_help_loads_no_printing_library_and_no_loop_layer() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -403,3 +403,21 @@ class SpanStore(Protocol):
     def prune(self, before: float) -> Pruned:
         """Remove spans that started, traces that began and scores given before ``before``
         (Unix seconds)."""
+
+
+def iter_children(spans: Sequence[StoredSpan]) -> Iterator[tuple[int, StoredSpan]]:
+    """``(depth, span)`` in tree order: roots (no parent in the set) first, children by start."""
+    ids = {s.span_id for s in spans}
+    children: dict[str | None, list[StoredSpan]] = {}
+    for s in spans:
+        parent = s.parent_id if s.parent_id in ids else None
+        children.setdefault(parent, []).append(s)
+    for group in children.values():
+        group.sort(key=lambda s: s.start_ns)
+
+    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, StoredSpan]]:
+        for s in children.get(parent, []):
+            yield depth, s
+            yield from walk(s.span_id, depth + 1)
+
+    yield from walk(None, 0)

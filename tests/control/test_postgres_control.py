@@ -19,7 +19,7 @@ import closedloop as cl
 from _doubles import Executor
 from closedloop.cli import main
 from closedloop.control import FaultControl, Stop, StopKind, ledger_for_store
-from closedloop.store._postgres import PostgresLedger
+from closedloop.store.postgres import PostgresLedger
 from store.conftest import PG_URL, pg_schema, pg_url  # noqa: F401 - the PostgreSQL fixtures
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

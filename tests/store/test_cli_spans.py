@@ -132,7 +132,7 @@ def test_a_sqlite_store_opened_read_only_lists_traces_and_refuses_writes(tmp_pat
 
 
 def test_a_sqlite_store_of_schema_2_lists_the_traces_it_already_had(tmp_path: Path) -> None:
-    from closedloop.store._sqlite import MIGRATIONS
+    from closedloop.store.sqlite import MIGRATIONS
 
     path = tmp_path / "v2.db"
     db = sqlite3.connect(path)
@@ -235,8 +235,8 @@ def test_a_postgresql_store_of_schema_2_gains_its_span_tables_when_opened(
 
 def test_spans_of_a_postgresql_store_unreachable_at_start_up_are_written_once_it_answers(
         pg_url: str) -> None:
-    from closedloop.store._postgres import open_backend as open_pg
     from closedloop.store._registry import DeferredBackend
+    from closedloop.store.postgres import open_backend as open_pg
 
     deferred = DeferredBackend(pg_url, open_pg, create=True,
                                error=cl.StoreError("server down at start-up"))

@@ -225,13 +225,13 @@ def test_processes_creating_one_store_at_once_migrate_it_once(shared_url: str) -
         assert list(backend.iter_events(EventQuery())) == [event(1)]
         if shared_url.startswith("sqlite"):
             from closedloop.store import SCHEMA_VERSION
-            from closedloop.store._sqlite import _connect
+            from closedloop.store.sqlite._backend import _connect
             db = _connect(Path(shared_url[len("sqlite:///"):]))
             assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             db.close()
         else:
-            from closedloop.store._postgres import SCHEMA_VERSION as PG_VERSION
-            from closedloop.store._postgres import PostgresBackend
+            from closedloop.store.postgres import SCHEMA_VERSION as PG_VERSION
+            from closedloop.store.postgres import PostgresBackend
             assert isinstance(backend, PostgresBackend)
             with backend.pool().connection() as conn:
                 rows = conn.execute(f'SELECT version FROM "{backend.schema}".schema_version '
@@ -408,7 +408,7 @@ def _make_v2_pg(schema: str) -> list[cl.StepEvent]:
     with three events and a halt; returns the events."""
     import psycopg
 
-    from closedloop.store._postgres import (
+    from closedloop.store.postgres._backend import (
         MIGRATIONS,
         _partition_day,
         _statements,
@@ -443,7 +443,7 @@ def _make_v2_pg(schema: str) -> list[cl.StepEvent]:
 def test_a_v2_postgres_schema_is_migrated_in_place_keeping_every_row_and_the_halt(
         pg_url: str, pg_schema: str) -> None:
     from closedloop.control import StopKind, ledger_for_store
-    from closedloop.store._postgres import SCHEMA_VERSION, PostgresBackend
+    from closedloop.store.postgres import SCHEMA_VERSION, PostgresBackend
 
     v2 = _make_v2_pg(pg_schema)
     with cl.open_store(pg_url) as store:
@@ -460,9 +460,9 @@ def test_a_v2_postgres_schema_is_migrated_in_place_keeping_every_row_and_the_hal
 
 
 def test_a_store_newer_than_this_closedloop_is_refused_in_one_line(shared_url: str) -> None:
-    from closedloop.store._postgres import SCHEMA_VERSION as PG_VERSION
-    from closedloop.store._postgres import PostgresBackend
-    from closedloop.store._sqlite import SCHEMA_VERSION as SQLITE_VERSION
+    from closedloop.store.postgres import SCHEMA_VERSION as PG_VERSION
+    from closedloop.store.postgres import PostgresBackend
+    from closedloop.store.sqlite import SCHEMA_VERSION as SQLITE_VERSION
 
     backend = open_backend(shared_url)
     if isinstance(backend, PostgresBackend):
@@ -470,7 +470,7 @@ def test_a_store_newer_than_this_closedloop_is_refused_in_one_line(shared_url: s
             conn.execute(f'INSERT INTO "{backend.schema}".schema_version (version) VALUES (%s)',
                          (PG_VERSION + 1,))
     else:
-        from closedloop.store._sqlite import _connect
+        from closedloop.store.sqlite._backend import _connect
 
         db = _connect(Path(shared_url[len("sqlite:///"):]))
         db.execute(f"PRAGMA user_version = {SQLITE_VERSION + 1}")
@@ -508,8 +508,8 @@ def test_processes_opening_a_v2_store_at_once_migrate_it_once(
             from closedloop.store import SCHEMA_VERSION
             assert _user_version(Path(v2_url[len("sqlite:///"):])) == SCHEMA_VERSION
         else:
-            from closedloop.store._postgres import SCHEMA_VERSION as PG_VERSION
-            from closedloop.store._postgres import PostgresBackend
+            from closedloop.store.postgres import SCHEMA_VERSION as PG_VERSION
+            from closedloop.store.postgres import PostgresBackend
             assert isinstance(backend, PostgresBackend)
             with backend.pool().connection() as conn:
                 rows = conn.execute(f'SELECT version FROM "{backend.schema}".schema_version '

@@ -15,7 +15,7 @@ import pytest
 
 import closedloop as cl
 from closedloop.control import ControlLedger, Stop, StopKind, ledger_for_store
-from closedloop.store._postgres import PostgresLedger
+from closedloop.store.postgres import PostgresLedger
 
 from .conftest import PG_URL
 
@@ -194,8 +194,8 @@ def test_a_store_made_before_control_state_gains_its_tables_when_opened(
 def test_a_store_unreachable_at_start_up_serves_its_control_state_once_it_answers(
     pg_url: str,
 ) -> None:
-    from closedloop.store._postgres import open_backend
     from closedloop.store._registry import DeferredBackend
+    from closedloop.store.postgres import open_backend
 
     # what default_store() holds when PostgreSQL was down as the agent started
     deferred = DeferredBackend(pg_url, open_backend, create=True,

@@ -126,13 +126,13 @@ def test_info_of_a_missing_store_is_one_line_and_creates_nothing(tmp_path: Path)
 def v1_url(shared_url: str) -> str:
     """A store made by the first schema version only (events, no spans or control state)."""
     if shared_url.startswith("sqlite:///"):
-        from closedloop.store._sqlite import MIGRATIONS
+        from closedloop.store.sqlite import MIGRATIONS
 
         with sqlite3.connect(shared_url[len("sqlite:///"):]) as conn:
             conn.executescript(MIGRATIONS[0])
             conn.execute("PRAGMA user_version = 1")
         return shared_url
-    from closedloop.store._postgres import MIGRATIONS as PG_MIGRATIONS
+    from closedloop.store.postgres import MIGRATIONS as PG_MIGRATIONS
 
     schema = schema_of(shared_url)
     with psycopg.connect(PG_URL, autocommit=True) as conn:
@@ -221,7 +221,7 @@ def test_prune_needs_an_age(tmp_path: Path) -> None:
 
 def test_sqlite_deletes_in_short_transactions(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from closedloop.store import _sqlite
+    from closedloop.store.sqlite import _backend as _sqlite
 
     url = f"sqlite:///{tmp_path / 'events.db'}"
     fill(url, [NOW - 40 * DAY + i for i in range(1000)] + [NOW])
@@ -362,7 +362,7 @@ def test_a_store_without_control_tables_prunes_its_events(tmp_path: Path) -> Non
 def test_postgresql_reports_a_large_partition_by_its_statistics_instead_of_counting(
     pg_store: cl.Store, pg_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from closedloop.store import _postgres
+    from closedloop.store.postgres import _backend as _postgres
 
     for i in range(5):
         pg_store.record(event(i, ts=MIDNIGHT - DAY + i))

@@ -14,7 +14,7 @@ import pytest
 
 import closedloop as cl
 from closedloop.store import EventQuery, open_backend
-from closedloop.store._postgres import SCHEMA_VERSION, PostgresBackend, partition_name
+from closedloop.store.postgres import SCHEMA_VERSION, PostgresBackend, partition_name
 
 from .conftest import PG_URL
 from .test_contract import SRC, event

@@ -434,7 +434,7 @@ def _plan(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> str:
 
 
 def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> None:
-    from closedloop.store import _sqlite_query as q  # the queries themselves
+    from closedloop.store.sqlite import _query as q  # the queries themselves
 
     rng = random.Random(16)
     with record(f"sqlite:///{tmp_path / 'events.db'}", [step(i, rng) for i in range(50)]):
@@ -483,8 +483,8 @@ def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> N
 
 def test_latency_figures_read_alongside_count_the_same_steps_as_the_rest(
         tmp_path: Path) -> None:
-    from closedloop.store import _sqlite_query as q
     from closedloop.store._sqlsummary import summarize
+    from closedloop.store.sqlite import _query as q
 
     rng = random.Random(17)
     path = tmp_path / "events.db"

@@ -68,7 +68,7 @@ def test_a_registered_scheme_serves_open_store(restore_registry: None) -> None:
 def test_a_factory_named_by_import_path_is_imported_on_first_use(
     restore_registry: None,
 ) -> None:
-    register_scheme("byname", "closedloop.store._memory:MemoryBackend")
+    register_scheme("byname", "closedloop.store.memory:MemoryBackend")
     with pytest.raises(TypeError):  # MemoryBackend takes no URL: the path was resolved
         open_backend("byname://")
     register_scheme("missing", "closedloop_no_such_module:factory")

@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import closedloop as cl
 from closedloop.cli import main
+from closedloop.learn import replay
 from closedloop.telemetry import MemoryExporter, StoreExporter, Telemetry
-from closedloop.telemetry._replay import replay
 
 REGIONS = {1: "eu-west-1", 2: "eu-west-1", 3: "us-east-1", 4: "mars-1", 5: "mars-2"}
 

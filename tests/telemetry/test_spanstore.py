@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import closedloop as cl
+from closedloop.learn import score_summary
 from closedloop.telemetry import (
     StoreExporter,
     Telemetry,
     record_score,
-    score_summary,
     span_store_for,
 )
 

@@ -133,7 +133,8 @@ def _scores(store: Store, since: float | None, task_type: str | None) -> list[Ta
     from closedloop._errors import ConfigError
 
     try:
-        from closedloop.telemetry import score_summary, span_store_for
+        from closedloop.learn import score_summary
+        from closedloop.store import span_store_for
     except ImportError:
         return []
     try:

@@ -116,7 +116,8 @@ def show_trace(trace_id: str, store_url: str, content: bool, as_json: bool) -> N
     from rich.text import Text
     from rich.tree import Tree
 
-    from closedloop.telemetry import iter_children, span_label, verdict_messages
+    from closedloop.learn import span_label, verdict_messages
+    from closedloop.telemetry import iter_children
 
     trace_id = trace_id.strip()
     with reading(store_url) as (store, store_spans):
@@ -182,7 +183,7 @@ def step_line(event: StepEvent) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print every aligned stage as JSON.")
 def diff(trace_a: str, trace_b: str, store_url: str, show_all: bool, as_json: bool) -> None:
     """Stage by stage: where trace B diverged from trace A (inputs, outputs, verdicts)."""
-    from closedloop.telemetry import diff_traces, first_divergence
+    from closedloop.learn import diff_traces, first_divergence
 
     with reading(store_url) as (_, spans):
         rows = diff_traces(_trace(spans, trace_a), _trace(spans, trace_b))
@@ -237,7 +238,7 @@ def replay(  # noqa: PLR0917 - click passes every option as an argument
         task_type: str, validator_specs: tuple[str, ...], verifier_specs: tuple[str, ...],
         since: float | None, store_url: str, as_json: bool) -> None:
     """Re-run today's validators and verifiers on the proposals recorded in traces."""
-    from closedloop.telemetry import replay as run_replay
+    from closedloop.learn import replay as run_replay
 
     if not validator_specs and not verifier_specs:
         raise ConfigError("give at least one --validator or --verifier to replay")

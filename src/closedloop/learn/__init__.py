@@ -1,12 +1,26 @@
-"""The long-term learning layer: what the recorded events say about each task type.
+"""The long-term learning layer: what the recorded events and traces say afterwards.
 
 Every step's :class:`~closedloop.StepEvent` lands in the store; this package turns a window
 of them into signals — validation and verification pass rates, how often re-ask was needed
 and whether it worked, outcomes, latency percentiles, tokens and the most frequent errors.
 :func:`build_report` is its first query (``closedloop report`` prints it).
+
+It also reads the recorded traces back, off the agent's hot path: :func:`span_label` and
+:func:`verdict_messages` (``closedloop traces show``), :func:`diff_traces` and
+:func:`first_divergence` (``traces diff``), :func:`replay` (today's checks on recorded
+proposals, ``closedloop replay``) and :func:`score_summary` (the scores section of the
+report). None of it needs OpenTelemetry.
 """
 
 from closedloop._figures import message_group, percentile
+from closedloop.learn._diff import (
+    DiffRow,
+    diff_traces,
+    first_divergence,
+    span_label,
+    verdict_messages,
+)
+from closedloop.learn._replay import CheckReplay, ReplayReport, replay
 from closedloop.learn._report import (
     DEFAULT_TOP_ERRORS,
     DEFAULT_TOP_MESSAGES,
@@ -20,19 +34,29 @@ from closedloop.learn._report import (
     build_report,
     report_from_store,
 )
+from closedloop.learn._scores import score_summary
 
 __all__ = [
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
+    "CheckReplay",
+    "DiffRow",
     "ErrorCount",
     "Latency",
     "MessageCount",
     "Rate",
+    "ReplayReport",
     "Report",
     "TaskStats",
     "Tokens",
     "build_report",
+    "diff_traces",
+    "first_divergence",
     "message_group",
     "percentile",
+    "replay",
     "report_from_store",
+    "score_summary",
+    "span_label",
+    "verdict_messages",
 ]

@@ -35,10 +35,14 @@ from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop._spans import Pruned, SpanStore
-from closedloop.store._base import ControlStateBackend, EventBackend, EventQuery, SpanBackend
+from closedloop.store._base import (
+    ControlStateBackend,
+    EventBackend,
+    EventQuery,
+    SpanBackend,
+    span_store_for,
+)
 from closedloop.store._deadletter import ImportResult, import_dead_letter
-from closedloop.store._memory import MemoryBackend
-from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._query import (
     MAX_PAGE,
     EventQueries,
@@ -69,10 +73,15 @@ from closedloop.store._retention import (
     retention_from_env,
     store_info,
 )
-from closedloop.store._sqlite import SCHEMA_VERSION, SQLiteBackend, SQLiteReader
-from closedloop.store._sqlite_ledger import SQLiteLedger
-from closedloop.store._sqlite_spans import SQLiteSpanStore
 from closedloop.store._writer import BatchWriter, WriterStats
+from closedloop.store.memory import MemoryBackend, MemorySpanStore
+from closedloop.store.sqlite import (
+    SCHEMA_VERSION,
+    SQLiteBackend,
+    SQLiteLedger,
+    SQLiteReader,
+    SQLiteSpanStore,
+)
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -118,6 +127,7 @@ __all__ = [
     "register_scheme",
     "reset_default_store",
     "retention_from_env",
+    "span_store_for",
     "store_info",
     "summarize_events",
 ]

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from closedloop._control_state import ControlLedger
+from closedloop._errors import ConfigError
 from closedloop._events import StepEvent
 from closedloop._spans import SpanStore
+
+if TYPE_CHECKING:
+    from closedloop.store import Store
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,10 +69,22 @@ class ControlStateBackend(Protocol):
 class SpanBackend(Protocol):
     """A backend that keeps spans and scores next to its events (the span/score port).
 
-    :func:`~closedloop.telemetry.span_store_for` asks the store's backend for it, so that
+    :func:`span_store_for` asks the store's backend for it, so that
     the span pipeline, ``closedloop traces``/``scores``/``replay`` and ``serve`` read and
     write one record. One span store for the backend's whole life.
     """
 
     def span_store(self) -> SpanStore:
         """The spans and scores of this backend's store."""
+
+
+def span_store_for(store: Store) -> SpanStore:
+    """The spans and scores that live next to ``store``'s events (its backend's span store).
+
+    A backend that keeps none (a plug-in's) is a :class:`~closedloop.ConfigError`.
+    """
+    backend = store.backend
+    if isinstance(backend, SpanBackend):
+        return backend.span_store()
+    raise ConfigError(f"store {store.url} cannot hold spans: its backend keeps no span store "
+                      "(use a sqlite:///, postgresql:// or memory:// store)")

@@ -75,7 +75,7 @@ def redact_url(url: str) -> str:
 
 
 def _open_sqlite(url: str, *, create: bool) -> EventBackend:
-    from closedloop.store._sqlite import SQLiteBackend
+    from closedloop.store.sqlite import SQLiteBackend
 
     path = sqlite_path(url)
     if not create and not path.is_file():
@@ -84,7 +84,7 @@ def _open_sqlite(url: str, *, create: bool) -> EventBackend:
 
 
 def _open_memory(url: str, *, create: bool) -> EventBackend:
-    from closedloop.store._memory import MemoryBackend
+    from closedloop.store.memory import MemoryBackend
 
     if url.strip() != "memory://":
         raise ConfigError(f"store URL {url!r}: a memory store takes no path; use memory://")
@@ -95,8 +95,8 @@ def _open_memory(url: str, *, create: bool) -> EventBackend:
 _factories: dict[str, BackendFactory | str] = {
     "sqlite": _open_sqlite,
     "memory": _open_memory,
-    "postgresql": "closedloop.store._postgres:open_backend",
-    "postgres": "closedloop.store._postgres:open_backend",
+    "postgresql": "closedloop.store.postgres:open_backend",
+    "postgres": "closedloop.store.postgres:open_backend",
 }
 _lock = threading.Lock()
 _entry_points_loaded = False

@@ -44,7 +44,7 @@ from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
 from closedloop._redact import redact_event
 from closedloop.store._base import EventBackend
-from closedloop.store._sqlite import disk_full
+from closedloop.store.sqlite import disk_full
 
 log = logging.getLogger("closedloop.store")
 

@@ -7,9 +7,9 @@ Prometheus metrics. While a stage runs user code, closedloop's span is the curre
 OpenTelemetry span, so a user's own spans nest under it, and a step started inside a user's
 span joins the user's trace. Needs the ``otel`` and ``prometheus`` extras.
 
-Reading traces back needs neither: :func:`iter_children`, :func:`span_label` and
-:func:`verdict_messages` (``closedloop traces show``), :func:`diff_traces` (``traces diff``)
-and :func:`replay` (today's checks on recorded proposals, ``closedloop replay``).
+What the recorded traces say afterwards -- a trace shown as a tree, two traces diffed, today's
+checks replayed on recorded proposals, score summaries -- is the learning layer's
+(:mod:`closedloop.learn`), and needs neither.
 
 Quick start::
 
@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from closedloop.store import MemorySpanStore, SQLiteSpanStore, Store
+    from closedloop._spans import (
+        Score,
+        ScoreStat,
+        SpanStore,
+        StoredSpan,
+        TracePage,
+        TraceSummary,
+        iter_children,
+    )
+    from closedloop.store import MemorySpanStore, SQLiteSpanStore, Store, span_store_for
     from closedloop.telemetry._export import (
         MemoryExporter,
         OTelExporter,
@@ -48,37 +57,16 @@ if TYPE_CHECKING:
         set_default_telemetry,
     )
     from closedloop.telemetry._redact import Capture, Redactor
-    from closedloop.telemetry._replay import CheckReplay, ReplayReport, replay
     from closedloop.telemetry._scores import (
         OTelScoreExporter,
         TaskScores,
         otlp_http_scores,
         record_score,
-        score_summary,
     )
     from closedloop.telemetry._span import LiveSpan, SpanRecord
-    from closedloop.telemetry._spanstore import (
-        Score,
-        ScoreStat,
-        SpanStore,
-        StoredSpan,
-        TracePage,
-        TraceSummary,
-        iter_children,
-        span_store_for,
-    )
-    from closedloop.telemetry._view import (
-        DiffRow,
-        diff_traces,
-        first_divergence,
-        span_label,
-        verdict_messages,
-    )
 
 __all__ = [
     "Capture",
-    "CheckReplay",
-    "DiffRow",
     "LiveSpan",
     "MemoryExporter",
     "MemorySpanStore",
@@ -86,7 +74,6 @@ __all__ = [
     "OTelExporter",
     "OTelScoreExporter",
     "Redactor",
-    "ReplayReport",
     "SQLiteSpanStore",
     "Score",
     "ScoreStat",
@@ -104,22 +91,16 @@ __all__ = [
     "active_telemetry",
     "configure",
     "default_telemetry",
-    "diff_traces",
-    "first_divergence",
     "iter_children",
     "metrics_asgi_app",
     "otlp_grpc",
     "otlp_http",
     "otlp_http_scores",
     "record_score",
-    "replay",
     "reset_default_telemetry",
-    "score_summary",
     "set_default_telemetry",
-    "span_label",
     "span_store_for",
     "start_metrics_server",
-    "verdict_messages",
 ]
 
 
@@ -201,13 +182,9 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
         "._pipeline": ("SpanExporter", "Telemetry", "TelemetryStats", "active_telemetry",
                        "default_telemetry", "reset_default_telemetry", "set_default_telemetry"),
         "._redact": ("Capture", "Redactor"),
-        "._replay": ("CheckReplay", "ReplayReport", "replay"),
-        "._scores": ("OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
-                     "score_summary"),
+        "._scores": ("OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score"),
         "._span": ("LiveSpan", "SpanRecord"),
-        "._spanstore": ("Score", "ScoreStat", "SpanStore", "StoredSpan", "TracePage",
-                        "TraceSummary", "iter_children", "span_store_for"),
-        "._view": ("DiffRow", "diff_traces", "first_divergence", "span_label",
-                   "verdict_messages"),
-        "closedloop.store": ("MemorySpanStore", "SQLiteSpanStore"),
+        "closedloop._spans": ("Score", "ScoreStat", "SpanStore", "StoredSpan", "TracePage",
+                              "TraceSummary", "iter_children"),
+        "closedloop.store": ("MemorySpanStore", "SQLiteSpanStore", "span_store_for"),
     })

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from closedloop._redact import Redactor, default_redactor, truncate
+from closedloop._spans import SpanStore, StoredSpan
 from closedloop._version import __version__
-from closedloop.store import MemorySpanStore
+from closedloop.store import MemorySpanStore, span_store_for
 from closedloop.telemetry._redact import Capture
 from closedloop.telemetry._span import STATUS_ERROR, STATUS_OK, SpanRecord, jsonable
-from closedloop.telemetry._spanstore import SpanStore, StoredSpan, span_store_for
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan

@@ -29,9 +29,9 @@ from prometheus_client.registry import Collector
 from closedloop.telemetry._span import STATUS_ERROR, SpanRecord
 
 if TYPE_CHECKING:
+    from closedloop._spans import SpanStore, StoredSpan
     from closedloop.store import Store
     from closedloop.telemetry._pipeline import Telemetry
-    from closedloop.telemetry._spanstore import SpanStore, StoredSpan
 
 OTHER = "other"
 _MAX_LABEL_CHARS = 64

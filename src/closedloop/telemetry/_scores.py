@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 from closedloop._redact import default_redactor, redact_text
-from closedloop._spans import TaskScores
-from closedloop.telemetry._spanstore import Score, span_store_for
+from closedloop._spans import Score, TaskScores
+from closedloop.store import span_store_for
 
 if TYPE_CHECKING:
     from closedloop.store import Store
 
-__all__ = ["SOURCES", "OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score",
-           "score_summary"]
+__all__ = ["SOURCES", "OTelScoreExporter", "TaskScores", "otlp_http_scores", "record_score"]
 
 SOURCES = ("human", "rule", "model")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -80,18 +79,6 @@ def record_score(
                   ts=clock())
     span_store_for(store).add_score(score)
     return score
-
-
-def score_summary(store: Store, *, since: float | None = None,
-                  until: float | None = None) -> list[TaskScores]:
-    """Per task type with scores: steps, success rate, mean of each score and its daily means.
-
-    Scores join their step through the trace id (the task type of the trace's latest step in
-    the period); a score on a trace with no recorded step in the period is left out. The
-    store aggregates (in SQL on SQLite and PostgreSQL). This is the section ``closedloop
-    report`` shows for scores.
-    """
-    return span_store_for(store).score_summary(since=since, until=until)
 
 
 class OTelScoreExporter:

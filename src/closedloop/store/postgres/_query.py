@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, StepEvent
-from closedloop.store._postgres import LATENCY_BUCKET, _one_line
 from closedloop.store._query import (
     EventSummary,
     StepFilter,
@@ -31,11 +30,12 @@ from closedloop.store._query import (
     page,
 )
 from closedloop.store._sqlsummary import summarize as assemble
+from closedloop.store.postgres._backend import LATENCY_BUCKET, _one_line
 
 if TYPE_CHECKING:
     import psycopg
 
-    from closedloop.store._postgres import PostgresBackend
+    from closedloop.store.postgres._backend import PostgresBackend
 
 _TID = re.compile(r"\(\d{1,10},\d{1,5}\)")
 _GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verification_passed, "

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from closedloop.telemetry._spanstore import StoredSpan, iter_children
+from closedloop._spans import StoredSpan, iter_children
 
 STATUS_ERROR = 2
-"""A failed span's stored status (``_span.STATUS_ERROR``, kept here so that reading traces
-back never imports OpenTelemetry)."""
+"""A failed span's stored status (the telemetry layer's ``STATUS_ERROR``, kept here so that
+reading traces back never imports OpenTelemetry)."""
 
 # The attributes that say what a stage decided; compared by the diff and shown in the tree.
 DECISIVE = ("closedloop.outcome", "closedloop.verdict.passed", "closedloop.verdict.unknown",

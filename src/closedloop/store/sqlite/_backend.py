@@ -35,8 +35,8 @@ from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
-    from closedloop.store._sqlite_ledger import SQLiteLedger
-    from closedloop.store._sqlite_spans import SQLiteSpanStore
+    from closedloop.store.sqlite._ledger import SQLiteLedger
+    from closedloop.store.sqlite._spans import SQLiteSpanStore
 
 LATENCY_BUCKET = (
     "(CASE WHEN latency_ms >= 0.001 THEN"
@@ -148,7 +148,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN proposal TEXT;
     ALTER TABLE events ADD COLUMN proposal_digest TEXT;
     """,
-    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._sqlite_query):
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store.sqlite._query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), and the
     # summary's indexes, each read in its order so that SQLite never sorts: counts and sums,
@@ -429,14 +429,14 @@ class SQLiteBackend:
 
     def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
         """The figures of the steps matching ``where``, in SQL (the query port)."""
-        from closedloop.store._sqlite_query import summarize
+        from closedloop.store.sqlite._query import summarize
 
         return summarize(self, where, top_messages=top_messages)
 
     def list_steps(self, where: StepFilter, *, limit: int,
                    cursor: str | None = None) -> StepPage:
         """A page of steps matching ``where``, newest first (the query port)."""
-        from closedloop.store._sqlite_query import list_steps
+        from closedloop.store.sqlite._query import list_steps
 
         return list_steps(self, where, limit=limit, cursor=cursor)
 
@@ -468,7 +468,7 @@ class SQLiteBackend:
     def span_store(self) -> SQLiteSpanStore:
         """The spans and scores in this file (the span/score port); one for the backend's
         life, read-only when the backend is."""
-        from closedloop.store._sqlite_spans import SQLiteSpanStore
+        from closedloop.store.sqlite._spans import SQLiteSpanStore
 
         with self._spans_lock:
             if self._spans is None:
@@ -477,7 +477,7 @@ class SQLiteBackend:
 
     def control_ledger(self) -> SQLiteLedger:
         """The pauses and halts in this file (the control-state port); fails closed."""
-        from closedloop.store._sqlite_ledger import SQLiteLedger
+        from closedloop.store.sqlite._ledger import SQLiteLedger
 
         return SQLiteLedger(self.path)
 

@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from closedloop._spans import StoredSpan
 from closedloop._verdict import as_verdict
-from closedloop.telemetry._spanstore import StoredSpan, span_store_for
+from closedloop.store import span_store_for
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent

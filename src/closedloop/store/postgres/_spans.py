@@ -44,13 +44,13 @@ from closedloop._spans import (
     page_of,
     rollup,
 )
-from closedloop.store._postgres import _clean_row, _lock_key, _one_line
+from closedloop.store.postgres._backend import _clean_row, _lock_key, _one_line
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg import sql
 
-    from closedloop.store._postgres import PostgresBackend
+    from closedloop.store.postgres._backend import PostgresBackend
 
 DAY_NS = 86_400 * 10**9
 _SPAN_TYPES = ("text", "text", "text", "text", "int4", "int8", "int8", "int4", "text", "text",
@@ -103,7 +103,7 @@ def partition_name(day: int) -> str:
 
 
 class PostgresSpanStore:
-    """Spans and scores in the schema of a :class:`~closedloop.store._postgres.PostgresBackend`,
+    """Spans and scores in the schema of a :class:`~closedloop.store.postgres.PostgresBackend`,
     on its connection pool."""
 
     def __init__(self, backend: PostgresBackend) -> None:

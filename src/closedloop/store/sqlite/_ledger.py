@@ -32,7 +32,7 @@ from closedloop._control_state import (
 )
 from closedloop._errors import ControlUnavailable
 from closedloop._redact import redact_text
-from closedloop.store._sqlite import connect_read_only
+from closedloop.store.sqlite._backend import connect_read_only
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS control_stops (

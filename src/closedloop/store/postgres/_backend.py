@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from psycopg import sql
     from psycopg_pool import ConnectionPool
 
-    from closedloop.store._postgres_spans import PostgresSpanStore
+    from closedloop.store.postgres._spans import PostgresSpanStore
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
@@ -132,7 +132,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (source, key)
     );
     """,
-    # 3: spans and scores (closedloop.store._postgres_spans): spans range-partitioned by day on
+    # 3: spans and scores (closedloop.store.postgres._spans): spans range-partitioned by day on
     # start_ns (ns since the epoch), ``seq`` numbering them in commit order (writers take an
     # advisory lock) for readers that tail them; one summary row per trace for listings
     """
@@ -198,7 +198,7 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN IF NOT EXISTS proposal TEXT,
         ADD COLUMN IF NOT EXISTS proposal_digest TEXT;
     """,
-    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store._postgres_query):
+    # 5: what `closedloop report` and `closedloop steps` ask (closedloop.store.postgres._query):
     # each failure message's group, filled by the writer (rows stored before stay NULL and
     # are grouped when read, through events_ungrouped, which new rows never enter), the
     # latency histogram's index and the message groups' index (each statement a no-op where
@@ -464,14 +464,14 @@ class PostgresBackend:
 
     def summarize(self, where: StepFilter, *, top_messages: int) -> EventSummary | None:
         """The figures of the steps matching ``where``, in SQL (the query port)."""
-        from closedloop.store._postgres_query import summarize
+        from closedloop.store.postgres._query import summarize
 
         return summarize(self, where, top_messages=top_messages)
 
     def list_steps(self, where: StepFilter, *, limit: int,
                    cursor: str | None = None) -> StepPage:
         """A page of steps matching ``where``, newest first (the query port)."""
-        from closedloop.store._postgres_query import list_steps
+        from closedloop.store.postgres._query import list_steps
 
         return list_steps(self, where, limit=limit, cursor=cursor)
 
@@ -600,7 +600,7 @@ class PostgresBackend:
     def span_store(self) -> PostgresSpanStore:
         """Spans and scores in this store's schema (the span/score port); one for the
         backend's life, on its connection pool."""
-        from closedloop.store._postgres_spans import PostgresSpanStore
+        from closedloop.store.postgres._spans import PostgresSpanStore
 
         with self._pool_lock:
             if self._spans is None:

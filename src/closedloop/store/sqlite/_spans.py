@@ -1,6 +1,6 @@
 """Spans and scores in a SQLite store's file: the span/score port of the SQLite backend.
 
-Spans and scores sit next to the step events (migration 2 of :mod:`closedloop.store._sqlite`),
+Spans and scores sit next to the step events (migration 2 of :mod:`closedloop.store.sqlite`),
 so one file answers "what happened" (events), "why" (spans) and "how good was it" (scores),
 offline. Each span batch also updates one summary row per trace (``traces``, migration 3) in
 the same transaction, so that listing traces reads a page of an index, newest first, instead
@@ -36,7 +36,7 @@ from closedloop._spans import (
     page_of,
     rollup,
 )
-from closedloop.store._sqlite import (
+from closedloop.store.sqlite._backend import (
     SQLiteBackend,
     SQLiteReader,
     _connect,

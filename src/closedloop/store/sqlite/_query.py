@@ -30,11 +30,11 @@ from closedloop.store._query import (
     decode_cursor,
     page,
 )
-from closedloop.store._sqlite import LATENCY_BUCKET, _event
 from closedloop.store._sqlsummary import summarize as assemble
+from closedloop.store.sqlite._backend import LATENCY_BUCKET, _event
 
 if TYPE_CHECKING:
-    from closedloop.store._sqlite import SQLiteBackend
+    from closedloop.store.sqlite._backend import SQLiteBackend
 
 SUMMARY_INDEXES = frozenset({"events_report", "events_latency", "events_groups",
                              "events_ungrouped"})

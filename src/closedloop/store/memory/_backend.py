@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
-from closedloop.store._memory_spans import MemorySpanStore
 from closedloop.store._query import (
     EventSummary,
     StepFilter,
@@ -20,6 +19,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._spans import MemorySpanStore
 
 
 class MemoryBackend:

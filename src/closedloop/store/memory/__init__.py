@@ -1,0 +1,9 @@
+"""The in-process backend (``memory://``): events, spans, scores and control state in the
+process's memory, for tests and for agents that keep nothing. It implements the same ports
+as the SQLite and PostgreSQL backends and passes the same contract suite.
+"""
+
+from closedloop.store.memory._backend import MemoryBackend
+from closedloop.store.memory._spans import MemorySpanStore
+
+__all__ = ["MemoryBackend", "MemorySpanStore"]
