@@ -39,7 +39,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import accumulate
 from operator import itemgetter
 from re import Pattern
 from typing import TYPE_CHECKING, Any
@@ -274,8 +276,9 @@ def _compile(rules: tuple[Rule, ...]) -> tuple[_Compiled, ...]:
 
 
 @functools.cache
-def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
-    """The rules' RE2 gate (all triggers in one pattern) and set, or None without RE2.
+def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any, Any] | None:
+    """The rules' RE2 gate (all triggers in one pattern), set and batch gate (the gate in
+    multi-line mode, for :meth:`Redactor.many`), or None without RE2.
 
     Raises OSError (not cached: the next call tries again) when RE2 cannot be loaded right
     now, e.g. while the process has no file descriptors left.
@@ -288,12 +291,13 @@ def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
         return None
     options = _re2.Options()
     options.max_mem = 64 << 20
-    gate = _re2.compile("|".join(f"(?:{r.trigger})" for r in rules), options)
+    triggers = "|".join(f"(?:{r.trigger})" for r in rules)
+    gate = _re2.compile(triggers, options)
     which = _re2.Set.SearchSet(options)
     for r in rules:
         which.Add(r.trigger)
     which.Compile()
-    return gate, which
+    return gate, which, _re2.compile(f"(?m){triggers}", options)
 
 
 _UNSET: Any = object()
@@ -342,17 +346,69 @@ class Redactor:
             cache[text] = out
         return out
 
-    def _redact(self, text: str) -> str:
+    def many(self, texts: Sequence[str]) -> list[str]:
+        """Each of ``texts`` redacted: the same as ``[self(t) for t in texts]``, cheaper for
+        many short texts that are all new (the proposals of a batch of step events).
+
+        One RE2 scan of the texts joined by newlines, with the gate in multi-line mode (so
+        that ``^`` and ``$`` match at each text's start and end), tells which texts hold a
+        trigger; only those are redacted one by one. A trigger found in a text alone is also
+        found in the joined texts (no trigger uses ``\\A``, ``\\z`` or ``\\B``, a test checks
+        it), and a match that spans a newline flags every text it touches, so the scan flags
+        at least the texts that one gate call each would: the result is the same. Per text it
+        saves the RE2 wrapper's per-call cost (~1.5 µs), most of redacting a short text.
+        """
+        gates = self._gates()
+        if gates is None or not self._compiled or len(texts) < 2:
+            return [self(t) for t in texts]
+        out = list(texts)
+        cache = self._cache
+        todo: list[int] = []
+        for i, text in enumerate(texts):
+            hit = cache.get(text) if len(text) <= _CACHE_MAX_LEN else None
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append(i)
+        if not todo:
+            return out
+        pending = [texts[i] for i in todo]
+        ends = list(accumulate(len(t) + 1 for t in pending))  # each text's end, newline in
+        flagged: set[int] = set()
+        try:
+            for m in gates[2].finditer("\n".join(pending)):
+                start, end = m.span()
+                flagged.update(range(bisect_right(ends, start),
+                                     bisect_right(ends, max(start, end - 1)) + 1))
+        except UnicodeEncodeError:  # lone surrogates: RE2 takes UTF-8 only
+            flagged = set(range(len(todo)))
+        custom = self._custom
+        for j, i in enumerate(todo):
+            if j in flagged:
+                out[i] = self(texts[i])
+            elif custom:
+                text = texts[i]
+                for sub in custom:
+                    text = sub(_CUSTOM, text)
+                out[i] = text
+        return out
+
+    def _gates(self) -> tuple[Any, Any, Any] | None:
+        """The RE2 gates (:func:`_gates`), None without them; compiles the rules first."""
         rules = DEFAULT_RULES if self.defaults else ()
-        compiled = self._compiled
-        if compiled is None:
-            compiled = self._compiled = _compile(rules)
+        if self._compiled is None:
+            self._compiled = _compile(rules)
         gate = self._gate
         if gate is _UNSET:
             try:
                 gate = self._gate = _gates(rules)
             except OSError:  # RE2 cannot be loaded now: this call runs without the gate
                 gate = None
+        return gate  # type: ignore[no-any-return]
+
+    def _redact(self, text: str) -> str:
+        gate = self._gates()
+        compiled = self._compiled
         if compiled:
             if gate is None:
                 text = _apply(compiled, text)
@@ -581,11 +637,45 @@ def redact_event(event: StepEvent) -> StepEvent:
 
     The event itself when nothing changes (most events: a clean proposal and no other text);
     else a copy."""
+    if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
+            and _v3_redacted(event).count(None) == len(_V3_REDACTED):
+        return event  # nothing to redact
+    return _redact_event(event, default_redactor(), None)
+
+
+def redact_events(events: Sequence[StepEvent]) -> list[StepEvent]:
+    """:func:`redact_event` of each event (what the store's writer stores), the batch's
+    proposals redacted together (:meth:`Redactor.many`: every proposal is a new text, so
+    one by one each would pay a gate call of its own)."""
+    proposals = [e[_PROPOSAL] for e in events]
+    texts = [p for p in proposals if type(p) is str]
+    if len(texts) < 2:
+        return [redact_event(e) for e in events]
+    redactor = default_redactor()
+    cleaned = iter(redactor.many(texts))
+    out: list[StepEvent] = []
+    for event, proposal in zip(events, proposals, strict=True):
+        if type(proposal) is not str:
+            out.append(redact_event(event))
+            continue
+        clean = clip_proposal(next(cleaned))
+        if event[_MESSAGE] is not None or event[_DETAIL] is not None \
+                or _v3_redacted(event).count(None) != len(_V3_REDACTED):
+            out.append(_redact_event(event, redactor, clean))
+        elif clean is proposal or clean == proposal:
+            out.append(event)
+        else:
+            values = list(event)
+            values[_PROPOSAL] = clean
+            out.append(tuple.__new__(type(event), values))
+    return out
+
+
+def _redact_event(event: StepEvent, redactor: Redactor, proposal_clean: str | None,
+                  ) -> StepEvent:
+    """``event`` redacted; ``proposal_clean`` is its proposal's redacted text when known."""
     message, detail, proposal = event[_MESSAGE], event[_DETAIL], event[_PROPOSAL]
     v3 = _v3_redacted(event).count(None) != len(_V3_REDACTED)  # any of them set
-    if message is None and detail is None and proposal is None and not v3:
-        return event  # nothing to redact
-    redactor = default_redactor()
     values: list[Any] | None = None  # copied on the first change: most texts have nothing
     if message is not None or v3:
         for i in _EVENT_TEXTS:
@@ -604,7 +694,8 @@ def redact_event(event: StepEvent) -> StepEvent:
                     values = list(event)
                 values[i] = redactor.value(data)
     if isinstance(proposal, str):
-        clean = clip_proposal(redactor(proposal))
+        clean = proposal_clean if proposal_clean is not None \
+            else clip_proposal(redactor(proposal))
         # the redactor's cache may hand back an equal text that is another object
         if clean is not proposal and clean != proposal:
             if values is None:

@@ -301,6 +301,36 @@ def test_v3_texts_are_redacted_when_stored_ids_and_digests_are_not(any_url: str)
     assert (back.step_id, back.proposal_digest, back.model) == ("2" * 32, "ef" * 32, "m")
 
 
+def test_a_batch_of_proposals_is_redacted_as_each_alone(any_url: str) -> None:
+    # the writer redacts a batch's proposals in one scan (Redactor.many): what it stores is
+    # what redacting each event alone gives, secrets at a proposal's start or end included
+    from closedloop._events import PROPOSAL_MAX_CHARS, proposal_text
+    from closedloop._redact import redact_event
+
+    events = []
+    for i in range(60):
+        proposal = proposal_text({"action": "scale", "replicas": i, "service": f"web-{i}"})
+        if i % 7 == 0:
+            proposal = f"ops{i}@example.com"
+        elif i % 11 == 0:
+            proposal = proposal_text({"note": "x" * PROPOSAL_MAX_CHARS, "key": "password=a"})
+        e = event(i)._replace(proposal=None if i % 13 == 0 else proposal,
+                              proposal_digest="ab" * 32)
+        if i % 5 == 0:
+            e = e._replace(error_message=f"login as ops{i}@example.com failed",
+                           labels={"owner": "ops@example.com"})
+        events.append(e)
+    with cl.open_store(any_url) as store:
+        for e in events:
+            store.record(e)
+        assert store.flush()
+        back = sorted(store.events(), key=lambda e: e.ts)
+    want = [redact_event(e) for e in events]
+    assert back == want
+    assert back[7].proposal == "[REDACTED:email]"
+    assert all("example.com" not in (e.proposal or "") for e in back)
+
+
 def test_a_long_proposal_is_stored_cut_at_its_cap_and_marked(any_url: str) -> None:
     import hashlib
 
