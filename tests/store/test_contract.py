@@ -577,3 +577,31 @@ def test_a_batch_of_several_insert_statements_is_written_whole(any_url: str, sha
             store.record(e)
         assert store.flush()
         assert list(store.events()) == events
+
+
+def test_a_postgres_store_read_once_needs_no_pool_and_one_connection(pg_url: str) -> None:
+    # `closedloop report` and `traces list` open the store read-only and ask it once: no
+    # pool (thread, psycopg_pool import), and the connection that checks the schema version
+    # serves the queries
+    with cl.open_store(pg_url) as store:
+        store.record(event(1))
+        assert store.flush()
+    code = textwrap.dedent(f"""
+        import sys
+        import closedloop as cl
+        from closedloop.telemetry import span_store_for
+        with cl.open_store({pg_url!r}, read_only=True) as store:
+            assert [e.trace_id for e in store.events()] == [{event(1).trace_id!r}]
+            assert store.count() == 1
+            span_store_for(store).traces(limit=5)
+            backend = store.backend
+            with backend.pool().connection() as conn:
+                one = conn.info.backend_pid
+            with backend.pool().connection() as conn:
+                assert conn.info.backend_pid == one
+        assert "psycopg_pool" not in sys.modules, "a read-only store imported psycopg_pool"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": SRC},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
