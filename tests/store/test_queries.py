@@ -481,6 +481,37 @@ def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> N
     assert "SCAN events USING INDEX events_ts" in listing and "TEMP B-TREE" not in listing
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_step_by_its_id_and_a_runs_steps_are_index_look_ups(kind: str, tmp_path: Path,
+                                                               request: Any) -> None:
+    # approvals find a step by id, multi-step runs list their steps: neither reads every row
+    rng = random.Random(19)
+    events = [step(i, rng)._replace(step_id=f"{i:032x}", run_id=f"run-{i % 7}" if i % 3 else None)
+              for i in range(300)]
+    by_step = "SELECT ts FROM {s}events WHERE step_id = '00000000000000000000000000000005'"
+    by_run = "SELECT ts, step_id FROM {s}events WHERE run_id = 'run-2' ORDER BY ts"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'events.db'}"
+        with record(url, events):
+            pass
+        conn = sqlite3.connect(tmp_path / "events.db")
+        assert "USING INDEX events_step" in _plan(conn, by_step.format(s=""), ())
+        run_plan = _plan(conn, by_run.format(s=""), ())
+        assert "USING INDEX events_run" in run_plan and "TEMP B-TREE" not in run_plan
+        return
+    psycopg = pytest.importorskip("psycopg")
+    url = request.getfixturevalue("pg_url")
+    schema = url.rsplit("schema=", 1)[1]
+    with record(url, events), psycopg.connect(url.split("?", maxsplit=1)[0]) as conn:
+        conn.execute("SET enable_seqscan = off")  # 300 rows: the index must be usable at all
+        # each day partition has the index (named after the partition and its columns)
+        for sql, index in ((by_step, "_step_id_idx"), (by_run, "_run_id_ts_idx")):
+            plan = "\n".join(r[0] for r in conn.execute(
+                "EXPLAIN " + sql.format(s=f'"{schema}".')))
+            sorts = [line for line in plan.splitlines() if line.lstrip(" ->").startswith("Sort  ")]
+            assert index in plan and "Seq Scan" not in plan and not sorts, plan
+
+
 def test_latency_figures_read_alongside_count_the_same_steps_as_the_rest(
         tmp_path: Path) -> None:
     from closedloop.store._sqlsummary import summarize

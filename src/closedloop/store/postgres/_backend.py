@@ -223,6 +223,14 @@ MIGRATIONS: tuple[str, ...] = (
         error_type, validation_passed, verification_passed, attempts)
         INCLUDE (ts, input_tokens, output_tokens, latency_ms);
     """,
+    # a step by its id (approvals, replay, a multi-step run's parent) and a run's steps in
+    # order; only steps that belong to a run enter the second
+    """
+    CREATE INDEX IF NOT EXISTS events_step ON {schema}.events (step_id)
+        WHERE step_id IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS events_run ON {schema}.events (run_id, ts)
+        WHERE run_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
