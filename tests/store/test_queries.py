@@ -91,13 +91,56 @@ def same(got: EventSummary, want: EventSummary) -> None:
         assert (mean is None) == (wanted is None)
         if mean is not None:
             assert mean == pytest.approx(wanted, rel=1e-12)
-        assert dataclasses.replace(g, latency_mean_ms=None) == \
-            dataclasses.replace(w, latency_mean_ms=None)
+        if g.cost_usd is not None and w.cost_usd is not None:
+            assert g.cost_usd == pytest.approx(w.cost_usd, rel=1e-12)
+        assert dataclasses.replace(g, latency_mean_ms=None, cost_usd=None) == \
+            dataclasses.replace(w, latency_mean_ms=None, cost_usd=None)
+        assert (g.cost_usd is None) == (w.cost_usd is None)
 
 
 def python_pass(store: Store, where: StepFilter, top_messages: int = 3) -> EventSummary:
     events = store.events(since=where.since, until=where.until, task_type=where.task_type)
     return summarize_events((e for e in events if where.matches(e)), top_messages=top_messages)
+
+
+def test_cost_and_cached_tokens_are_summed_in_sql_as_in_python(any_url: str) -> None:
+    # schema v3's cost and prompt-cache figures: per task type and overall, SQL and the
+    # Python pass agree; steps without a cost are not priced (a total of none is None)
+    rng = random.Random(23)
+    events = []
+    for i in range(400):
+        e = step(i, rng)
+        if i % 4:
+            e = e._replace(cost_usd=round(rng.uniform(0.0001, 0.05), 6),
+                           cached_input_tokens=rng.randrange(0, 500))
+        if e.task_type == "deploy":  # one task type never priced
+            e = e._replace(cost_usd=None, cached_input_tokens=None)
+        events.append(e)
+    with record(any_url, events) as store:
+        summary = store.summary()
+        same_costs(summary, python_pass(store, StepFilter()))
+        same(summary, python_pass(store, StepFilter()))
+        report = report_from_store(store).to_dict()
+    priced = [e for e in events if e.cost_usd is not None]
+    assert summary.overall.priced == len(priced) > 0
+    assert summary.overall.cost_usd == pytest.approx(sum(e.cost_usd for e in priced))
+    assert summary.overall.cached_input_tokens == sum(e.cached_input_tokens or 0
+                                                      for e in events)
+    rows = {r["task_type"]: r for r in report["task_types"]}
+    assert rows["deploy"]["cost"] == {"total_usd": None, "priced": 0,
+                                      "per_priced_run_usd": None}
+    assert report["overall"]["cost"]["priced"] == len(priced)
+    assert report["overall"]["tokens"]["cached_input_total"] == \
+        summary.overall.cached_input_tokens
+
+
+def same_costs(got: EventSummary, want: EventSummary) -> None:
+    """Equal cost figures; a cost summed in SQL may differ in its last bits."""
+    for g, w in zip((*got.rows, got.overall), (*want.rows, want.overall), strict=True):
+        assert (g.priced, g.cached_input_tokens) == (w.priced, w.cached_input_tokens)
+        assert (g.cost_usd is None) == (w.cost_usd is None)
+        if g.cost_usd is not None:
+            assert g.cost_usd == pytest.approx(w.cost_usd, rel=1e-12)
 
 
 @pytest.mark.parametrize("top_messages", [0, 1, 3, 50])

@@ -231,6 +231,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS events_run ON {schema}.events (run_id, ts)
         WHERE run_id IS NOT NULL;
     """,
+    # the report's cost and prompt-cache figures read from events_report too (index-only):
+    # the index again with the two columns included
+    """
+    DROP INDEX IF EXISTS {schema}.events_report;
+    CREATE INDEX events_report ON {schema}.events (task_type, outcome,
+        error_type, validation_passed, verification_passed, attempts)
+        INCLUDE (ts, input_tokens, output_tokens, latency_ms, cached_input_tokens, cost_usd);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
