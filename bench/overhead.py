@@ -24,7 +24,10 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    store's PRAGMAs, into a fresh store file (same table and index). Two kinds of event:
    ``v2`` (the schema-v2 fields only, as before schema v3) and ``loop`` (what a step of
    the loop records: a step id, a ~60-character JSON proposal and its digest). Rounds
-   interleave the four measures; medians are reported.
+   interleave the four measures; medians are reported, with the process's CPU time per
+   event through the writer (producer and writer threads: steadier than the rate on a
+   shared machine). With ``--baseline-src DIR`` the writer's ingest of loop events is
+   measured in child processes alternating between that tree and this one instead.
 """
 
 from __future__ import annotations
@@ -171,17 +174,26 @@ def ingest_events(events: int, kind: str) -> list[cl.StepEvent]:
     return out
 
 
+CPU: dict[str, list[float]] = {}
+"""The process's CPU time per event (µs) of each ``bench_ingest`` run, by kind of event."""
+
+
 def bench_ingest(batch: list[cl.StepEvent], path: Path) -> float:
-    """Events per second through ``Store.record`` until ``flush()`` returns."""
+    """Events per second through ``Store.record`` until ``flush()`` returns; the process's
+    CPU time per event (every thread: producer and writer) goes to :data:`CPU`."""
     store = cl.open_store(path, max_queue=len(batch) + 1)
     record = store.record
+    cpu = time.process_time()
     start = time.perf_counter()
     for e in batch:
         record(e)
     assert store.flush(timeout=600)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     stats = store.close()
     assert stats.written == len(batch) and stats.not_written == 0, stats
+    kind = "loop" if batch[0].proposal is not None else "v2"
+    CPU.setdefault(kind, []).append(cpu / len(batch) * 1e6)
     return len(batch) / elapsed
 
 
@@ -235,6 +247,29 @@ def print_overhead(o: dict[str, float]) -> None:
     print(f"  thread CPU    {o['overhead_cpu_us_p50']:8.2f} µs per step  (this thread only)")
 
 
+def compare_ingest(baseline_src: str, runs: int, events: int) -> None:
+    """Ingest of loop events by ``baseline_src`` and by this tree, in alternating child
+    processes (one round of the writer each): events/s and CPU per event."""
+    this_src = os.environ.get("PYTHONPATH", "")
+    results: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
+    for run in range(runs):
+        for name, src in (("baseline", baseline_src), ("this", this_src)):
+            before = load()
+            out = subprocess.run(
+                [sys.executable, __file__, "--child-ingest", "--events", str(events)],
+                check=True, capture_output=True, text=True,
+                env={**os.environ, "PYTHONPATH": src})
+            o = json.loads(out.stdout)
+            results[name].append(o)
+            print(f"run {run + 1} {name:8s}  loop events {o['rate']:9,.0f}/s  CPU "
+                  f"{o['cpu_us']:5.2f} µs per event  (load {before} → {load()})", flush=True)
+    for key, label, unit in (("rate", "loop events/s", ""), ("cpu_us", "CPU per event", " µs")):
+        base = statistics.median(r[key] for r in results["baseline"])
+        this = statistics.median(r[key] for r in results["this"])
+        print(f"median {label:14s} baseline {base:10,.2f}{unit}   this {this:10,.2f}{unit}   "
+              f"this/baseline {this / base:5.2f}")
+
+
 def compare(baseline_src: str, runs: int, steps: int, rounds: int) -> None:
     """The overhead of ``baseline_src`` and of this tree, in alternating child processes."""
     this_src = os.environ.get("PYTHONPATH", "")
@@ -270,7 +305,15 @@ def main() -> int:
     parser.add_argument("--baseline-src", help="another tree's src to compare the overhead of")
     parser.add_argument("--runs", type=int, default=5, help="alternations with --baseline-src")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ingest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_ingest:
+        batch = ingest_events(args.events, "loop")
+        with tempfile.TemporaryDirectory() as tmp:
+            gc.collect()
+            rate = bench_ingest(batch, Path(tmp) / "ingest.db")
+        print(json.dumps({"rate": rate, "cpu_us": CPU["loop"][0]}))
+        return 0
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(bench_overhead(args.steps, args.rounds, Path(tmp))))
@@ -287,7 +330,9 @@ def main() -> int:
             if args.parts:
                 for name, ns in bench_parts(folder):
                     print(f"  {name:34s} {ns:8.0f} ns")
-        if args.only != "overhead":
+        if args.only != "overhead" and args.baseline_src:
+            compare_ingest(args.baseline_src, args.runs, args.events)
+        elif args.only != "overhead":
             rates = run_ingest(args.events, args.ingest_rounds, folder)
             print(f"ingest, {args.events:,} events, {args.ingest_rounds} rounds "
                   f"(load {load()}):")
@@ -300,6 +345,8 @@ def main() -> int:
                 for name in ("writer", "raw"):
                     print(f"    {name:6s} rounds: " + ", ".join(
                         f"{r:,.0f}" for r in rates[f"{name} {kind}"]))
+                print(f"    writer CPU per event (producer and writer threads): "
+                      f"{statistics.median(CPU[kind]):.2f} µs")
     return 0
 
 

@@ -1,17 +1,20 @@
 """``closedloop report`` at scale, and the cost of its failure-message groups.
 
 ``python bench/report.py stores`` (options: ``--events``, ``--rounds``, ``--cache``, ``--pg``,
-``--baseline``): builds ``--events`` (1,000,000) synthetic events once in a SQLite file
-(``--cache``, default ``~/.cache/closedloop-bench``) and in a PostgreSQL schema of their own
-(``closedloop_bench_report_<events>`` in ``--pg``), both through the store's own write path,
-and reuses them on later runs while they hold exactly that many events; ``--rebuild`` starts
-afresh, ``--drop`` drops the schema at the end. Then it times ``report_from_store`` (what
-``closedloop report`` calls; median of ``--rounds``, the store opened as the command opens it)
-and the whole command once (``python -m closedloop report --store URL``, a fresh process), on
-each backend; ``--baseline`` also times the Python pass over the same events (what the report
-did before it was computed in the database). The events: five task types over 30 days (one
-every 2.6 s), 70 % succeeded, 15 % failed verification, 10 % failed validation, 5 % agent
-errors, each failure with a demo-shaped message, log-normal latencies (median 20 ms).
+``--baseline``, ``--tag``): builds ``--events`` (1,000,000) synthetic events once in a SQLite
+file (``--cache``, default ``~/.cache/closedloop-bench``) and in a PostgreSQL schema of their
+own (``closedloop_bench_report_<events>`` in ``--pg``), both through the store's own write
+path, and reuses them on later runs while they hold exactly that many events (migrated to
+this version's schema); ``--rebuild`` starts afresh, ``--drop`` drops the schema at the end,
+``--tag SUFFIX`` names the stores apart (a branch with a newer schema would migrate shared
+ones, which older code then cannot open). Then it times ``report_from_store`` (what
+``closedloop report`` calls; median of ``--rounds``, the store opened as the command opens
+it) and the whole command once (``python -m closedloop report --store URL``, a fresh
+process), on each backend; ``--baseline`` also times the Python pass over the same events
+(what the report did before it was computed in the database). The events: five task types
+over 30 days (one every 2.6 s), 70 % succeeded, 15 % failed verification, 10 % failed
+validation, 5 % agent errors, each failure with a demo-shaped message, log-normal latencies
+(median 20 ms).
 
 ``python bench/report.py ingest`` (options: ``--events``, ``--rounds``, ``--pg``): times the
 backends' ``write_batch`` alone over 300,000 of the same events (batches of 4096, fresh
@@ -236,8 +239,9 @@ def stores(args: argparse.Namespace) -> None:
     cache = Path(args.cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     sep = "&" if "?" in args.pg else "?"
-    urls = {"sqlite": f"sqlite:///{cache / f'report-{args.events}.db'}",
-            "postgresql": f"{args.pg}{sep}schema=closedloop_bench_report_{args.events}"}
+    tag = args.tag
+    urls = {"sqlite": f"sqlite:///{cache / f'report-{args.events}{tag}.db'}",
+            "postgresql": f"{args.pg}{sep}schema=closedloop_bench_report_{args.events}{tag}"}
     print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, "
           f"{args.events:,} events, load {os.getloadavg()[0]:.2f}")
     try:
@@ -273,6 +277,8 @@ def main() -> None:
     scale.add_argument("--rebuild", action="store_true", help="build the stores afresh")
     scale.add_argument("--drop", action="store_true", help="drop the PostgreSQL schema after")
     scale.add_argument("--baseline", action="store_true", help="also time the Python pass")
+    scale.add_argument("--tag", default="", help="suffix of the stores' names: a branch with "
+                       "a newer schema keeps stores of its own instead of migrating shared ones")
     writes = modes.add_parser("ingest", help="what the summary's indexes cost the writer")
     writes.add_argument("--events", type=int, default=300_000)
     writes.add_argument("--rounds", type=int, default=3)

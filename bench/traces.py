@@ -1,7 +1,9 @@
 """``closedloop traces list`` on a store of 1M step events with their spans, SQLite and PostgreSQL.
 
 Run: ``PYTHONPATH=src python bench/traces.py`` (options: ``--events``, ``--pg URL`` or
-``--no-pg``, ``--cache DIR``, ``--rounds``, ``--rebuild``, ``--before``).
+``--no-pg``, ``--cache DIR``, ``--rounds``, ``--rebuild``, ``--before``, ``--no-migrate``:
+read the stores read-only as they are, so that a branch with a newer schema does not migrate
+shared stores that older code must still open).
 
 Builds (once; reused while it holds the expected counts) a store of ``--events`` steps spread
 over ten days, each with the six spans the loop records (step, attempt, agent, validate, act,
@@ -134,11 +136,11 @@ def build(url: str, events: int) -> None:
     store.close()
 
 
-def cached(url: str, events: int) -> bool:
+def cached(url: str, events: int, *, migrate: bool = True) -> bool:
     """True when the store at ``url`` already holds the bench's data (then migrated to this
-    version's schema, as an upgraded store would be)."""
+    version's schema, as an upgraded store would be, unless ``migrate`` is false)."""
     try:
-        store = cl.open_store(url, create=False)
+        store = cl.open_store(url, create=False, read_only=not migrate)
     except cl.StoreError:
         return False
     try:
@@ -176,8 +178,8 @@ def process(rounds: int, command: list[str], env: dict[str, str]) -> str:
             f"{statistics.median(cpus) * 1e3:6.1f} ms CPU")
 
 
-def measure(name: str, url: str, rounds: int, *, before: bool) -> None:
-    store = cl.open_store(url, read_only=url.startswith("sqlite"), create=False)
+def measure(name: str, url: str, rounds: int, *, before: bool, migrate: bool = True) -> None:
+    store = cl.open_store(url, read_only=url.startswith("sqlite") or not migrate, create=False)
     spans = _spans(store)
     page = spans.traces(limit=20)
     assert len(page.traces) == 20 and page.next_cursor is not None
@@ -223,6 +225,9 @@ def main() -> None:
                         / "closedloop-bench")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--rebuild", action="store_true", help="Build the stores again.")
+    parser.add_argument("--no-migrate", action="store_true",
+                        help="Read the stores as they are (read-only): a branch with a newer "
+                             "schema leaves shared stores openable by older code.")
     parser.add_argument("--before", action="store_true",
                         help="Also time the listing as it was before (minutes on 1M steps).")
     args = parser.parse_args()
@@ -244,11 +249,11 @@ def main() -> None:
             with psycopg.connect(args.pg, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "closedloop_bench_traces_{args.events}" '
                              "CASCADE")
-        if not cached(url, args.events):
+        if not cached(url, args.events, migrate=not args.no_migrate):
             print(f"building the {name} store (once) ...", flush=True)
             build(url, args.events)
     for name, url in stores:
-        measure(name, url, args.rounds, before=args.before)
+        measure(name, url, args.rounds, before=args.before, migrate=not args.no_migrate)
     print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -330,3 +330,34 @@ def test_a_cut_never_leaves_a_piece_of_a_secret(before: int, item: tuple[str, st
 def test_the_gate_never_changes_the_result(parts: list[str]) -> None:
     text = "".join(parts)
     assert Redactor(gate=True)(text) == Redactor(gate=False)(text)
+
+
+# -- many texts at once (the store writer's proposals) --------------------------------------
+
+def test_no_trigger_uses_an_assertion_that_joining_texts_would_change() -> None:
+    # Redactor.many scans texts joined by newlines in multi-line mode: ^ and $ then match at
+    # each text's ends, \b sees the newline as a text's edge; \A, \z and \B would not
+    for rule in DEFAULT_RULES:
+        for assertion in ("\\A", "\\z", "\\B"):
+            assert assertion not in rule.trigger, rule.kind
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["re2-gate", "no-gate"])
+def test_many_texts_are_redacted_as_each_alone(gate: bool) -> None:
+    texts = [context.format(secret) for _, secret, context in POSITIVES] + NEGATIVES
+    texts += [f'{{"action":"scale","replicas":{i},"service":"web-{i}"}}' for i in range(50)]
+    texts += [secret for _, secret, _ in POSITIVES]  # a secret that is the whole text
+    texts += ["password", "token", "x", "", "a\ud800b password=hunter2"]
+    _rng.shuffle(texts)
+    one_by_one = [Redactor(gate=gate)(t) for t in texts]
+    assert Redactor(gate=gate).many(texts) == one_by_one
+    assert Redactor([r"ACCT-\d{6}"], gate=gate).many(["ACCT-123456", "clean", "x"]) == [
+        "[REDACTED:custom]", "clean", "x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.lists(st.one_of(TEXT, SEPARATORS, st.sampled_from(
+    [context.format(secret) for _, secret, context in POSITIVES] + NEGATIVES[::10])),
+    max_size=4).map("".join), min_size=2, max_size=8))
+def test_many_never_changes_the_result(texts: list[str]) -> None:
+    assert Redactor().many(texts) == [Redactor()(t) for t in texts]

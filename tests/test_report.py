@@ -161,14 +161,15 @@ def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
     assert list(data) == ["since", "until", "task_type", "overall", "task_types"]
     row_keys = ["task_type", "runs", "first_ts", "last_ts", "validation", "reask",
                 "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors",
-                "top_messages"]
+                "top_messages", "cost"]
     assert list(data["overall"]) == row_keys
     assert all(list(row) == row_keys for row in data["task_types"])
     provision = data["task_types"][0]
     assert provision["reask"] == {"count": 3, "total": 6, "rate": 0.5}
     assert list(provision["latency"]) == ["p50_ms", "p95_ms", "mean_ms", "max_ms"]
     assert list(provision["tokens"]) == ["input_total", "output_total", "input_per_run",
-                                         "output_per_run"]
+                                         "output_per_run", "cached_input_total"]
+    assert list(provision["cost"]) == ["total_usd", "priced", "per_priced_run_usd"]
     assert provision["top_errors"][0] == {"error_type": "verification", "count": 2,
                                           "share": 2 / 6}
     lands = "lands: [error] failed: check lands returned False"

@@ -39,13 +39,15 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import accumulate
 from operator import itemgetter
 from re import Pattern
 from typing import TYPE_CHECKING, Any
 
 from closedloop import _runtime
-from closedloop._events import EVENT_FIELDS, clip_proposal
+from closedloop._events import EVENT_FIELDS, PROPOSAL_MAX_CHARS, clip_proposal
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -274,8 +276,9 @@ def _compile(rules: tuple[Rule, ...]) -> tuple[_Compiled, ...]:
 
 
 @functools.cache
-def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
-    """The rules' RE2 gate (all triggers in one pattern) and set, or None without RE2.
+def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any, Any] | None:
+    """The rules' RE2 gate (all triggers in one pattern), set and batch gate (the gate in
+    multi-line mode, for :meth:`Redactor.many`), or None without RE2.
 
     Raises OSError (not cached: the next call tries again) when RE2 cannot be loaded right
     now, e.g. while the process has no file descriptors left.
@@ -288,12 +291,13 @@ def _gates(rules: tuple[Rule, ...]) -> tuple[Any, Any] | None:
         return None
     options = _re2.Options()
     options.max_mem = 64 << 20
-    gate = _re2.compile("|".join(f"(?:{r.trigger})" for r in rules), options)
+    triggers = "|".join(f"(?:{r.trigger})" for r in rules)
+    gate = _re2.compile(triggers, options)
     which = _re2.Set.SearchSet(options)
     for r in rules:
         which.Add(r.trigger)
     which.Compile()
-    return gate, which
+    return gate, which, _re2.compile(f"(?m){triggers}", options)
 
 
 _UNSET: Any = object()
@@ -342,17 +346,71 @@ class Redactor:
             cache[text] = out
         return out
 
-    def _redact(self, text: str) -> str:
+    def many(self, texts: Sequence[str]) -> list[str]:
+        """Each of ``texts`` redacted: the same as ``[self(t) for t in texts]``, cheaper for
+        many short texts that are all new (the proposals of a batch of step events).
+
+        One RE2 scan of the texts joined by newlines, with the gate in multi-line mode (so
+        that ``^`` and ``$`` match at each text's start and end), tells which texts hold a
+        trigger; only those are redacted one by one. A trigger found in a text alone is also
+        found in the joined texts (no trigger uses ``\\A``, ``\\z`` or ``\\B``, a test checks
+        it), and a match that spans a newline flags every text it touches, so the scan flags
+        at least the texts that one gate call each would: the result is the same. Per text it
+        saves the RE2 wrapper's per-call cost (~1.5 µs), most of redacting a short text.
+        """
+        return self._many(texts)[0]
+
+    def _many(self, texts: Sequence[str]) -> tuple[list[str], set[int] | None]:
+        """:meth:`many`, and the positions of the texts the scan flagged (None: every text
+        went through :meth:`__call__`); the others are returned as they are unless the
+        redactor has patterns of the user's."""
+        gates = self._gates()
+        if gates is None or not self._compiled or len(texts) < 2:
+            return [self(t) for t in texts], None
+        flagged: set[int] = set()
+        ends: list[int] | None = None
+        try:
+            for m in gates[2].finditer("\n".join(texts)):
+                if ends is None:  # each text's end, its newline included
+                    ends = [end + i + 1 for i, end in enumerate(accumulate(map(len, texts)))]
+                start, end = m.span()
+                flagged.update(range(bisect_right(ends, start),
+                                     bisect_right(ends, max(start, end - 1)) + 1))
+        except UnicodeEncodeError:  # lone surrogates: RE2 takes UTF-8 only
+            flagged = set(range(len(texts)))
+        custom = self._custom
+        if not custom:
+            out = list(texts)
+            for i in flagged:
+                out[i] = self(texts[i])
+            return out, flagged
+        out = []
+        for i, text in enumerate(texts):
+            clean = text
+            if i in flagged:
+                clean = self(text)
+            else:
+                for sub in custom:
+                    clean = sub(_CUSTOM, clean)
+            out.append(clean)
+        return out, None
+
+    def _gates(self) -> tuple[Any, Any, Any] | None:
+        """The RE2 gates (:func:`_gates`), None without them; compiles the rules first."""
         rules = DEFAULT_RULES if self.defaults else ()
-        compiled = self._compiled
-        if compiled is None:
-            compiled = self._compiled = _compile(rules)
+        if self._compiled is None:
+            self._compiled = _compile(rules)
         gate = self._gate
         if gate is _UNSET:
             try:
                 gate = self._gate = _gates(rules)
             except OSError:  # RE2 cannot be loaded now: this call runs without the gate
                 gate = None
+        return gate  # type: ignore[no-any-return]
+
+    def _redact(self, text: str) -> str:
+        gate = self._gates()
+        compiled = self._compiled
         if compiled:
             if gate is None:
                 text = _apply(compiled, text)
@@ -612,6 +670,9 @@ _PROPOSAL = EVENT_FIELDS.index("proposal")
 _MESSAGE, _DETAIL = _EVENT_TEXTS[0], _EVENT_DATA[0]
 _V3_REDACTED = (*_EVENT_TEXTS[1:], _EVENT_DATA[1])
 _v3_redacted = itemgetter(*_V3_REDACTED)  # one C call tells whether any of them is set
+_proposal_of = itemgetter(_PROPOSAL)
+_OTHER_TEXTS = tuple(itemgetter(i) for i in (_MESSAGE, _DETAIL, *_V3_REDACTED))
+"""Every field :func:`redact_event` redacts but the proposal."""
 
 
 def redact_event(event: StepEvent) -> StepEvent:
@@ -621,11 +682,47 @@ def redact_event(event: StepEvent) -> StepEvent:
 
     The event itself when nothing changes (most events: a clean proposal and no other text);
     else a copy."""
+    if event[_MESSAGE] is None and event[_DETAIL] is None and event[_PROPOSAL] is None \
+            and _v3_redacted(event).count(None) == len(_V3_REDACTED):
+        return event  # nothing to redact
+    return _redact_event(event, default_redactor(), None)
+
+
+def redact_events(events: Sequence[StepEvent]) -> list[StepEvent]:
+    """:func:`redact_event` of each event (what the store's writer stores), the batch's
+    proposals redacted together (:meth:`Redactor.many`: every proposal is a new text, so
+    one by one each would pay a gate call of its own)."""
+    n = len(events)
+    proposals = list(map(_proposal_of, events))
+    if n < 2 or set(map(type, proposals)) != {str}:  # not a batch of a loop's steps
+        return [redact_event(e) for e in events]
+    redactor = default_redactor()
+    cleaned, flagged = redactor._many(proposals)
+    cut = max(map(len, cleaned)) > PROPOSAL_MAX_CHARS
+    # any other text to redact? (a pass per field, at C speed, allocating nothing; an empty
+    # text or dict needs no redaction)
+    other = any(any(map(field, events)) for field in _OTHER_TEXTS)
+    if flagged is not None and not flagged and not cut and not other:
+        return list(events)  # most batches: clean proposals and no other text to redact
+    out: list[StepEvent] = []
+    for event, proposal, text in zip(events, proposals, cleaned, strict=True):
+        clean = clip_proposal(text)
+        if other and any(field(event) for field in _OTHER_TEXTS):
+            out.append(_redact_event(event, redactor, clean))
+        elif clean is not proposal and clean != proposal:
+            values = list(event)
+            values[_PROPOSAL] = clean
+            out.append(tuple.__new__(type(event), values))
+        else:
+            out.append(event)
+    return out
+
+
+def _redact_event(event: StepEvent, redactor: Redactor, proposal_clean: str | None,
+                  ) -> StepEvent:
+    """``event`` redacted; ``proposal_clean`` is its proposal's redacted text when known."""
     message, detail, proposal = event[_MESSAGE], event[_DETAIL], event[_PROPOSAL]
     v3 = _v3_redacted(event).count(None) != len(_V3_REDACTED)  # any of them set
-    if message is None and detail is None and proposal is None and not v3:
-        return event  # nothing to redact
-    redactor = default_redactor()
     values: list[Any] | None = None  # copied on the first change: most texts have nothing
     if message is not None or v3:
         for i in _EVENT_TEXTS:
@@ -644,7 +741,8 @@ def redact_event(event: StepEvent) -> StepEvent:
                     values = list(event)
                 values[i] = redactor.value(data)
     if isinstance(proposal, str):
-        clean = clip_proposal(redactor(proposal))
+        clean = proposal_clean if proposal_clean is not None \
+            else clip_proposal(redactor(proposal))
         # the redactor's cache may hand back an equal text that is another object
         if clean is not proposal and clean != proposal:
             if values is None:

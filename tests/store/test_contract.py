@@ -301,6 +301,36 @@ def test_v3_texts_are_redacted_when_stored_ids_and_digests_are_not(any_url: str)
     assert (back.step_id, back.proposal_digest, back.model) == ("2" * 32, "ef" * 32, "m")
 
 
+def test_a_batch_of_proposals_is_redacted_as_each_alone(any_url: str) -> None:
+    # the writer redacts a batch's proposals in one scan (Redactor.many): what it stores is
+    # what redacting each event alone gives, secrets at a proposal's start or end included
+    from closedloop._events import PROPOSAL_MAX_CHARS, proposal_text
+    from closedloop._redact import redact_event
+
+    events = []
+    for i in range(60):
+        proposal = proposal_text({"action": "scale", "replicas": i, "service": f"web-{i}"})
+        if i % 7 == 0:
+            proposal = f"ops{i}@example.com"
+        elif i % 11 == 0:
+            proposal = proposal_text({"note": "x" * PROPOSAL_MAX_CHARS, "key": "password=a"})
+        e = event(i)._replace(proposal=None if i % 13 == 0 else proposal,
+                              proposal_digest="ab" * 32)
+        if i % 5 == 0:
+            e = e._replace(error_message=f"login as ops{i}@example.com failed",
+                           labels={"owner": "ops@example.com"})
+        events.append(e)
+    with cl.open_store(any_url) as store:
+        for e in events:
+            store.record(e)
+        assert store.flush()
+        back = sorted(store.events(), key=lambda e: e.ts)
+    want = [redact_event(e) for e in events]
+    assert back == want
+    assert back[7].proposal == "[REDACTED:email]"
+    assert all("example.com" not in (e.proposal or "") for e in back)
+
+
 def test_a_long_proposal_is_stored_cut_at_its_cap_and_marked(any_url: str) -> None:
     import hashlib
 
@@ -547,3 +577,31 @@ def test_a_batch_of_several_insert_statements_is_written_whole(any_url: str, sha
             store.record(e)
         assert store.flush()
         assert list(store.events()) == events
+
+
+def test_a_postgres_store_read_once_needs_no_pool_and_one_connection(pg_url: str) -> None:
+    # `closedloop report` and `traces list` open the store read-only and ask it once: no
+    # pool (thread, psycopg_pool import), and the connection that checks the schema version
+    # serves the queries
+    with cl.open_store(pg_url) as store:
+        store.record(event(1))
+        assert store.flush()
+    code = textwrap.dedent(f"""
+        import sys
+        import closedloop as cl
+        from closedloop.telemetry import span_store_for
+        with cl.open_store({pg_url!r}, read_only=True) as store:
+            assert [e.trace_id for e in store.events()] == [{event(1).trace_id!r}]
+            assert store.count() == 1
+            span_store_for(store).traces(limit=5)
+            backend = store.backend
+            with backend.pool().connection() as conn:
+                one = conn.info.backend_pid
+            with backend.pool().connection() as conn:
+                assert conn.info.backend_pid == one
+        assert "psycopg_pool" not in sys.modules, "a read-only store imported psycopg_pool"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": SRC},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -91,13 +91,56 @@ def same(got: EventSummary, want: EventSummary) -> None:
         assert (mean is None) == (wanted is None)
         if mean is not None:
             assert mean == pytest.approx(wanted, rel=1e-12)
-        assert dataclasses.replace(g, latency_mean_ms=None) == \
-            dataclasses.replace(w, latency_mean_ms=None)
+        if g.cost_usd is not None and w.cost_usd is not None:
+            assert g.cost_usd == pytest.approx(w.cost_usd, rel=1e-12)
+        assert dataclasses.replace(g, latency_mean_ms=None, cost_usd=None) == \
+            dataclasses.replace(w, latency_mean_ms=None, cost_usd=None)
+        assert (g.cost_usd is None) == (w.cost_usd is None)
 
 
 def python_pass(store: Store, where: StepFilter, top_messages: int = 3) -> EventSummary:
     events = store.events(since=where.since, until=where.until, task_type=where.task_type)
     return summarize_events((e for e in events if where.matches(e)), top_messages=top_messages)
+
+
+def test_cost_and_cached_tokens_are_summed_in_sql_as_in_python(any_url: str) -> None:
+    # schema v3's cost and prompt-cache figures: per task type and overall, SQL and the
+    # Python pass agree; steps without a cost are not priced (a total of none is None)
+    rng = random.Random(23)
+    events = []
+    for i in range(400):
+        e = step(i, rng)
+        if i % 4:
+            e = e._replace(cost_usd=round(rng.uniform(0.0001, 0.05), 6),
+                           cached_input_tokens=rng.randrange(0, 500))
+        if e.task_type == "deploy":  # one task type never priced
+            e = e._replace(cost_usd=None, cached_input_tokens=None)
+        events.append(e)
+    with record(any_url, events) as store:
+        summary = store.summary()
+        same_costs(summary, python_pass(store, StepFilter()))
+        same(summary, python_pass(store, StepFilter()))
+        report = report_from_store(store).to_dict()
+    priced = [e for e in events if e.cost_usd is not None]
+    assert summary.overall.priced == len(priced) > 0
+    assert summary.overall.cost_usd == pytest.approx(sum(e.cost_usd for e in priced))
+    assert summary.overall.cached_input_tokens == sum(e.cached_input_tokens or 0
+                                                      for e in events)
+    rows = {r["task_type"]: r for r in report["task_types"]}
+    assert rows["deploy"]["cost"] == {"total_usd": None, "priced": 0,
+                                      "per_priced_run_usd": None}
+    assert report["overall"]["cost"]["priced"] == len(priced)
+    assert report["overall"]["tokens"]["cached_input_total"] == \
+        summary.overall.cached_input_tokens
+
+
+def same_costs(got: EventSummary, want: EventSummary) -> None:
+    """Equal cost figures; a cost summed in SQL may differ in its last bits."""
+    for g, w in zip((*got.rows, got.overall), (*want.rows, want.overall), strict=True):
+        assert (g.priced, g.cached_input_tokens) == (w.priced, w.cached_input_tokens)
+        assert (g.cost_usd is None) == (w.cost_usd is None)
+        if g.cost_usd is not None:
+            assert g.cost_usd == pytest.approx(w.cost_usd, rel=1e-12)
 
 
 @pytest.mark.parametrize("top_messages", [0, 1, 3, 50])
@@ -479,6 +522,37 @@ def test_sqlite_summary_queries_read_their_indexes_in_order(tmp_path: Path) -> N
     backend.list_steps(StepFilter(task_type="plan"), limit=5, cursor=None)
     (listing,) = listed
     assert "SCAN events USING INDEX events_ts" in listing and "TEMP B-TREE" not in listing
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_step_by_its_id_and_a_runs_steps_are_index_look_ups(kind: str, tmp_path: Path,
+                                                               request: Any) -> None:
+    # approvals find a step by id, multi-step runs list their steps: neither reads every row
+    rng = random.Random(19)
+    events = [step(i, rng)._replace(step_id=f"{i:032x}", run_id=f"run-{i % 7}" if i % 3 else None)
+              for i in range(300)]
+    by_step = "SELECT ts FROM {s}events WHERE step_id = '00000000000000000000000000000005'"
+    by_run = "SELECT ts, step_id FROM {s}events WHERE run_id = 'run-2' ORDER BY ts"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'events.db'}"
+        with record(url, events):
+            pass
+        conn = sqlite3.connect(tmp_path / "events.db")
+        assert "USING INDEX events_step" in _plan(conn, by_step.format(s=""), ())
+        run_plan = _plan(conn, by_run.format(s=""), ())
+        assert "USING INDEX events_run" in run_plan and "TEMP B-TREE" not in run_plan
+        return
+    psycopg = pytest.importorskip("psycopg")
+    url = request.getfixturevalue("pg_url")
+    schema = url.rsplit("schema=", 1)[1]
+    with record(url, events), psycopg.connect(url.split("?", maxsplit=1)[0]) as conn:
+        conn.execute("SET enable_seqscan = off")  # 300 rows: the index must be usable at all
+        # each day partition has the index (named after the partition and its columns)
+        for sql, index in ((by_step, "_step_id_idx"), (by_run, "_run_id_ts_idx")):
+            plan = "\n".join(r[0] for r in conn.execute(
+                "EXPLAIN " + sql.format(s=f'"{schema}".')))
+            sorts = [line for line in plan.splitlines() if line.lstrip(" ->").startswith("Sort  ")]
+            assert index in plan and "Seq Scan" not in plan and not sorts, plan
 
 
 def test_latency_figures_read_alongside_count_the_same_steps_as_the_rest(

@@ -85,9 +85,26 @@ class Tokens:
     output_total: int
     input_per_run: float | None
     output_per_run: float | None
+    cached_input_total: int = 0
+    """Of ``input_total``, the tokens served from a prompt cache."""
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"input_total", "output_total", "input_per_run", "output_per_run"}``."""
+        """``{"input_total", "output_total", "input_per_run", "output_per_run",
+        "cached_input_total"}``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cost:
+    """What the steps cost, in US dollars: the total of the ``priced`` steps (those with a
+    ``cost_usd``; ``None`` when none has) and its mean per priced step."""
+
+    total_usd: float | None
+    priced: int
+    per_priced_run_usd: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"total_usd", "priced", "per_priced_run_usd"}``."""
         return asdict(self)
 
 
@@ -140,6 +157,7 @@ class TaskStats:
     tokens: Tokens
     top_errors: tuple[ErrorCount, ...]
     top_messages: tuple[MessageCount, ...] = ()
+    cost: Cost = Cost(total_usd=None, priced=0, per_priced_run_usd=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form; keys are stable (see :meth:`Report.to_dict`)."""
@@ -157,6 +175,7 @@ class TaskStats:
             "tokens": self.tokens.to_dict(),
             "top_errors": [e.to_dict() for e in self.top_errors],
             "top_messages": [m.to_dict() for m in self.top_messages],
+            "cost": self.cost.to_dict(),
         }
 
 
@@ -190,13 +209,16 @@ class Report:
 
         ``{"since", "until", "task_type", "overall": ROW, "task_types": [ROW, ...]}`` where a
         ROW is ``{"task_type", "runs", "first_ts", "last_ts", "validation", "reask",
-        "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors"}``;
+        "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors",
+        "top_messages", "cost"}`` (keys added later come last);
         each rate is ``{"count", "total", "rate"}`` (``rate`` null when ``total`` is 0),
         ``outcomes`` maps every :class:`~closedloop.Outcome` value to a count, ``latency`` is
         ``{"p50_ms", "p95_ms", "mean_ms", "max_ms"}``, ``tokens`` is ``{"input_total",
-        "output_total", "input_per_run", "output_per_run"}``, ``top_errors`` a list of
-        ``{"error_type", "count", "share"}`` and ``top_messages`` a list of ``{"error_type",
-        "message", "example", "count", "share"}``. Times are Unix seconds.
+        "output_total", "input_per_run", "output_per_run", "cached_input_total"}``, ``cost``
+        is ``{"total_usd", "priced", "per_priced_run_usd"}`` (steps with a ``cost_usd``),
+        ``top_errors`` a list of ``{"error_type", "count", "share"}`` and ``top_messages`` a
+        list of ``{"error_type", "message", "example", "count", "share"}``. Times are Unix
+        seconds.
         """
         return {
             "since": self.since,
@@ -231,7 +253,11 @@ def _stats(f: TaskFigures, top_errors: int) -> TaskStats:
             output_total=f.output_tokens,
             input_per_run=f.input_tokens / runs if runs else None,
             output_per_run=f.output_tokens / runs if runs else None,
+            cached_input_total=f.cached_input_tokens,
         ),
+        cost=Cost(total_usd=f.cost_usd, priced=f.priced,
+                  per_priced_run_usd=f.cost_usd / f.priced
+                  if f.cost_usd is not None and f.priced else None),
         top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs) for k, v in errors),
         top_messages=tuple(MessageCount(error_type=m.error_type, message=m.group,
                                         example=m.example, count=m.count, share=m.count / runs)

@@ -12,9 +12,12 @@ Definitions of the summary's figures (the SQL backends give the same numbers):
 - ``validated``/``validation_passed``: steps where validation ran, and passed on the last
   attempt; ``reasked``/``reask_passed``: of those, steps with more than one attempt, and
   re-asked steps that then passed; ``verified``/``verification_passed`` likewise;
+- ``cost_usd`` sums the steps that have a cost (``priced`` of them; None when none has),
+  ``cached_input_tokens`` the prompt-cache part of ``input_tokens`` (both schema v3);
 - latency percentiles are nearest-rank (:func:`closedloop._figures.percentile`), exact on every
   backend; the mean is the sum over runs (SQL sums in double precision, so over millions of
-  steps it may differ from the Python pass's exactly rounded sum in the last digits);
+  steps it may differ from the Python pass's exactly rounded sum in the last digits; so
+  may ``cost_usd``);
 - failure messages (a step's ``error_message`` when not empty) are grouped by
   :func:`closedloop._figures.message_group`, keyed by ``(error_type or "", group)``, ranked by
   count then key; each keeps its most recent message as the example (among messages recorded
@@ -117,6 +120,12 @@ class TaskFigures:
     latency_max_ms: float | None
     messages: tuple[MessageGroup, ...]
     """The most frequent failure-message groups, most frequent first."""
+    cached_input_tokens: int = 0
+    """Of ``input_tokens``, those served from a prompt cache (schema v3; older steps: 0)."""
+    cost_usd: float | None = None
+    """The summed cost of the steps that have one (``priced``); None when none has."""
+    priced: int = 0
+    """Steps with a cost (``cost_usd`` not None)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,6 +181,10 @@ class Tally:
     verification_passed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    priced: int = 0
+    costs: list[float] = field(default_factory=list)
+    """Each priced step's cost, summed exactly (``math.fsum``) for the figures."""
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     messages: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -194,6 +207,11 @@ class Tally:
             self.verification_passed += e.verification_passed
         self.input_tokens += e.input_tokens
         self.output_tokens += e.output_tokens
+        if e.cached_input_tokens:
+            self.cached_input_tokens += e.cached_input_tokens
+        if e.cost_usd is not None:
+            self.priced += 1
+            self.costs.append(e.cost_usd)
         self.latencies.append(e.latency_ms)
         self.outcomes[e.outcome] += 1
         if e.error_type:
@@ -224,6 +242,9 @@ class Tally:
         self.verification_passed += other.verification_passed
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
+        self.cached_input_tokens += other.cached_input_tokens
+        self.priced += other.priced
+        self.costs.extend(other.costs)
         self.outcomes.update(other.outcomes)
         self.errors.update(other.errors)
         for key, count in other.messages.items():
@@ -246,6 +267,8 @@ class Tally:
             latency_p50_ms=percentile(ordered, 50), latency_p95_ms=percentile(ordered, 95),
             latency_mean_ms=math.fsum(ordered) / runs if runs else None,
             latency_max_ms=ordered[-1] if ordered else None,
+            cached_input_tokens=self.cached_input_tokens,
+            cost_usd=math.fsum(self.costs) if self.priced else None, priced=self.priced,
             messages=tuple(
                 MessageGroup(error_type=k[0], group=k[1], count=n, example=self.examples[k][1],
                              example_ts=self.examples[k][0])

@@ -44,7 +44,8 @@ class SummarySource(Protocol):
 
     def groups(self) -> Iterable[Sequence[Any]]:
         """``(task_type, outcome, error_type, validation_passed, verification_passed,
-        attempts, steps, input_tokens, output_tokens, latency_sum)`` per combination."""
+        attempts, steps, input_tokens, output_tokens, latency_sum, cached_input_tokens,
+        cost_sum, priced)`` per combination (sums of no row: None)."""
 
     def histogram(self) -> Iterable[Sequence[Any]]:
         """``(task_type, bucket, steps, min latency, max latency, first ts, last ts)`` per
@@ -87,12 +88,16 @@ class _Row:
     verification_passed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    priced: int = 0
+    costs: list[float] = field(default_factory=list)
     latency_sums: list[float] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, row: Sequence[Any]) -> None:
-        _, outcome, error_type, validation, verification, attempts, n, tin, tout, lat = row
+        (_, outcome, error_type, validation, verification, attempts, n, tin, tout, lat,
+         cached, cost, priced) = row
         n = int(n)
         self.runs += n
         if validation is not None:
@@ -106,6 +111,10 @@ class _Row:
             self.verification_passed += n * bool(verification)
         self.input_tokens += int(tin)
         self.output_tokens += int(tout)
+        self.cached_input_tokens += int(cached or 0)
+        if priced:
+            self.priced += int(priced)
+            self.costs.append(float(cost))
         self.latency_sums.append(float(lat))
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + n
         if error_type:
@@ -113,9 +122,11 @@ class _Row:
 
     def merge(self, other: _Row) -> None:
         for name in ("runs", "validated", "validation_passed", "reasked", "reask_passed",
-                     "verified", "verification_passed", "input_tokens", "output_tokens"):
+                     "verified", "verification_passed", "input_tokens", "output_tokens",
+                     "cached_input_tokens", "priced"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency_sums.extend(other.latency_sums)
+        self.costs.extend(other.costs)
         for mine, theirs in ((self.outcomes, other.outcomes), (self.errors, other.errors)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
@@ -258,7 +269,9 @@ def summarize(source: SummarySource, *, top_messages: int,
             output_tokens=row.output_tokens, outcomes=row.outcomes, errors=row.errors,
             latency_p50_ms=p50, latency_p95_ms=p95,
             latency_mean_ms=math.fsum(row.latency_sums) / row.runs if row.runs else None,
-            latency_max_ms=high, messages=messages.get(task, ()))
+            latency_max_ms=high, messages=messages.get(task, ()),
+            cached_input_tokens=row.cached_input_tokens,
+            cost_usd=math.fsum(row.costs) if row.priced else None, priced=row.priced)
 
     return EventSummary(rows=tuple(figures(t, rows[t], (t,)) for t in tasks),
                         overall=figures(None, overall, tasks))

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
-from closedloop._redact import redact_event
+from closedloop._redact import redact_events
 from closedloop.store._base import EventBackend
 from closedloop.store.sqlite import disk_full
 
@@ -181,7 +181,7 @@ class BatchWriter:
     # -- the writer thread ----------------------------------------------------------------
 
     def _write(self, batch: list[StepEvent]) -> None:
-        batch = [redact_event(e) for e in batch]  # before the backend, held or dead-lettered
+        batch = redact_events(batch)  # before the backend, held or dead-lettered
         if self._outage:
             self._hold(batch)
             if time.monotonic() >= self._retry_at:

@@ -18,7 +18,10 @@ query parameter is a libpq one, e.g. ``sslmode``). Every table lives in the sche
   cannot hold NUL characters or lone surrogates; a batch refused for that is written again
   with those characters replaced by U+FFFD instead of being refused as a whole.
 - **Connections**: a :class:`psycopg_pool.ConnectionPool` per process (a forked child opens
-  its own and never touches the parent's connections).
+  its own and never touches the parent's connections). A store opened read-only (``closedloop
+  report``, ``traces``: one-shot commands) uses plain connections instead
+  (:class:`_Connections`): no pool thread, no ``psycopg_pool`` import, and the connection
+  that checked the schema version serves the queries.
 - **Control state**: pauses and halts live in ``control_stops`` / ``control_history`` of the
   same schema (migration 2), read and written by :class:`PostgresLedger`, the backend's
   :meth:`~PostgresBackend.control_ledger` (the control-state port of
@@ -41,7 +44,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -221,6 +224,22 @@ MIGRATIONS: tuple[str, ...] = (
         error_type, validation_passed, verification_passed, attempts)
         INCLUDE (ts, input_tokens, output_tokens, latency_ms);
     """,
+    # a step by its id (approvals, replay, a multi-step run's parent) and a run's steps in
+    # order; only steps that belong to a run enter the second
+    """
+    CREATE INDEX IF NOT EXISTS events_step ON {schema}.events (step_id)
+        WHERE step_id IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS events_run ON {schema}.events (run_id, ts)
+        WHERE run_id IS NOT NULL;
+    """,
+    # the report's cost and prompt-cache figures read from events_report too (index-only):
+    # the index again with the two columns included
+    """
+    DROP INDEX IF EXISTS {schema}.events_report;
+    CREATE INDEX events_report ON {schema}.events (task_type, outcome,
+        error_type, validation_passed, verification_passed, attempts)
+        INCLUDE (ts, input_tokens, output_tokens, latency_ms, cached_input_tokens, cost_usd);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
@@ -248,10 +267,12 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INSTALL = "pip install 'closedloop[postgres]'"
 
 
-def _import_psycopg() -> None:
+def _import_psycopg(pool: bool = True) -> None:
     try:
         import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
+
+        if pool:
+            import psycopg_pool  # noqa: F401
     except ImportError as exc:
         raise ConfigError(
             f"a postgresql:// store needs psycopg 3 and psycopg_pool ({exc.name} is missing): "
@@ -340,14 +361,14 @@ class PostgresBackend:
 
     def __init__(self, url: str, *, create: bool = True, pool_size: int = 4,
                  connect_timeout: float = 10.0, read_only: bool = False) -> None:
-        _import_psycopg()
+        _import_psycopg(pool=not read_only)
         import psycopg
         from psycopg import sql
 
         self._conninfo, self.schema, self.url = parse_url(url)
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
-        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | _Connections | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
@@ -361,28 +382,41 @@ class PostgresBackend:
         self._select = sql.SQL("SELECT {} FROM {}.events").format(
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
         try:
-            with self._connect() as conn:
-                self.found_version = (existing_version(conn, self.schema) if read_only
-                                      else migrate(conn, self.schema, create=create))
+            if read_only:  # the connection that checks the version stays for the queries
+                try:
+                    with self.pool().connection() as conn:
+                        self.found_version = existing_version(conn, self.schema)
+                except BaseException:
+                    self.close()
+                    raise
+            else:
+                with self._connect() as conn:
+                    self.found_version = migrate(conn, self.schema, create=create)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open store {self.url}: {_one_line(exc)}") from None
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, autocommit: bool = False) -> psycopg.Connection[Any]:
         import psycopg
 
-        return psycopg.connect(self._conninfo, connect_timeout=max(1, int(self._connect_timeout)))
+        return psycopg.connect(self._conninfo, autocommit=autocommit,
+                               connect_timeout=max(1, int(self._connect_timeout)))
 
-    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
-        """This process's connection pool, opened on first use (again in a forked child)."""
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]] | _Connections:
+        """This process's connection pool, opened on first use (again in a forked child);
+        plain connections (:class:`_Connections`) for a store opened read-only."""
         pid = os.getpid()
         pool = self._pool
         if pool is not None and self._pool_pid == pid:
             return pool
-        from psycopg_pool import ConnectionPool
-
         with self._pool_lock:
             if self._pool is not None and self._pool_pid == pid:
                 return self._pool
+            if self.read_only:
+                self._pool = _Connections(self._connect)
+                self._pool_pid = pid
+                return self._pool
+            from psycopg_pool import ConnectionPool
+
             # A pool inherited through fork holds the parent's sockets: closing it would end
             # the parent's sessions, so the child only forgets it (psycopg never finishes a
             # connection from another process when it is garbage-collected).
@@ -863,6 +897,43 @@ _LEDGER_SQL = {
     "published": "SELECT source, key, at, snapshot FROM {s}.control_keys WHERE at >= %s "
                  "ORDER BY key, source",
 }
+
+
+class _Connections:
+    """What a read-only backend uses instead of a pool: plain autocommit connections, opened
+    when none is idle and kept for the next use. No thread, no ``psycopg_pool``: a one-shot
+    command (``closedloop traces list``) pays neither for a pool it uses once."""
+
+    def __init__(self, connect: Callable[[bool], psycopg.Connection[Any]]) -> None:
+        self._connect = connect
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """An idle connection, or a new one; kept afterwards if it is still usable."""
+        from psycopg.pq import TransactionStatus
+
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect(True)
+            _configure(conn)
+        try:
+            yield conn
+        finally:
+            if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.close()  # broken, or left inside a transaction: never reused
+            else:
+                with self._lock:
+                    self._idle.append(conn)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

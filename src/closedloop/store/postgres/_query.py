@@ -63,7 +63,8 @@ class _Source:
     def groups(self) -> Iterable[Sequence[Any]]:
         return self._rows(
             f"SELECT {_GROUP_COLUMNS}, count(*), sum(input_tokens), sum(output_tokens), "
-            f"sum(latency_ms) FROM {self.table} WHERE TRUE{self.filter} "
+            "sum(latency_ms), sum(cached_input_tokens), sum(cost_usd), count(cost_usd) "
+            f"FROM {self.table} WHERE TRUE{self.filter} "
             f"GROUP BY {_GROUP_COLUMNS}", self.params)
 
     def histogram(self) -> Iterable[Sequence[Any]]:

@@ -164,6 +164,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_ungrouped ON events (ts)
         WHERE error_group IS NULL AND error_message <> '';
     """,
+    # a step by its id (approvals, replay, a multi-step run's parent) and a run's steps in
+    # order: step ids grow within a process, so the first index grows at one place per
+    # writing process; only steps that belong to a run enter the second (see BENCHMARKS.md
+    # for what they cost ingest)
+    """
+    CREATE INDEX events_step ON events (step_id) WHERE step_id IS NOT NULL;
+    CREATE INDEX events_run ON events (run_id, ts) WHERE run_id IS NOT NULL;
+    """,
+    # the report's cost and prompt-cache figures read from events_report too (covering):
+    # the index again with the two columns at its end (a store of a million events
+    # rebuilds it in a few seconds, once)
+    """
+    DROP INDEX events_report;
+    CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
+        verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms,
+        cached_input_tokens, cost_usd);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

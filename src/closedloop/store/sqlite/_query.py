@@ -87,7 +87,8 @@ class _Source:
         sql, params = _where(self.where)
         return self._rows(
             f"SELECT {_GROUP_COLUMNS}, count(*), sum(input_tokens), sum(output_tokens), "
-            f"sum(latency_ms) FROM events {self._index('events_report')}{sql} "
+            "sum(latency_ms), sum(cached_input_tokens), sum(cost_usd), count(cost_usd) "
+            f"FROM events {self._index('events_report')}{sql} "
             f"GROUP BY {_GROUP_COLUMNS}", params)
 
     def histogram(self) -> Iterable[Sequence[Any]]:
