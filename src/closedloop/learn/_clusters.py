@@ -302,3 +302,40 @@ def _with_examples(c: FailureCluster, keys: list[tuple[str, str, str]],
                    n: int) -> FailureCluster:
     newest = sorted((e for k in keys for e in found.get(k, [])), reverse=True)[:n]
     return replace(c, examples=tuple(trace for _, trace in newest))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Purity:
+    """How well clusters match known kinds of failure (a ground truth, such as the demo's
+    fault ledger): ``purity``, the share of failures whose cluster's most common kind is
+    their own; ``inverse_purity``, the share whose kind's most common cluster is their own
+    (1 when no kind is split over clusters); ``table``: failures per cluster and kind."""
+
+    purity: float
+    inverse_purity: float
+    failures: int
+    clusters: int
+    kinds: int
+    table: Mapping[str | None, Mapping[str | None, int]]
+
+
+def cluster_purity(result: FailureClusters,
+                   failures: Iterable[tuple[str | None, str | None, str | None]]) -> Purity:
+    """The purity of ``result``'s clusters against ``(error_type, error_message, kind)`` of
+    each failed step (its message grouped as the store groups it)."""
+    from closedloop._figures import message_group
+
+    table: dict[str | None, Counter[str | None]] = {}
+    kinds: dict[str | None, Counter[str | None]] = {}
+    for error_type, message, kind in failures:
+        cluster = result.cluster_of(error_type, message_group(message) if message else "")
+        table.setdefault(cluster, Counter())[kind] += 1
+        kinds.setdefault(kind, Counter())[cluster] += 1
+    n = sum(sum(c.values()) for c in table.values())
+    if n == 0:
+        return Purity(purity=1.0, inverse_purity=1.0, failures=0, clusters=0, kinds=0,
+                      table={})
+    return Purity(purity=sum(max(c.values()) for c in table.values()) / n,
+                  inverse_purity=sum(max(c.values()) for c in kinds.values()) / n,
+                  failures=n, clusters=len(table), kinds=len(kinds),
+                  table={k: dict(v) for k, v in table.items()})
