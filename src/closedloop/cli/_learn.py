@@ -163,7 +163,7 @@ def _print_trends(result: Trends, url: str) -> None:
     table.add_column("Trend", no_wrap=True)
     table.add_column("Previous", justify="right", no_wrap=True)
     table.add_column("Last", justify="right", no_wrap=True)
-    table.add_column("Change", overflow="fold")
+    table.add_column("Change", overflow="fold", min_width=21)
     index = {start: i for i, start in enumerate(result.periods)}
     for s in result.series:
         rows = [m for m in METRICS if any(m in p.figures for p in s.points)]
@@ -348,7 +348,8 @@ def _print_factors(result: Factors, url: str, min_steps: int) -> None:
         if len(shown) > 6:
             values += f"\n… {len(shown) - 6} more"
         table.add_row(f.dimension, f"{f.explained:.1%}",
-                      f"{f.p_value:.2g}" + (" *" if f.significant else ""), values,
+                      (f"{f.p_value:.2g}" if f.p_value >= 1e-16 else "<1e-16")
+                      + (" *" if f.significant else ""), values,
                       end_section=True)
     out.print(table)
     out.print("* significant: more than chance (p below 0.05 over the dimensions tested)")

@@ -206,6 +206,8 @@ def trends(store: Store, *, by: str = "task_type", window: str = "day",
     cells = store.series(by=dimension, window=window, since=since, until=until,
                          task_type=task_type)
     first = period_of(since, length, offset)
+    if periods is None and cells:  # the default span: from the first period with steps
+        first = max(first, min(c.period for c in cells))
     last = max((c.period for c in cells), default=first)
     return trends_from_cells(cells, by=str(dimension), window=window, first=first, last=last,
                              confidence=confidence, task_type=task_type, since=since,

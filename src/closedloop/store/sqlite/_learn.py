@@ -109,6 +109,11 @@ def _narrow(conn: sqlite3.Connection, where: StepFilter) -> bool:
     """True when the time window holds less than 1/_NARROW of the rows."""
     if where.since is None and where.until is None:
         return False
+    low = conn.execute("SELECT min(ts) FROM events").fetchone()[0]
+    high = conn.execute("SELECT max(ts) FROM events").fetchone()[0]
+    if low is None or ((where.since is None or where.since <= low)
+                       and (where.until is None or where.until > high)):
+        return False  # the window holds every row
     total = conn.execute("SELECT count(*) FROM events INDEXED BY events_ts").fetchone()[0]
     sql, params = _where(StepFilter(since=where.since, until=where.until))
     inside = conn.execute(f"SELECT count(*) FROM events INDEXED BY events_ts{sql}",
