@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +186,17 @@ def test_an_unknown_dimension_is_a_config_error(text: str) -> None:
 def test_an_unknown_window_is_a_config_error(memory_store: Store) -> None:
     with pytest.raises(cl.ConfigError, match="window must be one of"):
         memory_store.series(window="month")
+
+
+def test_a_store_of_an_older_schema_is_read_in_python(tmp_path: Path) -> None:
+    # read-only, a schema-2 store is not migrated: no v3 columns, no message groups
+    path = tmp_path / "v2.db"
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "data" / "store_v2.db", path)
+    with cl.open_store(f"sqlite:///{path}", read_only=True) as store:
+        events = list(store.events())
+        assert events
+        _same_cells(store.series(by="task_type", window="day"),
+                    cl.store.series_events(events, Dimension("task_type"), "day"))
+        failed = store.failure_counts(window="day")
+        assert failed and failed == cl.store.failure_events(events, "day")
+        assert store.factor_counts() == cl.store.factor_events(events)
