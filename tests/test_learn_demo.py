@@ -30,8 +30,8 @@ def test_clusters_separate_the_seeded_fault_kinds(demo: tuple[cl.Store, DemoSumm
     store, summary = demo
     result = failure_clusters(store, top=100)
     kind = {trace: entries[-1].kind for trace, entries in summary.ledger.by_trace().items()}
-    failed = [(e.error_type, e.error_message, kind[e.trace_id].value if kind[e.trace_id]
-               else None) for e in store.events() if e.outcome in FAILED]
+    failed = [(e.error_type, e.error_message, str(kind[e.trace_id]))
+              for e in store.events() if e.outcome in FAILED]
     purity = cluster_purity(result, failed)
     assert purity.failures == len(failed) > 60
     assert None not in purity.table  # every failed step is in a cluster
