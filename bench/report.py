@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import closedloop as cl
@@ -138,9 +138,11 @@ def store_events(count: int, seed: int = 11) -> Iterator[StepEvent]:
             None if message is None else {"issues": [{"message": message}]})
 
 
-def ensure(url: str, count: int, rebuild: bool) -> float | None:
-    """Fill the store at ``url`` with ``count`` events unless it holds exactly that many;
-    the ingest rate when it was filled now."""
+def ensure(url: str, count: int, rebuild: bool,
+           make: Callable[[int], Iterator[StepEvent]] | None = None) -> float | None:
+    """Fill the store at ``url`` with ``count`` events (``make(count)``, default
+    :func:`store_events`) unless it holds exactly that many; the ingest rate when it was
+    filled now."""
     if not rebuild:
         try:
             with cl.open_store(url, create=False) as store:  # migrates an older bench store
@@ -151,7 +153,7 @@ def ensure(url: str, count: int, rebuild: bool) -> float | None:
     reset(url)
     start = time.perf_counter()
     with cl.open_store(url, overflow="block", block_timeout=600.0) as store:
-        for event in store_events(count):
+        for event in (make or store_events)(count):
             store.record(event)
         assert store.flush(timeout=None)
         assert store.count() == count

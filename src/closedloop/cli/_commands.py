@@ -3,6 +3,7 @@ from closedloop.cli import (
     _check,  # noqa: F401
     _control,  # noqa: F401
     _demo,  # noqa: F401
+    _learn,  # noqa: F401
     _report,  # noqa: F401
     _scores,  # noqa: F401
     _serve,  # noqa: F401

@@ -3,7 +3,11 @@
 Every step's :class:`~closedloop.StepEvent` lands in the store; this package turns a window
 of them into signals — validation and verification pass rates, how often re-ask was needed
 and whether it worked, outcomes, latency percentiles, tokens and the most frequent errors.
-:func:`build_report` is its first query (``closedloop report`` prints it).
+:func:`build_report` is its first query (``closedloop report`` prints it);
+:func:`trends` (period over period, with confidence intervals), :func:`failure_clusters`
+(what went wrong, mined into templates) and :func:`factors` (which dimension goes with
+failure) answer the design's questions (``closedloop trends``, ``failures``, ``factors``;
+docs/learning.md).
 
 It also reads the recorded traces back, off the agent's hot path: :func:`span_label` and
 :func:`verdict_messages` (``closedloop traces show``), :func:`diff_traces` and
@@ -13,6 +17,15 @@ report). None of it needs OpenTelemetry.
 """
 
 from closedloop._figures import message_group, percentile
+from closedloop.learn._clusters import (
+    FailureCluster,
+    FailureClusters,
+    Purity,
+    cluster_purity,
+    clusters_from_cells,
+    failure_clusters,
+    parse_issues,
+)
 from closedloop.learn._diff import (
     DiffRow,
     diff_traces,
@@ -20,6 +33,7 @@ from closedloop.learn._diff import (
     span_label,
     verdict_messages,
 )
+from closedloop.learn._factors import Factor, Factors, FactorValue, factors, factors_from_cells
 from closedloop.learn._replay import CheckReplay, ReplayReport, replay
 from closedloop.learn._report import (
     DEFAULT_TOP_ERRORS,
@@ -36,29 +50,60 @@ from closedloop.learn._report import (
     report_from_store,
 )
 from closedloop.learn._scores import score_summary
+from closedloop.learn._stats import Change, Estimate
+from closedloop.learn._trends import (
+    DEFAULT_PERIODS,
+    METRICS,
+    TrendPoint,
+    Trends,
+    TrendSeries,
+    trends,
+    trends_from_cells,
+)
 
 __all__ = [
+    "DEFAULT_PERIODS",
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
+    "METRICS",
+    "Change",
     "CheckReplay",
     "Cost",
     "DiffRow",
     "ErrorCount",
+    "Estimate",
+    "Factor",
+    "FactorValue",
+    "Factors",
+    "FailureCluster",
+    "FailureClusters",
     "Latency",
     "MessageCount",
+    "Purity",
     "Rate",
     "ReplayReport",
     "Report",
     "TaskStats",
     "Tokens",
+    "TrendPoint",
+    "TrendSeries",
+    "Trends",
     "build_report",
+    "cluster_purity",
+    "clusters_from_cells",
     "diff_traces",
+    "factors",
+    "factors_from_cells",
+    "failure_clusters",
     "first_divergence",
     "message_group",
+    "parse_issues",
     "percentile",
     "replay",
     "report_from_store",
     "score_summary",
     "span_label",
+    "trends",
+    "trends_from_cells",
     "verdict_messages",
 ]

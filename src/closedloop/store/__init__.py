@@ -43,6 +43,32 @@ from closedloop.store._base import (
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
+from closedloop.store._learn import (
+    FAILURE_OUTCOMES,
+    REFUSAL_OUTCOMES,
+    WINDOW_OFFSETS,
+    WINDOWS,
+    Dimension,
+    ExampleKey,
+    FactorCell,
+    FailureCell,
+    LearnQueries,
+    SeriesCell,
+    check_span,
+    check_window,
+    factor_events,
+    failure_events,
+    failure_example_events,
+    hour_of_day,
+    latency_bounds,
+    latency_bucket,
+    parse_dimension,
+    period_of,
+    period_steps_events,
+    series_events,
+    size_bucket,
+    size_code,
+)
 from closedloop.store._query import (
     MAX_PAGE,
     EventQueries,
@@ -85,16 +111,25 @@ from closedloop.store.sqlite import (
 
 __all__ = [
     "DEFAULT_RETENTION",
+    "FAILURE_OUTCOMES",
     "MAX_PAGE",
+    "REFUSAL_OUTCOMES",
     "RETENTION_ENV",
     "SCHEMA_VERSION",
+    "WINDOWS",
+    "WINDOW_OFFSETS",
     "ControlStateBackend",
+    "Dimension",
     "EventBackend",
     "EventQueries",
     "EventQuery",
     "EventSummary",
     "EventsPruned",
+    "ExampleKey",
+    "FactorCell",
+    "FailureCell",
     "ImportResult",
+    "LearnQueries",
     "MaintainedBackend",
     "MemoryBackend",
     "MemorySpanStore",
@@ -105,6 +140,7 @@ __all__ = [
     "SQLiteBackend",
     "SQLiteLedger",
     "SQLiteSpanStore",
+    "SeriesCell",
     "SpanBackend",
     "SpanStore",
     "StepFilter",
@@ -113,20 +149,33 @@ __all__ = [
     "StoreInfo",
     "TaskFigures",
     "WriterStats",
+    "check_window",
     "default_store",
     "default_store_url",
     "describe_duration",
+    "factor_events",
+    "failure_events",
+    "failure_example_events",
+    "hour_of_day",
     "import_dead_letter",
     "is_default_store",
+    "latency_bounds",
+    "latency_bucket",
     "migrate_store",
     "open_backend",
     "open_store",
+    "parse_dimension",
     "parse_duration",
     "parse_retention",
+    "period_of",
+    "period_steps_events",
     "prune",
     "register_scheme",
     "reset_default_store",
     "retention_from_env",
+    "series_events",
+    "size_bucket",
+    "size_code",
     "span_store_for",
     "store_info",
     "summarize_events",
@@ -262,6 +311,73 @@ class Store:
                                                                task_type=task_type))
                 if where.matches(e) and (after is None or (e.ts, i) < after))
         return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+
+    # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
+    def _learn(self, since: float | None, until: float | None, task_type: str | None
+               ) -> tuple[StepFilter, LearnQueries | None]:
+        where = StepFilter(since=since, until=until, task_type=task_type)
+        backend = self.backend
+        return where, backend if isinstance(backend, LearnQueries) else None
+
+    def _matching(self, where: StepFilter) -> Iterator[StepEvent]:
+        events = self.events(since=where.since, until=where.until, task_type=where.task_type)
+        return (e for e in events if where.matches(e))
+
+    def series(self, *, by: Dimension | str = "task_type", window: str = "day",
+               since: float | None = None, until: float | None = None,
+               task_type: str | None = None) -> list[SeriesCell]:
+        """Per value of ``by`` (a :class:`Dimension` or its name: ``task_type``, ``model``,
+        ``agent_version``, ``prompt_version``, ``label:KEY``) and per ``window`` period
+        (hour, day, week), the figures of the stored steps (:class:`SeriesCell`), ordered by
+        value then period: in the database when the backend computes them."""
+        dimension = parse_dimension(by) if isinstance(by, str) else by
+        check_window(window)
+        where, backend = self._learn(since, until, task_type)
+        found = None if backend is None else backend.series(where, by=dimension,
+                                                             window=window)
+        if found is None:
+            found = series_events(self._matching(where), dimension, window)
+        check_span(c.period for c in found)
+        return found
+
+    def factor_counts(self, *, since: float | None = None, until: float | None = None,
+                      task_type: str | None = None) -> list[FactorCell]:
+        """Steps and failures of the stored steps (refusals left out) per combination of
+        model, agent and prompt version, labels, UTC hour of day and input size."""
+        where, backend = self._learn(since, until, task_type)
+        found = None if backend is None else backend.factor_counts(where)
+        return found if found is not None else factor_events(self._matching(where))
+
+    def failure_counts(self, *, window: str = "day", since: float | None = None,
+                       until: float | None = None, task_type: str | None = None
+                       ) -> list[FailureCell]:
+        """Failed stored steps per error type, message group, task type, model and period."""
+        check_window(window)
+        where, backend = self._learn(since, until, task_type)
+        found = None if backend is None else backend.failure_counts(where, window=window)
+        return found if found is not None else failure_events(self._matching(where), window)
+
+    def failure_examples(self, keys: list[ExampleKey], *, per_key: int = 3,
+                         since: float | None = None, until: float | None = None,
+                         task_type: str | None = None
+                         ) -> dict[ExampleKey, list[tuple[float, str]]]:
+        """The newest ``per_key`` ``(ts, trace_id)`` of the failed steps of each
+        ``(task_type, error_type or "", group)``, newest first."""
+        where, backend = self._learn(since, until, task_type)
+        found = (None if backend is None
+                 else backend.failure_examples(where, keys, per_key=per_key))
+        return (found if found is not None
+                else failure_example_events(self._matching(where), keys, per_key))
+
+    def period_steps(self, *, window: str = "day", since: float | None = None,
+                     until: float | None = None, task_type: str | None = None
+                     ) -> dict[int, int]:
+        """Stored steps per ``window`` period (index: :func:`period_of`)."""
+        check_window(window)
+        where, backend = self._learn(since, until, task_type)
+        found = None if backend is None else backend.period_steps(where, window=window)
+        return found if found is not None else period_steps_events(self._matching(where),
+                                                                   window)
 
     def count(self) -> int:
         """How many events the backend holds (not counting queued ones)."""

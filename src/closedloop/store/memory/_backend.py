@@ -9,6 +9,18 @@ from collections.abc import Iterator, Sequence
 from closedloop._control_state import MemoryLedger, StopKind
 from closedloop._events import StepEvent
 from closedloop.store._base import EventQuery
+from closedloop.store._learn import (
+    Dimension,
+    ExampleKey,
+    FactorCell,
+    FailureCell,
+    SeriesCell,
+    factor_events,
+    failure_events,
+    failure_example_events,
+    period_steps_events,
+    series_events,
+)
 from closedloop.store._query import (
     EventSummary,
     StepFilter,
@@ -72,6 +84,33 @@ class MemoryBackend:
             events = list(self._events)
         return summarize_events((e for e in events if where.matches(e)),
                                 top_messages=top_messages)
+
+    def _matching(self, where: StepFilter) -> list[StepEvent]:
+        with self._lock:
+            events = list(self._events)
+        return [e for e in events if where.matches(e)]
+
+    # ----- the learning layer's aggregations, in Python (closedloop.store._learn) ----------
+    def series(self, where: StepFilter, *, by: Dimension, window: str) -> list[SeriesCell]:
+        """Per value of ``by`` and period, the series' figures."""
+        return series_events(self._matching(where), by, window)
+
+    def factor_counts(self, where: StepFilter) -> list[FactorCell]:
+        """Steps and failures per combination of factor values."""
+        return factor_events(self._matching(where))
+
+    def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell]:
+        """Failed steps per group, task type, model and period."""
+        return failure_events(self._matching(where), window)
+
+    def failure_examples(self, where: StepFilter, keys: Sequence[ExampleKey], *,
+                         per_key: int) -> dict[ExampleKey, list[tuple[float, str]]]:
+        """The newest trace ids of each key's failed steps."""
+        return failure_example_events(self._matching(where), keys, per_key)
+
+    def period_steps(self, where: StepFilter, *, window: str) -> dict[int, int]:
+        """Steps per period."""
+        return period_steps_events(self._matching(where), window)
 
     def list_steps(self, where: StepFilter, *, limit: int,
                    cursor: str | None = None) -> StepPage:

@@ -55,6 +55,13 @@ from closedloop._events import EVENT_FIELDS, StepEvent, dumps
 from closedloop._figures import message_group
 from closedloop._redact import redact_text
 from closedloop.store._base import EventQuery
+from closedloop.store._learn import (
+    Dimension,
+    ExampleKey,
+    FactorCell,
+    FailureCell,
+    SeriesCell,
+)
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
 from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
@@ -511,6 +518,39 @@ class PostgresBackend:
         from closedloop.store.postgres._query import list_steps
 
         return list_steps(self, where, limit=limit, cursor=cursor)
+
+    # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
+    def series(self, where: StepFilter, *, by: Dimension, window: str
+               ) -> list[SeriesCell] | None:
+        """Per value of ``by`` and period, the series' figures (in SQL)."""
+        from closedloop.store.postgres._learn import series
+
+        return series(self, where, by=by, window=window)
+
+    def factor_counts(self, where: StepFilter) -> list[FactorCell] | None:
+        """Steps and failures per combination of factor values (in SQL)."""
+        from closedloop.store.postgres._learn import factor_counts
+
+        return factor_counts(self, where)
+
+    def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell] | None:
+        """Failed steps per group, task type, model and period (in SQL)."""
+        from closedloop.store.postgres._learn import failure_counts
+
+        return failure_counts(self, where, window=window)
+
+    def failure_examples(self, where: StepFilter, keys: Sequence[ExampleKey], *,
+                         per_key: int) -> dict[ExampleKey, list[tuple[float, str]]] | None:
+        """The newest trace ids of each key's failed steps (in SQL)."""
+        from closedloop.store.postgres._learn import failure_examples
+
+        return failure_examples(self, where, keys, per_key=per_key)
+
+    def period_steps(self, where: StepFilter, *, window: str) -> dict[int, int] | None:
+        """Steps per period (in SQL)."""
+        from closedloop.store.postgres._learn import period_steps
+
+        return period_steps(self, where, window=window)
 
     def count(self) -> int:
         """How many events the schema holds."""

@@ -31,6 +31,13 @@ from closedloop._errors import StoreError
 from closedloop._events import EVENT_FIELDS, JSON_COLUMNS, StepEvent, dumps
 from closedloop._figures import message_group
 from closedloop.store._base import EventQuery
+from closedloop.store._learn import (
+    Dimension,
+    ExampleKey,
+    FactorCell,
+    FailureCell,
+    SeriesCell,
+)
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
@@ -456,6 +463,39 @@ class SQLiteBackend:
         from closedloop.store.sqlite._query import list_steps
 
         return list_steps(self, where, limit=limit, cursor=cursor)
+
+    # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
+    def series(self, where: StepFilter, *, by: Dimension, window: str
+               ) -> list[SeriesCell] | None:
+        """Per value of ``by`` and period, the series' figures (in SQL)."""
+        from closedloop.store.sqlite._learn import series
+
+        return series(self, where, by=by, window=window)
+
+    def factor_counts(self, where: StepFilter) -> list[FactorCell] | None:
+        """Steps and failures per combination of factor values (in SQL)."""
+        from closedloop.store.sqlite._learn import factor_counts
+
+        return factor_counts(self, where)
+
+    def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell] | None:
+        """Failed steps per group, task type, model and period (in SQL)."""
+        from closedloop.store.sqlite._learn import failure_counts
+
+        return failure_counts(self, where, window=window)
+
+    def failure_examples(self, where: StepFilter, keys: Sequence[ExampleKey], *,
+                         per_key: int) -> dict[ExampleKey, list[tuple[float, str]]] | None:
+        """The newest trace ids of each key's failed steps (in SQL)."""
+        from closedloop.store.sqlite._learn import failure_examples
+
+        return failure_examples(self, where, keys, per_key=per_key)
+
+    def period_steps(self, where: StepFilter, *, window: str) -> dict[int, int] | None:
+        """Steps per period (in SQL)."""
+        from closedloop.store.sqlite._learn import period_steps
+
+        return period_steps(self, where, window=window)
 
     read_only = False
     """True for a :class:`SQLiteReader`: this backend never writes its file."""

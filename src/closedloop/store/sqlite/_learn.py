@@ -1,0 +1,274 @@
+"""The learning layer's aggregations (:mod:`closedloop.store._learn`) in SQLite.
+
+Each is one grouped query. SQLite groups by sorting, and the columns these queries group by
+(model, versions, labels, periods) are in no index: a query reads the table, and over most
+of the store it is split in two halves by rowid, read at once on two connections (sqlite3
+runs a query without the GIL), the halves' rows added up in Python. A time window holding
+less than 1/8 of the rows is read through ``events_ts`` instead, on one connection. Each
+half reads one snapshot of its own; since halves never share a row, a step written between
+the two snapshots is counted at most once (in the second half, or not at all).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from closedloop._errors import StoreError
+from closedloop.store._learn import (
+    FAILURE_OUTCOMES,
+    LATENCY_TOP,
+    REFUSAL_OUTCOMES,
+    WINDOW_OFFSETS,
+    WINDOWS,
+    Dimension,
+    ExampleKey,
+    FactorCell,
+    FailureCell,
+    SeriesCell,
+    cells_from_rows,
+    check_window,
+    factor_cells_from_rows,
+    failure_cells_from_rows,
+    series_sums,
+)
+from closedloop.store._query import StepFilter
+from closedloop.store.sqlite._query import _and, _where
+
+if TYPE_CHECKING:
+    from closedloop.store.sqlite._backend import SQLiteBackend
+
+_T = TypeVar("_T")
+_NARROW = 8
+_MMAP_BYTES = 256 << 20
+_MICROS = "CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT)"
+BUCKET = (f"(CASE WHEN latency_ms >= 0.001 AND latency_ms < 1e15 THEN length({_MICROS}) * 10 "
+          f"+ CAST(substr({_MICROS}, 1, 1) AS INTEGER) WHEN latency_ms >= 1e15 THEN "
+          f"{LATENCY_TOP} ELSE 0 END)")
+""":func:`~closedloop.store._learn.latency_bucket` in SQLite."""
+_DIGITS = "CAST(input_tokens AS TEXT)"
+SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
+        f"substr({_DIGITS}, 1, 1) < '2' THEN 1 WHEN substr({_DIGITS}, 1, 1) < '5' THEN 2 "
+        "ELSE 5 END) ELSE 0 END)")
+""":func:`~closedloop.store._learn.size_code` in SQLite."""
+_FAILED = f"outcome IN ({', '.join(repr(o) for o in FAILURE_OUTCOMES)})"
+_REFUSED = f"outcome IN ({', '.join(repr(o) for o in REFUSAL_OUTCOMES)})"
+_SUMS = series_sums("outcome = 'succeeded'", _FAILED,
+                    "validation_passed IS NOT NULL AND attempts > 1")
+_NEEDED = frozenset({"model", "labels", "cost_usd", "error_group"})
+
+
+def _period(window: str) -> str:
+    length, offset = check_window(window)
+    return f"CAST((ts - {offset!r}) / {length!r} AS INTEGER)"
+
+
+def _connect(backend: SQLiteBackend) -> sqlite3.Connection:
+    conn = backend._reader()
+    conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
+    return conn
+
+
+def _ready(conn: sqlite3.Connection) -> bool:
+    return _NEEDED.issubset(r[1] for r in conn.execute("PRAGMA table_info(events)"))
+
+
+def _grouped(backend: SQLiteBackend, where: StepFilter, select: str, *extra: str,
+             params: Sequence[Any] = (), groups: int) -> list[Any] | None:
+    """``SELECT {select} FROM events WHERE … GROUP BY 1..groups`` over the store, in two
+    halves read at once (see the module's docstring); None for a store too old."""
+    def run(conn: sqlite3.Connection, index: str, *terms: str,
+            more: Sequence[Any] = ()) -> list[Any]:
+        sql, values = _where(where, *extra, *terms)
+        return conn.execute(
+            f"SELECT {select} FROM events {index}{sql} GROUP BY "
+            f"{', '.join(str(i) for i in range(1, groups + 1))}",
+            [*params, *more, *values]).fetchall()
+
+    return _read(backend, lambda conn, other: _split(conn, other, where, run))
+
+
+def _split(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection],
+           where: StepFilter, run: Callable[..., list[Any]]) -> list[Any]:
+    if _narrow(conn, where):
+        return run(conn, "INDEXED BY events_ts")
+    top = conn.execute("SELECT max(rowid) FROM events").fetchone()[0]
+    if top is None:
+        return []
+    middle = int(top) // 2
+    second = other()
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(run, second, "NOT INDEXED", "rowid > ?", more=[middle])
+        rows = run(conn, "NOT INDEXED", "rowid <= ?", more=[middle])
+        return rows + later.result()
+
+
+def _narrow(conn: sqlite3.Connection, where: StepFilter) -> bool:
+    """True when the time window holds less than 1/_NARROW of the rows."""
+    if where.since is None and where.until is None:
+        return False
+    low = conn.execute("SELECT min(ts) FROM events").fetchone()[0]
+    high = conn.execute("SELECT max(ts) FROM events").fetchone()[0]
+    if low is None or ((where.since is None or where.since <= low)
+                       and (where.until is None or where.until > high)):
+        return False  # the window holds every row
+    total = conn.execute("SELECT count(*) FROM events INDEXED BY events_ts").fetchone()[0]
+    sql, params = _where(StepFilter(since=where.since, until=where.until))
+    inside = conn.execute(f"SELECT count(*) FROM events INDEXED BY events_ts{sql}",
+                          params).fetchone()[0]
+    return bool(inside * _NARROW < total)
+
+
+def _read(backend: SQLiteBackend,
+          work: Callable[[sqlite3.Connection, Callable[[], sqlite3.Connection]], _T]
+          ) -> _T | None:
+    """``work(conn, other)`` in a read transaction; ``other()`` opens a second connection
+    (closed afterwards). None when the schema predates the queries."""
+    opened: list[sqlite3.Connection] = []
+
+    def other() -> sqlite3.Connection:
+        conn = _connect(backend)
+        opened.append(conn)
+        conn.execute("BEGIN")
+        return conn
+
+    try:
+        try:
+            conn = other()
+            if not _ready(conn):
+                return None
+            return work(conn, other)
+        finally:
+            for conn in opened:
+                conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
+
+
+def series(backend: SQLiteBackend, where: StepFilter, *, by: Dimension,
+           window: str) -> list[SeriesCell] | None:
+    """Per value of ``by`` and period: the figures of :class:`SeriesCell`."""
+    value, params = (("json_extract(labels, ?)", [f'$."{by.label}"']) if by.column == "label"
+                     else (by.column, []))
+    rows = _grouped(backend, where, f"{value}, {_period(window)}, {BUCKET}, {_SUMS}",
+                    params=params, groups=3)
+    return None if rows is None else cells_from_rows(rows)
+
+
+def factor_counts(backend: SQLiteBackend, where: StepFilter) -> list[FactorCell] | None:
+    """Steps and failures per model, versions, labels, hour of day and input size."""
+    rows = _grouped(
+        backend, where, "model, agent_version, prompt_version, labels, "
+        f"CAST(ts / 3600.0 AS INTEGER) % 24, {SIZE}, count(*), sum(CASE WHEN {_FAILED} "
+        "THEN 1 END)", f"NOT {_REFUSED}", groups=6)
+    return None if rows is None else factor_cells_from_rows(rows)
+
+
+def failure_counts(backend: SQLiteBackend, where: StepFilter, *,
+                   window: str) -> list[FailureCell] | None:
+    """Failed steps per error type, message group, task type, model and period; steps
+    stored before messages were grouped are grouped here (Python)."""
+    period = _period(window)
+
+    def work(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection]) -> list[Any]:
+        def run(c: sqlite3.Connection, index: str, *terms: str,
+                more: Sequence[Any] = ()) -> list[Any]:
+            sql, values = _where(where, _FAILED, "NOT (error_group IS NULL AND "
+                                 "coalesce(error_message, '') <> '')", *terms)
+            return c.execute(
+                f"SELECT coalesce(error_type, ''), coalesce(error_group, ''), task_type, "
+                f"model, {period}, count(*), min(ts), max(ts) FROM events {index}{sql} "
+                "GROUP BY 1, 2, 3, 4, 5", [*more, *values]).fetchall()
+
+        rows = _split(conn, other, where, run)
+        sql, values = _and(where)
+        legacy = conn.execute(
+            f"SELECT error_type, error_message, task_type, model, {period}, ts FROM events "
+            f"INDEXED BY events_ungrouped WHERE error_group IS NULL AND error_message <> '' "
+            f"AND {_FAILED}{sql}", values).fetchall()
+        return rows + _legacy(legacy)
+
+    rows = _read(backend, work)
+    return None if rows is None else failure_cells_from_rows(rows)
+
+
+def _legacy(rows: Sequence[Any]) -> list[Any]:
+    from closedloop._figures import message_group
+
+    return [(et, message_group(m), task, model, p, 1, ts, ts)
+            for et, m, task, model, p, ts in rows]
+
+
+def failure_examples(backend: SQLiteBackend, where: StepFilter, keys: Sequence[ExampleKey],
+                     *, per_key: int) -> dict[ExampleKey, list[tuple[float, str]]] | None:
+    """The newest ``per_key`` ``(ts, trace_id)`` of each key's failed steps (by seek)."""
+    def work(conn: sqlite3.Connection, _: object) -> dict[ExampleKey, list[tuple[float, str]]]:
+        sql, values = _and(where)
+        out = {}
+        for task, error_type, group in keys:
+            kind = "error_type = ?" if error_type else "(error_type IS NULL OR error_type = ?)"
+            if group:
+                query = (f"SELECT ts, trace_id FROM events INDEXED BY events_groups WHERE "
+                         f"task_type = ? AND {kind} AND error_group = ? AND {_FAILED}{sql} "
+                         "ORDER BY ts DESC, rowid DESC LIMIT ?")
+                args = [task, error_type, group, *values, per_key]
+            else:
+                query = (f"SELECT ts, trace_id FROM events INDEXED BY events_ts WHERE "
+                         f"task_type = ? AND {kind} AND error_group IS NULL AND "
+                         f"coalesce(error_message, '') = '' AND {_FAILED}{sql} "
+                         "ORDER BY ts DESC, rowid DESC LIMIT ?")
+                args = [task, error_type, *values, per_key]
+            out[task, error_type, group] = sorted(
+                ((r[0], r[1]) for r in conn.execute(query, args).fetchall()), reverse=True)
+        return out
+
+    return _read(backend, work)
+
+
+def period_steps(backend: SQLiteBackend, where: StepFilter, *,
+                 window: str) -> dict[int, int] | None:
+    """Steps per period: counted on the time index, one range per period (of one task type:
+    grouped on ``events_latency``, which holds its times in order)."""
+    length, offset = WINDOWS[window], WINDOW_OFFSETS[window]
+    if where.outcome is not None or where.error_type is not None:
+        rows = _grouped(backend, where, f"{_period(window)}, count(*)", groups=1)
+        return None if rows is None else _summed(rows)
+    if where.task_type is not None:
+        def grouped(conn: sqlite3.Connection, _: object) -> dict[int, int]:
+            sql, values = _where(where)
+            return _summed(conn.execute(
+                f"SELECT {_period(window)}, count(*) FROM events INDEXED BY events_latency"
+                f"{sql} GROUP BY 1", values).fetchall())
+
+        return _read(backend, grouped)
+
+    def work(conn: sqlite3.Connection, _: object) -> dict[int, int]:
+        low = conn.execute("SELECT min(ts) FROM events").fetchone()[0]
+        high = conn.execute("SELECT max(ts) FROM events").fetchone()[0]
+        if low is None:
+            return {}
+        low = max(low, where.since) if where.since is not None else low
+        high = min(high, where.until) if where.until is not None else high
+        out = {}
+        for p in range(int((low - offset) / length), int((high - offset) / length) + 1):
+            start, end = p * length + offset, (p + 1) * length + offset
+            if where.since is not None:
+                start = max(start, where.since)
+            if where.until is not None:
+                end = min(end, where.until)
+            n = conn.execute("SELECT count(*) FROM events INDEXED BY events_ts WHERE "
+                             "ts >= ? AND ts < ?", [start, end]).fetchone()[0]
+            if n:
+                out[p] = int(n)
+        return out
+
+    return _read(backend, work)
+
+
+def _summed(rows: Sequence[Any]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p, n in rows:
+        out[int(p)] = out.get(int(p), 0) + int(n)
+    return out
