@@ -141,7 +141,7 @@ def event_line(event: StepEvent, *, measurement: str = MEASUREMENT,
             ("task_type", event.task_type)]
     if event.labels:
         tags.extend((f"label_{k}", v) for k, v in event.labels.items())
-    tags.sort()
+    tags.sort(key=lambda tag: tag[0])
     head = [escape_measurement(measurement)]
     for key, value in tags:
         if value is None:
@@ -157,8 +157,8 @@ def event_line(event: StepEvent, *, measurement: str = MEASUREMENT,
         fields.append(f"cached_input_tokens={int(event.cached_input_tokens)}i")
     for name in ("latency_ms", "propose_ms", "validate_ms", "act_ms", "verify_ms", "cost_usd"):
         number = getattr(event, name)
-        if number is not None and (text := _float(number)) is not None:
-            fields.append(f"{name}={text}")
+        if number is not None and (shown := _float(number)) is not None:
+            fields.append(f"{name}={shown}")
     for name in ("validation_passed", "verification_passed"):
         passed = getattr(event, name)
         if passed is not None:
