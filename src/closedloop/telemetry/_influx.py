@@ -423,7 +423,7 @@ class InfluxSink:
             return
         self._outage = True
         log.error("closedloop influxdb %s: cannot write: %s. Up to %d points are held and "
-                  "sent when it answers again (one try every %.0f-%.0f s); beyond that the "
+                  "sent when it answers again (one try every %.3g to %.3g s); beyond that the "
                   "oldest are dropped and counted.", self.url, why, self.max_held,
                   self.retry_delays[0], self.retry_delays[-1])
 
