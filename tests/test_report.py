@@ -161,7 +161,7 @@ def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
     assert list(data) == ["since", "until", "task_type", "overall", "task_types"]
     row_keys = ["task_type", "runs", "first_ts", "last_ts", "validation", "reask",
                 "reask_success", "verification", "outcomes", "latency", "tokens", "top_errors",
-                "top_messages"]
+                "top_messages", "cost"]
     assert list(data["overall"]) == row_keys
     assert all(list(row) == row_keys for row in data["task_types"])
     provision = data["task_types"][0]

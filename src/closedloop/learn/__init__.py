@@ -24,6 +24,7 @@ from closedloop.learn._replay import CheckReplay, ReplayReport, replay
 from closedloop.learn._report import (
     DEFAULT_TOP_ERRORS,
     DEFAULT_TOP_MESSAGES,
+    Cost,
     ErrorCount,
     Latency,
     MessageCount,
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
     "CheckReplay",
+    "Cost",
     "DiffRow",
     "ErrorCount",
     "Latency",

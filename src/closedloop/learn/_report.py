@@ -20,6 +20,8 @@ Definitions (the CLI's ``--help`` repeats them):
   (``verification_passed`` is not ``None``);
 - *latency percentiles*: nearest-rank — the p-th percentile is the smallest recorded latency
   with at least p % of the steps at or below it, so it is always a latency that happened;
+- *cost*: the sum of the priced steps' ``cost_usd`` and how many were priced; *cost per
+  success*: that sum over the steps that succeeded;
 - *error share*: steps with that ``error_type`` among all steps of the row;
 - *failure messages*: steps' ``error_message`` grouped by :func:`message_group` — the message
   with every token that holds a digit (ids, sizes, counts, versions) replaced by ``<*>`` — so
@@ -92,6 +94,24 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Cost:
+    """What the row's steps cost in US dollars (``cost_usd`` of :class:`~closedloop.StepEvent`).
+
+    ``total_usd`` sums the priced steps (None: none was priced); ``priced`` counts them, so
+    ``priced < runs`` says the total leaves some steps out. ``per_success_usd`` is the total
+    over the steps that succeeded: what one success cost, failures and re-asks included.
+    """
+
+    total_usd: float | None
+    priced: int
+    per_success_usd: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"total_usd", "priced", "per_success_usd"}``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorCount:
     """How many steps ended with one ``error_type``, and their share of the row's runs."""
 
@@ -140,6 +160,7 @@ class TaskStats:
     tokens: Tokens
     top_errors: tuple[ErrorCount, ...]
     top_messages: tuple[MessageCount, ...] = ()
+    cost: Cost = Cost(total_usd=None, priced=0, per_success_usd=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form; keys are stable (see :meth:`Report.to_dict`)."""
@@ -157,6 +178,7 @@ class TaskStats:
             "tokens": self.tokens.to_dict(),
             "top_errors": [e.to_dict() for e in self.top_errors],
             "top_messages": [m.to_dict() for m in self.top_messages],
+            "cost": self.cost.to_dict(),
         }
 
 
@@ -196,7 +218,8 @@ class Report:
         ``{"p50_ms", "p95_ms", "mean_ms", "max_ms"}``, ``tokens`` is ``{"input_total",
         "output_total", "input_per_run", "output_per_run"}``, ``top_errors`` a list of
         ``{"error_type", "count", "share"}`` and ``top_messages`` a list of ``{"error_type",
-        "message", "example", "count", "share"}``. Times are Unix seconds.
+        "message", "example", "count", "share"}`` and ``cost`` is ``{"total_usd", "priced",
+        "per_success_usd"}`` (:class:`Cost`). Times are Unix seconds.
         """
         return {
             "since": self.since,
@@ -236,6 +259,10 @@ def _stats(f: TaskFigures, top_errors: int) -> TaskStats:
         top_messages=tuple(MessageCount(error_type=m.error_type, message=m.group,
                                         example=m.example, count=m.count, share=m.count / runs)
                            for m in f.messages),
+        cost=Cost(total_usd=f.cost_usd, priced=f.priced,
+                  per_success_usd=(f.cost_usd / succeeded
+                                   if f.cost_usd is not None and (succeeded := outcomes.get(
+                                       Outcome.SUCCEEDED.value, 0)) else None)),
     )
 
 

@@ -12,6 +12,8 @@ Definitions of the summary's figures (the SQL backends give the same numbers):
 - ``validated``/``validation_passed``: steps where validation ran, and passed on the last
   attempt; ``reasked``/``reask_passed``: of those, steps with more than one attempt, and
   re-asked steps that then passed; ``verified``/``verification_passed`` likewise;
+- ``cost_usd``/``priced``: the sum of the steps' ``cost_usd`` and how many steps had one
+  (steps without a price are not counted in either);
 - latency percentiles are nearest-rank (:func:`closedloop._figures.percentile`), exact on every
   backend; the mean is the sum over runs (SQL sums in double precision, so over millions of
   steps it may differ from the Python pass's exactly rounded sum in the last digits);
@@ -117,6 +119,10 @@ class TaskFigures:
     latency_max_ms: float | None
     messages: tuple[MessageGroup, ...]
     """The most frequent failure-message groups, most frequent first."""
+    cost_usd: float | None = None
+    """What the priced steps cost, in US dollars (None: no step was priced)."""
+    priced: int = 0
+    """Steps with a ``cost_usd``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +184,7 @@ class Tally:
     examples: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     """Per message group, its most recent message and when it was recorded."""
     latencies: array[float] = field(default_factory=lambda: array("d"))
+    costs: list[float] = field(default_factory=list)
 
     def add(self, e: StepEvent) -> None:
         self.runs += 1
@@ -195,6 +202,8 @@ class Tally:
         self.input_tokens += e.input_tokens
         self.output_tokens += e.output_tokens
         self.latencies.append(e.latency_ms)
+        if e.cost_usd is not None:
+            self.costs.append(e.cost_usd)
         self.outcomes[e.outcome] += 1
         if e.error_type:
             self.errors[e.error_type] += 1
@@ -230,6 +239,7 @@ class Tally:
             ts, message = other.examples[key]
             self.message(key[0], message, count, ts, group=key[1])
         self.latencies.extend(other.latencies)
+        self.costs.extend(other.costs)
 
     def figures(self, task_type: str | None, top_messages: int) -> TaskFigures:
         """The row's figures, with its ``top_messages`` most frequent message groups."""
@@ -249,7 +259,8 @@ class Tally:
             messages=tuple(
                 MessageGroup(error_type=k[0], group=k[1], count=n, example=self.examples[k][1],
                              example_ts=self.examples[k][0])
-                for k, n in top_counts(self.messages, top_messages)))
+                for k, n in top_counts(self.messages, top_messages)),
+            cost_usd=math.fsum(self.costs) if self.costs else None, priced=len(self.costs))
 
 
 def top_counts(counts: Mapping[tuple[str, str], int],

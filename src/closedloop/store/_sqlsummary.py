@@ -75,6 +75,10 @@ class SummarySource(Protocol):
         """``(ts, error_message)`` of the most recent step of each ``(task_type, error_type
         or "", group)`` that has one."""
 
+    def costs(self) -> Iterable[Sequence[Any]]:
+        """``(task_type, priced steps, sum of cost_usd)`` per task type with a priced step
+        (read through the partial index ``events_cost``: only priced steps are in it)."""
+
 
 @dataclass(slots=True)
 class _Row:
@@ -235,6 +239,7 @@ def summarize(source: SummarySource, *, top_messages: int,
         rows: dict[str, _Row] = {}
         for group in source.groups():
             rows.setdefault(group[0], _Row()).add(group)
+        costs = {task: (int(n), float(total)) for task, n, total in source.costs()}
         tasks = sorted(rows)
         messages = _messages(source, tasks, top_messages) if tasks and top_messages else {}
         latency = pending.result() if pending is not None else None
@@ -243,6 +248,11 @@ def summarize(source: SummarySource, *, top_messages: int,
     overall = _Row()
     for task in tasks:
         overall.merge(rows[task])
+
+    def cost(members: Sequence[str]) -> tuple[float | None, int]:
+        found = [costs[t] for t in members if t in costs]
+        priced = sum(n for n, _ in found)
+        return (math.fsum(c for _, c in found) if priced else None), priced
 
     def figures(task: str | None, row: _Row, members: Sequence[str]) -> TaskFigures:
         assert latency is not None
@@ -258,7 +268,8 @@ def summarize(source: SummarySource, *, top_messages: int,
             output_tokens=row.output_tokens, outcomes=row.outcomes, errors=row.errors,
             latency_p50_ms=p50, latency_p95_ms=p95,
             latency_mean_ms=math.fsum(row.latency_sums) / row.runs if row.runs else None,
-            latency_max_ms=high, messages=messages.get(task, ()))
+            latency_max_ms=high, messages=messages.get(task, ()),
+            cost_usd=cost(members)[0], priced=cost(members)[1])
 
     return EventSummary(rows=tuple(figures(t, rows[t], (t,)) for t in tasks),
                         overall=figures(None, overall, tasks))

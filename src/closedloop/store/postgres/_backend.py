@@ -219,6 +219,12 @@ MIGRATIONS: tuple[str, ...] = (
         error_type, validation_passed, verification_passed, attempts)
         INCLUDE (ts, input_tokens, output_tokens, latency_ms);
     """,
+    # the report's cost per task type (closedloop.store.postgres._query): a partial index of
+    # the priced steps alone, read index-only
+    """
+    CREATE INDEX IF NOT EXISTS events_cost ON {schema}.events (task_type)
+        INCLUDE (ts, outcome, error_type, cost_usd) WHERE cost_usd IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY

@@ -109,6 +109,11 @@ class _Source:
             'et COLLATE "C", eg COLLATE "C") AS r FROM k GROUP BY et, eg) AS o WHERE r <= %s',
             [*self.params, top, top])
 
+    def costs(self) -> Iterable[Sequence[Any]]:
+        return self._rows(
+            f"SELECT task_type, count(*), sum(cost_usd) FROM {self.table} "
+            f"WHERE cost_usd IS NOT NULL{self.filter} GROUP BY task_type", self.params)
+
     def ungrouped_messages(self) -> Iterable[Sequence[Any]]:
         return self._rows(
             f"SELECT task_type, error_type, error_message, ts FROM {self.table} "

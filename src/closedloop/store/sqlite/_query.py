@@ -144,6 +144,12 @@ class _Source:
             "max(last) AS last, row_number() OVER (ORDER BY sum(n) DESC, et, eg) AS r "
             "FROM k GROUP BY et, eg) WHERE r <= ?", [*params, top, top])
 
+    def costs(self) -> Iterable[Sequence[Any]]:
+        # only priced steps are in events_cost (partial); SQLite picks it for this WHERE
+        sql, params = _where(self.where, "cost_usd IS NOT NULL")
+        return self._rows(f"SELECT task_type, count(*), sum(cost_usd) FROM events{sql} "
+                          "GROUP BY task_type", params)
+
     def ungrouped_messages(self) -> Iterable[Sequence[Any]]:
         sql, params = _and(self.where)
         return self._rows(
