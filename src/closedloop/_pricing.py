@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import closedloop._redact  # noqa: F401 - puts the redacting filter on closedloop's loggers
 from closedloop._errors import ConfigError
 
-log = logging.getLogger("closedloop.pricing")
+log = logging.getLogger("closedloop")
 
 PRICES_ENV = "CLOSEDLOOP_PRICES"
 _MILLION = 1_000_000.0

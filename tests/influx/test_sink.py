@@ -326,3 +326,19 @@ def test_configure_without_influxdb_sends_nowhere_and_rejects_a_non_sink() -> No
     assert rt.sinks == ()
     with pytest.raises(cl.ConfigError, match="influxdb must be"):
         cl.configure(influxdb=42)  # type: ignore[arg-type]
+
+
+def test_flushing_every_queue_at_once_reaches_the_sinks_too(v2: V2Server) -> None:
+    """What SIGTERM does (``flush_all``): the store's last events reach its sink and are
+    sent, though the sink's own queue was empty when the flush began."""
+    from closedloop._batching import flush_all
+
+    store = cl.open_store("memory://", flush_interval=60)
+    sink = InfluxSink(v2.url, bucket="b", flush_interval=60)
+    store.add_sink(sink)
+    for i in range(3):
+        store.record(make_event(step_id=str(i)))
+    assert flush_all(10)
+    assert sink.stats().written == 3
+    store.close()
+    sink.close()
