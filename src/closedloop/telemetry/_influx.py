@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from closedloop._events import StepEvent
 
-log = logging.getLogger("closedloop.telemetry.influxdb")
+log = logging.getLogger("closedloop.telemetry")
 
 URL_ENV = "CLOSEDLOOP_INFLUXDB_URL"
 """The InfluxDB base URL (``http://host:8086``); the settings below complete it."""
