@@ -112,7 +112,23 @@ def escape_measurement(value: str) -> str:
 def escape_string(value: str) -> str:
     """A string field value, quotes included, as line protocol writes it (line breaks are
     kept: a quoted string may hold them)."""
+    if value.isascii() and '"' not in value and "\\" not in value:  # ids: as they are
+        return f'"{value}"'
     return '"' + _text(value).translate(_FIELD_ESCAPES) + '"'
+
+
+_TAGS: dict[str, str] = {}
+_MAX_CACHED_TAGS = 10_000
+
+
+def _tag(value: str) -> str:
+    """:func:`escape_tag`, remembered: tag values are few (task types, models, labels)."""
+    found = _TAGS.get(value)
+    if found is None:
+        if len(_TAGS) >= _MAX_CACHED_TAGS:  # bounded, whatever the values
+            _TAGS.clear()
+        found = _TAGS[value] = escape_tag(value)
+    return found
 
 
 def _float(value: float) -> str | None:
@@ -134,21 +150,22 @@ def event_line(event: StepEvent, *, measurement: str = MEASUREMENT,
     :data:`MAX_MESSAGE_CHARS`). ``timestamp`` is in the write's precision (default: the
     event's time in nanoseconds).
     """
-    tags = [("agent", event.agent_id), ("agent_version", event.agent_version),
-            ("autonomy", event.autonomy), ("error_type", event.error_type),
-            ("model", event.model), ("outcome", event.outcome),
-            ("prompt_version", event.prompt_version), ("provider", event.provider),
-            ("task_type", event.task_type)]
-    if event.labels:
-        tags.extend((f"label_{k}", v) for k, v in event.labels.items())
-    tags.sort(key=lambda tag: tag[0])
+    # tags in key order (InfluxDB's advice: it sorts them otherwise); labels sort between
+    # error_type and model, as every label key starts with "label_"
     head = [escape_measurement(measurement)]
-    for key, value in tags:
-        if value is None:
-            continue
-        text = escape_tag(str(value))
-        if text:
-            head.append(f"{escape_tag(key)}={text}")
+    for key, value in (("agent", event.agent_id), ("agent_version", event.agent_version),
+                       ("autonomy", event.autonomy), ("error_type", event.error_type)):
+        if value is not None and (text := _tag(str(value))):
+            head.append(f"{key}={text}")
+    if event.labels:
+        for key, value in sorted(event.labels.items()):
+            if (text := _tag(str(value))):
+                head.append(f"{_tag('label_' + key)}={text}")
+    for key, value in (("model", event.model), ("outcome", event.outcome),
+                       ("prompt_version", event.prompt_version), ("provider", event.provider),
+                       ("task_type", event.task_type)):
+        if value is not None and (text := _tag(str(value))):
+            head.append(f"{key}={text}")
     fields = [f"succeeded={1 if event.outcome == 'succeeded' else 0}i",
               f"attempts={int(event.attempts)}i",
               f"input_tokens={int(event.input_tokens)}i",
