@@ -342,3 +342,26 @@ def test_flushing_every_queue_at_once_reaches_the_sinks_too(v2: V2Server) -> Non
     assert sink.stats().written == 3
     store.close()
     sink.close()
+
+
+def test_a_forked_child_starts_with_nothing_held_and_its_own_counts(v2: V2Server) -> None:
+    import os
+
+    v2.statuses.append((503, {}))
+    sink = InfluxSink(v2.url, bucket="b", flush_interval=60, retry_delays=(3600.0,))
+    sink.submit_many([make_event()])
+    assert not sink.flush(10) and sink.stats().held == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what it inherited, then leaves without cleanup
+        st = sink.stats()
+        os.write(write, f"{st.held},{st.failures},{st.written}".encode())
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 100).decode() == "0,0,0"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert sink.stats().held == 1  # the parent still holds its own
+    sink._retry_at = 0.0
+    assert sink.flush(10)
+    sink.close()

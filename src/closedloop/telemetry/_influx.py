@@ -529,4 +529,18 @@ def _close_all_at_exit() -> None:
             log.exception("closedloop influxdb: error closing at exit")
 
 
+def _after_fork_in_child() -> None:
+    # the queue starts empty in the child (BatchQueue); so do the held points (the parent
+    # sends its own), the counts and the connection pool, which must not be shared
+    for sink in list(_sinks):
+        sink._client = None
+        sink._held = deque()
+        sink._written = sink._rejected = sink._dropped = sink._failures = 0
+        sink._outage = False
+        sink._attempt = 0
+        sink._retry_at = 0.0
+
+
 atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
