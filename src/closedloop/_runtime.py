@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "configure", "current_runtime", "reset"]
 
 REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+INFLUXDB_ENV = "CLOSEDLOOP_INFLUXDB_URL"
 
 
 class _Unset:
@@ -157,9 +158,11 @@ class Runtime:
             with self._lock:
                 sinks = self._sinks
                 if sinks is None:
-                    from closedloop.telemetry import influx_from_env
+                    found = None
+                    if os.environ.get(INFLUXDB_ENV, "").strip():  # else nothing is imported
+                        from closedloop.telemetry import influx_from_env
 
-                    found = influx_from_env()
+                        found = influx_from_env()
                     sinks = self._sinks = (found,) if found is not None else ()
                     self._owned_sinks = sinks
         return sinks

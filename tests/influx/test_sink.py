@@ -365,3 +365,17 @@ def test_a_forked_child_starts_with_nothing_held_and_its_own_counts(v2: V2Server
     sink._retry_at = 0.0
     assert sink.flush(10)
     sink.close()
+
+
+def test_replacing_the_runtime_sends_what_its_sink_had_and_closes_it(v2: V2Server) -> None:
+    store = cl.open_store("memory://")
+    first = cl.configure(store=store, influxdb=f"{v2.url}/?bucket=b")
+    [sink] = first.sinks
+    assert store.sinks == (sink,)
+    cl.Loop(lambda x, a: x, task_type="t").run(1)
+    cl.configure(store=store)  # the same store, no InfluxDB any more
+    assert store.sinks == ()
+    assert isinstance(sink, InfluxSink) and sink.stats().written == 1
+    assert not sink.submit_many([make_event()])  # closed
+    assert len(v2.requests) == 1
+    store.close()
