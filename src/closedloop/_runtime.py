@@ -382,6 +382,9 @@ def configure(
     for guarded, guard in list(old._guards.items()):  # the guards of loops on other stores
         _carry_unsaved(guard, functools.partial(new.fault_control_for, guarded))
     old.close()
+    if new._store is not None:  # a sink both runtimes were given stays on the kept store
+        for sink in new.sinks:
+            new._store.add_sink(sink)
     return new
 
 

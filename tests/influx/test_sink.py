@@ -379,3 +379,17 @@ def test_replacing_the_runtime_sends_what_its_sink_had_and_closes_it(v2: V2Serve
     assert not sink.submit_many([make_event()])  # closed
     assert len(v2.requests) == 1
     store.close()
+
+
+def test_a_sink_given_to_two_runtimes_in_turn_stays_attached(v2: V2Server) -> None:
+    store = cl.open_store("memory://")
+    sink = InfluxSink(v2.url, bucket="b", flush_interval=60)
+    cl.configure(store=store, influxdb=sink)
+    cl.configure(store=store, influxdb=sink)
+    assert list(store.sinks) == [sink]
+    cl.Loop(lambda x, a: x, task_type="t").run(1)
+    assert cl.current_runtime().flush(10)
+    assert sink.stats().written == 1
+    cl.reset()
+    sink.close()
+    store.close()
