@@ -29,6 +29,7 @@ PROGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "prometheus": (("prometheus",), "apt-get install prometheus"),
     "redis-server": (("redis-server",), "apt-get install redis-server"),
     "setpriv": (("setpriv",), "apt-get install util-linux"),
+    "influxd": (("influxd",), "apt-get install influxdb"),
 }
 # importable name -> how to get it
 MODULES: dict[str, str] = {

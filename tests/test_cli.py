@@ -90,6 +90,29 @@ def test_report_shows_why_steps_failed_grouped(db: Path) -> None:
                                             "--top-messages", "0").stdout
 
 
+def test_report_shows_cost_in_total_and_per_success_when_steps_were_priced(
+        tmp_path: Path) -> None:
+    path = tmp_path / "priced.db"
+    with cl.open_store(f"sqlite:///{path}") as store:
+        run_scenario(store, time.time() - 600)
+        assert "Cost (USD)" not in invoke("report", "--store", str(path)).stdout
+        loop = cl.Loop(lambda x, a: a.record_usage(1000, 0, cost_usd=1.5), task_type="priced",
+                       store=store)
+        for i in range(4):
+            loop.run(i)
+    result = invoke("report", "--store", str(path))
+    assert result.exit_code == 0, result.output
+    assert "Cost (USD)" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if "$" in line]
+    [priced] = [line for line in lines if "priced" in line]
+    assert "$6.00" in priced and "4/4" in priced and "$1.50" in priced
+    [overall] = [line for line in lines if "overall" in line]
+    assert "$6.00" in overall and "4/14" in overall and "$0.7500" in overall
+    data = json.loads(invoke("report", "--store", str(path), "--json").stdout)
+    assert data["overall"]["outcomes"]["succeeded"] == 8
+    assert data["overall"]["cost"] == {"total_usd": 6.0, "priced": 4, "per_success_usd": 0.75}
+
+
 def test_report_json_is_the_report_dict_plus_scores(db: Path) -> None:
     result = invoke("report", "--store", str(db), "--json")
     assert result.exit_code == 0, result.output

@@ -169,7 +169,7 @@ def test_to_dict_is_json_with_stable_keys(report: Report) -> None:
     assert list(provision["latency"]) == ["p50_ms", "p95_ms", "mean_ms", "max_ms"]
     assert list(provision["tokens"]) == ["input_total", "output_total", "input_per_run",
                                          "output_per_run", "cached_input_total"]
-    assert list(provision["cost"]) == ["total_usd", "priced", "per_priced_run_usd"]
+    assert list(provision["cost"]) == ["total_usd", "priced", "per_success_usd"]
     assert provision["top_errors"][0] == {"error_type": "verification", "count": 2,
                                           "share": 2 / 6}
     lands = "lands: [error] failed: check lands returned False"

@@ -298,10 +298,17 @@ class BatchQueue(Generic[T]):
 def flush_all(timeout: float, *, final: bool = False) -> bool:
     """Flush every queue in the process at once, within ``timeout`` seconds in all."""
     deadline = time.monotonic() + timeout
-    markers = [m for q in list(_queues) if (m := q._mark(final)) is not None]
+    queues = list(_queues)
     ok = True
-    for marker in markers:
-        ok = marker.done.wait(max(0.0, deadline - time.monotonic())) and ok
+    # Twice: a queue fed by another queue's writer (a store's event sinks) may have been
+    # handed items after its marker; the second round writes those too.
+    for _round in range(2):
+        markers = [m for q in queues if (m := q._mark(final)) is not None]
+        for marker in markers:
+            ok = marker.done.wait(max(0.0, deadline - time.monotonic())) and ok
+        queues = [q for q in queues if q.queued]
+        if not queues:
+            break
     return ok
 
 

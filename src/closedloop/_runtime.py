@@ -25,14 +25,16 @@ from closedloop._errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from closedloop._pricing import Prices
     from closedloop._redact import Redactor
     from closedloop.control import Backpressure, FaultControl
-    from closedloop.store import Store
+    from closedloop.store import EventSink, Store
     from closedloop.telemetry import Telemetry
 
 __all__ = ["Runtime", "configure", "current_runtime", "reset"]
 
 REDIS_ENV = "CLOSEDLOOP_REDIS_URL"
+INFLUXDB_ENV = "CLOSEDLOOP_INFLUXDB_URL"
 
 
 class _Unset:
@@ -73,6 +75,8 @@ class Runtime:
         telemetry: Telemetry | None = None,
         redactor: Redactor | None = None,
         retention: str | float | None = UNSET,
+        prices: Prices | Any = UNSET,
+        influxdb: EventSink | str | None = UNSET,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
@@ -94,6 +98,15 @@ class Runtime:
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
         self._redactor = redactor
+        self._prices: Prices | None = None
+        if prices is not UNSET:
+            from closedloop._pricing import prices_from
+
+            self._prices = prices_from(prices)  # a bad table fails here, in configure()
+        self._sinks: tuple[EventSink, ...] | None = None
+        self._owned_sinks: tuple[EventSink, ...] = ()
+        if influxdb is not UNSET:
+            self._sinks = self._build_sinks(influxdb)  # a bad URL fails here too
         self._lock = threading.RLock()
         self._closed = False
 
@@ -116,11 +129,59 @@ class Runtime:
         if isinstance(arg, Store):
             if self._retention is not UNSET:  # given with the store: the caller's wish
                 arg.set_retention(self._retention)
-            return arg
-        url = default_store_url() if arg is UNSET else arg
-        self._owns_store = True
-        # defer: an agent starts even when the file cannot be opened yet (events are held)
-        return open_store(url, defer=True, retention=self.retention)
+            store = arg
+        else:
+            url = default_store_url() if arg is UNSET else arg
+            self._owns_store = True
+            # defer: an agent starts even when the file cannot be opened yet (events are held)
+            store = open_store(url, defer=True, retention=self.retention)
+        for sink in self.sinks:
+            store.add_sink(sink)
+        return store
+
+    @property
+    def prices(self) -> Prices:
+        """The price table that fills steps' ``cost_usd`` (built on first use)."""
+        prices = self._prices
+        if prices is None:
+            from closedloop._pricing import prices_from_env
+
+            prices = self._prices = prices_from_env()
+        return prices
+
+    @property
+    def sinks(self) -> tuple[EventSink, ...]:
+        """Where the runtime's store also sends every event (InfluxDB); built on first use
+        from ``$CLOSEDLOOP_INFLUXDB_URL`` unless given."""
+        sinks = self._sinks
+        if sinks is None:
+            with self._lock:
+                sinks = self._sinks
+                if sinks is None:
+                    found = None
+                    if os.environ.get(INFLUXDB_ENV, "").strip():  # else nothing is imported
+                        from closedloop.telemetry import influx_from_env
+
+                        found = influx_from_env()
+                    sinks = self._sinks = (found,) if found is not None else ()
+                    self._owned_sinks = sinks
+        return sinks
+
+    def _build_sinks(self, influxdb: EventSink | str | None) -> tuple[EventSink, ...]:
+        if influxdb is None:
+            return ()
+        if isinstance(influxdb, str):
+            from closedloop.telemetry import InfluxSink
+
+            sink = InfluxSink(influxdb)
+            self._owned_sinks = (sink,)
+            return (sink,)
+        from closedloop.store import EventSink
+
+        if not isinstance(influxdb, EventSink):
+            raise ConfigError(f"influxdb must be a URL, an EventSink or None, got "
+                              f"{type(influxdb).__name__}")
+        return (influxdb,)
 
     @property
     def retention(self) -> float | None:
@@ -227,6 +288,8 @@ class Runtime:
         ok = True
         if self._store is not None:
             ok = self._store.flush(timeout) and ok
+        for sink in self._sinks or ():  # after the store: its writer feeds them
+            ok = sink.flush(timeout) and ok
         if self.telemetry is not None:
             ok = self.telemetry.flush(timeout) and ok
         return ok
@@ -255,6 +318,13 @@ class Runtime:
                 store.close(timeout)
             else:
                 store.flush(timeout)
+            for sink in self._sinks or ():
+                store.remove_sink(sink)
+        for sink in self._owned_sinks:  # after the store: its last events reach them
+            sink.close(timeout)
+        for sink in self._sinks or ():
+            if sink not in self._owned_sinks:
+                sink.flush(timeout)
 
     def __enter__(self) -> Runtime:
         return self
@@ -287,6 +357,8 @@ def configure(
     telemetry: Telemetry | None = None,
     redactor: Redactor | None = None,
     retention: str | float | None = UNSET,
+    prices: Prices | Any = UNSET,
+    influxdb: EventSink | str | None = UNSET,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -299,7 +371,7 @@ def configure(
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
                   backpressure=backpressure, telemetry=telemetry, redactor=redactor,
-                  retention=retention)
+                  retention=retention, prices=prices, influxdb=influxdb)
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)
@@ -310,6 +382,9 @@ def configure(
     for guarded, guard in list(old._guards.items()):  # the guards of loops on other stores
         _carry_unsaved(guard, functools.partial(new.fault_control_for, guarded))
     old.close()
+    if new._store is not None:  # a sink both runtimes were given stays on the kept store
+        for sink in new.sinks:
+            new._store.add_sink(sink)
     return new
 
 

@@ -135,3 +135,20 @@ async def test_an_async_client_reports_429s(wire: WireServer) -> None:
     with pytest.raises(anthropic.RateLimitError):
         await c.messages.create(model="claude-test-2", max_tokens=8, messages=MESSAGES)
     assert seen == [("anthropic:claude-test-2", 1.0)]
+
+
+def test_a_message_is_priced_with_cache_reads_and_writes_at_their_rates(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    cl.configure(store=memory_store, prices={"anthropic:claude-test-*": {
+        "input": 3.0, "output": 15.0, "cached_input": 0.3, "cache_write": 3.75}})
+    wire.script(Reply(body=MESSAGE))
+    c = instrument_anthropic(client(wire))
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        c.messages.create(model="claude-test", max_tokens=64, messages=MESSAGES)
+        return task
+
+    event = cl.Loop(agent, task_type="t").run("x").event
+    assert event is not None
+    # 10 fresh + 30 cache reads + 2 cache writes in, 5 out
+    assert event.cost_usd == pytest.approx((10 * 3.0 + 30 * 0.3 + 2 * 3.75 + 5 * 15.0) / 1e6)

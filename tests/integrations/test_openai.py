@@ -201,3 +201,17 @@ def test_inside_a_traced_step_the_model_call_is_a_child_of_the_agent_span(
     assert by_name["chat gpt-4o"].parent_id == by_name["invoke_agent writer"].span_id
     assert by_name["invoke_agent writer"].attributes["gen_ai.usage.input_tokens"] == 12
     assert by_name["closedloop.step"].attributes["closedloop.usage.input_tokens"] == 12
+
+
+def test_a_completion_fills_the_steps_cost_from_the_price_table(wire: WireServer) -> None:
+    wire.script(Reply(body=completion()))
+    c = instrument_openai(client(wire))
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        return task
+
+    event = cl.Loop(agent, task_type="t", store=None).run("x").event
+    assert event is not None and event.model == "gpt-4o-2024-08-06"
+    # genai-prices: $2.50 per MTok in, $1.25 cached, $10 out (12 in of which 8 cached, 5 out)
+    assert event.cost_usd == pytest.approx((4 * 2.5 + 8 * 1.25 + 5 * 10) / 1e6)

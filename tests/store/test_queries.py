@@ -63,7 +63,9 @@ def step(i: int, rng: random.Random, *, latency: float | None = None,
         validation_passed=rng.choice([None, True, False]),
         verification_passed=rng.choice([None, True, False]), error_type=error,
         error_message=message, propose_ms=1.0, validate_ms=1.0, act_ms=1.0, verify_ms=1.0,
-        detail=None)
+        detail=None,
+        # two in three steps priced; binary fractions, so that every backend's sum is exact
+        cost_usd=None if i % 3 == 0 else (i % 7) / 1024)
 
 
 def record(url: str, events: Sequence[cl.StepEvent]) -> Store:
@@ -128,7 +130,7 @@ def test_cost_and_cached_tokens_are_summed_in_sql_as_in_python(any_url: str) -> 
                                                       for e in events)
     rows = {r["task_type"]: r for r in report["task_types"]}
     assert rows["deploy"]["cost"] == {"total_usd": None, "priced": 0,
-                                      "per_priced_run_usd": None}
+                                      "per_success_usd": None}
     assert report["overall"]["cost"]["priced"] == len(priced)
     assert report["overall"]["tokens"]["cached_input_total"] == \
         summary.overall.cached_input_tokens
@@ -586,3 +588,27 @@ def test_an_older_store_opened_read_only_lists_its_steps(tmp_path: Path) -> None
     failed = [e for e in events if e.outcome == "failed"]
     assert [e.trace_id for e in listed] == [e.trace_id for e in
                                            sorted(failed, key=lambda e: -e.ts)]
+
+
+def test_cost_is_summed_per_task_type_over_priced_steps_only(any_url: str) -> None:
+    def priced(i: int, task: str, outcome: str, cost: float | None) -> cl.StepEvent:
+        return step(i, random.Random(i), task_type=task)._replace(
+            outcome=outcome, cost_usd=cost, error_type=None, error_message=None)
+
+    store = record(any_url, [
+        priced(0, "plan", "succeeded", 0.25), priced(1, "plan", "failed", 0.5),
+        priced(2, "plan", "succeeded", None), priced(3, "apply", "succeeded", None),
+        priced(4, "plan", "succeeded", 0.125)])
+    try:
+        summary = store.summary()
+        by_task = {r.task_type: r for r in summary.rows}
+        assert (by_task["plan"].cost_usd, by_task["plan"].priced) == (0.875, 3)
+        assert (by_task["apply"].cost_usd, by_task["apply"].priced) == (None, 0)
+        assert (summary.overall.cost_usd, summary.overall.priced) == (0.875, 3)
+        assert store.summary(outcome="succeeded").overall.cost_usd == 0.375
+        report = report_from_store(store)
+        assert report.row("plan").cost.per_success_usd == 0.875 / 3
+        assert report.row("apply").cost.to_dict() == {"total_usd": None, "priced": 0,
+                                                      "per_success_usd": None}
+    finally:
+        store.close()

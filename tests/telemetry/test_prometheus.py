@@ -35,7 +35,7 @@ def test_promtool_accepts_the_alert_rules() -> None:
     out = subprocess.run([_services.program("promtool"), "check", "rules", str(ALERTS)],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "5 rules found" in out.stdout
+    assert "6 rules found" in out.stdout
 
 
 def test_the_alerts_fire_on_spikes_and_halts_and_stay_quiet_otherwise(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_prometheus_scrapes_serve_and_loads_the_rules(
         assert result[0]["value"][1] == "1"
         groups = httpx.get(f"{api}/rules", timeout=2.0).json()["data"]["groups"]
         assert [g["name"] for g in groups] == ["closedloop"]
-        assert len(groups[0]["rules"]) == 5
+        assert len(groups[0]["rules"]) == 6
         targets = httpx.get(f"{api}/targets", timeout=2.0).json()["data"]["activeTargets"]
         assert targets[0]["health"] == "up"
         for expr in dashboard_exprs():  # every dashboard panel is valid PromQL for Prometheus

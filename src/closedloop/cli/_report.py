@@ -65,6 +65,9 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
       Mean           mean latency in ms
       Max            slowest step in ms
       Tokens in/out  model tokens, totals and per run (all attempts count)
+      Cost (USD)     what the priced steps cost (shown when any step has a
+                     cost_usd), how many were priced, and per success: the
+                     total over the steps that succeeded
       Top errors     most frequent error types, count and share of the row's runs
       Failure messages
                      why steps failed: the steps' error messages, grouped by
@@ -77,12 +80,15 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
       {"since", "until", "task_type", "overall": ROW, "task_types": [ROW, ...]}
       ROW = {"task_type" (null for overall), "runs", "first_ts", "last_ts",
              "validation", "reask", "reask_success", "verification",
-             "outcomes", "latency", "tokens", "top_errors", "top_messages"}
+             "outcomes", "latency", "tokens", "top_errors", "top_messages",
+             "cost"}
       each rate  = {"count", "total", "rate"} (rate null when total is 0)
       outcomes   = {OUTCOME: count} for every outcome, zeros included
       latency    = {"p50_ms", "p95_ms", "mean_ms", "max_ms"}
       tokens     = {"input_total", "output_total", "input_per_run",
                     "output_per_run"}
+      cost       = {"total_usd" (null: no step priced), "priced" (steps with
+                    a cost), "per_success_usd" (null: no success or no cost)}
       top_errors = [{"error_type", "count", "share"}, ...]
       top_messages = [{"error_type", "message" (the group), "example" (its
                      most recent message), "count", "share"}, ...]
@@ -183,6 +189,14 @@ def _ms(value: float | None) -> str:
     return _NONE if value is None else f"{value:,.1f}"
 
 
+def _usd(value: float | None) -> str:
+    if value is None:
+        return _NONE
+    if value >= 1:
+        return f"${value:,.2f}"
+    return f"${value:.4f}" if value >= 0.01 else f"${value:.6f}"
+
+
 def _per_run(value: float | None) -> str:
     return _NONE if value is None else f"{value:,.0f}"
 
@@ -234,6 +248,14 @@ def _print(result: Report, url: str) -> None:
                      _per_run(tok.input_per_run), _per_run(tok.output_per_run),
                      end_section=row is result.rows[-1])
     out.print(cost)
+
+    if any(row.cost.priced for row in rows):
+        usd = _table("Cost (USD)", "Task type", "Total", "Priced steps", "Per success")
+        for row in rows:
+            c = row.cost
+            usd.add_row(_name(row), _usd(c.total_usd), f"{c.priced:,}/{row.runs:,}",
+                        _usd(c.per_success_usd), end_section=row is result.rows[-1])
+        out.print(usd)
 
     seen = [o for o, n in result.overall.outcomes.items() if n]
     outcomes = _table("Outcomes", "Task type", *(o.replace("_", " ").capitalize() for o in seen))

@@ -24,7 +24,7 @@ class AnthropicProvider:
         input_tokens = ((getattr(usage, "input_tokens", None) or 0) + cache_read + cache_write
                         if with_input else 0)
         call.add_usage(input_tokens, getattr(usage, "output_tokens", None) or 0,
-                       cache_read if with_input else 0)
+                       cache_read if with_input else 0, cache_write if with_input else 0)
 
     def on_response(self, call: ModelCall, response: Any) -> None:
         call.response_model = getattr(response, "model", None)

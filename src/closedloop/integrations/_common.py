@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
+from closedloop._pricing import warm_up
 from closedloop.loop import current_attempt
 from closedloop.telemetry import SpanRecord, Telemetry, active_telemetry
 
@@ -59,6 +60,7 @@ class ModelCall:
     __slots__ = (
         "_done",
         "cache_read_tokens",
+        "cache_write_tokens",
         "finish_reasons",
         "input_tokens",
         "output_parts",
@@ -77,6 +79,7 @@ class ModelCall:
         self.provider = provider
         self.started = time.perf_counter()
         self.input_tokens = self.output_tokens = self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
         self.finish_reasons: list[str] = []
         self.response_model: str | None = None
         self.response_id: str | None = None
@@ -100,11 +103,13 @@ class ModelCall:
                 self.span.content = provider.request_content(kwargs)
 
     def add_usage(self, input_tokens: int = 0, output_tokens: int = 0,
-                  cache_read_tokens: int = 0) -> None:
-        """Add token counts reported by a response or a stream event."""
+                  cache_read_tokens: int = 0, cache_write_tokens: int = 0) -> None:
+        """Add token counts reported by a response or a stream event (cache reads and
+        writes are among ``input_tokens``)."""
         self.input_tokens += input_tokens or 0
         self.output_tokens += output_tokens or 0
         self.cache_read_tokens += cache_read_tokens or 0
+        self.cache_write_tokens += cache_write_tokens or 0
 
     def done(self) -> None:
         """Finish: usage, model and provider to the current attempt (the step's event),
@@ -114,9 +119,11 @@ class ModelCall:
         self._done = True
         attempt = current_attempt()
         if attempt is not None:
-            # the model that answered (a dated snapshot) rather than the alias asked for
+            # the model that answered (a dated snapshot) rather than the alias asked for;
+            # priced there from the runtime's price table (cache writes cost more)
             attempt.record_usage(self.input_tokens, self.output_tokens,
                                  cached_input_tokens=self.cache_read_tokens,
+                                 cache_write_tokens=self.cache_write_tokens,
                                  model=self.response_model or self.request_model,
                                  provider=self.provider.name)
         span = self.span
@@ -250,6 +257,7 @@ def wrap_create(original: Callable[..., Any], provider: Provider, operation: str
     """Wrap an SDK ``create`` method (sync or async, streaming or not)."""
     if getattr(original, "__closedloop_wrapped__", False):
         return original
+    warm_up()  # load the price table now, not in the agent's first model call
 
     def begin(kwargs: dict[str, Any]) -> ModelCall | None:
         try:

@@ -20,6 +20,8 @@ Definitions (the CLI's ``--help`` repeats them):
   (``verification_passed`` is not ``None``);
 - *latency percentiles*: nearest-rank — the p-th percentile is the smallest recorded latency
   with at least p % of the steps at or below it, so it is always a latency that happened;
+- *cost*: the sum of the priced steps' ``cost_usd`` and how many were priced; *cost per
+  success*: that sum over the steps that succeeded;
 - *error share*: steps with that ``error_type`` among all steps of the row;
 - *failure messages*: steps' ``error_message`` grouped by :func:`message_group` — the message
   with every token that holds a digit (ids, sizes, counts, versions) replaced by ``<*>`` — so
@@ -96,15 +98,19 @@ class Tokens:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cost:
-    """What the steps cost, in US dollars: the total of the ``priced`` steps (those with a
-    ``cost_usd``; ``None`` when none has) and its mean per priced step."""
+    """What the row's steps cost in US dollars (``cost_usd`` of :class:`~closedloop.StepEvent`).
+
+    ``total_usd`` sums the priced steps (None: none was priced); ``priced`` counts them, so
+    ``priced < runs`` says the total leaves some steps out. ``per_success_usd`` is the total
+    over the steps that succeeded: what one success cost, failures and re-asks included.
+    """
 
     total_usd: float | None
     priced: int
-    per_priced_run_usd: float | None
+    per_success_usd: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"total_usd", "priced", "per_priced_run_usd"}``."""
+        """``{"total_usd", "priced", "per_success_usd"}``."""
         return asdict(self)
 
 
@@ -157,7 +163,7 @@ class TaskStats:
     tokens: Tokens
     top_errors: tuple[ErrorCount, ...]
     top_messages: tuple[MessageCount, ...] = ()
-    cost: Cost = Cost(total_usd=None, priced=0, per_priced_run_usd=None)
+    cost: Cost = Cost(total_usd=None, priced=0, per_success_usd=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form; keys are stable (see :meth:`Report.to_dict`)."""
@@ -215,7 +221,7 @@ class Report:
         ``outcomes`` maps every :class:`~closedloop.Outcome` value to a count, ``latency`` is
         ``{"p50_ms", "p95_ms", "mean_ms", "max_ms"}``, ``tokens`` is ``{"input_total",
         "output_total", "input_per_run", "output_per_run", "cached_input_total"}``, ``cost``
-        is ``{"total_usd", "priced", "per_priced_run_usd"}`` (steps with a ``cost_usd``),
+        is ``{"total_usd", "priced", "per_success_usd"}`` (:class:`Cost`),
         ``top_errors`` a list of ``{"error_type", "count", "share"}`` and ``top_messages`` a
         list of ``{"error_type", "message", "example", "count", "share"}``. Times are Unix
         seconds.
@@ -255,13 +261,14 @@ def _stats(f: TaskFigures, top_errors: int) -> TaskStats:
             output_per_run=f.output_tokens / runs if runs else None,
             cached_input_total=f.cached_input_tokens,
         ),
-        cost=Cost(total_usd=f.cost_usd, priced=f.priced,
-                  per_priced_run_usd=f.cost_usd / f.priced
-                  if f.cost_usd is not None and f.priced else None),
         top_errors=tuple(ErrorCount(error_type=k, count=v, share=v / runs) for k, v in errors),
         top_messages=tuple(MessageCount(error_type=m.error_type, message=m.group,
                                         example=m.example, count=m.count, share=m.count / runs)
                            for m in f.messages),
+        cost=Cost(total_usd=f.cost_usd, priced=f.priced,
+                  per_success_usd=(f.cost_usd / succeeded
+                                   if f.cost_usd is not None and (succeeded := outcomes.get(
+                                       Outcome.SUCCEEDED.value, 0)) else None)),
     )
 
 

@@ -559,7 +559,7 @@ class _Step:
             spec.prompt_version,                            # prompt_version
             labels.copy() if labels is not None else None,  # labels
             attempt.cached_input_tokens,                    # cached_input_tokens
-            attempt.cost_usd,                               # cost_usd
+            None if attempt.unpriced else attempt.cost_usd,  # cost_usd
             proposal,                                       # proposal
             digest,                                         # proposal_digest
         ))

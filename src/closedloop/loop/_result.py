@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from closedloop import _runtime
 from closedloop._errors import (
     Blocked,
     CheckCrashed,
@@ -57,6 +58,8 @@ class Attempt:
     """The model of the step's last model call (the event's ``model``)."""
     provider: str | None = None
     """Who served it: ``openai``, ``anthropic``… (the event's ``provider``)."""
+    unpriced: bool = False
+    """True once a model call of the step could not be priced: its cost stays ``None``."""
 
     @property
     def is_retry(self) -> bool:
@@ -65,23 +68,41 @@ class Attempt:
 
     def record_usage(self, input_tokens: int = 0, output_tokens: int = 0, *,
                      cached_input_tokens: int = 0, cost_usd: float | None = None,
-                     model: str | None = None, provider: str | None = None) -> None:
+                     model: str | None = None, provider: str | None = None,
+                     cache_write_tokens: int = 0) -> None:
         """Add what one model call used to this step's totals.
 
         ``input_tokens`` counts every input token, cached ones too; ``cached_input_tokens``
-        says how many of them came from the prompt cache. ``cost_usd`` adds to the step's
-        cost; ``model`` and ``provider``, when given, become the step's (the last call's win).
+        says how many of them came from the prompt cache (and ``cache_write_tokens``, used
+        for pricing only, how many were written to it). ``cost_usd`` adds to the step's
+        cost; ``model`` and ``provider``, when given, become the step's (the last call's
+        win). A call with a ``model`` and tokens but no ``cost_usd`` is priced from the
+        runtime's price table (:mod:`closedloop._pricing`: your prices, then
+        genai-prices); when it has no price for the model, the step's cost is ``None``,
+        never a partial sum.
         """
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         if cached_input_tokens:
             self.cached_input_tokens += cached_input_tokens
+        if cost_usd is None and model is not None and (input_tokens or output_tokens):
+            cost_usd = _runtime._current.prices.cost(
+                model, provider, input_tokens, output_tokens,
+                cached_input_tokens=cached_input_tokens, cache_write_tokens=cache_write_tokens)
+            if cost_usd is None:
+                self.unpriced = True
         if cost_usd is not None:
             self.cost_usd = cost_usd if self.cost_usd is None else self.cost_usd + cost_usd
         if model is not None:
             self.model = model
         if provider is not None:
             self.provider = provider
+
+    @property
+    def step_cost_usd(self) -> float | None:
+        """The step's cost so far: ``None`` when nothing was priced, or when a call could
+        not be."""
+        return None if self.unpriced else self.cost_usd
 
 
 def new_attempt(trace_id: str, task_type: str, backpressure: Backpressure | None,
@@ -103,6 +124,7 @@ def new_attempt(trace_id: str, task_type: str, backpressure: Backpressure | None
     attempt.cost_usd = None
     attempt.model = None
     attempt.provider = None
+    attempt.unpriced = False
     return attempt
 
 

@@ -39,6 +39,8 @@ from closedloop.store._base import (
     ControlStateBackend,
     EventBackend,
     EventQuery,
+    EventSink,
+    SinkStats,
     SpanBackend,
     span_store_for,
 )
@@ -123,6 +125,7 @@ __all__ = [
     "EventBackend",
     "EventQueries",
     "EventQuery",
+    "EventSink",
     "EventSummary",
     "EventsPruned",
     "ExampleKey",
@@ -141,6 +144,7 @@ __all__ = [
     "SQLiteLedger",
     "SQLiteSpanStore",
     "SeriesCell",
+    "SinkStats",
     "SpanBackend",
     "SpanStore",
     "StepFilter",
@@ -247,6 +251,30 @@ class Store:
     def stats(self) -> WriterStats:
         """Written, queued, held, dropped, dead-lettered and lost counts."""
         return self._writer.stats()
+
+    @property
+    def sinks(self) -> tuple[EventSink, ...]:
+        """Where every event also goes (see :meth:`add_sink`)."""
+        return self._writer.sinks
+
+    def add_sink(self, sink: EventSink) -> None:
+        """Send every event recorded from now on to ``sink`` too (redacted, from the
+        writer's thread, see :class:`EventSink`). Adding a sink twice adds it once."""
+        if not isinstance(sink, EventSink):
+            raise ConfigError(f"not an event sink: {type(sink).__name__} (it needs name, "
+                              "submit_many, flush, close and stats)")
+        writer = self._writer
+        if sink not in writer.sinks:
+            writer.sinks = (*writer.sinks, sink)
+
+    def remove_sink(self, sink: EventSink) -> None:
+        """Stop sending events to ``sink`` (a no-op when it was not added)."""
+        writer = self._writer
+        writer.sinks = tuple(s for s in writer.sinks if s is not sink)
+
+    def sink_stats(self) -> dict[str, SinkStats]:
+        """Each sink's counts, by its name."""
+        return {sink.name: sink.stats() for sink in self._writer.sinks}
 
     def events(
         self,

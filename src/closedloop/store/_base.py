@@ -51,6 +51,57 @@ class EventBackend(Protocol):
         """Release connections; the backend may be reopened by the next call."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkStats:
+    """What an event sink did with the events its store handed it.
+
+    ``queued`` and ``held`` (waiting for the destination to accept writes again) are not
+    lost yet; ``dropped`` ones were refused because the sink's queue or its held buffer was
+    full (or the process ended while they were held), ``rejected`` ones were refused by
+    the destination itself (a malformed point, no such database): neither is retried.
+    ``failures`` counts requests that failed and were retried later.
+    """
+
+    written: int
+    queued: int
+    held: int
+    dropped: int
+    rejected: int
+    failures: int
+
+    @property
+    def not_written(self) -> int:
+        """Events that will never reach the destination."""
+        return self.dropped + self.rejected
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Somewhere else every stored event also goes (InfluxDB: a time-series database).
+
+    A store's writer thread hands each batch to its sinks right after redacting it, before
+    writing it to the backend (so a sink sees events while the store is down too): the
+    agent's thread never waits for a sink. ``submit_many`` must return at once (queue and
+    count what does not fit, never block, never raise); the sink writes from a thread of
+    its own. Attach one with :meth:`~closedloop.store.Store.add_sink`;
+    ``closedloop.configure(influxdb=...)`` does it for the runtime's store.
+    """
+
+    name: str
+
+    def submit_many(self, events: Sequence[StepEvent]) -> bool:
+        """Queue redacted events; False when they were refused (and counted)."""
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until what was submitted is written; False on timeout or while held."""
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush and stop; later submits are dropped."""
+
+    def stats(self) -> SinkStats:
+        """The sink's counts."""
+
+
 @runtime_checkable
 class ControlStateBackend(Protocol):
     """A backend that keeps control state (pauses, halts, their history) next to its events.

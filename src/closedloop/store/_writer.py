@@ -43,7 +43,7 @@ from pathlib import Path
 from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
 from closedloop._redact import redact_events
-from closedloop.store._base import EventBackend
+from closedloop.store._base import EventBackend, EventSink
 from closedloop.store.sqlite import disk_full
 
 log = logging.getLogger("closedloop.store")
@@ -140,6 +140,9 @@ class BatchWriter:
         self._failures = 0
         self._retry_at = 0.0
         self._dead_letter_used: Path | None = None
+        self.sinks: tuple[EventSink, ...] = ()
+        """Where each batch also goes, redacted, before the backend (see
+        :class:`~closedloop.store.EventSink`); replaced whole, never changed in place."""
         self.maintenance: Callable[[], object] | None = None
         """Run by the writer thread after each wake-up while the store accepts writes
         (automatic retention, :class:`~closedloop.store._retention.Retention`)."""
@@ -182,6 +185,8 @@ class BatchWriter:
 
     def _write(self, batch: list[StepEvent]) -> None:
         batch = redact_events(batch)  # before the backend, held or dead-lettered
+        if self.sinks:
+            self._fan_out(batch)
         if self._outage:
             self._hold(batch)
             if time.monotonic() >= self._retry_at:
@@ -193,6 +198,14 @@ class BatchWriter:
             self._refused(batch, exc)
             return
         self._written += len(batch)
+
+    def _fan_out(self, batch: list[StepEvent]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.submit_many(batch)
+            except Exception:  # a sink must not stop the store's writes
+                log.exception("closedloop store %s: event sink %r failed", self.backend.url,
+                              getattr(sink, "name", sink))
 
     def _refused(self, batch: list[StepEvent], exc: Exception) -> None:
         self._write_errors += 1

@@ -11,6 +11,9 @@ What the recorded traces say afterwards -- a trace shown as a tree, two traces d
 checks replayed on recorded proposals, score summaries -- is the learning layer's
 (:mod:`closedloop.learn`), and needs neither.
 
+Every step event can also go to InfluxDB (:class:`InfluxSink`, the ``influxdb`` extra):
+``closedloop.configure(influxdb="http://127.0.0.1:8086/?db=closedloop")``.
+
 Quick start::
 
     from closedloop import telemetry
@@ -41,6 +44,15 @@ if TYPE_CHECKING:
         otlp_grpc,
         otlp_http,
     )
+    from closedloop.telemetry._influx import (
+        InfluxSink,
+        escape_measurement,
+        escape_string,
+        escape_tag,
+        event_line,
+        influx_from_env,
+        tag_text,
+    )
     from closedloop.telemetry._metrics import (
         Metrics,
         StoreTail,
@@ -67,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capture",
+    "InfluxSink",
     "LiveSpan",
     "MemoryExporter",
     "MemorySpanStore",
@@ -91,6 +104,11 @@ __all__ = [
     "active_telemetry",
     "configure",
     "default_telemetry",
+    "escape_measurement",
+    "escape_string",
+    "escape_tag",
+    "event_line",
+    "influx_from_env",
     "iter_children",
     "metrics_asgi_app",
     "otlp_grpc",
@@ -101,6 +119,7 @@ __all__ = [
     "set_default_telemetry",
     "span_store_for",
     "start_metrics_server",
+    "tag_text",
 ]
 
 
@@ -178,6 +197,8 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "._export": ("MemoryExporter", "OTelExporter", "StoreExporter", "otlp_grpc", "otlp_http"),
+        "._influx": ("InfluxSink", "escape_measurement", "escape_string", "escape_tag",
+                     "event_line", "influx_from_env", "tag_text"),
         "._metrics": ("Metrics", "StoreTail", "metrics_asgi_app", "start_metrics_server"),
         "._pipeline": ("SpanExporter", "Telemetry", "TelemetryStats", "active_telemetry",
                        "default_telemetry", "reset_default_telemetry", "set_default_telemetry"),

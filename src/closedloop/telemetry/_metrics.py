@@ -83,6 +83,8 @@ class Metrics:
         self.step_duration = Histogram("closedloop_step_duration_seconds",
                                        "Wall time of a loop step.", ["task_type", "outcome"],
                                        buckets=STEP_BUCKETS, registry=r)
+        self.cost = Counter("closedloop_cost_usd", "What loop steps' model calls cost, in US "
+                            "dollars (priced steps only).", ["task_type"], registry=r)
         self.reasks = Counter("closedloop_reasks", "Attempts after the first (re-asks).",
                               ["task_type"], registry=r)
         self.validation_failures = Counter(
@@ -177,6 +179,9 @@ class Metrics:
                 n = attrs.get(f"closedloop.usage.{kind}_tokens")
                 if n:
                     self._inc(self.tokens, (task, kind), n)
+            cost = attrs.get("closedloop.cost_usd")
+            if cost:
+                self._inc(self.cost, (task,), cost)
         elif name == "closedloop.attempt":
             if int(attrs.get("closedloop.attempt", 1)) > 1:
                 self._inc(self.reasks, (label("task_type", attrs.get("closedloop.task_type")),))
@@ -335,6 +340,25 @@ class _HealthCollector(Collector):
                                      "Step events held in memory while the store refuses writes.")
             held.add_metric([], s.held)
             yield held
+            sinks = self.store.sink_stats()
+            if sinks:
+                sent = CounterMetricFamily("closedloop_sink_events_written",
+                                           "Step events an event sink (InfluxDB) delivered.",
+                                           labels=["sink"])
+                lost = CounterMetricFamily("closedloop_sink_events_not_written",
+                                           "Step events an event sink dropped or had refused.",
+                                           labels=["sink", "reason"])
+                waiting = GaugeMetricFamily("closedloop_sink_events_held",
+                                            "Step events a sink holds while its destination "
+                                            "cannot be reached.", labels=["sink"])
+                for name, st in sorted(sinks.items()):
+                    sent.add_metric([name], st.written)
+                    lost.add_metric([name, "dropped"], st.dropped)
+                    lost.add_metric([name, "rejected"], st.rejected)
+                    waiting.add_metric([name], st.held)
+                yield sent
+                yield lost
+                yield waiting
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
