@@ -450,7 +450,7 @@ class Run:
         """
         if not callable(fn) or (check is not None and not callable(check)):
             raise ConfigError("on_rollback needs a callable (and a callable check)")
-        name = label or getattr(fn, "__qualname__", None) or type(fn).__name__
+        name = label or getattr(fn, "__name__", None) or type(fn).__name__
         with self._lock:
             self._rollbacks.append(_Rollback(current_step_id(), fn, args, check, str(name)))
 

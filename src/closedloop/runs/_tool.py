@@ -108,7 +108,9 @@ def _type_check(hint: Any) -> Callable[[Any], bool] | None:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 class _Signature:
@@ -425,6 +427,36 @@ class GuardedTool:
 def _issue_line(issue: Issue) -> str:
     where = f" {issue.location}" if issue.location else ""
     return f"{issue.code}{where}: {issue.message}"
+
+
+@typing.overload
+def tool(fn: F, /) -> F: ...
+
+
+@typing.overload
+def tool(
+    fn: None = None,
+    *,
+    name: str | None = None,
+    task_type: str | None = None,
+    description: str | None = None,
+    validators: Iterable[Callable[..., Any]] = (),
+    verifiers: Iterable[Callable[..., Any]] = (),
+    compensate: Callable[..., Any] | None = None,
+    verify_compensation: Callable[..., Any] | None = None,
+    autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
+    approver: Approver | None = None,
+    irreversible: bool = False,
+    risk: float | Callable[[ToolCall], float] = 1.0,
+    approve_above: float = 0.0,
+    max_invalid: int = 3,
+    check_types: bool = True,
+    labels: Mapping[str, str] | None = None,
+    store: Any = DEFAULT,
+    guards: Any = DEFAULT,
+    telemetry: Any = DEFAULT,
+    runtime: _runtime.Runtime | None = None,
+) -> Callable[[F], F]: ...
 
 
 def tool(
