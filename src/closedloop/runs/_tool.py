@@ -129,6 +129,7 @@ class _Signature:
                                if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
         self.required = tuple(p.name for p in params if p.default is kinds.empty
                               and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
+        self.required_set = frozenset(self.required)
         self.simple = not self.posonly and self.var_pos is None
         """Called as ``fn(**call)``."""
         self.types: dict[str, tuple[Callable[[Any], bool], str]] = {}
@@ -187,12 +188,18 @@ class _ArgumentCheck:
     def __call__(self, call: ToolCall) -> Verdict | None:
         sig = self.signature
         problems = call.problems
+        keys = call.keys()
+        if not problems and keys >= sig.required_set and (
+                sig.var_kw is not None or keys <= sig.names):
+            for name, (check, _) in sig.types.items():  # the common case: all present, typed
+                if name in call and not check(call[name]):
+                    break
+            else:
+                return None
         missing = [n for n in sig.required if n not in call]
         unexpected = [] if sig.var_kw is not None else [k for k in call if k not in sig.names]
         wrong = [(k, t) for k, (check, t) in sig.types.items() if k in call
                  and not check(call[k])]
-        if not (problems or missing or unexpected or wrong):
-            return None
         issues = [Issue(code="binding", message=p) for p in problems]
         issues += [Issue(code="missing", location=n, message=f"required argument {n!r} is "
                          "missing") for n in missing]
