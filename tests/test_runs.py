@@ -306,3 +306,24 @@ def test_the_run_is_one_trace_whose_root_names_it(memory_store: cl.Store) -> Non
     assert user.record.attributes["closedloop.run_id"] == run.run_id
     assert {e.trace_id for e in stored(memory_store)} == {root.trace_id}
     pipeline.shutdown()
+
+
+class Unreadable:
+    """A guard whose control state cannot be read."""
+
+    def admit(self, task_type: str) -> None:
+        raise cl.ControlUnavailable("ledger unreadable")
+
+    def observe(self, event: cl.StepEvent) -> None:
+        pass
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_tracing_never_changes_a_refusal(memory_store: cl.Store, traced: bool) -> None:
+    pipeline = Telemetry([MemoryExporter()]) if traced else None
+    agent = Calls()
+    lp = loop(memory_store, agent, guards=(Unreadable(),), telemetry=pipeline)
+    result = lp.run(1)  # refused (fail closed), traced or not: never raised
+    assert result.outcome is Outcome.CONTROL_UNAVAILABLE and agent.n == 0
+    if pipeline is not None:
+        pipeline.shutdown()

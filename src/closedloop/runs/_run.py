@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 _log = logging.getLogger("closedloop")
 _MAX_MESSAGE = 2000
 _FAILED = frozenset({Outcome.FAILED.value, Outcome.BLOCKED.value, Outcome.ERROR.value})
-_REFUSED_BY_RUN = frozenset({ErrorType.BUDGET_EXCEEDED.value, ErrorType.RUN_HALTED.value})
 _ROLLBACK_ON = frozenset({Outcome.ERROR, Outcome.ABORTED, Outcome.BUDGET_EXCEEDED,
                           Outcome.HALTED})
 
@@ -368,8 +367,6 @@ class Run:
     def observe(self, event: StepEvent) -> None:
         """Count one recorded step of the run: tokens, cost, failures; a halted task type
         halts the run."""
-        if event.error_type in _REFUSED_BY_RUN:
-            return  # counted when refused
         parent = self._parent
         with self._lock:
             self._add_usage(event.input_tokens, event.output_tokens, event.cost_usd)
