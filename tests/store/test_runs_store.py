@@ -120,3 +120,15 @@ def test_a_sqlite_store_of_the_schema_before_runs_is_read_as_having_none(
         store.record_run(record("r", 1.0))
         assert store.flush()
         assert store.runs().get_run("r") == record("r", 1.0)
+
+
+def test_automatic_retention_prunes_run_records_with_the_events(any_url: str) -> None:
+    from closedloop.store import Retention
+
+    store = cl.open_store(any_url)
+    try:
+        store.runs().put_runs([record("old", 1_000.0), record("new", 9_000.0)])
+        Retention(keep=5_000.0, clock=lambda: 10_000.0)(store.backend)
+        assert [r.run_id for r in store.runs().list_runs().runs] == ["new"]
+    finally:
+        store.close()
