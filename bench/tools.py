@@ -7,10 +7,13 @@ one verifier, recording into a SQLite store (WAL, background writer), default fa
 on, no telemetry: ``@closedloop.tool`` against the same function plus the same validator and
 verifier called bare (the baseline), timed in interleaved rounds in the same run. Two guarded
 cases: outside any run, and inside a :class:`closedloop.Run` (budgets checked, the step
-counted). The figure is the median per-call time of the guarded tool minus the bare one, in
-wall time and in the calling thread's CPU time (``time.thread_time``: it leaves out the
-store's writer thread and other processes on a shared machine, so it is the steadier of the
-two). The 1-minute load average is printed with the results.
+counted). Beside them, the same validator, function and verifier run as a plain
+:class:`closedloop.Loop` step with the call's arguments as its proposal (``loop``), to show
+what the tool adds to the loop's own cost. The figure is the median per-call time of the
+guarded tool minus the bare one, in wall time and in the calling thread's CPU time
+(``time.thread_time``: it leaves out the store's writer thread and other processes on a
+shared machine, so it is the steadier of the two). The 1-minute load average is printed with
+the results.
 """
 
 from __future__ import annotations
@@ -56,16 +59,22 @@ def per_call(fn: Any, calls: int, timer: Any = time.perf_counter) -> float:
 
 
 def bench(calls: int, rounds: int, folder: Path) -> dict[str, float]:
-    store = cl.open_store(folder / "tools.db", max_queue=calls * rounds * 6 + 10)
+    store = cl.open_store(folder / "tools.db", max_queue=calls * rounds * 8 + 10)
     guarded = cl.tool(validators=[validator], verifiers=[verifier], store=store)(put)
     assert guarded(name="x") == "x"
     run = cl.Run("bench", store=store)
+    loop = cl.Loop(lambda call, attempt: call, task_type="loop", validators=[validator],
+                   executor=lambda call: put(**call), verifiers=[verifier], store=store)
+
+    def as_loop(**kw: Any) -> Any:
+        return loop.run(kw).result
 
     def in_run(**kw: Any) -> Any:
         return guarded(**kw)
 
-    times: dict[str, list[float]] = {k: [] for k in ("tool", "run", "bare")}
-    cpu: dict[str, list[float]] = {k: [] for k in ("tool", "run", "bare")}
+    kinds = ("tool", "run", "loop", "bare")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     per_call(guarded, calls)
     per_call(bare, calls)
     gc.collect()
@@ -77,7 +86,9 @@ def bench(calls: int, rounds: int, folder: Path) -> dict[str, float]:
             cpu["bare"].append(per_call(bare, calls, time.thread_time))
     for _ in range(rounds):
         times["tool"].append(per_call(guarded, calls))
+        times["loop"].append(per_call(as_loop, calls))
         cpu["tool"].append(per_call(guarded, calls, time.thread_time))
+        cpu["loop"].append(per_call(as_loop, calls, time.thread_time))
     stats = store.close()
     assert stats.not_written == 0, stats
     med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
@@ -89,6 +100,9 @@ def bench(calls: int, rounds: int, folder: Path) -> dict[str, float]:
         "overhead_cpu_us_p50": cmed["tool"] - cmed["bare"],
         "in_run_overhead_us_p50": med["run"] - med["bare"],
         "in_run_overhead_cpu_us_p50": cmed["run"] - cmed["bare"],
+        "loop_overhead_us_p50": med["loop"] - med["bare"],
+        "loop_overhead_cpu_us_p50": cmed["loop"] - cmed["bare"],
+        "tool_over_loop_cpu_us_p50": cmed["tool"] - cmed["loop"],
         "events_written": float(stats.written),
     }
 

@@ -308,3 +308,17 @@ def test_the_runtimes_pipeline_traces_tools_it_installs_later(memory_store: cl.S
     assert [s.name for s in exporter.finished() if s.name.startswith("execute_tool")] == [
         "execute_tool put"]
     pipeline.shutdown()
+
+
+def test_a_tool_follows_the_runtime_that_configure_installs(tmp_path: Any) -> None:
+    @cl.tool
+    def act(n: int) -> int:
+        return n
+
+    first = cl.configure(store="memory://")
+    act(1)
+    second = cl.configure(store="memory://")
+    act(2)
+    assert second.store.flush()
+    assert [e.proposal for e in second.store.events()] == ['{"n":2}']
+    assert first is not second

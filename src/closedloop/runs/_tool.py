@@ -32,7 +32,7 @@ from closedloop._errors import ConfigError, ToolRefused
 from closedloop._events import ErrorType, Outcome
 from closedloop._verdict import Issue, Verdict
 from closedloop.autonomy import Approver, Autonomy
-from closedloop.loop import DEFAULT, Attempt, Loop, StepResult
+from closedloop.loop import DEFAULT, Attempt, Loop, StepResult, run_scope
 from closedloop.runs._run import Run, _adrive, _drive, _Rollback, current_run
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -227,6 +227,9 @@ class _ToolTracing:
         self.attrs = attrs
         self.runtime = runtime
         self.telemetry = telemetry
+        self.loop: Loop | None = None
+        """The loop this tracing is for: its steps run on its current spec (which follows
+        :func:`closedloop.configure`)."""
 
     def tracer(self, spec: Any) -> _ToolTracer:
         return _ToolTracer(spec, self)
@@ -244,13 +247,15 @@ class _ToolTracer:
         owner = self.owner
         telemetry = owner.telemetry
         if telemetry is DEFAULT:
-            rt = owner.runtime if owner.runtime is not None else _runtime.current_runtime()
+            rt = owner.runtime if owner.runtime is not None else _runtime._current
             telemetry = rt.telemetry
+        loop = owner.loop
+        spec = loop._spec if loop is not None else self.spec
         if telemetry is None:
-            return machine(self.spec, task_input, trace_id)
+            return machine(spec, task_input, trace_id)
         cached = self.cached
-        if cached is None or cached[0] is not telemetry:
-            cached = self.cached = (telemetry, telemetry.tracer(self.spec, tool=owner.attrs))
+        if cached is None or cached[0] is not telemetry or cached[1].spec is not spec:
+            cached = self.cached = (telemetry, telemetry.tracer(spec, tool=owner.attrs))
         return cached[1].step(machine, task_input, trace_id)
 
 
@@ -316,30 +321,43 @@ class GuardedTool:
         attrs: dict[str, Any] = {"gen_ai.tool.name": self.name, "gen_ai.tool.type": "function"}
         if doc:
             attrs["gen_ai.tool.description"] = doc.strip().splitlines()[0][:500]
-        tracing = None if telemetry is None else _ToolTracing(attrs, runtime, telemetry)
+        def tracing() -> _ToolTracing | None:
+            return None if telemetry is None else _ToolTracing(attrs, runtime, telemetry)
+
         common: dict[str, Any] = {
             "task_type": self.task_type,
             "validators": (_ArgumentCheck(self.signature), *validators),
             "executor": self._aexecute if self.is_async else self._execute,
             "verifiers": tuple(verifiers), "approver": approver, "max_attempts": 1,
             "agent_id": f"tool:{self.name}", "store": store, "guards": guards,
-            "telemetry": tracing, "runtime": runtime, "labels": labels,
+            "runtime": runtime, "labels": labels,
         }
-        self.loop = Loop(_propose, autonomy=autonomy, **common)
+        self.loop = self._traced(Loop(_propose, autonomy=autonomy, telemetry=tracing(),
+                                      **common))
         """The loop every call goes through (or :attr:`gated_loop`)."""
-        self.gated_loop = (Loop(_propose, autonomy=Autonomy.APPROVE, **common)
+        self.gated_loop = (self._traced(Loop(_propose, autonomy=Autonomy.APPROVE,
+                                             telemetry=tracing(), **common))
                            if self.irreversible else None)
         """An irreversible tool's loop for calls above the risk threshold: approval first."""
 
+    @staticmethod
+    def _traced(loop: Loop) -> Loop:
+        tracing = loop._telemetry
+        if isinstance(tracing, _ToolTracing):
+            tracing.loop = loop
+        return loop
+
     # ----- the action ---------------------------------------------------------------------
     def _execute(self, call: ToolCall) -> Any:
-        result = self.signature.invoke(self.fn, call)
+        result = self.fn(**call) if self.signature.simple else self.signature.invoke(
+            self.fn, call)
         if self.compensate is not None:
             self._register(call, result)
         return result
 
     async def _aexecute(self, call: ToolCall) -> Any:
-        result = await self.signature.invoke(self.fn, call)
+        result = await (self.fn(**call) if self.signature.simple else self.signature.invoke(
+            self.fn, call))
         if self.compensate is not None:
             self._register(call, result)
         return result
@@ -535,23 +553,26 @@ def tool(
                 call = bind(args, kwargs)
                 result = await loop_for(call).arun(call)
                 run = current_run()
-                if run is None:
+                if run is None and guarded.compensate is not None:
                     rollback = guarded.detached_rollback(result, call)
                     if rollback is not None:
                         await _adrive(rollback)
                 return answer(result, run)
             wrapper = async_wrapper
         else:
+            loop = guarded.loop if guarded.gated_loop is None else None
+            compensates = guarded.compensate is not None
+
             @functools.wraps(func)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 call = bind(args, kwargs)
-                result = loop_for(call).run(call)
-                run = current_run()
-                if run is None:
+                result = (loop or loop_for(call)).run(call)
+                run = run_scope.get()
+                if run is None and compensates:
                     rollback = guarded.detached_rollback(result, call)
                     if rollback is not None:
                         _drive(rollback)
-                return answer(result, run)
+                return answer(result, run if isinstance(run, Run) else None)
             wrapper = sync_wrapper
         wrapper.closedloop_tool = guarded
         return typing.cast(F, wrapper)
