@@ -113,11 +113,12 @@ def test_report_shows_cost_in_total_and_per_success_when_steps_were_priced(
     assert data["overall"]["cost"] == {"total_usd": 6.0, "priced": 4, "per_success_usd": 0.75}
 
 
-def test_report_json_is_the_report_dict_plus_scores(db: Path) -> None:
+def test_report_json_is_the_report_dict_plus_scores_and_runs(db: Path) -> None:
     result = invoke("report", "--store", str(db), "--json")
     assert result.exit_code == 0, result.output
     with cl.open_store(db) as store:
-        expected = {**report_from_store(store).to_dict(), "scores": []}  # no scores recorded
+        expected = {**report_from_store(store).to_dict(), "scores": [],  # no scores recorded
+                    "runs": store.runs().summarize_runs().to_dict()}
     assert json.loads(result.stdout) == expected
     assert result.stderr == ""
 

@@ -23,6 +23,7 @@ if typing.TYPE_CHECKING:
         NotExecuted,
         StepFailed,
         StoreError,
+        ToolRefused,
         ValidationFailed,
         VerificationFailed,
     )
@@ -36,7 +37,8 @@ if typing.TYPE_CHECKING:
     from closedloop._runtime import Runtime, configure, current_runtime, reset
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
-    from closedloop.loop import Attempt, Loop, StepResult, current_attempt
+    from closedloop.loop import Attempt, Loop, StepResult, current_attempt, current_run_id
+    from closedloop.runs import Run, ToolFeedback, current_run, tool
     from closedloop.store import Store, default_store, open_store, reset_default_store
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "NotExecuted",
     "Outcome",
     "Redactor",
+    "Run",
     "Runtime",
     "Severity",
     "StepEvent",
@@ -61,6 +64,8 @@ __all__ = [
     "StepResult",
     "Store",
     "StoreError",
+    "ToolFeedback",
+    "ToolRefused",
     "ValidationFailed",
     "Verdict",
     "VerificationFailed",
@@ -68,6 +73,8 @@ __all__ = [
     "as_verdict",
     "configure",
     "current_attempt",
+    "current_run",
+    "current_run_id",
     "current_runtime",
     "default_redactor",
     "default_store",
@@ -77,6 +84,7 @@ __all__ = [
     "reset_default_redactor",
     "reset_default_store",
     "set_default_redactor",
+    "tool",
 ]
 
 if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
@@ -85,13 +93,14 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "._errors": ("Blocked", "CheckCrashed", "CheckTimeout", "ClosedLoopError", "ConfigError",
                      "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
-                     "ValidationFailed", "VerificationFailed"),
+                     "ToolRefused", "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
         "._redact": ("Redactor", "default_redactor", "reset_default_redactor",
                      "set_default_redactor"),
         "._runtime": ("Runtime", "configure", "current_runtime", "reset"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),
-        ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),
+        ".loop": ("Attempt", "Loop", "StepResult", "current_attempt", "current_run_id"),
+        ".runs": ("Run", "ToolFeedback", "current_run", "tool"),
         ".store": ("Store", "default_store", "open_store", "reset_default_store"),
     })

@@ -10,12 +10,17 @@
     ├── BackpressureError    flow control did not make (or retry) a call   [closedloop.control]
     │   ├── CircuitOpen          the key's breaker is open past the call's deadline
     │   └── DeadlineExceeded     the next slot or retry comes after the deadline
-    └── StepFailed           raised only by ``StepResult.raise_for_outcome()``
+    └── StepFailed           raised by ``StepResult.raise_for_outcome()`` (and guarded tools)
         ├── ValidationFailed     validation still failed after the last re-ask
         ├── Blocked              a critical validation issue stopped the step, no re-ask
         ├── VerificationFailed   the real outcome did not match the intent (or was unknown)
         ├── NotExecuted          suggest-only, awaiting approval, or rejected by the approver
-        └── CheckCrashed         a validator or verifier itself raised
+        ├── CheckCrashed         a validator or verifier itself raised
+        └── ToolRefused          a guarded tool refused a call: its run stopped (budget, halt),
+                                 its task type is halted, or too many invalid calls
+
+``StepFailed`` is raised only by ``StepResult.raise_for_outcome()`` and by guarded tools
+(:func:`closedloop.tool`), which raise ``ToolRefused``.
 
 Exceptions raised by the user's own agent or executor are never wrapped: they propagate
 unchanged, after being recorded, with a note naming the trace id.
@@ -89,3 +94,10 @@ class NotExecuted(StepFailed):
 
 class CheckCrashed(StepFailed):
     """A validator or verifier raised instead of returning a verdict."""
+
+
+class ToolRefused(StepFailed):
+    """A guarded tool (:func:`closedloop.tool`) refused the call, and the agent should stop
+    calling it: the run's budget is spent or the run is halted, the tool's task type is
+    halted or its control state unreadable, or the model made more invalid calls in the run
+    than the tool allows. The refused call is recorded (``result.event``)."""

@@ -42,6 +42,18 @@ class Outcome(StrEnum):
     """A guard refused the step until a human lifts the halt."""
     CONTROL_UNAVAILABLE = "control_unavailable"
     """Admission could not be decided (control state unreadable): refused, fail closed."""
+    BUDGET_EXCEEDED = "budget_exceeded"
+    """A budget of the step's run (steps, tokens, cost, wall time) was spent: the step was
+    refused before it acted; the run ends with this outcome too."""
+    ABORTED = "aborted"
+    """Of a run only (:class:`closedloop.Run`): ``run.abort()`` ended it; its compensations
+    ran."""
+    COMPENSATED = "compensated"
+    """A compensation step: an earlier action was rolled back (and the rollback verified,
+    when it has a check); ``parent_step_id`` is the step it undid."""
+    COMPENSATION_FAILED = "compensation_failed"
+    """A compensation step whose rollback raised or whose check found the state not
+    restored: a human must look (``error_message`` says what is left)."""
 
 
 class ErrorType(StrEnum):
@@ -58,6 +70,12 @@ class ErrorType(StrEnum):
     PAUSED = "paused"
     HALTED = "halted"
     CONTROL_UNAVAILABLE = "control_unavailable"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    """A run budget refused the step (outcome ``budget_exceeded``)."""
+    RUN_HALTED = "run_halted"
+    """The step's run was halted or aborted: the step was refused (outcome ``halted``)."""
+    COMPENSATION = "compensation"
+    """A rollback raised, or its check found the state not restored."""
 
 
 class StepEvent(NamedTuple):

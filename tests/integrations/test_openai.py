@@ -89,6 +89,20 @@ def test_usage_is_added_to_the_running_step(wire: WireServer, memory_store: cl.S
     assert result.event.cached_input_tokens == 16
 
 
+def test_a_call_outside_any_step_counts_against_the_runs_token_budget(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    wire.script(Reply(body=completion()), Reply(body=completion()))
+    c = instrument_openai(client(wire))
+    step = cl.Loop(lambda task, attempt: task, task_type="t", store=memory_store, guards=())
+    with cl.Run(store=memory_store, max_tokens=30) as run:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # the agent's own call
+        assert step.run(1).ok
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        refused = step.run(2)
+    assert (run.input_tokens, run.output_tokens) == (24, 10)
+    assert refused.outcome is cl.Outcome.BUDGET_EXCEEDED
+
+
 def test_a_call_that_failed_still_names_the_model_asked_for(
         wire: WireServer, memory_store: cl.Store) -> None:
     wire.script(Reply(status=500, body={"error": {"message": "down"}}))

@@ -5,6 +5,7 @@ from closedloop.cli import (
     _demo,  # noqa: F401
     _learn,  # noqa: F401
     _report,  # noqa: F401
+    _runs,  # noqa: F401
     _scores,  # noqa: F401
     _serve,  # noqa: F401
     _store,  # noqa: F401

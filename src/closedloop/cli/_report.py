@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from closedloop.learn import Rate, Report, TaskStats
+    from closedloop.runs import RunsSummary
     from closedloop.store import Store
     from closedloop.telemetry import TaskScores
 
@@ -97,6 +98,11 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
                   "daily": {YYYY-MM-DD: {NAME: mean}}}, ...]
                  semantic scores attached after the fact (`closedloop scores add`),
                  per task type; [] when there are none
+      "runs": {"runs", "outcomes": {OUTCOME: n}, "steps", "refused",
+               "compensated", "input_tokens", "output_tokens", "cost_usd",
+               "mean_duration_s"}
+                 the runs (closedloop.Run) started in the window; null with
+                 --task-type or for a store that keeps no runs
 
     \b
     Semantic scores (shown when any were recorded in the window):
@@ -104,6 +110,11 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
       NAME           mean of each numeric score (satisfaction, quality, ...), and n
       Labels         counts of categorical scores
       By day         each score's daily mean: quality over time
+
+    \b
+    Runs (shown when any closedloop.Run started in the window, without --task-type):
+      how many, how they ended, their steps (admitted, refused), compensations,
+      tokens, cost and mean duration; `closedloop runs list` lists them
 
     \b
     Exit codes:
@@ -120,10 +131,12 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
         result = report_from_store(store, since=since, task_type=task_type,
                                    top_errors=top_errors, top_messages=top_messages)
         scores = _scores(store, since, task_type) if not result.empty else []
+        runs = _runs(store, since) if task_type is None else None
     finally:
         store.close()
     if as_json:
-        echo_json({**result.to_dict(), "scores": [s.to_dict() for s in scores]})
+        echo_json({**result.to_dict(), "scores": [s.to_dict() for s in scores],
+                   "runs": runs.to_dict() if runs is not None else None})
     if result.empty:
         what = f"task type {task_type!r}" if task_type else "any task type"
         click.echo(f"no events for {what} in {store.url} ({describe_since(since)})", err=True)
@@ -132,6 +145,28 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
         _print(result, store.url)
         if scores:
             _print_scores(scores)
+        if runs is not None and runs.runs:
+            _print_runs(runs)
+
+
+def _runs(store: Store, since: float | None) -> RunsSummary | None:
+    """The runs started in the window (closedloop.Run), or None when the store keeps none."""
+    from closedloop.store import run_store_for
+
+    found = run_store_for(store)
+    return found.summarize_runs(since=since) if found is not None else None
+
+
+def _print_runs(runs: RunsSummary) -> None:
+    table = _table("Runs (closedloop runs list)", "Runs", "Outcomes", "Steps", "Refused",
+                   "Compensated", "Tokens in/out", "Cost", "Mean s")
+    table.add_row(
+        str(runs.runs), ", ".join(f"{k}: {v}" for k, v in sorted(runs.outcomes.items())),
+        str(runs.steps), str(runs.refused), str(runs.compensated),
+        f"{runs.input_tokens:,}/{runs.output_tokens:,}",
+        _NONE if runs.cost_usd is None else f"${runs.cost_usd:,.4f}",
+        _NONE if runs.mean_duration_s is None else f"{runs.mean_duration_s:,.1f}")
+    console().print(table)
 
 
 def _scores(store: Store, since: float | None, task_type: str | None) -> list[TaskScores]:

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from closedloop._pricing import warm_up
 from closedloop.loop import current_attempt
+from closedloop.runs import current_run
 from closedloop.telemetry import SpanRecord, Telemetry, active_telemetry
 
 log = logging.getLogger("closedloop.integrations")
@@ -112,8 +113,9 @@ class ModelCall:
         self.cache_write_tokens += cache_write_tokens or 0
 
     def done(self) -> None:
-        """Finish: usage, model and provider to the current attempt (the step's event),
-        attributes and end time to the span."""
+        """Finish: usage, model and provider to the current attempt (the step's event) or,
+        outside any attempt, the usage to the current run (:class:`closedloop.Run`, whose
+        token budget counts it); attributes and end time to the span."""
         if self._done:
             return
         self._done = True
@@ -126,6 +128,10 @@ class ModelCall:
                                  cache_write_tokens=self.cache_write_tokens,
                                  model=self.response_model or self.request_model,
                                  provider=self.provider.name)
+        else:  # the agent's own model call, outside any agent step: the run's budget counts it
+            run = current_run()
+            if run is not None:
+                run.record_usage(self.input_tokens, self.output_tokens)
         span = self.span
         if span is None or self.telemetry is None:
             return

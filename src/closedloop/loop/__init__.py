@@ -1,12 +1,13 @@
 """The closed loop: propose → validate (re-ask) → gate → act → verify → record."""
 
-from closedloop.loop._guard import Admission, StepGuard
+from closedloop.loop._guard import Admission, RunScope, StepGuard
 from closedloop.loop._loop import DEFAULT, Loop
 from closedloop.loop._machine import (
     Act,
     Action,
     Admit,
     Approve,
+    Compensate,
     Propose,
     StepGen,
     StepSpec,
@@ -15,7 +16,14 @@ from closedloop.loop._machine import (
     new_step_id,
     new_trace_id,
 )
-from closedloop.loop._result import Attempt, StepResult, current_attempt, current_step_id
+from closedloop.loop._result import (
+    Attempt,
+    StepResult,
+    current_attempt,
+    current_run_id,
+    current_step_id,
+    run_scope,
+)
 
 __all__ = [
     "DEFAULT",
@@ -25,8 +33,10 @@ __all__ = [
     "Admit",
     "Approve",
     "Attempt",
+    "Compensate",
     "Loop",
     "Propose",
+    "RunScope",
     "StepGen",
     "StepGuard",
     "StepResult",
@@ -34,7 +44,9 @@ __all__ = [
     "Validate",
     "Verify",
     "current_attempt",
+    "current_run_id",
     "current_step_id",
     "new_step_id",
     "new_trace_id",
+    "run_scope",
 ]

@@ -14,8 +14,9 @@ step with outcome ``control_unavailable``, unless its loop was built with
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from closedloop._events import ErrorType, Outcome, StepEvent
 
@@ -39,6 +40,17 @@ class Admission:
         return cls(outcome=Outcome.HALTED, error_type=ErrorType.HALTED, reason=reason)
 
     @classmethod
+    def over_budget(cls, reason: str) -> Admission:
+        """Refuse because a budget of the step's run is spent."""
+        return cls(outcome=Outcome.BUDGET_EXCEEDED, error_type=ErrorType.BUDGET_EXCEEDED,
+                   reason=reason)
+
+    @classmethod
+    def run_halted(cls, reason: str) -> Admission:
+        """Refuse because the step's run was halted or aborted."""
+        return cls(outcome=Outcome.HALTED, error_type=ErrorType.RUN_HALTED, reason=reason)
+
+    @classmethod
     def unavailable(cls, reason: str) -> Admission:
         """Refuse because admission cannot be decided (fail closed)."""
         return cls(outcome=Outcome.CONTROL_UNAVAILABLE,
@@ -58,3 +70,26 @@ class StepGuard(Protocol):
 
     def observe(self, event: StepEvent) -> None:
         """See one recorded event: plain and quick; an exception is logged, never raised."""
+
+
+class RunScope(Protocol):
+    """A run as the loop sees it (:class:`closedloop.Run` implements it).
+
+    While a run is open in a context, every step started there that belongs to it (its
+    ``run_id`` is the run's) is admitted by it first (``admit``: budgets and halts; plain,
+    quick, no I/O), shown to it after it is recorded (``observe``), and, when its
+    verification failed, handed back for rollback (``compensate``: the actions that undo
+    what the step registered, or None).
+    """
+
+    run_id: str
+
+    def admit(self, task_type: str) -> Admission | None:
+        """``None`` to admit the step, or the refusal to record."""
+
+    def observe(self, event: StepEvent) -> None:
+        """Count one recorded step of the run (plain and quick; never raises)."""
+
+    def compensate(self, step_id: str, event: StepEvent) -> Generator[Any, Any, None] | None:
+        """The rollback of what ``step_id`` registered (its verification failed), as a
+        generator of actions the loop's drivers run, or None when it registered nothing."""

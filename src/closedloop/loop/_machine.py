@@ -28,11 +28,12 @@ from closedloop._events import ErrorType, Outcome, StepEvent, proposal_fields
 from closedloop._redact import clip
 from closedloop._verdict import Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
-from closedloop.loop._guard import Admission, StepGuard
+from closedloop.loop._guard import Admission, RunScope, StepGuard
 from closedloop.loop._result import (
     Attempt,
     StepResult,
     _current_attempt,
+    _current_run,
     _current_step,
     new_attempt,
     new_result,
@@ -123,7 +124,24 @@ class Verify(NamedTuple):
         return "verify"
 
 
-Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify
+class Compensate(NamedTuple):
+    """Undo an action, or check that it was undone: ``fn(*args)`` (a run's rollback).
+
+    ``check`` is False for the compensation itself, True for its check (a verdict-like
+    value, as a verifier returns); ``name`` names the compensation."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    name: str
+    check: bool = False
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``compensate``."""
+        return "compensate"
+
+
+Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify | Compensate
 """Every action the machine yields; observers switch on its type."""
 StepGen: TypeAlias = Generator[Action, Any, StepResult[Any, Any]]
 
@@ -268,16 +286,18 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
     """
     step = _Step(spec, task_input, trace_id, call)
     token = _current_step.set((step.step_id, step.run_id))
+    run = step.run
     try:
-        ending: _Ending | None = None
-        for action in spec.admissions:  # admit: guards may refuse the step
-            try:
-                refusal: Admission | None = yield action
-            except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
-                refusal = step.undecided(exc)
-            if refusal is not None:
-                ending = step.refused(refusal)
-                break
+        ending = step.run_admit(run) if run is not None else None
+        if ending is None:
+            for action in spec.admissions:  # admit: guards may refuse the step
+                try:
+                    refusal: Admission | None = yield action
+                except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
+                    refusal = step.undecided(exc)
+                if refusal is not None:
+                    ending = step.refused(refusal)
+                    break
         if ending is None:
             ending = _AGAIN
             while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
@@ -320,7 +340,14 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
             step.act_s += now - t
             ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
         assert ending is not None  # gate() ends a step without an executor
-        return step.finish(ending)
+        result = step.finish(ending)
+        if run is not None and step.verification_passed is False and result.event is not None:
+            # the run rolls back what this step registered (run.on_rollback, a tool's
+            # compensate=); the actions run in the drivers, like every other hook
+            rollback = run.compensate(step.step_id, result.event)
+            if rollback is not None:
+                yield from rollback
+        return result
     finally:
         _current_step.reset(token)
 
@@ -330,7 +357,7 @@ class _Step:
 
     __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "labels",
                  "mark", "noted", "parent_step_id", "proposal", "propose_s", "result",
-                 "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
+                 "run", "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
                  "validate_s", "validation_passed", "verdicts", "verification_passed",
                  "verify_s")
 
@@ -344,16 +371,22 @@ class _Step:
         self.ts = spec.wallclock()
         self.step_id = step_id = new_step_id()
         parent = _current_step.get()
-        if parent is None:
-            self.parent_step_id = self.run_id = None
-        else:
+        run: RunScope | None = _current_run.get()
+        self.parent_step_id: str | None
+        self.run_id: str | None
+        if parent is not None:
             self.parent_step_id, self.run_id = parent
+        else:
+            self.parent_step_id = None
+            self.run_id = run.run_id if run is not None else None
         if call is None:
             self.labels = spec.labels
         else:
             self.labels = call.labels
             if call.run_id is not None:
                 self.run_id = call.run_id
+        # the open run governs the step only if the step is one of its own
+        self.run = run if run is not None and run.run_id == self.run_id else None
         self.attempt = new_attempt(trace_id, spec.task_type, spec.backpressure, step_id)
         self.propose_s = self.validate_s = self.act_s = self.verify_s = 0.0
         self.mark = 0.0  # the clock after the last hook call: the next stage's timer starts there
@@ -368,6 +401,18 @@ class _Step:
         self.admitted_open: list[str] | None = None  # guards that could not decide, admitted
 
     # ----- admit (step_machine yields each guard's Admit) ------------------------------------
+    def run_admit(self, run: RunScope) -> _Ending | None:
+        """The step's run (budgets, halts) may refuse it before any guard or hook runs."""
+        try:
+            refusal = run.admit(self.spec.task_type)
+        except Exception as exc:  # noqa: BLE001 - a run that cannot decide refuses (fail closed)
+            refusal = Admission.unavailable(f"run admission could not be decided: "
+                                            f"{_describe(exc)}")
+        if refusal is None:
+            return None
+        self.attempt.number = 0
+        return _Ending(refusal.outcome, refusal.error_type, refusal.reason)
+
     def undecided(self, exc: Exception) -> Admission | None:
         """A guard could not decide: refuse the step (fail closed), or admit it when the loop
         opted out (``fail_open``; noted in the event's detail)."""
@@ -573,6 +618,12 @@ class _Step:
                 guard.observe(event)
             except Exception:  # noqa: BLE001 - fault-control bookkeeping must not break a step
                 _log.exception("closedloop: guard %r failed to observe step %s", guard, trace_id)
+        if self.run is not None:
+            try:
+                self.run.observe(event)
+            except Exception:  # noqa: BLE001 - the run's bookkeeping must not break a step
+                _log.exception("closedloop: run %s failed to count step %s", self.run_id,
+                               trace_id)
         if exception is not None:
             exception.add_note(f"closedloop: recorded as step {self.step_id} of trace "
                                f"{trace_id} ({spec.task_type})")

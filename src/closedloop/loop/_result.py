@@ -21,6 +21,7 @@ from closedloop._verdict import Issue, Verdict
 
 if TYPE_CHECKING:
     from closedloop.control import Backpressure
+    from closedloop.loop._guard import RunScope
 
 PropT = TypeVar("PropT")
 ResT = TypeVar("ResT")
@@ -133,6 +134,25 @@ _current_step: ContextVar[tuple[str, str | None] | None] = ContextVar("closedloo
                                                                       default=None)
 """``(step_id, run_id)`` of the step whose hooks run in this context: a step started there
 is its child (``parent_step_id``) and, unless given its own, joins its run."""
+
+
+_current_run: ContextVar[RunScope | None] = ContextVar("closedloop_run", default=None)
+"""The run (:class:`closedloop.Run`) whose block runs in this context: its steps take its id
+and are admitted, counted and compensated by it."""
+
+
+run_scope = _current_run
+"""The context variable holding the open run: :class:`closedloop.Run` sets and resets it."""
+
+
+def current_run_id() -> str | None:
+    """The id of the run (:class:`closedloop.Run`) open in this context, else None.
+
+    Every step started inside it records it as ``run_id``; spans started inside it carry it
+    as ``closedloop.run_id``. Context follows asyncio tasks; a thread needs the context
+    copied (``contextvars.copy_context().run``)."""
+    run = _current_run.get()
+    return run.run_id if run is not None else None
 
 
 def current_attempt() -> Attempt | None:

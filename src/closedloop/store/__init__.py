@@ -28,20 +28,24 @@ import functools
 import hashlib
 import heapq
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
+from closedloop._runstate import RunPage, RunRecord, RunsSummary, RunStore
 from closedloop._spans import Pruned, SpanStore
 from closedloop.store._base import (
     ControlStateBackend,
     EventBackend,
     EventQuery,
     EventSink,
+    RunBackend,
     SinkStats,
     SpanBackend,
+    run_store_for,
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
@@ -101,6 +105,7 @@ from closedloop.store._retention import (
     retention_from_env,
     store_info,
 )
+from closedloop.store._runs import RunWriter
 from closedloop.store._writer import BatchWriter, WriterStats
 from closedloop.store.memory import MemoryBackend, MemorySpanStore
 from closedloop.store.sqlite import (
@@ -140,6 +145,12 @@ __all__ = [
     "PruneReport",
     "Pruned",
     "Retention",
+    "RunBackend",
+    "RunPage",
+    "RunRecord",
+    "RunStore",
+    "RunWriter",
+    "RunsSummary",
     "SQLiteBackend",
     "SQLiteLedger",
     "SQLiteSpanStore",
@@ -177,6 +188,7 @@ __all__ = [
     "register_scheme",
     "reset_default_store",
     "retention_from_env",
+    "run_store_for",
     "series_events",
     "size_bucket",
     "size_code",
@@ -226,6 +238,32 @@ class Store:
         self.set_retention(retention)
         self.record = self._writer.submit
         """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
+        self._runs: RunWriter | None = None
+        self._runs_lock = threading.Lock()
+
+    def record_run(self, record: RunRecord) -> bool:
+        """Queue a run's record (:class:`closedloop.Run` does, at its start and end); written
+        by a background thread, redacted there (:class:`~closedloop.store.RunWriter`). False
+        when the backend keeps no runs or the queue is full."""
+        writer = self._runs
+        if writer is None:
+            with self._runs_lock:
+                writer = self._runs
+                if writer is None:
+                    runs = run_store_for(self)
+                    if runs is None:
+                        return False
+                    writer = self._runs = RunWriter(runs, self.url)
+        return writer.submit(record)
+
+    def runs(self) -> RunStore:
+        """The run records kept next to the events (a :class:`~closedloop.ConfigError` for a
+        backend that keeps none)."""
+        runs = run_store_for(self)
+        if runs is None:
+            raise ConfigError(f"store {self.url} keeps no runs: its backend has no run port "
+                              "(use a sqlite:///, postgresql:// or memory:// store)")
+        return runs
 
     def set_retention(self, retention: Retention | str | float | None) -> None:
         """Keep ``retention`` (``"30d"``, seconds, a :class:`Retention`; ``None`` or ``"off"``:
@@ -241,11 +279,17 @@ class Store:
         """Wait until everything recorded so far is written.
 
         False on timeout, or when events are held because the backend refuses them.
+        Run records too (:meth:`record_run`).
         """
-        return self._writer.flush(timeout)
+        ok = self._writer.flush(timeout)
+        runs = self._runs
+        return (runs.flush(timeout) if runs is not None else True) and ok
 
     def close(self, timeout: float | None = 10.0) -> WriterStats:
-        """Flush and stop writing; returns the final counts."""
+        """Flush and stop writing; returns the final counts (of events)."""
+        runs = self._runs
+        if runs is not None:
+            runs.close(timeout)
         return self._writer.close(timeout)
 
     def stats(self) -> WriterStats:

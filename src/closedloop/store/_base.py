@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from closedloop._control_state import ControlLedger
 from closedloop._errors import ConfigError
 from closedloop._events import StepEvent
+from closedloop._runstate import RunStore
 from closedloop._spans import SpanStore
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class EventQuery:
     task_type: str | None = None
     limit: int | None = None
     trace_id: str | None = None
+    run_id: str | None = None
 
 
 @runtime_checkable
@@ -127,6 +129,24 @@ class SpanBackend(Protocol):
 
     def span_store(self) -> SpanStore:
         """The spans and scores of this backend's store."""
+
+
+@runtime_checkable
+class RunBackend(Protocol):
+    """A backend that keeps run records next to its events (the run port): one
+    :class:`~closedloop.runs.RunRecord` per :class:`closedloop.Run`."""
+
+    def run_store(self) -> RunStore:
+        """The run records of this backend's store."""
+
+
+def run_store_for(store: Store) -> RunStore | None:
+    """The run records that live next to ``store``'s events, or None for a backend that
+    keeps none (a plug-in's): runs still run, their record is not kept."""
+    backend = store.backend
+    if isinstance(backend, RunBackend):
+        return backend.run_store()
+    return None
 
 
 def span_store_for(store: Store) -> SpanStore:

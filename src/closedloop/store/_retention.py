@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from closedloop._errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
+    from closedloop._runstate import RunStore
     from closedloop.store import Store
 
 log = logging.getLogger("closedloop.store")
@@ -230,6 +231,15 @@ def span_port(backend: object) -> Prunable | None:
     return spans if isinstance(spans, Prunable) else None
 
 
+def run_port(backend: object) -> RunStore | None:
+    """The backend's run records, when it keeps them (pruned with the events)."""
+    from closedloop.store._base import RunBackend
+
+    if not isinstance(backend, RunBackend) or getattr(backend, "read_only", False):
+        return None
+    return backend.run_store()
+
+
 def _counts(result: object) -> dict[str, int]:
     """What a span store's ``prune`` returned (a dataclass of counts, or one count), by kind."""
     if is_dataclass(result) and not isinstance(result, type):
@@ -345,6 +355,9 @@ class Retention:
                 spans = span_port(port)
                 if spans is not None and not events.more:
                     spans.prune(before)
+                runs = run_port(port)
+                if runs is not None and not events.more:
+                    runs.prune_runs(before)
         except Exception as exc:  # noqa: BLE001 - retention must never stop the writer
             self._next = start + self.retry
             level = logging.DEBUG if self._failing else logging.WARNING

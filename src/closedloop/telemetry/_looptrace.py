@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop import Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Compensate, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -34,14 +34,24 @@ if TYPE_CHECKING:
 class LoopTracer:
     """One loop's tracing: the pipeline plus the span names and attributes built once."""
 
-    __slots__ = ("act", "agent", "agent_span", "gate", "root", "spec", "telemetry")
+    __slots__ = ("act", "agent", "agent_span", "gate", "root", "root_name", "spec", "telemetry",
+                 "tool")
 
-    def __init__(self, telemetry: Telemetry, spec: StepSpec) -> None:
+    def __init__(self, telemetry: Telemetry, spec: StepSpec,
+                 tool: dict[str, Any] | None = None) -> None:
         self.telemetry = telemetry
         self.spec = spec
         task = {"closedloop.task_type": spec.task_type}
         self.root = {**task, "closedloop.agent_id": spec.agent_id,
                      "closedloop.autonomy": spec.autonomy.value}
+        self.tool = tool is not None
+        """A guarded tool's step: its root span is the GenAI ``execute_tool`` span (with
+        ``tool``'s attributes) and its proposal (the call's arguments) has no span."""
+        self.root_name = "closedloop.step"
+        if tool is not None:
+            self.root.update(tool)
+            self.root["gen_ai.operation.name"] = "execute_tool"
+            self.root_name = f"execute_tool {tool.get('gen_ai.tool.name', spec.agent_id)}"
         self.agent_span = f"invoke_agent {spec.agent_id}"
         self.agent = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": spec.agent_id}
         self.gate = {**task, "closedloop.autonomy": spec.autonomy.value}
@@ -130,16 +140,25 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
         trace_id = f"{trace:032x}"
     else:
         trace = int(trace_id, 16)
-    root = SpanRecord(trace, new_span_id(), parent_id, "closedloop.step", tracer.root.copy(),
+    root = SpanRecord(trace, new_span_id(), parent_id, tracer.root_name, tracer.root.copy(),
                       _time_ns())
+    quiet = Propose if tracer.tool else Admit  # actions with no span of their own
     done: list[SpanRecord] = []
     attempt_span: SpanRecord | None = None
     inner: StepGen = machine(spec, task_input, trace_id)
     try:
         action = next(inner)
         while True:
-            if type(action) is Admit:  # a guard: not a stage of its own
-                action = inner.send((yield action))
+            kind = type(action)
+            if kind is Admit or kind is Compensate or kind is quiet:
+                # a guard, a rollback (which traces itself), a tool's arguments: no stage span;
+                # a call that raised is handed to the machine, which decides
+                try:
+                    value = yield action
+                except Exception as exc:  # noqa: BLE001 - the machine decides
+                    action = inner.throw(exc)
+                    continue
+                action = inner.send(value)
                 continue
             is_check = type(action) is Validate or type(action) is Verify
             if type(action) is Propose:
@@ -171,7 +190,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
                 if is_check and value is not None and value is not True:
                     # normalised once, here: an iterator of issues can be read only once, and
                     # a value that is no verdict raises TypeError, as in the machine (a crash)
-                    value = as_verdict(value, action.check)  # type: ignore[union-attr]
+                    value = as_verdict(value, action.check)  # type: ignore[union-attr,arg-type]
             except Exception as exc:  # noqa: BLE001 - recorded, then handed to the machine
                 if is_check:  # a crashed check never counts as passed
                     rec.attributes.update({"closedloop.verdict.passed": False,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from closedloop._batching import BatchQueue
+from closedloop.loop import current_run_id
 from closedloop.telemetry._span import (
     KIND_INTERNAL,
     LiveSpan,
@@ -119,8 +120,11 @@ class Telemetry:
             trace_id, parent_id, _ = current_parent()
             if not trace_id:
                 trace_id = new_span_id() << 64 | new_span_id()
-        return SpanRecord(trace_id, new_span_id(), parent_id, name,
-                          attributes if attributes is not None else {}, _time_ns(), kind)
+        attributes = attributes if attributes is not None else {}
+        run_id = current_run_id()
+        if run_id is not None:  # every span made inside a run names it
+            attributes.setdefault("closedloop.run_id", run_id)
+        return SpanRecord(trace_id, new_span_id(), parent_id, name, attributes, _time_ns(), kind)
 
     def end_span(self, span: SpanRecord) -> None:
         """Stamp the end time and queue the span for export (never blocks)."""
@@ -146,11 +150,14 @@ class Telemetry:
             deactivate(token)
             self.end_span(record)
 
-    def tracer(self, spec: StepSpec) -> LoopTracer:
-        """The tracer a :class:`~closedloop.Loop` uses for its steps (built once per loop)."""
+    def tracer(self, spec: StepSpec, *, tool: dict[str, Any] | None = None) -> LoopTracer:
+        """The tracer a :class:`~closedloop.Loop` uses for its steps (built once per loop).
+
+        ``tool``: the GenAI attributes of a guarded tool (``gen_ai.tool.name``...): its steps
+        are traced as ``execute_tool`` spans (see :func:`closedloop.tool`)."""
         from closedloop.telemetry._looptrace import LoopTracer
 
-        return LoopTracer(self, spec)
+        return LoopTracer(self, spec, tool)
 
     # -- control -----------------------------------------------------------------------
 

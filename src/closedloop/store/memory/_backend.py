@@ -31,6 +31,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._runs import MemoryRunStore
 from closedloop.store.memory._spans import MemorySpanStore
 
 
@@ -44,6 +45,11 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._ledger = MemoryLedger()
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
+        self._runs = MemoryRunStore()
+
+    def run_store(self) -> MemoryRunStore:
+        """This store's run records: held by the backend for its whole life."""
+        return self._runs
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,
@@ -72,6 +78,8 @@ class MemoryBackend:
             if query.task_type is not None and e.task_type != query.task_type:
                 continue
             if query.trace_id is not None and e.trace_id != query.trace_id:
+                continue
+            if query.run_id is not None and e.run_id != query.run_id:
                 continue
             if query.limit is not None and n >= query.limit:
                 return

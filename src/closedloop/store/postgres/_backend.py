@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from psycopg import sql
     from psycopg_pool import ConnectionPool
 
+    from closedloop.store.postgres._runs import PostgresRunStore
     from closedloop.store.postgres._spans import PostgresSpanStore
 
 DEFAULT_SCHEMA = "closedloop"
@@ -246,6 +247,31 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_report ON {schema}.events (task_type, outcome,
         error_type, validation_passed, verification_passed, attempts)
         INCLUDE (ts, input_tokens, output_tokens, latency_ms, cached_input_tokens, cost_usd);
+    """,
+    # runs (closedloop.Run, closedloop.store.postgres._runs): one record per run, listed
+    # newest first through runs_started; the steps of one run through events_run (above), a
+    # partial index that steps outside any run never enter
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.runs (
+        run_id TEXT PRIMARY KEY,
+        name TEXT,
+        started DOUBLE PRECISION NOT NULL,
+        ended DOUBLE PRECISION,
+        outcome TEXT NOT NULL,
+        error_type TEXT,
+        message TEXT,
+        steps BIGINT NOT NULL,
+        refused BIGINT NOT NULL,
+        failed BIGINT NOT NULL,
+        compensated BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION,
+        budgets JSONB,
+        parent_run_id TEXT,
+        labels JSONB
+    );
+    CREATE INDEX IF NOT EXISTS runs_started ON {schema}.runs (started, run_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -490,6 +516,9 @@ class PostgresBackend:
         if query.trace_id is not None:
             where.append(sql.SQL("trace_id = %s"))
             params.append(query.trace_id)
+        if query.run_id is not None:
+            where.append(sql.SQL("run_id = %s"))
+            params.append(query.run_id)
         stmt: sql.Composable = self._select
         if where:
             stmt = sql.SQL("{} WHERE {}").format(stmt, sql.SQL(" AND ").join(where))
@@ -672,6 +701,12 @@ class PostgresBackend:
                 return removed
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+
+    def run_store(self) -> PostgresRunStore:
+        """The run records in this schema (the run port)."""
+        from closedloop.store.postgres._runs import PostgresRunStore
+
+        return PostgresRunStore(self)
 
     def control_ledger(self) -> PostgresLedger:
         """Pauses and halts in this store's schema (the control-state port); one for the

@@ -43,6 +43,7 @@ from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, Stor
 
 if TYPE_CHECKING:
     from closedloop.store.sqlite._ledger import SQLiteLedger
+    from closedloop.store.sqlite._runs import SQLiteRunStore
     from closedloop.store.sqlite._spans import SQLiteSpanStore
 
 LATENCY_BUCKET = (
@@ -187,6 +188,31 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_report ON events (task_type, outcome, error_type, validation_passed,
         verification_passed, attempts, ts, input_tokens, output_tokens, latency_ms,
         cached_input_tokens, cost_usd);
+    """,
+    # runs (closedloop.Run, closedloop.store.sqlite._runs): one record per run, listed newest
+    # first through runs_started; the steps of one run through events_run (above), a partial
+    # index that steps outside any run never enter (so they cost ingest nothing)
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY,
+        name TEXT,
+        started REAL NOT NULL,
+        ended REAL,
+        outcome TEXT NOT NULL,
+        error_type TEXT,
+        message TEXT,
+        steps INTEGER NOT NULL,
+        refused INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        compensated INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cost_usd REAL,
+        budgets TEXT,
+        parent_run_id TEXT,
+        labels TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS runs_started ON runs (started, run_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -436,6 +462,9 @@ class SQLiteBackend:
         if query.trace_id is not None:
             where.append("trace_id = ?")
             params.append(query.trace_id)
+        if query.run_id is not None:
+            where.append("run_id = ?")
+            params.append(query.run_id)
         sql = self._select + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
@@ -531,6 +560,12 @@ class SQLiteBackend:
             if self._spans is None:
                 self._spans = SQLiteSpanStore(self)
             return self._spans
+
+    def run_store(self) -> SQLiteRunStore:
+        """The run records in this file (the run port)."""
+        from closedloop.store.sqlite._runs import SQLiteRunStore
+
+        return SQLiteRunStore(self)
 
     def control_ledger(self) -> SQLiteLedger:
         """The pauses and halts in this file (the control-state port); fails closed."""
