@@ -12,38 +12,55 @@ proposals, ``closedloop replay``) and :func:`score_summary` (the scores section 
 report). None of it needs OpenTelemetry.
 """
 
-from closedloop._figures import message_group, percentile
-from closedloop.learn._diff import (
-    DiffRow,
-    diff_traces,
-    first_divergence,
-    span_label,
-    verdict_messages,
-)
-from closedloop.learn._replay import CheckReplay, ReplayReport, replay
-from closedloop.learn._report import (
-    DEFAULT_TOP_ERRORS,
-    DEFAULT_TOP_MESSAGES,
-    ErrorCount,
-    Latency,
-    MessageCount,
-    Rate,
-    Report,
-    TaskStats,
-    Tokens,
-    build_report,
-    report_from_store,
-)
-from closedloop.learn._scores import score_summary
+import typing
+
+if typing.TYPE_CHECKING:
+    from closedloop._figures import message_group, percentile
+    from closedloop.learn._detect import (
+        BernoulliCusum,
+        CusumState,
+        Detection,
+        GaussianCusum,
+        PageHinkley,
+        PageHinkleyState,
+    )
+    from closedloop.learn._diff import (
+        DiffRow,
+        diff_traces,
+        first_divergence,
+        span_label,
+        verdict_messages,
+    )
+    from closedloop.learn._replay import CheckReplay, ReplayReport, replay
+    from closedloop.learn._report import (
+        DEFAULT_TOP_ERRORS,
+        DEFAULT_TOP_MESSAGES,
+        ErrorCount,
+        Latency,
+        MessageCount,
+        Rate,
+        Report,
+        TaskStats,
+        Tokens,
+        build_report,
+        report_from_store,
+    )
+    from closedloop.learn._scores import score_summary
 
 __all__ = [
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
+    "BernoulliCusum",
     "CheckReplay",
+    "CusumState",
+    "Detection",
     "DiffRow",
     "ErrorCount",
+    "GaussianCusum",
     "Latency",
     "MessageCount",
+    "PageHinkley",
+    "PageHinkleyState",
     "Rate",
     "ReplayReport",
     "Report",
@@ -60,3 +77,20 @@ __all__ = [
     "span_label",
     "verdict_messages",
 ]
+
+
+if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "closedloop._figures": ("message_group", "percentile"),
+        "._detect": ("BernoulliCusum", "CusumState", "Detection", "GaussianCusum",
+                     "PageHinkley", "PageHinkleyState"),
+        "._diff": ("DiffRow", "diff_traces", "first_divergence", "span_label",
+                   "verdict_messages"),
+        "._replay": ("CheckReplay", "ReplayReport", "replay"),
+        "._report": ("DEFAULT_TOP_ERRORS", "DEFAULT_TOP_MESSAGES", "ErrorCount", "Latency",
+                     "MessageCount", "Rate", "Report", "TaskStats", "Tokens", "build_report",
+                     "report_from_store"),
+        "._scores": ("score_summary",),
+    })
