@@ -2,7 +2,8 @@
 
 :func:`step_machine` is a generator that yields one typed *action* for every call into user
 code — :class:`Admit` (a guard), :class:`Propose` (the agent), :class:`Validate`,
-:class:`Approve` (the gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
+:class:`Level` (the stored autonomy level, for a loop that has one), :class:`Approve` (the
+gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
 with the call's return value, or has the call's exception thrown into it. An action is a
 small immutable record naming its stage (its type), the check where there is one, the
 callable and its arguments: the drivers in :mod:`closedloop.loop._loop` only call
@@ -86,6 +87,20 @@ class Validate(NamedTuple):
         return "validate"
 
 
+class Level(NamedTuple):
+    """Look up the autonomy level of this proposal: ``levels(proposal) -> (Autonomy, detail)``
+    (a loop whose autonomy is not pinned; the detail, if any, goes into the event's
+    ``detail["autonomy"]``). Not a stage of its own: it decides the gate's mode."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``level``."""
+        return "level"
+
+
 class Approve(NamedTuple):
     """Ask the approver at the gate: ``approver(task_input, proposal)``."""
 
@@ -123,13 +138,14 @@ class Verify(NamedTuple):
         return "verify"
 
 
-Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify
+Action: TypeAlias = Admit | Propose | Validate | Level | Approve | Act | Verify
 """Every action the machine yields; observers switch on its type."""
 StepGen: TypeAlias = Generator[Action, Any, StepResult[Any, Any]]
 
 _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
+_RANK = {a: i for i, a in enumerate(Autonomy)}  # suggest < approve < autonomous
 _log = logging.getLogger("closedloop")
 _new_event = tuple.__new__
 _warned: dict[tuple[str, bool], float] = {}
@@ -159,6 +175,8 @@ class StepSpec:
     executor: Callable[..., Any] | None
     verifiers: Sequence[tuple[str, Callable[..., Any]]]
     autonomy: Autonomy
+    """The level every step runs at; for a loop with ``levels``, the level of a step that
+    ends before the gate."""
     approver: Callable[..., Any] | None
     max_attempts: int
     record: Callable[[StepEvent], object] | None
@@ -172,6 +190,9 @@ class StepSpec:
     prompt_version: str | None = None
     labels: dict[str, str] | None = None
     """The loop's labels, checked (:func:`closedloop._events.check_labels`); never mutated."""
+    levels: Callable[[Any], tuple[Autonomy, dict[str, Any] | None]] | None = None
+    """The stored-level lookup of a loop whose autonomy is not pinned (a :class:`Level`
+    action before the gate); ``None``: every step runs at ``autonomy``."""
     admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
     """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
@@ -281,8 +302,9 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
 class _Step:
     """One step's state, shared by its stages; each stage is a generator of actions."""
 
-    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "labels",
-                 "mark", "noted", "parent_step_id", "proposal", "propose_s", "result",
+    __slots__ = ("act_s", "admitted_open", "attempt", "autonomy", "checked", "clock", "history",
+                 "labels", "leveled", "mark", "noted", "parent_step_id", "proposal",
+                 "propose_s", "result",
                  "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
                  "validate_s", "validation_passed", "verdicts", "verification_passed",
                  "verify_s")
@@ -319,6 +341,8 @@ class _Step:
         self.validation_passed: bool | None = None
         self.verification_passed: bool | None = None
         self.admitted_open: list[str] | None = None  # guards that could not decide, admitted
+        self.autonomy = spec.autonomy  # the gate's level: the stored one, if the loop has levels
+        self.leveled: dict[str, Any] | None = None  # how it was resolved, for the event
 
     # ----- admit ----------------------------------------------------------------------------
     def admit(self) -> Generator[Action, Any, _Ending | None]:
@@ -431,9 +455,15 @@ class _Step:
         spec = self.spec
         if spec.executor is None:
             return _SUCCEEDED
-        if spec.autonomy is Autonomy.SUGGEST:
+        if spec.levels is not None:
+            try:
+                self.autonomy, self.leveled = yield Level(spec.levels, (self.proposal,))
+            except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
+                self.autonomy = min(spec.autonomy, Autonomy.APPROVE, key=_RANK.__getitem__)
+                self.leveled = {"source": "unreadable", "error": _describe(exc)}
+        if self.autonomy is Autonomy.SUGGEST:
             return _Ending(Outcome.SUGGESTED)
-        if spec.autonomy is Autonomy.APPROVE:
+        if self.autonomy is Autonomy.APPROVE:
             if spec.approver is None:
                 return _Ending(Outcome.AWAITING_APPROVAL)
             try:
@@ -503,10 +533,12 @@ class _Step:
         spec, trace_id, history, noted = self.spec, self.trace_id, self.history, self.noted
         outcome, error_type, error_message = ending
         detail: dict[str, Any] | None = None
-        if history or exception is not None or noted or self.admitted_open:
+        if history or exception is not None or noted or self.admitted_open or self.leveled:
             detail = {}
             if self.admitted_open:
                 detail["fail_open"] = self.admitted_open
+            if self.leveled:
+                detail["autonomy"] = self.leveled
             if history:
                 detail["attempts"] = history
             if noted:
@@ -525,7 +557,7 @@ class _Step:
             trace_id,                                       # trace_id
             spec.agent_id,                                  # agent_id
             spec.task_type,                                 # task_type
-            _VALUE[spec.autonomy],                          # autonomy
+            _VALUE[self.autonomy],                          # autonomy
             _VALUE[outcome],                                # outcome
             attempt.number,                                 # attempts
             attempt.input_tokens,                           # input_tokens

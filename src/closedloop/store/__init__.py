@@ -8,7 +8,9 @@ default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
 Each backend also keeps, next to its events, the spans and scores of its traces (the
 :class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
-record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``), and
+the autonomy levels of its task types with their audit trail (the :class:`LevelBackend` port:
+``level_store()``, a :class:`~closedloop.autonomy.LevelStore`).
 No module outside this package opens a database.
 
 Questions about the events are answered where they are (the query port,
@@ -39,7 +41,9 @@ from closedloop.store._base import (
     ControlStateBackend,
     EventBackend,
     EventQuery,
+    LevelBackend,
     SpanBackend,
+    level_store_for,
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
@@ -74,11 +78,12 @@ from closedloop.store._retention import (
     store_info,
 )
 from closedloop.store._writer import BatchWriter, WriterStats
-from closedloop.store.memory import MemoryBackend, MemorySpanStore
+from closedloop.store.memory import MemoryBackend, MemoryLevelStore, MemorySpanStore
 from closedloop.store.sqlite import (
     SCHEMA_VERSION,
     SQLiteBackend,
     SQLiteLedger,
+    SQLiteLevelStore,
     SQLiteReader,
     SQLiteSpanStore,
 )
@@ -95,8 +100,10 @@ __all__ = [
     "EventSummary",
     "EventsPruned",
     "ImportResult",
+    "LevelBackend",
     "MaintainedBackend",
     "MemoryBackend",
+    "MemoryLevelStore",
     "MemorySpanStore",
     "MessageGroup",
     "PruneReport",
@@ -104,6 +111,7 @@ __all__ = [
     "Retention",
     "SQLiteBackend",
     "SQLiteLedger",
+    "SQLiteLevelStore",
     "SQLiteSpanStore",
     "SpanBackend",
     "SpanStore",
@@ -118,6 +126,7 @@ __all__ = [
     "describe_duration",
     "import_dead_letter",
     "is_default_store",
+    "level_store_for",
     "migrate_store",
     "open_backend",
     "open_store",

@@ -3,7 +3,8 @@
 :func:`traced_step` wraps :func:`closedloop.loop._machine.step_machine`: every action the
 machine yields passes through, and its type tells which stage runs — :class:`Propose` (the
 agent, inside its attempt), :class:`Validate`, :class:`Approve` (the gate), :class:`Act` or
-:class:`Verify`; :class:`Admit` (a guard) is no stage of its own. Around each user-hook call
+:class:`Verify`; :class:`Admit` (a guard) and :class:`Level` (the stored autonomy level) are
+no stages of their own. Around each user-hook call
 the stage's span is the current OpenTelemetry span, so the user's own spans nest under it;
 the step's root span carries the outcome, attempts and token totals. Both drivers (sync and
 async) run the wrapped generator unchanged.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop import Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Level, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -138,7 +139,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     try:
         action = next(inner)
         while True:
-            if type(action) is Admit:  # a guard: not a stage of its own
+            if type(action) is Admit or type(action) is Level:  # not stages of their own
                 action = inner.send((yield action))
                 continue
             is_check = type(action) is Validate or type(action) is Verify

@@ -19,6 +19,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._autonomy import MemoryLevelStore
 from closedloop.store.memory._spans import MemorySpanStore
 
 
@@ -32,11 +33,17 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._ledger = MemoryLedger()
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
+        self._levels = MemoryLevelStore()
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,
         so every loop, guard and runtime on the store sees the same stops."""
         return self._ledger
+
+    def level_store(self) -> MemoryLevelStore:
+        """This store's autonomy levels, audit trail, feedback and detector states: held by
+        the backend for its whole life."""
+        return self._levels
 
     def span_store(self) -> MemorySpanStore:
         """This store's spans and scores: held by the backend for its whole life."""
