@@ -188,3 +188,33 @@ def test_a_bad_record_is_a_config_error(bad: dict[str, str]) -> None:
 def test_a_bad_step_id_is_a_config_error() -> None:
     with pytest.raises(cl.ConfigError, match="32 lowercase hex"):
         Feedback(step_id="nope", agreed=True, by="a", at=1.0)
+
+
+def test_a_loop_follows_the_level_stored_in_any_backend(store: cl.Store) -> None:
+    from closedloop.autonomy import AutonomyLevels
+
+    levels = AutonomyLevels(store, cache_s=0.0)
+    levels.set("provision", "suggest", by="alice", reason="new")
+    loop = cl.Loop(lambda t, a: t, task_type="provision", executor=lambda p: p, store=store,
+                   levels=levels)
+    assert loop.run(1).outcome is cl.Outcome.SUGGESTED
+    levels.set("provision", "autonomous", by="alice", reason="earned")
+    assert loop.run(2).outcome is cl.Outcome.SUCCEEDED
+
+
+def test_a_demotion_is_stored_for_every_process(shared_url: str) -> None:
+    from closedloop.autonomy import AutonomyLevels
+
+    with cl.open_store(shared_url) as store:
+        levels = AutonomyLevels(store, cache_s=0.0, sinks=[])
+        loop = cl.Loop(lambda t, a: t, task_type="provision", executor=lambda p: p,
+                       store=store, levels=levels, guards=[levels.monitor()],
+                       verifiers=[lambda i, r: False])
+        outcomes = [loop.run(i).outcome for i in range(40)]
+        assert cl.Outcome.AWAITING_APPROVAL in outcomes
+    with cl.open_store(shared_url) as again:  # another process
+        other = AutonomyLevels(again)
+        assert other.resolve("provision").level is cl.Autonomy.APPROVE
+        (change,) = other.levels.history()
+        assert change.kind == "demoted" and change.evidence["observations"] >= 1
+        assert other.levels.detector("autonomy.demote:provision:*:") is not None

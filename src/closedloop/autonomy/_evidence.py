@@ -80,7 +80,7 @@ class Proportion:
         """JSON-ready, with the rate and the lower bound."""
         return {"successes": self.successes, "trials": self.trials,
                 "rate": None if self.rate is None else round(self.rate, 4),
-                "lower_bound": round(self.lower, 4)}
+                "lower_bound": round(self.lower, 6)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,7 +201,8 @@ def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[s
 class AutonomyPolicy:
     """When a level is earned, and when it is lost.
 
-    Promotion (recommended; applied by closedloop itself only with ``auto_promote=True``):
+    Promotion (recommended; applied by closedloop itself only with ``auto_promote=True``, by
+    a review every ``review_every`` seconds per task type, off the agent's path):
     ``suggest → approve`` needs ``min_decisions`` suggestions with feedback and an agreement
     lower bound ≥ ``min_agreement``; ``approve → autonomous`` needs ``min_decisions``
     approve/reject decisions with an approval lower bound ≥ ``min_approval`` and
@@ -226,6 +227,7 @@ class AutonomyPolicy:
     cooldown: float = 3 * 86400.0
     window: float = 30 * 86400.0
     auto_promote: bool = False
+    review_every: float = 600.0
     baseline_pass_rate: float = 0.98
     alarm_pass_rate: float = 0.90
     false_alarm_steps: float = 1_000_000.0
@@ -238,8 +240,8 @@ class AutonomyPolicy:
         for name in ("min_agreement", "min_approval", "min_verification"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1")
-        if not (self.cooldown >= 0 and self.window > 0):
-            raise ConfigError("cooldown must be ≥ 0 and window > 0 seconds")
+        if not (self.cooldown >= 0 and self.window > 0 and self.review_every > 0):
+            raise ConfigError("cooldown must be ≥ 0, window and review_every > 0 seconds")
         if not 0.0 < self.alarm_pass_rate < self.baseline_pass_rate < 1.0:
             raise ConfigError("need 0 < alarm_pass_rate < baseline_pass_rate < 1")
         check_level(self.demote_to, "demote_to")
@@ -285,15 +287,16 @@ class Assessment:
                 "evidence": self.evidence.to_dict()}
 
 
-def _rate_needs(what: str, p: Proportion, threshold: float, minimum: int) -> list[str]:
+def _rate_needs(what: str, rate_name: str, p: Proportion, threshold: float,
+                minimum: int) -> list[str]:
     needs = []
     if p.trials < minimum:
-        needs.append(f"{minimum - p.trials} more {what} (have {p.trials} of {minimum})")
+        needs.append(f"{minimum - p.trials} more {what} ({p.trials} of {minimum})")
     if p.lower < threshold:
         more = p.more_needed(threshold)
-        rate = "n/a" if p.rate is None else f"{p.rate:.1%}"
-        needs.append(f"{what}: lower bound {p.lower:.1%} (rate {rate}) below {threshold:.0%}"
-                     + (f"; about {more} more in a row without a miss" if more else ""))
+        rate = "" if p.rate is None else f" (rate {p.rate:.1%})"
+        needs.append(f"{rate_name} lower bound {p.lower:.1%}{rate} < {threshold:.0%}"
+                     + (f": ~{more} more in a row" if more else ""))
     return needs
 
 
@@ -310,12 +313,12 @@ def assess(evidence: Evidence, policy: AutonomyPolicy, *, ceiling: str | None = 
                           needs=(why,), evidence=evidence, source=source)
     needs: list[str] = []
     if level == "suggest":
-        needs += _rate_needs("suggestions with feedback (agreement)", evidence.agreement,
+        needs += _rate_needs("suggestions with feedback", "agreement", evidence.agreement,
                              policy.min_agreement, policy.min_decisions)
     else:
-        needs += _rate_needs("approval decisions", evidence.approval, policy.min_approval,
-                             policy.min_decisions)
-        needs += _rate_needs("verified executions", evidence.verification,
+        needs += _rate_needs("approval decisions", "approval", evidence.approval,
+                             policy.min_approval, policy.min_decisions)
+        needs += _rate_needs("verified executions", "verification", evidence.verification,
                              policy.min_verification, policy.min_decisions)
     if demoted_at is not None and now < demoted_at + policy.cooldown:
         hours = (demoted_at + policy.cooldown - now) / 3600

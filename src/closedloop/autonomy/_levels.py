@@ -118,6 +118,8 @@ class AutonomyLevels:
         self._pending: dict[LevelKey, LevelRecord] = {}  # demotions not stored yet
         self._detectors: dict[LevelKey, tuple[Any, Any, int]] = {}  # detector, state, unsaved
         self._lock = threading.Lock()
+        self._monitor = LevelMonitor(self)
+        self._reviewed: dict[str, float] = {}
         self._warned = 0.0
         self.unreadable = 0
         """Resolutions made while the store could not be read (failing closed)."""
@@ -127,12 +129,14 @@ class AutonomyLevels:
         return self.policies.get(task_type, self.policy)
 
     # ----- resolution ---------------------------------------------------------------------
-    def _records(self, task_type: str) -> list[LevelRecord] | None:
-        """The task type's stored levels (cached); None when unreadable and never read."""
+    def _records(self, task_type: str) -> tuple[list[LevelRecord] | None, bool]:
+        """The task type's stored levels (cached), and whether they were read just now or
+        within ``cache_s`` (False: the last ones read, the store being unreadable; None when
+        never read)."""
         now = self.clock()
         cached = self._cache.get(task_type)
         if cached is not None and now - cached[0] < self.cache_s:
-            return cached[1]
+            return cached[1], True
         if self._pending:
             self._flush_pending()
         try:
@@ -144,30 +148,26 @@ class AutonomyLevels:
                 _log.warning("closedloop: cannot read the autonomy levels of %s (%s); using "
                              "the last level known here, else at most 'approve' (this "
                              "warning repeats at most every 10 s)", task_type, exc)
-            return cached[1] if cached is not None else None
+            return (cached[1] if cached is not None else None), False
         self._cache[task_type] = (now, records)
-        return records
+        return records, True
 
     def resolve(self, task_type: str, *, agent_id: str = "*",
                 action_class: str | None = None) -> Resolved:
         """The level a step of ``(agent_id, task_type, action_class)`` runs at now."""
-        records = self._records(task_type)
+        records, fresh = self._records(task_type)
         policy = self.policy_for(task_type)
+        record: LevelRecord | None = None
         if records is None:
-            level, source, record = _lower(self.default.value, "approve"), "unreadable", None
+            level, source = _lower(self.default.value, "approve"), "unreadable"
         else:
             record = _find(records, agent_id, action_class)
-            stale = self._cache.get(task_type, (self.clock(), []))[0] + self.cache_s \
-                < self.clock()
             level = record.level if record is not None else self.default.value
-            source = ("last known" if stale else "stored") if record is not None else (
-                "last known" if stale else "default")
+            source = "last known" if not fresh else "stored" if record is not None else "default"
         if self._pending:
             for key, demoted in list(self._pending.items()):
-                if key == (record.key if record is not None else None) or (
-                        record is None and key.task_type == task_type
-                        and key.agent_id in ("*", agent_id)
-                        and key.action_class in (None, action_class)):
+                if key.task_type == task_type and key.agent_id in ("*", agent_id) \
+                        and key.action_class in (None, action_class):
                     level = _lower(level, demoted.level)
         if action_class is not None:
             cap = policy.ceilings.get(action_class)
@@ -270,6 +270,7 @@ class AutonomyLevels:
         since = record.at if record is not None else now - policy.window
         own = frozenset(r.key.action_class for r in self.levels.levels(key.task_type)
                         if r.key.action_class is not None)
+        self.store.flush(5.0)  # this process's own recent steps count too
         feedback = {f.step_id: f for f in self.levels.feedback(since=since)}
         decisions = (self.decisions.decisions(key, since=since, own_classes=own)
                      if self.decisions is not None else None)
@@ -321,9 +322,43 @@ class AutonomyLevels:
         return change
 
     # ----- automatic demotion ---------------------------------------------------------------
+    def review(self, task_type: str) -> list[LevelChange]:
+        """Promote the keys of ``task_type`` that earned it, if its policy opted into
+        ``auto_promote`` (else nothing); returns the changes made."""
+        if not self.policy_for(task_type).auto_promote:
+            return []
+        made = []
+        for found in self.recommend(task_type):
+            if found.ready and found.target is not None:
+                change = self.promote(found, by=f"closedloop auto-promotion on {who()}")
+                if change is not None:
+                    made.append(change)
+        return made
+
+    def _maybe_review(self, task_type: str) -> None:
+        """Start a background review of ``task_type`` every ``review_every`` seconds."""
+        policy = self.policy_for(task_type)
+        now = self.clock()
+        with self._lock:
+            if now - self._reviewed.get(task_type, float("-inf")) < policy.review_every:
+                return
+            self._reviewed[task_type] = now
+
+        def run() -> None:
+            try:
+                self.review(task_type)
+            except Exception:  # noqa: BLE001 - a failed review is tried again later
+                _log.exception("closedloop: the autonomy review of %s failed", task_type)
+
+        threading.Thread(target=run, name="closedloop-autonomy-review", daemon=True).start()
+
     def observe(self, event: StepEvent) -> None:
         """Learn from one step: an autonomous step's verification feeds its key's demotion
-        detector; an alarm demotes the key and alerts. Quick, on the agent's path."""
+        detector; an alarm demotes the key and alerts. Quick, on the agent's path (an opted-in
+        promotion review runs on a thread of its own)."""
+        if (self.policy.auto_promote or self.policies) and event.autonomy != "autonomous" \
+                and self.policy_for(event.task_type).auto_promote:
+            self._maybe_review(event.task_type)
         if event.autonomy != "autonomous" or event.verification_passed is None:
             return
         cls = step_class(event)
@@ -412,7 +447,7 @@ class AutonomyLevels:
 
     def monitor(self) -> LevelMonitor:
         """This object as a loop guard (admits every step, observes every event)."""
-        return LevelMonitor(self)
+        return self._monitor
 
 
 def _detector_name(key: LevelKey) -> str:

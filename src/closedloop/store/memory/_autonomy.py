@@ -54,8 +54,10 @@ class MemoryLevelStore:
     def history(self, *, task_type: str | None = None, limit: int = 50) -> list[LevelChange]:
         """Recent level changes (of ``task_type``), newest first."""
         with self._lock:
-            found = [c for c in self._history if task_type is None or c.key.task_type == task_type]
-        return sorted(found, key=lambda c: c.at, reverse=True)[:max(0, int(limit))]
+            found = [(c.at, i, c) for i, c in enumerate(self._history)
+                     if task_type is None or c.key.task_type == task_type]
+        found.sort(key=lambda item: item[:2], reverse=True)  # newest first, ties: last written
+        return [c for _, _, c in found[:max(0, int(limit))]]
 
     def put_feedback(self, feedback: Feedback) -> None:
         """Record feedback on a suggestion (the last one per step id counts)."""
