@@ -254,8 +254,8 @@ class AutonomyPolicy:
         """The demotion detector (a :class:`~closedloop.learn.BernoulliCusum` on failures)."""
         from closedloop.learn import BernoulliCusum
 
-        return BernoulliCusum.for_arl(1.0 - self.baseline_pass_rate,
-                                      1.0 - self.alarm_pass_rate,
+        return BernoulliCusum.for_arl(round(1.0 - self.baseline_pass_rate, 12),
+                                      round(1.0 - self.alarm_pass_rate, 12),
                                       arl0=self.false_alarm_steps)
 
     def to_dict(self) -> dict[str, Any]:

@@ -115,8 +115,10 @@ class AutonomyLevels:
         self.cache_s = cache_s
         self.clock = clock
         self._cache: dict[str, tuple[float, list[LevelRecord]]] = {}
+        self._memo: dict[str, dict[tuple[str, str | None], tuple[float, Resolved]]] = {}
         self._pending: dict[LevelKey, LevelRecord] = {}  # demotions not stored yet
         self._detectors: dict[LevelKey, tuple[Any, Any, int]] = {}  # detector, state, unsaved
+        self._task_keys: dict[str, LevelKey] = {}
         self._lock = threading.Lock()
         self._monitor = LevelMonitor(self)
         self._reviewed: dict[str, float] = {}
@@ -150,12 +152,30 @@ class AutonomyLevels:
                              "warning repeats at most every 10 s)", task_type, exc)
             return (cached[1] if cached is not None else None), False
         self._cache[task_type] = (now, records)
+        self._memo.pop(task_type, None)
         return records, True
 
     def resolve(self, task_type: str, *, agent_id: str = "*",
                 action_class: str | None = None) -> Resolved:
         """The level a step of ``(agent_id, task_type, action_class)`` runs at now."""
+        # on the agent's path for every step: the answer is kept as long as the levels it
+        # was made from are fresh
+        memo = self._memo.get(task_type)
+        if memo is not None and not self._pending:
+            hit = memo.get((agent_id, action_class))
+            if hit is not None and self.clock() - hit[0] < self.cache_s:
+                return hit[1]
         records, fresh = self._records(task_type)
+        found = self._resolve(task_type, agent_id, action_class, records, fresh)
+        if fresh and not self._pending:
+            cached = self._cache.get(task_type)
+            if cached is not None:
+                self._memo.setdefault(task_type, {})[(agent_id, action_class)] = (
+                    cached[0], found)
+        return found
+
+    def _resolve(self, task_type: str, agent_id: str, action_class: str | None,
+                 records: list[LevelRecord] | None, fresh: bool) -> Resolved:
         policy = self.policy_for(task_type)
         record: LevelRecord | None = None
         if records is None:
@@ -232,6 +252,7 @@ class AutonomyLevels:
 
     def _forget(self, task_type: str) -> None:
         self._cache.pop(task_type, None)
+        self._memo.pop(task_type, None)
 
     def record_feedback(self, step_id: str, agreed: bool, *, by: str | None = None,
                         note: str | None = None) -> Feedback:
@@ -366,9 +387,13 @@ class AutonomyLevels:
         if resolved.level is not Autonomy.AUTONOMOUS:
             return  # already demoted (or capped) here: nothing to detect
         record = resolved.record
-        key = record.key if record is not None else LevelKey(task_type=event.task_type)
-        with self._lock:
-            found = self._detectors.get(key)
+        key: LevelKey | None = record.key if record is not None else self._task_keys.get(
+            event.task_type)  # one key object per task type
+        if key is None:
+            key = self._task_keys[event.task_type] = LevelKey(task_type=event.task_type)
+        # no lock: a dict read and a write are atomic; two threads updating one key at the
+        # same instant may lose one observation, which a statistical detector can afford
+        found = self._detectors.get(key)
         if found is None:
             detector = self.policy_for(key.task_type).detector()
             state = detector.initial()
@@ -391,8 +416,7 @@ class AutonomyLevels:
             except Exception as exc:  # noqa: BLE001 - saved again later
                 _log.warning("closedloop: could not save the demotion detector of %s: %s",
                              key, exc)
-        with self._lock:
-            self._detectors[key] = (detector, step.state, unsaved)
+        self._detectors[key] = (detector, step.state, unsaved)
         if step.alarm:
             self._demote(key, record, detector, step.state.steps, event)
 

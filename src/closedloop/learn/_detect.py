@@ -64,7 +64,7 @@ def _from_dict(cls: type[Any], data: Any) -> Any:
     """A state record from its ``to_dict`` form; a malformed one is a one-line ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
+    names = set(cls._fields) if hasattr(cls, "_fields") else {f.name for f in fields(cls)}
     if set(data) != names:
         raise ConfigError(f"{cls.__name__}: expected the keys {sorted(names)}, got "
                           f"{sorted(map(str, data))[:10]}")
@@ -76,30 +76,28 @@ def _from_dict(cls: type[Any], data: Any) -> Any:
 
 # ----- Bernoulli CUSUM ----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CusumState:
-    """A CUSUM's state: the statistic, observations seen, alarms raised."""
+class CusumState(NamedTuple):
+    """A CUSUM's state: the statistic, observations seen, alarms raised. (A named tuple: the
+    demotion monitor makes one per autonomous step, on the agent's path.)"""
 
     statistic: float = 0.0
     steps: int = 0
     alarms: int = 0
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and isinstance(self.alarms, int)
-                and self.steps >= 0 and self.alarms >= 0):
-            raise ValueError("steps and alarms must be integers ≥ 0")
-        if not (isinstance(self.statistic, int | float) and math.isfinite(self.statistic)
-                and self.statistic >= 0):
-            raise ValueError("statistic must be a finite number ≥ 0")
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return asdict(self)
+        return dict(self._asdict())
 
     @classmethod
     def from_dict(cls, data: Any) -> CusumState:
-        """The state saved by :meth:`to_dict`."""
+        """The state saved by :meth:`to_dict`; a malformed one is a ConfigError."""
         state: CusumState = _from_dict(cls, data)
+        if not (isinstance(state.steps, int) and isinstance(state.alarms, int)
+                and state.steps >= 0 and state.alarms >= 0):
+            raise ConfigError("CusumState: steps and alarms must be integers ≥ 0")
+        if not (isinstance(state.statistic, int | float) and math.isfinite(state.statistic)
+                and state.statistic >= 0):
+            raise ConfigError("CusumState: statistic must be a finite number ≥ 0")
         return state
 
 
@@ -142,12 +140,11 @@ class BernoulliCusum:
 
     def update(self, state: CusumState, event: bool) -> Detection[CusumState]:
         """Add one observation (``event``: the monitored event happened, e.g. a failure)."""
-        s = state.statistic + self.up if event else max(0.0, state.statistic - self.down)
+        statistic, steps, alarms = state
+        s = statistic + self.up if event else max(0.0, statistic - self.down)
         if s >= self.limit:
-            return Detection(CusumState(statistic=0.0, steps=state.steps + 1,
-                                        alarms=state.alarms + 1), True, s / self.limit)
-        return Detection(CusumState(statistic=s, steps=state.steps + 1, alarms=state.alarms),
-                         False, s / self.limit)
+            return Detection(_cusum((0.0, steps + 1, alarms + 1)), True, s / self.limit)
+        return Detection(_cusum((s, steps + 1, alarms)), False, s / self.limit)
 
     def arl(self, p: float) -> float:
         """The average run length from zero to an alarm when the event's probability is
@@ -169,6 +166,10 @@ class BernoulliCusum:
         detector: BernoulliCusum = _from_dict(cls, {k: v for k, v in data.items()
                                                     if k != "kind"})
         return detector
+
+
+def _cusum(values: tuple[float, int, int]) -> CusumState:
+    return tuple.__new__(CusumState, values)
 
 
 def _arl(up: int, down: int, limit: int, p: float) -> float:
@@ -328,8 +329,7 @@ class GaussianCusum:
 
 # ----- Page-Hinkley -------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PageHinkleyState:
+class PageHinkleyState(NamedTuple):
     """The Page-Hinkley test's state: observations, their running mean, the cumulative
     deviation and its extreme so far, alarms raised."""
 
@@ -339,22 +339,20 @@ class PageHinkleyState:
     extreme: float = 0.0
     alarms: int = 0
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and self.steps >= 0 and isinstance(self.alarms, int)
-                and self.alarms >= 0):
-            raise ValueError("steps and alarms must be integers ≥ 0")
-        if not all(isinstance(v, int | float) and math.isfinite(v)
-                   for v in (self.mean, self.cumulative, self.extreme)):
-            raise ValueError("mean, cumulative and extreme must be finite numbers")
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return asdict(self)
+        return dict(self._asdict())
 
     @classmethod
     def from_dict(cls, data: Any) -> PageHinkleyState:
-        """The state saved by :meth:`to_dict`."""
+        """The state saved by :meth:`to_dict`; a malformed one is a ConfigError."""
         state: PageHinkleyState = _from_dict(cls, data)
+        if not (isinstance(state.steps, int) and state.steps >= 0
+                and isinstance(state.alarms, int) and state.alarms >= 0):
+            raise ConfigError("PageHinkleyState: steps and alarms must be integers ≥ 0")
+        if not all(isinstance(v, int | float) and math.isfinite(v)
+                   for v in (state.mean, state.cumulative, state.extreme)):
+            raise ConfigError("PageHinkleyState: mean, cumulative and extreme must be finite")
         return state
 
 
