@@ -383,11 +383,15 @@ def test_an_unstorable_demotion_stays_in_force_here(store: cl.Store) -> None:
 
 def test_the_detector_state_is_saved_and_resumed(store: cl.Store) -> None:
     shared: LevelStore = MemoryLevelStore()
-    one = AutonomyLevels(store, levels=shared, sinks=[])
+    clock = Clock()
+    one = AutonomyLevels(store, levels=shared, sinks=[], clock=clock)
     loop = cl.Loop(echo, task_type="t", executor=Executor(), store=store, levels=one,
                    guards=[one.monitor()], verifiers=[lambda i, r: i % 10 != 0])
-    for i in range(1, 101):
+    for i in range(1, 100):
         loop.run(i)
+    assert shared.detector("autonomy.demote:t:*:") is None  # not a write per step
+    clock.now += 30.0
+    loop.run(100)
     saved = shared.detector("autonomy.demote:t:*:")
     assert saved is not None and saved["steps"] == 100 and saved["statistic"] > 0
     two = AutonomyLevels(store, levels=shared, sinks=[])  # a restarted process resumes it

@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("closedloop.autonomy")
 _KEEP: Any = object()
-_SAVE_EVERY = 100
-"""A demotion detector's state is saved after this many observations (and on an alarm)."""
+SAVE_EVERY_S = 30.0
+"""A demotion detector's state is saved at most this often (and on an alarm): a store write
+per step would cost more than the rest of the step."""
 
 
 def who() -> str:
@@ -117,7 +118,7 @@ class AutonomyLevels:
         self._cache: dict[str, tuple[float, list[LevelRecord]]] = {}
         self._memo: dict[str, dict[tuple[str, str | None], tuple[float, Resolved]]] = {}
         self._pending: dict[LevelKey, LevelRecord] = {}  # demotions not stored yet
-        self._detectors: dict[LevelKey, tuple[Any, Any, int]] = {}  # detector, state, unsaved
+        self._detectors: dict[LevelKey, tuple[Any, Any, float]] = {}  # detector, state, saved
         self._task_keys: dict[str, LevelKey] = {}
         self._lock = threading.Lock()
         self._monitor = LevelMonitor(self)
@@ -404,19 +405,18 @@ class AutonomyLevels:
             except Exception as exc:  # noqa: BLE001 - start afresh; the halt still guards
                 _log.warning("closedloop: could not read the demotion detector of %s: %s",
                              key, exc)
-            found = (detector, state, 0)
-        detector, state, unsaved = found
+            found = (detector, state, self.clock())
+        detector, state, saved_at = found
         step = detector.update(state, not event.verification_passed)
-        unsaved += 1
-        if step.alarm or unsaved >= _SAVE_EVERY:
+        now = self.clock()
+        if step.alarm or now - saved_at >= SAVE_EVERY_S:
+            saved_at = now  # tried now: the next attempt comes SAVE_EVERY_S later
             try:
-                self.levels.put_detector(_detector_name(key), step.state.to_dict(),
-                                         at=self.clock())
-                unsaved = 0
+                self.levels.put_detector(_detector_name(key), step.state.to_dict(), at=now)
             except Exception as exc:  # noqa: BLE001 - saved again later
                 _log.warning("closedloop: could not save the demotion detector of %s: %s",
                              key, exc)
-        self._detectors[key] = (detector, step.state, unsaved)
+        self._detectors[key] = (detector, step.state, saved_at)
         if step.alarm:
             self._demote(key, record, detector, step.state.steps, event)
 
