@@ -383,8 +383,12 @@ class AutonomyLevels:
             self._maybe_review(event.task_type)
         if event.autonomy != "autonomous" or event.verification_passed is None:
             return
-        cls = step_class(event)
-        resolved = self.resolve(event.task_type, agent_id=event.agent_id, action_class=cls)
+        cls = step_class(event) if event.detail else None
+        # the level the step itself was resolved at (memoised); else look it up
+        memo = self._memo.get(event.task_type)
+        hit = memo.get((event.agent_id, cls)) if memo is not None else None
+        resolved = hit[1] if hit is not None and not self._pending else self.resolve(
+            event.task_type, agent_id=event.agent_id, action_class=cls)
         if resolved.level is not Autonomy.AUTONOMOUS:
             return  # already demoted (or capped) here: nothing to detect
         record = resolved.record
@@ -495,6 +499,7 @@ class LevelMonitor:
 
     def __init__(self, levels: AutonomyLevels) -> None:
         self.levels = levels
+        self.observe = levels.observe  # type: ignore[method-assign]  # one call, not two
 
     def admit(self, task_type: str) -> None:
         """Admit: refusing is fault control's job."""

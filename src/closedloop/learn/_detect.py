@@ -45,6 +45,7 @@ __all__ = [
 S = TypeVar("S")
 Direction = Literal["up", "down"]
 
+_new: Any = tuple.__new__  # a named tuple from its values, without its Python-level __new__
 _LATTICE = 48
 """The event weight of a Bernoulli CUSUM is about this many lattice units (fine enough that
 rounding the likelihood ratio's weights changes them by about 1 %, coarse enough that the
@@ -140,11 +141,19 @@ class BernoulliCusum:
 
     def update(self, state: CusumState, event: bool) -> Detection[CusumState]:
         """Add one observation (``event``: the monitored event happened, e.g. a failure)."""
+        # on the agent's path once per autonomous step: the tuples are built directly
         statistic, steps, alarms = state
-        s = statistic + self.up if event else max(0.0, statistic - self.down)
-        if s >= self.limit:
-            return Detection(_cusum((0.0, steps + 1, alarms + 1)), True, s / self.limit)
-        return Detection(_cusum((s, steps + 1, alarms)), False, s / self.limit)
+        limit = self.limit
+        if event:
+            s = statistic + self.up
+            if s >= limit:
+                return _new(Detection, (_new(CusumState, (0.0, steps + 1, alarms + 1)), True,
+                                        s / limit))
+        else:
+            s = statistic - self.down
+            if s < 0.0:
+                s = 0.0
+        return _new(Detection, (_new(CusumState, (s, steps + 1, alarms)), False, s / limit))
 
     def arl(self, p: float) -> float:
         """The average run length from zero to an alarm when the event's probability is
@@ -166,10 +175,6 @@ class BernoulliCusum:
         detector: BernoulliCusum = _from_dict(cls, {k: v for k, v in data.items()
                                                     if k != "kind"})
         return detector
-
-
-def _cusum(values: tuple[float, int, int]) -> CusumState:
-    return tuple.__new__(CusumState, values)
 
 
 def _arl(up: int, down: int, limit: int, p: float) -> float:
