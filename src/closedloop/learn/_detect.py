@@ -147,13 +147,14 @@ class BernoulliCusum:
         if event:
             s = statistic + self.up
             if s >= limit:
-                return _new(Detection, (_new(CusumState, (0.0, steps + 1, alarms + 1)), True,
-                                        s / limit))
+                found: Detection[CusumState] = _new(
+                    Detection, (_new(CusumState, (0.0, steps + 1, alarms + 1)), True, s / limit))
+                return found
         else:
             s = statistic - self.down
-            if s < 0.0:
-                s = 0.0
-        return _new(Detection, (_new(CusumState, (s, steps + 1, alarms)), False, s / limit))
+            s = max(s, 0.0)
+        found = _new(Detection, (_new(CusumState, (s, steps + 1, alarms)), False, s / limit))
+        return found
 
     def arl(self, p: float) -> float:
         """The average run length from zero to an alarm when the event's probability is
