@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 from closedloop._errors import ConfigError
 
@@ -147,14 +147,13 @@ class BernoulliCusum:
         if event:
             s = statistic + self.up
             if s >= limit:
-                found: Detection[CusumState] = _new(
-                    Detection, (_new(CusumState, (0.0, steps + 1, alarms + 1)), True, s / limit))
-                return found
+                return cast("Detection[CusumState]", _new(
+                    Detection, (_new(CusumState, (0.0, steps + 1, alarms + 1)), True, s / limit)))
         else:
             s = statistic - self.down
             s = max(s, 0.0)
-        found = _new(Detection, (_new(CusumState, (s, steps + 1, alarms)), False, s / limit))
-        return found
+        return cast("Detection[CusumState]",
+                    _new(Detection, (_new(CusumState, (s, steps + 1, alarms)), False, s / limit)))
 
     def arl(self, p: float) -> float:
         """The average run length from zero to an alarm when the event's probability is
