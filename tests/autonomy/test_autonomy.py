@@ -415,3 +415,19 @@ def test_level_names_are_checked() -> None:
     with pytest.raises(cl.ConfigError, match="reason"):
         levels.set("t", "approve", by="a", reason="  ")
     assert time.time() > 0
+
+
+def test_the_level_lookup_is_no_span_of_its_own(store: cl.Store) -> None:
+    from closedloop.telemetry import MemoryExporter, Telemetry
+
+    exporter = MemoryExporter()
+    pipeline = Telemetry([exporter])
+    levels = AutonomyLevels(store)
+    levels.set("t", "approve", by="a", reason="r")
+    loop = cl.Loop(echo, task_type="t", executor=Executor(), store=store, levels=levels,
+                   approver=lambda t, p: True, telemetry=pipeline)
+    assert loop.run(1).ok
+    pipeline.shutdown()
+    names = [s.name for s in exporter.spans.all_spans()]
+    assert names == ["invoke_agent echo", "closedloop.attempt", "closedloop.gate",
+                     "closedloop.act", "closedloop.step"]
