@@ -428,6 +428,6 @@ def test_the_level_lookup_is_no_span_of_its_own(store: cl.Store) -> None:
                    approver=lambda t, p: True, telemetry=pipeline)
     assert loop.run(1).ok
     pipeline.shutdown()
-    names = [s.name for s in exporter.spans.all_spans()]
+    names = [s.name for s in exporter.finished()]
     assert names == ["invoke_agent echo", "closedloop.attempt", "closedloop.gate",
                      "closedloop.act", "closedloop.step"]
