@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 import closedloop as cl
-from closedloop.loop import Act, Action, Admission, Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import (
+    Act,
+    Action,
+    Admission,
+    Admit,
+    Approve,
+    Level,
+    Propose,
+    Validate,
+    Verify,
+)
 from closedloop.loop._machine import step_machine
 
 
@@ -647,9 +657,11 @@ def test_the_machine_names_the_stage_and_check_of_every_call(memory_store: cl.St
                    verifiers=[matches], guards=[guard], store=memory_store)
     actions, result = drive(loop, 4)
     assert result.ok
-    assert [type(a) for a in actions] == [Admit, Propose, Validate, Act, Verify]
-    assert [a.stage for a in actions] == ["admit", "propose", "validate", "act", "verify"]
-    admit, propose, validate, act, verify = actions
+    assert [type(a) for a in actions] == [Admit, Propose, Validate, Level, Act, Verify]
+    assert [a.stage for a in actions] == ["admit", "propose", "validate", "level", "act",
+                                          "verify"]
+    admit, propose, validate, level, act, verify = actions
+    assert isinstance(level, Level) and level.args == (4,)  # the stored level, before the gate
     assert isinstance(admit, Admit) and admit.guard is guard and admit.args == ("t",)
     assert isinstance(propose, Propose) and propose.fn is agent
     assert propose.args[0] == 4 and propose.attempt.task_type == "t"

@@ -152,7 +152,7 @@ def test_an_unsaved_halt_of_a_loop_on_its_own_store_stays_in_force_across_config
 
     executor = Executor()
     loop = _loop(executor, store=store, verifiers=[lambda i, r: "wrong"])
-    (guard,) = loop._spec.guards
+    guard, _levels = loop._spec.guards  # fault control, then the demotion detector
     assert isinstance(guard, FaultControl)
     guard.ledger, guard.halt_after, guard.retry_every = Refuses(tmp_path / "x.db"), 1, 3600
     assert loop.run(1).outcome is cl.Outcome.FAILED
@@ -265,7 +265,7 @@ def test_a_loop_given_its_own_runtime_leaves_the_process_one_untouched(tmp_path:
         loop = _loop(executor, runtime=own)
         assert loop.run(1).outcome is cl.Outcome.SUCCEEDED
         assert loop.store is own.store
-        assert loop._spec.guards == (own.fault_control,)
+        assert loop._spec.guards[0] is own.fault_control
         assert loop._spec.backpressure is own.backpressure
         cl.reset()  # replacing the process runtime does not move the loop
         assert loop.run(2).ok and loop.store is own.store
@@ -279,7 +279,7 @@ def test_a_loop_given_its_own_runtime_leaves_the_process_one_untouched(tmp_path:
 def test_a_loop_on_a_store_of_its_own_gets_that_stores_fault_control(
         store: cl.Store, tmp_path: Path) -> None:
     loop = _loop(Executor(), store=store)
-    (guard,) = loop._spec.guards
+    guard, _levels = loop._spec.guards  # fault control, then the demotion detector
     assert isinstance(guard, FaultControl) and guard is not default_fault_control()
     assert isinstance(guard.ledger, SQLiteLedger)
     assert guard.ledger.path == tmp_path / "events.db"
@@ -299,7 +299,8 @@ def test_loops_on_a_runtimes_store_share_its_fault_control(store: cl.Store) -> N
     own = cl.Runtime(store=store)
     first = _loop(Executor(), store=store, runtime=own)
     second = _loop(Executor(), runtime=own)
-    assert first._spec.guards == second._spec.guards == (own.fault_control,)
+    assert first._spec.guards == second._spec.guards
+    assert first._spec.guards[0] is own.fault_control
     cl.configure(store=store)
     assert is_default_store(store)
 

@@ -6,7 +6,7 @@
     ├── ConfigError          a user mistake: bad store URL, bad option, async hook in a sync run
     ├── StoreError           the event store cannot be opened, migrated or read
     ├── CheckTimeout         a validator or verifier missed its deadline (also a TimeoutError)
-    ├── ControlUnavailable   pause/halt state cannot be read or written: admission fails closed
+    ├── ControlUnavailable   pause/halt state or autonomy levels cannot be read or written
     ├── BackpressureError    flow control did not make (or retry) a call   [closedloop.control]
     │   ├── CircuitOpen          the key's breaker is open past the call's deadline
     │   └── DeadlineExceeded     the next slot or retry comes after the deadline
@@ -55,7 +55,8 @@ class CheckTimeout(ClosedLoopError, TimeoutError):
 
 
 class ControlUnavailable(ClosedLoopError):
-    """Pause and halt state cannot be read (or written): Redis down, disk full, no descriptors.
+    """Pause and halt state (or autonomy levels) cannot be read or written: Redis down, disk
+    full, no descriptors.
 
     A guard raises it from ``admit`` when it cannot decide; the loop then refuses the step
     with outcome ``control_unavailable`` (fail closed) unless the loop was built with

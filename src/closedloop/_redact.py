@@ -783,8 +783,8 @@ class RedactingFilter(logging.Filter):
 
 
 LOG_FILTER = RedactingFilter()
-LOGGERS = ("closedloop", "closedloop.control", "closedloop.integrations", "closedloop.store",
-           "closedloop.telemetry")
+LOGGERS = ("closedloop", "closedloop.autonomy", "closedloop.control", "closedloop.integrations",
+           "closedloop.store", "closedloop.telemetry")
 """Every logger closedloop logs on (a test checks the package uses no other)."""
 
 

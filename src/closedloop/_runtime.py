@@ -14,6 +14,7 @@ the current runtime.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from closedloop._pricing import Prices
     from closedloop._redact import Redactor
+    from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure, FaultControl
     from closedloop.store import EventSink, Store
     from closedloop.telemetry import Telemetry
@@ -94,6 +96,8 @@ class Runtime:
         self._backpressure: Backpressure | None = None if backpressure is UNSET else backpressure
         self._owns_rates = False
         self._guards: weakref.WeakKeyDictionary[Store, FaultControl] = (
+            weakref.WeakKeyDictionary())
+        self._levels: weakref.WeakKeyDictionary[Store, AutonomyLevels | None] = (
             weakref.WeakKeyDictionary())
         self.telemetry = telemetry
         """The tracing pipeline loops use unless given one; None: steps are not traced."""
@@ -227,6 +231,23 @@ class Runtime:
             if guard is None:
                 guard = self._guards[store] = self._new_fault_control(store)
         return guard
+
+    def levels_for(self, store: Store) -> AutonomyLevels | None:
+        """The stored autonomy levels of ``store``'s task types (one per store, shared by
+        every loop on it, so that its cache and demotion detectors see all their steps);
+        None when the store's backend keeps no levels (a plug-in's)."""
+        with self._lock:
+            with contextlib.suppress(TypeError):  # not weakly referenceable
+                if store in self._levels:
+                    return self._levels[store]
+            from closedloop.autonomy import AutonomyLevels
+            from closedloop.store import LevelBackend
+
+            backend = getattr(store, "backend", None)  # a stand-in for a Store may have none
+            levels = AutonomyLevels(store) if isinstance(backend, LevelBackend) else None
+            with contextlib.suppress(TypeError):  # not weakly referenceable: not cached
+                self._levels[store] = levels
+        return levels
 
     def _new_fault_control(self, store: Store | None) -> FaultControl:
         from closedloop.control import FaultControl, ledger_for_store

@@ -67,3 +67,23 @@ def test_report_on_an_unreachable_server_is_one_line_without_the_password() -> N
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot open store ")
     assert "hunter2" not in result.output and "postgres:***@127.0.0.1:1" in lines[0]
+
+
+def test_autonomy_levels_on_postgresql(pg_url: str) -> None:
+    with cl.open_store(pg_url) as store:
+        loop = cl.Loop(lambda t, a: t, task_type="provision", executor=lambda p: p,
+                       store=store, autonomy="suggest")
+        step = loop.run(1).event
+    assert step is not None and step.step_id is not None
+    runner = CliRunner()
+    done = runner.invoke(main, ["autonomy", "set", "provision", "suggest", "--by", "alice",
+                                "--reason", "new agent", "--store", pg_url])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(main, ["autonomy", "feedback", step.step_id, "--disagreed",
+                                "--store", pg_url])
+    assert done.exit_code == 0, done.output
+    status = runner.invoke(main, ["autonomy", "status", "--json", "--store", pg_url])
+    assert status.exit_code == 0, status.output
+    (key,) = json.loads(status.stdout)["keys"]
+    assert (key["level"], key["key"]["task_type"]) == ("suggest", "provision")
+    assert json.loads(status.stdout)["history"][0]["by"] == "alice"

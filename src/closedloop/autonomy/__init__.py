@@ -2,19 +2,70 @@
 
 ``suggest`` records the validated proposal and never executes it; ``approve`` executes only
 when an approver says yes (with no approver attached the step waits, recorded as
-``awaiting_approval``); ``autonomous`` executes. Persistent approval queues and progressive
-promotion between levels are not built yet.
+``awaiting_approval``); ``autonomous`` executes.
+
+Levels are earned (docs/autonomy.md): a loop whose ``autonomy`` is not pinned runs each step
+at the **stored** level of its (agent, task type, action class) (:class:`AutonomyLevels`,
+kept by the store behind the :class:`LevelStore` port, with an audit trail of every change).
+Evidence — humans' agreement with suggestions, approval and verification pass rates — earns
+promotions (recommended; applied automatically only when opted in), and a change detector on
+the verification pass rate of autonomous steps demotes a task type to ``approve`` with an
+alert. Everything but :class:`Autonomy` is imported on first use.
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any, TypeAlias
 
 from closedloop._errors import ConfigError
 
-__all__ = ["Approver", "Autonomy"]
+if typing.TYPE_CHECKING:
+    from closedloop._autonomy_state import (
+        ANY_AGENT,
+        LEVELS,
+        Feedback,
+        LevelChange,
+        LevelKey,
+        LevelRecord,
+        LevelStore,
+    )
+    from closedloop.autonomy._evidence import (
+        Assessment,
+        AutonomyPolicy,
+        Decisions,
+        DecisionSource,
+        Evidence,
+        Proportion,
+        count_events,
+        wilson_lower,
+    )
+    from closedloop.autonomy._levels import AutonomyLevels, LevelMonitor, Resolved
+
+__all__ = [
+    "ANY_AGENT",
+    "LEVELS",
+    "Approver",
+    "Assessment",
+    "Autonomy",
+    "AutonomyLevels",
+    "AutonomyPolicy",
+    "DecisionSource",
+    "Decisions",
+    "Evidence",
+    "Feedback",
+    "LevelChange",
+    "LevelKey",
+    "LevelMonitor",
+    "LevelRecord",
+    "LevelStore",
+    "Proportion",
+    "Resolved",
+    "count_events",
+    "wilson_lower",
+]
 
 
 class Autonomy(StrEnum):
@@ -36,3 +87,15 @@ class Autonomy(StrEnum):
 
 Approver: TypeAlias = Callable[[Any, Any], "bool | Awaitable[bool]"]
 """``approver(task_input, proposal) -> bool``: a human (or policy) decision; may be async."""
+
+
+if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "closedloop._autonomy_state": ("ANY_AGENT", "LEVELS", "Feedback", "LevelChange",
+                                       "LevelKey", "LevelRecord", "LevelStore"),
+        "._evidence": ("Assessment", "AutonomyPolicy", "DecisionSource", "Decisions",
+                       "Evidence", "Proportion", "count_events", "wilson_lower"),
+        "._levels": ("AutonomyLevels", "LevelMonitor", "Resolved"),
+    })

@@ -16,59 +16,91 @@ proposals, ``closedloop replay``) and :func:`score_summary` (the scores section 
 report). None of it needs OpenTelemetry.
 """
 
-from closedloop._figures import message_group, percentile
-from closedloop.learn._clusters import (
-    FailureCluster,
-    FailureClusters,
-    Purity,
-    cluster_purity,
-    clusters_from_cells,
-    failure_clusters,
-    parse_issues,
-)
-from closedloop.learn._diff import (
-    DiffRow,
-    diff_traces,
-    first_divergence,
-    span_label,
-    verdict_messages,
-)
-from closedloop.learn._factors import Factor, Factors, FactorValue, factors, factors_from_cells
-from closedloop.learn._replay import CheckReplay, ReplayReport, replay
-from closedloop.learn._report import (
-    DEFAULT_TOP_ERRORS,
-    DEFAULT_TOP_MESSAGES,
-    Cost,
-    ErrorCount,
-    Latency,
-    MessageCount,
-    Rate,
-    Report,
-    TaskStats,
-    Tokens,
-    build_report,
-    report_from_store,
-)
-from closedloop.learn._scores import score_summary
-from closedloop.learn._stats import Change, Estimate
-from closedloop.learn._trends import (
-    DEFAULT_PERIODS,
-    METRICS,
-    TrendPoint,
-    Trends,
-    TrendSeries,
-    trends,
-    trends_from_cells,
-)
+import typing
+
+if typing.TYPE_CHECKING:
+    from closedloop._figures import (
+        message_group,
+        percentile,
+    )
+    from closedloop.learn._clusters import (
+        FailureCluster,
+        FailureClusters,
+        Purity,
+        cluster_purity,
+        clusters_from_cells,
+        failure_clusters,
+        parse_issues,
+    )
+    from closedloop.learn._detect import (
+        BernoulliCusum,
+        CusumState,
+        Detection,
+        GaussianCusum,
+        PageHinkley,
+        PageHinkleyState,
+    )
+    from closedloop.learn._diff import (
+        DiffRow,
+        diff_traces,
+        first_divergence,
+        span_label,
+        verdict_messages,
+    )
+    from closedloop.learn._factors import (
+        Factor,
+        Factors,
+        FactorValue,
+        factors,
+        factors_from_cells,
+    )
+    from closedloop.learn._replay import (
+        CheckReplay,
+        ReplayReport,
+        replay,
+    )
+    from closedloop.learn._report import (
+        DEFAULT_TOP_ERRORS,
+        DEFAULT_TOP_MESSAGES,
+        Cost,
+        ErrorCount,
+        Latency,
+        MessageCount,
+        Rate,
+        Report,
+        TaskStats,
+        Tokens,
+        build_report,
+        report_from_store,
+    )
+    from closedloop.learn._scores import (
+        score_summary,
+    )
+    from closedloop.learn._stats import (
+        Change,
+        Estimate,
+    )
+    from closedloop.learn._trends import (
+        DEFAULT_PERIODS,
+        METRICS,
+        TrendPoint,
+        Trends,
+        TrendSeries,
+        trends,
+        trends_from_cells,
+    )
 
 __all__ = [
     "DEFAULT_PERIODS",
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
     "METRICS",
+    "BernoulliCusum",
     "Change",
     "CheckReplay",
     "Cost",
+    "CusumState",
+    "Detection",
     "DiffRow",
     "ErrorCount",
     "Estimate",
@@ -77,8 +109,11 @@ __all__ = [
     "Factors",
     "FailureCluster",
     "FailureClusters",
+    "GaussianCusum",
     "Latency",
     "MessageCount",
+    "PageHinkley",
+    "PageHinkleyState",
     "Purity",
     "Rate",
     "ReplayReport",
@@ -107,3 +142,25 @@ __all__ = [
     "trends_from_cells",
     "verdict_messages",
 ]
+
+
+if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, {
+        "closedloop._figures": ("message_group", "percentile"),
+        "._clusters": ("FailureCluster", "FailureClusters", "Purity", "cluster_purity",
+                       "clusters_from_cells", "failure_clusters", "parse_issues"),
+        "._detect": ("BernoulliCusum", "CusumState", "Detection", "GaussianCusum", "PageHinkley",
+                     "PageHinkleyState"),
+        "._diff": ("DiffRow", "diff_traces", "first_divergence", "span_label", "verdict_messages"),
+        "._factors": ("Factor", "FactorValue", "Factors", "factors", "factors_from_cells"),
+        "._replay": ("CheckReplay", "ReplayReport", "replay"),
+        "._report": ("DEFAULT_TOP_ERRORS", "DEFAULT_TOP_MESSAGES", "Cost", "ErrorCount", "Latency",
+                     "MessageCount", "Rate", "Report", "TaskStats", "Tokens", "build_report",
+                     "report_from_store"),
+        "._scores": ("score_summary",),
+        "._stats": ("Change", "Estimate"),
+        "._trends": ("DEFAULT_PERIODS", "METRICS", "TrendPoint", "TrendSeries", "Trends", "trends",
+                     "trends_from_cells"),
+    })

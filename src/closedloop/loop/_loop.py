@@ -27,6 +27,7 @@ from closedloop.loop._result import Attempt, StepResult
 
 if TYPE_CHECKING:
     from closedloop._runtime import Runtime
+    from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure
     from closedloop.store import Store
 
@@ -115,6 +116,16 @@ class Loop:
     (a :class:`~closedloop.Runtime`), by default the process's: a loop follows
     :func:`closedloop.configure` and :func:`closedloop.reset` from its next step, while a
     loop given its own runtime keeps it.
+
+    Autonomy is earned (docs/autonomy.md): a loop given no ``autonomy`` runs each step at the
+    level stored for its (agent, task type, action class) in ``levels`` (an
+    :class:`~closedloop.autonomy.AutonomyLevels`; default: the runtime's, for the loop's
+    store; ``None``: no stored levels), looked up before the gate, cached briefly, failing
+    closed; a key with no stored level runs at ``levels.default`` (``autonomous``).
+    ``classify(proposal) -> str | None`` names the proposal's action class (``"create_replica"``,
+    ``"delete_database"``), which can have a level of its own. With the default guards such a
+    loop also feeds the demotion detector (``levels.monitor()``). ``autonomy=`` pins every
+    step to that level, stored levels or not.
     """
 
     def __init__(
@@ -125,8 +136,10 @@ class Loop:
         validators: Iterable[Validator] = (),
         executor: Executor | None = None,
         verifiers: Iterable[Verifier] = (),
-        autonomy: Autonomy | str = Autonomy.AUTONOMOUS,
+        autonomy: Autonomy | str | None = None,
         approver: Approver | None = None,
+        classify: Callable[[Any], str | None] | None = None,
+        levels: AutonomyLevels | None = DEFAULT,
         max_attempts: int = 3,
         guards: Iterable[StepGuard] | None = DEFAULT,
         fail_open: bool = False,
@@ -151,23 +164,31 @@ class Loop:
             raise ConfigError(f"executor {executor!r} is not callable")
         if approver is not None and not callable(approver):
             raise ConfigError(f"approver {approver!r} is not callable")
+        if classify is not None and not callable(classify):
+            raise ConfigError(f"classify {classify!r} is not callable")
+        if autonomy is not None and classify is not None:
+            raise ConfigError("classify= needs stored levels: leave autonomy= unpinned")
         self.task_type = task_type
         self._runtime = runtime
         self._given = (store, guards, backpressure)
+        self._pinned = None if autonomy is None else Autonomy.parse(autonomy)
+        self._levels_given = levels
+        self._classify = classify
+        self._agent_id = agent_id or _name(agent)
         self._bind_lock = threading.Lock()
         rt = runtime if runtime is not None else _runtime._current
-        store, record, guards, backpressure = self._collaborators(rt)
+        store, record, guards, backpressure, levels_of = self._collaborators(rt)
         self.store: Store | None = store
         """The store this loop records into (None: it records nothing)."""
         self._bound = rt
         self._spec = StepSpec(
             agent=agent,
-            agent_id=agent_id or _name(agent),
+            agent_id=self._agent_id,
             task_type=task_type,
             validators=_checks(validators, "validator"),
             executor=executor,
             verifiers=_checks(verifiers, "verifier"),
-            autonomy=Autonomy.parse(autonomy),
+            autonomy=self._pinned or self._default_level(rt, store),
             approver=approver,
             max_attempts=max_attempts,
             record=record,
@@ -179,38 +200,66 @@ class Loop:
             agent_version=_version(agent_version, "agent_version"),
             prompt_version=_version(prompt_version, "prompt_version"),
             labels=check_labels(labels),
+            levels=levels_of,
         )
         self._telemetry = telemetry
         self._traced: tuple[StepTracing, StepTracer] | None = None
 
     @property
     def autonomy(self) -> Autonomy:
-        """The autonomy level this loop gates execution with."""
+        """The autonomy level this loop gates execution with: the pinned one, else the level
+        of a key with no stored level (each step looks up its stored level)."""
         return self._spec.autonomy
 
+    @property
+    def pinned(self) -> bool:
+        """True when ``autonomy=`` pinned every step's level (stored levels are not used)."""
+        return self._pinned is not None
+
+    def _levels(self, rt: Runtime, store: Store | None) -> AutonomyLevels | None:
+        """The stored levels this loop follows (None: pinned, or none at all)."""
+        if self._pinned is not None:
+            return None
+        levels = self._levels_given
+        if levels is DEFAULT:
+            levels = rt.levels_for(store) if store is not None else None
+        return levels
+
+    def _default_level(self, rt: Runtime, store: Store | None) -> Autonomy:
+        levels = self._levels(rt, store)
+        return levels.default if levels is not None else Autonomy.AUTONOMOUS
+
     def _collaborators(self, rt: Runtime) -> tuple[
-            Store | None, Callable[..., object] | None, tuple[StepGuard, ...], Any]:
-        """The store, its ``record``, the guards and the backpressure, from ``rt`` where this
-        loop was not given its own."""
+            Store | None, Callable[..., object] | None, tuple[StepGuard, ...], Any,
+            Callable[[Any], Any] | None]:
+        """The store, its ``record``, the guards, the backpressure and the stored-level lookup,
+        from ``rt`` where this loop was not given its own."""
         store, guards, backpressure = self._given
         if store is DEFAULT:
             store = rt.store
+        levels = self._levels(rt, store)
         if guards is DEFAULT:
-            # fault control by default, its pauses and halts kept with the store
-            guards = (rt.fault_control_for(store),)
+            # fault control by default, its pauses and halts kept with the store; the demotion
+            # detector of the stored levels this loop follows
+            guards = (rt.fault_control_for(store),) if levels is None else (
+                rt.fault_control_for(store), levels.monitor())
         if backpressure is DEFAULT:
             backpressure = rt.backpressure
         record = store.record if store is not None else None
-        return store, record, tuple(guards or ()), backpressure
+        levels_of = (levels.resolver(self._agent_id, self.task_type, self._classify)
+                     if levels is not None else None)
+        return store, record, tuple(guards or ()), backpressure, levels_of
 
     def _rebind(self, rt: Runtime) -> None:
         """Follow a process runtime that :func:`closedloop.configure` or ``reset`` replaced."""
         with self._bind_lock:
             if self._bound is rt:
                 return
-            store, record, guards, backpressure = self._collaborators(rt)
+            store, record, guards, backpressure, levels_of = self._collaborators(rt)
+            autonomy = self._pinned or self._default_level(rt, store)
             self._spec = dataclasses.replace(self._spec, record=record, guards=guards,
-                                             backpressure=backpressure)
+                                             backpressure=backpressure, levels=levels_of,
+                                             autonomy=autonomy)
             self.store = store
             self._bound = rt
 

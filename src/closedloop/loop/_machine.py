@@ -2,7 +2,8 @@
 
 :func:`step_machine` is a generator that yields one typed *action* for every call into user
 code — :class:`Admit` (a guard), :class:`Propose` (the agent), :class:`Validate`,
-:class:`Approve` (the gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
+:class:`Level` (the stored autonomy level, for a loop that has one), :class:`Approve` (the
+gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
 with the call's return value, or has the call's exception thrown into it. An action is a
 small immutable record naming its stage (its type), the check where there is one, the
 callable and its arguments: the drivers in :mod:`closedloop.loop._loop` only call
@@ -87,6 +88,20 @@ class Validate(NamedTuple):
         return "validate"
 
 
+class Level(NamedTuple):
+    """Look up the autonomy level of this proposal: ``levels(proposal) -> (Autonomy, detail)``
+    (a loop whose autonomy is not pinned; the detail, if any, goes into the event's
+    ``detail["autonomy"]``). Not a stage of its own: it decides the gate's mode."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``level``."""
+        return "level"
+
+
 class Approve(NamedTuple):
     """Ask the approver at the gate: ``approver(task_input, proposal)``."""
 
@@ -141,13 +156,14 @@ class Compensate(NamedTuple):
         return "compensate"
 
 
-Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify | Compensate
+Action: TypeAlias = Admit | Propose | Validate | Level | Approve | Act | Verify | Compensate
 """Every action the machine yields; observers switch on its type."""
 StepGen: TypeAlias = Generator[Action, Any, StepResult[Any, Any]]
 
 _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
+_RANK = {a: i for i, a in enumerate(Autonomy)}  # suggest < approve < autonomous
 _log = logging.getLogger("closedloop")
 _new_event = tuple.__new__
 _warned: dict[tuple[str, bool], float] = {}
@@ -177,6 +193,8 @@ class StepSpec:
     executor: Callable[..., Any] | None
     verifiers: Sequence[tuple[str, Callable[..., Any]]]
     autonomy: Autonomy
+    """The level every step runs at; for a loop with ``levels``, the level of a step that
+    ends before the gate."""
     approver: Callable[..., Any] | None
     max_attempts: int
     record: Callable[[StepEvent], object] | None
@@ -190,6 +208,9 @@ class StepSpec:
     prompt_version: str | None = None
     labels: dict[str, str] | None = None
     """The loop's labels, checked (:func:`closedloop._events.check_labels`); never mutated."""
+    levels: Callable[[Any], tuple[Autonomy, dict[str, Any] | None]] | None = None
+    """The stored-level lookup of a loop whose autonomy is not pinned (a :class:`Level`
+    action before the gate); ``None``: every step runs at ``autonomy``."""
     admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
     """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
@@ -317,6 +338,11 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
                 step.propose_s += now - t
                 ending = (yield from step.validate()) if spec.validators else None
         if ending is None:
+            if spec.levels is not None and spec.executor is not None:  # the stored level
+                try:
+                    step.autonomy, step.leveled = yield Level(spec.levels, (step.proposal,))
+                except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
+                    step.unleveled(exc)
             ending = step.gate()
             if ending is _APPROVE and spec.approver is not None:
                 try:
@@ -355,8 +381,9 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
 class _Step:
     """One step's state, shared by its stages; each stage is a generator of actions."""
 
-    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "labels",
-                 "mark", "noted", "parent_step_id", "proposal", "propose_s", "result",
+    __slots__ = ("act_s", "admitted_open", "attempt", "autonomy", "checked", "clock", "history",
+                 "labels", "leveled", "mark", "noted", "parent_step_id", "proposal",
+                 "propose_s", "result",
                  "run", "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
                  "validate_s", "validation_passed", "verdicts", "verification_passed",
                  "verify_s")
@@ -399,6 +426,8 @@ class _Step:
         self.validation_passed: bool | None = None
         self.verification_passed: bool | None = None
         self.admitted_open: list[str] | None = None  # guards that could not decide, admitted
+        self.autonomy = spec.autonomy  # the gate's level: the stored one, if the loop has levels
+        self.leveled: dict[str, Any] | None = None  # how it was resolved, for the event
 
     # ----- admit (step_machine yields each guard's Admit) ------------------------------------
     def run_admit(self, run: RunScope) -> _Ending | None:
@@ -497,15 +526,20 @@ class _Step:
             self.history.append(entry)
 
     # ----- gate (step_machine yields the approver's Approve, then the executor's Act) -------
+    def unleveled(self, exc: Exception) -> None:
+        """The stored level could not be read: fail closed, never without a human."""
+        self.autonomy = min(self.spec.autonomy, Autonomy.APPROVE, key=_RANK.__getitem__)
+        self.leveled = {"source": "unreadable", "error": _describe(exc)}
+
     def gate(self) -> _Ending | None:
         """What the autonomy level decides before the executor: run it (None), ask the
         approver (``_APPROVE``), or end the step here."""
         spec = self.spec
         if spec.executor is None:
             return _SUCCEEDED
-        if spec.autonomy is Autonomy.SUGGEST:
+        if self.autonomy is Autonomy.SUGGEST:
             return _Ending(Outcome.SUGGESTED)
-        if spec.autonomy is Autonomy.APPROVE:
+        if self.autonomy is Autonomy.APPROVE:
             if spec.approver is None:
                 return _Ending(Outcome.AWAITING_APPROVAL)
             return _APPROVE
@@ -558,10 +592,12 @@ class _Step:
         spec, trace_id, history, noted = self.spec, self.trace_id, self.history, self.noted
         outcome, error_type, error_message = ending
         detail: dict[str, Any] | None = None
-        if history or exception is not None or noted or self.admitted_open:
+        if history or exception is not None or noted or self.admitted_open or self.leveled:
             detail = {}
             if self.admitted_open:
                 detail["fail_open"] = self.admitted_open
+            if self.leveled:
+                detail["autonomy"] = self.leveled
             if history:
                 detail["attempts"] = history
             if noted:
@@ -580,7 +616,7 @@ class _Step:
             trace_id,                                       # trace_id
             spec.agent_id,                                  # agent_id
             spec.task_type,                                 # task_type
-            _VALUE[spec.autonomy],                          # autonomy
+            _VALUE[self.autonomy],                          # autonomy
             _VALUE[outcome],                                # outcome
             attempt.number,                                 # attempts
             attempt.input_tokens,                           # input_tokens

@@ -8,7 +8,9 @@ default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
 Each backend also keeps, next to its events, the spans and scores of its traces (the
 :class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
-record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``), and
+the autonomy levels of its task types with their audit trail (the :class:`LevelBackend` port:
+``level_store()``, a :class:`~closedloop.autonomy.LevelStore`).
 No module outside this package opens a database.
 
 Questions about the events are answered where they are (the query port,
@@ -42,9 +44,11 @@ from closedloop.store._base import (
     EventBackend,
     EventQuery,
     EventSink,
+    LevelBackend,
     RunBackend,
     SinkStats,
     SpanBackend,
+    level_store_for,
     run_store_for,
     span_store_for,
 )
@@ -107,11 +111,12 @@ from closedloop.store._retention import (
 )
 from closedloop.store._runs import RunWriter
 from closedloop.store._writer import BatchWriter, WriterStats
-from closedloop.store.memory import MemoryBackend, MemorySpanStore
+from closedloop.store.memory import MemoryBackend, MemoryLevelStore, MemorySpanStore
 from closedloop.store.sqlite import (
     SCHEMA_VERSION,
     SQLiteBackend,
     SQLiteLedger,
+    SQLiteLevelStore,
     SQLiteReader,
     SQLiteSpanStore,
 )
@@ -138,8 +143,10 @@ __all__ = [
     "FailureCell",
     "ImportResult",
     "LearnQueries",
+    "LevelBackend",
     "MaintainedBackend",
     "MemoryBackend",
+    "MemoryLevelStore",
     "MemorySpanStore",
     "MessageGroup",
     "PruneReport",
@@ -153,6 +160,7 @@ __all__ = [
     "RunsSummary",
     "SQLiteBackend",
     "SQLiteLedger",
+    "SQLiteLevelStore",
     "SQLiteSpanStore",
     "SeriesCell",
     "SinkStats",
@@ -176,6 +184,7 @@ __all__ = [
     "is_default_store",
     "latency_bounds",
     "latency_bucket",
+    "level_store_for",
     "migrate_store",
     "open_backend",
     "open_store",

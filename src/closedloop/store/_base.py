@@ -1,6 +1,7 @@
 """The store's plug points: a backend writes batches of events and reads them back, and may
-keep the durable record of pauses and halts (:class:`ControlStateBackend`) and the spans and
-scores of its traces (:class:`SpanBackend`)."""
+keep the durable record of pauses and halts (:class:`ControlStateBackend`), the spans and
+scores of its traces (:class:`SpanBackend`) and the autonomy levels of its task types
+(:class:`LevelBackend`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from closedloop._autonomy_state import LevelStore
 from closedloop._control_state import ControlLedger
 from closedloop._errors import ConfigError
 from closedloop._events import StepEvent
@@ -159,3 +161,26 @@ def span_store_for(store: Store) -> SpanStore:
         return backend.span_store()
     raise ConfigError(f"store {store.url} cannot hold spans: its backend keeps no span store "
                       "(use a sqlite:///, postgresql:// or memory:// store)")
+
+
+@runtime_checkable
+class LevelBackend(Protocol):
+    """A backend that keeps autonomy levels next to its events (the level-store port): the
+    level per task type (and agent, and action class), its audit trail, humans' feedback on
+    suggestions and the saved state of change detectors. It fails closed: every failure is
+    :class:`~closedloop.ControlUnavailable`."""
+
+    def level_store(self) -> LevelStore:
+        """The autonomy levels of this backend's store."""
+
+
+def level_store_for(store: Store) -> LevelStore:
+    """The autonomy levels that live next to ``store``'s events (its backend's level store).
+
+    A backend that keeps none (a plug-in's) is a :class:`~closedloop.ConfigError`.
+    """
+    backend = store.backend
+    if isinstance(backend, LevelBackend):
+        return backend.level_store()
+    raise ConfigError(f"store {store.url} cannot hold autonomy levels: its backend keeps no "
+                      "level store (use a sqlite:///, postgresql:// or memory:// store)")

@@ -3,7 +3,8 @@
 :func:`traced_step` wraps :func:`closedloop.loop._machine.step_machine`: every action the
 machine yields passes through, and its type tells which stage runs — :class:`Propose` (the
 agent, inside its attempt), :class:`Validate`, :class:`Approve` (the gate), :class:`Act` or
-:class:`Verify`; :class:`Admit` (a guard) is no stage of its own. Around each user-hook call
+:class:`Verify`; :class:`Admit` (a guard) and :class:`Level` (the stored autonomy level) are
+no stages of their own. Around each user-hook call
 the stage's span is the current OpenTelemetry span, so the user's own spans nest under it;
 the step's root span carries the outcome, attempts and token totals. Both drivers (sync and
 async) run the wrapped generator unchanged.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop import Admit, Approve, Compensate, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Compensate, Level, Propose, Validate, Verify
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -150,9 +151,9 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
         action = next(inner)
         while True:
             kind = type(action)
-            if kind is Admit or kind is Compensate or kind is quiet:
-                # a guard, a rollback (which traces itself), a tool's arguments: no stage span;
-                # a call that raised is handed to the machine, which decides
+            if kind is Admit or kind is Level or kind is Compensate or kind is quiet:
+                # a guard, the stored level, a rollback (which traces itself), a tool's
+                # arguments: no stage span; a call that raised is handed to the machine
                 try:
                     value = yield action
                 except Exception as exc:  # noqa: BLE001 - the machine decides

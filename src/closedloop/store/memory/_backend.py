@@ -31,6 +31,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._autonomy import MemoryLevelStore
 from closedloop.store.memory._runs import MemoryRunStore
 from closedloop.store.memory._spans import MemorySpanStore
 
@@ -46,6 +47,7 @@ class MemoryBackend:
         self._ledger = MemoryLedger()
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
         self._runs = MemoryRunStore()
+        self._levels = MemoryLevelStore()
 
     def run_store(self) -> MemoryRunStore:
         """This store's run records: held by the backend for its whole life."""
@@ -55,6 +57,11 @@ class MemoryBackend:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,
         so every loop, guard and runtime on the store sees the same stops."""
         return self._ledger
+
+    def level_store(self) -> MemoryLevelStore:
+        """This store's autonomy levels, audit trail, feedback and detector states: held by
+        the backend for its whole life."""
+        return self._levels
 
     def span_store(self) -> MemorySpanStore:
         """This store's spans and scores: held by the backend for its whole life."""

@@ -8,6 +8,7 @@ without the ``postgres`` extra, importing it costs nothing and opening a store s
 install.
 """
 
+from closedloop.store.postgres._autonomy import PostgresLevelStore
 from closedloop.store.postgres._backend import (
     DEFAULT_SCHEMA,
     MIGRATIONS,
@@ -25,6 +26,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PostgresBackend",
     "PostgresLedger",
+    "PostgresLevelStore",
     "open_backend",
     "parse_url",
     "partition_name",

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from psycopg import sql
     from psycopg_pool import ConnectionPool
 
+    from closedloop.store.postgres._autonomy import PostgresLevelStore
     from closedloop.store.postgres._runs import PostgresRunStore
     from closedloop.store.postgres._spans import PostgresSpanStore
 
@@ -272,6 +273,52 @@ MIGRATIONS: tuple[str, ...] = (
         labels JSONB
     );
     CREATE INDEX IF NOT EXISTS runs_started ON {schema}.runs (started, run_id);
+    """,
+    # progressive autonomy (closedloop.store.postgres._autonomy): the same tables as the
+    # SQLite store's, the level per (task type, agent, action class; '' for none), its audit
+    # trail, humans' feedback on suggestions, and the saved state of change detectors
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.autonomy_levels (
+        task_type TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        action_class TEXT NOT NULL,
+        level TEXT NOT NULL,
+        ceiling TEXT,
+        by TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        PRIMARY KEY (task_type, agent_id, action_class)
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.autonomy_history (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        agent_id TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        action_class TEXT NOT NULL,
+        old_level TEXT,
+        new_level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT
+    );
+    CREATE INDEX IF NOT EXISTS autonomy_history_at ON {schema}.autonomy_history (at);
+    CREATE INDEX IF NOT EXISTS autonomy_history_task_at ON {schema}.autonomy_history
+        (task_type, at);
+    CREATE TABLE IF NOT EXISTS {schema}.autonomy_feedback (
+        step_id TEXT PRIMARY KEY,
+        agreed BOOLEAN NOT NULL,
+        by TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        note TEXT
+    );
+    CREATE INDEX IF NOT EXISTS autonomy_feedback_at ON {schema}.autonomy_feedback (at);
+    CREATE TABLE IF NOT EXISTS {schema}.detector_state (
+        name TEXT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -716,6 +763,14 @@ class PostgresBackend:
                 self._ledger = PostgresLedger(self._conninfo, self.schema, self.url,
                                               connect_timeout=self._connect_timeout)
             return self._ledger
+
+    def level_store(self) -> PostgresLevelStore:
+        """Autonomy levels, their audit trail, feedback and detector states in this store's
+        schema (the level-store port); fails closed."""
+        from closedloop.store.postgres._autonomy import PostgresLevelStore
+
+        return PostgresLevelStore(self._conninfo, self.schema, self.url,
+                                  connect_timeout=self._connect_timeout)
 
     def span_store(self) -> PostgresSpanStore:
         """Spans and scores in this store's schema (the span/score port); one for the

@@ -6,6 +6,7 @@ Only :mod:`closedloop.store` uses this package; everything else reaches a backen
 the store's ports and its URL registry, never through a file path.
 """
 
+from closedloop.store.sqlite._autonomy import SQLiteLevelStore
 from closedloop.store.sqlite._backend import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -22,6 +23,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SQLiteBackend",
     "SQLiteLedger",
+    "SQLiteLevelStore",
     "SQLiteReader",
     "SQLiteSpanStore",
     "connect_read_only",

@@ -42,6 +42,7 @@ from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
+    from closedloop.store.sqlite._autonomy import SQLiteLevelStore
     from closedloop.store.sqlite._ledger import SQLiteLedger
     from closedloop.store.sqlite._runs import SQLiteRunStore
     from closedloop.store.sqlite._spans import SQLiteSpanStore
@@ -213,6 +214,50 @@ MIGRATIONS: tuple[str, ...] = (
         labels TEXT
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS runs_started ON runs (started, run_id);
+    """,
+    # progressive autonomy (closedloop.store.sqlite._autonomy): the level per (task type,
+    # agent, action class; '' for none), its audit trail, humans' feedback on suggestions,
+    # and the saved state of change detectors
+    """
+    CREATE TABLE autonomy_levels (
+        task_type TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        action_class TEXT NOT NULL,
+        level TEXT NOT NULL,
+        ceiling TEXT,
+        by TEXT NOT NULL,
+        at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        PRIMARY KEY (task_type, agent_id, action_class)
+    ) WITHOUT ROWID;
+    CREATE TABLE autonomy_history (
+        at REAL NOT NULL,
+        agent_id TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        action_class TEXT NOT NULL,
+        old_level TEXT,
+        new_level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT
+    );
+    CREATE INDEX autonomy_history_at ON autonomy_history (at);
+    CREATE INDEX autonomy_history_task_at ON autonomy_history (task_type, at);
+    CREATE TABLE autonomy_feedback (
+        step_id TEXT PRIMARY KEY,
+        agreed INTEGER NOT NULL,
+        by TEXT NOT NULL,
+        at REAL NOT NULL,
+        note TEXT
+    );
+    CREATE INDEX autonomy_feedback_at ON autonomy_feedback (at);
+    CREATE TABLE detector_state (
+        name TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        state TEXT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -572,6 +617,13 @@ class SQLiteBackend:
         from closedloop.store.sqlite._ledger import SQLiteLedger
 
         return SQLiteLedger(self.path)
+
+    def level_store(self) -> SQLiteLevelStore:
+        """The autonomy levels, their audit trail, feedback and detector states in this file
+        (the level-store port); fails closed."""
+        from closedloop.store.sqlite._autonomy import SQLiteLevelStore
+
+        return SQLiteLevelStore(self.path)
 
     # ----- maintenance: the port of closedloop.store._retention ----------------------------
     def info(self) -> StoreInfo:

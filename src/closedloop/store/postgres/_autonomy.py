@@ -1,0 +1,187 @@
+"""Autonomy levels in a PostgreSQL store's schema: the level-store port of the PostgreSQL
+backend, shared by every process and machine using the store.
+
+The same tables and rules as the SQLite store's (:mod:`closedloop.store.sqlite._autonomy`),
+created by the store's migrations. Like the control ledger it connects per call, apart from
+the event pool, so that telemetry never delays a level read and a server that was away is
+used again at once; a level change is one transaction under an advisory lock on the schema.
+Every failure is :class:`~closedloop.ControlUnavailable` (the autonomy layer then fails
+closed). Reads never create anything: a schema from before the autonomy tables has no levels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from closedloop._autonomy_state import (
+    Feedback,
+    LevelChange,
+    LevelRecord,
+    change_from_row,
+    change_of,
+    feedback_from_row,
+    feedback_row,
+    history_row,
+    level_from_row,
+    level_row,
+    redacted_feedback,
+    redacted_record,
+)
+from closedloop._errors import ControlUnavailable, StoreError
+from closedloop.store.postgres._backend import (
+    MIGRATIONS,
+    _clean,
+    _lock_key,
+    _one_line,
+    _recorded_version,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+
+_T = TypeVar("_T")
+_LEVEL_COLUMNS = "agent_id, task_type, action_class, level, ceiling, by, at, reason, evidence"
+_SQL = {
+    "levels": f"SELECT {_LEVEL_COLUMNS} FROM {{s}}.autonomy_levels "
+              "ORDER BY task_type, agent_id, action_class",
+    "levels_of": f"SELECT {_LEVEL_COLUMNS} FROM {{s}}.autonomy_levels WHERE task_type = %s "
+                 "ORDER BY task_type, agent_id, action_class",
+    "level": f"SELECT {_LEVEL_COLUMNS} FROM {{s}}.autonomy_levels WHERE task_type = %s AND "
+             "agent_id = %s AND action_class = %s",
+    "upsert": f"INSERT INTO {{s}}.autonomy_levels ({_LEVEL_COLUMNS}) VALUES "
+              "(%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_type, agent_id, "
+              "action_class) DO UPDATE SET level = EXCLUDED.level, ceiling = EXCLUDED.ceiling, "
+              "by = EXCLUDED.by, at = EXCLUDED.at, reason = EXCLUDED.reason, "
+              "evidence = EXCLUDED.evidence",
+    "log": "INSERT INTO {s}.autonomy_history (at, agent_id, task_type, action_class, "
+           "old_level, new_level, kind, by, reason, evidence) VALUES "
+           "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+    "history": "SELECT at, agent_id, task_type, action_class, old_level, new_level, kind, by, "
+               "reason, evidence FROM {s}.autonomy_history ORDER BY at DESC, id DESC LIMIT %s",
+    "history_of": "SELECT at, agent_id, task_type, action_class, old_level, new_level, kind, "
+                  "by, reason, evidence FROM {s}.autonomy_history WHERE task_type = %s "
+                  "ORDER BY at DESC, id DESC LIMIT %s",
+    "put_feedback": "INSERT INTO {s}.autonomy_feedback (step_id, agreed, by, at, note) VALUES "
+                    "(%s, %s, %s, %s, %s) ON CONFLICT (step_id) DO UPDATE SET "
+                    "agreed = EXCLUDED.agreed, by = EXCLUDED.by, at = EXCLUDED.at, "
+                    "note = EXCLUDED.note",
+    "feedback": "SELECT step_id, agreed, by, at, note FROM {s}.autonomy_feedback "
+                "WHERE at >= %s ORDER BY at",
+    "put_detector": "INSERT INTO {s}.detector_state (name, at, state) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
+    "detector": "SELECT state FROM {s}.detector_state WHERE name = %s",
+}
+_AUTONOMY_V = next(i + 1 for i, m in enumerate(MIGRATIONS) if "autonomy_levels" in m)
+"""The migration that creates the autonomy tables."""
+
+
+class PostgresLevelStore:
+    """Levels, their audit trail, feedback on suggestions and detector states in a
+    PostgreSQL store's schema."""
+
+    def __init__(self, conninfo: str, schema: str, url: str, *,
+                 connect_timeout: float = 10.0, statement_timeout: float = 10.0) -> None:
+        from psycopg import sql
+
+        self._conninfo = conninfo
+        self.schema = schema
+        self.url = url
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        s = sql.Identifier(schema)
+        self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()}
+
+    def __repr__(self) -> str:
+        return f"PostgresLevelStore({self.url!r})"
+
+    def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
+             absent: Callable[[], _T] | None = None, write: bool = False) -> _T:
+        """``work`` on a connection of its own (``write``: one transaction under the schema's
+        autonomy lock), or ``absent()`` where the tables do not exist yet."""
+        import psycopg
+        from psycopg import errors
+
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True,
+                                 connect_timeout=max(1, int(self._connect_timeout))) as conn:
+                conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                             (f"{int(self._statement_timeout * 1000)}ms",))
+                try:
+                    if not write:
+                        return work(conn)
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                     (_lock_key("autonomy", self.schema),))
+                        return work(conn)
+                except (errors.UndefinedTable, errors.InvalidSchemaName):
+                    # no tables: nothing stored here yet, unless the schema says they should
+                    # exist (then the record is broken: fail closed)
+                    if absent is None or _recorded_version(conn, self.schema) >= _AUTONOMY_V:
+                        raise
+                    return absent()
+        except (psycopg.Error, StoreError, OSError) as exc:
+            raise ControlUnavailable(f"cannot {what} autonomy levels in {self.url}: "
+                                     f"{_one_line(exc)}") from None
+
+    def levels(self, task_type: str | None = None) -> list[LevelRecord]:
+        """Every stored level (of ``task_type``), by task type, agent and class."""
+        rows = self._run("read", lambda conn: conn.execute(
+            self._q["levels"] if task_type is None else self._q["levels_of"],
+            () if task_type is None else (_clean(task_type),)).fetchall(), absent=list)
+        return [level_from_row(r) for r in rows]
+
+    def set_level(self, record: LevelRecord, *, kind: str = "set",
+                  only_from: Collection[str | None] | None = None) -> LevelChange | None:
+        """Store ``record`` and its audit entry in one transaction (see the port)."""
+        record = redacted_record(record)
+        row = tuple(_clean(v) for v in level_row(record))
+
+        def work(conn: psycopg.Connection[Any]) -> LevelChange | None:
+            found = conn.execute(self._q["level"], (row[1], row[0], row[2])).fetchone()
+            old = level_from_row(found) if found else None
+            if only_from is not None and (None if old is None else old.level) not in only_from:
+                return None
+            change = change_of(old, record, kind)
+            conn.execute(self._q["upsert"], row)
+            conn.execute(self._q["log"], tuple(_clean(v) for v in history_row(change)))
+            return change
+
+        return self._run("write", work, write=True)
+
+    def history(self, *, task_type: str | None = None, limit: int = 50) -> list[LevelChange]:
+        """Recent level changes (of ``task_type``), newest first."""
+        n = max(0, int(limit))
+        rows = self._run("read", lambda conn: conn.execute(
+            self._q["history"] if task_type is None else self._q["history_of"],
+            (n,) if task_type is None else (_clean(task_type), n)).fetchall(), absent=list)
+        return [change_from_row(r) for r in rows]
+
+    def put_feedback(self, feedback: Feedback) -> None:
+        """Record feedback on a suggestion (the last one per step id counts)."""
+        row = tuple(_clean(v) for v in feedback_row(redacted_feedback(feedback)))
+        self._run("write", lambda conn: conn.execute(self._q["put_feedback"], row),
+                  write=True)
+
+    def feedback(self, *, since: float | None = None) -> list[Feedback]:
+        """Feedback recorded at or after ``since``, oldest first."""
+        rows = self._run("read", lambda conn: conn.execute(
+            self._q["feedback"], (float("-inf") if since is None else since,)).fetchall(),
+            absent=list)
+        return [feedback_from_row(r) for r in rows]
+
+    def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
+        """Save a detector's state under ``name``."""
+        text = json.dumps(state, allow_nan=False)
+        self._run("write", lambda conn: conn.execute(self._q["put_detector"],
+                                                     (_clean(name), at, text)), write=True)
+
+    def detector(self, name: str) -> dict[str, Any] | None:
+        """The state saved under ``name``, if any."""
+        row = self._run("read", lambda conn: conn.execute(
+            self._q["detector"], (_clean(name),)).fetchone(), absent=lambda: None)
+        if row is None:
+            return None
+        state: dict[str, Any] = json.loads(row[0])
+        return state
