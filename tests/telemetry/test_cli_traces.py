@@ -219,8 +219,10 @@ def test_show_prints_why_a_check_could_not_tell_and_passing_warnings(tmp_path: P
 
 
 def test_show_lists_the_traces_steps_with_their_v3_fields_printed_as_data(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import closedloop as cl
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per step: the asserts below read fields
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = open_store(url)
