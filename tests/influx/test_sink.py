@@ -393,3 +393,9 @@ def test_a_sink_given_to_two_runtimes_in_turn_stays_attached(v2: V2Server) -> No
     cl.reset()
     sink.close()
     store.close()
+
+
+def test_a_bad_url_is_shown_without_its_password() -> None:
+    with pytest.raises(cl.ConfigError) as err:
+        InfluxSink("http://writer:s3cret@host:99999/?db=x")
+    assert "s3cr" not in str(err.value) and "writer" in str(err.value)

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-import re
 import threading
 import time
 import weakref
@@ -43,6 +42,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from closedloop._batching import BatchQueue
 from closedloop._errors import ConfigError
+from closedloop._redact import shown_url
 from closedloop.store import SinkStats
 
 if TYPE_CHECKING:
@@ -492,11 +492,8 @@ def _fix(status: int, api: str) -> str:
     return "see the server's message above"
 
 
-_USERINFO = re.compile(r"//[^/@]*@")
-
-
 def _safe_url(url: str) -> str:
-    return _USERINFO.sub("//***@", url)[:200]
+    return shown_url(url)[:200]
 
 
 def influx_from_env() -> InfluxSink | None:

@@ -340,25 +340,24 @@ class _HealthCollector(Collector):
                                      "Step events held in memory while the store refuses writes.")
             held.add_metric([], s.held)
             yield held
-            sinks = self.store.sink_stats()
-            if sinks:
-                sent = CounterMetricFamily("closedloop_sink_events_written",
-                                           "Step events an event sink (InfluxDB) delivered.",
-                                           labels=["sink"])
-                lost = CounterMetricFamily("closedloop_sink_events_not_written",
-                                           "Step events an event sink dropped or had refused.",
-                                           labels=["sink", "reason"])
-                waiting = GaugeMetricFamily("closedloop_sink_events_held",
-                                            "Step events a sink holds while its destination "
-                                            "cannot be reached.", labels=["sink"])
-                for name, st in sorted(sinks.items()):
-                    sent.add_metric([name], st.written)
-                    lost.add_metric([name, "dropped"], st.dropped)
-                    lost.add_metric([name, "rejected"], st.rejected)
-                    waiting.add_metric([name], st.held)
-                yield sent
-                yield lost
-                yield waiting
+            # the families are there (without series) when the store has no sink
+            sent = CounterMetricFamily("closedloop_sink_events_written",
+                                       "Step events an event sink (InfluxDB) delivered.",
+                                       labels=["sink"])
+            lost = CounterMetricFamily("closedloop_sink_events_not_written",
+                                       "Step events an event sink dropped or had refused.",
+                                       labels=["sink", "reason"])
+            waiting = GaugeMetricFamily("closedloop_sink_events_held",
+                                        "Step events a sink holds while its destination "
+                                        "cannot be reached.", labels=["sink"])
+            for name, st in sorted(self.store.sink_stats().items()):
+                sent.add_metric([name], st.written)
+                lost.add_metric([name, "dropped"], st.dropped)
+                lost.add_metric([name, "rejected"], st.rejected)
+                waiting.add_metric([name], st.held)
+            yield sent
+            yield lost
+            yield waiting
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
