@@ -200,3 +200,15 @@ def test_a_store_of_an_older_schema_is_read_in_python(tmp_path: Path) -> None:
         failed = store.failure_counts(window="day")
         assert failed and failed == cl.store.failure_events(events, "day")
         assert store.factor_counts() == cl.store.factor_events(events)
+
+
+def test_sqlite_adds_up_its_chunks_exactly(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from closedloop.store.sqlite import _learn
+
+    monkeypatch.setattr(_learn, "_CHUNK", 37)  # many chunks, of uneven size, in both halves
+    with record(f"sqlite:///{tmp_path / 'chunks.db'}", EVENTS) as store:
+        _same_cells(store.series(by="model", window="hour"),
+                    cl.store.series_events(EVENTS, Dimension("model"), "hour"))
+        assert store.factor_counts() == cl.store.factor_events(EVENTS)
+        assert store.failure_counts(window="day") == cl.store.failure_events(EVENTS, "day")
