@@ -327,3 +327,18 @@ def test_tracing_never_changes_a_refusal(memory_store: cl.Store, traced: bool) -
     assert result.outcome is Outcome.CONTROL_UNAVAILABLE and agent.n == 0
     if pipeline is not None:
         pipeline.shutdown()
+
+
+def test_traces_list_shows_a_run_as_one_trace_with_its_name_and_outcome(
+        store: cl.Store) -> None:
+    from closedloop.telemetry import StoreExporter, span_store_for
+
+    pipeline = Telemetry([StoreExporter(store)])
+    lp = loop(store, telemetry=pipeline)
+    with cl.Run("triage", store=store, telemetry=pipeline, max_steps=1) as run:
+        lp.run(1)
+        lp.run(2)
+    pipeline.shutdown()
+    (trace,) = span_store_for(store).traces(limit=10).traces
+    assert (trace.task_type, trace.outcome) == ("triage", "budget_exceeded")
+    assert trace.spans > 2 and run.outcome is Outcome.BUDGET_EXCEEDED

@@ -322,3 +322,17 @@ def test_a_tool_follows_the_runtime_that_configure_installs(tmp_path: Any) -> No
     assert second.store.flush()
     assert [e.proposal for e in second.store.events()] == ['{"n":2}']
     assert first is not second
+
+
+def test_a_refusal_leaving_the_run_ends_it_as_its_budget_says(memory_store: cl.Store) -> None:
+    put = make(Bucket(), memory_store)
+    run = cl.Run(store=memory_store, max_steps=1)
+
+    def agent() -> None:
+        with run:
+            put(name="a")
+            put(name="b")  # raises ToolRefused, which the agent does not catch
+
+    with pytest.raises(cl.ToolRefused):
+        agent()
+    assert run.outcome is Outcome.BUDGET_EXCEEDED

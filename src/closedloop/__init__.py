@@ -4,7 +4,8 @@ Every agent step runs through propose → validate (re-ask) → gate → act →
 The layers live in their own subpackages: :mod:`closedloop.loop` (the loop),
 :mod:`closedloop.validate` (immediate validation), :mod:`closedloop.verify` (outcome
 verification), :mod:`closedloop.autonomy` (human in the loop), :mod:`closedloop.store` and
-:mod:`closedloop.learn` (the long-term learning signals). :func:`configure` sets the
+:mod:`closedloop.learn` (the long-term learning signals), :mod:`closedloop.runs` (runs of many
+steps, guarded tools, compensation). :func:`configure` sets the
 process's store, control, backpressure and telemetry at once (:class:`Runtime`).
 """
 

@@ -110,7 +110,8 @@ class Loop:
     values of at most 128 characters, a :class:`~closedloop.ConfigError` otherwise). Per
     call, ``run(task, run_id=..., labels=...)`` names the run the step belongs to and adds
     or overrides labels; a step run by another step's hook records that step as its parent
-    and, unless given its own, its run id.
+    and, unless given its own, its run id; a step started inside a :class:`closedloop.Run`
+    takes the run's id and is admitted, counted and rolled back by it (docs/runs.md).
 
     ``store``, the default guards, ``backpressure`` and ``telemetry`` come from ``runtime``
     (a :class:`~closedloop.Runtime`), by default the process's: a loop follows

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from closedloop import _runtime
-from closedloop._errors import ConfigError
+from closedloop._errors import ConfigError, ToolRefused
 from closedloop._events import ErrorType, Outcome, StepEvent, check_labels
 from closedloop._redact import clip
 from closedloop._runstate import RunRecord
@@ -95,7 +95,8 @@ class Run:
     made outside any step), ``max_cost_usd`` and ``max_seconds`` (wall time since the run
     started). Once one is spent, the next step is refused before it acts — recorded with
     outcome ``budget_exceeded`` — and so is every later one; the run ends with outcome
-    ``budget_exceeded``. A step can overrun a budget (tokens are known once it ends): the
+    ``budget_exceeded`` (also when the :class:`~closedloop.ToolRefused` a guarded tool then
+    raises leaves the block). A step can overrun a budget (tokens are known once it ends): the
     budget bounds what the run *starts*.
 
     :meth:`halt` (any thread) and a halt of a step's task type by fault control (a step
@@ -257,7 +258,9 @@ class Run:
         """Decide the run's outcome; the rollback to drive, if it ends in one."""
         run_scope.reset(self._token)
         with self._lock:
-            if exc is not None:
+            # a tool refused because this run stopped raised ToolRefused: the run ends as
+            # its stop says (budget_exceeded, halted, aborted), not in error
+            if exc is not None and not (isinstance(exc, ToolRefused) and self._stop is not None):
                 self.outcome, self.error_type = Outcome.ERROR, None
                 self.message = _describe(exc)
             elif self._stop is not None:
