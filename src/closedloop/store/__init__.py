@@ -7,8 +7,10 @@ file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; witho
 default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
 Each backend also keeps, next to its events, the spans and scores of its traces (the
-:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
-record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``).
+:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`), the durable
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``) and
+durable approval requests (the :class:`ApprovalBackend` port: ``approval_store()``, an
+:class:`ApprovalStore`; :func:`approval_store_for`).
 No module outside this package opens a database.
 
 Questions about the events are answered where they are (the query port,
@@ -31,15 +33,18 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from closedloop._approvals import ApprovalStore
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop._spans import Pruned, SpanStore
 from closedloop.store._base import (
+    ApprovalBackend,
     ControlStateBackend,
     EventBackend,
     EventQuery,
     SpanBackend,
+    approval_store_for,
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
@@ -88,6 +93,8 @@ __all__ = [
     "MAX_PAGE",
     "RETENTION_ENV",
     "SCHEMA_VERSION",
+    "ApprovalBackend",
+    "ApprovalStore",
     "ControlStateBackend",
     "EventBackend",
     "EventQueries",
@@ -113,6 +120,7 @@ __all__ = [
     "StoreInfo",
     "TaskFigures",
     "WriterStats",
+    "approval_store_for",
     "default_store",
     "default_store_url",
     "describe_duration",

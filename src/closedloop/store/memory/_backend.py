@@ -19,6 +19,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._approvals import MemoryApprovals
 from closedloop.store.memory._spans import MemorySpanStore
 
 
@@ -32,6 +33,11 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._ledger = MemoryLedger()
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
+        self._approvals = MemoryApprovals()
+
+    def approval_store(self) -> MemoryApprovals:
+        """This store's approval requests: held by the backend for its whole life."""
+        return self._approvals
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,

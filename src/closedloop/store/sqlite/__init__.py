@@ -6,6 +6,7 @@ Only :mod:`closedloop.store` uses this package; everything else reaches a backen
 the store's ports and its URL registry, never through a file path.
 """
 
+from closedloop.store.sqlite._approvals import SQLiteApprovals
 from closedloop.store.sqlite._backend import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -20,6 +21,7 @@ from closedloop.store.sqlite._spans import SQLiteSpanStore
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SQLiteApprovals",
     "SQLiteBackend",
     "SQLiteLedger",
     "SQLiteReader",

@@ -35,6 +35,7 @@ from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
+    from closedloop.store.sqlite._approvals import SQLiteApprovals
     from closedloop.store.sqlite._ledger import SQLiteLedger
     from closedloop.store.sqlite._spans import SQLiteSpanStore
 
@@ -163,6 +164,38 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE error_group IS NOT NULL;
     CREATE INDEX events_ungrouped ON events (ts)
         WHERE error_group IS NULL AND error_message <> '';
+    """,
+    # durable approval requests (closedloop.store.sqlite._approvals): one row per request,
+    # its fenced lease (token, epoch, expiry) in the row, and an append-only history
+    """
+    CREATE TABLE approvals (
+        request_id TEXT PRIMARY KEY,
+        task_type TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        updated_at REAL NOT NULL,
+        portable INTEGER NOT NULL,
+        approvals_needed INTEGER NOT NULL,
+        approvers TEXT NOT NULL,
+        revise INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        lease_until REAL,
+        body TEXT NOT NULL,
+        result TEXT,
+        lease_token TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX approvals_created ON approvals (created_at, request_id);
+    CREATE INDEX approvals_status ON approvals (status, created_at, request_id);
+    CREATE TABLE approval_history (
+        request_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX approval_history_request ON approval_history (request_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -474,6 +507,12 @@ class SQLiteBackend:
             if self._spans is None:
                 self._spans = SQLiteSpanStore(self)
             return self._spans
+
+    def approval_store(self) -> SQLiteApprovals:
+        """The approval requests in this file (the approval port)."""
+        from closedloop.store.sqlite._approvals import SQLiteApprovals
+
+        return SQLiteApprovals(self)
 
     def control_ledger(self) -> SQLiteLedger:
         """The pauses and halts in this file (the control-state port); fails closed."""

@@ -1,0 +1,53 @@
+"""Durable, exactly-once human approval (see docs/approvals.md).
+
+A step whose gate says "approve" (the ``approve`` autonomy level without an inline
+``approver=``, or any proposal a risk rule marks high-stakes, at any level) is stored as an
+:class:`ApprovalRequest` in the loop's store: the proposal redacted, the digest of the exact
+one, its verdicts and risk, who asked, an expiry. People decide it from ``closedloop
+approvals``, the HTTP API or this module's functions; it then executes exactly once, in the
+process that asked (if it waits) or in a worker, bound to the approved digest.
+
+- Service API (CLI and HTTP alike): :func:`list_requests`, :func:`get_request`,
+  :func:`approve`, :func:`reject`, :func:`retry`, :func:`expire_due`, :func:`approvals_for`.
+- The store port: :class:`ApprovalStore` (memory, SQLite, PostgreSQL), with
+  :class:`ApprovalRequest`, :class:`ApprovalStatus`, :class:`Decision`, :class:`Claim`,
+  :class:`ApprovalPage`.
+"""
+
+from closedloop._approvals import (
+    KEY_ENV,
+    ApprovalPage,
+    ApprovalRequest,
+    ApprovalStatus,
+    ApprovalStore,
+    Claim,
+    Decision,
+)
+from closedloop._errors import ApprovalError
+from closedloop.approvals._service import (
+    approvals_for,
+    approve,
+    expire_due,
+    get_request,
+    list_requests,
+    reject,
+    retry,
+)
+
+__all__ = [
+    "KEY_ENV",
+    "ApprovalError",
+    "ApprovalPage",
+    "ApprovalRequest",
+    "ApprovalStatus",
+    "ApprovalStore",
+    "Claim",
+    "Decision",
+    "approvals_for",
+    "approve",
+    "expire_due",
+    "get_request",
+    "list_requests",
+    "reject",
+    "retry",
+]
