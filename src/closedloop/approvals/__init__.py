@@ -9,6 +9,11 @@ process that asked (if it waits) or in a worker, bound to the approved digest.
 
 - Service API (CLI and HTTP alike): :func:`list_requests`, :func:`get_request`,
   :func:`approve`, :func:`reject`, :func:`retry`, :func:`expire_due`, :func:`approvals_for`.
+- Risk rules (high-stakes proposals always gate): :class:`Risk`, :data:`RiskRule`,
+  :func:`destructive_terraform`, :func:`destructive_sql`.
+- Executing approved requests: :meth:`closedloop.Loop.run_approved`, :class:`Worker`
+  (``closedloop worker``); the executor's idempotency key:
+  :func:`closedloop.current_idempotency_key`; :class:`~closedloop.loop.ApprovalPolicy`.
 - The store port: :class:`ApprovalStore` (memory, SQLite, PostgreSQL), with
   :class:`ApprovalRequest`, :class:`ApprovalStatus`, :class:`Decision`, :class:`Claim`,
   :class:`ApprovalPage`.
@@ -22,8 +27,11 @@ from closedloop._approvals import (
     ApprovalStore,
     Claim,
     Decision,
+    Risk,
+    RiskRule,
 )
 from closedloop._errors import ApprovalError
+from closedloop.approvals._risk import destructive_sql, destructive_terraform
 from closedloop.approvals._service import (
     approvals_for,
     approve,
@@ -33,6 +41,7 @@ from closedloop.approvals._service import (
     reject,
     retry,
 )
+from closedloop.approvals._worker import Worker, loops_of
 
 __all__ = [
     "KEY_ENV",
@@ -43,11 +52,17 @@ __all__ = [
     "ApprovalStore",
     "Claim",
     "Decision",
+    "Risk",
+    "RiskRule",
+    "Worker",
     "approvals_for",
     "approve",
+    "destructive_sql",
+    "destructive_terraform",
     "expire_due",
     "get_request",
     "list_requests",
+    "loops_of",
     "reject",
     "retry",
 ]
