@@ -334,6 +334,12 @@ def digest(text: str) -> str:
     return sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def proposal_digest(proposal: Any) -> str:
+    """The digest an approval binds: SHA-256 of the proposal's canonical JSON text, unredacted
+    (what ``ApprovalRequest.proposal_digest`` holds; equal data, equal digest)."""
+    return digest(proposal_text(proposal))
+
+
 def sealer(key: str | bytes | None = None) -> Any:
     """A Fernet with ``key``, else ``$CLOSEDLOOP_APPROVAL_KEY``; None when neither is set. A
     key that is not a Fernet key is a :class:`~closedloop.ConfigError`."""

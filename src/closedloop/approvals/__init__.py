@@ -29,6 +29,7 @@ from closedloop._approvals import (
     Decision,
     Risk,
     RiskRule,
+    proposal_digest,
 )
 from closedloop._errors import ApprovalError
 from closedloop.approvals._risk import destructive_sql, destructive_terraform
@@ -63,6 +64,7 @@ __all__ = [
     "get_request",
     "list_requests",
     "loops_of",
+    "proposal_digest",
     "reject",
     "retry",
 ]
