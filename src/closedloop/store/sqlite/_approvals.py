@@ -1,6 +1,7 @@
 """Approval requests in a SQLite store's file: the approval port of the SQLite backend.
 
-Tables ``approvals`` and ``approval_history`` (migration 6). Every change is one ``BEGIN
+Tables ``approvals`` and ``approval_history`` (the approvals migration of
+:data:`~closedloop.store.sqlite.MIGRATIONS`). Every change is one ``BEGIN
 IMMEDIATE`` transaction: SQLite lets one writer in at a time, so reading the row and writing
 its new state cannot interleave with another process's change. A claim is a conditional
 ``UPDATE … WHERE status = 'approved' … RETURNING``: of two processes racing for one request,
