@@ -88,6 +88,8 @@ class SQLiteApprovals:
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self._backend.read_only:
             raise StoreError(f"store {self.url} was opened read-only")
+        if self._backend.open_error is not None:  # a deferred store: open (migrate) it now
+            self._backend._open()
         try:
             conn = _connect(self.path)
         except (OSError, sqlite3.Error) as exc:
