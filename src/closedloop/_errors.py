@@ -7,6 +7,7 @@
     ├── StoreError           the event store cannot be opened, migrated or read
     ├── CheckTimeout         a validator or verifier missed its deadline (also a TimeoutError)
     ├── ControlUnavailable   pause/halt state or autonomy levels cannot be read or written
+    ├── ApprovalError        an approval request refused a decision, claim or execution
     ├── BackpressureError    flow control did not make (or retry) a call   [closedloop.control]
     │   ├── CircuitOpen          the key's breaker is open past the call's deadline
     │   └── DeadlineExceeded     the next slot or retry comes after the deadline
@@ -62,6 +63,17 @@ class ControlUnavailable(ClosedLoopError):
     with outcome ``control_unavailable`` (fail closed) unless the loop was built with
     ``fail_open=True``. See docs/control.md.
     """
+
+
+class ApprovalError(ClosedLoopError):
+    """An approval request refused what was asked of it: ``code`` says why, one of
+    ``not_found``, ``not_pending``, ``expired``, ``self_approval``, ``same_approver``,
+    ``not_retryable``, ``cannot_execute``, ``digest_mismatch``, ``unavailable`` (the store
+    could not be read or written: nothing was decided or executed)."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StepFailed(ClosedLoopError):

@@ -1,5 +1,6 @@
 """The closed loop: propose → validate (re-ask) → gate → act → verify → record."""
 
+from closedloop.loop._gate import ApprovalPolicy, current_idempotency_key
 from closedloop.loop._guard import Admission, RunScope, StepGuard
 from closedloop.loop._loop import DEFAULT, Loop
 from closedloop.loop._machine import (
@@ -7,13 +8,16 @@ from closedloop.loop._machine import (
     Action,
     Admit,
     Approve,
+    Assess,
     Compensate,
+    Gate,
     Level,
     Propose,
     StepGen,
     StepSpec,
     Validate,
     Verify,
+    Wait,
     new_step_id,
     new_trace_id,
 )
@@ -32,9 +36,12 @@ __all__ = [
     "Action",
     "Admission",
     "Admit",
+    "ApprovalPolicy",
     "Approve",
+    "Assess",
     "Attempt",
     "Compensate",
+    "Gate",
     "Level",
     "Loop",
     "Propose",
@@ -45,7 +52,9 @@ __all__ = [
     "StepSpec",
     "Validate",
     "Verify",
+    "Wait",
     "current_attempt",
+    "current_idempotency_key",
     "current_run_id",
     "current_step_id",
     "new_step_id",

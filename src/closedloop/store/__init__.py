@@ -7,10 +7,12 @@ file path is read as a SQLite file. ``CLOSEDLOOP_STORE`` sets the default; witho
 default is ``$XDG_DATA_HOME/closedloop/closedloop.db`` (``~/.local/share/...``).
 
 Each backend also keeps, next to its events, the spans and scores of its traces (the
-:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`) and the durable
-record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``), and
-the autonomy levels of its task types with their audit trail (the :class:`LevelBackend` port:
-``level_store()``, a :class:`~closedloop.autonomy.LevelStore`).
+:class:`SpanBackend` port: ``backend.span_store()``, a :class:`SpanStore`), the durable
+record of pauses and halts (the :class:`ControlStateBackend` port: ``control_ledger()``), the
+autonomy levels of its task types with their audit trail (the :class:`LevelBackend` port:
+``level_store()``, a :class:`~closedloop.autonomy.LevelStore`) and durable approval requests
+(the :class:`ApprovalBackend` port: ``approval_store()``, an :class:`ApprovalStore`;
+:func:`approval_store_for`).
 No module outside this package opens a database.
 
 Questions about the events are answered where they are (the query port,
@@ -34,12 +36,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from closedloop._approvals import ApprovalStore
 from closedloop._batching import Overflow
 from closedloop._errors import ConfigError, StoreError
 from closedloop._events import StepEvent
 from closedloop._runstate import RunPage, RunRecord, RunsSummary, RunStore
 from closedloop._spans import Pruned, SpanStore
 from closedloop.store._base import (
+    ApprovalBackend,
     ControlStateBackend,
     EventBackend,
     EventQuery,
@@ -48,6 +52,7 @@ from closedloop.store._base import (
     RunBackend,
     SinkStats,
     SpanBackend,
+    approval_store_for,
     level_store_for,
     run_store_for,
     span_store_for,
@@ -130,6 +135,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "WINDOWS",
     "WINDOW_OFFSETS",
+    "ApprovalBackend",
+    "ApprovalStore",
     "ControlStateBackend",
     "Dimension",
     "EventBackend",
@@ -172,6 +179,7 @@ __all__ = [
     "StoreInfo",
     "TaskFigures",
     "WriterStats",
+    "approval_store_for",
     "check_window",
     "default_store",
     "default_store_url",

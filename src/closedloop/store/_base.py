@@ -1,7 +1,7 @@
 """The store's plug points: a backend writes batches of events and reads them back, and may
 keep the durable record of pauses and halts (:class:`ControlStateBackend`), the spans and
-scores of its traces (:class:`SpanBackend`) and the autonomy levels of its task types
-(:class:`LevelBackend`)."""
+scores of its traces (:class:`SpanBackend`), the autonomy levels of its task types
+(:class:`LevelBackend`) and durable approval requests (:class:`ApprovalBackend`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from closedloop._approvals import ApprovalStore
 from closedloop._autonomy_state import LevelStore
 from closedloop._control_state import ControlLedger
 from closedloop._errors import ConfigError
@@ -184,3 +185,27 @@ def level_store_for(store: Store) -> LevelStore:
         return backend.level_store()
     raise ConfigError(f"store {store.url} cannot hold autonomy levels: its backend keeps no "
                       "level store (use a sqlite:///, postgresql:// or memory:// store)")
+
+
+@runtime_checkable
+class ApprovalBackend(Protocol):
+    """A backend that keeps approval requests next to its events (the approval port).
+
+    :func:`approval_store_for` asks the store's backend for it, so that loops, workers,
+    ``closedloop approvals`` and the HTTP API share one durable record.
+    """
+
+    def approval_store(self) -> ApprovalStore:
+        """The approval requests of this backend's store."""
+
+
+def approval_store_for(store: Store) -> ApprovalStore:
+    """The approval requests that live next to ``store``'s events.
+
+    A backend that keeps none (a plug-in's) is a :class:`~closedloop.ConfigError`.
+    """
+    backend = store.backend
+    if isinstance(backend, ApprovalBackend):
+        return backend.approval_store()
+    raise ConfigError(f"store {store.url} cannot hold approval requests: its backend keeps "
+                      "none (use a sqlite:///, postgresql:// or memory:// store)")

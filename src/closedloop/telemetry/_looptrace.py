@@ -15,7 +15,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop import Admit, Approve, Compensate, Level, Propose, Validate, Verify
+from closedloop.loop import (
+    Admit,
+    Approve,
+    Assess,
+    Compensate,
+    Gate,
+    Level,
+    Propose,
+    Validate,
+    Verify,
+    Wait,
+)
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -25,6 +36,11 @@ from closedloop.telemetry._span import (
     deactivate,
     new_span_id,
 )
+
+_UNTRACED = frozenset({Admit, Assess, Gate, Wait, Level, Compensate})
+"""Actions that are no stage of their own: guards, risk rules, the durable gate's store I/O
+and its waits (a step waiting an hour for a person must not make a span per poll), the
+stored autonomy level, a run's rollback (which traces itself)."""
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -151,9 +167,10 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
         action = next(inner)
         while True:
             kind = type(action)
-            if kind is Admit or kind is Level or kind is Compensate or kind is quiet:
-                # a guard, the stored level, a rollback (which traces itself), a tool's
-                # arguments: no stage span; a call that raised is handed to the machine
+            if kind in _UNTRACED or kind is quiet:
+                # a guard, the stored level, the durable gate's I/O and waits, a rollback
+                # (which traces itself), a tool's arguments: no stage span; a call that
+                # raised is handed to the machine, which decides
                 try:
                     value = yield action
                 except Exception as exc:  # noqa: BLE001 - the machine decides

@@ -31,6 +31,7 @@ from closedloop.store._query import (
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
+from closedloop.store.memory._approvals import MemoryApprovals
 from closedloop.store.memory._autonomy import MemoryLevelStore
 from closedloop.store.memory._runs import MemoryRunStore
 from closedloop.store.memory._spans import MemorySpanStore
@@ -48,10 +49,15 @@ class MemoryBackend:
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
         self._runs = MemoryRunStore()
         self._levels = MemoryLevelStore()
+        self._approvals = MemoryApprovals()
 
     def run_store(self) -> MemoryRunStore:
         """This store's run records: held by the backend for its whole life."""
         return self._runs
+
+    def approval_store(self) -> MemoryApprovals:
+        """This store's approval requests: held by the backend for its whole life."""
+        return self._approvals
 
     def control_ledger(self) -> MemoryLedger:
         """This store's pauses and halts: one in-process ledger for the backend's whole life,

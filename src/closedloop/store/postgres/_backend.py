@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from psycopg import sql
     from psycopg_pool import ConnectionPool
 
+    from closedloop.store.postgres._approvals import PostgresApprovals
     from closedloop.store.postgres._autonomy import PostgresLevelStore
     from closedloop.store.postgres._runs import PostgresRunStore
     from closedloop.store.postgres._spans import PostgresSpanStore
@@ -319,6 +320,41 @@ MIGRATIONS: tuple[str, ...] = (
         at DOUBLE PRECISION NOT NULL,
         state TEXT NOT NULL
     );
+    """,
+    # durable approval requests (closedloop.store.postgres._approvals): one row per request,
+    # its fenced lease (token, epoch, expiry) in the row, and an append-only history
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.approvals (
+        request_id TEXT PRIMARY KEY,
+        task_type TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL,
+        portable INTEGER NOT NULL,
+        approvals_needed INTEGER NOT NULL,
+        approvers TEXT NOT NULL,
+        revise BOOLEAN NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        lease_until DOUBLE PRECISION,
+        body TEXT NOT NULL,
+        result TEXT,
+        lease_token TEXT
+    );
+    CREATE INDEX IF NOT EXISTS approvals_created ON {schema}.approvals (created_at, request_id);
+    CREATE INDEX IF NOT EXISTS approvals_status ON {schema}.approvals (status, created_at,
+        request_id);
+    CREATE TABLE IF NOT EXISTS {schema}.approval_history (
+        id BIGSERIAL PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        action TEXT NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS approval_history_request ON {schema}.approval_history
+        (request_id, id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -754,6 +790,12 @@ class PostgresBackend:
         from closedloop.store.postgres._runs import PostgresRunStore
 
         return PostgresRunStore(self)
+
+    def approval_store(self) -> PostgresApprovals:
+        """The approval requests in this store's schema (the approval port), on its pool."""
+        from closedloop.store.postgres._approvals import PostgresApprovals
+
+        return PostgresApprovals(self)
 
     def control_ledger(self) -> PostgresLedger:
         """Pauses and halts in this store's schema (the control-state port); one for the

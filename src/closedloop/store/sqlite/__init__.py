@@ -6,6 +6,7 @@ Only :mod:`closedloop.store` uses this package; everything else reaches a backen
 the store's ports and its URL registry, never through a file path.
 """
 
+from closedloop.store.sqlite._approvals import SQLiteApprovals
 from closedloop.store.sqlite._autonomy import SQLiteLevelStore
 from closedloop.store.sqlite._backend import (
     MIGRATIONS,
@@ -21,6 +22,7 @@ from closedloop.store.sqlite._spans import SQLiteSpanStore
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SQLiteApprovals",
     "SQLiteBackend",
     "SQLiteLedger",
     "SQLiteLevelStore",

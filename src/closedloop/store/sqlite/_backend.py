@@ -42,6 +42,7 @@ from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
 
 if TYPE_CHECKING:
+    from closedloop.store.sqlite._approvals import SQLiteApprovals
     from closedloop.store.sqlite._autonomy import SQLiteLevelStore
     from closedloop.store.sqlite._ledger import SQLiteLedger
     from closedloop.store.sqlite._runs import SQLiteRunStore
@@ -258,6 +259,38 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL,
         state TEXT NOT NULL
     );
+    """,
+    # durable approval requests (closedloop.store.sqlite._approvals): one row per request,
+    # its fenced lease (token, epoch, expiry) in the row, and an append-only history
+    """
+    CREATE TABLE approvals (
+        request_id TEXT PRIMARY KEY,
+        task_type TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        updated_at REAL NOT NULL,
+        portable INTEGER NOT NULL,
+        approvals_needed INTEGER NOT NULL,
+        approvers TEXT NOT NULL,
+        revise INTEGER NOT NULL,
+        lease_epoch INTEGER NOT NULL,
+        lease_until REAL,
+        body TEXT NOT NULL,
+        result TEXT,
+        lease_token TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX approvals_created ON approvals (created_at, request_id);
+    CREATE INDEX approvals_status ON approvals (status, created_at, request_id);
+    CREATE TABLE approval_history (
+        request_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX approval_history_request ON approval_history (request_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -611,6 +644,12 @@ class SQLiteBackend:
         from closedloop.store.sqlite._runs import SQLiteRunStore
 
         return SQLiteRunStore(self)
+
+    def approval_store(self) -> SQLiteApprovals:
+        """The approval requests in this file (the approval port)."""
+        from closedloop.store.sqlite._approvals import SQLiteApprovals
+
+        return SQLiteApprovals(self)
 
     def control_ledger(self) -> SQLiteLedger:
         """The pauses and halts in this file (the control-state port); fails closed."""
