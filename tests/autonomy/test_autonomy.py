@@ -169,8 +169,11 @@ def test_never_read_and_unreadable_is_at_most_approve(store: cl.Store) -> None:
     loop = cl.Loop(echo, task_type="t", executor=executor, store=store, levels=levels)
     result = loop.run(1)
     assert result.outcome is cl.Outcome.AWAITING_APPROVAL and executor.calls == 0
-    assert result.event is not None and result.event.detail == {
-        "autonomy": {"class": None, "source": "unreadable"}}
+    assert result.event is not None and result.event.detail is not None
+    assert result.event.detail["autonomy"] == {"class": None, "source": "unreadable"}
+    # at `approve` without an inline approver, the step waits as a durable request
+    assert result.approval_id is not None
+    assert result.event.detail["approval"] == {"request_id": result.approval_id}
     assert levels.unreadable == 1
     suggest = AutonomyLevels(store, levels=flaky, default="suggest")
     assert suggest.resolve("t").level is cl.Autonomy.SUGGEST  # min(default, approve)
