@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from closedloop._pricing import Prices
     from closedloop._redact import Redactor
     from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure, FaultControl
+    from closedloop.learn import DriftGuard, DriftPolicy
     from closedloop.store import EventSink, Store
     from closedloop.telemetry import Telemetry
 
@@ -65,6 +66,9 @@ class Runtime:
     ``retention`` (``"30d"``, seconds, ``None``/``"off"``: keep everything; default
     ``$CLOSEDLOOP_RETENTION``, else 90 days) is how long the store it opens from a URL keeps
     events and control history; given with a store object, it is set on it.
+    ``drift`` (a :class:`~closedloop.learn.DriftPolicy` for every task type, or a dict of
+    them per task type) adds a :class:`~closedloop.learn.DriftGuard` to the default guards of
+    loops: drift detection and budgets as control signals (docs/drift.md).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Runtime:
         retention: str | float | None = UNSET,
         prices: Prices | Any = UNSET,
         influxdb: EventSink | str | None = UNSET,
+        drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
@@ -113,6 +118,15 @@ class Runtime:
             self._sinks = self._build_sinks(influxdb)  # a bad URL fails here too
         self._lock = threading.RLock()
         self._closed = False
+        if drift is not None:
+            from closedloop.learn import DriftPolicy
+
+            if not (isinstance(drift, DriftPolicy) or (isinstance(drift, dict) and all(
+                    v is None or isinstance(v, DriftPolicy) for v in drift.values()))):
+                raise ConfigError("drift must be a DriftPolicy or a dict of task type → "
+                                  f"DriftPolicy, got {type(drift).__name__}")
+        self._drift_policy = drift
+        self._drift: weakref.WeakKeyDictionary[Store, DriftGuard] = weakref.WeakKeyDictionary()
 
     # ----- the parts, each built on first use -------------------------------------------
     @property
@@ -249,6 +263,30 @@ class Runtime:
                 self._levels[store] = levels
         return levels
 
+    def drift_for(self, store: Store) -> DriftGuard | None:
+        """The drift and budget guard of ``store``'s loops (one per store, acting through the
+        store's fault control and autonomy levels); None unless ``drift=`` was configured."""
+        policy = self._drift_policy
+        if policy is None:
+            return None
+        with self._lock:
+            with contextlib.suppress(TypeError):
+                if store in self._drift:
+                    return self._drift[store]
+            from closedloop.learn import DriftGuard, DriftPolicy
+
+            if isinstance(policy, DriftPolicy):
+                guard = DriftGuard(policy=policy, store=store,
+                                   fault_control=self.fault_control_for(store),
+                                   levels=self.levels_for(store))
+            else:
+                guard = DriftGuard(policy=None, policies=dict(policy), store=store,
+                                   fault_control=self.fault_control_for(store),
+                                   levels=self.levels_for(store))
+            with contextlib.suppress(TypeError):
+                self._drift[store] = guard
+        return guard
+
     def _new_fault_control(self, store: Store | None) -> FaultControl:
         from closedloop.control import FaultControl, ledger_for_store
 
@@ -328,6 +366,8 @@ class Runtime:
             telemetry, self.telemetry = self.telemetry, None
             store = self._store
             limiter = self._backpressure if self._owns_rates else None
+        for guard in list(self._drift.values()):  # before the store closes: states saved
+            guard.close()
         if limiter is not None:
             close = getattr(limiter.backend, "close", None)
             if callable(close):
@@ -380,6 +420,7 @@ def configure(
     retention: str | float | None = UNSET,
     prices: Prices | Any = UNSET,
     influxdb: EventSink | str | None = UNSET,
+    drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -392,7 +433,7 @@ def configure(
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
                   backpressure=backpressure, telemetry=telemetry, redactor=redactor,
-                  retention=retention, prices=prices, influxdb=influxdb)
+                  retention=retention, prices=prices, influxdb=influxdb, drift=drift)
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)
