@@ -103,7 +103,8 @@ class DriftPolicy:
             if pair is not None and not 0 < pair[0] < pair[1] < 1:
                 raise ConfigError(f"{name} needs 0 < in control < detect < 1, got {pair}")
         for acts in (self.actions, self.budget_actions, *self.signal_actions.values()):
-            if isinstance(acts, str) or any(a not in ACTIONS for a in acts):
+            given: object = acts  # a user may pass one string where a tuple is meant
+            if isinstance(given, str) or any(a not in ACTIONS for a in acts):
                 raise ConfigError(f"actions must be a tuple of {', '.join(ACTIONS)}; got "
                                   f"{acts!r}")
         if not (isinstance(self.learn_steps, int) and self.learn_steps >= 20):
@@ -297,7 +298,7 @@ class DriftMonitor:
             return _Signal("gauss")
         return _Signal("exceed")
 
-    def _step(self, out: list[Firing], policy: DriftPolicy, task: str, model: str,
+    def _step(self, out: list[Firing], policy: DriftPolicy, task: str, model: str,  # noqa: PLR0917 - the hot path: positional on purpose
               signal: str, value: float, event: StepEvent | None, *, at: float = 0.0,
               trace_id: str | None = None) -> None:
         key = (task, model, signal)
@@ -326,7 +327,7 @@ class DriftMonitor:
             sig.fired += 1
             sig.cooldown = policy.rearm_steps
             out.append(self._firing(policy, task, model, signal, sig, found.statistic, event,
-                                    at, trace_id))
+                                    at=at, trace_id=trace_id))
 
     def _arm(self, sig: _Signal, policy: DriftPolicy, learn: list[float]) -> None:
         arl0 = policy.false_alarm_steps
@@ -345,8 +346,8 @@ class DriftMonitor:
         sig.learn = None
         sig.state = CusumState()
 
-    def _firing(self, policy: DriftPolicy, task: str, model: str, signal: str, sig: _Signal,
-                statistic: float, event: StepEvent | None, at: float,
+    def _firing(self, policy: DriftPolicy, task: str, model: str, signal: str, sig: _Signal,  # noqa: PLR0917 - one call site
+                statistic: float, event: StepEvent | None, *, at: float,
                 trace_id: str | None) -> Firing:
         det = sig.detector
         what = {

@@ -53,8 +53,8 @@ def recorded_firings(levels: LevelStore) -> list[Firing]:
     for item in saved.get("firings", []):
         try:
             out.append(Firing.from_dict(item))
-        except Exception:  # noqa: BLE001 - one bad record must not hide the rest
-            continue
+        except Exception as exc:  # noqa: BLE001 - one bad record must not hide the rest
+            _log.warning("closedloop: skipping a malformed drift firing record: %s", exc)
     return sorted(out, key=lambda f: f.at, reverse=True)
 
 
