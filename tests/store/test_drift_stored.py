@@ -61,7 +61,7 @@ def setup(store: cl.Store, policy: DriftPolicy, **kw: Any) -> tuple[Any, ...]:
 def test_a_drift_pauses_or_halts_through_fault_control_and_is_recorded(
         store: cl.Store, action: str) -> None:
     policy = DriftPolicy(verified_pass_rate=(0.98, 0.90), reask_rate=None, exceedance=None,
-                         false_alarm_steps=1000, actions=("alert", action))
+                         false_alarm_steps=1000, actions=("alert", action), pause_for=120.0)
     sink, fault, guard = setup(store, policy)
     loop = cl.Loop(echo, task_type="deploy", executor=executor, store=store,
                    guards=[fault, guard], verifiers=[failing_after(50)])
@@ -74,6 +74,10 @@ def test_a_drift_pauses_or_halts_through_fault_control_and_is_recorded(
     assert [a.kind for a in sink.alerts] == ["drift", refused]
     (stop,) = fault.ledger.stops()
     assert stop.kind.value == refused and stop.evidence["signal"] == "verification"
+    if action == "pause":  # lifts itself after the policy's pause_for
+        assert stop.until is not None and stop.until - stop.at == pytest.approx(120.0)
+    else:  # only a human lifts it
+        assert stop.until is None
     (firing,) = recorded_firings(level_store_for(store))
     assert firing.signal == "verification" and firing.actions == ("alert", action)
     assert firing.evidence["observations"] > 0
