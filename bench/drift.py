@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import closedloop as cl
 from autonomy import (  # the demotion benchmark's streams and counting
     AFTER,
     BEFORE,
@@ -36,8 +37,6 @@ from autonomy import (  # the demotion benchmark's streams and counting
     false_alarms,
     quantile,
 )
-
-import closedloop as cl
 from closedloop.control import FaultControl, MemoryLedger
 from closedloop.learn import DriftGuard, DriftPolicy
 

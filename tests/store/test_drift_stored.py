@@ -205,7 +205,7 @@ def test_status_shows_the_firings(file_url: str) -> None:
         _, fault, guard = setup(store, DriftPolicy(
             verified_pass_rate=(0.98, 0.90), reask_rate=None, exceedance=None,
             false_alarm_steps=1000, actions=("alert",)))
-        loop = cl.Loop(echo, task_type="deploy<b>", executor=executor, store=store,
+        loop = cl.Loop(echo, task_type="d[b]x", executor=executor, store=store,
                        guards=[fault, guard], verifiers=[failing_after(0)])
         for i in range(20):
             loop.run(i)
@@ -216,7 +216,7 @@ def test_status_shows_the_firings(file_url: str) -> None:
     result = runner.invoke(main, ["status", "--store", file_url, "--json"])
     assert result.exit_code == 0, result.output
     (firing,) = json.loads(result.output)["drift"]
-    assert firing["task_type"] == "deploy<b>" and firing["signal"] == "verification"
+    assert firing["task_type"] == "d[b]x" and firing["signal"] == "verification"
     shown = runner.invoke(main, ["status", "--store", file_url])
     assert shown.exit_code == 0
-    assert "Drift and budget detections" in shown.output and "deploy<b>" in shown.output
+    assert "Drift and budget detections" in shown.output and "d[b]x" in shown.output

@@ -49,6 +49,7 @@ SIGNALS = ("verification", "reask", "latency", "cost_per_success", "score", "bur
            "burn_tokens")
 _REFUSED = frozenset({"paused", "halted", "control_unavailable", "budget_exceeded"})
 _BURN_WINDOW = 60
+_NONE: list[Any] = []
 
 
 def _pair(value: Any, what: str) -> tuple[float, float] | None:
@@ -173,10 +174,12 @@ class Firing:
 class _Signal:
     """One signal of one (task type, model): learning, then watching with a detector."""
 
-    __slots__ = ("cooldown", "detector", "fired", "kind", "learn", "observed", "state",
-                 "threshold")
+    __slots__ = ("cooldown", "detector", "fired", "kind", "learn", "model", "observed",
+                 "signal", "state", "task", "threshold")
 
-    def __init__(self, kind: str, detector: Any = None) -> None:
+    def __init__(self, kind: str, task: str, model: str, signal: str,
+                 detector: Any = None) -> None:
+        self.task, self.model, self.signal = task, model, signal
         self.kind = kind  # "bernoulli", "exceed" (learned threshold), "gauss" (learned mean)
         self.detector = detector
         self.state: CusumState = CusumState()
@@ -193,11 +196,11 @@ class _Signal:
                 "fired": self.fired, "observed": self.observed}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> _Signal:
+    def from_dict(cls, data: dict[str, Any], task: str, model: str, signal: str) -> _Signal:
         det = data.get("detector")
         detector = (None if det is None else BernoulliCusum.from_dict(det)
                     if det.get("kind") == "bernoulli_cusum" else GaussianCusum.from_dict(det))
-        out = cls(str(data["kind"]), detector)
+        out = cls(str(data["kind"]), task, model, signal, detector)
         out.state = CusumState.from_dict(data["state"])
         learn = data.get("learn")
         out.learn = None if learn is None else [float(v) for v in learn]
@@ -206,6 +209,18 @@ class _Signal:
         out.cooldown, out.fired = int(data["cooldown"]), int(data["fired"])
         out.observed = int(data["observed"])
         return out
+
+
+@dataclass(slots=True, kw_only=True)
+class _Slot:
+    """The step signals of one (task type, model)."""
+
+    verification: _Signal | None
+    reask: _Signal | None
+    latency: _Signal | None
+    cost: _Signal | None
+    burn: bool
+    pending_cost: float = 0.0
 
 
 @dataclass(slots=True)
@@ -229,7 +244,7 @@ class DriftMonitor:
         self.policy = policy
         self.policies = dict(policies or {})
         self._signals: dict[tuple[str, str, str], _Signal] = {}
-        self._pending_cost: dict[tuple[str, str], float] = {}
+        self._slots: dict[str, dict[str, _Slot]] = {}
         self._burn: dict[str, _Burn] = {}
         self._lock = threading.Lock()
         self.firings = 0
@@ -241,35 +256,66 @@ class DriftMonitor:
     # ----- observations -------------------------------------------------------------------
     def observe(self, event: StepEvent) -> list[Firing]:
         """One recorded step: its signals, and the firings they raise (mostly none)."""
+        # on the agent's path for every step: one slot per (task type, model) holds its
+        # signals, so a step costs two dict reads and a detector update per signal
         if event.outcome in _REFUSED:
             return []
-        policy = self.policies.get(event.task_type, self.policy)
+        task = event.task_type
+        policy = self.policies.get(task, self.policy)
         if policy is None:
             return []
         model = (event.model or "") if policy.by_model else ""
-        task = event.task_type
+        models = self._slots.get(task)
+        slot = models.get(model) if models is not None else None
+        if slot is None:
+            slot = self._slot(policy, task, model)
         out: list[Firing] = []
+        step = self._step
         with self._lock:
-            if policy.verified_pass_rate is not None and event.verification_passed is not None:
-                self._step(out, policy, task, model, "verification",
-                           float(not event.verification_passed), event)
-            if policy.reask_rate is not None:
-                self._step(out, policy, task, model, "reask", float(event.attempts > 1), event)
-            if policy.exceedance is not None:
-                self._step(out, policy, task, model, "latency", event.latency_ms, event)
+            sig = slot.verification
+            if sig is not None and event.verification_passed is not None:
+                step(out, policy, sig, float(not event.verification_passed), event)
+            sig = slot.reask
+            if sig is not None:
+                step(out, policy, sig, float(event.attempts > 1), event)
+            sig = slot.latency
+            if sig is not None:
+                step(out, policy, sig, event.latency_ms, event)
                 cost = event.cost_usd
                 if cost is not None:
-                    key = (task, model)
-                    spent = self._pending_cost.get(key, 0.0) + cost
+                    spent = slot.pending_cost + cost
                     if event.outcome == "succeeded":
-                        self._pending_cost[key] = 0.0
-                        self._step(out, policy, task, model, "cost_per_success", spent, event)
+                        slot.pending_cost = 0.0
+                        assert slot.cost is not None
+                        step(out, policy, slot.cost, spent, event)
                     else:
-                        self._pending_cost[key] = spent
-            if policy.budget_usd_per_min is not None or policy.budget_tokens_per_min is not None:
+                        slot.pending_cost = spent
+            if slot.burn:
                 self._burn_step(out, policy, event)
-        self.firings += len(out)
+        if out:
+            self.firings += len(out)
         return out
+
+    def _slot(self, policy: DriftPolicy, task: str, model: str) -> _Slot:
+        def get(signal: str, on: object) -> _Signal | None:
+            if on is None:
+                return None
+            key = (task, model, signal)
+            found = self._signals.get(key)
+            if found is None:
+                found = self._signals[key] = self._new(policy, signal, task, model)
+            return found
+
+        with self._lock:
+            slot = _Slot(
+                verification=get("verification", policy.verified_pass_rate),
+                reask=get("reask", policy.reask_rate),
+                latency=get("latency", policy.exceedance),
+                cost=get("cost_per_success", policy.exceedance),
+                burn=policy.budget_usd_per_min is not None
+                or policy.budget_tokens_per_min is not None)
+            self._slots.setdefault(task, {})[model] = slot
+        return slot
 
     def observe_value(self, task_type: str, model: str | None, signal: str, value: float,
                       *, at: float, trace_id: str | None = None) -> list[Firing]:
@@ -278,33 +324,33 @@ class DriftMonitor:
         if policy is None or not math.isfinite(value):
             return []
         out: list[Firing] = []
+        model = (model or "") if policy.by_model else ""
         with self._lock:
-            self._step(out, policy, task_type, (model or "") if policy.by_model else "",
-                       signal, float(value), None, at=at, trace_id=trace_id)
+            key = (task_type, model, signal)
+            sig = self._signals.get(key)
+            if sig is None:
+                sig = self._signals[key] = self._new(policy, signal, task_type, model)
+            self._step(out, policy, sig, float(value), None, at=at, trace_id=trace_id)
         self.firings += len(out)
         return out
 
     # ----- the detectors ------------------------------------------------------------------
-    def _new(self, policy: DriftPolicy, signal: str) -> _Signal:
+    def _new(self, policy: DriftPolicy, signal: str, task: str, model: str) -> _Signal:
         arl0 = policy.false_alarm_steps
         if signal == "verification":
             ok, bad = policy.verified_pass_rate or (0.98, 0.90)
-            return _Signal("bernoulli", BernoulliCusum.for_arl(
+            return _Signal("bernoulli", task, model, signal, BernoulliCusum.for_arl(
                 round(1 - ok, 12), round(1 - bad, 12), arl0=arl0))
         if signal == "reask":
             p0, p1 = policy.reask_rate or (0.05, 0.2)
-            return _Signal("bernoulli", BernoulliCusum.for_arl(p0, p1, arl0=arl0))
+            return _Signal("bernoulli", task, model, signal,
+                           BernoulliCusum.for_arl(p0, p1, arl0=arl0))
         if signal.startswith("score"):
-            return _Signal("gauss")
-        return _Signal("exceed")
+            return _Signal("gauss", task, model, signal)
+        return _Signal("exceed", task, model, signal)
 
-    def _step(self, out: list[Firing], policy: DriftPolicy, task: str, model: str,  # noqa: PLR0917 - the hot path: positional on purpose
-              signal: str, value: float, event: StepEvent | None, *, at: float = 0.0,
-              trace_id: str | None = None) -> None:
-        key = (task, model, signal)
-        sig = self._signals.get(key)
-        if sig is None:
-            sig = self._signals[key] = self._new(policy, signal)
+    def _step(self, out: list[Firing], policy: DriftPolicy, sig: _Signal, value: float,
+              event: StepEvent | None, *, at: float = 0.0, trace_id: str | None = None) -> None:
         sig.observed += 1
         learn = sig.learn
         if learn is not None:  # learning the baseline
@@ -313,21 +359,24 @@ class DriftMonitor:
             if len(learn) >= policy.learn_steps:
                 self._arm(sig, policy, learn)
             return
-        if sig.kind == "exceed":
-            assert sig.threshold is not None
-            value = float(value > sig.threshold)
-        found = sig.detector.update(sig.state, value >= 0.5 if sig.kind != "gauss" else value)
-        sig.state = found.state
-        if sig.cooldown > 0:
+        kind = sig.kind
+        if kind == "gauss":
+            found = sig.detector.update(sig.state, value)
+        else:
+            threshold = sig.threshold
+            found = sig.detector.update(sig.state, value > threshold if threshold is not None
+                                        else value >= 0.5)
+        sig.state = found[0]
+        if sig.cooldown:
             sig.cooldown -= 1
-            if found.alarm:
-                sig.state = CusumState(0.0, found.state.steps, found.state.alarms - 1)
+            if found[1]:
+                state = found[0]
+                sig.state = CusumState(0.0, state.steps, state.alarms - 1)
             return
-        if found.alarm:
+        if found[1]:
             sig.fired += 1
             sig.cooldown = policy.rearm_steps
-            out.append(self._firing(policy, task, model, signal, sig, found.statistic, event,
-                                    at=at, trace_id=trace_id))
+            out.append(self._firing(policy, sig, found[2], event, at=at, trace_id=trace_id))
 
     def _arm(self, sig: _Signal, policy: DriftPolicy, learn: list[float]) -> None:
         arl0 = policy.false_alarm_steps
@@ -346,9 +395,9 @@ class DriftMonitor:
         sig.learn = None
         sig.state = CusumState()
 
-    def _firing(self, policy: DriftPolicy, task: str, model: str, signal: str, sig: _Signal,  # noqa: PLR0917 - one call site
-                statistic: float, event: StepEvent | None, *, at: float,
-                trace_id: str | None) -> Firing:
+    def _firing(self, policy: DriftPolicy, sig: _Signal, statistic: float,
+                event: StepEvent | None, *, at: float, trace_id: str | None) -> Firing:
+        task, model, signal = sig.task, sig.model, sig.signal
         det = sig.detector
         what = {
             "verification": "verification pass rate dropped",
@@ -422,6 +471,8 @@ class DriftMonitor:
             items = list(self._signals.items())
         out = []
         for (task, model, signal), sig in sorted(items):
+            if not sig.observed:
+                continue  # e.g. the cost of a task type whose steps are not priced
             limit = getattr(sig.detector, "limit", None)
             out.append({"task_type": task, "model": model or None, "signal": signal,
                         "phase": "learning" if sig.learn is not None else "watching",
@@ -447,13 +498,15 @@ class DriftMonitor:
         for name, data in saved.items():
             model, _, signal = name.partition("\x1f")
             try:
-                found[(task_type, model, signal)] = _Signal.from_dict(data)
+                found[(task_type, model, signal)] = _Signal.from_dict(data, task_type, model,
+                                                                      signal)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ConfigError(f"a saved drift state of {task_type} is malformed: "
                                   f"{exc}") from None
         with self._lock:
             for key, sig in found.items():
                 self._signals.setdefault(key, sig)
+            self._slots.pop(task_type, None)  # rebuilt from the loaded signals
 
     def feed(self, events: Iterable[StepEvent]) -> list[Firing]:
         """Every firing of ``events``, in order (for back-testing a policy on stored steps)."""
