@@ -1,7 +1,7 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
 Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
-``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``).
+``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``, ``--drift``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
    into a SQLite store (WAL, background writer), default fault control on, against the same
@@ -14,7 +14,9 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    With ``--baseline-src DIR`` (another checkout's ``src``, e.g. main's) the overhead is
    measured in child processes alternating between that tree and this one, ``--runs`` of
    each, so that a before/after comparison sees the same load; the 1-minute load average is
-   printed with every run.
+   printed with every run. With ``--drift`` this tree's loop also runs drift detection
+   (``closedloop.configure(drift=DriftPolicy())``: the DriftGuard among the default guards);
+   ``--baseline-src`` set to this tree's own ``src`` then measures what drift detection adds.
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,

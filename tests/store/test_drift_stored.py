@@ -50,6 +50,7 @@ def failing_after(n: int) -> Any:
 
 
 def setup(store: cl.Store, policy: DriftPolicy, **kw: Any) -> tuple[Any, ...]:
+    kw.setdefault("save_every", 0)  # no saver thread outliving the test's schema
     sink = CaptureSink()
     fault = FaultControl(ledger=ledger_for_store(store), sinks=[sink], halt_after=10**6,
                          halt_rate=1.0, min_samples=10**6)
@@ -110,14 +111,14 @@ def test_a_failing_action_is_counted_and_the_others_still_run(store: cl.Store) -
 
 
 def test_detector_states_survive_a_restart(store: cl.Store) -> None:
-    _, fault, guard = setup(store, FAIL_FAST, save_every=0)
+    _, fault, guard = setup(store, FAIL_FAST)
     loop = cl.Loop(echo, task_type="deploy", executor=executor, store=store,
                    guards=[fault, guard], verifiers=[failing_after(10**6)])
     for i in range(300):
         loop.run(i)
     guard.save()
     before = guard.monitor.snapshot()
-    _, fault2, again = setup(store, FAIL_FAST, save_every=0)
+    _, fault2, again = setup(store, FAIL_FAST)
     loop2 = cl.Loop(echo, task_type="deploy", executor=executor, store=store,
                     guards=[fault2, again], verifiers=[failing_after(10**6)])
     loop2.run(0)
