@@ -73,6 +73,8 @@ def test_a_drift_pauses_or_halts_through_fault_control_and_is_recorded(
     assert 50 < first < 70  # the drift at step 50 is caught within a few failures
     assert set(outcomes[first:]) == {refused}
     assert [a.kind for a in sink.alerts] == ["drift", refused]
+    if action == "pause":
+        assert "resumes by itself after 120s" in sink.alerts[1].action
     (stop,) = fault.ledger.stops()
     assert stop.kind.value == refused and stop.evidence["signal"] == "verification"
     if action == "pause":  # lifts itself after the policy's pause_for
@@ -185,6 +187,20 @@ def test_a_budget_configured_in_configure_pauses_a_burning_task_type(any_url: st
         assert set(outcomes[6:]) == {"paused"}
         (stop,) = rt.fault_control_for(rt.store).ledger.stops()
         assert stop.evidence["signal"] == "burn_usd"
+    finally:
+        cl.reset()
+
+
+def test_drift_configured_per_task_type_watches_only_those(any_url: str) -> None:
+    rt = cl.configure(store=any_url, drift={"watched": FAIL_FAST})
+    try:
+        for task_type in ("watched", "other"):
+            loop = cl.Loop(echo, task_type=task_type, executor=executor,
+                           verifiers=[failing_after(10**6)])
+            loop.run(1)
+        guard = rt.drift_for(rt.store)
+        assert guard is not None
+        assert {row["task_type"] for row in guard.monitor.snapshot()} == {"watched"}
     finally:
         cl.reset()
 

@@ -360,7 +360,8 @@ class FaultControl:
                       f"{stop.task_type} --reason ...`")
         else:
             action = (f"check recent validation failures of {stop.task_type} (closedloop "
-                      f"report); it resumes by itself after {self.pause_for:.0f}s")
+                      f"report); it resumes by itself after "
+                      f"{(stop.until or stop.at) - stop.at:.0f}s")
         self._alert(Alert(kind=stop.kind.value, subject=stop.task_type, summary=stop.reason,
                           action=action, evidence=stop.evidence, at=stop.at,
                           severity="critical" if stop.kind is StopKind.HALTED else "warning"))
