@@ -61,8 +61,10 @@ def recorded_firings(levels: LevelStore) -> list[Firing]:
 class DriftGuard:
     """A loop guard that detects drift and budget burn, and acts on it (see the module).
 
-    ``monitor`` (or ``policy``/``policies`` to build one) decides; ``fault_control`` carries
-    out pauses and halts (a guard of the same loop, so the refusal is immediate);
+    ``monitor`` (or ``policy``/``policies`` to build one: with ``policies`` alone, only the
+    task types they name are watched; with neither, every one by the defaults) decides;
+    ``fault_control`` carries out pauses and halts (a guard of the same loop, so the
+    refusal is immediate);
     ``levels`` (an :class:`~closedloop.autonomy.AutonomyLevels`) demotions; ``log`` (default:
     ``store``'s level store) records firings and detector states; ``sinks`` get the alerts
     (default: the log). ``metrics`` (a :class:`~closedloop.telemetry.Metrics`) counts
@@ -75,7 +77,10 @@ class DriftGuard:
                  store: Store | None = None, fault_control: Any = None, levels: Any = None,
                  log: LevelStore | None = None, sinks: Iterable[Any] | None = None,
                  metrics: Any = None, save_every: float = 30.0) -> None:
-        self.monitor = monitor or DriftMonitor(policy or DriftPolicy(), policies=policies)
+        if monitor is None:  # with only ``policies``, only the task types they name
+            monitor = DriftMonitor(policy if policy is not None or policies else DriftPolicy(),
+                                   policies=policies)
+        self.monitor = monitor
         if log is None and store is not None:
             from closedloop.store import LevelBackend, level_store_for
 
