@@ -2,9 +2,10 @@
 
 Run: ``PYTHONPATH=src python bench/control_ledger.py [--pg URL] [--number N] [--repeat R]``
 (default URL ``postgresql://postgres@127.0.0.1:5432/test``; a schema of its own is created
-and dropped). Both ledgers connect per call, so this is the price of a ``FaultControl``
-re-read (once per ``recheck`` second per task type, never per step) and of each
-``closedloop status`` query. Figures: median over ``--repeat`` rounds of ``--number`` calls.
+and dropped). The SQLite ledger connects per call, the PostgreSQL one keeps a connection;
+this is the price of a ``FaultControl`` re-read (once per ``recheck`` second per task type,
+never per step) and of each ``closedloop status`` query. Figures: median over ``--repeat``
+rounds of ``--number`` calls.
 """
 
 from __future__ import annotations

@@ -570,16 +570,56 @@ def truncate(text: str, max_chars: int) -> str:
     return text[:max_chars] + marker
 
 
-_URL_PASSWORD = re.compile(r"//([^/:@]*):[^/@]*@")
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;](?:password|passwd|pwd|sslpassword|pass|token|access_token|auth_token|"
+    r"api_key|apikey|secret|client_secret|key|p)=)[^&;#]*")
+_PORT = re.compile(r"\d*")
 
 
 def shown_url(url: str) -> str:
-    """``url`` without its password, for messages, logs and output (even if malformed).
+    """``url`` without its secrets, for messages, logs and output -- even when malformed.
 
-    Control (Redis URLs) and the command line both show URLs, so it lives here, with the
-    rest of what keeps secrets out of output.
+    Masks the password of the authority (``user:***@host``; the user name stays, it says
+    which account), including a password holding an unencoded ``@``, ``/`` or ``:``, and the
+    values of query parameters named like a secret (``?password=``, ``?token=``…). A URL that
+    cannot be parsed has everything between ``//`` and its last ``@`` masked. Control (Redis
+    URLs), the store (database URLs) and the command line all show URLs through this one
+    function, so it lives here, with the rest of what keeps secrets out of output.
     """
-    return _URL_PASSWORD.sub(r"//\1:***@", url)
+    text = _SECRET_PARAM.sub(r"\1***", url.strip())
+    start = text.find("//")
+    if start < 0:
+        return text
+    rest = text[start + 2:]
+    end = len(rest)
+    for mark in "?#":
+        found = rest.find(mark)
+        if found >= 0:
+            end = min(end, found)
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        # no @ before the query: a password holding "?" or "#" ("//:pa?ss@host") leaves a
+        # colon that is no port in what would be the host
+        host = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        _, colon, port = host.partition(":")
+        if not colon or _PORT.fullmatch(port):
+            return text
+        at = rest.rfind("@")
+        if at < 0:
+            return text
+    userinfo = rest[:at]
+    first_slash = userinfo.find("/")
+    if first_slash >= 0:
+        # "u:pa/ss@host": a slash before the last @ belongs to the password unless what
+        # precedes it is a plain host[:port] (then the @ is in the path, e.g. a file name)
+        head = userinfo[:first_slash]
+        _, _, port = head.partition(":")
+        if not head or ":" not in head or _PORT.fullmatch(port):
+            return text
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return text
+    return f"{text[:start + 2]}{user}:***@{rest[at + 1:]}"
 
 
 # -- the process default ------------------------------------------------------------------

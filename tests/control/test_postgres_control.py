@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psycopg
@@ -151,3 +152,48 @@ def test_a_store_whose_control_tables_vanished_fails_closed(
         guard.ledger.get("provision")
     assert _loop(guard, executor).run(2).outcome is cl.Outcome.HALTED
     assert executor.calls == 0
+
+
+def _backend_pids(application: str) -> set[int]:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                            (application,)).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def test_the_ledger_keeps_one_connection_and_reconnects_once_it_is_killed(
+    pg_url: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    app = f"cl-ledger-{os.getpid()}"
+    url = f"{pg_url}&application_name={app}"  # pg_url has ?schema=
+    ledger = PostgresLedger.from_url(url)
+    ledger.put(Stop(task_type="deploy", kind=StopKind.HALTED, reason="bad deploys", by="test",
+                    at=time.time()))
+    assert ledger.get("deploy") is not None
+    first = _backend_pids(app)
+    for _ in range(5):
+        assert ledger.get("deploy") is not None
+    assert _backend_pids(app) == first and len(first) == 1  # reads reuse one connection
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:  # the server ends that session
+        conn.execute("SELECT pg_terminate_backend(%s)", (next(iter(first)),))
+    stop = ledger.get("deploy")  # the dead connection is replaced, not reported as an outage
+    assert stop is not None and stop.kind is StopKind.HALTED
+    assert _backend_pids(app) not in (set(), first)
+
+    ledger.close()
+    assert _backend_pids(app) == set()
+
+
+def test_a_store_closes_its_control_ledger_connection(
+    pg_url: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    app = f"cl-store-ledger-{os.getpid()}"
+    url = f"{pg_url}&application_name={app}"  # pg_url has ?schema=
+    store = cl.open_store(url)
+    ledger = ledger_for_store(store, redis_url=None)
+    assert ledger.get("anything") is None
+    assert ledger_for_store(store, redis_url=None).get("other") is None
+    assert len(_backend_pids(app)) >= 1
+    store.close()
+    assert _backend_pids(app) == set()

@@ -23,11 +23,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from closedloop._control_state import ControlLedger, MemoryLedger, Stop
 from closedloop._errors import ConfigError, ControlUnavailable, StoreError
 from closedloop._events import StepEvent
+from closedloop._redact import shown_url
 from closedloop._spans import (
     SPANS_PAGE,
     Pruned,
@@ -60,18 +60,9 @@ def sqlite_path(url: str) -> Path:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit for messages and logs."""
-    try:
-        parts = urlsplit(url.strip())
-        password = parts.password
-    except ValueError:
-        return url.strip()
-    if password is None:
-        return url.strip()
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.split(":", 1)[0]
-    return urlunsplit((parts.scheme, f"{name}:***@{host}", parts.path, parts.query,
-                       parts.fragment))
+    """``url`` with any password replaced by ``***``, fit for messages and logs (the one
+    masker, :func:`closedloop._redact.shown_url`)."""
+    return shown_url(url)
 
 
 def _open_sqlite(url: str, *, create: bool) -> EventBackend:

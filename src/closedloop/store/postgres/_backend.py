@@ -42,8 +42,9 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -372,6 +373,7 @@ class PostgresBackend:
         self._pool_lock = threading.Lock()
         self._partitions: set[int] = set()
         self._spans: PostgresSpanStore | None = None
+        self._ledger: PostgresLedger | None = None
         self.read_only = read_only
         """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
@@ -530,11 +532,15 @@ class PostgresBackend:
             return _recorded_version(conn, self.schema)
 
     def close(self) -> None:
-        """Close this process's pool; the next call opens a new one."""
+        """Close this process's pool and the control ledger's connection; the next call
+        opens new ones."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            ledger = self._ledger
         if pool is not None and self._pool_pid == os.getpid():
             pool.close()
+        if ledger is not None:
+            ledger.close()
 
     # ----- maintenance: the port of closedloop.store._retention ----------------------------
     def info(self) -> StoreInfo:
@@ -628,9 +634,13 @@ class PostgresBackend:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
 
     def control_ledger(self) -> PostgresLedger:
-        """Pauses and halts in this store's schema (the control-state port)."""
-        return PostgresLedger(self._conninfo, self.schema, self.url,
-                              connect_timeout=self._connect_timeout)
+        """Pauses and halts in this store's schema (the control-state port); one for the
+        backend's life, with its one connection."""
+        with self._pool_lock:
+            if self._ledger is None:
+                self._ledger = PostgresLedger(self._conninfo, self.schema, self.url,
+                                              connect_timeout=self._connect_timeout)
+            return self._ledger
 
     def span_store(self) -> PostgresSpanStore:
         """Spans and scores in this store's schema (the span/score port); one for the
@@ -652,12 +662,15 @@ class PostgresLedger:
     The same record and rules as :class:`~closedloop.control.SQLiteLedger`, shared by every
     process and machine using the store: a pause never replaces a halt in force, a lift
     records who and why, reasons and evidence are redacted before they are stored. Writes
-    are serialised by an advisory lock on the schema. Like the SQLite ledger it connects per
-    call (control state is read about once a second per task type), apart from the event
-    pool so that telemetry never delays a control decision and a server that was away is
-    used again at once; any failure raises :class:`~closedloop.ControlUnavailable` (the
-    guard fails closed). Reads never create anything: a schema without
-    the tables has no stops; the first write migrates it (as opening a store does).
+    are serialised by an advisory lock on the schema. It keeps one connection of its own,
+    apart from the event pool so that telemetry never delays a control decision: control
+    state is read about once a second per task type, and a connection per read cost ~7 ms
+    of connection setup. A call on a kept connection that fails at the connection level
+    (the server restarted, the connection was killed) is tried once more on a fresh one, so
+    a server that was away is used again at once; any other failure raises
+    :class:`~closedloop.ControlUnavailable` (the guard fails closed). A child process after
+    ``fork`` never touches its parent's connection. Reads never create anything: a schema
+    without the tables has no stops; the first write migrates it (as opening a store does).
     """
 
     def __init__(self, conninfo: str, schema: str, url: str, *,
@@ -672,6 +685,11 @@ class PostgresLedger:
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         self._migrated = False
+        self._kept = _Kept()
+        self._lock = threading.Lock()
+        # a ledger dropped without close() still closes its connection (psycopg warns about
+        # a connection collected open), and so does the interpreter's exit
+        weakref.finalize(self, self._kept.close)
         s = sql.Identifier(schema)
         self._q = {name: sql.SQL(text).format(s=s) for name, text in _LEDGER_SQL.items()}
 
@@ -685,39 +703,79 @@ class PostgresLedger:
     def __repr__(self) -> str:
         return f"PostgresLedger({self.url!r})"
 
-    # ----- a connection per call ------------------------------------------------------------
+    # ----- one kept connection --------------------------------------------------------------
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The kept connection, opened (with the statement timeout) when there is none."""
+        import psycopg
+
+        kept = self._kept
+        kept.forget_if_forked()
+        if kept.conn is None or kept.conn.closed:
+            conn = psycopg.connect(self._conninfo, autocommit=True,
+                                   connect_timeout=max(1, int(self._connect_timeout)))
+            try:
+                conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                             (f"{int(self._statement_timeout * 1000)}ms",))
+            except BaseException:
+                conn.close()
+                raise
+            kept.conn = conn
+        return kept.conn
+
+    def close(self) -> None:
+        """Close the kept connection (the next call opens another)."""
+        with self._lock:
+            self._kept.close()
+
     def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
              absent: Callable[[], _T] | None = None, write: bool = False,
              create: bool = False) -> _T:
-        """``work`` on a connection of its own (``write``: in one transaction under the
-        schema's control lock; ``create``: migrating the schema first, once), or ``absent()``
-        if the tables do not exist."""
+        """``work`` on the kept connection (``write``: in one transaction under the schema's
+        control lock; ``create``: migrating the schema first, once), or ``absent()`` if the
+        tables do not exist."""
         import psycopg
         from psycopg import errors
 
+        with self._lock:
+            self._kept.forget_if_forked()
+            reused = self._kept.conn is not None and not self._kept.conn.closed
+            try:
+                return self._attempt(work, absent=absent, write=write, create=create)
+            except errors.QueryCanceled as exc:  # the statement timeout: the server is slow
+                raise self._fail(what, exc) from None
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._kept.close()
+                if not reused:
+                    raise self._fail(what, exc) from None
+            except (psycopg.Error, StoreError, OSError) as exc:
+                raise self._fail(what, exc) from None
+            try:  # the kept connection had gone (a restart, a killed backend): once afresh
+                return self._attempt(work, absent=absent, write=write, create=create)
+            except (psycopg.Error, StoreError, OSError) as exc:
+                self._kept.close()
+                raise self._fail(what, exc) from None
+
+    def _attempt(self, work: Callable[[psycopg.Connection[Any]], _T], *,
+                 absent: Callable[[], _T] | None, write: bool, create: bool) -> _T:
+        from psycopg import errors
+
+        conn = self._connection()
+        if create and not self._migrated:
+            migrate(conn, self.schema, create=True)
+            self._migrated = True
         try:
-            with psycopg.connect(self._conninfo, autocommit=True,
-                                 connect_timeout=max(1, int(self._connect_timeout))) as conn:
-                conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                             (f"{int(self._statement_timeout * 1000)}ms",))
-                if create and not self._migrated:
-                    migrate(conn, self.schema, create=True)
-                    self._migrated = True
-                try:
-                    if not write:
-                        return work(conn)
-                    with conn.transaction():
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                                     (_lock_key("control", self.schema),))
-                        return work(conn)
-                except (errors.UndefinedTable, errors.InvalidSchemaName):
-                    # no tables: nothing was ever stopped here, unless the store's schema
-                    # says they should exist (then control state is broken: fail closed)
-                    if absent is None or _recorded_version(conn, self.schema) >= _CONTROL_V:
-                        raise
-                    return absent()
-        except (psycopg.Error, StoreError, OSError) as exc:
-            raise self._fail(what, exc) from None
+            if not write:
+                return work(conn)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                             (_lock_key("control", self.schema),))
+                return work(conn)
+        except (errors.UndefinedTable, errors.InvalidSchemaName):
+            # no tables: nothing was ever stopped here, unless the store's schema says they
+            # should exist (then control state is broken: fail closed)
+            if absent is None or _recorded_version(conn, self.schema) >= _CONTROL_V:
+                raise
+            return absent()
 
     def _fail(self, what: str, exc: BaseException) -> ControlUnavailable:
         return ControlUnavailable(f"cannot {what} control state in {self.url}: "
@@ -795,6 +853,30 @@ class PostgresLedger:
 
 
 _T = TypeVar("_T")
+_INHERITED: list[Any] = []
+"""Kept ledger connections a forked child inherited: held, never used or closed (psycopg
+itself never ends a session from a child), so that collecting them warns of nothing."""
+
+
+class _Kept:
+    """A ledger's one connection and the process that opened it."""
+
+    def __init__(self) -> None:
+        self.conn: psycopg.Connection[Any] | None = None
+        self.pid = os.getpid()
+
+    def forget_if_forked(self) -> None:
+        if self.pid != os.getpid():  # a forked child: the parent's socket is not ours
+            if self.conn is not None:
+                _INHERITED.append(self.conn)
+            self.conn, self.pid = None, os.getpid()
+
+    def close(self) -> None:
+        self.forget_if_forked()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.close()
 _CONTROL_V = 2  # the migration that creates the control tables
 _STOP_COLUMNS = "task_type, kind, reason, by, at, until, evidence"
 _LEDGER_SQL = {
