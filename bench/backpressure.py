@@ -9,6 +9,9 @@ Strategies compared in the same run: naive immediate retry, tenacity (exponentia
 with full jitter), a faithful port of the design's controller (started at 2R), aiolimiter
 with the true R (the oracle), and closedloop (not told R).
 
+``--only late`` runs scenario 2's shape in virtual time with each worker process taken off
+the CPU at random (``--run-ms``, ``--stall-ms``): late wake-ups, deterministic for a seed.
+
 Scenario 2 runs in REAL TIME against the Redis at 127.0.0.1:6379 (or $CLOSEDLOOP_REDIS_URL):
 4 worker processes share one Redis-backed limiter on a provider of rate R; it reports their
 aggregate rate against R, and the cost of one Redis-backed acquire (p50, p99).
@@ -697,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burn", type=int, default=0,
                         help="scenario 2: start this many core-burning processes alongside")
     parser.add_argument("--runs", type=int, default=1, help="scenario 2: consecutive runs")
+    parser.add_argument("--run-ms", type=float, default=20.0,
+                        help="late: mean time a worker process runs between stalls (ms)")
+    parser.add_argument("--stall-ms", type=float, default=8.0,
+                        help="late: median stall off the CPU (ms; lognormal, sigma 1)")
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
@@ -719,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
                         not args.refuse_late)
     if args.only in (None, "late"):
         rows = [scenario_late(args.redis_rate, seed=seed, quota=args.quota,
-                              workers=args.workers)
+                              workers=args.workers, run_ms=args.run_ms,
+                              stall_ms=args.stall_ms)
                 for seed in [int(x) for x in args.seeds.split(",")]]
         if args.json:
             print(json.dumps(rows, indent=2))
