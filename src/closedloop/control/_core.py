@@ -90,6 +90,10 @@ class Limits:
     """Requests per second before anything is learned."""
     min_rate: float = 0.2
     max_rate: float = 100_000.0
+    """Never above this; set it to a provider's known quota. At ``max_rate`` a 429 cuts the
+    rate only once more than 5% of the calls since the last decrease were refused (a few
+    callers going together drain a provider's burst allowance without the rate being
+    wrong)."""
     burst: float = 1.0
     """Calls that may go back to back (token-bucket depth)."""
     max_in_flight: int = 64
@@ -478,7 +482,7 @@ class KeyState:
     def _clumped(self, limits: Limits, now: float, admitted_at: float) -> bool:
         """True if this 429 is a clump of late callers, not a sign of a rate too high.
 
-        The call went at a rate known to work (at most the measured ceiling), the callers
+        The call went at a rate known to work (at most the ceiling), the callers
         queued all along yet made fewer calls than the rate gave them (they woke up late: a
         loaded machine), and the downstream refused hardly any of them: the late ones went
         together and drained its burst allowance. Cutting the rate would not have helped,
