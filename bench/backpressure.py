@@ -10,7 +10,8 @@ with full jitter), a faithful port of the design's controller (started at 2R), a
 with the true R (the oracle), and closedloop (not told R).
 
 ``--only late`` runs scenario 2's shape in virtual time with each worker process taken off
-the CPU at random (``--run-ms``, ``--stall-ms``): late wake-ups, deterministic for a seed.
+the CPU at random (``--run-ms``, ``--stall-ms``; the provider too with ``--server-stall-ms``):
+late wake-ups and requests handled in a clump, deterministic for a seed.
 
 Scenario 2 runs in REAL TIME against the Redis at 127.0.0.1:6379 (or $CLOSEDLOOP_REDIS_URL):
 4 worker processes share one Redis-backed limiter on a provider of rate R; it reports their
@@ -444,16 +445,21 @@ class Stalls:
 
 def scenario_late(rate: float, *, workers: int = 4, agents: int = 16, seconds: float = 20.0,
                   seed: int = 1, quota: float = 0.0, run_ms: float = 20.0,
-                  stall_ms: float = 8.0, sigma: float = 1.0) -> dict[str, Any]:
+                  stall_ms: float = 8.0, sigma: float = 1.0, server_run_ms: float = 50.0,
+                  server_stall_ms: float = 0.0) -> dict[str, Any]:
     """Scenario 2's shape (4 processes x 16 agents, one shared state, provider burst 5,
     50 ms latency, 429 with ``Retry-After: 1``), in virtual time, with each process off the
-    CPU at random (:class:`Stalls`): what a loaded machine does to the callers' wake-ups."""
+    CPU at random (:class:`Stalls`): what a loaded machine does to the callers' wake-ups.
+    With ``server_stall_ms`` the provider is off the CPU now and then too, and handles what
+    reached it meanwhile at once (a clump at its clock, whatever the callers did)."""
     from closedloop.control import LocalRates
 
     rng = random.Random(seed)
     provider = Provider(rate=rate, burst=5.0, outage=(seconds, seconds), rng=rng,
                         latency=0.05, jitter=0.0)
     late: list[float] = []
+    # the provider is a process too: what reaches it during a stall is handled at its end
+    server = Stalls(random.Random(seed * 100 + 99), server_run_ms, server_stall_ms, sigma)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -462,6 +468,7 @@ def scenario_late(rate: float, *, workers: int = 4, agents: int = 16, seconds: f
 
         async def agent(bp: Backpressure, cpu: Stalls) -> None:
             async def get() -> float:
+                await back(server)
                 answer = await provider.call()
                 await back(cpu)  # the answer is read when the process runs again
                 return answer
@@ -704,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="late: mean time a worker process runs between stalls (ms)")
     parser.add_argument("--stall-ms", type=float, default=8.0,
                         help="late: median stall off the CPU (ms; lognormal, sigma 1)")
+    parser.add_argument("--server-stall-ms", type=float, default=0.0,
+                        help="late: the provider's median stall (ms), one every 50 ms on average")
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
@@ -727,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "late"):
         rows = [scenario_late(args.redis_rate, seed=seed, quota=args.quota,
                               workers=args.workers, run_ms=args.run_ms,
-                              stall_ms=args.stall_ms)
+                              stall_ms=args.stall_ms, server_stall_ms=args.server_stall_ms)
                 for seed in [int(x) for x in args.seeds.split(",")]]
         if args.json:
             print(json.dumps(rows, indent=2))
