@@ -9,6 +9,10 @@ process that asked (if it waits) or in a worker, bound to the approved digest.
 
 - Service API (CLI and HTTP alike): :func:`list_requests`, :func:`get_request`,
   :func:`approve`, :func:`reject`, :func:`retry`, :func:`expire_due`, :func:`approvals_for`.
+- Notifications (:mod:`closedloop.approvals._notify`): :class:`Notifier`,
+  :class:`WebhookNotifier` (generic JSON or Slack), the hook :func:`notify_created` that
+  whoever creates a request calls, :func:`resend_unsent` and :func:`notification_state`;
+  configured by ``closedloop.configure(notify=...)`` or ``$CLOSEDLOOP_APPROVAL_WEBHOOK``.
 - The store port: :class:`ApprovalStore` (memory, SQLite, PostgreSQL), with
   :class:`ApprovalRequest`, :class:`ApprovalStatus`, :class:`Decision`, :class:`Claim`,
   :class:`ApprovalPage`.
@@ -24,6 +28,18 @@ from closedloop._approvals import (
     Decision,
 )
 from closedloop._errors import ApprovalError
+from closedloop.approvals._notify import (
+    FORMAT_ENV,
+    PUBLIC_URL_ENV,
+    WEBHOOK_ENV,
+    Notifier,
+    WebhookNotifier,
+    notification_state,
+    notifier_from,
+    notifier_from_env,
+    notify_created,
+    resend_unsent,
+)
 from closedloop.approvals._service import (
     approvals_for,
     approve,
@@ -35,7 +51,10 @@ from closedloop.approvals._service import (
 )
 
 __all__ = [
+    "FORMAT_ENV",
     "KEY_ENV",
+    "PUBLIC_URL_ENV",
+    "WEBHOOK_ENV",
     "ApprovalError",
     "ApprovalPage",
     "ApprovalRequest",
@@ -43,11 +62,18 @@ __all__ = [
     "ApprovalStore",
     "Claim",
     "Decision",
+    "Notifier",
+    "WebhookNotifier",
     "approvals_for",
     "approve",
     "expire_due",
     "get_request",
     "list_requests",
+    "notification_state",
+    "notifier_from",
+    "notifier_from_env",
+    "notify_created",
     "reject",
+    "resend_unsent",
     "retry",
 ]
