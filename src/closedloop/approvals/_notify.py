@@ -138,8 +138,8 @@ def slack_payload(request: ApprovalRequest, *, public_url: str | None = None
     if request.destructive:
         risk_text = f":warning: *Destructive:* {risk_text}"
     blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text",
-                                    "text": clip(f"Approval needed: {request.task_type}", 140)}},
+        {"type": "header", "text": {"type": "plain_text", "text": clip(
+            slack_escape(f"Approval needed: {request.task_type}"), 140)}},
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
         {"type": "section", "text": {"type": "mrkdwn", "text": clip(
             "\n".join([f"*Risk:* {risk_text}", *risk_lines]), 2900)}},
