@@ -266,3 +266,32 @@ def test_import_deadletter_prints_the_file_and_store_literally(tmp_path: Path) -
     result = invoke("store", "import-deadletter", str(dead), "--store", f"sqlite:///{db}")
     assert result.exit_code == 0, result.output
     assert_literal(result.stdout, f"from {dead} into sqlite:///{db} (0 already stored")
+
+
+def test_approvals_print_proposals_risks_and_reasons_literally(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one row per request: matched without wrapping
+    from closedloop._approvals import new_request
+    from closedloop.store import approval_store_for
+
+    url = f"sqlite:///{tmp_path / 'approvals.db'}"
+    with cl.open_store(url) as store:
+        approvals = approval_store_for(store)
+        made = approvals.create(new_request(
+            task_type=TASK_TYPE, agent_id=f"agent {TEXT}", proposal={"plan": TEXT},
+            task_input={"ask": TEXT}, requested_by="asker",
+            risk={"summary": f"risk {TEXT}", "destructive": True,
+                  "items": [{"address": f"addr {TEXT}"}]},
+            verdicts=[{"check": f"check {TEXT}", "issues": [
+                {"severity": "warning", "message": f"note {TEXT}"}]}]))
+        approvals.decide(made.request_id, approve=False, by="alice", reason=f"why {TEXT}")
+    listed = invoke("approvals", "list", "--store", url)
+    assert listed.exit_code == 0, listed.output
+    assert made.request_id in listed.stdout
+    assert_literal(unwrap(listed.stdout), TASK_TYPE, f"risk {TEXT}")
+    shown = invoke("approvals", "show", made.request_id, "--store", url)
+    assert shown.exit_code == 0, shown.output
+    flat = unwrap(shown.stdout)
+    assert_literal(flat, f"risk {TEXT}", f"why {TEXT}", f"note {TEXT}", f"addr {TEXT}")
+    # the proposal is shown as indented JSON: markup as written, controls JSON-escaped
+    assert_literal(shown.stdout, '"plan": "[/bold] [red]x[/red] [error] \\u001b[31mred')

@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 import closedloop as cl
+from closedloop import approvals
 from closedloop.cli import main
 from closedloop.demo import (
     DemoSummary,
@@ -685,3 +686,27 @@ def test_a_demo_part_whose_extra_is_missing_names_the_install_command() -> None:
                           text=True)
     assert done.stdout == ("closedloop.demo.LocalEc2 needs boto3: "
                            "pip install 'closedloop[demo]'\n")
+
+
+def test_an_approved_launch_passes_the_request_id_as_client_token(
+    ec2: tuple[Any, DemoEnvironment],
+) -> None:
+    client, env = ec2
+    plan = json.dumps(request_for().correct_plan())
+    store = cl.open_store("memory://")
+    loop = cl.Loop(lambda task, attempt: plan, task_type="ec2.provision",
+                   executor=Ec2Executor(client, env), autonomy="approve", store=store,
+                   guards=())
+    request_id = loop.run({}).approval_id
+    assert request_id is not None
+    approvals.approve(request_id, by="alice", store=store)
+    done = loop.run_approved()
+    assert done is not None and done.result is not None
+    [instance_id] = done.result.ids
+    described = client.describe_instances(InstanceIds=[instance_id])
+    assert described["Reservations"][0]["Instances"][0]["ClientToken"] == request_id
+    # outside an approved execution there is no key, and no ClientToken is sent
+    action = Ec2Executor(client, env)(plan)
+    described = client.describe_instances(InstanceIds=list(action.ids))
+    assert described["Reservations"][0]["Instances"][0].get("ClientToken") != request_id
+    store.close()

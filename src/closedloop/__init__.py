@@ -14,6 +14,7 @@ from closedloop._version import __version__
 
 if typing.TYPE_CHECKING:
     from closedloop._errors import (
+        ApprovalError,
         Blocked,
         CheckCrashed,
         CheckTimeout,
@@ -36,10 +37,19 @@ if typing.TYPE_CHECKING:
     from closedloop._runtime import Runtime, configure, current_runtime, reset
     from closedloop._verdict import Issue, Severity, Verdict, as_verdict, render_feedback
     from closedloop.autonomy import Autonomy
-    from closedloop.loop import Attempt, Loop, StepResult, current_attempt
+    from closedloop.loop import (
+        ApprovalPolicy,
+        Attempt,
+        Loop,
+        StepResult,
+        current_attempt,
+        current_idempotency_key,
+    )
     from closedloop.store import Store, default_store, open_store, reset_default_store
 
 __all__ = [
+    "ApprovalError",
+    "ApprovalPolicy",
     "Attempt",
     "Autonomy",
     "Blocked",
@@ -68,6 +78,7 @@ __all__ = [
     "as_verdict",
     "configure",
     "current_attempt",
+    "current_idempotency_key",
     "current_runtime",
     "default_redactor",
     "default_store",
@@ -83,15 +94,16 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
     from closedloop._lazy import lazy_exports as _lazy_exports
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
-        "._errors": ("Blocked", "CheckCrashed", "CheckTimeout", "ClosedLoopError", "ConfigError",
-                     "ControlUnavailable", "NotExecuted", "StepFailed", "StoreError",
-                     "ValidationFailed", "VerificationFailed"),
+        "._errors": ("ApprovalError", "Blocked", "CheckCrashed", "CheckTimeout",
+                     "ClosedLoopError", "ConfigError", "ControlUnavailable", "NotExecuted",
+                     "StepFailed", "StoreError", "ValidationFailed", "VerificationFailed"),
         "._events": ("ErrorType", "Outcome", "StepEvent"),
         "._redact": ("Redactor", "default_redactor", "reset_default_redactor",
                      "set_default_redactor"),
         "._runtime": ("Runtime", "configure", "current_runtime", "reset"),
         "._verdict": ("Issue", "Severity", "Verdict", "as_verdict", "render_feedback"),
         ".autonomy": ("Autonomy",),
-        ".loop": ("Attempt", "Loop", "StepResult", "current_attempt"),
+        ".loop": ("ApprovalPolicy", "Attempt", "Loop", "StepResult", "current_attempt",
+                  "current_idempotency_key"),
         ".store": ("Store", "default_store", "open_store", "reset_default_store"),
     })

@@ -26,11 +26,11 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from hashlib import sha256
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from closedloop._errors import ApprovalError, ConfigError
 from closedloop._events import proposal_text
@@ -254,6 +254,50 @@ class ApprovalStore(Protocol):
         """Append a history entry without changing the request (a refusal to execute)."""
 
 
+# ---- risk -----------------------------------------------------------------------------------
+
+RiskRule: TypeAlias = Callable[[Any], "Risk | str | Awaitable[Risk | str | None] | None"]
+"""``rule(proposal) -> Risk | str | None``; may be async."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Risk:
+    """Why a proposal is high-stakes: a one-line summary for people, whether it destroys
+    something (``destructive``: may need two approvers), and the items (a planned delete, a
+    ``DROP TABLE``) as data."""
+
+    summary: str
+    destructive: bool = True
+    items: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    rule: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the form stored with the request."""
+        return {"summary": self.summary, "destructive": self.destructive,
+                "items": [dict(i) for i in self.items], "rule": self.rule}
+
+
+def as_risk(value: object, rule: str) -> Risk | None:
+    """A rule's answer as a :class:`Risk` (a string is a destructive risk), or None."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, Risk):
+        return value if value.rule else Risk(summary=value.summary,
+                                             destructive=value.destructive,
+                                             items=value.items, rule=rule)
+    return Risk(summary=clip(str(value), 500), rule=rule)
+
+
+def merge_risks(risks: list[Risk]) -> dict[str, Any] | None:
+    """Several rules' risks as one stored risk summary, or None."""
+    if not risks:
+        return None
+    return {"summary": "; ".join(r.summary for r in risks),
+            "destructive": any(r.destructive for r in risks),
+            "items": [{**i, "rule": r.rule} for r in risks for i in r.items],
+            "rules": [r.rule for r in risks]}
+
+
 # ---- the rules, written once ---------------------------------------------------------------
 
 
@@ -288,6 +332,12 @@ def digest(text: str) -> str:
     """SHA-256 of a canonical text's UTF-8 bytes, as :func:`~closedloop._events.proposal_fields`
     computes ``proposal_digest``."""
     return sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def proposal_digest(proposal: Any) -> str:
+    """The digest an approval binds: SHA-256 of the proposal's canonical JSON text, unredacted
+    (what ``ApprovalRequest.proposal_digest`` holds; equal data, equal digest)."""
+    return digest(proposal_text(proposal))
 
 
 def sealer(key: str | bytes | None = None) -> Any:

@@ -27,9 +27,13 @@ class Outcome(StrEnum):
     SUGGESTED = "suggested"
     """Suggest-only autonomy: the validated proposal was recorded, never executed."""
     AWAITING_APPROVAL = "awaiting_approval"
-    """Approve autonomy with no approver attached: recorded, not executed."""
+    """A durable approval request was stored (``StepResult.approval_id``) and the step did
+    not wait for its decision (or stopped waiting): not executed yet; a worker executes it
+    once approved, recording a second event under the same step id."""
     REJECTED = "rejected"
-    """The approver said no."""
+    """The approver (inline, or a person deciding the request) said no."""
+    EXPIRED = "expired"
+    """Nobody decided the approval request before it expired: never executed."""
     FAILED = "failed"
     """Validation (after the last re-ask) or verification failed; see ``error_type``."""
     BLOCKED = "blocked"
@@ -58,6 +62,9 @@ class ErrorType(StrEnum):
     PAUSED = "paused"
     HALTED = "halted"
     CONTROL_UNAVAILABLE = "control_unavailable"
+    APPROVAL = "approval"
+    """The approval request could not be stored or read, or the approved proposal could not
+    be executed as approved: nothing was executed (fail closed)."""
 
 
 class StepEvent(NamedTuple):

@@ -9,6 +9,11 @@ process that asked (if it waits) or in a worker, bound to the approved digest.
 
 - Service API (CLI and HTTP alike): :func:`list_requests`, :func:`get_request`,
   :func:`approve`, :func:`reject`, :func:`retry`, :func:`expire_due`, :func:`approvals_for`.
+- Risk rules (high-stakes proposals always gate): :class:`Risk`, :data:`RiskRule`,
+  :func:`destructive_terraform`, :func:`destructive_sql`.
+- Executing approved requests: :meth:`closedloop.Loop.run_approved`, :class:`Worker`
+  (``closedloop worker``); the executor's idempotency key:
+  :func:`closedloop.current_idempotency_key`; :class:`~closedloop.loop.ApprovalPolicy`.
 - Notifications (:mod:`closedloop.approvals._notify`): :class:`Notifier`,
   :class:`WebhookNotifier` (generic JSON or Slack), the hook :func:`notify_created` that
   whoever creates a request calls, :func:`resend_unsent` and :func:`notification_state`;
@@ -26,6 +31,9 @@ from closedloop._approvals import (
     ApprovalStore,
     Claim,
     Decision,
+    Risk,
+    RiskRule,
+    proposal_digest,
 )
 from closedloop._errors import ApprovalError
 from closedloop.approvals._notify import (
@@ -40,6 +48,7 @@ from closedloop.approvals._notify import (
     notify_created,
     resend_unsent,
 )
+from closedloop.approvals._risk import destructive_sql, destructive_terraform
 from closedloop.approvals._service import (
     approvals_for,
     approve,
@@ -49,6 +58,7 @@ from closedloop.approvals._service import (
     reject,
     retry,
 )
+from closedloop.approvals._worker import Worker, loops_of
 
 __all__ = [
     "FORMAT_ENV",
@@ -63,16 +73,23 @@ __all__ = [
     "Claim",
     "Decision",
     "Notifier",
+    "Risk",
+    "RiskRule",
     "WebhookNotifier",
+    "Worker",
     "approvals_for",
     "approve",
+    "destructive_sql",
+    "destructive_terraform",
     "expire_due",
     "get_request",
     "list_requests",
+    "loops_of",
     "notification_state",
     "notifier_from",
     "notifier_from_env",
     "notify_created",
+    "proposal_digest",
     "reject",
     "resend_unsent",
     "retry",

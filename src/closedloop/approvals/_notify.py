@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from closedloop._approvals import ApprovalRequest, ApprovalStatus, iso
+from closedloop._approvals import ApprovalRequest, ApprovalStatus, ApprovalStore, iso
 from closedloop._errors import ClosedLoopError, ConfigError
 from closedloop._redact import clip
 from closedloop._webhook import WebhookPoster, check_url, where
@@ -56,8 +56,10 @@ class Notifier(Protocol):
     """Tells people that a request waits for them. ``notify`` must return at once and never
     raise; it records the outcome in the request's history (see :func:`record_outcome`)."""
 
-    def notify(self, request: ApprovalRequest, *, store: Store | None = None) -> None:
-        """Queue the notification of ``request`` (kept in ``store``)."""
+    def notify(self, request: ApprovalRequest, *,
+               store: Store | ApprovalStore | None = None) -> None:
+        """Queue the notification of ``request`` (kept in ``store``: a store, or its approval
+        port; default: the process runtime's store)."""
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued (within ``timeout``), then stop."""
@@ -66,9 +68,8 @@ class Notifier(Protocol):
 def approval_commands(request_id: str) -> dict[str, str]:
     """The CLI commands that act on a request, as notifications show them."""
     return {"show": f"closedloop approvals show {request_id}",
-            "approve": f"closedloop approvals approve {request_id} --by YOUR_NAME",
-            "reject": f"closedloop approvals reject {request_id} --by YOUR_NAME "
-                      "--reason 'WHY'"}
+            "approve": f"closedloop approvals approve {request_id}",
+            "reject": f"closedloop approvals reject {request_id} --reason 'WHY'"}
 
 
 def approval_links(request_id: str, public_url: str | None) -> dict[str, str] | None:
@@ -216,7 +217,8 @@ class WebhookNotifier:
         with self._lock:
             return request_id in self._inflight
 
-    def notify(self, request: ApprovalRequest, *, store: Store | None = None) -> None:
+    def notify(self, request: ApprovalRequest, *,
+               store: Store | ApprovalStore | None = None) -> None:
         rid = request.request_id
         try:
             body = self.payload(request)
@@ -249,7 +251,7 @@ class WebhookNotifier:
         self._poster.close(timeout)
 
 
-def _store_or_runtime(store: Store | None) -> Store:
+def _store_or_runtime(store: Store | ApprovalStore | None) -> Store | ApprovalStore:
     if store is not None:
         return store
     from closedloop._runtime import current_runtime
@@ -257,25 +259,34 @@ def _store_or_runtime(store: Store | None) -> Store:
     return current_runtime().store
 
 
+def _approval_port(store: Store | ApprovalStore | None) -> ApprovalStore:
+    from closedloop.approvals._service import approvals_for
+    from closedloop.store import Store
+
+    if store is None or isinstance(store, Store):
+        return approvals_for(store)
+    return store
+
+
 def record_outcome(request_id: str, *, ok: bool, attempts: int, error: str = "",
-                   channel: str = "webhook", store: Store | None = None) -> None:
+                   channel: str = "webhook", store: Store | ApprovalStore | None = None
+                   ) -> None:
     """Append ``notified`` (or ``notify_failed`` with the error) to the request's history;
     a store that cannot be written is logged (the next resend tries again)."""
-    from closedloop.approvals._service import approvals_for
-
     tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
     reason = f"{channel}, {tries}" if ok else f"{channel}, {tries}: {error}"
     try:
-        approvals_for(store).note(request_id, action=NOTIFIED if ok else NOTIFY_FAILED, by=BY,
+        _approval_port(store).note(request_id, action=NOTIFIED if ok else NOTIFY_FAILED, by=BY,
                                   reason=reason)
     except ClosedLoopError as exc:
         _log.warning("closedloop: cannot record the notification of request %s: %s",
                      request_id, exc)
 
 
-def notify_created(request: ApprovalRequest, *, store: Store | None = None,
+def notify_created(request: ApprovalRequest, *, store: Store | ApprovalStore | None = None,
                    notifier: Notifier | None = None) -> None:
-    """The hook to call right after a request is created (``ApprovalStore.create``).
+    """The hook to call right after a request is created (``ApprovalStore.create``), with the
+    store (or the approval port) that keeps it.
 
     Queues its notification with ``notifier`` (default: the process runtime's, from
     ``closedloop.configure(notify=...)`` or ``$CLOSEDLOOP_APPROVAL_WEBHOOK``; none: nothing

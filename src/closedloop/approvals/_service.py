@@ -37,21 +37,22 @@ def list_requests(*, status: ApprovalStatus | str | None = None, task_type: str 
                   limit: int = 50, cursor: str | None = None,
                   store: Store | None = None) -> ApprovalPage:
     """Requests newest first, optionally of one status and task type (``pending``: those
-    waiting for a decision); pass ``next_cursor`` back for the next page. Requests past their
-    expiry are marked expired first."""
+    waiting for a decision); pass ``next_cursor`` back for the next page. Pending requests
+    past their expiry are marked expired first, and executing ones whose lease ran out
+    crashed, so the listing says what is true now."""
     approvals = approvals_for(store)
-    if status in (None, ApprovalStatus.PENDING, "pending", ApprovalStatus.EXPIRED, "expired"):
-        _expire_quietly(approvals)
+    _settle_quietly(approvals)
     return approvals.list(status=status, task_type=task_type, limit=limit, cursor=cursor)
 
 
-def _expire_quietly(approvals: ApprovalStore) -> None:
+def _settle_quietly(approvals: ApprovalStore) -> None:
     from contextlib import suppress
 
     from closedloop._errors import StoreError
 
     with suppress(StoreError):  # a read-only store: show it as it is
         approvals.expire()
+        approvals.reap()
 
 
 def get_request(request_id: str, *, store: Store | None = None) -> ApprovalRequest:

@@ -1,5 +1,6 @@
 """Imports every command module so that each registers itself on ``main``."""
 from closedloop.cli import (
+    _approvals,  # noqa: F401
     _check,  # noqa: F401
     _control,  # noqa: F401
     _demo,  # noqa: F401

@@ -24,6 +24,7 @@ from closedloop._errors import ConfigError
 from closedloop._verdict import Issue, Verdict
 from closedloop.demo._model import SECURITY_GROUPS, ProvisionRequest
 from closedloop.demo._plan import DeleteSecurityGroup, RunInstances, parse_plan
+from closedloop.loop import current_idempotency_key
 
 REGION = "us-east-1"
 IMAGE_ID = "ami-03cf127a"
@@ -183,7 +184,10 @@ class Ec2Executor:
     """Applies a validated plan to EC2 with boto3: ``executor(proposal_text) -> Action``.
 
     Security groups are named in the plan and resolved to the environment's group ids; an
-    unknown name is an error (recorded by the loop as an executor error).
+    unknown name is an error (recorded by the loop as an executor error). An approved plan
+    runs with the approval request's id as ``ClientToken`` of ``RunInstances``
+    (:func:`closedloop.current_idempotency_key`): EC2 launches once per token, so even a
+    crashed execution a human retries cannot launch the instances twice.
     """
 
     name = "ec2"
@@ -199,7 +203,9 @@ class Ec2Executor:
             if unknown:
                 raise ValueError(f"unknown security groups {unknown}")
             tags = [{"Key": k, "Value": v} for k, v in plan.tags.items()]
-            response = self._client.run_instances(
+            key = current_idempotency_key()
+            extra = {"ClientToken": key} if key is not None else {}
+            response = self._client.run_instances(**extra,
                 ImageId=IMAGE_ID, InstanceType=plan.instance_type, MinCount=plan.count,
                 MaxCount=plan.count, SubnetId=self._env.subnet_id,
                 SecurityGroupIds=[self._env.security_groups[g] for g in plan.security_groups],

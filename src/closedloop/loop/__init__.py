@@ -1,5 +1,6 @@
 """The closed loop: propose → validate (re-ask) → gate → act → verify → record."""
 
+from closedloop.loop._gate import ApprovalPolicy, current_idempotency_key
 from closedloop.loop._guard import Admission, StepGuard
 from closedloop.loop._loop import DEFAULT, Loop
 from closedloop.loop._machine import (
@@ -7,11 +8,14 @@ from closedloop.loop._machine import (
     Action,
     Admit,
     Approve,
+    Assess,
+    Gate,
     Propose,
     StepGen,
     StepSpec,
     Validate,
     Verify,
+    Wait,
     new_step_id,
     new_trace_id,
 )
@@ -23,8 +27,11 @@ __all__ = [
     "Action",
     "Admission",
     "Admit",
+    "ApprovalPolicy",
     "Approve",
+    "Assess",
     "Attempt",
+    "Gate",
     "Loop",
     "Propose",
     "StepGen",
@@ -33,7 +40,9 @@ __all__ = [
     "StepSpec",
     "Validate",
     "Verify",
+    "Wait",
     "current_attempt",
+    "current_idempotency_key",
     "current_step_id",
     "new_step_id",
     "new_trace_id",

@@ -8,9 +8,12 @@ are normalised here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import inspect
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,11 +24,24 @@ from closedloop import _runtime
 from closedloop._errors import ConfigError
 from closedloop._events import check_labels
 from closedloop.autonomy import Approver, Autonomy
+from closedloop.loop._gate import ApprovalGate, ApprovalPolicy
 from closedloop.loop._guard import StepGuard
-from closedloop.loop._machine import StepCall, StepGen, StepSpec, new_trace_id, step_machine
+from closedloop.loop._machine import (
+    Action,
+    StepCall,
+    StepGen,
+    StepSpec,
+    Wait,
+    approved_machine,
+    new_trace_id,
+    step_machine,
+)
 from closedloop.loop._result import Attempt, StepResult
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from closedloop._approvals import ApprovalStore, RiskRule
     from closedloop._runtime import Runtime
     from closedloop.control import Backpressure
     from closedloop.store import Store
@@ -111,6 +127,16 @@ class Loop:
     or overrides labels; a step run by another step's hook records that step as its parent
     and, unless given its own, its run id.
 
+    Durable approval (docs/approvals.md): at the ``approve`` level without an inline
+    ``approver``, and at every level for a proposal one of the ``risk_rules`` marks
+    high-stakes (``rule(proposal) -> Risk | str | None``, e.g.
+    :func:`closedloop.approvals.destructive_terraform`), the step stores an approval request
+    in ``store`` and, as ``approval`` (an :class:`ApprovalPolicy`) says, waits for the
+    decision and executes the approved proposal itself, or returns ``awaiting_approval``
+    with ``result.approval_id`` for a worker (:meth:`run_approved`, ``closedloop worker``)
+    to execute once approved, exactly once. A rejection asking for a revision goes back to
+    the agent as feedback; an expired request ends the step ``expired``.
+
     ``store``, the default guards, ``backpressure`` and ``telemetry`` come from ``runtime``
     (a :class:`~closedloop.Runtime`), by default the process's: a loop follows
     :func:`closedloop.configure` and :func:`closedloop.reset` from its next step, while a
@@ -140,6 +166,8 @@ class Loop:
         agent_version: str | None = None,
         prompt_version: str | None = None,
         labels: Mapping[str, str] | None = None,
+        risk_rules: Iterable[RiskRule] = (),
+        approval: ApprovalPolicy | None = None,
     ) -> None:
         if not callable(agent):
             raise ConfigError(f"agent {agent!r} is not callable")
@@ -151,6 +179,8 @@ class Loop:
             raise ConfigError(f"executor {executor!r} is not callable")
         if approver is not None and not callable(approver):
             raise ConfigError(f"approver {approver!r} is not callable")
+        if approval is not None and not isinstance(approval, ApprovalPolicy):
+            raise ConfigError(f"approval must be an ApprovalPolicy, got {approval!r}")
         self.task_type = task_type
         self._runtime = runtime
         self._given = (store, guards, backpressure)
@@ -160,9 +190,11 @@ class Loop:
         self.store: Store | None = store
         """The store this loop records into (None: it records nothing)."""
         self._bound = rt
+        self._approvals: tuple[Store, ApprovalStore] | None = None
+        agent_id = agent_id or _name(agent)
         self._spec = StepSpec(
             agent=agent,
-            agent_id=agent_id or _name(agent),
+            agent_id=agent_id,
             task_type=task_type,
             validators=_checks(validators, "validator"),
             executor=executor,
@@ -179,9 +211,29 @@ class Loop:
             agent_version=_version(agent_version, "agent_version"),
             prompt_version=_version(prompt_version, "prompt_version"),
             labels=check_labels(labels),
+            risk_rules=_checks(risk_rules, "risk rule"),
+            gate=ApprovalGate(self.approval_store, approval or ApprovalPolicy(), agent_id),
         )
         self._telemetry = telemetry
         self._traced: tuple[StepTracing, StepTracer] | None = None
+
+    def approval_store(self) -> ApprovalStore | None:
+        """The approval port of this loop's store (None: the loop has no store)."""
+        store = self.store
+        if store is None:
+            return None
+        cached = self._approvals
+        if cached is None or cached[0] is not store:
+            from closedloop.store import approval_store_for
+
+            cached = self._approvals = (store, approval_store_for(store))
+        return cached[1]
+
+    @property
+    def approval(self) -> ApprovalPolicy:
+        """How this loop's durable approvals behave."""
+        assert self._spec.gate is not None
+        return self._spec.gate.policy
 
     @property
     def autonomy(self) -> Autonomy:
@@ -241,52 +293,99 @@ class Loop:
         the enclosing step's, if any); ``labels`` add to, or override, the loop's labels for
         this step. A bad one is a :class:`~closedloop.ConfigError` before anything runs.
         """
-        gen: StepGen = self._step(task_input, run_id, labels)
-        send, known = gen.send, _AWAITABLE_BY_TYPE.get  # looked up once per step
-        try:
-            action = next(gen)
-            while True:
-                try:
-                    value = action.fn(*action.args)
-                except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
-                    action = gen.throw(exc)
-                    continue
-                if known(type(value)) is not False and _awaitable(value):
-                    _discard(value)
-                    gen.close()
-                    raise ConfigError(f"{_name(action.fn)} is async; call "
-                                      "`await loop.arun(...)` instead of loop.run()")
-                action = send(value)
-        except StopIteration as stop:
-            result: StepResult[Any, Any] = stop.value
-            return result
-        finally:
-            # A no-op once the machine has finished; after an interrupt it unwinds the machine
-            # here, in this context, rather than later from the garbage collector.
-            gen.close()
+        result: StepResult[Any, Any] = _drive(self._step(task_input, run_id, labels))
+        return result
 
     async def arun(self, task_input: Any, *, run_id: str | None = None,
                    labels: Mapping[str, str] | None = None) -> StepResult[Any, Any]:
         """Run one step in asyncio; hooks may be plain functions or ``async def``.
 
         ``run_id`` and ``labels`` as for :meth:`run`."""
-        gen: StepGen = self._step(task_input, run_id, labels)
-        try:
-            action = next(gen)
-            while True:
-                try:
+        result: StepResult[Any, Any] = await _adrive(self._step(task_input, run_id, labels))
+        return result
+
+    def _approved(self, request_id: str | None, by: str | None) -> Generator[Action, Any, Any]:
+        if self._runtime is None and _runtime._current is not self._bound:
+            self._rebind(_runtime._current)
+        if self._spec.executor is None:
+            raise ConfigError(f"loop {self.task_type!r} has no executor: it cannot execute "
+                              "approved requests")
+        who = by or f"worker:{socket.gethostname()}:{os.getpid()}"
+        return approved_machine(self._spec, request_id, who)
+
+    def run_approved(self, request_id: str | None = None, *,
+                     by: str | None = None) -> StepResult[Any, Any] | None:
+        """Execute one approved request of this loop's task type, exactly once: the one named,
+        else the oldest approved one this process can execute. Returns its step's result
+        (recorded like any step: the request's step id, autonomy ``approve``, the real
+        outcome after verification), or None when there is none to run (or the guards refuse
+        for now: it stays approved). ``by`` names this worker in the request's history.
+
+        The executor receives the request's id as its idempotency key
+        (:func:`closedloop.current_idempotency_key`); the proposal it receives is the
+        approved one, checked by digest: in another process than the one that asked, the
+        proposal is rebuilt from its canonical JSON (a dict, a list, a string...). A request
+        this process cannot execute as approved (its proposal held a secret and no
+        ``CLOSEDLOOP_APPROVAL_KEY`` is set) is refused with the reason recorded
+        (:class:`~closedloop.ApprovalError`); exceptions of the executor propagate, as in
+        :meth:`run`.
+        """
+        result: StepResult[Any, Any] | None = _drive(self._approved(request_id, by))
+        return result
+
+    async def arun_approved(self, request_id: str | None = None, *,
+                            by: str | None = None) -> StepResult[Any, Any] | None:
+        """:meth:`run_approved` in asyncio; hooks may be ``async def``."""
+        result: StepResult[Any, Any] | None = await _adrive(self._approved(request_id, by))
+        return result
+
+
+def _drive(gen: Generator[Action, Any, Any]) -> Any:
+    """Run a machine synchronously: each action is a plain call."""
+    send, known = gen.send, _AWAITABLE_BY_TYPE.get  # looked up once per step
+    try:
+        action = next(gen)
+        while True:
+            try:
+                value = action.fn(*action.args)
+            except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
+                action = gen.throw(exc)
+                continue
+            if known(type(value)) is not False and _awaitable(value):
+                _discard(value)
+                gen.close()
+                raise ConfigError(f"{_name(action.fn)} is async; call "
+                                  "`await loop.arun(...)` instead of loop.run()")
+            action = send(value)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        # A no-op once the machine has finished; after an interrupt it unwinds the machine
+        # here, in this context, rather than later from the garbage collector.
+        gen.close()
+
+
+async def _adrive(gen: Generator[Action, Any, Any]) -> Any:
+    """Run a machine in asyncio: awaitable results are awaited, waits are asyncio sleeps."""
+    try:
+        action = next(gen)
+        while True:
+            try:
+                if type(action) is Wait:
+                    await asyncio.sleep(action.args[0])
+                    value = None
+                else:
                     value = action.fn(*action.args)
                     if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
                         value = await value
-                except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
-                    action = gen.throw(exc)
-                    continue
-                action = gen.send(value)
-        except StopIteration as stop:
-            result: StepResult[Any, Any] = stop.value
-            return result
-        finally:
-            gen.close()  # on cancellation: unwind the machine in this task's context
+            except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
+                action = gen.throw(exc)
+                continue
+            action = gen.send(value)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()  # on cancellation: unwind the machine in this task's context
 
 
 class StepTracer(Protocol):

@@ -2,7 +2,9 @@
 
 :func:`step_machine` is a generator that yields one typed *action* for every call into user
 code — :class:`Admit` (a guard), :class:`Propose` (the agent), :class:`Validate`,
-:class:`Approve` (the gate), :class:`Act` (the executor), :class:`Verify` — and is resumed
+:class:`Assess` (a risk rule), :class:`Approve` (an inline approver at the gate),
+:class:`Gate` and :class:`Wait` (the durable gate's store I/O and its waits),
+:class:`Act` (the executor), :class:`Verify` — and is resumed
 with the call's return value, or has the call's exception thrown into it. An action is a
 small immutable record naming its stage (its type), the check where there is one, the
 callable and its arguments: the drivers in :mod:`closedloop.loop._loop` only call
@@ -24,10 +26,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple, TypeAlias
 
-from closedloop._events import ErrorType, Outcome, StepEvent, proposal_fields
+from closedloop._approvals import ApprovalStatus, Risk, as_risk, digest, merge_risks
+from closedloop._events import ErrorType, Outcome, StepEvent, proposal_fields, proposal_text
 from closedloop._redact import clip
-from closedloop._verdict import Verdict, as_verdict, render_feedback
+from closedloop._verdict import Issue, Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
+from closedloop.loop._gate import ApprovalGate, Lease, _current_key
 from closedloop.loop._guard import Admission, StepGuard
 from closedloop.loop._result import (
     Attempt,
@@ -98,6 +102,47 @@ class Approve(NamedTuple):
         return "gate"
 
 
+class Assess(NamedTuple):
+    """Ask one risk rule whether the proposal is high-stakes: ``rule(proposal)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any]
+    check: str
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``risk``."""
+        return "risk"
+
+
+class Gate(NamedTuple):
+    """The durable gate's store I/O: ``what`` is ``request`` (store the approval request),
+    ``poll`` (read its decision), ``claim`` (take the fenced lease to execute it) or
+    ``finish`` (record the execution's end)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    what: str
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``gate``."""
+        return "gate"
+
+
+class Wait(NamedTuple):
+    """Wait ``seconds`` before reading the decision again: ``time.sleep(seconds)`` in
+    :meth:`~closedloop.Loop.run`, ``await asyncio.sleep(seconds)`` in ``arun``."""
+
+    fn: Callable[..., Any]
+    args: tuple[float]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name: ``wait``."""
+        return "wait"
+
+
 class Act(NamedTuple):
     """Execute the validated proposal: ``executor(proposal)``."""
 
@@ -123,9 +168,10 @@ class Verify(NamedTuple):
         return "verify"
 
 
-Action: TypeAlias = Admit | Propose | Validate | Approve | Act | Verify
+Action: TypeAlias = Admit | Propose | Validate | Assess | Approve | Gate | Wait | Act | Verify
 """Every action the machine yields; observers switch on its type."""
 StepGen: TypeAlias = Generator[Action, Any, StepResult[Any, Any]]
+ApprovedGen: TypeAlias = Generator[Action, Any, "StepResult[Any, Any] | None"]
 
 _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
@@ -172,6 +218,11 @@ class StepSpec:
     prompt_version: str | None = None
     labels: dict[str, str] | None = None
     """The loop's labels, checked (:func:`closedloop._events.check_labels`); never mutated."""
+    risk_rules: Sequence[tuple[str, Callable[..., Any]]] = ()
+    """Risk rules: a proposal any of them marks is gated at every level, durably."""
+    gate: ApprovalGate | None = None
+    """The durable gate's I/O (requests in the loop's store); None: every gated step waits
+    as ``awaiting_approval`` with no request (a loop built without one)."""
     admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
     """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
@@ -266,26 +317,76 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
         ending = (yield from step.admit()) if spec.guards else None
         if ending is None:
             ending = _AGAIN
-            while ending is _AGAIN:  # re-ask with the validators' feedback, up to max_attempts
+            while ending is _AGAIN:  # re-ask with the validators' (or a reviewer's) feedback
                 yield from step.propose()
                 ending = (yield from step.validate()) if spec.validators else None
-        if ending is None:
-            ending = yield from step.act()
+                if ending is None:  # gate → act; a rejection asking for a revision: _AGAIN
+                    ending = yield from step.act()
         if ending is None:
             ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+        if step.lease is not None:
+            yield from step.release(ending)
         return step.finish(ending)
     finally:
         _current_step.reset(token)
+        if step.lease is not None:  # cancelled while executing: the lease runs out (crashed)
+            step.lease.stop()
+
+
+def approved_machine(spec: StepSpec, request_id: str | None, by: str) -> ApprovedGen:
+    """Execute one approved request of the loop's task type, as a worker: admit → claim →
+    act → verify → record. None when the guards refuse for now or there is nothing to
+    claim (the request stays approved).
+
+    The claim is fenced and takes the request only while it is approved, so a request
+    executes once however many processes run this. The recorded event has the request's
+    step and trace ids, autonomy ``approve`` and the real outcome.
+    """
+    gate = spec.gate
+    if gate is None:
+        return None
+    for action in spec.admissions:
+        try:
+            refusal: Admission | None = yield action
+        except Exception:  # noqa: BLE001 - cannot decide: fail closed, claim nothing
+            _log.warning("closedloop: admission could not be decided; approved requests of "
+                         "%s wait", spec.task_type, exc_info=True)
+            return None
+        if refusal is not None:
+            return None
+    claimed = yield Gate(gate.claim_next, (request_id, spec.task_type, by), "claim")
+    if claimed is None:
+        return None
+    lease, proposal, task_input = claimed
+    request = lease.request
+    step = _Step(spec, task_input, request.trace_id or new_trace_id(),
+                 StepCall(request.run_id, None))
+    if request.step_id:
+        step.step_id = step.attempt.step_id = request.step_id
+    step.proposal, step.lease, step.request_id = proposal, lease, request.request_id
+    step.gated = True
+    step.validation_passed = True  # validated before it was asked for
+    token = _current_step.set((step.step_id, step.run_id))
+    try:
+        ending = yield from step.execute()
+        if ending is None:
+            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+        yield from step.release(ending)
+        return step.finish(ending)
+    finally:
+        _current_step.reset(token)
+        if step.lease is not None:
+            step.lease.stop()
 
 
 class _Step:
     """One step's state, shared by its stages; each stage is a generator of actions."""
 
-    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "history", "labels",
-                 "mark", "noted", "parent_step_id", "proposal", "propose_s", "result",
-                 "run_id", "spec", "started", "step_id", "task_input", "trace_id", "ts",
-                 "validate_s", "validation_passed", "verdicts", "verification_passed",
-                 "verify_s")
+    __slots__ = ("act_s", "admitted_open", "attempt", "checked", "clock", "gated", "history",
+                 "labels", "lease", "mark", "noted", "parent_step_id", "proposal", "propose_s",
+                 "request_id", "result", "run_id", "spec", "started", "step_id", "task_input",
+                 "trace_id", "ts", "validate_s", "validation_passed", "verdicts",
+                 "verification_passed", "verify_s")
 
     def __init__(self, spec: StepSpec, task_input: Any, trace_id: str,
                  call: StepCall | None) -> None:
@@ -319,6 +420,9 @@ class _Step:
         self.validation_passed: bool | None = None
         self.verification_passed: bool | None = None
         self.admitted_open: list[str] | None = None  # guards that could not decide, admitted
+        self.gated = False  # decided by the durable gate: recorded with autonomy `approve`
+        self.lease: Lease | None = None  # the claim of the approved request being executed
+        self.request_id: str | None = None  # the durable approval request, if one was made
 
     # ----- admit ----------------------------------------------------------------------------
     def admit(self) -> Generator[Action, Any, _Ending | None]:
@@ -427,15 +531,28 @@ class _Step:
 
     # ----- gate → act -------------------------------------------------------------------------
     def act(self) -> Generator[Action, Any, _Ending | None]:
-        """The autonomy level (and the approver) decide whether the executor runs; it runs."""
+        """The autonomy level, the risk rules and the approver decide whether the executor
+        runs; it runs. ``_AGAIN`` when a person rejected the proposal asking for a revision.
+
+        A proposal a risk rule marks is gated durably at every level (never by an inline
+        approver); ``approve`` without an inline approver is gated durably too.
+        """
         spec = self.spec
         if spec.executor is None:
             return _SUCCEEDED
+        risk: dict[str, Any] | None = None
+        if spec.risk_rules:
+            assessed = yield from self.assess()
+            if isinstance(assessed, _Ending):
+                return assessed
+            risk = assessed
         if spec.autonomy is Autonomy.SUGGEST:
             return _Ending(Outcome.SUGGESTED)
-        if spec.autonomy is Autonomy.APPROVE:
-            if spec.approver is None:
-                return _Ending(Outcome.AWAITING_APPROVAL)
+        if risk is not None or (spec.autonomy is Autonomy.APPROVE and spec.approver is None):
+            ending = yield from self.gate(risk)
+            if ending is not None:
+                return ending
+        elif spec.autonomy is Autonomy.APPROVE and spec.approver is not None:
             try:
                 approved = yield Approve(spec.approver, (self.task_input, self.proposal))
             except Exception as exc:
@@ -444,17 +561,126 @@ class _Step:
                 raise
             if not approved:
                 return _Ending(Outcome.REJECTED)
-        clock = self.clock
+        return (yield from self.execute())
+
+    def execute(self) -> Generator[Action, Any, _Ending | None]:
+        """Run the executor (with the approval request's id as the idempotency key, when one
+        was approved)."""
+        spec, clock, lease = self.spec, self.clock, self.lease
         t = clock()
+        key = _current_key.set(lease.request.request_id) if lease is not None else None
         try:
-            self.result = yield Act(spec.executor, (self.proposal,))
+            self.result = yield Act(spec.executor, (self.proposal,))  # type: ignore[arg-type]
         except Exception as exc:
             self.act_s += clock() - t
-            self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
+            ending = _Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc))
+            if self.lease is not None:
+                yield from self.release(ending, exc)
+            self.finish(ending, exc)
             raise
+        finally:
+            if key is not None:
+                _current_key.reset(key)
         self.mark = now = clock()
         self.act_s += now - t
         return None
+
+    def assess(self) -> Generator[Action, Any, dict[str, Any] | _Ending | None]:
+        """Ask every risk rule; the merged risk, or None. A rule that crashes stops the step
+        (fail closed: a risk that cannot be assessed is not taken)."""
+        risks: list[Risk] = []
+        for name, rule in self.spec.risk_rules:
+            try:
+                found = as_risk((yield Assess(rule, (self.proposal,), name)), name)
+            except Exception as exc:  # noqa: BLE001 - a crashed rule is a crashed check
+                return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
+                               f"risk rule {name}: {_describe(exc)}")
+            if found is not None:
+                risks.append(found)
+        return merge_risks(risks)
+
+    def gate(self, risk: dict[str, Any] | None) -> Generator[Action, Any, _Ending | None]:
+        """Store an approval request; unless the loop waits, stop there (``awaiting_approval``).
+        Waiting: read the decision until it comes, the wait times out or the request expires;
+        approved, claim it (None: go on and execute it from memory)."""
+        spec = self.spec
+        gate = spec.gate
+        self.gated = True
+        if gate is None:
+            return _Ending(Outcome.AWAITING_APPROVAL)
+        try:
+            request = yield Gate(gate.request, (
+                spec.task_type, spec.agent_id, self.proposal, self.task_input, self.step_id,
+                self.trace_id, self.run_id, _failed(self.verdicts), risk), "request")
+        except Exception as exc:  # noqa: BLE001 - fail closed: nothing executes unasked
+            return _Ending(Outcome.ERROR, ErrorType.APPROVAL,
+                           f"the approval request could not be stored: {_describe(exc)}")
+        rid = self.request_id = request.request_id
+        policy = gate.policy
+        if not policy.wait:
+            return _Ending(Outcome.AWAITING_APPROVAL)
+        clock = self.clock
+        deadline = None if policy.timeout is None else clock() + policy.timeout
+        while True:
+            try:
+                found = yield Gate(gate.decision, (rid,), "poll")
+            except Exception as exc:  # noqa: BLE001 - the request stays; a worker may run it
+                return _Ending(Outcome.AWAITING_APPROVAL, ErrorType.APPROVAL,
+                               f"stopped waiting: the decision cannot be read: "
+                               f"{_describe(exc)}")
+            if found.status is not ApprovalStatus.PENDING:
+                break
+            left = None if deadline is None else deadline - clock()
+            if left is not None and left <= 0:
+                return _Ending(Outcome.AWAITING_APPROVAL)
+            yield Wait(time.sleep, (policy.poll if left is None else min(policy.poll, left),))
+        status = found.status
+        if status is ApprovalStatus.APPROVED:
+            try:
+                lease = yield Gate(gate.claim_own, (rid, self.proposal), "claim")
+            except Exception as exc:  # noqa: BLE001 - fail closed
+                return _Ending(Outcome.ERROR, ErrorType.APPROVAL, _describe(exc))
+            if lease is None:
+                return _Ending(Outcome.AWAITING_APPROVAL, None,
+                               "approved and claimed by another process, which executes it")
+            self.lease = lease
+            return None
+        if status is ApprovalStatus.REJECTED:
+            last = next((d for d in reversed(found.history) if d.action == "rejected"), None)
+            by, why = (last.by, last.reason) if last is not None else ("?", "")
+            attempt = self.attempt
+            if found.revise and attempt.number < spec.max_attempts:
+                message = f"rejected by {by}: {why}" if why else f"rejected by {by}"
+                attempt.feedback = (f"A reviewer rejected the proposal ({message}). "
+                                    "Propose a revised one.")
+                attempt.issues = (Issue(code="rejected", message=message),)
+                attempt.number += 1
+                return _AGAIN
+            return _Ending(Outcome.REJECTED, None,
+                           clip(f"rejected by {by}: {why}" if why else f"rejected by {by}",
+                                _MAX_MESSAGE))
+        if status is ApprovalStatus.EXPIRED:
+            return _Ending(Outcome.EXPIRED, None, "no decision before the request expired")
+        return _Ending(Outcome.AWAITING_APPROVAL, None,
+                       f"the request is {status.value} by another process")
+
+    def release(self, ending: _Ending, exception: BaseException | None = None
+                ) -> Generator[Action, Any, None]:
+        """Record the end of an approved request's execution under its lease."""
+        lease, self.lease = self.lease, None
+        if lease is None or self.spec.gate is None:
+            return
+        outcome, error_type, error_message = ending
+        result = {"outcome": outcome.value, "error_type": error_type.value if error_type
+                  else None, "error_message": error_message, "step_id": self.step_id,
+                  "trace_id": self.trace_id,
+                  "executed_digest": digest(proposal_text(self.proposal))}
+        try:
+            yield Gate(self.spec.gate.finish, (lease, exception is None, result), "finish")
+        except Exception:  # noqa: BLE001 - the lease runs out: reported crashed, never re-run
+            lease.stop()
+            _log.exception("closedloop: could not record the end of approval request %s",
+                           lease.request.request_id)
 
     # ----- verify: run every verifier and report every mismatch, not just the first ----------
     def verify(self) -> Generator[Action, Any, _Ending]:
@@ -503,8 +729,10 @@ class _Step:
         spec, trace_id, history, noted = self.spec, self.trace_id, self.history, self.noted
         outcome, error_type, error_message = ending
         detail: dict[str, Any] | None = None
-        if history or exception is not None or noted or self.admitted_open:
+        if history or exception is not None or noted or self.admitted_open or self.request_id:
             detail = {}
+            if self.request_id is not None:
+                detail["approval"] = {"request_id": self.request_id}
             if self.admitted_open:
                 detail["fail_open"] = self.admitted_open
             if history:
@@ -525,7 +753,7 @@ class _Step:
             trace_id,                                       # trace_id
             spec.agent_id,                                  # agent_id
             spec.task_type,                                 # task_type
-            _VALUE[spec.autonomy],                          # autonomy
+            _VALUE[Autonomy.APPROVE if self.gated else spec.autonomy],  # autonomy
             _VALUE[outcome],                                # outcome
             attempt.number,                                 # attempts
             attempt.input_tokens,                           # input_tokens
@@ -571,4 +799,5 @@ class _Step:
             attempts=attempt.number, validation=tuple(self.verdicts),
             verification=tuple(self.checked),
             error_type=error_type, error_message=error_message, event=event,
+            approval_id=self.request_id,
         )

@@ -158,6 +158,8 @@ class StepResult(Generic[PropT, ResT]):
     error_type: ErrorType | None = None
     error_message: str | None = None
     event: StepEvent | None = field(default=None, repr=False)
+    approval_id: str | None = None
+    """The durable approval request this step made (``closedloop approvals show ID``)."""
 
     @property
     def step_id(self) -> str | None:
@@ -188,6 +190,7 @@ class StepResult(Generic[PropT, ResT]):
             "attempts": self.attempts,
             "error_type": self.error_type.value if self.error_type else None,
             "error_message": self.error_message,
+            "approval_id": self.approval_id,
             "validation": [v.to_dict() for v in self.validation],
             "verification": [v.to_dict() for v in self.verification],
         }
@@ -203,6 +206,7 @@ def new_result(
     *, trace_id: str, outcome: Outcome, proposal: Any, result: Any, attempts: int,
     validation: tuple[Verdict, ...], verification: tuple[Verdict, ...],
     error_type: ErrorType | None, error_message: str | None, event: StepEvent | None,
+    approval_id: str | None = None,
 ) -> StepResult[Any, Any]:
     """``StepResult(...)`` at under half the cost, for the loop's hot path (equal to it).
 
@@ -210,7 +214,7 @@ def new_result(
     field with ``object.__setattr__`` (~1 µs for ten fields); this sets each slot through
     its descriptor. The result is as immutable as any other."""
     new = _new_object(StepResult)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _SETTERS
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10 = _SETTERS
     s0(new, trace_id)
     s1(new, outcome)
     s2(new, proposal)
@@ -221,4 +225,5 @@ def new_result(
     s7(new, error_type)
     s8(new, error_message)
     s9(new, event)
+    s10(new, approval_id)
     return new

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._verdict import Verdict, as_verdict
-from closedloop.loop import Admit, Approve, Propose, Validate, Verify
+from closedloop.loop import Admit, Approve, Assess, Gate, Propose, Validate, Verify, Wait
 from closedloop.telemetry._span import (
     LiveSpan,
     SpanRecord,
@@ -24,6 +24,10 @@ from closedloop.telemetry._span import (
     deactivate,
     new_span_id,
 )
+
+_UNTRACED = frozenset({Admit, Assess, Gate, Wait})
+"""Actions that are no stage of their own: guards, risk rules, the durable gate's store I/O
+and its waits (a step waiting an hour for a person must not make a span per poll)."""
 
 if TYPE_CHECKING:
     from closedloop._events import StepEvent
@@ -138,7 +142,7 @@ def traced_step(tracer: LoopTracer, machine: Any, task_input: Any, trace_id: str
     try:
         action = next(inner)
         while True:
-            if type(action) is Admit:  # a guard: not a stage of its own
+            if type(action) in _UNTRACED:  # a guard, the durable gate's I/O: no stage span
                 action = inner.send((yield action))
                 continue
             is_check = type(action) is Validate or type(action) is Verify
