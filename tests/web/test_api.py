@@ -111,8 +111,20 @@ def test_an_expired_request_is_410_and_marked_expired(served: Served) -> None:
         assert late.status_code == 410, late.text
         assert late.json()["error"]["code"] == "expired"
         shown = http.get(f"/api/v1/approvals/{made.request_id}").json()
+        again = http.post(f"/api/v1/approvals/{made.request_id}/reject",
+                          json={"by": "alice", "reason": "too late anyway"})
     assert shown["status"] == "expired"
     assert shown["history"][-1]["action"] == "expired"
+    assert (again.status_code, again.json()["error"]["code"]) == (410, "expired")
+
+
+def test_a_request_a_listing_marked_expired_is_410_too(served: Served) -> None:
+    made = make_request(served.store_url, created=time.time() - 120, expires_in=60)
+    with served.client() as http:
+        listed = http.get("/api/v1/approvals", params={"status": "expired"}).json()
+        assert made.request_id in [r["request_id"] for r in listed["requests"]]
+        late = http.post(f"/api/v1/approvals/{made.request_id}/approve", json={"by": "alice"})
+    assert (late.status_code, late.json()["error"]["code"]) == (410, "expired")
 
 
 def test_reject_needs_a_reason_and_can_ask_for_a_revision(served: Served) -> None:

@@ -12,7 +12,8 @@
 
 A write answers the request as stored after it. The service's refusals map to HTTP:
 ``not_found`` 404, ``self_approval`` and ``same_approver`` 403, ``not_pending``,
-``not_retryable``, ``cannot_execute`` and ``digest_mismatch`` 409, ``expired`` 410, a bad
+``not_retryable``, ``cannot_execute`` and ``digest_mismatch`` 409, ``expired`` 410 (also
+for a decision on a request an earlier read already marked expired), a bad
 argument (a ConfigError) 422, a store that cannot be read or written 503 (nothing changed).
 The store is called from a worker thread, so a slow database never blocks the event loop.
 """
@@ -51,6 +52,21 @@ async def _call(work: Callable[[], _T]) -> _T:
     except StoreError as exc:
         raise ApiError(503, "store_unavailable", f"the store cannot be used now: {exc}") \
             from None
+
+
+async def _decide(work: Callable[[], _T], rid: str, store: Any) -> _T:
+    """A decision; one refused because the request already expired is 410 ``expired``,
+    whether this call or an earlier read marked it so."""
+    try:
+        return await _call(work)
+    except ApiError as exc:
+        if exc.code != "not_pending":
+            raise
+        found = await _call(lambda: service.get_request(rid, store=store))
+        if found.status is service.ApprovalStatus.EXPIRED:
+            raise ApiError(410, "expired", f"request {rid} expired at "
+                           f"{found.to_dict()['expires']}") from None
+        raise
 
 
 def _store(request: Request) -> Any:
@@ -138,7 +154,8 @@ async def approve(request: Request) -> Response:
     _fields(body, {"by", "reason"})
     by = _text(body.get("by"), "by", required=True, limit=200)
     reason = _text(body.get("reason"), "reason", required=False)
-    done = await _call(lambda: service.approve(rid, by=by, reason=reason, store=store))
+    done = await _decide(lambda: service.approve(rid, by=by, reason=reason, store=store),
+                         rid, store)
     return JSON(shown(done))
 
 
@@ -151,8 +168,8 @@ async def reject(request: Request) -> Response:
     revise = body.get("revise", False)
     if not isinstance(revise, bool):
         raise ApiError(422, "invalid", "'revise' must be true or false")
-    done = await _call(lambda: service.reject(rid, by=by, reason=reason, revise=revise,
-                                              store=store))
+    done = await _decide(lambda: service.reject(rid, by=by, reason=reason, revise=revise,
+                                                store=store), rid, store)
     return JSON(shown(done))
 
 
