@@ -259,3 +259,15 @@ def test_serve_sends_what_nobody_sent_and_records_it(tmp_path: Path,
     assert body["links"]["show"] == f"https://approvals.example/api/v1/approvals/{made.request_id}"
     assert "s3cr3t" not in "".join(served.err)
     assert "notifying a json webhook http://127.0.0.1" in served.err[0]
+
+
+def test_configure_with_a_url_notifies_and_closing_the_runtime_delivers(
+        store: Store, receiver: Receiver) -> None:
+    runtime = cl.configure(store=store, notify=receiver.url)
+    notifier = runtime.notifier
+    assert isinstance(notifier, WebhookNotifier) and notifier.format == "json"
+    made = _create(store)
+    notify_created(made)
+    cl.reset()  # closes the runtime: what was queued is sent first
+    assert [b["request_id"] for b in receiver.delivered()] == [made.request_id]
+    assert notification_state(stored(store.url, made.request_id))["state"] == "sent"
