@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from closedloop._redact import redact_text  # also puts the redacting filter on the logger
+
 _log = logging.getLogger("closedloop")
 
 OnDone = Callable[[bool, int, str], None]
@@ -157,7 +159,8 @@ class WebhookPoster:
         except Exception as exc:  # noqa: BLE001 - a webhook must never crash anything
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             retryable = True
-        error = error[:300]
+        # an error may quote the URL, whose path may be the secret (Slack's)
+        error = redact_text(error.replace(self.url, self.shown))[:300]
         if retryable and item.attempts <= self.retries and not self._closing:
             delay = min(self.max_backoff, self.backoff * 2 ** (item.attempts - 1))
             delay *= random.uniform(0.8, 1.2)

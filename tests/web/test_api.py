@@ -332,3 +332,17 @@ def test_httpx_sees_a_clear_401_body_for_a_missing_token(served: Served) -> None
     assert answer.status_code == 401
     assert answer.json() == {"error": {"code": "missing_token", "message": (
         "this needs the API token, sent as a bearer token in the Authorization header")}}
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(store_url: str) -> None:
+    served = start_serve(store_url, "--public-url", "https://approvals.example:8443")
+    try:
+        with served.client(token=None) as http:
+            rebound = http.get("/api/v1/approvals", headers={"Host": "evil.example:80"})
+            own = [http.get("/api/v1/approvals", headers={"Host": host}).status_code
+                   for host in ("localhost:9464", "127.0.0.1", "[::1]:9464",
+                                "approvals.example:8443")]
+    finally:
+        served.stop()
+    assert (rebound.status_code, rebound.json()["error"]["code"]) == (400, "bad_host")
+    assert own == [200, 200, 200, 200]

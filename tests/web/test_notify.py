@@ -184,7 +184,7 @@ def test_notify_created_never_raises(store: Store, caplog: pytest.LogCaptureFixt
 
     assert isinstance(Broken(), Notifier)
     made = _create(store)
-    with caplog.at_level(logging.ERROR, logger="closedloop.approvals"):
+    with caplog.at_level(logging.ERROR, logger="closedloop"):
         notify_created(made, store=store, notifier=Broken())
     assert "cannot notify" in caplog.text
     assert stored(store.url, made.request_id).status.value == "pending"

@@ -36,7 +36,7 @@ from closedloop._webhook import WebhookPoster, check_url, where
 if TYPE_CHECKING:
     from closedloop.store import Store
 
-_log = logging.getLogger("closedloop.approvals")
+_log = logging.getLogger("closedloop")
 
 WEBHOOK_ENV = "CLOSEDLOOP_APPROVAL_WEBHOOK"
 FORMAT_ENV = "CLOSEDLOOP_APPROVAL_WEBHOOK_FORMAT"

@@ -27,10 +27,11 @@ from typing import Any
 import click
 
 from closedloop._errors import ConfigError, StoreError
+from closedloop._redact import redact_text  # also puts the redacting filter on the logger
 from closedloop.cli import main
 from closedloop.cli._common import open_store_to_read, open_store_to_write, say, store_option
 
-_log = logging.getLogger("closedloop.serve")
+_log = logging.getLogger("closedloop")
 
 
 def _api_installed() -> bool:
@@ -93,8 +94,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     if webhook:
         from closedloop.approvals import WebhookNotifier
 
-        shown = public_url or (None if wildcard or not api else f"http://{host}:{port}")
-        notifier = WebhookNotifier(webhook, format=webhook_format, public_url=shown)
+        notifier = WebhookNotifier(webhook, format=webhook_format, public_url=public_url)
     if use_app:
         import starlette  # noqa: F401 - a missing extra is named before anything starts
         import uvicorn  # noqa: F401
@@ -117,8 +117,16 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         metrics.watch_control(ledger=ledger_for_store(store))
         tail = StoreTail(span_store_for(store), metrics, from_start=from_start)
 
+    from urllib.parse import urlsplit
+
+    if public_url:
+        from closedloop._webhook import check_url
+
+        public_url = check_url(public_url, "public")
+    public_host = urlsplit(public_url).hostname if public_url else None
     stop_server = _start(store, addr=addr, port=port, use_app=use_app, api=api, token=token,
-                         guard_reads=not loopback, registry=registry)
+                         guard_reads=not loopback, registry=registry,
+                         hosts=[public_host] if public_host else [])
     stop = threading.Event()
     received: list[int] = []
 
@@ -129,6 +137,8 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     bound = stop_server.port
+    if notifier is not None and public_url is None and api and not wildcard:
+        notifier.public_url = f"http://{host}:{bound}"  # the links point here
     parts = []
     if serve_metrics:
         parts.append(f"metrics on http://{host}:{bound}/metrics")
@@ -162,7 +172,8 @@ def _resend(store: Any, notifier: Any) -> None:
     try:
         resend_unsent(store=store, notifier=notifier)
     except (StoreError, ConfigError) as exc:  # the next look tries again
-        _log.warning("closedloop serve: cannot look for unsent notifications: %s", exc)
+        _log.warning("closedloop serve: cannot look for unsent notifications: %s",
+                     redact_text(str(exc)))
 
 
 class _Stopper:
@@ -174,7 +185,7 @@ class _Stopper:
 
 
 def _start(store: Any, *, addr: str, port: int, use_app: bool, api: bool, token: str | None,
-           guard_reads: bool, registry: Any) -> _Stopper:
+           guard_reads: bool, registry: Any, hosts: list[str]) -> _Stopper:
     if not use_app:  # metrics only, without the 'api' extra: prometheus_client's own server
         from closedloop.telemetry import start_metrics_server
 
@@ -187,7 +198,8 @@ def _start(store: Any, *, addr: str, port: int, use_app: bool, api: bool, token:
     from closedloop.web import ServerThread, bind, create_app
 
     app = create_app(store=store, token=token, guard_reads=guard_reads,
-                     metrics_registry=registry, api=api)
+                     metrics_registry=registry, api=api, check_host=not guard_reads,
+                     hosts=hosts)
     try:
         sock = bind(addr, port)
     except OSError as exc:

@@ -9,6 +9,9 @@ Prometheus metrics, the JSON API and (later) the dashboard.
   required for every write (any method but GET, HEAD and OPTIONS), and for every request at
   all when ``guard_reads`` (the server listens beyond loopback). A server started without a
   token is read-only: writes are refused (403 ``read_only``). Missing or wrong token: 401.
+- **Host.** On loopback, only requests whose ``Host`` is a loopback name (or the public
+  URL's host) are answered (400 ``bad_host``), so that a page whose DNS name was rebound to
+  127.0.0.1 cannot read the API from a visitor's browser.
 - **Bounds.** A declared body over ``max_body`` bytes is refused before it is read (413);
   bodies are read with the same cap (:func:`~closedloop.web._json.read_json`).
 - **Headers.** JSON responses are ``nosniff``, ``no-store``, framed by no page, and carry a
@@ -25,6 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,13 +39,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from closedloop._errors import ConfigError
-from closedloop.web._config import TOKEN_ENV, check_token
+from closedloop.web._config import TOKEN_ENV, check_token, is_loopback
 from closedloop.web._json import JSON, MAX_BODY, ApiError, error_response
 
 if TYPE_CHECKING:
     from closedloop.store import Store
 
-_log = logging.getLogger("closedloop.web")
+_log = logging.getLogger("closedloop")
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
             (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
@@ -52,10 +56,13 @@ class Guard:
     """The ASGI middleware every request passes first: auth, body bound, safe headers."""
 
     def __init__(self, app: ASGIApp, *, token: str | None, guard_reads: bool,
-                 max_body: int = MAX_BODY) -> None:
+                 max_body: int = MAX_BODY, check_host: bool = False,
+                 hosts: Sequence[str] = ()) -> None:
         if guard_reads and token is None:
             raise ConfigError("guarding reads needs a token")
         self.app = app
+        self.check_host = check_host
+        self.hosts = frozenset(h.lower() for h in hosts)
         self._digest = None if token is None else sha256(token.encode()).digest()
         self.guard_reads = guard_reads
         self.max_body = max_body
@@ -80,6 +87,9 @@ class Guard:
 
     def _refusal(self, scope: Scope) -> Response | None:
         headers = dict(scope.get("headers") or [])
+        if self.check_host and not self._own_host(headers.get(b"host", b"")):
+            return error_response(400, "bad_host", "this server answers only to a loopback "
+                                  "host name (or the --public-url's host)", redact=False)
         write = scope["method"] not in _READS
         if write or self.guard_reads:
             if self._digest is None:
@@ -102,6 +112,16 @@ class Guard:
                                   f"the body must be at most {self.max_body} bytes",
                                   redact=False)
         return None
+
+
+    def _own_host(self, header: bytes) -> bool:
+        """A loopback server answers only to loopback names (and ``hosts``): a web page
+        whose DNS name was rebound to 127.0.0.1 cannot read it from a browser."""
+        try:
+            name = urlsplit("//" + header.decode("latin-1")).hostname or ""
+        except ValueError:
+            return False
+        return is_loopback(name) or name.lower() in self.hosts
 
 
 class _Asgi:
@@ -143,13 +163,16 @@ async def _health(request: Request) -> Response:
 
 def create_app(*, store: Store, token: str | None = None, guard_reads: bool = False,
                metrics_registry: Any = None, api: bool = True,
-               routes: Sequence[BaseRoute] = (), max_body: int = MAX_BODY) -> Starlette:
+               routes: Sequence[BaseRoute] = (), max_body: int = MAX_BODY,
+               check_host: bool = False, hosts: Sequence[str] = ()) -> Starlette:
     """The app ``closedloop serve`` runs, on ``store``.
 
     ``token``: the bearer token writes need (None: read-only). ``guard_reads``: every
     request needs it (a bind beyond loopback). ``metrics_registry``: serve it at
     ``/metrics`` (None: no metrics). ``api``: the approvals API under ``/api/v1``.
-    ``routes``: more routes (the dashboard's). The store is ``app.state.store``.
+    ``routes``: more routes (the dashboard's). ``check_host``: answer only requests whose
+    ``Host`` is a loopback name or one of ``hosts`` (a loopback server: no DNS rebinding).
+    The store is ``app.state.store``.
     """
     token = check_token(token)
     if guard_reads and token is None:
@@ -167,7 +190,8 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
                            methods=["GET", "HEAD"]))
     table.extend(routes)
     app = Starlette(routes=table, middleware=[
-        Middleware(Guard, token=token, guard_reads=guard_reads, max_body=max_body)],
+        Middleware(Guard, token=token, guard_reads=guard_reads, max_body=max_body,
+                   check_host=check_host, hosts=hosts)],
         exception_handlers={HTTPException: _http_error, ApiError: _api_error,
                             Exception: _crash})
     app.state.store = store
