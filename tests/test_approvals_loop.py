@@ -399,3 +399,42 @@ def test_built_in_risk_rules() -> None:
     assert {i["address"] for i in risk.items} == {"aws_db_instance.main", "aws_instance.web"}
     assert ap.destructive_terraform(allow_destroy=["aws_*"])(plan) is None
     assert tf({"resource_changes": []}) is None
+
+
+async def test_an_async_worker_executes_with_async_hooks(store: cl.Store) -> None:
+    calls: list[str | None] = []
+
+    async def execute(proposal: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        calls.append(cl.current_idempotency_key())
+        return {"applied": proposal}
+
+    gated = cl.Loop(agent, task_type="deploy", executor=execute, verifiers=[matches],
+                    store=store, guards=(), autonomy="approve")
+    first = await gated.arun({"type": "t3.micro"})
+    assert first.approval_id is not None
+    ap.approve(first.approval_id, by="alice", store=store)
+    done = await gated.arun_approved()
+    assert done is not None and done.outcome is cl.Outcome.SUCCEEDED
+    assert calls == [first.approval_id]
+    second = (await gated.arun({"type": "x"})).approval_id or ""
+    ap.approve(second, by="bob", store=store)
+    with pytest.raises(cl.ConfigError, match="async hooks"):  # refused before any claim
+        gated.run_approved(second)
+    assert ap.get_request(second, store=store).status is ap.ApprovalStatus.APPROVED
+
+
+def test_a_traced_step_is_gated_the_same(store: cl.Store) -> None:
+    from closedloop.telemetry import StoreExporter, Telemetry
+
+    pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
+    executor = Executor()
+    gated = loop(store, executor, telemetry=pipeline)
+    person = approve_when_asked(store)
+    waited = loop(store, executor, telemetry=pipeline,
+                  approval=cl.ApprovalPolicy(wait=True, poll=0.01)).run({"type": "a"})
+    person.join()
+    returned = gated.run({"type": "b"})
+    pipeline.shutdown()
+    assert waited.outcome is cl.Outcome.SUCCEEDED and len(executor.calls) == 1
+    assert returned.outcome is cl.Outcome.AWAITING_APPROVAL

@@ -343,3 +343,19 @@ def test_processes_racing_for_approved_requests_claim_each_once(shared_url: str)
         assert p.returncode == 0
         claimed += out.split()
     assert sorted(claimed) == sorted(ids)  # every one, none twice
+
+
+def test_a_deferred_store_keeps_requests_once_it_can_open(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-yet"
+    blocker.write_text("a file where the store's folder should be")
+    url = f"sqlite:///{blocker / 'events.db'}"
+    store = cl.open_store(url, defer=True)
+    try:
+        approvals = approval_store_for(store)
+        with pytest.raises(cl.StoreError):  # fails closed: nothing is asked, nothing runs
+            approvals.create(request(1))
+        blocker.unlink()
+        made = approvals.create(request(1))
+        assert approvals.get(made.request_id) is not None
+    finally:
+        store.close()

@@ -98,6 +98,10 @@ class Worker:
                     return done
                 try:
                     result = loop.run_approved(by=self.by)
+                except ConfigError as exc:  # this loop cannot run here (async hooks): skip it
+                    self.errors += 1
+                    _log.error("closedloop: %s", exc)
+                    break
                 except StoreError as exc:  # the store is away: the next round tries again
                     self.errors += 1
                     _log.warning("closedloop: %s", exc)

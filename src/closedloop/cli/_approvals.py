@@ -95,7 +95,8 @@ def approvals() -> None:
 @click.option("--status", type=click.Choice(_STATUSES), default=None,
               help="Only requests in this state (default: every state).")
 @click.option("--task-type", help="Only requests of this task type.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="How many requests to list at most.")
 @click.option("--cursor", help="Continue a listing: the next_cursor a previous page gave.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_approvals(store_url: str, status: str | None, task_type: str | None,  # noqa: PLR0917 - click passes every option

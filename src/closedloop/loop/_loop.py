@@ -330,6 +330,11 @@ class Loop:
         (:class:`~closedloop.ApprovalError`); exceptions of the executor propagate, as in
         :meth:`run`.
         """
+        spec = self._spec
+        hooks = [spec.executor, *(v for _, v in spec.verifiers)]
+        if any(_is_async(h) for h in hooks):  # before claiming: never a claim left half-run
+            raise ConfigError(f"loop {self.task_type!r} has async hooks; call "
+                              "`await loop.arun_approved(...)` instead of run_approved()")
         result: StepResult[Any, Any] | None = _drive(self._approved(request_id, by))
         return result
 
@@ -338,6 +343,11 @@ class Loop:
         """:meth:`run_approved` in asyncio; hooks may be ``async def``."""
         result: StepResult[Any, Any] | None = await _adrive(self._approved(request_id, by))
         return result
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None))  # noqa: B004 - a callable object's own method
 
 
 def _drive(gen: Generator[Action, Any, Any]) -> Any:

@@ -540,6 +540,28 @@ class _Step:
         spec = self.spec
         if spec.executor is None:
             return _SUCCEEDED
+        if spec.risk_rules or spec.autonomy is not Autonomy.AUTONOMOUS:
+            ending = yield from self.decide()
+            if ending is not None:
+                return ending
+            if self.lease is not None:  # an approved request, claimed: run it under its key
+                return (yield from self.execute())
+        # the autonomous path, inline (it is every step's): the executor runs
+        clock = self.clock
+        t = clock()
+        try:
+            self.result = yield Act(spec.executor, (self.proposal,))
+        except Exception as exc:
+            self.act_s += clock() - t
+            self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
+            raise
+        self.mark = now = clock()
+        self.act_s += now - t
+        return None
+
+    def decide(self) -> Generator[Action, Any, _Ending | None]:
+        """The gate: None lets the executor run (approved inline, or a claimed request)."""
+        spec = self.spec
         risk: dict[str, Any] | None = None
         if spec.risk_rules:
             assessed = yield from self.assess()
@@ -549,10 +571,8 @@ class _Step:
         if spec.autonomy is Autonomy.SUGGEST:
             return _Ending(Outcome.SUGGESTED)
         if risk is not None or (spec.autonomy is Autonomy.APPROVE and spec.approver is None):
-            ending = yield from self.gate(risk)
-            if ending is not None:
-                return ending
-        elif spec.autonomy is Autonomy.APPROVE and spec.approver is not None:
+            return (yield from self.gate(risk))
+        if spec.autonomy is Autonomy.APPROVE and spec.approver is not None:
             try:
                 approved = yield Approve(spec.approver, (self.task_input, self.proposal))
             except Exception as exc:
@@ -561,7 +581,7 @@ class _Step:
                 raise
             if not approved:
                 return _Ending(Outcome.REJECTED)
-        return (yield from self.execute())
+        return None
 
     def execute(self) -> Generator[Action, Any, _Ending | None]:
         """Run the executor (with the approval request's id as the idempotency key, when one

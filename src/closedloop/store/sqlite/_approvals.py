@@ -1,6 +1,7 @@
 """Approval requests in a SQLite store's file: the approval port of the SQLite backend.
 
-Tables ``approvals`` and ``approval_history`` (migration 6). Every change is one ``BEGIN
+Tables ``approvals`` and ``approval_history`` (the approvals migration of
+:data:`~closedloop.store.sqlite.MIGRATIONS`). Every change is one ``BEGIN
 IMMEDIATE`` transaction: SQLite lets one writer in at a time, so reading the row and writing
 its new state cannot interleave with another process's change. A claim is a conditional
 ``UPDATE … WHERE status = 'approved' … RETURNING``: of two processes racing for one request,
@@ -87,6 +88,8 @@ class SQLiteApprovals:
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self._backend.read_only:
             raise StoreError(f"store {self.url} was opened read-only")
+        if self._backend.open_error is not None:  # a deferred store: open (migrate) it now
+            self._backend._open()
         try:
             conn = _connect(self.path)
         except (OSError, sqlite3.Error) as exc:
