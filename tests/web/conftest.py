@@ -106,6 +106,7 @@ def served(store_url: str) -> Iterator[Served]:
 def make_request(store_url: str, *, proposal: Any = None, task_type: str = "deploy",
                  requested_by: str = "agent-1@host", expires_in: float | None = 3600,
                  created: float | None = None, destructive: bool = False,
+                 two_approvers: bool = False,
                  verdicts: Sequence[dict[str, Any]] = ({"check": "tags", "passed": True},),
                  ) -> ApprovalRequest:
     """A pending request, stored as the loop stores one (from this process)."""
@@ -118,7 +119,7 @@ def make_request(store_url: str, *, proposal: Any = None, task_type: str = "depl
             risk={"summary": "deletes 1 database", "destructive": True,
                   "items": [{"address": "aws_db_instance.main", "action": "delete"}]}
             if destructive else {"summary": "creates 2 instances", "destructive": False},
-            expires_in=expires_in, now=created))
+            expires_in=expires_in, two_approvers=two_approvers, now=created))
 
 
 def stored(store_url: str, request_id: str) -> ApprovalRequest:

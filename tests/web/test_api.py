@@ -76,6 +76,20 @@ def test_approve_records_who_and_why_once(served: Served) -> None:
         "approved", "alice", "checked the plan")
 
 
+def test_a_destructive_request_needs_two_distinct_approvers(served: Served) -> None:
+    made = make_request(served.store_url, destructive=True, two_approvers=True)
+    path = f"/api/v1/approvals/{made.request_id}/approve"
+    with served.client() as http:
+        first = http.post(path, json={"by": "alice"})
+        twice = http.post(path, json={"by": "Alice"})
+        second = http.post(path, json={"by": "bob"})
+    assert (first.status_code, first.json()["status"], first.json()["approvers"]) == (
+        200, "pending", ["alice"])
+    assert (twice.status_code, twice.json()["error"]["code"]) == (409, "same_approver")
+    assert (second.json()["status"], second.json()["approvers"]) == ("approved",
+                                                                      ["alice", "bob"])
+
+
 def test_self_approval_is_refused_with_403(served: Served) -> None:
     made = make_request(served.store_url, requested_by="carol")
     with served.client() as http:

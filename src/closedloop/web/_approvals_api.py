@@ -11,7 +11,7 @@
 ==========================================  ===============================================
 
 A write answers the request as stored after it. The service's refusals map to HTTP:
-``not_found`` 404, ``self_approval`` and ``same_approver`` 403, ``not_pending``,
+``not_found`` 404, ``self_approval`` 403, ``not_pending``, ``same_approver``,
 ``not_retryable``, ``cannot_execute`` and ``digest_mismatch`` 409, ``expired`` 410 (also
 for a decision on a request an earlier read already marked expired), a bad
 argument (a ConfigError) 422, a store that cannot be read or written 503 (nothing changed).
@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 MAX_LIMIT = 200
 LIST_TEXT = 4000
 """Characters of a proposal or task input a listing carries (``show`` has all of it)."""
-STATUS = {"not_found": 404, "self_approval": 403, "same_approver": 403, "not_pending": 409,
+STATUS = {"not_found": 404, "self_approval": 403, "same_approver": 409, "not_pending": 409,
           "not_retryable": 409, "cannot_execute": 409, "digest_mismatch": 409, "expired": 410,
           "unavailable": 503}
 _QUERY = frozenset({"status", "task_type", "limit", "cursor"})
