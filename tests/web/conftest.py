@@ -3,6 +3,7 @@ the test's own, SQLite or PostgreSQL, and requests made in that store as an agen
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,46 @@ def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
             return found
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}")
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: answers each POST with the next of ``script`` (then 200)."""
+
+    url: str
+    script: list[int]
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+
+    def delivered(self) -> list[dict[str, Any]]:
+        """The bodies it answered with success."""
+        return [b for b, a in zip(self.bodies, self.answers, strict=True) if a < 300]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    lock = threading.Lock()
+    holder: list[Receiver] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            me = holder[0]
+            with lock:
+                status = me.script.pop(0) if me.script else 200
+                me.bodies.append(body)
+                me.answers.append(status)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    holder.append(Receiver(f"http://127.0.0.1:{server.server_address[1]}/hooks/s3cr3t", []))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield holder[0]
+    server.shutdown()
+    server.server_close()

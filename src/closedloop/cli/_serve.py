@@ -67,14 +67,18 @@ def _api_installed() -> bool:
                    "(default: the address served, on a specific address).")
 @click.option("--notify-interval", type=click.FloatRange(0.05, 86400), default=30.0,
               show_default=True, help="Seconds between looks for unsent notifications.")
+@click.option("--notify-grace", type=click.FloatRange(0, 86400), default=120.0,
+              show_default=True,
+              help="Seconds a new request is left to the process that created it (which "
+                   "notifies it if it has a notifier) before serve notifies it.")
 @click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True,
               help="Seconds between reads of new spans from the store.")
 @click.option("--from-start", is_flag=True, help="Count every span already in the store.")
 def serve(  # noqa: PLR0917 - click passes every option as an argument
         store_url: str, serve_metrics: bool, serve_api: bool | None, port: int, addr: str,
         token: str | None, webhook: str | None, webhook_format: str | None,
-        public_url: str | None, notify_interval: float, interval: float,
-        from_start: bool) -> None:
+        public_url: str | None, notify_interval: float, notify_grace: float,
+        interval: float, from_start: bool) -> None:
     """Serve Prometheus /metrics and the approvals JSON API, until stopped."""
     from closedloop.web import check_token, is_loopback, url_host
 
@@ -154,7 +158,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
             if tail is not None:
                 tail.poll()
             if notifier is not None and time.monotonic() >= next_sweep:
-                _resend(store, notifier)
+                _resend(store, notifier, notify_grace)
                 next_sweep = time.monotonic() + notify_interval
             stop.wait(interval)
     finally:
@@ -166,11 +170,11 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         raise KeyboardInterrupt
 
 
-def _resend(store: Any, notifier: Any) -> None:
+def _resend(store: Any, notifier: Any, grace_s: float) -> None:
     from closedloop.approvals import resend_unsent
 
     try:
-        resend_unsent(store=store, notifier=notifier)
+        resend_unsent(store=store, notifier=notifier, grace_s=grace_s)
     except (StoreError, ConfigError) as exc:  # the next look tries again
         _log.warning("closedloop serve: cannot look for unsent notifications: %s",
                      redact_text(str(exc)))
