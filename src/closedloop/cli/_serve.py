@@ -17,7 +17,6 @@ stops it and exits 0.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import signal
 import threading
 import time
@@ -27,11 +26,8 @@ from typing import Any
 import click
 
 from closedloop._errors import ConfigError, StoreError
-from closedloop._redact import redact_text  # also puts the redacting filter on the logger
 from closedloop.cli import main
 from closedloop.cli._common import open_store_to_read, open_store_to_write, say, store_option
-
-_log = logging.getLogger("closedloop")
 
 
 def _api_installed() -> bool:
@@ -176,8 +172,10 @@ def _resend(store: Any, notifier: Any, grace_s: float) -> None:
     try:
         resend_unsent(store=store, notifier=notifier, grace_s=grace_s)
     except (StoreError, ConfigError) as exc:  # the next look tries again
-        _log.warning("closedloop serve: cannot look for unsent notifications: %s",
-                     redact_text(str(exc)))
+        from closedloop._redact import redact_text
+
+        say(f"warning: cannot look for unsent notifications: {redact_text(str(exc))}",
+            err=True)
 
 
 class _Stopper:
