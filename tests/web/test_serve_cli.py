@@ -83,3 +83,18 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
                               text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_the_listening_socket_lets_asyncio_turn_nagle_off() -> None:
+    # asyncio disables Nagle's algorithm only on IPPROTO_TCP sockets; without it a response
+    # (head, then body) waits for the client's delayed ACK (bench/approvals_http.py)
+    import socket
+
+    from closedloop.web import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
