@@ -8,8 +8,9 @@ requests (:class:`InstanceMatchesRequest`). With ``autonomy="approve"`` every pl
 durable approval request (destructive ones marked by :func:`destructive_plan`), and
 ``closedloop worker --app closedloop.demo:worker`` (:func:`worker`) executes the approved ones
 against the demo's EC2, kept in a file between processes (:class:`Ec2State`). The model's
-:class:`FaultLedger` is the ground truth to check the recorded events against. Needs the extra: ``pip install 'closedloop[demo]'``
-(only :func:`run_demo` and the boto3/pydantic parts need it; the model is pure Python).
+:class:`FaultLedger` is the ground truth to check the recorded events against. Needs the
+extra: ``pip install 'closedloop[demo]'`` (only :func:`run_demo` and the boto3/pydantic parts
+need it; the model is pure Python).
 """
 
 from __future__ import annotations
