@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -34,14 +35,15 @@ from closedloop.demo import (
 from closedloop.demo._ec2 import provision_environment
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+README = Path(__file__).resolve().parents[1] / "README.md"
 SEED = 7
 REQUESTS = 6
 
 
-def cli(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": SRC, "COLUMNS": "200"}
-    env.pop("CLOSEDLOOP_DEMO_EC2", None)
-    done = subprocess.run([sys.executable, "-m", "closedloop", *args], cwd=cwd, env=env,
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    full = {**os.environ, "PYTHONPATH": SRC, "COLUMNS": "200", **(env or {})}
+    full.pop("CLOSEDLOOP_DEMO_EC2", None)
+    done = subprocess.run([sys.executable, "-m", "closedloop", *args], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -66,63 +68,71 @@ def instances_in(state: Path, *, tag: str | None = None) -> dict[str, str]:
     return found
 
 
+def scripted_run() -> tuple[dict[str, str], list[list[str]]]:
+    """The README's scripted approve run: its exported variables and its commands."""
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- scripted-approve-demo -->\n```bash\n(.*?)```", text, re.DOTALL)
+    assert found is not None, "the README lost its scripted approve run"
+    env: dict[str, str] = {}
+    commands = []
+    for line in found.group(1).splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value
+        elif line.strip():
+            commands.append(shlex.split(line))
+    return env, commands
+
+
 def test_the_readme_run_approves_executes_once_and_counts_the_decisions(
     tmp_path: Path,
 ) -> None:
-    store = f"sqlite:///{tmp_path / 'demo.db'}"
-    summary = json.loads(cli("demo", "--autonomy", "approve", "--requests", str(REQUESTS),
-                             "--seed", str(SEED), "--store", store, "--json", cwd=tmp_path))
-    assert summary["autonomy"] == "approve"
-    assert summary["succeeded"] == 0  # nothing executed without a person
-    waiting = summary["waiting"]
-    assert len(waiting) == REQUESTS
-    [risky] = [w for w in waiting if w["destructive"]]
-    assert risky["plan"].startswith("terminate")
-    launch = next(w for w in waiting if not w["destructive"])
-    assert summary["ec2_state"] == str(tmp_path / "demo.db.ec2")
+    env, commands = scripted_run()
+    assert all(c[0] == "closedloop" for c in commands)
+    outputs: list[str] = []
+    ids: dict[str, str] = {}
+    for command in commands:
+        args = [ids.get(a, a) for a in command[1:]]
+        assert not any(a.startswith("$") for a in args), args
+        outputs.append(cli(*args, cwd=tmp_path, env=env))
+        if args[:2] == ["approvals", "list"]:  # the person reads the ids off the listing
+            listed = json.loads(cli(*args, "--json", cwd=tmp_path, env=env))["requests"]
+            ids["$RISKY"] = next(r["request_id"] for r in listed if r["risk"])
+            ids["$LAUNCH"] = next(r["request_id"] for r in listed if not r["risk"])
+    demo, listing, approved, half, worked, rejected, shown, status = outputs
+    assert "Waiting for approval: 6 request(s)" in demo
+    assert re.search(r"of which destructive\W+1\W", demo), demo
+    assert listing.count("pending") == 6
+    assert approved.strip() == f"{ids['$LAUNCH']}: approved"
+    assert "needs another approver" in half  # destructive: one person is not enough
+    assert worked.strip() == "executed 1 approved request(s)"
+    assert rejected.strip() == f"{ids['$RISKY']}: rejected"
+    assert re.search(r"status\W+executed", shown), shown
+    assert "50.0% (1/2" in status
+
+    launch = json.loads(cli("approvals", "show", ids["$LAUNCH"], "--json", cwd=tmp_path,
+                            env=env))
+    assert launch["status"] == "executed"
+    assert launch["result"]["outcome"] == "succeeded"  # verified against the request
     state = tmp_path / "demo.db.ec2"
-    before = instances_in(state)
-    assert len(before) == 3  # the production instances only
-
-    listed = json.loads(cli("approvals", "list", "--status", "pending", "--json",
-                            "--store", store, cwd=tmp_path))
-    assert {r["request_id"] for r in listed["requests"]} == {w["request_id"] for w in waiting}
-    risky_listed = next(r for r in listed["requests"] if r["request_id"] == risky["request_id"])
-    assert risky_listed["risk"]["destructive"] and risky_listed["approvals_needed"] == 2
-
-    cli("approvals", "approve", launch["request_id"], "--by", "alice", "--store", store,
-        cwd=tmp_path)
-    # the destructive one waits for a second person: one approval does not release it
-    cli("approvals", "approve", risky["request_id"], "--by", "alice", "--store", store,
-        cwd=tmp_path)
-    out = cli("worker", "--app", "closedloop.demo:worker", "--once", "--store", store,
-              cwd=tmp_path)
-    assert out.strip() == "executed 1 approved request(s)"
-    cli("approvals", "reject", risky["request_id"], "--by", "bob", "--reason",
-        "never terminate production", "--store", store, cwd=tmp_path)
-
-    shown = json.loads(cli("approvals", "show", launch["request_id"], "--json",
-                           "--store", store, cwd=tmp_path))
-    assert shown["status"] == "executed"
-    assert shown["result"]["outcome"] == "succeeded"  # verified against the request
-    mine = instances_in(state, tag=launch["request_id"])
+    mine = instances_in(state, tag=ids["$LAUNCH"])
     assert list(mine.values()) == ["running"]  # launched once
-    after = instances_in(state)
-    assert len(after) == 4 and all(after[i] == "running" for i in before)
-
+    everything = instances_in(state)
+    assert sorted(everything.values()) == ["running"] * 4  # 3 production + the launch
     # a second worker round finds nothing to execute: still one instance
-    out = cli("worker", "--app", "closedloop.demo:worker", "--once", "--store", store,
-              cwd=tmp_path)
-    assert out.strip() == "executed 0 approved request(s)"
+    again = cli("worker", "--app", "closedloop.demo:worker", "--once", cwd=tmp_path, env=env)
+    assert again.strip() == "executed 0 approved request(s)"
     assert len(instances_in(state)) == 4
+    risky = json.loads(cli("approvals", "show", ids["$RISKY"], "--json", cwd=tmp_path, env=env))
+    assert risky["status"] == "rejected" and risky["risk"]["destructive"]
 
-    status = json.loads(cli("autonomy", "status", "--task-type", "ec2.provision", "--json",
-                            "--store", store, cwd=tmp_path))
-    [key] = status["keys"]
+    found = json.loads(cli("autonomy", "status", "--task-type", "ec2.provision", "--json",
+                           cwd=tmp_path, env=env))
+    [key] = found["keys"]
     assert key["level"] == "approve"
-    assert key["evidence"]["approval"]["successes"] == 1
-    assert key["evidence"]["approval"]["trials"] == 2
-    assert key["evidence"]["verification"]["successes"] == 1
+    evidence = key["evidence"]
+    assert (evidence["approval"]["successes"], evidence["approval"]["trials"]) == (1, 2)
+    assert (evidence["verification"]["successes"], evidence["verification"]["trials"]) == (1, 1)
 
 
 def test_the_summary_says_what_is_waiting(tmp_path: Path) -> None:

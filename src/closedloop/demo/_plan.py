@@ -144,9 +144,8 @@ def destructive_plan(proposal: str | dict[str, Any]) -> Risk | None:
         targets = data.get("instance_ids")
         items = tuple({"action": "terminate", "instance": str(t)}
                       for t in (targets if isinstance(targets, list) else [targets]))
-        return Risk(summary=f"terminates {len(items)} instance(s): "
-                            f"{', '.join(i['instance'] for i in items)}",
-                    items=items, rule="destructive_plan")
+        return Risk(summary=f"terminates {len(items)} instance(s)", items=items,
+                    rule="destructive_plan")
     if action == "delete_security_group":
         group = str(data.get("group"))
         return Risk(summary=f"deletes security group {group!r}",
