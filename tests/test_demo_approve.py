@@ -153,6 +153,19 @@ def test_approve_needs_a_store_that_outlives_the_demo(tmp_path: Path) -> None:
     assert "pass --store sqlite:///PATH" in done.stderr
 
 
+def test_the_worker_without_a_demo_says_what_to_run_first(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    env.pop("CLOSEDLOOP_DEMO_EC2", None)
+    done = subprocess.run([sys.executable, "-m", "closedloop", "worker", "--app",
+                           "closedloop.demo:worker", "--once", "--store",
+                           f"sqlite:///{tmp_path / 'none.db'}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: no demo EC2 state at {tmp_path / 'none.db.ec2'}: "
+                                   "run `closedloop demo --autonomy approve --store "
+                                   "sqlite:///PATH` first")
+
+
 @pytest.fixture(scope="module")
 def ec2() -> Iterator[tuple[Any, DemoEnvironment]]:
     with LocalEc2() as local:

@@ -141,11 +141,11 @@ def worker() -> Loop:
         raise ConfigError(f"the demo's EC2 state has no place next to {store.url}: set "
                           f"{STATE_ENV}=PATH, as for the demo")
     state = Ec2State(path)
+    with state.locked():
+        env = state.load()
     ec2 = LocalEc2()
     ec2.start()
     atexit.register(ec2.stop)
-    with state.locked():
-        env = state.load()
     return Loop(_proposes_nothing, task_type=TASK_TYPE, agent_id=AGENT_ID,
                 validators=[plan_schema], risk_rules=[destructive_plan],
                 executor=PersistedExecutor(state, ec2.client),
