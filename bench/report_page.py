@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--days", type=float, default=7.0)
-    parser.add_argument("--height", type=int, default=2000)
+    parser.add_argument("--height", type=int, default=2600)
     parser.add_argument("--out", default=str(ROOT / "docs" / "report.png"))
     parser.add_argument("--keep", help="also copy the page to this file")
     args = parser.parse_args()

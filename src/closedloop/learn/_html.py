@@ -59,7 +59,7 @@ h3{font-size:14px;margin:0 0 6px}
 .sub{color:#4b5563;margin:0 0 18px;overflow-wrap:anywhere}
 section{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:16px 18px;
  margin:0 0 18px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:12px}
 .card{background:#f9fafb;border:1px solid #e5e7eb;border-radius:6px;padding:10px 12px}
 .card b{display:block;font-size:20px}
 .card span{color:#4b5563;font-size:12px}
@@ -68,16 +68,18 @@ figure{margin:0}
 figcaption{font-weight:600;margin:0 0 4px}
 svg.chart{max-width:100%;height:auto;display:block}
 svg.spark{vertical-align:middle}
+.scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;margin:8px 0 0;font-size:13px}
 th,td{text-align:right;padding:4px 8px;border-bottom:1px solid #e5e7eb;vertical-align:top}
 th{color:#374151;font-weight:600;background:#f9fafb}
-th:first-child,td:first-child,td.t{text-align:left}
-td.t{overflow-wrap:break-word;max-width:420px}
-td.n{white-space:nowrap}
+td{white-space:nowrap}
+th.t,td.t{text-align:left}
+td.t{white-space:normal;overflow-wrap:break-word;max-width:420px}
 code{font:11px ui-monospace,"DejaVu Sans Mono",monospace;color:#374151;white-space:nowrap}
 .note{color:#6b7280;font-size:12px;margin:6px 0 0}
 .sig{color:#b91c1c;font-weight:600}
 .factor{margin:0 0 14px}
+.what{min-width:300px}
 """
 
 
@@ -147,11 +149,13 @@ def _opt(value: float | None, fmt: Callable[[float], str]) -> str:
 
 def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], text_columns: int = 1) -> str:
     """A table of already escaped cells; the first ``text_columns`` columns are text."""
-    head = "".join(f"<th>{h}</th>" for h in headers)
+    head = "".join(f'<th class="t">{h}</th>' if i < text_columns else f"<th>{h}</th>"
+                   for i, h in enumerate(headers))
     body = "".join(
         "<tr>" + "".join(f'<td class="t">{c}</td>' if i < text_columns else f"<td>{c}</td>"
                          for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 def _more(shown: int, total: int, what: str) -> str:
@@ -278,12 +282,15 @@ def _clusters(d: _Data) -> str:
                           title=f"failures per {d.trends.window}: {k.title}")
         tasks = ", ".join(f"{esc(tt, 40)} ({n:,})" for tt, n in k.task_types[:3])
         examples = "<br>".join(f"<code>{esc(e)}</code>" for e in k.examples)
-        rows.append((f"<code>{esc(k.id)}</code>", f"{esc(k.error_type)}: {esc(k.title, 300)}",
-                     tasks, f"{k.count:,}", esc(percent(k.share)), esc(_iso(k.first_ts, "minute")),
-                     esc(_iso(k.last_ts, "minute")), spark, examples or _NONE))
-    table = _table(("Cluster", "What went wrong", "Task types", "Failures", "Share",
-                    "First seen", "Last seen", f"Per {esc(d.trends.window)}",
-                    "Example traces"), rows, text_columns=3)
+        what = f'<div class="what">{esc(k.error_type)}: {esc(k.title, 300)}</div>'
+        rows.append((f"<code>{esc(k.id)}</code>", what, tasks,
+                     f"{k.count:,} ({esc(percent(k.share))})",
+                     esc(_iso(k.first_ts, "minute")).replace(" ", "<br>", 1),
+                     esc(_iso(k.last_ts, "minute")).replace(" ", "<br>", 1), spark,
+                     examples or _NONE))
+    table = _table(("Cluster", "What went wrong", "Task types", "Failures", "First seen",
+                    "Last seen", f"Per {esc(d.trends.window)}", "Example traces"), rows,
+                   text_columns=3)
     shown = len(c.clusters)
     return (f"{head}<p class=\"note\">{c.failures:,} failed steps of {c.steps:,}; "
             f"{'clusters, largest first' if shown > 1 else 'one cluster'}. "
