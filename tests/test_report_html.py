@@ -24,7 +24,6 @@ from closedloop.learn import (
     interval_chart,
     line_chart,
     spark_svg,
-    sparkline,
 )
 
 HOUR = 3600.0
@@ -321,10 +320,6 @@ def test_a_bar_chart_draws_bars_in_proportion() -> None:
     assert widths == [600 - 150 - 8 - 108, (600 - 150 - 8 - 108) / 2]
 
 
-def test_sparklines() -> None:
-    assert sparkline([0.0, 0.5, 1.0, None]) == "▁▅█ "
-    assert sparkline([0.2, 0.2]) == "▁▁"
-    assert sparkline([None, None]) == "  "
-    assert sparkline([5.0], low=0.0, high=10.0) == "▅"
+def test_a_spark_draws_a_line_and_marks_its_last_value() -> None:
     svg = spark_svg([1.0, None, 3.0], title="<x>")
     assert svg.count("<circle") == 1 and "<title>&lt;x&gt;</title>" in svg

@@ -32,7 +32,6 @@ if typing.TYPE_CHECKING:
         interval_chart,
         line_chart,
         spark_svg,
-        sparkline,
     )
     from closedloop.learn._clusters import (
         FailureCluster,
@@ -163,7 +162,6 @@ __all__ = [
     "score_summary",
     "span_label",
     "spark_svg",
-    "sparkline",
     "trends",
     "trends_from_cells",
     "verdict_messages",
@@ -176,7 +174,7 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "closedloop._figures": ("message_group", "percentile"),
         "._charts": ("ChartLine", "ChartPoint", "ChartRow", "bar_chart", "esc", "interval_chart",
-                     "line_chart", "spark_svg", "sparkline"),
+                     "line_chart", "spark_svg"),
         "._html": ("choose_window", "html_report"),
         "._clusters": ("FailureCluster", "FailureClusters", "Purity", "cluster_purity",
                        "clusters_from_cells", "failure_clusters", "parse_issues"),

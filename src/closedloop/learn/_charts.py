@@ -1,4 +1,4 @@
-"""Charts as static SVG text (and terminal sparklines): no script, no network, no library.
+"""Charts as static SVG text: no script, no network, no library.
 
 Each function returns one ``<svg>`` element, sized by its ``viewBox`` (it scales with the
 page), to be placed inline in an HTML page: ``closedloop report --html`` uses them, and a
@@ -10,8 +10,7 @@ labels, values) goes through :func:`esc`: HTML-escaped, with control characters 
   confidence interval drawn as a shaded band; a missing point breaks the line;
 - :func:`interval_chart`: one row per value, a dot with its interval as an error bar;
 - :func:`bar_chart`: one horizontal bar per row;
-- :func:`spark_svg`: a small line without axes (for a table cell);
-- :func:`sparkline`: the same as text (``▁▂▃▄▅▆▇█``) for a terminal.
+- :func:`spark_svg`: a small line without axes (for a table cell).
 
 The output depends on the arguments only, so equal data give byte-equal charts.
 """
@@ -29,7 +28,6 @@ PALETTE = ("#2563eb", "#dc2626", "#059669", "#9333ea", "#d97706", "#0891b2", "#d
 """Line colours, in the order of the series (distinct for readers with colour deficits
 in the first four: blue, red, green, purple)."""
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_BLOCKS = "▁▂▃▄▅▆▇█"
 MAX_DOTS = 31
 """A line chart of more periods marks only the last point of each line (page size)."""
 _CHAR_W = 7.4  # mean width of a character of the 12 px sans-serif labels, for layout
@@ -272,24 +270,4 @@ def spark_svg(values: Sequence[float | None], *, title: str, width: int = 120,
     for a, b in points[-1:]:
         out.append(f'<circle cx="{_num(a)}" cy="{_num(b)}" r="2" fill="{PALETTE[0]}"/>')
     out.append("</svg>")
-    return "".join(out)
-
-
-def sparkline(values: Sequence[float | None], *, low: float | None = None,
-              high: float | None = None) -> str:
-    """``values`` as block characters from ``low`` to ``high`` (default: their own range);
-    a missing value is a space."""
-    found = [v for v in values if v is not None]
-    if not found:
-        return " " * len(values)
-    lo = min(found) if low is None else low
-    hi = max(found) if high is None else high
-    span = hi - lo
-    out = []
-    for v in values:
-        if v is None:
-            out.append(" ")
-        else:
-            level = 0 if span <= 0 else round((min(max(v, lo), hi) - lo) / span * 7)
-            out.append(_BLOCKS[level])
     return "".join(out)
