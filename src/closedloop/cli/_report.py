@@ -148,14 +148,15 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
     try:
         result = report_from_store(store, since=since, task_type=task_type,
                                    top_errors=top_errors, top_messages=top_messages)
-        scores = _scores(store, since, task_type) if not result.empty else []
-        runs = _runs(store, since) if task_type is None else None
+        shown = as_json or html_file is None  # the page has no scores or runs (yet)
+        scores = _scores(store, since, task_type) if shown and not result.empty else []
+        runs = _runs(store, since) if shown and task_type is None else None
         page = None
         if html_file is not None and not result.empty:
             from closedloop.learn import html_report
 
             page = html_report(store, since=since, task_type=task_type,
-                               window=None if window == "auto" else window)
+                               window=None if window == "auto" else window, report=result)
     finally:
         store.close()
     if as_json:

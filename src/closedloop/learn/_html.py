@@ -102,15 +102,18 @@ def choose_window(report: Report) -> str:
 
 def html_report(store: Store, *, since: float | None = None, task_type: str | None = None,
                 window: str | None = None, max_task_types: int = 8, max_clusters: int = 10,
-                max_factors: int = 6, max_values: int = 24, title: str | None = None) -> str:
+                max_factors: int = 6, max_values: int = 24, title: str | None = None,
+                report: Report | None = None) -> str:
     """The page of ``store``'s events from ``since`` (of ``task_type``), charted per
     ``window`` (``hour`` or ``day``; default :func:`choose_window`). ``title`` names the
-    store in the heading (default: its URL). See the module's docstring."""
+    store in the heading (default: its URL); ``report``, when the caller has it already, is
+    :func:`report_from_store` of the same window. See the module's docstring."""
     for name, cap in (("max_task_types", max_task_types), ("max_clusters", max_clusters),
                       ("max_factors", max_factors), ("max_values", max_values)):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ConfigError(f"{name} must be an integer ≥ 1, got {cap!r}")
-    report = report_from_store(store, since=since, task_type=task_type)
+    if report is None:
+        report = report_from_store(store, since=since, task_type=task_type)
     window = window or choose_window(report)
     if window not in ("hour", "day"):
         raise ConfigError(f"window must be 'hour' or 'day', got {window!r}")
