@@ -55,7 +55,7 @@ def _nice_max(high: float) -> float:
         return 1.0
     power = 10.0 ** math.floor(math.log10(high))
     for step in (1.0, 2.0, 4.0, 6.0, 8.0, 10.0):  # a quarter of each is round too
-        if high <= step * power * (1 + 1e-9):
+        if high <= step * power * (1 + 1e-6):  # float noise of a sum of squares
             return step * power
     return 10.0 * power  # pragma: no cover - the loop always returns
 
@@ -169,7 +169,7 @@ def line_chart(lines: Sequence[ChartLine], periods: Sequence[str], *, title: str
             dots = run if n <= MAX_DOTS else run[-1:]  # a dot (and tooltip) per point
             for i, p in dots:
                 label = f"{line.name} — {periods[i]}: {fmt(p.value)}"
-                if p.low != p.high:
+                if fmt(p.low) != fmt(p.high):  # as shown: float noise is no interval
                     label += f" [{fmt(p.low)}, {fmt(p.high)}]"
                 out.append(f'<circle cx="{_num(x(i))}" cy="{_num(y(p.value))}" r="2.5" '
                            f'fill="{colour}"><title>{esc(label)}</title></circle>')
