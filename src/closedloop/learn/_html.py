@@ -59,7 +59,7 @@ h3{font-size:14px;margin:0 0 6px}
 .sub{color:#4b5563;margin:0 0 18px;overflow-wrap:anywhere}
 section{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:16px 18px;
  margin:0 0 18px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
 .card{background:#f9fafb;border:1px solid #e5e7eb;border-radius:6px;padding:10px 12px}
 .card b{display:block;font-size:20px}
 .card span{color:#4b5563;font-size:12px}
