@@ -14,6 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError as _ConfigError
+from closedloop.demo._migmodel import (
+    MigrationLedger,
+    MigrationModel,
+    MigrationRates,
+    MigrationTask,
+    generate_tasks,
+)
 from closedloop.demo._model import (
     FaultCategory,
     FaultKind,
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
         InstanceMatchesRequest,
         LocalEc2,
     )
+    from closedloop.demo._migrations import MigrationSummary, run_migrations_demo
     from closedloop.demo._plan import no_destructive_actions, plan_schema, required_tags
 
 __all__ = [
@@ -58,15 +66,22 @@ __all__ = [
     "InstanceMatchesRequest",
     "LedgerEntry",
     "LocalEc2",
+    "MigrationLedger",
+    "MigrationModel",
+    "MigrationRates",
+    "MigrationSummary",
+    "MigrationTask",
     "ProvisionRequest",
     "SimulatedModel",
     "expected_result",
     "generate_requests",
+    "generate_tasks",
     "no_destructive_actions",
     "plan_schema",
     "require_demo_extras",
     "required_tags",
     "run_demo",
+    "run_migrations_demo",
 ]
 
 if not TYPE_CHECKING:  # type checkers read the imports above; at run time, import on use
@@ -76,6 +91,7 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
         "._ec2": ("Action", "DemoEnvironment", "Ec2Executor", "InstanceMatchesRequest",
                   "LocalEc2"),
         "._plan": ("no_destructive_actions", "plan_schema", "required_tags"),
+        "._migrations": ("MigrationSummary", "run_migrations_demo"),
     })
 
     def __getattr__(name: str) -> Any:

@@ -315,6 +315,7 @@ class MigrationModel:
             episode = self._episodes[attempt.trace_id] = self._plan(task)
         if episode.syntax and attempt.feedback is not None:
             episode.syntax = episode.rng.random() >= self.rates.fix_on_reask
+        kind: FaultKind | None
         if episode.syntax:
             text, kind = _misspell(task, episode.rng)
         else:

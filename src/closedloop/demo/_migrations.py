@@ -287,10 +287,10 @@ def run_migrations_demo(
     try:
         conn = psycopg.connect(pg_url, autocommit=True, connect_timeout=10)
     except (psycopg.Error, ValueError) as exc:
-        from closedloop._redact import redact
+        from closedloop._redact import redact_text, shown_url
 
-        raise ConfigError(f"cannot connect to PostgreSQL at {redact(pg_url)}: "
-                          f"{type(exc).__name__}: {redact(str(exc).strip())}") from None
+        raise ConfigError(f"cannot connect to PostgreSQL at {shown_url(pg_url)}: "
+                          f"{type(exc).__name__}: {redact_text(str(exc).strip())}") from None
     schema = SCHEMA_PREFIX + secrets.token_hex(4)
     owned = isinstance(store, str)
     if isinstance(store, str):
@@ -383,8 +383,9 @@ def _drive(conn: psycopg.Connection[Any], schema: str, target: Store,
     tokens = [0, 0]
     runs = 0
     for done, task in enumerate(generate_tasks(tasks, seed), 1):
-        ending = _one(task, loop, inspect, record, applier, target, counts, pending, raised,
-                      tokens)
+        ending = _one(task, loop=loop, inspect=inspect, record=record, applier=applier,
+                      target=target, counts=counts, pending=pending, raised=raised,
+                      tokens=tokens)
         runs += 1
         outcomes[task.index] = ending
         if progress is not None:
@@ -403,7 +404,7 @@ def _drive(conn: psycopg.Connection[Any], schema: str, target: Store,
         max_attempts=max_attempts, outcomes=outcomes, ledger=model.ledger)
 
 
-def _one(task: MigrationTask, loop: Loop[Any, Any, Any], inspect: Any, record: Any,
+def _one(task: MigrationTask, *, loop: Loop, inspect: Any, record: Any,
          applier: ApplyMigration, target: Store, counts: dict[str, int],
          pending: list[Pending], raised: list[str], tokens: list[int]) -> str:
     """One task as one run: inspect, migrate, record. Returns how it ended."""
