@@ -329,3 +329,20 @@ def test_an_unreachable_database_is_a_one_line_error_without_the_password() -> N
     assert "cannot connect to PostgreSQL" in out.output
     assert "hunter2" not in out.output
     assert len(out.output.strip().splitlines()) == 1
+
+
+def test_stored_text_in_the_summary_is_printed_literally(
+        summary: MigrationSummary, capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from closedloop.cli._demo import _print_migrations
+    from closedloop.demo._migrations import Pending
+
+    hostile = "[bold red]FAKE[/] \x1b[2J\nforged line"
+    _print_migrations(dataclasses.replace(
+        summary, store_url="sqlite:////tmp/[x]\x1b.db", errors=1, first_error=hostile,
+        awaiting_approval=[Pending(task=0, approval_id="[u]id[/u]", risk=hostile)]))
+    out = capsys.readouterr().out
+    assert "\x1b[2J" not in out and "\x1b" not in out.replace("\\x1b", "")
+    assert "[bold red]FAKE[/]" in out and "[u]id[/u]" in out
+    assert "\\nforged line" in out and "\nforged line" not in out

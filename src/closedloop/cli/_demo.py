@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 import click
@@ -231,7 +232,13 @@ def _print_migrations(s: MigrationSummary) -> None:
                                 (literal(p.approval_id), "bold"), ": ", literal(p.risk)),
                   soft_wrap=True)
     where = "kept" if s.kept else "dropped"
-    out.print(Text.assemble("Schema ", (literal(s.schema), "bold"), f" {where}. ",
-                            "Events and runs are in ", (literal(s.store_url), "bold"),
-                            ": closedloop runs list / approvals list --store ..."),
+    out.print(Text.assemble("Schema ", (literal(s.schema), "bold"), f" {where}."),
               soft_wrap=True)
+    if s.store_url.startswith("memory://"):
+        out.print("Events were kept in memory only: pass --store sqlite:///PATH to keep them.")
+        return
+    store = f"--store {shlex.quote(s.store_url)}"
+    steps = [f"closedloop runs list {store}",
+             f"closedloop approvals list --status pending --task-type pg.migrate {store}",
+             f"closedloop report {store}"]
+    click.echo("\n".join(["Next steps:", *(f"  {literal(line)}" for line in steps)]))
