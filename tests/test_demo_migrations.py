@@ -257,12 +257,32 @@ def test_migrations_land_in_the_demo_s_schema_and_compensation_restores_it(
     assert apply.restored(before).passed
 
 
-def test_sql_naming_another_schema_is_blocked() -> None:
-    check = StaysInSchema("cl_demo_mig_x")
-    verdict = check("ALTER TABLE public.orders ADD COLUMN x int")
-    assert not verdict.passed and verdict.issues[0].severity >= cl.Severity.CRITICAL
-    assert check("ALTER TABLE cl_demo_mig_x.orders ADD COLUMN x int").passed
-    assert check("ALTER TABLE orders ADD COLUMN x int").passed
+@pytest.mark.parametrize("sql", [
+    "ALTER TABLE public.orders ADD COLUMN x int",
+    "CREATE TABLE t AS SELECT * FROM public.secret",
+    "ALTER TABLE other_db.cl_demo_mig_x.orders ADD COLUMN x int",
+    "ALTER TABLE orders ADD COLUMN x int; COMMIT; DROP TABLE public.t",
+    "BEGIN",
+    "SET search_path TO public",
+    "CREATE SCHEMA elsewhere",
+    "CREATE FUNCTION f() RETURNS int AS $$ select 1 $$ LANGUAGE sql",
+    "GRANT ALL ON orders TO bob",
+])
+def test_sql_leaving_the_demo_s_schema_or_transaction_is_blocked(sql: str) -> None:
+    verdict = StaysInSchema("cl_demo_mig_x")(sql)
+    assert not verdict.passed
+    assert max(i.severity for i in verdict.issues) >= cl.Severity.CRITICAL, verdict
+
+
+@pytest.mark.parametrize("sql", [
+    "ALTER TABLE cl_demo_mig_x.orders ADD COLUMN x int",
+    "ALTER TABLE orders ADD COLUMN x int; ALTER TABLE orders ALTER COLUMN x SET NOT NULL",
+    "CREATE TABLE t (id bigint PRIMARY KEY); CREATE INDEX t_i ON t (id)",
+    "DROP TABLE orders",  # destructive, yet in its schema: the risk rule gates it
+    "UPDATE orders SET total_cents = 0 WHERE id = 1",
+])
+def test_migrations_of_the_demo_s_schema_pass(sql: str) -> None:
+    assert StaysInSchema("cl_demo_mig_x")(sql).passed
 
 
 def test_tasks_and_the_agent_s_choices_depend_only_on_seed_and_index() -> None:

@@ -70,8 +70,19 @@ def _diff(now: Schema, before: Schema) -> list[str]:
     return out
 
 
+_CREATE_KINDS = frozenset({"TABLE", "INDEX", "VIEW", "SEQUENCE"})
+
+
 class StaysInSchema:
-    """Validator: the SQL names no schema but the demo's (critical otherwise: blocked)."""
+    """Validator: the SQL is a migration of the demo's schema, and nothing else.
+
+    Critical (blocked, not re-asked): a table named in another schema (or database), and a
+    statement that could leave the migration's transaction or its schema — transaction
+    control, ``SET``, ``CREATE`` of anything but a table, index, view or sequence (a schema,
+    a function), ``GRANT``. A statement the parser reads only as an opaque command (``DO``)
+    is an error the agent gets back. Only ``CREATE``, ``ALTER``, ``DROP``, ``TRUNCATE``,
+    ``INSERT``, ``UPDATE``, ``DELETE`` pass (the risk rule then judges what destroys data).
+    """
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -89,17 +100,28 @@ class StaysInSchema:
             statements = [s for s in sqlglot.parse(proposal, read="postgres") if s is not None]
         except (SqlglotError, RecursionError):
             return Verdict(check=self.name)  # SqlSyntax reports what does not parse
+        allowed = (exp.Create, exp.Alter, exp.Drop, exp.TruncateTable, exp.Insert, exp.Update,
+                   exp.Delete)
         issues = []
         for n, statement in enumerate(statements, 1):
-            if isinstance(statement, exp.Command | exp.Set):
-                issues.append(Issue(message=f"statement {n} is not DDL the parser can read",
-                                    code="not_ddl", location=f"statement {n}"))
+            where = f"statement {n}"
+            if isinstance(statement, exp.Command):
+                issues.append(Issue(message=f"{where} is not SQL the parser can read as a "
+                                            "migration", code="not_ddl", location=where))
+                continue
+            kind = str(statement.args.get("kind") or "").upper()
+            if not isinstance(statement, allowed) or (
+                    isinstance(statement, exp.Create) and kind not in _CREATE_KINDS):
+                what = f"{type(statement).__name__.upper()} {kind}".strip()
+                issues.append(Issue(message=f"{where} ({what}) is not allowed in a migration",
+                                    code="not_allowed", location=where,
+                                    severity=Severity.CRITICAL))
             for table in statement.find_all(exp.Table):
-                if table.db and table.db != self.schema:
+                if table.catalog or (table.db and table.db != self.schema):
+                    named = ".".join(p for p in (table.catalog, table.db) if p)
                     issues.append(Issue(
-                        message=f"names the schema {table.db!r}: this agent works in its own",
-                        code="other_schema", location=f"statement {n}",
-                        severity=Severity.CRITICAL))
+                        message=f"{where} names {named!r}: this agent works in its own schema",
+                        code="other_schema", location=where, severity=Severity.CRITICAL))
         return Verdict(issues=tuple(issues), check=self.name)
 
 
