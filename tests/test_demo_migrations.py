@@ -22,6 +22,7 @@ from closedloop.cli import main
 from closedloop.demo import MigrationModel, MigrationRates, generate_tasks
 from closedloop.demo._migmodel import (
     BASE_ROWS,
+    BASE_TABLES,
     FaultCategory,
     LedgerEntry,
     MigrationLedger,
@@ -332,13 +333,24 @@ def test_the_command_prints_the_summary_and_drops_its_schema(tmp_path: Path) -> 
     assert "Applied, verified, recorded" in text.output and "dropped" in text.output
 
 
-def test_approve_autonomy_applies_nothing_unattended(tmp_path: Path) -> None:
+@pytest.mark.parametrize("autonomy", ["approve", "suggest"])
+def test_below_autonomous_nothing_is_applied_unattended(tmp_path: Path, autonomy: str) -> None:
     summary = run_migrations_demo(4, SEED, f"sqlite:///{tmp_path / 'e.db'}", pg_url=PG_URL,
-                                  autonomy="approve")
-    assert summary.outcomes == {t: expected_result(e, 3, "approve")
-                                for t, e in summary.ledger.by_task().items()}
-    assert summary.succeeded == 0 and len(summary.awaiting_approval) >= 1
-    assert summary.base_intact
+                                  autonomy=autonomy, keep=True)
+    try:
+        assert summary.outcomes == {t: expected_result(e, 3, autonomy)
+                                    for t, e in summary.ledger.by_task().items()}
+        assert summary.succeeded == summary.migrations_recorded == 0
+        if autonomy == "approve":
+            assert len(summary.awaiting_approval) == 4 - summary.failed_validation
+        else:
+            assert summary.suggested == 4 - summary.failed_validation
+        base = {(t, c) for t, cols in BASE_TABLES.items() for c, _ in cols}
+        base |= {("schema_migrations", c) for c in ("version", "description", "applied_at")}
+        assert set(tables(summary.schema)) == base
+        assert summary.base_intact
+    finally:
+        drop(summary.schema)
 
 
 def test_an_unreachable_database_is_a_one_line_error_without_the_password() -> None:
