@@ -143,11 +143,13 @@ class ApplyMigration:
     def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
         self.conn = conn
         self.schema = schema
+        self.before: Schema | None = None
+        """The schema as the last migration found it (before it ran)."""
 
     def __call__(self, sql: str) -> Applied:
         from closedloop.runs import current_run
 
-        before = read_schema(self.conn, self.schema)
+        self.before = before = read_schema(self.conn, self.schema)
         try:
             with self.conn.transaction():
                 self._scope()
@@ -159,6 +161,12 @@ class ApplyMigration:
         if run is not None:
             run.on_rollback(self.restore, before, check=self.restored, label="restore schema")
         return Applied(tuple(_diff(read_schema(self.conn, self.schema), before)))
+
+    def changes_since_found(self) -> list[str]:
+        """How the schema differs now from what the last migration found."""
+        if self.before is None:
+            raise RuntimeError("no migration ran")
+        return _diff(read_schema(self.conn, self.schema), self.before)
 
     def _scope(self) -> None:
         self.conn.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(
@@ -436,11 +444,11 @@ def _one(task: MigrationTask, *, loop: Loop, inspect: Any, record: Any,
                 labels={"task": str(task.index)}) as run:
         existing = inspect(table=task.table)
         columns = tuple(existing) if isinstance(existing, list) else ()
-        before = read_schema(applier.conn, applier.schema)
+        applier.before = None
         try:
             result = loop.run(MigrationStep(task=task, existing=columns))
         except MigrationFailed:  # recorded by the loop (executor error): check the rollback
-            leaked = _diff(read_schema(applier.conn, applier.schema), before)
+            leaked = applier.changes_since_found()
             counts["rollback_leaked" if leaked else "rolled_back"] += 1
             return "rollback_leaked" if leaked else "rolled_back"
         except Exception as exc:  # noqa: BLE001 - recorded by the loop; the demo goes on
@@ -477,7 +485,7 @@ def _one(task: MigrationTask, *, loop: Loop, inspect: Any, record: Any,
             counts["blocked"] += 1
             return "blocked"
         if error in (ErrorType.VERIFICATION, ErrorType.VERIFICATION_UNKNOWN):
-            restored = not _diff(read_schema(applier.conn, applier.schema), before)
+            restored = not applier.changes_since_found()
             ok = restored and run.compensated == 1
             counts["compensated" if ok else "compensation_failed"] += 1
             return "compensated" if ok else "compensation_failed"
