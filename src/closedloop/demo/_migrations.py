@@ -323,27 +323,39 @@ def run_migrations_demo(
                           f"{type(exc).__name__}: {redact_text(str(exc).strip())}") from None
     schema = SCHEMA_PREFIX + secrets.token_hex(4)
     owned = isinstance(store, str)
-    if isinstance(store, str):
-        target = open_store(store)
-    elif store is None:
-        from closedloop.store import default_store
+    try:
+        if isinstance(store, str):
+            target = open_store(store)
+        elif store is None:
+            from closedloop.store import default_store
 
-        target = default_store()
-    else:
-        target = store
+            target = default_store()
+        else:
+            target = store
+    except BaseException:
+        conn.close()
+        raise
     started = time.perf_counter()
     before_stats = target.stats()
+    created = False
     try:
-        with conn.transaction():
-            conn.execute(pgsql.SQL("CREATE SCHEMA {}").format(pgsql.Identifier(schema)))
-            conn.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(
-                pgsql.Identifier(schema)))
-            conn.execute(BASE_DDL.encode())
-        summary = _drive(conn, schema, target, progress, tasks=tasks, seed=seed, rates=rates,
-                         max_attempts=max_attempts, autonomy=autonomy)
+        try:
+            with conn.transaction():
+                conn.execute(pgsql.SQL("CREATE SCHEMA {}").format(pgsql.Identifier(schema)))
+                created = True
+                conn.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(
+                    pgsql.Identifier(schema)))
+                conn.execute(BASE_DDL.encode())
+            summary = _drive(conn, schema, target, progress, tasks=tasks, seed=seed,
+                             rates=rates, max_attempts=max_attempts, autonomy=autonomy)
+        except psycopg.Error as exc:  # the demo's own statements: setup, reads, the record
+            from closedloop._redact import redact_text
+
+            raise ConfigError(f"PostgreSQL refused the demo (schema {schema}): "
+                              f"{type(exc).__name__}: {redact_text(str(exc).strip())}") from None
     finally:
         try:
-            if not keep:
+            if created and not keep and not conn.closed:
                 conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                     pgsql.Identifier(schema)))
         finally:
