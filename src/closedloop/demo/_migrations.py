@@ -53,6 +53,10 @@ class MigrationFailed(Exception):
     """The migration failed in PostgreSQL; its transaction was rolled back."""
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def read_schema(conn: psycopg.Connection[Any], schema: str) -> Schema:
     """Every column of every table of ``schema``, from ``information_schema.columns``."""
     with conn.transaction():
@@ -156,7 +160,7 @@ class ApplyMigration:
                 self.conn.execute(sql.encode())  # bytes: the SQL is never a format string
         except psycopg.Error as exc:
             raise MigrationFailed(f"the migration failed in PostgreSQL and was rolled back: "
-                                  f"{type(exc).__name__}: {str(exc).strip()}") from None
+                                  f"{type(exc).__name__}: {_one_line(exc)}") from None
         run = current_run()
         if run is not None:
             run.on_rollback(self.restore, before, check=self.restored, label="restore schema")
@@ -320,7 +324,7 @@ def run_migrations_demo(
         from closedloop._redact import redact_text, shown_url
 
         raise ConfigError(f"cannot connect to PostgreSQL at {shown_url(pg_url)}: "
-                          f"{type(exc).__name__}: {redact_text(str(exc).strip())}") from None
+                          f"{type(exc).__name__}: {redact_text(_one_line(exc))}") from None
     schema = SCHEMA_PREFIX + secrets.token_hex(4)
     owned = isinstance(store, str)
     try:
@@ -352,7 +356,7 @@ def run_migrations_demo(
             from closedloop._redact import redact_text
 
             raise ConfigError(f"PostgreSQL refused the demo (schema {schema}): "
-                              f"{type(exc).__name__}: {redact_text(str(exc).strip())}") from None
+                              f"{type(exc).__name__}: {redact_text(_one_line(exc))}") from None
     finally:
         try:
             if created and not keep and not conn.closed:
