@@ -7,6 +7,12 @@ local EC2 API (moto, :class:`LocalEc2`), and verifies the launched instances aga
 requests (:class:`InstanceMatchesRequest`). The model's :class:`FaultLedger` is the ground
 truth to check the recorded events against. Needs the extra: ``pip install 'closedloop[demo]'``
 (only :func:`run_demo` and the boto3/pydantic parts need it; the model is pure Python).
+
+The migrations scenario (``closedloop demo --scenario migrations``, docs/demo.md):
+:class:`MigrationModel`, a seeded schema-migration agent with a :class:`MigrationLedger` of
+its injected faults, and :func:`run_migrations_demo`, which runs each of its tasks as a
+:class:`~closedloop.Run` of guarded steps on a real PostgreSQL, in a schema of its own.
+Needs ``pip install 'closedloop[postgres,validators]'``.
 """
 
 from __future__ import annotations
