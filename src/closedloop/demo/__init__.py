@@ -11,6 +11,12 @@ against the demo's EC2, kept in a file between processes (:class:`Ec2State`). Th
 :class:`FaultLedger` is the ground truth to check the recorded events against. Needs the
 extra: ``pip install 'closedloop[demo]'`` (only :func:`run_demo` and the boto3/pydantic parts
 need it; the model is pure Python).
+
+The migrations scenario (``closedloop demo --scenario migrations``, docs/demo.md):
+:class:`MigrationModel`, a seeded schema-migration agent with a :class:`MigrationLedger` of
+its injected faults, and :func:`run_migrations_demo`, which runs each of its tasks as a
+:class:`~closedloop.Run` of guarded steps on a real PostgreSQL, in a schema of its own.
+Needs ``pip install 'closedloop[postgres,validators]'``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError as _ConfigError
+from closedloop.demo._migmodel import (
+    MigrationLedger,
+    MigrationModel,
+    MigrationRates,
+    MigrationTask,
+    generate_tasks,
+)
 from closedloop.demo._model import (
     FaultCategory,
     FaultKind,
@@ -49,6 +62,7 @@ if TYPE_CHECKING:
         InstanceMatchesRequest,
         LocalEc2,
     )
+    from closedloop.demo._migrations import MigrationSummary, run_migrations_demo
     from closedloop.demo._plan import (
         destructive_plan,
         no_destructive_actions,
@@ -74,6 +88,11 @@ __all__ = [
     "InstanceMatchesRequest",
     "LedgerEntry",
     "LocalEc2",
+    "MigrationLedger",
+    "MigrationModel",
+    "MigrationRates",
+    "MigrationSummary",
+    "MigrationTask",
     "PersistedExecutor",
     "ProvisionRequest",
     "SimulatedModel",
@@ -81,11 +100,13 @@ __all__ = [
     "destructive_plan",
     "expected_result",
     "generate_requests",
+    "generate_tasks",
     "no_destructive_actions",
     "plan_schema",
     "require_demo_extras",
     "required_tags",
     "run_demo",
+    "run_migrations_demo",
     "state_path_for",
     "worker",
 ]
@@ -99,6 +120,7 @@ if not TYPE_CHECKING:  # type checkers read the imports above; at run time, impo
         "._plan": ("destructive_plan", "no_destructive_actions", "plan_schema",
                    "required_tags"),
         "._state": ("Ec2State", "PersistedExecutor", "state_path_for", "worker"),
+        "._migrations": ("MigrationSummary", "run_migrations_demo"),
     })
 
     def __getattr__(name: str) -> Any:
