@@ -9,6 +9,10 @@ step, of the agent's span) with model, finish reasons, token usage and cached to
 the tokens to :func:`closedloop.current_attempt`. Every HTTP 429 the SDK receives (including
 those it retries itself) is reported to ``on_rate_limited(key, retry_after_s)``.
 
+Framework adapters (docs/frameworks.md), each imported on first use so that importing
+closedloop never imports a framework: :func:`pydantic_ai_tool` and
+:func:`pydantic_ai_output_validator` (Pydantic AI).
+
 Not yet instrumented: embeddings, the Realtime/WebSocket APIs, Anthropic's beta namespace
 (``client.beta.messages``) and ``with_raw_response`` calls.
 """
@@ -23,6 +27,10 @@ from closedloop.integrations._common import ModelCall, RateLimitHook, retry_afte
 from closedloop.integrations._openai import OpenAIProvider, OpenAIResponsesProvider
 
 if TYPE_CHECKING:
+    from closedloop.integrations._pydantic_ai import (
+        pydantic_ai_output_validator,
+        pydantic_ai_tool,
+    )
     from closedloop.telemetry import Telemetry
 
 __all__ = [
@@ -33,8 +41,20 @@ __all__ = [
     "RateLimitHook",
     "instrument_anthropic",
     "instrument_openai",
+    "pydantic_ai_output_validator",
+    "pydantic_ai_tool",
     "retry_after_seconds",
 ]
+
+# the framework adapters: imported (with their framework) when first used
+_ADAPTERS = {
+    "._pydantic_ai": ("pydantic_ai_output_validator", "pydantic_ai_tool"),
+}
+
+if not TYPE_CHECKING:
+    from closedloop._lazy import lazy_exports as _lazy_exports
+
+    __getattr__, __dir__ = _lazy_exports(__name__, _ADAPTERS)
 
 
 def instrument_openai(
