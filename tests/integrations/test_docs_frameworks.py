@@ -12,10 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 import closedloop as cl
-from integrations._chat import text_reply, tool_reply, tool_results
+from integrations._chat import (
+    call_outputs,
+    response_calls,
+    response_text,
+    text_reply,
+    tool_reply,
+    tool_results,
+)
 from integrations._wire_server import WireServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "frameworks.md"
@@ -54,6 +62,31 @@ def run_example(code: str) -> tuple[str, dict[str, Any]]:
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(DOC), "exec"), namespace)
     return out.getvalue(), namespace
+
+
+def test_the_openai_agents_sdk_example(openai_env: WireServer) -> None:
+    from agents import set_default_openai_client, set_trace_processors
+
+    wire = openai_env
+    wire.script(response_calls(("create_bucket", {"name": "Logs"})),
+                response_calls(("create_bucket", {"name": "logs"}), first_id=2),
+                response_text("created the logs bucket"))
+    text = section("OpenAI Agents SDK")
+    code, *_ = blocks(text, "python")
+    shown, feedback = blocks(text, "text")
+    set_trace_processors([])  # the example adds its processor; never the SDK's exporter here
+    try:
+        out, _ = run_example(code)
+    finally:
+        set_trace_processors([])
+        set_default_openai_client(openai.AsyncOpenAI(api_key="unused"))
+    assert out == shown
+    assert call_outputs(wire.requests[1][1])["call_1"] == feedback.strip()
+    assert [path for path, _ in wire.requests] == ["/v1/responses"] * 3
+    store = cl.default_store()
+    assert store.flush()
+    assert [(e.task_type, e.outcome) for e in store.events()] == [
+        ("create_bucket", "failed"), ("create_bucket", "succeeded")]
 
 
 def test_the_pydantic_ai_example(openai_env: WireServer) -> None:

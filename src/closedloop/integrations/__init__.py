@@ -11,7 +11,9 @@ those it retries itself) is reported to ``on_rate_limited(key, retry_after_s)``.
 
 Framework adapters (docs/frameworks.md), each imported on first use so that importing
 closedloop never imports a framework: :func:`pydantic_ai_tool` and
-:func:`pydantic_ai_output_validator` (Pydantic AI).
+:func:`pydantic_ai_output_validator` (Pydantic AI); :func:`agents_function_tool`,
+:func:`agents_input_guardrail`, :func:`agents_output_guardrail` and
+:class:`ClosedLoopTraceProcessor` (OpenAI Agents SDK).
 
 Not yet instrumented: embeddings, the Realtime/WebSocket APIs, Anthropic's beta namespace
 (``client.beta.messages``) and ``with_raw_response`` calls.
@@ -27,6 +29,12 @@ from closedloop.integrations._common import ModelCall, RateLimitHook, retry_afte
 from closedloop.integrations._openai import OpenAIProvider, OpenAIResponsesProvider
 
 if TYPE_CHECKING:
+    from closedloop.integrations._openai_agents import (
+        ClosedLoopTraceProcessor,
+        agents_function_tool,
+        agents_input_guardrail,
+        agents_output_guardrail,
+    )
     from closedloop.integrations._pydantic_ai import (
         pydantic_ai_output_validator,
         pydantic_ai_tool,
@@ -35,10 +43,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AnthropicProvider",
+    "ClosedLoopTraceProcessor",
     "ModelCall",
     "OpenAIProvider",
     "OpenAIResponsesProvider",
     "RateLimitHook",
+    "agents_function_tool",
+    "agents_input_guardrail",
+    "agents_output_guardrail",
     "instrument_anthropic",
     "instrument_openai",
     "pydantic_ai_output_validator",
@@ -48,6 +60,8 @@ __all__ = [
 
 # the framework adapters: imported (with their framework) when first used
 _ADAPTERS = {
+    "._openai_agents": ("ClosedLoopTraceProcessor", "agents_function_tool",
+                        "agents_input_guardrail", "agents_output_guardrail"),
     "._pydantic_ai": ("pydantic_ai_output_validator", "pydantic_ai_tool"),
 }
 
