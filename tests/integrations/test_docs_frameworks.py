@@ -110,3 +110,17 @@ def test_the_pydantic_ai_example(openai_env: WireServer) -> None:
     assert [(e.task_type, e.outcome) for e in store.events() if e.run_id == run.run_id] == [
         ("create_bucket", "failed"), ("create_bucket", "succeeded"), ("output", "failed"),
         ("output", "succeeded")]
+
+
+def test_the_langgraph_example() -> None:
+    text = section("LangGraph")
+    code, *_ = blocks(text, "python")
+    (shown,) = blocks(text, "text")
+    out, _ = run_example(code)
+    assert out == shown
+    store = cl.default_store()
+    assert store.flush()
+    # one request, executed once: one awaiting event and one executed event, one step id
+    events = list(store.events())
+    assert [e.outcome for e in events] == ["awaiting_approval", "succeeded"]
+    assert len({e.step_id for e in events}) == 1

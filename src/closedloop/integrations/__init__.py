@@ -13,7 +13,7 @@ Framework adapters (docs/frameworks.md), each imported on first use so that impo
 closedloop never imports a framework: :func:`pydantic_ai_tool` and
 :func:`pydantic_ai_output_validator` (Pydantic AI); :func:`agents_function_tool`,
 :func:`agents_input_guardrail`, :func:`agents_output_guardrail` and
-:class:`ClosedLoopTraceProcessor` (OpenAI Agents SDK).
+:class:`ClosedLoopTraceProcessor` (OpenAI Agents SDK); :func:`langgraph_node` (LangGraph).
 
 Not yet instrumented: embeddings, the Realtime/WebSocket APIs, Anthropic's beta namespace
 (``client.beta.messages``) and ``with_raw_response`` calls.
@@ -29,6 +29,7 @@ from closedloop.integrations._common import ModelCall, RateLimitHook, retry_afte
 from closedloop.integrations._openai import OpenAIProvider, OpenAIResponsesProvider
 
 if TYPE_CHECKING:
+    from closedloop.integrations._langgraph import NodeOutcome, langgraph_node
     from closedloop.integrations._openai_agents import (
         ClosedLoopTraceProcessor,
         agents_function_tool,
@@ -45,6 +46,7 @@ __all__ = [
     "AnthropicProvider",
     "ClosedLoopTraceProcessor",
     "ModelCall",
+    "NodeOutcome",
     "OpenAIProvider",
     "OpenAIResponsesProvider",
     "RateLimitHook",
@@ -53,6 +55,7 @@ __all__ = [
     "agents_output_guardrail",
     "instrument_anthropic",
     "instrument_openai",
+    "langgraph_node",
     "pydantic_ai_output_validator",
     "pydantic_ai_tool",
     "retry_after_seconds",
@@ -60,6 +63,7 @@ __all__ = [
 
 # the framework adapters: imported (with their framework) when first used
 _ADAPTERS = {
+    "._langgraph": ("NodeOutcome", "langgraph_node"),
     "._openai_agents": ("ClosedLoopTraceProcessor", "agents_function_tool",
                         "agents_input_guardrail", "agents_output_guardrail"),
     "._pydantic_ai": ("pydantic_ai_output_validator", "pydantic_ai_tool"),
