@@ -130,3 +130,28 @@ def test_a_step_that_needs_no_approval_runs_at_once(store: cl.Store) -> None:
     out = graph(world, store, autonomy="autonomous").invoke({"bucket": "logs"}, CONFIG)
     assert (out["status"], out["result"]) == ("succeeded", "created logs")
     assert out["approval_id"] is None and world.created == [("logs", None)]
+
+
+async def test_an_async_node_with_an_async_executor_interrupts_and_executes_once(
+        store: cl.Store) -> None:
+    created: list[tuple[str, str | None]] = []
+
+    async def create(proposal: dict[str, Any]) -> str:
+        created.append((proposal["name"], cl.current_idempotency_key()))
+        return "created"
+
+    loop = cl.Loop(propose, task_type="bucket.create", executor=create, store=store,
+                   guards=(), autonomy="approve")
+    builder = StateGraph(State)
+    builder.add_node("apply", langgraph_node(
+        loop, task_input=lambda s: s["bucket"], asynchronous=True,
+        update=lambda s, o: {"status": o.outcome, "approval_id": o.approval_id}))
+    builder.add_edge(START, "apply")
+    builder.add_edge("apply", END)
+    g = builder.compile(checkpointer=InMemorySaver())
+    asked = interrupted(await g.ainvoke({"bucket": "logs"}, CONFIG))
+    assert created == []
+    out = await g.ainvoke(Command(resume={"approved": True, "by": "alice"}), CONFIG)
+    assert out["status"] == "succeeded" and out["approval_id"] == asked["approval_id"]
+    assert created == [("logs", asked["approval_id"])]
+    assert len(approvals.list_requests(store=store).requests) == 1

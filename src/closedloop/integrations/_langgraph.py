@@ -17,7 +17,7 @@ exactly once:
   (:func:`closedloop.current_idempotency_key`). A node re-run after the action (a crash, an
   error later in the node) finds the request executed and reports it: it never acts twice.
 
-Sync nodes (``graph.invoke``) only for now. See docs/frameworks.md.
+Sync nodes, or ``async`` ones (``asynchronous=True``). See docs/frameworks.md.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def langgraph_node(
     task_input: Callable[[Any], Any] | None = None,
     update: Callable[[Any, NodeOutcome], Any] | None = None,
     by: str | None = None,
+    asynchronous: bool = False,
 ) -> Any:
     """A LangGraph node (``graph.add_node("apply", langgraph_node(loop, ...))``) running one
     step of ``loop``.
@@ -88,6 +89,8 @@ def langgraph_node(
     ``Command(resume=DECISION)`` where ``DECISION`` is ``{"approved": bool, "by": name,
     "reason": text}`` (recorded as that person's decision), or anything when the request was
     already decided elsewhere. ``by`` names this graph in the request's history.
+    ``asynchronous=True``: an ``async`` node (for ``graph.ainvoke`` and a loop with ``async``
+    hooks), running the step with ``arun`` / ``arun_approved``.
     """
     if not isinstance(loop, Loop):
         raise ConfigError(f"langgraph_node needs a closedloop.Loop, got {loop!r}")
@@ -96,44 +99,72 @@ def langgraph_node(
     store = loop.store
     worker = by or f"langgraph:{loop.task_type}"
 
-    @task(name=f"closedloop:{loop.task_type}")  # type: ignore[arg-type]
-    def propose(task_value: Any) -> dict[str, Any]:
-        # checkpointed by LangGraph: on resume the node gets this back, not a new proposal
-        return asdict(_from_result(loop.run(task_value)))
+    if asynchronous:
+        @task(name=f"closedloop:{loop.task_type}")  # type: ignore[arg-type]
+        async def apropose(task_value: Any) -> dict[str, Any]:
+            # checkpointed by LangGraph: on resume the node gets this back, not a new proposal
+            return asdict(_from_result(await loop.arun(task_value)))
 
-    def node(state: Any) -> Any:
-        first = NodeOutcome(**propose(read_task(state)).result())
-        if first.outcome != Outcome.AWAITING_APPROVAL.value or first.approval_id is None:
-            return make_update(state, first)
-        request_id = first.approval_id
-        request = get_request(request_id, store=store)
-        decision = interrupt({"approval_id": request_id, "task_type": request.task_type,
-                              "proposal": request.proposal, "risk": request.risk})
-        if request.status is ApprovalStatus.PENDING:
-            request = get_request(request_id, store=store)  # decided meanwhile, perhaps
-        if request.status is ApprovalStatus.PENDING and isinstance(decision, Mapping) \
-                and "approved" in decision:
-            who = str(decision.get("by") or "")
-            reason = str(decision.get("reason") or "")
-            if decision["approved"]:
-                request = approve(request_id, by=who, reason=reason, store=store)
-            else:
-                request = reject(request_id, by=who, reason=reason or "rejected", store=store)
-        return make_update(state, _settle(loop, request_id, first, worker))
+        async def anode(state: Any) -> Any:
+            first = NodeOutcome(**await apropose(read_task(state)))
+            request_id = _ask(loop, first)
+            if request_id is None:
+                return make_update(state, first)
+            if get_request(request_id, store=store).status is ApprovalStatus.APPROVED:
+                result = await loop.arun_approved(request_id, by=worker)
+                if result is not None and result.outcome is not Outcome.AWAITING_APPROVAL:
+                    return make_update(state, _from_result(result))
+            return make_update(state, _report(loop, request_id, first))
 
-    node.__name__ = f"closedloop_{loop.task_type.replace('.', '_')}"
-    node.loop = loop  # type: ignore[attr-defined]
-    return node  # typed Any: LangGraph's add_node infers the state type from the node
+        chosen: Any = anode
+    else:
+        @task(name=f"closedloop:{loop.task_type}")  # type: ignore[arg-type]
+        def propose(task_value: Any) -> dict[str, Any]:
+            # checkpointed by LangGraph: on resume the node gets this back, not a new proposal
+            return asdict(_from_result(loop.run(task_value)))
+
+        def node(state: Any) -> Any:
+            first = NodeOutcome(**propose(read_task(state)).result())
+            request_id = _ask(loop, first)
+            if request_id is None:
+                return make_update(state, first)
+            if get_request(request_id, store=store).status is ApprovalStatus.APPROVED:
+                result = loop.run_approved(request_id, by=worker)
+                if result is not None and result.outcome is not Outcome.AWAITING_APPROVAL:
+                    return make_update(state, _from_result(result))
+            return make_update(state, _report(loop, request_id, first))
+
+        chosen = node
+    chosen.__name__ = f"closedloop_{loop.task_type.replace('.', '_')}"
+    chosen.loop = loop
+    return chosen  # typed Any: LangGraph's add_node infers the state type from the node
 
 
-def _settle(loop: Loop, request_id: str, first: NodeOutcome, worker: str) -> NodeOutcome:
-    """Execute the approved request once; or report what became of it."""
+def _ask(loop: Loop, first: NodeOutcome) -> str | None:
+    """The request to execute once decided (after ``interrupt``), or None when the step
+    needed no approval. Records the decision the graph was resumed with."""
+    if first.outcome != Outcome.AWAITING_APPROVAL.value or first.approval_id is None:
+        return None
+    store = loop.store
+    request_id = first.approval_id
+    request = get_request(request_id, store=store)
+    decision = interrupt({"approval_id": request_id, "task_type": request.task_type,
+                          "proposal": request.proposal, "risk": request.risk})
+    request = get_request(request_id, store=store)  # decided meanwhile, perhaps
+    if request.status is ApprovalStatus.PENDING and isinstance(decision, Mapping) \
+            and "approved" in decision:
+        who = str(decision.get("by") or "")
+        reason = str(decision.get("reason") or "")
+        if decision["approved"]:
+            approve(request_id, by=who, reason=reason, store=store)
+        else:
+            reject(request_id, by=who, reason=reason or "rejected", store=store)
+    return request_id
+
+
+def _report(loop: Loop, request_id: str, first: NodeOutcome) -> NodeOutcome:
+    """What became of a request this node did not (or no longer can) execute."""
     request = get_request(request_id, store=loop.store)
-    if request.status is ApprovalStatus.APPROVED:
-        result = loop.run_approved(request_id, by=worker)
-        if result is not None and result.outcome is not Outcome.AWAITING_APPROVAL:
-            return _from_result(result)
-        request = get_request(request_id, store=loop.store)
     status = request.status
     recorded = request.result or {}
     if status is ApprovalStatus.EXECUTED or status is ApprovalStatus.FAILED:
