@@ -267,3 +267,26 @@ def test_the_processor_marks_spans_inside_a_step_with_the_step_id(
     assert marked and all(s["metadata"] == {"closedloop.run_id": r.run_id,
                                             "closedloop.step_id": step.step_id}
                           for s in marked)
+
+
+def test_an_async_guarded_tool_with_a_mismatch_is_rolled_back_and_told(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    def in_region(call: dict[str, Any], result: str) -> str | None:
+        got = BUCKETS.get(call["name"])
+        return None if got == call.get("region", "eu-west-1") else f"landed in {got}"
+
+    @cl.tool(verifiers=[in_region], store=memory_store,
+             compensate=lambda result, name, region="eu-west-1": BUCKETS.pop(name))
+    async def create_bucket(name: str, region: str = "eu-west-1") -> str:
+        """Create a storage bucket."""
+        BUCKETS[name] = "us-east-1" if region == "ap-south-2" else region
+        return f"created {name}"
+
+    wire.script(response_calls(("create_bucket", {"name": "eu", "region": "ap-south-2"})),
+                response_text("noted"))
+    agent = Agent(name="ops", model=model(wire), tools=[agents_function_tool(create_bucket)])
+    assert run(agent, "make it").final_output == "noted"
+    told = call_outputs(wire.requests[1][1])["call_1"]
+    assert "outcome does not match the intent" in told and "landed in us-east-1" in told
+    assert "rolled back" in told
+    assert BUCKETS == {}
