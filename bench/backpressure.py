@@ -9,6 +9,10 @@ Strategies compared in the same run: naive immediate retry, tenacity (exponentia
 with full jitter), a faithful port of the design's controller (started at 2R), aiolimiter
 with the true R (the oracle), and closedloop (not told R).
 
+``--only late`` runs scenario 2's shape in virtual time with each worker process taken off
+the CPU at random (``--run-ms``, ``--stall-ms``; the provider too with ``--server-stall-ms``):
+late wake-ups and requests handled in a clump, deterministic for a seed.
+
 Scenario 2 runs in REAL TIME against the Redis at 127.0.0.1:6379 (or $CLOSEDLOOP_REDIS_URL):
 4 worker processes share one Redis-backed limiter on a provider of rate R; it reports their
 aggregate rate against R, and the cost of one Redis-backed acquire (p50, p99).
@@ -405,6 +409,133 @@ def print_table(results: list[Result], rate: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# scenario 2 in virtual time: worker processes that wake up late (a loaded machine)
+
+
+class Stalls:
+    """When one worker process is off the CPU: runs and stalls alternate at random.
+
+    A loaded machine deschedules a process for a few ms at a time and, now and then, for
+    tens or a hundred and more; everything of that process that was due meanwhile (timers,
+    answers) runs together when it is back, which is what sends its callers out in a clump.
+    """
+
+    def __init__(self, rng: random.Random, run_ms: float, stall_ms: float, sigma: float) -> None:
+        self.rng = rng
+        self.run = run_ms / 1000
+        self.stall = stall_ms / 1000
+        self.sigma = sigma
+        self.spans: list[tuple[float, float]] = []
+        self.until = 0.0
+
+    def resume(self, t: float) -> float:
+        """When the process runs again if something of it is due at ``t``."""
+        while self.until <= t:
+            start = self.until + self.rng.expovariate(1 / self.run)
+            end = start + min(0.5, self.stall * math.exp(self.rng.gauss(0.0, self.sigma)))
+            self.spans.append((start, end))
+            self.until = end
+        for start, end in reversed(self.spans):
+            if end <= t:
+                break
+            if start <= t:
+                return end
+        return t
+
+
+def scenario_late(rate: float, *, workers: int = 4, agents: int = 16, seconds: float = 20.0,
+                  seed: int = 1, quota: float = 0.0, run_ms: float = 20.0,
+                  stall_ms: float = 8.0, sigma: float = 1.0, server_run_ms: float = 50.0,
+                  server_stall_ms: float = 0.0) -> dict[str, Any]:
+    """Scenario 2's shape (4 processes x 16 agents, one shared state, provider burst 5,
+    50 ms latency, 429 with ``Retry-After: 1``), in virtual time, with each process off the
+    CPU at random (:class:`Stalls`): what a loaded machine does to the callers' wake-ups.
+    With ``server_stall_ms`` the provider is off the CPU now and then too, and handles what
+    reached it meanwhile at once (a clump at its clock, whatever the callers did)."""
+    from closedloop.control import LocalRates
+
+    rng = random.Random(seed)
+    provider = Provider(rate=rate, burst=5.0, outage=(seconds, seconds), rng=rng,
+                        latency=0.05, jitter=0.0)
+    late: list[float] = []
+    # the provider is a process too: what reaches it during a stall is handled at its end
+    server = Stalls(random.Random(seed * 100 + 99), server_run_ms, server_stall_ms, sigma)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        shared = LocalRates(clock=loop.time)
+        limits = Limits(initial_rate=quota, max_rate=quota) if quota else Limits()
+
+        async def agent(bp: Backpressure, cpu: Stalls) -> None:
+            async def get() -> float:
+                await back(server)
+                answer = await provider.call()
+                await back(cpu)  # the answer is read when the process runs again
+                return answer
+            await asyncio.sleep(rng.uniform(0, 0.5))
+            while loop.time() < seconds:
+                try:
+                    await bp.acall("provider", get)
+                except (ProviderError, BackpressureError):
+                    await back(cpu)
+
+        async def back(cpu: Stalls) -> None:
+            t = loop.time()
+            r = cpu.resume(t)
+            late.append(r - t)
+            if r > t:
+                await asyncio.sleep(r - t)
+
+        def sleeper(cpu: Stalls) -> Callable[[float], Awaitable[None]]:
+            async def asleep(s: float) -> None:
+                await asyncio.sleep(s)
+                await back(cpu)
+            return asleep
+
+        tasks = []
+        for w in range(workers):
+            cpu = Stalls(random.Random(seed * 100 + w), run_ms, stall_ms, sigma)
+            bp = Backpressure(backend=shared, limits=limits, clock=loop.time,
+                              asleep=sleeper(cpu), rng=random.Random(seed * 1000 + w))
+            tasks += [asyncio.create_task(agent(bp, cpu)) for _ in range(agents)]
+        await asyncio.sleep(seconds)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        TRACE_LATE.append(shared.state("provider").counts)
+
+    loop = VirtualLoop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    ok = sorted(t for t in provider.successes if t <= seconds)
+    steady = [t for t in ok if t >= seconds / 3]
+    aggregate = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
+    late.sort()
+    counts = TRACE_LATE[-1]
+    return {"rate": rate, "seed": seed, "quota": quota, "ratio": aggregate / rate,
+            "throttled_per_success": provider.throttled / max(1, len(ok)),
+            "decreases": counts.get("decreases", 0), "clumps": counts.get("clumps", 0),
+            "late_ms": [round(1000 * _pct(late, q), 1) for q in (0.5, 0.9, 0.99)]}
+
+
+TRACE_LATE: list[dict[str, int]] = []
+
+
+def print_late(rows: list[dict[str, Any]]) -> None:
+    print("\nScenario 2 in virtual time: 4 processes x 16 agents share one state, provider "
+          "burst 5, 50 ms latency; each process off the CPU at random")
+    for r in rows:
+        told = f"told {r['quota']:g}/s" if r["quota"] else "not told R"
+        p50, p90, p99 = r["late_ms"]
+        print(f"R = {r['rate']:g}/s {told}, seed {r['seed']}: {r['ratio']:.3f} R, "
+              f"429/ok {r['throttled_per_success']:.3f}, {r['decreases']} rate cuts, "
+              f"{r['clumps']} clumps let pass; wake-up lateness p50/p90/p99 "
+              f"{p50:g}/{p90:g}/{p99:g} ms")
+
+
+# ----------------------------------------------------------------------------------------
 # scenario 2: 4 worker processes, one Redis-backed limiter, a real loopback provider
 
 
@@ -559,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", choices=["sim", "check", "redis"])
+    parser.add_argument("--only", choices=["sim", "check", "redis", "late"])
     parser.add_argument("--rates", default="20,50,100,200",
                         help="check: provider rates R to run (comma-separated)")
     parser.add_argument("--seeds", default="1,2,3", help="check: seeds (comma-separated)")
@@ -576,6 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burn", type=int, default=0,
                         help="scenario 2: start this many core-burning processes alongside")
     parser.add_argument("--runs", type=int, default=1, help="scenario 2: consecutive runs")
+    parser.add_argument("--run-ms", type=float, default=20.0,
+                        help="late: mean time a worker process runs between stalls (ms)")
+    parser.add_argument("--stall-ms", type=float, default=8.0,
+                        help="late: median stall off the CPU (ms; lognormal, sigma 1)")
+    parser.add_argument("--server-stall-ms", type=float, default=0.0,
+                        help="late: the provider's median stall (ms), one every 50 ms on average")
     parser.add_argument("--redis-url", default=os.environ.get("CLOSEDLOOP_REDIS_URL",
                                                             "redis://127.0.0.1:6379/0"))
     args = parser.parse_args(argv)
@@ -596,6 +733,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_check(rows, args.agents, check_duration, args.provider_burst,
                         not args.refuse_late)
+    if args.only in (None, "late"):
+        rows = [scenario_late(args.redis_rate, seed=seed, quota=args.quota,
+                              workers=args.workers, run_ms=args.run_ms,
+                              stall_ms=args.stall_ms, server_stall_ms=args.server_stall_ms)
+                for seed in [int(x) for x in args.seeds.split(",")]]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_late(rows)
     if args.only in (None, "redis"):
         for _ in range(args.runs):
             found = scenario_redis(args.redis_rate, args.workers, args.seconds,

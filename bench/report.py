@@ -16,6 +16,12 @@ over 30 days (one every 2.6 s), 70 % succeeded, 15 % failed verification, 10 % f
 validation, 5 % agent errors, each failure with a demo-shaped message, log-normal latencies
 (median 20 ms).
 
+``python bench/report.py html`` (options: ``--events``, ``--rounds``, ``--cache``, ``--tag``):
+times :func:`closedloop.learn.html_report` (what ``closedloop report --html FILE`` calls: the
+report, trends per day, failure clusters and factors, rendered to one page) on the same SQLite
+store (built as ``stores`` builds it, or reused), median of ``--rounds`` with this process's CPU
+time, then the whole command once in a fresh process; prints the page's size.
+
 ``python bench/report.py ingest`` (options: ``--events``, ``--rounds``, ``--pg``): times the
 backends' ``write_batch`` alone over 300,000 of the same events (batches of 4096, fresh
 stores), events per second and the CPU time of this process per event; run it with
@@ -263,6 +269,39 @@ def stores(args: argparse.Namespace) -> None:
             reset(urls["postgresql"])
 
 
+def html(args: argparse.Namespace) -> None:
+    """``report --html`` on the SQLite store of ``stores``."""
+    from closedloop.learn import html_report
+
+    cache = Path(args.cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{cache / f'report-{args.events}{args.tag}.db'}"
+    rate = ensure(url, args.events, rebuild=False)
+    print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, "
+          f"{args.events:,} events ({'reused' if rate is None else 'built'}), "
+          f"load {os.getloadavg()[0]:.2f}")
+    times, cpu, size = [], [], 0
+    for _ in range(args.rounds):
+        start, used = time.perf_counter(), time.process_time()
+        with cl.open_store(url, read_only=True, create=False) as store:
+            page = html_report(store)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - used)
+        size = len(page.encode())
+    print(f"html_report median {statistics.median(times):.3f} s (min {min(times):.3f}, max "
+          f"{max(times):.3f}, {args.rounds} rounds; CPU of this process median "
+          f"{statistics.median(cpu):.3f} s; page {size / 1024:,.0f} KiB; "
+          f"load {os.getloadavg()[0]:.2f})")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "closedloop", "report", "--store", url, "--html",
+                        str(Path(tmp) / "report.html")], check=True, stdout=subprocess.DEVNULL,
+                       env=env)
+        print(f"closedloop report --html (whole process) {time.perf_counter() - start:.3f} s; "
+              f"load {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     modes = parser.add_subparsers(dest="mode")
@@ -281,6 +320,11 @@ def main() -> None:
     scale.add_argument("--baseline", action="store_true", help="also time the Python pass")
     scale.add_argument("--tag", default="", help="suffix of the stores' names: a branch with "
                        "a newer schema keeps stores of its own instead of migrating shared ones")
+    page = modes.add_parser("html", help="closedloop report --html on 1M events (SQLite)")
+    page.add_argument("--events", type=int, default=1_000_000)
+    page.add_argument("--rounds", type=int, default=3)
+    page.add_argument("--cache", default="~/.cache/closedloop-bench")
+    page.add_argument("--tag", default="")
     writes = modes.add_parser("ingest", help="what the summary's indexes cost the writer")
     writes.add_argument("--events", type=int, default=300_000)
     writes.add_argument("--rounds", type=int, default=3)
@@ -288,6 +332,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "stores":
         stores(args)
+    elif args.mode == "html":
+        html(args)
     elif args.mode == "ingest":
         ingest(args)
     else:

@@ -438,3 +438,27 @@ def test_a_traced_step_is_gated_the_same(store: cl.Store) -> None:
     pipeline.shutdown()
     assert waited.outcome is cl.Outcome.SUCCEEDED and len(executor.calls) == 1
     assert returned.outcome is cl.Outcome.AWAITING_APPROVAL
+
+
+class Announcer:
+    """A notifier that keeps what it was asked to announce (the Notifier port)."""
+
+    def __init__(self) -> None:
+        self.announced: list[tuple[str, str]] = []
+
+    def notify(self, request: ap.ApprovalRequest, *, store: Any = None) -> None:
+        self.announced.append((request.request_id, request.status.value))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Nothing queued."""
+
+
+def test_a_request_the_loop_makes_is_announced_at_once(store: cl.Store) -> None:
+    announcer = Announcer()
+    cl.configure(notify=announcer)
+    try:
+        result = loop(store, Executor()).run({"type": "t3.micro"})
+    finally:
+        cl.configure()
+    assert result.approval_id is not None
+    assert announcer.announced == [(result.approval_id, "pending")]

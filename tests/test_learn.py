@@ -307,3 +307,21 @@ def test_sparkline_scales_from_low_to_high() -> None:
     assert sparkline([0.0, 0.5, 1.0, None]) == "▁▅█ "
     assert sparkline([2.0, 2.0]) == "▁▁"
     assert sparkline([None]) == ""
+
+
+def test_the_same_latency_distribution_twice_is_no_significant_change(
+        memory_store: cl.Store) -> None:
+    rng = random.Random(12)
+    for day in range(2):
+        for j in range(300):
+            memory_store.record(ev(day * 1000 + j, T0 + day * DAY + j,
+                                   latency_ms=rng.lognormvariate(3, 1)))
+    assert memory_store.flush()
+    (series,) = trends(memory_store).series
+    assert not series.changes["latency_p50_ms"].significant
+    assert not series.changes["latency_p95_ms"].significant
+    for point in series.points:
+        p95 = point.figures["latency_p95_ms"]
+        assert p95.low <= p95.value <= p95.high
+        assert (p95.low, p95.high) == (latency_bounds(latency_bucket(p95.low))[0],
+                                       latency_bounds(latency_bucket(p95.high * 0.999999))[1])

@@ -336,3 +336,16 @@ def test_a_refusal_leaving_the_run_ends_it_as_its_budget_says(memory_store: cl.S
     with pytest.raises(cl.ToolRefused):
         agent()
     assert run.outcome is Outcome.BUDGET_EXCEEDED
+
+
+def test_feedback_survives_a_deep_copy_and_pickling(memory_store: cl.Store) -> None:
+    # agent frameworks deep-copy tool outputs into their run state (the Agents SDK does)
+    import copy
+    import pickle
+
+    put = make(Bucket(), memory_store)
+    answer = put(name=3)
+    for clone in (copy.deepcopy(answer), pickle.loads(pickle.dumps(answer))):
+        assert isinstance(clone, cl.ToolFeedback) and clone == answer
+        assert (clone.outcome, clone.error_type, clone.step_id, clone.issues) == (
+            answer.outcome, answer.error_type, answer.step_id, answer.issues)

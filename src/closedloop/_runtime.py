@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from closedloop._pricing import Prices
     from closedloop._redact import Redactor
+    from closedloop.approvals import Notifier
     from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure, FaultControl
     from closedloop.learn import DriftGuard, DriftPolicy
@@ -69,6 +70,9 @@ class Runtime:
     ``drift`` (a :class:`~closedloop.learn.DriftPolicy` for every task type, or a dict of
     them per task type) adds a :class:`~closedloop.learn.DriftGuard` to the default guards of
     loops: drift detection and budgets as control signals (docs/drift.md).
+    ``notify`` tells people of new approval requests: a webhook URL, a
+    :class:`~closedloop.approvals.Notifier`, or None for none (default:
+    ``$CLOSEDLOOP_APPROVAL_WEBHOOK``; see :func:`closedloop.approvals.notify_created`).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Runtime:
         prices: Prices | Any = UNSET,
         influxdb: EventSink | str | None = UNSET,
         drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
+        notify: Notifier | str | None = UNSET,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
@@ -116,6 +121,7 @@ class Runtime:
         self._owned_sinks: tuple[EventSink, ...] = ()
         if influxdb is not UNSET:
             self._sinks = self._build_sinks(influxdb)  # a bad URL fails here too
+        self._notify = notify
         self._lock = threading.RLock()
         self._closed = False
         if drift is not None:
@@ -315,6 +321,22 @@ class Runtime:
         return limiter
 
     @property
+    def notifier(self) -> Notifier | None:
+        """What tells people of new approval requests (built on first use from ``notify``,
+        else ``$CLOSEDLOOP_APPROVAL_WEBHOOK``); None: nobody is notified."""
+        if self._notify is UNSET or isinstance(self._notify, str):
+            with self._lock:
+                if self._notify is UNSET or isinstance(self._notify, str):
+                    from closedloop.approvals import notifier_from, notifier_from_env
+
+                    arg = self._notify
+                    self._notify = None  # a bad URL fails once, not at every request
+                    self._notify = (notifier_from_env() if arg is UNSET
+                                    else notifier_from(arg))
+        notifier: Notifier | None = self._notify
+        return notifier
+
+    @property
     def redactor(self) -> Redactor:
         """The redactor for what is stored, exported and logged (the built-in rules unless
         given one)."""
@@ -366,8 +388,12 @@ class Runtime:
             telemetry, self.telemetry = self.telemetry, None
             store = self._store
             limiter = self._backpressure if self._owns_rates else None
+            notifier = None if self._notify is UNSET or isinstance(self._notify, str) \
+                else self._notify
         for guard in list(self._drift.values()):  # before the store closes: states saved
             guard.close()
+        if notifier is not None:  # a notification not sent by then is resent later
+            notifier.close(5.0 if timeout is None else min(timeout, 5.0))
         if limiter is not None:
             close = getattr(limiter.backend, "close", None)
             if callable(close):
@@ -421,6 +447,7 @@ def configure(
     prices: Prices | Any = UNSET,
     influxdb: EventSink | str | None = UNSET,
     drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
+    notify: Notifier | str | None = UNSET,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -433,7 +460,10 @@ def configure(
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
                   backpressure=backpressure, telemetry=telemetry, redactor=redactor,
-                  retention=retention, prices=prices, influxdb=influxdb, drift=drift)
+                  retention=retention, prices=prices, influxdb=influxdb, drift=drift,
+                  notify=notify)
+    if notify is not UNSET and notify is not None:
+        _ = new.notifier  # a bad webhook URL fails here, in configure()
     if store is not UNSET:
         _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
     old = _install(new)

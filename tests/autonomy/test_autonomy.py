@@ -301,9 +301,15 @@ def test_the_approval_contract_counts_executions_rejections_and_expiries() -> No
     found = count_events(LevelKey(task_type="t"), events, {}, level="approve", since=0.0)
     assert (found.approval.successes, found.approval.trials, found.expired) == (3, 4, 1)
     assert (found.verification.successes, found.verification.trials) == (2, 3)
+    # a decision source replaces the counts of steps that went through a durable request;
+    # inline approver= decisions (no request named in the event) still count from the events
     plugged = count_events(LevelKey(task_type="t"), events, {}, level="approve", since=0.0,
                            decisions=Decisions(approved=9, rejected=1))
-    assert (plugged.approval.successes, plugged.approval.trials) == (9, 10)
+    assert (plugged.approval.successes, plugged.approval.trials) == (12, 14)
+    durable = [e._replace(detail={"approval": {"request_id": "r"}}) for e in events]
+    plugged = count_events(LevelKey(task_type="t"), durable, {}, level="approve", since=0.0,
+                           decisions=Decisions(approved=9, rejected=1, expired=2))
+    assert (plugged.approval.successes, plugged.approval.trials, plugged.expired) == (9, 10, 2)
 
 
 def test_what_it_takes_is_said_in_numbers(store: cl.Store) -> None:

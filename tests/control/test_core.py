@@ -57,23 +57,44 @@ def test_the_first_429_halves_the_rate_it_was_sent_at_and_holds_it_for_one_laten
     assert state.rate(limits, 1.3) > 50.0  # then climbs back towards the bound
 
 
-def _busy() -> tuple[KeyState, Limits]:
+def _busy(limits: Limits | None = None) -> tuple[KeyState, Limits]:
     """A key at 100/s with a long queue of callers (the rate is the limit, not demand)."""
-    limits = Limits(initial_rate=100.0, slow_start=1.0)
+    limits = limits or Limits(initial_rate=100.0, slow_start=1.0)
     state = KeyState()
-    for _ in range(500):
+    for _ in range(2000):
         state.acquire(limits, 0.0)
     return state, limits
 
 
+Event = tuple[float, Signal, float]
+
+
+def _drive(state: KeyState, limits: Limits, start: float, end: float, *,
+           every: float = 0.001, events: list[Event] | None = None) -> None:
+    """The queue's head asks every ``every`` s from ``start`` to ``end`` (goes when its turn
+    has come); ``events`` (answered at, signal, admitted at) are reported in time order."""
+    pending = sorted(events or [], key=lambda e: e[0])
+    t = start
+    while t < end - 1e-9:
+        while pending and pending[0][0] <= t:
+            when, signal, sent = pending.pop(0)
+            state.feedback(limits, when, signal, admitted_at=sent)
+        state.confirm(limits, t, state.last_out + 1)
+        t = round(t + every, 9)
+    for when, signal, sent in pending:
+        state.feedback(limits, when, signal, admitted_at=sent)
+
+
 def _two_429s(oks: int) -> tuple[KeyState, Limits]:
-    """A 429 at admission 1.0, ``oks`` successes admitted over the next second, a 429 at 2.0."""
+    """A 429 at admission 1.0, ``oks`` successes admitted over the next second, a 429 at 2.0;
+    the callers go whenever their turn comes (they use the rate they are given)."""
     state, limits = _busy()
-    state.feedback(limits, 1.1, Signal.OVERLOADED, admitted_at=1.0)
+    events: list[Event] = [(1.1, Signal.OVERLOADED, 1.0)]
     for i in range(oks):
         sent = 1.0 + (i + 0.5) / oks
-        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
-    state.feedback(limits, 2.1, Signal.OVERLOADED, admitted_at=2.0)
+        events.append((sent + 0.1, Signal.OK, sent))
+    events.append((2.1, Signal.OVERLOADED, 2.0))
+    _drive(state, limits, 0.0, 2.1, events=events)
     return state, limits
 
 
@@ -85,12 +106,13 @@ def test_what_got_through_between_two_429s_is_the_ceiling_whatever_the_burst() -
 
 def test_calls_still_in_flight_are_not_counted_as_missing() -> None:
     state, limits = _busy()
-    state.feedback(limits, 1.0, Signal.OVERLOADED, admitted_at=1.0)  # a 429 answered at once
+    events: list[Event] = [(1.0, Signal.OVERLOADED, 1.0)]  # a 429 answered at once
     for i in range(19):  # 20/s admitted, each answered 0.1 s later
         sent = 1.0 + i / 20
-        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+        events.append((sent + 0.1, Signal.OK, sent))
     # a 429 at 2.0, answered at once: the calls sent in its last 0.1 s are still out
-    state.feedback(limits, 2.0, Signal.OVERLOADED, admitted_at=2.0)
+    events.append((2.0, Signal.OVERLOADED, 2.0))
+    _drive(state, limits, 0.0, 2.0, events=events)
     assert state.ceiling == pytest.approx(20.0, rel=0.06)
 
 
@@ -395,10 +417,118 @@ def test_callers_behind_a_head_that_has_not_woken_up_are_not_held_back() -> None
 
 def test_callers_that_left_their_rate_unused_do_not_lower_a_measured_ceiling() -> None:
     state, limits = _two_429s(23)  # measured: 23/s; the rate restarts just under it
+    events: list[Event] = []
     for i in range(10):  # callers that wake up late make 10 calls in the next 1.2 s
         sent = 2.1 + (i + 0.5) * 0.12
-        state.feedback(limits, sent + 0.1, Signal.OK, admitted_at=sent)
+        events.append((sent + 0.1, Signal.OK, sent))
     # a clump of them is refused: 8/s got through in between, a lower bound only
-    state.feedback(limits, 3.4, Signal.OVERLOADED, admitted_at=3.3)
+    events.append((3.4, Signal.OVERLOADED, 3.3))
+    _drive(state, limits, 2.1, 3.4, every=0.12, events=events)
     assert state.ceiling == pytest.approx(23.0)  # kept
     assert state.rate(limits, 3.4) == pytest.approx(0.9 * 23.0)
+
+
+def test_calls_the_downstream_refused_are_not_a_rate_left_unused() -> None:
+    state, limits = _two_429s(23)  # measured: 23/s
+    # the callers go at every turn they are given, but the downstream's capacity fell:
+    # 12 of them get through in the next 0.9 s, then a 429
+    events: list[Event] = [(2.1 + (i + 0.5) * 0.075 + 0.1, Signal.OK, 2.1 + (i + 0.5) * 0.075)
+                           for i in range(12)]
+    events.append((3.1, Signal.OVERLOADED, 3.0))
+    _drive(state, limits, 2.1, 3.1, events=events)
+    assert state.ceiling == pytest.approx(12 / 0.9, rel=0.1)  # measured again, lower
+    assert state.rate(limits, 3.1) < 0.9 * 23.0 * 0.7
+
+
+def _late_callers_then_429s(refused_at: list[float]) -> tuple[KeyState, Limits, float]:
+    """A measured ceiling of 60/s, then callers that wake up late: they go only every 40 ms
+    (25/s of the ~55/s they are given); a 429 answered 0.05 s after each ``refused_at``."""
+    state, limits = _two_429s(60)
+    before = state.rate(limits, 2.9)
+    events: list[Event] = [(t + 0.05, Signal.OVERLOADED, t) for t in refused_at]
+    _drive(state, limits, 2.1, 3.1, every=0.04, events=events)
+    return state, limits, before
+
+
+def test_a_lone_429_from_late_callers_does_not_cut_the_rate() -> None:
+    state, limits, before = _late_callers_then_429s([3.0])
+    assert state.counts.get("clumps") == 1
+    assert state.counts["decreases"] == 2  # the two that measured the ceiling, no more
+    assert state.ceiling == pytest.approx(60.0)
+    assert state.rate(limits, 3.05) >= before  # not cut: still climbing back to 60
+
+
+def test_429s_beyond_a_clumps_share_of_the_calls_cut_the_rate() -> None:
+    # one refusal in ~23 calls is a clump (<= 5%); a second is a rate signal
+    state, limits, before = _late_callers_then_429s([2.96, 3.0])
+    assert state.counts.get("clumps") == 1
+    assert state.counts["decreases"] == 3
+    assert state.rate(limits, 3.05) < before
+
+
+def test_a_429_above_the_measured_ceiling_is_a_rate_signal_even_from_late_callers() -> None:
+    state, limits = _two_429s(60)
+    _drive(state, limits, 2.1, 3.5, every=0.04)
+    assert state.rate(limits, 3.5) > 60.0  # probing above the ceiling
+    state.feedback(limits, 3.55, Signal.OVERLOADED, admitted_at=3.5)
+    assert "clumps" not in state.counts
+    assert state.counts["decreases"] == 3
+
+
+def test_a_429_at_the_quota_the_user_gave_is_a_clump_unless_refusals_go_on() -> None:
+    limits = Limits(initial_rate=100.0, max_rate=100.0)  # told the provider's quota
+    state, _ = _busy(limits)
+    _drive(state, limits, 0.0, 1.0, events=[(1.0, Signal.OVERLOADED, 0.95)])
+    assert state.counts.get("clumps") == 1  # the callers used the quota; a few went together
+    assert state.rate(limits, 1.0) == pytest.approx(100.0)
+    refusals: list[Event] = [(1.0 + i / 100, Signal.OVERLOADED, 0.96 + i / 100)
+                             for i in range(1, 8)]
+    _drive(state, limits, 1.0, 1.1, events=refusals)  # then 8% of the calls are refused
+    assert state.counts.get("decreases") == 1
+    assert state.rate(limits, 1.1) < 60.0  # halved (and climbing back)
+
+
+def test_a_429_on_a_key_nobody_queues_for_is_a_rate_signal() -> None:
+    limits = Limits(initial_rate=100.0, max_rate=100.0)
+    state = KeyState()  # one caller at a time, 10/s, at the quota the user gave
+    for i in range(30):
+        assert go(state, limits, i / 10) == i / 10
+    state.feedback(limits, 2.95, Signal.OVERLOADED, admitted_at=2.9)
+    assert state.counts["decreases"] == 1  # the rate left unused was demand, not lateness
+
+
+def test_refusals_are_counted_afresh_after_a_decrease() -> None:
+    limits = Limits(initial_rate=100.0, max_rate=100.0)
+    state, _ = _busy(limits)
+    refusals: list[Event] = [(1.0 + i / 100, Signal.OVERLOADED, 0.95 + i / 100)
+                             for i in range(7)]
+    _drive(state, limits, 0.0, 1.1, events=refusals)  # 5 clumps, then a decrease
+    assert state.counts["decreases"] == 1
+    # then callers that wake up late (25/s of the ~60/s given) and one refusal: a clump,
+    # since the refusals before the decrease are not held against it
+    _drive(state, limits, 1.1, 2.1, every=0.04, events=[(2.1, Signal.OVERLOADED, 2.05)])
+    assert state.counts["clumps"] == 6
+    assert state.counts["decreases"] == 1
+
+
+def _late_head(late: float) -> tuple[KeyState, Limits, list[Grant]]:
+    """Slots every 10 ms; the callers have been reporting ``late`` when they confirm; the
+    caller of the slot at 20 ms has not woken up when the one after it goes at 30 ms."""
+    limits = Limits(initial_rate=100.0, slow_start=1.0)
+    state = KeyState()
+    grants = [state.acquire(limits, 0.0) for _ in range(5)]
+    assert state.confirm(limits, 0.01 + late, grants[1].ticket, late=late).ready
+    assert state.confirm(limits, 0.03, grants[3].ticket).ready
+    return state, limits, grants
+
+
+def test_slots_a_late_caller_left_are_owed_where_callers_wake_late() -> None:
+    state, limits, grants = _late_head(0.01)
+    # it wakes up 11 ms late: the slot it missed is still its own, it goes at once
+    assert state.confirm(limits, 0.031, grants[2].ticket, late=0.011).ready
+    assert state.confirm(limits, 0.04, grants[4].ticket).ready  # the schedule is kept
+
+
+def test_slots_are_not_owed_where_callers_do_not_wake_late() -> None:
+    state, limits, grants = _late_head(0.0)  # in virtual time, say: nobody is ever late
+    assert not state.confirm(limits, 0.031, grants[2].ticket, late=0.011).ready

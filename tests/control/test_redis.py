@@ -114,6 +114,78 @@ def _script(backend: RateBackend, clock: list[float]) -> list[Any]:
     at(33.4)
     backend.feedback("under", fast, Signal.OVERLOADED, 1033.3, None)
     out += [backend.snapshot("under", fast)[k] for k in ("ceiling", "rate")]
+    quota = Limits(initial_rate=100.0, max_rate=100.0)  # told the provider's quota
+    at(40)
+    told = [backend.acquire("quota", quota) for _ in range(300)]
+    for i in range(1, 100):  # the callers go at every turn
+        at(40 + i / 100)
+        out.append(backend.confirm("quota", quota, told[i].ticket).ready)
+    at(41)
+    backend.feedback("quota", quota, Signal.OVERLOADED, 1040.95, None)  # clumps: let pass
+    out.append(backend.snapshot("quota", quota)["rate"])
+    for i in range(1, 8):  # ...until more than 5% of the calls are refused
+        at(41 + i / 100)
+        backend.feedback("quota", quota, Signal.OVERLOADED, 1040.96 + i / 100, None)
+    snap = backend.snapshot("quota", quota)
+    out += [snap["rate"], snap["counts"]]
+    queue = iter(told[100:])
+    head = next(queue)
+    for i in range(100):  # callers go at every turn while the rate climbs back; a 429:
+        at(41.1 + i / 100)  # refusals before the decrease are not counted again, a clump
+        if backend.confirm("quota", quota, head.ticket).ready:
+            head = next(queue)
+    backend.feedback("quota", quota, Signal.OVERLOADED, 1042.05, None)
+    out.append(backend.snapshot("quota", quota)["counts"])
+    for i in range(30):  # one caller at a time, 10/s: an idle key, so a 429 is a signal
+        at(45 + i / 10)
+        out.append(backend.acquire("idle", quota).ready)
+    backend.feedback("idle", quota, Signal.OVERLOADED, 1047.9, None)
+    out.append(backend.snapshot("idle", quota)["counts"])
+    at(60)  # callers that go at every turn and a downstream that lets fewer through:
+    busy = iter([backend.acquire("fell", fast) for _ in range(400)])
+    head = next(busy)
+    oks = [(1061.1, Signal.OVERLOADED, 1061.0)]
+    oks += [(1061.0 + (i + 0.5) / 23 + 0.1, Signal.OK, 1061.0 + (i + 0.5) / 23)
+            for i in range(23)]
+    oks += [(1062.1, Signal.OVERLOADED, 1062.0)]
+    oks += [(1062.1 + (i + 0.5) * 0.075 + 0.1, Signal.OK, 1062.1 + (i + 0.5) * 0.075)
+            for i in range(12)]
+    oks += [(1063.1, Signal.OVERLOADED, 1063.0)]
+    for i in range(3100):
+        at(60 + i / 1000)
+        while oks and oks[0][0] <= clock[0]:
+            _, signal, sent = oks.pop(0)
+            backend.feedback("fell", fast, signal, sent, None)
+        if backend.confirm("fell", fast, head.ticket).ready:
+            head = next(busy)
+    for _, signal, sent in oks:
+        backend.feedback("fell", fast, signal, sent, None)
+    out += [backend.snapshot("fell", fast)[k] for k in ("ceiling", "rate", "counts")]
+    at(70)  # a ceiling of 60/s; callers that wake up late (25/s); a 429 once the rate has
+    busy = iter([backend.acquire("probe", fast) for _ in range(400)])  # gone above it
+    head = next(busy)
+    oks = [(1071.1, Signal.OVERLOADED, 1071.0)]
+    oks += [(1071.0 + (i + 0.5) / 60 + 0.1, Signal.OK, 1071.0 + (i + 0.5) / 60)
+            for i in range(60)]
+    oks += [(1072.1, Signal.OVERLOADED, 1072.0), (1073.55, Signal.OVERLOADED, 1073.5)]
+    for i in range(3600):
+        at(70 + i / 1000)
+        while oks and oks[0][0] <= clock[0]:
+            _, signal, sent = oks.pop(0)
+            backend.feedback("probe", fast, signal, sent, None)
+        if (i < 2100 or i % 40 == 0) and backend.confirm("probe", fast, head.ticket).ready:
+            head = next(busy)
+    out += [backend.snapshot("probe", fast)[k] for k in ("ceiling", "rate", "counts")]
+    at(50)  # slots every 10 ms; callers that say they wake up late are owed missed slots
+    owed = [backend.acquire("owed", fast) for _ in range(5)]
+    at(50.02)
+    out.append(backend.confirm("owed", fast, owed[1].ticket, 0.01))
+    at(50.03)
+    out.append(backend.confirm("owed", fast, owed[3].ticket))
+    at(50.031)
+    out.append(backend.confirm("owed", fast, owed[2].ticket, 0.011))
+    at(50.04)
+    out.append(backend.confirm("owed", fast, owed[4].ticket))
     return out
 
 
@@ -130,6 +202,15 @@ def test_the_lua_port_decides_exactly_like_the_python_logic(redis_url: str,
     local = _rounded(_script(rates, clock))
     assert rates.state("k").counts["decreases"] == 4
     assert rates.state("k").measured  # the script covers a measured ceiling too
+    # ...clumps let pass, then a rate signal; and owed slots
+    assert rates.state("quota").counts["decreases"] >= 1
+    assert local[-2][0] == 0 and local[-2][3]  # the late caller took the slot it missed
+    # five clumps let pass (5% of ~100 calls), then a rate signal; after that decrease one
+    # more, since refusals are counted afresh
+    assert rates.state("quota").counts["clumps"] == 6
+    assert rates.state("idle").counts["decreases"] == 1
+    assert rates.state("fell").ceiling < 15  # refused calls are not a rate left unused
+    assert rates.state("probe").counts["decreases"] == 3  # above the ceiling: no clump
     shared = _rounded(_script(RedisRates(redis_url, prefix=prefix, clock=now), clock))
     assert shared == local
 

@@ -152,3 +152,86 @@ def test_a_message_is_priced_with_cache_reads_and_writes_at_their_rates(
     assert event is not None
     # 10 fresh + 30 cache reads + 2 cache writes in, 5 out
     assert event.cost_usd == pytest.approx((10 * 3.0 + 30 * 0.3 + 2 * 3.75 + 5 * 15.0) / 1e6)
+
+
+def test_the_stream_helper_records_usage_at_the_end_of_the_stream(
+        wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(events=stream_events()))
+    c = instrument_anthropic(client(wire), telemetry=pipeline)
+    with c.messages.stream(model="claude-test-1", max_tokens=64, messages=MESSAGES,
+                           system="be brief") as stream:
+        text = "".join(stream.text_stream)
+        # the stream ended: the call is recorded before the block exits
+        pipeline.flush(5.0)
+        (span,) = exporter.finished()
+        final = stream.get_final_message()
+    assert text == "hi there" and final.usage.output_tokens == 7
+    a = span.attributes
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (40, 7)
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 30
+    assert a["gen_ai.response.finish_reasons"] == ["max_tokens"]
+    assert a["gen_ai.response.model"] == "claude-test-1"
+    assert span.content["gen_ai.output.messages"] == "hi there"
+    assert span.content["gen_ai.system_instructions"] == "be brief"
+
+
+def test_the_stream_helper_adds_usage_to_the_step_and_counts_against_the_run(
+        wire: WireServer, memory_store: cl.Store) -> None:
+    wire.script(Reply(events=stream_events()), Reply(events=stream_events()))
+    c = instrument_anthropic(client(wire))
+
+    def agent(task: str, attempt: cl.Attempt) -> str:
+        with c.messages.stream(model="claude-test", max_tokens=64, messages=MESSAGES) as s:
+            return str(s.get_final_text())
+
+    with cl.Run(store=memory_store, max_tokens=100) as run:
+        with c.messages.stream(model="claude-test", max_tokens=64, messages=MESSAGES) as s:
+            s.until_done()  # the agent's own call: 47 tokens for the run
+        result = cl.Loop(agent, task_type="t", store=memory_store).run("x")
+    assert result.proposal == "hi there" and result.event is not None
+    assert (result.event.model, result.event.provider) == ("claude-test-1", "anthropic")
+    assert (result.event.input_tokens, result.event.output_tokens) == (40, 7)
+    assert result.event.cached_input_tokens == 30
+    assert (run.input_tokens, run.output_tokens) == (80, 14)
+
+
+def test_a_stream_helper_left_early_still_ends_its_span(wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(events=stream_events()))
+    c = instrument_anthropic(client(wire), telemetry=pipeline)
+    with c.messages.stream(model="claude-test-1", max_tokens=64, messages=MESSAGES) as stream:
+        first = next(iter(stream))
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    assert first.type == "message_start"
+    assert span.attributes["gen_ai.usage.input_tokens"] == 40  # what message_start said
+
+
+def test_a_stream_helper_whose_request_fails_is_an_error_span(
+        wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(status=529, body={"type": "error", "error": {
+        "type": "overloaded_error", "message": "busy"}}))
+    c = instrument_anthropic(client(wire), telemetry=pipeline)
+    with pytest.raises(anthropic.APIStatusError), c.messages.stream(
+            model="claude-test-1", max_tokens=64, messages=MESSAGES):
+        pass
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    assert span.attributes["error.type"] == "529"
+
+
+async def test_the_async_stream_helper_records_usage(wire: WireServer, spans: Spans) -> None:
+    pipeline, exporter = spans
+    wire.script(Reply(events=stream_events()))
+    c = instrument_anthropic(anthropic.AsyncAnthropic(base_url=wire.url, api_key="test",
+                                                      max_retries=0), telemetry=pipeline)
+    async with c.messages.stream(model="claude-test-1", max_tokens=64,
+                                 messages=MESSAGES) as stream:
+        text = await stream.get_final_text()
+    pipeline.flush(5.0)
+    (span,) = exporter.finished()
+    assert text == "hi there"
+    assert span.attributes["gen_ai.usage.output_tokens"] == 7
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["max_tokens"]

@@ -14,6 +14,10 @@ process that asked (if it waits) or in a worker, bound to the approved digest.
 - Executing approved requests: :meth:`closedloop.Loop.run_approved`, :class:`Worker`
   (``closedloop worker``); the executor's idempotency key:
   :func:`closedloop.current_idempotency_key`; :class:`~closedloop.loop.ApprovalPolicy`.
+- Notifications (:mod:`closedloop.approvals._notify`): :class:`Notifier`,
+  :class:`WebhookNotifier` (generic JSON or Slack), the hook :func:`notify_created` that
+  whoever creates a request calls, :func:`resend_unsent` and :func:`notification_state`;
+  configured by ``closedloop.configure(notify=...)`` or ``$CLOSEDLOOP_APPROVAL_WEBHOOK``.
 - The store port: :class:`ApprovalStore` (memory, SQLite, PostgreSQL), with
   :class:`ApprovalRequest`, :class:`ApprovalStatus`, :class:`Decision`, :class:`Claim`,
   :class:`ApprovalPage`.
@@ -32,6 +36,18 @@ from closedloop._approvals import (
     proposal_digest,
 )
 from closedloop._errors import ApprovalError
+from closedloop.approvals._notify import (
+    FORMAT_ENV,
+    PUBLIC_URL_ENV,
+    WEBHOOK_ENV,
+    Notifier,
+    WebhookNotifier,
+    notification_state,
+    notifier_from,
+    notifier_from_env,
+    notify_created,
+    resend_unsent,
+)
 from closedloop.approvals._risk import destructive_sql, destructive_terraform
 from closedloop.approvals._service import (
     approvals_for,
@@ -45,7 +61,10 @@ from closedloop.approvals._service import (
 from closedloop.approvals._worker import Worker, loops_of
 
 __all__ = [
+    "FORMAT_ENV",
     "KEY_ENV",
+    "PUBLIC_URL_ENV",
+    "WEBHOOK_ENV",
     "ApprovalError",
     "ApprovalPage",
     "ApprovalRequest",
@@ -53,8 +72,10 @@ __all__ = [
     "ApprovalStore",
     "Claim",
     "Decision",
+    "Notifier",
     "Risk",
     "RiskRule",
+    "WebhookNotifier",
     "Worker",
     "approvals_for",
     "approve",
@@ -64,7 +85,12 @@ __all__ = [
     "get_request",
     "list_requests",
     "loops_of",
+    "notification_state",
+    "notifier_from",
+    "notifier_from_env",
+    "notify_created",
     "proposal_digest",
     "reject",
+    "resend_unsent",
     "retry",
 ]

@@ -1,13 +1,17 @@
 """Human in the loop: the autonomy level of a task type decides whether a proposal executes.
 
 ``suggest`` records the validated proposal and never executes it; ``approve`` executes only
-when an approver says yes (with no approver attached the step waits, recorded as
-``awaiting_approval``); ``autonomous`` executes.
+after a yes: an inline ``approver=`` callback decides at once, and without one the step
+stores a durable approval request that a person decides (``closedloop approvals``) and that
+executes exactly once, in the asking process or a worker (:mod:`closedloop.approvals`,
+docs/approvals.md); ``autonomous`` executes. A proposal a risk rule marks high-stakes waits
+for a person at every level.
 
 Levels are earned (docs/autonomy.md): a loop whose ``autonomy`` is not pinned runs each step
 at the **stored** level of its (agent, task type, action class) (:class:`AutonomyLevels`,
 kept by the store behind the :class:`LevelStore` port, with an audit trail of every change).
-Evidence — humans' agreement with suggestions, approval and verification pass rates — earns
+Evidence — humans' agreement with suggestions, the approval rate (from the store's approval
+records when it keeps them: :class:`ApprovalDecisions`) and verification pass rates — earns
 promotions (recommended; applied automatically only when opted in), and a change detector on
 the verification pass rate of autonomous steps demotes a task type to ``approve`` with an
 alert. Everything but :class:`Autonomy` is imported on first use.
@@ -32,6 +36,7 @@ if typing.TYPE_CHECKING:
         LevelRecord,
         LevelStore,
     )
+    from closedloop.autonomy._decisions import ApprovalDecisions
     from closedloop.autonomy._evidence import (
         Assessment,
         AutonomyPolicy,
@@ -47,6 +52,7 @@ if typing.TYPE_CHECKING:
 __all__ = [
     "ANY_AGENT",
     "LEVELS",
+    "ApprovalDecisions",
     "Approver",
     "Assessment",
     "Autonomy",
@@ -95,6 +101,7 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "closedloop._autonomy_state": ("ANY_AGENT", "LEVELS", "Feedback", "LevelChange",
                                        "LevelKey", "LevelRecord", "LevelStore"),
+        "._decisions": ("ApprovalDecisions",),
         "._evidence": ("Assessment", "AutonomyPolicy", "DecisionSource", "Decisions",
                        "Evidence", "Proportion", "count_events", "wilson_lower"),
         "._levels": ("AutonomyLevels", "LevelMonitor", "Resolved"),

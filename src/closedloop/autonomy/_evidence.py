@@ -2,8 +2,9 @@
 
 - In ``suggest`` mode, a human's feedback on each suggestion (did they do the same?) gives
   the **agreement rate**.
-- In ``approve`` mode, the **approval rate** (executed after approval vs. rejected; from the
-  step events by default, from any :class:`DecisionSource`) and the **verification pass
+- In ``approve`` mode, the **approval rate** (approved vs. rejected: the human decisions in
+  the store's approval records, :class:`ApprovalDecisions`, when it keeps them, else the
+  step events; any :class:`DecisionSource` can replace them) and the **verification pass
   rate** of the executed actions.
 
 Promotion needs at least ``min_decisions`` decisions and a Wilson 95 % lower bound above the
@@ -94,8 +95,9 @@ class Decisions:
 
 @runtime_checkable
 class DecisionSource(Protocol):
-    """Where approve-mode decisions are counted (default: the step events,
-    :func:`count_events`); the approval records of a durable approval queue can plug in."""
+    """Where the decisions on durable approval requests are counted: by default the store's
+    own approval records (:class:`ApprovalDecisions`) when it keeps them, else the step events
+    (:func:`count_events`). Inline ``approver=`` decisions always come from the events."""
 
     def decisions(self, key: LevelKey, *, since: float,
                   own_classes: frozenset[str]) -> Decisions:
@@ -151,6 +153,12 @@ def matches(key: LevelKey, event: StepEvent, own_classes: frozenset[str]) -> boo
     return cls is None or cls not in own_classes
 
 
+def _durable(event: StepEvent) -> bool:
+    """Whether the step went through a durable approval request (its event names it)."""
+    detail = event.detail
+    return detail is not None and isinstance(detail.get("approval"), dict)
+
+
 def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[str, Feedback],
                  *, level: str, since: float, own_classes: frozenset[str] = frozenset(),
                  decisions: Decisions | None = None) -> Evidence:
@@ -159,10 +167,14 @@ def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[s
     A step counts as approved when it ran in ``approve`` mode and reached the executor (its
     outcome ``succeeded``, or ``failed``/``error`` at execution or verification); as rejected
     when its outcome is ``rejected``; as expired when ``expired``. ``decisions`` (from a
-    :class:`DecisionSource`) replaces the approve-mode counts taken from the events.
+    :class:`DecisionSource`, e.g. the store's approval records) replaces the counts of the
+    steps that went through a durable approval request (their event names it,
+    ``detail["approval"]``); decisions made inline by an ``approver=`` callback leave no
+    request and are always counted from the events.
     """
     agreed = with_feedback = suggestions = 0
     approved = rejected = expired = 0
+    inline = [0, 0, 0]  # approved, rejected, expired without a durable request
     passed = verified = 0
     for e in events:
         if e.ts < since or not matches(key, e, own_classes):
@@ -178,17 +190,20 @@ def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[s
         executed = outcome == "succeeded" or (
             outcome in ("failed", "error") and e.error_type in _EXECUTED_ERRORS)
         if mode == "approve":
-            if executed:
-                approved += 1
-            elif outcome == "rejected":
-                rejected += 1
-            elif outcome == "expired":
-                expired += 1
+            which = 0 if executed else {"rejected": 1, "expired": 2}.get(outcome)
+            if which is not None:
+                approved += which == 0
+                rejected += which == 1
+                expired += which == 2
+                if not _durable(e):
+                    inline[which] += 1
         if executed and mode in ("approve", "autonomous") and e.verification_passed is not None:
             verified += 1
             passed += e.verification_passed
     if decisions is not None:
-        approved, rejected, expired = decisions.approved, decisions.rejected, decisions.expired
+        approved = decisions.approved + inline[0]
+        rejected = decisions.rejected + inline[1]
+        expired = decisions.expired + inline[2]
     return Evidence(key=key, level=level, since=since,
                     agreement=Proportion(agreed, with_feedback), suggestions=suggestions,
                     approval=Proportion(approved, approved + rejected), expired=expired,

@@ -57,6 +57,16 @@ SAVE_EVERY_S = 30.0
 per step would cost more than the rest of the step."""
 
 
+def _approval_decisions(store: Store) -> DecisionSource | None:
+    """The store's approval records as the decision source; None for a store keeping none."""
+    from closedloop.autonomy._decisions import ApprovalDecisions
+
+    try:
+        return ApprovalDecisions(store)
+    except ConfigError:
+        return None
+
+
 def who() -> str:
     """The default "by": user@host (pid)."""
     user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
@@ -85,7 +95,9 @@ class AutonomyLevels:
     the store's level store, :func:`~closedloop.store.level_store_for`). ``default`` is the
     level of a key with no stored level (``autonomous``, as loops without stored levels
     behave). ``policy`` applies to every task type unless ``policies`` has its own.
-    ``decisions`` replaces the approve-mode decision counts taken from the events.
+    ``decisions`` counts the decisions on durable approval requests (default: the store's
+    approval records, :class:`~closedloop.autonomy.ApprovalDecisions`, when the store keeps
+    them; else they are counted from the events).
     ``sinks`` receive the demotion alerts (default: the log).
     """
 
@@ -107,6 +119,8 @@ class AutonomyLevels:
         self.default = Autonomy.parse(default)
         self.policy = policy or AutonomyPolicy()
         self.policies = dict(policies or {})
+        if decisions is None and store is not None:
+            decisions = _approval_decisions(store)
         self.decisions = decisions
         if sinks is None:
             from closedloop.control import LogSink

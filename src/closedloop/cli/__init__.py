@@ -44,7 +44,7 @@ _EXTRAS = {"opentelemetry": "otel", "prometheus_client": "prometheus", "redis": 
            "boto3": "aws", "botocore": "aws", "moto": "aws", "jsonschema": "validators",
            "sqlglot": "validators", "hcl2": "validators", "pydantic": "validators",
            "httpx": "http", "psycopg": "postgres", "openai": "openai",
-           "anthropic": "anthropic"}
+           "anthropic": "anthropic", "starlette": "api", "uvicorn": "api"}
 EXIT_INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 

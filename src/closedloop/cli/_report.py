@@ -46,10 +46,17 @@ MAX_PAGE = 1000  # closedloop.store's largest page, spelled out for the same rea
               show_default=True,
               help="How many groups of failure messages to show per task type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON for scripts.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE",
+              help="Write the report as one self-contained HTML page with charts to FILE.")
+@click.option("--window", type=click.Choice(["auto", "hour", "day"]), default="auto",
+              show_default=True,
+              help="With --html: chart per hour or per day (auto: per hour when the events "
+                   "span up to three days).")
 @store_option
 def report(  # noqa: PLR0917 - click passes every option as an argument
         since: float | None, task_type: str | None, top_errors: int, top_messages: int,
-        as_json: bool, store_url: str) -> None:
+        as_json: bool, html_file: str | None, window: str, store_url: str) -> None:
     """How each task type's feedback loops are doing: one row per task type, plus overall.
 
     \b
@@ -117,8 +124,19 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
       tokens, cost and mean duration; `closedloop runs list` lists them
 
     \b
+    --html FILE writes one page (no script, nothing fetched from a network: CSS
+    and SVG charts inline) instead of printing the tables: a summary, pass
+    rates per task type over time with confidence bands, failure clusters
+    (count, first/last seen, example trace ids), factors (failure rate per
+    value with confidence intervals), cost (total, per success, over time)
+    and latency percentiles; charts show the 8 task types with the most
+    steps, 10 clusters, 6 factors of 24 values. Stored text is escaped. It
+    needs the learn extra for failure clusters (pip install
+    'closedloop[learn]'); without it that section says so.
+
+    \b
     Exit codes:
-      0  report printed
+      0  report printed (or written)
       1  nothing to report: no store file, or no event in the window (one line
          on stderr; with --json the empty report is still printed), or the
          store cannot be read
@@ -130,8 +148,15 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
     try:
         result = report_from_store(store, since=since, task_type=task_type,
                                    top_errors=top_errors, top_messages=top_messages)
-        scores = _scores(store, since, task_type) if not result.empty else []
-        runs = _runs(store, since) if task_type is None else None
+        shown = as_json or html_file is None  # the page has no scores or runs (yet)
+        scores = _scores(store, since, task_type) if shown and not result.empty else []
+        runs = _runs(store, since) if shown and task_type is None else None
+        page = None
+        if html_file is not None and not result.empty:
+            from closedloop.learn import html_report
+
+            page = html_report(store, since=since, task_type=task_type,
+                               window=None if window == "auto" else window, report=result)
     finally:
         store.close()
     if as_json:
@@ -141,12 +166,37 @@ def report(  # noqa: PLR0917 - click passes every option as an argument
         what = f"task type {task_type!r}" if task_type else "any task type"
         click.echo(f"no events for {what} in {store.url} ({describe_since(since)})", err=True)
         click.get_current_context().exit(EXIT_NO_DATA)
+    if page is not None and html_file is not None:
+        _write(html_file, page)
+        if not as_json:
+            click.echo(f"wrote {literal(html_file)} ({len(page.encode()) / 1024:,.0f} KiB)")
+        return
     if not as_json:
         _print(result, store.url)
         if scores:
             _print_scores(scores)
         if runs is not None and runs.runs:
             _print_runs(runs)
+
+
+def _write(path: str, page: str) -> None:
+    """Write ``page`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".html")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(page)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {literal(path)}: "
+                                   f"{literal(exc.strerror or exc)}") from None
 
 
 def _runs(store: Store, since: float | None) -> RunsSummary | None:

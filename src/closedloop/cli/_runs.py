@@ -96,8 +96,10 @@ def show_run(run_id: str, store_url: str, as_json: bool) -> None:
     store = open_store_to_read(store_url)
     try:
         record = store.runs().get_run(run_id)
-        steps = list(store.backend.iter_events(EventQuery(run_id=run_id,
-                                                          limit=MAX_RUN_STEPS)))
+        # filtered here too: a plug-in backend may not know EventQuery.run_id
+        steps = [e for e in store.backend.iter_events(EventQuery(run_id=run_id,
+                                                                 limit=MAX_RUN_STEPS))
+                 if e.run_id == run_id]
     finally:
         store.close()
     if as_json:

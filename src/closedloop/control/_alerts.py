@@ -7,15 +7,13 @@ and :class:`~closedloop.control.FaultControl` catches and logs any sink's failur
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from closedloop._redact import redact_text, redact_value
+from closedloop._webhook import WebhookPoster
 
 _log = logging.getLogger("closedloop.control")
 
@@ -100,55 +98,41 @@ class WebhookSink:
     """POSTs each alert as JSON to ``url`` from a background thread (httpx).
 
     At most ``max_pending`` alerts wait; more are dropped and counted in ``dropped``. A
-    failed POST is logged and counted in ``failed``, never raised.
+    failed POST is logged and counted in ``failed``, never raised. ``retries`` (default 0):
+    how often a POST that may pass (no connection, 429, 5xx) is tried again, after an
+    exponential ``backoff`` (the poster the approval notifications use,
+    :class:`closedloop._webhook.WebhookPoster`).
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0, max_pending: int = 100,
-                 headers: dict[str, str] | None = None) -> None:
-        import httpx
-
+                 headers: dict[str, str] | None = None, retries: int = 0,
+                 backoff: float = 1.0) -> None:
         self.url = url
-        self.sent = self.failed = self.dropped = 0
-        self._client = httpx.Client(timeout=timeout, headers=headers)
-        self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=max_pending)
-        self._thread = threading.Thread(target=self._run, name="closedloop-webhook",
-                                        daemon=True)
-        self._thread.start()
+        self._poster = WebhookPoster(url, timeout=timeout, max_pending=max_pending,
+                                     headers=headers, retries=retries, backoff=backoff)
+
+    @property
+    def sent(self) -> int:
+        """Alerts posted."""
+        return self._poster.sent
+
+    @property
+    def failed(self) -> int:
+        """Alerts given up on (logged)."""
+        return self._poster.failed
+
+    @property
+    def dropped(self) -> int:
+        """Alerts dropped because ``max_pending`` were waiting."""
+        return self._poster.dropped
 
     def send(self, alert: Alert) -> None:
-        try:
-            self._queue.put_nowait(alert)
-        except queue.Full:
-            self.dropped += 1
-
-    def _run(self) -> None:
-        while True:
-            alert = self._queue.get()
-            try:
-                if alert is None:
-                    return
-                response = self._client.post(self.url, json=alert.to_dict())
-                response.raise_for_status()
-                self.sent += 1
-            except Exception as exc:  # noqa: BLE001 - an alert sink must never crash anything
-                self.failed += 1
-                _log.warning("closedloop: webhook alert to %s failed: %s", self.url, exc)
-            finally:
-                self._queue.task_done()
+        self._poster.post(alert.to_dict())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued alert was posted (or failed); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return self._poster.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued, then stop the thread."""
-        self.flush(timeout)
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
-        self._client.close()
+        self._poster.close(timeout)

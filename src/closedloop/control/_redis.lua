@@ -16,7 +16,7 @@ for i = 1, #raw, 2 do S[raw[i]] = tonumber(raw[i + 1]) end
 local function g(name) return S[name] or 0 end
 local CLOSED, OPEN, HALF = 0, 1, 2
 local WAKE_SLACK, CATCH_UP, LANDING_OKS, LANDING_HOLD = 0.004, 0.05, 8, 1.0
-local UNDER_USED = 0.9
+local UNDER_USED, CLUMP_SHARE, OWED, LATE_MIN = 0.9, 0.05, 3, 0.001
 
 local function count(name) S['c:' .. name] = g('c:' .. name) + 1 end
 
@@ -68,14 +68,15 @@ local function fill()
   if g('breaker') == CLOSED and g('hold_until') <= now then
     local r = 0.5 * (rate_at(g('last_fill')) + rate_at(now))
     local cap = g('tickets') + L.burst - 1
+    S.allowed = g('allowed') + r * dt
     if g('issued') + r * dt > cap then
       S.since = g('since') + dt - math.max(0, cap - g('issued')) / r
-      S.busy_since = now
+      S.busy_since = now; S.mark_fill = now
       S.issued = cap
+      S.mark_allowed = g('allowed'); S.mark_sent = g('sent'); S.mark_refused = g('refused')
     else
       S.issued = g('issued') + r * dt
     end
-    S.allowed = g('allowed') + r * dt
     local late = math.min(CATCH_UP, math.max(0, now - g('tat')))
     S.issued = math.min(g('issued'), head() + L.burst + late * r)
   end
@@ -120,8 +121,12 @@ local function turn(ticket, late)
     S.issued = math.min(g('tickets') + L.burst - 1, g('issued') + lag * r)
   end
   S.last_out = math.max(g('last_out'), ticket)
+  S.sent = g('sent') + 1
   local slack = math.max(math.min(1 / r, WAKE_SLACK), lag + 1e-9)
   if now - g('tat') < slack then S.tat = g('tat') + 1 / r
+  elseif g('lateness') >= LATE_MIN and g('busy_since') <= g('tat') then
+    -- slots a late caller left unused while others queued are owed (see _core.py)
+    S.tat = math.max(g('tat'), now - math.min(CATCH_UP, OWED * (1 / r))) + 1 / r
   else S.tat = now + 1 / r end
   return {0, ticket, now, 1, 0, ''}
 end
@@ -130,6 +135,7 @@ local function acquire()
   if g('rate0') <= 0 then
     S.rate0 = L.initial_rate
     S.since = now; S.win_start = now; S.last_fill = now; S.busy_since = now
+    S.mark_fill = now
     S.issued = L.burst
   end
   if g('hold_until') > now then
@@ -159,6 +165,21 @@ local function acquire()
   return turn(ticket, 0)
 end
 
+-- a 429 from a clump of late callers, not a sign of a rate too high (see _core.py)
+local function clumped(admitted_at)
+  local sent_at = rate_at(admitted_at)
+  if sent_at < L.max_rate and not (sent_at > 0 and sent_at <= g('ceiling')) then
+    return false
+  end
+  local allowed = g('allowed') + rate_at(now) * math.max(0, now - g('last_fill'))
+  local given = allowed - g('mark_allowed')
+  local used = g('sent') - g('mark_sent')
+  if used >= UNDER_USED * given and sent_at < L.max_rate then return false end
+  if g('refused') - g('mark_refused') > CLUMP_SHARE * used then return false end
+  count('clumps')
+  return true
+end
+
 local function feedback(signal, admitted_at, retry_after)
   count(signal)
   if signal == 'ok' or signal == 'rejected' then
@@ -185,6 +206,8 @@ local function feedback(signal, admitted_at, retry_after)
   end
   if signal == 'overloaded' then
     if admitted_at < g('cut_at') then return end
+    S.refused = g('refused') + 1
+    if clumped(admitted_at) then return end
     -- measured between two 429s, or an upper bound (see _core.py)
     local stop = math.min(admitted_at, now - g('latency'))
     local hold = 0
@@ -194,7 +217,8 @@ local function feedback(signal, admitted_at, retry_after)
       local seen = g('mark_ok') / (stop - g('mark_at'))
       local allowed = g('allowed') + rate_at(now) * math.max(0, now - g('last_fill'))
       local given = (allowed - g('mark_allowed')) / math.max(1e-9, now - g('mark_fill'))
-      if seen >= UNDER_USED * given or g('measured') == 0 then
+      local used = (g('sent') - g('mark_sent')) / math.max(1e-9, now - g('mark_fill'))
+      if used >= UNDER_USED * given or g('measured') == 0 then
         S.ceiling = seen
         S.measured = 1
       end
@@ -212,7 +236,8 @@ local function feedback(signal, admitted_at, retry_after)
     S.mark_at = admitted_at
     S.mark_ok = 0
     restart(r)
-    S.mark_allowed = g('allowed'); S.mark_fill = now
+    S.mark_allowed = g('allowed'); S.mark_fill = now; S.mark_sent = g('sent')
+    S.mark_refused = g('refused')
     S.since = now + hold
     count('decreases')
     return
@@ -234,7 +259,11 @@ elseif op == 'confirm' then
     count('requeued')
     result = acquire()
   else
-    result = turn(ticket, tonumber(ARGV[6]))
+    local late = tonumber(ARGV[6]) or 0
+    if late > 0 or g('lateness') > 0 then
+      S.lateness = g('lateness') + 0.125 * (late - g('lateness'))
+    end
+    result = turn(ticket, late)
   end
 elseif op == 'feedback' then
   feedback(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))

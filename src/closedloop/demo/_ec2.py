@@ -34,6 +34,8 @@ _LIVE_STATES = frozenset({"pending", "running"})
 VPC_CIDR = "10.42.0.0/16"
 """The demo's VPC: a /16, the largest block EC2 allows; its subnet is sized to the run."""
 _RESERVED_PER_SUBNET = 5  # EC2 (and moto) keep a subnet's first four addresses and its last
+REQUEST_TAG = "closedloop-request"
+"""The tag an approved launch carries: the approval request's id (its idempotency key)."""
 MAX_LAUNCHES = 2 ** 16 - _RESERVED_PER_SUBNET - PRODUCTION_INSTANCES
 """Most instances a run may launch: a subnet as large as the VPC, less the production ones."""
 
@@ -185,9 +187,13 @@ class Ec2Executor:
 
     Security groups are named in the plan and resolved to the environment's group ids; an
     unknown name is an error (recorded by the loop as an executor error). An approved plan
-    runs with the approval request's id as ``ClientToken`` of ``RunInstances``
-    (:func:`closedloop.current_idempotency_key`): EC2 launches once per token, so even a
-    crashed execution a human retries cannot launch the instances twice.
+    runs with the approval request's id as its idempotency key
+    (:func:`closedloop.current_idempotency_key`), passed as ``ClientToken`` of
+    ``RunInstances`` (real EC2 launches once per token) and as the instances' tag
+    :data:`REQUEST_TAG`; before launching, the executor looks for live instances carrying
+    that tag and returns them instead. moto does not deduplicate by ``ClientToken``, the tag
+    does: a second execution of one request (a crashed one a human retried) never launches
+    a second instance.
     """
 
     name = "ec2"
@@ -205,6 +211,11 @@ class Ec2Executor:
             tags = [{"Key": k, "Value": v} for k, v in plan.tags.items()]
             key = current_idempotency_key()
             extra = {"ClientToken": key} if key is not None else {}
+            if key is not None:
+                done = self._launched(key)
+                if done:  # this request already launched: the same instances, not new ones
+                    return Action(call="run_instances", ids=done)
+                tags.append({"Key": REQUEST_TAG, "Value": key})
             response = self._client.run_instances(**extra,
                 ImageId=IMAGE_ID, InstanceType=plan.instance_type, MinCount=plan.count,
                 MaxCount=plan.count, SubnetId=self._env.subnet_id,
@@ -219,6 +230,13 @@ class Ec2Executor:
             return Action(call="delete_security_group", ids=(group_id,))
         self._client.terminate_instances(InstanceIds=plan.instance_ids)
         return Action(call="terminate_instances", ids=tuple(plan.instance_ids))
+
+    def _launched(self, key: str) -> tuple[str, ...]:
+        """The live instances an execution under ``key`` launched (none: not launched)."""
+        reservations = self._client.describe_instances(Filters=[
+            {"Name": f"tag:{REQUEST_TAG}", "Values": [key]},
+            {"Name": "instance-state-name", "Values": sorted(_LIVE_STATES)}])["Reservations"]
+        return tuple(sorted(i["InstanceId"] for r in reservations for i in r["Instances"]))
 
 
 class InstanceMatchesRequest:
@@ -237,7 +255,9 @@ class InstanceMatchesRequest:
         self._client = client
         self._group_names = {gid: name for name, gid in env.security_groups.items()}
 
-    def __call__(self, request: ProvisionRequest, action: Action) -> Verdict:
+    def __call__(self, request: ProvisionRequest | dict[str, Any], action: Action) -> Verdict:
+        if not isinstance(request, ProvisionRequest):  # a worker has the stored JSON
+            request = ProvisionRequest.from_data(request)
         if action.call != "run_instances":
             return Verdict.fail(Issue(message=f"expected one launched instance, the agent ran "
                                       f"{action.call} on {list(action.ids)}",

@@ -92,6 +92,19 @@ class ProvisionRequest:
     security_groups: tuple[str, ...]
     tags: dict[str, str]
 
+    @classmethod
+    def from_data(cls, data: object) -> ProvisionRequest:
+        """The request from its JSON form (what an approval request stores as task input);
+        a :class:`ValueError` if it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a provisioning request: {type(data).__name__}")
+        try:
+            return cls(index=int(data["index"]), instance_type=str(data["instance_type"]),
+                       security_groups=tuple(str(g) for g in data["security_groups"]),
+                       tags={str(k): str(v) for k, v in dict(data["tags"]).items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a provisioning request: {exc}") from None
+
     def describe(self) -> str:
         """The request as the user wrote it, for the model's prompt."""
         tags = ", ".join(f"{k}={v}" for k, v in self.tags.items())

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from closedloop._approvals import Risk
 from closedloop._verdict import Issue, Severity, Verdict
 from closedloop.demo._model import REQUIRED_TAGS
 
@@ -130,3 +131,24 @@ def required_tags(proposal: str | dict[str, Any]) -> Verdict:
     return Verdict(issues=tuple(
         Issue(message=f"tag {key!r} is required", code="missing_tag", location=f"plan.tags.{key}")
         for key in REQUIRED_TAGS if not present.get(key)))
+
+
+def destructive_plan(proposal: str | dict[str, Any]) -> Risk | None:
+    """The demo's risk rule: a plan that terminates instances or deletes a security group is
+    high-stakes, so it waits for a person at every autonomy level (``--autonomy approve``
+    runs it instead of :func:`no_destructive_actions`, so such plans queue, marked
+    destructive, rather than being blocked)."""
+    data = _data(proposal)
+    action = data.get("action") if isinstance(data, dict) else None
+    if action == "terminate_instances":
+        targets = data.get("instance_ids")
+        items = tuple({"action": "terminate", "instance": str(t)}
+                      for t in (targets if isinstance(targets, list) else [targets]))
+        return Risk(summary=f"terminates {len(items)} instance(s)", items=items,
+                    rule="destructive_plan")
+    if action == "delete_security_group":
+        group = str(data.get("group"))
+        return Risk(summary=f"deletes security group {group!r}",
+                    items=({"action": "delete", "security_group": group},),
+                    rule="destructive_plan")
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -28,6 +29,23 @@ SCORE_NAME = "plan_correct"
 
 Progress = Callable[[int, int, str], object]
 """``progress(done, total, outcome)``: called after every step with its outcome's value."""
+AUTONOMY_LEVELS = ("suggest", "approve", "autonomous")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Waiting:
+    """One request the approve demo left waiting for a person."""
+
+    request_id: str
+    plan: str
+    """What it would do, in a few words (``launch t3.micro in web, ssh``)."""
+    destructive: bool
+    """A risk rule marked it destructive (terminate, delete): a person must decide it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"request_id": self.request_id, "plan": self.plan,
+                "destructive": self.destructive}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +82,14 @@ class DemoSummary:
     traced: bool = False
     """Whether the steps' spans (with their redacted proposals) and scores went to the store."""
     scores_written: int = 0
+    autonomy: str = "autonomous"
+    """The level the agent ran at: ``suggest``, ``approve`` or ``autonomous``."""
+    suggested: int = 0
+    """Steps that ended with a suggestion (``suggest``: nothing executed)."""
+    waiting: tuple[Waiting, ...] = ()
+    """Requests waiting for a person (``approve``; destructive plans at any level)."""
+    ec2_state: str | None = None
+    """The file keeping the demo's EC2 for the worker (``approve``), if any."""
     ledger: FaultLedger = field(repr=False)
 
     def next_steps(self) -> list[str]:
@@ -71,7 +97,21 @@ class DemoSummary:
         if self.store_url.startswith("memory://"):
             return []
         store = f"--store {shlex.quote(self.store_url)}"
-        steps = [f"closedloop report {store}"]
+        steps = []
+        if self.waiting:
+            launch = next((w for w in self.waiting if not w.destructive), None)
+            risky = next((w for w in self.waiting if w.destructive), None)
+            steps.append(f"closedloop approvals list --status pending {store}")
+            if launch is not None:
+                steps += [f"closedloop approvals show {launch.request_id} {store}",
+                          f"closedloop approvals approve {launch.request_id} --by YOU {store}"]
+            if risky is not None:
+                steps.append(f"closedloop approvals reject {risky.request_id} --by YOU "
+                             f"--reason 'never terminate production' {store}")
+            if self.ec2_state is not None:
+                steps.append(f"closedloop worker --app closedloop.demo:worker --once {store}")
+            steps.append(f"closedloop autonomy status --task-type {TASK_TYPE} {store}")
+        steps.append(f"closedloop report {store}")
         if self.traced:
             steps += [
                 f"closedloop traces list --task-type {TASK_TYPE} {store}",
@@ -105,6 +145,10 @@ class DemoSummary:
             "store": {"url": self.store_url, "events_written": self.events_written,
                       "events_lost": self.events_lost},
             "traces": {"recorded": self.traced, "scores_written": self.scores_written},
+            "autonomy": self.autonomy,
+            "suggested": self.suggested,
+            "waiting": [w.to_dict() for w in self.waiting],
+            "ec2_state": self.ec2_state,
             "duration_s": round(self.duration_s, 3),
             "next_steps": self.next_steps(),
         }
@@ -137,6 +181,8 @@ def run_demo(
     rates: FaultRates | None = None,
     max_attempts: int = 3,
     traces: bool = True,
+    autonomy: str = "autonomous",
+    ec2_state: str | os.PathLike[str] | None = None,
 ) -> DemoSummary:
     """Run the provisioning story: ``requests`` seeded requests through a closed loop.
 
@@ -150,7 +196,19 @@ def run_demo(
     ``replay`` and ``serve --metrics`` show the run; and every step gets a ``plan_correct``
     score from the simulated model's ground truth, for ``closedloop scores`` and ``report``.
     ``traces=False`` leaves tracing to the process default (``telemetry.configure()``).
+
+    ``autonomy`` is the agent's level: ``autonomous`` (the default) executes what passes
+    validation and blocks destructive plans; ``suggest`` executes nothing; ``approve``
+    stores every plan as a durable approval request in the store, destructive ones marked
+    high-stakes by the :func:`~closedloop.demo.destructive_plan` risk rule, and executes
+    none: a person decides them (``closedloop approvals``) and a worker executes the approved
+    ones (``closedloop worker --app closedloop.demo:worker``), against the demo's EC2 kept in
+    the file ``ec2_state`` (written at the end of the run; see
+    :func:`~closedloop.demo.state_path_for`).
     """
+    if autonomy not in AUTONOMY_LEVELS:
+        raise ConfigError(f"unknown autonomy level {autonomy!r}; use one of: "
+                          f"{', '.join(AUTONOMY_LEVELS)}")
     if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
         raise ConfigError(f"the number of requests must be a positive integer, got {requests!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -170,7 +228,14 @@ def run_demo(
     if requests > MAX_LAUNCHES:
         raise ConfigError(f"the demo runs at most {MAX_LAUNCHES} requests (one instance each "
                           f"in one subnet), got {requests}")
-    from closedloop.demo._plan import no_destructive_actions, plan_schema
+    from closedloop.demo._plan import destructive_plan, no_destructive_actions, plan_schema
+    from closedloop.loop import ApprovalPolicy
+
+    if autonomy == "approve":  # destructive plans queue, marked, for a person to decide
+        checks: dict[str, Any] = {"validators": [plan_schema], "risk_rules": [destructive_plan],
+                                  "approval": ApprovalPolicy(wait=False, two_approvers=True)}
+    else:
+        checks = {"validators": [plan_schema, no_destructive_actions]}
 
     owned = isinstance(store, str)
     if isinstance(store, str):
@@ -181,6 +246,8 @@ def run_demo(
         target = default_store()
     else:
         target = store
+    if autonomy == "approve":
+        _store_level(target, autonomy)
     started = time.perf_counter()
     before = target.stats()
     pipeline = _tracing(target) if traces else None
@@ -194,10 +261,10 @@ def run_demo(
                 model,
                 task_type=TASK_TYPE,
                 agent_id=AGENT_ID,
-                validators=[plan_schema, no_destructive_actions],
                 executor=Ec2Executor(ec2.client, env),
                 verifiers=[InstanceMatchesRequest(ec2.client, env)],
-                autonomy="autonomous",
+                autonomy=autonomy,
+                **checks,
                 max_attempts=max_attempts,
                 store=target,
                 **traced,
@@ -218,6 +285,13 @@ def run_demo(
                 if progress is not None:
                     progress(done, requests, outcome)
             production_running = count_running(ec2.client, env.production_instance_ids)
+            if ec2_state is not None:
+                from closedloop.demo._state import Ec2State
+
+                state = Ec2State(ec2_state)
+                with state.locked():
+                    state.save(env)
+        waiting = _waiting(target, results)
         if pipeline is not None:
             scores = _score(target, model.ledger)
     finally:
@@ -231,8 +305,64 @@ def run_demo(
         store_url=target.url, events_written=final.written - before.written,
         events_lost=final.not_written - before.not_written,
         duration_s=time.perf_counter() - started, traced=pipeline is not None,
-        scores_written=scores,
+        scores_written=scores, autonomy=autonomy, waiting=waiting,
+        ec2_state=None if ec2_state is None else os.fspath(ec2_state),
     )
+
+
+def _waiting(store: Store, results: list[StepResult[str, Action]]) -> tuple[Waiting, ...]:
+    """The requests the run left waiting, as stored (with the risk rules' verdict)."""
+    ids = [r.approval_id for r in results
+           if r.outcome is Outcome.AWAITING_APPROVAL and r.approval_id is not None]
+    if not ids:
+        return ()
+    from closedloop.store import approval_store_for
+
+    approvals = approval_store_for(store)
+    found = []
+    for rid in ids:
+        request = approvals.get(rid)
+        if request is not None:
+            found.append(Waiting(request_id=rid, plan=_plan_words(request.proposal),
+                                 destructive=request.destructive))
+    return tuple(found)
+
+
+def _plan_words(proposal: str) -> str:
+    """A stored proposal (the plan's JSON text, as a JSON string) in a few words."""
+    import json
+
+    try:
+        text = json.loads(proposal)
+        plan = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return "a plan that is not JSON"
+    if not isinstance(plan, dict):
+        return "a plan that is not an object"
+    action = plan.get("action")
+    if action == "run_instances":
+        groups = plan.get("security_groups")
+        where = ", ".join(map(str, groups)) if isinstance(groups, list) else "?"
+        return f"launch {plan.get('instance_type')} in {where}"
+    if action == "terminate_instances":
+        return f"terminate {plan.get('instance_ids')}"
+    if action == "delete_security_group":
+        return f"delete security group {plan.get('group')!r}"
+    return f"{action}"
+
+
+def _store_level(store: Store, level: str) -> None:
+    """Record the level the demo's agent runs at as its task type's stored level (once), so
+    ``closedloop autonomy status`` counts the evidence from here on and says what it takes
+    to move up. The demo's loop is pinned to ``level`` either way."""
+    from closedloop.autonomy import AutonomyLevels, LevelKey
+
+    levels = AutonomyLevels(store)
+    key = LevelKey(task_type=TASK_TYPE)
+    if any(r.key == key and r.level == level for r in levels.levels.levels(TASK_TYPE)):
+        return
+    levels.set(TASK_TYPE, level, by="closedloop demo",
+               reason=f"closedloop demo --autonomy {level}")
 
 
 def _tracing(store: Store) -> Telemetry | None:
@@ -285,6 +415,9 @@ def _summarise(
     duration_s: float,
     traced: bool,
     scores_written: int,
+    autonomy: str,
+    waiting: tuple[Waiting, ...],
+    ec2_state: str | None,
 ) -> DemoSummary:
     events = [r.event for r in results if r.event is not None]
     latencies = sorted(e.latency_ms for e in events)
@@ -313,6 +446,10 @@ def _summarise(
         max_attempts=max_attempts,
         traced=traced,
         scores_written=scores_written,
+        autonomy=autonomy,
+        suggested=sum(r.outcome is Outcome.SUGGESTED for r in results),
+        waiting=waiting,
+        ec2_state=ec2_state,
         ledger=ledger,
     )
 

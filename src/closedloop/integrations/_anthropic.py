@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from closedloop.integrations._common import ModelCall
+from closedloop.integrations._common import ModelCall, given
 
 
 class AnthropicProvider:
@@ -57,6 +57,6 @@ class AnthropicProvider:
 
     def request_content(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         content: dict[str, Any] = {"gen_ai.input.messages": kwargs.get("messages")}
-        if kwargs.get("system") is not None:
+        if given(kwargs.get("system")):
             content["gen_ai.system_instructions"] = kwargs["system"]
         return content

@@ -52,7 +52,14 @@ class Provider(Protocol):
 _REQUEST_PARAMS = (("temperature", "gen_ai.request.temperature"),
                    ("top_p", "gen_ai.request.top_p"),
                    ("max_tokens", "gen_ai.request.max_tokens"),
-                   ("max_completion_tokens", "gen_ai.request.max_tokens"))
+                   ("max_completion_tokens", "gen_ai.request.max_tokens"),
+                   ("max_output_tokens", "gen_ai.request.max_tokens"))
+
+
+def given(value: Any) -> bool:
+    """A request argument the caller gave: not None, nor the SDKs' ``NotGiven``/``Omit``
+    placeholders (their helpers pass every parameter, most as a placeholder)."""
+    return value is not None and type(value).__name__ not in ("NotGiven", "Omit")
 
 
 class ModelCall:
@@ -85,6 +92,7 @@ class ModelCall:
         self.response_model: str | None = None
         self.response_id: str | None = None
         model = kwargs.get("model")
+        model = model if given(model) else None
         self.request_model = str(model) if model is not None else None
         self.output_parts: list[str] | None = [] if capture_content else None
         self._done = False
@@ -96,7 +104,7 @@ class ModelCall:
             if model is not None:
                 attrs["gen_ai.request.model"] = str(model)
             for param, key in _REQUEST_PARAMS:
-                if kwargs.get(param) is not None:
+                if given(kwargs.get(param)):
                     attrs[key] = kwargs[param]
             self.span = self.telemetry.start_span(
                 f"{operation} {model}" if model else operation, attrs, kind=SpanKind.CLIENT.value)
@@ -303,6 +311,97 @@ def wrap_create(original: Callable[..., Any], provider: Provider, operation: str
         if inspect.isawaitable(result):
             return settle(call, result, kwargs)
         return finish(call, result, kwargs, False)
+
+    wrapped.__closedloop_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+class _StreamManager:
+    """Wraps a stream helper's manager (Anthropic's ``messages.stream()``): entering it makes
+    the request; the helper's raw event stream is read through a :class:`_SyncStream` /
+    :class:`_AsyncStream`, so usage is recorded as the events arrive and the call finishes
+    when the stream ends (or, at the latest, when the block exits)."""
+
+    def __init__(self, manager: Any, begin: Callable[[], ModelCall | None]) -> None:
+        self._manager = manager
+        self._begin = begin
+        self._call: ModelCall | None = None
+
+    def _attach(self, stream: Any, aio: bool) -> Any:
+        call = self._call
+        raw = getattr(stream, "_raw_stream", None)
+        if call is not None and raw is not None:
+            stream._raw_stream = _AsyncStream(raw, call) if aio else _SyncStream(raw, call)
+        elif call is not None:  # an SDK whose helper we cannot see into: no usage, still a span
+            log.warning("closedloop: cannot read this stream helper's events; "
+                        "its usage is not recorded")
+        return stream
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._call is not None:
+            _safe(self._call.fail, exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        call = self._call
+        if call is None:
+            return
+        if exc is not None and not call._done:
+            _safe(call.fail, exc)
+        _safe(call.done)
+
+    def __enter__(self) -> Any:
+        self._call = self._begin()
+        try:
+            stream = self._manager.__enter__()
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._attach(stream, False)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Any:
+        try:
+            return self._manager.__exit__(exc_type, exc, tb)
+        finally:
+            self._finish(exc)
+
+    async def __aenter__(self) -> Any:
+        self._call = self._begin()
+        try:
+            stream = await self._manager.__aenter__()
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._attach(stream, True)
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Any:
+        try:
+            return await self._manager.__aexit__(exc_type, exc, tb)
+        finally:
+            self._finish(exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+
+def wrap_stream_helper(original: Callable[..., Any], provider: Provider, operation: str,
+                       telemetry: Telemetry | None, capture_content: bool) -> Callable[..., Any]:
+    """Wrap an SDK stream helper (``messages.stream(...)``, a context manager, sync or async)."""
+    if getattr(original, "__closedloop_wrapped__", False):
+        return original
+    warm_up()
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        manager = original(*args, **kwargs)
+
+        def begin() -> ModelCall | None:
+            try:
+                return ModelCall(provider, operation, kwargs, telemetry, capture_content)
+            except Exception:
+                log.exception("closedloop: starting a model-call span failed")
+                return None
+
+        return _StreamManager(manager, begin)
 
     wrapped.__closedloop_wrapped__ = True  # type: ignore[attr-defined]
     return wrapped

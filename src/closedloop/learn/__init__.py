@@ -23,6 +23,16 @@ if typing.TYPE_CHECKING:
         message_group,
         percentile,
     )
+    from closedloop.learn._charts import (
+        ChartLine,
+        ChartPoint,
+        ChartRow,
+        bar_chart,
+        esc,
+        interval_chart,
+        line_chart,
+        spark_svg,
+    )
     from closedloop.learn._clusters import (
         FailureCluster,
         FailureClusters,
@@ -59,6 +69,10 @@ if typing.TYPE_CHECKING:
         FactorValue,
         factors,
         factors_from_cells,
+    )
+    from closedloop.learn._html import (
+        choose_window,
+        html_report,
     )
     from closedloop.learn._replay import (
         CheckReplay,
@@ -105,6 +119,9 @@ __all__ = [
     "SIGNALS",
     "BernoulliCusum",
     "Change",
+    "ChartLine",
+    "ChartPoint",
+    "ChartRow",
     "CheckReplay",
     "Cost",
     "CusumState",
@@ -136,14 +153,20 @@ __all__ = [
     "TrendPoint",
     "TrendSeries",
     "Trends",
+    "bar_chart",
     "build_report",
+    "choose_window",
     "cluster_purity",
     "clusters_from_cells",
     "diff_traces",
+    "esc",
     "factors",
     "factors_from_cells",
     "failure_clusters",
     "first_divergence",
+    "html_report",
+    "interval_chart",
+    "line_chart",
     "message_group",
     "parse_issues",
     "percentile",
@@ -152,6 +175,7 @@ __all__ = [
     "report_from_store",
     "score_summary",
     "span_label",
+    "spark_svg",
     "trends",
     "trends_from_cells",
     "verdict_messages",
@@ -163,6 +187,9 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "closedloop._figures": ("message_group", "percentile"),
+        "._charts": ("ChartLine", "ChartPoint", "ChartRow", "bar_chart", "esc", "interval_chart",
+                     "line_chart", "spark_svg"),
+        "._html": ("choose_window", "html_report"),
         "._clusters": ("FailureCluster", "FailureClusters", "Purity", "cluster_purity",
                        "clusters_from_cells", "failure_clusters", "parse_issues"),
         "._detect": ("BernoulliCusum", "CusumState", "Detection", "GaussianCusum", "PageHinkley",

@@ -6,7 +6,8 @@ intervals, and whether a change between two of them is more than noise.
 - means (tokens or cost per step): the normal approximation, from a count, a sum and a sum
   of squares; ratios (cost per success): the delta method; their differences: normal;
 - percentiles from a latency histogram: the value at the nearest rank, interpolated within
-  its bucket, and a distribution-free interval from the binomial ranks around it; a change
+  its bucket, and a distribution-free interval from the binomial ranks around it, widened
+  to the bounds of their buckets; a change
   in a percentile counts only when the two intervals do not overlap (conservative);
 - the G-test of independence and the chi-square survival function (regularized incomplete
   gamma), for factors.
@@ -131,8 +132,10 @@ def histogram_percentile(counts: Mapping[int, int], p: float, z: float,
                          bounds: Any) -> Estimate | None:
     """The ``p``-th percentile of a histogram (``bucket -> count``; ``bounds(bucket)`` gives
     its ``(low, high)``): the nearest rank, placed within its bucket as if the bucket's
-    values were spread evenly; the interval: the values at the ranks
-    ``n·q ∓ z·sqrt(n·q·(1-q))``. None for an empty histogram."""
+    values were spread evenly; the interval: from the lower bound of the bucket holding rank
+    ``n·q - z·sqrt(n·q·(1-q))`` to the upper bound of the one holding ``n·q + z·sqrt(…)``
+    (distribution-free, whatever the values within a bucket). None for an empty
+    histogram."""
     order = sorted((b, c) for b, c in counts.items() if c > 0)
     n = sum(c for _, c in order)
     if n == 0:
@@ -140,18 +143,23 @@ def histogram_percentile(counts: Mapping[int, int], p: float, z: float,
     q = p / 100.0
     spread = z * math.sqrt(n * q * (1 - q))
 
-    def at(rank: int) -> float:
+    def at(rank: int, end: int | None = None) -> float:
+        # the value at ``rank``, spread evenly within its bucket; with ``end`` 0 or 1 the
+        # bucket's lower or upper bound instead (an interval must hold whatever the values
+        # inside a bucket are)
         rank = min(max(rank, 1), n)
         seen = 0
         for bucket, c in order:
             if seen + c >= rank:
                 low, high = bounds(bucket)
+                if end is not None:
+                    return float(high if end else low)
                 return float(low + (high - low) * (rank - seen - 0.5) / c)
             seen += c
         raise AssertionError("rank beyond the histogram")
 
-    return Estimate(at(nearest_rank(p, n)), at(math.floor(n * q - spread)),
-                    at(math.ceil(n * q + spread) + 1))
+    return Estimate(at(nearest_rank(p, n)), at(math.floor(n * q - spread), 0),
+                    at(math.ceil(n * q + spread) + 1, 1))
 
 
 def g_test(table: Sequence[tuple[int, int]]) -> tuple[float, float]:

@@ -145,12 +145,17 @@ class ApprovalGate:
                 verdicts: Sequence[Mapping[str, Any]],
                 risk: Mapping[str, Any] | None) -> ApprovalRequest:
         """Store a pending request for this proposal (positional: a gate action's args)."""
+        from closedloop.approvals import notify_created  # approvals imports the loop
+
         policy = self.policy
-        return self.approvals().create(new_request(
+        approvals = self.approvals()
+        created = approvals.create(new_request(
             task_type=task_type, agent_id=agent_id, proposal=proposal, task_input=task_input,
             requested_by=self.requested_by, step_id=step_id, trace_id=trace_id,
             run_id=run_id, verdicts=verdicts, risk=risk, expires_in=policy.expires_in,
             two_approvers=policy.two_approvers))
+        notify_created(created, store=approvals)  # queued: never raises, never waits
+        return created
 
     def decision(self, request_id: str) -> ApprovalRequest:
         """The request as it stands (marked expired first if it is past its expiry)."""

@@ -71,6 +71,19 @@ def _budget(value: float | None, what: str, *, integer: bool = False) -> float |
     return value
 
 
+def _refused(exc: BaseException) -> bool:
+    """``exc`` is a :class:`ToolRefused`, or wraps one (as agent frameworks wrap the
+    exceptions of the tools they call)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ToolRefused):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 @dataclass(slots=True)
 class _Rollback:
     """One registered compensation: ``fn(*args)``, then ``check(*args)`` if given."""
@@ -258,9 +271,10 @@ class Run:
         """Decide the run's outcome; the rollback to drive, if it ends in one."""
         run_scope.reset(self._token)
         with self._lock:
-            # a tool refused because this run stopped raised ToolRefused: the run ends as
-            # its stop says (budget_exceeded, halted, aborted), not in error
-            if exc is not None and not (isinstance(exc, ToolRefused) and self._stop is not None):
+            # a tool refused because this run stopped raised ToolRefused (perhaps wrapped by
+            # an agent framework): the run ends as its stop says (budget_exceeded, halted,
+            # aborted), not in error
+            if exc is not None and not (_refused(exc) and self._stop is not None):
                 self.outcome, self.error_type = Outcome.ERROR, None
                 self.message = _describe(exc)
             elif self._stop is not None:

@@ -66,6 +66,18 @@ class ToolFeedback(str):
         new.issues = issues
         return new
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copied and pickled as what it carries (frameworks deep-copy tool outputs)
+        return (_feedback, (str(self), self.outcome, self.error_type, self.step_id,
+                            self.issues))
+
+
+def _feedback(text: str, outcome: str, error_type: str | None, step_id: str | None,
+              issues: tuple[Issue, ...]) -> ToolFeedback:
+    new = str.__new__(ToolFeedback, text)
+    new.outcome, new.error_type, new.step_id, new.issues = outcome, error_type, step_id, issues
+    return new
+
 
 class ToolCall(dict[str, Any]):
     """A tool call's arguments by parameter name: the proposal of a guarded tool's step.

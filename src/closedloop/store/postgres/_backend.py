@@ -1080,6 +1080,7 @@ class _Connections:
         self._connect = connect
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -1094,16 +1095,19 @@ class _Connections:
         try:
             yield conn
         finally:
-            if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.close()  # broken, or left inside a transaction: never reused
-            else:
-                with self._lock:
+            with self._lock:
+                keep = not (self._closed or conn.closed
+                            or conn.info.transaction_status != TransactionStatus.IDLE)
+                if keep:
                     self._idle.append(conn)
+            if not keep:  # closed meanwhile, broken, or left inside a transaction
+                conn.close()
 
     def close(self) -> None:
         """Close the idle connections."""
         with self._lock:
             idle, self._idle = self._idle, []
+            self._closed = True
         for conn in idle:
             conn.close()
 

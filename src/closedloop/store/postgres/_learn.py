@@ -15,7 +15,6 @@ from closedloop._errors import StoreError
 from closedloop._figures import message_group
 from closedloop.store._learn import (
     FAILURE_OUTCOMES,
-    LATENCY_TOP,
     REFUSAL_OUTCOMES,
     Dimension,
     ExampleKey,
@@ -26,6 +25,7 @@ from closedloop.store._learn import (
     check_window,
     factor_cells_from_rows,
     failure_cells_from_rows,
+    latency_bucket_sql,
     series_sums,
 )
 from closedloop.store._query import StepFilter
@@ -38,9 +38,8 @@ if TYPE_CHECKING:
     from closedloop.store.postgres._backend import PostgresBackend
 
 _T = TypeVar("_T")
-_MICROS = "trunc(latency_ms * 1000)::bigint::text"
-BUCKET = (f"(CASE WHEN latency_ms >= 0.001 AND latency_ms < 1e15 THEN length({_MICROS}) * 10 "
-          f"+ left({_MICROS}, 1)::int WHEN latency_ms >= 1e15 THEN {LATENCY_TOP} ELSE 0 END)")
+BUCKET = latency_bucket_sql()
+":func:`~closedloop.store._learn.latency_bucket` in SQL."
 _DIGITS = "input_tokens::text"
 SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
         f"left({_DIGITS}, 1) < '2' COLLATE \"C\" THEN 1 WHEN left({_DIGITS}, 1) < '5' "

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from closedloop._errors import StoreError
 from closedloop.store._learn import (
     FAILURE_OUTCOMES,
-    LATENCY_TOP,
     REFUSAL_OUTCOMES,
     WINDOW_OFFSETS,
     WINDOWS,
@@ -33,6 +32,7 @@ from closedloop.store._learn import (
     check_window,
     factor_cells_from_rows,
     failure_cells_from_rows,
+    latency_bucket_sql,
     series_sums,
 )
 from closedloop.store._query import StepFilter
@@ -46,11 +46,8 @@ _NARROW = 8
 _CHUNK = 32_768
 """Rows per grouped query over the table (by rowid)."""
 _MMAP_BYTES = 256 << 20
-_MICROS = "CAST(CAST(latency_ms * 1000 AS INTEGER) AS TEXT)"
-BUCKET = (f"(CASE WHEN latency_ms >= 0.001 AND latency_ms < 1e15 THEN length({_MICROS}) * 10 "
-          f"+ CAST(substr({_MICROS}, 1, 1) AS INTEGER) WHEN latency_ms >= 1e15 THEN "
-          f"{LATENCY_TOP} ELSE 0 END)")
-""":func:`~closedloop.store._learn.latency_bucket` in SQLite."""
+BUCKET = latency_bucket_sql()
+":func:`~closedloop.store._learn.latency_bucket` in SQL."
 _DIGITS = "CAST(input_tokens AS TEXT)"
 SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
         f"substr({_DIGITS}, 1, 1) < '2' THEN 1 WHEN substr({_DIGITS}, 1, 1) < '5' THEN 2 "
