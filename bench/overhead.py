@@ -1,7 +1,7 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
 Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
-``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``).
+``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``, ``--drift``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
    into a SQLite store (WAL, background writer), default fault control on, against the same
@@ -14,7 +14,9 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    With ``--baseline-src DIR`` (another checkout's ``src``, e.g. main's) the overhead is
    measured in child processes alternating between that tree and this one, ``--runs`` of
    each, so that a before/after comparison sees the same load; the 1-minute load average is
-   printed with every run.
+   printed with every run. With ``--drift`` this tree's loop also runs drift detection
+   (``closedloop.configure(drift=DriftPolicy())``: the DriftGuard among the default guards);
+   ``--baseline-src`` set to this tree's own ``src`` then measures what drift detection adds.
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
@@ -270,8 +272,10 @@ def compare_ingest(baseline_src: str, runs: int, events: int) -> None:
               f"this/baseline {this / base:5.2f}")
 
 
-def compare(baseline_src: str, runs: int, steps: int, rounds: int) -> None:
-    """The overhead of ``baseline_src`` and of this tree, in alternating child processes."""
+def compare(baseline_src: str, runs: int, steps: int, rounds: int,
+            drift: bool = False) -> None:
+    """The overhead of ``baseline_src`` and of this tree (with ``drift``: its loop also runs
+    the drift guard), in alternating child processes."""
     this_src = os.environ.get("PYTHONPATH", "")
     results: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
     for run in range(runs):
@@ -279,7 +283,8 @@ def compare(baseline_src: str, runs: int, steps: int, rounds: int) -> None:
             before = load()
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--steps", str(steps),
-                 "--rounds", str(rounds)], check=True, capture_output=True, text=True,
+                 "--rounds", str(rounds), *(["--drift"] if drift and name == "this" else [])],
+                check=True, capture_output=True, text=True,
                 env={**os.environ, "PYTHONPATH": src})
             o = json.loads(out.stdout)
             results[name].append(o)
@@ -304,6 +309,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("overhead", "ingest"), help="run one part")
     parser.add_argument("--baseline-src", help="another tree's src to compare the overhead of")
     parser.add_argument("--runs", type=int, default=5, help="alternations with --baseline-src")
+    parser.add_argument("--drift", action="store_true",
+                        help="this tree's loop also runs drift detection (configure(drift=))")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-ingest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,6 +321,10 @@ def main() -> int:
             rate = bench_ingest(batch, Path(tmp) / "ingest.db")
         print(json.dumps({"rate": rate, "cpu_us": CPU["loop"][0]}))
         return 0
+    if args.drift and (args.child or not args.baseline_src):
+        from closedloop.learn import DriftPolicy
+
+        cl.configure(drift=DriftPolicy())  # every step signal, and the default guards
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(bench_overhead(args.steps, args.rounds, Path(tmp))))
@@ -324,7 +335,7 @@ def main() -> int:
         folder = Path(tmp)
         if args.only != "ingest":
             if args.baseline_src:
-                compare(args.baseline_src, args.runs, args.steps, args.rounds)
+                compare(args.baseline_src, args.runs, args.steps, args.rounds, args.drift)
             else:
                 print_overhead(bench_overhead(args.steps, args.rounds, folder))
             if args.parts:

@@ -784,7 +784,7 @@ class RedactingFilter(logging.Filter):
 
 LOG_FILTER = RedactingFilter()
 LOGGERS = ("closedloop", "closedloop.autonomy", "closedloop.control", "closedloop.integrations",
-           "closedloop.store", "closedloop.telemetry")
+           "closedloop.learn", "closedloop.store", "closedloop.telemetry")
 """Every logger closedloop logs on (a test checks the package uses no other)."""
 
 

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from closedloop._pricing import Prices
     from closedloop._redact import Redactor
     from closedloop.approvals import Notifier
     from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure, FaultControl
+    from closedloop.learn import DriftGuard, DriftPolicy
     from closedloop.store import EventSink, Store
     from closedloop.telemetry import Telemetry
 
@@ -66,6 +67,9 @@ class Runtime:
     ``retention`` (``"30d"``, seconds, ``None``/``"off"``: keep everything; default
     ``$CLOSEDLOOP_RETENTION``, else 90 days) is how long the store it opens from a URL keeps
     events and control history; given with a store object, it is set on it.
+    ``drift`` (a :class:`~closedloop.learn.DriftPolicy` for every task type, or a dict of
+    them per task type) adds a :class:`~closedloop.learn.DriftGuard` to the default guards of
+    loops: drift detection and budgets as control signals (docs/drift.md).
     ``notify`` tells people of new approval requests: a webhook URL, a
     :class:`~closedloop.approvals.Notifier`, or None for none (default:
     ``$CLOSEDLOOP_APPROVAL_WEBHOOK``; see :func:`closedloop.approvals.notify_created`).
@@ -83,6 +87,7 @@ class Runtime:
         retention: str | float | None = UNSET,
         prices: Prices | Any = UNSET,
         influxdb: EventSink | str | None = UNSET,
+        drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
         notify: Notifier | str | None = UNSET,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
@@ -119,6 +124,15 @@ class Runtime:
         self._notify = notify
         self._lock = threading.RLock()
         self._closed = False
+        if drift is not None:
+            from closedloop.learn import DriftPolicy
+
+            if not (isinstance(drift, DriftPolicy) or (isinstance(drift, dict) and all(
+                    v is None or isinstance(v, DriftPolicy) for v in drift.values()))):
+                raise ConfigError("drift must be a DriftPolicy or a dict of task type → "
+                                  f"DriftPolicy, got {type(drift).__name__}")
+        self._drift_policy = drift
+        self._drift: weakref.WeakKeyDictionary[Store, DriftGuard] = weakref.WeakKeyDictionary()
 
     # ----- the parts, each built on first use -------------------------------------------
     @property
@@ -255,6 +269,30 @@ class Runtime:
                 self._levels[store] = levels
         return levels
 
+    def drift_for(self, store: Store) -> DriftGuard | None:
+        """The drift and budget guard of ``store``'s loops (one per store, acting through the
+        store's fault control and autonomy levels); None unless ``drift=`` was configured."""
+        policy = self._drift_policy
+        if policy is None:
+            return None
+        with self._lock:
+            with contextlib.suppress(TypeError):
+                if store in self._drift:
+                    return self._drift[store]
+            from closedloop.learn import DriftGuard, DriftPolicy
+
+            if isinstance(policy, DriftPolicy):
+                guard = DriftGuard(policy=policy, store=store,
+                                   fault_control=self.fault_control_for(store),
+                                   levels=self.levels_for(store))
+            else:
+                guard = DriftGuard(policy=None, policies=dict(policy), store=store,
+                                   fault_control=self.fault_control_for(store),
+                                   levels=self.levels_for(store))
+            with contextlib.suppress(TypeError):
+                self._drift[store] = guard
+        return guard
+
     def _new_fault_control(self, store: Store | None) -> FaultControl:
         from closedloop.control import FaultControl, ledger_for_store
 
@@ -352,6 +390,8 @@ class Runtime:
             limiter = self._backpressure if self._owns_rates else None
             notifier = None if self._notify is UNSET or isinstance(self._notify, str) \
                 else self._notify
+        for guard in list(self._drift.values()):  # before the store closes: states saved
+            guard.close()
         if notifier is not None:  # a notification not sent by then is resent later
             notifier.close(5.0 if timeout is None else min(timeout, 5.0))
         if limiter is not None:
@@ -406,6 +446,7 @@ def configure(
     retention: str | float | None = UNSET,
     prices: Prices | Any = UNSET,
     influxdb: EventSink | str | None = UNSET,
+    drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
     notify: Notifier | str | None = UNSET,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
@@ -419,7 +460,8 @@ def configure(
     """
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
                   backpressure=backpressure, telemetry=telemetry, redactor=redactor,
-                  retention=retention, prices=prices, influxdb=influxdb, notify=notify)
+                  retention=retention, prices=prices, influxdb=influxdb, drift=drift,
+                  notify=notify)
     if notify is not UNSET and notify is not None:
         _ = new.notifier  # a bad webhook URL fails here, in configure()
     if store is not UNSET:

@@ -66,6 +66,20 @@ def _degraded(ledger: ControlLedger) -> str | None:
             "since Redis went away")
 
 
+def _drift_firings(store_url: str, limit: int) -> list[dict[str, Any]]:
+    """The drift detections recorded in the store (newest first, at most ``limit``)."""
+    from closedloop.learn import recorded_firings
+    from closedloop.store import LevelBackend, level_store_for
+
+    store = open_store_to_read(store_url)
+    try:
+        if not isinstance(store.backend, LevelBackend):
+            return []
+        return [f.to_dict() for f in recorded_firings(level_store_for(store))[:max(0, limit)]]
+    finally:
+        store.close()
+
+
 def _ago(ts: float) -> str:
     seconds = max(0.0, time.time() - ts)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -78,7 +92,7 @@ def _ago(ts: float) -> str:
 @store_option
 @_redis_option
 @click.option("--history", "history_n", type=int, default=5, show_default=True,
-              help="How many recent stop/resume entries to show.")
+              help="How many recent stop/resume entries and drift detections to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
            as_json: bool) -> None:
@@ -94,6 +108,7 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
     ledger, where = _ledger(store_url, redis_url, prefix)
     stops = ledger.stops()
     history = ledger.history(history_n)
+    drift = _drift_firings(store_url, history_n)
     degraded = _degraded(ledger)
     keys: dict[str, Any] = {}
     if redis_url:
@@ -109,7 +124,7 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
         keys = published() if published is not None else {}
     if as_json:
         echo_json({"source": where, "degraded": degraded, "stops": [s.to_dict() for s in stops],
-                   "keys": keys, "history": history})
+                   "keys": keys, "history": history, "drift": drift})
         return
     from rich.table import Table
 
@@ -144,6 +159,14 @@ def status(store_url: str, redis_url: str | None, prefix: str, history_n: int,
     elif not redis_url:
         out.print(styled("No per-key limits published here; pass --redis URL (or "
                          f"${_REDIS_ENV}) for shared ones, or give Backpressure publish_to=."))
+    if drift:
+        table = Table(title=styled("Drift and budget detections (newest first)"))
+        for col in ("task type", "model", "signal", "when", "actions", "reason"):
+            table.add_column(col)
+        for f in drift:
+            table.add_row(styled(f["task_type"]), styled(f["model"] or ""), styled(f["signal"]),
+                          _ago(f["at"]), styled(", ".join(f["actions"])), styled(f["reason"]))
+        out.print(table)
     if history:
         out.print("Recent:")
         for h in history:

@@ -360,10 +360,32 @@ class FaultControl:
                       f"{stop.task_type} --reason ...`")
         else:
             action = (f"check recent validation failures of {stop.task_type} (closedloop "
-                      f"report); it resumes by itself after {self.pause_for:.0f}s")
+                      f"report); it resumes by itself after "
+                      f"{(stop.until or stop.at) - stop.at:.0f}s")
         self._alert(Alert(kind=stop.kind.value, subject=stop.task_type, summary=stop.reason,
                           action=action, evidence=stop.evidence, at=stop.at,
                           severity="critical" if stop.kind is StopKind.HALTED else "warning"))
+
+    def stop(self, task_type: str, kind: str, *, reason: str, by: str,
+             evidence: dict[str, Any] | None = None, pause_for: float | None = None) -> Stop:
+        """Pause (for ``pause_for`` s, default this guard's) or halt ``task_type`` now, as if
+        one of this guard's own thresholds had tripped: stored in the ledger (in force here
+        until it is), alerted. Other detectors (drift, budgets) act through this."""
+        stop_kind = StopKind(kind)
+        if stop_kind not in (StopKind.PAUSED, StopKind.HALTED):
+            raise ConfigError(f"kind must be 'paused' or 'halted', got {kind!r}")
+        now = self.clock()
+        found = Stop(task_type=task_type, kind=stop_kind, at=now,
+                     until=None if stop_kind is StopKind.HALTED else now + (
+                         pause_for if pause_for is not None else self.pause_for),
+                     by=f"{by} on {who()}", reason=reason, evidence=dict(evidence or {}))
+        with self._lock:
+            track = self._tracks.get(task_type)
+            if track is not None:
+                self._tracks[task_type] = _Track(baseline=track.baseline,
+                                                 baseline_samples=track.baseline_samples)
+        self._trip(found)
+        return found
 
     # ----- stops that could not be stored -------------------------------------------------
     def flush_pending(self) -> bool:

@@ -57,6 +57,12 @@ if typing.TYPE_CHECKING:
         span_label,
         verdict_messages,
     )
+    from closedloop.learn._drift import ACTIONS, SIGNALS, DriftMonitor, DriftPolicy, Firing
+    from closedloop.learn._driftguard import (
+        DriftGuard,
+        OnlineScorer,
+        recorded_firings,
+    )
     from closedloop.learn._factors import (
         Factor,
         Factors,
@@ -105,10 +111,12 @@ if typing.TYPE_CHECKING:
     )
 
 __all__ = [
+    "ACTIONS",
     "DEFAULT_PERIODS",
     "DEFAULT_TOP_ERRORS",
     "DEFAULT_TOP_MESSAGES",
     "METRICS",
+    "SIGNALS",
     "BernoulliCusum",
     "Change",
     "ChartLine",
@@ -119,6 +127,9 @@ __all__ = [
     "CusumState",
     "Detection",
     "DiffRow",
+    "DriftGuard",
+    "DriftMonitor",
+    "DriftPolicy",
     "ErrorCount",
     "Estimate",
     "Factor",
@@ -126,9 +137,11 @@ __all__ = [
     "Factors",
     "FailureCluster",
     "FailureClusters",
+    "Firing",
     "GaussianCusum",
     "Latency",
     "MessageCount",
+    "OnlineScorer",
     "PageHinkley",
     "PageHinkleyState",
     "Purity",
@@ -157,6 +170,7 @@ __all__ = [
     "message_group",
     "parse_issues",
     "percentile",
+    "recorded_firings",
     "replay",
     "report_from_store",
     "score_summary",
@@ -180,6 +194,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
                        "clusters_from_cells", "failure_clusters", "parse_issues"),
         "._detect": ("BernoulliCusum", "CusumState", "Detection", "GaussianCusum", "PageHinkley",
                      "PageHinkleyState"),
+        "._drift": ("ACTIONS", "SIGNALS", "DriftMonitor", "DriftPolicy", "Firing"),
+        "._driftguard": ("DriftGuard", "OnlineScorer", "recorded_firings"),
         "._diff": ("DiffRow", "diff_traces", "first_divergence", "span_label", "verdict_messages"),
         "._factors": ("Factor", "FactorValue", "Factors", "factors", "factors_from_cells"),
         "._replay": ("CheckReplay", "ReplayReport", "replay"),

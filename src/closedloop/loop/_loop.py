@@ -296,6 +296,9 @@ class Loop:
             # detector of the stored levels this loop follows
             guards = (rt.fault_control_for(store),) if levels is None else (
                 rt.fault_control_for(store), levels.monitor())
+            drift = rt.drift_for(store) if store is not None else None
+            if drift is not None:  # configure(drift=...): drift and budget detection
+                guards = (*guards, drift)
         if backpressure is DEFAULT:
             backpressure = rt.backpressure
         record = store.record if store is not None else None

@@ -117,6 +117,11 @@ class Metrics:
         self._available: dict[str, float] = {}
         self._control: list[tuple[Any, Any]] = []
         r.register(_ControlCollector(self))
+        self.drift_firings = Counter(
+            "closedloop_drift_firings", "Drift and budget detections that fired, by task type "
+            "and signal.", ["task_type", "signal"], registry=r)
+        self._drift: list[Any] = []
+        r.register(_DriftCollector(self))
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (id(metric), labels)
@@ -245,6 +250,17 @@ class Metrics:
         """
         self._control.append((ledger, backpressure))
 
+    def watch_drift(self, monitor: Any) -> None:
+        """Expose a :class:`~closedloop.learn.DriftMonitor`'s detectors at scrape time:
+        ``closedloop_drift_state{task_type, signal}``, each signal's largest CUSUM statistic
+        over its models as a share of its limit (0: in control; 1 fires)."""
+        self._drift.append(monitor)
+
+    def drift_fired(self, task_type: str, signal: str) -> None:
+        """Count one drift firing."""
+        self._child(self.drift_firings, (self._label("task_type", task_type),
+                                         self._label("signal", signal))).inc()
+
     def watch(self, *, telemetry: Telemetry | None = None, store: Store | None = None) -> None:
         """Also export the dropped/failed counters of a telemetry pipeline and an event store."""
         self.registry.register(_HealthCollector(telemetry, store))
@@ -287,6 +303,35 @@ class _ControlCollector(Collector):
                      "Requests per second a key's adaptive limiter allows now.", rates)
         yield _states("closedloop_circuit_breaker_state", "Circuit breaker of each downstream key.",
                       "key", circuits, ("closed", "open", "half_open"))
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _DriftCollector(Collector):
+    """Drift detectors' states, at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        values: dict[tuple[str, str], float] = {}
+        for monitor in list(m._drift):
+            try:
+                for row in monitor.snapshot():
+                    key = (m._label("task_type", row["task_type"]),
+                           m._label("signal", row["signal"]))
+                    values[key] = max(values.get(key, 0.0), float(row["statistic"]))
+            except Exception:  # noqa: BLE001 - a scrape must not fail on one source
+                _log.exception("closedloop: could not read the drift detectors for metrics")
+        family = GaugeMetricFamily(
+            "closedloop_drift_state", "Drift detector statistic per task type and signal, as "
+            "a share of its alarm limit (0: in control, 1: fires).",
+            labels=["task_type", "signal"])
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key), value)
+        yield family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
