@@ -586,7 +586,15 @@ def shown_url(url: str) -> str:
     URLs), the store (database URLs) and the command line all show URLs through this one
     function, so it lives here, with the rest of what keeps secrets out of output.
     """
-    text = _SECRET_PARAM.sub(r"\1***", url.strip())
+    text = _without_password(url.strip())
+    query = text.find("?")  # after the authority's password is gone: a "?" of the query
+    if query < 0:
+        return text
+    return text[:query] + _SECRET_PARAM.sub(r"\1***", text[query:])
+
+
+def _without_password(text: str) -> str:
+    """``text`` with the password of its authority masked (see :func:`shown_url`)."""
     start = text.find("//")
     if start < 0:
         return text
