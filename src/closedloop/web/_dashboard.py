@@ -300,8 +300,6 @@ async def overview(request: Request) -> Response:
     return _render(request, "overview.html", **data)
 
 
-_OUTCOMES = ("succeeded", "failed", "rejected", "verification_failed", "suggested",
-             "awaiting_approval", "halted", "paused")
 
 
 async def steps(request: Request) -> Response:
@@ -315,8 +313,10 @@ async def steps(request: Request) -> Response:
     if page.next_cursor:
         nxt = "?" + urlencode({**{k: v for k, v in filters.items() if v},
                                "cursor": page.next_cursor})
+    from closedloop import Outcome
+
     return _render(request, "steps.html", page=page, filters=filters, next_url=nxt,
-                   task_types=task_types, outcomes=_OUTCOMES)
+                   task_types=task_types, outcomes=[o.value for o in Outcome])
 
 
 async def traces(request: Request) -> Response:
