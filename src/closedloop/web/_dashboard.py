@@ -171,7 +171,10 @@ def _render(request: Request, template: str, status: int = 200, **context: Any) 
         csrf=session.csrf if session else "", notice=notice,
         writable=bool(_state(request).sessions.users), path=request.url.path, **context)
     return Response(body, status_code=status, media_type="text/html; charset=utf-8",
-                    headers={"Content-Security-Policy": CSP})
+                    headers={"Content-Security-Policy": CSP,
+                             # not "no-referrer": with it a browser sends its forms with
+                             # "Origin: null", which _form refuses
+                             "Referrer-Policy": "same-origin"})
 
 
 def _can_read(request: Request) -> None:
