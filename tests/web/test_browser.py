@@ -73,7 +73,7 @@ def test_the_overview_after_the_demo_and_a_failed_trace(tmp_path: Path, page: An
         first.locator("a.mono").click()
         assert page.locator("h1").inner_text().startswith("Trace ")
         error = page.locator("dd.error-text").first.inner_text()
-        assert error.startswith("verification") or error.startswith("validation")
+        assert error.startswith(("verification", "validation"))
         assert page.locator("li.span").count() >= 3
         assert page.locator("li.span.failed, ul.verdicts li").count() >= 1
         assert page.locator("pre.content").first.inner_text().lstrip().startswith("{")
