@@ -275,8 +275,12 @@ def _tree(spans: list[Any]) -> list[dict[str, Any]]:
     stack = [(s, 0) for s in reversed(children.get(None, []))]
     while stack:
         span, depth = stack.pop()
-        out.append({"span": span, "depth": min(depth, 12), "label": span_label(span),
-                    "messages": verdict_messages(span), "failed": span.status == STATUS_ERROR,
+        label = span_label(span).split("  ", 2)  # name, duration, the decisive attributes
+        failed = (span.status == STATUS_ERROR
+                  or span.attributes.get("closedloop.verdict.passed") is False)
+        out.append({"span": span, "depth": min(depth, 12),
+                    "label": label[2] if len(label) > 2 else "",
+                    "messages": verdict_messages(span), "failed": failed,
                     "left": 100 * (span.start_ns - start) / total,
                     "width": max(0.5, 100 * (span.end_ns - span.start_ns) / total)})
         stack.extend((c, depth + 1) for c in reversed(children.get(span.span_id, [])))
