@@ -42,9 +42,10 @@ def dash(store_url: str) -> Iterator[Served]:
     s.stop()
 
 
-def _step(i: int, *, outcome: str = "succeeded", task_type: str = "deploy") -> cl.StepEvent:
+def _step(i: int, *, outcome: str = "succeeded", task_type: str = "deploy",
+          ago: float = 0.0) -> cl.StepEvent:
     return cl.StepEvent(
-        ts=time.time() - 1000 + i, trace_id=f"{i + 1:032x}", agent_id="agent-1",
+        ts=time.time() - 1000 + i - ago, trace_id=f"{i + 1:032x}", agent_id="agent-1",
         task_type=task_type, autonomy="autonomous", outcome=outcome, attempts=1,
         input_tokens=10, output_tokens=5, latency_ms=12.5, validation_passed=True,
         verification_passed=outcome == "succeeded", error_type=None if outcome == "succeeded"
@@ -89,8 +90,30 @@ def test_overview_shows_each_task_type_with_its_rates_and_state(store_url: str) 
         served.stop()
     # per task type: steps, validation and verification pass rates, p95, level, state,
     # pending approvals
-    assert "billing 1 100.0% 100.0% 12.5 ms default running 0" in page.text
-    assert "deploy 8 100.0% 75.0% 12.5 ms default halted 1" in page.text
+    # (no trend line: every step is in one hour)
+    assert "billing 1 100.0% \u2013 100.0% \u2013 12.5 ms default running 0" in page.text
+    assert "deploy 8 100.0% \u2013 75.0% \u2013 12.5 ms default halted 1" in page.text
+    assert not [a for t, a in page.elements if t == "polyline"]
+
+
+def test_overview_draws_the_daily_pass_rates_as_sparklines(store_url: str) -> None:
+    with cl.open_store(store_url) as store:
+        for day, outcomes in enumerate((["succeeded"] * 4, ["failed"] * 4,
+                                        ["succeeded", "failed"] * 2)):
+            for i, outcome in enumerate(outcomes):
+                store.record(_step(day * 10 + i, outcome=outcome, ago=(3 - day) * 86400))
+    served = start_dashboard(store_url)
+    try:
+        with httpx.Client(base_url=served.url, timeout=30, trust_env=False) as http:
+            page = parse(http.get("/ui/").text)
+    finally:
+        served.stop()
+    lines = [str(a["points"]) for t, a in page.elements if t == "polyline"]
+    assert len(lines) == 2  # validation, verification
+    verification = [float(p.split(",")[1]) for p in lines[1].split()]
+    assert len(verification) == 3
+    # SVG y grows downwards: 100% is high, 0% low, 50% between
+    assert verification[0] < verification[2] < verification[1]
 
 
 def test_steps_are_paged_with_the_stores_cursor_and_filtered(store_url: str) -> None:
