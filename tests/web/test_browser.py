@@ -5,7 +5,6 @@ without signing in."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,23 +15,23 @@ from typing import Any
 import pytest
 
 import closedloop as cl
+from _services import program
 from closedloop import approvals as ap
 from closedloop.control import Stop, StopKind, ledger_for_store
 
 from .conftest import TOKEN, Served, make_request, stored
 from .dashboard_util import APPROVER, start_dashboard
 
-pytestmark = pytest.mark.slow
-CHROMIUM = os.environ.get("CLOSEDLOOP_CHROMIUM", "/usr/bin/chromium")
+pytestmark = [pytest.mark.slow, pytest.mark.requires("chromium", "playwright")]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    chromium = program("chromium")  # Debian's /usr/bin/chromium
     from playwright.sync_api import sync_playwright
 
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium"
     with sync_playwright() as p:
-        found = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        found = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield found
         found.close()
 
