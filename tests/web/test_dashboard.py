@@ -310,3 +310,21 @@ def test_a_trace_page_shows_the_span_tree_and_the_proposal(tmp_path: Path) -> No
     assert "span depth-0" in names and any(str(n).startswith("span depth-1") for n in names)
     assert "closedloop.step" in page.text and "Proposal" in page.text
     assert missing.status_code == 404 and bad.status_code == 404
+
+
+def test_the_overview_covers_the_last_7_days_unless_asked(store_url: str) -> None:
+    with cl.open_store(store_url) as store:
+        store.record(_step(1))
+        store.record(_step(2, ago=10 * 86400))
+        store.record(_step(3, ago=40 * 86400))
+    served = start_dashboard(store_url)
+    try:
+        with httpx.Client(base_url=served.url, timeout=30, trust_env=False) as http:
+            counts = {w: parse(http.get("/ui/", params=w and {"window": w}).text).text
+                      for w in ("", "24h", "30d", "all")}
+            bad = http.get("/ui/", params={"window": "1y"})
+    finally:
+        served.stop()
+    assert "deploy 1 " in counts[""] and "deploy 1 " in counts["24h"]
+    assert "deploy 2 " in counts["30d"] and "deploy 3 " in counts["all"]
+    assert bad.status_code == 422

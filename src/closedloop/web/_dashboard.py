@@ -214,17 +214,29 @@ def _sparkline(values: list[float | None], width: int = 96, height: int = 20) ->
     return " ".join(f"{i * step:.1f},{height - 2 - v * (height - 4):.1f}" for i, v in known)
 
 
-def overview_data(store: Any, ledger: Any) -> dict[str, Any]:
-    """Per task type: the summary's figures, sparklines of the daily pass rates, the stored
-    autonomy level, the stop in force, the pending approvals."""
+WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0, "all": None}
+"""The overview's periods (``?window=``); 7 days unless asked."""
+
+
+def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
+                  now: float | None = None) -> dict[str, Any]:
+    """Per task type over the last ``window_s`` seconds (None: every step): the summary's
+    figures, sparklines of the daily pass rates, the stored autonomy level, the stop in
+    force, the pending approvals."""
     from closedloop import approvals
     from closedloop.learn import trends
     from closedloop.store import level_store_for
 
-    summary = store.summary(top_messages=0)
+    since = None if window_s is None else (time.time() if now is None else now) - window_s
+    summary = store.summary(since=since, top_messages=0)
     spark: dict[str | None, dict[str, str | None]] = {}
     window = "day"
-    for window, periods in (("day", 14), ("hour", 24)):  # hours when days give no line
+    if window_s is not None and window_s <= 86400:
+        choices: tuple[tuple[str, int], ...] = (("hour", 24),)
+    else:  # days over the window (14 for all time), hours when days give no line
+        days = 14 if window_s is None else max(2, round(window_s / 86400))
+        choices = (("day", days), ("hour", 24))
+    for window, periods in choices:
         try:
             found = trends(store, window=window, periods=periods)
         except (ConfigError, StoreError):
@@ -256,7 +268,7 @@ def overview_data(store: Any, ledger: Any) -> dict[str, Any]:
                      "verification": (f.verification_passed / f.verified if f.verified
                                       else None)})
     return {"rows": rows, "overall": summary.overall, "stops": list(stops.values()),
-            "trend_window": "14 days" if window == "day" else "24 hours",
+            "trend_window": "per day" if window == "day" else "per hour",
             "pending_total": sum(pending.values())}
 
 
@@ -303,8 +315,11 @@ async def overview(request: Request) -> Response:
     _can_read(request)
     store = request.app.state.store
     ledger = _state(request).ledger_for(store)
-    data = await _call(lambda: overview_data(store, ledger))
-    return _render(request, "overview.html", **data)
+    window = request.query_params.get("window", "7d")
+    if window not in WINDOWS:
+        raise PageError(422, f"window must be one of {', '.join(WINDOWS)}")
+    data = await _call(lambda: overview_data(store, ledger, WINDOWS[window]))
+    return _render(request, "overview.html", window=window, windows=list(WINDOWS), **data)
 
 
 
@@ -315,7 +330,6 @@ async def steps(request: Request) -> Response:
     filters = {k: _param(request, k) for k in ("task_type", "outcome", "error_type")}
     cursor = _param(request, "cursor", 500)
     page = await _call(lambda: store.steps(limit=PAGE, cursor=cursor, **filters))
-    task_types = await _call(lambda: [r.task_type for r in store.summary(top_messages=0).rows])
     nxt = None
     if page.next_cursor:
         nxt = "?" + urlencode({**{k: v for k, v in filters.items() if v},
@@ -323,7 +337,7 @@ async def steps(request: Request) -> Response:
     from closedloop import Outcome
 
     return _render(request, "steps.html", page=page, filters=filters, next_url=nxt,
-                   task_types=task_types, outcomes=[o.value for o in Outcome])
+                   outcomes=[o.value for o in Outcome])
 
 
 async def traces(request: Request) -> Response:
