@@ -35,7 +35,8 @@ TAGS = {"html", "head", "meta", "title", "link", "body", "header", "a", "nav", "
         "tr", "th", "td", "svg", "polyline", "rect", "select", "option", "label", "section",
         "dl", "dt", "dd", "pre", "ol", "ul", "li", "details", "summary", "article", "b",
         "textarea", "code"}
-ATTRS = {"lang", "charset", "name", "content", "rel", "href", "class", "method", "action",
+ATTRS = {"lang", "charset", "name", "content", "http-equiv", "rel", "href", "class", "method",
+         "action",
          "type", "value", "data-role", "role", "id", "autocomplete", "required", "for",
          "selected", "size", "viewbox", "width", "height", "aria-label", "points", "x", "y",
          "preserveaspectratio", "aria-hidden", "open", "title", "rows", "maxlength"}

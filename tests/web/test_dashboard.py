@@ -328,3 +328,15 @@ def test_the_overview_covers_the_last_7_days_unless_asked(store_url: str) -> Non
     assert "deploy 1 " in counts[""] and "deploy 1 " in counts["24h"]
     assert "deploy 2 " in counts["30d"] and "deploy 3 " in counts["all"]
     assert bad.status_code == 422
+
+
+def test_live_pages_reload_themselves_and_show_new_requests(dash: Served) -> None:
+    with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
+        before = parse(http.get("/ui/approvals", params={"live": "1"}).text)
+        refresh = [a for t, a in before.elements if t == "meta" and a.get("http-equiv")]
+        assert refresh == [{"http-equiv": "refresh", "content": "10"}]
+        assert not [a for t, a in parse(http.get("/ui/approvals").text).elements
+                    if t == "meta" and a.get("http-equiv")]
+        make_request(dash.store_url, task_type="late.arrival")
+        after = parse(http.get("/ui/approvals", params={"live": "1"}).text)
+    assert "late.arrival" not in before.text and "late.arrival" in after.text

@@ -51,6 +51,10 @@ TEXT_MAX = 20_000
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 STATUS_ERROR = 2  # a failed span's stored status (closedloop.learn's STATUS_ERROR)
+LIVE_S = 10
+"""Seconds between reloads of a page opened with ``?live=1`` (the overview, the first page of
+steps, the approval queue, control): new steps and requests appear without scripts."""
+_LIVE = frozenset({"overview.html", "steps.html", "approvals.html", "control.html"})
 _NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "resumed": "Resumed.",
             "signed_in": "Signed in.", "signed_out": "Signed out."}
 
@@ -165,11 +169,13 @@ def _session(request: Request) -> Session | None:
 def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
     session = _session(request)
     notice = _NOTICES.get(request.query_params.get("done", ""))
+    live = request.query_params.get("live") == "1" and template in _LIVE
     body = _env().get_template(template).render(
         session=session, user=session.user if session else None,
         role=session.user.role.name.lower() if session else None,
         csrf=session.csrf if session else "", notice=notice,
-        writable=bool(_state(request).sessions.users), path=request.url.path, **context)
+        writable=bool(_state(request).sessions.users), path=request.url.path,
+        refresh=LIVE_S if live else None, live=live, **context)
     return Response(body, status_code=status, media_type="text/html; charset=utf-8",
                     headers={"Content-Security-Policy": CSP,
                              # not "no-referrer": with it a browser sends its forms with
