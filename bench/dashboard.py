@@ -20,8 +20,8 @@ import httpx
 import closedloop as cl
 from closedloop.web import create_app
 
-PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/steps", "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals",
-         "/ui/control")
+PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/steps",
+         "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control")
 
 
 async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
