@@ -36,7 +36,7 @@ TAGS = {"html", "head", "meta", "title", "link", "body", "header", "a", "nav", "
         "dl", "dt", "dd", "pre", "ol", "ul", "li", "details", "summary", "article", "b",
         "textarea", "code"}
 ATTRS = {"lang", "charset", "name", "content", "http-equiv", "rel", "href", "class", "method",
-         "action",
+         "action", "placeholder",
          "type", "value", "data-role", "role", "id", "autocomplete", "required", "for",
          "selected", "size", "viewbox", "width", "height", "aria-label", "points", "x", "y",
          "preserveaspectratio", "aria-hidden", "open", "title", "rows", "maxlength"}

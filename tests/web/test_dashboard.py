@@ -32,7 +32,8 @@ from .dashboard_util import (
     visible,
 )
 
-PAGES = ("/ui/", "/ui/steps", "/ui/traces", "/ui/approvals", "/ui/control", "/ui/login")
+PAGES = ("/ui/", "/ui/steps", "/ui/traces", "/ui/approvals", "/ui/control", "/ui/autonomy",
+         "/ui/login")
 
 
 @pytest.fixture
@@ -340,3 +341,28 @@ def test_live_pages_reload_themselves_and_show_new_requests(dash: Served) -> Non
         make_request(dash.store_url, task_type="late.arrival")
         after = parse(http.get("/ui/approvals", params={"live": "1"}).text)
     assert "late.arrival" not in before.text and "late.arrival" in after.text
+
+
+def test_an_admin_sets_a_level_with_a_reason_and_it_is_audited(dash: Served) -> None:
+    from closedloop.store import level_store_for
+
+    with cl.open_store(dash.store_url) as store:
+        store.record(_step(1))
+    form = {"task_type": "deploy", "level": "approve", "reason": "new AMI pipeline"}
+    with signed_in(dash, APPROVER) as alice:
+        csrf = csrf_of(alice.get("/ui/").text)
+        assert "Set" not in parse(alice.get("/ui/autonomy").text).text.split()
+        assert alice.post("/ui/autonomy/set", data={**form, "csrf": csrf}).status_code == 403
+    with signed_in(dash, TOKEN) as admin:
+        csrf = csrf_of(admin.get("/ui/autonomy").text)
+        assert admin.post("/ui/autonomy/set", data={**form, "reason": "", "csrf": csrf}
+                          ).status_code == 422
+        assert admin.post("/ui/autonomy/set", data={**form, "level": "godmode", "csrf": csrf}
+                          ).status_code == 422
+        assert admin.post("/ui/autonomy/set", data={**form, "csrf": csrf}).status_code == 303
+        page = parse(admin.get("/ui/autonomy").text).text
+    assert "none → approve" in page and "admin (web)new AMI pipeline" in page
+    with cl.open_store(dash.store_url) as store:
+        (change,) = level_store_for(store).history(task_type="deploy")
+    assert (change.new, change.by, change.reason) == ("approve", "admin (web)",
+                                                      "new AMI pipeline")

@@ -12,6 +12,8 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 ``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
                                 one request with approve and reject forms (approver)
 ``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
+``GET  /ui/autonomy``           each task type's stored level and the audit trail of
+                                changes; set a level with a reason (admin)
 ``GET|POST /ui/login``          sign in with a token; ``POST /ui/logout``
 ==============================  ==========================================================
 
@@ -56,7 +58,7 @@ LIVE_S = 10
 steps, the approval queue, control): new steps and requests appear without scripts."""
 _LIVE = frozenset({"overview.html", "steps.html", "approvals.html", "control.html"})
 _NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "resumed": "Resumed.",
-            "signed_in": "Signed in.", "signed_out": "Signed out."}
+            "signed_in": "Signed in.", "level_set": "Level set.", "signed_out": "Signed out."}
 
 
 class PageError(Exception):
@@ -426,6 +428,25 @@ async def control(request: Request) -> Response:
     return _render(request, "control.html", stops=stops, history=history, now=time.time())
 
 
+def autonomy_data(store: Any) -> dict[str, Any]:
+    """Each key's stored level (or none: the default applies) and the audit trail."""
+    from closedloop.autonomy import AutonomyLevels
+    from closedloop.store import level_store_for
+
+    levels = AutonomyLevels(store, sinks=[])
+    return {"keys": levels.keys(), "history": level_store_for(store).history(limit=50),
+            "default": levels.default.value}
+
+
+async def autonomy(request: Request) -> Response:
+    _can_read(request)
+    from closedloop.autonomy import Autonomy
+
+    store = request.app.state.store
+    data = await _call(lambda: autonomy_data(store))
+    return _render(request, "autonomy.html", levels=[a.value for a in Autonomy], **data)
+
+
 # ----- writing ------------------------------------------------------------------------------
 
 async def _form(request: Request) -> dict[str, str]:
@@ -512,6 +533,19 @@ async def resume(request: Request) -> Response:
     return RedirectResponse("/ui/control?done=resumed", status_code=303)
 
 
+async def set_level(request: Request) -> Response:
+    from closedloop.autonomy import AutonomyLevels
+
+    session, form = await _writer(request, Role.ADMIN)
+    task_type = form.get("task_type", "")
+    reason = _reason(form, required=True)
+    level = form.get("level", "")
+    store = request.app.state.store
+    await _call(lambda: AutonomyLevels(store, sinks=[]).set(
+        task_type, level, by=by(session), reason=reason))
+    return RedirectResponse("/ui/autonomy?done=level_set", status_code=303)
+
+
 async def login(request: Request) -> Response:
     if request.method == "GET":
         return _render(request, "login.html", error=None)
@@ -567,6 +601,8 @@ ROUTES = [
     Route("/ui/approvals/{request_id}", _page(approval), methods=["GET"]),
     Route("/ui/approvals/{request_id}/decide", _page(decide), methods=["POST"]),
     Route("/ui/control", _page(control), methods=["GET"]),
+    Route("/ui/autonomy", _page(autonomy), methods=["GET"]),
+    Route("/ui/autonomy/set", _page(set_level), methods=["POST"]),
     Route("/ui/control/resume", _page(resume), methods=["POST"]),
     Route("/ui/login", _page(login), methods=["GET", "POST"]),
     Route("/ui/logout", _page(logout), methods=["POST"]),
