@@ -25,6 +25,7 @@ from playwright.sync_api import sync_playwright
 import closedloop as cl
 from closedloop._approvals import new_request
 from closedloop.approvals import approvals_for
+from closedloop.autonomy import AutonomyLevels
 from closedloop.control import Stop, StopKind, ledger_for_store
 
 OUT = Path(__file__).resolve().parent / "img"
@@ -56,6 +57,8 @@ def seed(url: str) -> None:
             by="fault-control@worker-2", at=now - 1800,
             evidence={"verification_pass_rate": 0.74, "window": 50, "threshold": 0.8}))
     with cl.open_store(url) as store:
+        AutonomyLevels(store, sinks=[]).set("db.migrate", "approve", by="dana@ops",
+                                            reason="schema changes need a second pair of eyes")
         approvals_for(store).create(new_request(
             task_type="db.migrate", agent_id="migrator", requested_by="migrator@worker-2",
             proposal={"sql": ["ALTER TABLE orders ADD COLUMN region text",
@@ -110,6 +113,8 @@ def shoot(base: str) -> None:
         page.screenshot(path=OUT / "dashboard-approval.png", full_page=True)
         page.goto(f"{base}/ui/control")
         page.screenshot(path=OUT / "dashboard-control.png", full_page=True)
+        page.goto(f"{base}/ui/autonomy")
+        page.screenshot(path=OUT / "dashboard-autonomy.png", full_page=True)
         browser.close()
 
 
