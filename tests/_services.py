@@ -30,11 +30,13 @@ PROGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "redis-server": (("redis-server",), "apt-get install redis-server"),
     "setpriv": (("setpriv",), "apt-get install util-linux"),
     "influxd": (("influxd",), "apt-get install influxdb"),
+    "chromium": (("chromium",), "apt-get install chromium (Debian's; never Playwright's download)"),
 }
 # importable name -> how to get it
 MODULES: dict[str, str] = {
     "psycopg": "pip install -e '.[test]' (the postgres extra)",
     "psycopg_pool": "pip install -e '.[test]' (the postgres extra)",
+    "playwright": "pip install -e '.[test]'",
 }
 
 

@@ -41,6 +41,11 @@ def _api_installed() -> bool:
 @click.option("--api/--no-api", "serve_api", default=None,
               help="Serve the approvals JSON API under /api/v1 (default: when the 'api' "
                    "extra is installed).")
+@click.option("--dashboard/--no-dashboard", "serve_dashboard", default=None,
+              help="Serve the dashboard under /ui (default: with the API, when jinja2 is "
+                   "installed). People sign in with a token of "
+                   "$CLOSEDLOOP_DASHBOARD_USERS (name:role:token, roles viewer, approver, "
+                   "admin) or the API token (as admin).")
 @click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True,
               help="Port to listen on; 0 picks a free one.")
 @click.option("--addr", default="127.0.0.1", show_default=True,
@@ -71,11 +76,12 @@ def _api_installed() -> bool:
               help="Seconds between reads of new spans from the store.")
 @click.option("--from-start", is_flag=True, help="Count every span already in the store.")
 def serve(  # noqa: PLR0917 - click passes every option as an argument
-        store_url: str, serve_metrics: bool, serve_api: bool | None, port: int, addr: str,
+        store_url: str, serve_metrics: bool, serve_api: bool | None,
+        serve_dashboard: bool | None, port: int, addr: str,
         token: str | None, webhook: str | None, webhook_format: str | None,
         public_url: str | None, notify_interval: float, notify_grace: float,
         interval: float, from_start: bool) -> None:
-    """Serve Prometheus /metrics and the approvals JSON API, until stopped."""
+    """Serve Prometheus /metrics, the approvals JSON API and the dashboard, until stopped."""
     from closedloop.web import check_token, is_loopback, url_host
 
     token = check_token(token)
@@ -86,6 +92,8 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     use_app = serve_api is True or token is not None or not loopback or (
         serve_api is None and _api_installed())
     api = use_app and serve_api is not False
+    dashboard = api and serve_dashboard is not False and (
+        serve_dashboard is True or importlib.util.find_spec("jinja2") is not None)
     if not (serve_metrics or api):
         raise click.UsageError("nothing to serve: --no-metrics needs the API (--api)")
     host = url_host(addr)
@@ -126,7 +134,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     public_host = urlsplit(public_url).hostname if public_url else None
     stop_server = _start(store, addr=addr, port=port, use_app=use_app, api=api, token=token,
                          guard_reads=not loopback, registry=registry,
-                         hosts=[public_host] if public_host else [])
+                         hosts=[public_host] if public_host else [], dashboard=dashboard)
     stop = threading.Event()
     received: list[int] = []
 
@@ -146,6 +154,8 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         parts.append(f"the approvals API on http://{host}:{bound}/api/v1/approvals "
                      f"({'writes need the token' if token else 'read-only: no token'}"
                      f"{'; every request needs it' if not loopback else ''})")
+    if dashboard:
+        parts.append(f"the dashboard on http://{host}:{bound}/ui/")
     notes = f"; notifying a {notifier.shown}" if notifier is not None else ""
     say(f"serving {' and '.join(parts)} from {store.url}{notes}", err=True)
     next_sweep = time.monotonic()
@@ -187,7 +197,7 @@ class _Stopper:
 
 
 def _start(store: Any, *, addr: str, port: int, use_app: bool, api: bool, token: str | None,
-           guard_reads: bool, registry: Any, hosts: list[str]) -> _Stopper:
+           guard_reads: bool, registry: Any, hosts: list[str], dashboard: bool) -> _Stopper:
     if not use_app:  # metrics only, without the 'api' extra: prometheus_client's own server
         from closedloop.telemetry import start_metrics_server
 
@@ -199,9 +209,16 @@ def _start(store: Any, *, addr: str, port: int, use_app: bool, api: bool, token:
         return _Stopper(server.server_port, server.shutdown)
     from closedloop.web import ServerThread, bind, create_app
 
+    users: list[Any] = []
+    if dashboard:
+        import os
+
+        from closedloop.web import USERS_ENV, parse_users
+
+        users = parse_users(os.environ.get(USERS_ENV))
     app = create_app(store=store, token=token, guard_reads=guard_reads,
                      metrics_registry=registry, api=api, check_host=not guard_reads,
-                     hosts=hosts)
+                     hosts=hosts, dashboard=dashboard, users=users)
     try:
         sock = bind(addr, port)
     except OSError as exc:

@@ -1,6 +1,6 @@
 """The HTTP side of ``closedloop serve``: one ASGI app (Starlette, served by uvicorn) on one
-port, with the Prometheus ``/metrics``, the JSON API under ``/api/v1`` and, later, the
-dashboard. See docs/approvals.md ("HTTP API and notifications").
+port, with the Prometheus ``/metrics``, the JSON API under ``/api/v1`` and the
+dashboard (``/ui``, docs/dashboard.md). See docs/approvals.md ("HTTP API and notifications").
 
 - :func:`create_app` builds the app on a store; more sections add their routes
   (``routes=``) and read the store from ``request.app.state.store``.
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from closedloop.web._app import Guard, create_app
+    from closedloop.web._auth import USERS_ENV, Role, User, make_user, parse_users
     from closedloop.web._config import MIN_TOKEN, TOKEN_ENV, check_token, is_loopback, url_host
     from closedloop.web._json import MAX_BODY, ApiError, dumps
     from closedloop.web._server import ServerThread, bind
@@ -25,14 +26,19 @@ __all__ = [
     "MAX_BODY",
     "MIN_TOKEN",
     "TOKEN_ENV",
+    "USERS_ENV",
     "ApiError",
     "Guard",
+    "Role",
     "ServerThread",
+    "User",
     "bind",
     "check_token",
     "create_app",
     "dumps",
     "is_loopback",
+    "make_user",
+    "parse_users",
     "url_host",
 ]
 
@@ -42,6 +48,7 @@ if not TYPE_CHECKING:  # import on use: is_loopback() needs no web framework
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
         "._app": ("Guard", "create_app"),
+        "._auth": ("USERS_ENV", "Role", "User", "make_user", "parse_users"),
         "._config": ("MIN_TOKEN", "TOKEN_ENV", "check_token", "is_loopback", "url_host"),
         "._json": ("MAX_BODY", "ApiError", "dumps"),
         "._server": ("ServerThread", "bind"),

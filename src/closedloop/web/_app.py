@@ -1,5 +1,5 @@
 """The ASGI application ``closedloop serve`` runs: one Starlette app, one port, for the
-Prometheus metrics, the JSON API and (later) the dashboard.
+Prometheus metrics, the JSON API and the dashboard (``/ui``).
 
 :func:`create_app` assembles it from route lists (``routes``: the approvals API,
 :data:`closedloop.web._approvals_api.ROUTES`; more sections append theirs), wrapped in the
@@ -44,6 +44,7 @@ from closedloop.web._json import JSON, MAX_BODY, ApiError, error_response
 
 if TYPE_CHECKING:
     from closedloop.store import Store
+    from closedloop.web._auth import User
 
 _log = logging.getLogger("closedloop")
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -57,11 +58,12 @@ class Guard:
 
     def __init__(self, app: ASGIApp, *, token: str | None, guard_reads: bool,
                  max_body: int = MAX_BODY, check_host: bool = False,
-                 hosts: Sequence[str] = ()) -> None:
+                 hosts: Sequence[str] = (), dashboard: bool = False) -> None:
         if guard_reads and token is None:
             raise ConfigError("guarding reads needs a token")
         self.app = app
         self.check_host = check_host
+        self.dashboard = dashboard
         self.hosts = frozenset(h.lower() for h in hosts)
         self._digest = None if token is None else sha256(token.encode()).digest()
         self.guard_reads = guard_reads
@@ -91,6 +93,10 @@ class Guard:
             return error_response(400, "bad_host", "this server answers only to a loopback "
                                   "host name (or the --public-url's host)", redact=False)
         write = scope["method"] not in _READS
+        if self.dashboard and (scope["path"] in ("/", "/ui") or scope["path"].startswith("/ui/")):
+            # the dashboard's pages: it signs people in (a session cookie) and checks each
+            # read beyond loopback, each write's role and its CSRF token itself
+            return self._too_large(headers)
         if write or self.guard_reads:
             if self._digest is None:
                 return error_response(403, "read_only", "this server was started without an "
@@ -106,6 +112,9 @@ class Guard:
             if not hmac.compare_digest(sha256(value.strip()).digest(), self._digest):
                 return error_response(401, "bad_token", "the API token is wrong", challenge,
                                       redact=False)
+        return self._too_large(headers)
+
+    def _too_large(self, headers: dict[bytes, bytes]) -> Response | None:
         size = headers.get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > self.max_body):
             return error_response(413, "too_large",
@@ -164,7 +173,8 @@ async def _health(request: Request) -> Response:
 def create_app(*, store: Store, token: str | None = None, guard_reads: bool = False,
                metrics_registry: Any = None, api: bool = True,
                routes: Sequence[BaseRoute] = (), max_body: int = MAX_BODY,
-               check_host: bool = False, hosts: Sequence[str] = ()) -> Starlette:
+               check_host: bool = False, hosts: Sequence[str] = (),
+               dashboard: bool = False, users: Sequence[User] = ()) -> Starlette:
     """The app ``closedloop serve`` runs, on ``store``.
 
     ``token``: the bearer token writes need (None: read-only). ``guard_reads``: every
@@ -172,6 +182,8 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
     ``/metrics`` (None: no metrics). ``api``: the approvals API under ``/api/v1``.
     ``routes``: more routes (the dashboard's). ``check_host``: answer only requests whose
     ``Host`` is a loopback name or one of ``hosts`` (a loopback server: no DNS rebinding).
+    ``dashboard``: the pages under ``/ui`` (:mod:`closedloop.web._dashboard`), for
+    ``users`` (and, with ``token``, an ``admin`` who signs in with it).
     The store is ``app.state.store``.
     """
     token = check_token(token)
@@ -189,11 +201,22 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
         table.append(Route("/metrics", _Asgi(metrics_asgi_app(metrics_registry)),
                            methods=["GET", "HEAD"]))
     table.extend(routes)
+    if dashboard:
+        from closedloop.web._auth import Sessions, make_user
+        from closedloop.web._dashboard import ROUTES as PAGES
+        from closedloop.web._dashboard import Dashboard
+
+        people = list(users)
+        if token is not None and not any(u.name == "admin" for u in people):
+            people.append(make_user("admin", "admin", token))
+        table.extend(PAGES)
     app = Starlette(routes=table, middleware=[
         Middleware(Guard, token=token, guard_reads=guard_reads, max_body=max_body,
-                   check_host=check_host, hosts=hosts)],
+                   check_host=check_host, hosts=hosts, dashboard=dashboard)],
         exception_handlers={HTTPException: _http_error, ApiError: _api_error,
                             Exception: _crash})
     app.state.store = store
     app.state.writable = token is not None
+    if dashboard:
+        app.state.dashboard = Dashboard(Sessions(people), guard_reads)
     return app

@@ -1,0 +1,611 @@
+"""The dashboard: server-rendered pages under ``/ui`` of ``closedloop serve``, on the public
+APIs of the store, the learning layer, approvals, autonomy and control (no SQL here).
+
+==============================  ==========================================================
+``GET  /ui/``                   overview per task type: runs, pass rates with sparklines,
+                                cost, autonomy level, pauses and halts, pending approvals
+``GET  /ui/steps``              steps, newest first, filtered (task type, outcome, error
+                                type), keyset-paginated with the store's cursor
+``GET  /ui/traces``             traces, newest first; ``/ui/traces/{id}``: one trace's span
+                                tree with timings, verdict messages, captured content and
+                                the proposal
+``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
+                                one request with approve and reject forms (approver)
+``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
+``GET  /ui/autonomy``           each task type's stored level and the audit trail of
+                                changes; set a level with a reason (admin)
+``GET|POST /ui/login``          sign in with a token; ``POST /ui/logout``
+==============================  ==========================================================
+
+Every stored string reaches the page through Jinja2 with autoescaping on (and through
+:func:`~closedloop._redact.redact_text` where it is captured content or a proposal), so it is
+shown as text, never as markup; the pages carry a ``Content-Security-Policy`` without scripts.
+Reads follow the API's rule (free on loopback; beyond it, sign in first); every write needs a
+signed-in person of the right role (:mod:`closedloop.web._auth`) and the form's CSRF token,
+and is recorded by the service it calls with ``by`` set to ``NAME (web)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from closedloop._errors import ApprovalError, ConfigError, StoreError
+from closedloop._redact import redact_text
+from closedloop.web._auth import COOKIE, Role, Session, Sessions, csrf_ok
+
+_T = TypeVar("_T")
+PAGE = 50
+FORM_MAX = 16 * 1024
+TEXT_MAX = 20_000
+"""Characters of one captured content or proposal a page shows (the rest is cut, said so)."""
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+STATUS_ERROR = 2  # a failed span's stored status (closedloop.learn's STATUS_ERROR)
+LIVE_S = 10
+"""Seconds between reloads of a page opened with ``?live=1`` (the overview, the first page of
+steps, the approval queue, control): new steps and requests appear without scripts."""
+_LIVE = frozenset({"overview.html", "steps.html", "approvals.html", "control.html"})
+_NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "resumed": "Resumed.",
+            "signed_in": "Signed in.", "level_set": "Level set.", "signed_out": "Signed out."}
+
+
+class PageError(Exception):
+    """An answer other than a page: status and a one-line message (shown escaped)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Dashboard:
+    """The dashboard's state on ``app.state.dashboard``: sessions, whether reads need a
+    session (a server beyond loopback), and the control ledger (made on first use)."""
+
+    sessions: Sessions
+    guard_reads: bool
+    ledger: Any = None
+
+    def ledger_for(self, store: Any) -> Any:
+        if self.ledger is None:
+            from closedloop.control import ledger_for_store
+
+            self.ledger = ledger_for_store(store)
+        return self.ledger
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("closedloop.web", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                      finalize=_visible)
+    env.filters["when"] = _when
+    env.filters["pct"] = _pct
+    env.filters["ms"] = lambda v: "" if v is None else f"{v:,.1f} ms"
+    env.filters["usd"] = lambda v: "" if v is None else f"${v:,.4f}"
+    env.filters["redacted"] = _shown
+    env.filters["pretty"] = _pretty
+    return env
+
+
+_ENV: Environment | None = None
+
+
+def _env() -> Environment:
+    global _ENV
+    if _ENV is None:
+        _ENV = _environment()
+    return _ENV
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+             if chr(c) not in "\n\t"}
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F),
+                                               *range(0x2066, 0x206A), 0x200E, 0x200F)})
+
+
+def _visible(value: Any) -> Any:
+    """What every ``{{ }}`` of a template prints: text with its control characters (ANSI
+    escapes, ``\\r``, NUL, bidi overrides) written out as ``\\x1b``, so stored text can
+    neither hide nor reorder what a page shows; then Jinja2 escapes it."""
+    if isinstance(value, str):
+        return value.translate(_CONTROLS)
+    return value
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+def _pct(value: float | None) -> str:
+    return "\u2013" if value is None else f"{100 * value:.1f}%"
+
+
+def _shown(text: object) -> str:
+    """Stored text as a page shows it: redacted again, cut to :data:`TEXT_MAX`."""
+    value = redact_text(str(text))
+    if len(value) > TEXT_MAX:
+        return value[:TEXT_MAX] + f"\n… ({len(value) - TEXT_MAX} more characters not shown)"
+    return value
+
+
+def _pretty(text: object) -> str:
+    """A stored proposal (JSON text, perhaps of a JSON string) indented for people, then as
+    :func:`_shown`; text that is not JSON is shown as it is."""
+    value: Any = text
+    for _ in range(2):
+        if not isinstance(value, str):
+            break
+        try:
+            value = json.loads(value)
+        except ValueError:
+            break
+    if not isinstance(value, str):
+        value = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return _shown(value)
+
+
+def _state(request: Request) -> Dashboard:
+    dash: Dashboard = request.app.state.dashboard
+    return dash
+
+
+def _session(request: Request) -> Session | None:
+    return _state(request).sessions.get(request.cookies.get(COOKIE))
+
+
+def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    session = _session(request)
+    notice = _NOTICES.get(request.query_params.get("done", ""))
+    live = request.query_params.get("live") == "1" and template in _LIVE
+    body = _env().get_template(template).render(
+        session=session, user=session.user if session else None,
+        role=session.user.role.name.lower() if session else None,
+        csrf=session.csrf if session else "", notice=notice,
+        writable=bool(_state(request).sessions.users), path=request.url.path,
+        refresh=LIVE_S if live else None, live=live, **context)
+    return Response(body, status_code=status, media_type="text/html; charset=utf-8",
+                    headers={"Content-Security-Policy": CSP,
+                             # not "no-referrer": with it a browser sends its forms with
+                             # "Origin: null", which _form refuses
+                             "Referrer-Policy": "same-origin"})
+
+
+def _can_read(request: Request) -> None:
+    if _state(request).guard_reads and _session(request) is None:
+        raise PageError(401, "sign in first: this server is reachable beyond loopback")
+
+
+async def _call(work: Callable[[], _T]) -> _T:
+    try:
+        return await run_in_threadpool(work)
+    except ApprovalError as exc:
+        raise PageError({"not_found": 404, "self_approval": 403, "expired": 410}.get(
+            exc.code, 409), str(exc)) from None
+    except ConfigError as exc:
+        raise PageError(422, str(exc)) from None
+    except StoreError as exc:
+        raise PageError(503, f"the store cannot be used now: {exc}") from None
+
+
+def _param(request: Request, name: str, limit: int = 200) -> str | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > limit:
+        raise PageError(422, f"{name} is too long")
+    return value
+
+
+# ----- reading ------------------------------------------------------------------------------
+
+def _sparkline(values: list[float | None], width: int = 96, height: int = 20) -> str | None:
+    """An SVG polyline's points for ``values`` in [0, 1] (None: a gap), or None."""
+    known = [(i, v) for i, v in enumerate(values) if v is not None]
+    if len(known) < 2:
+        return None
+    step = width / max(1, len(values) - 1)
+    return " ".join(f"{i * step:.1f},{height - 2 - v * (height - 4):.1f}" for i, v in known)
+
+
+WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0, "all": None}
+"""The overview's periods (``?window=``); 7 days unless asked."""
+
+
+def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
+                  now: float | None = None) -> dict[str, Any]:
+    """Per task type over the last ``window_s`` seconds (None: every step): the summary's
+    figures, sparklines of the daily pass rates, the stored autonomy level, the stop in
+    force, the pending approvals."""
+    from closedloop import approvals
+    from closedloop.learn import trends
+    from closedloop.store import level_store_for
+
+    since = None if window_s is None else (time.time() if now is None else now) - window_s
+    summary = store.summary(since=since, top_messages=0)
+    spark: dict[str | None, dict[str, str | None]] = {}
+    window = "day"
+    if window_s is not None and window_s <= 86400:
+        choices: tuple[tuple[str, int], ...] = (("hour", 24),)
+    else:  # days over the window (14 for all time), hours when days give no line
+        days = 14 if window_s is None else max(2, round(window_s / 86400))
+        choices = (("day", days), ("hour", 24))
+    for window, periods in choices:
+        try:
+            found = trends(store, window=window, periods=periods)
+        except (ConfigError, StoreError):
+            break  # sparklines are extra: the table stands without them
+        for series in found.series:
+            by_start = {p.start: p for p in series.points}
+            lines = {}
+            for name in ("validation_pass_rate", "verification_pass_rate"):
+                values = [(by_start[s].figures[name].value
+                           if s in by_start and name in by_start[s].figures else None)
+                          for s in found.periods]
+                lines[name] = _sparkline(values)
+            spark[series.value] = lines
+        if any(line for lines in spark.values() for line in lines.values()):
+            break
+        spark = {}
+    levels = {r.key.task_type: r for r in level_store_for(store).levels()
+              if r.key.action_class is None and r.key.agent_id == "*"}
+    stops = {s.task_type: s for s in ledger.stops()}
+    pending: dict[str, int] = {}
+    for r in approvals.list_requests(status="pending", limit=200, store=store).requests:
+        pending[r.task_type] = pending.get(r.task_type, 0) + 1
+    rows = []
+    for f in summary.rows:
+        name = f.task_type
+        rows.append({"f": f, "spark": spark.get(name, {}), "level": levels.get(name),
+                     "stop": stops.get(name), "pending": pending.get(name or "", 0),
+                     "validation": f.validation_passed / f.validated if f.validated else None,
+                     "verification": (f.verification_passed / f.verified if f.verified
+                                      else None)})
+    return {"rows": rows, "overall": summary.overall, "stops": list(stops.values()),
+            "trend_window": "per day" if window == "day" else "per hour",
+            "pending_total": sum(pending.values())}
+
+
+def _tree(spans: list[Any]) -> list[dict[str, Any]]:
+    """Spans in tree order with their depth and their bar's offset and width in percent."""
+    from closedloop.learn import span_label, verdict_messages
+
+    ids = {s.span_id for s in spans}
+    children: dict[str | None, list[Any]] = {}
+    for s in spans:
+        parent = s.parent_id if s.parent_id in ids else None
+        children.setdefault(parent, []).append(s)
+    start = min((s.start_ns for s in spans), default=0)
+    total = max(1, max((s.end_ns for s in spans), default=0) - start)
+    out: list[dict[str, Any]] = []
+    stack = [(s, 0) for s in reversed(children.get(None, []))]
+    while stack:
+        span, depth = stack.pop()
+        label = span_label(span).split("  ", 2)  # name, duration, the decisive attributes
+        failed = (span.status == STATUS_ERROR
+                  or span.attributes.get("closedloop.verdict.passed") is False)
+        out.append({"span": span, "depth": min(depth, 12),
+                    "label": label[2] if len(label) > 2 else "",
+                    "messages": verdict_messages(span), "failed": failed,
+                    "left": 100 * (span.start_ns - start) / total,
+                    "width": max(0.5, 100 * (span.end_ns - span.start_ns) / total)})
+        stack.extend((c, depth + 1) for c in reversed(children.get(span.span_id, [])))
+    return out
+
+
+def trace_data(store: Any, trace_id: str) -> dict[str, Any]:
+    from closedloop.store import span_store_for
+
+    spans = span_store_for(store).trace(trace_id)
+    steps = list(store.events(trace_id=trace_id, limit=50))
+    if not spans and not steps:
+        raise PageError(404, "no such trace in this store")
+    return {"trace_id": trace_id, "rows": _tree(spans), "steps": steps}
+
+
+# ----- pages --------------------------------------------------------------------------------
+
+async def overview(request: Request) -> Response:
+    _can_read(request)
+    store = request.app.state.store
+    ledger = _state(request).ledger_for(store)
+    window = request.query_params.get("window", "7d")
+    if window not in WINDOWS:
+        raise PageError(422, f"window must be one of {', '.join(WINDOWS)}")
+    data = await _call(lambda: overview_data(store, ledger, WINDOWS[window]))
+    return _render(request, "overview.html", window=window, windows=list(WINDOWS), **data)
+
+
+
+
+async def steps(request: Request) -> Response:
+    _can_read(request)
+    store = request.app.state.store
+    filters = {k: _param(request, k) for k in ("task_type", "outcome", "error_type")}
+    cursor = _param(request, "cursor", 500)
+    page = await _call(lambda: store.steps(limit=PAGE, cursor=cursor, **filters))
+    nxt = None
+    if page.next_cursor:
+        nxt = "?" + urlencode({**{k: v for k, v in filters.items() if v},
+                               "cursor": page.next_cursor})
+    from closedloop import Outcome
+
+    return _render(request, "steps.html", page=page, filters=filters, next_url=nxt,
+                   outcomes=[o.value for o in Outcome])
+
+
+async def traces(request: Request) -> Response:
+    _can_read(request)
+    from closedloop.store import span_store_for
+
+    store = request.app.state.store
+    task_type = _param(request, "task_type")
+    cursor = _param(request, "cursor", 500)
+    page = await _call(lambda: span_store_for(store).traces(limit=PAGE, task_type=task_type,
+                                                            cursor=cursor))
+    nxt = None
+    if page.next_cursor:
+        nxt = "?" + urlencode({**({"task_type": task_type} if task_type else {}),
+                               "cursor": page.next_cursor})
+    return _render(request, "traces.html", page=page, task_type=task_type, next_url=nxt)
+
+
+async def trace(request: Request) -> Response:
+    _can_read(request)
+    trace_id = str(request.path_params["trace_id"])
+    if not 1 <= len(trace_id) <= 64 or not all(c in "0123456789abcdef" for c in trace_id):
+        raise PageError(404, "no such trace (a trace id is up to 32 hex digits)")
+    store = request.app.state.store
+    data = await _call(lambda: trace_data(store, trace_id))
+    return _render(request, "trace.html", **data)
+
+
+async def approvals_page(request: Request) -> Response:
+    _can_read(request)
+    from closedloop import approvals
+
+    store = request.app.state.store
+    pending = await _call(lambda: approvals.list_requests(status="pending", limit=200,
+                                                          store=store).requests)
+    # planned deletions first, then oldest first
+    pending = sorted(pending, key=lambda r: (not (r.risk or {}).get("destructive"),
+                                             r.created_at))
+    recent = await _call(lambda: [r for r in approvals.list_requests(limit=50,
+                                                                     store=store).requests
+                                  if r.status.value != "pending"])
+    return _render(request, "approvals.html", pending=pending, recent=recent)
+
+
+def _rid(request: Request) -> str:
+    rid = str(request.path_params["request_id"])
+    if not 1 <= len(rid) <= 200:
+        raise PageError(404, "no such approval request")
+    return rid
+
+
+async def approval(request: Request) -> Response:
+    _can_read(request)
+    from closedloop import approvals
+
+    store, rid = request.app.state.store, _rid(request)
+    found = await _call(lambda: approvals.get_request(rid, store=store))
+    return _render(request, "approval.html", r=found, risk_items=risk_items(found.risk))
+
+
+def risk_items(risk: Mapping[str, Any] | None) -> list[Any]:
+    """The risk's items, planned deletions (and replacements) first."""
+    items = (risk or {}).get("items") or []
+    if not isinstance(items, list):
+        return []
+
+    def rank(item: Any) -> int:
+        action = str(item.get("action", "")) if isinstance(item, Mapping) else ""
+        return 0 if "delete" in action or "destroy" in action or "drop" in action else 1
+
+    return sorted(items, key=rank)
+
+
+async def control(request: Request) -> Response:
+    _can_read(request)
+    store = request.app.state.store
+    ledger = _state(request).ledger_for(store)
+    stops = await _call(ledger.stops)
+    history = await _call(lambda: ledger.history(30))
+    return _render(request, "control.html", stops=stops, history=history, now=time.time())
+
+
+def autonomy_data(store: Any) -> dict[str, Any]:
+    """Each key's stored level (or none: the default applies) and the audit trail."""
+    from closedloop.autonomy import AutonomyLevels
+    from closedloop.store import level_store_for
+
+    levels = AutonomyLevels(store, sinks=[])
+    return {"keys": levels.keys(), "history": level_store_for(store).history(limit=50),
+            "default": levels.default.value}
+
+
+async def autonomy(request: Request) -> Response:
+    _can_read(request)
+    from closedloop.autonomy import Autonomy
+
+    store = request.app.state.store
+    data = await _call(lambda: autonomy_data(store))
+    return _render(request, "autonomy.html", levels=[a.value for a in Autonomy], **data)
+
+
+# ----- writing ------------------------------------------------------------------------------
+
+async def _form(request: Request) -> dict[str, str]:
+    """The POSTed form (``application/x-www-form-urlencoded``, at most :data:`FORM_MAX`
+    bytes), after checking the request came from one of this server's pages."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != "null":
+        if urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+            raise PageError(403, "this form was sent from another site")
+    elif origin == "null":
+        raise PageError(403, "this form was sent from an opaque origin")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        raise PageError(415, "send the form as application/x-www-form-urlencoded")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > FORM_MAX:
+            raise PageError(413, f"the form must be at most {FORM_MAX} bytes")
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
+                          max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        raise PageError(400, "the form cannot be read") from None
+    return dict(pairs)
+
+
+async def _writer(request: Request, role: Role) -> tuple[Session, dict[str, str]]:
+    """The signed-in session allowed to do this write and its form (CSRF checked)."""
+    form = await _form(request)
+    session = _session(request)
+    if session is None:
+        raise PageError(401, "sign in first: every change needs a signed-in person")
+    if not csrf_ok(session, form.get("csrf")):
+        raise PageError(403, "the form's CSRF token is missing or stale: reload the page")
+    if session.user.role < role:
+        raise PageError(403, f"this needs the {role.name.lower()} role; "
+                        f"{session.user.name} is a {session.user.role.name.lower()}")
+    return session, form
+
+
+def _reason(form: Mapping[str, str], *, required: bool) -> str:
+    reason = form.get("reason", "").strip()
+    if required and not reason:
+        raise PageError(422, "a reason is required")
+    if len(reason) > 2000:
+        raise PageError(422, "the reason must be at most 2000 characters")
+    return reason
+
+
+def by(session: Session) -> str:
+    """Who a web decision is recorded as."""
+    return f"{session.user.name} (web)"
+
+
+async def decide(request: Request) -> Response:
+    from closedloop import approvals
+
+    session, form = await _writer(request, Role.APPROVER)
+    store, rid = request.app.state.store, _rid(request)
+    action = form.get("action")
+    reason = _reason(form, required=action == "reject")
+    if action == "approve":
+        await _call(lambda: approvals.approve(rid, by=by(session), reason=reason, store=store))
+    elif action == "reject":
+        await _call(lambda: approvals.reject(rid, by=by(session), reason=reason,
+                                             revise=form.get("revise") == "1", store=store))
+    else:
+        raise PageError(422, "action must be approve or reject")
+    return RedirectResponse(f"/ui/approvals/{rid}?done={action}d", status_code=303)
+
+
+async def resume(request: Request) -> Response:
+    from closedloop.control import resume as lift
+
+    session, form = await _writer(request, Role.ADMIN)
+    task_type = form.get("task_type", "")
+    reason = _reason(form, required=True)
+    store = request.app.state.store
+    ledger = _state(request).ledger_for(store)
+    stop = await _call(lambda: lift(ledger, task_type, reason=reason, by=by(session)))
+    if stop is None:
+        raise PageError(409, f"{task_type} is neither halted nor paused")
+    return RedirectResponse("/ui/control?done=resumed", status_code=303)
+
+
+async def set_level(request: Request) -> Response:
+    from closedloop.autonomy import AutonomyLevels
+
+    session, form = await _writer(request, Role.ADMIN)
+    task_type = form.get("task_type", "")
+    reason = _reason(form, required=True)
+    level = form.get("level", "")
+    store = request.app.state.store
+    await _call(lambda: AutonomyLevels(store, sinks=[]).set(
+        task_type, level, by=by(session), reason=reason))
+    return RedirectResponse("/ui/autonomy?done=level_set", status_code=303)
+
+
+async def login(request: Request) -> Response:
+    if request.method == "GET":
+        return _render(request, "login.html", error=None)
+    form = await _form(request)
+    sessions = _state(request).sessions
+    user = sessions.authenticate(form.get("token", ""))
+    if user is None:
+        return _render(request, "login.html", status=401, error="That token signs nobody in.")
+    old = request.cookies.get(COOKIE)
+    sessions.end(old)
+    sid, _ = sessions.start(user)
+    response = RedirectResponse("/ui/?done=signed_in", status_code=303)
+    response.set_cookie(COOKIE, sid, max_age=int(sessions.ttl), path="/ui", httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    await _writer(request, Role.VIEWER)
+    _state(request).sessions.end(request.cookies.get(COOKIE))
+    response = RedirectResponse("/ui/login?done=signed_out", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+async def stylesheet(request: Request) -> Response:
+    css = resources.files("closedloop.web").joinpath("static/dashboard.css").read_bytes()
+    return Response(css, media_type="text/css", headers={"Cache-Control": "max-age=300"})
+
+
+async def root(request: Request) -> Response:
+    return RedirectResponse("/ui/", status_code=307)
+
+
+def _page(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            response: Response = await handler(request)
+        except PageError as exc:
+            return _render(request, "error.html", status=exc.status,
+                           message=" ".join(exc.message.split())[:500])
+        return response
+    return wrapped
+
+
+ROUTES = [
+    Route("/", root, methods=["GET"]),
+    Route("/ui/", _page(overview), methods=["GET"]),
+    Route("/ui/steps", _page(steps), methods=["GET"]),
+    Route("/ui/traces", _page(traces), methods=["GET"]),
+    Route("/ui/traces/{trace_id}", _page(trace), methods=["GET"]),
+    Route("/ui/approvals", _page(approvals_page), methods=["GET"]),
+    Route("/ui/approvals/{request_id}", _page(approval), methods=["GET"]),
+    Route("/ui/approvals/{request_id}/decide", _page(decide), methods=["POST"]),
+    Route("/ui/control", _page(control), methods=["GET"]),
+    Route("/ui/autonomy", _page(autonomy), methods=["GET"]),
+    Route("/ui/autonomy/set", _page(set_level), methods=["POST"]),
+    Route("/ui/control/resume", _page(resume), methods=["POST"]),
+    Route("/ui/login", _page(login), methods=["GET", "POST"]),
+    Route("/ui/logout", _page(logout), methods=["POST"]),
+    Route("/ui/static/dashboard.css", stylesheet, methods=["GET"]),
+]
+"""The dashboard's routes (``create_app(dashboard=True)`` mounts them)."""

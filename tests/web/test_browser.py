@@ -1,0 +1,160 @@
+"""The dashboard in a real browser: Playwright driving Debian's Chromium (``/usr/bin/chromium``,
+no browser download) against a real ``closedloop serve``: the overview after the demo, a failed
+trace, approving a request that then executes once, resuming a halt, and a write refused
+without signing in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import closedloop as cl
+from _services import program
+from closedloop import approvals as ap
+from closedloop.control import Stop, StopKind, ledger_for_store
+
+from .conftest import TOKEN, Served, make_request, stored
+from .dashboard_util import APPROVER, start_dashboard
+
+pytestmark = [pytest.mark.slow, pytest.mark.requires("chromium", "playwright")]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = program("chromium")  # Debian's /usr/bin/chromium
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        found = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield found
+        found.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    yield context.new_page()
+    context.close()
+
+
+def sign_in(page: Any, served: Served, token: str) -> None:
+    page.goto(f"{served.url}/ui/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    assert page.url == f"{served.url}/ui/?done=signed_in", (page.url, page.content()[:3000])
+    assert page.locator(".notice").inner_text() == "Signed in."
+
+
+def test_the_overview_after_the_demo_and_a_failed_trace(tmp_path: Path, page: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    subprocess.run([sys.executable, "-m", "closedloop", "demo", "--requests", "30",
+                    "--store", url], check=True, capture_output=True, timeout=300)
+    served = start_dashboard(url)
+    try:
+        page.goto(f"{served.url}/")
+        assert page.title() == "Overview · closedloop"
+        row = page.locator("table.grid tbody tr", has_text="ec2.provision")
+        assert row.locator("td").nth(1).inner_text() == "30"
+        page.click("nav >> text=Steps")
+        page.select_option("select[name=outcome]", "failed")
+        page.click("text=Filter")
+        assert "outcome=failed" in page.url
+        first = page.locator("table.grid tbody tr").first
+        assert first.locator(".badge").inner_text() == "failed"
+        first.locator("a.mono").click()
+        assert page.locator("h1").inner_text().startswith("Trace ")
+        error = page.locator("dd.error-text").first.inner_text()
+        assert error.startswith(("verification", "validation"))
+        assert page.locator("li.span").count() >= 3
+        assert page.locator("li.span.failed, ul.verdicts li").count() >= 1
+        assert page.locator("pre.content").first.inner_text().lstrip().startswith("{")
+    finally:
+        served.stop()
+
+
+def test_approve_in_the_browser_then_it_executes_once(tmp_path: Path, page: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    calls: list[Any] = []
+
+    def executor(proposal: Any) -> dict[str, Any]:
+        calls.append(proposal)
+        return {"applied": proposal}
+
+    with cl.open_store(url) as store:
+        loop = cl.Loop(lambda task, attempt: {"type": task["type"], "size": "t3.small"},
+                       task_type="deploy", agent_id="deployer", executor=executor,
+                       verifiers=[lambda task, result: None], store=store, guards=(),
+                       autonomy="approve")
+        asked = loop.run({"type": "web"})
+        rid = asked.approval_id
+        assert rid is not None and store.flush()
+        served = start_dashboard(url)
+        try:
+            sign_in(page, served, APPROVER)
+            page.click("nav >> text=Approvals")
+            page.locator("article.request", has_text="deploy").locator("text=Review").click()
+            assert page.locator("#status").inner_text() == "pending"
+            page.fill("#reason", "size is fine")
+            page.click("button.approve")
+            page.wait_for_url(f"**/ui/approvals/{rid}?done=approved")
+            assert page.locator("#status").inner_text() == "approved"
+            executed = loop.run_approved()
+            assert loop.run_approved() is None  # once
+            page.reload()
+            assert page.locator("#status").inner_text() == "executed"
+            history = page.locator("table.grid").last.inner_text()
+        finally:
+            served.stop()
+    assert executed is not None and executed.outcome is cl.Outcome.SUCCEEDED
+    assert calls == [{"type": "web", "size": "t3.small"}]
+    assert "alice (web)" in history and "size is fine" in history
+
+
+def test_resume_a_halt_in_the_browser(tmp_path: Path, page: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with cl.open_store(url) as store:
+        ledger_for_store(store, redis_url=None).put(Stop(
+            task_type="deploy", kind=StopKind.HALTED, reason="verification kept failing",
+            by="fault-control", at=time.time(), evidence={"failed": 5, "window": 20}))
+    served = start_dashboard(url)
+    try:
+        sign_in(page, served, TOKEN)
+        assert page.locator("a.tile.bad .big").inner_text() == "1"  # paused or halted
+        page.click("nav >> text=Control")
+        card = page.locator("section.stop", has_text="deploy")
+        assert "verification kept failing" in card.inner_text()
+        card.locator("input[name=reason]").fill("AMI fixed")
+        card.locator("button[type=submit]").click()
+        page.wait_for_url("**/ui/control?done=resumed")
+        assert page.locator("text=No task type is paused or halted.").is_visible()
+        assert "admin (web)" in page.locator("table.grid").inner_text()
+    finally:
+        served.stop()
+    with cl.open_store(url) as store:
+        assert ledger_for_store(store, redis_url=None).stops() == []
+
+
+def test_a_write_without_signing_in_is_refused(tmp_path: Path, page: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    cl.open_store(url).close()
+    rid = make_request(url).request_id
+    served = start_dashboard(url)
+    try:
+        page.goto(f"{served.url}/ui/approvals/{rid}")
+        assert page.locator("form[action$='/decide']").count() == 0
+        assert page.locator("text=as an approver to decide").is_visible()
+        refused = page.request.post(f"{served.url}/ui/approvals/{rid}/decide",
+                                    form={"action": "approve", "reason": "sneaky"})
+        assert refused.status == 401
+        assert "sign in first" in refused.text()
+    finally:
+        served.stop()
+    assert stored(url, rid).status is ap.ApprovalStatus.PENDING
