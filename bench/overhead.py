@@ -82,10 +82,15 @@ def per_step(fn: object, steps: int, timer: object = time.perf_counter) -> float
     return (now() - start) / steps  # type: ignore[operator]
 
 
+PINNED: dict[str, str] = {}
+"""``--pinned``: the loop's autonomy given (``autonomy="autonomous"``), so it never looks up a
+stored level nor runs the demotion monitor (what an unpinned loop pays since issue 11)."""
+
+
 def bench_overhead(steps: int, rounds: int, folder: Path) -> dict[str, float]:
     store = cl.open_store(folder / "overhead.db")
     loop = cl.Loop(agent, task_type="bench", validators=[validator], executor=executor,
-                   verifiers=[verifier], store=store)
+                   verifiers=[verifier], store=store, **PINNED)
     per_step(loop.run, steps)  # warm up
     per_step(bare, steps)
     loop_times: list[float] = []
@@ -309,6 +314,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("overhead", "ingest"), help="run one part")
     parser.add_argument("--baseline-src", help="another tree's src to compare the overhead of")
     parser.add_argument("--runs", type=int, default=5, help="alternations with --baseline-src")
+    parser.add_argument("--pinned", action="store_true",
+                        help="pin the loop's autonomy (no stored-level lookup, no monitor)")
     parser.add_argument("--drift", action="store_true",
                         help="this tree's loop also runs drift detection (configure(drift=))")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -321,6 +328,8 @@ def main() -> int:
             rate = bench_ingest(batch, Path(tmp) / "ingest.db")
         print(json.dumps({"rate": rate, "cpu_us": CPU["loop"][0]}))
         return 0
+    if args.pinned:
+        PINNED["autonomy"] = "autonomous"
     if args.drift and (args.child or not args.baseline_src):
         from closedloop.learn import DriftPolicy
 
