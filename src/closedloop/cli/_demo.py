@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import click
 
@@ -78,38 +79,48 @@ def demo(*, scenario: str, count: int | None, seed: int, pg_url: str, autonomy: 
         if ec2_state is None:
             raise ConfigError("--autonomy approve keeps the demo's EC2 in a file for the "
                               "worker: use a sqlite:/// store or set CLOSEDLOOP_DEMO_EC2=PATH")
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    def provision(progress: Progress | None) -> DemoSummary:
+        return run_demo(count, seed, store_url, progress=progress, autonomy=autonomy,
+                        ec2_state=ec2_state)
 
-    err = Console(stderr=True)
-    if as_json or not err.is_terminal:
-        summary = run_demo(count, seed, store_url, autonomy=autonomy, ec2_state=ec2_state)
-    else:
-        columns = (TextColumn("[bold]provisioning[/]"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.description}"), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            # moto builds its EC2 backend on the first call: a few seconds before step one
-            task = bar.add_task("starting the local EC2 API (moto)…", total=count)
-            tally: dict[str, int] = {}
-
-            def advance(done: int, total: int, outcome: str) -> None:
-                tally[outcome] = tally.get(outcome, 0) + 1
-                text = "  ".join(f"{k} {v}" for k, v in sorted(tally.items()))
-                bar.update(task, completed=done, description=text)
-
-            summary = run_demo(count, seed, store_url, progress=advance, autonomy=autonomy,
-                               ec2_state=ec2_state)
+    # moto builds its EC2 backend on the first call: a few seconds before step one
+    summary = _with_progress(provision, "provisioning", "starting the local EC2 API (moto)…",
+                             count, quiet=as_json)
     if as_json:
         echo_json(summary.to_dict())
     else:
         _print(summary)
         _print_next_steps(summary)
+
+
+Progress: TypeAlias = Callable[[int, int, str], None]
+"""``progress(done, total, outcome)``: what a demo reports after each request."""
+_T = TypeVar("_T")
+
+
+def _with_progress(run: Callable[[Progress | None], _T], verb: str, starting: str, total: int,
+                   *, quiet: bool) -> _T:
+    """``run(progress)`` with a progress bar on a terminal's stderr (the outcomes so far as
+    its text), or ``run(None)`` for --json and pipes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    err = Console(stderr=True)
+    if quiet or not err.is_terminal:
+        return run(None)
+    columns = (TextColumn(f"[bold]{verb}[/]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"), TimeElapsedColumn())
+    with Bar(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(starting, total=total)
+        tally: dict[str, int] = {}
+
+        def advance(done: int, total: int, outcome: str) -> None:
+            tally[outcome] = tally.get(outcome, 0) + 1
+            text = "  ".join(f"{k} {v}" for k, v in sorted(tally.items()))
+            bar.update(task, completed=done, description=text)
+
+        return run(advance)
 
 
 def _print_next_steps(s: DemoSummary) -> None:
@@ -199,35 +210,14 @@ def _migrations(*, count: int, seed: int, pg_url: str, autonomy: str, keep: bool
         if find_spec(name) is None:
             raise ConfigError(f"the migrations demo needs psycopg and sqlglot ({name} is "
                               "missing): pip install 'closedloop[postgres,validators]'")
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from closedloop.demo import run_migrations_demo
 
-    err = Console(stderr=True)
-    if as_json or not err.is_terminal:
-        summary = run_migrations_demo(count, seed, store_url, pg_url=pg_url, autonomy=autonomy,
-                                      keep=keep)
-    else:
-        columns = (TextColumn("[bold]migrating[/]"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.description}"), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("creating the demo's schema…", total=count)
-            tally: dict[str, int] = {}
+    def migrate(progress: Progress | None) -> MigrationSummary:
+        return run_migrations_demo(count, seed, store_url, progress=progress, pg_url=pg_url,
+                                   autonomy=autonomy, keep=keep)
 
-            def advance(done: int, total: int, outcome: str) -> None:
-                tally[outcome] = tally.get(outcome, 0) + 1
-                text = "  ".join(f"{k} {v}" for k, v in sorted(tally.items()))
-                bar.update(task, completed=done, description=text)
-
-            summary = run_migrations_demo(count, seed, store_url, progress=advance,
-                                          pg_url=pg_url, autonomy=autonomy, keep=keep)
+    summary = _with_progress(migrate, "migrating", "creating the demo's schema…", count,
+                             quiet=as_json)
     if as_json:
         echo_json(summary.to_dict())
     else:
