@@ -341,7 +341,6 @@ class _Ending(NamedTuple):
 
 _SUCCEEDED = _Ending(Outcome.SUCCEEDED)
 _AGAIN = _Ending(Outcome.FAILED)  # validation failed, re-ask (never recorded: identity-tested)
-_APPROVE = _Ending(Outcome.AWAITING_APPROVAL)  # ask the approver (identity-tested)
 
 
 def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
