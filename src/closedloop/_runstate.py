@@ -8,6 +8,10 @@ aborted), its budgets, the model usage spent outside any step, when it ended —
 The store keeps it (:class:`RunStore`, ``backend.run_store()``): a row per run, read newest
 first through an index, so that ``closedloop runs list`` never groups the events table.
 
+A halt of a run from outside its process (``closedloop runs halt``, :func:`closedloop.runs.
+halt_run`) is a :class:`RunHalt` kept through the same backends' :class:`RunHaltStore` (table
+``run_halts``: one row per run, the first halt wins), which the running process polls.
+
 Lives apart from :mod:`closedloop.runs` (which re-exports it) so that the backends under
 :mod:`closedloop.store` implement the port without importing the layer that uses it.
 """
@@ -233,3 +237,43 @@ class RunStore(Protocol):
 
     def prune_runs(self, before: float) -> int:
         """Delete the records of runs started before ``before``; how many went."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunHalt:
+    """A halt of one run, recorded in the store: who, when (Unix seconds), why.
+
+    The running process sees it at its next poll (:class:`closedloop.Run`'s ``halt_poll``)
+    and refuses every later step; the run ends ``halted``.
+    """
+
+    run_id: str
+    reason: str
+    by: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def redacted(self) -> RunHalt:
+        """The halt with its texts redacted and clipped (what the store keeps)."""
+        return replace(self, reason=clip(redact_text(self.reason), _MAX_MESSAGE),
+                       by=clip(redact_text(self.by), 200))
+
+
+MAX_HALT_IDS = 500
+"""Run ids asked about in one :meth:`RunHaltStore.run_halts` call at most."""
+
+
+@runtime_checkable
+class RunHaltStore(Protocol):
+    """Where halts of runs live (one per run id, the first wins): written by whoever halts a
+    run, read by the processes that run them."""
+
+    def halt_run(self, halt: RunHalt) -> RunHalt:
+        """Record ``halt`` (already redacted) unless the run has one; the halt in force."""
+
+    def run_halts(self, run_ids: Sequence[str]) -> dict[str, RunHalt]:
+        """The halts of those of ``run_ids`` (at most :data:`MAX_HALT_IDS`) that have one;
+        raises (a :class:`~closedloop.StoreError`) when they cannot be read."""

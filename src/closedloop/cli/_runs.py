@@ -1,8 +1,10 @@
-"""``closedloop runs list|show``: the runs (:class:`closedloop.Run`) a store keeps.
+"""``closedloop runs list|show|halt``: the runs (:class:`closedloop.Run`) a store keeps.
 
 ``list`` pages through the run records newest first; ``show RUN_ID`` prints one run's record
-and its steps (the events carrying its id, compensations included), or, for a run whose record
-was never written (its process died), what its steps say. Stored text is printed literally.
+(and its halt, if one was recorded) and its steps (the events carrying its id, compensations
+included), or, for a run whose record was never written (its process died), what its steps
+say. ``halt RUN_ID --reason`` records a halt that the run's process sees at its next poll.
+Stored text is printed literally.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from closedloop.cli._common import (
     echo_json,
     iso,
     open_store_to_read,
+    open_store_to_write,
     say,
     store_option,
 )
@@ -33,7 +36,7 @@ MAX_RUN_STEPS = 10_000
 
 @main.group()
 def runs() -> None:
-    """Runs of agents (closedloop.Run): list them, show one with its steps."""
+    """Runs of agents (closedloop.Run): list them, show one with its steps, halt one."""
 
 
 def _duration(record: RunRecord) -> str:
@@ -90,12 +93,16 @@ def list_runs(  # noqa: PLR0917 - click passes every option as an argument
 def show_run(run_id: str, store_url: str, as_json: bool) -> None:
     """One run: its record (outcome, why, budgets, usage) and its steps, oldest first."""
     from closedloop.cli._traces import step_line
+    from closedloop.runs import RunHaltStore
     from closedloop.store import EventQuery
 
     run_id = run_id.strip()
     store = open_store_to_read(store_url)
     try:
-        record = store.runs().get_run(run_id)
+        port = store.runs()
+        record = port.get_run(run_id)
+        halt = (port.run_halts([run_id]).get(run_id) if isinstance(port, RunHaltStore)
+                else None)
         # filtered here too: a plug-in backend may not know EventQuery.run_id
         steps = [e for e in store.backend.iter_events(EventQuery(run_id=run_id,
                                                                  limit=MAX_RUN_STEPS))
@@ -104,6 +111,7 @@ def show_run(run_id: str, store_url: str, as_json: bool) -> None:
         store.close()
     if as_json:
         echo_json({"run": record.to_dict() if record is not None else None,
+                   "halt": halt.to_dict() if halt is not None else None,
                    "steps": [e.to_dict() for e in steps]})
         return
     if record is None and not steps:
@@ -128,6 +136,8 @@ def show_run(run_id: str, store_url: str, as_json: bool) -> None:
             say(f"  parent run {record.parent_run_id}")
         if record.labels:
             say("  labels " + ",".join(f"{k}={v}" for k, v in sorted(record.labels.items())))
+    if halt is not None:
+        say(f"  halt recorded {iso(halt.at)} by {halt.by}: {halt.reason}")
     for event in steps:
         line = step_line(event)
         if event.error_message:
@@ -135,3 +145,37 @@ def show_run(run_id: str, store_url: str, as_json: bool) -> None:
         say(f"  {line}")
     if len(steps) == MAX_RUN_STEPS:
         say(f"  (only the first {MAX_RUN_STEPS} steps are shown)")
+
+
+@runs.command("halt")
+@click.argument("run_id")
+@click.option("--reason", required=True, help="Why the run must stop (recorded).")
+@click.option("--by", "by", default=None, help="Who halts it (default user@host (pid)).")
+@store_option
+def halt(run_id: str, reason: str, by: str | None, store_url: str) -> None:
+    """Halt RUN_ID wherever it runs: recorded in the store (who, when, why); the run's process
+    refuses every step it starts from its next poll on (0.25 s by default) and the run ends
+    halted.
+
+    \b
+    Exit codes:
+      0  the halt is recorded (or the run was halted already: the first halt is shown)
+      1  no such run, it has ended, or the store cannot be read or written
+      2  usage error (no --reason, bad store URL)
+    """
+    from closedloop import ConfigError
+    from closedloop.runs import halt_run
+
+    store = open_store_to_write(store_url)
+    try:
+        try:
+            done = halt_run(run_id, reason=reason, by=by, store=store)
+        except ConfigError as exc:
+            if not reason.strip():
+                raise
+            say(f"error: {exc}", err=True)
+            sys.exit(EXIT_NO_DATA)
+    finally:
+        store.close()
+    say(f"halted run {done.run_id} (by {done.by} at {iso(done.at)}: {done.reason}); its "
+        "process refuses every step it starts from its next poll on")

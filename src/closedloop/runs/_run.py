@@ -8,6 +8,13 @@ is a :class:`~closedloop.loop.RunScope` the step machine consults, so sync and a
 behave alike. Rollback (:meth:`Run.on_rollback`) is a generator of
 :class:`~closedloop.loop.Compensate` actions driven by the loop's drivers (after a step's
 failed verification) or by the run's own (when it ends aborted).
+
+Halts from other processes (:func:`halt_run`, ``closedloop runs halt``) are rows of the
+store's ``run_halts`` table. One :class:`_HaltWatch` thread per store and process reads the
+halts of the runs open there every ``halt_poll`` seconds (one query by run id) and halts the
+runs it finds; the agent's thread only compares the time of the watch's last good read with
+a monotonic clock at each step (well under 0.3 µs), and refuses the step as
+``control_unavailable`` when that read is older than ``halt_stale`` (fail closed).
 """
 
 from __future__ import annotations
@@ -15,18 +22,21 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from closedloop import _runtime
 from closedloop._errors import ConfigError, ToolRefused
 from closedloop._events import ErrorType, Outcome, StepEvent, check_labels
 from closedloop._redact import clip
-from closedloop._runstate import RunRecord
+from closedloop._runstate import MAX_HALT_IDS, RunHalt, RunHaltStore, RunRecord
 from closedloop._verdict import Verdict, as_verdict
 from closedloop.loop import (
     Admission,
@@ -47,6 +57,13 @@ _MAX_MESSAGE = 2000
 _FAILED = frozenset({Outcome.FAILED.value, Outcome.BLOCKED.value, Outcome.ERROR.value})
 _ROLLBACK_ON = frozenset({Outcome.ERROR, Outcome.ABORTED, Outcome.BUDGET_EXCEEDED,
                           Outcome.HALTED})
+_monotonic = time.monotonic
+HALT_POLL_S = 0.25
+"""How often (seconds) a process reads the halts of its open runs from the store, by default:
+a halt recorded elsewhere refuses every step that starts from one poll (and one read) later."""
+HALT_STALE_S = 2.0
+"""A run refuses its steps (``control_unavailable``) while its process has not read the halts
+successfully for longer than this (seconds), by default: it cannot tell it is not halted."""
 
 
 class _Default:
@@ -112,9 +129,16 @@ class Run:
     raises leaves the block). A step can overrun a budget (tokens are known once it ends): the
     budget bounds what the run *starts*.
 
-    :meth:`halt` (any thread) and a halt of a step's task type by fault control (a step
-    refused ``halted``) stop the run: later steps are refused (outcome ``halted``, error type
-    ``run_halted``) and the run ends ``halted``. :meth:`abort` ends it ``aborted``.
+    :meth:`halt` (any thread), a halt recorded in the store by another process
+    (:func:`halt_run`, ``closedloop runs halt RUN_ID --reason ...``) and a halt of a step's
+    task type by fault control (a step refused ``halted``) stop the run: later steps are
+    refused (outcome ``halted``, error type ``run_halted``) and the run ends ``halted``.
+    :meth:`abort` ends it ``aborted``. A halt in the store is read every ``halt_poll``
+    seconds (0.25; None: not read), so it refuses every step that starts from one poll and
+    one read of the store after it was recorded. If the store's halts cannot be read for
+    longer than ``halt_stale`` seconds (2), the run cannot tell whether it was halted and
+    refuses its steps (outcome ``control_unavailable``, counted in ``refused``) until a
+    read succeeds again; it is not ended by that.
 
     Rollback: an action registers how to undo itself with :meth:`on_rollback` (a guarded
     tool's ``compensate=`` does it for you). When a step's verification fails, what that
@@ -146,6 +170,8 @@ class Run:
         rollback_on: Iterable[Outcome | str] = (Outcome.ERROR, Outcome.ABORTED),
         approve_irreversible_above: float | None = None,
         labels: Mapping[str, str] | None = None,
+        halt_poll: float | None = HALT_POLL_S,
+        halt_stale: float = HALT_STALE_S,
         store: Store | None = DEFAULT,
         telemetry: Any = DEFAULT,
         runtime: _runtime.Runtime | None = None,
@@ -184,6 +210,16 @@ class Run:
         """Irreversible tool calls with a risk above this need approval (None: the tool's
         own threshold)."""
         self.labels = check_labels(labels)
+        self.halt_poll = _budget(halt_poll, "halt_poll")
+        """Seconds between reads of the store's halts of this run (None: only in-process
+        halts)."""
+        stale = _budget(halt_stale, "halt_stale")
+        assert stale is not None
+        if self.halt_poll is not None and stale <= self.halt_poll:
+            raise ConfigError(f"halt_stale ({stale:g}s) must be longer than halt_poll "
+                              f"({self.halt_poll:g}s)")
+        self.halt_stale = stale
+        self._watch: _HaltWatch | None = None
         self._store_arg = store
         self._telemetry_arg = telemetry
         self._runtime = runtime
@@ -265,11 +301,16 @@ class Run:
             self._span_cm = telemetry.span(f"invoke_agent {name}", **attrs)
             self._span = self._span_cm.__enter__()
         self._token = run_scope.set(self)
+        if self.halt_poll is not None and self._store is not None:
+            self._watch = _HaltWatch.register(self._store, self)
         self._save()
 
     def _closing(self, exc: BaseException | None) -> Generator[Compensate, Any, None] | None:
         """Decide the run's outcome; the rollback to drive, if it ends in one."""
         run_scope.reset(self._token)
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.unregister(self)
         with self._lock:
             # a tool refused because this run stopped raised ToolRefused (perhaps wrapped by
             # an agent framework): the run ends as its stop says (budget_exceeded, halted,
@@ -346,6 +387,10 @@ class Run:
     def admit(self, task_type: str) -> Admission | None:
         """Refuse the step when the run is stopped or a budget is spent; else count it."""
         parent = self._parent
+        watch = self._watch
+        if watch is not None and _monotonic() - watch.read_at > self.halt_stale \
+                and self._stop is None:
+            return self._unreadable(watch)
         with self._lock:
             refusal = self._stop or self._spent()
             if refusal is not None:
@@ -362,6 +407,16 @@ class Run:
                         self._stop = refusal
                 return refusal
         return None
+
+    def _unreadable(self, watch: _HaltWatch) -> Admission:
+        """Refuse a step: the store's halts have not been read for too long (fail closed)."""
+        watch.revive()
+        with self._lock:
+            self.refused += 1
+        return Admission.unavailable(
+            f"run {self.run_id}: cannot tell whether it was halted: the halts in "
+            f"{watch.url} were last read {_monotonic() - watch.read_at:.1f}s ago (more than "
+            f"{self.halt_stale:g}s){watch.error}")
 
     def _spent(self) -> Admission | None:
         """The budget that is spent, as the refusal of every later step (lock held)."""
@@ -429,6 +484,13 @@ class Run:
             if self._stop is None:
                 self._stop = Admission.run_halted(
                     f"run {self.run_id} halted: {clip(str(reason), _MAX_MESSAGE)}")
+
+    def _halted_in_store(self, halt: RunHalt) -> None:
+        """A halt of this run recorded in the store (seen by the watch's thread)."""
+        with self._lock:
+            if self._stop is None:
+                self._stop = Admission.run_halted(
+                    f"run {self.run_id} halted by {halt.by}: {halt.reason}")
 
     def abort(self, reason: str) -> None:
         """Stop the run and have it end ``aborted``: later steps are refused, and when the
@@ -568,6 +630,158 @@ class Run:
     def __repr__(self) -> str:
         state = self.outcome.value if self.outcome is not None else "running"
         return f"Run({self.name!r}, run_id={self.run_id!r}, {state})"
+
+
+class _HaltWatch:
+    """Reads the store's halts of the runs open in this process, from a thread of its own.
+
+    One per store (and process); its thread runs while runs are registered, reading every
+    ``interval`` seconds (the shortest ``halt_poll`` of its runs) the halts of all of them in
+    one query, and halting each run it finds. ``read_at`` is the monotonic time the last
+    good read started: the runs compare it with their ``halt_stale``.
+    """
+
+    _watches: ClassVar[weakref.WeakKeyDictionary[Any, _HaltWatch]] = (
+        weakref.WeakKeyDictionary())
+    _watches_lock = threading.Lock()
+
+    def __init__(self, port: RunHaltStore, url: str) -> None:
+        self.port = port
+        self.url = url
+        self.read_at = _monotonic()
+        self.error = ""
+        """``": <why the last read failed>"`` while reads fail, else empty."""
+        self.interval = HALT_POLL_S
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    @classmethod
+    def register(cls, store: Store, run: Run) -> _HaltWatch | None:
+        """Watch ``run``'s halts in ``store``; None when the store keeps no halts."""
+        from closedloop.store import run_store_for
+
+        with cls._watches_lock:
+            try:
+                watch = cls._watches.get(store)
+            except TypeError:  # not weakly referenceable: a stand-in for a Store
+                return None
+            if watch is None:
+                port: object = run_store_for(store) if hasattr(store, "backend") else None
+                if not isinstance(port, RunHaltStore):
+                    return None
+                watch = cls._watches[store] = _HaltWatch(port, store.url)
+        watch.add(run)
+        return watch
+
+    def add(self, run: Run) -> None:
+        assert run.halt_poll is not None
+        with self._lock:
+            if not self._runs:
+                self.interval = run.halt_poll
+            else:
+                self.interval = min(self.interval, run.halt_poll)
+            self._runs[run.run_id] = run
+            if self._thread is None or self._pid != os.getpid():
+                self._start()
+
+    def _start(self) -> None:
+        """Start the thread (lock held); the runs get a fresh grace of ``halt_stale``."""
+        self._pid = os.getpid()
+        self.read_at = _monotonic()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="closedloop-run-halts")
+        self._thread.start()
+
+    def revive(self) -> None:
+        """Start the thread again in a forked child (the parent's did not come along)."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid() and self._runs:
+                    self._start()
+
+    def unregister(self, run: Run) -> None:
+        with self._lock:
+            if self._runs.get(run.run_id) is run:
+                del self._runs[run.run_id]
+            if not self._runs:
+                self._wake.set()
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        warned = False
+        while True:
+            self._wake.wait(self.interval)
+            with self._lock:
+                self._wake.clear()
+                if not self._runs or self._thread is not me:
+                    if self._thread is me:
+                        self._thread = None
+                    return
+                runs = dict(self._runs)
+            started = _monotonic()
+            try:
+                halts: dict[str, RunHalt] = {}
+                ids = list(runs)
+                for i in range(0, len(ids), MAX_HALT_IDS):
+                    halts.update(self.port.run_halts(ids[i:i + MAX_HALT_IDS]))
+            except Exception as exc:  # noqa: BLE001 - the runs fail closed once it lasts
+                self.error = f": {clip(f'{type(exc).__name__}: {exc}', 300)}"
+                if not warned:
+                    warned = True
+                    _log.warning("closedloop: cannot read the halts of runs in %s (%s); runs "
+                                 "refuse their steps once this lasts longer than their "
+                                 "halt_stale", self.url, self.error[2:])
+                continue
+            for run_id, halt in halts.items():
+                run = runs.get(run_id)
+                if run is not None:
+                    run._halted_in_store(halt)
+            self.read_at = started  # after the halts are applied: no step slips between
+            if warned:
+                warned = False
+                self.error = ""
+                _log.warning("closedloop: the halts of runs in %s are read again", self.url)
+
+
+def _who() -> str:
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+    return f"{user}@{socket.gethostname()} (pid {os.getpid()})"
+
+
+def halt_run(run_id: str, *, reason: str, by: str | None = None,
+             store: Store | None = None) -> RunHalt:
+    """Halt the run ``run_id`` wherever it runs: the halt (who, when, why) is recorded in
+    ``store`` (default: the runtime's), and the run's process, polling the store, refuses
+    every later step; the run ends ``halted``. ``by`` defaults to user@host (pid).
+
+    Returns the halt in force: the first one recorded, if the run was halted already.
+    Raises :class:`~closedloop.ConfigError` for an empty reason, a run the store does not
+    know or one that has ended, or a store that keeps no halts (a plug-in backend's).
+    """
+    from closedloop.store import run_store_for
+
+    if not isinstance(reason, str) or not reason.strip():
+        raise ConfigError("a reason is required to halt a run (--reason TEXT)")
+    run_id = run_id.strip() if isinstance(run_id, str) else ""
+    if not run_id:
+        raise ConfigError("a run id is required")
+    store = store if store is not None else _runtime.current_runtime().store
+    runs = run_store_for(store)
+    port: object = runs
+    if runs is None or not isinstance(port, RunHaltStore):
+        raise ConfigError(f"store {store.url} keeps no run halts (use a sqlite:///, "
+                          "postgresql:// or memory:// store)")
+    record = runs.get_run(run_id)
+    if record is None:
+        raise ConfigError(f"no run {run_id} in {store.url}")
+    if record.ended is not None:
+        raise ConfigError(f"run {run_id} has ended ({record.outcome}); nothing to halt")
+    halt = RunHalt(run_id=run_id, reason=reason.strip(),
+                   by=by.strip() if by and by.strip() else _who(), at=time.time())
+    return port.halt_run(halt.redacted())
 
 
 def current_run() -> Run | None:

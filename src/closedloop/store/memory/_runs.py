@@ -6,6 +6,8 @@ import threading
 from collections.abc import Sequence
 
 from closedloop._runstate import (
+    MAX_HALT_IDS,
+    RunHalt,
     RunPage,
     RunRecord,
     RunsSummary,
@@ -21,6 +23,7 @@ class MemoryRunStore:
 
     def __init__(self) -> None:
         self._runs: dict[str, RunRecord] = {}
+        self._halts: dict[str, RunHalt] = {}
         self._lock = threading.Lock()
 
     def put_runs(self, records: Sequence[RunRecord]) -> None:
@@ -62,4 +65,16 @@ class MemoryRunStore:
             old = [k for k, r in self._runs.items() if r.started < before]
             for k in old:
                 del self._runs[k]
+            for k in [k for k, h in self._halts.items() if h.at < before]:
+                del self._halts[k]
         return len(old)
+
+    def halt_run(self, halt: RunHalt) -> RunHalt:
+        """Record ``halt`` unless the run has one (the first wins); the halt in force."""
+        with self._lock:
+            return self._halts.setdefault(halt.run_id, halt)
+
+    def run_halts(self, run_ids: Sequence[str]) -> dict[str, RunHalt]:
+        """The halts of those of ``run_ids`` that have one."""
+        with self._lock:
+            return {i: self._halts[i] for i in list(run_ids)[:MAX_HALT_IDS] if i in self._halts}

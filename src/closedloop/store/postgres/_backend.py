@@ -356,6 +356,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS approval_history_request ON {schema}.approval_history
         (request_id, id);
     """,
+    # halts of runs from outside their process (closedloop runs halt; closedloop.store.
+    # postgres._runs): one row per run, the first halt wins; polled by the run's process
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.run_halts (
+        run_id TEXT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY

@@ -1,5 +1,5 @@
 """Run records in a PostgreSQL store's schema: the run port of the PostgreSQL backend (table
-``runs``, an appended migration)."""
+``runs``, an appended migration), and the halts of runs (table ``run_halts``, another)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from closedloop._errors import StoreError
 from closedloop._runstate import (
+    MAX_HALT_IDS,
     RUN_COLUMNS,
+    RunHalt,
     RunPage,
     RunRecord,
     RunsSummary,
@@ -131,11 +133,48 @@ class PostgresRunStore:
         return self._on(work)
 
     def prune_runs(self, before: float) -> int:
-        """Delete the records of runs started before ``before``."""
+        """Delete the records of runs started before ``before`` (and halts older than it)."""
         from psycopg import sql
 
         def work(conn: psycopg.Connection[Any]) -> int:
             cur = conn.execute(sql.SQL("DELETE FROM {}.runs WHERE started < %s").format(
                 self._schema), (before,))
+            conn.execute(sql.SQL("DELETE FROM {}.run_halts WHERE at < %s").format(
+                self._schema), (before,))
             return cur.rowcount
+        return self._on(work)
+
+    # ----- halts (RunHaltStore) -------------------------------------------------------------
+    def halt_run(self, halt: RunHalt) -> RunHalt:
+        """Record ``halt`` unless the run has one (the first wins); the halt in force."""
+        from psycopg import sql
+
+        if self.backend.read_only:
+            raise StoreError(f"store {self.backend.url} was opened read-only")
+        row = _clean_row((halt.run_id, halt.at, halt.by, halt.reason))
+
+        def work(conn: psycopg.Connection[Any]) -> RunHalt:
+            with conn.transaction():
+                conn.execute(sql.SQL("INSERT INTO {}.run_halts (run_id, at, by, reason) "
+                                     "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING"
+                                     ).format(self._schema), row)
+                found = conn.execute(sql.SQL("SELECT run_id, reason, by, at FROM "
+                                             "{}.run_halts WHERE run_id = %s").format(
+                    self._schema), (halt.run_id,)).fetchone()
+            assert found is not None
+            return RunHalt(run_id=found[0], reason=found[1], by=found[2], at=found[3])
+        return self._on(work)
+
+    def run_halts(self, run_ids: Sequence[str]) -> dict[str, RunHalt]:
+        """The halts of those of ``run_ids`` that have one (a StoreError when unreadable)."""
+        from psycopg import sql
+
+        ids = list(run_ids)[:MAX_HALT_IDS]
+        if not ids:
+            return {}
+
+        def work(conn: psycopg.Connection[Any]) -> dict[str, RunHalt]:
+            rows = conn.execute(sql.SQL("SELECT run_id, reason, by, at FROM {}.run_halts "
+                                        "WHERE run_id = ANY(%s)").format(self._schema), (ids,))
+            return {r[0]: RunHalt(run_id=r[0], reason=r[1], by=r[2], at=r[3]) for r in rows}
         return self._on(work)

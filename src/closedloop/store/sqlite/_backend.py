@@ -292,6 +292,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX approval_history_request ON approval_history (request_id);
     """,
+    # halts of runs from outside their process (closedloop runs halt; closedloop.store.sqlite.
+    # _runs): one row per run, the first halt wins; polled by the run's process by run id
+    """
+    CREATE TABLE IF NOT EXISTS run_halts (
+        run_id TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        by TEXT NOT NULL,
+        reason TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,5 +1,5 @@
 """Run records in a SQLite store's file: the run port of the SQLite backend (table ``runs``,
-an appended migration)."""
+an appended migration), and the halts of runs (table ``run_halts``, another)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from closedloop._errors import StoreError
 from closedloop._runstate import (
+    MAX_HALT_IDS,
     RUN_COLUMNS,
+    RunHalt,
     RunPage,
     RunRecord,
     RunsSummary,
@@ -29,7 +31,7 @@ _UPSERT = (f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) "
 
 
 def _missing_table(exc: sqlite3.Error) -> bool:
-    return "no such table: runs" in str(exc)
+    return "no such table: run" in str(exc)
 
 
 class SQLiteRunStore:
@@ -118,8 +120,54 @@ class SQLiteRunStore:
         return self._read(work, summary_from_rows([]))
 
     def prune_runs(self, before: float) -> int:
-        """Delete the records of runs started before ``before``."""
+        """Delete the records of runs started before ``before`` (and halts older than it)."""
         conn = self.backend._writer_conn()
         cur = conn.execute("DELETE FROM runs WHERE started < ?", (before,))
+        conn.execute("DELETE FROM run_halts WHERE at < ?", (before,))
         return cur.rowcount
+
+    # ----- halts (RunHaltStore) -------------------------------------------------------------
+    def halt_run(self, halt: RunHalt) -> RunHalt:
+        """Record ``halt`` unless the run has one (the first wins); the halt in force."""
+        if self.backend.read_only:
+            raise StoreError(f"store {self.backend.url} was opened read-only")
+        try:
+            conn = self.backend._reader()
+            try:
+                conn.execute("INSERT OR IGNORE INTO run_halts (run_id, at, by, reason) "
+                             "VALUES (?, ?, ?, ?)", (halt.run_id, halt.at, halt.by, halt.reason))
+                row = conn.execute(_HALT_SELECT + " WHERE run_id = ?",
+                                   (halt.run_id,)).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write store {self.backend.url}: {exc}") from None
+        return _halt(row)
+
+    def run_halts(self, run_ids: Sequence[str]) -> dict[str, RunHalt]:
+        """The halts of those of ``run_ids`` that have one (a StoreError when unreadable; a
+        read-only store of an older schema has none)."""
+        ids = list(run_ids)[:MAX_HALT_IDS]
+        if not ids:
+            return {}
+        sql = f"{_HALT_SELECT} WHERE run_id IN ({', '.join('?' * len(ids))})"
+        try:
+            conn = self.backend._reader()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.backend.url}: {exc}") from None
+        try:
+            return {row[0]: _halt(row) for row in conn.execute(sql, ids)}
+        except sqlite3.Error as exc:
+            if self.backend.read_only and _missing_table(exc):
+                return {}
+            raise StoreError(f"cannot read store {self.backend.url}: {exc}") from None
+        finally:
+            conn.close()
+
+
+_HALT_SELECT = "SELECT run_id, reason, by, at FROM run_halts"
+
+
+def _halt(row: Sequence[Any]) -> RunHalt:
+    return RunHalt(run_id=row[0], reason=row[1], by=row[2], at=row[3])
 
