@@ -79,6 +79,21 @@ def response_calls(*calls: tuple[str, dict[str, Any]], first_id: int = 1) -> Rep
                       for n, (name, args) in enumerate(calls, start=first_id)])
 
 
+def streamed(reply: Reply) -> Reply:
+    """The Responses API response ``reply`` sent as a stream: ``response.created``, then each
+    output item added and done, then ``response.completed`` carrying the whole response."""
+    assert reply.body is not None
+    whole = reply.body
+    start = {**whole, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": start}]
+    for n, item in enumerate(whole["output"]):
+        events += [{"type": "response.output_item.added", "output_index": n, "item": item},
+                   {"type": "response.output_item.done", "output_index": n, "item": item}]
+    events.append({"type": "response.completed", "response": whole})
+    return Reply(events=[(e["type"], {**e, "sequence_number": n})
+                         for n, e in enumerate(events)])
+
+
 def call_outputs(request: dict[str, Any]) -> dict[str, str]:
     """The function-call outputs a Responses API request sends back, by call id."""
     return {item["call_id"]: item["output"] for item in request.get("input") or ()

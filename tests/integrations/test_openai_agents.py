@@ -28,7 +28,13 @@ from closedloop.integrations import (
     agents_output_guardrail,
     instrument_openai,
 )
-from integrations._chat import RESPONSES_USAGE, call_outputs, response_calls, response_text
+from integrations._chat import (
+    RESPONSES_USAGE,
+    call_outputs,
+    response_calls,
+    response_text,
+    streamed,
+)
 from integrations._wire_server import WireServer
 
 BUCKETS: dict[str, str] = {}
@@ -134,6 +140,61 @@ def test_closedloops_feedback_is_the_tool_result_and_the_model_calls_count_again
     kinds = {s["span_data"]["type"] for s in capture.spans
              if s.get("metadata", {}).get("closedloop.run_id") == r.run_id}
     assert "agent" in kinds
+
+
+def test_streamed_runs_model_calls_count_against_the_run_and_its_token_budget(
+        wire: WireServer, memory_store: cl.Store, capture: Capture) -> None:
+    wire.script(streamed(response_calls(("create_bucket", {"name": "logs"}))),
+                streamed(response_calls(("create_bucket", {"name": "more"}), first_id=2)),
+                streamed(response_text("never read")))
+    agent = Agent(name="ops", instructions="provision", model=model(wire),
+                  tools=[agents_function_tool(bucket_tool(memory_store))])
+    per_call = RESPONSES_USAGE["input_tokens"] + RESPONSES_USAGE["output_tokens"]
+
+    async def consume(result: Any, kinds: list[str]) -> None:
+        async for event in result.stream_events():
+            kinds.append(event.type)
+
+    async def main() -> tuple[list[str], cl.Run]:
+        kinds: list[str] = []
+        # the first model call spends the budget: the tool call it asks for is refused
+        async with cl.Run("provision", store=memory_store, max_tokens=per_call) as r:
+            result = Runner.run_streamed(agent, "make a logs bucket")
+            with pytest.raises(UserError) as raised:
+                await consume(result, kinds)
+            assert isinstance(raised.value.__cause__, cl.ToolRefused)
+        return kinds, r
+
+    kinds, r = asyncio.run(main())
+    assert "raw_response_event" in kinds  # streamed, event by event
+    assert (r.input_tokens, r.output_tokens) == (RESPONSES_USAGE["input_tokens"],
+                                                 RESPONSES_USAGE["output_tokens"])
+    assert r.outcome is cl.Outcome.BUDGET_EXCEEDED and r.refused == 1
+    assert BUCKETS == {}
+    assert len(wire.requests) == 1
+
+
+def test_streamed_runs_count_every_model_call_and_its_cost(
+        wire: WireServer, memory_store: cl.Store, capture: Capture) -> None:
+    cl.configure(prices={"gpt-4.1*": {"input": 2.0, "output": 8.0}})
+    wire.script(streamed(response_calls(("create_bucket", {"name": "logs"}))),
+                streamed(response_text("created logs")))
+    agent = Agent(name="ops", model=model(wire),
+                  tools=[agents_function_tool(bucket_tool(memory_store))])
+
+    async def main() -> tuple[Any, cl.Run]:
+        async with cl.Run("provision", store=memory_store) as r:
+            result = Runner.run_streamed(agent, "make a logs bucket")
+            async for _ in result.stream_events():
+                pass
+            return result.final_output, r
+
+    final, r = asyncio.run(main())
+    assert final == "created logs" and BUCKETS == {"logs": "eu-west-1"}
+    assert (r.input_tokens, r.output_tokens) == (2 * RESPONSES_USAGE["input_tokens"],
+                                                 2 * RESPONSES_USAGE["output_tokens"])
+    assert r.steps == 1 and r.outcome is cl.Outcome.SUCCEEDED
+    assert r.cost_usd is not None and r.cost_usd > 0
 
 
 def test_a_spent_run_budget_stops_the_sdk_run(wire: WireServer, memory_store: cl.Store,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
+from closedloop import _runtime
 from closedloop._pricing import warm_up
 from closedloop.loop import current_attempt
 from closedloop.runs import current_run
@@ -139,7 +140,13 @@ class ModelCall:
         else:  # the agent's own model call, outside any agent step: the run's budget counts it
             run = current_run()
             if run is not None:
-                run.record_usage(self.input_tokens, self.output_tokens)
+                model = self.response_model or self.request_model
+                cost = _runtime.current_runtime().prices.cost(
+                    model, self.provider.name, self.input_tokens, self.output_tokens,
+                    cached_input_tokens=self.cache_read_tokens,
+                    cache_write_tokens=self.cache_write_tokens) if (
+                    model and (self.input_tokens or self.output_tokens)) else None
+                run.record_usage(self.input_tokens, self.output_tokens, cost_usd=cost)
         span = self.span
         if span is None or self.telemetry is None:
             return
@@ -283,6 +290,8 @@ def wrap_create(original: Callable[..., Any], provider: Provider, operation: str
     def finish(call: ModelCall | None, result: Any, kwargs: dict[str, Any], aio: bool) -> Any:
         if call is None:
             return result
+        if _raw(kwargs):
+            return _RawResponse(result, call, stream=kwargs.get("stream") is True)
         if kwargs.get("stream") is True:
             return _AsyncStream(result, call) if aio else _SyncStream(result, call)
         _safe(provider.on_response, call, result)
@@ -314,6 +323,72 @@ def wrap_create(original: Callable[..., Any], provider: Provider, operation: str
 
     wrapped.__closedloop_wrapped__ = True  # type: ignore[attr-defined]
     return wrapped
+
+
+_RAW_HEADER = "x-stainless-raw-response"
+
+
+def _raw(kwargs: dict[str, Any]) -> bool:
+    """The call is made through the SDK's ``with_streaming_response`` / ``with_raw_response``
+    (which mark it with a header): it returns the raw HTTP response, parsed later."""
+    headers = kwargs.get("extra_headers")
+    return isinstance(headers, dict) and any(
+        isinstance(k, str) and k.lower() == _RAW_HEADER for k in headers)
+
+
+class _RawResponse:
+    """Wraps the raw response of ``with_streaming_response.create(...)`` (the OpenAI Agents
+    SDK streams so) or ``with_raw_response``: what ``parse()`` gives is read like the
+    result of ``create`` (a stream through :class:`_SyncStream`/:class:`_AsyncStream`, a
+    response at once); closing it finishes the call at the latest."""
+
+    def __init__(self, raw: Any, call: ModelCall, *, stream: bool) -> None:
+        self._raw = raw
+        self._call = call
+        self._stream = stream
+
+    def _took(self, parsed: Any) -> Any:
+        call = self._call
+        if self._stream:
+            return _AsyncStream(parsed, call) if hasattr(parsed, "__aiter__") \
+                else _SyncStream(parsed, call)
+        _safe(call.provider.on_response, call, parsed)
+        _safe(call.done)
+        return parsed
+
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            parsed = self._raw.parse(*args, **kwargs)
+        except Exception as exc:
+            _safe(self._call.fail, exc)
+            raise
+        if inspect.isawaitable(parsed):
+            return self._aparse(parsed)
+        return self._took(parsed)
+
+    async def _aparse(self, pending: Any) -> Any:
+        try:
+            parsed = await pending
+        except Exception as exc:
+            _safe(self._call.fail, exc)
+            raise
+        return self._took(parsed)
+
+    def close(self) -> Any:
+        result = self._raw.close()
+        if inspect.isawaitable(result):
+            return self._aclose(result)
+        _safe(self._call.done)
+        return result
+
+    async def _aclose(self, pending: Any) -> Any:
+        try:
+            return await pending
+        finally:
+            _safe(self._call.done)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 class _StreamManager:

@@ -21,7 +21,9 @@
 
 The agent's model calls count against the open run when its client is instrumented:
 ``agents.set_default_openai_client(instrument_openai(AsyncOpenAI()))`` (the Responses API and
-chat completions both are). See docs/frameworks.md.
+chat completions both are, ``Runner.run_streamed``'s streamed calls too: the SDK streams
+through ``responses.with_streaming_response``, whose parsed stream the instrumentation reads).
+See docs/frameworks.md.
 """
 
 from __future__ import annotations
