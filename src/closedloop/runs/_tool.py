@@ -400,7 +400,7 @@ class GuardedTool:
         run = current_run()
         above = (run.approve_irreversible_above if run is not None
                  and run.approve_irreversible_above is not None else self.approve_above)
-        return gated if risk > above else self.loop
+        return self.loop if risk <= above else gated  # a NaN risk is not "low": approval
 
     def answer(self, result: StepResult[Any, Any], run: Run | None) -> Any:
         """What the model gets: the result, a :class:`ToolFeedback`, or a raise."""
