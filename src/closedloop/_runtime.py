@@ -24,15 +24,18 @@ from typing import TYPE_CHECKING, Any
 from closedloop._errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
+    from closedloop._events import StepEvent
     from closedloop._pricing import Prices
     from closedloop._redact import Redactor
     from closedloop.approvals import Notifier
     from closedloop.autonomy import AutonomyLevels
     from closedloop.control import Backpressure, FaultControl
-    from closedloop.learn import DriftGuard, DriftPolicy
+    from closedloop.learn import DriftGuard, DriftPolicy, OnlineScorer
     from closedloop.store import EventSink, Store
+
+    Scorer = Callable[[StepEvent], float | bool | None]
     from closedloop.telemetry import Telemetry
 
 __all__ = ["Runtime", "configure", "current_runtime", "reset"]
@@ -49,6 +52,30 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+
+
+def _named_scorers(scorers: Mapping[str, Scorer] | Sequence[Scorer] | None
+                   ) -> dict[str, Scorer]:
+    """``scorers`` as name → scorer (a list is named by each one's ``__name__``)."""
+    if scorers is None:
+        return {}
+    if isinstance(scorers, dict):
+        named = dict(scorers)
+    elif isinstance(scorers, list | tuple):
+        named = {}
+        for fn in scorers:
+            name = getattr(fn, "__name__", None)
+            if not isinstance(name, str) or not name or name == "<lambda>" or name in named:
+                raise ConfigError("each scorer in a list needs a distinct __name__ (give a dict "
+                                  f"name → scorer instead), got {fn!r}")
+            named[name] = fn
+    else:
+        raise ConfigError(f"scorers must be a dict of name → scorer or a list of scorers, "
+                          f"got {type(scorers).__name__}")
+    for name, fn in named.items():
+        if not isinstance(name, str) or not name.strip() or not callable(fn):
+            raise ConfigError(f"scorer {name!r}: needs a non-empty name and a callable")
+    return named
 
 
 class Runtime:
@@ -73,6 +100,12 @@ class Runtime:
     ``notify`` tells people of new approval requests: a webhook URL, a
     :class:`~closedloop.approvals.Notifier`, or None for none (default:
     ``$CLOSEDLOOP_APPROVAL_WEBHOOK``; see :func:`closedloop.approvals.notify_created`).
+    ``scorers`` (name → scorer, or a list of scorers named by ``__name__``; a scorer takes a
+    recorded :class:`~closedloop.StepEvent` and returns a number, a bool or None) starts an
+    :class:`~closedloop.learn.OnlineScorer` the runtime owns: fed by the store's writer
+    thread, scoring every step recorded in the runtime's store on a thread of its own
+    (bounded queue, drops counted), each score recorded and fed to the drift guard; stopped
+    by :meth:`close` (so by :func:`reset` and by the next :func:`configure`).
     """
 
     def __init__(
@@ -89,6 +122,7 @@ class Runtime:
         influxdb: EventSink | str | None = UNSET,
         drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
         notify: Notifier | str | None = UNSET,
+        scorers: Mapping[str, Scorer] | Sequence[Scorer] | None = None,
     ) -> None:
         if redis_url is not UNSET and redis_url is not None and not isinstance(redis_url, str):
             raise ConfigError(f"redis_url must be a string or None, got {redis_url!r}")
@@ -133,6 +167,9 @@ class Runtime:
                                   f"DriftPolicy, got {type(drift).__name__}")
         self._drift_policy = drift
         self._drift: weakref.WeakKeyDictionary[Store, DriftGuard] = weakref.WeakKeyDictionary()
+        self._scorers = _named_scorers(scorers)  # a bad one fails here, in configure()
+        self.online_scorer: OnlineScorer | None = None
+        """The online scorer of ``scorers=``, once the store is open; None without scorers."""
 
     # ----- the parts, each built on first use -------------------------------------------
     @property
@@ -144,7 +181,15 @@ class Runtime:
                 store = self._store
                 if store is None:
                     store = self._store = self._open_store()
+                    if self._scorers:
+                        self._start_scorer(store)
         return store
+
+    def _start_scorer(self, store: Store) -> None:
+        from closedloop.learn import OnlineScorer
+
+        guard = self.drift_for(store)
+        self.online_scorer = OnlineScorer(store, self._scorers, guard=guard).attach()
 
     def _open_store(self) -> Store:
         from closedloop.store import Store, default_store_url, open_store
@@ -281,14 +326,15 @@ class Runtime:
                     return self._drift[store]
             from closedloop.learn import DriftGuard, DriftPolicy
 
+            # fed off the agent's thread (a queue append per step), in order
             if isinstance(policy, DriftPolicy):
                 guard = DriftGuard(policy=policy, store=store,
                                    fault_control=self.fault_control_for(store),
-                                   levels=self.levels_for(store))
+                                   levels=self.levels_for(store), background=True)
             else:
                 guard = DriftGuard(policy=None, policies=dict(policy), store=store,
                                    fault_control=self.fault_control_for(store),
-                                   levels=self.levels_for(store))
+                                   levels=self.levels_for(store), background=True)
             with contextlib.suppress(TypeError):
                 self._drift[store] = guard
         return guard
@@ -390,6 +436,10 @@ class Runtime:
             limiter = self._backpressure if self._owns_rates else None
             notifier = None if self._notify is UNSET or isinstance(self._notify, str) \
                 else self._notify
+            scorer, self.online_scorer = self.online_scorer, None
+        if scorer is not None and store is not None:  # every step recorded so far is scored
+            store.flush(timeout)
+            scorer.close(timeout)
         for guard in list(self._drift.values()):  # before the store closes: states saved
             guard.close()
         if notifier is not None:  # a notification not sent by then is resent later
@@ -448,6 +498,7 @@ def configure(
     influxdb: EventSink | str | None = UNSET,
     drift: DriftPolicy | Mapping[str, DriftPolicy | None] | None = None,
     notify: Notifier | str | None = UNSET,
+    scorers: Mapping[str, Scorer] | Sequence[Scorer] | None = None,
 ) -> Runtime:
     """Replace the process runtime with one built from these arguments; returns it.
 
@@ -461,11 +512,12 @@ def configure(
     new = Runtime(store=store, redis_url=redis_url, fault_control=fault_control,
                   backpressure=backpressure, telemetry=telemetry, redactor=redactor,
                   retention=retention, prices=prices, influxdb=influxdb, drift=drift,
-                  notify=notify)
+                  notify=notify, scorers=scorers)
     if notify is not UNSET and notify is not None:
         _ = new.notifier  # a bad webhook URL fails here, in configure()
-    if store is not UNSET:
-        _ = new.store  # open it now: a bad URL fails here, not in the agent's first step
+    if store is not UNSET or scorers:
+        _ = new.store  # open it now: a bad URL fails here, not in the agent's first step;
+        # with scorers, the online scorer starts now
     old = _install(new)
     if old._store is not None and new.has_store(old._store):  # kept: the new runtime owns it
         new._owns_store, old._owns_store = old._owns_store, False

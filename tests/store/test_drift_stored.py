@@ -153,7 +153,10 @@ def test_online_scores_are_recorded_and_their_drift_detected(store: cl.Store) ->
     assert [a.kind for a in sink.alerts][:1] == ["drift"]
     assert guard.fired[0].signal == "score:quality"
     stored = span_store_for(store).scores(name="quality")
-    assert len(stored) == 149 + 60
+    assert len([s for s in stored if s.label is None]) == 149 + 60
+    # the judge's failure is recorded too, as a score with its error
+    assert [(s.label, s.comment) for s in stored if s.label is not None] == [
+        ("scorer_failed", "ValueError: the judge failed")]
 
 
 def test_prometheus_exposes_drift_state_and_firings(store: cl.Store) -> None:
@@ -200,6 +203,7 @@ def test_drift_configured_per_task_type_watches_only_those(any_url: str) -> None
             loop.run(1)
         guard = rt.drift_for(rt.store)
         assert guard is not None
+        guard.flush()  # fed in the background: what the loops queued so far
         assert {row["task_type"] for row in guard.monitor.snapshot()} == {"watched"}
     finally:
         cl.reset()

@@ -254,8 +254,13 @@ class DriftMonitor:
         return self.policies.get(task_type, self.policy)
 
     # ----- observations -------------------------------------------------------------------
-    def observe(self, event: StepEvent) -> list[Firing]:
-        """One recorded step: its signals, and the firings they raise (mostly none)."""
+    def observe(self, event: StepEvent, *, signals: bool = True,
+                burn: bool = True) -> list[Firing]:
+        """One recorded step: its signals, and the firings they raise (mostly none).
+
+        ``signals=False`` updates only the budget burn, ``burn=False`` only the detectors
+        (:class:`~closedloop.learn.DriftGuard` in the background keeps budgets on the
+        agent's path, so a budget still pauses at the step that overspends)."""
         # on the agent's path for every step: one slot per (task type, model) holds its
         # signals, so a step costs two dict reads and a detector update per signal
         if event.outcome in _REFUSED:
@@ -272,13 +277,13 @@ class DriftMonitor:
         out: list[Firing] = []
         step = self._step
         with self._lock:
-            sig = slot.verification
+            sig = slot.verification if signals else None
             if sig is not None and event.verification_passed is not None:
                 step(out, policy, sig, float(not event.verification_passed), event)
-            sig = slot.reask
+            sig = slot.reask if signals else None
             if sig is not None:
                 step(out, policy, sig, float(event.attempts > 1), event)
-            sig = slot.latency
+            sig = slot.latency if signals else None
             if sig is not None:
                 step(out, policy, sig, event.latency_ms, event)
                 cost = event.cost_usd
@@ -290,7 +295,7 @@ class DriftMonitor:
                         step(out, policy, slot.cost, spent, event)
                     else:
                         slot.pending_cost = spent
-            if slot.burn:
+            if burn and slot.burn:
                 self._burn_step(out, policy, event)
         if out:
             self.firings += len(out)
