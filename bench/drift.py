@@ -11,6 +11,9 @@ drift end to end: real loops with fault control and the drift guard (action ``pa
 memory store), the delay being the steps until the first refused step.
 
     PYTHONPATH=src python bench/drift.py [--runs 2000] [--stable-runs 30] [--loop-runs 20]
+
+It also times ``observe`` on the calling thread inline and in the background mode that
+``configure(drift=...)`` builds (the detectors fed from the guard's own thread).
 """
 
 from __future__ import annotations
@@ -52,17 +55,7 @@ class Guarded:
         self.n = 0
 
     def step(self, passed: bool) -> bool:
-        self.n += 1
-        rng = self.rng
-        event = cl.StepEvent(
-            ts=1_800_000_000.0 + self.n * 0.01, trace_id="0" * 32, agent_id="a",
-            task_type="provision", autonomy="autonomous",
-            outcome="succeeded" if passed else "failed",
-            attempts=2 if rng.random() < 0.03 else 1, input_tokens=0, output_tokens=0,
-            latency_ms=rng.lognormvariate(6.0, 0.5), validation_passed=True,
-            verification_passed=passed, error_type=None if passed else "verification",
-            error_message=None, propose_ms=0.0, validate_ms=0.0, act_ms=0.0, verify_ms=0.0,
-            detail=None)
+        event = probe_event(self, passed)
         before = len(self.guard.fired)
         self.guard.observe(event)
         return len(self.guard.fired) > before
@@ -91,6 +84,55 @@ def loop_delay(seed: int) -> int:
             if loop.run(n).outcome is cl.Outcome.PAUSED:
                 return n - 1 - WARMUP
     return CAP
+
+
+def observe_on_the_agents_thread(n: int = 200_000, rounds: int = 5) -> str:
+    """What ``observe`` costs the calling thread, inline and in the background (what
+    ``configure(drift=...)`` builds: a queue append, the detectors fed by a thread of the
+    guard's own), on the same pre-built events; best of ``rounds``, wall time per call.
+
+    The feeder is held back while the calls are timed (``feed_every`` of an hour; fed by
+    ``flush`` after), so the figure is the agent's thread's own: in Python the feeder's CPU
+    is still the process's, and in a CPU-bound agent it competes for the GIL (an agent
+    waiting on model calls leaves it free). The feed is timed too, per step."""
+    events = []
+    probe = Guarded()
+    for i in range(n):
+        events.append(probe_event(probe, i % 50 != 0))
+    out = []
+    for background in (False, True):
+        best = feed = float("inf")
+        for _ in range(rounds):
+            guard = DriftGuard(policy=DriftPolicy(), sinks=[], save_every=0,
+                               background=background, max_queue=n, feed_every=3600.0)
+            observe = guard.observe
+            t = time.perf_counter()
+            for event in events:
+                observe(event)
+            best = min(best, (time.perf_counter() - t) / n)
+            t = time.perf_counter()
+            guard.flush()
+            feed = min(feed, (time.perf_counter() - t) / n)
+            guard.close()
+        out.append(f"{'background' if background else 'inline'} {best * 1e9:.0f} ns"
+                   + (f" (+ {feed * 1e9:.0f} ns per step on the feeder)" if background else ""))
+    return ("DriftGuard.observe on the agent's thread (best of "
+            f"{rounds} x {n:,} pre-built events): " + ", ".join(out))
+
+
+def probe_event(probe: Guarded, passed: bool) -> cl.StepEvent:
+    """The event :meth:`Guarded.step` would hand the guard."""
+    probe.n += 1
+    rng = probe.rng
+    return cl.StepEvent(
+        ts=1_800_000_000.0 + probe.n * 0.01, trace_id="0" * 32, agent_id="a",
+        task_type="provision", autonomy="autonomous",
+        outcome="succeeded" if passed else "failed",
+        attempts=2 if rng.random() < 0.03 else 1, input_tokens=0, output_tokens=0,
+        latency_ms=rng.lognormvariate(6.0, 0.5), validation_passed=True,
+        verification_passed=passed, error_type=None if passed else "verification",
+        error_message=None, propose_ms=0.0, validate_ms=0.0, act_ms=0.0, verify_ms=0.0,
+        detail=None)
 
 
 def main() -> None:
@@ -122,6 +164,7 @@ def main() -> None:
         probe.step(i % 50 != 0)
     print(f"DriftGuard.observe: {(time.process_time() - t) / n * 1e6:.2f} µs CPU per step "
           f"(mean over {n:,} steps, event building included)")
+    print(observe_on_the_agents_thread())
     if args.loop_runs:
         t = time.process_time()
         loops = [loop_delay(seed) for seed in range(args.loop_runs)]

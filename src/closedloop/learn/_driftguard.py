@@ -130,6 +130,10 @@ class DriftGuard:
         """Steps not fed to the monitor because the background queue was full."""
         self._queue: deque[StepEvent] | None = deque() if background else None
         self._budgeted: dict[str, bool] = {}
+        self._any_budget = any(
+            p is not None and (p.budget_usd_per_min is not None
+                               or p.budget_tokens_per_min is not None)
+            for p in (monitor.policy, *monitor.policies.values()))
         self._feed_lock = threading.Lock()
         self._feeder: threading.Thread | None = None
         if background:
@@ -152,6 +156,8 @@ class DriftGuard:
             queue.append(event)
         else:
             self.dropped += 1
+        if not self._any_budget:
+            return
         budgeted = self._budgeted.get(event.task_type)
         if budgeted is None:
             budgeted = self._budgeted[event.task_type] = self._has_budget(event.task_type)
