@@ -166,3 +166,17 @@ def test_a_failed_response_call_is_an_error_span(wire: WireServer, spans: Spans)
     (span,) = exporter.finished()
     assert span.attributes["error.type"] == "400"
     assert span.status == 2
+
+
+def test_raw_and_streamed_responses_are_read_when_parsed(wire: WireServer,
+                                                         memory_store: cl.Store) -> None:
+    wire.script(Reply(body=response()), Reply(events=stream_events()))
+    c = instrument_openai(client(wire))
+    with cl.Run(store=memory_store) as run:  # model calls outside any step: the run's usage
+        raw = c.responses.with_raw_response.create(model="gpt-4.1", input="x")
+        assert raw.parse().output_text == "hello there"
+        with c.responses.with_streaming_response.create(model="gpt-4.1", input="x",
+                                                        stream=True) as streamed:
+            kinds = [event.type for event in streamed.parse()]
+    assert kinds[-1] == "response.completed"
+    assert (run.input_tokens, run.output_tokens) == (80, 12)
