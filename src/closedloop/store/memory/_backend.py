@@ -28,6 +28,7 @@ from closedloop.store._query import (
     check_limit,
     decode_cursor,
     page,
+    page_after,
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
@@ -143,6 +144,17 @@ class MemoryBackend:
         rows = [(e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
                 and (after is None or (e.ts, i) < after)]
         return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+
+    def list_steps_after(self, where: StepFilter, *, limit: int,
+                         cursor: str | None = None) -> StepPage:
+        """The steps matching ``where`` past ``cursor``, oldest first."""
+        check_limit(limit)
+        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
+        with self._lock:
+            events = list(self._events)
+        rows = [(e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
+                and (after is None or (e.ts, i) > after)]
+        return page_after(heapq.nsmallest(limit, rows, key=lambda r: (r[0], r[1])))
 
     def count(self) -> int:
         """How many events are held."""
