@@ -618,6 +618,7 @@ def test_cost_is_summed_per_task_type_over_priced_steps_only(any_url: str) -> No
 
 def labelled(i: int, rng: random.Random) -> cl.StepEvent:
     return step(i, rng)._replace(model=rng.choice(["gpt-x", "claude-y", None]),
+                                 run_id=rng.choice(["run-1", "run-2", None]),
                                  labels=rng.choice([{"tier": "gold"}, {"tier": "free"},
                                                     {"region": "eu"}, None]))
 
@@ -625,8 +626,9 @@ def labelled(i: int, rng: random.Random) -> cl.StepEvent:
 @pytest.mark.parametrize("where", [
     {"model": "gpt-x"}, {"label": ("tier", "gold")}, {"label": ("region", "eu")},
     {"model": "claude-y", "label": ("tier", "free"), "outcome": "failed"},
+    {"run_id": "run-1"}, {"run_id": "run-2", "label": ("tier", "gold")},
 ], ids=repr)
-def test_pages_filter_by_model_and_label(any_url: str, where: dict[str, Any]) -> None:
+def test_pages_filter_by_model_label_and_run(any_url: str, where: dict[str, Any]) -> None:
     rng = random.Random(16)
     with record(any_url, [labelled(i, rng) for i in range(120)]) as store:
         wanted = [e for e in store.events() if StepFilter(**where).matches(e)]

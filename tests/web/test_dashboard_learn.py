@@ -164,7 +164,7 @@ def test_factors_rank_dimensions_and_link_to_the_steps_of_a_value(dash: Served) 
     with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
         page = parse(http.get("/ui/factors").text)
     assert page.text.index("model significant") < page.text.index("label:region")
-    assert "m-bad 100 81 81.0%" in page.text
+    assert "m-bad1008181.0%" in page.text  # value, steps, failed, rate
     links = [str(a["href"]) for t, a in page.elements if t == "a"]
     assert "/ui/steps?model=m-bad" in links and "/ui/steps?label=region%3Deu" in links
 
@@ -247,3 +247,40 @@ def test_hostile_stored_text_is_text_on_the_analysis_pages(tmp_path: Path) -> No
     diff = texts[f"/ui/diff?a={first['trace_id']}&b={second['trace_id']}"]
     assert f"verifier says {shown}" in diff and visible(TASK_TYPE) in diff
     assert "No steps match" not in texts[f"/ui/steps?model={model}"]
+
+
+def test_runs_are_filtered_paged_and_link_to_their_steps(dash: Served) -> None:
+    from closedloop.store import RunRecord
+
+    now = time.time()
+    with cl.open_store(dash.store_url) as store:
+        store.runs().put_runs([RunRecord(
+            run_id=f"run-{i:03d}", name=f"job {i}" if i else f"job {TEXT}"[:200],
+            started=now - 1000 + i - (86400 * 3 if i < 10 else 0), ended=now - 900 + i,
+            outcome="halted" if i % 4 == 0 else "succeeded", steps=2,
+            message=f"halted: {TEXT}" if i % 4 == 0 else None) for i in range(70)])
+        for i in range(6):
+            store.record(_step(i)._replace(run_id="run-011" if i % 2 else "run-012"))
+    with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
+        def names(**params: str) -> list[str]:
+            out: list[str] = []
+            page = parse(http.get("/ui/runs", params=params).text)
+            while True:
+                out += [str(a["href"]).rsplit("=", 1)[-1] for t, a in page.elements
+                        if t == "a" and str(a.get("href", "")).startswith("/ui/steps?run_id=")]
+                nxt = [a["href"] for t, a in page.elements if t == "a" and a.get("rel") == "next"]
+                if not nxt:
+                    return out
+                page = parse(http.get(str(nxt[0])).text)
+
+        every, halted, recent = names(), names(outcome="halted"), names(since="2d")
+        of_run = _all_pages(http, "/ui/steps", run_id="run-011")
+        first = http.get("/ui/runs", params={"outcome": "halted"})
+    assert every == [f"run-{i:03d}" for i in range(69, 9, -1)] + [
+        f"run-{i:03d}" for i in range(9, -1, -1)]
+    assert sorted(halted) == sorted(f"run-{i:03d}" for i in range(0, 70, 4))
+    assert sorted(recent) == sorted(f"run-{i:03d}" for i in range(10, 70))
+    assert sorted(of_run) == sorted(f"{i + 1:032x}" for i in (1, 3, 5))
+    text = assert_safe(first.text).text
+    assert f"job {visible(TEXT)}"[:60] in text
+    assert f"halted: {visible(TEXT)}"[:120] in text  # (PostgreSQL keeps no NUL)

@@ -388,15 +388,17 @@ class Store:
         error_type: str | None = None,
         model: str | None = None,
         label: tuple[str, str] | None = None,
+        run_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> StepPage:
         """One page of stored steps, newest first: pass the page's ``next_cursor`` back (with
         the same filters) for the next one. ``label``: ``(key, value)``, steps whose label
-        ``key`` is ``value``. A backend without :class:`EventQueries` is read whole for each
+        ``key`` is ``value``; ``run_id``: the steps of one run. A backend without :class:`EventQueries` is read whole for each
         page, keeping only the page in memory."""
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
-                           error_type=error_type, model=model, label=label)
+                           error_type=error_type, model=model, label=label,
+                           run_id=run_id)
         backend = self.backend
         if isinstance(backend, EventQueries):
             return backend.list_steps(where, limit=limit, cursor=cursor)
@@ -418,6 +420,7 @@ class Store:
         error_type: str | None = None,
         model: str | None = None,
         label: tuple[str, str] | None = None,
+        run_id: str | None = None,
         limit: int = 50,
     ) -> StepPage:
         """The stored steps after ``cursor`` (a page's ``head_cursor``, or this method's
@@ -426,7 +429,8 @@ class Store:
         last step listed (None: nothing new; keep the cursor you have). A step stored late
         with a time before the cursor's (another process's delayed batch) is not listed."""
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
-                           error_type=error_type, model=model, label=label)
+                           error_type=error_type, model=model, label=label,
+                           run_id=run_id)
         backend = self.backend
         if isinstance(backend, EventQueries):
             return backend.list_steps_after(where, limit=limit, cursor=cursor)

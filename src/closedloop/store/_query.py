@@ -52,7 +52,7 @@ MAX_PAGE = 1000
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepFilter:
     """Which steps: ``since <= ts < until`` (Unix seconds), and optionally one task type,
-    outcome, error type and model (exact values) and one label (``(key, value)``: the step's
+    outcome, error type, model and run (exact values) and one label (``(key, value)``: the step's
     label ``key`` is ``value``). ``None`` leaves a field unfiltered."""
 
     since: float | None = None
@@ -62,6 +62,7 @@ class StepFilter:
     error_type: str | None = None
     model: str | None = None
     label: tuple[str, str] | None = None
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.label is not None:
@@ -75,6 +76,7 @@ class StepFilter:
                 and (self.outcome is None or e.outcome == self.outcome)
                 and (self.error_type is None or e.error_type == self.error_type)
                 and (self.model is None or e.model == self.model)
+                and (self.run_id is None or e.run_id == self.run_id)
                 and (self.label is None
                      or (e.labels or {}).get(self.label[0]) == self.label[1]))
 
@@ -86,7 +88,7 @@ class StepFilter:
             out.append(("ts", ">=", self.since))
         if self.until is not None:
             out.append(("ts", "<", self.until))
-        for name in ("task_type", "outcome", "error_type", "model"):
+        for name in ("task_type", "outcome", "error_type", "model", "run_id"):
             value = getattr(self, name)
             if value is not None:
                 out.append((name, "=", value))

@@ -5,8 +5,10 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 ``GET  /ui/``                   overview per task type: runs, pass rates with sparklines,
                                 cost, autonomy level, pauses and halts, pending approvals
 ``GET  /ui/steps``              steps, newest first, filtered (task type, outcome, error
-                                type, model, label ``KEY=VALUE``, time range),
+                                type, model, label ``KEY=VALUE``, run, time range),
                                 keyset-paginated with the store's cursor
+``GET  /ui/runs``               runs, newest first, filtered (outcome, start time),
+                                keyset-paginated; each links to its steps
 ``GET  /ui/traces``             traces, newest first, two of them picked to compare;
                                 ``/ui/traces/{id}``: one trace's span tree with timings,
                                 verdict messages, captured content and the proposal
@@ -73,7 +75,8 @@ LIVE_S = 10
 """Seconds between reloads of a page opened with ``?live=1`` (the overview, the first page of
 steps, the approval queue, control): new steps and requests appear without scripts."""
 _LIVE = frozenset({"overview.html", "steps.html", "approvals.html", "control.html"})
-STEP_FILTERS = ("task_type", "outcome", "error_type", "model", "label", "since", "until")
+STEP_FILTERS = ("task_type", "outcome", "error_type", "model", "label", "run_id", "since",
+                "until")
 """The steps page's filters (query parameters), as the live stream takes them too."""
 _NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "resumed": "Resumed.",
             "signed_in": "Signed in.", "level_set": "Level set.", "signed_out": "Signed out."}
@@ -391,7 +394,7 @@ def step_query(request: Request) -> tuple[dict[str, str], dict[str, Any]]:
     :meth:`~closedloop.store.Store.steps` takes them."""
     given = {k: v for k in STEP_FILTERS if (v := _param(request, k)) is not None}
     query: dict[str, Any] = {k: given.get(k) for k in ("task_type", "outcome", "error_type",
-                                                       "model")}
+                                                       "model", "run_id")}
     try:
         query["label"] = parse_label_filter(given["label"]) if "label" in given else None
     except ConfigError as exc:
@@ -434,6 +437,24 @@ async def traces(request: Request) -> Response:
         nxt = "?" + urlencode({**({"task_type": task_type} if task_type else {}),
                                "cursor": page.next_cursor})
     return _render(request, "traces.html", page=page, task_type=task_type, next_url=nxt)
+
+
+RUN_OUTCOMES = ("succeeded", "budget_exceeded", "halted", "aborted", "error", "running")
+
+
+async def runs(request: Request) -> Response:
+    _can_read(request)
+    store = request.app.state.store
+    outcome = _param(request, "outcome")
+    given_since = _param(request, "since")
+    since = _time(given_since, "since")
+    cursor = _param(request, "cursor", 500)
+    page = await _call(lambda: store.runs().list_runs(since=since, outcome=outcome,
+                                                      limit=PAGE, cursor=cursor))
+    given = {k: v for k, v in (("outcome", outcome), ("since", given_since)) if v}
+    nxt = "?" + urlencode({**given, "cursor": page.next_cursor}) if page.next_cursor else None
+    return _render(request, "runs.html", page=page, filters=given, next_url=nxt,
+                   outcomes=RUN_OUTCOMES)
 
 
 def _trace_id(value: str | None) -> str:
@@ -800,6 +821,7 @@ ROUTES = [
     Route("/ui/steps", _page(steps), methods=["GET"]),
     Route("/ui/traces", _page(traces), methods=["GET"]),
     Route("/ui/traces/{trace_id}", _page(trace), methods=["GET"]),
+    Route("/ui/runs", _page(runs), methods=["GET"]),
     Route("/ui/diff", _page(diff), methods=["GET"]),
     Route("/ui/failures", _page(failures), methods=["GET"]),
     Route("/ui/factors", _page(factors_page), methods=["GET"]),
