@@ -168,7 +168,12 @@ def test_a_step_and_a_request_stored_after_the_page_opened_appear_as_text(
     with cl.open_store(url) as store:
         store.record(_step(1, "deploy", None))
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+    def dialog(d: Any) -> None:
+        dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", dialog)
     served = start_dashboard(url)
     try:
         page.goto(f"{served.url}/ui/steps")

@@ -103,7 +103,10 @@ def _two_traces(url: str) -> tuple[str, str]:
     pipeline = Telemetry([StoreExporter(store)], flush_interval=60.0)
     ids = []
     for size in ("t3.small", "t3.huge"):
-        loop = cl.Loop(lambda task, attempt, size=size: {"size": size}, task_type="deploy",
+        def agent(task: Any, attempt: cl.Attempt, size: str = size) -> dict[str, str]:
+            return {"size": size}
+
+        loop = cl.Loop(agent, task_type="deploy",
                        executor=lambda p: p, store=store, telemetry=pipeline, guards=(),
                        verifiers=[lambda task, result: None if result["size"] == "t3.small"
                                   else cl.Verdict.fail("too big")], max_attempts=1)
@@ -122,12 +125,14 @@ def test_two_traces_picked_from_the_list_are_shown_side_by_side(tmp_path: Path) 
             listing = parse(http.get("/ui/traces").text)
             picked = parse(http.get("/ui/diff", params=[("t", a), ("t", b)]).text)
             same = parse(http.get("/ui/diff", params={"a": a, "b": a}).text)
-            errors = [http.get("/ui/diff", params=p).status_code for p in (
-                [("t", a)], {"a": a, "b": "f" * 32}, {"a": a, "b": "<x>"}, {"a": a})]
+            asks: list[Any] = [
+                [("t", a)], [("a", a), ("b", "f" * 32)], [("a", a), ("b", "<x>")], [("a", a)]]
+            errors = [http.get("/ui/diff", params=p).status_code for p in asks]
     finally:
         served.stop()
     assert {"method": "get", "action": "/ui/diff", "class": "compare"} in listing.forms()
-    boxes = [a_["value"] for t, a_ in listing.elements if t == "input" and a_.get("name") == "t"]
+    boxes = [str(a_["value"]) for t, a_ in listing.elements
+             if t == "input" and a_.get("name") == "t"]
     assert sorted(boxes) == sorted([a, b])
     rows = [r for t, r in picked.elements if t == "tr" and "diverges" in str(r.get("class"))]
     assert rows

@@ -394,8 +394,8 @@ class Store:
     ) -> StepPage:
         """One page of stored steps, newest first: pass the page's ``next_cursor`` back (with
         the same filters) for the next one. ``label``: ``(key, value)``, steps whose label
-        ``key`` is ``value``; ``run_id``: the steps of one run. A backend without :class:`EventQueries` is read whole for each
-        page, keeping only the page in memory."""
+        ``key`` is ``value``; ``run_id``: the steps of one run. A backend without
+        :class:`EventQueries` is read whole for each page, keeping only the page in memory."""
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
                            error_type=error_type, model=model, label=label,
                            run_id=run_id)
