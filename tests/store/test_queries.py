@@ -675,3 +675,17 @@ def test_steps_after_keep_the_filters(any_url: str) -> None:
         head = store.steps(label=("tier", "gold")).head_cursor
     assert list(everything.steps) == sorted(wanted, key=lambda e: e.ts)
     assert everything.next_cursor == head
+
+
+def test_a_backend_without_the_port_lists_steps_after_a_cursor_too() -> None:
+    rng = random.Random(19)
+    with Store(PlainBackend()) as store:
+        for i in range(20):
+            store.record(labelled(i, rng))
+        assert store.flush()
+        head = store.steps(limit=3, model="gpt-x").head_cursor
+        store.record(labelled(50, rng)._replace(ts=T0 + 500, model="gpt-x"))
+        store.record(labelled(51, rng)._replace(ts=T0 + 501, model="claude-y"))
+        assert store.flush()
+        new = store.steps_after(head, model="gpt-x")
+    assert [e.trace_id for e in new.steps] == [f"{50:032x}"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import heapq
 import os
 import threading
 from collections.abc import Iterator
@@ -92,10 +91,7 @@ from closedloop.store._query import (
     StepFilter,
     StepPage,
     TaskFigures,
-    check_limit,
-    decode_cursor,
-    page,
-    page_after,
+    page_of_events,
     parse_label_filter,
     summarize_events,
 )
@@ -399,15 +395,7 @@ class Store:
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
                            error_type=error_type, model=model, label=label,
                            run_id=run_id)
-        backend = self.backend
-        if isinstance(backend, EventQueries):
-            return backend.list_steps(where, limit=limit, cursor=cursor)
-        check_limit(limit)
-        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
-        rows = ((e.ts, i, e) for i, e in enumerate(self.events(since=since, until=until,
-                                                               task_type=task_type))
-                if where.matches(e) and (after is None or (e.ts, i) < after))
-        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+        return self._steps(where, limit, cursor, after=False)
 
     def steps_after(
         self,
@@ -431,15 +419,18 @@ class Store:
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
                            error_type=error_type, model=model, label=label,
                            run_id=run_id)
+        return self._steps(where, limit, cursor, after=True)
+
+    def _steps(self, where: StepFilter, limit: int, cursor: str | None, *,
+               after: bool) -> StepPage:
         backend = self.backend
         if isinstance(backend, EventQueries):
-            return backend.list_steps_after(where, limit=limit, cursor=cursor)
-        check_limit(limit)
-        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
-        rows = ((e.ts, i, e) for i, e in enumerate(self.events(since=since, until=until,
-                                                               task_type=task_type))
-                if where.matches(e) and (after is None or (e.ts, i) > after))
-        return page_after(heapq.nsmallest(limit, rows, key=lambda r: (r[0], r[1])))
+            if after:
+                return backend.list_steps_after(where, limit=limit, cursor=cursor)
+            return backend.list_steps(where, limit=limit, cursor=cursor)
+        events = self.events(since=where.since, until=where.until, task_type=where.task_type)
+        return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url,
+                              after=after)
 
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def _learn(self, since: float | None, until: float | None, task_type: str | None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import json
 import math
 from array import array
@@ -376,6 +377,20 @@ def page(rows: Sequence[tuple[float, Any, StepEvent]], limit: int) -> StepPage:
     return StepPage(steps=tuple(r[2] for r in shown),
                     next_cursor=encode_cursor(shown[-1][0], shown[-1][1]) if more else None,
                     head_cursor=encode_cursor(shown[0][0], shown[0][1]) if shown else None)
+
+
+def page_of_events(events: Iterable[StepEvent], where: StepFilter, *, limit: int,
+                   cursor: str | None, url: str, after: bool = False) -> StepPage:
+    """The Python pass of :meth:`EventQueries.list_steps` (``after``: of
+    :meth:`~EventQueries.list_steps_after`) over ``events`` in the order they were stored
+    (a step's key is its index), keeping only the page in memory."""
+    check_limit(limit)
+    at = decode_cursor(cursor, int, url) if cursor is not None else None
+    rows = ((e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
+            and (at is None or ((e.ts, i) > at if after else (e.ts, i) < at)))
+    if after:
+        return page_after(heapq.nsmallest(limit, rows, key=lambda r: (r[0], r[1])))
+    return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
 
 
 def page_after(rows: Sequence[tuple[float, Any, StepEvent]]) -> StepPage:
