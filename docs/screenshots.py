@@ -61,6 +61,19 @@ def seed(url: str) -> None:
             by="fault-control@worker-2", at=now - 1800,
             evidence={"verification_pass_rate": 0.74, "window": 50, "threshold": 0.8}))
     with cl.open_store(url) as store:
+        from closedloop.store import RunRecord
+
+        ends = [rng.choice(["succeeded"] * 4 + ["budget_exceeded", "halted"]) for _ in range(12)]
+        why = {"succeeded": None, "budget_exceeded": "max_cost_usd 0.10 reached after 8 steps",
+               "halted": "db.migrate halted by fault-control"}
+        store.runs().put_runs([RunRecord(
+            run_id=uuid.uuid4().hex, name=f"nightly migration #{40 + i}",
+            started=now - i * 3600 - 600, ended=now - i * 3600 - 600 + rng.uniform(20, 240),
+            outcome=ends[i], message=why[ends[i]],
+            steps=rng.randint(3, 12), failed=rng.randint(0, 2), refused=0,
+            input_tokens=rng.randint(5000, 20000), output_tokens=rng.randint(800, 3000),
+            cost_usd=rng.uniform(0.02, 0.2), labels={"region": rng.choice(["eu", "us"])})
+            for i in range(12)])
         AutonomyLevels(store, sinks=[]).set("db.migrate", "approve", by="dana@ops",
                                             reason="schema changes need a second pair of eyes")
         approvals_for(store).create(new_request(
@@ -119,6 +132,8 @@ def shoot(base: str) -> None:
         page.screenshot(path=OUT / "dashboard-control.png", full_page=True)
         page.goto(f"{base}/ui/autonomy")
         page.screenshot(path=OUT / "dashboard-autonomy.png", full_page=True)
+        page.goto(f"{base}/ui/runs")
+        page.screenshot(path=OUT / "dashboard-runs.png")
         page.goto(f"{base}/ui/failures?window=30d")
         page.screenshot(path=OUT / "dashboard-failures.png", full_page=True)
         page.goto(f"{base}/ui/factors?window=30d&task_type=db.migrate")
