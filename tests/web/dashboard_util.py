@@ -95,6 +95,15 @@ def assert_safe(html: str) -> Page:
     return page
 
 
+def safe_texts(pages: dict[str, httpx.Response]) -> dict[str, str]:
+    """Each page's text, after checking it answered 200 and is safe (:func:`assert_safe`)."""
+    texts = {}
+    for path, answer in pages.items():
+        assert answer.status_code == 200, (path, answer.text)
+        texts[path] = assert_safe(answer.text).text
+    return texts
+
+
 def visible(text: str) -> str:
     """``text`` as a page shows it: controls written out, whitespace collapsed."""
     out = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -26,6 +26,7 @@ from .dashboard_util import (
     assert_safe,
     csrf_of,
     parse,
+    safe_texts,
     seed_hostile,
     signed_in,
     start_dashboard,
@@ -238,10 +239,7 @@ def test_hostile_stored_text_is_text_on_the_analysis_pages(tmp_path: Path) -> No
                 f"/ui/steps?model={model}")}
     finally:
         served.stop()
-    texts = {}
-    for path, answer in pages.items():
-        assert answer.status_code == 200, (path, answer.text)
-        texts[path] = assert_safe(answer.text).text
+    texts = safe_texts(pages)
     shown = visible(TEXT)
     assert visible(TASK_TYPE) in texts["/ui/failures"]
     assert "verifier says <script>alert(<*>)</script>" in texts["/ui/failures"]  # a template
