@@ -21,7 +21,10 @@ import closedloop as cl
 from closedloop.web import create_app
 
 PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/steps",
-         "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control")
+         "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control",
+         "/ui/steps?model=nothing", "/ui/steps?label=tier%3Dnothing&since=60d",
+         "/ui/steps?since=60d&until=50d", "/ui/runs", "/ui/failures", "/ui/failures?window=all",
+         "/ui/factors", "/ui/factors?window=all", "/ui/autonomy")
 
 
 async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
@@ -46,8 +49,24 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
                     cpus.append(c1 - c0)
             out.append((path, statistics.median(walls) * 1000, statistics.median(cpus) * 1000,
                         status))
+    out.append(_live_poll(store, rounds))
     store.close()
     return out
+
+
+def _live_poll(store: cl.Store, rounds: int) -> tuple[str, float, float, int]:
+    """What one live stream's poll costs when nothing is new: ``steps_after`` the newest."""
+    head = store.steps(limit=50).head_cursor
+    walls, cpus = [], []
+    for i in range(rounds + 1):
+        w0, c0 = time.perf_counter(), time.process_time()
+        store.steps_after(head, limit=50)
+        w1, c1 = time.perf_counter(), time.process_time()
+        if i:
+            walls.append(w1 - w0)
+            cpus.append(c1 - c0)
+    return ("(live poll: Store.steps_after the newest step)",
+            statistics.median(walls) * 1000, statistics.median(cpus) * 1000, 0)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from playwright.sync_api import sync_playwright
 
@@ -40,7 +41,8 @@ def seed(url: str) -> None:
     with cl.open_store(url) as store:
         for day in range(14, 0, -1):
             for _ in range(rng.randint(20, 40)):
-                ok = rng.random() < 0.70 + day * -0.012 + 0.2
+                model = "gpt-4.1" if rng.random() < 0.5 else "claude-sonnet-4"
+                ok = rng.random() < 0.70 + day * -0.012 + 0.2 - 0.15 * (model == "gpt-4.1")
                 store.record(cl.StepEvent(
                     ts=now - day * 86400 + rng.uniform(0, 80000), trace_id=uuid.uuid4().hex,
                     agent_id="migrator", task_type="db.migrate", autonomy="approve",
@@ -50,13 +52,28 @@ def seed(url: str) -> None:
                     verification_passed=ok, error_type=None if ok else "verification",
                     error_message=None if ok else "row count differs after migration",
                     propose_ms=200.0, validate_ms=3.0, act_ms=400.0, verify_ms=90.0,
-                    detail=None, cost_usd=rng.uniform(0.004, 0.012)))
+                    detail=None, cost_usd=rng.uniform(0.004, 0.012),
+                    model=model,
+                    labels={"region": rng.choice(["eu", "us"])}))
         ledger_for_store(store, redis_url=None).put(Stop(
             task_type="db.migrate", kind=StopKind.HALTED,
             reason="verification pass rate fell below 80% over the last 50 steps",
             by="fault-control@worker-2", at=now - 1800,
             evidence={"verification_pass_rate": 0.74, "window": 50, "threshold": 0.8}))
     with cl.open_store(url) as store:
+        from closedloop.store import RunRecord
+
+        ends = [rng.choice(["succeeded"] * 4 + ["budget_exceeded", "halted"]) for _ in range(12)]
+        why = {"succeeded": None, "budget_exceeded": "max_cost_usd 0.10 reached after 8 steps",
+               "halted": "db.migrate halted by fault-control"}
+        store.runs().put_runs([RunRecord(
+            run_id=uuid.uuid4().hex, name=f"nightly migration #{40 + i}",
+            started=now - i * 3600 - 600, ended=now - i * 3600 - 600 + rng.uniform(20, 240),
+            outcome=ends[i], message=why[ends[i]],
+            steps=rng.randint(3, 12), failed=rng.randint(0, 2), refused=0,
+            input_tokens=rng.randint(5000, 20000), output_tokens=rng.randint(800, 3000),
+            cost_usd=rng.uniform(0.02, 0.2), labels={"region": rng.choice(["eu", "us"])})
+            for i in range(12)])
         AutonomyLevels(store, sinks=[]).set("db.migrate", "approve", by="dana@ops",
                                             reason="schema changes need a second pair of eyes")
         approvals_for(store).create(new_request(
@@ -115,7 +132,23 @@ def shoot(base: str) -> None:
         page.screenshot(path=OUT / "dashboard-control.png", full_page=True)
         page.goto(f"{base}/ui/autonomy")
         page.screenshot(path=OUT / "dashboard-autonomy.png", full_page=True)
+        page.goto(f"{base}/ui/runs")
+        page.screenshot(path=OUT / "dashboard-runs.png")
+        page.goto(f"{base}/ui/failures?window=30d")
+        page.screenshot(path=OUT / "dashboard-failures.png", full_page=True)
+        page.goto(f"{base}/ui/factors?window=30d&task_type=db.migrate")
+        page.screenshot(path=OUT / "dashboard-factors.png", full_page=True)
+        pair = [_first_trace(page, f"{base}/ui/steps?task_type=ec2.provision&outcome={o}")
+                for o in ("failed", "succeeded")]
+        page.goto(f"{base}/ui/diff?a={pair[0]}&b={pair[1]}")
+        page.screenshot(path=OUT / "dashboard-diff.png", full_page=True)
         browser.close()
+
+
+def _first_trace(page: Any, url: str) -> str:
+    page.goto(url)
+    href = page.locator("table.grid tbody tr a.mono").first.get_attribute("href")
+    return str(href).rsplit("/", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -612,3 +612,80 @@ def test_cost_is_summed_per_task_type_over_priced_steps_only(any_url: str) -> No
                                                       "per_success_usd": None}
     finally:
         store.close()
+
+
+# ----- model and label filters, and "anything newer" ----------------------------------------
+
+def labelled(i: int, rng: random.Random) -> cl.StepEvent:
+    return step(i, rng)._replace(model=rng.choice(["gpt-x", "claude-y", None]),
+                                 run_id=rng.choice(["run-1", "run-2", None]),
+                                 labels=rng.choice([{"tier": "gold"}, {"tier": "free"},
+                                                    {"region": "eu"}, None]))
+
+
+@pytest.mark.parametrize("where", [
+    {"model": "gpt-x"}, {"label": ("tier", "gold")}, {"label": ("region", "eu")},
+    {"model": "claude-y", "label": ("tier", "free"), "outcome": "failed"},
+    {"run_id": "run-1"}, {"run_id": "run-2", "label": ("tier", "gold")},
+], ids=repr)
+def test_pages_filter_by_model_label_and_run(any_url: str, where: dict[str, Any]) -> None:
+    rng = random.Random(16)
+    with record(any_url, [labelled(i, rng) for i in range(120)]) as store:
+        wanted = [e for e in store.events() if StepFilter(**where).matches(e)]
+        listed = all_pages(store, 9, **where)
+    assert wanted and sorted(listed) == sorted(wanted)
+    assert [e.ts for e in listed] == sorted((e.ts for e in wanted), reverse=True)
+
+
+@pytest.mark.parametrize("label", [("no spaces allowed", "x"), ('a"b', "x"), ("k",)])
+def test_a_label_filter_that_is_no_label_is_a_config_error(label: Any) -> None:
+    with pytest.raises(cl.ConfigError, match="label"):
+        StepFilter(label=label)
+
+
+def test_a_label_filter_is_parsed_from_key_equals_value() -> None:
+    from closedloop.store import parse_label_filter
+
+    assert parse_label_filter("tier=gold=x") == ("tier", "gold=x")
+    with pytest.raises(cl.ConfigError, match="KEY=VALUE"):
+        parse_label_filter("tier")
+
+
+def test_steps_after_a_pages_head_are_the_newer_ones_oldest_first(any_url: str) -> None:
+    rng = random.Random(17)
+    with record(any_url, [step(i, rng, ts=T0 + i // 3) for i in range(30)]) as store:
+        head = store.steps(limit=5).head_cursor
+        assert store.steps_after(head).steps == ()
+        assert store.steps_after(head).next_cursor is None
+        late = [step(100 + i, rng, ts=T0 + 20 + i // 2) for i in range(7)]
+        for e in late:
+            store.record(e)
+        assert store.flush()
+        first = store.steps_after(head, limit=4)
+        second = store.steps_after(first.next_cursor, limit=4)
+        assert store.steps_after(second.next_cursor).steps == ()
+    assert [e.trace_id for e in (*first.steps, *second.steps)] == [e.trace_id for e in late]
+
+
+def test_steps_after_keep_the_filters(any_url: str) -> None:
+    rng = random.Random(18)
+    with record(any_url, [labelled(i, rng) for i in range(40)]) as store:
+        everything = store.steps_after(None, label=("tier", "gold"), limit=MAX_PAGE)
+        wanted = [e for e in store.events() if (e.labels or {}).get("tier") == "gold"]
+        head = store.steps(label=("tier", "gold")).head_cursor
+    assert list(everything.steps) == sorted(wanted, key=lambda e: e.ts)
+    assert everything.next_cursor == head
+
+
+def test_a_backend_without_the_port_lists_steps_after_a_cursor_too() -> None:
+    rng = random.Random(19)
+    with Store(PlainBackend()) as store:
+        for i in range(20):
+            store.record(labelled(i, rng))
+        assert store.flush()
+        head = store.steps(limit=3, model="gpt-x").head_cursor
+        store.record(labelled(50, rng)._replace(ts=T0 + 500, model="gpt-x"))
+        store.record(labelled(51, rng)._replace(ts=T0 + 501, model="claude-y"))
+        assert store.flush()
+        new = store.steps_after(head, model="gpt-x")
+    assert [e.trace_id for e in new.steps] == [f"{50:032x}"]

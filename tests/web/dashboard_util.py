@@ -34,12 +34,15 @@ TAGS = {"html", "head", "meta", "title", "link", "body", "header", "a", "nav", "
         "form", "input", "button", "main", "p", "h1", "h2", "h3", "table", "thead", "tbody",
         "tr", "th", "td", "svg", "polyline", "rect", "select", "option", "label", "section",
         "dl", "dt", "dd", "pre", "ol", "ul", "li", "details", "summary", "article", "b",
-        "textarea", "code"}
+        "textarea", "code", "script"}
 ATTRS = {"lang", "charset", "name", "content", "http-equiv", "rel", "href", "class", "method",
          "action", "placeholder",
          "type", "value", "data-role", "role", "id", "autocomplete", "required", "for",
          "selected", "size", "viewbox", "width", "height", "aria-label", "points", "x", "y",
-         "preserveaspectratio", "aria-hidden", "open", "title", "rows", "maxlength"}
+         "preserveaspectratio", "aria-hidden", "open", "title", "rows", "maxlength", "hidden",
+         "data-live", "data-live-kind", "data-live-status", "data-live-count", "data-live-empty"}
+SCRIPT = {"src": "/ui/static/live.js", "defer": None}
+"""The one script a page may have: the package's own, from this server."""
 
 
 @dataclass
@@ -77,15 +80,28 @@ def parse(html: str) -> Page:
 
 
 def assert_safe(html: str) -> Page:
-    """No element or attribute but the templates' own, no raw control character."""
+    """No element or attribute but the templates' own (no script but live.js), no raw
+    control character."""
     page = parse(html)
     for tag, attrs in page.elements:
         assert tag in TAGS, (tag, attrs)
+        if tag == "script":
+            assert attrs == SCRIPT, attrs
+            continue
         for name in attrs:
             assert name in ATTRS, (tag, name, attrs)
     for raw in ("\x1b", "\x00", "\r", "\u202e"):
         assert raw not in html
     return page
+
+
+def safe_texts(pages: dict[str, httpx.Response]) -> dict[str, str]:
+    """Each page's text, after checking it answered 200 and is safe (:func:`assert_safe`)."""
+    texts = {}
+    for path, answer in pages.items():
+        assert answer.status_code == 200, (path, answer.text)
+        texts[path] = assert_safe(answer.text).text
+    return texts
 
 
 def visible(text: str) -> str:

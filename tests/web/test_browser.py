@@ -158,3 +158,81 @@ def test_a_write_without_signing_in_is_refused(tmp_path: Path, page: Any) -> Non
     finally:
         served.stop()
     assert stored(url, rid).status is ap.ApprovalStatus.PENDING
+
+
+def test_a_step_and_a_request_stored_after_the_page_opened_appear_as_text(
+        tmp_path: Path, page: Any) -> None:
+    from .dashboard_util import TEXT
+
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with cl.open_store(url) as store:
+        store.record(_step(1, "deploy", None))
+    dialogs: list[str] = []
+
+    def dialog(d: Any) -> None:
+        dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", dialog)
+    served = start_dashboard(url)
+    try:
+        page.goto(f"{served.url}/ui/steps")
+        page.wait_for_selector("#live-status:not([hidden])")
+        assert page.locator("#steps tbody tr").count() == 1
+        with cl.open_store(url) as store:
+            store.record(_step(2, f"hostile {TEXT}", f"says {TEXT}"))
+        row = page.locator("#steps tbody tr").first
+        row.locator("text=says").wait_for()
+        assert page.locator("#steps tbody tr").count() == 2  # no reload: the old row stays
+        assert row.locator("td").nth(1).inner_text().startswith(
+            "hostile <script>alert(1)</script> \"><img src=x onerror=alert(2)>")
+        assert "\\x1b[31mred" in row.locator("td").nth(7).inner_text()
+        assert page.locator("#steps script, #steps img, #steps b:not(:first-child)").count() == 0
+        assert row.locator("a.mono").get_attribute("href") == f"/ui/traces/{3:032x}"
+
+        page.goto(f"{served.url}/ui/approvals")
+        page.wait_for_selector("#live-status:not([hidden])")
+        assert page.locator("[data-live-count]").inner_text() == "0"
+        make_request(url, task_type=f"t {TEXT}", proposal={"plan": TEXT}, destructive=True)
+        card = page.locator("article.request").first
+        card.wait_for()
+        assert card.locator("h3 a").inner_text().startswith("t <script>alert(1)</script>")
+        assert page.locator("[data-live-count]").inner_text() == "1"
+        assert page.locator(".queue script, .queue img").count() == 0
+        card.locator("text=Review").click()
+        page.wait_for_load_state()
+        assert page.locator("#status").inner_text() == "pending"
+    finally:
+        served.stop()
+    assert dialogs == []
+
+
+def test_the_pages_work_without_scripts(tmp_path: Path, browser: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with cl.open_store(url) as store:
+        for i in range(3):
+            store.record(_step(i, "deploy", None))
+    served = start_dashboard(url)
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        page.goto(f"{served.url}/ui/steps")
+        assert page.locator("#steps tbody tr").count() == 3
+        assert page.locator("#live-status").is_hidden()
+        page.fill("input[name=model]", "nothing")
+        page.click("text=Filter")
+        assert "model=nothing" in page.url
+        assert page.locator("text=No steps match.").is_visible()
+    finally:
+        context.close()
+        served.stop()
+
+
+def _step(i: int, task_type: str, error: str | None) -> cl.StepEvent:
+    return cl.StepEvent(
+        ts=time.time(), trace_id=f"{i + 1:032x}", agent_id="agent-1", task_type=task_type,
+        autonomy="autonomous", outcome="failed" if error else "succeeded", attempts=1,
+        input_tokens=1, output_tokens=1, latency_ms=5.0, validation_passed=True,
+        verification_passed=error is None, error_type="verification" if error else None,
+        error_message=error, propose_ms=1.0, validate_ms=1.0, act_ms=1.0, verify_ms=1.0,
+        detail=None)

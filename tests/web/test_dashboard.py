@@ -26,6 +26,7 @@ from .dashboard_util import (
     assert_safe,
     csrf_of,
     parse,
+    safe_texts,
     seed_hostile,
     signed_in,
     start_dashboard,
@@ -33,7 +34,7 @@ from .dashboard_util import (
 )
 
 PAGES = ("/ui/", "/ui/steps", "/ui/traces", "/ui/approvals", "/ui/control", "/ui/autonomy",
-         "/ui/login")
+         "/ui/failures", "/ui/factors", "/ui/login")
 
 
 @pytest.fixture
@@ -69,11 +70,17 @@ def test_every_page_answers_html_with_a_strict_policy(dash: Served) -> None:
             assert answer.status_code == 200, (path, answer.text)
             assert answer.headers["content-type"].startswith("text/html")
             policy = answer.headers["content-security-policy"]
-            assert "script-src" not in policy and "default-src 'none'" in policy
+            assert "default-src 'none'" in policy and "script-src 'self';" in policy
+            assert "unsafe" not in policy and "connect-src 'self'" in policy
             assert answer.headers["x-frame-options"] == "DENY"
             assert_safe(answer.text)
         css = http.get("/ui/static/dashboard.css")
         assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        js = http.get("/ui/static/live.js")
+        assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+        assert "innerHTML" not in js.text and "textContent" in js.text
+        assert http.get("/ui/static/../_app.py").status_code == 404
+        assert http.get("/ui/static/other.js").status_code == 404
 
 
 def test_overview_shows_each_task_type_with_its_rates_and_state(store_url: str) -> None:
@@ -156,10 +163,7 @@ def test_hostile_stored_text_is_shown_as_text_on_every_page(tmp_path: Path) -> N
                 f"/ui/approvals/{seeded['request_id']}")}
     finally:
         served.stop()
-    texts = {}
-    for path, answer in pages.items():
-        assert answer.status_code == 200, (path, answer.text)
-        texts[path] = assert_safe(answer.text).text
+    texts = safe_texts(pages)
     shown = visible(TEXT)
     assert visible(TASK_TYPE) in texts["/ui/"]
     assert visible(TASK_TYPE) in texts["/ui/traces"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import heapq
 import os
 import threading
 from collections.abc import Iterator
@@ -92,9 +91,8 @@ from closedloop.store._query import (
     StepFilter,
     StepPage,
     TaskFigures,
-    check_limit,
-    decode_cursor,
-    page,
+    page_of_events,
+    parse_label_filter,
     summarize_events,
 )
 from closedloop.store._registry import open_backend, redact_url, register_scheme, sqlite_path
@@ -198,6 +196,7 @@ __all__ = [
     "open_store",
     "parse_dimension",
     "parse_duration",
+    "parse_label_filter",
     "parse_retention",
     "period_of",
     "period_steps_events",
@@ -383,23 +382,55 @@ class Store:
         task_type: str | None = None,
         outcome: str | None = None,
         error_type: str | None = None,
+        model: str | None = None,
+        label: tuple[str, str] | None = None,
+        run_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> StepPage:
         """One page of stored steps, newest first: pass the page's ``next_cursor`` back (with
-        the same filters) for the next one. A backend without :class:`EventQueries` is read
-        whole for each page, keeping only the page in memory."""
+        the same filters) for the next one. ``label``: ``(key, value)``, steps whose label
+        ``key`` is ``value``; ``run_id``: the steps of one run. A backend without
+        :class:`EventQueries` is read whole for each page, keeping only the page in memory."""
         where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
-                           error_type=error_type)
+                           error_type=error_type, model=model, label=label,
+                           run_id=run_id)
+        return self._steps(where, limit, cursor, after=False)
+
+    def steps_after(
+        self,
+        cursor: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        task_type: str | None = None,
+        outcome: str | None = None,
+        error_type: str | None = None,
+        model: str | None = None,
+        label: tuple[str, str] | None = None,
+        run_id: str | None = None,
+        limit: int = 50,
+    ) -> StepPage:
+        """The stored steps after ``cursor`` (a page's ``head_cursor``, or this method's
+        ``next_cursor``; None: from the first), oldest first, with the filters of
+        :meth:`steps`: what a live view polls for. ``next_cursor`` is the position of the
+        last step listed (None: nothing new; keep the cursor you have). A step stored late
+        with a time before the cursor's (another process's delayed batch) is not listed."""
+        where = StepFilter(since=since, until=until, task_type=task_type, outcome=outcome,
+                           error_type=error_type, model=model, label=label,
+                           run_id=run_id)
+        return self._steps(where, limit, cursor, after=True)
+
+    def _steps(self, where: StepFilter, limit: int, cursor: str | None, *,
+               after: bool) -> StepPage:
         backend = self.backend
         if isinstance(backend, EventQueries):
+            if after:
+                return backend.list_steps_after(where, limit=limit, cursor=cursor)
             return backend.list_steps(where, limit=limit, cursor=cursor)
-        check_limit(limit)
-        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
-        rows = ((e.ts, i, e) for i, e in enumerate(self.events(since=since, until=until,
-                                                               task_type=task_type))
-                if where.matches(e) and (after is None or (e.ts, i) < after))
-        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+        events = self.events(since=where.since, until=where.until, task_type=where.task_type)
+        return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url,
+                              after=after)
 
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def _learn(self, since: float | None, until: float | None, task_type: str | None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import json
 import math
 from array import array
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from closedloop._errors import ConfigError
-from closedloop._events import StepEvent
+from closedloop._events import StepEvent, check_labels
 from closedloop._figures import message_group, percentile
 
 MAX_GROUPS = 1000
@@ -52,13 +53,21 @@ MAX_PAGE = 1000
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepFilter:
     """Which steps: ``since <= ts < until`` (Unix seconds), and optionally one task type,
-    outcome and error type (exact values). ``None`` leaves a field unfiltered."""
+    outcome, error type, model and run (exact values) and one label (``(key, value)``: the step's
+    label ``key`` is ``value``). ``None`` leaves a field unfiltered."""
 
     since: float | None = None
     until: float | None = None
     task_type: str | None = None
     outcome: str | None = None
     error_type: str | None = None
+    model: str | None = None
+    label: tuple[str, str] | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.label is not None:
+            check_label_filter(self.label)
 
     def matches(self, e: StepEvent) -> bool:
         """True when ``e`` passes every filter."""
@@ -66,20 +75,43 @@ class StepFilter:
                 and (self.until is None or e.ts < self.until)
                 and (self.task_type is None or e.task_type == self.task_type)
                 and (self.outcome is None or e.outcome == self.outcome)
-                and (self.error_type is None or e.error_type == self.error_type))
+                and (self.error_type is None or e.error_type == self.error_type)
+                and (self.model is None or e.model == self.model)
+                and (self.run_id is None or e.run_id == self.run_id)
+                and (self.label is None
+                     or (e.labels or {}).get(self.label[0]) == self.label[1]))
 
     def columns(self) -> list[tuple[str, str, Any]]:
-        """``(column, operator, value)`` of every filter that is set, for SQL backends."""
+        """``(column, operator, value)`` of every filter that is set but :attr:`label` (a
+        JSON look-up each SQL backend spells its own way), for SQL backends."""
         out: list[tuple[str, str, Any]] = []
         if self.since is not None:
             out.append(("ts", ">=", self.since))
         if self.until is not None:
             out.append(("ts", "<", self.until))
-        for name in ("task_type", "outcome", "error_type"):
+        for name in ("task_type", "outcome", "error_type", "model", "run_id"):
             value = getattr(self, name)
             if value is not None:
                 out.append((name, "=", value))
         return out
+
+
+def check_label_filter(label: tuple[str, str]) -> tuple[str, str]:
+    """``label`` if it is a ``(key, value)`` a step's labels may hold (the key a name as
+    :func:`~closedloop.check_labels` wants), else a :class:`ConfigError`."""
+    if (not isinstance(label, tuple) or len(label) != 2
+            or not all(isinstance(part, str) for part in label)):
+        raise ConfigError("a label filter is a (key, value) pair of strings")
+    check_labels({label[0]: label[1]})
+    return label
+
+
+def parse_label_filter(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as a label filter; a :class:`ConfigError` (one line) if it is not one."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"a label filter is KEY=VALUE, got {text[:80]!r}")
+    return check_label_filter((key.strip(), value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +174,9 @@ class StepPage:
 
     steps: tuple[StepEvent, ...]
     next_cursor: str | None
+    head_cursor: str | None = None
+    """The position of the page's first step: :meth:`EventQueries.list_steps_after` from it
+    lists the matching steps stored since with a later position (None: an empty page)."""
 
 
 @runtime_checkable
@@ -162,6 +197,13 @@ class EventQueries(Protocol):
         """Up to ``limit`` steps matching ``where``, newest first, after ``cursor`` (a
         :attr:`StepPage.next_cursor` of the same store and filter). A cursor that is not one
         of this store's is a :class:`~closedloop.ConfigError`."""
+
+    def list_steps_after(self, where: StepFilter, *, limit: int,
+                         cursor: str | None = None) -> StepPage:
+        """Up to ``limit`` steps matching ``where`` whose position is after ``cursor`` (a
+        :attr:`StepPage.head_cursor` or a ``next_cursor`` of this method; None: from the
+        first step), oldest first: "anything newer than this". ``next_cursor`` is the
+        position of the last step listed (None when none is), to pass back next time."""
 
 
 # ----- the Python pass ----------------------------------------------------------------------
@@ -333,4 +375,26 @@ def page(rows: Sequence[tuple[float, Any, StepEvent]], limit: int) -> StepPage:
     shown = rows[:limit]
     more = len(rows) > limit and shown
     return StepPage(steps=tuple(r[2] for r in shown),
-                    next_cursor=encode_cursor(shown[-1][0], shown[-1][1]) if more else None)
+                    next_cursor=encode_cursor(shown[-1][0], shown[-1][1]) if more else None,
+                    head_cursor=encode_cursor(shown[0][0], shown[0][1]) if shown else None)
+
+
+def page_of_events(events: Iterable[StepEvent], where: StepFilter, *, limit: int,
+                   cursor: str | None, url: str, after: bool = False) -> StepPage:
+    """The Python pass of :meth:`EventQueries.list_steps` (``after``: of
+    :meth:`~EventQueries.list_steps_after`) over ``events`` in the order they were stored
+    (a step's key is its index), keeping only the page in memory."""
+    check_limit(limit)
+    at = decode_cursor(cursor, int, url) if cursor is not None else None
+    rows = ((e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
+            and (at is None or ((e.ts, i) > at if after else (e.ts, i) < at)))
+    if after:
+        return page_after(heapq.nsmallest(limit, rows, key=lambda r: (r[0], r[1])))
+    return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+
+
+def page_after(rows: Sequence[tuple[float, Any, StepEvent]]) -> StepPage:
+    """The page of ``rows`` (``(ts, key, event)``, oldest first) for
+    :meth:`EventQueries.list_steps_after`."""
+    last = encode_cursor(rows[-1][0], rows[-1][1]) if rows else None
+    return StepPage(steps=tuple(r[2] for r in rows), next_cursor=last)

@@ -5,21 +5,37 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 ``GET  /ui/``                   overview per task type: runs, pass rates with sparklines,
                                 cost, autonomy level, pauses and halts, pending approvals
 ``GET  /ui/steps``              steps, newest first, filtered (task type, outcome, error
-                                type), keyset-paginated with the store's cursor
-``GET  /ui/traces``             traces, newest first; ``/ui/traces/{id}``: one trace's span
-                                tree with timings, verdict messages, captured content and
-                                the proposal
+                                type, model, label ``KEY=VALUE``, run, time range),
+                                keyset-paginated with the store's cursor
+``GET  /ui/runs``               runs, newest first, filtered (outcome, start time),
+                                keyset-paginated; each links to its steps
+``GET  /ui/traces``             traces, newest first, two of them picked to compare;
+                                ``/ui/traces/{id}``: one trace's span tree with timings,
+                                verdict messages, captured content and the proposal
+``GET  /ui/diff?a=..&b=..``     two traces side by side, stage by stage, what differs and
+                                where they first split (:func:`closedloop.learn.diff_traces`)
+``GET  /ui/failures``           failure clusters (:func:`closedloop.learn.failure_clusters`)
+                                with links to example traces
+``GET  /ui/factors``            what goes with failure (:func:`closedloop.learn.factors`)
+``GET  /ui/live/steps``,        server-sent events: the steps (of the page's filters) and
+``GET  /ui/live/approvals``     pending requests stored since the page was made
+                                (:mod:`closedloop.web._live`; ``static/live.js`` inserts
+                                them as text)
 ``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
                                 one request with approve and reject forms (approver)
 ``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
-``GET  /ui/autonomy``           each task type's stored level and the audit trail of
-                                changes; set a level with a reason (admin)
+``GET  /ui/autonomy``           each task type's level, the evidence since it was entered
+                                (agreement, approval and verification rates with their
+                                Wilson lower bounds, decisions, the recommendation) and the
+                                audit trail; promote, demote or set with a reason (admin)
 ``GET|POST /ui/login``          sign in with a token; ``POST /ui/logout``
 ==============================  ==========================================================
 
 Every stored string reaches the page through Jinja2 with autoescaping on (and through
 :func:`~closedloop._redact.redact_text` where it is captured content or a proposal), so it is
-shown as text, never as markup; the pages carry a ``Content-Security-Policy`` without scripts.
+shown as text, never as markup; the pages carry a ``Content-Security-Policy`` that runs no
+script but the package's own ``/ui/static/live.js`` (no inline script), which inserts what
+arrives live with ``textContent``. Every page works without it.
 Reads follow the API's rule (free on loopback; beyond it, sign in first); every write needs a
 signed-in person of the right role (:mod:`closedloop.web._auth`) and the form's CSRF token,
 and is recorded by the service it calls with ``by`` set to ``NAME (web)``.
@@ -28,9 +44,10 @@ and is recorded by the service it calls with ``by`` set to ``NAME (web)``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -43,6 +60,7 @@ from starlette.routing import Route
 
 from closedloop._errors import ApprovalError, ConfigError, StoreError
 from closedloop._redact import redact_text
+from closedloop.store import parse_duration, parse_label_filter
 from closedloop.web._auth import COOKIE, Role, Session, Sessions, csrf_ok
 
 _T = TypeVar("_T")
@@ -50,13 +68,16 @@ PAGE = 50
 FORM_MAX = 16 * 1024
 TEXT_MAX = 20_000
 """Characters of one captured content or proposal a page shows (the rest is cut, said so)."""
-CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; "
+       "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 STATUS_ERROR = 2  # a failed span's stored status (closedloop.learn's STATUS_ERROR)
 LIVE_S = 10
 """Seconds between reloads of a page opened with ``?live=1`` (the overview, the first page of
 steps, the approval queue, control): new steps and requests appear without scripts."""
 _LIVE = frozenset({"overview.html", "steps.html", "approvals.html", "control.html"})
+STEP_FILTERS = ("task_type", "outcome", "error_type", "model", "label", "run_id", "since",
+                "until")
+"""The steps page's filters (query parameters), as the live stream takes them too."""
 _NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "resumed": "Resumed.",
             "signed_in": "Signed in.", "level_set": "Level set.", "signed_out": "Signed out."}
 
@@ -78,6 +99,14 @@ class Dashboard:
     sessions: Sessions
     guard_reads: bool
     ledger: Any = None
+    closing: threading.Event = field(default_factory=threading.Event)
+    """Set when the server stops: live streams end at once."""
+    streams: int = 0
+    """Live streams open now (at most :data:`closedloop.web._live.MAX_STREAMS`)."""
+
+    def close(self) -> None:
+        """End the live streams (the server is stopping)."""
+        self.closing.set()
 
     def ledger_for(self, store: Any) -> Any:
         if self.ledger is None:
@@ -97,6 +126,7 @@ def _environment() -> Environment:
     env.filters["usd"] = lambda v: "" if v is None else f"${v:,.4f}"
     env.filters["redacted"] = _shown
     env.filters["pretty"] = _pretty
+    env.filters["value"] = _value
     return env
 
 
@@ -157,6 +187,14 @@ def _pretty(text: object) -> str:
     if not isinstance(value, str):
         value = json.dumps(value, indent=2, ensure_ascii=False, default=str)
     return _shown(value)
+
+
+def _value(value: object, limit: int = 300) -> str:
+    """A stored value of any type (a span attribute, captured content) as short text."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                           default=str)
+    shown = redact_text(text)
+    return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
 def _state(request: Request) -> Dashboard:
@@ -332,20 +370,57 @@ async def overview(request: Request) -> Response:
 
 
 
+def _time(text: str | None, name: str, now: float | None = None) -> float | None:
+    """A time filter: ``2026-05-01T12:00`` (UTC unless it says), or a duration before now
+    (``24h``, ``7d``)."""
+    if text is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        return (time.time() if now is None else now) - parse_duration(text)
+    except ConfigError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise PageError(422, f"{name} must be a time like 2026-05-01T12:00 (UTC) or a "
+                        "duration before now like 24h or 7d") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def step_query(request: Request) -> tuple[dict[str, str], dict[str, Any]]:
+    """The steps filters of ``request``: as given (to carry in links) and as
+    :meth:`~closedloop.store.Store.steps` takes them."""
+    given = {k: v for k in STEP_FILTERS if (v := _param(request, k)) is not None}
+    query: dict[str, Any] = {k: given.get(k) for k in ("task_type", "outcome", "error_type",
+                                                       "model", "run_id")}
+    try:
+        query["label"] = parse_label_filter(given["label"]) if "label" in given else None
+    except ConfigError as exc:
+        raise PageError(422, str(exc)) from None
+    query["since"] = _time(given.get("since"), "since")
+    query["until"] = _time(given.get("until"), "until")
+    return given, query
+
+
 async def steps(request: Request) -> Response:
     _can_read(request)
     store = request.app.state.store
-    filters = {k: _param(request, k) for k in ("task_type", "outcome", "error_type")}
+    given, query = step_query(request)
     cursor = _param(request, "cursor", 500)
-    page = await _call(lambda: store.steps(limit=PAGE, cursor=cursor, **filters))
+    page = await _call(lambda: store.steps(limit=PAGE, cursor=cursor, **query))
     nxt = None
     if page.next_cursor:
-        nxt = "?" + urlencode({**{k: v for k, v in filters.items() if v},
-                               "cursor": page.next_cursor})
+        nxt = "?" + urlencode({**given, "cursor": page.next_cursor})
+    live_url = None
+    if cursor is None and "until" not in given:  # the first page: new steps go on top
+        live_url = "/ui/live/steps?" + urlencode(
+            {**given, **({"cursor": page.head_cursor} if page.head_cursor else {})})
     from closedloop import Outcome
 
-    return _render(request, "steps.html", page=page, filters=filters, next_url=nxt,
-                   outcomes=[o.value for o in Outcome])
+    return _render(request, "steps.html", page=page, filters=given, next_url=nxt,
+                   outcomes=[o.value for o in Outcome], live_url=live_url)
 
 
 async def traces(request: Request) -> Response:
@@ -364,11 +439,114 @@ async def traces(request: Request) -> Response:
     return _render(request, "traces.html", page=page, task_type=task_type, next_url=nxt)
 
 
+RUN_OUTCOMES = ("succeeded", "budget_exceeded", "halted", "aborted", "error", "running")
+
+
+async def runs(request: Request) -> Response:
+    _can_read(request)
+    store = request.app.state.store
+    outcome = _param(request, "outcome")
+    given_since = _param(request, "since")
+    since = _time(given_since, "since")
+    cursor = _param(request, "cursor", 500)
+    page = await _call(lambda: store.runs().list_runs(since=since, outcome=outcome,
+                                                      limit=PAGE, cursor=cursor))
+    given = {k: v for k, v in (("outcome", outcome), ("since", given_since)) if v}
+    nxt = "?" + urlencode({**given, "cursor": page.next_cursor}) if page.next_cursor else None
+    return _render(request, "runs.html", page=page, filters=given, next_url=nxt,
+                   outcomes=RUN_OUTCOMES)
+
+
+def _trace_id(value: str | None) -> str:
+    if value is None or not 1 <= len(value) <= 64 or not all(
+            c in "0123456789abcdef" for c in value):
+        raise PageError(404, "no such trace (a trace id is up to 32 hex digits)")
+    return value
+
+
+def diff_data(store: Any, a: str, b: str) -> dict[str, Any]:
+    """Two traces' stages aligned (:func:`closedloop.learn.diff_traces`), each side's steps,
+    and the first stage where they split."""
+    from closedloop.learn import diff_traces, first_divergence
+    from closedloop.store import span_store_for
+
+    spans = span_store_for(store)
+    sides = {}
+    for name, trace_id in (("a", a), ("b", b)):
+        found = spans.trace(trace_id)
+        steps = list(store.events(trace_id=trace_id, limit=20))
+        if not found and not steps:
+            raise PageError(404, f"no trace {trace_id} in this store")
+        sides[name] = {"trace_id": trace_id, "spans": found, "steps": steps}
+    rows = diff_traces(sides["a"]["spans"], sides["b"]["spans"])
+    first = first_divergence(rows)
+    return {"a": sides["a"], "b": sides["b"], "rows": rows, "first": first,
+            "differing": sum(r.diverges for r in rows)}
+
+
+async def diff(request: Request) -> Response:
+    _can_read(request)
+    picked = request.query_params.getlist("t")
+    a, b = request.query_params.get("a"), request.query_params.get("b")
+    if a is None and b is None and picked:
+        if len(picked) != 2:
+            raise PageError(422, f"pick two traces to compare, not {len(picked)}")
+        a, b = picked
+    store = request.app.state.store
+    data = await _call(lambda: diff_data(store, _trace_id(a), _trace_id(b)))
+    return _render(request, "diff.html", **data)
+
+
+LEARN_WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0, "all": None}
+
+
+def _learn_params(request: Request) -> tuple[str | None, str, float | None]:
+    task_type = _param(request, "task_type")
+    window = request.query_params.get("window", "7d")
+    if window not in LEARN_WINDOWS:
+        raise PageError(422, f"window must be one of {', '.join(LEARN_WINDOWS)}")
+    span = LEARN_WINDOWS[window]
+    return task_type, window, None if span is None else time.time() - span
+
+
+async def failures(request: Request) -> Response:
+    _can_read(request)
+    from closedloop.learn import failure_clusters
+
+    task_type, window, since = _learn_params(request)
+    period = "hour" if window == "24h" else "day"
+    store = request.app.state.store
+    found = await _call(lambda: failure_clusters(store, window=period, since=since,
+                                                 task_type=task_type, top=20, examples=3))
+    return _render(request, "failures.html", result=found, task_type=task_type,
+                   window=window, windows=list(LEARN_WINDOWS))
+
+
+def factor_link(dimension: str, value: str | None) -> str | None:
+    """The steps page of a factor's value, where the steps page can filter by it."""
+    if value is None:
+        return None
+    if dimension == "model":
+        return "/ui/steps?" + urlencode({"model": value})
+    if dimension.startswith("label:"):
+        return "/ui/steps?" + urlencode({"label": f"{dimension[len('label:'):]}={value}"})
+    return None
+
+
+async def factors_page(request: Request) -> Response:
+    _can_read(request)
+    from closedloop.learn import factors
+
+    task_type, window, since = _learn_params(request)
+    store = request.app.state.store
+    found = await _call(lambda: factors(store, task_type=task_type, since=since))
+    return _render(request, "factors.html", result=found, task_type=task_type,
+                   window=window, windows=list(LEARN_WINDOWS), link=factor_link)
+
+
 async def trace(request: Request) -> Response:
     _can_read(request)
-    trace_id = str(request.path_params["trace_id"])
-    if not 1 <= len(trace_id) <= 64 or not all(c in "0123456789abcdef" for c in trace_id):
-        raise PageError(404, "no such trace (a trace id is up to 32 hex digits)")
+    trace_id = _trace_id(str(request.path_params["trace_id"]))
     store = request.app.state.store
     data = await _call(lambda: trace_data(store, trace_id))
     return _render(request, "trace.html", **data)
@@ -387,7 +565,10 @@ async def approvals_page(request: Request) -> Response:
     recent = await _call(lambda: [r for r in approvals.list_requests(limit=50,
                                                                      store=store).requests
                                   if r.status.value != "pending"])
-    return _render(request, "approvals.html", pending=pending, recent=recent)
+    # the live stream sends the pending requests created after the newest one listed here
+    since = max((r.created_at for r in (*pending, *recent)), default=0.0)
+    return _render(request, "approvals.html", pending=pending, recent=recent,
+                   since=repr(since))
 
 
 def _rid(request: Request) -> str:
@@ -429,12 +610,22 @@ async def control(request: Request) -> Response:
 
 
 def autonomy_data(store: Any) -> dict[str, Any]:
-    """Each key's stored level (or none: the default applies) and the audit trail."""
-    from closedloop.autonomy import AutonomyLevels
+    """Each key's stored level (or none: the default applies), its evidence since it entered
+    that level and what it takes to move up (:meth:`AutonomyLevels.assess`), the levels a
+    person may promote or demote it to, and the audit trail."""
+    from closedloop.autonomy import LEVELS, AutonomyLevels
     from closedloop.store import level_store_for
 
     levels = AutonomyLevels(store, sinks=[])
-    return {"keys": levels.keys(), "history": level_store_for(store).history(limit=50),
+    rows = []
+    pairs = levels.keys()  # not a dict: (key, stored record or None)
+    for key, record in pairs:
+        found = levels.assess(key, record)
+        at = LEVELS.index(found.level)
+        rows.append({"key": key, "rec": record, "a": found, "ev": found.evidence,
+                     "up": LEVELS[at + 1] if at + 1 < len(LEVELS) else None,
+                     "down": LEVELS[at - 1] if at > 0 else None})
+    return {"rows": rows, "history": level_store_for(store).history(limit=50),
             "default": levels.default.value}
 
 
@@ -533,16 +724,30 @@ async def resume(request: Request) -> Response:
     return RedirectResponse("/ui/control?done=resumed", status_code=303)
 
 
-async def set_level(request: Request) -> Response:
-    from closedloop.autonomy import AutonomyLevels
+def change_level(store: Any, task_type: str, level: str, *, by: str,
+                 reason: str) -> Any:
+    """Store ``level`` for ``task_type`` as a person's decision: ``promoted`` or ``demoted``
+    (with the evidence at that moment in the audit trail) when it moves, else ``set``."""
+    from closedloop.autonomy import LEVELS, Autonomy, AutonomyLevels, LevelKey
 
+    levels = AutonomyLevels(store, sinks=[])
+    value = Autonomy.parse(level).value
+    found = levels.assess(LevelKey(task_type=task_type))
+    move = LEVELS.index(value) - LEVELS.index(found.level)
+    kind = "set" if move == 0 else "promoted" if move > 0 else "demoted"
+    return levels.set(task_type, value, by=by, reason=reason, kind=kind,
+                      evidence=found.evidence.to_dict())
+
+
+async def set_level(request: Request) -> Response:
     session, form = await _writer(request, Role.ADMIN)
     task_type = form.get("task_type", "")
+    if not 1 <= len(task_type) <= 200:
+        raise PageError(422, "task_type is missing or too long")
     reason = _reason(form, required=True)
     level = form.get("level", "")
     store = request.app.state.store
-    await _call(lambda: AutonomyLevels(store, sinks=[]).set(
-        task_type, level, by=by(session), reason=reason))
+    await _call(lambda: change_level(store, task_type, level, by=by(session), reason=reason))
     return RedirectResponse("/ui/autonomy?done=level_set", status_code=303)
 
 
@@ -571,9 +776,28 @@ async def logout(request: Request) -> Response:
     return response
 
 
-async def stylesheet(request: Request) -> Response:
-    css = resources.files("closedloop.web").joinpath("static/dashboard.css").read_bytes()
-    return Response(css, media_type="text/css", headers={"Cache-Control": "max-age=300"})
+_STATIC = {"dashboard.css": "text/css", "live.js": "text/javascript"}
+
+
+async def static(request: Request) -> Response:
+    name = str(request.path_params["name"])
+    kind = _STATIC.get(name)
+    if kind is None:
+        raise PageError(404, "no such file")
+    body = resources.files("closedloop.web").joinpath(f"static/{name}").read_bytes()
+    return Response(body, media_type=kind, headers={"Cache-Control": "max-age=300"})
+
+
+async def live_steps(request: Request) -> Response:
+    from closedloop.web._live import steps_stream
+
+    return await steps_stream(request)
+
+
+async def live_approvals(request: Request) -> Response:
+    from closedloop.web._live import approvals_stream
+
+    return await approvals_stream(request)
 
 
 async def root(request: Request) -> Response:
@@ -597,6 +821,12 @@ ROUTES = [
     Route("/ui/steps", _page(steps), methods=["GET"]),
     Route("/ui/traces", _page(traces), methods=["GET"]),
     Route("/ui/traces/{trace_id}", _page(trace), methods=["GET"]),
+    Route("/ui/runs", _page(runs), methods=["GET"]),
+    Route("/ui/diff", _page(diff), methods=["GET"]),
+    Route("/ui/failures", _page(failures), methods=["GET"]),
+    Route("/ui/factors", _page(factors_page), methods=["GET"]),
+    Route("/ui/live/steps", _page(live_steps), methods=["GET"]),
+    Route("/ui/live/approvals", _page(live_approvals), methods=["GET"]),
     Route("/ui/approvals", _page(approvals_page), methods=["GET"]),
     Route("/ui/approvals/{request_id}", _page(approval), methods=["GET"]),
     Route("/ui/approvals/{request_id}/decide", _page(decide), methods=["POST"]),
@@ -606,6 +836,6 @@ ROUTES = [
     Route("/ui/control/resume", _page(resume), methods=["POST"]),
     Route("/ui/login", _page(login), methods=["GET", "POST"]),
     Route("/ui/logout", _page(logout), methods=["POST"]),
-    Route("/ui/static/dashboard.css", stylesheet, methods=["GET"]),
+    Route("/ui/static/{name}", _page(static), methods=["GET"]),
 ]
 """The dashboard's routes (``create_app(dashboard=True)`` mounts them)."""

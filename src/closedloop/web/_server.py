@@ -45,6 +45,7 @@ class ServerThread:
     def __init__(self, app: Any, sock: socket.socket, *, limit_concurrency: int = 100) -> None:
         import uvicorn
 
+        self.app = app
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -74,7 +75,11 @@ class ServerThread:
             time.sleep(0.01)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, finish what is in progress, close the socket."""
+        """Stop accepting, end the dashboard's live streams, finish what is in progress,
+        close the socket."""
+        dashboard = getattr(getattr(self.app, "state", None), "dashboard", None)
+        if dashboard is not None:
+            dashboard.close()
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -25,9 +24,7 @@ from closedloop.store._query import (
     EventSummary,
     StepFilter,
     StepPage,
-    check_limit,
-    decode_cursor,
-    page,
+    page_of_events,
     summarize_events,
 )
 from closedloop.store._retention import EventsPruned, StoreInfo
@@ -136,13 +133,17 @@ class MemoryBackend:
     def list_steps(self, where: StepFilter, *, limit: int,
                    cursor: str | None = None) -> StepPage:
         """A page of steps matching ``where``, newest first (ties: latest recorded first)."""
-        check_limit(limit)
-        after = decode_cursor(cursor, int, self.url) if cursor is not None else None
         with self._lock:
             events = list(self._events)
-        rows = [(e.ts, i, e) for i, e in enumerate(events) if where.matches(e)
-                and (after is None or (e.ts, i) < after)]
-        return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
+        return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url)
+
+    def list_steps_after(self, where: StepFilter, *, limit: int,
+                         cursor: str | None = None) -> StepPage:
+        """The steps matching ``where`` past ``cursor``, oldest first."""
+        with self._lock:
+            events = list(self._events)
+        return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url,
+                              after=True)
 
     def count(self) -> int:
         """How many events are held."""

@@ -28,6 +28,7 @@ from closedloop.store._query import (
     check_limit,
     decode_cursor,
     page,
+    page_after,
 )
 from closedloop.store._sqlsummary import summarize as assemble
 from closedloop.store.postgres._backend import LATENCY_BUCKET, _one_line
@@ -45,8 +46,13 @@ _FIELDS = ", ".join(EVENT_FIELDS)
 
 def _and(where: StepFilter) -> tuple[str, list[Any]]:
     """The filter's terms to append to a WHERE clause."""
-    terms = [f" AND {column} {op} %s" for column, op, _ in where.columns()]
-    return "".join(terms), [v for *_, v in where.columns()]
+    columns = where.columns()
+    terms = [f" AND {column} {op} %s" for column, op, _ in columns]
+    params = [v for *_, v in columns]
+    if where.label is not None:
+        terms.append(" AND labels ->> %s = %s")
+        params += list(where.label)
+    return "".join(terms), params
 
 
 class _Source:
@@ -159,22 +165,25 @@ def summarize(backend: PostgresBackend, where: StepFilter, *,
 
 
 def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
-               cursor: str | None) -> StepPage:
-    """Up to ``limit`` steps newest first (ties by ctid), after ``cursor`` (``[ts, ctid]``)."""
+               cursor: str | None, after: bool = False) -> StepPage:
+    """Up to ``limit`` steps newest first (ties by ctid), after ``cursor`` (``[ts, ctid]``);
+    with ``after``, the steps past ``cursor`` oldest first."""
     import psycopg
 
     check_limit(limit)
     terms, params = _and(where)
     if cursor is not None:
         ts, tid = decode_cursor(cursor, str, backend.url, lambda k: bool(_TID.fullmatch(k)))
-        terms += " AND (ts, ctid) < (%s, %s::tid)"
+        terms += f" AND (ts, ctid) {'>' if after else '<'} (%s, %s::tid)"
         params += [ts, tid]
+    order = "ts, ctid" if after else "ts DESC, ctid DESC"
     try:
         with backend.pool().connection() as conn:
             rows = conn.execute(
                 f"SELECT ts, ctid::text AS k, {_FIELDS} FROM {_table(backend)} WHERE TRUE{terms} "
-                "ORDER BY ts DESC, ctid DESC LIMIT %s",
-                [*params, limit + 1]).fetchall()
+                f"ORDER BY {order} LIMIT %s",
+                [*params, limit if after else limit + 1]).fetchall()
     except psycopg.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
-    return page([(r[0], r[1], StepEvent(*r[2:])) for r in rows], limit)
+    found = [(r[0], r[1], StepEvent(*r[2:])) for r in rows]
+    return page_after(found) if after else page(found, limit)

@@ -581,6 +581,13 @@ class SQLiteBackend:
 
         return list_steps(self, where, limit=limit, cursor=cursor)
 
+    def list_steps_after(self, where: StepFilter, *, limit: int,
+                         cursor: str | None = None) -> StepPage:
+        """The steps matching ``where`` past ``cursor``, oldest first (the query port)."""
+        from closedloop.store.sqlite._query import list_steps
+
+        return list_steps(self, where, limit=limit, cursor=cursor, after=True)
+
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def series(self, where: StepFilter, *, by: Dimension, window: str
                ) -> list[SeriesCell] | None:

@@ -29,6 +29,7 @@ from closedloop.store._query import (
     check_limit,
     decode_cursor,
     page,
+    page_after,
 )
 from closedloop.store._sqlsummary import summarize as assemble
 from closedloop.store.sqlite._backend import LATENCY_BUCKET, _event
@@ -46,15 +47,26 @@ _GROUP_COLUMNS = ("task_type, outcome, error_type, validation_passed, verificati
                   "attempts")
 
 
+def _terms(where: StepFilter) -> tuple[list[str], list[Any]]:
+    columns = where.columns()
+    terms = [f"{column} {op} ?" for column, op, _ in columns]
+    params = [v for *_, v in columns]
+    if where.label is not None:  # a label key is a name: no quote in it (check_labels)
+        terms.append("json_extract(labels, ?) = ?")
+        params += [f'$."{where.label[0]}"', where.label[1]]
+    return terms, params
+
+
 def _where(where: StepFilter, *extra: str) -> tuple[str, list[Any]]:
-    terms = [*extra, *(f"{column} {op} ?" for column, op, _ in where.columns())]
-    return (" WHERE " + " AND ".join(terms) if terms else ""), [v for *_, v in where.columns()]
+    found, params = _terms(where)
+    terms = [*extra, *found]
+    return (" WHERE " + " AND ".join(terms) if terms else ""), params
 
 
 def _and(where: StepFilter) -> tuple[str, list[Any]]:
     """The filter's terms to append to a WHERE clause."""
-    terms = [f" AND {column} {op} ?" for column, op, _ in where.columns()]
-    return "".join(terms), [v for *_, v in where.columns()]
+    terms, params = _terms(where)
+    return "".join(f" AND {t}" for t in terms), params
 
 
 class _Source:
@@ -203,16 +215,18 @@ def summarize(backend: SQLiteBackend, where: StepFilter, *,
 
 
 def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
-               cursor: str | None) -> StepPage:
-    """Up to ``limit`` steps newest first (ties by rowid), after ``cursor`` (``[ts, rowid]``)."""
+               cursor: str | None, after: bool = False) -> StepPage:
+    """Up to ``limit`` steps newest first (ties by rowid), after ``cursor`` (``[ts, rowid]``);
+    with ``after``, the steps past ``cursor`` oldest first."""
     check_limit(limit)
     extra = []
     params: list[Any] = []
     if cursor is not None:
         ts, rowid = decode_cursor(cursor, int, backend.url)
-        extra.append("(ts, rowid) < (?, ?)")
+        extra.append(f"(ts, rowid) {'>' if after else '<'} (?, ?)")
         params = [ts, rowid]
     sql, more = _where(where, *extra)
+    order = "ts, rowid" if after else "ts DESC, rowid DESC"
     try:
         conn = backend._reader()
         try:
@@ -220,10 +234,11 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
             # fewer columns (the others read as NULL)
             select = backend._select.replace("SELECT ", "SELECT ts, rowid, ", 1)
             rows = conn.execute(
-                f"{select} INDEXED BY events_ts{sql} ORDER BY ts DESC, rowid DESC LIMIT ?",
-                [*params, *more, limit + 1]).fetchall()
+                f"{select} INDEXED BY events_ts{sql} ORDER BY {order} LIMIT ?",
+                [*params, *more, limit if after else limit + 1]).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {exc}") from None
-    return page([(r[0], r[1], _event(r[2:])) for r in rows], limit)
+    found = [(r[0], r[1], _event(r[2:])) for r in rows]
+    return page_after(found) if after else page(found, limit)
