@@ -56,10 +56,15 @@ class MemoryRunStore:
         return summarize_runs(r for r in runs if (since is None or r.started >= since)
                               and (until is None or r.started < until))
 
-    def prune_runs(self, before: float) -> int:
-        """Forget the runs started before ``before``."""
+    def prune_runs(self, before: float, *, dry_run: bool = False) -> int:
+        """Forget the runs started before ``before`` (``dry_run``: only count them)."""
         with self._lock:
             old = [k for k, r in self._runs.items() if r.started < before]
-            for k in old:
-                del self._runs[k]
+            if not dry_run:
+                for k in old:
+                    del self._runs[k]
         return len(old)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._runs)

@@ -66,7 +66,13 @@ from closedloop.store._learn import (
 )
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
-from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
+from closedloop.store._retention import (
+    CONTROL_PRUNE,
+    RECORD_TABLES,
+    EventsPruned,
+    StoreInfo,
+    record_clauses,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -804,6 +810,34 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
 
+    def prune_records(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Delete settled approval requests and their history, autonomy audit and feedback,
+        and runs older than ``before`` (the rules of
+        :data:`~closedloop.store._retention.RECORD_PRUNE`), in one transaction."""
+        import psycopg
+        from psycopg import sql
+
+        prefix = f'"{self.schema}".'  # a plain SQL name (parse_url checks it)
+        removed: dict[str, int] = {}
+        try:
+            with self.pool().connection() as conn, conn.transaction():
+                for table, where in record_clauses(prefix):
+                    if conn.execute("SELECT to_regclass(%s)",
+                                    (f"{prefix}{table}",)).fetchone() == (None,):
+                        continue  # a schema of an older version
+                    target = sql.SQL("{}.{}").format(sql.Identifier(self.schema),
+                                                     sql.Identifier(table))
+                    if dry_run:
+                        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                            target, sql.SQL(where)), {"before": before}).fetchone()
+                        removed[table] = int(row[0]) if row else 0
+                    else:
+                        removed[table] = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
+                            target, sql.SQL(where)), {"before": before}).rowcount
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+        return removed
+
     def run_store(self) -> PostgresRunStore:
         """The run records in this schema (the run port)."""
         from closedloop.store.postgres._runs import PostgresRunStore
@@ -1276,7 +1310,9 @@ def _info(conn: psycopg.Connection[Any], schema: str, url: str) -> StoreInfo:
         newest_event=one(sql.SQL("SELECT max(ts) FROM {} " + finite).format(table("events"))),
         spans=count("spans"), scores=count("scores"), control_stops=stops,
         control_halts=halts, control_history=count("control_history") or 0,
-        size_bytes=int(size), partitions=tuple(_partition_names(conn, schema)))
+        size_bytes=int(size),
+        records={t: n for t in RECORD_TABLES if (n := count(t)) is not None},
+        partitions=tuple(_partition_names(conn, schema)))
 
 
 def partition_name(day: int) -> str:
