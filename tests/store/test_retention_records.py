@@ -5,6 +5,7 @@ in force. And listing approvals writes nothing when nothing is due."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -162,3 +163,25 @@ def test_listing_approvals_when_nothing_is_due_needs_no_write(shared_url: str) -
         reader.close()
     with cl.open_store(any_url) as store:
         assert approval_store_for(store).expire(now=NOW + 7200) == [pending]
+
+
+def test_store_info_and_prune_on_the_command_line_show_the_other_records(
+        shared_url: str) -> None:
+    from click.testing import CliRunner
+
+    from closedloop.cli import main
+
+    with cl.open_store(shared_url) as store:
+        _requests(store)
+        store.runs().put_runs([run_record("old", OLD)])
+    runner = CliRunner()
+    info = runner.invoke(main, ["store", "info", "--store", shared_url])
+    assert info.exit_code == 0, info.output
+    assert "approvals  9 request(s), " in info.stdout
+    assert "runs       1 run record(s)" in info.stdout
+    found = runner.invoke(main, ["store", "info", "--store", shared_url, "--json"])
+    assert json.loads(found.stdout)["records"]["approvals"] == 9
+    pruned = runner.invoke(main, ["store", "prune", "--older-than", "30d", "--store",
+                                  shared_url])
+    assert pruned.exit_code == 0, pruned.output
+    assert ", 4 approvals row(s), " in pruned.stdout and ", 1 runs row(s)" in pruned.stdout
