@@ -13,10 +13,10 @@ nothing is dropped and the figure is what the writer sustains. The clock stops w
 PostgreSQL creates partitions during the run. Rounds alternate between the backends.
 
 Each run also reports the CPU time it cost per event: the process's own (producer, writer
-and psycopg threads: ``os.times``), and, for PostgreSQL on this machine, the server's (the
-backends serving the run's connections, found by ``application_name``, read from
-``/proc/PID/stat`` before they close). On a shared machine these move less with the load than
-the rates do.
+and psycopg threads: ``os.times``), the writer thread's alone (its thread CPU clock), and,
+for PostgreSQL on this machine, the server's (the backends serving the run's connections,
+found by ``application_name``, read from ``/proc/PID/stat`` before they close). On a shared
+machine these move less with the load than the rates do.
 
 Then, for reference, ``backend.write_batch`` alone (``--direct`` events, pre-built, batches of
 ``--batch-size``, no producer thread competing for the GIL).
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +59,18 @@ def server_cpu(url: str, name: str) -> float | None:
             return None
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def writer_cpu() -> float | None:
+    """CPU seconds used so far by the store's writer thread (redaction, rows, ``COPY`` on
+    the client side), read from its thread CPU clock; None where there is none."""
+    for thread in threading.enumerate():
+        if thread.name == "closedloop-store-writer" and thread.ident is not None:
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (AttributeError, OSError):
+                return None
+    return None
 
 
 def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
@@ -95,6 +108,7 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     cpu = os.times()
     server = server_cpu(url, name) if name else None
+    writer = writer_cpu()
     final = store.close()
     assert final.written == n and final.not_written == 0, final
     return {"url": url.split("?", maxsplit=1)[0].split(":", maxsplit=1)[0], "events": n,
@@ -103,6 +117,7 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
             "cpu_us_per_event": (cpu.user - cpu_before.user + cpu.system - cpu_before.system)
             / n * 1e6,
             "server_cpu_us_per_event": None if server is None else server / n * 1e6,
+            "writer_cpu_us_per_event": None if writer is None else writer / n * 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mb": rss_before / 1024}
 
@@ -174,7 +189,8 @@ def main() -> int:
                           f"({res['events']:,} events in {res['elapsed_s']:.1f} s, peak RSS "
                           f"{res['peak_rss_mb']:.0f} MB, producer waited {res['producer_waits']}"
                           f" times; CPU per event {res['cpu_us_per_event']:.2f} µs in the "
-                          f"process{'' if server is None else f', {server:.2f} µs server'}; "
+                          f"process, {res['writer_cpu_us_per_event'] or 0:.2f} µs of them in "
+                          f"the writer{'' if server is None else f', {server:.2f} µs server'}; "
                           f"load {os.getloadavg()[0]:.1f})")
             if args.direct:
                 for kind, url in (("postgresql", pg_url),
