@@ -74,7 +74,8 @@ def test_settled_approval_requests_and_their_history_are_pruned_open_ones_never(
     ids = _requests(store)
     history = store_info(store).records["approval_history"]
     settled = ("rejected", "expired", "executed", "failed")
-    gone = sum(len(approvals.get(ids[n]).history) for n in settled)  # type: ignore[union-attr]
+    found = [approvals.get(ids[name]) for name in settled]
+    gone = sum(len(r.history) for r in found if r is not None)
 
     dry = prune(store, BEFORE, dry_run=True)
     assert dry.records["approvals"] == 4 and dry.records["approval_history"] == gone
