@@ -185,4 +185,5 @@ def test_store_info_and_prune_on_the_command_line_show_the_other_records(
     pruned = runner.invoke(main, ["store", "prune", "--older-than", "30d", "--store",
                                   shared_url])
     assert pruned.exit_code == 0, pruned.output
-    assert ", 4 approvals row(s), " in pruned.stdout and ", 1 runs row(s)" in pruned.stdout
+    assert ", 4 approval request(s), " in pruned.stdout
+    assert ", 1 run record(s)" in pruned.stdout

@@ -121,6 +121,13 @@ _RECORD_LINES = (
 """How ``store info`` shows :attr:`StoreInfo.records`: a line per kind, its tables' counts."""
 
 
+_PRUNED = {"approvals": "approval request(s)", "approval_history": "approval history record(s)",
+           "autonomy_history": "autonomy audit record(s)",
+           "autonomy_feedback": "autonomy feedback record(s)", "runs": "run record(s)"}
+"""How ``store prune`` names the rows it removed from each table of
+:attr:`PruneReport.records`."""
+
+
 def _size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -207,7 +214,7 @@ def _prune_line(report: PruneReport) -> str:
     if report.spans:
         line += "".join(f", {n:,} {kind}" for kind, n in report.spans.items())
     others = {table: n for table, n in report.records.items() if n}
-    line += "".join(f", {n:,} {table.replace('_', ' ')} row(s)" for table, n in others.items())
+    line += "".join(f", {n:,} {_PRUNED.get(table, table)}" for table, n in others.items())
     line += f", and {report.control:,} control record(s)"
     if pruned.kept_from is not None and pruned.kept_from < report.before:
         line += (f"; events from {iso(pruned.kept_from)} on are kept (whole days are "
