@@ -336,7 +336,7 @@ def maintained(backend: object) -> MaintainedBackend:
     if not isinstance(backend, MaintainedBackend):
         url = getattr(backend, "url", type(backend).__name__)
         raise StoreError(f"store {url} does not support maintenance (info, prune): its "
-                         "backend has no info/prune_events/prune_control")
+                         "backend has no info/prune_events/prune_control/prune_records")
     return backend
 
 
