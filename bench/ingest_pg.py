@@ -12,6 +12,12 @@ nothing is dropped and the figure is what the writer sustains. The clock stops w
 ``flush()`` returns (every event committed). Events span several UTC days of timestamps, so
 PostgreSQL creates partitions during the run. Rounds alternate between the backends.
 
+Each run also reports the CPU time it cost per event: the process's own (producer, writer
+and psycopg threads: ``os.times``), the writer thread's alone (its thread CPU clock), and,
+for PostgreSQL on this machine, the server's (the backends serving the run's connections,
+found by ``application_name``, read from ``/proc/PID/stat`` before they close). On a shared
+machine these move less with the load than the rates do.
+
 Then, for reference, ``backend.write_batch`` alone (``--direct`` events, pre-built, batches of
 ``--batch-size``, no producer thread competing for the GIL).
 """
@@ -26,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,9 +43,43 @@ import closedloop as cl
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+def server_cpu(url: str, name: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL backends of connections named ``name``;
+    None when the server is not a process of this machine."""
+    import psycopg
+
+    with psycopg.connect(url.split("?", maxsplit=1)[0], autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,))]
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def writer_cpu() -> float | None:
+    """CPU seconds used so far by the store's writer thread (redaction, rows, ``COPY`` on
+    the client side), read from its thread CPU clock; None where there is none."""
+    for thread in threading.enumerate():
+        if thread.name == "closedloop-store-writer" and thread.ident is not None:
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (AttributeError, OSError):
+                return None
+    return None
+
+
 def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     """Ingest into ``url`` for ``seconds``; the figures as a dict."""
     max_queue = 100_000
+    name = ""
+    if url.startswith("postgresql"):
+        name = f"closedloop-bench-{os.getpid()}"
+        url = f"{url}&application_name={name}"
     store = cl.open_store(url, batch_size=batch_size, max_queue=max_queue)
     template = cl.StepEvent(
         ts=1_790_000_000.0, trace_id="0" * 32, agent_id="bench", task_type="ingest",
@@ -49,6 +90,7 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     )
     replace, record, stats = template._replace, store.record, store.stats
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cpu_before = os.times()
     n = waits = 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -64,11 +106,18 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     produced = time.perf_counter() - start
     assert store.flush(timeout=600)
     elapsed = time.perf_counter() - start
+    cpu = os.times()
+    server = server_cpu(url, name) if name else None
+    writer = writer_cpu()
     final = store.close()
     assert final.written == n and final.not_written == 0, final
     return {"url": url.split("?", maxsplit=1)[0].split(":", maxsplit=1)[0], "events": n,
             "events_per_s": n / elapsed, "produce_s": produced, "elapsed_s": elapsed,
             "producer_waits": waits,
+            "cpu_us_per_event": (cpu.user - cpu_before.user + cpu.system - cpu_before.system)
+            / n * 1e6,
+            "server_cpu_us_per_event": None if server is None else server / n * 1e6,
+            "writer_cpu_us_per_event": None if writer is None else writer / n * 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mb": rss_before / 1024}
 
@@ -135,10 +184,14 @@ def main() -> int:
                     url = pg_url if kind == "postgresql" else f"sqlite:///{Path(tmp)}/r{r}.db"
                     res = child(url, args.seconds, args.batch_size)
                     results[kind].append(res)
+                    server = res["server_cpu_us_per_event"]
                     print(f"  {kind:10} {res['events_per_s']:10,.0f} events/s  "
                           f"({res['events']:,} events in {res['elapsed_s']:.1f} s, peak RSS "
                           f"{res['peak_rss_mb']:.0f} MB, producer waited {res['producer_waits']}"
-                          f" times)")
+                          f" times; CPU per event {res['cpu_us_per_event']:.2f} µs in the "
+                          f"process, {res['writer_cpu_us_per_event'] or 0:.2f} µs of them in "
+                          f"the writer{'' if server is None else f', {server:.2f} µs server'}; "
+                          f"load {os.getloadavg()[0]:.1f})")
             if args.direct:
                 for kind, url in (("postgresql", pg_url),
                                   ("sqlite", f"sqlite:///{Path(tmp)}/direct.db")):
@@ -150,9 +203,11 @@ def main() -> int:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     for kind, runs in results.items():
         rates = [r["events_per_s"] for r in runs]
+        cpu = statistics.median(r["cpu_us_per_event"] for r in runs)
         print(f"{kind:10} median {statistics.median(rates):10,.0f} events/s  "
               f"(min {min(rates):,.0f}, max {max(rates):,.0f}; peak RSS "
-              f"{max(r['peak_rss_mb'] for r in runs):.0f} MB; target PostgreSQL ≥ 100,000/s)")
+              f"{max(r['peak_rss_mb'] for r in runs):.0f} MB; process CPU {cpu:.2f} µs/event; "
+              "target PostgreSQL ≥ 100,000/s)")
     return 0
 
 

@@ -46,7 +46,9 @@ def info(store_url: str, as_json: bool) -> None:
     Read only: nothing is created, migrated or written. Keys of --json: backend, url,
     schema_version, latest_version, pending_migrations, events, oldest_event,
     newest_event (Unix seconds, and *_time in ISO), spans, scores (null where the store
-    keeps none), control_stops, control_halts, control_history, size_bytes, free_bytes,
+    keeps none), control_stops, control_halts, control_history, records (rows of the other
+    tables that grow, by table: approvals, approval_history, autonomy_levels,
+    autonomy_history, autonomy_feedback, detector_state, runs), size_bytes, free_bytes,
     partitions (PostgreSQL day partitions), retention_s (this environment's automatic
     retention, null: none).
     """
@@ -88,6 +90,11 @@ def _info_lines(found: StoreInfo, retention: float | None) -> list[tuple[str, st
              ("scores", "-" if found.scores is None else f"{found.scores:,}"),
              ("control", f"{found.control_stops} stop(s) in force{halts}, "
                          f"{found.control_history:,} history record(s)")]
+    records = found.records
+    for label, parts in _RECORD_LINES:
+        shown = [f"{records[table]:,} {what}" for table, what in parts if table in records]
+        if shown:
+            lines.append((label, ", ".join(shown)))
     if found.size_bytes is not None:
         size = _size(found.size_bytes) + (" on disk" if found.backend == "sqlite" else
                                           " in the database")
@@ -102,6 +109,23 @@ def _info_lines(found: StoreInfo, retention: float | None) -> list[tuple[str, st
     lines.append(("retention", f"{keep}, for agents with this environment "
                                f"(${RETENTION_ENV})"))
     return lines
+
+
+_RECORD_LINES = (
+    ("approvals", (("approvals", "request(s)"), ("approval_history", "history record(s)"))),
+    ("autonomy", (("autonomy_levels", "level(s)"), ("autonomy_history", "audit record(s)"),
+                  ("autonomy_feedback", "feedback record(s)"),
+                  ("detector_state", "detector state(s)"))),
+    ("runs", (("runs", "run record(s)"),)),
+)
+"""How ``store info`` shows :attr:`StoreInfo.records`: a line per kind, its tables' counts."""
+
+
+_PRUNED = {"approvals": "approval request(s)", "approval_history": "approval history record(s)",
+           "autonomy_history": "autonomy audit record(s)",
+           "autonomy_feedback": "autonomy feedback record(s)", "runs": "run record(s)"}
+"""How ``store prune`` names the rows it removed from each table of
+:attr:`PruneReport.records`."""
 
 
 def _size(n: int) -> str:
@@ -146,14 +170,18 @@ def migrate(store_url: str, as_json: bool) -> None:
 def prune(older_than: float, dry_run: bool, store_url: str, as_json: bool) -> None:
     """Remove events and control history older than --older-than.
 
-    Spans and scores too where the store prunes them through its span port. Never an
-    active pause or halt. SQLite deletes in short transactions (agents keep
+    Spans and scores too where the store prunes them through its span port; approval
+    requests settled (rejected, expired, executed, failed) before then, with their history;
+    the autonomy audit trail and feedback; run records. Never an active pause or halt, a
+    pending, approved, executing or crashed approval request, an autonomy level, or the
+    audit record that set a level in force. SQLite deletes in short transactions (agents keep
     writing) and reuses the space freed; PostgreSQL drops whole day partitions, so it
     keeps every event of the cutoff's UTC day. The store's schema is used as it is, never
     migrated. Keys of --json: url, before (Unix seconds) and before_time, dry_run, events,
     partitions, kept_from, more, approximate (events of large PostgreSQL partitions counted
     by the planner's statistics), control_records, spans (spans, traces and scores removed;
-    null: this store has no span port, or a dry run).
+    null: this store has no span port, or a dry run), records (the other rows removed, by
+    table).
     """
     import time
 
@@ -185,6 +213,8 @@ def _prune_line(report: PruneReport) -> str:
                  f"{first}{f' … {last}' if last != first else ''})")
     if report.spans:
         line += "".join(f", {n:,} {kind}" for kind, n in report.spans.items())
+    others = {table: n for table, n in report.records.items() if n}
+    line += "".join(f", {n:,} {_PRUNED.get(table, table)}" for table, n in others.items())
     line += f", and {report.control:,} control record(s)"
     if pruned.kept_from is not None and pruned.kept_from < report.before:
         line += (f"; events from {iso(pruned.kept_from)} on are kept (whole days are "

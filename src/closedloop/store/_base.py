@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from closedloop.store import Store
 
 
+EXPIRE_DUE = "status = 'pending' AND expires_at IS NOT NULL AND expires_at <= %s"
+"""The approval requests that ``expire(now)`` marks expired (``%s``: now), in SQL."""
+REAP_DUE = "status = 'executing' AND lease_until < %s"
+"""The approval requests that ``reap(now)`` marks crashed (``%s``: now), in SQL."""
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventQuery:
     """Which events to read: a time range, an optional task type or trace, oldest first."""

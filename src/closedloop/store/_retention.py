@@ -22,6 +22,15 @@ Control state is pruned too: history records and published per-key snapshots old
 cutoff, and pauses that expired before it. An active pause or halt is never removed, nor the
 history record of its start, however old.
 
+So are the other records that grow (``prune_records``, one rule per table in
+:data:`RECORD_PRUNE`, the same SQL on SQLite and PostgreSQL): approval requests settled
+(:data:`APPROVALS_SETTLED`) before the cutoff, with their history; never one pending,
+approved and waiting to run, executing, or crashed (a person must first say whether it took
+effect). The autonomy audit trail and feedback older than the cutoff, except the record that
+set a level still in force (levels themselves are never pruned). Run records of runs started
+before it. Detector states (one per detector, drift firings among them: the last few) are
+replaced in place and do not grow; they are counted, not pruned.
+
 Automatic retention (:class:`Retention`, set through ``closedloop.configure(retention=...)``
 or ``CLOSEDLOOP_RETENTION``, default :data:`DEFAULT_RETENTION`) runs in the store's writer
 thread, off the agent's path: when the writer starts, then at most once per ``every``
@@ -45,7 +54,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from closedloop._errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
-    from closedloop._runstate import RunStore
     from closedloop.store import Store
 
 log = logging.getLogger("closedloop.store")
@@ -139,6 +147,9 @@ class StoreInfo:
     control_halts: int
     control_history: int
     size_bytes: int | None
+    records: dict[str, int] = field(default_factory=dict)
+    """Rows of the other tables that grow, by table (:data:`RECORD_TABLES`); a table the
+    store does not have yet is left out."""
     free_bytes: int | None = None
     """SQLite: space freed by deletes, reused by new writes before the file grows."""
     partitions: tuple[str, ...] = ()
@@ -153,6 +164,7 @@ class StoreInfo:
         """JSON-ready, times as Unix seconds and ISO strings."""
         out = asdict(self)
         out["partitions"] = list(self.partitions)
+        out["records"] = dict(self.records)
         out["pending_migrations"] = self.pending_migrations
         out["oldest_event_time"] = _iso(self.oldest_event)
         out["newest_event_time"] = _iso(self.newest_event)
@@ -186,6 +198,9 @@ class PruneReport:
     spans: dict[str, int] | None = None
     """Spans, traces and scores removed, by kind; ``None`` when the backend has no span port
     (or in a dry run: the span port only prunes)."""
+    records: dict[str, int] = field(default_factory=dict)
+    """Approval requests and their history, autonomy audit and feedback, runs: rows removed
+    (or that would be), by table (:data:`RECORD_PRUNE`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -194,7 +209,8 @@ class PruneReport:
                 "partitions": list(self.events.partitions),
                 "kept_from": self.events.kept_from, "more": self.events.more,
                 "approximate": self.events.approximate,
-                "control_records": self.control, "spans": self.spans}
+                "control_records": self.control, "spans": self.spans,
+                "records": dict(self.records)}
 
 
 @runtime_checkable
@@ -211,6 +227,11 @@ class MaintainedBackend(Protocol):
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """Remove control history, snapshots and expired pauses older than ``before``; never
         a pause or halt active at ``now``. Returns the records removed."""
+
+    def prune_records(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove the records :data:`RECORD_PRUNE` allows that are older than ``before``:
+        settled approval requests and their history, autonomy audit and feedback, runs.
+        Returns the rows removed (or that would be) by table."""
 
 
 @runtime_checkable
@@ -229,15 +250,6 @@ def span_port(backend: object) -> Prunable | None:
         return None
     spans = backend.span_store()
     return spans if isinstance(spans, Prunable) else None
-
-
-def run_port(backend: object) -> RunStore | None:
-    """The backend's run records, when it keeps them (pruned with the events)."""
-    from closedloop.store._base import RunBackend
-
-    if not isinstance(backend, RunBackend) or getattr(backend, "read_only", False):
-        return None
-    return backend.run_store()
 
 
 def _counts(result: object) -> dict[str, int]:
@@ -260,6 +272,58 @@ prefix and ``%(before)s``/``%(now)s`` parameters. A stop is active while ``until
 halt) or later than now; its history record (same task type and time) is kept with it."""
 
 
+APPROVALS_SETTLED: tuple[str, ...] = ("rejected", "expired", "executed", "failed")
+"""Approval requests that retention may remove once their last change is older than the
+cutoff: decided and done with. Never ``pending``, ``approved`` (waiting for a worker),
+``executing`` (under a lease) or ``crashed`` (a person must say whether it took effect)."""
+
+_SETTLED = ", ".join(f"'{status}'" for status in APPROVALS_SETTLED)
+_LEVEL_IN_FORCE = (
+    "EXISTS (SELECT 1 FROM {s}autonomy_levels AS level WHERE "
+    "level.task_type = {s}autonomy_history.task_type AND "
+    "level.agent_id = {s}autonomy_history.agent_id AND "
+    "level.action_class = {s}autonomy_history.action_class AND "
+    "level.at = {s}autonomy_history.at)")
+RECORD_PRUNE: tuple[tuple[str, str], ...] = (
+    ("approval_history",
+     "request_id IN (SELECT request_id FROM {s}approvals WHERE status IN (" + _SETTLED
+     + ") AND updated_at < %(before)s)"),
+    ("approvals", "status IN (" + _SETTLED + ") AND updated_at < %(before)s"),
+    ("autonomy_history", "at < %(before)s AND NOT " + _LEVEL_IN_FORCE),
+    ("autonomy_feedback", "at < %(before)s"),
+    ("runs", "started < %(before)s"),
+    ("run_halts", "at < %(before)s"),
+)
+"""What ``prune_records`` removes, per table, in this order (a request's history before the
+request): ``WHERE`` clauses with ``{s}`` for the schema prefix and a ``%(before)s``
+parameter. The memory backend applies the same rules in Python (:func:`approval_settled`,
+:func:`level_change_kept`)."""
+
+RECORD_TABLES: tuple[str, ...] = (
+    "approvals", "approval_history", "autonomy_levels", "autonomy_history",
+    "autonomy_feedback", "detector_state", "runs", "run_halts")
+"""The tables besides events, spans, scores and control state whose rows ``store info``
+counts."""
+
+
+def record_clauses(prefix: str, *, named: str = "%(before)s") -> list[tuple[str, str]]:
+    """:data:`RECORD_PRUNE` for one backend: ``prefix`` is the schema's (``"s".`` or empty),
+    ``named`` how its driver writes the ``before`` parameter."""
+    return [(table, where.format(s=prefix).replace("%(before)s", named))
+            for table, where in RECORD_PRUNE]
+
+
+def approval_settled(status: str, updated_at: float, before: float) -> bool:
+    """Whether retention may remove an approval request (the rule of :data:`RECORD_PRUNE`)."""
+    return status in APPROVALS_SETTLED and updated_at < before
+
+
+def level_change_kept(at: float, level_at: float | None, before: float) -> bool:
+    """Whether an autonomy audit record stays: newer than the cutoff, or the record that set
+    the level in force (``level_at``: that level's time; ``None``: no level stored)."""
+    return at >= before or at == level_at
+
+
 # ----- operations -----------------------------------------------------------------------
 
 
@@ -273,7 +337,7 @@ def maintained(backend: object) -> MaintainedBackend:
     if not isinstance(backend, MaintainedBackend):
         url = getattr(backend, "url", type(backend).__name__)
         raise StoreError(f"store {url} does not support maintenance (info, prune): its "
-                         "backend has no info/prune_events/prune_control")
+                         "backend has no info/prune_events/prune_control/prune_records")
     return backend
 
 
@@ -284,7 +348,8 @@ def store_info(store: Store) -> StoreInfo:
 
 def prune(store: Store, before: float, *, dry_run: bool = False, limit: int | None = None,
           now: float | None = None) -> PruneReport:
-    """Remove from ``store`` events, control records, spans and scores older than ``before``.
+    """Remove from ``store`` events, control records, spans and scores, and the other records
+    :data:`RECORD_PRUNE` allows, older than ``before``.
 
     ``limit`` bounds the events removed by this call (``EventsPruned.more`` says if some remain);
     ``dry_run`` counts what would go and removes nothing.
@@ -297,8 +362,9 @@ def prune(store: Store, before: float, *, dry_run: bool = False, limit: int | No
     port = span_port(backend)
     if port is not None and not dry_run:
         spans = _counts(port.prune(before))
+    records = backend.prune_records(before, dry_run=dry_run)
     return PruneReport(url=store.url, before=before, dry_run=dry_run, events=events,
-                       control=control, spans=spans)
+                       control=control, spans=spans, records=records)
 
 
 def migrate_store(url: str) -> tuple[str, int, int]:
@@ -353,11 +419,11 @@ class Retention:
                 events = port.prune_events(before, limit=self.limit)
                 control = port.prune_control(before, now=self.clock())
                 spans = span_port(port)
-                if spans is not None and not events.more:
-                    spans.prune(before)
-                runs = run_port(port)
-                if runs is not None and not events.more:
-                    runs.prune_runs(before)
+                records: dict[str, int] = {}
+                if not events.more:
+                    if spans is not None:
+                        spans.prune(before)
+                    records = port.prune_records(before)
         except Exception as exc:  # noqa: BLE001 - retention must never stop the writer
             self._next = start + self.retry
             level = logging.DEBUG if self._failing else logging.WARNING
@@ -369,12 +435,13 @@ class Retention:
         self.runs += 1
         self.removed += events.events
         self._next = start + (self.pause if events.more else self.every)
-        if events.events or control:
-            log.info("closedloop store %s: retention %s removed %d events%s and %d control "
-                     "records older than %s", getattr(backend, "url", "?"),
+        others = sum(records.values())
+        if events.events or control or others:
+            log.info("closedloop store %s: retention %s removed %d events%s, %d control "
+                     "records and %d other records older than %s", getattr(backend, "url", "?"),
                      describe_duration(self.keep), events.events,
                      f" ({len(events.partitions)} day partitions)" if events.partitions
-                     else "", control, _iso(before))
+                     else "", control, others, _iso(before))
 
 
 _STEP = threading.Lock()

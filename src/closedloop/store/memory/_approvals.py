@@ -33,6 +33,7 @@ from closedloop._approvals import (
 )
 from closedloop._errors import ApprovalError
 from closedloop._redact import redact_value
+from closedloop.store._retention import approval_settled
 
 
 class MemoryApprovals:
@@ -199,6 +200,26 @@ class MemoryApprovals:
             self._put(replace(found, status=ApprovalStatus.APPROVED, updated_at=now), entry)
             return replace(self._requests[request_id],
                            history=tuple(self._history[request_id]))
+
+    def prune(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Forget the requests settled before ``before``, with their history
+        (:func:`~closedloop.store._retention.approval_settled`)."""
+        with self._lock:
+            old = [i for i, r in self._requests.items()
+                   if approval_settled(r.status.value, r.updated_at, before)]
+            removed = {"approval_history": sum(len(self._history[i]) for i in old),
+                       "approvals": len(old)}
+            if not dry_run:
+                for i in old:
+                    del self._requests[i], self._history[i]
+                    self._tokens.pop(i, None)
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        """Rows held, by the SQL backends' table names."""
+        with self._lock:
+            return {"approvals": len(self._requests),
+                    "approval_history": sum(map(len, self._history.values()))}
 
     def note(self, request_id: str, *, action: str, by: str, reason: str,
              now: float | None = None) -> None:

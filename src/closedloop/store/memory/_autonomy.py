@@ -17,6 +17,7 @@ from closedloop._autonomy_state import (
     redacted_feedback,
     redacted_record,
 )
+from closedloop.store._retention import level_change_kept
 
 
 class MemoryLevelStore:
@@ -71,6 +72,27 @@ class MemoryLevelStore:
         with self._lock:
             items = list(self._feedback.values())
         return sorted((f for f in items if since is None or f.at >= since), key=lambda f: f.at)
+
+    def prune(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Forget audit records and feedback older than ``before``; never a level, nor the
+        record that set a level in force (see
+        :func:`~closedloop.store._retention.level_change_kept`)."""
+        with self._lock:
+            kept = [c for c in self._history if level_change_kept(
+                c.at, getattr(self._levels.get(c.key), "at", None), before)]
+            feedback = {k: f for k, f in self._feedback.items() if f.at >= before}
+            removed = {"autonomy_history": len(self._history) - len(kept),
+                       "autonomy_feedback": len(self._feedback) - len(feedback)}
+            if not dry_run:
+                self._history, self._feedback = kept, feedback
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        """Rows held, by the SQL backends' table names."""
+        with self._lock:
+            return {"autonomy_levels": len(self._levels), "autonomy_history": len(self._history),
+                    "autonomy_feedback": len(self._feedback),
+                    "detector_state": len(self._detectors)}
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

@@ -164,7 +164,9 @@ class MemoryBackend:
             events=len(stamps), oldest_event=min(stamps, default=None),
             newest_event=max(stamps, default=None), spans=None, scores=None,
             control_stops=len(stops), control_halts=sum(s.kind is StopKind.HALTED for s in stops),
-            control_history=len(self._ledger.history(limit=1 << 62)), size_bytes=None)
+            control_history=len(self._ledger.history(limit=1 << 62)), size_bytes=None,
+            records={**self._approvals.counts(), **self._levels.counts(),
+                     **self._runs.counts()})
 
     def prune_events(self, before: float, *, limit: int | None = None,
                      dry_run: bool = False) -> EventsPruned:
@@ -180,3 +182,10 @@ class MemoryBackend:
     def prune_control(self, before: float, *, now: float, dry_run: bool = False) -> int:
         """The in-process ledger keeps its history for the process's life: nothing to do."""
         return 0
+
+    def prune_records(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Forget settled approval requests, autonomy audit and feedback, and runs older than
+        ``before`` (the rules of :data:`~closedloop.store._retention.RECORD_PRUNE`)."""
+        return {**self._approvals.prune(before, dry_run=dry_run),
+                **self._levels.prune(before, dry_run=dry_run),
+                **self._runs.prune(before, dry_run=dry_run)}

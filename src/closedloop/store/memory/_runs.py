@@ -59,15 +59,27 @@ class MemoryRunStore:
         return summarize_runs(r for r in runs if (since is None or r.started >= since)
                               and (until is None or r.started < until))
 
-    def prune_runs(self, before: float) -> int:
-        """Forget the runs started before ``before``."""
+    def prune_runs(self, before: float, *, dry_run: bool = False) -> int:
+        """Forget the runs started before ``before`` and older halts (``dry_run``: only count
+        them); how many runs."""
+        return self.prune(before, dry_run=dry_run)["runs"]
+
+    def prune(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """:meth:`prune_runs`, counted by table as the SQL backends' retention does."""
         with self._lock:
             old = [k for k, r in self._runs.items() if r.started < before]
-            for k in old:
-                del self._runs[k]
-            for k in [k for k, h in self._halts.items() if h.at < before]:
-                del self._halts[k]
-        return len(old)
+            halts = [k for k, h in self._halts.items() if h.at < before]
+            if not dry_run:
+                for k in old:
+                    del self._runs[k]
+                for k in halts:
+                    del self._halts[k]
+        return {"runs": len(old), "run_halts": len(halts)}
+
+    def counts(self) -> dict[str, int]:
+        """Rows held, by table (``store info``)."""
+        with self._lock:
+            return {"runs": len(self._runs), "run_halts": len(self._halts)}
 
     def halt_run(self, halt: RunHalt) -> RunHalt:
         """Record ``halt`` unless the run has one (the first wins); the halt in force."""

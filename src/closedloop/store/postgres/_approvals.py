@@ -44,6 +44,7 @@ from closedloop._approvals import (
     to_row,
 )
 from closedloop._errors import ApprovalError, StoreError
+from closedloop.store._base import EXPIRE_DUE, REAP_DUE
 from closedloop.store.postgres._backend import _clean, _clean_row, _one_line
 
 if TYPE_CHECKING:
@@ -64,8 +65,10 @@ _SQL = {
            "VALUES (%s, %s, %s, %s, %s)",
     "decide": "UPDATE {s}.approvals SET status = %s, approvers = %s, revise = %s, "
               "updated_at = %s WHERE request_id = %s",
-    "expire": "UPDATE {s}.approvals SET status = 'expired', updated_at = %s WHERE status = "
-              "'pending' AND expires_at IS NOT NULL AND expires_at <= %s RETURNING request_id",
+    "expire": "UPDATE {s}.approvals SET status = 'expired', updated_at = %s WHERE "
+              f"{EXPIRE_DUE} RETURNING request_id",
+    "expire_due": f"SELECT EXISTS (SELECT 1 FROM {{s}}.approvals WHERE {EXPIRE_DUE})",
+    "reap_due": f"SELECT EXISTS (SELECT 1 FROM {{s}}.approvals WHERE {REAP_DUE})",
     "claim": "UPDATE {s}.approvals SET status = 'executing', lease_token = %s, "
              "lease_epoch = lease_epoch + 1, lease_until = %s, updated_at = %s "
              f"WHERE request_id = %s AND status = 'approved' RETURNING {_COLS}",
@@ -75,7 +78,7 @@ _SQL = {
               "lease_until = NULL, updated_at = %s WHERE request_id = %s AND lease_token = %s "
               "AND status = 'executing'",
     "reap": "UPDATE {s}.approvals SET status = 'crashed', lease_token = NULL, updated_at = %s "
-            "WHERE status = 'executing' AND lease_until < %s RETURNING request_id",
+            f"WHERE {REAP_DUE} RETURNING request_id",
     "retry": "UPDATE {s}.approvals SET status = 'approved', updated_at = %s "
              "WHERE request_id = %s",
 }
@@ -199,8 +202,17 @@ class PostgresApprovals:
             raise raised[0]
         return decided
 
+    def _due(self, query: str, at: float) -> bool:
+        """Whether ``query`` (``expire_due``, ``reap_due``) finds a request to change: asked
+        in a read, so that listing requests writes nothing when nothing is due."""
+        row = self._run("read", lambda conn: conn.execute(self._q[query], (at,)).fetchone(),
+                        write=False)
+        return bool(row and row[0])
+
     def expire(self, *, now: float | None = None) -> builtins.list[str]:
         at = time.time() if now is None else now
+        if not self._due("expire_due", at):
+            return []
 
         def work(conn: psycopg.Connection[Any]) -> builtins.list[str]:
             ids = [r[0] for r in conn.execute(self._q["expire"], (at, at)).fetchall()]
@@ -281,6 +293,8 @@ class PostgresApprovals:
 
     def reap(self, *, now: float | None = None) -> builtins.list[str]:
         at = time.time() if now is None else now
+        if not self._due("reap_due", at):
+            return []
 
         def work(conn: psycopg.Connection[Any]) -> builtins.list[str]:
             ids = [r[0] for r in conn.execute(self._q["reap"], (at, at)).fetchall()]

@@ -43,8 +43,10 @@ import re
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -64,7 +66,13 @@ from closedloop.store._learn import (
 )
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._registry import redact_url
-from closedloop.store._retention import CONTROL_PRUNE, EventsPruned, StoreInfo
+from closedloop.store._retention import (
+    CONTROL_PRUNE,
+    RECORD_TABLES,
+    EventsPruned,
+    StoreInfo,
+    record_clauses,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -78,6 +86,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SCHEMA = "closedloop"
 DAY_S = 86_400
+_DAY_F = float(DAY_S)
 
 LATENCY_BUCKET = (
     "(CASE WHEN latency_ms > 0 AND latency_ms < 1e300 THEN floor(ln(latency_ms) * 8)::int"
@@ -457,6 +466,19 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
+_MESSAGES = itemgetter(EVENT_FIELDS.index("error_message"))
+_TS = itemgetter(EVENT_FIELDS.index("ts"))
+
+
+def _days(events: Sequence[StepEvent]) -> set[int]:
+    """The UTC day numbers of the events' finite timestamps (see :func:`_partition_day`), at
+    C speed: a Python call per event would cost the writer thread, which shares the GIL
+    with the agent, a few tenths of a microsecond each."""
+    # inf // DAY_S and nan // DAY_S are nan: left out with the other non-finite values
+    days = set(map(_DAY_F.__rfloordiv__, map(_TS, events)))
+    return {int(d) for d in days if math.isfinite(d)}
+
+
 def _clean_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """``row`` (an event tuple, ``detail`` a dict) with every text cleaned by :func:`_clean`."""
     return tuple(_clean_json(v) for v in row)
@@ -503,8 +525,10 @@ class PostgresBackend:
         self.read_only = read_only
         """Opened to read (``closedloop report``): never migrated, events never written."""
         s = sql.Identifier(self.schema)
-        self._copy = sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
-            s, sql.SQL(", ").join(sql.Identifier(f) for f in _COLUMNS))
+        self._copy = tuple(sql.SQL("COPY {}.events ({}) FROM STDIN (FORMAT BINARY)").format(
+            s, sql.SQL(", ").join(sql.Identifier(f) for f in columns))
+            for columns in (EVENT_FIELDS, _COLUMNS))
+        """COPY of the event's columns [0], and with the error group [1]."""
         self._select = sql.SQL("SELECT {} FROM {}.events").format(
             sql.SQL(", ").join(sql.Identifier(f) for f in EVENT_FIELDS), s)
         try:
@@ -565,10 +589,10 @@ class PostgresBackend:
             return
         if self.read_only:
             raise StoreError(f"store {self.url} was opened read-only")
-        days = {d for e in events if (d := _partition_day(e.ts)) is not None}
-        missing = days - self._partitions
-        rows = [(*e, message_group(e.error_message) if e.error_message else None)
-                for e in events]
+        missing = _days(events) - self._partitions
+        rows: Sequence[tuple[Any, ...]] = events
+        if any(map(_MESSAGES, events)):  # the failure messages' groups go with them
+            rows = [(*e, message_group(m) if (m := e.error_message) else None) for e in events]
         with self.pool().connection() as conn:
             if missing:
                 ensure_partitions(conn, self.schema, missing)
@@ -583,12 +607,13 @@ class PostgresBackend:
         # One COPY statement on an autocommit connection is one transaction, all or nothing,
         # without the round trips of BEGIN and COMMIT (each also costs the writer thread a
         # wait for the GIL while the agent's threads run). Binary: no float text to format
-        # here or to parse on the server; ``detail`` is dumped as jsonb by psycopg.
-        with conn.cursor() as cur, cur.copy(self._copy) as copy:
-            copy.set_types(_COPY_TYPES)
-            write = copy.write_row
-            for row in rows:
-                write(row)
+        # here or to parse on the server; ``detail`` is dumped as jsonb by psycopg. Rows are
+        # the events themselves when no event has a failure message (no error group to add),
+        # and are written at C speed (no Python frame per row but psycopg's own).
+        grouped = len(rows[0]) == len(_COLUMNS)
+        with conn.cursor() as cur, cur.copy(self._copy[grouped]) as copy:
+            copy.set_types(_COPY_TYPES if grouped else _COPY_TYPES[:-1])
+            deque(map(copy.write_row, rows), maxlen=0)
 
     def iter_events(self, query: EventQuery) -> Iterator[StepEvent]:
         """Events matching ``query``, oldest first, streamed from a server-side cursor."""
@@ -801,6 +826,34 @@ class PostgresBackend:
                 return removed
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+
+    def prune_records(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Delete settled approval requests and their history, autonomy audit and feedback,
+        and runs older than ``before`` (the rules of
+        :data:`~closedloop.store._retention.RECORD_PRUNE`), in one transaction."""
+        import psycopg
+        from psycopg import sql
+
+        prefix = f'"{self.schema}".'  # a plain SQL name (parse_url checks it)
+        removed: dict[str, int] = {}
+        try:
+            with self.pool().connection() as conn, conn.transaction():
+                for table, where in record_clauses(prefix):
+                    if conn.execute("SELECT to_regclass(%s)",
+                                    (f"{prefix}{table}",)).fetchone() == (None,):
+                        continue  # a schema of an older version
+                    target = sql.SQL("{}.{}").format(sql.Identifier(self.schema),
+                                                     sql.Identifier(table))
+                    if dry_run:
+                        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                            target, sql.SQL(where)), {"before": before}).fetchone()
+                        removed[table] = int(row[0]) if row else 0
+                    else:
+                        removed[table] = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
+                            target, sql.SQL(where)), {"before": before}).rowcount
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
+        return removed
 
     def run_store(self) -> PostgresRunStore:
         """The run records in this schema (the run port)."""
@@ -1274,7 +1327,9 @@ def _info(conn: psycopg.Connection[Any], schema: str, url: str) -> StoreInfo:
         newest_event=one(sql.SQL("SELECT max(ts) FROM {} " + finite).format(table("events"))),
         spans=count("spans"), scores=count("scores"), control_stops=stops,
         control_halts=halts, control_history=count("control_history") or 0,
-        size_bytes=int(size), partitions=tuple(_partition_names(conn, schema)))
+        size_bytes=int(size),
+        records={t: n for t in RECORD_TABLES if (n := count(t)) is not None},
+        partitions=tuple(_partition_names(conn, schema)))
 
 
 def partition_name(day: int) -> str:

@@ -45,6 +45,7 @@ from closedloop._approvals import (
     to_row,
 )
 from closedloop._errors import ApprovalError, StoreError
+from closedloop.store._base import EXPIRE_DUE, REAP_DUE
 from closedloop.store.sqlite._backend import _connect, rollback
 
 if TYPE_CHECKING:
@@ -179,12 +180,21 @@ class SQLiteApprovals:
             raise change.error
         return decided
 
+    def _due(self, where: str, now: float) -> bool:
+        """Whether a request matches ``where`` (:data:`EXPIRE_DUE`, :data:`REAP_DUE`): asked
+        in a read, so that listing requests takes no write lock when nothing is due."""
+        return bool(self._read(lambda conn: conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM approvals WHERE {where.replace('%s', '?')})",
+            (now,)).fetchone()[0], absent=lambda: 0))
+
     def expire(self, *, now: float | None = None) -> builtins.list[str]:
         now = time.time() if now is None else now
+        if not self._due(EXPIRE_DUE, now):
+            return []
         with self._write() as conn:
             ids = [r[0] for r in conn.execute(
-                "UPDATE approvals SET status = 'expired', updated_at = ? WHERE status = "
-                "'pending' AND expires_at IS NOT NULL AND expires_at <= ? RETURNING request_id",
+                "UPDATE approvals SET status = 'expired', updated_at = ? WHERE "
+                f"{EXPIRE_DUE.replace('%s', '?')} RETURNING request_id",
                 (now, now)).fetchall()]
             conn.executemany(_LOG, [(i, now, "expired", "closedloop",
                                      "no decision before it expired") for i in ids])
@@ -248,10 +258,12 @@ class SQLiteApprovals:
 
     def reap(self, *, now: float | None = None) -> builtins.list[str]:
         now = time.time() if now is None else now
+        if not self._due(REAP_DUE, now):
+            return []
         with self._write() as conn:
             ids = [r[0] for r in conn.execute(
                 "UPDATE approvals SET status = 'crashed', lease_token = NULL, updated_at = ? "
-                "WHERE status = 'executing' AND lease_until < ? RETURNING request_id",
+                f"WHERE {REAP_DUE.replace('%s', '?')} RETURNING request_id",
                 (now, now)).fetchall()]
             conn.executemany(_LOG, [(i, now, "crashed", "closedloop", _CRASHED) for i in ids])
         return ids

@@ -39,7 +39,14 @@ from closedloop.store._learn import (
     SeriesCell,
 )
 from closedloop.store._query import EventSummary, StepFilter, StepPage
-from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
+from closedloop.store._retention import (
+    BATCH,
+    CONTROL_PRUNE,
+    RECORD_TABLES,
+    EventsPruned,
+    StoreInfo,
+    record_clauses,
+)
 
 if TYPE_CHECKING:
     from closedloop.store.sqlite._approvals import SQLiteApprovals
@@ -734,6 +741,25 @@ class SQLiteBackend:
             conn.execute("COMMIT")
             return removed
 
+    def prune_records(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Delete settled approval requests and their history, autonomy audit and feedback,
+        and runs older than ``before`` (the rules of
+        :data:`~closedloop.store._retention.RECORD_PRUNE`), in one transaction."""
+        args = {"before": before}
+        with self._maintenance("prune") as conn:
+            tables = _tables(conn)
+            clauses = [(table, where) for table, where in record_clauses("", named=":before")
+                       if table in tables]
+            if dry_run:
+                return {table: int(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}",
+                                                args).fetchone()[0])
+                        for table, where in clauses}
+            conn.execute("BEGIN IMMEDIATE")
+            removed = {table: conn.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+                       for table, where in clauses}
+            conn.execute("COMMIT")
+            return removed
+
     @contextmanager
     def _maintenance(self, what: str) -> Iterator[sqlite3.Connection]:
         """A connection of its own for a maintenance task, errors as one-line StoreErrors."""
@@ -866,4 +892,5 @@ def _info(conn: sqlite3.Connection, url: str, path: Path) -> StoreInfo:
         newest_event=newest, spans=count("spans"), scores=count("scores"),
         control_stops=int(stops), control_halts=int(halts), control_history=int(history),
         size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        records={t: int(one(f"SELECT count(*) FROM {t}")) for t in RECORD_TABLES if t in tables},
         free_bytes=int(one("PRAGMA freelist_count")) * int(one("PRAGMA page_size")))
