@@ -1,24 +1,36 @@
-"""Server time of each dashboard page on a large store.
+"""Server time of each dashboard page on a large store, SQLite and PostgreSQL.
 
-``PYTHONPATH=src python bench/dashboard.py --store sqlite:///PATH [--rounds 5]`` builds the app
-``closedloop serve`` runs (``create_app(dashboard=True)``) on the store and requests each page
-in-process (httpx's ASGI transport: no socket, no browser), reporting per page the median
-wall time and the median CPU time of this process over ``--rounds`` after one warm-up. Use a
-copy of the 1M-event store of ``bench/report.py stores`` (``~/.cache/closedloop-bench``): the
-store is opened read-write by the app.
+``PYTHONPATH=src python bench/dashboard.py [--rounds 5] [--events N] [--pg URL | --no-pg]
+[--store URL ...] [--tag SUFFIX]`` builds (once; reused while it holds exactly ``--events``)
+a store of ``--events`` (1,000,000) events on each backend, as ``bench/report.py stores``
+builds its own (five task types over 30 days; :func:`report.ensure`): a SQLite file
+``dashboard-<events><tag>.db`` in ``~/.cache/closedloop-bench`` and the PostgreSQL schema
+``closedloop_bench_dashboard_<events><tag>`` of ``--pg``'s database; ``--store URL`` (repeated)
+measures those stores instead. On each it builds the app ``closedloop serve`` runs
+(``create_app(dashboard=True)``) and requests each page in-process (httpx's ASGI transport:
+no socket, no browser), reporting per page the median wall time and the median CPU time of
+this process over ``--rounds`` after one warm-up. With PostgreSQL the database's own work
+is in the wall time only. The app may write to the store (it settles due approvals): use
+the bench's own stores, not one that matters.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
 import closedloop as cl
 from closedloop.web import create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import PG, ensure  # noqa: E402 - the bench's sibling module
 
 PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/steps",
          "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control")
@@ -51,15 +63,36 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--store", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", action="append", default=[],
+                        help="measure this store (repeatable) instead of the bench's own")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--cache", default="~/.cache/closedloop-bench")
+    parser.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
+    parser.add_argument("--no-pg", action="store_true", help="SQLite only")
+    parser.add_argument("--tag", default="", help="suffix of the stores' names")
     args = parser.parse_args()
-    with cl.open_store(args.store) as store:
-        events = store.count()
-    print(f"{events:,} events in {args.store}")
-    for path, wall, cpu, status in asyncio.run(measure(args.store, args.rounds)):
-        print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms")
+    urls = list(args.store)
+    if not urls:
+        cache = Path(args.cache).expanduser()
+        cache.mkdir(parents=True, exist_ok=True)
+        urls.append(f"sqlite:///{cache / f'dashboard-{args.events}{args.tag}.db'}")
+        if not args.no_pg:
+            sep = "&" if "?" in args.pg else "?"
+            urls.append(f"{args.pg}{sep}schema=closedloop_bench_dashboard_{args.events}"
+                        f"{args.tag}")
+        for url in urls:
+            rate = ensure(url, args.events, rebuild=False)
+            if rate is not None:
+                print(f"built {url} at {rate:,.0f} events/s")
+    for url in urls:
+        with cl.open_store(url) as store:
+            events = store.count()
+        print(f"{events:,} events in {url} (load {os.getloadavg()[0]:.2f})")
+        for path, wall, cpu, status in asyncio.run(measure(url, args.rounds)):
+            print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms")
+        print(f"(load {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":
