@@ -3,7 +3,8 @@
 ``PYTHONPATH=src python bench/dashboard.py [--rounds 5] [--events N] [--pg URL | --no-pg]
 [--store URL ...] [--tag SUFFIX]`` builds (once; reused while it holds exactly ``--events``)
 a store of ``--events`` (1,000,000) events on each backend, as ``bench/report.py stores``
-builds its own (five task types over 30 days; :func:`report.ensure`): a SQLite file
+builds its own (five task types over 30 days; :func:`report.ensure`), plus ``--requests``
+(2,000) approval requests, nine in ten decided: a SQLite file
 ``dashboard-<events><tag>.db`` in ``~/.cache/closedloop-bench`` and the PostgreSQL schema
 ``closedloop_bench_dashboard_<events><tag>`` of ``--pg``'s database; ``--store URL`` (repeated)
 measures those stores instead. On each it builds the app ``closedloop serve`` runs
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import sys
 import time
@@ -30,10 +32,46 @@ import closedloop as cl
 from closedloop.web import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import PG, ensure  # noqa: E402 - the bench's sibling module
+from report import PG, ensure
 
 PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/steps",
-         "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control")
+         "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control",
+         "/ui/autonomy")
+_LINK = re.compile(r'href="(/ui/(?:traces|approvals)/[0-9a-f]+)"')
+
+
+def with_requests(url: str, count: int) -> None:
+    """Give the store ``count`` approval requests (one in ten still pending, the rest decided)
+    unless it has them: the approvals pages' queue and decided list."""
+    from closedloop._approvals import new_request
+    from closedloop.approvals import approvals_for, list_requests
+
+    with cl.open_store(url) as store:
+        have = 0
+        cursor = None
+        while True:
+            page = list_requests(limit=200, cursor=cursor, store=store)
+            have += len(page.requests)
+            if page.next_cursor is None or have >= count:
+                break
+            cursor = page.next_cursor
+        approvals = approvals_for(store)
+        for i in range(have, count):
+            made = approvals.create(new_request(
+                task_type=f"task{i % 5}", agent_id="bench-agent",
+                proposal={"action": "run_instances", "count": 1 + i % 3, "i": i},
+                task_input={"ask": f"web server {i}"}, requested_by="bench-agent@host",
+                verdicts=[{"check": "tags", "passed": True}],
+                risk={"summary": "creates instances", "destructive": i % 7 == 0}))
+            if i % 10:
+                approvals.decide(made.request_id, approve=i % 3 != 0, by="alice",
+                                 reason="bench")
+
+
+def _linked(html: str) -> list[str]:
+    """The first trace or request page a listing links to (none on a store without)."""
+    found = _LINK.search(html)
+    return [] if found is None else [found.group(1)]
 
 
 async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
@@ -44,7 +82,10 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
         steps = await http.get("/ui/steps")
         cursor_page = steps.text.split('rel="next" href="/ui/steps')[1].split('"')[0]
-        pages = (*PAGES, "/ui/steps" + cursor_page.replace("&amp;", "&"))
+        traces = await http.get("/ui/traces")
+        waiting = await http.get("/ui/approvals")
+        pages = (*PAGES, "/ui/steps" + cursor_page.replace("&amp;", "&"),
+                 *_linked(steps.text), *_linked(traces.text), *_linked(waiting.text))
         for path in pages:
             walls, cpus = [], []
             status = 0
@@ -72,6 +113,8 @@ def main() -> None:
     parser.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
     parser.add_argument("--tag", default="", help="suffix of the stores' names")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="approval requests the bench's stores hold")
     args = parser.parse_args()
     urls = list(args.store)
     if not urls:
@@ -86,6 +129,7 @@ def main() -> None:
             rate = ensure(url, args.events, rebuild=False)
             if rate is not None:
                 print(f"built {url} at {rate:,.0f} events/s")
+            with_requests(url, args.requests)
     for url in urls:
         with cl.open_store(url) as store:
             events = store.count()

@@ -5,8 +5,8 @@ described, bad input refused with a 4xx and a one-line error, bounded bodies."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -33,9 +34,9 @@ from .conftest import TOKEN, Served, make_request
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = 25
+EXAMPLES = int(os.environ.get("CLOSEDLOOP_FUZZ_EXAMPLES", "25"))
 """Examples per operation and generation mode: the whole fuzz stays within a minute or so
-per backend (CI's time), while each run draws new inputs."""
+per backend (CI's time), while each run draws new inputs; set the variable for a deeper run."""
 MAX_ANSWER = 1 << 20
 
 
@@ -195,8 +196,8 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 
 
 @pytest.fixture
-def fuzzed(served: Served) -> Iterator[tuple[Served, list[str]]]:
-    yield served, _states(served.store_url)
+def fuzzed(served: Served) -> tuple[Served, list[str]]:
+    return served, _states(served.store_url)
 
 
 def test_fuzz_the_api_from_its_document(fuzzed: tuple[Served, list[str]]) -> None:
@@ -208,6 +209,7 @@ def test_fuzz_the_api_from_its_document(fuzzed: tuple[Served, list[str]]) -> Non
     failures = []
     ran = 0
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
         operation = result.ok()
         takes_input = bool(operation.path_parameters or operation.query
                            or operation.body)

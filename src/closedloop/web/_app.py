@@ -198,8 +198,9 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
     ``routes``: more routes (the dashboard's). ``check_host``: answer only requests whose
     ``Host`` is a loopback name or one of ``hosts`` (a loopback server: no DNS rebinding).
     The JSON API's operations are described at ``/api/openapi.json``
-    (:mod:`closedloop.web._openapi`). ``dashboard``: the pages under ``/ui`` (:mod:`closedloop.web._dashboard`), for
-    ``users`` (and, with ``token``, an ``admin`` who signs in with it).
+    (:mod:`closedloop.web._openapi`). ``dashboard``: the pages under ``/ui``
+    (:mod:`closedloop.web._dashboard`), for ``users`` (and, with ``token``, an ``admin``
+    who signs in with it).
     The store is ``app.state.store``.
     """
     token = check_token(token)

@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from closedloop import approvals as service
 from closedloop._errors import ApprovalError, ConfigError, StoreError

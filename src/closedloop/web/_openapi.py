@@ -280,8 +280,8 @@ def _parameters(model: type[BaseModel], where: str, schemas: dict[str, Any]) -> 
     schema = schemas[model.__name__]
     required = set(schema.get("required", ()))
     out = []
-    for name, prop in schema["properties"].items():
-        prop = dict(prop)
+    for name, described in schema["properties"].items():
+        prop = dict(described)
         options = prop.pop("anyOf", None)
         if options is not None:  # optional: a parameter left out, never a JSON null
             prop.update(next(o for o in options if o.get("type") != "null"))
