@@ -163,6 +163,18 @@ class EventQueries(Protocol):
         :attr:`StepPage.next_cursor` of the same store and filter). A cursor that is not one
         of this store's is a :class:`~closedloop.ConfigError`."""
 
+    def task_types(self) -> list[str]:
+        """Every task type with a stored step, sorted; read from an index that starts with
+        the task type (one probe per task type, not a pass over the steps)."""
+
+
+def task_types_sql(table: str) -> str:
+    """The SQL backends' :meth:`EventQueries.task_types`: a loose index scan (each next task
+    type is the smallest one above the last), the same text for SQLite and PostgreSQL."""
+    return (f"WITH RECURSIVE t(name) AS (SELECT MIN(task_type) FROM {table} UNION ALL "
+            f"SELECT (SELECT MIN(task_type) FROM {table} WHERE task_type > t.name) FROM t "
+            "WHERE t.name IS NOT NULL) SELECT name FROM t WHERE name IS NOT NULL")
+
 
 # ----- the Python pass ----------------------------------------------------------------------
 

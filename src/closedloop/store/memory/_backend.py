@@ -144,6 +144,11 @@ class MemoryBackend:
                 and (after is None or (e.ts, i) < after)]
         return page(heapq.nlargest(limit + 1, rows, key=lambda r: (r[0], r[1])), limit)
 
+    def task_types(self) -> list[str]:
+        """Every task type with a held step, sorted."""
+        with self._lock:
+            return sorted({e.task_type for e in self._events})
+
     def count(self) -> int:
         """How many events are held."""
         with self._lock:

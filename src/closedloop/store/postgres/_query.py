@@ -28,6 +28,7 @@ from closedloop.store._query import (
     check_limit,
     decode_cursor,
     page,
+    task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
 from closedloop.store.postgres._backend import LATENCY_BUCKET, _one_line
@@ -178,3 +179,16 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
     except psycopg.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
     return page([(r[0], r[1], StepEvent(*r[2:])) for r in rows], limit)
+
+
+def task_types(backend: PostgresBackend) -> list[str]:
+    """Every task type with a stored step, sorted: a loose scan of ``events_task_type_ts``
+    (each day partition's)."""
+    import psycopg
+
+    try:
+        with backend.pool().connection() as conn:
+            rows = conn.execute(task_types_sql(_table(backend))).fetchall()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
+    return sorted(r[0] for r in rows)  # in code point order, as the other backends

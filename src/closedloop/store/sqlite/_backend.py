@@ -571,6 +571,12 @@ class SQLiteBackend:
 
         return list_steps(self, where, limit=limit, cursor=cursor)
 
+    def task_types(self) -> list[str]:
+        """Every task type with a stored step, sorted (the query port)."""
+        from closedloop.store.sqlite._query import task_types
+
+        return task_types(self)
+
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def series(self, where: StepFilter, *, by: Dimension, window: str
                ) -> list[SeriesCell] | None:
