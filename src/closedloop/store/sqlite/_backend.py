@@ -292,6 +292,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX approval_history_request ON approval_history (request_id);
     """,
+    # a trace's steps, oldest first (the dashboard's trace page, `events --trace`): without
+    # it, every step was read (1.1-1.7 s on 1M events)
+    """
+    CREATE INDEX IF NOT EXISTS events_trace ON events (trace_id, ts);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
