@@ -60,7 +60,7 @@ def test_both_sql_backends_index_a_traces_steps(shared_url: str) -> None:
     import psycopg
 
     schema = shared_url.rsplit("schema=", 1)[1]
-    with psycopg.connect(shared_url.split("?")[0]) as conn:
+    with psycopg.connect(shared_url.split("?", maxsplit=1)[0]) as conn:
         rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s",
                             (schema,)).fetchall()
     names = {name for name, _ in rows}
