@@ -286,9 +286,11 @@ class AutonomyLevels:
         out: list[tuple[LevelKey, LevelRecord | None]] = [(r.key, r) for r in records]
         stored = {r.key.task_type for r in records if r.key.action_class is None}
         seen: set[str] = set()
-        if self.store is not None:
-            summary = self.store.summary(task_type=task_type, top_messages=0)
-            seen = {row.task_type for row in summary.rows if row.task_type is not None}
+        if self.store is not None:  # an index probe per task type, not a summary
+            if task_type is None:
+                seen = set(self.store.task_types())
+            elif self.store.steps(task_type=task_type, limit=1).steps:
+                seen = {task_type}
         for name in sorted(seen - stored):
             out.append((LevelKey(task_type=name), None))
         return sorted(out, key=lambda kr: (kr[0].task_type, kr[0].agent_id,

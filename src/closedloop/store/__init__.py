@@ -432,6 +432,14 @@ class Store:
         return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url,
                               after=after)
 
+    def task_types(self) -> list[str]:
+        """Every task type with a stored step, sorted (in the database when the backend
+        answers :class:`EventQueries`: one index probe per task type)."""
+        backend = self.backend
+        if isinstance(backend, EventQueries):
+            return backend.task_types()
+        return sorted({e.task_type for e in self.events()})
+
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def _learn(self, since: float | None, until: float | None, task_type: str | None
                ) -> tuple[StepFilter, LearnQueries | None]:

@@ -205,6 +205,18 @@ class EventQueries(Protocol):
         first step), oldest first: "anything newer than this". ``next_cursor`` is the
         position of the last step listed (None when none is), to pass back next time."""
 
+    def task_types(self) -> list[str]:
+        """Every task type with a stored step, sorted; read from an index that starts with
+        the task type (one probe per task type, not a pass over the steps)."""
+
+
+def task_types_sql(table: str) -> str:
+    """The SQL backends' :meth:`EventQueries.task_types`: a loose index scan (each next task
+    type is the smallest one above the last), the same text for SQLite and PostgreSQL."""
+    return (f"WITH RECURSIVE t(name) AS (SELECT MIN(task_type) FROM {table} UNION ALL "
+            f"SELECT (SELECT MIN(task_type) FROM {table} WHERE task_type > t.name) FROM t "
+            "WHERE t.name IS NOT NULL) SELECT name FROM t WHERE name IS NOT NULL")
+
 
 # ----- the Python pass ----------------------------------------------------------------------
 

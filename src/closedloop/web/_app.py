@@ -41,6 +41,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from closedloop._errors import ConfigError
 from closedloop.web._config import TOKEN_ENV, check_token, is_loopback
 from closedloop.web._json import JSON, MAX_BODY, ApiError, error_response
+from closedloop.web._openapi import PATH as OPENAPI_PATH
+from closedloop.web._openapi import Health, OpenApiDocument, Operation, document
 
 if TYPE_CHECKING:
     from closedloop.store import Store
@@ -170,6 +172,19 @@ async def _health(request: Request) -> Response:
                  "writable": request.app.state.writable})
 
 
+async def _openapi(request: Request) -> Response:
+    return JSON(request.app.state.openapi)
+
+
+_OPERATIONS = (
+    Operation("GET", "/api/v1/health", _health, "The server is up; whether it takes writes",
+              Health, tag="server"),
+    Operation("GET", OPENAPI_PATH, _openapi, "This document (OpenAPI 3.1)", OpenApiDocument,
+              tag="server"),
+)
+"""The operations every app serves (the approvals section adds its own)."""
+
+
 def create_app(*, store: Store, token: str | None = None, guard_reads: bool = False,
                metrics_registry: Any = None, api: bool = True,
                routes: Sequence[BaseRoute] = (), max_body: int = MAX_BODY,
@@ -182,19 +197,22 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
     ``/metrics`` (None: no metrics). ``api``: the approvals API under ``/api/v1``.
     ``routes``: more routes (the dashboard's). ``check_host``: answer only requests whose
     ``Host`` is a loopback name or one of ``hosts`` (a loopback server: no DNS rebinding).
-    ``dashboard``: the pages under ``/ui`` (:mod:`closedloop.web._dashboard`), for
-    ``users`` (and, with ``token``, an ``admin`` who signs in with it).
+    The JSON API's operations are described at ``/api/openapi.json``
+    (:mod:`closedloop.web._openapi`). ``dashboard``: the pages under ``/ui``
+    (:mod:`closedloop.web._dashboard`), for ``users`` (and, with ``token``, an ``admin``
+    who signs in with it).
     The store is ``app.state.store``.
     """
     token = check_token(token)
     if guard_reads and token is None:
         raise ConfigError("serving beyond loopback needs an API token: set "
                           f"${TOKEN_ENV} (or --token)")
-    table: list[BaseRoute] = [Route("/api/v1/health", _health, methods=["GET"])]
+    operations = [*_OPERATIONS]
     if api:
-        from closedloop.web._approvals_api import ROUTES
+        from closedloop.web._approvals_api import OPERATIONS
 
-        table.extend(ROUTES)
+        operations.extend(OPERATIONS)
+    table: list[BaseRoute] = [op.route() for op in operations]
     if metrics_registry is not None:
         from closedloop.telemetry import metrics_asgi_app
 
@@ -216,6 +234,9 @@ def create_app(*, store: Store, token: str | None = None, guard_reads: bool = Fa
         exception_handlers={HTTPException: _http_error, ApiError: _api_error,
                             Exception: _crash})
     app.state.store = store
+    from closedloop import __version__
+
+    app.state.openapi = document(operations, version=__version__)
     app.state.writable = token is not None
     if dashboard:
         app.state.dashboard = Dashboard(Sessions(people), guard_reads)

@@ -16,6 +16,8 @@ A write answers the request as stored after it. The service's refusals map to HT
 for a decision on a request an earlier read already marked expired), a bad
 argument (a ConfigError) 422, a store that cannot be read or written 503 (nothing changed).
 The store is called from a worker thread, so a slow database never blocks the event loop.
+Parameters and bodies are read through the models of :data:`OPERATIONS`, which also describe
+this section in the OpenAPI document (:mod:`closedloop.web._openapi`).
 """
 
 from __future__ import annotations
@@ -26,20 +28,30 @@ from typing import Any, TypeVar
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from closedloop import approvals as service
 from closedloop._errors import ApprovalError, ConfigError, StoreError
-from closedloop.web._json import JSON, ApiError, read_json
+from closedloop.web._json import JSON, ApiError
+from closedloop.web._openapi import (
+    ApprovalPage,
+    ApprovalShown,
+    ApproveBody,
+    ListQuery,
+    Operation,
+    RejectBody,
+    RequestPath,
+    RetryBody,
+    body_of,
+    path_of,
+    query_of,
+)
 
 _T = TypeVar("_T")
-MAX_LIMIT = 200
 LIST_TEXT = 4000
 """Characters of a proposal or task input a listing carries (``show`` has all of it)."""
 STATUS = {"not_found": 404, "self_approval": 403, "same_approver": 409, "not_pending": 409,
           "not_retryable": 409, "cannot_execute": 409, "digest_mismatch": 409, "expired": 410,
           "unavailable": 503}
-_QUERY = frozenset({"status", "task_type", "limit", "cursor"})
 
 
 async def _call(work: Callable[[], _T]) -> _T:
@@ -73,24 +85,6 @@ def _store(request: Request) -> Any:
     return request.app.state.store
 
 
-def _text(value: object, name: str, *, required: bool, limit: int = 2000) -> str:
-    if value is None:
-        if required:
-            raise ApiError(422, "invalid", f"{name!r} is required")
-        return ""
-    if not isinstance(value, str) or len(value) > limit:
-        raise ApiError(422, "invalid", f"{name!r} must be a string of at most {limit} "
-                       "characters")
-    return value
-
-
-def _fields(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(422, "invalid", f"unknown field(s): {', '.join(unknown)[:200]}; "
-                       f"allowed: {', '.join(sorted(allowed))}")
-
-
 def _clipped(text: str | None) -> tuple[str | None, bool]:
     if text is None or len(text) <= LIST_TEXT:
         return text, False
@@ -117,29 +111,17 @@ def shown(request: service.ApprovalRequest) -> dict[str, Any]:
 
 
 async def list_approvals(request: Request) -> Response:
-    query = request.query_params
-    unknown = sorted(set(query.keys()) - _QUERY)
-    if unknown:
-        raise ApiError(422, "invalid", f"unknown query parameter(s): {', '.join(unknown)[:200]}"
-                       f"; allowed: {', '.join(sorted(_QUERY))}")
-    raw_limit = query.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise ApiError(422, "invalid", f"limit must be an integer from 1 to {MAX_LIMIT}")
-    status = _text(query.get("status"), "status", required=False, limit=40) or None
-    task_type = _text(query.get("task_type"), "task_type", required=False, limit=200) or None
-    cursor = _text(query.get("cursor"), "cursor", required=False, limit=500) or None
+    query = query_of(request, ListQuery)
     store = _store(request)
     page = await _call(lambda: service.list_requests(
-        status=status, task_type=task_type, limit=int(raw_limit), cursor=cursor, store=store))
+        status=query.status, task_type=query.task_type or None, limit=query.limit,
+        cursor=query.cursor or None, store=store))
     return JSON({"requests": [listed(r) for r in page.requests],
                  "next_cursor": page.next_cursor})
 
 
 def _request_id(request: Request) -> str:
-    rid = str(request.path_params["request_id"])
-    if not rid or len(rid) > 200:
-        raise ApiError(404, "not_found", "no such approval request")
-    return rid
+    return path_of(request, RequestPath).request_id
 
 
 async def show_approval(request: Request) -> Response:
@@ -150,44 +132,45 @@ async def show_approval(request: Request) -> Response:
 
 async def approve(request: Request) -> Response:
     rid, store = _request_id(request), _store(request)
-    body = await read_json(request)
-    _fields(body, {"by", "reason"})
-    by = _text(body.get("by"), "by", required=True, limit=200)
-    reason = _text(body.get("reason"), "reason", required=False)
-    done = await _decide(lambda: service.approve(rid, by=by, reason=reason, store=store),
-                         rid, store)
+    body = await body_of(request, ApproveBody)
+    done = await _decide(lambda: service.approve(rid, by=body.by, reason=body.reason,
+                                                 store=store), rid, store)
     return JSON(shown(done))
 
 
 async def reject(request: Request) -> Response:
     rid, store = _request_id(request), _store(request)
-    body = await read_json(request)
-    _fields(body, {"by", "reason", "revise"})
-    by = _text(body.get("by"), "by", required=True, limit=200)
-    reason = _text(body.get("reason"), "reason", required=True)
-    revise = body.get("revise", False)
-    if not isinstance(revise, bool):
-        raise ApiError(422, "invalid", "'revise' must be true or false")
-    done = await _decide(lambda: service.reject(rid, by=by, reason=reason, revise=revise,
-                                                store=store), rid, store)
+    body = await body_of(request, RejectBody)
+    done = await _decide(lambda: service.reject(rid, by=body.by, reason=body.reason,
+                                                revise=body.revise, store=store), rid, store)
     return JSON(shown(done))
 
 
 async def retry(request: Request) -> Response:
     rid, store = _request_id(request), _store(request)
-    body = await read_json(request)
-    _fields(body, {"by", "reason"})
-    by = _text(body.get("by"), "by", required=True, limit=200)
-    reason = _text(body.get("reason"), "reason", required=True)
-    done = await _call(lambda: service.retry(rid, by=by, reason=reason, store=store))
+    body = await body_of(request, RetryBody)
+    done = await _call(lambda: service.retry(rid, by=body.by, reason=body.reason,
+                                             store=store))
     return JSON(shown(done))
 
 
-ROUTES = [
-    Route("/api/v1/approvals", list_approvals, methods=["GET"]),
-    Route("/api/v1/approvals/{request_id}", show_approval, methods=["GET"]),
-    Route("/api/v1/approvals/{request_id}/approve", approve, methods=["POST"]),
-    Route("/api/v1/approvals/{request_id}/reject", reject, methods=["POST"]),
-    Route("/api/v1/approvals/{request_id}/retry", retry, methods=["POST"]),
-]
+_DECIDE = (404, 409, 410, 422, 503)
+OPERATIONS = (
+    Operation("GET", "/api/v1/approvals", list_approvals, "A page of requests, newest first",
+              ApprovalPage, (422, 503), query=ListQuery),
+    Operation("GET", "/api/v1/approvals/{request_id}", show_approval,
+              "One request with its history and notification", ApprovalShown, (404, 422, 503),
+              path_model=RequestPath),
+    Operation("POST", "/api/v1/approvals/{request_id}/approve", approve,
+              "Approve a pending request", ApprovalShown, _DECIDE, path_model=RequestPath,
+              body=ApproveBody),
+    Operation("POST", "/api/v1/approvals/{request_id}/reject", reject,
+              "Reject a pending request, saying why", ApprovalShown, _DECIDE,
+              path_model=RequestPath, body=RejectBody),
+    Operation("POST", "/api/v1/approvals/{request_id}/retry", retry,
+              "Send a crashed or failed request back to approved", ApprovalShown,
+              (404, 409, 422, 503), path_model=RequestPath, body=RetryBody),
+)
+"""The approvals section of the API, described (:mod:`closedloop.web._openapi`)."""
+ROUTES = [op.route() for op in OPERATIONS]
 """The approvals section's routes (``create_app`` mounts them)."""

@@ -145,6 +145,11 @@ class MemoryBackend:
         return page_of_events(events, where, limit=limit, cursor=cursor, url=self.url,
                               after=True)
 
+    def task_types(self) -> list[str]:
+        """Every task type with a held step, sorted."""
+        with self._lock:
+            return sorted({e.task_type for e in self._events})
+
     def count(self) -> int:
         """How many events are held."""
         with self._lock:

@@ -375,6 +375,14 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT NOT NULL
     );
     """,
+    # a trace's steps, oldest first (the dashboard's trace page: trace_id = %s ORDER BY ts
+    # LIMIT n): one short ordered scan per day partition whatever their statistics say. With
+    # events_trace_id alone, a partition not yet analyzed (the newest day, a fresh store) let
+    # the planner walk events_ts instead, filtering every row: 0.7 s on 1M events
+    """
+    CREATE INDEX IF NOT EXISTS events_trace_ts ON {schema}.events (trace_id, ts);
+    DROP INDEX IF EXISTS {schema}.events_trace_id;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
@@ -672,6 +680,12 @@ class PostgresBackend:
         from closedloop.store.postgres._query import list_steps
 
         return list_steps(self, where, limit=limit, cursor=cursor, after=True)
+
+    def task_types(self) -> list[str]:
+        """Every task type with a stored step, sorted (the query port)."""
+        from closedloop.store.postgres._query import task_types
+
+        return task_types(self)
 
     # ----- the learning layer's aggregations (closedloop.store._learn) ---------------------
     def series(self, where: StepFilter, *, by: Dimension, window: str

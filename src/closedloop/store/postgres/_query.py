@@ -29,6 +29,7 @@ from closedloop.store._query import (
     decode_cursor,
     page,
     page_after,
+    task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
 from closedloop.store.postgres._backend import LATENCY_BUCKET, _one_line
@@ -187,3 +188,16 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
         raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
     found = [(r[0], r[1], StepEvent(*r[2:])) for r in rows]
     return page_after(found) if after else page(found, limit)
+
+
+def task_types(backend: PostgresBackend) -> list[str]:
+    """Every task type with a stored step, sorted: a loose scan of ``events_task_type_ts``
+    (each day partition's)."""
+    import psycopg
+
+    try:
+        with backend.pool().connection() as conn:
+            rows = conn.execute(task_types_sql(_table(backend))).fetchall()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
+    return sorted(r[0] for r in rows)  # in code point order, as the other backends

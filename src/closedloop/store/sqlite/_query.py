@@ -30,6 +30,7 @@ from closedloop.store._query import (
     decode_cursor,
     page,
     page_after,
+    task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
 from closedloop.store.sqlite._backend import LATENCY_BUCKET, _event
@@ -242,3 +243,15 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
         raise StoreError(f"cannot read store {backend.url}: {exc}") from None
     found = [(r[0], r[1], _event(r[2:])) for r in rows]
     return page_after(found) if after else page(found, limit)
+
+
+def task_types(backend: SQLiteBackend) -> list[str]:
+    """Every task type with a stored step, sorted: a loose scan of an index on task_type."""
+    try:
+        conn = backend._reader()
+        try:
+            return sorted(r[0] for r in conn.execute(task_types_sql("events")).fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {backend.url}: {exc}") from None
