@@ -940,7 +940,7 @@ def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.
 
 
 def test_every_event_field_holds_its_own_value(memory_store: cl.Store) -> None:
-    # The machine builds the event by position: each field gets a value no other field
+    # The machine builds the event field by field: each field gets a value no other field
     # has, so that two values swapped (or shifted) fail here.
     now = [100.0]
 
