@@ -10,7 +10,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from hashlib import sha256
 from json.encoder import c_make_encoder  # type: ignore[attr-defined]
@@ -229,14 +229,14 @@ def _jsonable(value: Any) -> Any:
 
 _encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                             default=_jsonable)
-_encode = _encoder.encode
+_encode: Callable[[Any], str] = _encoder.encode
 if c_make_encoder is not None:  # CPython's C encoder, made once instead of per call
     # without a markers dict (one per call would be needed to share it between threads): a
     # cycle then raises RecursionError instead of ValueError, caught alike below
     _c_encode = c_make_encoder(None, _jsonable, encode_string, None, ":", ",", True, False,
                                True)
 
-    def _encode(value: Any) -> str:  # noqa: F811 - the C encoder's form of _encoder.encode
+    def _encode(value: Any) -> str:  # the C encoder's form of _encoder.encode
         return "".join(_c_encode(value, 0))
 
 
