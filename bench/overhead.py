@@ -131,20 +131,30 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     assert event is not None
     guard = loop._spec.guards[0]
     v = 1
+    from closedloop import _events
+
     fields = cl.StepEvent._fields
     names = {"StepEvent": cl.StepEvent, "StepResult": StepResult, "Attempt": cl.Attempt,
              "Validate": Validate, "guard": guard, "event": event, "v": v, "store": store,
-             "loop": loop, "validator": validator}
+             "loop": loop, "validator": validator, "new": tuple.__new__,
+             "template": loop._spec.event_template,
+             **{f.upper(): getattr(_events, f.upper()) for f in fields}}
+    per_step = [f for f in fields if f not in ("agent_id", "task_type", "agent_version",
+                                               "prompt_version")]
     pieces = [
         ("Loop.run, whole step", "loop.run(1)"),
-        ("StepEvent by keyword (19 fields)",
+        (f"StepEvent by keyword ({len(fields)} fields)",
          "StepEvent(" + ", ".join(f"{f}=v" for f in fields) + ")"),
-        ("StepEvent positional (19 fields)", "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
+        (f"StepEvent positional ({len(fields)} fields)",
+         "new(StepEvent, (" + ", ".join("v" for _ in fields) + "))"),
+        (f"StepEvent by field name ({len(per_step)} set)",
+         "row = template.copy()\n" + "\n".join(f"row[{f.upper()}] = v" for f in per_step)
+         + "\nnew(StepEvent, row)"),
         ("StepResult (frozen dataclass)",
          "StepResult(trace_id='x', outcome='succeeded', proposal=1, result=1, attempts=1, "
          "validation=(), verification=(), error_type=None, error_message=None, event=event)"),
         ("Attempt", "Attempt(number=1, trace_id='x', task_type='t', backpressure=None)"),
-        ("one typed action (Validate)", "Validate(validator, (v,), 'validator')"),
+        ("one typed action (Validate)", "new(Validate, (validator, (v,), 'validator'))"),
         ("FaultControl.admit", "guard.admit('bench')"),
         ("FaultControl.observe", "guard.observe(event)"),
         ("Store.record", "store.record(event)"),
@@ -288,7 +298,8 @@ def compare(baseline_src: str, runs: int, steps: int, rounds: int,
             before = load()
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--steps", str(steps),
-                 "--rounds", str(rounds), *(["--drift"] if drift and name == "this" else [])],
+                 "--rounds", str(rounds), *(["--drift"] if drift and name == "this" else []),
+                 *(["--pinned"] if PINNED else [])],
                 check=True, capture_output=True, text=True,
                 env={**os.environ, "PYTHONPATH": src})
             o = json.loads(out.stdout)
