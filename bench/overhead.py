@@ -1,7 +1,8 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
 Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
-``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``, ``--drift``).
+``--parts``, ``--opcodes``, ``--pinned``, ``--only overhead|ingest``, ``--baseline-src DIR``,
+``--runs``, ``--drift``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
    into a SQLite store (WAL, background writer), default fault control on, against the same
@@ -17,6 +18,8 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    printed with every run. With ``--drift`` this tree's loop also runs drift detection
    (``closedloop.configure(drift=DriftPolicy())``: the DriftGuard among the default guards);
    ``--baseline-src`` set to this tree's own ``src`` then measures what drift detection adds.
+   With ``--opcodes``: the Python bytecodes and calls of one step instead (a count that
+   load does not change; run it with each tree's ``PYTHONPATH`` to compare them).
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
@@ -46,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import closedloop as cl
 
@@ -166,6 +170,36 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
         out.append((name, best * 1e9))
     store.close()
     return out
+
+
+def bench_opcodes(steps: int = 200) -> tuple[float, float]:
+    """Python bytecodes executed and Python functions called per step (``sys.settrace``
+    with opcode events): a count that load does not change, to compare two versions of the
+    loop on a busy machine (it leaves out what C code costs: hashing, dict operations)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = cl.open_store(Path(tmp) / "opcodes.db")
+        loop = cl.Loop(agent, task_type="bench", validators=[validator], executor=executor,
+                       verifiers=[verifier], store=store, **PINNED)
+        per_step(loop.run, 300)  # warm up: the stored level read, the detector made
+        counts = [0, 0]
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[0] += 1
+            elif event == "call":
+                frame.f_trace_opcodes = True
+                counts[1] += 1
+            return trace
+
+        run = loop.run
+        sys.settrace(trace)
+        try:
+            for i in range(steps):
+                run(i)
+        finally:
+            sys.settrace(None)
+        store.close()
+    return counts[0] / steps, counts[1] / steps
 
 
 def ingest_events(events: int, kind: str) -> list[cl.StepEvent]:
@@ -329,6 +363,8 @@ def main() -> int:
                         help="pin the loop's autonomy (no stored-level lookup, no monitor)")
     parser.add_argument("--drift", action="store_true",
                         help="this tree's loop also runs drift detection (configure(drift=))")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="count the bytecodes and Python calls of a step (load-free)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-ingest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -345,6 +381,11 @@ def main() -> int:
         from closedloop.learn import DriftPolicy
 
         cl.configure(drift=DriftPolicy())  # every step signal, and the default guards
+    if args.opcodes:
+        opcodes, calls = bench_opcodes()
+        print(f"{'pinned' if PINNED else 'default'} loop: {opcodes:.0f} bytecodes, "
+              f"{calls:.0f} Python calls per step (closedloop from {cl.__file__})")
+        return 0
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(bench_overhead(args.steps, args.rounds, Path(tmp))))
