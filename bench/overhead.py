@@ -1,7 +1,8 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
 Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
-``--parts``, ``--only overhead|ingest``, ``--baseline-src DIR``, ``--runs``, ``--drift``).
+``--parts``, ``--opcodes``, ``--pinned``, ``--only overhead|ingest``, ``--baseline-src DIR``,
+``--runs``, ``--drift``).
 
 1. Loop overhead: a trivial agent, one validator, an executor and one verifier, recording on
    into a SQLite store (WAL, background writer), default fault control on, against the same
@@ -17,6 +18,8 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    printed with every run. With ``--drift`` this tree's loop also runs drift detection
    (``closedloop.configure(drift=DriftPolicy())``: the DriftGuard among the default guards);
    ``--baseline-src`` set to this tree's own ``src`` then measures what drift detection adds.
+   With ``--opcodes``: the Python bytecodes and calls of one step instead (a count that
+   load does not change; run it with each tree's ``PYTHONPATH`` to compare them).
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
@@ -46,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import closedloop as cl
 
@@ -131,20 +135,30 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
     assert event is not None
     guard = loop._spec.guards[0]
     v = 1
+    from closedloop import _events
+
     fields = cl.StepEvent._fields
     names = {"StepEvent": cl.StepEvent, "StepResult": StepResult, "Attempt": cl.Attempt,
              "Validate": Validate, "guard": guard, "event": event, "v": v, "store": store,
-             "loop": loop, "validator": validator}
+             "loop": loop, "validator": validator, "new": tuple.__new__,
+             "template": loop._spec.event_template,
+             **{f.upper(): getattr(_events, f.upper()) for f in fields}}
+    per_step = [f for f in fields if f not in ("agent_id", "task_type", "agent_version",
+                                               "prompt_version")]
     pieces = [
         ("Loop.run, whole step", "loop.run(1)"),
-        ("StepEvent by keyword (19 fields)",
+        (f"StepEvent by keyword ({len(fields)} fields)",
          "StepEvent(" + ", ".join(f"{f}=v" for f in fields) + ")"),
-        ("StepEvent positional (19 fields)", "StepEvent(" + ", ".join("v" for _ in fields) + ")"),
+        (f"StepEvent positional ({len(fields)} fields)",
+         "new(StepEvent, (" + ", ".join("v" for _ in fields) + "))"),
+        (f"StepEvent by field name ({len(per_step)} set)",
+         "row = template.copy()\n" + "\n".join(f"row[{f.upper()}] = v" for f in per_step)
+         + "\nnew(StepEvent, row)"),
         ("StepResult (frozen dataclass)",
          "StepResult(trace_id='x', outcome='succeeded', proposal=1, result=1, attempts=1, "
          "validation=(), verification=(), error_type=None, error_message=None, event=event)"),
         ("Attempt", "Attempt(number=1, trace_id='x', task_type='t', backpressure=None)"),
-        ("one typed action (Validate)", "Validate(validator, (v,), 'validator')"),
+        ("one typed action (Validate)", "new(Validate, (validator, (v,), 'validator'))"),
         ("FaultControl.admit", "guard.admit('bench')"),
         ("FaultControl.observe", "guard.observe(event)"),
         ("Store.record", "store.record(event)"),
@@ -156,6 +170,36 @@ def bench_parts(folder: Path) -> list[tuple[str, float]]:
         out.append((name, best * 1e9))
     store.close()
     return out
+
+
+def bench_opcodes(steps: int = 200) -> tuple[float, float]:
+    """Python bytecodes executed and Python functions called per step (``sys.settrace``
+    with opcode events): a count that load does not change, to compare two versions of the
+    loop on a busy machine (it leaves out what C code costs: hashing, dict operations)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = cl.open_store(Path(tmp) / "opcodes.db")
+        loop = cl.Loop(agent, task_type="bench", validators=[validator], executor=executor,
+                       verifiers=[verifier], store=store, **PINNED)
+        per_step(loop.run, 300)  # warm up: the stored level read, the detector made
+        counts = [0, 0]
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[0] += 1
+            elif event == "call":
+                frame.f_trace_opcodes = True
+                counts[1] += 1
+            return trace
+
+        run = loop.run
+        sys.settrace(trace)
+        try:
+            for i in range(steps):
+                run(i)
+        finally:
+            sys.settrace(None)
+        store.close()
+    return counts[0] / steps, counts[1] / steps
 
 
 def ingest_events(events: int, kind: str) -> list[cl.StepEvent]:
@@ -288,7 +332,8 @@ def compare(baseline_src: str, runs: int, steps: int, rounds: int,
             before = load()
             out = subprocess.run(
                 [sys.executable, __file__, "--child", "--steps", str(steps),
-                 "--rounds", str(rounds), *(["--drift"] if drift and name == "this" else [])],
+                 "--rounds", str(rounds), *(["--drift"] if drift and name == "this" else []),
+                 *(["--pinned"] if PINNED else [])],
                 check=True, capture_output=True, text=True,
                 env={**os.environ, "PYTHONPATH": src})
             o = json.loads(out.stdout)
@@ -318,6 +363,8 @@ def main() -> int:
                         help="pin the loop's autonomy (no stored-level lookup, no monitor)")
     parser.add_argument("--drift", action="store_true",
                         help="this tree's loop also runs drift detection (configure(drift=))")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="count the bytecodes and Python calls of a step (load-free)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-ingest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,6 +381,11 @@ def main() -> int:
         from closedloop.learn import DriftPolicy
 
         cl.configure(drift=DriftPolicy())  # every step signal, and the default guards
+    if args.opcodes:
+        opcodes, calls = bench_opcodes()
+        print(f"{'pinned' if PINNED else 'default'} loop: {opcodes:.0f} bytecodes, "
+              f"{calls:.0f} Python calls per step (closedloop from {cl.__file__})")
+        return 0
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(bench_overhead(args.steps, args.rounds, Path(tmp))))

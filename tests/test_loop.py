@@ -940,7 +940,7 @@ def test_an_agents_exception_names_the_step_it_was_recorded_as(memory_store: cl.
 
 
 def test_every_event_field_holds_its_own_value(memory_store: cl.Store) -> None:
-    # The machine builds the event by position: each field gets a value no other field
+    # The machine builds the event field by field: each field gets a value no other field
     # has, so that two values swapped (or shifted) fail here.
     now = [100.0]
 
@@ -1036,3 +1036,29 @@ def test_a_results_and_an_events_json_carry_the_step(memory_store: cl.Store) -> 
         "step_id": result.step_id, "run_id": "r", "labels": {"tier": "gold"},
         "agent_version": "v1", "proposal": '{"n":1}',
         "proposal_digest": result.event.proposal_digest}
+
+
+def test_a_guard_that_only_observes_is_not_asked_to_admit(memory_store: cl.Store) -> None:
+    # `observe_only = True` says its admit never refuses: the loop saves the call, and the
+    # guard still sees every event
+    class Watcher:
+        observe_only = True
+
+        def __init__(self) -> None:
+            self.admits = 0
+            self.seen: list[str] = []
+
+        def admit(self, task_type: str) -> None:
+            self.admits += 1
+
+        def observe(self, event: cl.StepEvent) -> None:
+            self.seen.append(event.outcome)
+
+    watcher, asked = Watcher(), Admitting()
+    loop = cl.Loop(lambda task, attempt: task, task_type="t", executor=lambda p: p,
+                   guards=[watcher, asked], store=memory_store)
+    actions, result = drive(loop, 1)
+    assert result.ok
+    assert [a.guard for a in actions if isinstance(a, Admit)] == [asked]
+    assert loop.run(2).ok
+    assert watcher.admits == 0 and watcher.seen == ["succeeded", "succeeded"]

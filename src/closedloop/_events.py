@@ -10,9 +10,10 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from hashlib import sha256
+from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring as encode_string
 from typing import Any, NamedTuple
 
@@ -166,6 +167,32 @@ V2_FIELDS: tuple[str, ...] = EVENT_FIELDS[:EVENT_FIELDS.index("detail") + 1]
 JSON_COLUMNS: tuple[int, ...] = (EVENT_FIELDS.index("detail"), EVENT_FIELDS.index("labels"))
 """Positions of the fields stored as JSON (text in SQLite, jsonb in PostgreSQL)."""
 
+# ---- an event built by field name ----------------------------------------------------------
+# Each field's position, by name. The loop fills a row field by field, each one named where it
+# is set (``row[TRACE_ID] = trace_id``), from a template holding the loop's constant fields,
+# and makes the event from it (``tuple.__new__(StepEvent, row)``): built by name at the
+# cost of a positional tuple. ``StepEvent(ts=..., ...)`` with 31 keywords costs four times as much
+# (CPython passes a class's keywords through a dict and matches each one by name).
+(TS, TRACE_ID, AGENT_ID, TASK_TYPE, AUTONOMY, OUTCOME, ATTEMPTS, INPUT_TOKENS, OUTPUT_TOKENS,
+ LATENCY_MS, VALIDATION_PASSED, VERIFICATION_PASSED, ERROR_TYPE, ERROR_MESSAGE, PROPOSE_MS,
+ VALIDATE_MS, ACT_MS, VERIFY_MS, DETAIL, STEP_ID, PARENT_STEP_ID, RUN_ID, MODEL, PROVIDER,
+ AGENT_VERSION, PROMPT_VERSION, LABELS, CACHED_INPUT_TOKENS, COST_USD, PROPOSAL,
+ PROPOSAL_DIGEST) = range(31)
+_where = globals()
+if [_where.get(name.upper()) for name in EVENT_FIELDS] != list(range(len(EVENT_FIELDS))):
+    raise RuntimeError("closedloop: a StepEvent field has no position constant of its name")
+del _where
+
+
+def event_row(**fields: Any) -> list[Any]:
+    """A row to fill by field name: ``fields`` set, every other field ``None`` (a template:
+    copy it with ``row.copy()`` per event)."""
+    row: list[Any] = [None] * len(EVENT_FIELDS)
+    for name, value in fields.items():
+        row[EVENT_FIELDS.index(name)] = value
+    return row
+
+
 
 def dumps(value: Any) -> str:
     """JSON text as the stores keep it: compact, anything JSON cannot hold as its ``str()``."""
@@ -200,8 +227,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                           default=_jsonable).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            default=_jsonable)
+_encode: Callable[[Any], str] = _encoder.encode
+if c_make_encoder is not None:  # CPython's C encoder, made once instead of per call
+    # without a markers dict (one per call would be needed to share it between threads): a
+    # cycle then raises RecursionError instead of ValueError, caught alike below
+    _c_encode = c_make_encoder(None, _jsonable, encode_string, None, ":", ",", True, False,
+                               True)
+
+    def _encode(value: Any) -> str:  # the C encoder's form of _encoder.encode
+        return "".join(_c_encode(value, 0))
 
 
 def proposal_text(proposal: Any) -> str:

@@ -407,7 +407,7 @@ def test_the_detector_state_is_saved_and_resumed(store: cl.Store) -> None:
     loop2 = cl.Loop(echo, task_type="t", executor=Executor(), store=store, levels=two,
                     guards=[two.monitor()], verifiers=[lambda i, r: True])
     loop2.run(1)
-    assert two._detectors[LevelKey(task_type="t")][1].steps == 101
+    assert two._detectors[LevelKey(task_type="t")].state.steps == 101
 
 
 def test_feedback_needs_a_step_id() -> None:

@@ -132,7 +132,9 @@ class AutonomyLevels:
         self._cache: dict[str, tuple[float, list[LevelRecord]]] = {}
         self._memo: dict[str, dict[tuple[str, str | None], tuple[float, Resolved]]] = {}
         self._pending: dict[LevelKey, LevelRecord] = {}  # demotions not stored yet
-        self._detectors: dict[LevelKey, tuple[Any, Any, float]] = {}  # detector, state, saved
+        self._detectors: dict[LevelKey, _Watch] = {}  # each key's demotion detector
+        self._watched: dict[tuple[str, str, str | None], tuple[Resolved, _Watch]] = {}
+        """The detector of each (task type, agent, class), by the resolution it was found by."""
         self._task_keys: dict[str, LevelKey] = {}
         self._lock = threading.Lock()
         self._monitor = LevelMonitor(self)
@@ -394,28 +396,51 @@ class AutonomyLevels:
         """Learn from one step: an autonomous step's verification feeds its key's demotion
         detector; an alarm demotes the key and alerts. Quick, on the agent's path (an opted-in
         promotion review runs on a thread of its own)."""
-        if (self.policy.auto_promote or self.policies) and event.autonomy != "autonomous" \
-                and self.policy_for(event.task_type).auto_promote:
-            self._maybe_review(event.task_type)
-        if event.autonomy != "autonomous" or event.verification_passed is None:
+        task_type = event.task_type
+        if event.autonomy != "autonomous":
+            if (self.policy.auto_promote or self.policies) \
+                    and self.policy_for(task_type).auto_promote:
+                self._maybe_review(task_type)
+            return
+        passed = event.verification_passed
+        if passed is None:
             return
         cls = step_class(event) if event.detail else None
         # the level the step itself was resolved at (memoised); else look it up
-        memo = self._memo.get(event.task_type)
+        memo = self._memo.get(task_type)
         hit = memo.get((event.agent_id, cls)) if memo is not None else None
         resolved = hit[1] if hit is not None and not self._pending else self.resolve(
-            event.task_type, agent_id=event.agent_id, action_class=cls)
+            task_type, agent_id=event.agent_id, action_class=cls)
         if resolved.level is not Autonomy.AUTONOMOUS:
             return  # already demoted (or capped) here: nothing to detect
+        # the detector of the key that decided this resolution, found by the resolution
+        # itself (a memoised one is the same object until the levels are read again)
+        watched = self._watched.get((task_type, event.agent_id, cls))
+        if watched is not None and watched[0] is resolved:
+            watch = watched[1]
+        else:
+            watch = self._watch(resolved, task_type)
+            self._watched[(task_type, event.agent_id, cls)] = (resolved, watch)
+        # no lock: two threads updating one key at the same instant may lose one
+        # observation, which a statistical detector can afford
+        detector = watch.detector
+        step = detector.update(watch.state, not passed)
+        watch.state = state = step.state
+        if step.alarm or self.clock() - watch.saved_at >= SAVE_EVERY_S:
+            self._save(watch)
+        if step.alarm:
+            self._demote(watch.key, resolved.record, detector, state.steps, event)
+
+    def _watch(self, resolved: Resolved, task_type: str) -> _Watch:
+        """The demotion detector of the key that decided ``resolved`` (made, with the state
+        saved in the level store, the first time)."""
         record = resolved.record
         key: LevelKey | None = record.key if record is not None else self._task_keys.get(
-            event.task_type)  # one key object per task type
+            task_type)  # one key object per task type
         if key is None:
-            key = self._task_keys[event.task_type] = LevelKey(task_type=event.task_type)
-        # no lock: a dict read and a write are atomic; two threads updating one key at the
-        # same instant may lose one observation, which a statistical detector can afford
-        found = self._detectors.get(key)
-        if found is None:
+            key = self._task_keys[task_type] = LevelKey(task_type=task_type)
+        watch = self._detectors.get(key)
+        if watch is None:
             detector = self.policy_for(key.task_type).detector()
             state = detector.initial()
             try:
@@ -425,20 +450,17 @@ class AutonomyLevels:
             except Exception as exc:  # noqa: BLE001 - start afresh; the halt still guards
                 _log.warning("closedloop: could not read the demotion detector of %s: %s",
                              key, exc)
-            found = (detector, state, self.clock())
-        detector, state, saved_at = found
-        step = detector.update(state, not event.verification_passed)
-        now = self.clock()
-        if step.alarm or now - saved_at >= SAVE_EVERY_S:
-            saved_at = now  # tried now: the next attempt comes SAVE_EVERY_S later
-            try:
-                self.levels.put_detector(_detector_name(key), step.state.to_dict(), at=now)
-            except Exception as exc:  # noqa: BLE001 - saved again later
-                _log.warning("closedloop: could not save the demotion detector of %s: %s",
-                             key, exc)
-        self._detectors[key] = (detector, step.state, saved_at)
-        if step.alarm:
-            self._demote(key, record, detector, step.state.steps, event)
+            watch = self._detectors[key] = _Watch(key, detector, state, self.clock())
+        return watch
+
+    def _save(self, watch: _Watch) -> None:
+        """Save a detector's state (at most every :data:`SAVE_EVERY_S`, and on an alarm)."""
+        watch.saved_at = now = self.clock()  # tried now: the next try comes that much later
+        try:
+            self.levels.put_detector(_detector_name(watch.key), watch.state.to_dict(), at=now)
+        except Exception as exc:  # noqa: BLE001 - saved again later
+            _log.warning("closedloop: could not save the demotion detector of %s: %s",
+                         watch.key, exc)
 
     def _demote(self, key: LevelKey, record: LevelRecord | None, detector: Any, steps: int,
                 event: StepEvent) -> None:
@@ -494,6 +516,18 @@ class AutonomyLevels:
         return self._monitor
 
 
+class _Watch:
+    """One key's demotion detector, its state (updated in place) and when it was saved."""
+
+    __slots__ = ("detector", "key", "saved_at", "state")
+
+    def __init__(self, key: LevelKey, detector: Any, state: Any, saved_at: float) -> None:
+        self.key = key
+        self.detector = detector
+        self.state = state
+        self.saved_at = saved_at
+
+
 def _detector_name(key: LevelKey) -> str:
     return f"autonomy.demote:{key.task_type}:{key.agent_id}:{key.action_class or ''}"
 
@@ -512,6 +546,9 @@ def _find(records: list[LevelRecord], agent_id: str, cls: str | None) -> LevelRe
 class LevelMonitor:
     """A :class:`~closedloop.loop.StepGuard` for :meth:`AutonomyLevels.observe`: it never
     refuses a step (fault control does), it watches autonomous steps' verifications."""
+
+    observe_only = True
+    """The loop never asks it to admit a step (:class:`~closedloop.loop.StepGuard`)."""
 
     def __init__(self, levels: AutonomyLevels) -> None:
         self.levels = levels

@@ -59,7 +59,10 @@ class Admission:
 
 @runtime_checkable
 class StepGuard(Protocol):
-    """Decides whether a task type's step may run, and learns from each step's event."""
+    """Decides whether a task type's step may run, and learns from each step's event.
+
+    A guard whose ``admit`` never refuses (it only learns) may say so with a class attribute
+    ``observe_only = True``: the loop then does not ask it, saving a call per step."""
 
     def admit(self, task_type: str) -> object:
         """Return ``None`` to admit, or an :class:`Admission` to refuse (may be async).

@@ -414,7 +414,7 @@ def _drive(gen: Generator[Action, Any, Any]) -> Any:
             except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                 action = gen.throw(exc)
                 continue
-            if known(type(value)) is not False and _awaitable(value):
+            if value is not None and known(type(value)) is not False and _awaitable(value):
                 _discard(value)
                 gen.close()
                 raise ConfigError(f"{_name(action.fn)} is async; call "

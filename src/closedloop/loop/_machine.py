@@ -28,7 +28,41 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeAlias
 
 from closedloop._approvals import ApprovalStatus, Risk, as_risk, digest, merge_risks
-from closedloop._events import ErrorType, Outcome, StepEvent, proposal_fields, proposal_text
+from closedloop._events import (
+    ACT_MS,
+    ATTEMPTS,
+    AUTONOMY,
+    CACHED_INPUT_TOKENS,
+    COST_USD,
+    DETAIL,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    INPUT_TOKENS,
+    LABELS,
+    LATENCY_MS,
+    MODEL,
+    OUTCOME,
+    OUTPUT_TOKENS,
+    PARENT_STEP_ID,
+    PROPOSAL,
+    PROPOSAL_DIGEST,
+    PROPOSE_MS,
+    PROVIDER,
+    RUN_ID,
+    STEP_ID,
+    TRACE_ID,
+    TS,
+    VALIDATE_MS,
+    VALIDATION_PASSED,
+    VERIFICATION_PASSED,
+    VERIFY_MS,
+    ErrorType,
+    Outcome,
+    StepEvent,
+    event_row,
+    proposal_fields,
+    proposal_text,
+)
 from closedloop._redact import clip
 from closedloop._verdict import Issue, Verdict, as_verdict, render_feedback
 from closedloop.autonomy import Autonomy
@@ -46,7 +80,9 @@ from closedloop.loop._result import (
 
 # Actions are NamedTuples: immutable, typed, and built on the agent's hot path several times
 # per step, where a frozen dataclass would cost twice as much. ``fn`` and ``args`` come first
-# in every one of them, so a driver calls any action the same way.
+# in every one of them, so a driver calls any action the same way. The actions of every step
+# are made with ``_new(Validate, (fn, args, check))``, the class's own ``__new__`` without its
+# Python-level frame (a third of the cost; the same tuple).
 
 
 class Admit(NamedTuple):
@@ -212,7 +248,7 @@ _MAX_MESSAGE = 2000
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
 _RANK = {a: i for i, a in enumerate(Autonomy)}  # suggest < approve < autonomous
 _log = logging.getLogger("closedloop")
-_new_event = tuple.__new__
+_new: Any = tuple.__new__  # see the note on actions above
 _warned: dict[tuple[str, bool], float] = {}
 _monotonic = time.monotonic  # the process clock the warning throttle reads
 
@@ -267,12 +303,21 @@ class StepSpec:
     """One :class:`Admit` action per guard, built once (its arguments never change)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
     """Each check's passing verdict, built once: the verdict of a check returning None/True."""
+    event_template: list[Any] = field(init=False, repr=False, compare=False)
+    """The row every event of the loop starts from: the loop's own fields set, by name
+    (:func:`closedloop._events.event_row`); copied per event, never changed."""
 
     def __post_init__(self) -> None:
-        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards)
+        # a guard that only observes (``observe_only``: its admit never refuses) is not asked
+        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards
+                           if not getattr(g, "observe_only", False))
         passes = {name: Verdict(check=name) for name, _ in (*self.validators, *self.verifiers)}
+        template = event_row(agent_id=self.agent_id, task_type=self.task_type,
+                             agent_version=self.agent_version,
+                             prompt_version=self.prompt_version)
         object.__setattr__(self, "admissions", admissions)
         object.__setattr__(self, "passes", passes)
+        object.__setattr__(self, "event_template", template)
 
 
 def new_trace_id() -> str:
@@ -377,7 +422,7 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
                 t = clock()
                 attempt_token = _current_attempt.set(attempt)
                 try:  # propose
-                    proposal = yield Propose(spec.agent, (task_input, attempt))
+                    proposal = yield _new(Propose, (spec.agent, (task_input, attempt)))
                 except Exception as exc:
                     step.propose_s += clock() - t
                     step.finish(_Ending(Outcome.ERROR, ErrorType.AGENT, _describe(exc)), exc)
@@ -552,7 +597,7 @@ class _Step:
         for name, check in self.spec.validators:
             t = now
             try:
-                value = yield Validate(check, (proposal,), name)
+                value = yield _new(Validate, (check, (proposal,), name))
                 if value is None or value is True:
                     verdict = passes[name]
                 else:
@@ -622,7 +667,7 @@ class _Step:
             return _SUCCEEDED
         if spec.levels is not None:  # the stored level of this proposal
             try:
-                self.autonomy, self.leveled = yield Level(spec.levels, (self.proposal,))
+                self.autonomy, self.leveled = yield _new(Level, (spec.levels, (self.proposal,)))
             except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
                 self.unleveled(exc)
         if spec.risk_rules or self.autonomy is not Autonomy.AUTONOMOUS:
@@ -635,7 +680,7 @@ class _Step:
         clock = self.clock
         t = clock()
         try:
-            self.result = yield Act(spec.executor, (self.proposal,))
+            self.result = yield _new(Act, (spec.executor, (self.proposal,)))
         except Exception as exc:
             self.act_s += clock() - t
             self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
@@ -797,7 +842,7 @@ class _Step:
         for name, check in self.spec.verifiers:
             t = now
             try:
-                value = yield Verify(check, (intent, result), name)
+                value = yield _new(Verify, (check, (intent, result), name))
                 if value is None or value is True:
                     verdict = passes[name]
                 else:
@@ -852,43 +897,41 @@ class _Step:
                                        "module": type(exception).__module__,
                                        "message": clip(str(exception), _MAX_MESSAGE)}
         attempt, clock, labels = self.attempt, self.clock, self.labels
-        proposal, digest = proposal_fields(self.proposal)
-        # By position, in StepEvent's field order (a test checks every field by name): a
-        # call with 31 keywords costs as much as the rest of this method, since CPython
-        # matches each keyword by scanning the parameter list.
-        event = _new_event(StepEvent, (
-            self.ts,                                        # ts
-            trace_id,                                       # trace_id
-            spec.agent_id,                                  # agent_id
-            spec.task_type,                                 # task_type
-            _VALUE[Autonomy.APPROVE if self.gated else self.autonomy],  # autonomy
-            _VALUE[outcome],                                # outcome
-            attempt.number,                                 # attempts
-            attempt.input_tokens,                           # input_tokens
-            attempt.output_tokens,                          # output_tokens
-            (clock() - self.started) * 1000.0,              # latency_ms
-            self.validation_passed,                         # validation_passed
-            self.verification_passed,                       # verification_passed
-            _VALUE[error_type] if error_type is not None else None,  # error_type
-            error_message,                                  # error_message
-            self.propose_s * 1000.0,                        # propose_ms
-            self.validate_s * 1000.0,                       # validate_ms
-            self.act_s * 1000.0,                            # act_ms
-            self.verify_s * 1000.0,                         # verify_ms
-            detail,                                         # detail
-            self.step_id,                                   # step_id
-            self.parent_step_id,                            # parent_step_id
-            self.run_id,                                    # run_id
-            attempt.model,                                  # model
-            attempt.provider,                               # provider
-            spec.agent_version,                             # agent_version
-            spec.prompt_version,                            # prompt_version
-            labels.copy() if labels is not None else None,  # labels
-            attempt.cached_input_tokens,                    # cached_input_tokens
-            None if attempt.unpriced else attempt.cost_usd,  # cost_usd
-            proposal,                                       # proposal
-            digest,                                         # proposal_digest
-        ))
+        # By field name, into a copy of the loop's template (agent_id, task_type and the
+        # versions are set there): as cheap as a positional tuple (a test checks every field)
+        row = spec.event_template.copy()
+        row[TS] = self.ts
+        row[TRACE_ID] = trace_id
+        row[AUTONOMY] = _VALUE[Autonomy.APPROVE if self.gated else self.autonomy]
+        row[OUTCOME] = _VALUE[outcome]
+        row[ATTEMPTS] = attempt.number
+        row[INPUT_TOKENS] = attempt.input_tokens
+        row[OUTPUT_TOKENS] = attempt.output_tokens
+        row[LATENCY_MS] = (clock() - self.started) * 1000.0
+        row[VALIDATION_PASSED] = self.validation_passed
+        row[VERIFICATION_PASSED] = self.verification_passed
+        if error_type is not None:
+            row[ERROR_TYPE] = _VALUE[error_type]
+            row[ERROR_MESSAGE] = error_message
+        elif error_message is not None:
+            row[ERROR_MESSAGE] = error_message
+        row[PROPOSE_MS] = self.propose_s * 1000.0
+        row[VALIDATE_MS] = self.validate_s * 1000.0
+        row[ACT_MS] = self.act_s * 1000.0
+        row[VERIFY_MS] = self.verify_s * 1000.0
+        row[DETAIL] = detail
+        row[STEP_ID] = self.step_id
+        row[PARENT_STEP_ID] = self.parent_step_id
+        row[RUN_ID] = self.run_id
+        row[MODEL] = attempt.model
+        row[PROVIDER] = attempt.provider
+        if labels is not None:
+            row[LABELS] = labels.copy()
+        row[CACHED_INPUT_TOKENS] = attempt.cached_input_tokens
+        if not attempt.unpriced:
+            row[COST_USD] = attempt.cost_usd
+        row[PROPOSAL], row[PROPOSAL_DIGEST] = proposal_fields(self.proposal)
+        event: StepEvent = _new(StepEvent, row)
         if spec.record is not None:
             try:
                 spec.record(event)

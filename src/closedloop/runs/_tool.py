@@ -119,6 +119,18 @@ def _type_check(hint: Any) -> Callable[[Any], bool] | None:
     return None
 
 
+def _exact_types(hint: Any) -> frozenset[type]:
+    """Types a value of which fits ``hint`` without calling its check (the common case: a
+    ``str`` for ``str``; never ``bool`` for ``int``)."""
+    if hint is float:
+        return frozenset({float, int})
+    if hint in _SIMPLE and hint is not None:
+        return frozenset({hint})
+    if typing.get_origin(hint) is Union or typing.get_origin(hint) is types.UnionType:
+        return frozenset().union(*(_exact_types(a) for a in typing.get_args(hint)))
+    return frozenset()
+
+
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type) and typing.get_origin(hint) is None:
         return hint.__name__
@@ -145,6 +157,8 @@ class _Signature:
         self.simple = not self.posonly and self.var_pos is None
         """Called as ``fn(**call)``."""
         self.types: dict[str, tuple[Callable[[Any], bool], str]] = {}
+        self.typed: list[tuple[str, frozenset[type], Callable[[Any], bool]]] = []
+        """Each typed parameter, the types that fit it as they are, and its check."""
         if check_types:
             try:
                 hints = typing.get_type_hints(fn)
@@ -155,6 +169,7 @@ class _Signature:
                     check = _type_check(hints[p.name])
                     if check is not None:
                         self.types[p.name] = (check, _type_name(hints[p.name]))
+                        self.typed.append((p.name, _exact_types(hints[p.name]), check))
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ToolCall:
         """The call's arguments by name (never raises: problems are kept for the check)."""
@@ -196,18 +211,23 @@ class _ArgumentCheck:
 
     def __init__(self, signature: _Signature) -> None:
         self.signature = signature
+        self._required = signature.required_set
+        self._names = signature.names if signature.var_kw is None else None
+        self._typed = tuple(signature.typed)
 
     def __call__(self, call: ToolCall) -> Verdict | None:
         sig = self.signature
-        problems = call.problems
         keys = call.keys()
-        if not problems and keys >= sig.required_set and (
-                sig.var_kw is not None or keys <= sig.names):
-            for name, (check, _) in sig.types.items():  # the common case: all present, typed
-                if name in call and not check(call[name]):
-                    break
+        names = self._names
+        if not call.problems and keys >= self._required and (names is None or keys <= names):
+            for name, exact, check in self._typed:  # the common case: all present, typed
+                if name in call:
+                    value = call[name]
+                    if type(value) not in exact and not check(value):
+                        break
             else:
                 return None
+        problems = call.problems
         missing = [n for n in sig.required if n not in call]
         unexpected = [] if sig.var_kw is not None else [k for k in call if k not in sig.names]
         wrong = [(k, t) for k, (check, t) in sig.types.items() if k in call
