@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
 import closedloop as cl
 from closedloop._approvals import ApprovalStatus
-from closedloop._runstate import RunHalt
+from closedloop._runstate import RunHalt, RunHaltStore
 from closedloop.approvals import list_requests
 from closedloop.autonomy import Feedback, LevelKey, LevelRecord
 from closedloop.store import (
@@ -132,7 +133,7 @@ def test_run_records_are_pruned_by_store_prune_too(store: cl.Store) -> None:
 
 
 def test_run_halts_are_pruned_with_the_other_records(store: cl.Store) -> None:
-    runs = store.runs()
+    runs = cast(RunHaltStore, store.runs())
     runs.halt_run(RunHalt(run_id="old", at=OLD, by="alice", reason="stop"))
     runs.halt_run(RunHalt(run_id="new", at=NOW, by="alice", reason="stop"))
     assert store_info(store).records["run_halts"] == 2
