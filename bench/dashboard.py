@@ -3,7 +3,9 @@
 ``PYTHONPATH=src python bench/dashboard.py --store sqlite:///PATH [--rounds 5]`` builds the app
 ``closedloop serve`` runs (``create_app(dashboard=True)``) on the store and requests each page
 in-process (httpx's ASGI transport: no socket, no browser), reporting per page the median
-wall time and the median CPU time of this process over ``--rounds`` after one warm-up. Use a
+wall time and the median CPU time of this process over ``--rounds`` after one warm-up (its
+wall time shown apart: on SQLite the first overview folds the events into the hourly roll-up
+its trend reads, once per store, see ``closedloop.store.sqlite._rollup``). Use a
 copy of the 1M-event store of ``bench/report.py stores`` (``~/.cache/closedloop-bench``): the
 store is opened read-write by the app.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -24,7 +27,7 @@ PAGES = ("/ui/", "/ui/?window=24h", "/ui/?window=30d", "/ui/?window=all", "/ui/s
          "/ui/steps?outcome=failed", "/ui/traces", "/ui/approvals", "/ui/control")
 
 
-async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
+async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int, float]]:
     store = cl.open_store(url)
     app = create_app(store=store, dashboard=True)
     out = []
@@ -35,7 +38,7 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
         pages = (*PAGES, "/ui/steps" + cursor_page.replace("&amp;", "&"))
         for path in pages:
             walls, cpus = [], []
-            status = 0
+            status, first = 0, 0.0
             for i in range(rounds + 1):
                 w0, c0 = time.perf_counter(), time.process_time()
                 answer = await http.get(path)
@@ -44,8 +47,10 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
                 if i:
                     walls.append(w1 - w0)
                     cpus.append(c1 - c0)
+                else:
+                    first = w1 - w0
             out.append((path, statistics.median(walls) * 1000, statistics.median(cpus) * 1000,
-                        status))
+                        status, first * 1000))
     store.close()
     return out
 
@@ -58,8 +63,9 @@ def main() -> None:
     with cl.open_store(args.store) as store:
         events = store.count()
     print(f"{events:,} events in {args.store}")
-    for path, wall, cpu, status in asyncio.run(measure(args.store, args.rounds)):
-        print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms")
+    for path, wall, cpu, status, first in asyncio.run(measure(args.store, args.rounds)):
+        print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms  (first "
+              f"request {first:,.0f} ms; load {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from closedloop.store._learn import (
 )
 from closedloop.store._query import EventSummary, StepFilter, StepPage
 from closedloop.store._retention import BATCH, CONTROL_PRUNE, EventsPruned, StoreInfo
+from closedloop.store.sqlite._rollup import MIGRATION as ROLLUP_MIGRATION
+from closedloop.store.sqlite._rollup import pruned as rollup_pruned
 
 if TYPE_CHECKING:
     from closedloop.store.sqlite._approvals import SQLiteApprovals
@@ -292,6 +294,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX approval_history_request ON approval_history (request_id);
     """,
+    # the learning layer's hourly roll-up (closedloop.store.sqlite._rollup): kept up by the
+    # queries that read it, never by the writer
+    ROLLUP_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -691,6 +696,7 @@ class SQLiteBackend:
                 conn.execute("BEGIN IMMEDIATE")
                 n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
                                  (before, size)).rowcount
+                rollup_pruned(conn, before)  # the learning roll-up, in the same transaction
                 conn.execute("COMMIT")
                 done += n
                 if n < size:
