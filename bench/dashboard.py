@@ -10,9 +10,11 @@ builds its own (five task types over 30 days; :func:`report.ensure`), plus ``--r
 measures those stores instead. On each it builds the app ``closedloop serve`` runs
 (``create_app(dashboard=True)``) and requests each page in-process (httpx's ASGI transport:
 no socket, no browser), reporting per page the median wall time and the median CPU time of
-this process over ``--rounds`` after one warm-up. With PostgreSQL the database's own work
-is in the wall time only. The app may write to the store (it settles due approvals): use
-the bench's own stores, not one that matters.
+this process over ``--rounds`` after one warm-up (the warm-up's wall time shown apart: on
+SQLite the first overview folds the events into the hourly roll-up its trend reads, once
+per store, see ``closedloop.store.sqlite._rollup``). With PostgreSQL the database's own
+work is in the wall time only. The app may write to the store (it settles due approvals and
+keeps the roll-up): use the bench's own stores, not one that matters.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _linked(html: str) -> list[str]:
     return [] if found is None else [found.group(1)]
 
 
-async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
+async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int, float]]:
     store = cl.open_store(url)
     app = create_app(store=store, dashboard=True)
     out = []
@@ -90,7 +92,7 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
                  *_linked(steps.text), *_linked(traces.text), *_linked(waiting.text))
         for path in pages:
             walls, cpus = [], []
-            status = 0
+            status, first = 0, 0.0
             for i in range(rounds + 1):
                 w0, c0 = time.perf_counter(), time.process_time()
                 answer = await http.get(path)
@@ -99,14 +101,16 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int]]:
                 if i:
                     walls.append(w1 - w0)
                     cpus.append(c1 - c0)
+                else:
+                    first = w1 - w0
             out.append((path, statistics.median(walls) * 1000, statistics.median(cpus) * 1000,
-                        status))
+                        status, first * 1000))
     out.append(_live_poll(store, rounds))
     store.close()
     return out
 
 
-def _live_poll(store: cl.Store, rounds: int) -> tuple[str, float, float, int]:
+def _live_poll(store: cl.Store, rounds: int) -> tuple[str, float, float, int, float]:
     """What one live stream's poll costs when nothing is new: ``steps_after`` the newest."""
     head = store.steps(limit=50).head_cursor
     walls, cpus = [], []
@@ -118,7 +122,7 @@ def _live_poll(store: cl.Store, rounds: int) -> tuple[str, float, float, int]:
             walls.append(w1 - w0)
             cpus.append(c1 - c0)
     return ("(live poll: Store.steps_after the newest step)",
-            statistics.median(walls) * 1000, statistics.median(cpus) * 1000, 0)
+            statistics.median(walls) * 1000, statistics.median(cpus) * 1000, 0, 0.0)
 
 
 def main() -> None:
@@ -152,8 +156,9 @@ def main() -> None:
         with cl.open_store(url) as store:
             events = store.count()
         print(f"{events:,} events in {url} (load {os.getloadavg()[0]:.2f})")
-        for path, wall, cpu, status in asyncio.run(measure(url, args.rounds)):
-            print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms")
+        for path, wall, cpu, status, first in asyncio.run(measure(url, args.rounds)):
+            print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms  (first "
+                  f"request {first:,.0f} ms)")
         print(f"(load {os.getloadavg()[0]:.2f})")
 
 

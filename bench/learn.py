@@ -2,10 +2,14 @@
 the demo's seeded faults.
 
 ``python bench/learn.py stores`` (options: ``--events``, ``--rounds``, ``--cache``, ``--pg``,
-``--rebuild``, ``--drop``): builds ``--events`` (1,000,000) synthetic events of schema v3 once
+``--rebuild``, ``--drop``, ``--tag``, ``--backends``): builds ``--events`` (1,000,000)
+synthetic events of schema v3 once
 in a SQLite file (``--cache``, default ``~/.cache/closedloop-bench/learn-<events>.db``) and in
 a PostgreSQL schema of their own (``closedloop_bench_learn_<events>``), through the store's
-own write path, and reuses them while they hold exactly that many events. Then it times, on
+own write path, and reuses them while they hold exactly that many events (``--tag=_x``
+names them ``learn_x-…``: a branch whose schema is newer keeps its own). It times the first
+query through a writable handle (on SQLite it folds the events into the hourly roll-up
+that trends read, once per store; see ``closedloop.store.sqlite._rollup``), then, on
 each backend (median of ``--rounds``, wall and this process's CPU, the store opened read-only
 as the commands open it), over every event of the store:
 
@@ -116,15 +120,29 @@ def stores(args: argparse.Namespace) -> None:
     cache = Path(args.cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     sep = "&" if "?" in args.pg else "?"
-    urls = {"sqlite": f"sqlite:///{cache / f'learn-{args.events}.db'}",
-            "postgresql": f"{args.pg}{sep}schema=closedloop_bench_learn_{args.events}"}
+    urls = {"sqlite": f"sqlite:///{cache / f'learn{args.tag}-{args.events}.db'}",
+            "postgresql": f"{args.pg}{sep}schema=closedloop_bench_learn{args.tag}_{args.events}"}
     print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, "
           f"{args.events:,} events, load {os.getloadavg()[0]:.2f}")
     try:
         for kind, url in urls.items():
+            if kind not in args.backends.split(","):
+                continue
             rate = ensure(url, args.events, args.rebuild, learn_events)
             built = "reused" if rate is None else f"built at {rate:,.0f} events/s"
             print(f"{kind:10} store {built}")
+            with cl.open_store(url, create=False) as writable:
+                # a writable query folds what its roll-up lacks in (SQLite; once per store
+                # and dimension, then the rows written since)
+                for what, query in (
+                        ("steps per period", lambda s=writable: s.period_steps()),
+                        ("failures", lambda s=writable: s.failure_counts()),
+                        ("series by model", lambda s=writable: s.series(by="model")),
+                        ("series by label:tier",
+                         lambda s=writable: s.series(by="label:tier"))):
+                    wall, cpu, _ = timed(1, query)
+                    print(f"{kind:10} first writable query: {what:22} {wall:.3f} s (CPU of "
+                          f"this process {cpu:.3f} s; load {os.getloadavg()[0]:.2f})")
             store = cl.open_store(url, read_only=kind == "sqlite", create=False)
             jobs: dict[str, Callable[[], Any]] = {
                 "trends by task_type": lambda s=store: trends(s, since=0.0),
@@ -143,7 +161,7 @@ def stores(args: argparse.Namespace) -> None:
             finally:
                 store.close()
     finally:
-        if args.drop:
+        if args.drop and "postgresql" in args.backends:
             reset(urls["postgresql"])
 
 
@@ -187,6 +205,8 @@ def main() -> None:
     scale.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
     scale.add_argument("--rebuild", action="store_true", help="build the stores afresh")
     scale.add_argument("--drop", action="store_true", help="drop the PostgreSQL schema after")
+    scale.add_argument("--backends", default="sqlite,postgresql", help="which to time")
+    scale.add_argument("--tag", default="", help="names the stores apart (a branch's schema)")
     demo = modes.add_parser("purity", help="cluster purity on the demo's seeded faults")
     demo.add_argument("--requests", type=int, default=1000)
     demo.add_argument("--seed", type=int, default=7)

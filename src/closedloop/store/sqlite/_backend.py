@@ -47,6 +47,8 @@ from closedloop.store._retention import (
     StoreInfo,
     record_clauses,
 )
+from closedloop.store.sqlite._rollup import MIGRATION as ROLLUP_MIGRATION
+from closedloop.store.sqlite._rollup import pruned as rollup_pruned
 
 if TYPE_CHECKING:
     from closedloop.store.sqlite._approvals import SQLiteApprovals
@@ -314,6 +316,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX IF NOT EXISTS events_trace ON events (trace_id, ts);
     """,
+    # the learning layer's hourly roll-up (closedloop.store.sqlite._rollup): kept up by the
+    # queries that read it, never by the writer
+    ROLLUP_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -726,6 +731,7 @@ class SQLiteBackend:
                 conn.execute("BEGIN IMMEDIATE")
                 n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
                                  (before, size)).rowcount
+                rollup_pruned(conn, before)  # the learning roll-up, in the same transaction
                 conn.execute("COMMIT")
                 done += n
                 if n < size:

@@ -36,6 +36,7 @@ from closedloop.store._learn import (
     series_sums,
 )
 from closedloop.store._query import StepFilter
+from closedloop.store.sqlite import _rollup
 from closedloop.store.sqlite._query import _and, _where
 
 if TYPE_CHECKING:
@@ -75,10 +76,10 @@ def _ready(conn: sqlite3.Connection) -> bool:
     return _NEEDED.issubset(r[1] for r in conn.execute("PRAGMA table_info(events)"))
 
 
-def _grouped(backend: SQLiteBackend, where: StepFilter, select: str, *extra: str,
-             params: Sequence[Any] = (), groups: int) -> list[Any] | None:
-    """``SELECT {select} FROM events WHERE … GROUP BY 1..groups`` over the store, in two
-    halves read at once (see the module's docstring); None for a store too old."""
+def _runner(where: StepFilter, select: str, *extra: str, params: Sequence[Any] = (),
+            groups: int) -> Callable[..., list[Any]]:
+    """``run(conn, index, *terms, more=...)``: ``SELECT {select} FROM events {index} WHERE
+    … GROUP BY 1..groups`` with ``terms`` (their values ``more``) added to ``where``."""
     def run(conn: sqlite3.Connection, index: str, *terms: str,
             more: Sequence[Any] = ()) -> list[Any]:
         sql, values = _where(where, *extra, *terms)
@@ -87,6 +88,14 @@ def _grouped(backend: SQLiteBackend, where: StepFilter, select: str, *extra: str
             f"{', '.join(str(i) for i in range(1, groups + 1))}",
             [*params, *more, *values]).fetchall()
 
+    return run
+
+
+def _grouped(backend: SQLiteBackend, where: StepFilter, select: str, *extra: str,
+             params: Sequence[Any] = (), groups: int) -> list[Any] | None:
+    """``SELECT {select} FROM events WHERE … GROUP BY 1..groups`` over the store, in two
+    halves read at once (see the module's docstring); None for a store too old."""
+    run = _runner(where, select, *extra, params=params, groups=groups)
     return _read(backend, lambda conn, other: _split(conn, other, where, run))
 
 
@@ -95,11 +104,12 @@ def _split(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection],
     if _narrow(conn, where):
         return run(conn, "INDEXED BY events_ts")
     top = conn.execute("SELECT max(rowid) FROM events").fetchone()[0]
-    if top is None:
-        return []
-    middle = int(top) // 2
-    second = other()
+    return [] if top is None else _halves(conn, other, run, 0, int(top))
 
+
+def _halves(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection],
+            run: Callable[..., list[Any]], low: int, top: int) -> list[Any]:
+    """``run`` over the rows ``low < rowid <= top``: two halves at once, in chunks."""
     def chunks(c: sqlite3.Connection, low: int, high: int) -> list[Any]:
         # SQLite sorts the rows of a GROUP BY: many small sorts cost less than one large one
         # (a million rows: 1.8 s of CPU in chunks of 20,000 rows against 2.8 s in one)
@@ -109,10 +119,49 @@ def _split(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection],
                         more=[start, min(start + _CHUNK, high)])
         return rows
 
+    if top - low <= _CHUNK:
+        return chunks(conn, low, top)
+    middle = (low + top) // 2
+    second = other()
     with ThreadPoolExecutor(1) as pool:
-        later = pool.submit(chunks, second, middle, int(top))
-        rows = chunks(conn, 0, middle)
+        later = pool.submit(chunks, second, middle, top)
+        rows = chunks(conn, low, middle)
         return rows + later.result()
+
+
+def _rolled(backend: SQLiteBackend, where: StepFilter, dim: str, *,
+            run: Callable[..., list[Any]],
+            rolled: Callable[[sqlite3.Connection, tuple[int, int]], list[Any]],
+            whole: Callable[[sqlite3.Connection, Callable[[], sqlite3.Connection]],
+                            list[Any]] | None = None) -> list[Any] | None:
+    """The rows of ``run`` over ``where``'s steps, the whole hours ``dim``'s roll-up covers
+    (:mod:`closedloop.store.sqlite._rollup`) read from it by ``rolled(conn, hours)``
+    instead (without one: ``whole(conn, other)``, by default every row); a writable handle
+    first folds new rows into the roll-up (starting it)."""
+    if not backend.read_only:
+        with backend._maintenance("update the roll-up of") as conn:
+            _rollup.refresh(conn, dim)
+
+    def work(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection]) -> list[Any]:
+        found = _rollup.state(conn, dim)
+        span = None if found is None or not found.usable else _rollup.hours(
+            where.since, where.until, found.floor)
+        if found is None or span is None:
+            return (whole or (lambda c, o: _split(c, o, where, run)))(conn, other)
+        low, high = span[0] * 3600.0, span[1] * 3600.0
+        rows = rolled(conn, span)
+        # the edges and the hours below the floor, then the rows written since
+        rows += run(conn, "INDEXED BY events_ts", "ts < ?", more=[low])
+        rows += run(conn, "INDEXED BY events_ts", "ts >= ?", more=[high])
+        top = conn.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
+
+        def inside(c: sqlite3.Connection, index: str, *terms: str,
+                   more: Sequence[Any] = ()) -> list[Any]:
+            return run(c, index, *terms, "ts >= ?", "ts < ?", more=[*more, low, high])
+
+        return rows + _halves(conn, other, inside, found.covered, int(top))
+
+    return _read(backend, work)
 
 
 def _narrow(conn: sqlite3.Connection, where: StepFilter) -> bool:
@@ -159,11 +208,14 @@ def _read(backend: SQLiteBackend,
 
 def series(backend: SQLiteBackend, where: StepFilter, *, by: Dimension,
            window: str) -> list[SeriesCell] | None:
-    """Per value of ``by`` and period: the figures of :class:`SeriesCell`."""
+    """Per value of ``by`` and period: the figures of :class:`SeriesCell` (the whole hours
+    the roll-up covers from it)."""
     value, params = (("json_extract(labels, ?)", [f'$."{by.label}"']) if by.column == "label"
                      else (by.column, []))
-    rows = _grouped(backend, where, f"{value}, {_period(window)}, {BUCKET}, {_SUMS}",
-                    params=params, groups=3)
+    run = _runner(where, f"{value}, {_period(window)}, {BUCKET}, {_SUMS}", params=params,
+                  groups=3)
+    rows = _rolled(backend, where, str(by), run=run, rolled=lambda conn, span: _rollup.series_rows(
+        conn, by, window, span, where.task_type))
     return None if rows is None else cells_from_rows(rows)
 
 
@@ -181,27 +233,23 @@ def failure_counts(backend: SQLiteBackend, where: StepFilter, *,
     """Failed steps per error type, message group, task type, model and period; steps
     stored before messages were grouped are grouped here (Python)."""
     period = _period(window)
+    run = _runner(where, f"coalesce(error_type, ''), coalesce(error_group, ''), task_type, "
+                  f"model, {period}, count(*), min(ts), max(ts)", _rollup.GROUPED_FAILURE,
+                  groups=5)
+    rows = _rolled(backend, where, _rollup.FAILURES, run=run,
+                   rolled=lambda conn, span: _rollup.failure_rows(conn, window, span,
+                                                                  where.task_type))
+    if rows is None:
+        return None
 
-    def work(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection]) -> list[Any]:
-        def run(c: sqlite3.Connection, index: str, *terms: str,
-                more: Sequence[Any] = ()) -> list[Any]:
-            sql, values = _where(where, _FAILED, "NOT (error_group IS NULL AND "
-                                 "coalesce(error_message, '') <> '')", *terms)
-            return c.execute(
-                f"SELECT coalesce(error_type, ''), coalesce(error_group, ''), task_type, "
-                f"model, {period}, count(*), min(ts), max(ts) FROM events {index}{sql} "
-                "GROUP BY 1, 2, 3, 4, 5", [*more, *values]).fetchall()
-
-        rows = _split(conn, other, where, run)
+    def legacy(conn: sqlite3.Connection, _: object) -> list[Any]:
         sql, values = _and(where)
-        legacy = conn.execute(
+        return _legacy(conn.execute(
             f"SELECT error_type, error_message, task_type, model, {period}, ts FROM events "
             f"INDEXED BY events_ungrouped WHERE error_group IS NULL AND error_message <> '' "
-            f"AND {_FAILED}{sql}", values).fetchall()
-        return rows + _legacy(legacy)
+            f"AND {_FAILED}{sql}", values).fetchall())
 
-    rows = _read(backend, work)
-    return None if rows is None else failure_cells_from_rows(rows)
+    return failure_cells_from_rows([*rows, *(_read(backend, legacy) or [])])
 
 
 def _legacy(rows: Sequence[Any]) -> list[Any]:
@@ -239,42 +287,50 @@ def failure_examples(backend: SQLiteBackend, where: StepFilter, keys: Sequence[E
 
 def period_steps(backend: SQLiteBackend, where: StepFilter, *,
                  window: str) -> dict[int, int] | None:
-    """Steps per period: counted on the time index, one range per period (of one task type:
-    grouped on ``events_latency``, which holds its times in order)."""
-    length, offset = WINDOWS[window], WINDOW_OFFSETS[window]
+    """Steps per period: the roll-up's whole hours, the rest counted on the indexes."""
     if where.outcome is not None or where.error_type is not None:
         rows = _grouped(backend, where, f"{_period(window)}, count(*)", groups=1)
         return None if rows is None else _summed(rows)
+    run = _runner(where, f"{_period(window)}, count(*)", groups=1)
+    rows = _rolled(backend, where, "task_type", run=run,
+                   rolled=lambda conn, span: _rollup.period_rows(conn, window, span,
+                                                                 where.task_type),
+                   whole=lambda conn, other: _counted(conn, other, where, window, run))
+    return None if rows is None else _summed(rows)
+
+
+def _counted(conn: sqlite3.Connection, other: Callable[[], sqlite3.Connection],
+             where: StepFilter, window: str, run: Callable[..., list[Any]]) -> list[Any]:
+    """Steps per period without the roll-up: counted on the time index, one range per
+    period (of one task type: grouped on ``events_latency``, which holds its times in
+    order); grouped by ``run`` over every row when some step is older than 1970-01-12
+    (before that a period is not one range: its index is truncated toward zero)."""
+    length, offset = WINDOWS[window], WINDOW_OFFSETS[window]
     if where.task_type is not None:
-        def grouped(conn: sqlite3.Connection, _: object) -> dict[int, int]:
-            sql, values = _where(where)
-            return _summed(conn.execute(
-                f"SELECT {_period(window)}, count(*) FROM events INDEXED BY events_latency"
-                f"{sql} GROUP BY 1", values).fetchall())
-
-        return _read(backend, grouped)
-
-    def work(conn: sqlite3.Connection, _: object) -> dict[int, int]:
-        low = conn.execute("SELECT min(ts) FROM events").fetchone()[0]
-        high = conn.execute("SELECT max(ts) FROM events").fetchone()[0]
-        if low is None:
-            return {}
-        low = max(low, where.since) if where.since is not None else low
-        high = min(high, where.until) if where.until is not None else high
-        out = {}
-        for p in range(int((low - offset) / length), int((high - offset) / length) + 1):
-            start, end = p * length + offset, (p + 1) * length + offset
-            if where.since is not None:
-                start = max(start, where.since)
-            if where.until is not None:
-                end = min(end, where.until)
-            n = conn.execute("SELECT count(*) FROM events INDEXED BY events_ts WHERE "
-                             "ts >= ? AND ts < ?", [start, end]).fetchone()[0]
-            if n:
-                out[p] = int(n)
-        return out
-
-    return _read(backend, work)
+        sql, values = _where(where)
+        return conn.execute(
+            f"SELECT {_period(window)}, count(*) FROM events INDEXED BY events_latency"
+            f"{sql} GROUP BY 1", values).fetchall()
+    low = conn.execute("SELECT min(ts) FROM events").fetchone()[0]
+    high = conn.execute("SELECT max(ts) FROM events").fetchone()[0]
+    if low is None:
+        return []
+    if low < WINDOWS["week"] + WINDOW_OFFSETS["week"]:
+        return _split(conn, other, where, run)
+    low = max(low, where.since) if where.since is not None else low
+    high = min(high, where.until) if where.until is not None else high
+    out = []
+    for p in range(int((low - offset) / length), int((high - offset) / length) + 1):
+        start, end = p * length + offset, (p + 1) * length + offset
+        if where.since is not None:
+            start = max(start, where.since)
+        if where.until is not None:
+            end = min(end, where.until)
+        n = conn.execute("SELECT count(*) FROM events INDEXED BY events_ts WHERE "
+                         "ts >= ? AND ts < ?", [start, end]).fetchone()[0]
+        if n:
+            out.append((p, int(n)))
+    return out
 
 
 def _summed(rows: Sequence[Any]) -> dict[int, int]:

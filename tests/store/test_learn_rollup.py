@@ -1,0 +1,162 @@
+"""SQLite's hourly roll-up of the learning layer: what trends read from it equals the scan
+(the Python pass over the same events), whatever was rolled up when: events written after
+it (late ones, for hours it already covers), pruned by retention, renumbered by VACUUM,
+windows cutting hours, timestamps at a hair of an hour's boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import closedloop as cl
+from closedloop.store import (
+    Dimension,
+    Store,
+    failure_events,
+    parse_dimension,
+    period_steps_events,
+)
+from closedloop.store import series_events as scan
+from closedloop.store.sqlite import _rollup
+
+from .test_learn_queries import _same_cells, step
+
+T0 = 1_790_000_000.0 - 1_790_000_000.0 % 3600  # an hour's start
+MAX_PERIODS = 10_000  # a series' longest span (closedloop.store._learn)
+DIMENSIONS = ("task_type", "model", "agent_version", "prompt_version", "label:tier",
+              "label:region")
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every writable query folds new rows in, a few rows a transaction."""
+    monkeypatch.setattr(_rollup, "REFRESH_ROWS", 1)
+    monkeypatch.setattr(_rollup, "CHUNK", 7)
+
+
+def _at(ts: float, rng: random.Random, i: int) -> cl.StepEvent:
+    return step(i, rng)._replace(ts=ts, trace_id=f"{i:032x}")
+
+
+def _times(draw: Any, n: int) -> list[float]:
+    hours = st.integers(0, 60)
+    near = st.sampled_from((0.0, 1e-9, -1e-9, 1799.5, 3599.999999))
+    out = []
+    for _ in range(n):
+        h, d = draw(hours), draw(near)
+        ts = T0 + h * 3600.0 + d
+        if d == 0.0 and draw(st.booleans()):
+            ts = math.nextafter(ts, -math.inf)  # an ulp before the hour
+        out.append(ts)
+    return out
+
+
+@st.composite
+def histories(draw: Any) -> dict[str, Any]:
+    batches = [_times(draw, draw(st.integers(0, 25))) for _ in range(draw(st.integers(1, 4)))]
+    early = draw(st.lists(st.floats(0.0, 1_300_000.0), max_size=3))  # 1970, below the floor
+    return {"batches": [*batches[:-1], batches[-1] + early],
+            "refresh": draw(st.lists(st.booleans(), min_size=4, max_size=4)),
+            "prune": draw(st.none() | st.integers(0, 60).map(lambda h: T0 + h * 3600.0 + 7.5)),
+            "after": _times(draw, draw(st.integers(0, 10))),
+            "seed": draw(st.integers(0, 1000))}
+
+
+def _record(store: Store, events: list[cl.StepEvent]) -> None:
+    for e in events:
+        store.record(e)
+    assert store.flush()
+
+
+def _refresh(store: Store) -> None:
+    """A query through a writable handle folds the new rows into its roll-up."""
+    store.period_steps()
+    store.failure_counts()
+    store.series(by="label:tier", window="week")
+
+
+def _check(store: Store, events: list[cl.StepEvent], rng: random.Random) -> None:
+    for _ in range(3):
+        by, window = rng.choice(DIMENSIONS), rng.choice(("hour", "day", "week"))
+        since = rng.choice([None, T0 + rng.choice([0.0, 3600.0, 5000.5, 1e-9])])
+        until = rng.choice([None, T0 + rng.choice([7200.0, 86400.0, 40.5 * 3600])])
+        task = rng.choice([None, "plan"])
+        chosen = [e for e in events if (since is None or e.ts >= since)
+                  and (until is None or e.ts < until) and (task is None or e.task_type == task)]
+        want = scan(chosen, parse_dimension(by), window)
+        periods = [c.period for c in want]
+        if periods and max(periods) - min(periods) >= MAX_PERIODS:  # 1970 and now, by hour
+            with pytest.raises(cl.ConfigError):
+                store.series(by=by, window=window, since=since, until=until, task_type=task)
+        else:
+            _same_cells(store.series(by=by, window=window, since=since, until=until,
+                                     task_type=task), want)
+        assert store.period_steps(window=window, since=since, until=until,
+                                  task_type=task) == period_steps_events(chosen, window)
+        assert store.failure_counts(window=window, since=since, until=until,
+                                    task_type=task) == failure_events(chosen, window)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories())
+def test_trends_read_from_the_rollup_equal_the_scan(history: dict[str, Any]) -> None:
+    rng = random.Random(history["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'rollup.db'}"
+        events: list[cl.StepEvent] = []
+        with cl.open_store(url, batch_size=5) as store:
+            for batch, refresh in zip(history["batches"], history["refresh"], strict=False):
+                new = [_at(ts, rng, len(events) + i) for i, ts in enumerate(batch)]
+                _record(store, new)
+                events += new
+                if refresh:
+                    _refresh(store)
+            if history["prune"] is not None:
+                cl.store.prune(store, history["prune"])
+                events = [e for e in events if e.ts >= history["prune"]]
+            late = [_at(ts, rng, len(events) + i) for i, ts in enumerate(history["after"])]
+            _record(store, late)
+            events += late
+            with cl.open_store(url, read_only=True, create=False) as reader:
+                _check(reader, events, rng)  # what is rolled up, the rest read from events
+            _check(store, events, rng)  # folded in first
+
+
+def test_a_vacuum_that_renumbers_the_rows_is_noticed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    rng = random.Random(3)
+    events = [_at(T0 + i * 600.0, rng, i) for i in range(60)]
+    with cl.open_store(url, batch_size=7) as store:
+        _record(store, events)
+        _refresh(store)
+        cl.store.prune(store, T0 + 3 * 3600.0)  # a gap at the start of the rowids
+        events = [e for e in events if e.ts >= T0 + 3 * 3600.0]
+    conn = sqlite3.connect(tmp_path / "v.db")
+    conn.execute("VACUUM")
+    conn.close()
+    with cl.open_store(url, read_only=True, create=False) as reader:
+        _same_cells(reader.series(by="model", window="hour"),
+                    scan(events, Dimension("model"), "hour"))
+    with cl.open_store(url) as store:
+        _same_cells(store.series(by="model", window="hour"),
+                    scan(events, Dimension("model"), "hour"))
+
+
+def test_the_writer_never_touches_the_rollup(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    with cl.open_store(f"sqlite:///{tmp_path / 'w.db'}") as store:
+        _record(store, [_at(T0 + i * 60.0, rng, i) for i in range(100)])
+    conn = sqlite3.connect(tmp_path / "w.db")
+    assert conn.execute("SELECT count(*) FROM learn_rollup").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM learn_failures").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM learn_rollup_state").fetchone()[0] == 0
+    conn.close()
