@@ -15,6 +15,9 @@ _PASSWORD = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size
 
 @given(_PASSWORD)
 @example("&P=")  # a query-like password: its "&p=" must not swallow the host
+@example("&Zq")  # in a query: an unencoded "&" does not end the secret
+@example("&x=Zq")  # nor a "name=" pair of its own
+@example("#Zq")  # nor a "#"
 def test_a_password_never_shows_whatever_it_holds(password: str) -> None:
     secret = f"Zq{password}"
     for url in (f"postgresql://user:{secret}@db.example:5432/name",

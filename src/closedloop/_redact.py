@@ -572,7 +572,9 @@ def truncate(text: str, max_chars: int) -> str:
 
 _SECRET_PARAM = re.compile(
     r"(?i)([?&;](?:password|passwd|pwd|sslpassword|pass|token|access_token|auth_token|"
-    r"api_key|apikey|secret|client_secret|key|p)=)[^&;#]*")
+    r"api_key|apikey|secret|client_secret|key|p)=).*")
+"""A secret query parameter and everything after it: an unencoded secret may hold ``&``,
+``;``, ``#`` and ``name=`` pairs of its own, so no later character can be shown safely."""
 _PORT = re.compile(r"\d*")
 
 
@@ -581,7 +583,8 @@ def shown_url(url: str) -> str:
 
     Masks the password of the authority (``user:***@host``; the user name stays, it says
     which account), including a password holding an unencoded ``@``, ``/`` or ``:``, and the
-    values of query parameters named like a secret (``?password=``, ``?token=``…). A URL that
+    values of query parameters named like a secret (``?password=``, ``?token=``…) with the rest
+    of the URL after them (an unencoded secret may hold ``&``, ``#``, ``=``). A URL that
     cannot be parsed has everything between ``//`` and its last ``@`` masked. Control (Redis
     URLs), the store (database URLs) and the command line all show URLs through this one
     function, so it lives here, with the rest of what keeps secrets out of output.
