@@ -143,6 +143,15 @@ def test_run_halts_are_pruned_with_the_other_records(store: cl.Store) -> None:
     assert store_info(store).records["run_halts"] == 1
 
 
+def test_the_run_ports_prune_drops_old_halts_by_the_same_rule(store: cl.Store) -> None:
+    runs = cast(RunHaltStore, store.runs())
+    runs.halt_run(RunHalt(run_id="old", at=OLD, by="alice", reason="stop"))
+    runs.halt_run(RunHalt(run_id="new", at=NOW, by="alice", reason="stop"))
+    store.runs().put_runs([run_record("old", OLD), run_record("new", NOW)])
+    assert store.runs().prune_runs(BEFORE) == 1
+    assert set(runs.run_halts(["old", "new"])) == {"new"}
+
+
 def test_automatic_retention_prunes_the_other_records_too(any_url: str) -> None:
     with cl.open_store(any_url) as store:
         ids = _requests(store)

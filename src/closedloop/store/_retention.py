@@ -299,6 +299,10 @@ request): ``WHERE`` clauses with ``{s}`` for the schema prefix and a ``%(before)
 parameter. The memory backend applies the same rules in Python (:func:`approval_settled`,
 :func:`level_change_kept`)."""
 
+RUN_TABLES: tuple[str, ...] = ("runs", "run_halts")
+"""The tables of :data:`RECORD_PRUNE` that the run port's ``prune_runs`` empties by the same
+rules."""
+
 RECORD_TABLES: tuple[str, ...] = (
     "approvals", "approval_history", "autonomy_levels", "autonomy_history",
     "autonomy_feedback", "detector_state", "runs", "run_halts")

@@ -19,6 +19,7 @@ from closedloop._runstate import (
     page_of,
     summary_from_rows,
 )
+from closedloop.store._retention import RUN_TABLES, record_clauses
 from closedloop.store.postgres._backend import _clean_row, _one_line
 
 if TYPE_CHECKING:
@@ -136,12 +137,14 @@ class PostgresRunStore:
         """Delete the records of runs started before ``before`` (and halts older than it)."""
         from psycopg import sql
 
+        prefix = f'"{self.backend.schema}".'  # a plain SQL name (parse_url checks it)
+
         def work(conn: psycopg.Connection[Any]) -> int:
-            cur = conn.execute(sql.SQL("DELETE FROM {}.runs WHERE started < %s").format(
-                self._schema), (before,))
-            conn.execute(sql.SQL("DELETE FROM {}.run_halts WHERE at < %s").format(
-                self._schema), (before,))
-            return cur.rowcount
+            removed = {table: conn.execute(sql.SQL("DELETE FROM {}.{} WHERE {}").format(
+                sql.Identifier(self.backend.schema), sql.Identifier(table), sql.SQL(where)),
+                {"before": before}).rowcount
+                for table, where in record_clauses(prefix) if table in RUN_TABLES}
+            return removed["runs"]
         return self._on(work)
 
     # ----- halts (RunHaltStore) -------------------------------------------------------------

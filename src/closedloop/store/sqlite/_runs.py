@@ -20,6 +20,7 @@ from closedloop._runstate import (
     page_of,
     summary_from_rows,
 )
+from closedloop.store._retention import RUN_TABLES, record_clauses
 
 if TYPE_CHECKING:
     from closedloop.store.sqlite._backend import SQLiteBackend
@@ -122,9 +123,11 @@ class SQLiteRunStore:
     def prune_runs(self, before: float) -> int:
         """Delete the records of runs started before ``before`` (and halts older than it)."""
         conn = self.backend._writer_conn()
-        cur = conn.execute("DELETE FROM runs WHERE started < ?", (before,))
-        conn.execute("DELETE FROM run_halts WHERE at < ?", (before,))
-        return cur.rowcount
+        removed = {table: conn.execute(f"DELETE FROM {table} WHERE {where}",
+                                       {"before": before}).rowcount
+                   for table, where in record_clauses("", named=":before")
+                   if table in RUN_TABLES}
+        return removed["runs"]
 
     # ----- halts (RunHaltStore) -------------------------------------------------------------
     def halt_run(self, halt: RunHalt) -> RunHalt:
