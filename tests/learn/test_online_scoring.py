@@ -130,7 +130,8 @@ def test_a_background_drift_guard_reaches_the_inline_guards_decisions() -> None:
 def test_configured_drift_pauses_the_task_type_from_its_own_thread(tmp_path: Path) -> None:
     rt = cl.configure(store=f"sqlite:///{tmp_path / 'events.db'}",
                       drift=DriftPolicy(actions=("pause",), learn_steps=50,
-                                        verified_pass_rate=(0.98, 0.6)))
+                                        verified_pass_rate=(0.98, 0.6),
+                                        exceedance=None))  # no wall-clock latency signal
     fed_on: set[str] = set()
     rng = random.Random(3)
     seen = [0]
