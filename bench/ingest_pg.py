@@ -1,8 +1,9 @@
 """Sustained ingest from one process through the store's writer: PostgreSQL and SQLite.
 
 Run: ``python bench/ingest_pg.py`` (options: ``--seconds``, ``--batch-size``, ``--pg``,
-``--rounds``). Needs PostgreSQL (default ``postgresql://postgres@127.0.0.1:5432/test``); the
-run uses a schema of its own, ``closedloop_bench_<hex>``, dropped at the end.
+``--rounds``, ``--backends``, ``--lanes``). Needs PostgreSQL (default
+``postgresql://postgres@127.0.0.1:5432/test``); the run uses a schema of its own,
+``closedloop_bench_<hex>``, dropped at the end.
 
 Each backend runs in a fresh child process (so that its peak RSS is its own): one producer
 thread records distinct events through ``Store.record`` for ``--seconds``, as fast as the
@@ -146,10 +147,10 @@ def direct(url: str, events: int, batch_size: int) -> float:
     return (events - 1) / elapsed
 
 
-def child(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
+def child(url: str, seconds: float, batch_size: int, lanes: int) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--one", url, "--seconds", str(seconds),
-         "--batch-size", str(batch_size)],
+         "--batch-size", str(batch_size), "--lanes", str(lanes)],
         capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -163,9 +164,18 @@ def main() -> int:
     parser.add_argument("--direct", type=int, default=400_000,
                         help="events for the write_batch-alone reference (0: skip)")
     parser.add_argument("--pg", default=PG, help="PostgreSQL URL (a schema of its own is used)")
+    parser.add_argument("--backends", default="postgresql,sqlite",
+                        help="which backends to run, comma-separated")
+    parser.add_argument("--lanes", type=int, default=0,
+                        help="batches the writer may have in flight on PostgreSQL (the "
+                        "backend's concurrent_batches; 0: the backend's own)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.lanes:
+            from closedloop.store.postgres import PostgresBackend
+
+            PostgresBackend.concurrent_batches = args.lanes  # a code without it: ignored
         print(json.dumps(one(args.one, args.seconds, args.batch_size)))
         return 0
     import psycopg
@@ -180,9 +190,9 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
-                for kind in ("postgresql", "sqlite"):
+                for kind in [k for k in ("postgresql", "sqlite") if k in args.backends]:
                     url = pg_url if kind == "postgresql" else f"sqlite:///{Path(tmp)}/r{r}.db"
-                    res = child(url, args.seconds, args.batch_size)
+                    res = child(url, args.seconds, args.batch_size, args.lanes)
                     results[kind].append(res)
                     server = res["server_cpu_us_per_event"]
                     print(f"  {kind:10} {res['events_per_s']:10,.0f} events/s  "
@@ -195,6 +205,8 @@ def main() -> int:
             if args.direct:
                 for kind, url in (("postgresql", pg_url),
                                   ("sqlite", f"sqlite:///{Path(tmp)}/direct.db")):
+                    if kind not in args.backends:
+                        continue
                     rate = direct(url, args.direct, args.batch_size)
                     print(f"  {kind:10} {rate:10,.0f} events/s  write_batch alone "
                           f"({args.direct:,} pre-built events, no producer)")
@@ -202,6 +214,8 @@ def main() -> int:
         with psycopg.connect(args.pg, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     for kind, runs in results.items():
+        if not runs:
+            continue
         rates = [r["events_per_s"] for r in runs]
         cpu = statistics.median(r["cpu_us_per_event"] for r in runs)
         print(f"{kind:10} median {statistics.median(rates):10,.0f} events/s  "

@@ -1,7 +1,8 @@
 """``closedloop report`` at scale, and the cost of its failure-message groups.
 
 ``python bench/report.py stores`` (options: ``--events``, ``--rounds``, ``--cache``, ``--pg``,
-``--baseline``, ``--tag``): builds ``--events`` (1,000,000) synthetic events once in a SQLite
+``--baseline``, ``--tag``, ``--backends``: which stores, ``sqlite,postgresql`` by default):
+builds ``--events`` (1,000,000) synthetic events once in a SQLite
 file (``--cache``, default ``~/.cache/closedloop-bench``) and in a PostgreSQL schema of their
 own (``closedloop_bench_report_<events>`` in ``--pg``), both through the store's own write
 path, and reuses them on later runs while they hold exactly that many events (migrated to
@@ -250,6 +251,7 @@ def stores(args: argparse.Namespace) -> None:
     tag = args.tag
     urls = {"sqlite": f"sqlite:///{cache / f'report-{args.events}{tag}.db'}",
             "postgresql": f"{args.pg}{sep}schema=closedloop_bench_report_{args.events}{tag}"}
+    urls = {kind: url for kind, url in urls.items() if kind in args.backends.split(",")}
     print(f"python {sys.version.split()[0]}, closedloop {cl.__version__}, "
           f"{args.events:,} events, load {os.getloadavg()[0]:.2f}")
     try:
@@ -265,7 +267,7 @@ def stores(args: argparse.Namespace) -> None:
             if args.baseline:
                 print(f"{kind:10} Python pass over the events {time_baseline(url):.3f} s")
     finally:
-        if args.drop:
+        if args.drop and "postgresql" in urls:
             reset(urls["postgresql"])
 
 
@@ -318,6 +320,8 @@ def main() -> None:
     scale.add_argument("--rebuild", action="store_true", help="build the stores afresh")
     scale.add_argument("--drop", action="store_true", help="drop the PostgreSQL schema after")
     scale.add_argument("--baseline", action="store_true", help="also time the Python pass")
+    scale.add_argument("--backends", default="sqlite,postgresql",
+                       help="which stores to time, comma-separated")
     scale.add_argument("--tag", default="", help="suffix of the stores' names: a branch with "
                        "a newer schema keeps stores of its own instead of migrating shared ones")
     page = modes.add_parser("html", help="closedloop report --html on 1M events (SQLite)")

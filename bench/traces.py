@@ -1,7 +1,8 @@
 """``closedloop traces list`` on a store of 1M step events with their spans, SQLite and PostgreSQL.
 
 Run: ``PYTHONPATH=src python bench/traces.py`` (options: ``--events``, ``--pg URL`` or
-``--no-pg``, ``--cache DIR``, ``--rounds``, ``--rebuild``, ``--before``, ``--no-migrate``:
+``--no-pg``, ``--no-sqlite``, ``--tag SUFFIX`` (the stores' names), ``--cache DIR``,
+``--rounds``, ``--rebuild``, ``--before``, ``--no-migrate``:
 read the stores read-only as they are, so that a branch with a newer schema does not migrate
 shared stores that older code must still open).
 
@@ -220,6 +221,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-pg", action="store_true")
+    parser.add_argument("--no-sqlite", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the stores' names: a branch with "
+                        "a newer schema keeps stores of its own instead of migrating shared ones")
     parser.add_argument("--cache", type=Path,
                         default=Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
                         / "closedloop-bench")
@@ -232,11 +236,11 @@ def main() -> None:
                         help="Also time the listing as it was before (minutes on 1M steps).")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    db = args.cache / f"traces-{args.events}.db"
-    stores = [("SQLite", f"sqlite:///{db}")]
+    db = args.cache / f"traces-{args.events}{args.tag}.db"
+    schema = f"closedloop_bench_traces_{args.events}{args.tag}"
+    stores = [] if args.no_sqlite else [("SQLite", f"sqlite:///{db}")]
     if not args.no_pg:
-        stores.append(("PostgreSQL",
-                       f"{args.pg}?schema=closedloop_bench_traces_{args.events}"))
+        stores.append(("PostgreSQL", f"{args.pg}?schema={schema}"))
     print(f"{args.events:,} steps, {args.events * SPANS_PER_STEP:,} spans; load "
           f"{os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     for name, url in stores:
@@ -247,8 +251,7 @@ def main() -> None:
             import psycopg
 
             with psycopg.connect(args.pg, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "closedloop_bench_traces_{args.events}" '
-                             "CASCADE")
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         if not cached(url, args.events, migrate=not args.no_migrate):
             print(f"building the {name} store (once) ...", flush=True)
             build(url, args.events)

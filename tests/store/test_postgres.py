@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 
 import closedloop as cl
 from closedloop.store import EventQuery, open_backend
+from closedloop.store._writer import BatchWriter
 from closedloop.store.postgres import SCHEMA_VERSION, PostgresBackend, partition_name
 
 from .conftest import PG_URL
@@ -337,3 +340,129 @@ def test_agents_in_several_processes_share_one_store_each_step_once(pg_url: str)
     for w in range(3):
         mine = [e for e in events if e.task_type == f"worker-{w}"]
         assert len(mine) == 400 and all(e.outcome == "succeeded" for e in mine)
+
+
+class _Meeting(PostgresBackend):
+    """The real backend, whose first two batches must be written at the same time (they wait
+    for each other), the first refused once when ``refuse_first``."""
+
+    def __init__(self, url: str, *, refuse_first: bool = False) -> None:
+        super().__init__(url)
+        self.meet = threading.Barrier(2, timeout=30)
+        self.refuse_first = refuse_first
+        self.threads: list[str] = []
+        self.calls = 0
+
+    def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
+        import psycopg
+
+        self.calls += 1
+        call = self.calls
+        self.threads.append(threading.current_thread().name)
+        if call <= 2:
+            self.meet.wait()
+        if call == 1 and self.refuse_first:
+            raise psycopg.OperationalError("the server went away (in the test)")
+        super().write_batch(events)
+
+
+def test_the_writer_writes_two_batches_at_once_each_event_once(pg_url: str) -> None:
+    backend = _Meeting(pg_url)
+    writer = BatchWriter(backend, batch_size=100, flush_interval=60.0)
+    events = [event(i) for i in range(1000)]
+    assert writer.submit_many(events)
+    assert writer.flush(timeout=60)
+    stats = writer.close()
+    assert stats.written == 1000 and stats.not_written == 0 and stats.write_errors == 0
+    # the first two batches met: one in the lane, one in the writer's own thread
+    assert set(backend.threads[:2]) == {"closedloop-store-lane", "closedloop-store-writer"}
+    reader = pg(pg_url)
+    stored = list(reader.iter_events(EventQuery()))
+    reader.close()
+    assert sorted(stored) == sorted(events)
+
+
+def test_a_batch_refused_in_the_lane_is_held_and_written_once(pg_url: str) -> None:
+    backend = _Meeting(pg_url, refuse_first=True)
+    writer = BatchWriter(backend, batch_size=100, flush_interval=60.0, retry_delays=(0.0,))
+    events = [event(i) for i in range(300)]
+    assert writer.submit_many(events)
+    assert writer.flush(timeout=60)
+    stats = writer.close()
+    assert stats.written == 300 and stats.not_written == 0 and stats.write_errors == 1
+    reader = pg(pg_url)
+    stored = list(reader.iter_events(EventQuery()))
+    reader.close()
+    assert sorted(stored) == sorted(events)
+    # the refused batch (the oldest) was written again before any batch after it
+    assert backend.calls == 4
+
+
+def _events_indexes(backend: PostgresBackend) -> set[str]:
+    return {r[0] for r in sql(backend, "SELECT indexname FROM pg_indexes WHERE schemaname = %s "
+                                       "AND tablename = 'events'", backend.schema)}
+
+
+def test_a_store_of_the_schema_before_moves_to_events_task_keeping_its_rows(
+        pg_url: str) -> None:
+    events = [event(i, task_type=("plan", "deploy")[i % 2]) for i in range(40)]
+    backend = pg(pg_url)
+    try:
+        backend.write_batch(events)
+        # as the schema before: the two indexes events_task replaces, not events_task
+        s = f'"{backend.schema}"'
+        with backend.pool().connection() as conn:
+            conn.execute(f"DROP INDEX {s}.events_task")
+            conn.execute(f"CREATE INDEX events_task_type_ts ON {s}.events (task_type, ts)")
+            conn.execute(f"CREATE INDEX events_report ON {s}.events (task_type, outcome, "
+                         "error_type, validation_passed, verification_passed, attempts) "
+                         "INCLUDE (ts, input_tokens, output_tokens, latency_ms, "
+                         "cached_input_tokens, cost_usd)")
+            conn.execute(f"DELETE FROM {s}.schema_version WHERE version = %s",
+                         (SCHEMA_VERSION,))
+    finally:
+        backend.close()
+    migrated = pg(pg_url)
+    try:
+        assert migrated.found_version == SCHEMA_VERSION - 1
+        indexes = _events_indexes(migrated)
+        assert "events_task" in indexes
+        assert not indexes & {"events_report", "events_task_type_ts"}
+        assert sorted(migrated.iter_events(EventQuery())) == sorted(events)
+    finally:
+        migrated.close()
+
+
+def test_summary_counts_task_listings_and_task_types_read_events_task(pg_url: str) -> None:
+    from closedloop.store import StepFilter
+    from closedloop.store.postgres import _query
+
+    backend = pg(pg_url)
+    try:
+        backend.write_batch([event(i, task_type=("plan", "deploy")[i % 2]) for i in range(60)])
+        plans: list[str] = []
+
+        class Explaining(_query._Source):
+            def _rows(self, query: str, params: Sequence[Any]) -> list[Any]:
+                plans.append("\n".join(r[0] for r in self.conn.execute(
+                    "EXPLAIN " + query, params)))
+                return super()._rows(query, params)
+
+        table = _query._table(backend)
+
+        def plan(query: str) -> str:
+            return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query))
+
+        with backend.pool().connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL enable_seqscan = off")  # as the summary reads
+            Explaining(conn, table, StepFilter()).groups()
+            listing = plan(f"SELECT ts FROM {table} WHERE task_type = 'plan' "
+                           "ORDER BY ts DESC, ctid DESC LIMIT 5")
+            types = plan(_query.task_types_sql(table))
+        (groups,) = plans
+        index = "_task_type_ts_outcome_"  # each day partition's events_task
+        assert "Index Only Scan" in groups and index in groups, groups
+        assert "Index Scan Backward using events_" in listing and index in listing, listing
+        assert index in types, types
+    finally:
+        backend.close()

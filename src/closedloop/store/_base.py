@@ -40,7 +40,9 @@ class EventQuery:
 
 @runtime_checkable
 class EventBackend(Protocol):
-    """Where events live. ``write_batch`` is only ever called from the store's writer thread.
+    """Where events live. ``write_batch`` is only ever called from the store's writer thread
+    (and, for a backend with ``concurrent_batches = 2``, from the writer's second thread too:
+    two batches at once, each on its own connection, each all or nothing).
 
     ``write_batch`` must be atomic (all or nothing) so that a failed batch can be retried
     without duplicates. ``open`` is called once in each process before the first write.

@@ -20,6 +20,14 @@ in :class:`WriterStats` and logged on close. Pending events are flushed on ``clo
 interpreter exit and on SIGTERM; after ``fork()`` the child starts a fresh queue and thread
 of its own. The queue and its thread are :class:`closedloop._batching.BatchQueue`, shared
 with the telemetry pipeline.
+
+A backend whose ``concurrent_batches`` is 2 (PostgreSQL: each batch is one ``COPY`` on a
+pooled connection of its own, and the server does the index upkeep in one backend process
+per connection) gets two batches at a time: every other batch goes to a second thread, the
+**lane**, while the writer thread writes the next one itself. Each batch stays one
+transaction, all or nothing, counted as written only once it is committed; a refused batch in
+the lane is held (or dead-lettered) before the one written beside it, so held events stay
+oldest first. At most one batch is in the lane: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -31,14 +39,17 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from queue import SimpleQueue
 
 from closedloop._batching import BatchQueue, Overflow
 from closedloop._events import StepEvent
@@ -109,6 +120,38 @@ def fix_hint(error: object, url: str, path: Path | None = None) -> str:
 _writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
 
 
+class _Lane:
+    """A second thread writing one batch at a time (``write(batch)``), for backends that take
+    two batches at once; ``submit`` returns the batch's future (its exception, if refused)."""
+
+    def __init__(self, write: Callable[[list[StepEvent]], None]) -> None:
+        self._write = write
+        self._jobs: SimpleQueue[tuple[list[StepEvent], Future[None]] | None] = SimpleQueue()
+        # a daemon: it still runs during the exit handlers that flush the writer
+        self._thread = threading.Thread(target=self._run, name="closedloop-store-lane",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: list[StepEvent]) -> Future[None]:
+        future: Future[None] = Future()
+        self._jobs.put((batch, future))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            batch, future = job
+            try:
+                self._write(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer thread
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def close(self, timeout: float | None) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
 class BatchWriter:
     """Writes submitted events to a backend from one background thread, in batches."""
 
@@ -140,6 +183,9 @@ class BatchWriter:
         self._failures = 0
         self._retry_at = 0.0
         self._dead_letter_used: Path | None = None
+        self._lane: _Lane | None = None
+        self._in_lane: tuple[Future[None], list[StepEvent]] | None = None
+        self._concurrent = getattr(backend, "concurrent_batches", 1) > 1
         self.sinks: tuple[EventSink, ...] = ()
         """Where each batch also goes, redacted, before the backend (see
         :class:`~closedloop.store.EventSink`); replaced whole, never changed in place."""
@@ -152,6 +198,9 @@ class BatchWriter:
             on_exit=self._exit, on_wake=self._tick, on_flush=self._settle)
         self.submit = self._queue.submit
         """``submit(event) -> bool``: queue an event (False: refused and counted)."""
+        self.submit_many = self._queue.submit_many
+        """``submit_many(events) -> bool``: queue several events at once (all refused, and
+        counted, if they do not fit)."""
         open_error = getattr(backend, "open_error", None)
         if open_error is not None:
             self._begin_outage(open_error)
@@ -188,16 +237,36 @@ class BatchWriter:
         if self.sinks:
             self._fan_out(batch)
         if self._outage:
+            self._land()
             self._hold(batch)
             if time.monotonic() >= self._retry_at:
                 self._retry()
             return
+        if self._concurrent and self._in_lane is None:
+            if self._lane is None:
+                self._lane = _Lane(self.backend.write_batch)
+            self._in_lane = (self._lane.submit(batch), batch)
+            return
         try:
             self.backend.write_batch(batch)
         except Exception as exc:  # noqa: BLE001 - a failure is held or dead-lettered, never raised
+            self._land()  # the older batch first
             self._refused(batch, exc)
             return
+        self._land()
         self._written += len(batch)
+
+    def _land(self) -> None:
+        """Wait for the batch in the lane, if any; count it, or hold or dead-letter it."""
+        if self._in_lane is None:
+            return
+        future, batch = self._in_lane
+        self._in_lane = None
+        exc = future.exception()
+        if exc is None:
+            self._written += len(batch)
+        else:
+            self._refused(batch, exc if isinstance(exc, Exception) else RuntimeError(exc))
 
     def _fan_out(self, batch: list[StepEvent]) -> None:
         for sink in self.sinks:
@@ -271,6 +340,7 @@ class BatchWriter:
         return True
 
     def _tick(self) -> None:
+        self._land()
         if self._outage and time.monotonic() >= self._retry_at:
             self._retry()
         if self.maintenance is not None and not self._outage:
@@ -278,12 +348,16 @@ class BatchWriter:
 
     def _settle(self, final: bool) -> None:
         """At a flush: try the held events now; at the end, dead-letter what is still held."""
+        self._land()
         if self._held and not self._retry() and final:
             held, self._held = list(self._held), deque()
             self._to_dead_letter(held)
 
     def _exit(self) -> None:
         self._settle(final=True)
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.close(timeout=None)
         self.backend.close()
 
     # -- the dead-letter file ---------------------------------------------------------------
@@ -362,6 +436,7 @@ def _after_fork_in_child() -> None:
     for writer in list(_writers):
         writer._written = writer._dead_lettered = writer._lost = writer._write_errors = 0
         writer._held = deque()
+        writer._lane = writer._in_lane = None  # the lane's thread stayed in the parent
         writer._outage = False
         writer._failures = 0
 

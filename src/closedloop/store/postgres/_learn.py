@@ -156,7 +156,7 @@ def failure_examples(backend: PostgresBackend, where: StepFilter, keys: Sequence
                 f"{_FAILED}{sql} ORDER BY ts DESC LIMIT %s) AS e",
                 [[k[0] for k in grouped], [k[1] for k in grouped], [k[2] for k in grouped],
                  *values, per_key]).fetchall()
-        if plain:  # failures without a message: back through events_task_type_ts
+        if plain:  # failures without a message: back through events_task
             rows += conn.execute(
                 "SELECT v.t, v.et, '', e.ts, e.trace_id FROM unnest(%s::text[], %s::text[]) "
                 "AS v(t, et) CROSS JOIN LATERAL (SELECT ts, trace_id FROM "

@@ -3,12 +3,12 @@
 A summary is one REPEATABLE READ, READ ONLY transaction (one snapshot) over the window (the
 time filter prunes day partitions), each grouped query reading an index-only scan of its own
 index, one day partition at a time: the counts and sums per combination
-(``events_report``), the latency histogram (``events_latency``), the failure-message groups
+(``events_task``), the latency histogram (``events_latency``), the failure-message groups
 (``events_groups``); then only the latencies of a percentile's bucket are read
 (``events_latency``) and the most recent message of each listed group. (Reading the latency
 figures on a second connection in the same exported snapshot, as SQLite does, was slower
 here: the server already spreads each query over the cores.)
-A step listing walks ``events_ts`` (or ``events_task_type_ts``) backwards, ties
+A step listing walks ``events_ts`` (or ``events_task``) backwards, ties
 broken by the row's physical address (``ctid``: events are never updated, so it is stable for
 as long as a reader pages; partitions keep equal timestamps together).
 """
@@ -191,7 +191,7 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
 
 
 def task_types(backend: PostgresBackend) -> list[str]:
-    """Every task type with a stored step, sorted: a loose scan of ``events_task_type_ts``
+    """Every task type with a stored step, sorted: a loose scan of ``events_task``
     (each day partition's)."""
     import psycopg
 
