@@ -435,6 +435,7 @@ def test_a_store_of_the_schema_before_moves_to_events_task_keeping_its_rows(
 
 def test_summary_counts_task_listings_and_task_types_read_events_task(pg_url: str) -> None:
     from closedloop.store import StepFilter
+    from closedloop.store._query import task_types_sql
     from closedloop.store.postgres import _query
 
     backend = pg(pg_url)
@@ -458,7 +459,7 @@ def test_summary_counts_task_listings_and_task_types_read_events_task(pg_url: st
             Explaining(conn, table, StepFilter()).groups()
             listing = plan(f"SELECT ts FROM {table} WHERE task_type = 'plan' "
                            "ORDER BY ts DESC, ctid DESC LIMIT 5")
-            types = plan(_query.task_types_sql(table))
+            types = plan(task_types_sql(table))
         (groups,) = plans
         index = "_task_type_ts_outcome_"  # each day partition's events_task
         assert "Index Only Scan" in groups and index in groups, groups
