@@ -344,26 +344,30 @@ def test_agents_in_several_processes_share_one_store_each_step_once(pg_url: str)
 
 class _Meeting(PostgresBackend):
     """The real backend, whose first two batches must be written at the same time (they wait
-    for each other), the first refused once when ``refuse_first``."""
+    for each other), the calls numbered in ``refuse`` refused once."""
 
-    def __init__(self, url: str, *, refuse_first: bool = False) -> None:
+    def __init__(self, url: str, *, refuse: tuple[int, ...] = ()) -> None:
         super().__init__(url)
         self.meet = threading.Barrier(2, timeout=30)
-        self.refuse_first = refuse_first
+        self.refuse = refuse
         self.threads: list[str] = []
+        self.written: list[int] = []  # the input tokens of each written batch's first event
         self.calls = 0
+        self.lock = threading.Lock()
 
     def write_batch(self, events: Sequence[cl.StepEvent]) -> None:
         import psycopg
 
-        self.calls += 1
-        call = self.calls
+        with self.lock:
+            self.calls += 1
+            call = self.calls
         self.threads.append(threading.current_thread().name)
         if call <= 2:
             self.meet.wait()
-        if call == 1 and self.refuse_first:
+        if call in self.refuse:
             raise psycopg.OperationalError("the server went away (in the test)")
         super().write_batch(events)
+        self.written.append(events[0].input_tokens)
 
 
 def test_the_writer_writes_two_batches_at_once_each_event_once(pg_url: str) -> None:
@@ -383,7 +387,7 @@ def test_the_writer_writes_two_batches_at_once_each_event_once(pg_url: str) -> N
 
 
 def test_a_batch_refused_in_the_lane_is_held_and_written_once(pg_url: str) -> None:
-    backend = _Meeting(pg_url, refuse_first=True)
+    backend = _Meeting(pg_url, refuse=(1,))
     writer = BatchWriter(backend, batch_size=100, flush_interval=60.0, retry_delays=(0.0,))
     events = [event(i) for i in range(300)]
     assert writer.submit_many(events)
@@ -467,3 +471,15 @@ def test_summary_counts_task_listings_and_task_types_read_events_task(pg_url: st
         assert index in types, types
     finally:
         backend.close()
+
+
+def test_when_both_batches_at_once_are_refused_the_older_is_written_first(pg_url: str) -> None:
+    backend = _Meeting(pg_url, refuse=(1, 2))
+    writer = BatchWriter(backend, batch_size=100, flush_interval=60.0, retry_delays=(0.0,))
+    events = [event(i) for i in range(300)]  # input_tokens 100 + i
+    assert writer.submit_many(events)
+    assert writer.flush(timeout=60)
+    stats = writer.close()
+    assert stats.written == 300 and stats.not_written == 0 and stats.write_errors == 2
+    # held oldest first: the lane's batch (the first hundred), then the writer thread's
+    assert backend.written == [100, 200, 300]
