@@ -21,7 +21,9 @@ import closedloop as cl
 from closedloop.store import (
     Dimension,
     Store,
+    factor_events,
     failure_events,
+    margins_of_cells,
     parse_dimension,
     period_steps_events,
 )
@@ -82,6 +84,7 @@ def _refresh(store: Store) -> None:
     store.period_steps()
     store.failure_counts()
     store.series(by="label:tier", window="week")
+    store.factor_margins()
 
 
 def _check(store: Store, events: list[cl.StepEvent], rng: random.Random) -> None:
@@ -104,6 +107,8 @@ def _check(store: Store, events: list[cl.StepEvent], rng: random.Random) -> None
                                   task_type=task) == period_steps_events(chosen, window)
         assert store.failure_counts(window=window, since=since, until=until,
                                     task_type=task) == failure_events(chosen, window)
+        assert store.factor_margins(since=since, until=until, task_type=task) == \
+            margins_of_cells(factor_events(chosen))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

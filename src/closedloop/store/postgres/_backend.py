@@ -61,6 +61,7 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
 )
@@ -700,6 +701,12 @@ class PostgresBackend:
         from closedloop.store.postgres._learn import factor_counts
 
         return factor_counts(self, where)
+
+    def factor_margins(self, where: StepFilter) -> FactorMargins | None:
+        """Steps and failures per value of each factor alone (from the roll-up)."""
+        from closedloop.store.postgres._learn import factor_margins
+
+        return factor_margins(self, where)
 
     def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell] | None:
         """Failed steps per group, task type, model and period (in SQL)."""

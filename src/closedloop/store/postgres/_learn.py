@@ -19,6 +19,7 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
     cells_from_rows,
@@ -26,6 +27,7 @@ from closedloop.store._learn import (
     factor_cells_from_rows,
     failure_cells_from_rows,
     latency_bucket_sql,
+    margins_of_cells,
     series_sums,
 )
 from closedloop.store._query import StepFilter
@@ -111,6 +113,12 @@ def factor_counts(backend: PostgresBackend, where: StepFilter) -> list[FactorCel
         f"trunc(ts / 3600.0)::bigint %% 24, {SIZE}, count(*), count(*) FILTER (WHERE "
         f"{_FAILED})", f"NOT {_REFUSED}", groups=6)
     return None if rows is None else factor_cells_from_rows(rows)
+
+
+def factor_margins(backend: PostgresBackend, where: StepFilter) -> FactorMargins | None:
+    """Steps and failures per value of each factor alone."""
+    cells = factor_counts(backend, where)
+    return None if cells is None else margins_of_cells(cells)
 
 
 def failure_counts(backend: PostgresBackend, where: StepFilter, *,
