@@ -26,6 +26,7 @@ count as steps in trends).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -566,6 +567,29 @@ class MarginQueries(Protocol):
 
     def factor_margins(self, where: StepFilter) -> FactorMargins | None:
         """Steps and failures per value of each factor alone (see :class:`FactorMargins`)."""
+
+
+def whole_hours(since: float | None, until: float | None, floor: int) -> tuple[int, int] | None:
+    """The whole UTC hours ``[low, high)`` (hour ``h`` is ``h * 3600 <= ts < h * 3600 +
+    3600``, exactly) inside ``[since, until)`` from hour ``floor`` on: what an hourly
+    roll-up can answer (None: none)."""
+    low = floor
+    if since is not None:
+        h = math.ceil(since / 3600.0)
+        while (h - 1) * 3600.0 >= since:
+            h -= 1
+        while h * 3600.0 < since:
+            h += 1
+        low = max(low, h)
+    high = 1 << 40
+    if until is not None:
+        h = math.floor(until / 3600.0)
+        while h * 3600.0 > until:
+            h -= 1
+        while (h + 1) * 3600.0 <= until:
+            h += 1
+        high = h
+    return (low, high) if low < high else None
 
 
 def check_span(cells: Iterable[int]) -> None:

@@ -74,6 +74,8 @@ from closedloop.store._retention import (
     StoreInfo,
     record_clauses,
 )
+from closedloop.store.postgres._rollup import MIGRATION as ROLLUP_MIGRATION
+from closedloop.store.postgres._rollup import pruned as rollup_pruned
 
 if TYPE_CHECKING:
     import psycopg
@@ -384,6 +386,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS events_trace_ts ON {schema}.events (trace_id, ts);
     DROP INDEX IF EXISTS {schema}.events_trace_id;
     """,
+    # the learning layer's hourly roll-up (closedloop.store.postgres._rollup): each row
+    # records its inserting transaction (a column default: a new column without one first,
+    # so no row is rewritten; old rows stay NULL), the watermark of what is rolled up
+    ROLLUP_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
@@ -802,6 +808,8 @@ class PostgresBackend:
                             conn.execute("SELECT pg_advisory_xact_lock(%s)",
                                          (_lock_key("partition", self.schema),))
                             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+                            # the learning roll-up, in the same transaction
+                            rollup_pruned(conn, self.schema, _partition_start(name) + DAY_S)
                         self._partitions.discard(int(_partition_start(name) // DAY_S))
                     done += rows
                     dropped.append(name)
@@ -811,8 +819,11 @@ class PostgresBackend:
                                        (keep_from,)).fetchone()
                     done += int(row[0]) if row else 0
                 else:
-                    done += conn.execute(sql.SQL("DELETE {}").format(late),
-                                         (keep_from,)).rowcount
+                    with conn.transaction():
+                        done += conn.execute(sql.SQL("DELETE {}").format(late),
+                                             (keep_from,)).rowcount
+                        if keep_from > -math.inf:
+                            rollup_pruned(conn, self.schema, keep_from)
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
         return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,

@@ -44,6 +44,7 @@ from closedloop.store._learn import (
     Dimension,
     factor_rows_sql,
     parse_dimension,
+    whole_hours,
 )
 from closedloop.store._learn import latency_bucket_sql as _bucket_sql
 from closedloop.store._learn import series_sums as _series_sums
@@ -281,26 +282,8 @@ def pruned(conn: sqlite3.Connection, before: float) -> None:
             _cover(conn, dim, left or 0)
 
 
-def hours(since: float | None, until: float | None, floor: int) -> tuple[int, int] | None:
-    """The whole hours ``[low, high)`` of ``[since, until)`` the roll-up can answer
-    (None: none)."""
-    low = floor
-    if since is not None:
-        h = math.ceil(since / 3600.0)
-        while (h - 1) * 3600.0 >= since:
-            h -= 1
-        while h * 3600.0 < since:
-            h += 1
-        low = max(low, h)
-    high = 1 << 40
-    if until is not None:
-        h = math.floor(until / 3600.0)
-        while h * 3600.0 > until:
-            h -= 1
-        while (h + 1) * 3600.0 <= until:
-            h += 1
-        high = h
-    return (low, high) if low < high else None
+hours = whole_hours
+"""(:func:`~closedloop.store._learn.whole_hours`.)"""
 
 
 def series_rows(conn: sqlite3.Connection, by: Dimension, window: str, span: tuple[int, int],
