@@ -300,3 +300,22 @@ def test_postgres_writer_never_touches_the_rollup(pg_url: str, pg_schema: str) -
                             ).fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_factor_margins_keep_label_values_that_json_functions_cut(shared_url: str) -> None:
+    """SQLite's JSON functions end a string at an escaped NUL: the margins read the labels
+    as the scan does (a hostile label value shows whole on the factors page)."""
+    rng = random.Random(7)
+    with cl.open_store(shared_url, batch_size=5) as store:
+        _record(store, [_at(T0 + i * 700.0, rng, i)._replace(
+            labels={"tier": f"v <b>\x00{i % 3}\r\u202e"}) for i in range(30)])
+        stored = list(store.events())
+        assert store.factor_margins() == margins_of_cells(factor_events(stored))  # folded
+        late = [_at(T0 + 5.0, rng, 99)._replace(labels={"tier": "late\x00"}, outcome="failed")]
+        _record(store, late)
+        stored = list(store.events())
+        assert store.factor_margins(since=T0 + 1.0) == margins_of_cells(factor_events(
+            e for e in stored if e.ts >= T0 + 1.0))
+        assert store.factor_margins() == margins_of_cells(factor_events(stored))
+        assert {v for v in store.factor_margins().tables["label:tier"] if v} >= \
+            {e.labels["tier"] for e in stored if e.outcome == "failed" and e.labels}

@@ -411,9 +411,9 @@ def margins_from_rows(rows: Iterable[Sequence[Any]]) -> FactorMargins:
     """The margins of SQL rows ``(dim, key, value, hour, steps, failures)``: ``dim`` ""
     counts every step of UTC hour of day ``hour``; ``model``, ``agent_version`` and
     ``prompt_version`` those of ``value``; ``size`` those of :func:`size_code` ``value``;
-    ``label`` those whose label ``key`` is ``value`` (see :data:`FACTOR_ROWS`)."""
+    ``labels`` those whose labels are the JSON ``value`` (see :func:`factor_rows_sql`)."""
     out = _Margins()
-    for dim, key, value, hour, n, f in rows:
+    for dim, _key, value, hour, n, f in rows:
         steps, failures = int(n), int(f or 0)
         if dim == "":
             out.steps += steps
@@ -421,21 +421,22 @@ def margins_from_rows(rows: Iterable[Sequence[Any]]) -> FactorMargins:
             out.add("hour_of_day", f"{int(hour):02d}", steps, failures)
         elif dim == "size":
             out.add("input_tokens", size_label(size_bucket(int(value))), steps, failures)
-        elif dim == "label":
-            out.label(str(key), str(value), steps, failures)
+        elif dim == "labels":
+            for k, v in _labels(value).items():
+                out.label(k, v, steps, failures)
         else:
             out.add(dim, value, steps, failures)
     return out.done()
 
 
-def factor_rows_sql(inner: str, *, head: Sequence[str] = (), pairs: str) -> str:
+def factor_rows_sql(inner: str, *, head: Sequence[str] = ()) -> str:
     """The SQL of the rows :func:`margins_from_rows` reads, each after the ``head`` columns
     (grouped by them too), from ``inner``: a SELECT of the steps to count (refusals left
     out) with the columns ``head``, ``failed`` (1 or 0), ``hod`` (UTC hour of day),
     ``model``, ``agent_version``, ``prompt_version``, ``size`` (:func:`size_code`) and
-    ``labels``; ``pairs`` is the SQL of a row's label pairs, a FROM item with columns
-    ``key`` and ``value`` over ``e.labels``. One pass over ``inner`` (a CTE used more than
-    once is materialized by SQLite and PostgreSQL)."""
+    ``labels`` (JSON text: its pairs are read in Python, as the scan reads them; SQLite's
+    JSON functions cut a string at an escaped NUL). One pass over ``inner`` (a CTE used
+    more than once is materialized by SQLite and PostgreSQL)."""
     lead = "".join(f"{h}, " for h in head)
     count = "count(*), sum(failed)"
     parts = [f"SELECT {lead}'', '', NULL, hod, {count} FROM e GROUP BY {lead}hod"]
@@ -443,8 +444,8 @@ def factor_rows_sql(inner: str, *, head: Sequence[str] = (), pairs: str) -> str:
               for dim in FACTOR_DIMENSIONS]
     parts.append(f"SELECT {lead}'size', '', CAST(size AS TEXT), 0, {count} FROM e "
                  f"GROUP BY {lead}size")
-    parts.append(f"SELECT {lead}'label', key, value, 0, {count} FROM e, {pairs} "
-                 f"GROUP BY {lead}key, value")
+    parts.append(f"SELECT {lead}'labels', '', labels, 0, {count} FROM e WHERE labels IS NOT "
+                 f"NULL GROUP BY {lead}labels")
     return f"WITH e AS ({inner}) " + " UNION ALL ".join(parts)
 
 

@@ -807,9 +807,10 @@ class PostgresBackend:
                             conn.execute("SET LOCAL lock_timeout = '5s'")
                             conn.execute("SELECT pg_advisory_xact_lock(%s)",
                                          (_lock_key("partition", self.schema),))
-                            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-                            # the learning roll-up, in the same transaction
+                            # the learning roll-up, in the same transaction (its lock
+                            # first, as a fold takes it before reading the partitions)
                             rollup_pruned(conn, self.schema, _partition_start(name) + DAY_S)
+                            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
                         self._partitions.discard(int(_partition_start(name) // DAY_S))
                     done += rows
                     dropped.append(name)
@@ -820,10 +821,10 @@ class PostgresBackend:
                     done += int(row[0]) if row else 0
                 else:
                     with conn.transaction():
-                        done += conn.execute(sql.SQL("DELETE {}").format(late),
-                                             (keep_from,)).rowcount
                         if keep_from > -math.inf:
                             rollup_pruned(conn, self.schema, keep_from)
+                        done += conn.execute(sql.SQL("DELETE {}").format(late),
+                                             (keep_from,)).rowcount
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
         return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,

@@ -171,8 +171,7 @@ def factor_margins(backend: PostgresBackend, where: StepFilter) -> FactorMargins
 
         def run(terms: Sequence[str], more: Sequence[Any]) -> list[Any]:
             also = "".join(f" AND {t}" for t in terms)
-            return conn.execute(factor_rows_sql(_rollup.factor_select(table, f"{also}{sql}"),
-                                                pairs=_rollup.PAIRS),
+            return conn.execute(factor_rows_sql(_rollup.factor_select(table, f"{also}{sql}")),
                                 [*more, *values]).fetchall()
 
         return _rollup.rolled(conn, backend.schema, _rollup.FACTORS, since=where.since,

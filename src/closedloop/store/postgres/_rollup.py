@@ -32,8 +32,10 @@ after it are then read from the events until it ends (slower, never wrong).
   new rows first when there are at least :data:`REFRESH_ROWS`; read-only handles use what
   is there.
 - **Retention** (:func:`pruned`, in the transaction that drops a day partition or deletes
-  late rows): raises ``floor`` to the first hour kept and deletes the roll-up below it,
-  under the same advisory lock as folds.
+  late rows, before it does): raises ``floor`` to the first hour kept and deletes the
+  roll-up below it, under the same advisory lock as folds (taken before the partition's
+  lock, in the order a fold takes them).
+- **Labels** are rolled up as their JSON text and read in Python, as the scan reads them.
 - **Rows with a non-finite ts** (``events_default``) are never rolled up: they are outside
   every window's whole hours and read from the events.
 """
@@ -95,7 +97,6 @@ _PERIOD = {"ph": "trunc((ts - 0.0) / 3600.0)::bigint",
            "pw": "trunc((ts - 345600.0) / 604800.0)::bigint"}
 """Each window's period of ``ts``, spelled as the scan spells it (``_period`` there)."""
 _HEAD = f"{_HOUR}, {_PERIOD['ph']}, {_PERIOD['pd']}, {_PERIOD['pw']}"
-PAIRS = "jsonb_each_text(e.labels)"
 
 MIGRATION = f"""
     ALTER TABLE {{schema}}.events ADD COLUMN IF NOT EXISTS xact BIGINT;
@@ -158,7 +159,7 @@ def factor_select(table: str, terms: str) -> str:
     refusals left out here."""
     return (f"SELECT {_HOUR} AS hour, task_type, CASE WHEN {FAILED} THEN 1 ELSE 0 END AS "
             f"failed, {HOUR_OF_DAY} AS hod, model, agent_version, prompt_version, {SIZE} "
-            f"AS size, labels FROM {table} WHERE NOT {REFUSED}{terms}")
+            f"AS size, labels::text AS labels FROM {table} WHERE NOT {REFUSED}{terms}")
 
 
 def _insert(schema: str, dim: str) -> tuple[str, list[Any]]:
@@ -168,8 +169,7 @@ def _insert(schema: str, dim: str) -> tuple[str, list[Any]]:
     if dim == FACTORS:
         return (f'INSERT INTO "{schema}".learn_factors (hour, task_type, dim, key, value, hod, '
                 "steps, failures) " + factor_rows_sql(
-                    factor_select(table, " AND {rows}"), head=("hour", "task_type"),
-                    pairs=PAIRS), [])
+                    factor_select(table, " AND {rows}"), head=("hour", "task_type")), [])
     if dim == FAILURES:
         return (f'INSERT INTO "{schema}".learn_failures (hour, ph, pd, pw, error_type, '
                 f"error_group, task_type, model, n, first_ts, last_ts) SELECT {_HEAD}, "
@@ -200,6 +200,8 @@ def refresh(conn: psycopg.Connection[Any], schema: str, dim: str, *,
         if not _one(conn, "SELECT pg_try_advisory_xact_lock(%s)",
                     (_lock_key("rollup", schema),)):
             return False
+        if _one(conn, "SELECT to_regclass(%s)", (f'"{schema}".learn_rollup_state',)) is None:
+            return False  # a schema that predates the roll-up
         found = state(conn, schema, dim)  # read after the lock: the last fold's commit
         upto = int(_one(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
                         ()))

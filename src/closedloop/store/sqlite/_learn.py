@@ -234,8 +234,7 @@ def factor_margins(backend: SQLiteBackend, where: StepFilter) -> FactorMargins |
     def run(conn: sqlite3.Connection, index: str, *terms: str,
             more: Sequence[Any] = ()) -> list[Any]:
         sql, values = _where(where, *terms)
-        return conn.execute(factor_rows_sql(_rollup.factor_select(f"{index}{sql}"),
-                                            pairs=_rollup.PAIRS),
+        return conn.execute(factor_rows_sql(_rollup.factor_select(f"{index}{sql}")),
                             [*more, *values]).fetchall()
 
     rows = _rolled(backend, where, _rollup.FACTORS, run=run,

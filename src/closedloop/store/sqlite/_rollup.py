@@ -128,7 +128,6 @@ def factor_select(terms: str) -> str:
             f"prompt_version, {SIZE} AS size, labels FROM events {where}")
 
 
-PAIRS = "json_each(e.labels)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +179,7 @@ def _insert(dim: str) -> tuple[str, dict[str, Any]]:
     if dim == FACTORS:
         return ("INSERT INTO learn_factors (hour, task_type, dim, key, value, hod, steps, "
                 "failures) " + factor_rows_sql(factor_select(f"NOT INDEXED WHERE {_CHUNK_ROWS}"),
-                                               head=("hour", "task_type"), pairs=PAIRS)), {}
+                                               head=("hour", "task_type"))), {}
     if dim == FAILURES:
         return ("INSERT INTO learn_failures (hour, ph, pd, pw, error_type, error_group, "
                 f"task_type, model, n, first_ts, last_ts) SELECT {_HEAD}, coalesce(error_type, "
