@@ -8,8 +8,9 @@ in a SQLite file (``--cache``, default ``~/.cache/closedloop-bench/learn-<events
 a PostgreSQL schema of their own (``closedloop_bench_learn_<events>``), through the store's
 own write path, and reuses them while they hold exactly that many events (``--tag=_x``
 names them ``learn_x-…``: a branch whose schema is newer keeps its own). It times the first
-query through a writable handle (on SQLite it folds the events into the hourly roll-up
-that trends read, once per store; see ``closedloop.store.sqlite._rollup``), then, on
+query through a writable handle (it folds the events into the hourly roll-up that trends,
+failure clusters and factors read, once per store and dimension; see
+``closedloop.store.sqlite._rollup`` and ``closedloop.store.postgres._rollup``), then, on
 each backend (median of ``--rounds``, wall and this process's CPU, the store opened read-only
 as the commands open it), over every event of the store:
 
@@ -139,7 +140,8 @@ def stores(args: argparse.Namespace) -> None:
                         ("failures", lambda s=writable: s.failure_counts()),
                         ("series by model", lambda s=writable: s.series(by="model")),
                         ("series by label:tier",
-                         lambda s=writable: s.series(by="label:tier"))):
+                         lambda s=writable: s.series(by="label:tier")),
+                        ("factor margins", lambda s=writable: s.factor_margins())):
                     wall, cpu, _ = timed(1, query)
                     print(f"{kind:10} first writable query: {what:22} {wall:.3f} s (CPU of "
                           f"this process {cpu:.3f} s; load {os.getloadavg()[0]:.2f})")

@@ -69,6 +69,7 @@ if typing.TYPE_CHECKING:
         FactorValue,
         factors,
         factors_from_cells,
+        factors_from_margins,
     )
     from closedloop.learn._html import (
         choose_window,
@@ -162,6 +163,7 @@ __all__ = [
     "esc",
     "factors",
     "factors_from_cells",
+    "factors_from_margins",
     "failure_clusters",
     "first_divergence",
     "html_report",
@@ -197,7 +199,8 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
         "._drift": ("ACTIONS", "SIGNALS", "DriftMonitor", "DriftPolicy", "Firing"),
         "._driftguard": ("DriftGuard", "OnlineScorer", "recorded_firings"),
         "._diff": ("DiffRow", "diff_traces", "first_divergence", "span_label", "verdict_messages"),
-        "._factors": ("Factor", "FactorValue", "Factors", "factors", "factors_from_cells"),
+        "._factors": ("Factor", "FactorValue", "Factors", "factors", "factors_from_cells",
+                       "factors_from_margins"),
         "._replay": ("CheckReplay", "ReplayReport", "replay"),
         "._report": ("DEFAULT_TOP_ERRORS", "DEFAULT_TOP_MESSAGES", "Cost", "ErrorCount", "Latency",
                      "MessageCount", "Rate", "Report", "TaskStats", "Tokens", "build_report",

@@ -2,8 +2,8 @@
 
 :func:`factors` asks the store for steps and failures per combination of model, agent
 version, prompt version, labels, UTC hour of day and input size
-(:meth:`~closedloop.store.Store.factor_counts`, in SQL on SQLite and PostgreSQL), then per
-dimension:
+(:meth:`~closedloop.store.Store.factor_margins`: each dimension's values alone, read from
+the hourly roll-up on SQLite and PostgreSQL), then per dimension:
 
 - per value, the failure rate (failed, error or blocked among the steps; refusals by control
   left out) with its Wilson interval; steps that did not record the dimension are the value
@@ -21,13 +21,13 @@ dimension:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from closedloop._errors import ConfigError
 from closedloop.learn._stats import Estimate, chi2_sf, entropy_bits, g_test, wilson, z_of
-from closedloop.store import FactorCell
+from closedloop.store import FactorCell, FactorMargins, margins_of_cells
 
 if TYPE_CHECKING:
     from closedloop.store import Store
@@ -100,46 +100,33 @@ class Factors:
                 "factors": [f.to_dict() for f in self.factors]}
 
 
-def _dimensions(cells: list[FactorCell]) -> dict[str, Callable[[FactorCell], str | None]]:
-    dims: dict[str, Callable[[FactorCell], str | None]] = {
-        "model": lambda c: c.model,
-        "agent_version": lambda c: c.agent_version,
-        "prompt_version": lambda c: c.prompt_version,
-    }
-    for key in sorted({k for c in cells for k in c.labels}):
-        dims[f"label:{key}"] = lambda c, k=key: c.labels.get(k)  # type: ignore[misc]
-    dims["hour_of_day"] = lambda c: f"{c.hour:02d}"
-    dims["input_tokens"] = lambda c: f"≥{c.size}" if c.size else "0"
-    return dims
-
-
 def factors_from_cells(cells: Iterable[FactorCell], *, task_type: str | None = None,
                        since: float | None = None, until: float | None = None,
                        confidence: float = 0.95, alpha: float = 0.05,
                        min_steps: int = DEFAULT_MIN_STEPS) -> Factors:
     """The factors of a store's factor cells (see the module's docstring)."""
-    found = list(cells)
+    return factors_from_margins(margins_of_cells(cells), task_type=task_type, since=since,
+                                until=until, confidence=confidence, alpha=alpha,
+                                min_steps=min_steps)
+
+
+def factors_from_margins(margins: FactorMargins, *, task_type: str | None = None,
+                         since: float | None = None, until: float | None = None,
+                         confidence: float = 0.95, alpha: float = 0.05,
+                         min_steps: int = DEFAULT_MIN_STEPS) -> Factors:
+    """The factors of a store's factor margins (see the module's docstring); the values
+    are taken in one fixed order, so equal margins give equal factors to the last bit."""
     z = z_of(confidence)
-    steps = sum(c.steps for c in found)
-    failures = sum(c.failures for c in found)
-    base = entropy_bits(failures, steps)
-    dims = _dimensions(found)
-    tables: dict[str, dict[str | None, list[int]]] = {}
-    for name, value_of in dims.items():
-        table: dict[str | None, list[int]] = {}
-        for c in found:
-            counts = table.setdefault(value_of(c), [0, 0])
-            counts[0] += c.steps
-            counts[1] += c.failures
-        if len(table) >= 2:
-            tables[name] = table
+    base = entropy_bits(margins.failures, margins.steps)
+    tables = {name: sorted(table.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
+              for name, table in margins.tables.items() if len(table) >= 2}
     out = []
     for name, table in tables.items():
-        g, bits = g_test([(s, f) for s, f in table.values()])
+        g, bits = g_test([counts for _, counts in table])
         dof = len(table) - 1
         p = chi2_sf(g, dof)
         values = []
-        for value, (s, f) in table.items():
+        for value, (s, f) in table:
             rate = wilson(f, s, z)
             assert rate is not None
             values.append(FactorValue(value=value, steps=s, failures=f, rate=rate))
@@ -150,8 +137,8 @@ def factors_from_cells(cells: Iterable[FactorCell], *, task_type: str | None = N
                           g=g, dof=dof, p_value=p, significant=p < alpha / len(tables),
                           spread=max(rates) - min(rates) if len(rates) >= 2 else None))
     out.sort(key=lambda f: (-f.information_bits, f.dimension))
-    return Factors(task_type=task_type, since=since, until=until, steps=steps,
-                   failures=failures, confidence=confidence, factors=tuple(out))
+    return Factors(task_type=task_type, since=since, until=until, steps=margins.steps,
+                   failures=margins.failures, confidence=confidence, factors=tuple(out))
 
 
 def factors(store: Store, *, task_type: str | None = None, since: float | None = None,
@@ -163,6 +150,6 @@ def factors(store: Store, *, task_type: str | None = None, since: float | None =
         raise ConfigError(f"confidence must be in [0.5, 1), got {confidence!r}")
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
-    cells = store.factor_counts(since=since, until=until, task_type=task_type)
-    return factors_from_cells(cells, task_type=task_type, since=since, until=until,
+    margins = store.factor_margins(since=since, until=until, task_type=task_type)
+    return factors_from_margins(margins, task_type=task_type, since=since, until=until,
                               confidence=confidence, alpha=alpha, min_steps=min_steps)

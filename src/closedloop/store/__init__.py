@@ -65,8 +65,10 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     LearnQueries,
+    MarginQueries,
     SeriesCell,
     check_span,
     check_window,
@@ -76,6 +78,7 @@ from closedloop.store._learn import (
     hour_of_day,
     latency_bounds,
     latency_bucket,
+    margins_of_cells,
     parse_dimension,
     period_of,
     period_steps_events,
@@ -145,11 +148,13 @@ __all__ = [
     "EventsPruned",
     "ExampleKey",
     "FactorCell",
+    "FactorMargins",
     "FailureCell",
     "ImportResult",
     "LearnQueries",
     "LevelBackend",
     "MaintainedBackend",
+    "MarginQueries",
     "MemoryBackend",
     "MemoryLevelStore",
     "MemorySpanStore",
@@ -191,6 +196,7 @@ __all__ = [
     "latency_bounds",
     "latency_bucket",
     "level_store_for",
+    "margins_of_cells",
     "migrate_store",
     "open_backend",
     "open_store",
@@ -475,6 +481,17 @@ class Store:
         where, backend = self._learn(since, until, task_type)
         found = None if backend is None else backend.factor_counts(where)
         return found if found is not None else factor_events(self._matching(where))
+
+    def factor_margins(self, *, since: float | None = None, until: float | None = None,
+                       task_type: str | None = None) -> FactorMargins:
+        """Steps and failures of the stored steps (refusals left out) per value of each
+        factor alone (:class:`FactorMargins`): from the backend's roll-up when it keeps one,
+        else added up from :meth:`factor_counts`."""
+        where, _ = self._learn(since, until, task_type)
+        backend = self.backend
+        found = backend.factor_margins(where) if isinstance(backend, MarginQueries) else None
+        return found if found is not None else margins_of_cells(
+            self.factor_counts(since=since, until=until, task_type=task_type))
 
     def failure_counts(self, *, window: str = "day", since: float | None = None,
                        until: float | None = None, task_type: str | None = None

@@ -26,6 +26,7 @@ count as steps in trends).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -341,6 +342,113 @@ def factor_events(events: Iterable[StepEvent]) -> list[FactorCell]:
     return factor_cells_from_rows((*k, n, f) for k, (n, f) in counts.items())
 
 
+FACTOR_DIMENSIONS = ("model", "agent_version", "prompt_version")
+"""The factors that are event columns (then each label, hour of day and input size)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FactorMargins:
+    """Steps and failures (refusals left out) per value of each factor taken alone: what
+    :func:`closedloop.learn.factors` ranks. ``tables`` maps a factor's name (``model``,
+    ``agent_version``, ``prompt_version``, ``label:KEY``, ``hour_of_day`` as ``"07"``,
+    ``input_tokens`` as ``"≥200"`` or ``"0"``) to ``{value: (steps, failures)}``; ``None``:
+    not recorded. Integers only, so every way of counting gives equal margins."""
+
+    steps: int
+    failures: int
+    tables: Mapping[str, Mapping[str | None, tuple[int, int]]]
+
+
+def size_label(size: int) -> str:
+    """How a factor's input-size value reads: ``"≥200"`` (a :func:`size_bucket`), ``"0"``."""
+    return f"≥{size}" if size else "0"
+
+
+class _Margins:
+    """Adds counts up into :class:`FactorMargins`."""
+
+    def __init__(self) -> None:
+        self.steps = self.failures = 0
+        self.tables: dict[str, dict[str | None, list[int]]] = {}
+        self.labelled: dict[str, list[int]] = {}
+
+    def add(self, name: str, value: str | None, steps: int, failures: int) -> None:
+        found = self.tables.setdefault(name, {}).setdefault(value, [0, 0])
+        found[0] += steps
+        found[1] += failures
+
+    def label(self, key: str, value: str, steps: int, failures: int) -> None:
+        self.add(f"label:{key}", value, steps, failures)
+        found = self.labelled.setdefault(key, [0, 0])
+        found[0] += steps
+        found[1] += failures
+
+    def done(self) -> FactorMargins:
+        for key, (steps, failures) in self.labelled.items():
+            if steps < self.steps:  # the steps without the label
+                self.add(f"label:{key}", None, self.steps - steps, self.failures - failures)
+        return FactorMargins(steps=self.steps, failures=self.failures, tables={
+            name: {v: (n, f) for v, (n, f) in table.items()}
+            for name, table in self.tables.items()})
+
+
+def margins_of_cells(cells: Iterable[FactorCell]) -> FactorMargins:
+    """The margins of joint :class:`FactorCell` counts."""
+    out = _Margins()
+    for c in cells:
+        out.steps += c.steps
+        out.failures += c.failures
+        for name in FACTOR_DIMENSIONS:
+            out.add(name, getattr(c, name), c.steps, c.failures)
+        for key, value in c.labels.items():
+            out.label(key, value, c.steps, c.failures)
+        out.add("hour_of_day", f"{c.hour:02d}", c.steps, c.failures)
+        out.add("input_tokens", size_label(c.size), c.steps, c.failures)
+    return out.done()
+
+
+def margins_from_rows(rows: Iterable[Sequence[Any]]) -> FactorMargins:
+    """The margins of SQL rows ``(dim, key, value, hour, steps, failures)``: ``dim`` ""
+    counts every step of UTC hour of day ``hour``; ``model``, ``agent_version`` and
+    ``prompt_version`` those of ``value``; ``size`` those of :func:`size_code` ``value``;
+    ``labels`` those whose labels are the JSON ``value`` (see :func:`factor_rows_sql`)."""
+    out = _Margins()
+    for dim, _key, value, hour, n, f in rows:
+        steps, failures = int(n), int(f or 0)
+        if dim == "":
+            out.steps += steps
+            out.failures += failures
+            out.add("hour_of_day", f"{int(hour):02d}", steps, failures)
+        elif dim == "size":
+            out.add("input_tokens", size_label(size_bucket(int(value))), steps, failures)
+        elif dim == "labels":
+            for k, v in _labels(value).items():
+                out.label(k, v, steps, failures)
+        else:
+            out.add(dim, value, steps, failures)
+    return out.done()
+
+
+def factor_rows_sql(inner: str, *, head: Sequence[str] = ()) -> str:
+    """The SQL of the rows :func:`margins_from_rows` reads, each after the ``head`` columns
+    (grouped by them too), from ``inner``: a SELECT of the steps to count (refusals left
+    out) with the columns ``head``, ``failed`` (1 or 0), ``hod`` (UTC hour of day),
+    ``model``, ``agent_version``, ``prompt_version``, ``size`` (:func:`size_code`) and
+    ``labels`` (JSON text: its pairs are read in Python, as the scan reads them; SQLite's
+    JSON functions cut a string at an escaped NUL). One pass over ``inner`` (a CTE used
+    more than once is materialized by SQLite and PostgreSQL)."""
+    lead = "".join(f"{h}, " for h in head)
+    count = "count(*), sum(failed)"
+    parts = [f"SELECT {lead}'', '', NULL, hod, {count} FROM e GROUP BY {lead}hod"]
+    parts += [f"SELECT {lead}'{dim}', '', {dim}, 0, {count} FROM e GROUP BY {lead}{dim}"
+              for dim in FACTOR_DIMENSIONS]
+    parts.append(f"SELECT {lead}'size', '', CAST(size AS TEXT), 0, {count} FROM e "
+                 f"GROUP BY {lead}size")
+    parts.append(f"SELECT {lead}'labels', '', labels, 0, {count} FROM e WHERE labels IS NOT "
+                 f"NULL GROUP BY {lead}labels")
+    return f"WITH e AS ({inner}) " + " UNION ALL ".join(parts)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FailureCell:
     """Failed steps of one ``(error_type, group, task_type, model, period)``; ``group`` is
@@ -451,6 +559,38 @@ class LearnQueries(Protocol):
 
     def period_steps(self, where: StepFilter, *, window: str) -> dict[int, int] | None:
         """Steps per period."""
+
+
+@runtime_checkable
+class MarginQueries(Protocol):
+    """A backend that counts the factors' margins itself (from a roll-up); without it, or
+    when it answers None, they are added up from :meth:`LearnQueries.factor_counts`."""
+
+    def factor_margins(self, where: StepFilter) -> FactorMargins | None:
+        """Steps and failures per value of each factor alone (see :class:`FactorMargins`)."""
+
+
+def whole_hours(since: float | None, until: float | None, floor: int) -> tuple[int, int] | None:
+    """The whole UTC hours ``[low, high)`` (hour ``h`` is ``h * 3600 <= ts < h * 3600 +
+    3600``, exactly) inside ``[since, until)`` from hour ``floor`` on: what an hourly
+    roll-up can answer (None: none)."""
+    low = floor
+    if since is not None:
+        h = math.ceil(since / 3600.0)
+        while (h - 1) * 3600.0 >= since:
+            h -= 1
+        while h * 3600.0 < since:
+            h += 1
+        low = max(low, h)
+    high = 1 << 40
+    if until is not None:
+        h = math.floor(until / 3600.0)
+        while h * 3600.0 > until:
+            h -= 1
+        while (h + 1) * 3600.0 <= until:
+            h += 1
+        high = h
+    return (low, high) if low < high else None
 
 
 def check_span(cells: Iterable[int]) -> None:

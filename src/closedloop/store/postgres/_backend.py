@@ -61,6 +61,7 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
 )
@@ -73,6 +74,8 @@ from closedloop.store._retention import (
     StoreInfo,
     record_clauses,
 )
+from closedloop.store.postgres._rollup import MIGRATION as ROLLUP_MIGRATION
+from closedloop.store.postgres._rollup import pruned as rollup_pruned
 
 if TYPE_CHECKING:
     import psycopg
@@ -395,6 +398,10 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX IF EXISTS {schema}.events_report;
     DROP INDEX IF EXISTS {schema}.events_task_type_ts;
     """,
+    # the learning layer's hourly roll-up (closedloop.store.postgres._rollup): each row
+    # records its inserting transaction (a column default: a new column without one first,
+    # so no row is rewritten; old rows stay NULL), the watermark of what is rolled up
+    ROLLUP_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
@@ -718,6 +725,12 @@ class PostgresBackend:
 
         return factor_counts(self, where)
 
+    def factor_margins(self, where: StepFilter) -> FactorMargins | None:
+        """Steps and failures per value of each factor alone (from the roll-up)."""
+        from closedloop.store.postgres._learn import factor_margins
+
+        return factor_margins(self, where)
+
     def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell] | None:
         """Failed steps per group, task type, model and period (in SQL)."""
         from closedloop.store.postgres._learn import failure_counts
@@ -811,6 +824,9 @@ class PostgresBackend:
                             conn.execute("SET LOCAL lock_timeout = '5s'")
                             conn.execute("SELECT pg_advisory_xact_lock(%s)",
                                          (_lock_key("partition", self.schema),))
+                            # the learning roll-up, in the same transaction (its lock
+                            # first, as a fold takes it before reading the partitions)
+                            rollup_pruned(conn, self.schema, _partition_start(name) + DAY_S)
                             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
                         self._partitions.discard(int(_partition_start(name) // DAY_S))
                     done += rows
@@ -821,8 +837,11 @@ class PostgresBackend:
                                        (keep_from,)).fetchone()
                     done += int(row[0]) if row else 0
                 else:
-                    done += conn.execute(sql.SQL("DELETE {}").format(late),
-                                         (keep_from,)).rowcount
+                    with conn.transaction():
+                        if keep_from > -math.inf:
+                            rollup_pruned(conn, self.schema, keep_from)
+                        done += conn.execute(sql.SQL("DELETE {}").format(late),
+                                             (keep_from,)).rowcount
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune store {self.url}: {_one_line(exc)}") from None
         return EventsPruned(events=done, partitions=tuple(dropped), kept_from=keep_from,

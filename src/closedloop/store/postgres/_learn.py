@@ -14,21 +14,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from closedloop._errors import StoreError
 from closedloop._figures import message_group
 from closedloop.store._learn import (
-    FAILURE_OUTCOMES,
-    REFUSAL_OUTCOMES,
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
     cells_from_rows,
     check_window,
     factor_cells_from_rows,
+    factor_rows_sql,
     failure_cells_from_rows,
-    latency_bucket_sql,
-    series_sums,
+    margins_from_rows,
 )
 from closedloop.store._query import StepFilter
+from closedloop.store.postgres import _rollup
 from closedloop.store.postgres._backend import _one_line
 from closedloop.store.postgres._query import _and, _table
 
@@ -38,16 +38,12 @@ if TYPE_CHECKING:
     from closedloop.store.postgres._backend import PostgresBackend
 
 _T = TypeVar("_T")
-BUCKET = latency_bucket_sql()
+BUCKET = _rollup.BUCKET
 ":func:`~closedloop.store._learn.latency_bucket` in SQL."
-_DIGITS = "input_tokens::text"
-SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
-        f"left({_DIGITS}, 1) < '2' COLLATE \"C\" THEN 1 WHEN left({_DIGITS}, 1) < '5' "
-        "COLLATE \"C\" THEN 2 ELSE 5 END) ELSE 0 END)")
-_FAILED = f"outcome IN ({', '.join(repr(o) for o in FAILURE_OUTCOMES)})"
-_REFUSED = f"outcome IN ({', '.join(repr(o) for o in REFUSAL_OUTCOMES)})"
-_SUMS = series_sums("outcome = 'succeeded'", _FAILED,
-                    "validation_passed IS NOT NULL AND attempts > 1")
+SIZE = _rollup.SIZE
+_FAILED = _rollup.FAILED
+_REFUSED = _rollup.REFUSED
+_SUMS = _rollup.SERIES_SUMS
 
 
 def _period(window: str) -> str:
@@ -94,13 +90,62 @@ def _grouped(backend: PostgresBackend, where: StepFilter, select: str, *extra: s
     return _read(backend, work)
 
 
+def _plain(where: StepFilter) -> bool:
+    """True when ``where`` filters by time and task type only (what the roll-up keeps)."""
+    return where == StepFilter(since=where.since, until=where.until,
+                               task_type=where.task_type)
+
+
+def _rolled(backend: PostgresBackend, where: StepFilter, dim: str, select: str, *extra: str,
+            params: Sequence[Any] = (), groups: int,
+            read: Callable[[psycopg.Connection[Any], str, tuple[int, int]], list[Any]]
+            ) -> list[Any] | None:
+    """``SELECT {select} FROM events WHERE … GROUP BY 1..groups`` over ``where``'s steps,
+    the whole hours ``dim``'s roll-up covers (:mod:`closedloop.store.postgres._rollup`)
+    read from it by ``read(conn, schema, hours)`` instead; a writable handle first folds
+    the new rows into it (starting it)."""
+    if not _plain(where):
+        return _grouped(backend, where, select, *extra, params=params, groups=groups)
+    if not backend.read_only:
+        _fold(backend, dim)
+
+    def work(conn: psycopg.Connection[Any], table: str) -> list[Any]:
+        sql, values = _and(where)
+
+        def run(terms: Sequence[str], more: Sequence[Any]) -> list[Any]:
+            also = "".join(f" AND {t}" for t in (*extra, *terms))
+            return conn.execute(
+                f"SELECT {select} FROM {table} WHERE TRUE{also}{sql} GROUP BY "
+                f"{', '.join(str(i) for i in range(1, groups + 1))}",
+                [*params, *more, *values]).fetchall()
+
+        return _rollup.rolled(conn, backend.schema, dim, since=where.since, until=where.until,
+                              run=run, read=lambda span: read(conn, backend.schema, span))
+
+    return _read(backend, work)
+
+
+def _fold(backend: PostgresBackend, dim: str) -> None:
+    import psycopg
+
+    try:
+        with backend.pool().connection() as conn:
+            _rollup.refresh(conn, backend.schema, dim)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot update the roll-up of store {backend.url}: "
+                         f"{_one_line(exc)}") from None
+
+
 def series(backend: PostgresBackend, where: StepFilter, *, by: Dimension,
            window: str) -> list[SeriesCell] | None:
-    """Per value of ``by`` and period: the figures of :class:`SeriesCell`."""
+    """Per value of ``by`` and period: the figures of :class:`SeriesCell` (the whole hours
+    the roll-up covers from it)."""
     value, params = (("labels ->> %s", [by.label]) if by.column == "label"
                      else (by.column, []))
-    rows = _grouped(backend, where, f"{value}, {_period(window)}, {BUCKET}, {_SUMS}",
-                    params=params, groups=3)
+    rows = _rolled(backend, where, str(by), f"{value}, {_period(window)}, {BUCKET}, {_SUMS}",
+                   params=params, groups=3,
+                   read=lambda conn, schema, span: _rollup.series_rows(
+                       conn, schema, str(by), window, span=span, task_type=where.task_type))
     return None if rows is None else cells_from_rows(rows)
 
 
@@ -108,33 +153,59 @@ def factor_counts(backend: PostgresBackend, where: StepFilter) -> list[FactorCel
     """Steps and failures per model, versions, labels, hour of day and input size."""
     rows = _grouped(
         backend, where, "model, agent_version, prompt_version, labels::text, "
-        f"trunc(ts / 3600.0)::bigint %% 24, {SIZE}, count(*), count(*) FILTER (WHERE "
+        f"{_rollup.HOUR_OF_DAY}, {SIZE}, count(*), count(*) FILTER (WHERE "
         f"{_FAILED})", f"NOT {_REFUSED}", groups=6)
     return None if rows is None else factor_cells_from_rows(rows)
 
 
-def failure_counts(backend: PostgresBackend, where: StepFilter, *,
-                   window: str) -> list[FailureCell] | None:
-    """Failed steps per error type, message group, task type, model and period."""
-    period = _period(window)
+def factor_margins(backend: PostgresBackend, where: StepFilter) -> FactorMargins | None:
+    """Steps and failures per value of each factor alone: the roll-up's whole hours, the
+    rest counted from the events."""
+    if not _plain(where):
+        return None
+    if not backend.read_only:
+        _fold(backend, _rollup.FACTORS)
 
     def work(conn: psycopg.Connection[Any], table: str) -> list[Any]:
         sql, values = _and(where)
-        rows = conn.execute(
-            f"SELECT coalesce(error_type, ''), coalesce(error_group, ''), task_type, model, "
-            f"{period}, count(*), min(ts), max(ts) FROM {table} WHERE {_FAILED} AND NOT "
-            f"(error_group IS NULL AND coalesce(error_message, '') <> ''){sql} "
-            "GROUP BY 1, 2, 3, 4, 5",
-            values).fetchall()
-        legacy = conn.execute(
-            f"SELECT error_type, error_message, task_type, model, {period}, ts FROM {table} "
-            f"WHERE error_group IS NULL AND error_message <> '' AND {_FAILED}{sql}",
-            values).fetchall()
-        return rows + [(et, message_group(m), task, model, p, 1, ts, ts)
-                       for et, m, task, model, p, ts in legacy]
+
+        def run(terms: Sequence[str], more: Sequence[Any]) -> list[Any]:
+            also = "".join(f" AND {t}" for t in terms)
+            return conn.execute(factor_rows_sql(_rollup.factor_select(table, f"{also}{sql}")),
+                                [*more, *values]).fetchall()
+
+        return _rollup.rolled(conn, backend.schema, _rollup.FACTORS, since=where.since,
+                              until=where.until, run=run,
+                              read=lambda span: _rollup.factor_rows(
+                                  conn, backend.schema, span, where.task_type))
 
     rows = _read(backend, work)
-    return None if rows is None else failure_cells_from_rows(rows)
+    return None if rows is None else margins_from_rows(rows)
+
+
+def failure_counts(backend: PostgresBackend, where: StepFilter, *,
+                   window: str) -> list[FailureCell] | None:
+    """Failed steps per error type, message group, task type, model and period (the whole
+    hours the roll-up covers from it); steps stored before messages were grouped are
+    grouped here (Python)."""
+    period = _period(window)
+    rows = _rolled(backend, where, _rollup.FAILURES,
+                   f"coalesce(error_type, ''), coalesce(error_group, ''), task_type, model, "
+                   f"{period}, count(*), min(ts), max(ts)", _rollup.GROUPED_FAILURE, groups=5,
+                   read=lambda conn, schema, span: _rollup.failure_rows(
+                       conn, schema, window, span, where.task_type))
+    if rows is None:
+        return None
+
+    def legacy(conn: psycopg.Connection[Any], table: str) -> list[Any]:
+        sql, values = _and(where)
+        return [(et, message_group(m), task, model, p, 1, ts, ts)
+                for et, m, task, model, p, ts in conn.execute(
+                    f"SELECT error_type, error_message, task_type, model, {period}, ts FROM "
+                    f"{table} WHERE error_group IS NULL AND error_message <> '' AND "
+                    f"{_FAILED}{sql}", values).fetchall()]
+
+    return failure_cells_from_rows([*rows, *(_read(backend, legacy) or [])])
 
 
 def failure_examples(backend: PostgresBackend, where: StepFilter, keys: Sequence[ExampleKey],
@@ -173,6 +244,13 @@ def failure_examples(backend: PostgresBackend, where: StepFilter, keys: Sequence
 
 def period_steps(backend: PostgresBackend, where: StepFilter, *,
                  window: str) -> dict[int, int] | None:
-    """Steps per period."""
-    rows = _grouped(backend, where, f"{_period(window)}, count(*)", groups=1)
-    return None if rows is None else {int(p): int(n) for p, n in rows}
+    """Steps per period (the whole hours the roll-up covers from it)."""
+    rows = _rolled(backend, where, "task_type", f"{_period(window)}, count(*)", groups=1,
+                   read=lambda conn, schema, span: _rollup.period_rows(
+                       conn, schema, window, span, where.task_type))
+    if rows is None:
+        return None
+    out: dict[int, int] = {}
+    for p, n in rows:
+        out[int(p)] = out.get(int(p), 0) + int(n)
+    return out

@@ -35,6 +35,7 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
 )
@@ -624,6 +625,12 @@ class SQLiteBackend:
         from closedloop.store.sqlite._learn import factor_counts
 
         return factor_counts(self, where)
+
+    def factor_margins(self, where: StepFilter) -> FactorMargins | None:
+        """Steps and failures per value of each factor alone (from the roll-up)."""
+        from closedloop.store.sqlite._learn import factor_margins
+
+        return factor_margins(self, where)
 
     def failure_counts(self, where: StepFilter, *, window: str) -> list[FailureCell] | None:
         """Failed steps per group, task type, model and period (in SQL)."""

@@ -26,13 +26,16 @@ from closedloop.store._learn import (
     Dimension,
     ExampleKey,
     FactorCell,
+    FactorMargins,
     FailureCell,
     SeriesCell,
     cells_from_rows,
     check_window,
     factor_cells_from_rows,
+    factor_rows_sql,
     failure_cells_from_rows,
     latency_bucket_sql,
+    margins_from_rows,
     series_sums,
 )
 from closedloop.store._query import StepFilter
@@ -49,10 +52,7 @@ _CHUNK = 32_768
 _MMAP_BYTES = 256 << 20
 BUCKET = latency_bucket_sql()
 ":func:`~closedloop.store._learn.latency_bucket` in SQL."
-_DIGITS = "CAST(input_tokens AS TEXT)"
-SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
-        f"substr({_DIGITS}, 1, 1) < '2' THEN 1 WHEN substr({_DIGITS}, 1, 1) < '5' THEN 2 "
-        "ELSE 5 END) ELSE 0 END)")
+SIZE = _rollup.SIZE
 """:func:`~closedloop.store._learn.size_code` in SQLite."""
 _FAILED = f"outcome IN ({', '.join(repr(o) for o in FAILURE_OUTCOMES)})"
 _REFUSED = f"outcome IN ({', '.join(repr(o) for o in REFUSAL_OUTCOMES)})"
@@ -226,6 +226,20 @@ def factor_counts(backend: SQLiteBackend, where: StepFilter) -> list[FactorCell]
         f"CAST(ts / 3600.0 AS INTEGER) % 24, {SIZE}, count(*), sum(CASE WHEN {_FAILED} "
         "THEN 1 END)", f"NOT {_REFUSED}", groups=6)
     return None if rows is None else factor_cells_from_rows(rows)
+
+
+def factor_margins(backend: SQLiteBackend, where: StepFilter) -> FactorMargins | None:
+    """Steps and failures per value of each factor alone: the roll-up's whole hours, the
+    rest counted from the events."""
+    def run(conn: sqlite3.Connection, index: str, *terms: str,
+            more: Sequence[Any] = ()) -> list[Any]:
+        sql, values = _where(where, *terms)
+        return conn.execute(factor_rows_sql(_rollup.factor_select(f"{index}{sql}")),
+                            [*more, *values]).fetchall()
+
+    rows = _rolled(backend, where, _rollup.FACTORS, run=run,
+                   rolled=lambda conn, span: _rollup.factor_rows(conn, span, where.task_type))
+    return None if rows is None else margins_from_rows(rows)
 
 
 def failure_counts(backend: SQLiteBackend, where: StepFilter, *,

@@ -38,7 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from closedloop.store._learn import FAILURE_OUTCOMES, Dimension, parse_dimension
+from closedloop.store._learn import (
+    FAILURE_OUTCOMES,
+    REFUSAL_OUTCOMES,
+    Dimension,
+    factor_rows_sql,
+    parse_dimension,
+    whole_hours,
+)
 from closedloop.store._learn import latency_bucket_sql as _bucket_sql
 from closedloop.store._learn import series_sums as _series_sums
 
@@ -56,6 +63,12 @@ SUMS = tuple(f"s{i}" for i in range(16))
 """The columns of :func:`~closedloop.store._learn.series_sums`, in order."""
 PERIODS = {"hour": "ph", "day": "pd", "week": "pw"}
 _FAILED = f"outcome IN ({', '.join(repr(o) for o in FAILURE_OUTCOMES)})"
+REFUSED = f"outcome IN ({', '.join(repr(o) for o in REFUSAL_OUTCOMES)})"
+_DIGITS = "CAST(input_tokens AS TEXT)"
+SIZE = (f"(CASE WHEN input_tokens > 0 THEN length({_DIGITS}) * 10 + (CASE WHEN "
+        f"substr({_DIGITS}, 1, 1) < '2' THEN 1 WHEN substr({_DIGITS}, 1, 1) < '5' THEN 2 "
+        "ELSE 5 END) ELSE 0 END)")
+""":func:`~closedloop.store._learn.size_code` in SQLite."""
 _SUMS = _series_sums("outcome = 'succeeded'", _FAILED,
                      "validation_passed IS NOT NULL AND attempts > 1")
 _BUCKET = _bucket_sql()
@@ -89,6 +102,32 @@ MIGRATION = f"""
 
 FAILURES = "#failures"
 """The state's name of ``learn_failures``."""
+FACTORS = "#factors"
+"""The state's name of ``learn_factors``."""
+FACTORS_TABLE = """
+    CREATE TABLE IF NOT EXISTS learn_factors (
+        hour INTEGER NOT NULL, task_type TEXT NOT NULL, dim TEXT NOT NULL, key TEXT NOT NULL,
+        value TEXT, hod INTEGER NOT NULL, steps INTEGER NOT NULL, failures INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS learn_factors_hour ON learn_factors (hour)
+    """
+"""The factors' roll-up, made by the first writable query that needs it (stop 19: no
+migration of its own): per exact hour and task type, the steps (refusals left out) and
+failures of each factor's value alone (rows of
+:func:`~closedloop.store._learn.margins_from_rows`)."""
+_TABLES = {FAILURES: "learn_failures", FACTORS: "learn_factors"}
+
+
+def factor_select(terms: str) -> str:
+    """The steps :func:`~closedloop.store._learn.factor_rows_sql` counts (its ``inner``),
+    with the hour and task type first: ``terms`` is the FROM clause's rest (index and
+    WHERE), refusals left out here."""
+    where = f"{terms} AND NOT {REFUSED}" if "WHERE" in terms else f"{terms} WHERE NOT {REFUSED}"
+    return (f"SELECT {_HOUR} AS hour, task_type, CASE WHEN {_FAILED} THEN 1 ELSE 0 END AS "
+            f"failed, CAST(ts / 3600.0 AS INTEGER) % 24 AS hod, model, agent_version, "
+            f"prompt_version, {SIZE} AS size, labels FROM events {where}")
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +176,10 @@ counts; the others (stored before messages were grouped) are grouped when read."
 def _insert(dim: str) -> tuple[str, dict[str, Any]]:
     """The INSERT of one chunk's grouped rows of ``dim`` (params: low rowid, high rowid,
     floor, then the returned ones)."""
+    if dim == FACTORS:
+        return ("INSERT INTO learn_factors (hour, task_type, dim, key, value, hod, steps, "
+                "failures) " + factor_rows_sql(factor_select(f"NOT INDEXED WHERE {_CHUNK_ROWS}"),
+                                               head=("hour", "task_type"))), {}
     if dim == FAILURES:
         return ("INSERT INTO learn_failures (hour, ph, pd, pw, error_type, error_group, "
                 f"task_type, model, n, first_ts, last_ts) SELECT {_HEAD}, coalesce(error_type, "
@@ -167,9 +210,11 @@ def refresh(conn: sqlite3.Connection, dim: str, *, at_least: int | None = None) 
     top = conn.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
     if found is not None and found.usable and top - found.covered < max(at_least, 1):
         return False
+    if dim == FACTORS:
+        conn.executescript(FACTORS_TABLE)
     sql, params = _insert(dim)
-    table = "learn_failures" if dim == FAILURES else "learn_rollup"
-    mine = "" if dim == FAILURES else " WHERE dim = :dim"
+    table = _TABLES.get(dim, "learn_rollup")
+    mine = "" if dim in _TABLES else " WHERE dim = :dim"
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -224,6 +269,8 @@ def pruned(conn: sqlite3.Connection, before: float) -> None:
         conn.execute("UPDATE learn_rollup_state SET floor = ?", (floor,))
         conn.execute("DELETE FROM learn_rollup WHERE hour < ?", (floor,))
         conn.execute("DELETE FROM learn_failures WHERE hour < ?", (floor,))
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'learn_factors'").fetchone():
+            conn.execute("DELETE FROM learn_factors WHERE hour < ?", (floor,))
     for dim, covered, _ in rows:
         if covered and conn.execute("SELECT 1 FROM events WHERE rowid = ?",
                                     (covered,)).fetchone() is None:
@@ -234,26 +281,8 @@ def pruned(conn: sqlite3.Connection, before: float) -> None:
             _cover(conn, dim, left or 0)
 
 
-def hours(since: float | None, until: float | None, floor: int) -> tuple[int, int] | None:
-    """The whole hours ``[low, high)`` of ``[since, until)`` the roll-up can answer
-    (None: none)."""
-    low = floor
-    if since is not None:
-        h = math.ceil(since / 3600.0)
-        while (h - 1) * 3600.0 >= since:
-            h -= 1
-        while h * 3600.0 < since:
-            h += 1
-        low = max(low, h)
-    high = 1 << 40
-    if until is not None:
-        h = math.floor(until / 3600.0)
-        while h * 3600.0 > until:
-            h -= 1
-        while (h + 1) * 3600.0 <= until:
-            h += 1
-        high = h
-    return (low, high) if low < high else None
+hours = whole_hours
+"""(:func:`~closedloop.store._learn.whole_hours`.)"""
 
 
 def series_rows(conn: sqlite3.Connection, by: Dimension, window: str, span: tuple[int, int],
@@ -287,4 +316,15 @@ def failure_rows(conn: sqlite3.Connection, window: str, span: tuple[int, int],
         f"SELECT error_type, error_group, task_type, model, {PERIODS[window]}, sum(n), "
         "min(first_ts), max(last_ts) FROM learn_failures INDEXED BY learn_failures_hour "
         f"WHERE hour >= ? AND hour < ?{task} GROUP BY 1, 2, 3, 4, 5",
+        [*span, *([task_type] if task_type is not None else [])]).fetchall()
+
+
+def factor_rows(conn: sqlite3.Connection, span: tuple[int, int],
+                task_type: str | None) -> list[Sequence[Any]]:
+    """Rows ``(dim, key, value, hour of day, steps, failures)`` of the factors' roll-up
+    over the hours ``span`` (see :func:`~closedloop.store._learn.margins_from_rows`)."""
+    task = " AND task_type = ?" if task_type is not None else ""
+    return conn.execute(
+        "SELECT dim, key, value, hod, sum(steps), sum(failures) FROM learn_factors "
+        f"INDEXED BY learn_factors_hour WHERE hour >= ? AND hour < ?{task} GROUP BY 1, 2, 3, 4",
         [*span, *([task_type] if task_type is not None else [])]).fetchall()
