@@ -389,39 +389,51 @@ _AGAIN = _Ending(Outcome.FAILED)  # validation failed, re-ask (never recorded: i
 
 
 def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
-                 call: StepCall | None = None) -> StepGen:
+                 call: StepCall | None = None, *, claimed: _Step | None = None) -> StepGen:
     """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
 
     Guards see the recorded event (``observe``) right after it is recorded, also when the
     agent or executor raised, so that fault control sees every step. While the step runs,
     it is the context's current step: a step started by one of its hooks is its child.
 
-    The single-call stages (admit, propose, act) yield here and leave their decisions to
-    :class:`_Step`'s methods; the multi-check stages (validate, verify) are generators of
-    their own. A stage's generator costs ~0.15 µs per step (made, entered, returned from),
-    which on a trivial step is a tenth of the loop's own cost.
+    One generator for the whole step: the stages every step runs (admit, propose, validate,
+    the autonomous act, verify) are written here, in order, and leave their decisions to
+    :class:`_Step`'s plain methods; only the gate's rarer paths (risk rules, the approver,
+    the durable approval request, an approved request's execution) are generators of their
+    own. A nested generator costs a step ~1,500 machine instructions (made, entered,
+    returned from) and each action yielded through it a few hundred more.
+
+    ``claimed``: an approved request's step, claimed by :func:`approved_machine`: it is
+    executed (under its lease), verified and recorded; nothing before the gate runs again.
     """
-    step = _Step(spec, task_input, trace_id, call)
+    step = _Step(spec, task_input, trace_id, call) if claimed is None else claimed
     token = _current_step.set((step.step_id, step.run_id))
-    run = step.run
+    run, clock, passes = step.run, step.clock, spec.passes
+    now = 0.0  # the clock after the last hook call: the next stage's timer starts there
     try:
-        ending = step.run_admit(run) if run is not None else None
-        if ending is None:
-            for action in spec.admissions:  # admit: guards may refuse the step
-                try:
-                    refusal: Admission | None = yield action
-                except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
-                    refusal = step.undecided(exc)
-                if refusal is not None:
-                    ending = step.refused(refusal)
-                    break
-        if ending is None:
+        if claimed is not None:
+            ending = yield from step.execute()
+            now = step.mark
+        else:
+            ending = step.run_admit(run) if run is not None else None
+            if ending is None:
+                for action in spec.admissions:  # admit: guards may refuse the step
+                    try:
+                        refusal: Admission | None = yield action
+                    except Exception as exc:  # noqa: BLE001 - a guard that cannot decide
+                        refusal = step.undecided(exc)
+                    if refusal is not None:
+                        ending = step.refused(refusal)
+                        break
+        if ending is None and claimed is None:
             ending = _AGAIN
             while ending is _AGAIN:  # re-ask with the validators' (or a reviewer's) feedback
-                attempt, clock = step.attempt, step.clock
+                ending = None
+                # ----- propose
+                attempt = step.attempt
                 t = clock()
                 attempt_token = _current_attempt.set(attempt)
-                try:  # propose
+                try:
                     proposal = yield _new(Propose, (spec.agent, (task_input, attempt)))
                 except Exception as exc:
                     step.propose_s += clock() - t
@@ -430,17 +442,91 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
                 finally:
                     _current_attempt.reset(attempt_token)
                 step.proposal = proposal
-                step.mark = now = clock()
+                now = clock()
                 step.propose_s += now - t
-                ending = (yield from step.validate()) if spec.validators else None
-                if ending is None:  # gate → act; a rejection asking for a revision: _AGAIN
-                    ending = yield from step.act()
+                # ----- validate: every validator, their verdicts judged together
+                if spec.validators:
+                    verdicts: list[Verdict] = []
+                    step.verdicts = verdicts
+                    clean = True  # every check returned None/True: nothing to judge
+                    for name, check in spec.validators:
+                        try:
+                            value = yield _new(Validate, (check, (proposal,), name))
+                            if value is None or value is True:
+                                verdicts.append(passes[name])
+                            else:
+                                verdicts.append(as_verdict(value, name))
+                                clean = False
+                        except Exception as exc:  # noqa: BLE001 - its own error type
+                            ending = step.validator_crashed(name, exc, verdicts)
+                            break
+                    t, now = now, clock()
+                    step.validate_s += now - t
+                    if ending is not None:
+                        break
+                    if clean:
+                        step.validation_passed = True
+                    else:
+                        ending = step.judge(verdicts)
+                        if ending is not None:
+                            continue  # stopped, or _AGAIN: re-ask
+                # ----- gate → act
+                if spec.executor is None:
+                    ending = _SUCCEEDED
+                    break
+                if spec.levels is not None:  # the stored level of this proposal
+                    try:
+                        step.autonomy, step.leveled = yield _new(Level, (spec.levels,
+                                                                         (proposal,)))
+                    except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
+                        step.unleveled(exc)
+                if spec.risk_rules or step.autonomy is not Autonomy.AUTONOMOUS:
+                    ending = yield from step.decide()
+                    if ending is not None:
+                        continue  # not executed, or _AGAIN: re-ask
+                    if step.lease is not None:  # an approved request, claimed: under its key
+                        ending = yield from step.execute()
+                        now = step.mark
+                        break
+                t = clock()  # approved inline, or autonomous (every step's path): execute
+                try:
+                    step.result = yield _new(Act, (spec.executor, (proposal,)))
+                except Exception as exc:
+                    step.act_s += clock() - t
+                    step.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
+                    raise
+                now = clock()
+                step.act_s += now - t
+        # ----- verify: every verifier, every mismatch reported (not just the first)
         if ending is None:
-            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+            if spec.verifiers:
+                checked, intent, result = step.checked, step.task_input, step.result
+                clean, crashed = True, False
+                for name, check in spec.verifiers:
+                    try:
+                        value = yield _new(Verify, (check, (intent, result), name))
+                        if value is None or value is True:
+                            checked.append(passes[name])
+                        else:
+                            checked.append(as_verdict(value, name))
+                            clean = False
+                    except Exception as exc:  # noqa: BLE001 - a crashed verifier: its own type
+                        checked.append(Verdict.cannot_tell(
+                            f"verifier crashed: {_describe(exc)}", check=name))
+                        crashed, clean = True, False
+                step.verify_s += clock() - now
+                if clean:
+                    step.verification_passed = True
+                    ending = _SUCCEEDED
+                else:
+                    ending = step.judge_verification(crashed)
+            else:
+                ending = _SUCCEEDED
         if step.lease is not None:
             yield from step.release(ending)
         result = step.finish(ending)
-        if run is not None and step.verification_passed is False and result.event is not None:
+        if (run is not None and claimed is None and step.verification_passed is False
+                and result.event is not None):
             # the run rolls back what this step registered (run.on_rollback, a tool's
             # compensate=); the actions run in the drivers, like every other hook
             rollback = run.compensate(step.step_id, result.event)
@@ -486,17 +572,7 @@ def approved_machine(spec: StepSpec, request_id: str | None, by: str) -> Approve
     step.proposal, step.lease, step.request_id = proposal, lease, request.request_id
     step.gated = True
     step.validation_passed = True  # validated before it was asked for
-    token = _current_step.set((step.step_id, step.run_id))
-    try:
-        ending = yield from step.execute()
-        if ending is None:
-            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
-        yield from step.release(ending)
-        return step.finish(ending)
-    finally:
-        _current_step.reset(token)
-        if step.lease is not None:
-            step.lease.stop()
+    return (yield from step_machine(spec, task_input, step.trace_id, claimed=step))
 
 
 class _Step:
@@ -587,41 +663,17 @@ class _Step:
         self.attempt.number = 0
         return _Ending(refusal.outcome, refusal.error_type, refusal.reason)
 
-    # ----- propose (step_machine yields the agent's Propose) → validate -----------------------
-    def validate(self) -> Generator[Action, Any, _Ending | None]:
-        """Run every validator on the proposal; ``_AGAIN`` asks the agent for another."""
-        clock, proposal, passes, now = self.clock, self.proposal, self.spec.passes, self.mark
-        verdicts: list[Verdict] = []
-        self.verdicts = verdicts
-        clean = True  # every check returned None/True: nothing to judge
-        for name, check in self.spec.validators:
-            t = now
-            try:
-                value = yield _new(Validate, (check, (proposal,), name))
-                if value is None or value is True:
-                    verdict = passes[name]
-                else:
-                    verdict = as_verdict(value, name)
-                    clean = False
-            except Exception as exc:  # noqa: BLE001 - a crashed validator is its own error type
-                now = clock()
-                self.validate_s += now - t
-                verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
-                                                    check=name))
-                self.validation_passed = False
-                self._note(verdicts)
-                return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
-                               f"{name}: {_describe(exc)}")
-            now = clock()
-            self.validate_s += now - t
-            verdicts.append(verdict)
-        if clean:
-            self.validation_passed = True
-            return None
-        return self._judge(verdicts)
+    # ----- validate (step_machine yields each validator's Validate) -----------------------
+    def validator_crashed(self, name: str, exc: Exception, verdicts: list[Verdict]) -> _Ending:
+        """A validator raised: the step stops with its own error type (no re-ask)."""
+        verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}", check=name))
+        self.validation_passed = False
+        self._note(verdicts)
+        return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR, f"{name}: {_describe(exc)}")
 
-    def _judge(self, verdicts: list[Verdict]) -> _Ending | None:
-        """Pass, stop (critical issue, last attempt) or prepare the re-ask (``_AGAIN``)."""
+    def judge(self, verdicts: list[Verdict]) -> _Ending | None:
+        """Verdicts that were not all clean: pass (None), stop (a critical issue, the last
+        attempt) or prepare the re-ask (``_AGAIN``)."""
         attempt = self.attempt
         failing = [v for v in verdicts if not v.passed]
         if not failing:
@@ -653,41 +705,6 @@ class _Step:
         """The stored level could not be read: fail closed, never without a human."""
         self.autonomy = min(self.spec.autonomy, Autonomy.APPROVE, key=_RANK.__getitem__)
         self.leveled = {"source": "unreadable", "error": _describe(exc)}
-
-    def act(self) -> Generator[Action, Any, _Ending | None]:
-        """The autonomy level, the risk rules and the approver decide whether the executor
-        runs; it runs. ``_AGAIN`` when a person rejected the proposal asking for a revision.
-
-        A loop whose level is not pinned looks it up first (a :class:`Level` action; failing
-        closed). A proposal a risk rule marks is gated durably at every level (never by an
-        inline approver); ``approve`` without an inline approver is gated durably too.
-        """
-        spec = self.spec
-        if spec.executor is None:
-            return _SUCCEEDED
-        if spec.levels is not None:  # the stored level of this proposal
-            try:
-                self.autonomy, self.leveled = yield _new(Level, (spec.levels, (self.proposal,)))
-            except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
-                self.unleveled(exc)
-        if spec.risk_rules or self.autonomy is not Autonomy.AUTONOMOUS:
-            ending = yield from self.decide()
-            if ending is not None:
-                return ending
-            if self.lease is not None:  # an approved request, claimed: run it under its key
-                return (yield from self.execute())
-        # the autonomous path, inline (it is every step's): the executor runs
-        clock = self.clock
-        t = clock()
-        try:
-            self.result = yield _new(Act, (spec.executor, (self.proposal,)))
-        except Exception as exc:
-            self.act_s += clock() - t
-            self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
-            raise
-        self.mark = now = clock()
-        self.act_s += now - t
-        return None
 
     def decide(self) -> Generator[Action, Any, _Ending | None]:
         """The gate: None lets the executor run (approved inline, or a claimed request)."""
@@ -832,32 +849,11 @@ class _Step:
             _log.exception("closedloop: could not record the end of approval request %s",
                            lease.request.request_id)
 
-    # ----- verify: run every verifier and report every mismatch, not just the first ----------
-    def verify(self) -> Generator[Action, Any, _Ending]:
-        """Compare the real state with the intent, with every verifier."""
-        clock, passes, intent, result = self.clock, self.spec.passes, self.task_input, self.result
+    # ----- verify (step_machine yields each verifier's Verify) -------------------------------
+    def judge_verification(self, crashed: bool) -> _Ending:
+        """Verdicts that were not all clean: succeeded (passing ones with warnings noted), a
+        crashed verifier's error, or a failure (a mismatch, or checks that could not tell)."""
         checked = self.checked
-        now = self.mark
-        clean, crashed = True, False
-        for name, check in self.spec.verifiers:
-            t = now
-            try:
-                value = yield _new(Verify, (check, (intent, result), name))
-                if value is None or value is True:
-                    verdict = passes[name]
-                else:
-                    verdict = as_verdict(value, name)
-                    clean = False
-            except Exception as exc:  # noqa: BLE001 - a crashed verifier is its own error type
-                verdict = Verdict.cannot_tell(f"verifier crashed: {_describe(exc)}", check=name)
-                crashed = True
-                clean = False
-            now = clock()
-            self.verify_s += now - t
-            checked.append(verdict)
-        if clean:
-            self.verification_passed = True
-            return _SUCCEEDED
         # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
         self.noted = _failed(checked) or None
         failing = [v for v in checked if not v.passed]
