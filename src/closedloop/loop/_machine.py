@@ -247,6 +247,7 @@ _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
 _RANK = {a: i for i, a in enumerate(Autonomy)}  # suggest < approve < autonomous
+_AUTONOMOUS = Autonomy.AUTONOMOUS  # an enum member read from its class costs ~20 local reads
 _log = logging.getLogger("closedloop")
 _new: Any = tuple.__new__  # see the note on actions above
 _warned: dict[tuple[str, bool], float] = {}
@@ -299,8 +300,14 @@ class StepSpec:
     gate: ApprovalGate | None = None
     """The durable gate's I/O (requests in the loop's store); None: every gated step waits
     as ``awaiting_approval`` with no request (a loop built without one)."""
-    admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
-    """One :class:`Admit` action per guard, built once (its arguments never change)."""
+    cached_level: Callable[[], Autonomy | None] | None = None
+    """With ``levels``, its answer when known from memory alone, else None
+    (:meth:`closedloop.autonomy.AutonomyLevels.cached_level`): a fresh answer is taken
+    without yielding the :class:`Level` action."""
+    admissions: tuple[tuple[Admit, Callable[[str], bool] | None], ...] = field(
+        init=False, repr=False, compare=False)
+    """One :class:`Admit` action per guard, built once (its arguments never change), with
+    the guard's ``admits_now`` if it has one (:class:`~closedloop.loop.StepGuard`)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
     """Each check's passing verdict, built once: the verdict of a check returning None/True."""
     event_template: list[Any] = field(init=False, repr=False, compare=False)
@@ -309,8 +316,8 @@ class StepSpec:
 
     def __post_init__(self) -> None:
         # a guard that only observes (``observe_only``: its admit never refuses) is not asked
-        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards
-                           if not getattr(g, "observe_only", False))
+        admissions = tuple((Admit(g.admit, (self.task_type,), g), _admits_now(g))
+                           for g in self.guards if not getattr(g, "observe_only", False))
         passes = {name: Verdict(check=name) for name, _ in (*self.validators, *self.verifiers)}
         template = event_row(agent_id=self.agent_id, task_type=self.task_type,
                              agent_version=self.agent_version,
@@ -318,6 +325,15 @@ class StepSpec:
         object.__setattr__(self, "admissions", admissions)
         object.__setattr__(self, "passes", passes)
         object.__setattr__(self, "event_template", template)
+
+
+def _admits_now(guard: StepGuard) -> Callable[[str], bool] | None:
+    """The guard's ``admits_now``, when the class that defines its ``admit`` defines it too
+    (a subclass overriding ``admit`` alone is always asked)."""
+    mro = type(guard).__mro__
+    admit = next((c for c in mro if "admit" in c.__dict__), None)
+    quick = next((c for c in mro if "admits_now" in c.__dict__), None)
+    return getattr(guard, "admits_now", None) if quick is not None and quick is admit else None
 
 
 def new_trace_id() -> str:
@@ -417,7 +433,10 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
         else:
             ending = step.run_admit(run) if run is not None else None
             if ending is None:
-                for action in spec.admissions:  # admit: guards may refuse the step
+                task_type = spec.task_type
+                for action, admits_now in spec.admissions:  # admit: guards may refuse it
+                    if admits_now is not None and admits_now(task_type):
+                        continue  # admitted from the guard's memory: nothing to ask
                     try:
                         refusal: Admission | None = yield action
                     except Exception as exc:  # noqa: BLE001 - a guard that cannot decide
@@ -475,12 +494,17 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
                     ending = _SUCCEEDED
                     break
                 if spec.levels is not None:  # the stored level of this proposal
-                    try:
-                        step.autonomy, step.leveled = yield _new(Level, (spec.levels,
-                                                                         (proposal,)))
-                    except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
-                        step.unleveled(exc)
-                if spec.risk_rules or step.autonomy is not Autonomy.AUTONOMOUS:
+                    cached = spec.cached_level
+                    level = cached() if cached is not None else None
+                    if level is not None:  # known from memory: nothing to ask
+                        step.autonomy = level
+                    else:
+                        try:
+                            step.autonomy, step.leveled = yield _new(Level, (spec.levels,
+                                                                             (proposal,)))
+                        except Exception as exc:  # noqa: BLE001 - fail closed: never unasked
+                            step.unleveled(exc)
+                if spec.risk_rules or step.autonomy is not _AUTONOMOUS:
                     ending = yield from step.decide()
                     if ending is not None:
                         continue  # not executed, or _AGAIN: re-ask
@@ -551,7 +575,7 @@ def approved_machine(spec: StepSpec, request_id: str | None, by: str) -> Approve
     gate = spec.gate
     if gate is None:
         return None
-    for action in spec.admissions:
+    for action, _ in spec.admissions:
         try:
             refusal: Admission | None = yield action
         except Exception:  # noqa: BLE001 - cannot decide: fail closed, claim nothing
