@@ -27,7 +27,7 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    split into the stepping thread and the store's writer thread. Repeatable to ~0.5 %
    whatever the load; the control state's time-based re-reads (fault control's ledger
    every second, the stored levels every 5 s, the detector's save every 30 s) are pushed out
-   of the counted steps, since under callgrind's ~50× slowdown they would land every few
+   of the counted steps, since under callgrind's 50-fold slowdown they would land every few
    hundred steps instead of every ~50,000.
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
