@@ -338,11 +338,13 @@ def _admits_now(guard: StepGuard) -> Callable[[str], bool] | None:
 
 def new_trace_id() -> str:
     """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
-    return "%032x" % random.getrandbits(128)  # noqa: UP031 - faster than an f-string here
+    return _getrandbits(128).to_bytes(16).hex()  # half what "%032x" formatting costs
 
 
+_getrandbits = random.getrandbits
 _step_prefix = ""
 _step_counter = itertools.count()
+_COUNT_BIT = 1 << 48  # a process's count stays under it (2.8e14 steps)
 
 
 def _new_step_prefix() -> None:
@@ -363,7 +365,8 @@ def new_step_id() -> str:
     process's steps: a third of what a random 128-bit id costs, unique as long as no two
     of a million processes draw the same 80 bits (odds ~1e-12), and ordered within a
     process."""
-    return "%s%012x" % (_step_prefix, next(_step_counter))  # noqa: UP031 - fastest form
+    # the count's 12 digits, zero-padded: hex() of it with a 13th bit set, less "0x1"
+    return _step_prefix + hex(next(_step_counter) | _COUNT_BIT)[3:]
 
 
 class StepCall(NamedTuple):
