@@ -455,11 +455,12 @@ class AutonomyLevels:
         # no lock: two threads updating one key at the same instant may lose one
         # observation, which a statistical detector can afford
         detector = watch.detector
-        step = detector.update(watch.state, not passed)
-        watch.state = state = step.state
-        if step.alarm or self.clock() - watch.saved_at >= SAVE_EVERY_S:
+        step = detector.update(watch.state, not passed)  # a Detection: (state, alarm, score)
+        watch.state = state = step[0]
+        alarm = step[1]
+        if alarm or self.clock() - watch.saved_at >= SAVE_EVERY_S:
             self._save(watch)
-        if step.alarm:
+        if alarm:
             self._demote(watch.key, resolved.record, detector, state.steps, event)
 
     def _watch(self, resolved: Resolved, task_type: str) -> _Watch:
