@@ -20,6 +20,15 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    ``--baseline-src`` set to this tree's own ``src`` then measures what drift detection adds.
    With ``--opcodes``: the Python bytecodes and calls of one step instead (a count that
    load does not change; run it with each tree's ``PYTHONPATH`` to compare them).
+   With ``--callgrind``: the machine instructions of one step, counted by valgrind's
+   callgrind (this tree, and ``--baseline-src`` if given): the loop (default and pinned) and
+   the guarded tool of ``bench/tools.py``, each as the difference of two child processes
+   running ``--count`` steps (2,500 and 500, after a warm-up), so that start-up cancels out;
+   split into the stepping thread and the store's writer thread. Repeatable to ~0.5 %
+   whatever the load; the control state's time-based re-reads (fault control's ledger
+   every second, the stored levels every 5 s, the detector's save every 30 s) are pushed out
+   of the counted steps, since under callgrind's 50-fold slowdown they would land every few
+   hundred steps instead of every ~50,000.
 2. With ``--parts``: what the pieces of a step's path cost alone (``timeit``, best of 7), to
    see where the overhead goes.
 3. Ingest: pre-built events recorded into a fresh SQLite store as fast as the producer can,
@@ -202,6 +211,87 @@ def bench_opcodes(steps: int = 200) -> tuple[float, float]:
     return counts[0] / steps, counts[1] / steps
 
 
+def count_steps(kind: str, steps: int) -> None:
+    """Run ``steps`` steps of the ``kind`` loop (``default``, ``pinned``, ``tool``) after a
+    warm-up, with the control state's time-based re-reads pushed out (for ``--callgrind``)."""
+    from closedloop.autonomy import _levels
+
+    _levels.SAVE_EVERY_S = 1e9  # the detector's state is saved every 30 s of wall time
+    with tempfile.TemporaryDirectory() as tmp:
+        store = cl.open_store(Path(tmp) / "count.db")
+        if kind == "tool":
+            sys.path.insert(0, str(Path(__file__).parent))
+            import tools
+
+            guarded = cl.tool(validators=[tools.validator], verifiers=[tools.verifier],
+                              store=store)(tools.put)
+            spec = guarded.closedloop_tool.loop._spec  # type: ignore[attr-defined]
+
+            def step(i: int) -> object:
+                return guarded(name="x", size=2, kind="a")
+        else:
+            loop = cl.Loop(agent, task_type="bench", validators=[validator],
+                           executor=executor, verifiers=[verifier], store=store,
+                           **({"autonomy": "autonomous"} if kind == "pinned" else {}))
+            spec, step = loop._spec, loop.run
+        for i in range(300):  # warm up: the stored level read, the detector made
+            step(i)
+        for guard in spec.guards:  # re-read every 1 s / 5 s of wall time: pushed out
+            if hasattr(guard, "recheck"):
+                guard.recheck = 1e9
+            levels = getattr(guard, "levels", None)
+            if hasattr(levels, "cache_s"):
+                levels.cache_s = 1e9  # type: ignore[union-attr]
+        for i in range(300):
+            step(i)
+        assert store.flush(timeout=60)
+        for i in range(steps):
+            step(i)
+        store.close()
+
+
+def callgrind(baseline_src: str | None, low: int = 500, high: int = 2500) -> None:
+    """Instructions per step (stepping thread, writer thread), this tree against the
+    baseline's, counted by callgrind as the difference of two runs."""
+    python = os.path.realpath(sys.executable)  # not a shim script: valgrind runs the binary
+    trees = [("this", os.environ.get("PYTHONPATH", ""))]
+    if baseline_src:
+        trees.insert(0, ("baseline", baseline_src))
+    found: dict[tuple[str, str], tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("default", "pinned", "tool"):
+            for name, src in trees:
+                totals = []
+                outs = [Path(tmp) / f"cg.{kind}.{name}.{steps}" for steps in (low, high)]
+                children = [subprocess.Popen(  # both at once: the counts ignore the load
+                    ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                     f"--callgrind-out-file={out}", python, __file__, "--count",
+                     str(steps), "--kind", kind],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": "0"})
+                    for out, steps in zip(outs, (low, high), strict=True)]
+                for child in children:
+                    if child.wait() != 0:
+                        raise RuntimeError(f"callgrind child failed: {child.args}")
+                for out in outs:
+                    threads = sorted(Path(tmp).glob(f"{out.name}-*"))
+                    counts = [next(int(line.split()[1]) for line in t.read_text().splitlines()
+                                   if line.startswith("totals:")) for t in threads]
+                    totals.append((counts[0], sum(counts[1:])))
+                    for t in threads:
+                        t.unlink()
+                n = high - low
+                found[kind, name] = ((totals[1][0] - totals[0][0]) / n,
+                                     (totals[1][1] - totals[0][1]) / n)
+                main, writer = found[kind, name]
+                print(f"{kind:8s} {name:8s} {main:9,.0f} instructions per step on the "
+                      f"stepping thread, {writer:8,.0f} on the writer's", flush=True)
+            if baseline_src:
+                print(f"{kind:8s} this/baseline: stepping thread "
+                      f"{found[kind, 'this'][0] / found[kind, 'baseline'][0]:.3f}, writer "
+                      f"{found[kind, 'this'][1] / found[kind, 'baseline'][1]:.3f}")
+
+
 def ingest_events(events: int, kind: str) -> list[cl.StepEvent]:
     """``events`` distinct events: ``v2`` (schema-v2 fields only) or ``loop`` (as a loop step
     records them: step id, proposal and its digest)."""
@@ -365,6 +455,10 @@ def main() -> int:
                         help="this tree's loop also runs drift detection (configure(drift=))")
     parser.add_argument("--opcodes", action="store_true",
                         help="count the bytecodes and Python calls of a step (load-free)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count a step's machine instructions with valgrind (load-free)")
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-ingest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,6 +475,12 @@ def main() -> int:
         from closedloop.learn import DriftPolicy
 
         cl.configure(drift=DriftPolicy())  # every step signal, and the default guards
+    if args.count is not None:
+        count_steps(args.kind, args.count)
+        return 0
+    if args.callgrind:
+        callgrind(args.baseline_src)
+        return 0
     if args.opcodes:
         opcodes, calls = bench_opcodes()
         print(f"{'pinned' if PINNED else 'default'} loop: {opcodes:.0f} bytecodes, "

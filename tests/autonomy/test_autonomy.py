@@ -67,6 +67,53 @@ def test_an_unpinned_loop_runs_at_the_stored_level(store: cl.Store) -> None:
                                                     "approve"]
 
 
+def _levels_asked(loop: cl.Loop, task_input: Any) -> tuple[int, cl.StepResult[Any, Any]]:
+    """How many Level actions a step of ``loop`` yielded (stored-level lookups asked)."""
+    from closedloop.loop import Level
+    from closedloop.loop._machine import step_machine
+
+    asked = 0
+    machine = step_machine(loop._spec, task_input, "0" * 32)
+    try:
+        action = next(machine)
+        while True:
+            asked += isinstance(action, Level)
+            action = machine.send(action.fn(*action.args))
+    except StopIteration as stop:
+        return asked, stop.value
+
+
+def test_a_fresh_level_is_taken_from_memory_and_a_change_is_asked_again(
+        store: cl.Store) -> None:
+    clock = Clock()
+    levels = AutonomyLevels(store, cache_s=60.0, clock=clock)
+    loop = cl.Loop(echo, task_type="provision", executor=Executor(), store=store,
+                   levels=levels, guards=())
+    assert _levels_asked(loop, "a")[0] == 1  # read from the store
+    asked, result = _levels_asked(loop, "b")
+    assert (asked, result.outcome) == (0, cl.Outcome.SUCCEEDED)  # known: no action
+    levels.set("provision", "suggest", by="alice", reason="new agent")  # forgets the memo
+    asked, result = _levels_asked(loop, "c")
+    assert (asked, result.outcome) == (1, cl.Outcome.SUGGESTED)
+    asked, result = _levels_asked(loop, "d")
+    assert (asked, result.outcome) == (0, cl.Outcome.SUGGESTED)  # the new level, from memory
+    clock.now += 60.0  # stale: asked again
+    assert _levels_asked(loop, "e")[0] == 1
+
+
+def test_a_loop_with_a_classifier_always_asks_its_level(store: cl.Store) -> None:
+    levels = AutonomyLevels(store, cache_s=60.0)
+    levels.set("provision", "suggest", by="alice", reason="scaling is new",
+               action_class="scale")
+    common: dict[str, Any] = {"task_type": "provision", "executor": Executor(), "store": store,
+                              "levels": levels, "guards": (), "agent_id": "a"}
+    plain = cl.Loop(echo, **common)
+    assert plain.run(1).ok and plain.run(2).ok  # the unclassified level, memoised
+    classified = cl.Loop(echo, classify=lambda proposal: "scale", **common)
+    found = [_levels_asked(classified, i) for i in range(3)]
+    assert [(asked, r.outcome) for asked, r in found] == [(1, cl.Outcome.SUGGESTED)] * 3
+
+
 async def test_arun_follows_the_stored_level_of_the_action_class(store: cl.Store) -> None:
     levels = AutonomyLevels(store, cache_s=0.0)
     levels.set("db", "autonomous", by="alice", reason="replicas are safe",

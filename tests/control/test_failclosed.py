@@ -407,3 +407,63 @@ def test_a_memory_store_keeps_one_ledger_for_every_guard_on_it() -> None:
     result = cl.Loop(lambda task, attempt: task, task_type="provision", executor=executor,
                      guards=[guard], store=store).run(1)
     assert (result.outcome, executor.calls) == ("halted", 0)
+
+
+# ----- admission from memory -----------------------------------------------------------------
+
+def _admits(loop: cl.Loop, task_input: object) -> list[object]:
+    """The guards a step of ``loop`` asked (the Admit actions its machine yielded)."""
+    from closedloop.loop import Admit
+    from closedloop.loop._machine import step_machine
+
+    asked: list[object] = []
+    machine = step_machine(loop._spec, task_input, "0" * 32)
+    try:
+        action = next(machine)
+        while True:
+            if isinstance(action, Admit):
+                asked.append(action.guard)
+            action = machine.send(action.fn(*action.args))
+    except StopIteration:
+        return asked
+
+
+def test_a_clear_ledger_read_within_recheck_admits_without_asking_again() -> None:
+    clock = FakeClock()
+    ledger = FlakyLedger(clock)
+    fc = FaultControl(ledger=ledger, sinks=[], clock=clock)
+    loop = _loop(fc, Executor())
+    assert _admits(loop, 1) == [fc]  # read the ledger
+    assert _admits(loop, 2) == []  # admitted from memory: no action, no read
+    clock.advance(fc.recheck)
+    assert _admits(loop, 3) == [fc]  # stale: asked (and read) again
+
+
+def test_a_stop_in_force_is_always_asked_and_refuses() -> None:
+    clock = FakeClock()
+    ledger = FlakyLedger(clock)
+    fc = FaultControl(ledger=ledger, sinks=[], clock=clock)
+    executor = Executor()
+    loop = _loop(fc, executor)
+    assert loop.run(1).ok
+    ledger.put(_halt(at=clock()))
+    clock.advance(fc.recheck)
+    assert _admits(loop, 2) == [fc]
+    assert loop.run(3).outcome is cl.Outcome.HALTED  # read within recheck, still asked
+    assert _admits(loop, 4) == [fc]
+    assert executor.calls == 1
+
+
+def test_a_guard_overriding_admit_alone_is_always_asked() -> None:
+    class Counting(FaultControl):  # its own admit: the inherited admits_now must not skip it
+        asked = 0
+
+        def admit(self, task_type: str) -> Admission | None:
+            self.asked += 1
+            return super().admit(task_type)
+
+    clock = FakeClock()
+    fc = Counting(ledger=FlakyLedger(clock), sinks=[], clock=clock)
+    loop = _loop(fc, Executor())
+    assert all(loop.run(i).ok for i in range(3))
+    assert fc.asked == 3

@@ -34,7 +34,14 @@ from closedloop._autonomy_state import (
     rank,
 )
 from closedloop._errors import ConfigError
-from closedloop._events import StepEvent
+from closedloop._events import (
+    AGENT_ID,
+    AUTONOMY,
+    DETAIL,
+    TASK_TYPE,
+    VERIFICATION_PASSED,
+    StepEvent,
+)
 from closedloop.autonomy import Autonomy
 from closedloop.autonomy._evidence import (
     Assessment,
@@ -52,6 +59,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("closedloop.autonomy")
 _KEEP: Any = object()
+_AUTONOMOUS = Autonomy.AUTONOMOUS  # an enum member read from its class costs ~20 local reads
 SAVE_EVERY_S = 30.0
 """A demotion detector's state is saved at most this often (and on an alarm): a store write
 per step would cost more than the rest of the step."""
@@ -211,6 +219,26 @@ class AutonomyLevels:
             if cap is not None:
                 level = _lower(level, cap)
         return Resolved(Autonomy(level), source, record, action_class)
+
+    def cached_level(self, agent_id: str, task_type: str) -> Callable[[], Autonomy | None]:
+        """The loop's quick gate lookup, for a loop with no classifier: ``() -> level`` when
+        :meth:`resolver`'s answer is memoised from levels read less than ``cache_s`` ago and
+        no demotion waits to be stored (its answer then, whose detail is None); None: ask
+        the resolver (the loop yields a :class:`~closedloop.loop.Level` action, which may
+        read the store)."""
+        key = (agent_id, None)
+        memos = self._memo
+
+        def cached() -> Autonomy | None:
+            if self._pending:
+                return None
+            memo = memos.get(task_type)
+            hit = memo.get(key) if memo is not None else None
+            if hit is None or self.clock() - hit[0] >= self.cache_s:
+                return None
+            return hit[1][0]  # its level
+
+        return cached
 
     def resolver(self, agent_id: str, task_type: str,
                  classify: Callable[[Any], str | None] | None = None
@@ -396,39 +424,43 @@ class AutonomyLevels:
         """Learn from one step: an autonomous step's verification feeds its key's demotion
         detector; an alarm demotes the key and alerts. Quick, on the agent's path (an opted-in
         promotion review runs on a thread of its own)."""
-        task_type = event.task_type
-        if event.autonomy != "autonomous":
+        # on the agent's path for every step: the event's fields read by position (a
+        # field's name is a slower lookup), the members compared with module constants
+        task_type = event[TASK_TYPE]
+        if event[AUTONOMY] != "autonomous":
             if (self.policy.auto_promote or self.policies) \
                     and self.policy_for(task_type).auto_promote:
                 self._maybe_review(task_type)
             return
-        passed = event.verification_passed
+        passed = event[VERIFICATION_PASSED]
         if passed is None:
             return
-        cls = step_class(event) if event.detail else None
+        cls = step_class(event) if event[DETAIL] else None
+        agent_id = event[AGENT_ID]
         # the level the step itself was resolved at (memoised); else look it up
         memo = self._memo.get(task_type)
-        hit = memo.get((event.agent_id, cls)) if memo is not None else None
+        hit = memo.get((agent_id, cls)) if memo is not None else None
         resolved = hit[1] if hit is not None and not self._pending else self.resolve(
-            task_type, agent_id=event.agent_id, action_class=cls)
-        if resolved.level is not Autonomy.AUTONOMOUS:
+            task_type, agent_id=agent_id, action_class=cls)
+        if resolved[0] is not _AUTONOMOUS:  # its level
             return  # already demoted (or capped) here: nothing to detect
         # the detector of the key that decided this resolution, found by the resolution
         # itself (a memoised one is the same object until the levels are read again)
-        watched = self._watched.get((task_type, event.agent_id, cls))
+        watched = self._watched.get((task_type, agent_id, cls))
         if watched is not None and watched[0] is resolved:
             watch = watched[1]
         else:
             watch = self._watch(resolved, task_type)
-            self._watched[(task_type, event.agent_id, cls)] = (resolved, watch)
+            self._watched[(task_type, agent_id, cls)] = (resolved, watch)
         # no lock: two threads updating one key at the same instant may lose one
         # observation, which a statistical detector can afford
         detector = watch.detector
-        step = detector.update(watch.state, not passed)
-        watch.state = state = step.state
-        if step.alarm or self.clock() - watch.saved_at >= SAVE_EVERY_S:
+        step = detector.update(watch.state, not passed)  # a Detection: (state, alarm, score)
+        watch.state = state = step[0]
+        alarm = step[1]
+        if alarm or self.clock() - watch.saved_at >= SAVE_EVERY_S:
             self._save(watch)
-        if step.alarm:
+        if alarm:
             self._demote(watch.key, resolved.record, detector, state.steps, event)
 
     def _watch(self, resolved: Resolved, task_type: str) -> _Watch:

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from closedloop._errors import ConfigError, ControlUnavailable
-from closedloop._events import StepEvent
+from closedloop._events import (
+    OUTCOME,
+    TASK_TYPE,
+    VALIDATION_PASSED,
+    VERIFICATION_PASSED,
+    StepEvent,
+)
 from closedloop._redact import redact_text
 from closedloop.control._alerts import Alert, AlertSink, LogSink
 from closedloop.control._ledger import (
@@ -200,6 +206,17 @@ class FaultControl:
         left = (stop.until or 0.0) - self.clock()
         return Admission.paused(f"{task_type} paused for another {left:.0f}s: {stop.reason}")
 
+    def admits_now(self, task_type: str) -> bool:
+        """True when :meth:`admit` would admit ``task_type`` from memory alone: the ledger,
+        read less than ``recheck`` s ago, held no stop for it and none was raised here
+        since. The loop then admits the step without asking (no action yielded, no I/O);
+        False: it asks :meth:`admit`, which re-reads the ledger and refuses when it must."""
+        if self._pending:
+            return False
+        cached = self._cache.get(task_type)
+        return (cached is not None and cached[1] is None
+                and self.clock() - cached[0] < self.recheck)
+
     def _stop(self, task_type: str) -> Stop | None:
         now = self.clock()
         if self._pending:  # raised here, not stored yet: in force whatever the ledger says
@@ -239,25 +256,27 @@ class FaultControl:
         # Runs on the agent's path for every step: a success adds one to a count or two.
         # Failure shares only rise on a failure, so thresholds are checked then, and the
         # windows move on (and expire) once per second.
-        if event.outcome in _REFUSED:
+        if event[OUTCOME] in _REFUSED:  # by position: a field's name is a slower lookup
             return
         now = self.clock()
-        task_type = event.task_type
-        with self._lock:
+        task_type = event[TASK_TYPE]
+        lock = self._lock
+        lock.acquire()  # not `with`: its two bound methods cost as much as the rest
+        try:
             track = self._tracks.get(task_type)
             if track is None:
                 track = self._tracks[task_type] = _Track()
             if int(now) != track.second:
                 self._roll(track, now)
             stop: Stop | None = None
-            passed = event.validation_passed
+            passed = event[VALIDATION_PASSED]
             if passed is not None:
                 window = track.validation
                 window.open_steps += 1
                 if not passed:
                     window.open_failures += 1
                     stop = self._check_spike(task_type, track, now)
-            passed = event.verification_passed
+            passed = event[VERIFICATION_PASSED]
             if passed is not None and stop is None:
                 window = track.verification
                 window.open_steps += 1
@@ -270,6 +289,8 @@ class FaultControl:
             if stop is not None:
                 self._tracks[task_type] = _Track(baseline=track.baseline,
                                                  baseline_samples=track.baseline_samples)
+        finally:
+            lock.release()
         if stop is not None:
             self._trip(stop)
 

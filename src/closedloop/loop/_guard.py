@@ -62,7 +62,12 @@ class StepGuard(Protocol):
     """Decides whether a task type's step may run, and learns from each step's event.
 
     A guard whose ``admit`` never refuses (it only learns) may say so with a class attribute
-    ``observe_only = True``: the loop then does not ask it, saving a call per step."""
+    ``observe_only = True``: the loop then does not ask it, saving a call per step. A guard
+    whose answer is usually known from memory may define ``admits_now(task_type) -> bool``
+    (plain, quick, no I/O, never raising): True admits the step without yielding its
+    :class:`~closedloop.loop.Admit` action; False asks ``admit`` as usual. It is used only
+    when the class defining ``admit`` defines it too (as
+    :class:`~closedloop.control.FaultControl` does)."""
 
     def admit(self, task_type: str) -> object:
         """Return ``None`` to admit, or an :class:`Admission` to refuse (may be async).

@@ -208,7 +208,7 @@ class Loop:
         self._agent_id = agent_id or _name(agent)
         self._bind_lock = threading.Lock()
         rt = runtime if runtime is not None else _runtime._current
-        store, record, guards, backpressure, levels_of = self._collaborators(rt)
+        store, record, guards, backpressure, (levels_of, cached) = self._collaborators(rt)
         self.store: Store | None = store
         """The store this loop records into (None: it records nothing)."""
         self._bound = rt
@@ -234,6 +234,7 @@ class Loop:
             prompt_version=_version(prompt_version, "prompt_version"),
             labels=check_labels(labels),
             levels=levels_of,
+            cached_level=cached,
             risk_rules=_checks(risk_rules, "risk rule"),
             gate=ApprovalGate(self.approval_store, approval or ApprovalPolicy(), agent_id),
         )
@@ -284,9 +285,9 @@ class Loop:
 
     def _collaborators(self, rt: Runtime) -> tuple[
             Store | None, Callable[..., object] | None, tuple[StepGuard, ...], Any,
-            Callable[[Any], Any] | None]:
-        """The store, its ``record``, the guards, the backpressure and the stored-level lookup,
-        from ``rt`` where this loop was not given its own."""
+            tuple[Callable[[Any], Any] | None, Callable[[], Autonomy | None] | None]]:
+        """The store, its ``record``, the guards, the backpressure and the stored-level lookup
+        (and its quick form), from ``rt`` where this loop was not given its own."""
         store, guards, backpressure = self._given
         if store is DEFAULT:
             store = rt.store
@@ -304,18 +305,20 @@ class Loop:
         record = store.record if store is not None else None
         levels_of = (levels.resolver(self._agent_id, self.task_type, self._classify)
                      if levels is not None else None)
-        return store, record, tuple(guards or ()), backpressure, levels_of
+        cached = (levels.cached_level(self._agent_id, self.task_type)
+                  if levels is not None and self._classify is None else None)
+        return store, record, tuple(guards or ()), backpressure, (levels_of, cached)
 
     def _rebind(self, rt: Runtime) -> None:
         """Follow a process runtime that :func:`closedloop.configure` or ``reset`` replaced."""
         with self._bind_lock:
             if self._bound is rt:
                 return
-            store, record, guards, backpressure, levels_of = self._collaborators(rt)
+            store, record, guards, backpressure, (levels_of, cached) = self._collaborators(rt)
             autonomy = self._pinned or self._default_level(rt, store)
             self._spec = dataclasses.replace(self._spec, record=record, guards=guards,
                                              backpressure=backpressure, levels=levels_of,
-                                             autonomy=autonomy)
+                                             cached_level=cached, autonomy=autonomy)
             self.store = store
             self._bound = rt
 
@@ -410,7 +413,9 @@ def _drive(gen: Generator[Action, Any, Any]) -> Any:
         action = next(gen)
         while True:
             try:
-                value = action.fn(*action.args)
+                # action[0](*action[1]) is action.fn(*action.args) (every action starts with
+                # them): a NamedTuple's field names are slower lookups than its positions
+                value = action[0](*action[1])
             except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                 action = gen.throw(exc)
                 continue
@@ -438,7 +443,7 @@ async def _adrive(gen: Generator[Action, Any, Any]) -> Any:
                     await asyncio.sleep(action.args[0])
                     value = None
                 else:
-                    value = action.fn(*action.args)
+                    value = action[0](*action[1])  # action.fn(*action.args), as in _drive
                     if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
                         value = await value
             except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides

@@ -247,6 +247,7 @@ _MAX_MESSAGE = 2000
 # Enum ``.value`` goes through a descriptor (~0.5 µs on 3.11); a dict lookup does not.
 _VALUE: dict[Enum, str] = {m: m.value for e in (Outcome, ErrorType, Autonomy) for m in e}
 _RANK = {a: i for i, a in enumerate(Autonomy)}  # suggest < approve < autonomous
+_AUTONOMOUS = Autonomy.AUTONOMOUS  # an enum member read from its class costs ~20 local reads
 _log = logging.getLogger("closedloop")
 _new: Any = tuple.__new__  # see the note on actions above
 _warned: dict[tuple[str, bool], float] = {}
@@ -299,8 +300,14 @@ class StepSpec:
     gate: ApprovalGate | None = None
     """The durable gate's I/O (requests in the loop's store); None: every gated step waits
     as ``awaiting_approval`` with no request (a loop built without one)."""
-    admissions: tuple[Admit, ...] = field(init=False, repr=False, compare=False)
-    """One :class:`Admit` action per guard, built once (its arguments never change)."""
+    cached_level: Callable[[], Autonomy | None] | None = None
+    """With ``levels``, its answer when known from memory alone, else None
+    (:meth:`closedloop.autonomy.AutonomyLevels.cached_level`): a fresh answer is taken
+    without yielding the :class:`Level` action."""
+    admissions: tuple[tuple[Admit, Callable[[str], bool] | None], ...] = field(
+        init=False, repr=False, compare=False)
+    """One :class:`Admit` action per guard, built once (its arguments never change), with
+    the guard's ``admits_now`` if it has one (:class:`~closedloop.loop.StepGuard`)."""
     passes: dict[str, Verdict] = field(init=False, repr=False, compare=False)
     """Each check's passing verdict, built once: the verdict of a check returning None/True."""
     event_template: list[Any] = field(init=False, repr=False, compare=False)
@@ -309,8 +316,8 @@ class StepSpec:
 
     def __post_init__(self) -> None:
         # a guard that only observes (``observe_only``: its admit never refuses) is not asked
-        admissions = tuple(Admit(g.admit, (self.task_type,), g) for g in self.guards
-                           if not getattr(g, "observe_only", False))
+        admissions = tuple((Admit(g.admit, (self.task_type,), g), _admits_now(g))
+                           for g in self.guards if not getattr(g, "observe_only", False))
         passes = {name: Verdict(check=name) for name, _ in (*self.validators, *self.verifiers)}
         template = event_row(agent_id=self.agent_id, task_type=self.task_type,
                              agent_version=self.agent_version,
@@ -320,13 +327,24 @@ class StepSpec:
         object.__setattr__(self, "event_template", template)
 
 
+def _admits_now(guard: StepGuard) -> Callable[[str], bool] | None:
+    """The guard's ``admits_now``, when the class that defines its ``admit`` defines it too
+    (a subclass overriding ``admit`` alone is always asked)."""
+    mro = type(guard).__mro__
+    admit = next((c for c in mro if "admit" in c.__dict__), None)
+    quick = next((c for c in mro if "admits_now" in c.__dict__), None)
+    return getattr(guard, "admits_now", None) if quick is not None and quick is admit else None
+
+
 def new_trace_id() -> str:
     """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
-    return "%032x" % random.getrandbits(128)  # noqa: UP031 - faster than an f-string here
+    return _getrandbits(128).to_bytes(16).hex()  # half what "%032x" formatting costs
 
 
+_getrandbits = random.getrandbits
 _step_prefix = ""
 _step_counter = itertools.count()
+_COUNT_BIT = 1 << 48  # a process's count stays under it (2.8e14 steps)
 
 
 def _new_step_prefix() -> None:
@@ -347,7 +365,8 @@ def new_step_id() -> str:
     process's steps: a third of what a random 128-bit id costs, unique as long as no two
     of a million processes draw the same 80 bits (odds ~1e-12), and ordered within a
     process."""
-    return "%s%012x" % (_step_prefix, next(_step_counter))  # noqa: UP031 - fastest form
+    # the count's 12 digits, zero-padded: hex() of it with a 13th bit set, less "0x1"
+    return _step_prefix + hex(next(_step_counter) | _COUNT_BIT)[3:]
 
 
 class StepCall(NamedTuple):
@@ -389,39 +408,54 @@ _AGAIN = _Ending(Outcome.FAILED)  # validation failed, re-ask (never recorded: i
 
 
 def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
-                 call: StepCall | None = None) -> StepGen:
+                 call: StepCall | None = None, *, claimed: _Step | None = None) -> StepGen:
     """Run one step: admit → propose → validate (re-ask) → gate → act → verify → record.
 
     Guards see the recorded event (``observe``) right after it is recorded, also when the
     agent or executor raised, so that fault control sees every step. While the step runs,
     it is the context's current step: a step started by one of its hooks is its child.
 
-    The single-call stages (admit, propose, act) yield here and leave their decisions to
-    :class:`_Step`'s methods; the multi-check stages (validate, verify) are generators of
-    their own. A stage's generator costs ~0.15 µs per step (made, entered, returned from),
-    which on a trivial step is a tenth of the loop's own cost.
+    One generator for the whole step: the stages every step runs (admit, propose, validate,
+    the autonomous act, verify) are written here, in order, and leave their decisions to
+    :class:`_Step`'s plain methods; only the gate's rarer paths (risk rules, the approver,
+    the durable approval request, an approved request's execution) are generators of their
+    own. A nested generator costs a step ~1,500 machine instructions (made, entered,
+    returned from) and each action yielded through it a few hundred more.
+
+    ``claimed``: an approved request's step, claimed by :func:`approved_machine`: it is
+    executed (under its lease), verified and recorded; nothing before the gate runs again.
     """
-    step = _Step(spec, task_input, trace_id, call)
+    step = _Step(spec, task_input, trace_id, call) if claimed is None else claimed
     token = _current_step.set((step.step_id, step.run_id))
-    run = step.run
+    run, clock, passes = step.run, step.clock, spec.passes
+    now = 0.0  # the clock after the last hook call: the next stage's timer starts there
     try:
-        ending = step.run_admit(run) if run is not None else None
-        if ending is None:
-            for action in spec.admissions:  # admit: guards may refuse the step
-                try:
-                    refusal: Admission | None = yield action
-                except Exception as exc:  # noqa: BLE001 - a guard that cannot decide refuses
-                    refusal = step.undecided(exc)
-                if refusal is not None:
-                    ending = step.refused(refusal)
-                    break
-        if ending is None:
+        if claimed is not None:
+            ending = yield from step.execute()
+            now = step.mark
+        else:
+            ending = step.run_admit(run) if run is not None else None
+            if ending is None:
+                task_type = spec.task_type
+                for action, admits_now in spec.admissions:  # admit: guards may refuse it
+                    if admits_now is not None and admits_now(task_type):
+                        continue  # admitted from the guard's memory: nothing to ask
+                    try:
+                        refusal: Admission | None = yield action
+                    except Exception as exc:  # noqa: BLE001 - a guard that cannot decide
+                        refusal = step.undecided(exc)
+                    if refusal is not None:
+                        ending = step.refused(refusal)
+                        break
+        if ending is None and claimed is None:
             ending = _AGAIN
             while ending is _AGAIN:  # re-ask with the validators' (or a reviewer's) feedback
-                attempt, clock = step.attempt, step.clock
+                ending = None
+                # ----- propose
+                attempt = step.attempt
                 t = clock()
                 attempt_token = _current_attempt.set(attempt)
-                try:  # propose
+                try:
                     proposal = yield _new(Propose, (spec.agent, (task_input, attempt)))
                 except Exception as exc:
                     step.propose_s += clock() - t
@@ -430,17 +464,96 @@ def step_machine(spec: StepSpec, task_input: Any, trace_id: str,
                 finally:
                     _current_attempt.reset(attempt_token)
                 step.proposal = proposal
-                step.mark = now = clock()
+                now = clock()
                 step.propose_s += now - t
-                ending = (yield from step.validate()) if spec.validators else None
-                if ending is None:  # gate → act; a rejection asking for a revision: _AGAIN
-                    ending = yield from step.act()
+                # ----- validate: every validator, their verdicts judged together
+                if spec.validators:
+                    verdicts: list[Verdict] = []
+                    step.verdicts = verdicts
+                    clean = True  # every check returned None/True: nothing to judge
+                    for name, check in spec.validators:
+                        try:
+                            value = yield _new(Validate, (check, (proposal,), name))
+                            if value is None or value is True:
+                                verdicts.append(passes[name])
+                            else:
+                                verdicts.append(as_verdict(value, name))
+                                clean = False
+                        except Exception as exc:  # noqa: BLE001 - its own error type
+                            ending = step.validator_crashed(name, exc, verdicts)
+                            break
+                    t, now = now, clock()
+                    step.validate_s += now - t
+                    if ending is not None:
+                        break
+                    if clean:
+                        step.validation_passed = True
+                    else:
+                        ending = step.judge(verdicts)
+                        if ending is not None:
+                            continue  # stopped, or _AGAIN: re-ask
+                # ----- gate → act
+                if spec.executor is None:
+                    ending = _SUCCEEDED
+                    break
+                if spec.levels is not None:  # the stored level of this proposal
+                    cached = spec.cached_level
+                    level = cached() if cached is not None else None
+                    if level is not None:  # known from memory: nothing to ask
+                        step.autonomy = level
+                    else:
+                        try:
+                            step.autonomy, step.leveled = yield _new(Level, (spec.levels,
+                                                                             (proposal,)))
+                        except Exception as exc:  # noqa: BLE001 - fail closed: never unasked
+                            step.unleveled(exc)
+                if spec.risk_rules or step.autonomy is not _AUTONOMOUS:
+                    ending = yield from step.decide()
+                    if ending is not None:
+                        continue  # not executed, or _AGAIN: re-ask
+                    if step.lease is not None:  # an approved request, claimed: under its key
+                        ending = yield from step.execute()
+                        now = step.mark
+                        break
+                t = clock()  # approved inline, or autonomous (every step's path): execute
+                try:
+                    step.result = yield _new(Act, (spec.executor, (proposal,)))
+                except Exception as exc:
+                    step.act_s += clock() - t
+                    step.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
+                    raise
+                now = clock()
+                step.act_s += now - t
+        # ----- verify: every verifier, every mismatch reported (not just the first)
         if ending is None:
-            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
+            if spec.verifiers:
+                checked, intent, result = step.checked, step.task_input, step.result
+                clean, crashed = True, False
+                for name, check in spec.verifiers:
+                    try:
+                        value = yield _new(Verify, (check, (intent, result), name))
+                        if value is None or value is True:
+                            checked.append(passes[name])
+                        else:
+                            checked.append(as_verdict(value, name))
+                            clean = False
+                    except Exception as exc:  # noqa: BLE001 - a crashed verifier: its own type
+                        checked.append(Verdict.cannot_tell(
+                            f"verifier crashed: {_describe(exc)}", check=name))
+                        crashed, clean = True, False
+                step.verify_s += clock() - now
+                if clean:
+                    step.verification_passed = True
+                    ending = _SUCCEEDED
+                else:
+                    ending = step.judge_verification(crashed)
+            else:
+                ending = _SUCCEEDED
         if step.lease is not None:
             yield from step.release(ending)
         result = step.finish(ending)
-        if run is not None and step.verification_passed is False and result.event is not None:
+        if (run is not None and claimed is None and step.verification_passed is False
+                and result.event is not None):
             # the run rolls back what this step registered (run.on_rollback, a tool's
             # compensate=); the actions run in the drivers, like every other hook
             rollback = run.compensate(step.step_id, result.event)
@@ -465,7 +578,7 @@ def approved_machine(spec: StepSpec, request_id: str | None, by: str) -> Approve
     gate = spec.gate
     if gate is None:
         return None
-    for action in spec.admissions:
+    for action, _ in spec.admissions:
         try:
             refusal: Admission | None = yield action
         except Exception:  # noqa: BLE001 - cannot decide: fail closed, claim nothing
@@ -486,17 +599,7 @@ def approved_machine(spec: StepSpec, request_id: str | None, by: str) -> Approve
     step.proposal, step.lease, step.request_id = proposal, lease, request.request_id
     step.gated = True
     step.validation_passed = True  # validated before it was asked for
-    token = _current_step.set((step.step_id, step.run_id))
-    try:
-        ending = yield from step.execute()
-        if ending is None:
-            ending = (yield from step.verify()) if spec.verifiers else _SUCCEEDED
-        yield from step.release(ending)
-        return step.finish(ending)
-    finally:
-        _current_step.reset(token)
-        if step.lease is not None:
-            step.lease.stop()
+    return (yield from step_machine(spec, task_input, step.trace_id, claimed=step))
 
 
 class _Step:
@@ -587,41 +690,17 @@ class _Step:
         self.attempt.number = 0
         return _Ending(refusal.outcome, refusal.error_type, refusal.reason)
 
-    # ----- propose (step_machine yields the agent's Propose) → validate -----------------------
-    def validate(self) -> Generator[Action, Any, _Ending | None]:
-        """Run every validator on the proposal; ``_AGAIN`` asks the agent for another."""
-        clock, proposal, passes, now = self.clock, self.proposal, self.spec.passes, self.mark
-        verdicts: list[Verdict] = []
-        self.verdicts = verdicts
-        clean = True  # every check returned None/True: nothing to judge
-        for name, check in self.spec.validators:
-            t = now
-            try:
-                value = yield _new(Validate, (check, (proposal,), name))
-                if value is None or value is True:
-                    verdict = passes[name]
-                else:
-                    verdict = as_verdict(value, name)
-                    clean = False
-            except Exception as exc:  # noqa: BLE001 - a crashed validator is its own error type
-                now = clock()
-                self.validate_s += now - t
-                verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}",
-                                                    check=name))
-                self.validation_passed = False
-                self._note(verdicts)
-                return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR,
-                               f"{name}: {_describe(exc)}")
-            now = clock()
-            self.validate_s += now - t
-            verdicts.append(verdict)
-        if clean:
-            self.validation_passed = True
-            return None
-        return self._judge(verdicts)
+    # ----- validate (step_machine yields each validator's Validate) -----------------------
+    def validator_crashed(self, name: str, exc: Exception, verdicts: list[Verdict]) -> _Ending:
+        """A validator raised: the step stops with its own error type (no re-ask)."""
+        verdicts.append(Verdict.cannot_tell(f"validator crashed: {_describe(exc)}", check=name))
+        self.validation_passed = False
+        self._note(verdicts)
+        return _Ending(Outcome.ERROR, ErrorType.VALIDATOR_ERROR, f"{name}: {_describe(exc)}")
 
-    def _judge(self, verdicts: list[Verdict]) -> _Ending | None:
-        """Pass, stop (critical issue, last attempt) or prepare the re-ask (``_AGAIN``)."""
+    def judge(self, verdicts: list[Verdict]) -> _Ending | None:
+        """Verdicts that were not all clean: pass (None), stop (a critical issue, the last
+        attempt) or prepare the re-ask (``_AGAIN``)."""
         attempt = self.attempt
         failing = [v for v in verdicts if not v.passed]
         if not failing:
@@ -653,41 +732,6 @@ class _Step:
         """The stored level could not be read: fail closed, never without a human."""
         self.autonomy = min(self.spec.autonomy, Autonomy.APPROVE, key=_RANK.__getitem__)
         self.leveled = {"source": "unreadable", "error": _describe(exc)}
-
-    def act(self) -> Generator[Action, Any, _Ending | None]:
-        """The autonomy level, the risk rules and the approver decide whether the executor
-        runs; it runs. ``_AGAIN`` when a person rejected the proposal asking for a revision.
-
-        A loop whose level is not pinned looks it up first (a :class:`Level` action; failing
-        closed). A proposal a risk rule marks is gated durably at every level (never by an
-        inline approver); ``approve`` without an inline approver is gated durably too.
-        """
-        spec = self.spec
-        if spec.executor is None:
-            return _SUCCEEDED
-        if spec.levels is not None:  # the stored level of this proposal
-            try:
-                self.autonomy, self.leveled = yield _new(Level, (spec.levels, (self.proposal,)))
-            except Exception as exc:  # noqa: BLE001 - fail closed: never without a human
-                self.unleveled(exc)
-        if spec.risk_rules or self.autonomy is not Autonomy.AUTONOMOUS:
-            ending = yield from self.decide()
-            if ending is not None:
-                return ending
-            if self.lease is not None:  # an approved request, claimed: run it under its key
-                return (yield from self.execute())
-        # the autonomous path, inline (it is every step's): the executor runs
-        clock = self.clock
-        t = clock()
-        try:
-            self.result = yield _new(Act, (spec.executor, (self.proposal,)))
-        except Exception as exc:
-            self.act_s += clock() - t
-            self.finish(_Ending(Outcome.ERROR, ErrorType.EXECUTOR, _describe(exc)), exc)
-            raise
-        self.mark = now = clock()
-        self.act_s += now - t
-        return None
 
     def decide(self) -> Generator[Action, Any, _Ending | None]:
         """The gate: None lets the executor run (approved inline, or a claimed request)."""
@@ -832,32 +876,11 @@ class _Step:
             _log.exception("closedloop: could not record the end of approval request %s",
                            lease.request.request_id)
 
-    # ----- verify: run every verifier and report every mismatch, not just the first ----------
-    def verify(self) -> Generator[Action, Any, _Ending]:
-        """Compare the real state with the intent, with every verifier."""
-        clock, passes, intent, result = self.clock, self.spec.passes, self.task_input, self.result
+    # ----- verify (step_machine yields each verifier's Verify) -------------------------------
+    def judge_verification(self, crashed: bool) -> _Ending:
+        """Verdicts that were not all clean: succeeded (passing ones with warnings noted), a
+        crashed verifier's error, or a failure (a mismatch, or checks that could not tell)."""
         checked = self.checked
-        now = self.mark
-        clean, crashed = True, False
-        for name, check in self.spec.verifiers:
-            t = now
-            try:
-                value = yield _new(Verify, (check, (intent, result), name))
-                if value is None or value is True:
-                    verdict = passes[name]
-                else:
-                    verdict = as_verdict(value, name)
-                    clean = False
-            except Exception as exc:  # noqa: BLE001 - a crashed verifier is its own error type
-                verdict = Verdict.cannot_tell(f"verifier crashed: {_describe(exc)}", check=name)
-                crashed = True
-                clean = False
-            now = clock()
-            self.verify_s += now - t
-            checked.append(verdict)
-        if clean:
-            self.verification_passed = True
-            return _SUCCEEDED
         # failing verdicts, and passing ones that carry warnings (e.g. "converged after 3 s")
         self.noted = _failed(checked) or None
         failing = [v for v in checked if not v.passed]
