@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
@@ -262,43 +262,116 @@ def _sparkline(values: list[float | None], width: int = 96, height: int = 20) ->
 
 WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0, "all": None}
 """The overview's periods (``?window=``); 7 days unless asked."""
+SPARK_PERIODS = {"24h": 24, "7d": 7, "30d": 30, "all": 14}
+"""Periods a sparkline of the overview covers (hours for 24h, else days), up to the newest."""
+
+
+def _merged(cells: Iterable[Any], value: str | None) -> Any:
+    """One :class:`~closedloop.store.SeriesCell` adding up ``cells`` (its period 0)."""
+    from closedloop.store import SeriesCell
+
+    total = SeriesCell(value=value, period=0)
+    for cell in cells:
+        for name in _SUMMED:
+            setattr(total, name, getattr(total, name) + getattr(cell, name))
+        for bucket, n in cell.latency.items():
+            total.latency[bucket] = total.latency.get(bucket, 0) + n
+    return total
+
+
+_SUMMED = ("steps", "validated", "validation_passed", "reasked", "verified",
+           "verification_passed", "succeeded", "failed", "tokens", "tokens_sq",
+           "succeeded_tokens", "priced", "cost_usd", "cost_sq", "succeeded_cost",
+           "latency_sum")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    """One row of the overview (``task_type`` None: every task type), from the learning
+    layer's aggregates: the p95 is estimated from the latency histogram (within its bucket,
+    nine per decade), as the trends page estimates it."""
+
+    task_type: str | None
+    runs: int
+    validated: int
+    validation_passed: int
+    verified: int
+    verification_passed: int
+    cost_usd: float | None
+    latency_p95_ms: float | None
+
+
+def _figures(cell: Any) -> Figures:
+    from closedloop.learn import trends_from_cells
+
+    found = trends_from_cells([cell], by="task_type", window="day", first=0, last=0)
+    figures = found.series[0].points[0].figures if found.series else {}
+    p95 = figures.get("latency_p95_ms")
+    return Figures(task_type=cell.value, runs=cell.steps, validated=cell.validated,
+                   validation_passed=cell.validation_passed, verified=cell.verified,
+                   verification_passed=cell.verification_passed,
+                   cost_usd=cell.cost_usd if cell.priced else None,
+                   latency_p95_ms=None if p95 is None else p95.value)
+
+
+def _sparklines(cells: list[Any], periods: int) -> dict[str | None, Any]:
+    """Per task type, the SVG points of its validation and verification pass rates over the
+    last ``periods`` periods up to the newest one with steps (a line needs two)."""
+    if not cells:
+        return {}
+    last = max(c.period for c in cells)
+    first = last - periods + 1
+    rates: dict[str | None, dict[str, list[float | None]]] = {}
+    for c in cells:
+        if c.period < first:
+            continue
+        lines = rates.setdefault(c.value, {name: [None] * periods for name in _RATES})
+        for name, (passed, of) in _RATES.items():
+            total = getattr(c, of)
+            lines[name][c.period - first] = getattr(c, passed) / total if total else None
+    return {value: {name: _sparkline(line) for name, line in lines.items()}
+            for value, lines in rates.items()}
+
+
+_RATES = {"validation_pass_rate": ("validation_passed", "validated"),
+          "verification_pass_rate": ("verification_passed", "verified")}
 
 
 def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
                   now: float | None = None) -> dict[str, Any]:
-    """Per task type over the last ``window_s`` seconds (None: every step): the summary's
-    figures, sparklines of the daily pass rates, the stored autonomy level, the stop in
-    force, the pending approvals."""
+    """Per task type over the last ``window_s`` seconds (None: every step): its figures
+    (:class:`Figures`) and sparklines of its daily pass rates (hourly over a day, or when
+    the days give no line), all from one series of the learning layer's aggregates
+    (:meth:`~closedloop.store.Store.series`: the hourly roll-up where the backend keeps
+    one), the stored autonomy level, the stop in force, the pending approvals."""
     from closedloop import approvals
-    from closedloop.learn import trends
     from closedloop.store import level_store_for
 
     since = None if window_s is None else (time.time() if now is None else now) - window_s
-    summary = store.summary(since=since, top_messages=0)
-    spark: dict[str | None, dict[str, str | None]] = {}
-    window = "day"
-    if window_s is not None and window_s <= 86400:
-        choices: tuple[tuple[str, int], ...] = (("hour", 24),)
-    else:  # days over the window (14 for all time), hours when days give no line
-        days = 14 if window_s is None else max(2, round(window_s / 86400))
-        choices = (("day", days), ("hour", 24))
-    for window, periods in choices:
-        try:
-            found = trends(store, window=window, periods=periods)
-        except (ConfigError, StoreError):
-            break  # sparklines are extra: the table stands without them
-        for series in found.series:
-            by_start = {p.start: p for p in series.points}
-            lines = {}
-            for name in ("validation_pass_rate", "verification_pass_rate"):
-                values = [(by_start[s].figures[name].value
-                           if s in by_start and name in by_start[s].figures else None)
-                          for s in found.periods]
-                lines[name] = _sparkline(values)
-            spark[series.value] = lines
-        if any(line for lines in spark.values() for line in lines.values()):
-            break
-        spark = {}
+    name = next((k for k, v in WINDOWS.items() if v == window_s), None)
+    periods = SPARK_PERIODS.get(name or "", max(2, round((window_s or 0) / 86400)))
+    window = "hour" if window_s is not None and window_s <= 86400 else "day"
+    try:
+        cells = store.series(by="task_type", window=window, since=since)
+    except ConfigError:  # steps over more days than a series spans (decades): weeks
+        window = "week"
+        cells = store.series(by="task_type", window=window, since=since)
+    spark = _sparklines(cells, periods)
+    if window == "day" and not any(line for lines in spark.values() for line in lines.values()):
+        newest = max((c.period for c in cells), default=None)
+        if newest is not None:  # one day of steps: its hours
+            end = (newest + 1) * 86400.0
+            try:
+                hours = store.series(by="task_type", window="hour",
+                                     since=max(end - 86400.0, since or end - 86400.0))
+            except (ConfigError, StoreError):
+                hours = []
+            found = _sparklines(hours, 24)
+            if any(line for lines in found.values() for line in lines.values()):
+                spark, window = found, "hour"
+    per_task: dict[str, list[Any]] = {}
+    for cell in cells:
+        per_task.setdefault(cell.value, []).append(cell)
     levels = {r.key.task_type: r for r in level_store_for(store).levels()
               if r.key.action_class is None and r.key.agent_id == "*"}
     stops = {s.task_type: s for s in ledger.stops()}
@@ -306,15 +379,16 @@ def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
     for r in approvals.list_requests(status="pending", limit=200, store=store).requests:
         pending[r.task_type] = pending.get(r.task_type, 0) + 1
     rows = []
-    for f in summary.rows:
-        name = f.task_type
-        rows.append({"f": f, "spark": spark.get(name, {}), "level": levels.get(name),
-                     "stop": stops.get(name), "pending": pending.get(name or "", 0),
+    for task in sorted(per_task):
+        f = _figures(_merged(per_task[task], task))
+        rows.append({"f": f, "spark": spark.get(task, {}), "level": levels.get(task),
+                     "stop": stops.get(task), "pending": pending.get(task, 0),
                      "validation": f.validation_passed / f.validated if f.validated else None,
                      "verification": (f.verification_passed / f.verified if f.verified
                                       else None)})
-    return {"rows": rows, "overall": summary.overall, "stops": list(stops.values()),
-            "trend_window": "per day" if window == "day" else "per hour",
+    return {"rows": rows, "overall": _figures(_merged(cells, None)),
+            "stops": list(stops.values()),
+            "trend_window": f"per {window}",
             "pending_total": sum(pending.values())}
 
 
