@@ -12,7 +12,6 @@ import pytest
 
 import closedloop as cl
 from closedloop.web._dashboard import WINDOWS, overview_data
-from store.conftest import any_url, pg_schema, pg_url  # noqa: F401 - fixtures
 
 NOW = 1_795_000_000.0
 
