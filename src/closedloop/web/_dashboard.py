@@ -20,7 +20,8 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 ``GET  /ui/live/steps``,        server-sent events: the steps (of the page's filters) and
 ``GET  /ui/live/approvals``     pending requests stored since the page was made
                                 (:mod:`closedloop.web._live`; ``static/live.js`` inserts
-                                them as text)
+                                them as text); ``/ui/live/overview``: the overview's
+                                figures again whenever they change
 ``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
                                 one request with approve and reject forms (approver)
 ``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
@@ -43,6 +44,7 @@ and is recorded by the service it calls with ``by`` set to ``NAME (web)``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -392,6 +394,47 @@ def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
             "pending_total": sum(pending.values())}
 
 
+def overview_payload(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The overview's figures as its live updates send them (``event: overview``): the tiles'
+    texts and each row's cells, as :mod:`closedloop.web._live`'s step rows are sent (text
+    prepared for people, stored text with its control characters written out), which
+    ``static/live.js`` puts in the page with ``textContent``."""
+    env = _env()
+    pct, ms, usd = env.filters["pct"], env.filters["ms"], env.filters["usd"]
+    o = data["overall"]
+    tiles = {"runs": f"{o.runs:,}",
+             "validation": pct(o.validation_passed / o.validated) if o.validated else "\u2013",
+             "verification": (pct(o.verification_passed / o.verified) if o.verified
+                              else "\u2013"),
+             "cost": usd(o.cost_usd) if o.cost_usd is not None else "\u2013",
+             "pending": str(data["pending_total"]), "stops": str(len(data["stops"]))}
+    rows = []
+    for row in data["rows"]:
+        f, level, stop = row["f"], row["level"], row["stop"]
+        task = _visible(f.task_type or "")
+        rows.append({"cells": [
+            {"text": task, "href": "/ui/steps?" + urlencode({"task_type": f.task_type or ""})},
+            {"text": f"{f.runs:,}", "class": "num"},
+            {"text": pct(row["validation"]), "class": "num"},
+            {"spark": row["spark"].get("validation_pass_rate"), "kind": "val"},
+            {"text": pct(row["verification"]), "class": "num"},
+            {"spark": row["spark"].get("verification_pass_rate"), "kind": "ver"},
+            {"text": ms(f.latency_p95_ms), "class": "num"},
+            {"text": usd(f.cost_usd), "class": "num"},
+            ({"text": _visible(level.level), "badge": f"lvl-{level.level}"} if level
+             else {"text": "default", "class": "muted"}),
+            ({"text": stop.kind.value, "badge": f"stop-{stop.kind.value}"} if stop
+             else {"text": "running", "badge": "ok"}),
+            {"text": str(row["pending"]), "class": "num"}]})
+    return {"tiles": tiles, "rows": rows, "trend": data["trend_window"]}
+
+
+def overview_state(payload: Mapping[str, Any]) -> str:
+    """A digest of what the overview shows: its live stream sends only what differs."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def _tree(spans: list[Any]) -> list[dict[str, Any]]:
     """Spans in tree order with their depth and their bar's offset and width in percent."""
     from closedloop.learn import span_label, verdict_messages
@@ -439,7 +482,10 @@ async def overview(request: Request) -> Response:
     if window not in WINDOWS:
         raise PageError(422, f"window must be one of {', '.join(WINDOWS)}")
     data = await _call(lambda: overview_data(store, ledger, WINDOWS[window]))
-    return _render(request, "overview.html", window=window, windows=list(WINDOWS), **data)
+    live_url = "/ui/live/overview?" + urlencode(
+        {"window": window, "state": overview_state(overview_payload(data))})
+    return _render(request, "overview.html", window=window, windows=list(WINDOWS),
+                   live_url=live_url, **data)
 
 
 
@@ -868,6 +914,12 @@ async def live_steps(request: Request) -> Response:
     return await steps_stream(request)
 
 
+async def live_overview(request: Request) -> Response:
+    from closedloop.web._live import overview_stream
+
+    return await overview_stream(request)
+
+
 async def live_approvals(request: Request) -> Response:
     from closedloop.web._live import approvals_stream
 
@@ -901,6 +953,7 @@ ROUTES = [
     Route("/ui/factors", _page(factors_page), methods=["GET"]),
     Route("/ui/live/steps", _page(live_steps), methods=["GET"]),
     Route("/ui/live/approvals", _page(live_approvals), methods=["GET"]),
+    Route("/ui/live/overview", _page(live_overview), methods=["GET"]),
     Route("/ui/approvals", _page(approvals_page), methods=["GET"]),
     Route("/ui/approvals/{request_id}", _page(approval), methods=["GET"]),
     Route("/ui/approvals/{request_id}/decide", _page(decide), methods=["POST"]),
