@@ -60,7 +60,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from closedloop._errors import ApprovalError, ConfigError, StoreError
+from closedloop._errors import ApprovalError, ConfigError, ControlUnavailable, StoreError
 from closedloop._redact import redact_text
 from closedloop.store import parse_duration, parse_label_filter
 from closedloop.web._auth import COOKIE, Role, Session, Sessions, csrf_ok
@@ -238,7 +238,7 @@ async def _call(work: Callable[[], _T]) -> _T:
             exc.code, 409), str(exc)) from None
     except ConfigError as exc:
         raise PageError(422, str(exc)) from None
-    except StoreError as exc:
+    except (StoreError, ControlUnavailable) as exc:
         raise PageError(503, f"the store cannot be used now: {exc}") from None
 
 

@@ -83,6 +83,9 @@ _SQL = {
                 "f.step_id = e.step_id AND f.at >= %s) END, count(*) FROM {s}.events e "
                 "WHERE task_type = %s AND ts >= %s GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
 }
+EVIDENCE_TIMEOUT_S = 300.0
+"""How long the evidence's grouped query may take: it reads every step of a task type since
+its level was set (not a read on a step's path, which keeps the short timeout)."""
 _CLASS = ("CASE WHEN jsonb_typeof(detail -> 'autonomy') = 'object' THEN "
           "detail -> 'autonomy' -> 'class' END")
 _AUTONOMY_V = next(i + 1 for i, m in enumerate(MIGRATIONS) if "autonomy_levels" in m)
@@ -114,9 +117,11 @@ class PostgresLevelStore:
         return f"PostgresLevelStore({self.url!r})"
 
     def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
-             absent: Callable[[], _T] | None = None, write: bool = False) -> _T:
+             absent: Callable[[], _T] | None = None, write: bool = False,
+             timeout: float | None = None) -> _T:
         """``work`` on a connection of its own (``write``: one transaction under the schema's
-        autonomy lock), or ``absent()`` where the tables do not exist yet."""
+        autonomy lock), or ``absent()`` where the tables do not exist yet; each statement
+        may take ``timeout`` seconds (default: the store's ``statement_timeout``)."""
         import psycopg
         from psycopg import errors
 
@@ -124,7 +129,7 @@ class PostgresLevelStore:
             with psycopg.connect(self._conninfo, autocommit=True,
                                  connect_timeout=max(1, int(self._connect_timeout))) as conn:
                 conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                             (f"{int(self._statement_timeout * 1000)}ms",))
+                             (f"{int((timeout or self._statement_timeout) * 1000)}ms",))
                 try:
                     if not write:
                         return work(conn)
@@ -194,7 +199,7 @@ class PostgresLevelStore:
         :class:`~closedloop.autonomy.EvidenceQueries`); a schema without the tables: None."""
         rows = self._run("count the evidence of", lambda conn: conn.execute(
             self._q[f"evidence_{classes}"], (since, _clean(task_type), since)).fetchall(),
-            absent=lambda: None)
+            absent=lambda: None, timeout=max(self._statement_timeout, EVIDENCE_TIMEOUT_S))
         if rows is None:
             return None
         return [EvidenceGroup(agent_id=r[0], mode=r[1], outcome=r[2],
