@@ -15,6 +15,12 @@ SQLite the first overview folds the events into the hourly roll-up its trend rea
 per store, see ``closedloop.store.sqlite._rollup``). With PostgreSQL the database's own
 work is in the wall time only. The app may write to the store (it settles due approvals and
 keeps the roll-up): use the bench's own stores, not one that matters.
+
+``--now newest`` (the default) runs the pages as if it were an hour after the newest stored
+step (``time.time`` is shifted for this process), so that the overview's and the learning
+pages' last 24 hours, 7 and 30 days hold steps whatever day the bench's fixed-time stores
+are read on; ``--now real`` reads them at the real time (their windows may then be empty).
+The shift is the same for any tree the bench runs against (``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -78,7 +84,8 @@ def _linked(html: str) -> list[str]:
     return [] if found is None else [found.group(1)]
 
 
-async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int, float]]:
+async def measure(url: str, rounds: int, only: str | None = None
+                  ) -> list[tuple[str, float, float, int, float]]:
     store = cl.open_store(url)
     app = create_app(store=store, dashboard=True)
     out = []
@@ -91,6 +98,8 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int, f
         pages = (*PAGES, "/ui/steps" + cursor_page.replace("&amp;", "&"),
                  *_linked(steps.text), *_linked(traces.text), *_linked(waiting.text))
         for path in pages:
+            if only is not None and not re.search(only, path):
+                continue
             walls, cpus = [], []
             status, first = 0, 0.0
             for i in range(rounds + 1):
@@ -105,7 +114,8 @@ async def measure(url: str, rounds: int) -> list[tuple[str, float, float, int, f
                     first = w1 - w0
             out.append((path, statistics.median(walls) * 1000, statistics.median(cpus) * 1000,
                         status, first * 1000))
-    out.append(_live_poll(store, rounds))
+    if only is None:
+        out.append(_live_poll(store, rounds))
     store.close()
     return out
 
@@ -125,6 +135,21 @@ def _live_poll(store: cl.Store, rounds: int) -> tuple[str, float, float, int, fl
             statistics.median(walls) * 1000, statistics.median(cpus) * 1000, 0, 0.0)
 
 
+def shift_clock(url: str) -> float:
+    """Make ``time.time`` read an hour after the newest step of ``url``; the shift (s)."""
+    with cl.open_store(url) as store:
+        newest = store.steps(limit=1).steps
+    if not newest:
+        return 0.0
+    shift = time.time() - (newest[0].ts + 3600.0)
+    real = _REAL_TIME
+    time.time = lambda: real() - shift
+    return shift
+
+
+_REAL_TIME = time.time
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", action="append", default=[],
@@ -137,6 +162,10 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the stores' names")
     parser.add_argument("--requests", type=int, default=2000,
                         help="approval requests the bench's stores hold")
+    parser.add_argument("--only", help="measure only the pages matching this regex")
+    parser.add_argument("--now", choices=("newest", "real"), default="newest",
+                        help="ask the pages as if it were an hour after the newest step "
+                             "(default), or at the real time")
     args = parser.parse_args()
     urls = list(args.store)
     if not urls:
@@ -155,8 +184,12 @@ def main() -> None:
     for url in urls:
         with cl.open_store(url) as store:
             events = store.count()
-        print(f"{events:,} events in {url} (load {os.getloadavg()[0]:.2f})")
-        for path, wall, cpu, status, first in asyncio.run(measure(url, args.rounds)):
+        time.time = _REAL_TIME
+        shift = shift_clock(url) if args.now == "newest" else 0.0
+        print(f"{events:,} events in {url} (load {os.getloadavg()[0]:.2f}; the clock "
+              f"{shift / 86400:,.1f} days back)")
+        for path, wall, cpu, status, first in asyncio.run(measure(url, args.rounds,
+                                                                   args.only)):
             print(f"{path[:60]:60} {status}  wall {wall:9.1f} ms  cpu {cpu:9.1f} ms  (first "
                   f"request {first:,.0f} ms)")
         print(f"(load {os.getloadavg()[0]:.2f})")

@@ -196,6 +196,16 @@ class ApprovalPage:
 
 
 @runtime_checkable
+class ApprovalCounts(Protocol):
+    """An approval store that counts requests without reading each one (the optional part of
+    the port the store backends implement): what the autonomy evidence asks."""
+
+    def status_counts(self, *, task_type: str, since: float) -> dict[tuple[str, str], int]:
+        """Requests of ``task_type`` created at or after ``since``, per ``(agent_id,
+        status)``."""
+
+
+@runtime_checkable
 class ApprovalStore(Protocol):
     """Where approval requests live (the approval port of a store backend).
 

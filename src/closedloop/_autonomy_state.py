@@ -266,3 +266,73 @@ class LevelStore(Protocol):
 
     def detector(self, name: str) -> dict[str, Any] | None:
         """The state saved under ``name``, if any."""
+
+
+# ----- evidence counted where the events are ------------------------------------------------
+
+EXECUTED_ERRORS = ("executor", "verifier_error", "verification", "verification_unknown")
+"""Error types of steps whose executor ran (or was called): the gate let them through."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvidenceGroup:
+    """``steps`` steps of one task type alike in everything the evidence for a level counts
+    (:func:`closedloop.autonomy.count_groups`): the agent, the autonomy mode and outcome
+    the step ran with, whether its error type is one of :data:`EXECUTED_ERRORS`, its
+    verification verdict, its action class (``detail["autonomy"]["class"]``; None when not
+    asked for), whether it went through a durable approval request (``detail["approval"]``
+    an object; counted for approve-mode steps only) and, for a suggestion, the feedback on it
+    (None: none since the time counted from)."""
+
+    agent_id: str
+    mode: str
+    outcome: str
+    executed_error: bool
+    verification_passed: bool | None
+    action_class: Any
+    durable: bool
+    agreed: bool | None
+    steps: int
+
+
+@runtime_checkable
+class EvidenceQueries(Protocol):
+    """A level store that counts the evidence for levels where the steps are (SQL on SQLite
+    and PostgreSQL, the memory backend's events in Python): the optional part of the
+    level-store port. Raises :class:`~closedloop.ControlUnavailable` when it cannot read."""
+
+    def evidence_groups(self, task_type: str, *, since: float,
+                        classes: bool) -> list[EvidenceGroup] | None:
+        """``task_type``'s steps stored with ``ts >= since``, grouped (:class:`EvidenceGroup`),
+        with the feedback recorded at or after ``since``; ``classes`` False: every group's
+        ``action_class`` None (none of the key's task type needs it). None when this store
+        cannot count them (the caller reads the events)."""
+
+
+def evidence_key(e: Any, agreed: bool | None, classes: bool) -> tuple[Any, ...]:
+    """The :class:`EvidenceGroup` (less its count) of a step event, in the Python pass."""
+    detail = e.detail
+    cls = None
+    if classes and detail:
+        info = detail.get("autonomy")
+        cls = info.get("class") if isinstance(info, dict) else None
+    durable = (e.autonomy == "approve" and detail is not None
+               and isinstance(detail.get("approval"), dict))
+    return (e.agent_id, e.autonomy, e.outcome, e.error_type in EXECUTED_ERRORS,
+            e.verification_passed, cls, durable,
+            agreed if e.outcome == "suggested" else None)
+
+
+def evidence_groups_of(events: Any, feedback: dict[str, bool], *, since: float,
+                       classes: bool) -> list[EvidenceGroup]:
+    """:meth:`EvidenceQueries.evidence_groups` in one pass over a task type's ``events``
+    (``feedback``: step id to agreed, recorded since ``since``)."""
+    counts: dict[tuple[Any, ...], int] = {}
+    for e in events:
+        if e.ts < since:
+            continue
+        key = evidence_key(e, feedback.get(e.step_id or ""), classes)
+        counts[key] = counts.get(key, 0) + 1
+    return [EvidenceGroup(agent_id=k[0], mode=k[1], outcome=k[2], executed_error=k[3],
+                          verification_passed=k[4], action_class=k[5], durable=k[6],
+                          agreed=k[7], steps=n) for k, n in counts.items()]

@@ -23,7 +23,7 @@ import pytest
 import closedloop as cl
 from closedloop._approvals import ApprovalRequest, new_request
 from closedloop.approvals import approvals_for
-from store.conftest import pg_schema, pg_url  # noqa: F401 - fixtures used by the ones below
+from store.conftest import any_url, pg_schema, pg_url  # noqa: F401 - fixtures (and used below)
 
 TOKEN = "test-token-" + "7f3a9c" * 4
 _LISTENING = re.compile(r"http://[^ ]+?:(\d+)/")

@@ -40,7 +40,8 @@ ATTRS = {"lang", "charset", "name", "content", "http-equiv", "rel", "href", "cla
          "type", "value", "data-role", "role", "id", "autocomplete", "required", "for",
          "selected", "size", "viewbox", "width", "height", "aria-label", "points", "x", "y",
          "preserveaspectratio", "aria-hidden", "open", "title", "rows", "maxlength", "hidden",
-         "data-live", "data-live-kind", "data-live-status", "data-live-count", "data-live-empty"}
+         "data-live", "data-live-kind", "data-live-status", "data-live-count", "data-live-empty",
+         "data-live-table", "data-field"}
 SCRIPT = {"src": "/ui/static/live.js", "defer": None}
 """The one script a page may have: the package's own, from this server."""
 

@@ -207,6 +207,38 @@ def test_a_step_and_a_request_stored_after_the_page_opened_appear_as_text(
     assert dialogs == []
 
 
+def test_the_overview_updates_its_figures_without_a_reload(tmp_path: Path,
+                                                           page: Any) -> None:
+    from .dashboard_util import TEXT
+
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    cl.open_store(url).close()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    served = start_dashboard(url)
+    try:
+        page.goto(f"{served.url}/ui/")
+        page.wait_for_selector("#live-status:not([hidden])")
+        assert page.locator("[data-field=runs]").inner_text() == "0"
+        assert page.locator("text=No steps in the last 7d.").is_visible()
+        page.evaluate("window.notReloaded = true")
+        with cl.open_store(url) as store:
+            store.record(_step(1, "deploy", None))
+            store.record(_step(2, f"hostile {TEXT}", "wrong"))
+        # the stream computes the figures again every 10 s: wait for them
+        page.wait_for_selector("[data-field=runs]:text-is('2')", timeout=60_000)
+        assert page.evaluate("window.notReloaded") is True
+        rows = page.locator("table.grid tbody tr")
+        assert rows.count() == 2 and page.locator("text=No steps in the last 7d.").is_hidden()
+        assert rows.nth(1).locator("td").first.inner_text().startswith(
+            "hostile <script>alert(1)</script>")
+        assert page.locator("table.grid script, table.grid img").count() == 0
+        assert page.locator("[data-field=verification]").inner_text() == "50.0%"
+    finally:
+        served.stop()
+    assert dialogs == []
+
+
 def test_the_pages_work_without_scripts(tmp_path: Path, browser: Any) -> None:
     url = f"sqlite:///{tmp_path / 'agents.db'}"
     with cl.open_store(url) as store:

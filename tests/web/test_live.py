@@ -209,3 +209,31 @@ def test_a_quiet_stream_sends_heartbeats(dash: Served) -> None:
         stream = Events(http, "/ui/live/steps")
         wait_for("a heartbeat", lambda: stream.comments, timeout=60)
     assert stream.comments[0] == ": keep-alive"
+
+
+def test_the_overview_sends_its_figures_again_when_steps_arrive(dash: Served) -> None:
+    _record(dash.store_url, *(_step(i, ts=time.time() - 100 + i) for i in range(3)))
+    with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
+        page = http.get("/ui/").text
+        live = _live_url(page)
+        assert live.startswith("/ui/live/overview?window=7d&state=")
+        unchanged = Events(http, live)  # the page's state: nothing is sent until it changes
+        stream = Events(http, "/ui/live/overview?window=7d")  # no state: the figures now
+        (first,) = wait_for("the figures", lambda: stream.of("overview"))
+        _record(dash.store_url, _step(10, task_type=f"t {TEXT}", outcome="failed"))
+        later = wait_for("the figures with the new step",
+                         lambda: [e for e in unchanged.of("overview")
+                                  if e["data"]["tiles"]["runs"] == "4"])
+    assert first["data"]["tiles"]["runs"] == "3" and first["id"]
+    assert [c.get("text") for c in first["data"]["rows"][0]["cells"]][:3] == [
+        "deploy", "3", "100.0%"]
+    rows = later[0]["data"]["rows"]
+    assert [r["cells"][0]["text"] for r in rows] == ["deploy", visible(f"t {TEXT}")]
+    cell = rows[1]["cells"][0]
+    assert cell["href"].startswith("/ui/steps?task_type=t+") and "\x1b" not in cell["text"]
+    assert len(unchanged.of("overview")) == 1  # sent once, when it changed
+
+
+def test_an_overview_stream_of_an_unknown_window_is_refused(dash: Served) -> None:
+    with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
+        assert http.get("/ui/live/overview", params={"window": "1y"}).status_code == 422

@@ -25,6 +25,7 @@ process that asked (if it waits) or in a worker, bound to the approved digest.
 
 from closedloop._approvals import (
     KEY_ENV,
+    ApprovalCounts,
     ApprovalPage,
     ApprovalRequest,
     ApprovalStatus,
@@ -65,6 +66,7 @@ __all__ = [
     "KEY_ENV",
     "PUBLIC_URL_ENV",
     "WEBHOOK_ENV",
+    "ApprovalCounts",
     "ApprovalError",
     "ApprovalPage",
     "ApprovalRequest",

@@ -30,6 +30,8 @@ if typing.TYPE_CHECKING:
     from closedloop._autonomy_state import (
         ANY_AGENT,
         LEVELS,
+        EvidenceGroup,
+        EvidenceQueries,
         Feedback,
         LevelChange,
         LevelKey,
@@ -45,6 +47,7 @@ if typing.TYPE_CHECKING:
         Evidence,
         Proportion,
         count_events,
+        count_groups,
         wilson_lower,
     )
     from closedloop.autonomy._levels import AutonomyLevels, LevelMonitor, Resolved
@@ -61,6 +64,8 @@ __all__ = [
     "DecisionSource",
     "Decisions",
     "Evidence",
+    "EvidenceGroup",
+    "EvidenceQueries",
     "Feedback",
     "LevelChange",
     "LevelKey",
@@ -70,6 +75,7 @@ __all__ = [
     "Proportion",
     "Resolved",
     "count_events",
+    "count_groups",
     "wilson_lower",
 ]
 
@@ -99,10 +105,12 @@ if not typing.TYPE_CHECKING:  # type checkers read the imports above; at run tim
     from closedloop._lazy import lazy_exports as _lazy_exports
 
     __getattr__, __dir__ = _lazy_exports(__name__, {
-        "closedloop._autonomy_state": ("ANY_AGENT", "LEVELS", "Feedback", "LevelChange",
+        "closedloop._autonomy_state": ("ANY_AGENT", "LEVELS", "EvidenceGroup",
+                                       "EvidenceQueries", "Feedback", "LevelChange",
                                        "LevelKey", "LevelRecord", "LevelStore"),
         "._decisions": ("ApprovalDecisions",),
         "._evidence": ("Assessment", "AutonomyPolicy", "DecisionSource", "Decisions",
-                       "Evidence", "Proportion", "count_events", "wilson_lower"),
+                       "Evidence", "Proportion", "count_events", "count_groups",
+                       "wilson_lower"),
         "._levels": ("AutonomyLevels", "LevelMonitor", "Resolved"),
     })

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from closedloop._approvals import ApprovalStatus
+from closedloop._approvals import ApprovalCounts, ApprovalStatus
 from closedloop.autonomy._evidence import Decisions, step_class
 
 if TYPE_CHECKING:
@@ -35,7 +35,10 @@ class ApprovalDecisions:
     read, newest first, to bound the time a status takes).
 
     The action class of a request is its step's (read from the step's events, only when the
-    key has a class, or when classes of the task type have levels of their own).
+    key has a class, or when classes of the task type have levels of their own). Without
+    classes, a store that counts (:class:`~closedloop.approvals.ApprovalCounts`) counts
+    every request since ``since`` in the store, none read (``max_requests`` bounds reads
+    only).
     """
 
     def __init__(self, store: Store, *, approvals: ApprovalStore | None = None,
@@ -77,6 +80,15 @@ class ApprovalDecisions:
                   own_classes: frozenset[str]) -> Decisions:
         """The decisions on ``key``'s requests created since ``since``; for a key without an
         action class, requests whose step had a class in ``own_classes`` do not count."""
+        if key.action_class is None and not own_classes and isinstance(self.approvals,
+                                                                        ApprovalCounts):
+            # no step's class is needed: counted in the store, no request read
+            counts = self.approvals.status_counts(task_type=key.task_type, since=since)
+            mine = [(ApprovalStatus(status), n) for (agent, status), n in counts.items()
+                    if key.agent_id in ("*", agent)]
+            return Decisions(approved=sum(n for s, n in mine if s in _APPROVED),
+                             rejected=sum(n for s, n in mine if s is ApprovalStatus.REJECTED),
+                             expired=sum(n for s, n in mine if s is ApprovalStatus.EXPIRED))
         requests = [r for r in self._requests(key.task_type, since)
                     if key.agent_id in ("*", r.agent_id)]
         if key.action_class is not None or own_classes:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from closedloop._autonomy_state import (
     LEVELS,
+    EvidenceQueries,
     Feedback,
     LevelChange,
     LevelKey,
@@ -50,6 +51,7 @@ from closedloop.autonomy._evidence import (
     Evidence,
     assess,
     count_events,
+    count_groups,
     step_class,
 )
 
@@ -116,6 +118,9 @@ class AutonomyLevels:
                  decisions: DecisionSource | None = None,
                  sinks: Iterable[AlertSink] | None = None,
                  cache_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self._counts_where_stored = levels is None
+        """The level store is the store's own: it may count the evidence where the steps are
+        (:class:`~closedloop.autonomy.EvidenceQueries`)."""
         if levels is None:
             if store is None:
                 raise ConfigError("AutonomyLevels needs a store or a level store")
@@ -339,9 +344,15 @@ class AutonomyLevels:
         own = frozenset(r.key.action_class for r in self.levels.levels(key.task_type)
                         if r.key.action_class is not None)
         self.store.flush(5.0)  # this process's own recent steps count too
-        feedback = {f.step_id: f for f in self.levels.feedback(since=since)}
         decisions = (self.decisions.decisions(key, since=since, own_classes=own)
                      if self.decisions is not None else None)
+        if self._counts_where_stored and isinstance(self.levels, EvidenceQueries):
+            groups = self.levels.evidence_groups(
+                key.task_type, since=since, classes=key.action_class is not None or bool(own))
+            if groups is not None:
+                return count_groups(key, groups, level=level, since=since, own_classes=own,
+                                    decisions=decisions)
+        feedback = {f.step_id: f for f in self.levels.feedback(since=since)}
         events = self.store.events(task_type=key.task_type, since=since)
         return count_events(key, events, feedback, level=level, since=since, own_classes=own,
                             decisions=decisions)

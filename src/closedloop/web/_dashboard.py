@@ -20,7 +20,8 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 ``GET  /ui/live/steps``,        server-sent events: the steps (of the page's filters) and
 ``GET  /ui/live/approvals``     pending requests stored since the page was made
                                 (:mod:`closedloop.web._live`; ``static/live.js`` inserts
-                                them as text)
+                                them as text); ``/ui/live/overview``: the overview's
+                                figures again whenever they change
 ``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
                                 one request with approve and reject forms (approver)
 ``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
@@ -43,10 +44,11 @@ and is recorded by the service it calls with ``by`` set to ``NAME (web)``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
@@ -58,7 +60,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from closedloop._errors import ApprovalError, ConfigError, StoreError
+from closedloop._errors import ApprovalError, ConfigError, ControlUnavailable, StoreError
 from closedloop._redact import redact_text
 from closedloop.store import parse_duration, parse_label_filter
 from closedloop.web._auth import COOKIE, Role, Session, Sessions, csrf_ok
@@ -236,7 +238,7 @@ async def _call(work: Callable[[], _T]) -> _T:
             exc.code, 409), str(exc)) from None
     except ConfigError as exc:
         raise PageError(422, str(exc)) from None
-    except StoreError as exc:
+    except (StoreError, ControlUnavailable) as exc:
         raise PageError(503, f"the store cannot be used now: {exc}") from None
 
 
@@ -262,43 +264,116 @@ def _sparkline(values: list[float | None], width: int = 96, height: int = 20) ->
 
 WINDOWS = {"24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0, "all": None}
 """The overview's periods (``?window=``); 7 days unless asked."""
+SPARK_PERIODS = {"24h": 24, "7d": 7, "30d": 30, "all": 14}
+"""Periods a sparkline of the overview covers (hours for 24h, else days), up to the newest."""
+
+
+def _merged(cells: Iterable[Any], value: str | None) -> Any:
+    """One :class:`~closedloop.store.SeriesCell` adding up ``cells`` (its period 0)."""
+    from closedloop.store import SeriesCell
+
+    total = SeriesCell(value=value, period=0)
+    for cell in cells:
+        for name in _SUMMED:
+            setattr(total, name, getattr(total, name) + getattr(cell, name))
+        for bucket, n in cell.latency.items():
+            total.latency[bucket] = total.latency.get(bucket, 0) + n
+    return total
+
+
+_SUMMED = ("steps", "validated", "validation_passed", "reasked", "verified",
+           "verification_passed", "succeeded", "failed", "tokens", "tokens_sq",
+           "succeeded_tokens", "priced", "cost_usd", "cost_sq", "succeeded_cost",
+           "latency_sum")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    """One row of the overview (``task_type`` None: every task type), from the learning
+    layer's aggregates: the p95 is estimated from the latency histogram (within its bucket,
+    nine per decade), as the trends page estimates it."""
+
+    task_type: str | None
+    runs: int
+    validated: int
+    validation_passed: int
+    verified: int
+    verification_passed: int
+    cost_usd: float | None
+    latency_p95_ms: float | None
+
+
+def _figures(cell: Any) -> Figures:
+    from closedloop.learn import trends_from_cells
+
+    found = trends_from_cells([cell], by="task_type", window="day", first=0, last=0)
+    figures = found.series[0].points[0].figures if found.series else {}
+    p95 = figures.get("latency_p95_ms")
+    return Figures(task_type=cell.value, runs=cell.steps, validated=cell.validated,
+                   validation_passed=cell.validation_passed, verified=cell.verified,
+                   verification_passed=cell.verification_passed,
+                   cost_usd=cell.cost_usd if cell.priced else None,
+                   latency_p95_ms=None if p95 is None else p95.value)
+
+
+def _sparklines(cells: list[Any], periods: int) -> dict[str | None, Any]:
+    """Per task type, the SVG points of its validation and verification pass rates over the
+    last ``periods`` periods up to the newest one with steps (a line needs two)."""
+    if not cells:
+        return {}
+    last = max(c.period for c in cells)
+    first = last - periods + 1
+    rates: dict[str | None, dict[str, list[float | None]]] = {}
+    for c in cells:
+        if c.period < first:
+            continue
+        lines = rates.setdefault(c.value, {name: [None] * periods for name in _RATES})
+        for name, (passed, of) in _RATES.items():
+            total = getattr(c, of)
+            lines[name][c.period - first] = getattr(c, passed) / total if total else None
+    return {value: {name: _sparkline(line) for name, line in lines.items()}
+            for value, lines in rates.items()}
+
+
+_RATES = {"validation_pass_rate": ("validation_passed", "validated"),
+          "verification_pass_rate": ("verification_passed", "verified")}
 
 
 def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
                   now: float | None = None) -> dict[str, Any]:
-    """Per task type over the last ``window_s`` seconds (None: every step): the summary's
-    figures, sparklines of the daily pass rates, the stored autonomy level, the stop in
-    force, the pending approvals."""
+    """Per task type over the last ``window_s`` seconds (None: every step): its figures
+    (:class:`Figures`) and sparklines of its daily pass rates (hourly over a day, or when
+    the days give no line), all from one series of the learning layer's aggregates
+    (:meth:`~closedloop.store.Store.series`: the hourly roll-up where the backend keeps
+    one), the stored autonomy level, the stop in force, the pending approvals."""
     from closedloop import approvals
-    from closedloop.learn import trends
     from closedloop.store import level_store_for
 
     since = None if window_s is None else (time.time() if now is None else now) - window_s
-    summary = store.summary(since=since, top_messages=0)
-    spark: dict[str | None, dict[str, str | None]] = {}
-    window = "day"
-    if window_s is not None and window_s <= 86400:
-        choices: tuple[tuple[str, int], ...] = (("hour", 24),)
-    else:  # days over the window (14 for all time), hours when days give no line
-        days = 14 if window_s is None else max(2, round(window_s / 86400))
-        choices = (("day", days), ("hour", 24))
-    for window, periods in choices:
-        try:
-            found = trends(store, window=window, periods=periods)
-        except (ConfigError, StoreError):
-            break  # sparklines are extra: the table stands without them
-        for series in found.series:
-            by_start = {p.start: p for p in series.points}
-            lines = {}
-            for name in ("validation_pass_rate", "verification_pass_rate"):
-                values = [(by_start[s].figures[name].value
-                           if s in by_start and name in by_start[s].figures else None)
-                          for s in found.periods]
-                lines[name] = _sparkline(values)
-            spark[series.value] = lines
-        if any(line for lines in spark.values() for line in lines.values()):
-            break
-        spark = {}
+    name = next((k for k, v in WINDOWS.items() if v == window_s), None)
+    periods = SPARK_PERIODS.get(name or "", max(2, round((window_s or 0) / 86400)))
+    window = "hour" if window_s is not None and window_s <= 86400 else "day"
+    try:
+        cells = store.series(by="task_type", window=window, since=since)
+    except ConfigError:  # steps over more days than a series spans (decades): weeks
+        window = "week"
+        cells = store.series(by="task_type", window=window, since=since)
+    spark = _sparklines(cells, periods)
+    if window == "day" and not any(line for lines in spark.values() for line in lines.values()):
+        newest = max((c.period for c in cells), default=None)
+        if newest is not None:  # one day of steps: its hours
+            end = (newest + 1) * 86400.0
+            try:
+                hours = store.series(by="task_type", window="hour",
+                                     since=max(end - 86400.0, since or end - 86400.0))
+            except (ConfigError, StoreError):
+                hours = []
+            found = _sparklines(hours, 24)
+            if any(line for lines in found.values() for line in lines.values()):
+                spark, window = found, "hour"
+    per_task: dict[str, list[Any]] = {}
+    for cell in cells:
+        per_task.setdefault(cell.value, []).append(cell)
     levels = {r.key.task_type: r for r in level_store_for(store).levels()
               if r.key.action_class is None and r.key.agent_id == "*"}
     stops = {s.task_type: s for s in ledger.stops()}
@@ -306,16 +381,58 @@ def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
     for r in approvals.list_requests(status="pending", limit=200, store=store).requests:
         pending[r.task_type] = pending.get(r.task_type, 0) + 1
     rows = []
-    for f in summary.rows:
-        name = f.task_type
-        rows.append({"f": f, "spark": spark.get(name, {}), "level": levels.get(name),
-                     "stop": stops.get(name), "pending": pending.get(name or "", 0),
+    for task in sorted(per_task):
+        f = _figures(_merged(per_task[task], task))
+        rows.append({"f": f, "spark": spark.get(task, {}), "level": levels.get(task),
+                     "stop": stops.get(task), "pending": pending.get(task, 0),
                      "validation": f.validation_passed / f.validated if f.validated else None,
                      "verification": (f.verification_passed / f.verified if f.verified
                                       else None)})
-    return {"rows": rows, "overall": summary.overall, "stops": list(stops.values()),
-            "trend_window": "per day" if window == "day" else "per hour",
+    return {"rows": rows, "overall": _figures(_merged(cells, None)),
+            "stops": list(stops.values()),
+            "trend_window": f"per {window}",
             "pending_total": sum(pending.values())}
+
+
+def overview_payload(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The overview's figures as its live updates send them (``event: overview``): the tiles'
+    texts and each row's cells, as :mod:`closedloop.web._live`'s step rows are sent (text
+    prepared for people, stored text with its control characters written out), which
+    ``static/live.js`` puts in the page with ``textContent``."""
+    env = _env()
+    pct, ms, usd = env.filters["pct"], env.filters["ms"], env.filters["usd"]
+    o = data["overall"]
+    tiles = {"runs": f"{o.runs:,}",
+             "validation": pct(o.validation_passed / o.validated) if o.validated else "\u2013",
+             "verification": (pct(o.verification_passed / o.verified) if o.verified
+                              else "\u2013"),
+             "cost": usd(o.cost_usd) if o.cost_usd is not None else "\u2013",
+             "pending": str(data["pending_total"]), "stops": str(len(data["stops"]))}
+    rows = []
+    for row in data["rows"]:
+        f, level, stop = row["f"], row["level"], row["stop"]
+        task = _visible(f.task_type or "")
+        rows.append({"cells": [
+            {"text": task, "href": "/ui/steps?" + urlencode({"task_type": f.task_type or ""})},
+            {"text": f"{f.runs:,}", "class": "num"},
+            {"text": pct(row["validation"]), "class": "num"},
+            {"spark": row["spark"].get("validation_pass_rate"), "kind": "val"},
+            {"text": pct(row["verification"]), "class": "num"},
+            {"spark": row["spark"].get("verification_pass_rate"), "kind": "ver"},
+            {"text": ms(f.latency_p95_ms), "class": "num"},
+            {"text": usd(f.cost_usd), "class": "num"},
+            ({"text": _visible(level.level), "badge": f"lvl-{level.level}"} if level
+             else {"text": "default", "class": "muted"}),
+            ({"text": stop.kind.value, "badge": f"stop-{stop.kind.value}"} if stop
+             else {"text": "running", "badge": "ok"}),
+            {"text": str(row["pending"]), "class": "num"}]})
+    return {"tiles": tiles, "rows": rows, "trend": data["trend_window"]}
+
+
+def overview_state(payload: Mapping[str, Any]) -> str:
+    """A digest of what the overview shows: its live stream sends only what differs."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _tree(spans: list[Any]) -> list[dict[str, Any]]:
@@ -365,7 +482,10 @@ async def overview(request: Request) -> Response:
     if window not in WINDOWS:
         raise PageError(422, f"window must be one of {', '.join(WINDOWS)}")
     data = await _call(lambda: overview_data(store, ledger, WINDOWS[window]))
-    return _render(request, "overview.html", window=window, windows=list(WINDOWS), **data)
+    live_url = "/ui/live/overview?" + urlencode(
+        {"window": window, "state": overview_state(overview_payload(data))})
+    return _render(request, "overview.html", window=window, windows=list(WINDOWS),
+                   live_url=live_url, **data)
 
 
 
@@ -794,6 +914,12 @@ async def live_steps(request: Request) -> Response:
     return await steps_stream(request)
 
 
+async def live_overview(request: Request) -> Response:
+    from closedloop.web._live import overview_stream
+
+    return await overview_stream(request)
+
+
 async def live_approvals(request: Request) -> Response:
     from closedloop.web._live import approvals_stream
 
@@ -827,6 +953,7 @@ ROUTES = [
     Route("/ui/factors", _page(factors_page), methods=["GET"]),
     Route("/ui/live/steps", _page(live_steps), methods=["GET"]),
     Route("/ui/live/approvals", _page(live_approvals), methods=["GET"]),
+    Route("/ui/live/overview", _page(live_overview), methods=["GET"]),
     Route("/ui/approvals", _page(approvals_page), methods=["GET"]),
     Route("/ui/approvals/{request_id}", _page(approval), methods=["GET"]),
     Route("/ui/approvals/{request_id}/decide", _page(decide), methods=["POST"]),

@@ -3,7 +3,10 @@
 ``GET /ui/live/steps`` (the steps page's filters, and ``cursor``: the page's
 :attr:`~closedloop.store.StepPage.head_cursor`) sends each step stored after the cursor as an
 ``event: step``; ``GET /ui/live/approvals`` (``since``: the newest request's creation time the
-page knew) each new pending request as an ``event: approval``. Each stream polls the store's
+page knew) each new pending request as an ``event: approval``; ``GET /ui/live/overview``
+(``window``, ``state``: the digest of what the page shows) the overview's figures as an
+``event: overview`` whenever they differ from what the page shows (computed again every
+:data:`OVERVIEW_S` seconds, the same aggregates as the page). Each stream polls the store's
 keyset query (:meth:`~closedloop.store.Store.steps_after`, the newest page of pending
 requests) every :data:`POLL_S` seconds, so its cost does not grow with the store; every event
 carries its position as ``id:``, so a browser that reconnects (``Last-Event-ID``) goes on
@@ -36,6 +39,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from closedloop._errors import ConfigError, StoreError
 from closedloop.web._dashboard import (
+    WINDOWS,
     PageError,
     _call,
     _can_read,
@@ -44,9 +48,14 @@ from closedloop.web._dashboard import (
     _state,
     _visible,
     _when,
+    overview_data,
+    overview_payload,
+    overview_state,
     step_query,
 )
 
+OVERVIEW_S = 10.0
+"""Seconds between two computations of the overview's figures by one stream."""
 MAX_STREAMS = 16
 """Live streams one server keeps open at once."""
 POLL_S = 2.0
@@ -228,3 +237,27 @@ async def approvals_stream(request: Request) -> Response:
             repr(new[-1].created_at) if new else None)
 
     return _Stream(request, "approval", poll, repr(since))
+
+
+async def overview_stream(request: Request) -> Response:
+    """``event: overview`` with the overview's figures (:func:`overview_payload`) whenever
+    they differ from the ``state`` the page (or the last event) showed."""
+    _open(request)
+    window = request.query_params.get("window", "7d")
+    if window not in WINDOWS:
+        raise PageError(422, f"window must be one of {', '.join(WINDOWS)}")
+    state = _position(request, "state")
+    store = request.app.state.store
+    ledger = _state(request).ledger_for(store)
+    # the page computed the figures a moment ago; without its state, compute them now
+    clock = {"next": time.monotonic() + OVERVIEW_S if state is not None else 0.0}
+
+    def poll(position: str | None) -> tuple[Found, str | None]:
+        if time.monotonic() < clock["next"]:
+            return [], None  # computed a moment ago (or the page was): nothing new to ask
+        clock["next"] = time.monotonic() + OVERVIEW_S
+        payload = overview_payload(overview_data(store, ledger, WINDOWS[window]))
+        now = overview_state(payload)
+        return ([] if now == position else [(now, payload)]), now
+
+    return _Stream(request, "overview", poll, state)

@@ -89,6 +89,17 @@ class MemoryApprovals:
         rows.sort(key=lambda r: (r.created_at, r.request_id), reverse=True)
         return page(rows[:limit + 1], limit)
 
+    def status_counts(self, *, task_type: str, since: float) -> dict[tuple[str, str], int]:
+        """Requests of ``task_type`` created at or after ``since`` per ``(agent, status)``
+        (:class:`~closedloop.approvals.ApprovalCounts`)."""
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for r in self._requests.values():
+                if r.task_type == task_type and r.created_at >= since:
+                    key = (r.agent_id, r.status.value)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def decide(self, request_id: str, *, approve: bool, by: str, reason: str = "",
                revise: bool = False, now: float | None = None) -> ApprovalRequest:
         now = time.time() if now is None else now

@@ -5,26 +5,32 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from closedloop._autonomy_state import (
+    EvidenceGroup,
     Feedback,
     LevelChange,
     LevelKey,
     LevelRecord,
     change_of,
+    evidence_groups_of,
     redacted_feedback,
     redacted_record,
 )
+from closedloop._events import StepEvent
 from closedloop.store._retention import level_change_kept
 
 
 class MemoryLevelStore:
     """Levels, their audit trail, feedback and detector states in dicts; thread-safe; nothing
-    survives the process."""
+    survives the process. ``events(task_type, since)``: the steps its evidence counts (the
+    memory backend's own; None: it counts none, the autonomy layer reads the store)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, events: Callable[[str, float], Iterable[StepEvent]] | None = None
+                 ) -> None:
+        self._events = events
         self._levels: dict[LevelKey, LevelRecord] = {}
         self._history: list[LevelChange] = []
         self._feedback: dict[str, Feedback] = {}
@@ -72,6 +78,16 @@ class MemoryLevelStore:
         with self._lock:
             items = list(self._feedback.values())
         return sorted((f for f in items if since is None or f.at >= since), key=lambda f: f.at)
+
+    def evidence_groups(self, task_type: str, *, since: float,
+                        classes: bool) -> list[EvidenceGroup] | None:
+        """``task_type``'s steps since ``since`` grouped in one pass (the evidence port,
+        :class:`~closedloop.autonomy.EvidenceQueries`)."""
+        if self._events is None:
+            return None
+        agreed = {f.step_id: f.agreed for f in self.feedback(since=since)}
+        return evidence_groups_of(self._events(task_type, since), agreed, since=since,
+                                  classes=classes)
 
     def prune(self, before: float, *, dry_run: bool = False) -> dict[str, int]:
         """Forget audit records and feedback older than ``before``; never a level, nor the

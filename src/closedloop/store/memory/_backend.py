@@ -45,7 +45,8 @@ class MemoryBackend:
         self._ledger = MemoryLedger()
         self._spans = MemorySpanStore(events=lambda: self.iter_events(EventQuery()))
         self._runs = MemoryRunStore()
-        self._levels = MemoryLevelStore()
+        self._levels = MemoryLevelStore(events=lambda task_type, since: self.iter_events(
+            EventQuery(task_type=task_type, since=since)))
         self._approvals = MemoryApprovals()
 
     def run_store(self) -> MemoryRunStore:

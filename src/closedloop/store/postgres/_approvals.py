@@ -180,6 +180,18 @@ class PostgresApprovals:
                          .fetchall(), write=False)
         return page([from_row(r) for r in rows], limit)
 
+    def status_counts(self, *, task_type: str, since: float) -> dict[tuple[str, str], int]:
+        """Requests of ``task_type`` created at or after ``since`` per ``(agent, status)``,
+        counted in SQL (:class:`~closedloop.approvals.ApprovalCounts`)."""
+        from psycopg import sql
+
+        stmt = sql.SQL("SELECT agent_id, status, count(*) FROM {}.approvals WHERE "
+                       "task_type = %s AND created_at >= %s GROUP BY 1, 2").format(
+            sql.Identifier(self._backend.schema))
+        rows = self._run("read", lambda conn: conn.execute(
+            stmt, (_clean(task_type), since)).fetchall(), write=False)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     def decide(self, request_id: str, *, approve: bool, by: str, reason: str = "",
                revise: bool = False, now: float | None = None) -> ApprovalRequest:
         at = time.time() if now is None else now

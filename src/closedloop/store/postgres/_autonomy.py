@@ -16,6 +16,8 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from closedloop._autonomy_state import (
+    EXECUTED_ERRORS,
+    EvidenceGroup,
     Feedback,
     LevelChange,
     LevelRecord,
@@ -72,7 +74,20 @@ _SQL = {
     "put_detector": "INSERT INTO {s}.detector_state (name, at, state) VALUES (%s, %s, %s) "
                     "ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
     "detector": "SELECT state FROM {s}.detector_state WHERE name = %s",
+    # the evidence port: the class only when asked, whether a request was durable for
+    # approve-mode steps only, the feedback for suggestions only
+    "evidence": "SELECT agent_id, autonomy, outcome, coalesce(error_type IN ({executed}), "
+                "false), verification_passed, {cls}, coalesce(autonomy = 'approve' AND "
+                "jsonb_typeof(detail -> 'approval') = 'object', false), CASE WHEN outcome = "
+                "'suggested' THEN (SELECT agreed FROM {s}.autonomy_feedback f WHERE "
+                "f.step_id = e.step_id AND f.at >= %s) END, count(*) FROM {s}.events e "
+                "WHERE task_type = %s AND ts >= %s GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
 }
+EVIDENCE_TIMEOUT_S = 300.0
+"""How long the evidence's grouped query may take: it reads every step of a task type since
+its level was set (not a read on a step's path, which keeps the short timeout)."""
+_CLASS = ("CASE WHEN jsonb_typeof(detail -> 'autonomy') = 'object' THEN "
+          "detail -> 'autonomy' -> 'class' END")
 _AUTONOMY_V = next(i + 1 for i, m in enumerate(MIGRATIONS) if "autonomy_levels" in m)
 """The migration that creates the autonomy tables."""
 
@@ -91,15 +106,22 @@ class PostgresLevelStore:
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         s = sql.Identifier(schema)
-        self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()}
+        self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()
+                   if name != "evidence"}
+        executed = sql.SQL(", ").join(sql.Literal(e) for e in EXECUTED_ERRORS)
+        for classes in (False, True):
+            self._q[f"evidence_{classes}"] = sql.SQL(_SQL["evidence"]).format(
+                s=s, executed=executed, cls=sql.SQL(_CLASS if classes else "NULL::jsonb"))
 
     def __repr__(self) -> str:
         return f"PostgresLevelStore({self.url!r})"
 
     def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
-             absent: Callable[[], _T] | None = None, write: bool = False) -> _T:
+             absent: Callable[[], _T] | None = None, write: bool = False,
+             timeout: float | None = None) -> _T:
         """``work`` on a connection of its own (``write``: one transaction under the schema's
-        autonomy lock), or ``absent()`` where the tables do not exist yet."""
+        autonomy lock), or ``absent()`` where the tables do not exist yet; each statement
+        may take ``timeout`` seconds (default: the store's ``statement_timeout``)."""
         import psycopg
         from psycopg import errors
 
@@ -107,7 +129,7 @@ class PostgresLevelStore:
             with psycopg.connect(self._conninfo, autocommit=True,
                                  connect_timeout=max(1, int(self._connect_timeout))) as conn:
                 conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                             (f"{int(self._statement_timeout * 1000)}ms",))
+                             (f"{int((timeout or self._statement_timeout) * 1000)}ms",))
                 try:
                     if not write:
                         return work(conn)
@@ -170,6 +192,20 @@ class PostgresLevelStore:
             self._q["feedback"], (float("-inf") if since is None else since,)).fetchall(),
             absent=list)
         return [feedback_from_row(r) for r in rows]
+
+    def evidence_groups(self, task_type: str, *, since: float,
+                        classes: bool) -> list[EvidenceGroup] | None:
+        """``task_type``'s steps since ``since`` grouped in SQL (the evidence port,
+        :class:`~closedloop.autonomy.EvidenceQueries`); a schema without the tables: None."""
+        rows = self._run("count the evidence of", lambda conn: conn.execute(
+            self._q[f"evidence_{classes}"], (since, _clean(task_type), since)).fetchall(),
+            absent=lambda: None, timeout=max(self._statement_timeout, EVIDENCE_TIMEOUT_S))
+        if rows is None:
+            return None
+        return [EvidenceGroup(agent_id=r[0], mode=r[1], outcome=r[2],
+                              executed_error=bool(r[3]), verification_passed=r[4],
+                              action_class=r[5], durable=bool(r[6]), agreed=r[7],
+                              steps=int(r[8])) for r in rows]
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

@@ -161,6 +161,14 @@ class SQLiteApprovals:
         rows = self._read(lambda conn: conn.execute(sql, [*params, limit + 1]).fetchall(), list)
         return page([from_row(r) for r in rows], limit)
 
+    def status_counts(self, *, task_type: str, since: float) -> dict[tuple[str, str], int]:
+        """Requests of ``task_type`` created at or after ``since`` per ``(agent, status)``,
+        counted in SQL (:class:`~closedloop.approvals.ApprovalCounts`)."""
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT agent_id, status, count(*) FROM approvals WHERE task_type = ? AND "
+            "created_at >= ? GROUP BY 1, 2", (task_type, since)).fetchall(), list)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     def decide(self, request_id: str, *, approve: bool, by: str, reason: str = "",
                revise: bool = False, now: float | None = None) -> ApprovalRequest:
         now = time.time() if now is None else now

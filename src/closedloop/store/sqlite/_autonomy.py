@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from closedloop._autonomy_state import (
+    EXECUTED_ERRORS,
+    EvidenceGroup,
     Feedback,
     LevelChange,
     LevelRecord,
@@ -40,6 +42,40 @@ _LEVEL = ("SELECT agent_id, task_type, action_class, level, ceiling, by, at, rea
           "FROM autonomy_levels")
 _HISTORY = ("SELECT at, agent_id, task_type, action_class, old_level, new_level, kind, by, "
             "reason, evidence FROM autonomy_history")
+
+_EXECUTED = ", ".join(f"'{e}'" for e in EXECUTED_ERRORS)
+
+
+_NARROW_ROWS = 50_000
+"""A window holding fewer steps than this (of every task type) is read through ``events_ts``;
+a wider one through the task type's own rows (``events_latency`` leads with it)."""
+
+
+def evidence_sql(classes: bool, index: str = "events_ts") -> str:
+    """The grouped query of :meth:`SQLiteLevelStore.evidence_groups` (parameters: feedback
+    since, task type, since) through ``index``: the class only when asked (``json_extract``
+    costs), whether a request was durable for approve-mode steps only, the feedback for
+    suggestions only."""
+    cls = ("CASE WHEN json_type(detail, '$.autonomy') = 'object' THEN "
+           "json_extract(detail, '$.autonomy.class') END" if classes else "NULL")
+    return (
+        f"SELECT agent_id, autonomy, outcome, coalesce(error_type IN ({_EXECUTED}), 0), "
+        f"verification_passed, {cls}, CASE WHEN autonomy = 'approve' AND detail IS NOT NULL "
+        "THEN coalesce(json_type(detail, '$.approval') = 'object', 0) ELSE 0 END, "
+        "CASE WHEN outcome = 'suggested' THEN (SELECT agreed FROM autonomy_feedback f "
+        "WHERE f.step_id = events.step_id AND f.at >= ?) END, count(*) "
+        f"FROM events INDEXED BY {index} WHERE task_type = ? AND ts >= ? "
+        "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8")
+
+
+def evidence_groups_from(rows: Any) -> list[EvidenceGroup]:
+    """:class:`EvidenceGroup` of the rows of :func:`evidence_sql`."""
+    return [EvidenceGroup(agent_id=r[0], mode=r[1], outcome=r[2], executed_error=bool(r[3]),
+                          verification_passed=None if r[4] is None else bool(r[4]),
+                          action_class=r[5], durable=bool(r[6]),
+                          agreed=None if r[7] is None else bool(r[7]), steps=int(r[8]))
+            for r in rows]
+
 
 
 class SQLiteLevelStore:
@@ -135,6 +171,28 @@ class SQLiteLevelStore:
                           "WHERE at >= ? ORDER BY at",
                           (float("-inf") if since is None else since,))
         return [feedback_from_row(r) for r in rows]
+
+    def evidence_groups(self, task_type: str, *, since: float,
+                        classes: bool) -> list[EvidenceGroup] | None:
+        """``task_type``'s steps since ``since`` grouped in SQL (the evidence port,
+        :class:`~closedloop.autonomy.EvidenceQueries`); a file without events: none."""
+        try:
+            if not self.path.exists():
+                return []
+            with closing(connect_read_only(self.path)) as conn:
+                conn.execute("BEGIN")
+                inside = conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM events INDEXED BY events_ts WHERE "
+                    "ts >= ? LIMIT ?)", (since, _NARROW_ROWS)).fetchone()[0]
+                index = "events_ts" if inside < _NARROW_ROWS else "events_latency"
+                return evidence_groups_from(conn.execute(
+                    evidence_sql(classes, index), (since, task_type, since)).fetchall())
+        except sqlite3.OperationalError as exc:
+            if str(exc).startswith("no such"):  # an older store, read as it is
+                return None
+            raise self._fail("read", exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._fail("read", exc) from exc
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

@@ -13,10 +13,17 @@ makes the Python pass.
 
 A step listing walks ``events_ts`` backwards (ties by rowid), filtering as it goes: a page
 of a rare task type or outcome reads back until it has its steps (a time window bounds that).
+A listing filtered by model or label (neither is indexed) first asks the hourly roll-up of
+that dimension (:mod:`closedloop.store.sqlite._rollup`, started and kept up as the learning
+queries keep it) which hours hold such steps, adds the hours of the matching rows it does not
+cover yet (read by rowid) and everything below its floor, and walks only those time ranges,
+newest first, in the same keyset order: the same page as the walk over every row, and a
+model or label no step has answers at once.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +40,7 @@ from closedloop.store._query import (
     task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
+from closedloop.store.sqlite import _rollup
 from closedloop.store.sqlite._backend import LATENCY_BUCKET, _event
 
 if TYPE_CHECKING:
@@ -226,23 +234,103 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
         ts, rowid = decode_cursor(cursor, int, backend.url)
         extra.append(f"(ts, rowid) {'>' if after else '<'} (?, ?)")
         params = [ts, rowid]
-    sql, more = _where(where, *extra)
+    dim = None if after else _rolled_dim(where)
+    if dim is not None and not backend.read_only:
+        with backend._maintenance("update the roll-up of") as conn:
+            _rollup.refresh(conn, dim[0])
     order = "ts, rowid" if after else "ts DESC, rowid DESC"
+    # the backend's own column list: a store of an older schema, read as it is, has fewer
+    # columns (the others read as NULL)
+    select = backend._select.replace("SELECT ", "SELECT ts, rowid, ", 1)
+
+    def walk(conn: sqlite3.Connection, *terms: str, values: Sequence[Any] = (),
+             want: int = limit if after else limit + 1) -> list[Any]:
+        sql, more = _where(where, *extra, *terms)
+        return conn.execute(f"{select} INDEXED BY events_ts{sql} ORDER BY {order} LIMIT ?",
+                            [*params, *values, *more, want]).fetchall()
+
     try:
         conn = backend._reader()
         try:
-            # the backend's own column list: a store of an older schema, read as it is, has
-            # fewer columns (the others read as NULL)
-            select = backend._select.replace("SELECT ", "SELECT ts, rowid, ", 1)
-            rows = conn.execute(
-                f"{select} INDEXED BY events_ts{sql} ORDER BY {order} LIMIT ?",
-                [*params, *more, limit if after else limit + 1]).fetchall()
+            ranges = None
+            if dim is not None:
+                conn.execute("BEGIN")  # one snapshot: the roll-up and the rows it points at
+                ranges = _ranges(conn, where, *dim)
+            if ranges is None:
+                rows = walk(conn)
+            else:
+                rows = []
+                for low, high in ranges:  # newest first, disjoint: the order is kept
+                    if cursor is not None and low is not None and low > params[0]:
+                        continue
+                    terms, values = ["ts < ?"], [high]
+                    if low is not None:
+                        terms.append("ts >= ?")
+                        values.append(low)
+                    rows += walk(conn, *terms, values=values, want=limit + 1 - len(rows))
+                    if len(rows) > limit:
+                        break
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {exc}") from None
     found = [(r[0], r[1], _event(r[2:])) for r in rows]
     return page_after(found) if after else page(found, limit)
+
+
+def _rolled_dim(where: StepFilter) -> tuple[str, str] | None:
+    """The roll-up dimension and value that narrow ``where`` to some hours (model first)."""
+    if where.model is not None:
+        return "model", where.model
+    if where.label is not None:
+        return f"label:{where.label[0]}", where.label[1]
+    return None
+
+
+def _hour(ts: float) -> int:
+    """The exact hour of ``ts`` (``hour * 3600 <= ts < hour * 3600 + 3600``), as the roll-up
+    counts it."""
+    h = math.floor(ts / 3600.0)
+    while h * 3600.0 > ts:
+        h -= 1
+    while (h + 1) * 3600.0 <= ts:
+        h += 1
+    return h
+
+
+def _ranges(conn: sqlite3.Connection, where: StepFilter, dim: str, value: str
+            ) -> list[tuple[float | None, float]] | None:
+    """The time ranges ``[low, high)`` (``low`` None: unbounded), newest first, that hold
+    every step of ``where``: the hours ``dim``'s roll-up has ``value`` in, the hours of the
+    matching rows it does not cover yet, and all below its floor; None without a usable
+    roll-up of ``dim``."""
+    found = _rollup.state(conn, dim)
+    if found is None or not found.usable:
+        return None
+    low = found.floor if where.since is None else max(found.floor, _hour(where.since))
+    high = (1 << 40) if where.until is None else _hour(where.until) + 1
+    task = " AND task_type = ?" if where.task_type is not None else ""
+    hours = {r[0] for r in conn.execute(
+        "SELECT DISTINCT hour FROM learn_rollup INDEXED BY learn_rollup_dim WHERE dim = ? "
+        f"AND hour >= ? AND hour < ? AND value = ?{task}",
+        [dim, low, high, value, *([where.task_type] if task else [])]).fetchall()}
+    sql, params = _where(where, "rowid > ?")
+    hours.update(h for r in conn.execute(f"SELECT ts FROM events{sql}",
+                                         [found.covered, *params]).fetchall()
+                 if (h := _hour(r[0])) >= found.floor)  # those below: the range below
+    ranges: list[tuple[float | None, float]] = []
+    for h in sorted(hours, reverse=True):
+        if ranges and ranges[-1][0] == (h + 1) * 3600.0:
+            ranges[-1] = (h * 3600.0, ranges[-1][1])
+        else:
+            ranges.append((h * 3600.0, (h + 1) * 3600.0))
+    floor = found.floor * 3600.0
+    if where.since is None or where.since < floor:
+        if ranges and ranges[-1][0] == floor:
+            ranges[-1] = (None, ranges[-1][1])
+        else:
+            ranges.append((None, floor))
+    return ranges
 
 
 def task_types(backend: SQLiteBackend) -> list[str]:

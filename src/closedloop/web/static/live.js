@@ -1,7 +1,8 @@
 // closedloop dashboard: live updates. An element with data-live="URL" listens to the
 // server-sent events at URL and puts each new step (a table row) or pending approval
-// request (a card) at its top. Stored text is set with textContent only, never as markup;
-// links must stay inside /ui/. Without this script every page works as before (reload it).
+// request (a card) at its top, or (the overview) replaces its rows and the tiles' figures.
+// Stored text is set with textContent only, never as markup; links must stay inside /ui/.
+// Without this script every page works as before (reload it).
 "use strict";
 
 (function () {
@@ -22,12 +23,31 @@
     return node;
   }
 
-  function stepRow(data) {
-    var tr = el("tr", "live-new");
+  var SVG = "http://www.w3.org/2000/svg";
+
+  function spark(points, kind) {
+    if (typeof points !== "string" || !/^[0-9., -]+$/.test(points)) return el("span", "muted", "\u2013");
+    var svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "spark " + safeClass(kind));
+    svg.setAttribute("viewBox", "0 0 96 20");
+    svg.setAttribute("width", "96");
+    svg.setAttribute("height", "20");
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", "daily trend");
+    var line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("points", points);
+    svg.appendChild(line);
+    return svg;
+  }
+
+  function stepRow(data, fresh) {
+    var tr = el("tr", fresh === false ? null : "live-new");
     (data.cells || []).forEach(function (cell) {
       var td = el("td", cell["class"]);
       var href = safeHref(cell.href);
-      if (href) {
+      if (cell.spark !== undefined) {
+        td.appendChild(spark(cell.spark, cell.kind));
+      } else if (href) {
         var a = el("a", "mono", cell.text);
         a.setAttribute("href", href);
         td.appendChild(a);
@@ -75,6 +95,25 @@
     return card;
   }
 
+  function overview(box, data) {
+    var tiles = data.tiles || {};
+    Object.keys(tiles).forEach(function (name) {
+      Array.prototype.forEach.call(document.querySelectorAll("[data-field]"), function (node) {
+        if (node.getAttribute("data-field") === name) node.textContent = String(tiles[name]);
+      });
+    });
+    Array.prototype.forEach.call(document.querySelectorAll('[data-field="trend"]'), function (node) {
+      node.textContent = String(data.trend || "");
+    });
+    while (box.firstChild) box.removeChild(box.firstChild);
+    (data.rows || []).forEach(function (row) { box.appendChild(stepRow(row, false)); });
+    var table = document.querySelector("[data-live-table]");
+    var empty = document.querySelector("[data-live-empty]");
+    var any = (data.rows || []).length > 0;
+    if (table) table.hidden = !any;
+    if (empty) empty.hidden = any;
+  }
+
   function start(box) {
     var url = box.getAttribute("data-live");
     var kind = box.getAttribute("data-live-kind");
@@ -87,7 +126,10 @@
       status.textContent = text;
     }
     var source = new EventSource(url);
-    source.addEventListener("open", function () { say("Live: new " + kind + "s appear here."); });
+    source.addEventListener("open", function () {
+      say(kind === "overview" ? "Live: these figures update as steps arrive."
+        : "Live: new " + kind + "s appear here.");
+    });
     source.addEventListener("error", function () {
       if (source.readyState === EventSource.CLOSED) say("Live updates stopped: reload the page.");
       else say("Live updates paused: reconnecting\u2026");
@@ -95,6 +137,7 @@
     source.addEventListener(kind, function (message) {
       var data;
       try { data = JSON.parse(message.data); } catch (e) { return; }
+      if (kind === "overview") { overview(box, data); return; }
       var node = kind === "step" ? stepRow(data) : requestCard(data);
       box.insertBefore(node, box.firstChild);
       while (box.children.length > MAX_ROWS) box.removeChild(box.lastChild);
