@@ -10,7 +10,11 @@ what the roll-up does not cover: the rows written since (rowid above ``covered``
 arrivals included), the partial hours at the window's edges and the hours below ``floor``.
 So the result is the scan's, cell for cell (floating-point sums up to their last digits).
 ``learn_failures`` does the same for failure clusters: failed steps per hour, error type,
-message group, task type and model, with their first and last time.
+message group, task type and model, with their first and last time; ``learn_factors``
+(:data:`FACTORS_TABLE`, made by the first writable query that needs it) for factors: per
+hour and task type, the steps (refusals left out) and failures of each factor's value alone
+(hour of day, input-size class, model, versions, and the labels as their JSON text, split in
+Python as the scan does).
 
 - **Kept up lazily, never by the writer**: ingest is unchanged. A query through a writable
   handle first folds the rows past ``covered`` in (:func:`refresh`, chunks of
