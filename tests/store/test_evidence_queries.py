@@ -44,7 +44,7 @@ def _detail(rng: random.Random) -> dict[str, Any] | None:
     if rng.random() < 0.4:
         detail["approval"] = ({"request_id": uuid.uuid4().hex} if rng.random() < 0.8
                               else "not an object")
-    return detail or rng.choice([None, {"other": 1}])
+    return detail or rng.choice([None, {"other": 1}])  # type: ignore[list-item]
 
 
 def _events(rng: random.Random, n: int) -> list[cl.StepEvent]:
@@ -106,7 +106,8 @@ def test_autonomy_levels_read_the_evidence_from_the_port(any_url: str) -> None:
         levels = AutonomyLevels(store, sinks=[], clock=lambda: T0 + 50.0)
         key = LevelKey(task_type="deploy")
         found = levels.evidence(key)
-        store.events = None  # type: ignore[assignment,method-assign] - the port, not a read
+        # the port, not a read: reading the events would fail
+        store.events = None  # type: ignore[assignment,method-assign]
         assert levels.evidence(key) == found
     want = count_events(key, events, {}, level="autonomous", since=T0 + 50.0 - 30 * 86400,
                         decisions=None)

@@ -95,7 +95,7 @@ def test_a_model_no_step_has_reads_no_event(tmp_path: Path) -> None:
         real = store.backend._reader  # type: ignore[attr-defined]
 
         def traced() -> sqlite3.Connection:
-            conn = real()
+            conn: sqlite3.Connection = real()
             conn.set_trace_callback(trace)
             return conn
 

@@ -214,7 +214,11 @@ def test_the_overview_updates_its_figures_without_a_reload(tmp_path: Path,
     url = f"sqlite:///{tmp_path / 'agents.db'}"
     cl.open_store(url).close()
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    def on_dialog(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     served = start_dashboard(url)
     try:
         page.goto(f"{served.url}/ui/")

@@ -57,6 +57,7 @@ from closedloop.store._base import (
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
+from closedloop.store._keeper import ROLLUP_EVERY_S, RollupKeeper
 from closedloop.store._learn import (
     FAILURE_OUTCOMES,
     REFUSAL_OUTCOMES,
@@ -133,6 +134,7 @@ __all__ = [
     "MAX_PAGE",
     "REFUSAL_OUTCOMES",
     "RETENTION_ENV",
+    "ROLLUP_EVERY_S",
     "SCHEMA_VERSION",
     "WINDOWS",
     "WINDOW_OFFSETS",
@@ -162,6 +164,7 @@ __all__ = [
     "PruneReport",
     "Pruned",
     "Retention",
+    "RollupKeeper",
     "RunBackend",
     "RunPage",
     "RunRecord",
@@ -246,6 +249,7 @@ class Store:
         max_held: int = 100_000,
         dead_letter: Path | None = None,
         retention: Retention | str | float | None = None,
+        rollup_every: float | None = ROLLUP_EVERY_S,
     ) -> None:
         self.backend = backend
         self.url = backend.url
@@ -262,6 +266,14 @@ class Store:
         """``record(event) -> bool``: queue an event; False (and counted) if it was dropped."""
         self._runs: RunWriter | None = None
         self._runs_lock = threading.Lock()
+        fold = getattr(backend, "fold_rollups", None)
+        self.rollups: RollupKeeper | None = (
+            RollupKeeper(fold, every=rollup_every, name=self.url)
+            if fold is not None and rollup_every is not None
+            and not getattr(backend, "read_only", False) else None)
+        """Keeps the learning roll-ups current for readers (a backend that has them, a
+        writable handle, ``rollup_every`` seconds apart; see :mod:`closedloop.store._keeper`);
+        ``None``: queries fold what they need themselves."""
 
     def record_run(self, record: RunRecord) -> bool:
         """Queue a run's record (:class:`closedloop.Run` does, at its start and end); written
@@ -312,6 +324,8 @@ class Store:
         runs = self._runs
         if runs is not None:
             runs.close(timeout)
+        if self.rollups is not None:
+            self.rollups.close(timeout)
         return self._writer.close(timeout)
 
     def stats(self) -> WriterStats:
@@ -551,6 +565,7 @@ def open_store(
     create: bool = True,
     defer: bool = False,
     retention: Retention | str | float | None = None,
+    rollup_every: float | None = ROLLUP_EVERY_S,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
@@ -566,7 +581,9 @@ def open_store(
     until the file can be opened (what :func:`default_store` does, so that an agent starts
     even on a full or read-only disk). ``overflow``, ``block_timeout`` and ``max_held``: see
     :class:`Store`. ``retention`` (``"30d"``; default ``None``, keep everything): see
-    :class:`Store` and :mod:`closedloop.store._retention`.
+    :class:`Store` and :mod:`closedloop.store._retention`. ``rollup_every`` (seconds;
+    ``None``: off): how often a writable store folds new rows into the learning roll-ups
+    from a thread of its own, see :mod:`closedloop.store._keeper`.
 
     Schemes other than ``sqlite`` and ``memory`` (``postgresql``, plug-ins) are opened through
     the scheme registry (:mod:`closedloop.store._registry`), with ``create`` (never with
@@ -582,7 +599,7 @@ def open_store(
         return Store(backend, max_queue=max_queue, batch_size=batch_size,
                      flush_interval=flush_interval, overflow=overflow,
                      block_timeout=block_timeout, max_held=max_held, dead_letter=dead_letter,
-                     retention=retention)
+                     retention=retention, rollup_every=rollup_every)
 
     if text == "memory://":
         return store(MemoryBackend())

@@ -20,6 +20,10 @@ from closedloop._redact import clip, redact_text
 
 MAX_BODY = 64 * 1024
 """Bytes of a request body the API reads at most (413 beyond)."""
+MAX_MESSAGE = 500
+"""Characters of an error's message at most, the mark of a cut included."""
+_CUT_MARK = 64
+"""Room for that mark (``…[truncated N of M chars]``) after the kept text."""
 _SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
@@ -57,7 +61,7 @@ def error_response(status: int, code: str, message: str,
     line, cut, and redacted (it may quote what was sent or stored) unless ``redact=False``
     (the server's own fixed words)."""
     text = " ".join(str(message).split())
-    text = clip(redact_text(text) if redact else text, 500)
+    text = clip(redact_text(text) if redact else text, MAX_MESSAGE - _CUT_MARK)
     return JSON({"error": {"code": code, "message": text}}, status_code=status,
                 headers=headers)
 

@@ -725,6 +725,13 @@ class PostgresBackend:
 
         return factor_counts(self, where)
 
+    def fold_rollups(self) -> int:
+        """Bring the learning roll-ups up to date (see :class:`~closedloop.store.
+        RollupKeeper`); how many were folded."""
+        from closedloop.store.postgres._learn import fold_rollups
+
+        return fold_rollups(self)
+
     def factor_margins(self, where: StepFilter) -> FactorMargins | None:
         """Steps and failures per value of each factor alone (from the roll-up)."""
         from closedloop.store.postgres._learn import factor_margins

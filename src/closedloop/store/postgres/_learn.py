@@ -254,3 +254,30 @@ def period_steps(backend: PostgresBackend, where: StepFilter, *,
     for p, n in rows:
         out[int(p)] = out.get(int(p), 0) + int(n)
     return out
+
+
+def fold_rollups(backend: PostgresBackend) -> int:
+    """Fold the rows committed since into every roll-up (the trends' by task type, the
+    failure clusters', the factors' and each one a query started), each when enough rows
+    wait and no other process is folding it; how many it folded. What
+    :class:`~closedloop.store._keeper.RollupKeeper` runs, so that read-only readers (the CLI)
+    find them current."""
+    import psycopg
+
+    schema = backend.schema
+    folded = 0
+    try:
+        with backend.pool().connection() as conn:
+            found = conn.execute("SELECT to_regclass(%s)",
+                                 (f'"{schema}".learn_rollup_state',)).fetchone()
+            if found is None or found[0] is None:
+                return 0  # a schema from before the roll-up
+            started = [r[0] for r in conn.execute(
+                f'SELECT dim FROM "{schema}".learn_rollup_state').fetchall()]
+            for dim in dict.fromkeys(["task_type", _rollup.FAILURES, _rollup.FACTORS,
+                                      *started]):
+                folded += bool(_rollup.refresh(conn, schema, dim))
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot update the roll-ups of store {backend.url}: "
+                         f"{_one_line(exc)}") from None
+    return folded

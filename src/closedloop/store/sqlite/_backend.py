@@ -626,6 +626,13 @@ class SQLiteBackend:
 
         return factor_counts(self, where)
 
+    def fold_rollups(self) -> int:
+        """Bring the learning roll-ups up to date (see :class:`~closedloop.store.
+        RollupKeeper`); how many were folded."""
+        from closedloop.store.sqlite._learn import fold_rollups
+
+        return fold_rollups(self)
+
     def factor_margins(self, where: StepFilter) -> FactorMargins | None:
         """Steps and failures per value of each factor alone (from the roll-up)."""
         from closedloop.store.sqlite._learn import factor_margins

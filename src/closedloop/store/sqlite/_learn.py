@@ -352,3 +352,20 @@ def _summed(rows: Sequence[Any]) -> dict[int, int]:
     for p, n in rows:
         out[int(p)] = out.get(int(p), 0) + int(n)
     return out
+
+
+def fold_rollups(backend: SQLiteBackend) -> int:
+    """Fold the rows written since into every roll-up (the trends' by task type, the
+    failure clusters', the factors' and each one a query started), each when enough rows
+    wait (:data:`~closedloop.store.sqlite._rollup.REFRESH_ROWS`); how many it folded. What
+    :class:`~closedloop.store._keeper.RollupKeeper` runs, so that read-only readers (the CLI)
+    find them current."""
+    folded = 0
+    with backend._maintenance("update the roll-ups of") as conn:
+        try:
+            started = [r[0] for r in conn.execute("SELECT dim FROM learn_rollup_state")]
+        except sqlite3.OperationalError:  # a store from before the roll-up
+            return 0
+        for dim in dict.fromkeys(["task_type", _rollup.FAILURES, _rollup.FACTORS, *started]):
+            folded += bool(_rollup.refresh(conn, dim))
+    return folded
