@@ -118,6 +118,7 @@ def test_a_failing_fold_is_logged_once_redacted_and_tried_again(
     assert "hunter2" not in said[0]
 
 
-def test_every_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="positive"):
-        RollupKeeper(lambda: None, every=0)
+@pytest.mark.parametrize("every", [0, -1.0, float("nan"), float("inf"), True, "60"])
+def test_a_bad_interval_is_a_config_error(every: object, tmp_path: Path) -> None:
+    with pytest.raises(cl.ConfigError, match="rollup_every must be a positive number"):
+        cl.open_store(f"sqlite:///{tmp_path / 'events.db'}", rollup_every=every)  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ from closedloop.store._base import (
     span_store_for,
 )
 from closedloop.store._deadletter import ImportResult, import_dead_letter
-from closedloop.store._keeper import ROLLUP_EVERY_S, RollupKeeper
+from closedloop.store._keeper import ROLLUP_EVERY_S, RollupKeeper, check_every
 from closedloop.store._learn import (
     FAILURE_OUTCOMES,
     REFUSAL_OUTCOMES,
@@ -251,6 +251,8 @@ class Store:
         retention: Retention | str | float | None = None,
         rollup_every: float | None = ROLLUP_EVERY_S,
     ) -> None:
+        if rollup_every is not None:
+            check_every(rollup_every)  # before anything is started
         self.backend = backend
         self.url = backend.url
         self._writer = BatchWriter(backend, max_queue=max_queue, batch_size=batch_size,
@@ -593,6 +595,8 @@ def open_store(
     text = os.fspath(url).strip()
     if not text:
         raise ConfigError("store URL is empty; use sqlite:///PATH or memory://")
+    if rollup_every is not None:
+        check_every(rollup_every)  # before a backend is opened
     create = create and not read_only
 
     def store(backend: EventBackend, dead_letter: Path | None = None) -> Store:

@@ -21,12 +21,14 @@ seconds, asks the backend to fold (``fold_rollups()``: each roll-up when at leas
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 
+from closedloop._errors import ConfigError
 from closedloop._redact import redact_text
 
-__all__ = ["ROLLUP_EVERY_S", "RollupKeeper"]
+__all__ = ["ROLLUP_EVERY_S", "RollupKeeper", "check_every"]
 
 _log = logging.getLogger("closedloop.store")
 
@@ -34,13 +36,20 @@ ROLLUP_EVERY_S = 60.0
 """How often a writing store folds new rows into the roll-ups by default."""
 
 
+def check_every(every: object) -> None:
+    """A :class:`~closedloop.ConfigError` unless ``every`` is a finite positive number of
+    seconds (``rollup_every`` of :func:`~closedloop.store.open_store`)."""
+    if isinstance(every, bool) or not isinstance(every, int | float) or not 0 < every < math.inf:
+        raise ConfigError(f"rollup_every must be a positive number of seconds or None, "
+                          f"got {every!r}")
+
+
 class RollupKeeper:
     """Calls ``fold`` every ``every`` seconds from a daemon thread until :meth:`close`."""
 
     def __init__(self, fold: Callable[[], object], *, every: float = ROLLUP_EVERY_S,
                  name: str = "store") -> None:
-        if not every > 0:
-            raise ValueError(f"every must be a positive number of seconds, got {every!r}")
+        check_every(every)
         self.fold = fold
         self.every = float(every)
         self.folds = 0
