@@ -122,3 +122,19 @@ def test_a_failing_fold_is_logged_once_redacted_and_tried_again(
 def test_a_bad_interval_is_a_config_error(every: object, tmp_path: Path) -> None:
     with pytest.raises(cl.ConfigError, match="rollup_every must be a positive number"):
         cl.open_store(f"sqlite:///{tmp_path / 'events.db'}", rollup_every=every)  # type: ignore[arg-type]
+
+
+def test_a_long_failure_is_redacted_before_it_is_cut(caplog: pytest.LogCaptureFixture) -> None:
+    key = "sk-proj-" + "Ab3" * 20  # cut first, its first characters would match no rule
+
+    def fold() -> None:
+        raise cl.StoreError("x" * 285 + " " + key)
+
+    keeper = RollupKeeper(fold, every=3600)
+    try:
+        with caplog.at_level(logging.WARNING, logger="closedloop.store"):
+            keeper.tick()
+    finally:
+        keeper.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "roll-ups" in said and "sk-proj-Ab3" not in said

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 
 from closedloop._errors import ConfigError
-from closedloop._redact import redact_text
+from closedloop._redact import clip
 
 __all__ = ["ROLLUP_EVERY_S", "RollupKeeper", "check_every"]
 
@@ -34,6 +34,8 @@ _log = logging.getLogger("closedloop.store")
 
 ROLLUP_EVERY_S = 60.0
 """How often a writing store folds new rows into the roll-ups by default."""
+_REASONS = 100
+"""Distinct failure reasons logged at most (each once), so that the set stays small."""
 
 
 def check_every(every: object) -> None:
@@ -71,9 +73,9 @@ class RollupKeeper:
             self.fold()
         except Exception as exc:  # noqa: BLE001 - a fold is retried; queries stay exact
             self.failures += 1
-            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            reason = redact_text(text)
-            if reason not in self._said:
+            lines = str(exc).splitlines()
+            reason = clip(lines[0], 300) if lines else type(exc).__name__  # redacted, then cut
+            if reason not in self._said and len(self._said) < _REASONS:
                 self._said.add(reason)
                 _log.warning("closedloop: could not update the learning roll-ups (tried "
                              "again every %.0f s): %s", self.every, reason)
