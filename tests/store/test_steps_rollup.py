@@ -1,13 +1,14 @@
-"""SQLite's step listing filtered by model or label walks only the hours the roll-up says hold
-such steps: every page equals the unfiltered walk filtered in Python, whatever was rolled up
-when (late rows, rows below the floor, pruned ones, hours cut by the window, a read-only
-handle), and a value no step has is answered without reading the events."""
+"""The step listing filtered by model or label (SQLite and PostgreSQL) walks only the hours the
+roll-up says hold such steps: every page equals the unfiltered walk filtered in Python, whatever
+was rolled up when (late rows, rows below the floor, pruned ones, hours cut by the window, a
+read-only handle, on PostgreSQL rows of a transaction still open at the fold and times that
+are not finite), and a value no step has is answered without reading the events."""
 
 from __future__ import annotations
 
+import math
 import random
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import closedloop as cl
 from closedloop.store import StepFilter, Store
 from closedloop.store.sqlite import _rollup
 
-from .test_learn_rollup import T0, _at, _record, _refresh, histories
+from .test_learn_rollup import T0, _at, _fresh, _record, _refresh, histories
 
 FILTERS: tuple[dict[str, Any], ...] = (
     {"model": "gpt-x"}, {"model": "claude-y"}, {"model": "nothing"},
@@ -30,6 +31,11 @@ FILTERS: tuple[dict[str, Any], ...] = (
 def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_rollup, "REFRESH_ROWS", 1)
     monkeypatch.setattr(_rollup, "CHUNK", 7)
+    try:
+        from closedloop.store.postgres import _rollup as pg_rollup
+    except ImportError:  # pragma: no cover - without the postgres extra
+        return
+    monkeypatch.setattr(pg_rollup, "REFRESH_ROWS", 1)
 
 
 def _walk(store: Store, limit: int, **query: Any) -> list[cl.StepEvent]:
@@ -56,13 +62,9 @@ def _check(store: Store, rng: random.Random) -> None:
         assert _walk(store, rng.choice([1, 3, 50]), **query) == want, query
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(histories())
-def test_a_model_or_label_listing_equals_the_walk_over_every_step(
-        history: dict[str, Any]) -> None:
+def _history(kind: str, history: dict[str, Any]) -> None:
     rng = random.Random(history["seed"])
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'steps.db'}"
+    with _fresh(kind) as url:
         events: list[cl.StepEvent] = []
         with cl.open_store(url, batch_size=5) as store:
             for batch, refresh in zip(history["batches"], history["refresh"], strict=False):
@@ -79,6 +81,20 @@ def test_a_model_or_label_listing_equals_the_walk_over_every_step(
             with cl.open_store(url, read_only=True, create=False) as reader:
                 _check(reader, rng)  # what is rolled up, the rest read from events
             _check(store, rng)  # folded in first
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories())
+def test_a_model_or_label_listing_equals_the_walk_over_every_step(
+        history: dict[str, Any]) -> None:
+    _history("sqlite", history)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories())
+def test_postgres_model_or_label_listing_equals_the_walk_over_every_step(
+        history: dict[str, Any]) -> None:
+    _history("postgresql", history)
 
 
 def test_a_model_no_step_has_reads_no_event(tmp_path: Path) -> None:
@@ -105,3 +121,33 @@ def test_a_model_no_step_has_reads_no_event(tmp_path: Path) -> None:
     walks = [s for s in seen if "FROM events INDEXED BY events_ts" in s]
     # only the range below the roll-up's floor (1970) is walked, nothing above it
     assert walks and all("ts < 1209600.0" in s for s in walks), walks
+
+
+def test_postgres_a_model_no_step_has_walks_only_what_the_rollup_cannot_answer(
+        pg_url: str) -> None:
+    """The ranges walked: the times that are not finite (never rolled up), the hours of the
+    rows stored since the fold, and all below the floor (1970); none of the hours the roll-up
+    covers. Rows stored after the fold are found, and so are those at infinity."""
+    from closedloop.store.postgres import _query
+
+    rng = random.Random(5)
+    with cl.open_store(pg_url) as store:
+        _record(store, [_at(T0 + i * 60.0, rng, i) for i in range(300)])
+        assert store.steps(model="gpt-x", limit=1).steps  # the roll-up starts here
+        late = _at(T0 + 7 * 3600.0 + 5.0, rng, 300)._replace(model="late-model")
+        far = _at(math.inf, rng, 301)._replace(model="late-model")
+        _record(store, [late, far])
+        backend: Any = store.backend
+        with backend.pool().connection() as conn:
+            assert _query._ranges(conn, backend.schema, StepFilter(model="nothing"),
+                                  "model", "nothing") == [(math.inf, None), (None, 14 * 86400.0)]
+            assert _query._ranges(conn, backend.schema, StepFilter(model="late-model"),
+                                  "model", "late-model") == [
+                (math.inf, None), (T0 + 7 * 3600.0, T0 + 8 * 3600.0), (None, 14 * 86400.0)]
+            some = _query._ranges(conn, backend.schema, StepFilter(model="gpt-x"), "model",
+                                  "gpt-x")
+            assert some is not None and some[1:-1] == [(T0, T0 + 5 * 3600.0)]
+        assert [e.trace_id for e in store.steps(model="late-model", limit=5).steps] == [
+            far.trace_id, late.trace_id]
+        assert store.steps(model="nothing", limit=50).steps == ()
+        assert store.steps(label=("tier", "nothing"), limit=50).steps == ()

@@ -15,6 +15,7 @@ as long as a reader pages; partitions keep equal timestamps together).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -137,7 +138,11 @@ class _Source:
 
 
 def _table(backend: PostgresBackend) -> str:
-    return f'"{backend.schema}".events'  # a plain SQL name, checked by parse_url
+    return _table_of(backend.schema)
+
+
+def _table_of(schema: str) -> str:
+    return f'"{schema}".events'  # a plain SQL name, checked by parse_url
 
 
 def summarize(backend: PostgresBackend, where: StepFilter, *,
@@ -168,26 +173,124 @@ def summarize(backend: PostgresBackend, where: StepFilter, *,
 def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
                cursor: str | None, after: bool = False) -> StepPage:
     """Up to ``limit`` steps newest first (ties by ctid), after ``cursor`` (``[ts, ctid]``);
-    with ``after``, the steps past ``cursor`` oldest first."""
+    with ``after``, the steps past ``cursor`` oldest first. Filtered by model or label (newest
+    first), the walk reads only the time ranges that :func:`_ranges` finds can hold such
+    steps (a value no step has: a few index probes instead of every step)."""
     import psycopg
 
     check_limit(limit)
     terms, params = _and(where)
+    at: float | None = None
     if cursor is not None:
         ts, tid = decode_cursor(cursor, str, backend.url, lambda k: bool(_TID.fullmatch(k)))
         terms += f" AND (ts, ctid) {'>' if after else '<'} (%s, %s::tid)"
         params += [ts, tid]
+        at = float(ts)
     order = "ts, ctid" if after else "ts DESC, ctid DESC"
+    dim = None if after else _rolled_dim(where)
+    if dim is not None and not backend.read_only:
+        from closedloop.store.postgres import _rollup
+
+        try:
+            with backend.pool().connection() as conn:
+                _rollup.refresh(conn, backend.schema, dim[0])
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot update the roll-up of store {backend.url}: "
+                             f"{_one_line(exc)}") from None
+
+    def walk(conn: psycopg.Connection[Any], extra: str = "", values: Sequence[Any] = (),
+             want: int = limit if after else limit + 1) -> list[Any]:
+        return conn.execute(
+            f"SELECT ts, ctid::text AS k, {_FIELDS} FROM {_table(backend)} WHERE TRUE{terms}"
+            f"{extra} ORDER BY {order} LIMIT %s", [*params, *values, want]).fetchall()
+
     try:
         with backend.pool().connection() as conn:
-            rows = conn.execute(
-                f"SELECT ts, ctid::text AS k, {_FIELDS} FROM {_table(backend)} WHERE TRUE{terms} "
-                f"ORDER BY {order} LIMIT %s",
-                [*params, limit if after else limit + 1]).fetchall()
+            if dim is None:
+                rows = walk(conn)
+            else:
+                with conn.transaction():  # one snapshot: the roll-up and the rows it names
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    ranges = _ranges(conn, backend.schema, where, *dim)
+                    if ranges is None:
+                        rows = walk(conn)
+                    else:
+                        rows = []
+                        for low, high in ranges:  # newest first, disjoint: the order is kept
+                            if at is not None and low is not None and low > at:
+                                continue
+                            extra, values = "", []
+                            if high is not None:
+                                extra, values = " AND ts < %s", [high]
+                            if low is not None:
+                                extra += " AND ts >= %s"
+                                values.append(low)
+                            rows += walk(conn, extra, values, want=limit + 1 - len(rows))
+                            if len(rows) > limit:
+                                break
     except psycopg.Error as exc:
         raise StoreError(f"cannot read store {backend.url}: {_one_line(exc)}") from None
     found = [(r[0], r[1], StepEvent(*r[2:])) for r in rows]
     return page_after(found) if after else page(found, limit)
+
+
+def _rolled_dim(where: StepFilter) -> tuple[str, str] | None:
+    """The roll-up dimension and value that narrow ``where`` to some hours (model first)."""
+    if where.model is not None:
+        return "model", where.model
+    if where.label is not None:
+        return f"label:{where.label[0]}", where.label[1]
+    return None
+
+
+def _hour(ts: float) -> int:
+    """The exact hour of ``ts`` (``hour * 3600 <= ts < hour * 3600 + 3600``), as the roll-up
+    counts it."""
+    h = math.floor(ts / 3600.0)
+    while h * 3600.0 > ts:
+        h -= 1
+    while (h + 1) * 3600.0 <= ts:
+        h += 1
+    return h
+
+
+def _ranges(conn: psycopg.Connection[Any], schema: str, where: StepFilter, dim: str,
+            value: str) -> list[tuple[float | None, float | None]] | None:
+    """The time ranges ``[low, high)`` (None: unbounded), newest first, that hold every step
+    of ``where``: the rows the roll-up never counts (a ts that is not finite: the range
+    from infinity up), the hours ``dim``'s roll-up has ``value`` in, the hours of the
+    matching rows it does not cover yet (``xact`` from ``covered``), and all below its
+    floor; None without a usable roll-up of ``dim``."""
+    from closedloop.store.postgres import _rollup
+
+    found = _rollup.state(conn, schema, dim)
+    if found is None or not found.usable:
+        return None
+    since, until = where.since, where.until
+    low = found.floor if since is None else max(found.floor, _hour(since))
+    high = (1 << 62) if until is None or not math.isfinite(until) else _hour(until) + 1
+    task, more = ((" AND task_type = %s", [where.task_type]) if where.task_type is not None
+                  else ("", []))
+    hours = {int(r[0]) for r in conn.execute(
+        f'SELECT DISTINCT hour FROM "{schema}".learn_rollup WHERE dim = %s AND hour >= %s '
+        f"AND hour < %s AND value = %s{task}", [dim, low, high, value, *more]).fetchall()}
+    sql, params = _and(where)
+    hours.update(h for r in conn.execute(
+        f"SELECT ts FROM {_table_of(schema)} WHERE xact >= %s AND ts < 'Infinity'{sql}",
+        [found.covered, *params]).fetchall() if (h := _hour(r[0])) >= found.floor)
+    ranges: list[tuple[float | None, float | None]] = [(math.inf, None)]
+    for h in sorted(hours, reverse=True):
+        if ranges[-1][0] == (h + 1) * 3600.0:
+            ranges[-1] = (h * 3600.0, ranges[-1][1])
+        else:
+            ranges.append((h * 3600.0, (h + 1) * 3600.0))
+    floor = found.floor * 3600.0
+    if since is None or since < floor:
+        if ranges[-1][0] == floor:
+            ranges[-1] = (None, ranges[-1][1])
+        else:
+            ranges.append((None, floor))
+    return ranges
 
 
 def task_types(backend: PostgresBackend) -> list[str]:
