@@ -83,7 +83,7 @@ def test_daily_and_weekly_series_read_whole_days_from_the_days_table(pg_url: str
     """With the hourly rows of the whole days gone, a daily or weekly series still equals
     the scan: those days were read from ``learn_rollup_day`` (the edge hours, kept, from
     ``learn_rollup``); an hourly series reads the hours (and so misses them)."""
-    from closedloop.store import parse_dimension, series_events
+    from closedloop.store import parse_dimension, period_steps_events, series_events
 
     from .test_learn_queries import _same_cells
 
@@ -108,5 +108,7 @@ def test_daily_and_weekly_series_read_whole_days_from_the_days_table(pg_url: str
             for window in ("day", "week"):
                 _same_cells(reader.series(by=by, window=window, since=since, until=until),
                             series_events(chosen, parse_dimension(by), window))
+                assert reader.period_steps(window=window, since=since, until=until) == \
+                    period_steps_events(chosen, window)
         hours = reader.series(by="task_type", window="hour", since=since, until=until)
         assert sum(c.steps for c in hours) < len(chosen)

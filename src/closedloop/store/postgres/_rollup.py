@@ -400,11 +400,23 @@ def series_rows(conn: psycopg.Connection[Any], schema: str, dim: str, window: st
 
 def period_rows(conn: psycopg.Connection[Any], schema: str, window: str,
                 span: tuple[int, int], task_type: str | None) -> list[Any]:
-    """Rows ``(period, steps)`` of the task types' roll-up over the hours ``span``."""
+    """Rows ``(period, steps)`` of the task types' roll-up over the hours ``span`` (by day or
+    week, its whole days from :data:`DAYS`)."""
     task, more = _task(task_type)
+    period = PERIODS[window]
+    low, high = span
+    first, end = -(-low // 24), high // 24  # the whole days inside
+    if window == "hour" or first >= end:
+        return conn.execute(
+            f"SELECT {period}, sum(s0::bigint)::bigint FROM \"{schema}\".learn_rollup WHERE "
+            f"dim = 'task_type' AND hour >= %s AND hour < %s{task} GROUP BY 1",
+            [*span, *more]).fetchall()
     return conn.execute(
-        f"SELECT {PERIODS[window]}, sum(s0) FROM \"{schema}\".learn_rollup WHERE dim = "
-        f"'task_type' AND hour >= %s AND hour < %s{task} GROUP BY 1", [*span, *more]).fetchall()
+        f"SELECT {period}, sum(n)::bigint FROM (SELECT {period}, s0::bigint AS n FROM "
+        f"\"{schema}\".learn_rollup WHERE dim = 'task_type' AND (hour >= %s AND hour < %s OR "
+        f"hour >= %s AND hour < %s){task} UNION ALL SELECT {period}, s0 FROM \"{schema}\"."
+        f"{DAYS} WHERE dim = 'task_type' AND day >= %s AND day < %s{task}) AS r GROUP BY 1",
+        [low, first * 24, end * 24, high, *more, first, end, *more]).fetchall()
 
 
 def failure_rows(conn: psycopg.Connection[Any], schema: str, window: str,
