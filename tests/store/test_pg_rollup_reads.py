@@ -1,11 +1,14 @@
-"""What PostgreSQL's roll-up reads cost stays small: the page ranges of ``events_xact``
+"""What the roll-up reads cost stays small: on PostgreSQL the page ranges of ``events_xact``
 (the transaction watermark's BRIN index) get their summaries from the fold, so that
-``xact >= covered`` reads only the rows written since, not every partition's last pages."""
+``xact >= covered`` reads only the rows written since, not every partition's last pages; on
+both backends daily and weekly series read their whole days from ``learn_rollup_day``."""
 
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,6 +107,40 @@ def test_daily_and_weekly_series_read_whole_days_from_the_days_table(pg_url: str
     since, until = T0 + 7200.0, T0 + 4 * 86400.0 + 3600.0
     chosen = [e for e in events if since <= e.ts < until]
     with cl.open_store(pg_url, read_only=True, create=False) as reader:
+        for by in ("task_type", "label:tier"):
+            for window in ("day", "week"):
+                _same_cells(reader.series(by=by, window=window, since=since, until=until),
+                            series_events(chosen, parse_dimension(by), window))
+                assert reader.period_steps(window=window, since=since, until=until) == \
+                    period_steps_events(chosen, window)
+        hours = reader.series(by="task_type", window="hour", since=since, until=until)
+        assert sum(c.steps for c in hours) < len(chosen)
+
+
+def test_sqlite_daily_and_weekly_series_read_whole_days_from_the_days_table(
+        tmp_path: Path) -> None:
+    """SQLite's ``learn_rollup_day``, as PostgreSQL's: with the hourly rows of the whole
+    days gone, daily and weekly series and steps per period still equal the scan."""
+    from closedloop.store import parse_dimension, period_steps_events, series_events
+
+    from .test_learn_queries import _same_cells
+
+    rng = random.Random(5)
+    events = [_at(T0 + i * 1000.0 + 0.5, rng, i) for i in range(400)]
+    path = tmp_path / "days.db"
+    with cl.open_store(f"sqlite:///{path}") as store:
+        _record(store, events)
+        for by in ("task_type", "label:tier"):
+            store.series(by=by, window="day")  # starts the roll-up of each (days included)
+    first = int(T0 // 86400) + 1
+    conn = sqlite3.connect(path)
+    with conn:
+        assert conn.execute("DELETE FROM learn_rollup WHERE hour >= ? AND hour < ?",
+                            (first * 24, (first + 3) * 24)).rowcount > 0
+    conn.close()
+    since, until = T0 + 7200.0, T0 + 4 * 86400.0 + 3600.0
+    chosen = [e for e in events if since <= e.ts < until]
+    with cl.open_store(f"sqlite:///{path}", read_only=True, create=False) as reader:
         for by in ("task_type", "label:tier"):
             for window in ("day", "week"):
                 _same_cells(reader.series(by=by, window=window, since=since, until=until),

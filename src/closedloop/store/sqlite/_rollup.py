@@ -53,8 +53,9 @@ from closedloop.store._learn import (
 from closedloop.store._learn import latency_bucket_sql as _bucket_sql
 from closedloop.store._learn import series_sums as _series_sums
 
-VERSION = 1
-"""The roll-up's layout; a store holding another is rebuilt by the next writable query."""
+VERSION = 2
+"""The roll-up's layout; a store holding another is rebuilt by the next writable query (2:
+the series dimensions have their days in ``learn_rollup_day`` too, :data:`DAYS_TABLE`)."""
 CHUNK = 65_536
 """Rows folded in per write transaction."""
 REFRESH_ROWS = 20_000
@@ -120,6 +121,23 @@ migration of its own): per exact hour and task type, the steps (refusals left ou
 failures of each factor's value alone (rows of
 :func:`~closedloop.store._learn.margins_from_rows`)."""
 _TABLES = {FAILURES: "learn_failures", FACTORS: "learn_factors"}
+DAYS_TABLE = f"""
+    CREATE TABLE IF NOT EXISTS learn_rollup_day (
+        day INTEGER NOT NULL, pd INTEGER NOT NULL, pw INTEGER NOT NULL,
+        task_type TEXT NOT NULL, dim TEXT NOT NULL, value TEXT, bucket INTEGER NOT NULL,
+        {', '.join(f'{s} NUMERIC' for s in SUMS)}
+    );
+    CREATE INDEX IF NOT EXISTS learn_rollup_day_dim ON learn_rollup_day (dim, day)
+    """
+"""``learn_rollup``'s rows added up per exact UTC day (``hour / 24``), period and the rest of
+the key, made by the first fold that needs it (no migration; a store of VERSION 1 is
+rebuilt): a daily or weekly series reads its whole days from here (24 times fewer rows to
+group: the overview over 30 days or all time), the hours at its edges from
+``learn_rollup``. Each chunk of a fold adds up the hourly rows it inserted."""
+_DAYS = (f"INSERT INTO learn_rollup_day (day, pd, pw, task_type, dim, value, bucket, "
+         f"{', '.join(SUMS)}) SELECT hour / 24, pd, pw, task_type, dim, value, bucket, "
+         f"{', '.join(f'sum({s})' for s in SUMS)} FROM learn_rollup WHERE rowid > ? AND "
+         "dim = ? GROUP BY hour / 24, pd, pw, task_type, value, bucket")
 
 
 def factor_select(terms: str) -> str:
@@ -216,6 +234,8 @@ def refresh(conn: sqlite3.Connection, dim: str, *, at_least: int | None = None) 
         return False
     if dim == FACTORS:
         conn.executescript(FACTORS_TABLE)
+    elif dim not in _TABLES:
+        conn.executescript(DAYS_TABLE)
     sql, params = _insert(dim)
     table = _TABLES.get(dim, "learn_rollup")
     mine = "" if dim in _TABLES else " WHERE dim = :dim"
@@ -230,13 +250,19 @@ def refresh(conn: sqlite3.Connection, dim: str, *, at_least: int | None = None) 
             covered = now.covered
             if not now.usable:  # another layout, or renumbered rows: start again
                 conn.execute(f"DELETE FROM {table}{mine}", {"dim": dim})
+                if dim not in _TABLES:
+                    conn.execute("DELETE FROM learn_rollup_day WHERE dim = ?", (dim,))
                 covered = 0
             high = conn.execute(  # an existing row's: the check of what is covered
                 "SELECT max(rowid) FROM (SELECT rowid FROM events WHERE rowid > ? "
                 "ORDER BY rowid LIMIT ?)", (covered, max(CHUNK, 1))).fetchone()[0]
             if high is not None:
+                last = (conn.execute("SELECT max(rowid) FROM learn_rollup").fetchone()[0]
+                        or 0) if dim not in _TABLES else 0
                 conn.execute(sql, {"low": covered, "high": high, "floor": now.floor,
                                    "dim": dim, **params})
+                if dim not in _TABLES:  # the days of the hourly rows just inserted
+                    conn.execute(_DAYS, (last, dim))
             _cover(conn, dim, high or covered)
             conn.execute("COMMIT")
         except BaseException:
@@ -275,6 +301,11 @@ def pruned(conn: sqlite3.Connection, before: float) -> None:
         conn.execute("DELETE FROM learn_failures WHERE hour < ?", (floor,))
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'learn_factors'").fetchone():
             conn.execute("DELETE FROM learn_factors WHERE hour < ?", (floor,))
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'learn_rollup_day'"
+                        ).fetchone():
+            # a day that starts below the floor is never read again (its hours from the
+            # floor are read from learn_rollup)
+            conn.execute("DELETE FROM learn_rollup_day WHERE day * 24 < ?", (floor,))
     for dim, covered, _ in rows:
         if covered and conn.execute("SELECT 1 FROM events WHERE rowid = ?",
                                     (covered,)).fetchone() is None:
@@ -291,24 +322,44 @@ hours = whole_hours
 
 def series_rows(conn: sqlite3.Connection, by: Dimension, window: str, span: tuple[int, int],
                 task_type: str | None) -> list[Sequence[Any]]:
-    """Rows ``(value, period, bucket, *sums)`` of ``by``'s roll-up over the hours ``span``."""
-    task = " AND task_type = ?" if task_type is not None else ""
+    """Rows ``(value, period, bucket, *sums)`` of ``by``'s roll-up over the hours ``span``:
+    by day or week, its whole days from ``learn_rollup_day`` (:data:`DAYS_TABLE`) and the
+    hours at its edges from ``learn_rollup``."""
     sums = ", ".join(f"sum({s})" for s in SUMS)
-    return conn.execute(
-        f"SELECT value, {PERIODS[window]}, bucket, {sums} FROM learn_rollup "
-        f"INDEXED BY learn_rollup_dim WHERE dim = ? AND hour >= ? AND hour < ?{task} "
-        "GROUP BY 1, 2, 3",
-        [str(by), *span, *([task_type] if task_type is not None else [])]).fetchall()
+    return conn.execute(*_hours_and_days(
+        f"value, {PERIODS[window]}, bucket", ", ".join(SUMS), sums, groups="1, 2, 3",
+        dim=str(by), window=window, span=span, task_type=task_type)).fetchall()
+
+
+def _hours_and_days(key: str, columns: str, sums: str, *, groups: str, dim: str, window: str,
+                    span: tuple[int, int], task_type: str | None
+                    ) -> tuple[str, list[Any]]:
+    """``SELECT {key}, {sums} … GROUP BY {groups}`` over ``dim``'s rows of the hours
+    ``span`` (``columns``: what ``sums`` reads), the whole days of a daily or weekly window
+    from ``learn_rollup_day``, the rest from ``learn_rollup``."""
+    task = " AND task_type = ?" if task_type is not None else ""
+    more = [task_type] if task_type is not None else []
+    low, high = span
+    first, end = -(-low // 24), high // 24  # the whole days inside
+    if window == "hour" or first >= end:
+        return (f"SELECT {key}, {sums} FROM learn_rollup INDEXED BY learn_rollup_dim WHERE "
+                f"dim = ? AND hour >= ? AND hour < ?{task} GROUP BY {groups}",
+                [dim, *span, *more])
+    hours = (f"SELECT {key}, {columns} FROM learn_rollup INDEXED BY learn_rollup_dim WHERE "
+             f"dim = ? AND hour >= ? AND hour < ?{task}")
+    return (f"SELECT {key}, {sums} FROM ({hours} UNION ALL {hours} UNION ALL SELECT {key}, "
+            f"{columns} FROM learn_rollup_day INDEXED BY learn_rollup_day_dim WHERE dim = ? "
+            f"AND day >= ? AND day < ?{task}) GROUP BY {groups}",
+            [dim, low, first * 24, *more, dim, end * 24, high, *more, dim, first, end, *more])
 
 
 def period_rows(conn: sqlite3.Connection, window: str, span: tuple[int, int],
                 task_type: str | None) -> list[Sequence[Any]]:
-    """Rows ``(period, steps)`` of the task types' roll-up over the hours ``span``."""
-    task = " AND task_type = ?" if task_type is not None else ""
-    return conn.execute(
-        f"SELECT {PERIODS[window]}, sum(s0) FROM learn_rollup INDEXED BY learn_rollup_dim "
-        f"WHERE dim = 'task_type' AND hour >= ? AND hour < ?{task} GROUP BY 1",
-        [*span, *([task_type] if task_type is not None else [])]).fetchall()
+    """Rows ``(period, steps)`` of the task types' roll-up over the hours ``span`` (by day or
+    week, its whole days from ``learn_rollup_day``)."""
+    return conn.execute(*_hours_and_days(PERIODS[window], "s0", "sum(s0)", groups="1",
+                                         dim="task_type", window=window, span=span,
+                                         task_type=task_type)).fetchall()
 
 
 def failure_rows(conn: sqlite3.Connection, window: str, span: tuple[int, int],
