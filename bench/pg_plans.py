@@ -121,6 +121,8 @@ def main() -> None:
                                                         limit=20)),
         ("steps, outcome failed", lambda: backend.list_steps(StepFilter(outcome="failed"),
                                                              limit=20)),
+        ("steps, a model no step has (the roll-up's hours)", lambda: backend.list_steps(
+            StepFilter(model="nothing"), limit=20)),
         ("steps, run id (none)", lambda: backend.list_steps(StepFilter(run_id="nothing"),
                                                             limit=20)),
         ("steps, last 24 h", lambda: backend.list_steps(StepFilter(since=last.ts - day),
@@ -134,6 +136,8 @@ def main() -> None:
             EventQuery(since=oldest + day, until=oldest + day + 3600)))),
         ("trends: series by task type, per day", lambda: backend.series(
             StepFilter(since=last.ts - 7 * day), by=Dimension("task_type"), window="day")),
+        ("trends: series by task type, per day, all time (the overview)", lambda:
+            backend.series(StepFilter(), by=Dimension("task_type"), window="day")),
         ("factors", lambda: backend.factor_counts(StepFilter(since=last.ts - 7 * day))),
         ("failures: counts", lambda: backend.failure_counts(
             StepFilter(since=last.ts - 7 * day), window="day")),

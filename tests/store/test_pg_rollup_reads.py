@@ -86,10 +86,6 @@ def test_daily_and_weekly_series_read_whole_days_from_the_days_table(pg_url: str
     """With the hourly rows of the whole days gone, a daily or weekly series still equals
     the scan: those days were read from ``learn_rollup_day`` (the edge hours, kept, from
     ``learn_rollup``); an hourly series reads the hours (and so misses them)."""
-    from closedloop.store import parse_dimension, period_steps_events, series_events
-
-    from .test_learn_queries import _same_cells
-
     rng = random.Random(4)
     events = [_at(T0 + i * 1000.0 + 0.5, rng, i) for i in range(400)]  # ~4.6 days
     with cl.open_store(pg_url) as store:
@@ -104,27 +100,13 @@ def test_daily_and_weekly_series_read_whole_days_from_the_days_table(pg_url: str
                 f'DELETE FROM "{backend.schema}".learn_rollup WHERE hour >= %s AND hour < %s',
                 (first * 24, (first + 3) * 24)).rowcount
             assert gone > 0
-    since, until = T0 + 7200.0, T0 + 4 * 86400.0 + 3600.0
-    chosen = [e for e in events if since <= e.ts < until]
-    with cl.open_store(pg_url, read_only=True, create=False) as reader:
-        for by in ("task_type", "label:tier"):
-            for window in ("day", "week"):
-                _same_cells(reader.series(by=by, window=window, since=since, until=until),
-                            series_events(chosen, parse_dimension(by), window))
-                assert reader.period_steps(window=window, since=since, until=until) == \
-                    period_steps_events(chosen, window)
-        hours = reader.series(by="task_type", window="hour", since=since, until=until)
-        assert sum(c.steps for c in hours) < len(chosen)
+    _days_answer(pg_url, events)
 
 
 def test_sqlite_daily_and_weekly_series_read_whole_days_from_the_days_table(
         tmp_path: Path) -> None:
     """SQLite's ``learn_rollup_day``, as PostgreSQL's: with the hourly rows of the whole
     days gone, daily and weekly series and steps per period still equal the scan."""
-    from closedloop.store import parse_dimension, period_steps_events, series_events
-
-    from .test_learn_queries import _same_cells
-
     rng = random.Random(5)
     events = [_at(T0 + i * 1000.0 + 0.5, rng, i) for i in range(400)]
     path = tmp_path / "days.db"
@@ -138,9 +120,19 @@ def test_sqlite_daily_and_weekly_series_read_whole_days_from_the_days_table(
         assert conn.execute("DELETE FROM learn_rollup WHERE hour >= ? AND hour < ?",
                             (first * 24, (first + 3) * 24)).rowcount > 0
     conn.close()
+    _days_answer(f"sqlite:///{path}", events)
+
+
+def _days_answer(url: str, events: list[cl.StepEvent]) -> None:
+    """Daily and weekly series and steps per period equal the scan; hourly ones do not (the
+    hours of the whole days are gone)."""
+    from closedloop.store import parse_dimension, period_steps_events, series_events
+
+    from .test_learn_queries import _same_cells
+
     since, until = T0 + 7200.0, T0 + 4 * 86400.0 + 3600.0
     chosen = [e for e in events if since <= e.ts < until]
-    with cl.open_store(f"sqlite:///{path}", read_only=True, create=False) as reader:
+    with cl.open_store(url, read_only=True, create=False) as reader:
         for by in ("task_type", "label:tier"):
             for window in ("day", "week"):
                 _same_cells(reader.series(by=by, window=window, since=since, until=until),

@@ -360,6 +360,28 @@ def check_limit(limit: int) -> int:
     return limit
 
 
+
+def rolled_dim(where: StepFilter) -> tuple[str, str] | None:
+    """The roll-up dimension and value that narrow a step listing by ``where`` to some hours
+    (model first); None when it filters by neither."""
+    if where.model is not None:
+        return "model", where.model
+    if where.label is not None:
+        return f"label:{where.label[0]}", where.label[1]
+    return None
+
+
+def exact_hour(ts: float) -> int:
+    """The exact hour of ``ts`` (``hour * 3600 <= ts < hour * 3600 + 3600``), as the
+    roll-ups count it."""
+    h = math.floor(ts / 3600.0)
+    while h * 3600.0 > ts:
+        h -= 1
+    while (h + 1) * 3600.0 <= ts:
+        h += 1
+    return h
+
+
 def encode_cursor(ts: float, key: int | str) -> str:
     """An opaque cursor for the position after the step at ``(ts, key)`` (newest first)."""
     raw = json.dumps([ts, key], separators=(",", ":")).encode()

@@ -28,8 +28,10 @@ from closedloop.store._query import (
     StepPage,
     check_limit,
     decode_cursor,
+    exact_hour,
     page,
     page_after,
+    rolled_dim,
     task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
@@ -187,7 +189,7 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
         params += [ts, tid]
         at = float(ts)
     order = "ts, ctid" if after else "ts DESC, ctid DESC"
-    dim = None if after else _rolled_dim(where)
+    dim = None if after else rolled_dim(where)
     if dim is not None and not backend.read_only:
         from closedloop.store.postgres import _rollup
 
@@ -234,26 +236,6 @@ def list_steps(backend: PostgresBackend, where: StepFilter, *, limit: int,
     return page_after(found) if after else page(found, limit)
 
 
-def _rolled_dim(where: StepFilter) -> tuple[str, str] | None:
-    """The roll-up dimension and value that narrow ``where`` to some hours (model first)."""
-    if where.model is not None:
-        return "model", where.model
-    if where.label is not None:
-        return f"label:{where.label[0]}", where.label[1]
-    return None
-
-
-def _hour(ts: float) -> int:
-    """The exact hour of ``ts`` (``hour * 3600 <= ts < hour * 3600 + 3600``), as the roll-up
-    counts it."""
-    h = math.floor(ts / 3600.0)
-    while h * 3600.0 > ts:
-        h -= 1
-    while (h + 1) * 3600.0 <= ts:
-        h += 1
-    return h
-
-
 def _ranges(conn: psycopg.Connection[Any], schema: str, where: StepFilter, dim: str,
             value: str) -> list[tuple[float | None, float | None]] | None:
     """The time ranges ``[low, high)`` (None: unbounded), newest first, that hold every step
@@ -267,8 +249,8 @@ def _ranges(conn: psycopg.Connection[Any], schema: str, where: StepFilter, dim: 
     if found is None or not found.usable:
         return None
     since, until = where.since, where.until
-    low = found.floor if since is None else max(found.floor, _hour(since))
-    high = (1 << 62) if until is None or not math.isfinite(until) else _hour(until) + 1
+    low = found.floor if since is None else max(found.floor, exact_hour(since))
+    high = (1 << 62) if until is None or not math.isfinite(until) else exact_hour(until) + 1
     task, more = ((" AND task_type = %s", [where.task_type]) if where.task_type is not None
                   else ("", []))
     hours = {int(r[0]) for r in conn.execute(
@@ -277,7 +259,7 @@ def _ranges(conn: psycopg.Connection[Any], schema: str, where: StepFilter, dim: 
     sql, params = _and(where)
     hours.update(h for r in conn.execute(
         f"SELECT ts FROM {_table_of(schema)} WHERE xact >= %s AND ts < 'Infinity'{sql}",
-        [found.covered, *params]).fetchall() if (h := _hour(r[0])) >= found.floor)
+        [found.covered, *params]).fetchall() if (h := exact_hour(r[0])) >= found.floor)
     ranges: list[tuple[float | None, float | None]] = [(math.inf, None)]
     for h in sorted(hours, reverse=True):
         if ranges[-1][0] == (h + 1) * 3600.0:

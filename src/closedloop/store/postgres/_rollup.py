@@ -377,46 +377,43 @@ def series_rows(conn: psycopg.Connection[Any], schema: str, dim: str, window: st
     """Rows ``(value, period, bucket, *sums)`` of ``dim``'s roll-up over the hours
     ``span``: by day or week, its whole days from :data:`DAYS` and the hours at its edges
     from ``learn_rollup``, in one statement."""
-    task, more = _task(task_type)
-    sums = ", ".join(_sum(s) for s in SUMS)
     period = PERIODS[window]
-    low, high = span
-    first, end = -(-low // 24), high // 24  # the whole days inside
-    if window == "hour" or first >= end:
-        return conn.execute(
-            f"SELECT value, {period}, bucket, {sums} FROM \"{schema}\".learn_rollup "
-            f"WHERE dim = %s AND hour >= %s AND hour < %s{task} GROUP BY 1, 2, 3",
-            [dim, *span, *more]).fetchall()
-    days = f"value, {period}, bucket, {', '.join(SUMS)}"
-    hours = f"value, {period}, bucket, " + ", ".join(
-        f"{s}::bigint AS {s}" if s in _COUNTS else s for s in SUMS)
-    return conn.execute(
-        f"SELECT value, {period}, bucket, {sums} FROM (SELECT {hours} FROM \"{schema}\"."
-        f"learn_rollup WHERE dim = %s AND (hour >= %s AND hour < %s OR hour >= %s AND "
-        f"hour < %s){task} UNION ALL SELECT {days} FROM \"{schema}\".{DAYS} WHERE dim = %s "
-        f"AND day >= %s AND day < %s{task}) AS r GROUP BY 1, 2, 3",
-        [dim, low, first * 24, end * 24, high, *more, dim, first, end, *more]).fetchall()
+    return _hours_and_days(
+        conn, schema, dim, window=window, span=span, task_type=task_type,
+        key=f"value, {period}, bucket",
+        hours=", ".join(f"{s}::bigint AS {s}" if s in _COUNTS else s for s in SUMS),
+        days=", ".join(SUMS), sums=", ".join(_sum(s) for s in SUMS), groups="1, 2, 3")
 
 
 def period_rows(conn: psycopg.Connection[Any], schema: str, window: str,
                 span: tuple[int, int], task_type: str | None) -> list[Any]:
     """Rows ``(period, steps)`` of the task types' roll-up over the hours ``span`` (by day or
     week, its whole days from :data:`DAYS`)."""
+    return _hours_and_days(conn, schema, "task_type", window=window, span=span,
+                           task_type=task_type, key=PERIODS[window],
+                           hours="s0::bigint AS s0", days="s0",
+                           sums="sum(s0::bigint)::bigint", groups="1")
+
+
+def _hours_and_days(conn: psycopg.Connection[Any], schema: str, dim: str, *, window: str,
+                    span: tuple[int, int], task_type: str | None, key: str, hours: str,
+                    days: str, sums: str, groups: str) -> list[Any]:
+    """``SELECT {key}, {sums} … GROUP BY {groups}`` over ``dim``'s rows of the hours
+    ``span`` (``hours``, ``days``: the columns ``sums`` reads, from each table), a daily or
+    weekly window's whole days from :data:`DAYS`, the rest from ``learn_rollup``."""
     task, more = _task(task_type)
-    period = PERIODS[window]
     low, high = span
     first, end = -(-low // 24), high // 24  # the whole days inside
     if window == "hour" or first >= end:
         return conn.execute(
-            f"SELECT {period}, sum(s0::bigint)::bigint FROM \"{schema}\".learn_rollup WHERE "
-            f"dim = 'task_type' AND hour >= %s AND hour < %s{task} GROUP BY 1",
-            [*span, *more]).fetchall()
+            f"SELECT {key}, {sums} FROM \"{schema}\".learn_rollup WHERE dim = %s AND "
+            f"hour >= %s AND hour < %s{task} GROUP BY {groups}", [dim, *span, *more]).fetchall()
     return conn.execute(
-        f"SELECT {period}, sum(n)::bigint FROM (SELECT {period}, s0::bigint AS n FROM "
-        f"\"{schema}\".learn_rollup WHERE dim = 'task_type' AND (hour >= %s AND hour < %s OR "
-        f"hour >= %s AND hour < %s){task} UNION ALL SELECT {period}, s0 FROM \"{schema}\"."
-        f"{DAYS} WHERE dim = 'task_type' AND day >= %s AND day < %s{task}) AS r GROUP BY 1",
-        [low, first * 24, end * 24, high, *more, first, end, *more]).fetchall()
+        f"SELECT {key}, {sums} FROM (SELECT {key}, {hours} FROM \"{schema}\".learn_rollup "
+        f"WHERE dim = %s AND (hour >= %s AND hour < %s OR hour >= %s AND hour < %s){task} "
+        f"UNION ALL SELECT {key}, {days} FROM \"{schema}\".{DAYS} WHERE dim = %s AND "
+        f"day >= %s AND day < %s{task}) AS r GROUP BY {groups}",
+        [dim, low, first * 24, end * 24, high, *more, dim, first, end, *more]).fetchall()
 
 
 def failure_rows(conn: psycopg.Connection[Any], schema: str, window: str,

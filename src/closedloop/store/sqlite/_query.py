@@ -23,7 +23,6 @@ model or label no step has answers at once.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,8 +34,10 @@ from closedloop.store._query import (
     StepPage,
     check_limit,
     decode_cursor,
+    exact_hour,
     page,
     page_after,
+    rolled_dim,
     task_types_sql,
 )
 from closedloop.store._sqlsummary import summarize as assemble
@@ -234,7 +235,7 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
         ts, rowid = decode_cursor(cursor, int, backend.url)
         extra.append(f"(ts, rowid) {'>' if after else '<'} (?, ?)")
         params = [ts, rowid]
-    dim = None if after else _rolled_dim(where)
+    dim = None if after else rolled_dim(where)
     if dim is not None and not backend.read_only:
         with backend._maintenance("update the roll-up of") as conn:
             _rollup.refresh(conn, dim[0])
@@ -278,26 +279,6 @@ def list_steps(backend: SQLiteBackend, where: StepFilter, *, limit: int,
     return page_after(found) if after else page(found, limit)
 
 
-def _rolled_dim(where: StepFilter) -> tuple[str, str] | None:
-    """The roll-up dimension and value that narrow ``where`` to some hours (model first)."""
-    if where.model is not None:
-        return "model", where.model
-    if where.label is not None:
-        return f"label:{where.label[0]}", where.label[1]
-    return None
-
-
-def _hour(ts: float) -> int:
-    """The exact hour of ``ts`` (``hour * 3600 <= ts < hour * 3600 + 3600``), as the roll-up
-    counts it."""
-    h = math.floor(ts / 3600.0)
-    while h * 3600.0 > ts:
-        h -= 1
-    while (h + 1) * 3600.0 <= ts:
-        h += 1
-    return h
-
-
 def _ranges(conn: sqlite3.Connection, where: StepFilter, dim: str, value: str
             ) -> list[tuple[float | None, float]] | None:
     """The time ranges ``[low, high)`` (``low`` None: unbounded), newest first, that hold
@@ -307,8 +288,8 @@ def _ranges(conn: sqlite3.Connection, where: StepFilter, dim: str, value: str
     found = _rollup.state(conn, dim)
     if found is None or not found.usable:
         return None
-    low = found.floor if where.since is None else max(found.floor, _hour(where.since))
-    high = (1 << 40) if where.until is None else _hour(where.until) + 1
+    low = found.floor if where.since is None else max(found.floor, exact_hour(where.since))
+    high = (1 << 40) if where.until is None else exact_hour(where.until) + 1
     task = " AND task_type = ?" if where.task_type is not None else ""
     hours = {r[0] for r in conn.execute(
         "SELECT DISTINCT hour FROM learn_rollup INDEXED BY learn_rollup_dim WHERE dim = ? "
@@ -317,7 +298,7 @@ def _ranges(conn: sqlite3.Connection, where: StepFilter, dim: str, value: str
     sql, params = _where(where, "rowid > ?")
     hours.update(h for r in conn.execute(f"SELECT ts FROM events{sql}",
                                          [found.covered, *params]).fetchall()
-                 if (h := _hour(r[0])) >= found.floor)  # those below: the range below
+                 if (h := exact_hour(r[0])) >= found.floor)  # those below: the range below
     ranges: list[tuple[float | None, float]] = []
     for h in sorted(hours, reverse=True):
         if ranges and ranges[-1][0] == (h + 1) * 3600.0:
