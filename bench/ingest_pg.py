@@ -14,8 +14,9 @@ nothing is dropped and the figure is what the writer sustains. The clock stops w
 PostgreSQL creates partitions during the run. Rounds alternate between the backends.
 
 Each run also reports the CPU time it cost per event: the process's own (producer, writer
-and psycopg threads: ``os.times``), the writer thread's alone (its thread CPU clock), and,
-for PostgreSQL on this machine, the server's (the backends serving the run's connections,
+and psycopg threads: ``os.times``), the producer thread's (building each event, recording it),
+the writer thread's and the second ``COPY`` lane's (their thread CPU clocks), and, for
+PostgreSQL on this machine, the server's (the backends serving the run's connections,
 found by ``application_name``, read from ``/proc/PID/stat`` before they close). On a shared
 machine these move less with the load than the rates do.
 
@@ -62,11 +63,12 @@ def server_cpu(url: str, name: str) -> float | None:
     return total
 
 
-def writer_cpu() -> float | None:
+def writer_cpu(name: str = "closedloop-store-writer") -> float | None:
     """CPU seconds used so far by the store's writer thread (redaction, rows, ``COPY`` on
-    the client side), read from its thread CPU clock; None where there is none."""
+    the client side), or by another thread named ``name`` (``closedloop-store-lane``: the
+    second ``COPY`` lane), read from its thread CPU clock; None where there is none."""
     for thread in threading.enumerate():
-        if thread.name == "closedloop-store-writer" and thread.ident is not None:
+        if thread.name == name and thread.ident is not None:
             try:
                 return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
             except (AttributeError, OSError):
@@ -92,6 +94,7 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     replace, record, stats = template._replace, store.record, store.stats
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu_before = os.times()
+    producer_before = time.thread_time()
     n = waits = 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -107,9 +110,11 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
     produced = time.perf_counter() - start
     assert store.flush(timeout=600)
     elapsed = time.perf_counter() - start
+    producer = time.thread_time() - producer_before
     cpu = os.times()
     server = server_cpu(url, name) if name else None
     writer = writer_cpu()
+    lane = writer_cpu("closedloop-store-lane")
     final = store.close()
     assert final.written == n and final.not_written == 0, final
     return {"url": url.split("?", maxsplit=1)[0].split(":", maxsplit=1)[0], "events": n,
@@ -119,6 +124,8 @@ def one(url: str, seconds: float, batch_size: int) -> dict[str, Any]:
             / n * 1e6,
             "server_cpu_us_per_event": None if server is None else server / n * 1e6,
             "writer_cpu_us_per_event": None if writer is None else writer / n * 1e6,
+            "lane_cpu_us_per_event": None if lane is None else lane / n * 1e6,
+            "producer_cpu_us_per_event": producer / n * 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mb": rss_before / 1024}
 
@@ -199,8 +206,10 @@ def main() -> int:
                           f"({res['events']:,} events in {res['elapsed_s']:.1f} s, peak RSS "
                           f"{res['peak_rss_mb']:.0f} MB, producer waited {res['producer_waits']}"
                           f" times; CPU per event {res['cpu_us_per_event']:.2f} µs in the "
-                          f"process, {res['writer_cpu_us_per_event'] or 0:.2f} µs of them in "
-                          f"the writer{'' if server is None else f', {server:.2f} µs server'}; "
+                          f"process, of them {res['producer_cpu_us_per_event']:.2f} µs in the "
+                          f"producer, {res['writer_cpu_us_per_event'] or 0:.2f} in the writer, "
+                          f"{res['lane_cpu_us_per_event'] or 0:.2f} in the lane"
+                          f"{'' if server is None else f'; {server:.2f} µs server'}; "
                           f"load {os.getloadavg()[0]:.1f})")
             if args.direct:
                 for kind, url in (("postgresql", pg_url),

@@ -1,8 +1,8 @@
 """What each index of PostgreSQL's ``events`` costs the server at ingest.
 
 Run: ``PYTHONPATH=src python bench/pg_indexes.py`` (options: ``--events``, ``--rounds``,
-``--pg``, ``--only NAME,...``). Needs PostgreSQL on this machine (the server's CPU is read
-from ``/proc``).
+``--pg``, ``--only NAME,...``, ``--shape loop|bench``, ``--trace-ids random|time``). Needs
+PostgreSQL on this machine (the server's CPU is read from ``/proc``).
 
 For each variant (the heap alone, the heap with one index, the whole index set of this
 version, the index set of the schema before it), a fresh schema ``h_pgingest_idx`` gets the
@@ -10,10 +10,15 @@ version, the index set of the schema before it), a fresh schema ``h_pgingest_idx
 then the variant's indexes created; ``--events`` loop-shaped events (random 128-bit trace ids,
 step ids ordered within the process, one step in ten in a run, 30 % failed with a message
 and its group, as the writer stores them; 3 UTC days) are ``COPY``ed in batches of 4,096 on
-one connection, as the store's writer does. Reported: the server backend's CPU time per
+one connection, as the store's writer does (``--shape bench``: the events of
+``bench/ingest_pg.py`` instead: one task type, sequential trace ids, no step id, no run, no
+failure, a ``detail`` on one in ten). ``--trace-ids time``: the loop-shaped events' trace ids
+begin with the step's time in milliseconds (12 hex digits, then 80 random bits), as a
+time-ordered id would, instead of 128 random bits. Reported: the server backend's CPU time per
 event (``/proc/PID/stat`` of the connection's backend) and the wall time, median of
 ``--rounds`` (variants alternate within each round). An index's cost is its variant's figure
-less the heap's.
+less the heap's; ``-NAME`` is this version's whole set without ``NAME`` (what dropping it
+alone would save, the others competing for the same buffers).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ BEFORE = {
 CANDIDATES = {
     "events_ts_brin": "USING brin (ts)",
     "events_trace_ts_c": '(trace_id COLLATE "C", ts)',
+    "events_trace_hash": "USING hash (trace_id)",
     "events_task_type_ts_c": '(task_type COLLATE "C", ts)',
     "events_task_ts_wide": "(task_type, ts) INCLUDE (outcome, error_type, validation_passed, "
                            "verification_passed, attempts, input_tokens, output_tokens, "
@@ -97,6 +103,19 @@ def rows(count: int) -> list[tuple[Any, ...]]:
                outcome == "succeeded", error, message, latency * 0.6, 0.5, latency * 0.3, 0.5,
                None, f"{prefix}{i:012x}", None, run, "gpt-x", "openai", "1", "1", None, None,
                None, None, None, None if message is None else message_group(message))
+        out.append(row)
+    assert len(out[0]) == len(_COLUMNS)
+    return out
+
+
+def bench_rows(count: int) -> list[tuple[Any, ...]]:
+    """``count`` rows shaped as ``bench/ingest_pg.py`` records them (no error group)."""
+    out = []
+    for n in range(count):
+        row = (T0 + n * 0.25, f"{n:032x}", "bench", "ingest", "autonomous", "succeeded", 1, 812,
+               143, 1.25, True, True, None, None, 0.5, 0.25, 0.25, 0.25,
+               {"n": n} if n % 10 == 0 else None, None, None, None, None, None, None, None,
+               None, None, None, None, None, None)
         out.append(row)
     assert len(out[0]) == len(_COLUMNS)
     return out
@@ -144,6 +163,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pg", default=PG)
+    parser.add_argument("--shape", choices=("loop", "bench"), default="loop",
+                        help="loop-shaped events, or those of bench/ingest_pg.py")
+    parser.add_argument("--trace-ids", choices=("random", "time"), default="random",
+                        help="loop-shaped events' trace ids: random, or time-prefixed")
     parser.add_argument("--only", default="", help="variants to run, comma-separated")
     parser.add_argument("--after", default="", help="this version's index set as NAME=DDL;... "
                         "(default: read from a fresh schema)")
@@ -164,11 +187,17 @@ def main() -> None:
                             else f"+{name} (new)", {name: ddl})
     variants["all-before"] = BEFORE
     variants["all-now"] = now
+    for name in now:
+        variants[f"-{name}"] = {k: v for k, v in now.items() if k != name}
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
-    data = rows(args.events)
-    print(f"{args.events:,} events per run, load {os.getloadavg()[0]:.2f}; this version's "
-          f"indexes: {', '.join(sorted(now))}")
+    data = rows(args.events) if args.shape == "loop" else bench_rows(args.events)
+    if args.trace_ids == "time":
+        rng = random.Random(9)
+        data = [(r[0], f"{int(r[0] * 1000):012x}{rng.getrandbits(80):020x}", *r[2:])
+                for r in data]
+    print(f"{args.events:,} {args.shape}-shaped events per run ({args.trace_ids} trace ids), "
+          f"load {os.getloadavg()[0]:.2f}; this version's indexes: {', '.join(sorted(now))}")
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     wall: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
