@@ -363,12 +363,14 @@ def test_the_argument_check_takes_absent_fitting_and_subclassed_arguments_and_ch
         return None
 
     check = _ArgumentCheck(_Signature(put, True))
-    fine = [{"name": "x"}, {"name": "x", "size": 2, "ratio": 2, "kind": "b"},
-            {"name": Name("x")}, {"name": "x", "ratio": 0.5}]
+    fine: list[dict[str, Any]] = [
+        {"name": "x"}, {"name": "x", "size": 2, "ratio": 2, "kind": "b"},
+        {"name": Name("x")}, {"name": "x", "ratio": 0.5}]
     for args in fine:
         assert check(ToolCall(args)) is None, args
-    wrong = [({"name": "x", "kind": "c"}, "kind"), ({"name": "x", "size": True}, "size"),
-             ({"name": "x", "ratio": "1"}, "ratio"), ({"name": 1, "kind": "a"}, "name")]
+    wrong: list[tuple[dict[str, Any], str]] = [
+        ({"name": "x", "kind": "c"}, "kind"), ({"name": "x", "size": True}, "size"),
+        ({"name": "x", "ratio": "1"}, "ratio"), ({"name": 1, "kind": "a"}, "name")]
     for args, name in wrong:
         verdict = check(ToolCall(args))
         assert verdict is not None and [i.location for i in verdict.issues] == [name], args
