@@ -205,14 +205,6 @@ class _Signature:
         return fn(*args, **rest)
 
 
-class _Absent:
-    """The type of :data:`_ABSENT`: an argument the call does not give."""
-
-
-_ABSENT = _Absent()
-_fits = frozenset.__contains__
-
-
 class _ArgumentCheck:
     """The tool's first validator: the call fits the function's signature and types."""
 
@@ -223,35 +215,19 @@ class _ArgumentCheck:
         self._required = signature.required_set
         self._names = signature.names if signature.var_kw is None else None
         self._typed = tuple(signature.typed)
-        # For the common case, told at C speed: the parameters with types that fit as they
-        # are (``str`` for ``str``), their names and those types (an absent argument's among
-        # them); and the others (a ``Literal``'s values), whose check is always called.
-        quick = [(name, exact) for name, exact, _ in self._typed if exact]
-        self._quick_names = tuple(name for name, _ in quick)
-        self._absent = (_ABSENT,) * len(quick)
-        self._quick_exact = tuple(exact | {_Absent} for _, exact in quick)
-        self._valued = tuple((name, check) for name, exact, check in self._typed if not exact)
 
     def __call__(self, call: ToolCall) -> Verdict | None:
         sig = self.signature
         keys = call.keys()
         names = self._names
         if not call.problems and keys >= self._required and (names is None or keys <= names):
-            if all(map(_fits, self._quick_exact, map(type, map(call.get, self._quick_names,
-                                                               self._absent)))):
-                for name, check in self._valued:
-                    if name in call and not check(call[name]):
+            for name, exact, check in self._typed:  # the common case: all present, typed
+                if name in call:
+                    value = call[name]
+                    if type(value) not in exact and not check(value):
                         break
-                else:
-                    return None
             else:
-                for name, exact, check in self._typed:  # some type to check by calling
-                    if name in call:
-                        value = call[name]
-                        if type(value) not in exact and not check(value):
-                            break
-                else:
-                    return None
+                return None
         problems = call.problems
         missing = [n for n in sig.required if n not in call]
         unexpected = [] if sig.var_kw is not None else [k for k in call if k not in sig.names]
