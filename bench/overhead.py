@@ -1,6 +1,6 @@
 """The loop's own cost per step, and sustained ingest into the embedded store.
 
-Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``,
+Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--events``, ``--varied``,
 ``--parts``, ``--opcodes``, ``--pinned``, ``--only overhead|ingest``, ``--baseline-src DIR``,
 ``--runs``, ``--drift``).
 
@@ -42,6 +42,11 @@ Run: ``python bench/overhead.py`` (options: ``--steps``, ``--rounds``, ``--event
    event through the writer (producer and writer threads: steadier than the rate on a
    shared machine). With ``--baseline-src DIR`` the writer's ingest of loop events is
    measured in child processes alternating between that tree and this one instead.
+4. With ``--varied N``: the same loop events written in batches of 1 to ``2 * N`` events
+   (random sizes, one ``flush()`` each), as a background writer meets them when an agent
+   steps at a few hundred to a few thousand steps per second; the process's CPU time per
+   event (both threads). Run it with each tree's ``PYTHONPATH`` (or under callgrind) to
+   compare two versions of the store's write path.
 """
 
 from __future__ import annotations
@@ -359,6 +364,31 @@ def bench_raw(batch: list[cl.StepEvent], path: Path, batch_size: int = 4096) -> 
     return len(rows) / elapsed
 
 
+def bench_varied(size: int, events: int, folder: Path) -> float:
+    """The process's CPU time per event (µs) writing ``events`` loop events in batches of
+    1 to ``2 * size`` (seeded random sizes, a ``flush()`` after each), after a warm-up."""
+    import random
+
+    batch = ingest_events(events + 10 * size, "loop")
+    store = cl.open_store(folder / "varied.db")
+    for e in batch[:10 * size]:  # warm up: the connection, the statements of a full batch
+        store.record(e)
+    assert store.flush(timeout=600)
+    rng = random.Random(1)
+    at, end = 10 * size, len(batch)
+    cpu = time.process_time()
+    while at < end:
+        k = rng.randint(1, 2 * size)
+        for e in batch[at:at + k]:
+            store.record(e)
+        assert store.flush(timeout=600)  # these events are one batch
+        at += k
+    cpu = time.process_time() - cpu
+    stats = store.close()
+    assert stats.not_written == 0, stats
+    return cpu / events * 1e6
+
+
 def run_ingest(events: int, rounds: int, folder: Path) -> dict[str, list[float]]:
     """Interleaved rounds of the writer and the raw baseline, for both kinds of event."""
     batches = {kind: ingest_events(events, kind) for kind in ("v2", "loop")}
@@ -457,6 +487,8 @@ def main() -> int:
                         help="count the bytecodes and Python calls of a step (load-free)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count a step's machine instructions with valgrind (load-free)")
+    parser.add_argument("--varied", type=int, metavar="N",
+                        help="write loop events in batches of 1 to 2*N (CPU per event)")
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -468,6 +500,12 @@ def main() -> int:
             gc.collect()
             rate = bench_ingest(batch, Path(tmp) / "ingest.db")
         print(json.dumps({"rate": rate, "cpu_us": CPU["loop"][0]}))
+        return 0
+    if args.varied is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            cpu = bench_varied(args.varied, args.events, Path(tmp))
+        print(f"batches of 1-{2 * args.varied} events: {cpu:.2f} µs CPU per event (process, "
+              f"both threads; closedloop from {cl.__file__}, load {load()})")
         return 0
     if args.pinned:
         PINNED["autonomy"] = "autonomous"

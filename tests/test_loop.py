@@ -1062,3 +1062,25 @@ def test_a_guard_that_only_observes_is_not_asked_to_admit(memory_store: cl.Store
     assert [a.guard for a in actions if isinstance(a, Admit)] == [asked]
     assert loop.run(2).ok
     assert watcher.admits == 0 and watcher.seen == ["succeeded", "succeeded"]
+
+
+class _Awaitable:
+    """An awaitable that is not a coroutine (its class has ``__await__``)."""
+
+    def __await__(self) -> Any:
+        yield from ()
+        return 1
+
+
+def test_a_hook_returning_an_awaitable_object_is_a_config_error_every_time(
+        memory_store: cl.Store) -> None:
+    # the driver remembers the types that are not awaitable; an awaitable type never is
+    def agent(task: int, attempt: cl.Attempt) -> Any:
+        return task if task < 2 else _Awaitable()
+
+    loop = cl.Loop(agent, task_type="t", store=memory_store)
+    assert loop.run(1).ok
+    for _ in range(2):
+        with pytest.raises(cl.ConfigError, match="arun"):
+            loop.run(2)
+    assert loop.run(1).ok

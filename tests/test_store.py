@@ -376,3 +376,33 @@ def test_held_events_are_exposed_as_a_metric() -> None:
     store.flush()
     assert registry.get_sample_value("closedloop_store_events_held") == 3
     store.close()
+
+
+def test_a_batch_of_any_size_is_written_with_the_same_few_statements() -> None:
+    from closedloop.store.sqlite._backend import _ROWS, statement_sizes
+
+    assert statement_sizes(300) == [256, 32, 8, 4]
+    assert statement_sizes(0) == []
+    seen: set[int] = set()
+    for n in range(1, 3 * _ROWS + 2):
+        sizes = statement_sizes(n)
+        assert sum(sizes) == n and sizes == sorted(sizes, reverse=True)
+        seen.update(sizes)
+    assert seen == {1 << k for k in range(_ROWS.bit_length())}  # powers of two up to _ROWS
+
+
+def test_batches_of_odd_sizes_are_written_whole_and_in_order(store: Store) -> None:
+    from closedloop.store.sqlite._backend import _INSERTS, _ROWS
+
+    events = [make_event(i) for i in range(600)]
+    at = 0
+    for size in (1, 255, 257, 3, 84):  # each one batch: every statement size, and a rest
+        for e in events[at:at + size]:
+            store.record(e)
+        assert store.flush()
+        at += size
+    assert list(store.events()) == events
+    # only statements of the few fixed sizes were made (each prepared once per connection)
+    used = {rows for insert in _INSERTS.values() for rows in insert.texts}
+    assert used <= {1 << k for k in range(_ROWS.bit_length())}
+    assert {1, 2, 4, 16, 64, 128, 256} <= used  # 255, 257, 84 and 3 made of them

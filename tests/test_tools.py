@@ -349,3 +349,28 @@ def test_feedback_survives_a_deep_copy_and_pickling(memory_store: cl.Store) -> N
         assert isinstance(clone, cl.ToolFeedback) and clone == answer
         assert (clone.outcome, clone.error_type, clone.step_id, clone.issues) == (
             answer.outcome, answer.error_type, answer.step_id, answer.issues)
+
+
+def test_the_argument_check_takes_absent_fitting_and_subclassed_arguments_and_checks_the_rest(
+        ) -> None:
+    from closedloop.runs._tool import ToolCall, _ArgumentCheck, _Signature
+
+    class Name(str):
+        pass
+
+    def put(name: str, size: int = 1, ratio: float = 1.0,
+            kind: Literal["a", "b"] = "a") -> None:
+        return None
+
+    check = _ArgumentCheck(_Signature(put, True))
+    fine: list[dict[str, Any]] = [
+        {"name": "x"}, {"name": "x", "size": 2, "ratio": 2, "kind": "b"},
+        {"name": Name("x")}, {"name": "x", "ratio": 0.5}]
+    for args in fine:
+        assert check(ToolCall(args)) is None, args
+    wrong: list[tuple[dict[str, Any], str]] = [
+        ({"name": "x", "kind": "c"}, "kind"), ({"name": "x", "size": True}, "size"),
+        ({"name": "x", "ratio": "1"}, "ratio"), ({"name": 1, "kind": "a"}, "name")]
+    for args, name in wrong:
+        verdict = check(ToolCall(args))
+        assert verdict is not None and [i.location for i in verdict.issues] == [name], args

@@ -408,7 +408,7 @@ def _is_async(fn: object) -> bool:
 
 def _drive(gen: Generator[Action, Any, Any]) -> Any:
     """Run a machine synchronously: each action is a plain call."""
-    send, known = gen.send, _AWAITABLE_BY_TYPE.get  # looked up once per step
+    send, plain = gen.send, _NOT_AWAITABLE  # looked up once per step
     try:
         action = next(gen)
         while True:
@@ -419,7 +419,7 @@ def _drive(gen: Generator[Action, Any, Any]) -> Any:
             except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                 action = gen.throw(exc)
                 continue
-            if value is not None and known(type(value)) is not False and _awaitable(value):
+            if type(value) not in plain and _awaitable(value):  # a set test: no call
                 _discard(value)
                 gen.close()
                 raise ConfigError(f"{_name(action.fn)} is async; call "
@@ -444,7 +444,7 @@ async def _adrive(gen: Generator[Action, Any, Any]) -> Any:
                     value = None
                 else:
                     value = action[0](*action[1])  # action.fn(*action.args), as in _drive
-                    if _AWAITABLE_BY_TYPE.get(type(value)) is not False and _awaitable(value):
+                    if type(value) not in _NOT_AWAITABLE and _awaitable(value):
                         value = await value
             except Exception as exc:  # noqa: BLE001 - handed to the machine, which decides
                 action = gen.throw(exc)
@@ -473,19 +473,20 @@ class StepTracing(Protocol):
         ...
 
 
-_AWAITABLE_BY_TYPE: dict[type, bool] = {}
-"""Whether values of a type are awaitable; the drivers read it inline (no call when known)."""
+_NOT_AWAITABLE: set[type] = {type(None)}
+"""Types whose values are never awaitable, learnt as hooks return them (few distinct types):
+the drivers test a value's type against it inline, with no call."""
 
 
 def _awaitable(value: object) -> bool:
-    """``inspect.isawaitable`` at a dict lookup's cost: hooks return few distinct types."""
+    """``inspect.isawaitable``, remembering the types that never are (:data:`_NOT_AWAITABLE`)."""
     cls = type(value)
-    known = _AWAITABLE_BY_TYPE.get(cls)
-    if known is None:
-        if cls is GeneratorType:  # generator-based coroutines depend on the instance's flags
-            return inspect.isawaitable(value)
-        known = _AWAITABLE_BY_TYPE[cls] = hasattr(cls, "__await__")
-    return known
+    if cls is GeneratorType:  # generator-based coroutines depend on the instance's flags
+        return inspect.isawaitable(value)
+    if hasattr(cls, "__await__"):
+        return True
+    _NOT_AWAITABLE.add(cls)
+    return False
 
 
 def _discard(awaitable: object) -> None:

@@ -329,8 +329,6 @@ _NULLABLE = tuple(EVENT_FIELDS.index(f) for f in (
     "validation_passed", "verification_passed", "error_type", "error_message", "detail",
     *EVENT_FIELDS[EVENT_FIELDS.index("detail") + 1:]))
 """Columns that may be NULL: left out of a batch's INSERT when no event of it has one."""
-_MAX_PARAMS = 32766
-"""SQLite's default limit of parameters per statement."""
 _MESSAGE = EVENT_FIELDS.index("error_message")
 _COLUMNS = (*EVENT_FIELDS, "error_group")
 """The stored columns: the event's, then what the writer derives from it (migration 5)."""
@@ -340,26 +338,51 @@ _SELECT = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
 _BUSY_TIMEOUT_S = 30.0
 
 
+_MAX_PARAMS = 32766
+"""SQLite's default limit of parameters per statement."""
+_ROWS = 256
+"""Rows per INSERT statement at most (a power of two, within SQLite's parameter limit for
+every set of columns)."""
+
+
 class _Insert(NamedTuple):
-    """The multi-row INSERT of one set of columns: as many rows per statement as the
-    parameter limit allows."""
+    """The multi-row INSERTs of one set of columns, one per power-of-two row count up to
+    :data:`_ROWS`, each text built once: a batch is written with the same few statements
+    every time, each parsed once and then taken from the connection's statement cache (a
+    statement of another size is parsed anew: more instructions per row than the insert)."""
 
     width: int
-    rows: int
-    chunk: str
     head: str
     row: str
+    texts: dict[int, str]
 
     @classmethod
     def of(cls, columns: Sequence[int]) -> _Insert:
         width = len(columns)
         head = f"INSERT INTO events ({', '.join(_COLUMNS[i] for i in columns)}) VALUES "
-        row = f"({', '.join('?' * width)})"
-        rows = _MAX_PARAMS // width
-        return cls(width, rows, head + ",".join([row] * rows), head, row)
+        return cls(width, head, f"({', '.join('?' * width)})", {})
 
     def statement(self, rows: int) -> str:
-        return self.chunk if rows == self.rows else self.head + ",".join([self.row] * rows)
+        text = self.texts.get(rows)
+        if text is None:
+            text = self.texts[rows] = self.head + ",".join([self.row] * rows)
+        return text
+
+
+def statement_sizes(n: int) -> list[int]:
+    """The row counts of the statements that write ``n`` rows: :data:`_ROWS` each, then the
+    rest as powers of two, largest first (``300`` -> ``[256, 32, 8, 4]``)."""
+    sizes = [_ROWS] * (n // _ROWS)
+    rest, size = n % _ROWS, _ROWS
+    while rest:
+        size >>= 1
+        if rest & size:
+            sizes.append(size)
+            rest -= size
+    return sizes
+
+
+assert _ROWS * len(_COLUMNS) <= _MAX_PARAMS, "a statement must stay within the limit"
 
 
 _INSERTS: dict[tuple[int, ...], _Insert] = {}
@@ -538,14 +561,13 @@ class SQLiteBackend:
         """Insert the batch in one transaction; on failure the real error is raised."""
         conn = self._writer_conn()
         insert, params = _params(events)
-        width = insert.rows * insert.width
-        full = len(events) // insert.rows * width
+        width, start = insert.width, 0
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for start in range(0, full, width):
-                conn.execute(insert.chunk, params[start:start + width])
-            if full < len(params):
-                conn.execute(insert.statement(len(events) % insert.rows), params[full:])
+            for rows in statement_sizes(len(events)):
+                end = start + rows * width
+                conn.execute(insert.statement(rows), params[start:end])
+                start = end
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
