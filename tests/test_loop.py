@@ -449,6 +449,21 @@ def test_every_step_gets_a_distinct_otel_shaped_trace_id(memory_store: cl.Store)
     assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
 
 
+def test_trace_ids_start_with_the_step_time_in_ms_and_end_with_80_random_bits(
+        memory_store: cl.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Time-ordered ids keep each store's trace-id indexes appending at their right edge.
+    from closedloop.loop import _machine
+
+    now_ms = 1_764_633_600_123  # 2025-12-02T00:00:00.123Z
+    monkeypatch.setattr(_machine, "_time_ns", lambda: now_ms * 1_000_000 + 999_999)
+    loop = cl.Loop(lambda t, a: t, task_type="t", store=memory_store)
+    ids = [loop.run(1).trace_id for _ in range(300)]
+    assert {i[:12] for i in ids} == {f"{now_ms:012x}"}
+    tails = {i[12:] for i in ids}
+    assert len(tails) == 300  # 80 random bits each: a repeat means they are not random
+    assert len({t[0] for t in tails}) > 1 and len({t[-1] for t in tails}) > 1
+
+
 def test_current_attempt_is_visible_inside_the_agent(memory_store: cl.Store) -> None:
     def agent(task: int, attempt: cl.Attempt) -> bool:
         return cl.current_attempt() is attempt

@@ -337,11 +337,20 @@ def _admits_now(guard: StepGuard) -> Callable[[str], bool] | None:
 
 
 def new_trace_id() -> str:
-    """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits)."""
-    return _getrandbits(128).to_bytes(16).hex()  # half what "%032x" formatting costs
+    """A W3C/OpenTelemetry-compatible 128-bit trace id (32 lowercase hex digits).
+
+    The first 48 bits are the Unix time in milliseconds, the other 80 random (as a UUIDv7
+    lays them out; W3C asks for the right-most 56 bits to be random). Ids made close in time
+    are close in every index keyed by trace id, so a store's B-tree takes new ids at its right
+    edge instead of on random pages: 21 % less of PostgreSQL's CPU per ingested loop event
+    (BENCHMARKS.md, "Branch pgingest (stop 20)"). The id thus tells when its step started,
+    to the millisecond, which the stored event says anyway."""
+    # "%032x" formatting costs twice what to_bytes().hex() does
+    return ((_time_ns() // 1_000_000) << 80 | _getrandbits(80)).to_bytes(16).hex()
 
 
 _getrandbits = random.getrandbits
+_time_ns = time.time_ns
 _step_prefix = ""
 _step_counter = itertools.count()
 _COUNT_BIT = 1 << 48  # a process's count stays under it (2.8e14 steps)
