@@ -11,6 +11,7 @@ import math
 import random
 import sqlite3
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from closedloop.autonomy import (
     count_groups,
 )
 from closedloop.store import Store, level_store_for
+from closedloop.store import _evidence as store_evidence
 from closedloop.store.sqlite import _evidence as sqlite_evidence
 
 from .test_evidence_queries import _events
@@ -38,6 +40,7 @@ def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every writable count folds the new rows in, a few rows a transaction."""
     monkeypatch.setattr(sqlite_evidence, "REFRESH_ROWS", 1)
     monkeypatch.setattr(sqlite_evidence, "CHUNK", 7)
+    monkeypatch.setattr(store_evidence, "FOLD_EVERY_S", 0.0)
     try:
         from closedloop.store.postgres import _evidence as pg_evidence
     except ImportError:  # pragma: no cover - without the postgres extra
@@ -163,15 +166,67 @@ def test_the_keeper_folds_the_evidence_and_the_count_reads_it(shared_url: str) -
         _record(store, events)
         assert _sql(store, schema, _STEPS) == 0  # the writer never folds
         assert store.backend.fold_rollups() >= 1  # type: ignore[attr-defined] # the keeper's
-        assert _sql(store, schema, _STEPS) == len(events)
+        # PostgreSQL folds the rows below the oldest transaction open anywhere in the cluster
+        below = (len(events) if schema is None else _sql(
+            store, schema, f'SELECT count(*) FROM "{schema}".events WHERE xact < '
+            f'(SELECT covered FROM "{schema}".autonomy_rollup_state)'))
+        assert _sql(store, schema, _STEPS) == below
         levels = level_store_for(store)
         assert isinstance(levels, EvidenceQueries)
         before = sum(g.steps for g in levels.evidence_groups("deploy", since=T0,
                                                              classes=False) or [])
         assert before == len(events)
+        rolled = _sql(store, schema, _STEPS)  # (the count may have folded more)
         _sql(store, schema, "UPDATE {t} SET steps = steps * 2")  # shows in a count
         after = sum(g.steps for g in levels.evidence_groups("deploy", since=T0,
                                                             classes=False) or [])
-        assert after == 2 * len(events)  # the whole hours come from the roll-up
+        assert after == len(events) + rolled  # the whole hours come from the roll-up
         cl.store.prune(store, T0 + 2 * 86400.0)
         assert _sql(store, schema, _STEPS) == 0  # retention drops its hours too
+
+
+def test_a_writable_count_folds_at_most_once_per_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared_url, schema = f"sqlite:///{tmp_path / 'e.db'}", None
+    rng = random.Random(6)
+    events = [e._replace(task_type="deploy", ts=T0 + i * 300.0) for i, e in
+              enumerate(_events(rng, 40))]
+    monkeypatch.setattr(store_evidence, "FOLD_EVERY_S", 3600.0)
+    with cl.open_store(shared_url, rollup_every=None) as store:
+        levels = level_store_for(store)
+        assert isinstance(levels, EvidenceQueries)
+        _record(store, events[:20])
+        assert level_store_for(store) is levels  # one for the backend's life
+        assert sum(g.steps for g in levels.evidence_groups("deploy", since=T0,
+                                                           classes=False) or []) == 20
+        assert _sql(store, schema, _STEPS) == 20  # folded first
+        _record(store, events[20:])
+        assert sum(g.steps for g in levels.evidence_groups("deploy", since=T0,
+                                                           classes=False) or []) == 40
+        assert _sql(store, schema, _STEPS) == 20  # not again within the interval: read
+        monkeypatch.setattr(store_evidence, "FOLD_EVERY_S", 0.0)
+        levels.evidence_groups("deploy", since=T0, classes=False)
+        assert _sql(store, schema, _STEPS) == 40
+
+
+def test_a_postgres_fold_summarizes_the_brin_ranges_vacuum_leaves(pg_url: str,
+                                                                  pg_schema: str) -> None:
+    """What is not folded is read through the ``events_xact`` BRIN index: its partial last
+    range of each partition, unsummarized, would be read whole by every count."""
+    psycopg = pytest.importorskip("psycopg")
+    from closedloop.store.postgres import _evidence as pg_evidence
+
+    from .conftest import PG_URL
+
+    rng = random.Random(8)
+    with cl.open_store(pg_url, rollup_every=None) as store:
+        _record(store, [e._replace(ts=T0 + i * 7200.0) for i, e in enumerate(_events(rng, 50))])
+        children = "FROM pg_inherits WHERE inhparent = to_regclass(%s)"
+        index = (f'"{pg_schema}".events_xact',)
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            # as VACUUM leaves a partition's last, partial range
+            conn.execute(f"SELECT brin_desummarize_range(inhrelid, 0) {children}", index)
+            assert pg_evidence.refresh(conn, pg_schema)
+            left = conn.execute(f"SELECT sum(brin_summarize_new_values(inhrelid)) {children}",
+                                index).fetchone()
+    assert left == (0,)

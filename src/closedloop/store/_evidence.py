@@ -11,10 +11,31 @@ table, a few rows) are moved from their group without feedback to the one with i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from closedloop._autonomy_state import EvidenceGroup
+
+FOLD_EVERY_S = 10.0
+"""A writable level store folds the new steps into the evidence roll-up before a count at
+most this often (the store's roll-up keeper folds every minute too): a page counting the
+evidence of every task type checks once. The count is exact either way."""
+
+
+class Folds:
+    """Calls ``fold`` at most once per :data:`FOLD_EVERY_S` (the level store's throttle)."""
+
+    def __init__(self, fold: Callable[..., object]) -> None:
+        self.fold = fold
+        self._last = -math.inf
+
+    def __call__(self, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= FOLD_EVERY_S:
+            self._last = now
+            self.fold(*args)
 
 
 def _key(row: Sequence[Any]) -> tuple[Any, ...]:

@@ -7,6 +7,9 @@ the event pool, so that telemetry never delays a level read and a server that wa
 used again at once; a level change is one transaction under an advisory lock on the schema.
 Every failure is :class:`~closedloop.ControlUnavailable` (the autonomy layer then fails
 closed). Reads never create anything: a schema from before the autonomy tables has no levels.
+The evidence port counts from the hourly evidence roll-up (:mod:`closedloop.store.postgres.
+_evidence`), folded first by a writable store's level store (at most every
+:data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from closedloop._autonomy_state import (
     redacted_record,
 )
 from closedloop._errors import ControlUnavailable, StoreError
-from closedloop.store._evidence import evidence_groups
+from closedloop.store._evidence import Folds, evidence_groups
 from closedloop.store.postgres import _evidence
 from closedloop.store.postgres._backend import (
     MIGRATIONS,
@@ -96,6 +99,7 @@ class PostgresLevelStore:
 
         self.fold = fold
         """Fold new steps into the evidence roll-up before counting (a writable store's)."""
+        self._folds = Folds(self._fold)
         self._conninfo = conninfo
         self.schema = schema
         self.url = url
@@ -188,14 +192,11 @@ class PostgresLevelStore:
                         classes: bool) -> list[EvidenceGroup] | None:
         """``task_type``'s steps since ``since`` grouped in SQL (the evidence port,
         :class:`~closedloop.autonomy.EvidenceQueries`); a schema without the tables: None."""
-        import psycopg
-
         task = _clean(task_type)
 
         def work(conn: psycopg.Connection[Any]) -> list[EvidenceGroup]:
-            if self.fold:  # the count stays exact without it, only slower
-                with suppress(psycopg.Error):
-                    _evidence.refresh(conn, self.schema)
+            if self.fold:
+                self._folds(conn)
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 return evidence_groups(
@@ -206,6 +207,14 @@ class PostgresLevelStore:
 
         return self._run("count the evidence of", work, absent=lambda: None,
                          timeout=max(self._statement_timeout, EVIDENCE_TIMEOUT_S))
+
+    def _fold(self, conn: psycopg.Connection[Any]) -> None:
+        """Fold the new steps into the evidence roll-up on the count's connection; the count
+        stays exact without it, only slower."""
+        import psycopg
+
+        with suppress(psycopg.Error):
+            _evidence.refresh(conn, self.schema)
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

@@ -959,9 +959,12 @@ class PostgresBackend:
         schema (the level-store port); fails closed."""
         from closedloop.store.postgres._autonomy import PostgresLevelStore
 
-        return PostgresLevelStore(self._conninfo, self.schema, self.url,
-                                  connect_timeout=self._connect_timeout,
-                                  fold=not self.read_only)
+        found: PostgresLevelStore | None = getattr(self, "_level_store", None)
+        if found is None:  # one for the backend's life: it throttles its folds
+            found = self._level_store = PostgresLevelStore(
+                self._conninfo, self.schema, self.url, connect_timeout=self._connect_timeout,
+                fold=not self.read_only)
+        return found
 
     def span_store(self) -> PostgresSpanStore:
         """Spans and scores in this store's schema (the span/score port); one for the

@@ -6,7 +6,9 @@ connection per call (levels are read every few seconds per task type at most, ca
 autonomy layer), so a store that was unreadable for a while is used again as soon as it can
 be, and it fails closed: every failure to read or write is
 :class:`~closedloop.ControlUnavailable`. Reads never create or migrate anything: a file
-without the tables (an older store opened to read) has no levels.
+without the tables (an older store opened to read) has no levels. The evidence port counts
+from the hourly evidence roll-up (:mod:`closedloop.store.sqlite._evidence`), folded first by a
+writable store's level store (at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from closedloop._autonomy_state import (
     redacted_record,
 )
 from closedloop._errors import ControlUnavailable
-from closedloop.store._evidence import evidence_groups
+from closedloop.store._evidence import Folds, evidence_groups
 from closedloop.store.sqlite import _evidence
 from closedloop.store.sqlite._backend import connect_read_only
 
@@ -52,6 +54,7 @@ class SQLiteLevelStore:
         self.path = Path(path).expanduser()
         self.fold = fold
         """Fold new steps into the evidence roll-up before counting (a writable store's)."""
+        self._folds = Folds(self._fold)
 
     def __repr__(self) -> str:
         return f"SQLiteLevelStore({str(self.path)!r})"
@@ -148,7 +151,7 @@ class SQLiteLevelStore:
             if not self.path.exists():
                 return []
             if self.fold:
-                self._fold()
+                self._folds()
             with closing(connect_read_only(self.path)) as conn:
                 conn.execute("BEGIN")
                 return evidence_groups(

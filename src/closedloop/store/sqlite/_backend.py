@@ -729,7 +729,10 @@ class SQLiteBackend:
         (the level-store port); fails closed."""
         from closedloop.store.sqlite._autonomy import SQLiteLevelStore
 
-        return SQLiteLevelStore(self.path, fold=not self.read_only)
+        found: SQLiteLevelStore | None = getattr(self, "_level_store", None)
+        if found is None:  # one for the backend's life: it throttles its folds
+            found = self._level_store = SQLiteLevelStore(self.path, fold=not self.read_only)
+        return found
 
     # ----- maintenance: the port of closedloop.store._retention ----------------------------
     def info(self) -> StoreInfo:
