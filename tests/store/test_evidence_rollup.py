@@ -64,6 +64,7 @@ def histories(draw: Any) -> dict[str, Any]:
             "fold": draw(st.lists(st.booleans(), min_size=4, max_size=4)),
             "prune": draw(st.none() | st.integers(0, 30).map(lambda h: T0 + h * 3600.0 + 7.5)),
             "after": _times(draw, draw(st.integers(0, 8))),
+            "feedback": draw(st.booleans()),
             "seed": draw(st.integers(0, 1000))}
 
 
@@ -106,7 +107,8 @@ def _history(kind: str, history: dict[str, Any]) -> None:
                                                           strict=True)]
                 _record(store, new)
                 events += new
-                _feedback(store, new, rng)
+                if history["feedback"]:
+                    _feedback(store, new, rng)
                 if fold:
                     levels = level_store_for(store)
                     assert isinstance(levels, EvidenceQueries)
@@ -118,7 +120,8 @@ def _history(kind: str, history: dict[str, Any]) -> None:
                                                        history["after"], strict=True)]
             _record(store, late)
             events += late
-            _feedback(store, late, rng)
+            if history["feedback"]:
+                _feedback(store, late, rng)
             with cl.open_store(url, read_only=True, create=False) as reader:
                 _check(reader, events, rng)  # what is rolled up, the rest read from events
             _check(store, events, rng)  # folded in first
