@@ -100,8 +100,6 @@ class PostgresLevelStore:
         self.fold = fold
         """Fold new steps into the evidence roll-up before counting (a writable store's)."""
         self._folds = Folds(self._fold)
-        self._rollup = False
-        """Whether the schema has the evidence roll-up's tables (seen once: always)."""
         self._conninfo = conninfo
         self.schema = schema
         self.url = url
@@ -199,13 +197,6 @@ class PostgresLevelStore:
         def work(conn: psycopg.Connection[Any]) -> list[EvidenceGroup]:
             if self.fold:
                 self._folds(conn)
-            if not self._rollup:  # (once there, always there)
-                self._rollup = conn.execute("SELECT to_regclass(%s)", (
-                    f'"{self.schema}".autonomy_rollup_state',)).fetchone() not in (None, (None,))
-            if self._rollup:
-                rows = _evidence.counted(conn, self.schema, task, since=since, classes=classes)
-                if rows is not None:  # no feedback to move: one statement did it
-                    return evidence_groups(rows, ())
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 return evidence_groups(

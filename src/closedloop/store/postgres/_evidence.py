@@ -191,30 +191,3 @@ def feedback_rows(conn: psycopg.Connection[Any], schema: str, task_type: str, *,
         f'JOIN "{schema}".events e ON e.step_id = f.step_id WHERE f.at >= %s AND '
         "e.task_type = %s AND e.ts >= %s AND e.outcome = 'suggested' "
         "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8", (since, task_type, since)).fetchall()
-
-
-def counted(conn: psycopg.Connection[Any], schema: str, task_type: str, *, since: float,
-            classes: bool) -> list[Sequence[Any]] | None:
-    """:func:`evidence_rows` in one statement (its own snapshot: no transaction, one round
-    trip) when no feedback was recorded since ``since`` (else None: count in a transaction
-    with :func:`feedback_rows`). Without a usable roll-up the statement reads every step.
-    The roll-up's tables must exist."""
-    span = whole_hours(since, None, -(1 << 62)) if math.isfinite(since) else None
-    high = 1 << 40
-    low = span[0] if span is not None else high
-    cls = "action_class" if classes else "NULL::jsonb"
-    rows = conn.execute(
-        f'WITH s AS (SELECT coalesce(max(covered), 0) AS covered, coalesce(greatest(%s, '
-        f'max(floor)), %s) AS low FROM "{schema}".autonomy_rollup_state WHERE version = %s) '
-        f"SELECT 0, agent_id, mode, outcome, executed, verified, {cls}, durable, sum(steps) "
-        f'FROM "{schema}".autonomy_rollup, s WHERE task_type = %s AND hour >= s.low AND '
-        f"hour < %s {_GROUP}, 8 UNION ALL SELECT 0, {key_sql(classes)}, count(*) FROM "
-        f'"{schema}".events, s WHERE task_type = %s AND ts >= %s AND (ts < s.low * 3600.0 '
-        f"OR ts >= %s OR xact >= s.covered) {_GROUP}, 8 UNION ALL SELECT 1, NULL, NULL, "
-        "NULL, NULL, NULL, NULL, NULL, count(*) FROM "
-        f'"{schema}".autonomy_feedback WHERE at >= %s',
-        (low, high, VERSION, task_type, high, task_type, since, high * 3600.0,
-         since)).fetchall()
-    if any(r[0] == 1 and r[8] for r in rows):
-        return None
-    return [r[1:] for r in rows if r[0] == 0]
