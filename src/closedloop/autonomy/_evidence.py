@@ -148,22 +148,67 @@ def step_class(event: StepEvent) -> str | None:
     return info.get("class") if isinstance(info, dict) else None
 
 
+def _belongs(key: LevelKey, agent_id: str, cls: Any, own_classes: frozenset[str]) -> bool:
+    """Whether a step of ``key``'s task type by ``agent_id`` of class ``cls`` is ``key``'s."""
+    if key.agent_id not in ("*", agent_id):
+        return False
+    if key.action_class is not None:
+        return bool(cls == key.action_class)
+    return cls is None or cls not in own_classes
+
+
 def matches(key: LevelKey, event: StepEvent, own_classes: frozenset[str]) -> bool:
     """Whether ``event`` is one of ``key``'s steps."""
-    if event.task_type != key.task_type:
-        return False
-    if key.agent_id not in ("*", event.agent_id):
-        return False
-    cls = step_class(event)
-    if key.action_class is not None:
-        return cls == key.action_class
-    return cls is None or cls not in own_classes
+    return event.task_type == key.task_type and _belongs(key, event.agent_id,
+                                                         step_class(event), own_classes)
 
 
 def _durable(event: StepEvent) -> bool:
     """Whether the step went through a durable approval request (its event names it)."""
     detail = event.detail
     return detail is not None and isinstance(detail.get("approval"), dict)
+
+
+_Row = tuple[str, str, bool, "bool | None", bool, "bool | None", int]
+"""Steps alike: mode, outcome, executed error, verification verdict, durable request,
+feedback (None: none), and how many."""
+
+
+def _tally(key: LevelKey, rows: Iterable[_Row], *, level: str, since: float,
+           decisions: Decisions | None) -> Evidence:
+    """The evidence of ``key``'s steps ``rows`` (what :func:`count_events` and
+    :func:`count_groups` count, the one way)."""
+    agreed = with_feedback = suggestions = 0
+    counts = [0, 0, 0]  # approved, rejected, expired
+    inline = [0, 0, 0]  # of those, without a durable request
+    passed = verified = 0
+    for mode, outcome, executed_error, verdict, durable, feedback, n in rows:
+        if mode == "suggest" and outcome == "suggested":
+            suggestions += n
+            if feedback is not None:
+                with_feedback += n
+                agreed += n * feedback
+            continue
+        executed = outcome == "succeeded" or (outcome in ("failed", "error")
+                                              and executed_error)
+        if mode == "approve":
+            which = 0 if executed else {"rejected": 1, "expired": 2}.get(outcome)
+            if which is not None:
+                counts[which] += n
+                if not durable:
+                    inline[which] += n
+        if executed and mode in ("approve", "autonomous") and verdict is not None:
+            verified += n
+            passed += n * verdict
+    approved, rejected, expired = counts
+    if decisions is not None:
+        approved = decisions.approved + inline[0]
+        rejected = decisions.rejected + inline[1]
+        expired = decisions.expired + inline[2]
+    return Evidence(key=key, level=level, since=since,
+                    agreement=Proportion(agreed, with_feedback), suggestions=suggestions,
+                    approval=Proportion(approved, approved + rejected), expired=expired,
+                    verification=Proportion(passed, verified))
 
 
 def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[str, Feedback],
@@ -179,42 +224,14 @@ def count_events(key: LevelKey, events: Iterable[StepEvent], feedback: Mapping[s
     ``detail["approval"]``); decisions made inline by an ``approver=`` callback leave no
     request and are always counted from the events.
     """
-    agreed = with_feedback = suggestions = 0
-    approved = rejected = expired = 0
-    inline = [0, 0, 0]  # approved, rejected, expired without a durable request
-    passed = verified = 0
-    for e in events:
-        if e.ts < since or not matches(key, e, own_classes):
-            continue
-        mode, outcome = e.autonomy, e.outcome
-        if mode == "suggest" and outcome == "suggested":
-            suggestions += 1
-            fb = feedback.get(e.step_id or "")
-            if fb is not None:
-                with_feedback += 1
-                agreed += fb.agreed
-            continue
-        executed = outcome == "succeeded" or (
-            outcome in ("failed", "error") and e.error_type in _EXECUTED_ERRORS)
-        if mode == "approve":
-            which = 0 if executed else {"rejected": 1, "expired": 2}.get(outcome)
-            if which is not None:
-                approved += which == 0
-                rejected += which == 1
-                expired += which == 2
-                if not _durable(e):
-                    inline[which] += 1
-        if executed and mode in ("approve", "autonomous") and e.verification_passed is not None:
-            verified += 1
-            passed += e.verification_passed
-    if decisions is not None:
-        approved = decisions.approved + inline[0]
-        rejected = decisions.rejected + inline[1]
-        expired = decisions.expired + inline[2]
-    return Evidence(key=key, level=level, since=since,
-                    agreement=Proportion(agreed, with_feedback), suggestions=suggestions,
-                    approval=Proportion(approved, approved + rejected), expired=expired,
-                    verification=Proportion(passed, verified))
+    def rows() -> Iterable[_Row]:
+        for e in events:
+            if e.ts >= since and matches(key, e, own_classes):
+                fb = feedback.get(e.step_id or "")
+                yield (e.autonomy, e.outcome, e.error_type in _EXECUTED_ERRORS,
+                       e.verification_passed, _durable(e), None if fb is None else fb.agreed, 1)
+
+    return _tally(key, rows(), level=level, since=since, decisions=decisions)
 
 
 def count_groups(key: LevelKey, groups: Iterable[EvidenceGroup], *, level: str, since: float,
@@ -223,45 +240,9 @@ def count_groups(key: LevelKey, groups: Iterable[EvidenceGroup], *, level: str, 
     """:func:`count_events` from the steps grouped where they are stored
     (:meth:`~closedloop.autonomy.EvidenceQueries.evidence_groups`, since ``since``): the same
     evidence, counted the same way, without reading each step."""
-    agreed = with_feedback = suggestions = 0
-    counts = [0, 0, 0]  # approved, rejected, expired
-    inline = [0, 0, 0]  # of those, without a durable request
-    passed = verified = 0
-    for g in groups:
-        if key.agent_id not in ("*", g.agent_id):
-            continue
-        cls = g.action_class
-        if (cls != key.action_class if key.action_class is not None
-                else cls is not None and cls in own_classes):
-            continue
-        n, mode, outcome = g.steps, g.mode, g.outcome
-        if mode == "suggest" and outcome == "suggested":
-            suggestions += n
-            if g.agreed is not None:
-                with_feedback += n
-                agreed += n * g.agreed
-            continue
-        executed = outcome == "succeeded" or (outcome in ("failed", "error")
-                                              and g.executed_error)
-        if mode == "approve":
-            which = 0 if executed else {"rejected": 1, "expired": 2}.get(outcome)
-            if which is not None:
-                counts[which] += n
-                if not g.durable:
-                    inline[which] += n
-        if (executed and mode in ("approve", "autonomous")
-                and g.verification_passed is not None):
-            verified += n
-            passed += n * g.verification_passed
-    approved, rejected, expired = counts
-    if decisions is not None:
-        approved = decisions.approved + inline[0]
-        rejected = decisions.rejected + inline[1]
-        expired = decisions.expired + inline[2]
-    return Evidence(key=key, level=level, since=since,
-                    agreement=Proportion(agreed, with_feedback), suggestions=suggestions,
-                    approval=Proportion(approved, approved + rejected), expired=expired,
-                    verification=Proportion(passed, verified))
+    rows = ((g.mode, g.outcome, g.executed_error, g.verification_passed, g.durable, g.agreed,
+             g.steps) for g in groups if _belongs(key, g.agent_id, g.action_class, own_classes))
+    return _tally(key, rows, level=level, since=since, decisions=decisions)
 
 
 # ----- the policy ------------------------------------------------------------------------------

@@ -333,16 +333,20 @@ class AutonomyLevels:
 
     def evidence(self, key: LevelKey, record: LevelRecord | None = None) -> Evidence:
         """The evidence for ``key`` at its current level, since it entered it."""
+        return self._evidence(key, record, self.levels.levels(key.task_type))
+
+    def _evidence(self, key: LevelKey, record: LevelRecord | None,
+                  stored: list[LevelRecord]) -> Evidence:
+        """:meth:`evidence`, ``stored`` the levels of ``key``'s task type (read once)."""
         if self.store is None:
             raise ConfigError("evidence needs the store the steps are recorded in")
         now = self.clock()
         policy = self.policy_for(key.task_type)
         if record is None:
-            record = next((r for r in self.levels.levels(key.task_type) if r.key == key), None)
+            record = next((r for r in stored if r.key == key), None)
         level = record.level if record is not None else self.default.value
         since = record.at if record is not None else now - policy.window
-        own = frozenset(r.key.action_class for r in self.levels.levels(key.task_type)
-                        if r.key.action_class is not None)
+        own = frozenset(r.key.action_class for r in stored if r.key.action_class is not None)
         self.store.flush(5.0)  # this process's own recent steps count too
         decisions = (self.decisions.decisions(key, since=since, own_classes=own)
                      if self.decisions is not None else None)
@@ -359,11 +363,12 @@ class AutonomyLevels:
 
     def assess(self, key: LevelKey, record: LevelRecord | None = None) -> Assessment:
         """Whether ``key`` has earned the next level up, and what it still takes."""
+        stored = self.levels.levels(key.task_type)
         if record is None:
-            record = next((r for r in self.levels.levels(key.task_type) if r.key == key), None)
+            record = next((r for r in stored if r.key == key), None)
         demoted = next((c.at for c in self.levels.history(task_type=key.task_type, limit=200)
                         if c.key == key and c.kind == "demoted"), None)
-        return assess(self.evidence(key, record), self.policy_for(key.task_type),
+        return assess(self._evidence(key, record, stored), self.policy_for(key.task_type),
                       ceiling=record.ceiling if record is not None else None,
                       demoted_at=demoted, now=self.clock(),
                       source="stored" if record is not None else "default")

@@ -9,6 +9,8 @@ read more and more rows past the roll-up. The :class:`~closedloop.store.Store` t
 the events therefore runs a :class:`RollupKeeper`: a daemon thread that, every ``every``
 seconds, asks the backend to fold (``fold_rollups()``: each roll-up when at least
 ``REFRESH_ROWS`` rows wait; on PostgreSQL one process at a time, under an advisory lock).
+The evidence roll-up of the autonomy levels (``store/*/_evidence.py``) is folded by the same
+call.
 
 - Never on the agent's path, never in the writer's thread: a fold is its own short
   transactions on a connection of its own.

@@ -7,16 +7,19 @@ the event pool, so that telemetry never delays a level read and a server that wa
 used again at once; a level change is one transaction under an advisory lock on the schema.
 Every failure is :class:`~closedloop.ControlUnavailable` (the autonomy layer then fails
 closed). Reads never create anything: a schema from before the autonomy tables has no levels.
+The evidence port counts from the hourly evidence roll-up (:mod:`closedloop.store.postgres.
+_evidence`), folded first by a writable store's level store (at most every
+:data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from closedloop._autonomy_state import (
-    EXECUTED_ERRORS,
     EvidenceGroup,
     Feedback,
     LevelChange,
@@ -32,6 +35,8 @@ from closedloop._autonomy_state import (
     redacted_record,
 )
 from closedloop._errors import ControlUnavailable, StoreError
+from closedloop.store._evidence import Folds, evidence_groups
+from closedloop.store.postgres import _evidence
 from closedloop.store.postgres._backend import (
     MIGRATIONS,
     _clean,
@@ -74,20 +79,11 @@ _SQL = {
     "put_detector": "INSERT INTO {s}.detector_state (name, at, state) VALUES (%s, %s, %s) "
                     "ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
     "detector": "SELECT state FROM {s}.detector_state WHERE name = %s",
-    # the evidence port: the class only when asked, whether a request was durable for
-    # approve-mode steps only, the feedback for suggestions only
-    "evidence": "SELECT agent_id, autonomy, outcome, coalesce(error_type IN ({executed}), "
-                "false), verification_passed, {cls}, coalesce(autonomy = 'approve' AND "
-                "jsonb_typeof(detail -> 'approval') = 'object', false), CASE WHEN outcome = "
-                "'suggested' THEN (SELECT agreed FROM {s}.autonomy_feedback f WHERE "
-                "f.step_id = e.step_id AND f.at >= %s) END, count(*) FROM {s}.events e "
-                "WHERE task_type = %s AND ts >= %s GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
 }
 EVIDENCE_TIMEOUT_S = 300.0
 """How long the evidence's grouped query may take: it reads every step of a task type since
-its level was set (not a read on a step's path, which keeps the short timeout)."""
-_CLASS = ("CASE WHEN jsonb_typeof(detail -> 'autonomy') = 'object' THEN "
-          "detail -> 'autonomy' -> 'class' END")
+its level was set when there is no roll-up yet, and the first fold (not a read on a step's
+path, which keeps the short timeout)."""
 _AUTONOMY_V = next(i + 1 for i, m in enumerate(MIGRATIONS) if "autonomy_levels" in m)
 """The migration that creates the autonomy tables."""
 
@@ -97,21 +93,20 @@ class PostgresLevelStore:
     PostgreSQL store's schema."""
 
     def __init__(self, conninfo: str, schema: str, url: str, *,
-                 connect_timeout: float = 10.0, statement_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, statement_timeout: float = 10.0,
+                 fold: bool = False) -> None:
         from psycopg import sql
 
+        self.fold = fold
+        """Fold new steps into the evidence roll-up before counting (a writable store's)."""
+        self._folds = Folds(self._fold)
         self._conninfo = conninfo
         self.schema = schema
         self.url = url
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         s = sql.Identifier(schema)
-        self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()
-                   if name != "evidence"}
-        executed = sql.SQL(", ").join(sql.Literal(e) for e in EXECUTED_ERRORS)
-        for classes in (False, True):
-            self._q[f"evidence_{classes}"] = sql.SQL(_SQL["evidence"]).format(
-                s=s, executed=executed, cls=sql.SQL(_CLASS if classes else "NULL::jsonb"))
+        self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()}
 
     def __repr__(self) -> str:
         return f"PostgresLevelStore({self.url!r})"
@@ -197,15 +192,29 @@ class PostgresLevelStore:
                         classes: bool) -> list[EvidenceGroup] | None:
         """``task_type``'s steps since ``since`` grouped in SQL (the evidence port,
         :class:`~closedloop.autonomy.EvidenceQueries`); a schema without the tables: None."""
-        rows = self._run("count the evidence of", lambda conn: conn.execute(
-            self._q[f"evidence_{classes}"], (since, _clean(task_type), since)).fetchall(),
-            absent=lambda: None, timeout=max(self._statement_timeout, EVIDENCE_TIMEOUT_S))
-        if rows is None:
-            return None
-        return [EvidenceGroup(agent_id=r[0], mode=r[1], outcome=r[2],
-                              executed_error=bool(r[3]), verification_passed=r[4],
-                              action_class=r[5], durable=bool(r[6]), agreed=r[7],
-                              steps=int(r[8])) for r in rows]
+        task = _clean(task_type)
+
+        def work(conn: psycopg.Connection[Any]) -> list[EvidenceGroup]:
+            if self.fold:
+                self._folds(conn)
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return evidence_groups(
+                    _evidence.evidence_rows(conn, self.schema, task, since=since,
+                                            classes=classes),
+                    _evidence.feedback_rows(conn, self.schema, task, since=since,
+                                            classes=classes))
+
+        return self._run("count the evidence of", work, absent=lambda: None,
+                         timeout=max(self._statement_timeout, EVIDENCE_TIMEOUT_S))
+
+    def _fold(self, conn: psycopg.Connection[Any]) -> None:
+        """Fold the new steps into the evidence roll-up on the count's connection; the count
+        stays exact without it, only slower."""
+        import psycopg
+
+        with suppress(psycopg.Error):
+            _evidence.refresh(conn, self.schema)
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

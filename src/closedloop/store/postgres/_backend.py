@@ -74,6 +74,8 @@ from closedloop.store._retention import (
     StoreInfo,
     record_clauses,
 )
+from closedloop.store.postgres._evidence import MIGRATION as EVIDENCE_MIGRATION
+from closedloop.store.postgres._evidence import pruned as evidence_pruned
 from closedloop.store.postgres._rollup import MIGRATION as ROLLUP_MIGRATION
 from closedloop.store.postgres._rollup import pruned as rollup_pruned
 
@@ -402,6 +404,9 @@ MIGRATIONS: tuple[str, ...] = (
     # records its inserting transaction (a column default: a new column without one first,
     # so no row is rewritten; old rows stay NULL), the watermark of what is rolled up
     ROLLUP_MIGRATION,
+    # the evidence for autonomy levels, per hour (closedloop.store.postgres._evidence): the
+    # same watermark as the learning roll-up's
+    EVIDENCE_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # the column types of ``events``, for binary COPY
@@ -730,7 +735,21 @@ class PostgresBackend:
         RollupKeeper`); how many were folded."""
         from closedloop.store.postgres._learn import fold_rollups
 
-        return fold_rollups(self)
+        return fold_rollups(self) + self._fold_evidence()
+
+    def _fold_evidence(self) -> int:
+        """Fold the new steps into the evidence roll-up (:mod:`closedloop.store.postgres.
+        _evidence`): 1 when it did."""
+        import psycopg
+
+        from closedloop.store.postgres._evidence import refresh
+
+        try:
+            with self.pool().connection() as conn:
+                return int(refresh(conn, self.schema))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot update the evidence roll-up of store {self.url}: "
+                             f"{_one_line(exc)}") from None
 
     def factor_margins(self, where: StepFilter) -> FactorMargins | None:
         """Steps and failures per value of each factor alone (from the roll-up)."""
@@ -834,6 +853,7 @@ class PostgresBackend:
                             # the learning roll-up, in the same transaction (its lock
                             # first, as a fold takes it before reading the partitions)
                             rollup_pruned(conn, self.schema, _partition_start(name) + DAY_S)
+                            evidence_pruned(conn, self.schema, _partition_start(name) + DAY_S)
                             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
                         self._partitions.discard(int(_partition_start(name) // DAY_S))
                     done += rows
@@ -847,6 +867,7 @@ class PostgresBackend:
                     with conn.transaction():
                         if keep_from > -math.inf:
                             rollup_pruned(conn, self.schema, keep_from)
+                            evidence_pruned(conn, self.schema, keep_from)
                         done += conn.execute(sql.SQL("DELETE {}").format(late),
                                              (keep_from,)).rowcount
         except psycopg.Error as exc:
@@ -938,8 +959,12 @@ class PostgresBackend:
         schema (the level-store port); fails closed."""
         from closedloop.store.postgres._autonomy import PostgresLevelStore
 
-        return PostgresLevelStore(self._conninfo, self.schema, self.url,
-                                  connect_timeout=self._connect_timeout)
+        found: PostgresLevelStore | None = getattr(self, "_level_store", None)
+        if found is None:  # one for the backend's life: it throttles its folds
+            found = self._level_store = PostgresLevelStore(
+                self._conninfo, self.schema, self.url, connect_timeout=self._connect_timeout,
+                fold=not self.read_only)
+        return found
 
     def span_store(self) -> PostgresSpanStore:
         """Spans and scores in this store's schema (the span/score port); one for the

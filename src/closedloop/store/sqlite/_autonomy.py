@@ -6,7 +6,9 @@ connection per call (levels are read every few seconds per task type at most, ca
 autonomy layer), so a store that was unreadable for a while is used again as soon as it can
 be, and it fails closed: every failure to read or write is
 :class:`~closedloop.ControlUnavailable`. Reads never create or migrate anything: a file
-without the tables (an older store opened to read) has no levels.
+without the tables (an older store opened to read) has no levels. The evidence port counts
+from the hourly evidence roll-up (:mod:`closedloop.store.sqlite._evidence`), folded first by a
+writable store's level store (at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from closedloop._autonomy_state import (
-    EXECUTED_ERRORS,
     EvidenceGroup,
     Feedback,
     LevelChange,
@@ -36,6 +37,8 @@ from closedloop._autonomy_state import (
     redacted_record,
 )
 from closedloop._errors import ControlUnavailable
+from closedloop.store._evidence import Folds, evidence_groups
+from closedloop.store.sqlite import _evidence
 from closedloop.store.sqlite._backend import connect_read_only
 
 _LEVEL = ("SELECT agent_id, task_type, action_class, level, ceiling, by, at, reason, evidence "
@@ -43,47 +46,15 @@ _LEVEL = ("SELECT agent_id, task_type, action_class, level, ceiling, by, at, rea
 _HISTORY = ("SELECT at, agent_id, task_type, action_class, old_level, new_level, kind, by, "
             "reason, evidence FROM autonomy_history")
 
-_EXECUTED = ", ".join(f"'{e}'" for e in EXECUTED_ERRORS)
-
-
-_NARROW_ROWS = 50_000
-"""A window holding fewer steps than this (of every task type) is read through ``events_ts``;
-a wider one through the task type's own rows (``events_latency`` leads with it)."""
-
-
-def evidence_sql(classes: bool, index: str = "events_ts") -> str:
-    """The grouped query of :meth:`SQLiteLevelStore.evidence_groups` (parameters: feedback
-    since, task type, since) through ``index``: the class only when asked (``json_extract``
-    costs), whether a request was durable for approve-mode steps only, the feedback for
-    suggestions only."""
-    cls = ("CASE WHEN json_type(detail, '$.autonomy') = 'object' THEN "
-           "json_extract(detail, '$.autonomy.class') END" if classes else "NULL")
-    return (
-        f"SELECT agent_id, autonomy, outcome, coalesce(error_type IN ({_EXECUTED}), 0), "
-        f"verification_passed, {cls}, CASE WHEN autonomy = 'approve' AND detail IS NOT NULL "
-        "THEN coalesce(json_type(detail, '$.approval') = 'object', 0) ELSE 0 END, "
-        "CASE WHEN outcome = 'suggested' THEN (SELECT agreed FROM autonomy_feedback f "
-        "WHERE f.step_id = events.step_id AND f.at >= ?) END, count(*) "
-        f"FROM events INDEXED BY {index} WHERE task_type = ? AND ts >= ? "
-        "GROUP BY 1, 2, 3, 4, 5, 6, 7, 8")
-
-
-def evidence_groups_from(rows: Any) -> list[EvidenceGroup]:
-    """:class:`EvidenceGroup` of the rows of :func:`evidence_sql`."""
-    return [EvidenceGroup(agent_id=r[0], mode=r[1], outcome=r[2], executed_error=bool(r[3]),
-                          verification_passed=None if r[4] is None else bool(r[4]),
-                          action_class=r[5], durable=bool(r[6]),
-                          agreed=None if r[7] is None else bool(r[7]), steps=int(r[8]))
-            for r in rows]
-
-
-
 class SQLiteLevelStore:
     """Levels, their audit trail, feedback on suggestions and detector states in a SQLite
     store's file, shared by every process using it."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fold: bool = False) -> None:
         self.path = Path(path).expanduser()
+        self.fold = fold
+        """Fold new steps into the evidence roll-up before counting (a writable store's)."""
+        self._folds = Folds(self._fold)
 
     def __repr__(self) -> str:
         return f"SQLiteLevelStore({str(self.path)!r})"
@@ -179,20 +150,26 @@ class SQLiteLevelStore:
         try:
             if not self.path.exists():
                 return []
+            if self.fold:
+                self._folds()
             with closing(connect_read_only(self.path)) as conn:
                 conn.execute("BEGIN")
-                inside = conn.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM events INDEXED BY events_ts WHERE "
-                    "ts >= ? LIMIT ?)", (since, _NARROW_ROWS)).fetchone()[0]
-                index = "events_ts" if inside < _NARROW_ROWS else "events_latency"
-                return evidence_groups_from(conn.execute(
-                    evidence_sql(classes, index), (since, task_type, since)).fetchall())
+                return evidence_groups(
+                    _evidence.evidence_rows(conn, task_type, since=since, classes=classes),
+                    _evidence.feedback_rows(conn, task_type, since=since, classes=classes))
         except sqlite3.OperationalError as exc:
             if str(exc).startswith("no such"):  # an older store, read as it is
                 return None
             raise self._fail("read", exc) from exc
         except (OSError, sqlite3.Error) as exc:
             raise self._fail("read", exc) from exc
+
+    def _fold(self) -> None:
+        """Fold the new steps into the evidence roll-up; a store busy or without it is
+        counted as it is (the count stays exact, only slower)."""
+        with suppress(sqlite3.Error), closing(sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None)) as conn:
+            _evidence.refresh(conn)
 
     def put_detector(self, name: str, state: dict[str, Any], *, at: float) -> None:
         """Save a detector's state under ``name``."""

@@ -48,6 +48,8 @@ from closedloop.store._retention import (
     StoreInfo,
     record_clauses,
 )
+from closedloop.store.sqlite._evidence import MIGRATION as EVIDENCE_MIGRATION
+from closedloop.store.sqlite._evidence import pruned as evidence_pruned
 from closedloop.store.sqlite._rollup import MIGRATION as ROLLUP_MIGRATION
 from closedloop.store.sqlite._rollup import pruned as rollup_pruned
 
@@ -320,6 +322,9 @@ MIGRATIONS: tuple[str, ...] = (
     # the learning layer's hourly roll-up (closedloop.store.sqlite._rollup): kept up by the
     # queries that read it, never by the writer
     ROLLUP_MIGRATION,
+    # the evidence for autonomy levels, per hour (closedloop.store.sqlite._evidence): kept up
+    # like the learning roll-up, never by the writer
+    EVIDENCE_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -653,7 +658,15 @@ class SQLiteBackend:
         RollupKeeper`); how many were folded."""
         from closedloop.store.sqlite._learn import fold_rollups
 
-        return fold_rollups(self)
+        return fold_rollups(self) + self._fold_evidence()
+
+    def _fold_evidence(self) -> int:
+        """Fold the new steps into the evidence roll-up (:mod:`closedloop.store.sqlite.
+        _evidence`): 1 when it did."""
+        from closedloop.store.sqlite._evidence import refresh
+
+        with self._maintenance("update the evidence roll-up of") as conn:
+            return int(refresh(conn))
 
     def factor_margins(self, where: StepFilter) -> FactorMargins | None:
         """Steps and failures per value of each factor alone (from the roll-up)."""
@@ -738,7 +751,10 @@ class SQLiteBackend:
         (the level-store port); fails closed."""
         from closedloop.store.sqlite._autonomy import SQLiteLevelStore
 
-        return SQLiteLevelStore(self.path)
+        found: SQLiteLevelStore | None = getattr(self, "_level_store", None)
+        if found is None:  # one for the backend's life: it throttles its folds
+            found = self._level_store = SQLiteLevelStore(self.path, fold=not self.read_only)
+        return found
 
     # ----- maintenance: the port of closedloop.store._retention ----------------------------
     def info(self) -> StoreInfo:
@@ -768,6 +784,7 @@ class SQLiteBackend:
                 n = conn.execute(f"DELETE FROM events WHERE rowid IN ({older} LIMIT ?)",
                                  (before, size)).rowcount
                 rollup_pruned(conn, before)  # the learning roll-up, in the same transaction
+                evidence_pruned(conn, before)  # and the evidence roll-up
                 conn.execute("COMMIT")
                 done += n
                 if n < size:
