@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,13 +167,29 @@ def test_an_unreadable_sqlite_store_fails_closed(tmp_path: Path) -> None:
         SQLiteLevelStore(path).set_level(record("approve"))
 
 
-def test_an_unreachable_postgres_fails_closed() -> None:
-    from closedloop.store.postgres import PostgresLevelStore
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_unreachable_postgres_fails_closed(pooled: bool) -> None:
+    import psycopg
+    from psycopg_pool import ConnectionPool
 
-    store = PostgresLevelStore("postgresql://postgres@127.0.0.1:1/test", "x", "postgresql://…",
-                               connect_timeout=1)
-    with pytest.raises(cl.ControlUnavailable, match="autonomy levels"):
-        store.levels()
+    from closedloop.store.postgres import PostgresLevelStore
+    from closedloop.store.postgres._backend import _Connections
+
+    nowhere = "postgresql://postgres@127.0.0.1:1/test"
+    # what a writable backend's level store runs on (a pool), and a read-only one's
+    pool: ConnectionPool[psycopg.Connection[Any]] | _Connections = (
+        ConnectionPool(nowhere, min_size=1, max_size=1, open=True, timeout=1,
+                       kwargs={"connect_timeout": 1, "autocommit": True}) if pooled else
+        _Connections(lambda autocommit: psycopg.connect(nowhere, connect_timeout=1,
+                                                        autocommit=autocommit)))
+    store = PostgresLevelStore(lambda: pool, "x", "postgresql://…")
+    try:
+        with pytest.raises(cl.ControlUnavailable, match="autonomy levels"):
+            store.levels()
+        with pytest.raises(cl.ControlUnavailable, match="autonomy levels"):
+            store.set_level(record("approve"))
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("bad", [

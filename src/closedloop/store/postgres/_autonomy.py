@@ -2,14 +2,20 @@
 backend, shared by every process and machine using the store.
 
 The same tables and rules as the SQLite store's (:mod:`closedloop.store.sqlite._autonomy`),
-created by the store's migrations. Like the control ledger it connects per call, apart from
-the event pool, so that telemetry never delays a level read and a server that was away is
-used again at once; a level change is one transaction under an advisory lock on the schema.
-Every failure is :class:`~closedloop.ControlUnavailable` (the autonomy layer then fails
-closed). Reads never create anything: a schema from before the autonomy tables has no levels.
-The evidence port counts from the hourly evidence roll-up (:mod:`closedloop.store.postgres.
-_evidence`), folded first by a writable store's level store (at most every
-:data:`~closedloop.store._evidence.FOLD_EVERY_S`).
+created by the store's migrations. It runs on the backend's connection pool (plain kept
+connections for a store opened read-only), so a dashboard page of level reads opens no
+connection of its own (it opened 17, 135 ms of the page, each count planned on a cold server
+process); a pooled connection whose server process had gone (a restart, a killed backend)
+fails its first statement, before anything is done on it, and the call is made once more on
+another, so a server that was away is used again at once. Each call sets the statement
+timeout for itself and resets it before the connection goes back; a connection left inside
+a transaction or in a failed state is closed, never returned. A level change is one
+transaction under an advisory lock on the schema. Every failure (the server unreachable, no
+pooled connection within the connect timeout) is :class:`~closedloop.ControlUnavailable`
+(the autonomy layer then fails closed). Reads never create anything: a schema from before
+the autonomy tables has no levels. The evidence port counts from the hourly evidence
+roll-up (:mod:`closedloop.store.postgres._evidence`), folded first by a writable store's
+level store (at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ from closedloop.store.postgres._backend import (
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg_pool import ConnectionPool
+
+    from closedloop.store.postgres._backend import _Connections
+
+    _Pool = ConnectionPool[psycopg.Connection[Any]] | _Connections
 
 _T = TypeVar("_T")
 _LEVEL_COLUMNS = "agent_id, task_type, action_class, level, ceiling, by, at, reason, evidence"
@@ -92,18 +103,17 @@ class PostgresLevelStore:
     """Levels, their audit trail, feedback on suggestions and detector states in a
     PostgreSQL store's schema."""
 
-    def __init__(self, conninfo: str, schema: str, url: str, *,
-                 connect_timeout: float = 10.0, statement_timeout: float = 10.0,
-                 fold: bool = False) -> None:
+    def __init__(self, connections: Callable[[], _Pool], schema: str, url: str, *,
+                 statement_timeout: float = 10.0, fold: bool = False) -> None:
         from psycopg import sql
 
         self.fold = fold
         """Fold new steps into the evidence roll-up before counting (a writable store's)."""
         self._folds = Folds(self._fold)
-        self._conninfo = conninfo
+        self._connections = connections
+        """This process's pool (:meth:`~closedloop.store.postgres.PostgresBackend.pool`)."""
         self.schema = schema
         self.url = url
-        self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         s = sql.Identifier(schema)
         self._q = {name: sql.SQL(text).format(s=s) for name, text in _SQL.items()}
@@ -114,33 +124,49 @@ class PostgresLevelStore:
     def _run(self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *,
              absent: Callable[[], _T] | None = None, write: bool = False,
              timeout: float | None = None) -> _T:
-        """``work`` on a connection of its own (``write``: one transaction under the schema's
+        """``work`` on a pooled connection (``write``: one transaction under the schema's
         autonomy lock), or ``absent()`` where the tables do not exist yet; each statement
         may take ``timeout`` seconds (default: the store's ``statement_timeout``)."""
         import psycopg
-        from psycopg import errors
 
         try:
-            with psycopg.connect(self._conninfo, autocommit=True,
-                                 connect_timeout=max(1, int(self._connect_timeout))) as conn:
+            try:
+                return self._attempt(work, absent, write, timeout)
+            except _Gone:  # that pooled connection's server process had gone: once afresh
+                return self._attempt(work, absent, write, timeout)
+        except (psycopg.Error, StoreError, OSError, _Gone) as exc:
+            cause = exc.__cause__ if isinstance(exc, _Gone) else exc
+            raise ControlUnavailable(f"cannot {what} autonomy levels in {self.url}: "
+                                     f"{_one_line(cause or exc)}") from None
+
+    def _attempt(self, work: Callable[[psycopg.Connection[Any]], _T],
+                 absent: Callable[[], _T] | None, write: bool, timeout: float | None) -> _T:
+        import psycopg
+        from psycopg import errors
+
+        with self._connections().connection() as conn:
+            try:  # the first statement: nothing is done yet if the connection had gone
                 conn.execute("SELECT set_config('statement_timeout', %s, false)",
                              (f"{int((timeout or self._statement_timeout) * 1000)}ms",))
-                try:
-                    if not write:
-                        return work(conn)
-                    with conn.transaction():
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                                     (_lock_key("autonomy", self.schema),))
-                        return work(conn)
-                except (errors.UndefinedTable, errors.InvalidSchemaName):
-                    # no tables: nothing stored here yet, unless the schema says they should
-                    # exist (then the record is broken: fail closed)
-                    if absent is None or _recorded_version(conn, self.schema) >= _AUTONOMY_V:
-                        raise
-                    return absent()
-        except (psycopg.Error, StoreError, OSError) as exc:
-            raise ControlUnavailable(f"cannot {what} autonomy levels in {self.url}: "
-                                     f"{_one_line(exc)}") from None
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if conn.closed or conn.broken:
+                    raise _Gone from exc
+                raise
+            try:
+                if not write:
+                    return work(conn)
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                 (_lock_key("autonomy", self.schema),))
+                    return work(conn)
+            except (errors.UndefinedTable, errors.InvalidSchemaName):
+                # no tables: nothing stored here yet, unless the schema says they should
+                # exist (then the record is broken: fail closed)
+                if absent is None or _recorded_version(conn, self.schema) >= _AUTONOMY_V:
+                    raise
+                return absent()
+            finally:
+                _give_back(conn)
 
     def levels(self, task_type: str | None = None) -> list[LevelRecord]:
         """Every stored level (of ``task_type``), by task type, agent and class."""
@@ -230,3 +256,22 @@ class PostgresLevelStore:
             return None
         state: dict[str, Any] = json.loads(row[0])
         return state
+
+
+class _Gone(Exception):
+    """A pooled connection failed its first statement at the connection level."""
+
+
+def _give_back(conn: psycopg.Connection[Any]) -> None:
+    """Leave ``conn`` as the pool's other users expect it: outside any transaction, with the
+    server's statement timeout; closed (so the pool drops it) when that cannot be done."""
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    if conn.closed:
+        return
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        with suppress(psycopg.Error):
+            conn.execute("RESET statement_timeout")
+            return
+    conn.close()

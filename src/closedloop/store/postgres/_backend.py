@@ -956,14 +956,13 @@ class PostgresBackend:
 
     def level_store(self) -> PostgresLevelStore:
         """Autonomy levels, their audit trail, feedback and detector states in this store's
-        schema (the level-store port); fails closed."""
+        schema (the level-store port), on its connection pool; fails closed."""
         from closedloop.store.postgres._autonomy import PostgresLevelStore
 
         found: PostgresLevelStore | None = getattr(self, "_level_store", None)
         if found is None:  # one for the backend's life: it throttles its folds
             found = self._level_store = PostgresLevelStore(
-                self._conninfo, self.schema, self.url, connect_timeout=self._connect_timeout,
-                fold=not self.read_only)
+                self.pool, self.schema, self.url, fold=not self.read_only)
         return found
 
     def span_store(self) -> PostgresSpanStore:
