@@ -73,7 +73,8 @@ def test_a_failed_transaction_leaves_the_connection_clean(backend: PostgresBacke
 
     default = _server_timeout(backend)
     assert default[0] == "IDLE"
-    levels = PostgresLevelStore(backend.pool, pg_schema, backend.url, statement_timeout=0.3)
+    levels = PostgresLevelStore(backend.pool, backend._connect, pg_schema, backend.url,
+                                statement_timeout=0.3)
     levels.set_level(record("approve"))
     admin = _pg_admin()
     try:  # another process holds the schema's autonomy lock: the change times out inside
@@ -118,6 +119,18 @@ def test_a_pooled_connection_whose_server_process_went_is_replaced(
         assert conn.info.backend_pid != pid
     levels.set_level(record("autonomous", at=2.0))
     assert [c.new for c in levels.history()] == ["autonomous", "approve"]
+
+
+def test_a_busy_pool_does_not_hold_a_level_read(backend: PostgresBackend) -> None:
+    levels = backend.level_store()
+    levels.set_level(record("approve"))
+    before = _stats(backend)
+    with backend.pool().connection() as held:  # telemetry has the pool's one connection
+        assert [r.level for r in levels.levels()] == ["approve"]  # on one of its own
+        assert held.info.transaction_status.name == "IDLE"
+    after = _stats(backend)
+    assert after.get("connections_num", 0) == before.get("connections_num", 0)
+    assert after["requests_num"] - before["requests_num"] == 2  # held, and the level read's
 
 
 def test_threads_share_the_pool(backend: PostgresBackend) -> None:

@@ -176,13 +176,19 @@ def test_an_unreachable_postgres_fails_closed(pooled: bool) -> None:
     from closedloop.store.postgres._backend import _Connections
 
     nowhere = "postgresql://postgres@127.0.0.1:1/test"
-    # what a writable backend's level store runs on (a pool), and a read-only one's
+    tried: list[bool] = []
+
+    def connect(autocommit: bool) -> psycopg.Connection[Any]:
+        tried.append(autocommit)
+        return psycopg.connect(nowhere, connect_timeout=1, autocommit=autocommit)
+
+    # what a writable backend's level store runs on (a pool: its empty pool is not waited
+    # for, the refused connection of its own fails the call), and a read-only one's
     pool: ConnectionPool[psycopg.Connection[Any]] | _Connections = (
-        ConnectionPool(nowhere, min_size=1, max_size=1, open=True, timeout=1,
+        ConnectionPool(nowhere, min_size=1, max_size=1, open=True, timeout=600,
                        kwargs={"connect_timeout": 1, "autocommit": True}) if pooled else
-        _Connections(lambda autocommit: psycopg.connect(nowhere, connect_timeout=1,
-                                                        autocommit=autocommit)))
-    store = PostgresLevelStore(lambda: pool, "x", "postgresql://…")
+        _Connections(connect))
+    store = PostgresLevelStore(lambda: pool, connect, "x", "postgresql://…")
     try:
         with pytest.raises(cl.ControlUnavailable, match="autonomy levels"):
             store.levels()
@@ -190,6 +196,7 @@ def test_an_unreachable_postgres_fails_closed(pooled: bool) -> None:
             store.set_level(record("approve"))
     finally:
         pool.close()
+    assert tried == [True, True]
 
 
 @pytest.mark.parametrize("bad", [

@@ -7,7 +7,11 @@ connections for a store opened read-only), so a dashboard page of level reads op
 connection of its own (it opened 17, 135 ms of the page, each count planned on a cold server
 process); a pooled connection whose server process had gone (a restart, a killed backend)
 fails its first statement, before anything is done on it, and the call is made once more on
-another, so a server that was away is used again at once. Each call sets the statement
+another, so a server that was away is used again at once. A call that finds no pooled
+connection free within :data:`POOL_WAIT_S` (the pool busy with telemetry, or empty while the
+server is away) opens one of its own, as every call did before: telemetry never delays a
+level read for long, and a refused connection fails closed at once instead of after the
+pool's timeout. Each call sets the statement
 timeout for itself and resets it before the connection goes back; a connection left inside
 a transaction or in a failed state is closed, never returned. A level change is one
 transaction under an advisory lock on the schema. Every failure (the server unreachable, no
@@ -21,8 +25,8 @@ level store (at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
-from contextlib import suppress
+from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from closedloop._autonomy_state import (
@@ -46,6 +50,7 @@ from closedloop.store.postgres import _evidence
 from closedloop.store.postgres._backend import (
     MIGRATIONS,
     _clean,
+    _Connections,
     _lock_key,
     _one_line,
     _recorded_version,
@@ -54,8 +59,6 @@ from closedloop.store.postgres._backend import (
 if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import ConnectionPool
-
-    from closedloop.store.postgres._backend import _Connections
 
     _Pool = ConnectionPool[psycopg.Connection[Any]] | _Connections
 
@@ -97,13 +100,16 @@ its level was set when there is no roll-up yet, and the first fold (not a read o
 path, which keeps the short timeout)."""
 _AUTONOMY_V = next(i + 1 for i, m in enumerate(MIGRATIONS) if "autonomy_levels" in m)
 """The migration that creates the autonomy tables."""
+POOL_WAIT_S = 0.05
+"""How long a call waits for a free pooled connection before it opens one of its own."""
 
 
 class PostgresLevelStore:
     """Levels, their audit trail, feedback on suggestions and detector states in a
     PostgreSQL store's schema."""
 
-    def __init__(self, connections: Callable[[], _Pool], schema: str, url: str, *,
+    def __init__(self, connections: Callable[[], _Pool],
+                 connect: Callable[[bool], psycopg.Connection[Any]], schema: str, url: str, *,
                  statement_timeout: float = 10.0, fold: bool = False) -> None:
         from psycopg import sql
 
@@ -112,6 +118,8 @@ class PostgresLevelStore:
         self._folds = Folds(self._fold)
         self._connections = connections
         """This process's pool (:meth:`~closedloop.store.postgres.PostgresBackend.pool`)."""
+        self._connect = connect
+        """A new connection (``autocommit``) when the pool has none free."""
         self.schema = schema
         self.url = url
         self._statement_timeout = statement_timeout
@@ -144,7 +152,7 @@ class PostgresLevelStore:
         import psycopg
         from psycopg import errors
 
-        with self._connections().connection() as conn:
+        with self._connection() as conn:
             try:  # the first statement: nothing is done yet if the connection had gone
                 conn.execute("SELECT set_config('statement_timeout', %s, false)",
                              (f"{int((timeout or self._statement_timeout) * 1000)}ms",))
@@ -167,6 +175,24 @@ class PostgresLevelStore:
                 return absent()
             finally:
                 _give_back(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, or one of its own when none is free within
+        :data:`POOL_WAIT_S` (closed afterwards)."""
+        pool = self._connections()
+        if isinstance(pool, _Connections):  # a read-only store's: no pool to wait for
+            with pool.connection() as conn:
+                yield conn
+            return
+        from psycopg_pool import PoolTimeout
+
+        with ExitStack() as stack:
+            try:
+                conn = stack.enter_context(pool.connection(timeout=POOL_WAIT_S))
+            except PoolTimeout:
+                conn = stack.enter_context(self._connect(True))
+            yield conn
 
     def levels(self, task_type: str | None = None) -> list[LevelRecord]:
         """Every stored level (of ``task_type``), by task type, agent and class."""

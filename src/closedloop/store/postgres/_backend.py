@@ -962,7 +962,7 @@ class PostgresBackend:
         found: PostgresLevelStore | None = getattr(self, "_level_store", None)
         if found is None:  # one for the backend's life: it throttles its folds
             found = self._level_store = PostgresLevelStore(
-                self.pool, self.schema, self.url, fold=not self.read_only)
+                self.pool, self._connect, self.schema, self.url, fold=not self.read_only)
         return found
 
     def span_store(self) -> PostgresSpanStore:
