@@ -5,21 +5,20 @@ The same tables and rules as the SQLite store's (:mod:`closedloop.store.sqlite._
 created by the store's migrations. It runs on the backend's connection pool (plain kept
 connections for a store opened read-only), so a dashboard page of level reads opens no
 connection of its own (it opened 17, 135 ms of the page, each count planned on a cold server
-process); a pooled connection whose server process had gone (a restart, a killed backend)
+process). A pooled connection whose server process had gone (a restart, a killed backend)
 fails its first statement, before anything is done on it, and the call is made once more on
 another, so a server that was away is used again at once. A call that finds no pooled
 connection free within :data:`POOL_WAIT_S` (the pool busy with telemetry, or empty while the
-server is away) opens one of its own, as every call did before: telemetry never delays a
+server is away) opens one of its own, as every call did before: telemetry never holds a
 level read for long, and a refused connection fails closed at once instead of after the
-pool's timeout. Each call sets the statement
-timeout for itself and resets it before the connection goes back; a connection left inside
-a transaction or in a failed state is closed, never returned. A level change is one
-transaction under an advisory lock on the schema. Every failure (the server unreachable, no
-pooled connection within the connect timeout) is :class:`~closedloop.ControlUnavailable`
-(the autonomy layer then fails closed). Reads never create anything: a schema from before
-the autonomy tables has no levels. The evidence port counts from the hourly evidence
-roll-up (:mod:`closedloop.store.postgres._evidence`), folded first by a writable store's
-level store (at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
+pool's timeout. Each call sets the statement timeout for itself and resets it before the
+connection goes back; a connection left inside a transaction or in a failed state is
+closed, never returned. A level change is one transaction under an advisory lock on the
+schema. Every failure is :class:`~closedloop.ControlUnavailable` (the autonomy layer then
+fails closed). Reads never create anything: a schema from before the autonomy tables has no
+levels. The evidence port counts from the hourly evidence roll-up
+(:mod:`closedloop.store.postgres._evidence`), folded first by a writable store's level store
+(at most every :data:`~closedloop.store._evidence.FOLD_EVERY_S`).
 """
 
 from __future__ import annotations
