@@ -4,8 +4,9 @@
 
 Seeds a fresh store in a temporary folder: ``closedloop demo`` (60 requests), two weeks of
 synthetic ``db.migrate`` steps (so the trend sparklines have days to draw), one pending
-approval request with a planned deletion, and one halt; starts ``closedloop serve`` on it and
-photographs the pages with Playwright driving Debian's Chromium (/usr/bin/chromium).
+approval request with a planned deletion, one halt and two drift detections (one of them
+active); starts ``closedloop serve`` on it and photographs the pages with Playwright driving
+Debian's Chromium (/usr/bin/chromium).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from closedloop._approvals import new_request
 from closedloop.approvals import approvals_for
 from closedloop.autonomy import AutonomyLevels
 from closedloop.control import Stop, StopKind, ledger_for_store
+from closedloop.learn import DriftGuard, Firing
 
 OUT = Path(__file__).resolve().parent / "img"
 TOKEN = "docs-admin-token-" + "4b1d" * 6
@@ -74,6 +76,16 @@ def seed(url: str) -> None:
             input_tokens=rng.randint(5000, 20000), output_tokens=rng.randint(800, 3000),
             cost_usd=rng.uniform(0.02, 0.2), labels={"region": rng.choice(["eu", "us"])})
             for i in range(12)])
+        guard = DriftGuard(store=store, sinks=[], save_every=0)
+        guard.act([Firing(
+            task_type="db.migrate", model="gpt-4.1", signal="verification", actions=("alert",),
+            at=at, statistic=stat, reason=reason,
+            evidence={"observations": 212, "baseline": 0.92})
+            for at, stat, reason in (
+                (now - 2 * 86400, 4.1, "verification pass rate drifted from 0.92 towards 0.80 "
+                                       "(CUSUM 4.10 over 4.02)"),
+                (now - 2400, 5.3, "verification pass rate drifted from 0.92 towards 0.80 "
+                                  "(CUSUM 5.30 over 4.02)"))])
         AutonomyLevels(store, sinks=[]).set("db.migrate", "approve", by="dana@ops",
                                             reason="schema changes need a second pair of eyes")
         approvals_for(store).create(new_request(

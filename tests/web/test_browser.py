@@ -18,6 +18,7 @@ import closedloop as cl
 from _services import program
 from closedloop import approvals as ap
 from closedloop.control import Stop, StopKind, ledger_for_store
+from closedloop.learn import DriftGuard, Firing
 
 from .conftest import TOKEN, Served, make_request, stored
 from .dashboard_util import APPROVER, start_dashboard
@@ -229,6 +230,9 @@ def test_the_overview_updates_its_figures_without_a_reload(tmp_path: Path,
         with cl.open_store(url) as store:
             store.record(_step(1, "deploy", None))
             store.record(_step(2, f"hostile {TEXT}", "wrong"))
+            DriftGuard(store=store, sinks=[], save_every=0).act([Firing(
+                task_type="deploy", model=None, signal="verification", actions=("alert",),
+                at=time.time(), statistic=5.0, reason=f"fell {TEXT}", evidence={})])
         # the stream computes the figures again every 10 s: wait for them
         page.wait_for_selector("[data-field=runs]:text-is('2')", timeout=60_000)
         assert page.evaluate("window.notReloaded") is True
@@ -238,6 +242,12 @@ def test_the_overview_updates_its_figures_without_a_reload(tmp_path: Path,
             "hostile <script>alert(1)</script>")
         assert page.locator("table.grid script, table.grid img").count() == 0
         assert page.locator("[data-field=verification]").inner_text() == "50.0%"
+        assert page.locator("[data-field=drift]").inner_text() == "1"
+        drift = rows.nth(0).locator("td").last
+        assert drift.inner_text() == "1"
+        title = drift.get_attribute("title")
+        assert title.startswith("verification: fell <script>alert(1)</script>")
+        assert "\\x1b[31mred" in title and "\x1b" not in title
     finally:
         served.stop()
     assert dialogs == []

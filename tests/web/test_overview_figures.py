@@ -20,6 +20,9 @@ class _Ledger:
     def stops(self) -> list[Any]:
         return []
 
+    def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        return []
+
 
 def _events(rng: random.Random, n: int, start: int) -> list[cl.StepEvent]:
     out = []

@@ -3,7 +3,8 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
 
 ==============================  ==========================================================
 ``GET  /ui/``                   overview per task type: runs, pass rates with sparklines,
-                                cost, autonomy level, pauses and halts, pending approvals
+                                cost, autonomy level, pauses and halts, pending approvals,
+                                active drift alarms (:func:`active_firings`)
 ``GET  /ui/steps``              steps, newest first, filtered (task type, outcome, error
                                 type, model, label ``KEY=VALUE``, run, time range),
                                 keyset-paginated with the store's cursor
@@ -24,7 +25,8 @@ APIs of the store, the learning layer, approvals, autonomy and control (no SQL h
                                 figures again whenever they change
 ``GET  /ui/approvals``          the pending queue and recent decisions; ``/ui/approvals/{id}``
                                 one request with approve and reject forms (approver)
-``GET  /ui/control``            pauses and halts with their evidence, resume form (admin)
+``GET  /ui/control``            pauses and halts with their evidence, resume form (admin);
+                                the recent drift detections (active ones marked)
 ``GET  /ui/autonomy``           each task type's level, the evidence since it was entered
                                 (agreement, approval and verification rates with their
                                 Wilson lower bounds, decisions, the recommendation) and the
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -339,17 +342,52 @@ _RATES = {"validation_pass_rate": ("validation_passed", "validated"),
           "verification_pass_rate": ("verification_passed", "verified")}
 
 
+DRIFT_ACTIVE_S = 86400.0
+"""How long a drift detection stays an active alarm on the overview: a firing of the last
+24 hours (its ``at``, the time of the step that set it off), unless its task type was resumed
+after it (a person looked at it). The detector itself re-arms after ``rearm_steps``
+observations, counted in steps, not time: no clock says when a drift is over."""
+DRIFT_SHOWN = 50
+"""Drift detections the control page lists (newest first; the store keeps the last 200)."""
+
+
+def drift_firings(store: Any) -> list[Any]:
+    """The drift detections recorded in ``store`` (:func:`closedloop.learn.recorded_firings`),
+    newest first; none where its backend keeps no level store."""
+    from closedloop.learn import recorded_firings
+    from closedloop.store import LevelBackend, level_store_for
+
+    if not isinstance(store.backend, LevelBackend):
+        return []
+    return recorded_firings(level_store_for(store))
+
+
+def active_firings(firings: Iterable[Any], history: Iterable[Mapping[str, Any]],
+                   now: float) -> list[Any]:
+    """The ``firings`` that are active alarms at ``now`` (see :data:`DRIFT_ACTIVE_S`), given
+    the control ledger's recent ``history`` (its ``resumed`` entries)."""
+    resumed: dict[str, float] = {}
+    for h in history:
+        if h.get("event") == "resumed":
+            task, at = str(h.get("task_type")), float(h.get("at", 0.0))
+            resumed[task] = max(resumed.get(task, at), at)
+    return [f for f in firings
+            if f.at >= now - DRIFT_ACTIVE_S and f.at > resumed.get(f.task_type, -math.inf)]
+
+
 def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
                   now: float | None = None) -> dict[str, Any]:
     """Per task type over the last ``window_s`` seconds (None: every step): its figures
     (:class:`Figures`) and sparklines of its daily pass rates (hourly over a day, or when
     the days give no line), all from one series of the learning layer's aggregates
     (:meth:`~closedloop.store.Store.series`: the hourly roll-up where the backend keeps
-    one), the stored autonomy level, the stop in force, the pending approvals."""
+    one), the stored autonomy level, the stop in force, the pending approvals, the active
+    drift alarms (:func:`active_firings`)."""
     from closedloop import approvals
     from closedloop.store import level_store_for
 
-    since = None if window_s is None else (time.time() if now is None else now) - window_s
+    now = time.time() if now is None else now
+    since = None if window_s is None else now - window_s
     name = next((k for k, v in WINDOWS.items() if v == window_s), None)
     periods = SPARK_PERIODS.get(name or "", max(2, round((window_s or 0) / 86400)))
     window = "hour" if window_s is not None and window_s <= 86400 else "day"
@@ -380,18 +418,33 @@ def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
     pending: dict[str, int] = {}
     for r in approvals.list_requests(status="pending", limit=200, store=store).requests:
         pending[r.task_type] = pending.get(r.task_type, 0) + 1
+    alarms = active_firings(drift_firings(store), ledger.history(50), now)
+    drift: dict[str, list[Any]] = {}
+    for firing in alarms:  # newest first
+        drift.setdefault(firing.task_type, []).append(firing)
     rows = []
     for task in sorted(per_task):
         f = _figures(_merged(per_task[task], task))
         rows.append({"f": f, "spark": spark.get(task, {}), "level": levels.get(task),
                      "stop": stops.get(task), "pending": pending.get(task, 0),
+                     "drift": drift.get(task, []),
                      "validation": f.validation_passed / f.validated if f.validated else None,
                      "verification": (f.verification_passed / f.verified if f.verified
                                       else None)})
     return {"rows": rows, "overall": _figures(_merged(cells, None)),
             "stops": list(stops.values()),
             "trend_window": f"per {window}",
-            "pending_total": sum(pending.values())}
+            "pending_total": sum(pending.values()), "drift": alarms}
+
+
+def drift_title(firings: list[Any]) -> str:
+    """The title of an overview row's drift cell: the newest active firing's signal and
+    reason (redacted again, cut short), and how many more there are."""
+    if not firings:
+        return ""
+    newest = firings[0]
+    more = f" (and {len(firings) - 1} more)" if len(firings) > 1 else ""
+    return _value(f"{newest.signal}: {newest.reason}{more}", 500)
 
 
 def overview_payload(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -407,7 +460,8 @@ def overview_payload(data: Mapping[str, Any]) -> dict[str, Any]:
              "verification": (pct(o.verification_passed / o.verified) if o.verified
                               else "\u2013"),
              "cost": usd(o.cost_usd) if o.cost_usd is not None else "\u2013",
-             "pending": str(data["pending_total"]), "stops": str(len(data["stops"]))}
+             "pending": str(data["pending_total"]), "stops": str(len(data["stops"])),
+             "drift": str(len(data["drift"]))}
     rows = []
     for row in data["rows"]:
         f, level, stop = row["f"], row["level"], row["stop"]
@@ -425,7 +479,10 @@ def overview_payload(data: Mapping[str, Any]) -> dict[str, Any]:
              else {"text": "default", "class": "muted"}),
             ({"text": stop.kind.value, "badge": f"stop-{stop.kind.value}"} if stop
              else {"text": "running", "badge": "ok"}),
-            {"text": str(row["pending"]), "class": "num"}]})
+            {"text": str(row["pending"]), "class": "num"},
+            ({"text": str(len(row["drift"])), "class": "num bad", "href": "/ui/control#drift",
+              "title": _visible(drift_title(row["drift"]))} if row["drift"]
+             else {"text": "0", "class": "num muted"})]})
     return {"tiles": tiles, "rows": rows, "trend": data["trend_window"]}
 
 
@@ -485,7 +542,7 @@ async def overview(request: Request) -> Response:
     live_url = "/ui/live/overview?" + urlencode(
         {"window": window, "state": overview_state(overview_payload(data))})
     return _render(request, "overview.html", window=window, windows=list(WINDOWS),
-                   live_url=live_url, **data)
+                   live_url=live_url, drift_title=drift_title, **data)
 
 
 
@@ -725,8 +782,13 @@ async def control(request: Request) -> Response:
     store = request.app.state.store
     ledger = _state(request).ledger_for(store)
     stops = await _call(ledger.stops)
-    history = await _call(lambda: ledger.history(30))
-    return _render(request, "control.html", stops=stops, history=history, now=time.time())
+    history = await _call(lambda: ledger.history(50))
+    firings = await _call(lambda: drift_firings(store)[:DRIFT_SHOWN])
+    now = time.time()
+    alarms = {id(f) for f in active_firings(firings, history, now)}
+    active = {i for i, f in enumerate(firings) if id(f) in alarms}  # (a Firing is unhashable)
+    return _render(request, "control.html", stops=stops, history=history[:30], now=now,
+                   firings=firings, active=active)
 
 
 def autonomy_data(store: Any) -> dict[str, Any]:

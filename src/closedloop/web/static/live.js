@@ -44,6 +44,7 @@
     var tr = el("tr", fresh === false ? null : "live-new");
     (data.cells || []).forEach(function (cell) {
       var td = el("td", cell["class"]);
+      if (typeof cell.title === "string" && cell.title) td.setAttribute("title", cell.title);
       var href = safeHref(cell.href);
       if (cell.spark !== undefined) {
         td.appendChild(spark(cell.spark, cell.kind));
