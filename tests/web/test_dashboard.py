@@ -15,6 +15,7 @@ import pytest
 import closedloop as cl
 from closedloop import approvals as ap
 from closedloop.control import Stop, StopKind, ledger_for_store
+from closedloop.loop import new_trace_id
 
 from .conftest import TOKEN, Served, make_request, start_serve, stored
 from .dashboard_util import (
@@ -150,6 +151,24 @@ def test_steps_are_paged_with_the_stores_cursor_and_filtered(store_url: str) -> 
             str(a.get("href", "")).startswith("/ui/traces/")]
     assert len(rows) == 40
     assert bad.status_code == 422
+
+
+def test_steps_show_the_random_end_of_their_trace_ids(store_url: str) -> None:
+    # Trace ids start with their step's time in ms (UUIDv7-like): steps of the same ms share
+    # their first 12 digits, so the short form shown is the random end.
+    made = [new_trace_id() for _ in range(3)]
+    ids = [made[0][:12] + tail[12:] for tail in made]  # as if made in the same millisecond
+    with cl.open_store(store_url) as store:
+        for i, trace_id in enumerate(ids):
+            store.record(_step(i)._replace(trace_id=trace_id))
+    served = start_dashboard(store_url)
+    try:
+        with httpx.Client(base_url=served.url, timeout=30, trust_env=False) as http:
+            page = parse(http.get("/ui/steps").text)
+    finally:
+        served.stop()
+    assert all(trace_id[-12:] in page.text for trace_id in ids)
+    assert ids[0][:12] not in page.text
 
 
 def test_hostile_stored_text_is_shown_as_text_on_every_page(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def step_data(step: Any) -> dict[str, Any]:
         {"text": f"{step.latency_ms:,.1f} ms", "class": "num"},
         {"text": _text((step.error_message or "")[:200]), "strong": _text(step.error_type),
          "class": "clip"},
-        {"text": _text(step.trace_id[:12]), "href": "/ui/traces/" + quote(step.trace_id, ""),
+        {"text": _text(step.trace_id[-12:]), "href": "/ui/traces/" + quote(step.trace_id, ""),
          "class": "mono"},
     ]}
 
