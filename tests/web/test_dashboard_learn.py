@@ -252,6 +252,23 @@ def test_hostile_stored_text_is_text_on_the_analysis_pages(tmp_path: Path) -> No
     assert "No steps match" not in texts[f"/ui/steps?model={model}"]
 
 
+def test_unnamed_runs_of_one_process_are_told_apart(dash: Served) -> None:
+    from closedloop.loop import new_step_id
+    from closedloop.store import RunRecord
+
+    ids = [new_step_id() for _ in range(3)]  # as cl.Run makes them: one prefix, a count
+    now = time.time()
+    with cl.open_store(dash.store_url) as store:
+        store.runs().put_runs([RunRecord(run_id=run_id, name=None, started=now - 10 + i,
+                                         ended=now - 5 + i, outcome="succeeded", steps=1,
+                                         message=None) for i, run_id in enumerate(ids)])
+    with httpx.Client(base_url=dash.url, timeout=30, trust_env=False) as http:
+        page = parse(http.get("/ui/runs").text)
+    shown = [text for run_id in ids for text in [f"{run_id[:6]}\u2026{run_id[-6:]}"]
+             if text in page.text]
+    assert len(shown) == 3 and len(set(shown)) == 3
+
+
 def test_runs_are_filtered_paged_and_link_to_their_steps(dash: Served) -> None:
     from closedloop.store import RunRecord
 

@@ -132,6 +132,7 @@ def _environment() -> Environment:
     env.filters["redacted"] = _shown
     env.filters["pretty"] = _pretty
     env.filters["value"] = _value
+    env.filters["short_id"] = short_id
     return env
 
 
@@ -373,6 +374,14 @@ def active_firings(firings: Iterable[Any], history: Iterable[Mapping[str, Any]],
             resumed[task] = max(resumed.get(task, at), at)
     return [f for f in firings
             if f.at >= now - DRIFT_ACTIVE_S and f.at > resumed.get(f.task_type, -math.inf)]
+
+
+def short_id(value: str) -> str:
+    """An id as a page shows it: whole up to 13 characters, else its first and last six.
+    Run and step ids are 20 random digits per process and a 12-digit count, trace ids a time
+    in ms and 80 random bits: the start tells processes (or hours) apart, the end the ids of
+    one process (or millisecond); neither alone does."""
+    return value if len(value) <= 13 else f"{value[:6]}\u2026{value[-6:]}"
 
 
 def overview_data(store: Any, ledger: Any, window_s: float | None = 7 * 86400.0,
