@@ -50,9 +50,8 @@ from closedloop.store.postgres._backend import (
     MIGRATIONS,
     _clean,
     _Connections,
-    _lock_key,
     _one_line,
-    _recorded_version,
+    locked_work,
 )
 
 if TYPE_CHECKING:
@@ -149,7 +148,6 @@ class PostgresLevelStore:
     def _attempt(self, work: Callable[[psycopg.Connection[Any]], _T],
                  absent: Callable[[], _T] | None, write: bool, timeout: float | None) -> _T:
         import psycopg
-        from psycopg import errors
 
         with self._connection() as conn:
             try:  # the first statement: nothing is done yet if the connection had gone
@@ -160,18 +158,10 @@ class PostgresLevelStore:
                     raise _Gone from exc
                 raise
             try:
-                if not write:
-                    return work(conn)
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                                 (_lock_key("autonomy", self.schema),))
-                    return work(conn)
-            except (errors.UndefinedTable, errors.InvalidSchemaName):
                 # no tables: nothing stored here yet, unless the schema says they should
                 # exist (then the record is broken: fail closed)
-                if absent is None or _recorded_version(conn, self.schema) >= _AUTONOMY_V:
-                    raise
-                return absent()
+                return locked_work(conn, self.schema, "autonomy", work, write=write,
+                                   absent=absent, tables_since=_AUTONOMY_V)
             finally:
                 _give_back(conn)
 

@@ -1080,25 +1080,14 @@ class PostgresLedger:
 
     def _attempt(self, work: Callable[[psycopg.Connection[Any]], _T], *,
                  absent: Callable[[], _T] | None, write: bool, create: bool) -> _T:
-        from psycopg import errors
-
         conn = self._connection()
         if create and not self._migrated:
             migrate(conn, self.schema, create=True)
             self._migrated = True
-        try:
-            if not write:
-                return work(conn)
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                             (_lock_key("control", self.schema),))
-                return work(conn)
-        except (errors.UndefinedTable, errors.InvalidSchemaName):
-            # no tables: nothing was ever stopped here, unless the store's schema says they
-            # should exist (then control state is broken: fail closed)
-            if absent is None or _recorded_version(conn, self.schema) >= _CONTROL_V:
-                raise
-            return absent()
+        # no tables: nothing was ever stopped here, unless the store's schema says they
+        # should exist (then control state is broken: fail closed)
+        return locked_work(conn, self.schema, "control", work, write=write, absent=absent,
+                           tables_since=_CONTROL_V)
 
     def _fail(self, what: str, exc: BaseException) -> ControlUnavailable:
         return ControlUnavailable(f"cannot {what} control state in {self.url}: "
@@ -1275,6 +1264,27 @@ def _statements(migration: str, schema: str) -> Iterator[sql.Composed]:
     for statement in migration.split(";"):
         if statement.strip():
             yield sql.SQL(statement).format(schema=sql.Identifier(schema))
+
+
+def locked_work(conn: psycopg.Connection[Any], schema: str, lock: str,
+                work: Callable[[psycopg.Connection[Any]], _T], *, write: bool,
+                absent: Callable[[], _T] | None, tables_since: int) -> _T:
+    """``work`` on ``conn`` (``write``: in one transaction under the schema's advisory lock
+    for ``lock``); where its tables do not exist, ``absent()``, unless there is no ``absent``
+    or the schema's recorded version (``tables_since`` or later) says they should exist: then
+    the error is raised (a broken record of control state fails closed)."""
+    from psycopg import errors
+
+    try:
+        if not write:
+            return work(conn)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(lock, schema),))
+            return work(conn)
+    except (errors.UndefinedTable, errors.InvalidSchemaName):
+        if absent is None or _recorded_version(conn, schema) >= tables_since:
+            raise
+        return absent()
 
 
 def _recorded_version(conn: psycopg.Connection[Any], schema: str) -> int:
